@@ -1,0 +1,82 @@
+//! Parameters and multiply-accumulates per node, counted the way papers' tables count them.
+//!
+//! Params are the elements of trainable initializers: conv and Gemm/MatMul weights and biases,
+//! BN scale and shift (not BN running statistics, which are state). MACs are those of
+//! convolutions and matrix products only: a conv costs
+//! N * C_out * H_out * W_out * (C_in / group) * kh * kw.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use super::shape::Facts;
+use super::{Graph, Op};
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LayerCost {
+    pub name: String,
+    pub op: String,
+    pub output_shape: Vec<usize>,
+    pub params: u64,
+    pub macs: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Totals {
+    pub params: u64,
+    pub macs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Cost {
+    pub totals: Totals,
+    pub layers: Vec<LayerCost>,
+}
+
+pub fn cost(graph: &Graph, facts: &Facts) -> Cost {
+    let shape = |v: &str| facts.get(v).map(|f| f.shape.clone()).unwrap_or_default();
+    let mut counted: HashSet<&str> = HashSet::new();
+    let mut layers = Vec::with_capacity(graph.nodes.len());
+    for n in &graph.nodes {
+        let mut params = 0u64;
+        for &i in n.op.param_inputs() {
+            if let Some(name) = n.input(i) {
+                if let Some(t) = graph.initializers.get(name) {
+                    if t.elem_type().is_float() && counted.insert(name) {
+                        params += t.len() as u64;
+                    }
+                }
+            }
+        }
+        let out = n.outputs.first().map(|o| shape(o)).unwrap_or_default();
+        let out_elems: u64 = out.iter().map(|&d| d as u64).product();
+        let macs = match &n.op {
+            Op::Conv(_) => {
+                let w = shape(&n.inputs[1]);
+                out_elems * w[1..].iter().map(|&d| d as u64).product::<u64>()
+            }
+            Op::Gemm(g) => {
+                let a = shape(&n.inputs[0]);
+                let k = if g.trans_a { a[0] } else { a[1] };
+                out_elems * k as u64
+            }
+            Op::MatMul => {
+                let a = shape(&n.inputs[0]);
+                out_elems * *a.last().unwrap_or(&1) as u64
+            }
+            _ => 0,
+        };
+        layers.push(LayerCost {
+            name: n.name.clone(),
+            op: n.op.onnx_type().to_string(),
+            output_shape: out,
+            params,
+            macs,
+        });
+    }
+    let totals = Totals {
+        params: layers.iter().map(|l| l.params).sum(),
+        macs: layers.iter().map(|l| l.macs).sum(),
+    };
+    Cost { totals, layers }
+}

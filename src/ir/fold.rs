@@ -1,0 +1,100 @@
+//! Graph simplification once shapes are concrete: constant sub-graphs become initializers,
+//! and Identity (and, for inference, Dropout) nodes disappear.
+
+use anyhow::Result;
+
+use super::shape::{infer, Facts};
+use super::{Graph, Op};
+
+#[derive(Clone, Copy, Debug)]
+pub struct FoldOptions {
+    /// Dropout is the identity at inference; a graph kept for training must keep it.
+    pub remove_dropout: bool,
+}
+
+/// Folds and cleans the graph for the given input shapes, returning the facts of the result.
+pub fn simplify(
+    graph: &mut Graph,
+    input_shapes: &[Vec<usize>],
+    opts: FoldOptions,
+) -> Result<Facts> {
+    let facts = infer(graph, input_shapes)?;
+    fold_constants(graph, &facts);
+    remove_passthrough(graph, opts);
+    graph.prune();
+    graph.check()?;
+    infer(graph, input_shapes)
+}
+
+/// Replaces every node whose outputs are all known before run time by initializers.
+fn fold_constants(graph: &mut Graph, facts: &Facts) {
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for node in std::mem::take(&mut graph.nodes) {
+        let values: Option<Vec<_>> = node
+            .outputs
+            .iter()
+            .filter(|o| !o.is_empty())
+            .map(|o| facts.get(o).and_then(|f| f.value.clone()))
+            .collect();
+        match values {
+            Some(vals) if !vals.is_empty() && !is_graph_output(graph, &node.outputs) => {
+                for (name, v) in node.outputs.iter().filter(|o| !o.is_empty()).zip(vals) {
+                    graph.initializers.insert(name.clone(), v);
+                }
+            }
+            _ => kept.push(node),
+        }
+    }
+    graph.nodes = kept;
+}
+
+fn is_graph_output(graph: &Graph, names: &[String]) -> bool {
+    graph.outputs.iter().any(|o| names.contains(&o.name))
+}
+
+/// Removes Identity and (optionally) Dropout by wiring consumers to the node's input. When the
+/// node's output is a graph output, the producer of its input is renamed instead, so the graph's
+/// interface keeps its names.
+fn remove_passthrough(graph: &mut Graph, opts: FoldOptions) {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let n = &graph.nodes[i];
+        let removable = match n.op {
+            Op::Identity => true,
+            // A used mask output keeps the node.
+            Op::Dropout { .. } => {
+                opts.remove_dropout
+                    && n.outputs
+                        .iter()
+                        .skip(1)
+                        .all(|o| o.is_empty() || !graph.use_counts().contains_key(o.as_str()))
+            }
+            _ => false,
+        };
+        if !removable {
+            i += 1;
+            continue;
+        }
+        let (src, dst) = (n.inputs[0].clone(), n.outputs[0].clone());
+        if graph.outputs.iter().any(|o| o.name == dst) {
+            let producer = graph.producers().get(src.as_str()).copied();
+            let src_is_interface = graph.outputs.iter().any(|o| o.name == src);
+            match producer {
+                Some(p) if !src_is_interface => {
+                    for o in &mut graph.nodes[p].outputs {
+                        if *o == src {
+                            *o = dst.clone();
+                        }
+                    }
+                    graph.nodes.remove(i);
+                    graph.rename_uses(&src, &dst);
+                }
+                // Input or initializer passed straight out: the node must stay.
+                _ => i += 1,
+            }
+        } else {
+            graph.nodes.remove(i);
+            graph.rename_uses(&dst, &src);
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Typed operators of the IR, one struct per op family holding its parsed, validated
+//! attributes.
+//!
+//! Operands that ONNX moved from attributes to inputs over the opsets (Clip's bounds, Slice's
+//! starts/ends, Pad's pads, Squeeze/Unsqueeze/ReduceMean's axes, Split's sizes, Dropout's ratio)
+//! are held here as attributes whatever the file's opset: the reader resolves them from
+//! constants, and the writer emits the form the target opset wants. Every later stage therefore
+//! sees one form. Reshape's target shape stays an input, because old exports compute it from
+//! the activation's shape at run time (the Shape -> Gather -> Concat flatten).
+
+/// How a convolution or pool pads when `auto_pad` is set instead of explicit pads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoPad {
+    NotSet,
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+impl AutoPad {
+    pub fn onnx_name(self) -> &'static str {
+        match self {
+            AutoPad::NotSet => "NOTSET",
+            AutoPad::SameUpper => "SAME_UPPER",
+            AutoPad::SameLower => "SAME_LOWER",
+            AutoPad::Valid => "VALID",
+        }
+    }
+}
+
+/// Conv: weight input [C_out, C_in / group, k...], optional bias [C_out].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv {
+    /// As written in the file; the weight's shape is authoritative when absent.
+    pub kernel_shape: Option<Vec<usize>>,
+    /// Per spatial axis; empty means 1 everywhere.
+    pub strides: Vec<usize>,
+    /// ONNX order: all begins, then all ends. Empty means 0 everywhere.
+    pub pads: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub group: usize,
+    pub auto_pad: AutoPad,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    Average,
+}
+
+/// MaxPool and AveragePool.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pool {
+    pub kind: PoolKind,
+    pub kernel_shape: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub pads: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub ceil_mode: bool,
+    pub auto_pad: AutoPad,
+    /// AveragePool only.
+    pub count_include_pad: bool,
+    /// MaxPool only; kept so the file round-trips.
+    pub storage_order: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm {
+    pub epsilon: f32,
+    pub momentum: f32,
+    /// Opset 14+ attribute; training-mode PyTorch exports set it.
+    pub training_mode: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Clip {
+    pub min: Option<f32>,
+    pub max: Option<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    pub axis: i64,
+    /// Sizes of the parts; None splits equally into as many parts as the node has outputs.
+    pub split: Option<Vec<usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReduceMean {
+    /// None reduces over all axes (unless `noop_with_empty_axes`).
+    pub axes: Option<Vec<i64>>,
+    pub keepdims: bool,
+    pub noop_with_empty_axes: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemm {
+    pub alpha: f32,
+    pub beta: f32,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slice {
+    pub starts: Vec<i64>,
+    pub ends: Vec<i64>,
+    pub axes: Option<Vec<i64>>,
+    pub steps: Option<Vec<i64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PadMode {
+    Constant,
+    Reflect,
+    Edge,
+}
+
+impl PadMode {
+    pub fn onnx_name(self) -> &'static str {
+        match self {
+            PadMode::Constant => "constant",
+            PadMode::Reflect => "reflect",
+            PadMode::Edge => "edge",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pad {
+    /// Begins then ends, per listed axis (all axes when `axes` is None). Negative crops.
+    pub pads: Vec<i64>,
+    pub axes: Option<Vec<i64>>,
+    pub mode: PadMode,
+    pub value: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Shape {
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+}
+
+/// A node's operator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    Conv(Conv),
+    BatchNorm(BatchNorm),
+    Relu,
+    Clip(Clip),
+    LeakyRelu { alpha: f32 },
+    Sigmoid,
+    HardSigmoid { alpha: f32, beta: f32 },
+    HardSwish,
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Concat { axis: i64 },
+    Split(Split),
+    Pool(Pool),
+    GlobalAveragePool,
+    ReduceMean(ReduceMean),
+    Flatten { axis: i64 },
+    Gemm(Gemm),
+    MatMul,
+    Reshape { allowzero: bool },
+    Transpose { perm: Option<Vec<usize>> },
+    Slice(Slice),
+    Pad(Pad),
+    Squeeze { axes: Option<Vec<i64>> },
+    Unsqueeze { axes: Vec<i64> },
+    Identity,
+    Dropout { ratio: f32 },
+    Shape(Shape),
+    Gather { axis: i64 },
+    Cast { to: super::ElemType },
+}
+
+impl Op {
+    /// The ONNX op_type this op is written as.
+    pub fn onnx_type(&self) -> &'static str {
+        match self {
+            Op::Conv(_) => "Conv",
+            Op::BatchNorm(_) => "BatchNormalization",
+            Op::Relu => "Relu",
+            Op::Clip(_) => "Clip",
+            Op::LeakyRelu { .. } => "LeakyRelu",
+            Op::Sigmoid => "Sigmoid",
+            Op::HardSigmoid { .. } => "HardSigmoid",
+            Op::HardSwish => "HardSwish",
+            Op::Add => "Add",
+            Op::Sub => "Sub",
+            Op::Mul => "Mul",
+            Op::Div => "Div",
+            Op::Concat { .. } => "Concat",
+            Op::Split(_) => "Split",
+            Op::Pool(p) => match p.kind {
+                PoolKind::Max => "MaxPool",
+                PoolKind::Average => "AveragePool",
+            },
+            Op::GlobalAveragePool => "GlobalAveragePool",
+            Op::ReduceMean(_) => "ReduceMean",
+            Op::Flatten { .. } => "Flatten",
+            Op::Gemm(_) => "Gemm",
+            Op::MatMul => "MatMul",
+            Op::Reshape { .. } => "Reshape",
+            Op::Transpose { .. } => "Transpose",
+            Op::Slice(_) => "Slice",
+            Op::Pad(_) => "Pad",
+            Op::Squeeze { .. } => "Squeeze",
+            Op::Unsqueeze { .. } => "Unsqueeze",
+            Op::Identity => "Identity",
+            Op::Dropout { .. } => "Dropout",
+            Op::Shape(_) => "Shape",
+            Op::Gather { .. } => "Gather",
+            Op::Cast { .. } => "Cast",
+        }
+    }
+
+    /// Indices of inputs that hold trainable parameters (weights, biases, BN scale and shift).
+    /// BN running statistics are state, not parameters.
+    pub fn param_inputs(&self) -> &'static [usize] {
+        match self {
+            Op::Conv(_) => &[1, 2],
+            Op::BatchNorm(_) => &[1, 2],
+            Op::Gemm(_) => &[1, 2],
+            Op::MatMul => &[0, 1],
+            _ => &[],
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! elrt: compact CNNs by low-rank training.
+//!
+//! One IR flows one way through the stages: [`onnx`] (read/write) -> [`ir`] (graph, shapes,
+//! cost) -> low-rank rewrite -> engine (train) -> export -> bench.
+
+// Links OpenBLAS into every binary, test and bench that uses the library; without it ndarray's
+// BLAS calls fail to link (undefined `cblas_sgemm`).
+extern crate blas_src;
+
+#[cfg(not(elrt_no_engine))]
+pub mod engine;
+pub mod ir;
+pub mod inspect;
+pub mod onnx;
+pub mod util;

@@ -1,0 +1,66 @@
+//! The `elrt` command line: each subcommand is a thin call into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "elrt",
+    version,
+    about = "Compact CNNs by low-rank training (ELRT): ONNX in, compact ONNX out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-layer output shapes, parameters and MACs of an ONNX model, with totals.
+    Inspect {
+        /// The ONNX file.
+        file: PathBuf,
+        /// Concrete input shape, e.g. 1,3,32,32 (repeat for several inputs). Default: the
+        /// file's shape with a symbolic batch set to 1.
+        #[arg(long = "input-shape", value_name = "N,C,H,W")]
+        input_shape: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect {
+            file,
+            input_shape,
+            json,
+        } => {
+            let shapes = input_shape
+                .iter()
+                .map(|s| elrt::inspect::parse_shape(s))
+                .collect::<Result<Vec<_>>>()?;
+            let report = elrt::inspect::inspect(&file, &shapes)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! ONNX in and out: protobuf ([`onnx_protobuf`]) <-> [`crate::ir::Graph`].
+
+mod attrs;
+pub mod read;
+mod tensor;
+pub mod write;
+
+pub use read::{read_bytes, read_file};
+pub use write::{write_bytes, write_file};

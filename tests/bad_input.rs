@@ -1,0 +1,205 @@
+//! Bad input gives one clear error line naming the file and the node or field, a non-zero
+//! exit, and never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use onnx_protobuf::{Message, ModelProto};
+
+fn resnet20() -> ModelProto {
+    let bytes = std::fs::read(common::repo().join("models/resnet20.onnx")).unwrap();
+    ModelProto::parse_from_bytes(&bytes).unwrap()
+}
+
+fn save(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Runs `elrt inspect` and returns its stderr after checking the failure is clean.
+fn inspect_fails(path: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_elrt"))
+        .arg("inspect")
+        .arg(path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}: should fail", path.display());
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected, got: {err}"
+    );
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains(&path.display().to_string()),
+        "file not named: {err}"
+    );
+    err
+}
+
+#[test]
+fn truncated_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = resnet20().write_to_bytes().unwrap();
+    for cut in [10, bytes.len() / 3, bytes.len() / 2, bytes.len() - 7] {
+        let p = save(tmp.path(), &format!("cut{cut}.onnx"), &bytes[..cut]);
+        let err = inspect_fails(&p);
+        assert!(
+            err.contains("truncated") || err.contains("reads") || err.contains("no node"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn not_onnx() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("text.onnx", b"hello, this is not a model\n".to_vec()),
+        ("empty.onnx", vec![]),
+        (
+            "png.onnx",
+            b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x10".to_vec(),
+        ),
+    ] {
+        let err = inspect_fails(&save(tmp.path(), name, &bytes));
+        assert!(err.contains("not an ONNX model"), "{name}: {err}");
+    }
+}
+
+#[test]
+fn missing_file() {
+    let err = inspect_fails(Path::new("/nonexistent/model.onnx"));
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn unknown_op_is_named_with_its_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    let k = g.node.iter().position(|n| n.op_type == "Relu").unwrap();
+    g.node[k].op_type = "FancyActivation".into();
+    let node = g.node[k].name.clone();
+    let err = inspect_fails(&save(
+        tmp.path(),
+        "unknown.onnx",
+        &m.write_to_bytes().unwrap(),
+    ));
+    assert!(
+        err.contains("FancyActivation") && err.contains(&node),
+        "{err}"
+    );
+    assert!(err.contains("not supported"), "{err}");
+}
+
+#[test]
+fn quantized_op_says_quantized() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    let k = g.node.iter().position(|n| n.op_type == "Conv").unwrap();
+    g.node[k].op_type = "QLinearConv".into();
+    let node = g.node[k].name.clone();
+    let err = inspect_fails(&save(tmp.path(), "q.onnx", &m.write_to_bytes().unwrap()));
+    assert!(err.contains("QLinearConv") && err.contains(&node), "{err}");
+    assert!(err.contains("quantized models"), "{err}");
+}
+
+#[test]
+fn missing_initializer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    let conv = g.node.iter().find(|n| n.op_type == "Conv").unwrap().clone();
+    let w = conv.input[1].clone();
+    g.initializer.retain(|t| t.name != w);
+    let err = inspect_fails(&save(
+        tmp.path(),
+        "noinit.onnx",
+        &m.write_to_bytes().unwrap(),
+    ));
+    assert!(err.contains(&w) && err.contains(&conv.name), "{err}");
+}
+
+#[test]
+fn inconsistent_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    // The second conv reads 16 channels; give it a weight that expects 8.
+    let conv = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Conv")
+        .nth(1)
+        .unwrap()
+        .clone();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == conv.input[1])
+        .unwrap();
+    let (co, kh, kw) = (t.dims[0], t.dims[2], t.dims[3]);
+    t.dims = vec![co, 8, kh, kw];
+    t.raw_data = vec![0u8; (co * 8 * kh * kw * 4) as usize];
+    t.float_data.clear();
+    let err = inspect_fails(&save(
+        tmp.path(),
+        "shapes.onnx",
+        &m.write_to_bytes().unwrap(),
+    ));
+    assert!(
+        err.contains(&conv.name) && err.contains("inconsistent shapes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn raw_data_of_wrong_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    let t = g
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 4)
+        .unwrap();
+    let name = t.name.clone();
+    t.raw_data.truncate(t.raw_data.len() - 4);
+    let err = inspect_fails(&save(tmp.path(), "raw.onnx", &m.write_to_bytes().unwrap()));
+    assert!(err.contains(&name) && err.contains("raw_data"), "{err}");
+}
+
+#[test]
+fn unsupported_opset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    m.opset_import[0].version = 7;
+    let err = inspect_fails(&save(tmp.path(), "op7.onnx", &m.write_to_bytes().unwrap()));
+    assert!(err.contains("opset 7"), "{err}");
+}
+
+#[test]
+fn bad_input_shape_flag() {
+    let model = common::repo().join("models/resnet20.onnx");
+    for (shape, want) in [
+        ("1,3,32", "does not fit"),
+        ("1,a,32,32", "not a dimension"),
+        ("1,4,32,32", "does not fit"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_elrt"))
+            .args(["inspect", model.to_str().unwrap(), "--input-shape", shape])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{shape}: {err}");
+    }
+}
