@@ -19,7 +19,7 @@ fn inspect_matches_pytorch_counts() {
             );
             continue;
         }
-        let r = elrt::inspect::inspect(&path, &[e.input_shape.clone()]).unwrap();
+        let r = elrt::inspect::inspect(&path, std::slice::from_ref(&e.input_shape)).unwrap();
         assert_eq!(r.totals.params, e.params, "{}: params", e.file);
         assert_eq!(r.totals.macs, e.macs, "{}: MACs", e.file);
         checked += 1;

@@ -1,9 +1,9 @@
 //! Graph simplification once shapes are concrete: constant sub-graphs become initializers,
 //! and Identity (and, for inference, Dropout) nodes disappear.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use super::shape::{infer, Facts};
+use super::shape::{dyn_slice_params, infer, Facts};
 use super::{Graph, Op};
 
 #[derive(Clone, Copy, Debug)]
@@ -20,6 +20,7 @@ pub fn simplify(
 ) -> Result<Facts> {
     let facts = infer(graph, input_shapes)?;
     fold_constants(graph, &facts);
+    resolve_dynamic(graph, &facts)?;
     remove_passthrough(graph, opts);
     graph.prune();
     graph.check()?;
@@ -46,6 +47,24 @@ fn fold_constants(graph: &mut Graph, facts: &Facts) {
         }
     }
     graph.nodes = kept;
+}
+
+/// Turns ops whose operands were computed at run time into their constant-operand form, now
+/// that constant propagation knows the operands.
+fn resolve_dynamic(graph: &mut Graph, facts: &Facts) -> Result<()> {
+    for n in &mut graph.nodes {
+        if let Op::DynSlice = n.op {
+            let ins: Vec<_> = n
+                .inputs
+                .iter()
+                .map(|i| if i.is_empty() { None } else { facts.get(i) })
+                .collect();
+            let s = dyn_slice_params(&ins).with_context(|| format!("node '{}' (Slice)", n.name))?;
+            n.op = Op::Slice(s);
+            n.inputs.truncate(1);
+        }
+    }
+    Ok(())
 }
 
 fn is_graph_output(graph: &Graph, names: &[String]) -> bool {

@@ -68,7 +68,8 @@ pub struct Pool {
 pub struct BatchNorm {
     pub epsilon: f32,
     pub momentum: f32,
-    /// Opset 14+ attribute; training-mode PyTorch exports set it.
+    /// Normalise with batch statistics (training form). Opset 14+ says so with an attribute;
+    /// earlier opsets by giving the node its optional statistics outputs.
     pub training_mode: bool,
 }
 
@@ -148,33 +149,60 @@ pub enum Op {
     BatchNorm(BatchNorm),
     Relu,
     Clip(Clip),
-    LeakyRelu { alpha: f32 },
+    LeakyRelu {
+        alpha: f32,
+    },
     Sigmoid,
-    HardSigmoid { alpha: f32, beta: f32 },
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
     HardSwish,
     Add,
     Sub,
     Mul,
     Div,
-    Concat { axis: i64 },
+    Concat {
+        axis: i64,
+    },
     Split(Split),
     Pool(Pool),
     GlobalAveragePool,
     ReduceMean(ReduceMean),
-    Flatten { axis: i64 },
+    Flatten {
+        axis: i64,
+    },
     Gemm(Gemm),
     MatMul,
-    Reshape { allowzero: bool },
-    Transpose { perm: Option<Vec<usize>> },
+    Reshape {
+        allowzero: bool,
+    },
+    Transpose {
+        perm: Option<Vec<usize>>,
+    },
     Slice(Slice),
+    /// A Slice whose starts/ends/axes/steps are inputs 1..=4 computed at run time (from the
+    /// activation's shape, as torchvision's shufflenet chunk exports); shape inference reads
+    /// them from constant propagation and [`super::fold`] turns the node into a plain Slice.
+    DynSlice,
     Pad(Pad),
-    Squeeze { axes: Option<Vec<i64>> },
-    Unsqueeze { axes: Vec<i64> },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Vec<i64>,
+    },
     Identity,
-    Dropout { ratio: f32 },
+    Dropout {
+        ratio: f32,
+    },
     Shape(Shape),
-    Gather { axis: i64 },
-    Cast { to: super::ElemType },
+    Gather {
+        axis: i64,
+    },
+    Cast {
+        to: super::ElemType,
+    },
 }
 
 impl Op {
@@ -206,7 +234,7 @@ impl Op {
             Op::MatMul => "MatMul",
             Op::Reshape { .. } => "Reshape",
             Op::Transpose { .. } => "Transpose",
-            Op::Slice(_) => "Slice",
+            Op::Slice(_) | Op::DynSlice => "Slice",
             Op::Pad(_) => "Pad",
             Op::Squeeze { .. } => "Squeeze",
             Op::Unsqueeze { .. } => "Unsqueeze",

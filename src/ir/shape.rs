@@ -350,7 +350,7 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
                 p.auto_pad,
             )?;
             let mut shape = x.shape[..2].to_vec();
-            for i in 0..n_sp {
+            for (i, &pad) in pads.iter().enumerate() {
                 let s = p.strides.get(i).copied().unwrap_or(1);
                 let d = p.dilations.get(i).copied().unwrap_or(1);
                 shape.push(window_out(
@@ -358,7 +358,7 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
                     p.kernel_shape[i],
                     s,
                     d,
-                    pads[i],
+                    pad,
                     p.ceil_mode,
                 )?);
             }
@@ -546,6 +546,14 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
             match &x.value {
                 Some(t) => vec![Fact::known(transpose(t, &perm), x.elem)],
                 None => vec![Fact::of(perm.iter().map(|&p| x.shape[p]).collect(), x.elem)],
+            }
+        }
+        Op::DynSlice => {
+            let s = dyn_slice_params(ins)?;
+            let idx = slice_indices(&x.shape, &s)?;
+            match &x.value {
+                Some(t) => vec![Fact::known(take(t, &idx), x.elem)],
+                None => vec![Fact::of(idx.iter().map(Vec::len).collect(), x.elem)],
             }
         }
         Op::Slice(s) => {
@@ -746,7 +754,7 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
     }
     let known: usize = out.iter().product();
     if let Some(i) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             bail!("cannot reshape {input:?} to {target:?}");
         }
         out[i] = total / known;
@@ -754,6 +762,30 @@ pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Resul
         bail!("cannot reshape {input:?} ({total} elements) to {target:?}");
     }
     Ok(out)
+}
+
+/// The parameters of a [`Op::DynSlice`] from its operand inputs' known values.
+pub fn dyn_slice_params(ins: &[Option<&Fact>]) -> Result<Slice> {
+    let val = |i: usize, what: &str| -> Result<Option<Vec<i64>>> {
+        match ins.get(i).copied().flatten() {
+            None => Ok(None),
+            Some(f) => f
+                .value
+                .as_ref()
+                .map(|t| Some(t.to_i64s()))
+                .ok_or_else(|| anyhow!("the slice {what} are not known before run time")),
+        }
+    };
+    let s = Slice {
+        starts: val(1, "starts")?.unwrap_or_default(),
+        ends: val(2, "ends")?.unwrap_or_default(),
+        axes: val(3, "axes")?,
+        steps: val(4, "steps")?,
+    };
+    if s.starts.len() != s.ends.len() {
+        bail!("slice starts and ends differ in length");
+    }
+    Ok(s)
 }
 
 /// Per-axis index lists selected by a Slice, with ONNX's clamping rules.

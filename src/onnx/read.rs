@@ -354,7 +354,10 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
             let op = Op::BatchNorm(BatchNorm {
                 epsilon: a.float_or("epsilon", 1e-5)?,
                 momentum: a.float_or("momentum", 0.9)?,
-                training_mode: a.int_or("training_mode", 0)? != 0,
+                // Before opset 14, a BN node with its optional statistics outputs is the
+                // training form (batch statistics); from 14 an attribute says so.
+                training_mode: a.int_or("training_mode", 0)? != 0
+                    || (opset < 14 && n.output.iter().skip(1).any(|o| !o.is_empty())),
             });
             (op, ins.first(5))
         }
@@ -528,6 +531,11 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
                 }
             } else {
                 ins.need(3)?;
+                let computed =
+                    (1..=4).any(|i| ins.present(i).is_some_and(|v| lookup.get(v).is_none()));
+                if computed {
+                    return Ok((Op::DynSlice, ins.first(5)));
+                }
                 Slice {
                     starts: ins
                         .constant(1, "starts")?

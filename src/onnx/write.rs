@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use onnx_protobuf::{
     tensor_shape_proto::{dimension, Dimension},
     type_proto, Message, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
@@ -80,6 +80,8 @@ pub fn to_model(graph: &Graph) -> Result<ModelProto> {
     g.output = graph.outputs.iter().map(value_info).collect();
     let mut extra: Vec<(String, Tensor)> = Vec::new();
     for n in &graph.nodes {
+        check_opset(n, graph.opset)
+            .with_context(|| format!("node '{}' ({})", n.name, n.op.onnx_type()))?;
         g.node.push(node_proto(n, graph.opset, &mut extra));
     }
     for (k, t) in graph.initializers.iter() {
@@ -89,6 +91,40 @@ pub fn to_model(graph: &Graph) -> Result<ModelProto> {
         g.initializer.push(tensor::to_proto(k, t));
     }
     Ok(m)
+}
+
+/// Refuses what the target opset cannot express, rather than writing a file that checkers
+/// reject or that runtimes read differently.
+fn check_opset(n: &Node, opset: i64) -> Result<()> {
+    let need = |min: i64, what: &str| -> Result<()> {
+        if opset < min {
+            bail!("{what} needs opset {min} or later, but the graph is written at opset {opset}");
+        }
+        Ok(())
+    };
+    match &n.op {
+        Op::HardSwish => need(14, "HardSwish")?,
+        Op::Pool(p) => {
+            if p.ceil_mode {
+                need(10, "ceil_mode")?;
+            }
+            if p.dilations.iter().any(|&d| d != 1) {
+                need(
+                    if p.kind == PoolKind::Max { 10 } else { 19 },
+                    "pool dilations",
+                )?;
+            }
+        }
+        Op::Slice(s) if s.steps.as_ref().is_some_and(|v| v.iter().any(|&x| x != 1)) => {
+            need(10, "Slice steps")?
+        }
+        Op::Pad(p) if p.axes.is_some() => need(18, "Pad axes")?,
+        Op::Shape(s) if s.start.is_some() || s.end.is_some() => need(15, "Shape start/end")?,
+        Op::Reshape { allowzero: true } => need(14, "Reshape allowzero")?,
+        Op::DynSlice => need(10, "Slice with computed starts/ends")?,
+        _ => {}
+    }
+    Ok(())
 }
 
 fn value_info(v: &ValueInfo) -> ValueInfoProto {
@@ -353,6 +389,7 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         | Op::Div
         | Op::GlobalAveragePool
         | Op::MatMul
+        | Op::DynSlice
         | Op::Identity => {}
     }
     p.input = ins.finish();

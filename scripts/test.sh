@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: sets up what is missing, generates the model files that are too large to
+# commit (when PyTorch is installed), then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if python3 -c "import torch, torchvision" 2>/dev/null; then
+  [ -f models/vgg16_bn.onnx ] || python3 scripts/export_models.py --only vgg16_bn
+  tv=target/torchvision-onnx
+  [ -f "$tv/manifest.json" ] || python3 scripts/export_torchvision.py "$tv"
+else
+  echo "test: PyTorch not installed; tests on generated models (vgg16_bn, torchvision exports) will skip" >&2
+  echo "      (ELRT_SETUP_TORCH=1 scripts/setup.sh installs it)" >&2
+fi
+cargo test --release "$@"
