@@ -7,9 +7,12 @@
 // BLAS calls fail to link (undefined `cblas_sgemm`).
 extern crate blas_src;
 
+pub mod data;
 #[cfg(not(elrt_no_engine))]
 pub mod engine;
 pub mod ir;
 pub mod inspect;
 pub mod onnx;
+pub mod rng;
+pub mod train;
 pub mod util;

@@ -789,7 +789,7 @@ pub fn dyn_slice_params(ins: &[Option<&Fact>]) -> Result<Slice> {
 }
 
 /// Per-axis index lists selected by a Slice, with ONNX's clamping rules.
-fn slice_indices(shape: &[usize], s: &Slice) -> Result<Vec<Vec<usize>>> {
+pub fn slice_indices(shape: &[usize], s: &Slice) -> Result<Vec<Vec<usize>>> {
     let rank = shape.len();
     let mut idx: Vec<Vec<usize>> = shape.iter().map(|&d| (0..d).collect()).collect();
     let axes: Vec<usize> = match &s.axes {

@@ -1,0 +1,99 @@
+//! CPU training engine.
+//!
+//! [`ops`] holds the numeric core: one kernel family per file, each over `f32` ndarray tensors in
+//! NCHW layout, independent of the IR so that a later backend (CUDA) can offer the same surface
+//! without touching graph code.
+//!
+//! Threading model: rayon splits work across the batch (or across channels / planes), and every
+//! BLAS call runs single-threaded inside a rayon worker. OpenBLAS would otherwise start its own
+//! pthreads for each sgemm and oversubscribe the cores rayon already uses; [`init`] switches it to
+//! one thread. The kernels call [`init`] themselves, so forgetting it costs speed, never
+//! correctness.
+
+pub mod exec;
+pub mod model;
+pub mod ops;
+pub mod program;
+pub mod tensor_ops;
+
+use std::sync::Once;
+
+/// Why an engine kernel refused its inputs. Every shape or attribute a user's model can get wrong
+/// comes back as one of these instead of a panic, so the CLI can name the op and exit cleanly.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// Input shapes that the op cannot combine (rank, channel counts, window larger than input).
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    /// An attribute outside the op's domain (zero stride, group not dividing channels, ...).
+    #[error("{op}: invalid attribute: {msg}")]
+    Attribute { op: &'static str, msg: String },
+    /// A class label outside `0..classes`.
+    #[error("label {label} of sample {sample} is out of range for {classes} classes")]
+    Label {
+        sample: usize,
+        label: usize,
+        classes: usize,
+    },
+}
+
+/// Result of an engine kernel.
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> EngineError {
+    EngineError::Shape {
+        op,
+        msg: msg.into(),
+    }
+}
+
+pub(crate) fn attr_err(op: &'static str, msg: impl Into<String>) -> EngineError {
+    EngineError::Attribute {
+        op,
+        msg: msg.into(),
+    }
+}
+
+extern "C" {
+    // Both exist in every OpenBLAS build (pthread and OpenMP variants); libopenblas is linked
+    // through `blas_src` in lib.rs.
+    fn openblas_set_num_threads(num_threads: std::os::raw::c_int);
+    fn openblas_get_num_threads() -> std::os::raw::c_int;
+}
+
+static INIT: Once = Once::new();
+
+/// Makes OpenBLAS single-threaded, once per process.
+///
+/// The engine parallelises with rayon at a coarser grain (images of a batch), where the work per
+/// task is large and the split is deterministic; a multi-threaded sgemm inside each rayon task
+/// would start `cores` more threads per task and slow everything down. Cheap after the first call
+/// (one atomic load), which is why every BLAS-using kernel calls it.
+pub fn init() {
+    INIT.call_once(|| {
+        // SAFETY: plain C call with a positive thread count; OpenBLAS documents it as callable at
+        // any time from any thread.
+        unsafe { openblas_set_num_threads(1) }
+    });
+}
+
+/// OpenBLAS's current thread count, for diagnostics and the test that [`init`] took effect.
+pub fn blas_threads() -> usize {
+    // SAFETY: a getter with no arguments.
+    unsafe { openblas_get_num_threads() as usize }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn init_makes_openblas_single_threaded() {
+        super::init();
+        assert_eq!(super::blas_threads(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_op() {
+        let e = super::shape_err("Conv", "bad");
+        assert_eq!(e.to_string(), "Conv: bad");
+    }
+}

@@ -1,0 +1,65 @@
+//! A trainable model: the simplified graph plus a compiled session for one batch size.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use ndarray::ArrayD;
+
+use super::exec::{Mode, Session};
+use super::program::Program;
+use crate::ir::fold::{simplify, FoldOptions};
+use crate::ir::shape::default_input_shapes;
+use crate::ir::Graph;
+
+pub struct Model {
+    /// The graph as trained (constants folded, Identity removed, Dropout kept).
+    pub graph: Graph,
+    pub session: Session,
+    /// Input shape `[N, C, H, W]` the program was compiled for.
+    pub input_shape: Vec<usize>,
+    pub classes: usize,
+}
+
+impl Model {
+    pub fn load(path: &Path, batch: usize) -> Result<Model> {
+        let g = crate::onnx::read_file(path)?;
+        Model::from_graph(g, batch).with_context(|| path.display().to_string())
+    }
+
+    pub fn from_graph(mut graph: Graph, batch: usize) -> Result<Model> {
+        let mut shapes = default_input_shapes(&graph)?;
+        if let Some(s) = shapes.first_mut() {
+            s[0] = batch;
+        }
+        let facts = simplify(
+            &mut graph,
+            &shapes,
+            FoldOptions {
+                remove_dropout: false,
+            },
+        )?;
+        let program = Program::compile(&graph, &facts)?;
+        let classes = program.classes(&facts, &graph);
+        Ok(Model {
+            input_shape: shapes[0].clone(),
+            session: Session::new(program),
+            graph,
+            classes,
+        })
+    }
+
+    pub fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        self.session.forward(x, mode)
+    }
+
+    /// The graph with the current weights and statistics.
+    pub fn trained_graph(&self) -> Graph {
+        let mut g = self.graph.clone();
+        self.session.program.store(&mut g);
+        g
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::onnx::write_file(&self.trained_graph(), path)
+    }
+}

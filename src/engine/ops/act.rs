@@ -1,0 +1,317 @@
+//! Elementwise activations on tensors of any rank.
+//!
+//! Derivatives at kinks follow PyTorch (the parity fixtures come from it): ReLU, LeakyReLU and
+//! Clip pass the gradient only strictly inside their linear region, HardSigmoid likewise, and
+//! HardSwish uses PyTorch's piecewise form, which is `2*alpha*x + beta` on the closed middle
+//! interval.
+
+use super::{contiguous, par_map, par_zip_map};
+use crate::engine::{attr_err, shape_err, Result};
+use ndarray::{ArrayD, ArrayViewD, NdFloat};
+
+/// One elementwise activation with its attributes (ONNX names and defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Relu,
+    /// `min(max(x, min), max)`; ReLU6 is `Clip { min: 0, max: 6 }`.
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    /// `x` for `x > 0`, else `alpha * x` (ONNX default alpha 0.01).
+    LeakyRelu {
+        alpha: f32,
+    },
+    Sigmoid,
+    /// `max(0, min(1, alpha * x + beta))` (ONNX defaults 0.2, 0.5; PyTorch's is 1/6, 0.5).
+    HardSigmoid {
+        alpha: f32,
+        beta: f32,
+    },
+    /// `x * HardSigmoid(x)` with alpha 1/6 and beta 0.5.
+    HardSwish,
+}
+
+impl Activation {
+    fn name(&self) -> &'static str {
+        match self {
+            Activation::Relu => "Relu",
+            Activation::Clip { .. } => "Clip",
+            Activation::LeakyRelu { .. } => "LeakyRelu",
+            Activation::Sigmoid => "Sigmoid",
+            Activation::HardSigmoid { .. } => "HardSigmoid",
+            Activation::HardSwish => "HardSwish",
+        }
+    }
+
+    /// Rejects attributes that make the function meaningless (NaN bounds, `min > max`).
+    pub fn validate(&self) -> Result<()> {
+        match *self {
+            Activation::Clip { min, max } if min.is_nan() || max.is_nan() || min > max => Err(
+                attr_err(self.name(), format!("min {min} must not exceed max {max}")),
+            ),
+            Activation::LeakyRelu { alpha } if !alpha.is_finite() => Err(attr_err(
+                self.name(),
+                format!("alpha {alpha} must be finite"),
+            )),
+            Activation::HardSigmoid { alpha, beta } if !alpha.is_finite() || !beta.is_finite() => {
+                Err(attr_err(
+                    self.name(),
+                    format!("alpha {alpha} and beta {beta} must be finite"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Elementwise, so the output shape is the input's.
+    pub fn output_shape(&self, x: &[usize]) -> Result<Vec<usize>> {
+        self.validate()?;
+        Ok(x.to_vec())
+    }
+
+    /// `y = f(x)`. Keeps nothing: backward recomputes what it needs from `x`.
+    pub fn forward(&self, x: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
+        self.validate()?;
+        let xs = contiguous(&x);
+        let y = match *self {
+            Activation::Relu => par_map(&xs, |v| v.max(0.0)),
+            Activation::Clip { min, max } => par_map(&xs, move |v| v.max(min).min(max)),
+            Activation::LeakyRelu { alpha } => {
+                par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v })
+            }
+            Activation::Sigmoid => par_map(&xs, sigmoid),
+            Activation::HardSigmoid { alpha, beta } => {
+                par_map(&xs, move |v| (alpha * v + beta).clamp(0.0, 1.0))
+            }
+            Activation::HardSwish => par_map(&xs, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+        };
+        Ok(ArrayD::from_shape_vec(x.raw_dim(), y)
+            .expect("elementwise output has the input's length"))
+    }
+
+    /// `dx = dy * f'(x)`, with `x` the forward input.
+    pub fn backward(&self, x: ArrayViewD<f32>, dy: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
+        self.validate()?;
+        if x.shape() != dy.shape() {
+            return Err(shape_err(
+                self.name(),
+                format!(
+                    "output gradient shape {:?} differs from input shape {:?}",
+                    dy.shape(),
+                    x.shape()
+                ),
+            ));
+        }
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let dx = match *self {
+            Activation::Relu => par_zip_map(&xs, &gs, |x, g| if x > 0.0 { g } else { 0.0 }),
+            Activation::Clip { min, max } => {
+                par_zip_map(
+                    &xs,
+                    &gs,
+                    move |x, g| if x > min && x < max { g } else { 0.0 },
+                )
+            }
+            Activation::LeakyRelu { alpha } => {
+                par_zip_map(&xs, &gs, move |x, g| if x > 0.0 { g } else { alpha * g })
+            }
+            Activation::Sigmoid => par_zip_map(&xs, &gs, |x, g| {
+                let s = sigmoid(x);
+                g * s * (1.0 - s)
+            }),
+            Activation::HardSigmoid { alpha, beta } => par_zip_map(&xs, &gs, move |x, g| {
+                let h = alpha * x + beta;
+                if h > 0.0 && h < 1.0 {
+                    alpha * g
+                } else {
+                    0.0
+                }
+            }),
+            Activation::HardSwish => par_zip_map(&xs, &gs, |x, g| {
+                if x < -3.0 {
+                    0.0
+                } else if x <= 3.0 {
+                    g * (x / 3.0 + 0.5)
+                } else {
+                    g
+                }
+            }),
+        };
+        Ok(ArrayD::from_shape_vec(x.raw_dim(), dx)
+            .expect("elementwise gradient has the input's length"))
+    }
+
+    /// Textbook definitions, generic for f64 finite differences. Test oracle only.
+    pub fn reference<T: NdFloat>(&self, x: ArrayViewD<T>) -> ArrayD<T> {
+        let c = |v: f32| T::from(v).expect("f32 fits any float");
+        let (zero, one) = (T::zero(), T::one());
+        let clamp01 = move |v: T| v.max(zero).min(one);
+        match *self {
+            Activation::Relu => x.mapv(|v| v.max(zero)),
+            Activation::Clip { min, max } => x.mapv(|v| v.max(c(min)).min(c(max))),
+            Activation::LeakyRelu { alpha } => x.mapv(|v| if v > zero { v } else { c(alpha) * v }),
+            Activation::Sigmoid => x.mapv(|v| one / (one + (-v).exp())),
+            Activation::HardSigmoid { alpha, beta } => x.mapv(|v| clamp01(c(alpha) * v + c(beta))),
+            Activation::HardSwish => x.mapv(|v| v * clamp01(v / c(6.0) + c(0.5))),
+        }
+    }
+}
+
+/// Logistic function without overflow for large |x|.
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ops::testutil::*;
+    use ndarray::{Array, IxDyn};
+
+    /// Random input of the given rank with entries kept 0.05 away from the op's kinks.
+    fn input(rng: &mut Rng, shape: &[usize], kinks: &[f32]) -> ArrayD<f32> {
+        let n = shape.iter().product();
+        let v = (0..n)
+            .map(|_| rng.away_from(-8.0, 8.0, kinks, 0.05))
+            .collect();
+        Array::from_shape_vec(IxDyn(shape), v).unwrap()
+    }
+
+    fn check(act: Activation, kinks: &[f32], seed: u64) {
+        let mut rng = Rng::new(seed);
+        for shape in [&[3, 4, 5, 7][..], &[13][..], &[2, 9, 3][..], &[100_003][..]] {
+            let x = input(&mut rng, shape, kinks);
+            let y = act.forward(x.view()).unwrap();
+            assert_close("forward", &y.view(), &act.reference(x.view()).view(), 1e-6);
+            assert_eq!(act.output_shape(shape).unwrap(), shape);
+            if x.len() > 1000 {
+                continue;
+            }
+            let r = rand_array(&mut rng, IxDyn(shape), -1.0, 1.0);
+            let dx = act.backward(x.view(), r.view()).unwrap();
+            let r64 = to_f64(&r.view());
+            let fd = fd_grad(&to_f64(&x.view()), |x| {
+                dot_loss(&act.reference(x.view()), &r64)
+            });
+            assert_grad("dx", &dx.view(), &fd.view());
+        }
+    }
+
+    #[test]
+    fn relu() {
+        check(Activation::Relu, &[0.0], 1);
+    }
+
+    #[test]
+    fn relu6_clip() {
+        check(Activation::Clip { min: 0.0, max: 6.0 }, &[0.0, 6.0], 2);
+    }
+
+    #[test]
+    fn clip_negative_range() {
+        check(
+            Activation::Clip {
+                min: -2.5,
+                max: 1.5,
+            },
+            &[-2.5, 1.5],
+            3,
+        );
+    }
+
+    #[test]
+    fn leaky_relu() {
+        check(Activation::LeakyRelu { alpha: 0.1 }, &[0.0], 4);
+    }
+
+    #[test]
+    fn sigmoid() {
+        check(Activation::Sigmoid, &[], 5);
+    }
+
+    #[test]
+    fn hard_sigmoid_onnx_defaults() {
+        check(
+            Activation::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            &[-2.5, 2.5],
+            6,
+        );
+    }
+
+    #[test]
+    fn hard_sigmoid_pytorch_constants() {
+        check(
+            Activation::HardSigmoid {
+                alpha: 1.0 / 6.0,
+                beta: 0.5,
+            },
+            &[-3.0, 3.0],
+            7,
+        );
+    }
+
+    #[test]
+    fn hard_swish() {
+        check(Activation::HardSwish, &[-3.0, 3.0], 8);
+    }
+
+    #[test]
+    fn sigmoid_saturates_without_nan() {
+        let x = Array::from_shape_vec(IxDyn(&[4]), vec![-1e4f32, -100.0, 100.0, 1e4]).unwrap();
+        let y = Activation::Sigmoid.forward(x.view()).unwrap();
+        let y = y.as_slice().unwrap();
+        assert!(
+            y[0] == 0.0 && y[1] < 1e-40 && y[2] == 1.0 && y[3] == 1.0,
+            "{y:?}"
+        );
+        let dx = Activation::Sigmoid.backward(x.view(), x.view()).unwrap();
+        assert!(dx.iter().all(|v| v.is_finite()));
+    }
+
+    /// Kinks: the subgradient picked must be PyTorch's.
+    #[test]
+    fn gradients_at_kinks_follow_pytorch() {
+        let x = Array::from_shape_vec(IxDyn(&[3]), vec![-3.0f32, 0.0, 3.0]).unwrap();
+        let ones = ArrayD::from_elem(IxDyn(&[3]), 1.0f32);
+        let g = |a: Activation| {
+            a.backward(x.view(), ones.view())
+                .unwrap()
+                .into_raw_vec_and_offset()
+                .0
+        };
+        assert_eq!(g(Activation::Relu), [0.0, 0.0, 1.0]);
+        assert_eq!(g(Activation::Clip { min: 0.0, max: 3.0 }), [0.0, 0.0, 0.0]);
+        assert_eq!(g(Activation::HardSwish), [-0.5, 0.5, 1.5]);
+    }
+
+    #[test]
+    fn shape_mismatch_and_bad_attributes_are_errors() {
+        let x = ArrayD::<f32>::zeros(IxDyn(&[2, 3]));
+        let dy = ArrayD::<f32>::zeros(IxDyn(&[3, 2]));
+        assert!(Activation::Relu.backward(x.view(), dy.view()).is_err());
+        assert!(Activation::Clip { min: 1.0, max: 0.0 }
+            .forward(x.view())
+            .is_err());
+        assert!(Activation::LeakyRelu { alpha: f32::NAN }
+            .forward(x.view())
+            .is_err());
+    }
+
+    #[test]
+    fn transposed_views_keep_logical_order() {
+        let mut rng = Rng::new(9);
+        let x = rand_array(&mut rng, IxDyn(&[3, 5]), -2.0, 2.0);
+        let xt = x.t();
+        let y = Activation::Relu.forward(xt.view()).unwrap();
+        assert_eq!(y, xt.mapv(|v| v.max(0.0)));
+    }
+}

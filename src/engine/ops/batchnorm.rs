@@ -1,0 +1,710 @@
+//! Batch normalisation over NCHW (ONNX `BatchNormalization`), training and eval mode.
+//!
+//! Statistics are summed in f32 lanes within a plane and in f64 across planes: a channel of a
+//! 128x32x32 batch has 131072 values, and one f32 running sum would lose about 1e-4 relative,
+//! the whole budget of the PyTorch parity test.
+//! Reductions run per channel in parallel (read-only), the elementwise passes per image in
+//! parallel; neither depends on thread scheduling, so results are reproducible.
+
+use super::{contiguous, reduce_pairs, sum};
+use crate::engine::{attr_err, shape_err, Result};
+use ndarray::{Array1, Array4, ArrayView1, ArrayView4, ArrayViewMut1, NdFloat};
+use rayon::prelude::*;
+
+const OP: &str = "BatchNormalization";
+
+/// Attributes of a batch norm.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm2d {
+    pub epsilon: f32,
+    /// ONNX convention: the weight of the *old* running value,
+    /// `running = momentum * running + (1 - momentum) * batch`. PyTorch's `momentum=0.1` is
+    /// ONNX's 0.9, which is what a PyTorch export writes.
+    pub momentum: f32,
+}
+
+impl Default for BatchNorm2d {
+    fn default() -> Self {
+        BatchNorm2d {
+            epsilon: 1e-5,
+            momentum: 0.9,
+        }
+    }
+}
+
+/// What training-mode backward needs besides `x`: the batch statistics forward used. `x_hat` is
+/// not kept, it costs a full activation and is one multiply-add away from `x`.
+#[derive(Clone, Debug)]
+pub struct BatchNormSaved {
+    pub mean: Array1<f32>,
+    /// `1 / sqrt(biased_var + epsilon)`.
+    pub inv_std: Array1<f32>,
+}
+
+/// Gradients of a batch norm with respect to its input and affine parameters.
+#[derive(Clone, Debug)]
+pub struct BatchNormGrads {
+    pub dx: Array4<f32>,
+    pub dscale: Array1<f32>,
+    pub dbias: Array1<f32>,
+}
+
+/// Per-channel coefficients of the one elementwise pass every BN direction needs:
+/// `out = a * dy + b * (x - shift) + k`. Subtracting the mean before scaling (rather than folding
+/// it into `k`) avoids cancellation for activations with a large mean.
+#[derive(Clone, Copy, Debug, Default)]
+struct Coef {
+    a: f32,
+    b: f32,
+    shift: f32,
+    k: f32,
+}
+
+/// Applies `coef` over NCHW data, images in parallel; `gs` (the `dy` term) is absent in forward.
+fn channel_pass(xs: &[f32], gs: Option<&[f32]>, c: usize, hw: usize, coef: &[Coef]) -> Vec<f32> {
+    let mut out = vec![0.0f32; xs.len()];
+    if c * hw == 0 {
+        return out;
+    }
+    let img = c * hw;
+    out.par_chunks_mut(img)
+        .zip(xs.par_chunks(img))
+        .enumerate()
+        .for_each(|(i, (oi, xi))| {
+            for (ch, cf) in coef.iter().enumerate() {
+                let r = ch * hw..(ch + 1) * hw;
+                let (o, x) = (&mut oi[r.clone()], &xi[r.clone()]);
+                match gs {
+                    Some(gs) => {
+                        let g = &gs[i * img..][r];
+                        o.iter_mut()
+                            .zip(x.iter().zip(g))
+                            .for_each(|(o, (&x, &g))| *o = cf.a * g + cf.b * (x - cf.shift) + cf.k);
+                    }
+                    None => o
+                        .iter_mut()
+                        .zip(x)
+                        .for_each(|(o, &x)| *o = cf.b * (x - cf.shift) + cf.k),
+                }
+            }
+        });
+    out
+}
+
+/// The `hw`-long planes of channel `ch` in an NCHW slice, image by image.
+fn channel_planes(xs: &[f32], c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
+    xs.chunks_exact(c * hw)
+        .map(move |img| &img[ch * hw..(ch + 1) * hw])
+}
+
+impl BatchNorm2d {
+    /// Validates `x` (rank 4) against the per-channel parameters; returns `[N, C, H, W]`.
+    pub fn output_shape(&self, x: &[usize], param_lens: &[usize]) -> Result<[usize; 4]> {
+        let &[n, c, h, w] = x else {
+            return Err(shape_err(
+                OP,
+                format!("input {x:?} must have rank 4 (NCHW)"),
+            ));
+        };
+        if c == 0 || h == 0 || w == 0 {
+            return Err(shape_err(OP, format!("empty input {x:?}")));
+        }
+        if let Some(&l) = param_lens.iter().find(|&&l| l != c) {
+            return Err(shape_err(
+                OP,
+                format!("a parameter has {l} entries for {c} channels"),
+            ));
+        }
+        if self.epsilon < 0.0 || !self.epsilon.is_finite() {
+            return Err(attr_err(
+                OP,
+                format!("epsilon {} must be finite and >= 0", self.epsilon),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(attr_err(
+                OP,
+                format!("momentum {} must lie in [0, 1]", self.momentum),
+            ));
+        }
+        Ok([n, c, h, w])
+    }
+
+    /// Training mode: normalises with the batch's mean and biased variance, and updates the
+    /// running statistics with the *unbiased* variance, as PyTorch does.
+    pub fn forward_train(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
+        mut running_mean: ArrayViewMut1<f32>,
+        mut running_var: ArrayViewMut1<f32>,
+    ) -> Result<(Array4<f32>, BatchNormSaved)> {
+        let [n, c, h, w] = self.output_shape(
+            x.shape(),
+            &[
+                scale.len(),
+                bias.len(),
+                running_mean.len(),
+                running_var.len(),
+            ],
+        )?;
+        let (hw, m) = (h * w, n * h * w);
+        if m < 2 {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "training needs more than one value per channel, got input {:?}",
+                    x.shape()
+                ),
+            ));
+        }
+        let xs = contiguous(&x);
+        // Two passes (mean, then squared deviations): one pass with E[x^2] - mean^2 would
+        // cancel catastrophically for activations with a large mean.
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = || channel_planes(&xs, c, hw, ch);
+                let mean = planes().map(|p| f64::from(sum(p))).sum::<f64>() / m as f64;
+                let mu = mean as f32;
+                let dev = planes()
+                    .map(|p| f64::from(reduce_pairs(p, p, |x, _| (x - mu) * (x - mu))))
+                    .sum::<f64>();
+                // Correct for mu being mean rounded to f32: sum (x - mean)^2 = dev - M*(mean - mu)^2.
+                let shift = mean - f64::from(mu);
+                (mean, (dev / m as f64 - shift * shift).max(0.0))
+            })
+            .collect();
+        let eps = f64::from(self.epsilon);
+        let inv_std: Vec<f64> = stats
+            .iter()
+            .map(|&(_, var)| 1.0 / (var + eps).sqrt())
+            .collect();
+        let coef: Vec<Coef> = (0..c)
+            .map(|ch| Coef {
+                b: (f64::from(scale[ch]) * inv_std[ch]) as f32,
+                shift: stats[ch].0 as f32,
+                k: bias[ch],
+                ..Coef::default()
+            })
+            .collect();
+        let y = channel_pass(&xs, None, c, hw, &coef);
+
+        let mom = f64::from(self.momentum);
+        let unbias = m as f64 / (m - 1) as f64;
+        for ch in 0..c {
+            let (mean, var) = stats[ch];
+            running_mean[ch] = (mom * f64::from(running_mean[ch]) + (1.0 - mom) * mean) as f32;
+            running_var[ch] =
+                (mom * f64::from(running_var[ch]) + (1.0 - mom) * var * unbias) as f32;
+        }
+        let saved = BatchNormSaved {
+            mean: stats.iter().map(|s| s.0 as f32).collect(),
+            inv_std: inv_std.iter().map(|&v| v as f32).collect(),
+        };
+        Ok((
+            Array4::from_shape_vec((n, c, h, w), y).expect("output has the input's length"),
+            saved,
+        ))
+    }
+
+    /// Eval mode: a fixed per-channel affine map from the running statistics.
+    pub fn forward_eval(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
+        mean: ArrayView1<f32>,
+        var: ArrayView1<f32>,
+    ) -> Result<Array4<f32>> {
+        let [n, c, h, w] =
+            self.output_shape(x.shape(), &[scale.len(), bias.len(), mean.len(), var.len()])?;
+        let coef: Vec<Coef> = (0..c)
+            .map(|ch| Coef {
+                b: (f64::from(scale[ch]) * self.inv_std(var[ch])) as f32,
+                shift: mean[ch],
+                k: bias[ch],
+                ..Coef::default()
+            })
+            .collect();
+        let y = channel_pass(&contiguous(&x), None, c, h * w, &coef);
+        Ok(Array4::from_shape_vec((n, c, h, w), y).expect("output has the input's length"))
+    }
+
+    fn inv_std(&self, var: f32) -> f64 {
+        1.0 / (f64::from(var) + f64::from(self.epsilon)).sqrt()
+    }
+
+    /// Training-mode backward, through the batch statistics:
+    /// `dx = scale * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat))`.
+    pub fn backward_train(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        saved: &BatchNormSaved,
+        dy: ArrayView4<f32>,
+    ) -> Result<BatchNormGrads> {
+        let [n, c, h, w] = self.output_shape(
+            x.shape(),
+            &[scale.len(), saved.mean.len(), saved.inv_std.len()],
+        )?;
+        Self::check_dy(x.shape(), dy.shape())?;
+        let (hw, m) = (h * w, (n * h * w) as f64);
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let sums = self.grad_sums(&xs, &gs, c, hw, saved.mean.view(), saved.inv_std.view());
+        // dx = g*is*dy - g*is*mean(dy) - g*is*x_hat*mean(dy*x_hat), x_hat = (x - mean)*is.
+        let coef: Vec<Coef> = (0..c)
+            .map(|ch| {
+                let (sdy, sdyxh) = sums[ch];
+                let gis = f64::from(scale[ch]) * f64::from(saved.inv_std[ch]);
+                Coef {
+                    a: gis as f32,
+                    b: (-gis * f64::from(saved.inv_std[ch]) * sdyxh / m) as f32,
+                    shift: saved.mean[ch],
+                    k: (-gis * sdy / m) as f32,
+                }
+            })
+            .collect();
+        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef);
+        Ok(BatchNormGrads {
+            dx: Array4::from_shape_vec((n, c, h, w), dx).expect("dx has the input's length"),
+            dscale: sums.iter().map(|s| s.1 as f32).collect(),
+            dbias: sums.iter().map(|s| s.0 as f32).collect(),
+        })
+    }
+
+    /// Eval-mode backward: statistics are constants, so `dx = dy * scale * inv_std`.
+    pub fn backward_eval(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        mean: ArrayView1<f32>,
+        var: ArrayView1<f32>,
+        dy: ArrayView4<f32>,
+    ) -> Result<BatchNormGrads> {
+        let [n, c, h, w] = self.output_shape(x.shape(), &[scale.len(), mean.len(), var.len()])?;
+        Self::check_dy(x.shape(), dy.shape())?;
+        let hw = h * w;
+        let inv_std: Array1<f32> = var.mapv(|v| self.inv_std(v) as f32);
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let sums = self.grad_sums(&xs, &gs, c, hw, mean, inv_std.view());
+        let coef: Vec<Coef> = (0..c)
+            .map(|ch| Coef {
+                a: scale[ch] * inv_std[ch],
+                ..Coef::default()
+            })
+            .collect();
+        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef);
+        Ok(BatchNormGrads {
+            dx: Array4::from_shape_vec((n, c, h, w), dx).expect("dx has the input's length"),
+            dscale: sums.iter().map(|s| s.1 as f32).collect(),
+            dbias: sums.iter().map(|s| s.0 as f32).collect(),
+        })
+    }
+
+    fn check_dy(x: &[usize], dy: &[usize]) -> Result<()> {
+        if x != dy {
+            return Err(shape_err(
+                OP,
+                format!("output gradient shape {dy:?} differs from input shape {x:?}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Per channel: `(sum(dy), sum(dy * x_hat))` in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn grad_sums(
+        &self,
+        xs: &[f32],
+        gs: &[f32],
+        c: usize,
+        hw: usize,
+        mean: ArrayView1<f32>,
+        inv_std: ArrayView1<f32>,
+    ) -> Vec<(f64, f64)> {
+        (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mu, is) = (mean[ch], inv_std[ch]);
+                let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+                // Within a plane in f32 lanes, across planes in f64.
+                for (xp, gp) in channel_planes(xs, c, hw, ch).zip(channel_planes(gs, c, hw, ch)) {
+                    sdy += f64::from(sum(gp));
+                    sdyx += f64::from(reduce_pairs(gp, xp, |g, x| g * (x - mu)));
+                }
+                sdyx *= f64::from(is);
+                (sdy, sdyx)
+            })
+            .collect()
+    }
+
+    /// Training-mode forward from the definition (two-pass mean and variance). Test oracle only.
+    pub fn reference_train<T: NdFloat>(
+        &self,
+        x: ArrayView4<T>,
+        scale: ArrayView1<T>,
+        bias: ArrayView1<T>,
+    ) -> Result<Array4<T>> {
+        let [n, c, h, w] = self.output_shape(x.shape(), &[scale.len(), bias.len()])?;
+        let m = T::from(n * h * w).expect("count fits a float");
+        let eps = T::from(self.epsilon).expect("f32 fits any float");
+        let mut y = Array4::zeros((n, c, h, w));
+        for ch in 0..c {
+            let plane = x.index_axis(ndarray::Axis(1), ch);
+            let mean = plane.sum() / m;
+            let var = plane.mapv(|v| (v - mean) * (v - mean)).sum() / m;
+            let inv = T::one() / (var + eps).sqrt();
+            y.index_axis_mut(ndarray::Axis(1), ch)
+                .assign(&plane.mapv(|v| (v - mean) * inv * scale[ch] + bias[ch]));
+        }
+        Ok(y)
+    }
+
+    /// Eval-mode forward from the definition. Test oracle only.
+    pub fn reference_eval<T: NdFloat>(
+        &self,
+        x: ArrayView4<T>,
+        scale: ArrayView1<T>,
+        bias: ArrayView1<T>,
+        mean: ArrayView1<T>,
+        var: ArrayView1<T>,
+    ) -> Result<Array4<T>> {
+        self.output_shape(x.shape(), &[scale.len(), bias.len(), mean.len(), var.len()])?;
+        let eps = T::from(self.epsilon).expect("f32 fits any float");
+        let mut y = x.to_owned();
+        for ((_, ch, _, _), v) in y.indexed_iter_mut() {
+            *v = (*v - mean[ch]) / (var[ch] + eps).sqrt() * scale[ch] + bias[ch];
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ops::testutil::*;
+    use crate::engine::EngineError;
+    use ndarray::Array1;
+
+    struct Case {
+        x: Array4<f32>,
+        scale: Array1<f32>,
+        bias: Array1<f32>,
+        r: Array4<f32>,
+    }
+
+    fn case(shape: [usize; 4], seed: u64) -> Case {
+        let mut rng = Rng::new(seed);
+        // An offset mean and non-unit spread, as real activations have.
+        let x = rand_array(&mut rng, shape, -1.0, 3.0);
+        Case {
+            scale: rand_array(&mut rng, shape[1], 0.5, 1.5),
+            bias: rand_array(&mut rng, shape[1], -0.5, 0.5),
+            r: rand_array(&mut rng, shape, -1.0, 1.0),
+            x,
+        }
+    }
+
+    fn check_train(shape: [usize; 4], seed: u64) {
+        let bn = BatchNorm2d::default();
+        let t = case(shape, seed);
+        let c = shape[1];
+        let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
+        let (y, saved) = bn
+            .forward_train(
+                t.x.view(),
+                t.scale.view(),
+                t.bias.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        let yr = bn
+            .reference_train(t.x.view(), t.scale.view(), t.bias.view())
+            .unwrap();
+        assert_close("forward", &y.view(), &yr.view(), 1e-5);
+
+        let g = bn
+            .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
+            .unwrap();
+        let (x64, s64, b64, r64) = (
+            to_f64(&t.x.view()),
+            to_f64(&t.scale.view()),
+            to_f64(&t.bias.view()),
+            to_f64(&t.r.view()),
+        );
+        let loss = |x: &Array4<f64>, s: &Array1<f64>, b: &Array1<f64>| {
+            dot_loss(
+                &bn.reference_train(x.view(), s.view(), b.view()).unwrap(),
+                &r64,
+            )
+        };
+        assert_grad(
+            "dx",
+            &g.dx.view(),
+            &fd_grad(&x64, |x| loss(x, &s64, &b64)).view(),
+        );
+        assert_grad(
+            "dscale",
+            &g.dscale.view(),
+            &fd_grad(&s64, |s| loss(&x64, s, &b64)).view(),
+        );
+        assert_grad(
+            "dbias",
+            &g.dbias.view(),
+            &fd_grad(&b64, |b| loss(&x64, &s64, b)).view(),
+        );
+    }
+
+    #[test]
+    fn train_forward_and_backward() {
+        check_train([3, 4, 5, 7], 1);
+    }
+
+    #[test]
+    fn train_one_by_one_spatial() {
+        // After global pooling: statistics over the batch only.
+        check_train([5, 3, 1, 1], 2);
+    }
+
+    #[test]
+    fn train_batch_one() {
+        check_train([1, 2, 3, 5], 3);
+    }
+
+    /// PyTorch: running_mean = 0.9 * old + 0.1 * batch_mean; running_var uses the unbiased
+    /// variance (divisor M - 1); normalisation uses the biased one.
+    #[test]
+    fn running_statistics_follow_pytorch() {
+        let bn = BatchNorm2d {
+            epsilon: 1e-5,
+            momentum: 0.9,
+        };
+        // One channel, values 1, 2, 3, 4: mean 2.5, biased var 1.25, unbiased 5/3.
+        let x = Array4::from_shape_vec((2, 1, 1, 2), vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let (mut rm, mut rv) = (Array1::from(vec![1.0f32]), Array1::from(vec![2.0f32]));
+        let one = Array1::from(vec![1.0f32]);
+        let zero = Array1::from(vec![0.0f32]);
+        let (y, saved) = bn
+            .forward_train(
+                x.view(),
+                one.view(),
+                zero.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        assert!((rm[0] - (0.9 + 0.25)).abs() < 1e-6);
+        assert!((rv[0] - (1.8 + 0.1 * 5.0 / 3.0)).abs() < 1e-6);
+        assert!((saved.mean[0] - 2.5).abs() < 1e-7);
+        let inv = 1.0 / (1.25f32 + 1e-5).sqrt();
+        assert!((saved.inv_std[0] - inv).abs() < 1e-6);
+        assert!((y[[0, 0, 0, 0]] + 1.5 * inv).abs() < 1e-6);
+    }
+
+    #[test]
+    fn eval_forward_and_backward() {
+        let bn = BatchNorm2d {
+            epsilon: 1e-3,
+            momentum: 0.9,
+        };
+        let t = case([3, 4, 5, 6], 4);
+        let mut rng = Rng::new(5);
+        let mean = rand_array(&mut rng, 4, -0.5, 0.5);
+        let var = rand_array(&mut rng, 4, 0.5, 2.0);
+        let y = bn
+            .forward_eval(
+                t.x.view(),
+                t.scale.view(),
+                t.bias.view(),
+                mean.view(),
+                var.view(),
+            )
+            .unwrap();
+        let yr = bn
+            .reference_eval(
+                t.x.view(),
+                t.scale.view(),
+                t.bias.view(),
+                mean.view(),
+                var.view(),
+            )
+            .unwrap();
+        assert_close("forward", &y.view(), &yr.view(), 1e-5);
+
+        let g = bn
+            .backward_eval(
+                t.x.view(),
+                t.scale.view(),
+                mean.view(),
+                var.view(),
+                t.r.view(),
+            )
+            .unwrap();
+        let (x64, s64, b64, r64) = (
+            to_f64(&t.x.view()),
+            to_f64(&t.scale.view()),
+            to_f64(&t.bias.view()),
+            to_f64(&t.r.view()),
+        );
+        let (m64, v64) = (to_f64(&mean.view()), to_f64(&var.view()));
+        let loss = |x: &Array4<f64>, s: &Array1<f64>, b: &Array1<f64>| {
+            dot_loss(
+                &bn.reference_eval(x.view(), s.view(), b.view(), m64.view(), v64.view())
+                    .unwrap(),
+                &r64,
+            )
+        };
+        assert_grad(
+            "dx",
+            &g.dx.view(),
+            &fd_grad(&x64, |x| loss(x, &s64, &b64)).view(),
+        );
+        assert_grad(
+            "dscale",
+            &g.dscale.view(),
+            &fd_grad(&s64, |s| loss(&x64, s, &b64)).view(),
+        );
+        assert_grad(
+            "dbias",
+            &g.dbias.view(),
+            &fd_grad(&b64, |b| loss(&x64, &s64, b)).view(),
+        );
+    }
+
+    /// A large batch with a big mean offset (mean / std ~ 170): the statistics and the
+    /// subtract-then-scale pass keep the output within a few f32 ulps of the input.
+    #[test]
+    fn large_batch_statistics_are_accurate() {
+        let bn = BatchNorm2d::default();
+        let mut rng = Rng::new(6);
+        let x = rand_array(&mut rng, [64, 2, 32, 32], 99.0, 101.0);
+        let (one, zero) = (Array1::ones(2), Array1::zeros(2));
+        let (mut rm, mut rv) = (Array1::zeros(2), Array1::ones(2));
+        let (y, _) = bn
+            .forward_train(
+                x.view(),
+                one.view(),
+                zero.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        let x64 = to_f64(&x.view());
+        let yr = bn
+            .reference_train(
+                x64.view(),
+                one.mapv(f64::from).view(),
+                zero.mapv(f64::from).view(),
+            )
+            .unwrap();
+        assert_close("forward", &y.view(), &yr.mapv(|v| v as f32).view(), 5e-6);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let bn = BatchNorm2d::default();
+        let x = Array4::<f32>::zeros((2, 3, 4, 4));
+        let (p3, p2) = (Array1::<f32>::ones(3), Array1::<f32>::ones(2));
+        let (mut rm, mut rv) = (Array1::<f32>::zeros(3), Array1::<f32>::ones(3));
+        assert!(matches!(
+            bn.forward_train(x.view(), p2.view(), p3.view(), rm.view_mut(), rv.view_mut()),
+            Err(EngineError::Shape { .. })
+        ));
+        let single = Array4::<f32>::zeros((1, 3, 1, 1));
+        assert!(bn
+            .forward_train(
+                single.view(),
+                p3.view(),
+                p3.view(),
+                rm.view_mut(),
+                rv.view_mut()
+            )
+            .is_err());
+        assert!(bn.output_shape(&[2, 3, 4], &[3]).is_err());
+        let bad = BatchNorm2d {
+            epsilon: 1e-5,
+            momentum: 1.5,
+        };
+        assert!(matches!(
+            bad.output_shape(&[2, 3, 4, 4], &[3]),
+            Err(EngineError::Attribute { .. })
+        ));
+        let (_, saved) = bn
+            .forward_train(x.view(), p3.view(), p3.view(), rm.view_mut(), rv.view_mut())
+            .unwrap();
+        let dy = Array4::<f32>::zeros((2, 3, 4, 5));
+        assert!(bn
+            .backward_train(x.view(), p3.view(), &saved, dy.view())
+            .is_err());
+    }
+
+    /// Not a check: prints BN and ReLU time on a ResNet-20 stage-1 activation (128x16x32x32) at
+    /// 1 and 2 threads. `cargo test --release --lib memory_bound_speed -- --ignored --nocapture
+    /// --test-threads=1` on an otherwise idle machine.
+    #[test]
+    #[ignore]
+    fn memory_bound_speed_report() {
+        use crate::engine::ops::Activation;
+        use std::time::Instant;
+        let shape = [128, 16, 32, 32];
+        let t = case(shape, 9);
+        let bn = BatchNorm2d::default();
+        let (mut rm, mut rv) = (Array1::zeros(16), Array1::ones(16));
+        let (_, saved) = bn
+            .forward_train(
+                t.x.view(),
+                t.scale.view(),
+                t.bias.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        let xd = t.x.clone().into_dyn();
+        let rd = t.r.clone().into_dyn();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let time = |f: &(dyn Fn() + Sync)| {
+                pool.install(f);
+                let mut v: Vec<f64> = (0..7)
+                    .map(|_| {
+                        let s = Instant::now();
+                        pool.install(f);
+                        s.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                v[3]
+            };
+            let fwd = time(&|| {
+                let (mut rm, mut rv) = (Array1::zeros(16), Array1::ones(16));
+                bn.forward_train(
+                    t.x.view(),
+                    t.scale.view(),
+                    t.bias.view(),
+                    rm.view_mut(),
+                    rv.view_mut(),
+                )
+                .unwrap();
+            });
+            let bwd = time(&|| {
+                bn.backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
+                    .unwrap();
+            });
+            let rf = time(&|| {
+                Activation::Relu.forward(xd.view()).unwrap();
+            });
+            let rb = time(&|| {
+                Activation::Relu.backward(xd.view(), rd.view()).unwrap();
+            });
+            println!(
+                "{threads} thread(s) {shape:?}: BN train fwd {fwd:.2} ms, bwd {bwd:.2} ms | ReLU fwd {rf:.2} ms, bwd {rb:.2} ms"
+            );
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! ONNX `Gemm`: `Y = alpha * A' * B' + beta * C`, the classifier layer of most CNNs.
+//!
+//! Products go through ndarray's `general_mat_mul`, which hands transposed views to sgemm as
+//! transpose flags, so `transA`/`transB` never copy.
+
+use super::contiguous;
+use crate::engine::{init, shape_err, Result};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, NdFloat};
+
+const OP: &str = "Gemm";
+
+/// Attributes of a Gemm (ONNX defaults: alpha 1, beta 1, no transposes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gemm {
+    pub alpha: f32,
+    pub beta: f32,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl Default for Gemm {
+    fn default() -> Self {
+        Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: false,
+        }
+    }
+}
+
+/// Gradients of a Gemm; `dc` has `C`'s own (un-broadcast) shape.
+#[derive(Clone, Debug)]
+pub struct GemmGrads {
+    pub da: Array2<f32>,
+    pub db: Array2<f32>,
+    pub dc: Option<ArrayD<f32>>,
+}
+
+impl Gemm {
+    fn op_view<'a, T>(a: ArrayView2<'a, T>, trans: bool) -> ArrayView2<'a, T> {
+        if trans {
+            a.reversed_axes()
+        } else {
+            a
+        }
+    }
+
+    /// `[M, N]` from `A`, `B` and optional `C` shapes; `C` must broadcast to `[M, N]` one way
+    /// (rank <= 2, each dimension equal or 1, aligned to the right).
+    pub fn output_shape(
+        &self,
+        a: &[usize],
+        b: &[usize],
+        c: Option<&[usize]>,
+    ) -> Result<[usize; 2]> {
+        let (&[a0, a1], &[b0, b1]) = (a, b) else {
+            return Err(shape_err(
+                OP,
+                format!("A {a:?} and B {b:?} must both have rank 2"),
+            ));
+        };
+        let (m, k) = if self.trans_a { (a1, a0) } else { (a0, a1) };
+        let (k2, n) = if self.trans_b { (b1, b0) } else { (b0, b1) };
+        if k != k2 {
+            return Err(shape_err(
+                OP,
+                format!("inner dimensions differ: A' is {m}x{k}, B' is {k2}x{n}"),
+            ));
+        }
+        if let Some(c) = c {
+            Self::c_as_2d(c, m, n)?;
+        }
+        Ok([m, n])
+    }
+
+    /// `C`'s shape padded on the left to rank 2, after checking it broadcasts to `[m, n]`.
+    fn c_as_2d(c: &[usize], m: usize, n: usize) -> Result<[usize; 2]> {
+        let padded = match *c {
+            [] => [1, 1],
+            [x] => [1, x],
+            [x, y] => [x, y],
+            _ => return Err(shape_err(OP, format!("C {c:?} has rank above 2"))),
+        };
+        if (padded[0] != m && padded[0] != 1) || (padded[1] != n && padded[1] != 1) {
+            return Err(shape_err(
+                OP,
+                format!("C {c:?} does not broadcast to the output [{m}, {n}]"),
+            ));
+        }
+        Ok(padded)
+    }
+
+    pub fn forward(
+        &self,
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        c: Option<ArrayViewD<f32>>,
+    ) -> Result<Array2<f32>> {
+        let [m, n] = self.output_shape(a.shape(), b.shape(), c.as_ref().map(|c| c.shape()))?;
+        init();
+        let mut y = Array2::<f32>::zeros((m, n));
+        general_mat_mul(
+            self.alpha,
+            &Self::op_view(a, self.trans_a),
+            &Self::op_view(b, self.trans_b),
+            0.0,
+            &mut y,
+        );
+        if let Some(c) = c {
+            let cs = contiguous(&c);
+            let c2 = Self::c_as_2d(c.shape(), m, n)?;
+            let c2 = ArrayView2::from_shape(c2, &cs).expect("C's elements fill its 2-D shape");
+            let cb = c2.broadcast((m, n)).expect("checked by c_as_2d");
+            let beta = self.beta;
+            y.zip_mut_with(&cb, |y, &c| *y += beta * c);
+        }
+        Ok(y)
+    }
+
+    /// `dA`, `dB` by two products with the upstream gradient; `dC` (when `c_shape` is given) is
+    /// `beta * dY` summed over the axes `C` was broadcast along.
+    pub fn backward(
+        &self,
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        c_shape: Option<&[usize]>,
+        dy: ArrayView2<f32>,
+    ) -> Result<GemmGrads> {
+        let [m, n] = self.output_shape(a.shape(), b.shape(), c_shape)?;
+        if dy.shape() != [m, n] {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "output gradient has shape {:?}, expected [{m}, {n}]",
+                    dy.shape()
+                ),
+            ));
+        }
+        init();
+        let (ap, bp) = (
+            Self::op_view(a, self.trans_a),
+            Self::op_view(b, self.trans_b),
+        );
+        // d(A') = alpha * dY * B'^T, and dA is its transpose when transA is set; computing the
+        // transposed product directly keeps dA in standard layout.
+        let mut da = Array2::<f32>::zeros(a.raw_dim());
+        if self.trans_a {
+            general_mat_mul(self.alpha, &bp, &dy.t(), 0.0, &mut da);
+        } else {
+            general_mat_mul(self.alpha, &dy, &bp.t(), 0.0, &mut da);
+        }
+        let mut db = Array2::<f32>::zeros(b.raw_dim());
+        if self.trans_b {
+            general_mat_mul(self.alpha, &dy.t(), &ap, 0.0, &mut db);
+        } else {
+            general_mat_mul(self.alpha, &ap.t(), &dy, 0.0, &mut db);
+        }
+        let dc = match c_shape {
+            None => None,
+            Some(cs) => {
+                let [c0, c1] = Self::c_as_2d(cs, m, n)?;
+                let mut g = dy.mapv(|v| v * self.beta);
+                if c0 == 1 && m != 1 {
+                    g = g.sum_axis(Axis(0)).insert_axis(Axis(0));
+                }
+                if c1 == 1 && n != 1 {
+                    g = g.sum_axis(Axis(1)).insert_axis(Axis(1));
+                }
+                Some(
+                    g.into_shape_with_order(IxDyn(cs))
+                        .expect("reduced gradient has C's size"),
+                )
+            }
+        };
+        Ok(GemmGrads { da, db, dc })
+    }
+
+    /// Triple loop from the definition. Test oracle only.
+    pub fn reference<T: NdFloat>(
+        &self,
+        a: ArrayView2<T>,
+        b: ArrayView2<T>,
+        c: Option<ArrayViewD<T>>,
+    ) -> Result<Array2<T>> {
+        let [m, n] = self.output_shape(a.shape(), b.shape(), c.as_ref().map(|c| c.shape()))?;
+        let (ap, bp) = (
+            Self::op_view(a, self.trans_a),
+            Self::op_view(b, self.trans_b),
+        );
+        let (alpha, beta) = (
+            T::from(self.alpha).expect("f32 fits"),
+            T::from(self.beta).expect("f32 fits"),
+        );
+        let cb = c.map(|c| {
+            let c2 = Self::c_as_2d(c.shape(), m, n).expect("checked");
+            c.into_shape_with_order(IxDyn(&c2))
+                .expect("same size")
+                .into_dimensionality::<Ix2>()
+                .expect("rank 2")
+        });
+        let mut y = Array2::zeros((m, n));
+        for ((i, j), out) in y.indexed_iter_mut() {
+            let mut s = T::zero();
+            for k in 0..ap.ncols() {
+                s += ap[[i, k]] * bp[[k, j]];
+            }
+            *out = alpha * s;
+            if let Some(c) = &cb {
+                *out += beta * c[[i.min(c.nrows() - 1), j.min(c.ncols() - 1)]];
+            }
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ops::testutil::*;
+    use crate::engine::EngineError;
+    use ndarray::Array2;
+
+    fn check(g: Gemm, m: usize, k: usize, n: usize, c_shape: Option<&[usize]>, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let a = rand_array(&mut rng, if g.trans_a { (k, m) } else { (m, k) }, -1.0, 1.0);
+        let b = rand_array(&mut rng, if g.trans_b { (n, k) } else { (k, n) }, -1.0, 1.0);
+        let c = c_shape.map(|s| rand_array(&mut rng, IxDyn(s), -1.0, 1.0));
+        let y = g
+            .forward(a.view(), b.view(), c.as_ref().map(|c| c.view()))
+            .unwrap();
+        let yr = g
+            .reference(a.view(), b.view(), c.as_ref().map(|c| c.view()))
+            .unwrap();
+        assert_eq!(y.shape(), &[m, n]);
+        assert_close("forward", &y.view(), &yr.view(), 1e-5);
+
+        let r = rand_array(&mut rng, (m, n), -1.0, 1.0);
+        let gr = g.backward(a.view(), b.view(), c_shape, r.view()).unwrap();
+        let (a64, b64, r64) = (to_f64(&a.view()), to_f64(&b.view()), to_f64(&r.view()));
+        let c64 = c.as_ref().map(|c| to_f64(&c.view()));
+        let loss = |a: &Array2<f64>, b: &Array2<f64>, c: Option<&ArrayD<f64>>| {
+            dot_loss(
+                &g.reference(a.view(), b.view(), c.map(|c| c.view()))
+                    .unwrap(),
+                &r64,
+            )
+        };
+        assert_grad(
+            "da",
+            &gr.da.view(),
+            &fd_grad(&a64, |a| loss(a, &b64, c64.as_ref())).view(),
+        );
+        assert_grad(
+            "db",
+            &gr.db.view(),
+            &fd_grad(&b64, |b| loss(&a64, b, c64.as_ref())).view(),
+        );
+        if let Some(c64) = &c64 {
+            let fd = fd_grad(c64, |c| loss(&a64, &b64, Some(c)));
+            assert_grad("dc", &gr.dc.unwrap().view(), &fd.view());
+        } else {
+            assert!(gr.dc.is_none());
+        }
+    }
+
+    fn gemm(alpha: f32, beta: f32, trans_a: bool, trans_b: bool) -> Gemm {
+        Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        }
+    }
+
+    #[test]
+    fn linear_layer_bias_row() {
+        // PyTorch's nn.Linear export: transB = 1, C = bias [N].
+        check(gemm(1.0, 1.0, false, true), 5, 9, 10, Some(&[10]), 1);
+    }
+
+    #[test]
+    fn no_transposes_no_c() {
+        check(Gemm::default(), 6, 11, 7, None, 2);
+    }
+
+    #[test]
+    fn trans_a() {
+        check(gemm(0.5, 2.0, true, false), 4, 9, 8, Some(&[4, 8]), 3);
+    }
+
+    #[test]
+    fn trans_a_and_b_with_column_c() {
+        check(gemm(1.5, -0.5, true, true), 7, 3, 9, Some(&[7, 1]), 4);
+    }
+
+    #[test]
+    fn scalar_and_row_c() {
+        check(gemm(1.0, 0.7, false, false), 3, 10, 12, Some(&[]), 5);
+        check(gemm(1.0, 0.7, false, true), 3, 10, 12, Some(&[1, 12]), 6);
+        check(gemm(1.0, 0.7, false, true), 3, 10, 12, Some(&[1]), 7);
+    }
+
+    #[test]
+    fn large_enough_for_blas() {
+        check(gemm(1.0, 1.0, false, true), 16, 64, 10, Some(&[10]), 8);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let g = Gemm::default();
+        let err = |r: Result<[usize; 2]>| matches!(r, Err(EngineError::Shape { .. }));
+        assert!(err(g.output_shape(&[2, 3], &[4, 5], None)));
+        assert!(err(g.output_shape(&[2, 3, 1], &[3, 5], None)));
+        assert!(err(g.output_shape(&[2, 3], &[3, 5], Some(&[3]))));
+        assert!(err(g.output_shape(&[2, 3], &[3, 5], Some(&[2, 5, 1]))));
+        assert!(g.output_shape(&[2, 3], &[3, 5], Some(&[2, 1])).is_ok());
+        let (a, b) = (Array2::<f32>::zeros((2, 3)), Array2::<f32>::zeros((3, 5)));
+        let dy = Array2::<f32>::zeros((5, 2));
+        assert!(g.backward(a.view(), b.view(), None, dy.view()).is_err());
+    }
+}

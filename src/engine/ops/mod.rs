@@ -1,0 +1,266 @@
+//! Numeric kernels of the CPU engine, one op family per file.
+//!
+//! Conventions shared by every op:
+//! - a struct holds the op's attributes; `output_shape` validates shapes and returns an
+//!   [`EngineError`](super::EngineError) rather than panicking, because shapes come from user
+//!   models;
+//! - `forward` returns the output plus whatever `backward` needs beyond the op's inputs (often
+//!   nothing: recomputing is cheaper than keeping, e.g. im2col columns are 9x the activation);
+//! - `backward` takes the upstream gradient and returns the gradients of inputs and parameters;
+//! - `reference` is a naive, obviously-correct forward, generic over the float type so tests can
+//!   run finite differences in f64. It is the oracle for the fast path, not for production use.
+//!
+//! Tensors are NCHW at every boundary, which is ONNX's layout and what the per-image GEMM of the
+//! convolution wants (see [`conv`] for why NHWC would not pay here). Inputs in any memory order
+//! are accepted; non-standard-layout views are copied once on entry.
+//!
+//! Reductions over the batch (weight gradients, BN statistics) run over a fixed partition of the
+//! batch and are summed in a fixed order, so results do not depend on rayon's work stealing:
+//! training with a fixed seed is reproducible, which the resume test relies on.
+
+pub mod act;
+pub mod batchnorm;
+pub mod conv;
+pub mod linear;
+pub mod loss;
+pub mod pool;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+pub use act::Activation;
+pub use batchnorm::{BatchNorm2d, BatchNormGrads, BatchNormSaved};
+pub use conv::{Conv2d, Conv2dGrads};
+pub use linear::{Gemm, GemmGrads};
+pub use loss::{top1_correct, topk_correct, SoftmaxCrossEntropy};
+pub use pool::{AveragePool2d, GlobalAveragePool, MaxPool2d, MaxPoolSaved};
+
+use super::{attr_err, shape_err, Result};
+use ndarray::{ArrayBase, Data, Dimension};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// The elements of `a` in logical (row-major) order, borrowed when `a` is already contiguous.
+pub(crate) fn contiguous<S, D>(a: &ArrayBase<S, D>) -> Cow<'_, [f32]>
+where
+    S: Data<Elem = f32>,
+    D: Dimension,
+{
+    match a.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(a.iter().copied().collect()),
+    }
+}
+
+/// Output indices `o` in `lo..hi` for which the input index `o * stride + offset` lies in
+/// `0..n_in`; every window loop uses this to skip padding without a per-element branch.
+pub(crate) fn valid_range(
+    n_out: usize,
+    n_in: usize,
+    stride: usize,
+    offset: isize,
+) -> (usize, usize) {
+    let s = stride as isize;
+    let lo = if offset >= 0 {
+        0
+    } else {
+        ((-offset + s - 1) / s) as usize
+    };
+    let room = n_in as isize - offset;
+    let hi = if room <= 0 {
+        0
+    } else {
+        ((room + s - 1) / s) as usize
+    };
+    let hi = hi.min(n_out);
+    (lo.min(hi), hi)
+}
+
+/// Sliding-window output length along one axis (ONNX / PyTorch rule). With `ceil_mode` a last
+/// window that would start inside the end padding is dropped, as PyTorch does, so every window
+/// overlaps the input or the begin padding.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn window_out_len(
+    op: &'static str,
+    axis: &str,
+    n_in: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_begin: usize,
+    pad_end: usize,
+    ceil_mode: bool,
+) -> Result<usize> {
+    if kernel == 0 || stride == 0 || dilation == 0 {
+        return Err(attr_err(
+            op,
+            format!("kernel {kernel}, stride {stride} and dilation {dilation} along {axis} must be positive"),
+        ));
+    }
+    let extent = dilation * (kernel - 1) + 1;
+    let padded = n_in + pad_begin + pad_end;
+    if padded < extent {
+        return Err(shape_err(
+            op,
+            format!(
+                "{axis}: input {n_in} plus pads {pad_begin}+{pad_end} is smaller than the kernel extent {extent}"
+            ),
+        ));
+    }
+    let span = padded - extent;
+    let mut out = if ceil_mode {
+        span.div_ceil(stride)
+    } else {
+        span / stride
+    } + 1;
+    if ceil_mode && (out - 1) * stride >= n_in + pad_begin {
+        out -= 1;
+    }
+    Ok(out)
+}
+
+/// Elements per rayon task for elementwise kernels: large enough that task overhead vanishes,
+/// small enough that two cores share a 128x16x32x32 activation evenly.
+const ELEMWISE_CHUNK: usize = 1 << 15;
+
+/// `out[i] = f(x[i])`, in parallel over contiguous chunks.
+pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len()];
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(x.par_chunks(ELEMWISE_CHUNK))
+        .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    out
+}
+
+/// `out[i] = f(a[i], b[i])`, in parallel over contiguous chunks.
+pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    debug_assert_eq!(a.len(), b.len());
+    let mut out = vec![0.0f32; a.len()];
+    out.par_chunks_mut(ELEMWISE_CHUNK)
+        .zip(
+            a.par_chunks(ELEMWISE_CHUNK)
+                .zip(b.par_chunks(ELEMWISE_CHUNK)),
+        )
+        .for_each(|(o, (a, b))| {
+            o.iter_mut()
+                .zip(a.iter().zip(b))
+                .for_each(|(o, (&a, &b))| *o = f(a, b))
+        });
+    out
+}
+
+/// `sum_i f(a[i], b[i])` with eight independent accumulators, which the compiler vectorises (a
+/// single running sum must stay sequential under IEEE rules, about 8x slower). Also more accurate
+/// than one running sum. `a` and `b` must have the same length.
+#[inline]
+pub(crate) fn reduce_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += f(x[k], y[k]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+#[inline]
+pub(crate) fn sum(a: &[f32]) -> f32 {
+    reduce_pairs(a, a, |x, _| x)
+}
+
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    reduce_pairs(a, b, |x, y| x * y)
+}
+
+/// Splits `n` items into at most `MAX_PARTS` contiguous runs of equal length (the last may be
+/// shorter). The count depends only on `n`, never on the thread count, so sums over parts are
+/// bitwise reproducible across `--threads` settings too.
+pub(crate) fn part_len(n: usize) -> usize {
+    const MAX_PARTS: usize = 16;
+    n.div_ceil(MAX_PARTS).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force over all output positions.
+    fn valid_brute(n_out: usize, n_in: usize, s: usize, off: isize) -> (usize, usize) {
+        let ok: Vec<usize> = (0..n_out)
+            .filter(|&o| {
+                let i = (o * s) as isize + off;
+                i >= 0 && i < n_in as isize
+            })
+            .collect();
+        match (ok.first(), ok.last()) {
+            (Some(&a), Some(&b)) => (a, b + 1),
+            _ => (0, 0),
+        }
+    }
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for n_out in 1..7 {
+            for n_in in 1..7 {
+                for s in 1..4 {
+                    for off in -8..8 {
+                        let (lo, hi) = valid_range(n_out, n_in, s, off);
+                        let (blo, bhi) = valid_brute(n_out, n_in, s, off);
+                        if bhi == 0 {
+                            assert_eq!(lo, hi, "{n_out} {n_in} {s} {off}");
+                        } else {
+                            assert_eq!((lo, hi), (blo, bhi), "{n_out} {n_in} {s} {off}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_out_len_follows_pytorch() {
+        // floor mode: (32 + 2 - 3) / 1 + 1
+        assert_eq!(
+            window_out_len("t", "h", 32, 3, 1, 1, 1, 1, false).unwrap(),
+            32
+        );
+        assert_eq!(
+            window_out_len("t", "h", 32, 3, 2, 1, 1, 1, false).unwrap(),
+            16
+        );
+        // ceil mode: 5 with k=2 s=2 -> ceil(3/2)+1 = 3
+        assert_eq!(window_out_len("t", "h", 5, 2, 2, 1, 0, 0, true).unwrap(), 3);
+        // ceil mode dropping a window that would start in the end padding: in 4, k 2, s 2, pad 1+1
+        // -> ceil((6-2)/2)+1 = 3, last window starts at 4 >= 4 + 1? no -> kept (starts at 3 in input)
+        assert_eq!(window_out_len("t", "h", 4, 2, 2, 1, 1, 1, true).unwrap(), 3);
+        // in 3, k 2, s 2, pad 0+1 (asymmetric) -> ceil((4-2)/2)+1 = 2
+        assert_eq!(window_out_len("t", "h", 3, 2, 2, 1, 0, 1, true).unwrap(), 2);
+        // PyTorch drop rule: in 5, k 3, s 3, pads 1+1, ceil: span 4 -> ceil(4/3)+1 = 3; last
+        // window starts at 2*3 = 6 >= 5 + 1 -> dropped.
+        assert_eq!(window_out_len("t", "h", 5, 3, 3, 1, 1, 1, true).unwrap(), 2);
+        // dilation: extent 5
+        assert_eq!(
+            window_out_len("t", "h", 7, 3, 1, 2, 0, 0, false).unwrap(),
+            3
+        );
+        assert!(window_out_len("t", "h", 2, 3, 1, 1, 0, 0, false).is_err());
+        assert!(window_out_len("t", "h", 8, 3, 0, 1, 0, 0, false).is_err());
+    }
+
+    #[test]
+    fn part_len_is_thread_independent() {
+        assert_eq!(part_len(128), 8);
+        assert_eq!(part_len(3), 1);
+        assert_eq!(part_len(0), 1);
+        assert_eq!(part_len(17), 2);
+    }
+}

@@ -1,0 +1,719 @@
+//! Pooling over NCHW: MaxPool, AveragePool, GlobalAveragePool.
+//!
+//! Every (image, channel) plane is independent, so planes run in parallel and each output is a
+//! short loop over its window. Windows follow PyTorch's conventions (the models come from it):
+//! `ceil_mode` never starts a window inside the end padding, and with `count_include_pad` the
+//! divisor counts the padding but not the part of a window hanging past it.
+
+use super::{contiguous, valid_range, window_out_len};
+use crate::engine::{shape_err, Result};
+use ndarray::{Array4, ArrayView4, NdFloat};
+use rayon::prelude::*;
+
+/// Resolved window geometry of one pooling call.
+#[derive(Clone, Copy, Debug)]
+struct Win {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    pt: usize,
+    pl: usize,
+    pb: usize,
+    pr: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn window(
+    op: &'static str,
+    x: &[usize],
+    kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    pads: [usize; 4],
+    ceil_mode: bool,
+) -> Result<Win> {
+    let &[n, c, h, w] = x else {
+        return Err(shape_err(
+            op,
+            format!("input {x:?} must have rank 4 (NCHW)"),
+        ));
+    };
+    if c == 0 || h == 0 || w == 0 {
+        return Err(shape_err(op, format!("empty input {x:?}")));
+    }
+    let [pt, pl, pb, pr] = pads;
+    let oh = window_out_len(
+        op,
+        "height",
+        h,
+        kernel[0],
+        strides[0],
+        dilations[0],
+        pt,
+        pb,
+        ceil_mode,
+    )?;
+    let ow = window_out_len(
+        op,
+        "width",
+        w,
+        kernel[1],
+        strides[1],
+        dilations[1],
+        pl,
+        pr,
+        ceil_mode,
+    )?;
+    Ok(Win {
+        n,
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        kh: kernel[0],
+        kw: kernel[1],
+        sh: strides[0],
+        sw: strides[1],
+        dh: dilations[0],
+        dw: dilations[1],
+        pt,
+        pl,
+        pb,
+        pr,
+    })
+}
+
+impl Win {
+    fn planes(&self) -> usize {
+        self.n * self.c
+    }
+
+    /// Input rows (or columns) hit by output index `o` along one axis: the taps `k` with
+    /// `o*s + k*d - p` inside the input, as a `(first tap, last tap + 1)` pair.
+    fn taps(o: usize, s: usize, d: usize, p: usize, k: usize, n_in: usize) -> (usize, usize) {
+        let start = (o * s) as isize - p as isize;
+        let (lo, hi) = valid_range(k, n_in, d, start);
+        (lo, hi)
+    }
+
+    fn check_dy(&self, op: &'static str, dy: &[usize]) -> Result<()> {
+        let want = [self.n, self.c, self.oh, self.ow];
+        if dy != want {
+            return Err(shape_err(
+                op,
+                format!("output gradient has shape {dy:?}, expected {want:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Max pooling with dilations and `ceil_mode` (ONNX `MaxPool`, opset 12+ attributes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaxPool2d {
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    pub dilations: [usize; 2],
+    pub ceil_mode: bool,
+}
+
+/// Which input element each output took, as an index into its input plane; `u32::MAX` marks a
+/// window with no input element (only possible with pads wider than the kernel), which outputs 0
+/// and passes no gradient.
+#[derive(Clone, Debug)]
+pub struct MaxPoolSaved {
+    pub argmax: Vec<u32>,
+    pub input_shape: [usize; 4],
+}
+
+impl MaxPool2d {
+    const OP: &'static str = "MaxPool";
+
+    fn win(&self, x: &[usize]) -> Result<Win> {
+        window(
+            Self::OP,
+            x,
+            self.kernel,
+            self.strides,
+            self.dilations,
+            self.pads,
+            self.ceil_mode,
+        )
+    }
+
+    pub fn output_shape(&self, x: &[usize]) -> Result<[usize; 4]> {
+        let g = self.win(x)?;
+        Ok([g.n, g.c, g.oh, g.ow])
+    }
+
+    /// Returns the pooled tensor and the argmax backward routes through. Ties go to the first
+    /// element in window order (row-major), as PyTorch does.
+    pub fn forward(&self, x: ArrayView4<f32>) -> Result<(Array4<f32>, MaxPoolSaved)> {
+        let g = self.win(x.shape())?;
+        if g.h * g.w > u32::MAX as usize {
+            return Err(shape_err(
+                Self::OP,
+                "input plane too large for 32-bit argmax",
+            ));
+        }
+        let xs = contiguous(&x);
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let mut y = vec![0.0f32; g.planes() * ohw];
+        let mut arg = vec![u32::MAX; g.planes() * ohw];
+        if g.planes() > 0 {
+            y.par_chunks_mut(ohw)
+                .zip(arg.par_chunks_mut(ohw))
+                .zip(xs.par_chunks(hw))
+                .for_each(|((yp, ap), xp)| {
+                    for oy in 0..g.oh {
+                        let (ylo, yhi) = Win::taps(oy, g.sh, g.dh, g.pt, g.kh, g.h);
+                        for ox in 0..g.ow {
+                            let (xlo, xhi) = Win::taps(ox, g.sw, g.dw, g.pl, g.kw, g.w);
+                            let mut best = (f32::NEG_INFINITY, u32::MAX);
+                            for ki in ylo..yhi {
+                                let iy = oy * g.sh + ki * g.dh - g.pt;
+                                for kj in xlo..xhi {
+                                    let i = iy * g.w + ox * g.sw + kj * g.dw - g.pl;
+                                    // Strict `>` keeps the first of equal values; the NaN check
+                                    // propagates NaN like PyTorch instead of hiding it.
+                                    if best.1 == u32::MAX
+                                        || xp[i] > best.0
+                                        || (xp[i].is_nan() && !best.0.is_nan())
+                                    {
+                                        best = (xp[i], i as u32);
+                                    }
+                                }
+                            }
+                            let o = oy * g.ow + ox;
+                            yp[o] = if best.1 == u32::MAX { 0.0 } else { best.0 };
+                            ap[o] = best.1;
+                        }
+                    }
+                });
+        }
+        let y = Array4::from_shape_vec((g.n, g.c, g.oh, g.ow), y)
+            .expect("output length follows from the geometry");
+        Ok((
+            y,
+            MaxPoolSaved {
+                argmax: arg,
+                input_shape: [g.n, g.c, g.h, g.w],
+            },
+        ))
+    }
+
+    /// Routes each output gradient to its argmax (summing where windows overlap).
+    pub fn backward(&self, saved: &MaxPoolSaved, dy: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let g = self.win(&saved.input_shape)?;
+        g.check_dy(Self::OP, dy.shape())?;
+        if saved.argmax.len() != g.planes() * g.oh * g.ow {
+            return Err(shape_err(
+                Self::OP,
+                "saved argmax does not match the input shape",
+            ));
+        }
+        let gs = contiguous(&dy);
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let mut dx = vec![0.0f32; g.planes() * hw];
+        if g.planes() > 0 {
+            dx.par_chunks_mut(hw)
+                .zip(gs.par_chunks(ohw).zip(saved.argmax.par_chunks(ohw)))
+                .for_each(|(dp, (gp, ap))| {
+                    for (&grad, &a) in gp.iter().zip(ap) {
+                        if a != u32::MAX {
+                            dp[a as usize] += grad;
+                        }
+                    }
+                });
+        }
+        Ok(Array4::from_shape_vec((g.n, g.c, g.h, g.w), dx)
+            .expect("dx length follows from the geometry"))
+    }
+
+    /// Direct definition. Test oracle only.
+    pub fn reference<T: NdFloat>(&self, x: ArrayView4<T>) -> Result<Array4<T>> {
+        let g = self.win(x.shape())?;
+        let mut y = Array4::zeros((g.n, g.c, g.oh, g.ow));
+        for ((n, c, oy, ox), out) in y.indexed_iter_mut() {
+            let mut best: Option<T> = None;
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
+                    let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
+                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                        let v = x[[n, c, iy as usize, ix as usize]];
+                        best = Some(best.map_or(v, |b: T| b.max(v)));
+                    }
+                }
+            }
+            *out = best.unwrap_or(T::zero());
+        }
+        Ok(y)
+    }
+}
+
+/// Average pooling (ONNX `AveragePool`; no dilations, as in PyTorch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AveragePool2d {
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    /// `[top, left, bottom, right]`.
+    pub pads: [usize; 4],
+    pub ceil_mode: bool,
+    pub count_include_pad: bool,
+}
+
+impl AveragePool2d {
+    const OP: &'static str = "AveragePool";
+
+    fn win(&self, x: &[usize]) -> Result<Win> {
+        window(
+            Self::OP,
+            x,
+            self.kernel,
+            self.strides,
+            [1, 1],
+            self.pads,
+            self.ceil_mode,
+        )
+    }
+
+    pub fn output_shape(&self, x: &[usize]) -> Result<[usize; 4]> {
+        let g = self.win(x)?;
+        Ok([g.n, g.c, g.oh, g.ow])
+    }
+
+    /// Divisor for output `(oy, ox)` and its input window `(y0..y1, x0..x1)`, PyTorch's rule.
+    fn cell(&self, g: &Win, oy: usize, ox: usize) -> (f32, [usize; 4]) {
+        let span = |o: usize, s: usize, p: usize, k: usize, n_in: usize, p_end: usize| {
+            let start = (o * s) as isize - p as isize;
+            let end = (start + k as isize).min((n_in + p_end) as isize);
+            let padded_len = (end - start) as usize;
+            let (a, b) = (start.max(0) as usize, (end.max(0) as usize).min(n_in));
+            (padded_len, a, b.max(a))
+        };
+        let (ph, y0, y1) = span(oy, g.sh, g.pt, g.kh, g.h, g.pb);
+        let (pw, x0, x1) = span(ox, g.sw, g.pl, g.kw, g.w, g.pr);
+        let count = if self.count_include_pad {
+            ph * pw
+        } else {
+            (y1 - y0) * (x1 - x0)
+        };
+        (count as f32, [y0, y1, x0, x1])
+    }
+
+    pub fn forward(&self, x: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let g = self.win(x.shape())?;
+        let xs = contiguous(&x);
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let mut y = vec![0.0f32; g.planes() * ohw];
+        if g.planes() > 0 {
+            y.par_chunks_mut(ohw)
+                .zip(xs.par_chunks(hw))
+                .for_each(|(yp, xp)| {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let (count, [y0, y1, x0, x1]) = self.cell(&g, oy, ox);
+                            let s: f32 = (y0..y1)
+                                .map(|iy| xp[iy * g.w + x0..iy * g.w + x1].iter().sum::<f32>())
+                                .sum();
+                            yp[oy * g.ow + ox] = if count > 0.0 { s / count } else { 0.0 };
+                        }
+                    }
+                });
+        }
+        Ok(Array4::from_shape_vec((g.n, g.c, g.oh, g.ow), y)
+            .expect("output length follows from the geometry"))
+    }
+
+    /// Spreads each output gradient evenly (by the forward divisor) over its window.
+    pub fn backward(&self, x_shape: &[usize], dy: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let g = self.win(x_shape)?;
+        g.check_dy(Self::OP, dy.shape())?;
+        let gs = contiguous(&dy);
+        let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
+        let mut dx = vec![0.0f32; g.planes() * hw];
+        if g.planes() > 0 {
+            dx.par_chunks_mut(hw)
+                .zip(gs.par_chunks(ohw))
+                .for_each(|(dp, gp)| {
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let (count, [y0, y1, x0, x1]) = self.cell(&g, oy, ox);
+                            if count == 0.0 {
+                                continue;
+                            }
+                            let v = gp[oy * g.ow + ox] / count;
+                            for iy in y0..y1 {
+                                dp[iy * g.w + x0..iy * g.w + x1]
+                                    .iter_mut()
+                                    .for_each(|d| *d += v);
+                            }
+                        }
+                    }
+                });
+        }
+        Ok(Array4::from_shape_vec((g.n, g.c, g.h, g.w), dx)
+            .expect("dx length follows from the geometry"))
+    }
+
+    /// Direct definition: visits every tap, counts padded and real ones. Test oracle only.
+    pub fn reference<T: NdFloat>(&self, x: ArrayView4<T>) -> Result<Array4<T>> {
+        let g = self.win(x.shape())?;
+        let mut y = Array4::zeros((g.n, g.c, g.oh, g.ow));
+        for ((n, c, oy, ox), out) in y.indexed_iter_mut() {
+            let (mut s, mut real, mut padded) = (T::zero(), 0usize, 0usize);
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let iy = (oy * g.sh + ki) as isize - g.pt as isize;
+                    let ix = (ox * g.sw + kj) as isize - g.pl as isize;
+                    // Taps past the end padding (ceil_mode overhang) count for nothing.
+                    if iy >= (g.h + g.pb) as isize || ix >= (g.w + g.pr) as isize {
+                        continue;
+                    }
+                    padded += 1;
+                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                        s += x[[n, c, iy as usize, ix as usize]];
+                        real += 1;
+                    }
+                }
+            }
+            let count = if self.count_include_pad { padded } else { real };
+            *out = if count > 0 {
+                s / T::from(count).expect("count fits a float")
+            } else {
+                T::zero()
+            };
+        }
+        Ok(y)
+    }
+}
+
+/// Mean over each plane, `[N, C, H, W] -> [N, C, 1, 1]` (ONNX `GlobalAveragePool`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GlobalAveragePool;
+
+impl GlobalAveragePool {
+    const OP: &'static str = "GlobalAveragePool";
+
+    pub fn output_shape(&self, x: &[usize]) -> Result<[usize; 4]> {
+        match *x {
+            [n, c, h, w] if h > 0 && w > 0 => Ok([n, c, 1, 1]),
+            _ => Err(shape_err(
+                Self::OP,
+                format!("input {x:?} must be NCHW with non-empty planes"),
+            )),
+        }
+    }
+
+    pub fn forward(&self, x: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let [n, c, _, _] = self.output_shape(x.shape())?;
+        let xs = contiguous(&x);
+        let hw = x.shape()[2] * x.shape()[3];
+        let y: Vec<f32> = xs
+            .par_chunks(hw)
+            .map(|p| super::sum(p) / hw as f32)
+            .collect();
+        Ok(Array4::from_shape_vec((n, c, 1, 1), y).expect("one value per plane"))
+    }
+
+    pub fn backward(&self, x_shape: &[usize], dy: ArrayView4<f32>) -> Result<Array4<f32>> {
+        let [n, c, _, _] = self.output_shape(x_shape)?;
+        if dy.shape() != [n, c, 1, 1] {
+            return Err(shape_err(
+                Self::OP,
+                format!(
+                    "output gradient has shape {:?}, expected {:?}",
+                    dy.shape(),
+                    [n, c, 1, 1]
+                ),
+            ));
+        }
+        let (h, w) = (x_shape[2], x_shape[3]);
+        let inv = 1.0 / (h * w) as f32;
+        let gs = contiguous(&dy);
+        let mut dx = vec![0.0f32; n * c * h * w];
+        if n * c > 0 {
+            dx.par_chunks_mut(h * w)
+                .zip(gs.par_iter())
+                .for_each(|(dp, &g)| dp.fill(g * inv));
+        }
+        Ok(Array4::from_shape_vec((n, c, h, w), dx).expect("dx has the input's length"))
+    }
+
+    /// Direct definition. Test oracle only.
+    pub fn reference<T: NdFloat>(&self, x: ArrayView4<T>) -> Result<Array4<T>> {
+        let [n, c, _, _] = self.output_shape(x.shape())?;
+        let hw = T::from(x.shape()[2] * x.shape()[3]).expect("count fits a float");
+        let mut y = Array4::zeros((n, c, 1, 1));
+        for ((i, j, _, _), out) in y.indexed_iter_mut() {
+            *out = x.slice(ndarray::s![i, j, .., ..]).sum() / hw;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ops::testutil::*;
+    use crate::engine::EngineError;
+
+    /// Distinct values at least 1e-3 apart (a shuffled ramp), so max pooling has no near-ties
+    /// that a finite-difference step could flip.
+    fn distinct(rng: &mut Rng, shape: [usize; 4]) -> Array4<f32> {
+        let n: usize = shape.iter().product();
+        let mut v: Vec<f32> = (0..n)
+            .map(|i| i as f32 * 1e-3 - 0.5 * n as f32 * 1e-3)
+            .collect();
+        for i in (1..n).rev() {
+            v.swap(i, rng.below(i + 1));
+        }
+        Array4::from_shape_vec(shape, v).unwrap()
+    }
+
+    fn check_max(p: MaxPool2d, xs: [usize; 4], seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = distinct(&mut rng, xs);
+        let (y, saved) = p.forward(x.view()).unwrap();
+        assert_eq!(y.shape(), p.output_shape(&xs).unwrap());
+        assert_close(
+            "forward",
+            &y.view(),
+            &p.reference(x.view()).unwrap().view(),
+            1e-6,
+        );
+        let r = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+        let dx = p.backward(&saved, r.view()).unwrap();
+        let r64 = to_f64(&r.view());
+        let fd = fd_grad(&to_f64(&x.view()), |x| {
+            dot_loss(&p.reference(x.view()).unwrap(), &r64)
+        });
+        assert_grad("dx", &dx.view(), &fd.view());
+    }
+
+    fn check_avg(p: AveragePool2d, xs: [usize; 4], seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let y = p.forward(x.view()).unwrap();
+        assert_eq!(y.shape(), p.output_shape(&xs).unwrap());
+        assert_close(
+            "forward",
+            &y.view(),
+            &p.reference(x.view()).unwrap().view(),
+            1e-6,
+        );
+        let r = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+        let dx = p.backward(&xs, r.view()).unwrap();
+        let r64 = to_f64(&r.view());
+        let fd = fd_grad(&to_f64(&x.view()), |x| {
+            dot_loss(&p.reference(x.view()).unwrap(), &r64)
+        });
+        assert_grad("dx", &dx.view(), &fd.view());
+    }
+
+    fn maxp(
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        pads: [usize; 4],
+        dilations: [usize; 2],
+        ceil_mode: bool,
+    ) -> MaxPool2d {
+        MaxPool2d {
+            kernel,
+            strides,
+            pads,
+            dilations,
+            ceil_mode,
+        }
+    }
+
+    fn avgp(
+        kernel: [usize; 2],
+        strides: [usize; 2],
+        pads: [usize; 4],
+        ceil_mode: bool,
+        count_include_pad: bool,
+    ) -> AveragePool2d {
+        AveragePool2d {
+            kernel,
+            strides,
+            pads,
+            ceil_mode,
+            count_include_pad,
+        }
+    }
+
+    #[test]
+    fn max_2x2_stride2() {
+        check_max(maxp([2, 2], [2, 2], [0; 4], [1, 1], false), [3, 2, 6, 8], 1);
+    }
+
+    #[test]
+    fn max_3x3_stride2_pad1_resnet_stem() {
+        check_max(maxp([3, 3], [2, 2], [1; 4], [1, 1], false), [3, 2, 9, 7], 2);
+    }
+
+    #[test]
+    fn max_overlapping_stride1_asymmetric_pads() {
+        check_max(
+            maxp([3, 2], [1, 1], [1, 0, 0, 1], [1, 1], false),
+            [3, 2, 5, 6],
+            3,
+        );
+    }
+
+    #[test]
+    fn max_dilation2() {
+        check_max(
+            maxp([2, 3], [1, 2], [1, 1, 1, 1], [2, 2], false),
+            [3, 2, 7, 8],
+            4,
+        );
+    }
+
+    #[test]
+    fn max_ceil_mode() {
+        check_max(maxp([3, 3], [2, 2], [0; 4], [1, 1], true), [3, 2, 8, 7], 5);
+        check_max(
+            maxp([2, 2], [2, 2], [1, 1, 1, 1], [1, 1], true),
+            [3, 2, 5, 6],
+            6,
+        );
+    }
+
+    #[test]
+    fn max_ties_go_to_the_first_element() {
+        let p = maxp([2, 2], [1, 1], [0; 4], [1, 1], false);
+        let x =
+            Array4::from_shape_vec((1, 1, 2, 3), vec![1.0f32, 5.0, 5.0, 5.0, 5.0, 5.0]).unwrap();
+        let (y, saved) = p.forward(x.view()).unwrap();
+        assert_eq!(y.as_slice().unwrap(), &[5.0, 5.0]);
+        assert_eq!(saved.argmax, vec![1, 1]);
+        let dy = Array4::from_shape_vec((1, 1, 1, 2), vec![1.0f32, 2.0]).unwrap();
+        let dx = p.backward(&saved, dy.view()).unwrap();
+        assert_eq!(dx.as_slice().unwrap(), &[0.0, 3.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn max_negative_inputs_ignore_padding() {
+        // Padding must not act as a zero candidate.
+        let p = maxp([3, 3], [1, 1], [1; 4], [1, 1], false);
+        let x = Array4::from_elem((1, 1, 2, 2), -3.0f32);
+        let (y, _) = p.forward(x.view()).unwrap();
+        assert!(y.iter().all(|&v| v == -3.0));
+    }
+
+    #[test]
+    fn avg_2x2_stride2() {
+        check_avg(avgp([2, 2], [2, 2], [0; 4], false, false), [3, 2, 6, 8], 7);
+    }
+
+    #[test]
+    fn avg_3x3_pad1_excluding_pad() {
+        check_avg(avgp([3, 3], [1, 1], [1; 4], false, false), [3, 2, 5, 6], 8);
+    }
+
+    #[test]
+    fn avg_3x3_pad1_including_pad() {
+        check_avg(avgp([3, 3], [2, 2], [1; 4], false, true), [3, 2, 7, 6], 9);
+    }
+
+    #[test]
+    fn avg_asymmetric_pads() {
+        check_avg(
+            avgp([2, 3], [1, 2], [0, 2, 1, 1], false, true),
+            [3, 2, 5, 7],
+            10,
+        );
+        check_avg(
+            avgp([2, 3], [1, 2], [0, 2, 1, 1], false, false),
+            [3, 2, 5, 7],
+            11,
+        );
+    }
+
+    #[test]
+    fn avg_ceil_mode_with_and_without_pad_count() {
+        check_avg(avgp([3, 3], [2, 2], [1; 4], true, true), [3, 2, 6, 5], 12);
+        check_avg(avgp([3, 3], [2, 2], [0; 4], true, true), [3, 2, 6, 8], 13);
+        check_avg(avgp([3, 3], [2, 2], [1; 4], true, false), [3, 2, 6, 5], 14);
+    }
+
+    /// PyTorch's divisor rule, worked by hand from its kernel (`hend = min(hstart + k, H + pad)`,
+    /// divisor taken before clipping to the input): `avg_pool2d(ones(1,1,6,6), 3, 2, padding=1,
+    /// ceil_mode=True, count_include_pad=True)` is 4x4 with corner 4/9 and, where the last window
+    /// hangs past the padding, 2/6.
+    #[test]
+    fn avg_ceil_mode_divisor_matches_pytorch() {
+        let p = avgp([3, 3], [2, 2], [1; 4], true, true);
+        let y = p.forward(Array4::ones((1, 1, 6, 6)).view()).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 4, 4]);
+        assert!((y[[0, 0, 0, 0]] - 4.0 / 9.0).abs() < 1e-6);
+        assert!((y[[0, 0, 1, 1]] - 1.0).abs() < 1e-6);
+        assert!((y[[0, 0, 0, 3]] - 2.0 / 6.0).abs() < 1e-6);
+        assert!((y[[0, 0, 3, 3]] - 1.0 / 4.0).abs() < 1e-6);
+        let excl = avgp([3, 3], [2, 2], [1; 4], true, false);
+        let y = excl.forward(Array4::ones((1, 1, 6, 6)).view()).unwrap();
+        assert!(y.iter().all(|&v| (v - 1.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn global_average() {
+        let p = GlobalAveragePool;
+        let mut rng = Rng::new(15);
+        let x = rand_array(&mut rng, [3, 4, 5, 7], -1.0, 1.0);
+        let y = p.forward(x.view()).unwrap();
+        assert_close(
+            "forward",
+            &y.view(),
+            &p.reference(x.view()).unwrap().view(),
+            1e-6,
+        );
+        let r = rand_array(&mut rng, [3, 4, 1, 1], -1.0, 1.0);
+        let dx = p.backward(&[3, 4, 5, 7], r.view()).unwrap();
+        let r64 = to_f64(&r.view());
+        let fd = fd_grad(&to_f64(&x.view()), |x| {
+            dot_loss(&p.reference(x.view()).unwrap(), &r64)
+        });
+        assert_grad("dx", &dx.view(), &fd.view());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let p = maxp([3, 3], [1, 1], [0; 4], [1, 1], false);
+        assert!(matches!(
+            p.output_shape(&[1, 1, 2, 5]),
+            Err(EngineError::Shape { .. })
+        ));
+        assert!(matches!(
+            p.output_shape(&[1, 1, 5]),
+            Err(EngineError::Shape { .. })
+        ));
+        let zero_stride = maxp([3, 3], [0, 1], [0; 4], [1, 1], false);
+        assert!(matches!(
+            zero_stride.output_shape(&[1, 1, 5, 5]),
+            Err(EngineError::Attribute { .. })
+        ));
+        let a = avgp([2, 2], [2, 2], [0; 4], false, false);
+        let dy = Array4::<f32>::zeros((1, 1, 3, 3));
+        assert!(a.backward(&[1, 1, 4, 4], dy.view()).is_err());
+        assert!(GlobalAveragePool.output_shape(&[1, 2, 0, 3]).is_err());
+        let gdy = Array4::<f32>::zeros((1, 2, 2, 1));
+        assert!(GlobalAveragePool
+            .backward(&[1, 2, 3, 3], gdy.view())
+            .is_err());
+    }
+}

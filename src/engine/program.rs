@@ -1,0 +1,528 @@
+//! Compiles a simplified IR graph (shapes concrete, constants folded) into a list of steps over
+//! numbered value slots, with the trainable parameters and BN running statistics pulled out.
+//! The executor ([`super::exec`]) runs it forward and backward.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::ArrayD;
+
+use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, MaxPool2d};
+use super::tensor_ops::BinOp;
+use crate::ir::ops::{AutoPad, PoolKind, Slice};
+use crate::ir::shape::{norm_axis, resolve_pads, split_sizes, Facts};
+use crate::ir::{Graph, Op, Tensor};
+
+/// Where a step reads an input from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Src {
+    Slot(usize),
+    Param(usize),
+    Const(usize),
+}
+
+#[derive(Clone, Debug)]
+pub enum Kernel {
+    Conv(Conv2d),
+    /// Indices into [`Program::state`] of the running mean and variance.
+    BatchNorm {
+        op: BatchNorm2d,
+        mean: usize,
+        var: usize,
+    },
+    Act(Activation),
+    Binary(BinOp),
+    Concat {
+        axis: usize,
+    },
+    Split {
+        axis: usize,
+        sizes: Vec<usize>,
+    },
+    MaxPool(MaxPool2d),
+    AvgPool(AveragePool2d),
+    GlobalAvgPool,
+    ReduceMean {
+        axes: Vec<usize>,
+        /// Output shape without the batch axis (the batch follows the input's).
+        out_tail: Vec<usize>,
+    },
+    /// Flatten, Reshape, Squeeze, Unsqueeze: a new shape for the same data. The first axis is
+    /// the batch when the compiled shapes say so, so a smaller last batch still works.
+    Reshape {
+        tail: Vec<usize>,
+        batch_major: bool,
+        fixed: Vec<usize>,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    Slice(Slice),
+    Pad {
+        pads: Vec<(i64, i64)>,
+        value: f32,
+    },
+    Gemm(Gemm),
+    Dropout {
+        ratio: f32,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The IR node's name, for errors and profiles.
+    pub name: String,
+    pub op_type: &'static str,
+    pub kernel: Kernel,
+    pub inputs: Vec<Src>,
+    pub outputs: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub value: ArrayD<f32>,
+    pub grad: ArrayD<f32>,
+    /// Weight decay applies (conv and linear weights) or not (biases, BN scale and shift).
+    pub decay: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub steps: Vec<Step>,
+    pub n_slots: usize,
+    pub input_slot: usize,
+    pub output_slot: usize,
+    pub params: Vec<Param>,
+    /// BN running statistics: (initializer name, value).
+    pub state: Vec<(String, ArrayD<f32>)>,
+    pub consts: Vec<ArrayD<f32>>,
+    /// The batch size the shapes were compiled for.
+    pub batch: usize,
+}
+
+fn f32_of(t: &Tensor, name: &str) -> Result<ArrayD<f32>> {
+    t.as_f32()
+        .cloned()
+        .ok_or_else(|| anyhow!("'{name}' is an integer tensor where a float one is needed"))
+}
+
+impl Program {
+    /// `graph` must be simplified for `facts` (see [`crate::ir::fold::simplify`]).
+    pub fn compile(graph: &Graph, facts: &Facts) -> Result<Program> {
+        if graph.inputs.len() != 1 {
+            bail!(
+                "the model has {} inputs; elrt trains image classifiers with one input",
+                graph.inputs.len()
+            );
+        }
+        let out_name = &graph
+            .outputs
+            .first()
+            .ok_or_else(|| anyhow!("the model has no output"))?
+            .name;
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        let input_slot = 0;
+        slots.insert(graph.inputs[0].name.clone(), input_slot);
+        let batch = facts
+            .get(&graph.inputs[0].name)
+            .map(|f| f.shape[0])
+            .ok_or_else(|| anyhow!("no shape for the input"))?;
+
+        let mut params: Vec<Param> = Vec::new();
+        let mut param_ids: HashMap<String, usize> = HashMap::new();
+        let mut state: Vec<(String, ArrayD<f32>)> = Vec::new();
+        let mut state_ids: HashMap<String, usize> = HashMap::new();
+        let mut consts: Vec<ArrayD<f32>> = Vec::new();
+        let mut const_ids: HashMap<String, usize> = HashMap::new();
+        let mut steps = Vec::with_capacity(graph.nodes.len());
+
+        for node in &graph.nodes {
+            let what = || format!("node '{}' ({})", node.name, node.op.onnx_type());
+            let shape_of = |v: &str| -> Result<&Vec<usize>> {
+                facts
+                    .get(v)
+                    .map(|f| &f.shape)
+                    .ok_or_else(|| anyhow!("no shape for '{v}'"))
+            };
+            let x_shape = shape_of(&node.inputs[0]).with_context(what)?.clone();
+            let out_shape = shape_of(&node.outputs[0]).with_context(what)?.clone();
+            let param_inputs = node.op.param_inputs();
+            // Inputs: trainable parameters, BN statistics (state), constants or slots.
+            let mut inputs = Vec::new();
+            let mut data_arity = node.inputs.len();
+            if let Op::BatchNorm(_) = node.op {
+                data_arity = 3;
+            }
+            for (i, name) in node.inputs.iter().enumerate().take(data_arity) {
+                if name.is_empty() {
+                    continue;
+                }
+                if let Some(t) = graph.initializers.get(name) {
+                    if param_inputs.contains(&i) {
+                        let id = match param_ids.get(name) {
+                            Some(&id) => id,
+                            None => {
+                                let value = f32_of(t, name).with_context(what)?;
+                                let decay =
+                                    matches!(node.op, Op::Conv(_) | Op::Gemm(_) | Op::MatMul)
+                                        && value.ndim() >= 2;
+                                params.push(Param {
+                                    name: name.clone(),
+                                    grad: ArrayD::zeros(value.raw_dim()),
+                                    value,
+                                    decay,
+                                });
+                                param_ids.insert(name.clone(), params.len() - 1);
+                                params.len() - 1
+                            }
+                        };
+                        inputs.push(Src::Param(id));
+                    } else {
+                        let id = match const_ids.get(name) {
+                            Some(&id) => id,
+                            None => {
+                                consts.push(f32_of(t, name).with_context(what)?);
+                                const_ids.insert(name.clone(), consts.len() - 1);
+                                consts.len() - 1
+                            }
+                        };
+                        inputs.push(Src::Const(id));
+                    }
+                } else {
+                    let s = *slots
+                        .get(name)
+                        .ok_or_else(|| anyhow!("{}: input '{name}' is not computed", what()))?;
+                    inputs.push(Src::Slot(s));
+                }
+            }
+            let kernel = kernel_for(node, &x_shape, &out_shape, batch, facts).with_context(what)?;
+            let kernel = match kernel {
+                Kernel::BatchNorm { op, .. } => {
+                    let mut ids = [0usize; 2];
+                    for (k, i) in [3usize, 4].iter().enumerate() {
+                        let name = &node.inputs[*i];
+                        let t = graph.initializers.get(name).ok_or_else(|| {
+                            anyhow!(
+                                "{}: running statistic '{name}' must be an initializer",
+                                what()
+                            )
+                        })?;
+                        ids[k] = match state_ids.get(name) {
+                            Some(&id) => id,
+                            None => {
+                                state.push((name.clone(), f32_of(t, name)?));
+                                state_ids.insert(name.clone(), state.len() - 1);
+                                state.len() - 1
+                            }
+                        };
+                    }
+                    Kernel::BatchNorm {
+                        op,
+                        mean: ids[0],
+                        var: ids[1],
+                    }
+                }
+                k => k,
+            };
+            let mut outputs = Vec::new();
+            let used_outputs = match kernel {
+                // BN's optional statistics outputs and Dropout's mask are not computed.
+                Kernel::BatchNorm { .. } | Kernel::Dropout { .. } | Kernel::MaxPool(_) => 1,
+                _ => node.outputs.len(),
+            };
+            for o in node.outputs.iter().take(used_outputs) {
+                let id = slots.len();
+                slots.insert(o.clone(), id);
+                outputs.push(id);
+            }
+            steps.push(Step {
+                name: node.name.clone(),
+                op_type: node.op.onnx_type(),
+                kernel,
+                inputs,
+                outputs,
+            });
+        }
+        let output_slot = *slots
+            .get(out_name)
+            .ok_or_else(|| anyhow!("the output '{out_name}' is not computed by any node"))?;
+        let out_shape = &facts[out_name].shape;
+        if out_shape.len() != 2 {
+            bail!(
+                "the output '{out_name}' has shape {out_shape:?}; a classifier's logits are [batch, classes]"
+            );
+        }
+        Ok(Program {
+            steps,
+            n_slots: slots.len(),
+            input_slot,
+            output_slot,
+            params,
+            state,
+            consts,
+            batch,
+        })
+    }
+
+    /// Number of classes of the logits.
+    pub fn classes(&self, facts: &Facts, graph: &Graph) -> usize {
+        facts[&graph.outputs[0].name].shape[1]
+    }
+
+    /// Writes trained parameters and statistics back into the graph's initializers.
+    pub fn store(&self, graph: &mut Graph) {
+        for p in &self.params {
+            graph
+                .initializers
+                .insert(p.name.clone(), Tensor::F32(p.value.clone()));
+        }
+        for (name, v) in &self.state {
+            graph
+                .initializers
+                .insert(name.clone(), Tensor::F32(v.clone()));
+        }
+    }
+}
+
+fn two<T: Copy>(v: &[T], default: T, what: &str) -> Result<[T; 2]> {
+    match v.len() {
+        0 => Ok([default, default]),
+        2 => Ok([v[0], v[1]]),
+        n => bail!("{what} has {n} entries; the engine trains 2-D convolutions and pools only"),
+    }
+}
+
+fn pads4(pads: &[(usize, usize)]) -> Result<[usize; 4]> {
+    match pads {
+        [(t, b), (l, r)] => Ok([*t, *l, *b, *r]),
+        _ => bail!("the engine trains 2-D convolutions and pools only"),
+    }
+}
+
+fn kernel_for(
+    node: &crate::ir::Node,
+    x: &[usize],
+    out: &[usize],
+    batch: usize,
+    facts: &Facts,
+) -> Result<Kernel> {
+    let rank4 = |what: &str| -> Result<()> {
+        if x.len() != 4 {
+            bail!(
+                "{what} on a rank-{} input; the engine trains NCHW images only",
+                x.len()
+            );
+        }
+        Ok(())
+    };
+    Ok(match &node.op {
+        Op::Conv(c) => {
+            rank4("Conv")?;
+            let w = &facts[&node.inputs[1]].shape;
+            let pads = resolve_pads(
+                &x[2..],
+                &w[2..],
+                &c.strides,
+                &c.dilations,
+                &c.pads,
+                c.auto_pad,
+            )?;
+            Kernel::Conv(Conv2d {
+                group: c.group,
+                strides: two(&c.strides, 1, "strides")?,
+                pads: pads4(&pads)?,
+                dilations: two(&c.dilations, 1, "dilations")?,
+            })
+        }
+        Op::BatchNorm(b) => {
+            rank4("BatchNormalization")?;
+            Kernel::BatchNorm {
+                op: BatchNorm2d {
+                    epsilon: b.epsilon,
+                    momentum: b.momentum,
+                },
+                mean: 0,
+                var: 0,
+            }
+        }
+        Op::Relu => Kernel::Act(Activation::Relu),
+        Op::Clip(c) => Kernel::Act(Activation::Clip {
+            min: c.min.unwrap_or(f32::NEG_INFINITY),
+            max: c.max.unwrap_or(f32::INFINITY),
+        }),
+        Op::LeakyRelu { alpha } => Kernel::Act(Activation::LeakyRelu { alpha: *alpha }),
+        Op::Sigmoid => Kernel::Act(Activation::Sigmoid),
+        Op::HardSigmoid { alpha, beta } => Kernel::Act(Activation::HardSigmoid {
+            alpha: *alpha,
+            beta: *beta,
+        }),
+        Op::HardSwish => Kernel::Act(Activation::HardSwish),
+        Op::Add => Kernel::Binary(BinOp::Add),
+        Op::Sub => Kernel::Binary(BinOp::Sub),
+        Op::Mul => Kernel::Binary(BinOp::Mul),
+        Op::Div => Kernel::Binary(BinOp::Div),
+        Op::Concat { axis } => Kernel::Concat {
+            axis: norm_axis(*axis, x.len())?,
+        },
+        Op::Split(s) => {
+            let axis = norm_axis(s.axis, x.len())?;
+            Kernel::Split {
+                axis,
+                sizes: split_sizes(x[axis], s.split.as_deref(), node.outputs.len())?,
+            }
+        }
+        Op::Pool(p) => {
+            rank4(node.op.onnx_type())?;
+            let dil = if p.dilations.is_empty() {
+                vec![1, 1]
+            } else {
+                p.dilations.clone()
+            };
+            let pads = resolve_pads(
+                &x[2..],
+                &p.kernel_shape,
+                &p.strides,
+                &dil,
+                &p.pads,
+                p.auto_pad,
+            )?;
+            if p.auto_pad != AutoPad::NotSet && p.ceil_mode {
+                bail!("auto_pad with ceil_mode is not supported");
+            }
+            let kernel = two(&p.kernel_shape, 1, "kernel_shape")?;
+            let strides = two(&p.strides, 1, "strides")?;
+            match p.kind {
+                PoolKind::Max => Kernel::MaxPool(MaxPool2d {
+                    kernel,
+                    strides,
+                    pads: pads4(&pads)?,
+                    dilations: two(&dil, 1, "dilations")?,
+                    ceil_mode: p.ceil_mode,
+                }),
+                PoolKind::Average => {
+                    if dil.iter().any(|&d| d != 1) {
+                        bail!("AveragePool with dilations is not supported");
+                    }
+                    Kernel::AvgPool(AveragePool2d {
+                        kernel,
+                        strides,
+                        pads: pads4(&pads)?,
+                        ceil_mode: p.ceil_mode,
+                        count_include_pad: p.count_include_pad,
+                    })
+                }
+            }
+        }
+        Op::GlobalAveragePool => {
+            rank4("GlobalAveragePool")?;
+            Kernel::GlobalAvgPool
+        }
+        Op::ReduceMean(r) => {
+            let rank = x.len();
+            let mut axes: Vec<usize> = match &r.axes {
+                Some(a) if !a.is_empty() => a
+                    .iter()
+                    .map(|&v| norm_axis(v, rank))
+                    .collect::<Result<_>>()?,
+                _ if r.noop_with_empty_axes => vec![],
+                _ => (0..rank).collect(),
+            };
+            axes.sort_unstable();
+            if axes.contains(&0) {
+                bail!("ReduceMean over the batch axis cannot be trained");
+            }
+            Kernel::ReduceMean {
+                axes,
+                out_tail: out[1..].to_vec(),
+            }
+        }
+        Op::Flatten { .. } | Op::Reshape { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
+            let batch_major = !x.is_empty() && !out.is_empty() && x[0] == batch && out[0] == batch;
+            Kernel::Reshape {
+                tail: out.get(1..).unwrap_or_default().to_vec(),
+                batch_major,
+                fixed: out.to_vec(),
+            }
+        }
+        Op::Transpose { perm } => {
+            let perm = perm.clone().unwrap_or_else(|| (0..x.len()).rev().collect());
+            if perm.first() != Some(&0) {
+                bail!("Transpose that moves the batch axis cannot be trained");
+            }
+            Kernel::Transpose { perm }
+        }
+        Op::Slice(s) => {
+            let axes: Vec<usize> = match &s.axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&v| norm_axis(v, x.len()))
+                    .collect::<Result<_>>()?,
+                None => (0..s.starts.len()).collect(),
+            };
+            if axes.contains(&0) {
+                bail!("Slice along the batch axis cannot be trained");
+            }
+            Kernel::Slice(s.clone())
+        }
+        Op::Pad(p) => {
+            if p.mode != crate::ir::ops::PadMode::Constant {
+                bail!(
+                    "Pad mode '{}' cannot be trained (constant only)",
+                    p.mode.onnx_name()
+                );
+            }
+            let rank = x.len();
+            let axes: Vec<usize> = match &p.axes {
+                Some(a) => a
+                    .iter()
+                    .map(|&v| norm_axis(v, rank))
+                    .collect::<Result<_>>()?,
+                None => (0..rank).collect(),
+            };
+            let mut pads = vec![(0i64, 0i64); rank];
+            for (j, &ax) in axes.iter().enumerate() {
+                pads[ax] = (p.pads[j], p.pads[j + axes.len()]);
+            }
+            if pads[0] != (0, 0) {
+                bail!("Pad along the batch axis cannot be trained");
+            }
+            Kernel::Pad {
+                pads,
+                value: p.value,
+            }
+        }
+        Op::Gemm(g) => Kernel::Gemm(Gemm {
+            alpha: g.alpha,
+            beta: g.beta,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+        }),
+        Op::MatMul => {
+            let b = &facts[&node.inputs[1]].shape;
+            if x.len() != 2 || b.len() != 2 {
+                bail!(
+                    "MatMul of ranks {} and {} cannot be trained (2-D only)",
+                    x.len(),
+                    b.len()
+                );
+            }
+            Kernel::Gemm(Gemm {
+                alpha: 1.0,
+                beta: 0.0,
+                trans_a: false,
+                trans_b: false,
+            })
+        }
+        Op::Dropout { ratio } => Kernel::Dropout { ratio: *ratio },
+        Op::Identity => Kernel::Reshape {
+            tail: out.get(1..).unwrap_or_default().to_vec(),
+            batch_major: true,
+            fixed: out.to_vec(),
+        },
+        Op::DynSlice | Op::Shape(_) | Op::Gather { .. } | Op::Cast { .. } => bail!(
+            "op '{}' computes on run-time values the engine cannot train through",
+            node.op.onnx_type()
+        ),
+    })
+}

@@ -1,0 +1,348 @@
+//! Shape-moving and elementwise ops the executor runs directly on `ArrayD<f32>`: broadcast
+//! arithmetic, concat/split, slice, pad, transpose, reshape and mean reduction, each with its
+//! backward. They are memory-bound one-liners over ndarray, so no separate fast path exists;
+//! the tests check each backward against finite differences.
+
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice as NdSlice};
+
+use super::{shape_err, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// Sums `g` down to `shape` over the axes that broadcasting expanded.
+pub fn reduce_to(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    let mut g = g;
+    while g.ndim() > shape.len() {
+        g = g.sum_axis(Axis(0));
+    }
+    for (ax, &d) in shape.iter().enumerate() {
+        if d == 1 && g.shape()[ax] != 1 {
+            g = g.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+        }
+    }
+    g
+}
+
+pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
+    let shape = crate::ir::shape::broadcast(a.shape(), b.shape())
+        .map_err(|e| shape_err("Binary", e.to_string()))?;
+    let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
+    let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
+    let mut out = av.to_owned();
+    ndarray::Zip::from(&mut out).and(&bv).for_each(|o, &y| {
+        *o = match op {
+            BinOp::Add => *o + y,
+            BinOp::Sub => *o - y,
+            BinOp::Mul => *o * y,
+            BinOp::Div => *o / y,
+        }
+    });
+    Ok(out)
+}
+
+/// Gradients of both operands, each summed to its own shape.
+pub fn binary_backward(
+    op: BinOp,
+    a: ArrayViewD<f32>,
+    b: ArrayViewD<f32>,
+    dy: ArrayViewD<f32>,
+) -> (ArrayD<f32>, ArrayD<f32>) {
+    let shape = dy.shape().to_vec();
+    let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
+    let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
+    let (da, db) = match op {
+        BinOp::Add => (dy.to_owned(), dy.to_owned()),
+        BinOp::Sub => (dy.to_owned(), dy.mapv(|v| -v)),
+        BinOp::Mul => (&dy * &bv, &dy * &av),
+        BinOp::Div => {
+            let da = &dy / &bv;
+            let mut db = dy.to_owned();
+            ndarray::Zip::from(&mut db)
+                .and(&av)
+                .and(&bv)
+                .for_each(|g, &x, &y| *g = -*g * x / (y * y));
+            (da, db)
+        }
+    };
+    (reduce_to(da, a.shape()), reduce_to(db, b.shape()))
+}
+
+pub fn concat(axis: usize, xs: &[ArrayViewD<f32>]) -> Result<ArrayD<f32>> {
+    ndarray::concatenate(Axis(axis), xs).map_err(|e| shape_err("Concat", e.to_string()))
+}
+
+/// Splits `g` along `axis` into parts of the given sizes (Concat's backward, Split's forward).
+pub fn split(axis: usize, sizes: &[usize], g: ArrayViewD<f32>) -> Result<Vec<ArrayD<f32>>> {
+    if sizes.iter().sum::<usize>() != g.shape()[axis] {
+        return Err(shape_err(
+            "Split",
+            format!(
+                "sizes {sizes:?} do not cover axis {axis} of {:?}",
+                g.shape()
+            ),
+        ));
+    }
+    let mut start = 0;
+    Ok(sizes
+        .iter()
+        .map(|&s| {
+            let part = g
+                .slice_axis(Axis(axis), NdSlice::from(start..start + s))
+                .to_owned();
+            start += s;
+            part
+        })
+        .collect())
+}
+
+/// Selects the given index list on every axis (Slice's forward).
+pub fn take(x: ArrayViewD<f32>, idx: &[Vec<usize>]) -> ArrayD<f32> {
+    let mut out = x.to_owned();
+    for (ax, list) in idx.iter().enumerate() {
+        if list.len() != out.shape()[ax] || list.iter().enumerate().any(|(i, &j)| i != j) {
+            out = out.select(Axis(ax), list);
+        }
+    }
+    out
+}
+
+/// Scatters `g` back to the positions `take` read from (Slice's backward).
+pub fn take_backward(x_shape: &[usize], idx: &[Vec<usize>], g: ArrayViewD<f32>) -> ArrayD<f32> {
+    let mut out = ArrayD::<f32>::zeros(IxDyn(x_shape));
+    let rank = x_shape.len();
+    let mut pos = vec![0usize; rank];
+    let mut src = vec![0usize; rank];
+    for (k, &v) in g.iter().enumerate() {
+        let mut rem = k;
+        for ax in (0..rank).rev() {
+            let d = g.shape()[ax];
+            pos[ax] = rem % d;
+            rem /= d;
+            src[ax] = idx[ax][pos[ax]];
+        }
+        out[IxDyn(&src)] += v;
+    }
+    out
+}
+
+/// Constant padding; `pads` holds (begin, end) per axis, negative values crop.
+pub fn pad(x: ArrayViewD<f32>, pads: &[(i64, i64)], value: f32) -> ArrayD<f32> {
+    let out_shape: Vec<usize> = x
+        .shape()
+        .iter()
+        .zip(pads)
+        .map(|(&d, &(b, e))| (d as i64 + b + e) as usize)
+        .collect();
+    let mut out = ArrayD::<f32>::from_elem(IxDyn(&out_shape), value);
+    let (src, dst) = pad_windows(x.shape(), pads);
+    let mut xs = x.view();
+    let mut os = out.view_mut();
+    for ax in 0..x.ndim() {
+        xs.slice_axis_inplace(Axis(ax), src[ax]);
+        os.slice_axis_inplace(Axis(ax), dst[ax]);
+    }
+    os.assign(&xs);
+    out
+}
+
+pub fn pad_backward(x_shape: &[usize], pads: &[(i64, i64)], g: ArrayViewD<f32>) -> ArrayD<f32> {
+    let mut out = ArrayD::<f32>::zeros(IxDyn(x_shape));
+    let (src, dst) = pad_windows(x_shape, pads);
+    let mut gs = g.view();
+    let mut os = out.view_mut();
+    for ax in 0..x_shape.len() {
+        gs.slice_axis_inplace(Axis(ax), dst[ax]);
+        os.slice_axis_inplace(Axis(ax), src[ax]);
+    }
+    os.assign(&gs);
+    out
+}
+
+/// The ranges of the input and of the padded output that hold the same elements.
+fn pad_windows(x_shape: &[usize], pads: &[(i64, i64)]) -> (Vec<NdSlice>, Vec<NdSlice>) {
+    let mut src = Vec::new();
+    let mut dst = Vec::new();
+    for (&d, &(b, e)) in x_shape.iter().zip(pads) {
+        let d = d as i64;
+        let s0 = (-b).max(0);
+        let s1 = d - (-e).max(0);
+        let o0 = b.max(0);
+        src.push(NdSlice::from(s0 as usize..s1.max(s0) as usize));
+        dst.push(NdSlice::from(o0 as usize..(o0 + (s1 - s0).max(0)) as usize));
+    }
+    (src, dst)
+}
+
+pub fn transpose(x: ArrayViewD<f32>, perm: &[usize]) -> ArrayD<f32> {
+    x.permuted_axes(IxDyn(perm))
+        .as_standard_layout()
+        .into_owned()
+}
+
+pub fn inverse_perm(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}
+
+pub fn reshape(x: ArrayViewD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+    let data: Vec<f32> = match x.as_slice() {
+        Some(s) => s.to_vec(),
+        None => x.iter().copied().collect(),
+    };
+    ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
+        shape_err(
+            "Reshape",
+            format!("cannot reshape {:?} to {shape:?}", x.shape()),
+        )
+    })
+}
+
+/// Mean over `axes` (sorted, unique), keeping them as size-1 axes.
+pub fn reduce_mean(x: ArrayViewD<f32>, axes: &[usize]) -> ArrayD<f32> {
+    let mut out = x.to_owned();
+    let mut count = 1usize;
+    for &ax in axes {
+        count *= out.shape()[ax];
+        out = out.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+    }
+    out.mapv_inplace(|v| v / count as f32);
+    out
+}
+
+pub fn reduce_mean_backward(x_shape: &[usize], axes: &[usize], g: ArrayViewD<f32>) -> ArrayD<f32> {
+    let count: usize = axes.iter().map(|&a| x_shape[a]).product();
+    let kept: Vec<usize> = x_shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let g = g
+        .into_shape_with_order(IxDyn(&kept))
+        .expect("kept-dims gradient");
+    g.broadcast(IxDyn(x_shape))
+        .expect("broadcast back")
+        .mapv(|v| v / count as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(shape: &[usize], seed: u64) -> ArrayD<f32> {
+        let mut r = Rng::new(seed);
+        ArrayD::from_shape_fn(IxDyn(shape), |_| r.range(-1.0, 1.0))
+    }
+
+    /// Central differences of L = sum(f(x) * w) in f64 arithmetic on f32 data.
+    fn check_grad(
+        x: &ArrayD<f32>,
+        f: &dyn Fn(&ArrayD<f32>) -> ArrayD<f32>,
+        analytic: &ArrayD<f32>,
+    ) {
+        let y = f(x);
+        let w = rand(y.shape(), 99);
+        let loss = |x: &ArrayD<f32>| -> f64 {
+            f(x).iter()
+                .zip(w.iter())
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
+        };
+        let _ = loss(x);
+        let mut worst = 0.0f64;
+        for i in 0..x.len() {
+            let mut xp = x.clone();
+            let mut xm = x.clone();
+            let eps = 1e-2f32;
+            xp.as_slice_mut().unwrap()[i] += eps;
+            xm.as_slice_mut().unwrap()[i] -= eps;
+            let fd = (loss(&xp) - loss(&xm)) / (2.0 * eps as f64);
+            let an = analytic.as_slice().unwrap()[i] as f64;
+            worst = worst.max((fd - an).abs() / (fd.abs().max(an.abs()).max(1e-2)));
+        }
+        assert!(worst < 1e-3, "relative error {worst}");
+    }
+
+    fn weights_for(y: &ArrayD<f32>) -> ArrayD<f32> {
+        rand(y.shape(), 99)
+    }
+
+    #[test]
+    fn broadcast_binary_backward() {
+        let a = rand(&[2, 3, 4, 4], 1);
+        let b = rand(&[1, 3, 1, 1], 2).mapv(|v| v + 2.0);
+        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
+            let y = binary_forward(op, a.view(), b.view()).unwrap();
+            let w = weights_for(&y);
+            let (da, db) = binary_backward(op, a.view(), b.view(), w.view());
+            check_grad(
+                &a,
+                &|x| binary_forward(op, x.view(), b.view()).unwrap(),
+                &da,
+            );
+            check_grad(
+                &b,
+                &|x| binary_forward(op, a.view(), x.view()).unwrap(),
+                &db,
+            );
+        }
+    }
+
+    #[test]
+    fn slice_pad_transpose_reduce_backward() {
+        let x = rand(&[2, 5, 3, 4], 3);
+        let idx = vec![vec![0, 1], vec![4, 2, 0], vec![1, 2], vec![0, 1, 2, 3]];
+        let y = take(x.view(), &idx);
+        let w = weights_for(&y);
+        check_grad(
+            &x,
+            &|x| take(x.view(), &idx),
+            &take_backward(x.shape(), &idx, w.view()),
+        );
+
+        let pads = [(0, 0), (1, -1), (2, 0), (-1, 3)];
+        let y = pad(x.view(), &pads, 0.5);
+        assert_eq!(y.shape(), &[2, 5, 5, 6]);
+        let w = weights_for(&y);
+        check_grad(
+            &x,
+            &|x| pad(x.view(), &pads, 0.5),
+            &pad_backward(x.shape(), &pads, w.view()),
+        );
+
+        let perm = [0, 2, 3, 1];
+        let y = transpose(x.view(), &perm);
+        let w = weights_for(&y);
+        let back = transpose(w.view(), &inverse_perm(&perm));
+        check_grad(&x, &|x| transpose(x.view(), &perm), &back);
+
+        let axes = [2, 3];
+        let y = reduce_mean(x.view(), &axes);
+        let w = weights_for(&y);
+        check_grad(
+            &x,
+            &|x| reduce_mean(x.view(), &axes),
+            &reduce_mean_backward(x.shape(), &axes, w.view()),
+        );
+    }
+
+    #[test]
+    fn concat_split_are_inverse() {
+        let a = rand(&[2, 3, 2], 4);
+        let b = rand(&[2, 1, 2], 5);
+        let c = concat(1, &[a.view(), b.view()]).unwrap();
+        let parts = split(1, &[3, 1], c.view()).unwrap();
+        assert_eq!(parts[0], a);
+        assert_eq!(parts[1], b);
+        assert!(split(1, &[2, 1], c.view()).is_err());
+    }
+}

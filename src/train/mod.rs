@@ -1,0 +1,4 @@
+//! Training: optimisers, learning-rate schedules, the training loop and its checkpoints.
+
+pub mod optim;
+pub mod schedule;
