@@ -20,7 +20,11 @@ Writes, into --out (default: tests/fixtures/resnet20_parity/ of the repository):
 
 What is computed (PyTorch, CPU, float32, 1 thread, deterministic algorithms):
 
-  * A fixed batch: input [8,3,32,32] (seeded standard normal), labels [8] in 0..9 (seeded).
+  * A fixed batch: input [8,3,32,32] (seeded standard normal), labels [8] in 0..9 (seeded). The
+    input is then moved by at most ~2e-3 (deterministically, see nudge_input) so that no ReLU
+    input of the train-mode forward lies within 1e-3 of zero: otherwise float32 rounding decides
+    on which side of ReLU's kink a few of them fall, and any two float32 engines disagree on
+    upstream gradients by ~1e-2 relative.
   * The model in train mode, one forward: logits [8,10]; loss = mean over the batch of the softmax
     cross-entropy; loss_ls = the same with label_smoothing=0.1 (from the same logits).
   * One backward of the plain loss: grad/<param> for every trainable parameter, and the gradient
@@ -36,7 +40,8 @@ What is computed (PyTorch, CPU, float32, 1 thread, deterministic algorithms):
 The same forward/backward is also run in float64 (a double copy of the same model and batch); the
 meta records, per tensor, how far the float32 results are from the float64 ones, i.e. what
 precision a float32 engine can be expected to reach. The script then checks, in onnxruntime, that
-model.onnx gives the stored logits (max abs difference <= 1e-4).
+model.onnx gives the stored logits (max abs difference <= 1e-4), and records how onnxruntime
+updates the BN running variance (biased variance, per the ONNX spec; PyTorch uses the unbiased).
 
 Deterministic: the same torch version writes the same bytes (seeded, torch.set_num_threads(1),
 torch.use_deterministic_algorithms(True), no timestamps in the files); --check-determinism runs
@@ -77,6 +82,8 @@ BN_EPS = 1e-5
 SGD = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=5e-4)
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
 ORT_TOL = 1e-4
+RELU_MARGIN = 1e-3  # no ReLU input of the fixture batch lies closer to 0 (see nudge_input)
+MAX_NUDGE_SWEEPS = 50
 
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "tests", "fixtures", "resnet20_parity")
 COMMAND = "python3 scripts/make_parity_fixtures.py"
@@ -93,6 +100,78 @@ def make_batch():
     x = rng.standard_normal((BATCH, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, NUM_CLASSES, size=BATCH).astype(np.int64)
     return x, y
+
+
+def relu_inputs(model: nn.Module, x: torch.Tensor) -> list:
+    """The input of every ReLU call in a forward of `model` (train mode) on x, in call order
+    (clones, differentiable w.r.t. x; the ReLUs are in-place)."""
+    zs = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, inp: zs.append(inp[0].clone()))
+             for mod in model.modules() if isinstance(mod, nn.ReLU)]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return zs
+
+
+def nudge_input(model: nn.Module, x0: np.ndarray, margin: float = RELU_MARGIN):
+    """Move x0 a little (a few 1e-3 at most) so that no ReLU input is within `margin` of zero.
+
+    Why: ReLU's gradient jumps at 0. Float32 puts each pre-activation off by up to ~2e-5 here
+    (PyTorch float32 against float64), so with 1.5 million ReLU inputs in a batch of 8 a few lie
+    closer to 0 than that. Two correct float32 engines can then take different sides of the
+    kink: one element's whole gradient then goes through or not, and every gradient upstream
+    moves by ~1e-2 relative (seen with the plain seeded batch: 1.6e-2 on layer2.0.bn2.bias).
+    A test at 1e-4 would then fail for no fault of the engine. With a margin of 1e-3 (50 times
+    the worst float32 error) every ReLU mask is the same in any reasonable float32 engine.
+
+    How: float64, Kaczmarz-style: for each violating element i (s_i z_i < margin, s_i its sign),
+    largest deficit first, add (2 margin - s_i z_i) J_i / |J_i|^2 to the input (J_i the gradient of
+    s_i z_i w.r.t. the input, taking the earlier corrections of the sweep into account linearly);
+    repeat sweeps on the float32-rounded input until none violates. Deterministic.
+    Returns (float32 input, stats).
+    """
+    m = copy.deepcopy(model).double().train()
+    x = torch.from_numpy(x0).double()
+    first = None
+    for sweep in range(MAX_NUDGE_SWEEPS):
+        x = x.float().double()  # check exactly the float32 input that will be stored
+        xr = x.clone().requires_grad_(True)
+        flat = torch.cat([z.flatten() for z in relu_inputs(m, xr)])
+        sign = torch.where(flat.detach() >= 0, 1.0, -1.0).double()
+        sz = sign * flat
+        szd = sz.detach()
+        viol = (szd < margin).nonzero().flatten()
+        if first is None:
+            first = {"relu_inputs": int(flat.numel()), "within_margin_before": int(viol.numel()),
+                     "min_abs_before": float(szd.min())}
+        if viol.numel() == 0:
+            break
+        delta = torch.zeros_like(x)
+        for i in viol[torch.argsort(szd[viol])][:256]:
+            (g,) = torch.autograd.grad(sz[i], xr, retain_graph=True)
+            cur = float(szd[i]) + float((g * delta).sum())
+            if cur < 2 * margin:
+                delta += (2 * margin - cur) * g / float((g * g).sum())
+        x = x + delta
+    else:
+        raise SystemExit(f"nudge_input: ReLU inputs still within {margin} of 0 after "
+                         f"{MAX_NUDGE_SWEEPS} sweeps")
+    xf = x.float().numpy()
+    # The float32 forward must put every ReLU input on the same side, with room to spare.
+    with torch.no_grad():
+        z32 = torch.cat([z.flatten() for z in
+                         relu_inputs(copy.deepcopy(model).float().train(), torch.from_numpy(xf))])
+        z64 = torch.cat([z.flatten() for z in relu_inputs(m, torch.from_numpy(xf).double())])
+    assert bool(((z32 >= 0) == (z64 >= 0)).all()) and float(z32.abs().min()) > margin / 2
+    stats = dict(first, margin=margin, sweeps=sweep,
+                 min_abs_after_f64=float(z64.abs().min()),
+                 min_abs_after_f32=float(z32.abs().min()),
+                 max_abs_f32_vs_f64=float((z32.double() - z64).abs().max()),
+                 max_abs_change_of_input=float(np.abs(xf - x0).max()))
+    return xf, stats
 
 
 def is_decayed(name: str, p: torch.Tensor) -> bool:
@@ -188,7 +267,7 @@ class Blob:
     def add(self, key: str, arr: np.ndarray, dtype: str = "f32") -> None:
         assert key not in self.index, key
         np_dtype = {"f32": "<f4", "i64": "<i8"}[dtype]
-        a = np.ascontiguousarray(np.asarray(arr).astype(np_dtype))
+        a = np.array(arr, dtype=np_dtype, order="C")  # keeps 0-d (ascontiguousarray would not)
         if self.size % 8:
             pad = 8 - self.size % 8
             self.parts.append(b"\0" * pad)
@@ -203,9 +282,11 @@ class Blob:
         return b"".join(self.parts)
 
 
-def ort_check(path: str, x: np.ndarray, logits: np.ndarray) -> float:
+def ort_check(path: str, x: np.ndarray, logits: np.ndarray, running: dict):
     """Run model.onnx in onnxruntime (training-form BN: batch statistics) on x; return the max abs
-    difference from PyTorch's logits, failing above ORT_TOL."""
+    difference from PyTorch's logits, failing above ORT_TOL, and a note on how onnxruntime
+    updates the first BN's running variance (biased, as ONNX specifies) against PyTorch
+    (unbiased)."""
     onnx.checker.check_model(path, full_check=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -225,7 +306,30 @@ def ort_check(path: str, x: np.ndarray, logits: np.ndarray) -> float:
     (y2,) = sess2.run(["logits"], {"input": x})
     if float(np.abs(y2 - logits).max()) < 1e-2:
         raise SystemExit("inference-form BN gives the train-mode logits: batch statistics unused?")
-    return err
+    # The running statistics onnxruntime computes for bn1 (outputs 1 and 2 of the first BN).
+    m = onnx.load(path)
+    bn = next(n for n in m.graph.node if n.op_type == "BatchNormalization")
+    assert list(bn.input[1:]) == ["bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"]
+    for o in bn.output[1:3]:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None))
+    sess3 = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    _, rm, rv = sess3.run(None, {"input": x})
+    rv0 = next(onnx.numpy_helper.to_array(t) for t in m.graph.initializer
+               if t.name == "bn1.running_var").astype(np.float64)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    rv_torch = running["bn1.running_var"].astype(np.float64)
+    var_unbiased = (rv_torch - (1 - BN_MOMENTUM) * rv0) / BN_MOMENTUM
+    rv_biased = (1 - BN_MOMENTUM) * rv0 + BN_MOMENTUM * var_unbiased * (n - 1) / n
+    note = {
+        "running_mean_max_abs_diff_vs_torch": float(np.abs(rm - running["bn1.running_mean"]).max()),
+        "running_var_max_abs_diff_vs_torch_unbiased": float(np.abs(rv - rv_torch).max()),
+        "running_var_max_abs_diff_vs_biased_formula": float(np.abs(rv - rv_biased).max()),
+        "conclusion": "onnxruntime (ONNX BN spec) updates running_var with the biased batch "
+                      "variance; PyTorch, and these fixtures, with the unbiased one",
+    }
+    assert note["running_var_max_abs_diff_vs_biased_formula"] < 1e-5
+    assert note["running_mean_max_abs_diff_vs_torch"] < 1e-5
+    return err, note
 
 
 def check_model_file(path: str, model: nn.Module) -> None:
@@ -255,7 +359,8 @@ def compute(out_dir: str, quiet: bool = False) -> dict:
     export(model, model_path, "training")
     check_model_file(model_path, model)
 
-    x, y = make_batch()
+    x_seeded, y = make_batch()
+    x, nudge = nudge_input(model, x_seeded)
     r32 = forward_backward(model, x, y, torch.float32)
     r64 = forward_backward(model, x, y, torch.float64)
 
@@ -296,6 +401,17 @@ def compute(out_dir: str, quiet: bool = False) -> dict:
         "running_after": {k: rel_stats(r32["running"][k], r64["running"][k])
                           for k in r32["running"]},
     }
+    # The optimiser steps taken from the float64 gradients (rounded to float32) instead: how much
+    # of the step results' error comes from float32 gradient noise. SGD is linear in g; AdamW's
+    # first step is about lr * sign(g) per element, so elements with |g| near the noise jump.
+    steps64 = {k: optimiser_step(model, {n: g.astype(np.float32) for n, g in r64["grads"].items()},
+                                 k) for k in steps}
+    f64["steps_from_f64_grads"] = {}
+    for k in steps:
+        st = {n: rel_stats(steps[k][n], steps64[k][n].astype(np.float64)) for n, _ in params}
+        worst = max(st, key=lambda n: st[n]["rel_to_max"])
+        f64["steps_from_f64_grads"][k] = {"max_rel_to_max": st[worst]["rel_to_max"],
+                                          "worst_tensor": worst}
     gr = f64["grad"].values()
     f64["grad_summary"] = {
         "max_rel_to_max": max(s["rel_to_max"] for s in gr),
@@ -304,7 +420,7 @@ def compute(out_dir: str, quiet: bool = False) -> dict:
         "worst_tensor_rel_to_max": max(f64["grad"], key=lambda n: f64["grad"][n]["rel_to_max"]),
     }
 
-    ort_err = ort_check(model_path, x, r32["logits"])
+    ort_err, ort_rv = ort_check(model_path, x, r32["logits"], r32["running"])
 
     meta = {
         "command": COMMAND,
@@ -316,8 +432,12 @@ def compute(out_dir: str, quiet: bool = False) -> dict:
                   "model_seed": SEED, "opset": OPSET, "bn_form": "training (5 outputs)",
                   "num_params": int(sum(p.numel() for _, p in params))},
         "batch": {"size": BATCH, "data_seed": DATA_SEED,
-                  "input": "np.random.default_rng(data_seed).standard_normal((8,3,32,32)) as f32",
-                  "labels": "then .integers(0, 10, size=8) from the same generator"},
+                  "input": "np.random.default_rng(data_seed).standard_normal((8,3,32,32)) as f32, "
+                           "then moved (nudge_input) so that every ReLU input is at least "
+                           "relu_margin away from 0",
+                  "labels": "rng.integers(0, 10, size=8) from the same generator, after the "
+                            "input",
+                  "relu_margin": nudge},
         "dtype": "float32 (PyTorch CPU, 1 thread, deterministic algorithms)",
         "mode": "train (BN normalises with batch mean and biased batch variance)",
         "bn": {"eps": BN_EPS, "momentum_pytorch": BN_MOMENTUM, "momentum_onnx_attribute": 0.9,
@@ -343,6 +463,7 @@ def compute(out_dir: str, quiet: bool = False) -> dict:
                    "loss_f64": float(r64["loss"]), "loss_ls_f64": float(r64["loss_ls"])},
         "f32_vs_f64": f64,
         "onnxruntime_logits_max_abs_diff": ort_err,
+        "onnxruntime_bn1_running_var": ort_rv,
     }
 
     tensors_bytes = blob.bytes()
@@ -419,7 +540,7 @@ def write_readme(out_dir: str, index: dict, blob_size: int) -> None:
         "",
         "| key | shape | what |",
         "|---|---|---|",
-        "| `input` | [8,3,32,32] | the batch, seeded standard normal |",
+        "| `input` | [8,3,32,32] | the batch: seeded standard normal, nudged (see below) |",
         "| `labels` | [8] (i64) | class labels in 0..9 |",
         "| `logits` | [8,10] | train-mode forward (BN with batch statistics) |",
         "| `loss` | [] | softmax cross-entropy, mean over the batch |",
@@ -435,6 +556,24 @@ def write_readme(out_dir: str, index: dict, blob_size: int) -> None:
         "`<param>` runs over the 65 trainable parameters (conv weights, BN weight and bias, "
         "`fc.weight`, `fc.bias`); `<bn>` over the 21 BatchNorm modules (`bn1`, "
         "`layer1.0.bn1`, ..., `layer2.0.shortcut.1`, ...).",
+        "",
+        "## The batch",
+        "",
+        "`input` is `np.random.default_rng(20240601).standard_normal((8,3,32,32))` in float32, "
+        "then moved by at most "
+        f"{meta['batch']['relu_margin']['max_abs_change_of_input']:.1e} per element so that "
+        "every ReLU input of the train-mode forward is at least "
+        f"{meta['batch']['relu_margin']['margin']:g} away from 0 "
+        f"(before: {meta['batch']['relu_margin']['within_margin_before']} of the "
+        f"{meta['batch']['relu_margin']['relu_inputs']:,} ReLU inputs were closer, the closest "
+        f"at {meta['batch']['relu_margin']['min_abs_before']:.1e}). Float32 computes these "
+        "pre-activations only to about "
+        f"{meta['batch']['relu_margin']['max_abs_f32_vs_f64']:.0e} (absolute, PyTorch float32 "
+        "against float64); an element that close to 0 can fall on either side of ReLU's kink in "
+        "two correct float32 engines, and then every gradient upstream differs by ~1e-2 "
+        "relative. With the margin the ReLU masks are the same in any reasonable float32 "
+        "engine, so a 1e-4 comparison is meaningful. `labels` come from the same generator "
+        "after the input (`integers(0, 10, size=8)`).",
         "",
         "## Conventions the engine must follow",
         "",
@@ -475,8 +614,23 @@ def write_readme(out_dir: str, index: dict, blob_size: int) -> None:
         "compared with these float32 values should use a tensor-wise relative tolerance "
         "(`|a - ref| <= tol * max|ref|`) rather than a purely elementwise one.",
         "",
+        "Optimiser steps: taken from the float64 gradients instead, the results differ from the "
+        "stored ones (tensor-wise relative) by "
+        + ", ".join(f"{k} {v['max_rel_to_max']:.1e}"
+                    for k, v in f64["steps_from_f64_grads"].items())
+        + ". SGD is linear in the gradient, so an engine's own gradients give its SGD step to "
+        "the same precision as the gradients. AdamW's first step moves each element by about "
+        "lr * sign(g), so elements whose gradient is near float32 noise can move the other way: "
+        "test AdamW by feeding the stored `grad/<param>` to the optimiser and comparing with "
+        "`after_adamw`, not end to end from the engine's own gradients.",
+        "",
         f"onnxruntime runs `model.onnx` on `input` to within "
-        f"{meta['onnxruntime_logits_max_abs_diff']:.1e} (max abs) of `logits`.",
+        f"{meta['onnxruntime_logits_max_abs_diff']:.1e} (max abs) of `logits`. Its running "
+        "variance update (ONNX BN spec) uses the biased batch variance, PyTorch's the unbiased "
+        "one: for `bn1` onnxruntime differs from `running_var_after` by "
+        f"{meta['onnxruntime_bn1_running_var']['running_var_max_abs_diff_vs_torch_unbiased']:.1e} "
+        "and matches the biased formula to "
+        f"{meta['onnxruntime_bn1_running_var']['running_var_max_abs_diff_vs_biased_formula']:.1e}.",
         "",
     ]
     with open(os.path.join(out_dir, "README.md"), "w") as f:
@@ -522,6 +676,12 @@ def main() -> int:
           f"({s['worst_tensor_rel_to_max']}), max rel_l2 {s['max_rel_l2']:.2e}, "
           f"max elementwise rel {s['max_max_elem_rel']:.2e}")
     print(f"onnxruntime logits max abs diff {meta['onnxruntime_logits_max_abs_diff']:.2e}")
+    r = meta["batch"]["relu_margin"]
+    print(f"input nudge: {r['within_margin_before']} ReLU inputs within {r['margin']} of 0 "
+          f"before, {r['sweeps']} sweeps, max change {r['max_abs_change_of_input']:.2e}")
+    print("steps from f64 grads vs stored: " + ", ".join(
+        f"{k} {v['max_rel_to_max']:.1e}"
+        for k, v in meta["f32_vs_f64"]["steps_from_f64_grads"].items()))
     ref = os.path.join(os.path.dirname(HERE), "models", "resnet20.onnx")
     if os.path.exists(ref):
         same = filecmp.cmp(ref, os.path.join(args.out, "model.onnx"), shallow=False)

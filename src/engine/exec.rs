@@ -85,7 +85,7 @@ impl Session {
         }
     }
 
-    fn get<'a>(&'a self, src: Src) -> Result<&'a ArrayD<f32>> {
+    fn get(&self, src: Src) -> Result<&ArrayD<f32>> {
         Ok(match src {
             Src::Slot(k) => self.values[k].as_ref().ok_or_else(|| {
                 anyhow!("value slot {k} read before it was computed or after it was freed")
