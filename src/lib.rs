@@ -10,6 +10,7 @@ extern crate blas_src;
 pub mod data;
 #[cfg(not(elrt_no_engine))]
 pub mod engine;
+pub mod cli_train;
 pub mod ir;
 pub mod inspect;
 pub mod onnx;

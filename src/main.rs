@@ -31,6 +31,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train a model (any supported architecture) on CIFAR, an image folder or synthetic data.
+    Train(elrt::cli_train::TrainArgs),
+    /// Top-1 / top-5 accuracy of a model on a data set's test split.
+    Eval(elrt::cli_train::EvalArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -51,6 +55,8 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.to_text());
             }
         }
+        Cmd::Train(a) => elrt::cli_train::train(a)?,
+        Cmd::Eval(a) => elrt::cli_train::eval(a)?,
     }
     Ok(())
 }

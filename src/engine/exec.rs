@@ -33,9 +33,10 @@ pub struct Session {
     saved: Vec<Saved>,
     /// Step at which each slot is read for the last time (for freeing in eval).
     last_use: Vec<usize>,
-    /// Mixed into dropout masks; advanced every training forward.
+    /// Dropout masks come from `(dropout_seed, dropout_step, node)`, so a resumed run draws the
+    /// same masks as an uninterrupted one; the trainer sets the step before each forward.
     pub dropout_seed: u64,
-    forward_count: u64,
+    pub dropout_step: u64,
 }
 
 fn view4<'a>(a: &'a ArrayD<f32>, step: &Step) -> Result<ArrayView4<'a, f32>> {
@@ -81,7 +82,7 @@ impl Session {
             last_use,
             program,
             dropout_seed: 0,
-            forward_count: 0,
+            dropout_step: 0,
         }
     }
 
@@ -100,7 +101,6 @@ impl Session {
         self.values.iter_mut().for_each(|v| *v = None);
         self.saved.clear();
         self.values[self.program.input_slot] = Some(x);
-        self.forward_count += 1;
         for i in 0..self.program.steps.len() {
             let (outs, saved) = self.run_step(i, mode).with_context(|| {
                 format!(
@@ -227,7 +227,7 @@ impl Session {
                     one(x.clone())
                 } else {
                     let keep = 1.0 - ratio;
-                    let mut rng = Rng::derive(self.dropout_seed, &[self.forward_count, i as u64]);
+                    let mut rng = Rng::derive(self.dropout_seed, &[self.dropout_step, i as u64]);
                     let mask = ArrayD::from_shape_fn(x.raw_dim(), |_| {
                         if rng.uniform() < keep {
                             1.0 / keep

@@ -1,4 +1,8 @@
 //! Training: optimisers, learning-rate schedules, the training loop and its checkpoints.
 
+pub mod checkpoint;
+pub mod curve;
+pub mod init;
 pub mod optim;
+pub mod run;
 pub mod schedule;

