@@ -295,3 +295,117 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args, Debug, Clone)]
+pub struct SpeedArgs {
+    /// The ONNX model to time.
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Print per-op forward/backward times.
+    #[arg(long)]
+    pub profile: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct SpeedReport {
+    model: String,
+    batch: usize,
+    threads: usize,
+    steps: usize,
+    ms_per_step: f64,
+    img_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    peak_rss_mib: f64,
+    profile: Vec<(String, String, f64)>,
+}
+
+/// Peak resident set size of this process in MiB, from /proc (Linux).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// `elrt speed`: training-step throughput on random data (no data loading), the figure the
+/// benchmarks compare with PyTorch.
+pub fn speed(a: SpeedArgs) -> Result<()> {
+    use crate::engine::exec::Mode;
+    use crate::engine::ops::SoftmaxCrossEntropy;
+    use ndarray::{ArrayD, Ix2, IxDyn};
+    let threads = set_threads(a.threads)?;
+    let mut graph = crate::onnx::read_file(&a.model)?;
+    bn_insert::apply(&mut graph, BnPolicy::Auto);
+    let mut m = Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
+    let mut r = crate::rng::Rng::new(1);
+    let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());
+    let labels: Vec<usize> = (0..a.batch).map(|i| i % m.classes).collect();
+    let ce = SoftmaxCrossEntropy {
+        label_smoothing: 0.0,
+    };
+    let step = |m: &mut Model| -> Result<()> {
+        let logits = m.forward(x.clone(), Mode::Train)?;
+        let (_, d) = ce.loss_and_grad(logits.view().into_dimensionality::<Ix2>()?, &labels)?;
+        m.session.backward(d.into_dyn())
+    };
+    step(&mut m)?;
+    if a.profile {
+        m.session.profile = Some(Default::default());
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..a.steps {
+        step(&mut m)?;
+    }
+    let total = t0.elapsed().as_secs_f64();
+    let mut profile: Vec<(String, String, f64)> = m
+        .session
+        .profile
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|((op, bwd), s)| {
+            let dir = if bwd { "backward" } else { "forward" };
+            (op.to_string(), dir.to_string(), 1e3 * s / a.steps as f64)
+        })
+        .collect();
+    profile.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let rep = SpeedReport {
+        model: a.model.display().to_string(),
+        batch: a.batch,
+        threads,
+        steps: a.steps,
+        ms_per_step: 1e3 * total / a.steps as f64,
+        img_per_s: (a.batch * a.steps) as f64 / total,
+        peak_rss_mib: peak_rss_mib(),
+        profile,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB",
+            rep.model, rep.batch, rep.threads, rep.ms_per_step, rep.img_per_s, rep.peak_rss_mib
+        );
+        for (op, dir, ms) in &rep.profile {
+            println!(
+                "  {op:<20} {dir:<8} {ms:>8.1} ms/step {:>5.1}%",
+                100.0 * ms / rep.ms_per_step
+            );
+        }
+    }
+    Ok(())
+}

@@ -35,6 +35,8 @@ enum Cmd {
     Train(elrt::cli_train::TrainArgs),
     /// Top-1 / top-5 accuracy of a model on a data set's test split.
     Eval(elrt::cli_train::EvalArgs),
+    /// Training-step throughput (img/s) and peak memory on random data, optionally per op.
+    Speed(elrt::cli_train::SpeedArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -57,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Train(a) => elrt::cli_train::train(a)?,
         Cmd::Eval(a) => elrt::cli_train::eval(a)?,
+        Cmd::Speed(a) => elrt::cli_train::speed(a)?,
     }
     Ok(())
 }

@@ -37,6 +37,8 @@ pub struct Session {
     /// same masks as an uninterrupted one; the trainer sets the step before each forward.
     pub dropout_seed: u64,
     pub dropout_step: u64,
+    /// Seconds spent per op type, forward and backward, when profiling is on.
+    pub profile: Option<std::collections::BTreeMap<(&'static str, bool), f64>>,
 }
 
 fn view4<'a>(a: &'a ArrayD<f32>, step: &Step) -> Result<ArrayView4<'a, f32>> {
@@ -83,6 +85,7 @@ impl Session {
             program,
             dropout_seed: 0,
             dropout_step: 0,
+            profile: None,
         }
     }
 
@@ -102,12 +105,17 @@ impl Session {
         self.saved.clear();
         self.values[self.program.input_slot] = Some(x);
         for i in 0..self.program.steps.len() {
+            let t0 = std::time::Instant::now();
             let (outs, saved) = self.run_step(i, mode).with_context(|| {
                 format!(
                     "node '{}' ({})",
                     self.program.steps[i].name, self.program.steps[i].op_type
                 )
             })?;
+            if let Some(p) = &mut self.profile {
+                *p.entry((self.program.steps[i].op_type, false)).or_default() +=
+                    t0.elapsed().as_secs_f64();
+            }
             let step = &self.program.steps[i];
             for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
                 self.values[slot] = Some(v);
@@ -259,9 +267,14 @@ impl Session {
             if dys.iter().all(Option::is_none) {
                 continue;
             }
+            let t0 = std::time::Instant::now();
             let din = self
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
+            if let Some(p) = &mut self.profile {
+                *p.entry((self.program.steps[i].op_type, true)).or_default() +=
+                    t0.elapsed().as_secs_f64();
+            }
             let step = &self.program.steps[i];
             for (src, g) in step.inputs.clone().into_iter().zip(din) {
                 let Some(g) = g else { continue };
