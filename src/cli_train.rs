@@ -70,6 +70,9 @@ pub struct TrainArgs {
     /// No random crop and flip.
     #[arg(long)]
     pub no_augment: bool,
+    /// Double soft orthogonality strength rho on the Tucker-2/CP factor matrices (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub orth: f32,
     /// Continue from the checkpoint beside the output.
     #[arg(long)]
     pub resume: bool,
@@ -208,7 +211,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         max_steps: a.max_steps,
         workers: a.workers,
         augment: !a.no_augment,
+        orth: a.orth,
     };
+    if !(a.orth >= 0.0 && a.orth.is_finite()) {
+        bail!("--orth must be a non-negative number");
+    }
     let files = RunFiles::beside(&output);
     if a.resume && !files.checkpoint.exists() {
         bail!("--resume: no checkpoint at {}", files.checkpoint.display());

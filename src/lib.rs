@@ -10,9 +10,11 @@ extern crate blas_src;
 pub mod data;
 #[cfg(not(elrt_no_engine))]
 pub mod engine;
+pub mod cli_convert;
 pub mod cli_train;
 pub mod ir;
 pub mod inspect;
+pub mod lowrank;
 pub mod onnx;
 pub mod rng;
 pub mod train;

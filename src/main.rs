@@ -35,6 +35,8 @@ enum Cmd {
     Train(elrt::cli_train::TrainArgs),
     /// Top-1 / top-5 accuracy of a model on a data set's test split.
     Eval(elrt::cli_train::EvalArgs),
+    /// Rewrite every eligible conv into Tucker-2 or CP form with fresh or decomposed factors.
+    Convert(elrt::cli_convert::ConvertArgs),
     /// Training-step throughput (img/s) and peak memory on random data, optionally per op.
     Speed(elrt::cli_train::SpeedArgs),
 }
@@ -60,6 +62,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => elrt::cli_train::train(a)?,
         Cmd::Eval(a) => elrt::cli_train::eval(a)?,
         Cmd::Speed(a) => elrt::cli_train::speed(a)?,
+        Cmd::Convert(a) => {
+            let json = a.json;
+            let r = elrt::cli_convert::run(a)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", r.to_text());
+            }
+        }
     }
     Ok(())
 }

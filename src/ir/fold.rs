@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 
 use super::shape::{dyn_slice_params, infer, Facts};
-use super::{Graph, Op};
+use super::{Graph, Op, Tensor};
 
 #[derive(Clone, Copy, Debug)]
 pub struct FoldOptions {
@@ -19,7 +19,8 @@ pub fn simplify(
     opts: FoldOptions,
 ) -> Result<Facts> {
     let facts = infer(graph, input_shapes)?;
-    fold_constants(graph, &facts);
+    let folded = fold_constants(graph, &facts);
+    keep_batch_in_folded_reshapes(graph, &facts, &folded);
     resolve_dynamic(graph, &facts)?;
     remove_passthrough(graph, opts);
     graph.prune();
@@ -27,8 +28,10 @@ pub fn simplify(
     infer(graph, input_shapes)
 }
 
-/// Replaces every node whose outputs are all known before run time by initializers.
-fn fold_constants(graph: &mut Graph, facts: &Facts) {
+/// Replaces every node whose outputs are all known before run time by initializers; returns
+/// the names of the initializers it made.
+fn fold_constants(graph: &mut Graph, facts: &Facts) -> Vec<String> {
+    let mut made = Vec::new();
     let mut kept = Vec::with_capacity(graph.nodes.len());
     for node in std::mem::take(&mut graph.nodes) {
         let values: Option<Vec<_>> = node
@@ -41,12 +44,39 @@ fn fold_constants(graph: &mut Graph, facts: &Facts) {
             Some(vals) if !vals.is_empty() && !is_graph_output(graph, &node.outputs) => {
                 for (name, v) in node.outputs.iter().filter(|o| !o.is_empty()).zip(vals) {
                     graph.initializers.insert(name.clone(), v);
+                    made.push(name.clone());
                 }
             }
             _ => kept.push(node),
         }
     }
     graph.nodes = kept;
+    made
+}
+
+/// A Reshape target computed from the activation's shape (`Shape -> Gather -> Concat`) folds to
+/// the batch size it was inferred at. Writing its batch entry as 0 ("copy the input's") keeps
+/// the folded graph valid for every batch size, as the computed form was.
+fn keep_batch_in_folded_reshapes(graph: &mut Graph, facts: &Facts, folded: &[String]) {
+    for n in &graph.nodes {
+        let Op::Reshape { allowzero: false } = n.op else {
+            continue;
+        };
+        let Some(shape_name) = n.input(1) else {
+            continue;
+        };
+        if !folded.iter().any(|f| f == shape_name) {
+            continue;
+        }
+        let Some(x) = facts.get(&n.inputs[0]) else {
+            continue;
+        };
+        if let Some(Tensor::I64(t)) = graph.initializers.get_mut(shape_name) {
+            if t.ndim() == 1 && t.len() > 1 && !x.shape.is_empty() && t[0] == x.shape[0] as i64 {
+                t[0] = 0;
+            }
+        }
+    }
 }
 
 /// Turns ops whose operands were computed at run time into their constant-operand form, now

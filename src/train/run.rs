@@ -41,6 +41,9 @@ pub struct TrainConfig {
     /// Data loader worker threads.
     pub workers: usize,
     pub augment: bool,
+    /// DSO strength rho on the low-rank factor matrices (0: off).
+    #[serde(default)]
+    pub orth: f32,
 }
 
 /// Files a run writes next to its output.
@@ -76,6 +79,9 @@ pub struct EpochMetrics {
     pub img_per_s: f64,
     pub epoch_s: f64,
     pub wall_s: f64,
+    /// Mean DSO penalty over the epoch's steps (0 when off).
+    #[serde(default)]
+    pub orth: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -204,6 +210,10 @@ impl Trainer<'_> {
         let ce = SoftmaxCrossEntropy {
             label_smoothing: self.cfg.label_smoothing,
         };
+        let orth_terms = crate::lowrank::orth::terms(&self.model.session.program);
+        if self.cfg.orth > 0.0 && orth_terms.is_empty() {
+            eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
+        }
         let start = Instant::now();
         let wall0 = self.history.last().map_or(0.0, |m| m.wall_s);
         while pos.epoch < self.cfg.epochs {
@@ -211,6 +221,7 @@ impl Trainer<'_> {
             bar.set_position(pos.batch as u64);
             let t0 = Instant::now();
             let (mut seen, mut loss_sum, mut correct) = (0usize, 0f64, 0usize);
+            let (mut orth_sum, mut steps_done) = (0f64, 0usize);
             let mut lr = self.cfg.lr;
             for b in loader.epoch_from(pos.epoch, pos.batch) {
                 lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
@@ -232,6 +243,12 @@ impl Trainer<'_> {
                 seen += b.labels.len();
                 loss_sum += loss as f64 * b.labels.len() as f64;
                 self.model.session.backward(dlogits.into_dyn())?;
+                orth_sum += crate::lowrank::orth::apply(
+                    &mut self.model.session.program,
+                    &orth_terms,
+                    self.cfg.orth,
+                );
+                steps_done += 1;
                 let params = &mut self.model.session.program.params;
                 let mut refs: Vec<ParamRef> = params
                     .iter_mut()
@@ -288,6 +305,7 @@ impl Trainer<'_> {
                 img_per_s: seen as f64 / epoch_s.max(1e-9),
                 epoch_s,
                 wall_s: wall0 + start.elapsed().as_secs_f64(),
+                orth: orth_sum / steps_done.max(1) as f64,
             };
             self.log(&m)?;
             let limit = self.cfg.max_steps.is_some_and(|mx| pos.step >= mx);
@@ -334,8 +352,13 @@ impl Trainer<'_> {
     }
 
     fn log(&mut self, m: &EpochMetrics) -> Result<()> {
+        let orth = if self.cfg.orth > 0.0 {
+            format!("  dso {:.4}", m.orth)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}% top-5 {:.2}%  {:.0} img/s  {:.0}s",
+            "epoch {:>3}/{}  lr {:.4}  train loss {:.4} acc {:.2}%  test loss {:.4} acc {:.2}% top-5 {:.2}%{orth}  {:.0} img/s  {:.0}s",
             m.epoch,
             self.cfg.epochs,
             m.lr,

@@ -1,0 +1,189 @@
+//! `elrt convert`: the low-rank rewrite as a command.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::inspect::group_digits;
+use crate::ir::fold::{simplify, FoldOptions};
+use crate::ir::shape::default_input_shapes;
+use crate::lowrank::rank::RankPolicy;
+use crate::lowrank::{convert, ConvertOptions, Format, InitMode, LayerReport};
+
+#[derive(Args, Debug, Clone)]
+pub struct ConvertArgs {
+    /// The ONNX model (an architecture, or a trained model with --init decompose).
+    pub model: PathBuf,
+    /// tucker2 | cp
+    #[arg(long, default_value = "tucker2")]
+    pub format: String,
+    /// ratio=F | params=F | macs=F | energy=F | a JSON file of per-layer ranks
+    #[arg(long, default_value = "ratio=0.5")]
+    pub ranks: String,
+    /// Round ranks to a multiple of this.
+    #[arg(long, default_value_t = 8)]
+    pub rank_multiple: usize,
+    /// Factorize the first conv (the one reading the image) too.
+    #[arg(long)]
+    pub include_first: bool,
+    /// scratch | orthogonal | decompose (factors of the file's trained kernels)
+    #[arg(long, default_value = "scratch")]
+    pub init: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// HOOI sweeps after HOSVD (--init decompose, Tucker-2).
+    #[arg(long, default_value_t = 10)]
+    pub hooi_iters: usize,
+    /// ALS sweeps (--init decompose, CP).
+    #[arg(long, default_value_t = 50)]
+    pub cp_iters: usize,
+    /// Output ONNX file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+pub struct ConvertReport {
+    pub model: String,
+    pub output: String,
+    pub format: Format,
+    pub ranks: String,
+    pub init: InitMode,
+    pub params_before: u64,
+    pub params_after: u64,
+    pub macs_before: u64,
+    pub macs_after: u64,
+    pub layers: Vec<LayerReport>,
+}
+
+pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
+    let format: Format = a.format.parse()?;
+    let ranks: RankPolicy = a.ranks.parse()?;
+    let init: InitMode = a.init.parse()?;
+    if a.output.extension().is_none_or(|e| e != "onnx") {
+        bail!(
+            "-o {}: the output must be an .onnx file",
+            a.output.display()
+        );
+    }
+    let mut g = crate::onnx::read_file(&a.model)?;
+    let shapes = default_input_shapes(&g).with_context(|| a.model.display().to_string())?;
+    let facts = simplify(
+        &mut g,
+        &shapes,
+        FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .with_context(|| a.model.display().to_string())?;
+    let before = crate::ir::cost::cost(&g, &facts).totals;
+    let opts = ConvertOptions {
+        format,
+        ranks,
+        rank_multiple: a.rank_multiple,
+        include_first: a.include_first,
+        init,
+        seed: a.seed,
+        hooi_iters: a.hooi_iters,
+        cp_iters: a.cp_iters,
+    };
+    let layers = convert(&mut g, &facts, &opts).with_context(|| a.model.display().to_string())?;
+    let facts2 = crate::ir::shape::infer(&g, &shapes)?;
+    let after = crate::ir::cost::cost(&g, &facts2).totals;
+    g.meta
+        .metadata_props
+        .retain(|(k, _)| !k.starts_with("elrt."));
+    g.meta.metadata_props.extend([
+        ("elrt.source".to_string(), a.model.display().to_string()),
+        ("elrt.format".to_string(), a.format.clone()),
+        ("elrt.ranks".to_string(), a.ranks.clone()),
+        ("elrt.init".to_string(), a.init.clone()),
+    ]);
+    if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+    }
+    crate::onnx::write_file(&g, &a.output)?;
+    Ok(ConvertReport {
+        model: a.model.display().to_string(),
+        output: a.output.display().to_string(),
+        format,
+        ranks: a.ranks.clone(),
+        init,
+        params_before: before.params,
+        params_after: after.params,
+        macs_before: before.macs,
+        macs_after: after.macs,
+        layers,
+    })
+}
+
+impl ConvertReport {
+    pub fn to_text(&self) -> String {
+        let mut rows = vec![[
+            "layer".to_string(),
+            "weight".into(),
+            "ranks".into(),
+            "params".into(),
+            "MACs".into(),
+            "status".into(),
+        ]];
+        for l in &self.layers {
+            let err = l
+                .rel_error
+                .map(|e| format!(" (rel. error {e:.3})"))
+                .unwrap_or_default();
+            rows.push([
+                l.layer.clone(),
+                format!("{:?}", l.weight_shape),
+                if l.ranks.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:?}", l.ranks)
+                },
+                format!(
+                    "{} -> {}",
+                    group_digits(l.params_before),
+                    group_digits(l.params_after)
+                ),
+                format!(
+                    "{} -> {}",
+                    group_digits(l.macs_before),
+                    group_digits(l.macs_after)
+                ),
+                format!("{}{err}", l.status),
+            ]);
+        }
+        let mut w = [0usize; 6];
+        for r in &rows {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.len());
+            }
+        }
+        let mut out = String::new();
+        for r in &rows {
+            let line: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+                .collect();
+            out.push_str(line.join("  ").trim_end());
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "total: params {} -> {} ({:.2}x fewer), MACs {} -> {} ({:.2}x fewer)\nwrote {}\n",
+            group_digits(self.params_before),
+            group_digits(self.params_after),
+            self.params_before as f64 / self.params_after.max(1) as f64,
+            group_digits(self.macs_before),
+            group_digits(self.macs_after),
+            self.macs_before as f64 / self.macs_after.max(1) as f64,
+            self.output
+        ));
+        out
+    }
+}

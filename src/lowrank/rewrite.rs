@@ -1,0 +1,680 @@
+//! The low-rank rewrite pass: each eligible Conv becomes a Tucker-2 or CP chain.
+//!
+//! Tucker-2: Conv1x1 (C_in -> r_in) -> Conv kxk (r_in -> r_out, the original strides, pads and
+//! dilations) -> Conv1x1 (r_out -> C_out, the original bias). CP: Conv1x1 (C_in -> r) -> kx1
+//! depthwise -> 1xk depthwise -> Conv1x1 (r -> C_out). The last factor writes the original
+//! output value, so a BatchNormalization after the conv stays after the chain. Names come from
+//! the source layer: `<layer>/tucker2/u1`, `/core`, `/u2` (nodes), with `.weight` initializers.
+//!
+//! From-scratch initialisation keeps the composed kernel at Kaiming's variance (fan_out, ReLU
+//! gain), 2 / (C_out k^2), and each factor at unit gain: with independent zero-mean factors,
+//! Var(W) = r_in r_out Var(U1) Var(G) Var(U2). Choosing Var(U1) = 1/C_in and
+//! Var(G) = 1/(r_in k^2) preserves the signal through the first two convs, and
+//! Var(U2) = 2 C_in / (C_out r_out) then gives Var(W) = 2 / (C_out k^2) exactly, so the chain
+//! starts like the dense layer it replaces. CP likewise: Var(U1) = 1/C_in, Var(V) = 1/kh,
+//! Var(H) = 1/kw, Var(U2) = 2 C_in / (C_out r).
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ndarray::{Array4, ArrayD, IxDyn};
+use serde::Serialize;
+
+use super::decompose;
+use super::rank::{read_rank_file, round_rank, RankPolicy};
+use crate::ir::ops::{AutoPad, Conv};
+use crate::ir::shape::Facts;
+use crate::ir::{Graph, Node, Op, Tensor};
+use crate::rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Format {
+    Tucker2,
+    Cp,
+}
+
+impl std::str::FromStr for Format {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Format> {
+        Ok(match s {
+            "tucker2" | "tucker" => Format::Tucker2,
+            "cp" => Format::Cp,
+            o => bail!("--format '{o}': expected tucker2 or cp"),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum InitMode {
+    /// Gaussian factors at the variances derived in the module docs.
+    Scratch,
+    /// Orthogonal U1, U2 (QR of a Gaussian), Gaussian core at the matching variance.
+    Orthogonal,
+    /// Factors of the file's trained kernel: HOSVD refined by HOOI (Tucker-2), ALS (CP).
+    Decompose,
+}
+
+impl std::str::FromStr for InitMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<InitMode> {
+        Ok(match s {
+            "scratch" => InitMode::Scratch,
+            "orthogonal" => InitMode::Orthogonal,
+            "decompose" => InitMode::Decompose,
+            o => bail!("--init '{o}': expected scratch, orthogonal or decompose"),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub format: Format,
+    pub ranks: RankPolicy,
+    pub rank_multiple: usize,
+    /// Factorize the first conv (the one reading the image) too.
+    pub include_first: bool,
+    pub init: InitMode,
+    pub seed: u64,
+    pub hooi_iters: usize,
+    pub cp_iters: usize,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct LayerReport {
+    pub layer: String,
+    pub node: String,
+    pub weight_shape: Vec<usize>,
+    /// [r_in, r_out] (Tucker-2) or [r] (CP); empty when skipped.
+    pub ranks: Vec<usize>,
+    pub params_before: u64,
+    pub params_after: u64,
+    pub macs_before: u64,
+    pub macs_after: u64,
+    /// "factorized", or why the layer was left as it is.
+    pub status: String,
+    /// ||W - W~|| / ||W|| of the decomposition (decompose init only).
+    pub rel_error: Option<f64>,
+}
+
+/// A conv the pass may factorize, with what the cost model needs.
+struct Candidate {
+    node: usize,
+    layer: String,
+    w: [usize; 4],
+    in_hw: [usize; 2],
+    out_hw: [usize; 2],
+    has_bias: bool,
+    /// Why it is not eligible, if so.
+    skip: Option<String>,
+}
+
+/// The layer's name: its weight initializer without a trailing `.weight` (PyTorch's module
+/// path), or, where the exporter generated the weight's name (`onnx::Conv_212`), the module
+/// path recovered from the node name (`/layer1/layer1.1/conv1/Conv` -> `layer1.1.conv1`).
+fn layer_name(graph: &Graph, n: &Node) -> String {
+    let w = &n.inputs[1];
+    if graph.initializers.contains_key(w) && !w.starts_with("onnx::") {
+        return w.strip_suffix(".weight").unwrap_or(w).to_string();
+    }
+    let segs: Vec<&str> = n.name.split('/').filter(|s| !s.is_empty()).collect();
+    match segs.as_slice() {
+        [.., p, s, _op] if !s.starts_with(p) => format!("{p}.{s}"),
+        [.., s, _op] => s.to_string(),
+        _ => n.name.clone(),
+    }
+}
+
+fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec<Candidate>> {
+    let input = graph
+        .inputs
+        .first()
+        .map(|i| i.name.clone())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let Op::Conv(c) = &n.op else { continue };
+        let shape = |v: &str| {
+            facts
+                .get(v)
+                .map(|f| f.shape.clone())
+                .ok_or_else(|| anyhow!("no shape for '{v}'"))
+        };
+        let w = shape(&n.inputs[1])?;
+        if w.len() != 4 {
+            continue;
+        }
+        let x = shape(&n.inputs[0])?;
+        let y = shape(&n.outputs[0])?;
+        let wa = [w[0], w[1], w[2], w[3]];
+        let skip = if !graph.initializers.contains_key(&n.inputs[1]) {
+            Some("weight is computed, not an initializer".to_string())
+        } else if c.group > 1 && w[1] == 1 {
+            Some("depthwise conv left as it is".to_string())
+        } else if c.group > 1 {
+            Some(format!("grouped conv (group {}) left as it is", c.group))
+        } else if w[2] * w[3] == 1 {
+            Some("1x1 conv left as it is".to_string())
+        } else if n.inputs[0] == input && !opts.include_first {
+            Some("first conv left full rank (--include-first to factorize it)".to_string())
+        } else {
+            None
+        };
+        out.push(Candidate {
+            node: i,
+            layer: layer_name(graph, n),
+            w: wa,
+            in_hw: [x[2], x[3]],
+            out_hw: [y[2], y[3]],
+            has_bias: n.input(2).is_some(),
+            skip,
+        });
+    }
+    Ok(out)
+}
+
+/// Params and MACs of the dense layer and of its factorization at `ranks`.
+fn costs(c: &Candidate, format: Format, ranks: &[usize]) -> (u64, u64, u64, u64) {
+    let [co, ci, kh, kw] = c.w.map(|v| v as u64);
+    let (hin, win) = (c.in_hw[0] as u64, c.in_hw[1] as u64);
+    let (ho, wo) = (c.out_hw[0] as u64, c.out_hw[1] as u64);
+    let bias = if c.has_bias { co } else { 0 };
+    let p0 = co * ci * kh * kw + bias;
+    let m0 = ho * wo * co * ci * kh * kw;
+    let (p1, m1) = match format {
+        Format::Tucker2 => {
+            let (ri, ro) = (ranks[0] as u64, ranks[1] as u64);
+            (
+                ci * ri + ro * ri * kh * kw + co * ro + bias,
+                hin * win * ci * ri + ho * wo * ro * ri * kh * kw + ho * wo * co * ro,
+            )
+        }
+        Format::Cp => {
+            let r = ranks[0] as u64;
+            (
+                ci * r + r * kh + r * kw + co * r + bias,
+                hin * win * ci * r + ho * win * r * kh + ho * wo * r * kw + ho * wo * co * r,
+            )
+        }
+    };
+    (p0, p1, m0, m1)
+}
+
+/// Ranks for a layer at a uniform channel ratio `t`.
+fn ratio_ranks(c: &Candidate, format: Format, t: f64, multiple: usize) -> Vec<usize> {
+    let [co, ci, _, _] = c.w;
+    match format {
+        Format::Tucker2 => vec![
+            round_rank(t * ci as f64, multiple, ci),
+            round_rank(t * co as f64, multiple, co),
+        ],
+        Format::Cp => vec![round_rank(t * co.max(ci) as f64, multiple, usize::MAX)],
+    }
+}
+
+/// Total (params, MACs) of the whole model if every eligible layer took `ranks[i]` (skipping
+/// factorizations that would not save).
+fn model_totals(
+    base: (u64, u64),
+    cands: &[Candidate],
+    format: Format,
+    ranks: &[Option<Vec<usize>>],
+) -> (u64, u64) {
+    let (mut p, mut m) = base;
+    for (c, r) in cands.iter().zip(ranks) {
+        if let Some(r) = r {
+            let (p0, p1, m0, m1) = costs(c, format, r);
+            if p1 < p0 || m1 < m0 {
+                p = p - p0 + p1;
+                m = m - m0 + m1;
+            }
+        }
+    }
+    (p, m)
+}
+
+/// Rewrites `graph` (simplified for `facts`) in place; returns one report per conv.
+pub fn convert(
+    graph: &mut Graph,
+    facts: &Facts,
+    opts: &ConvertOptions,
+) -> Result<Vec<LayerReport>> {
+    if opts.rank_multiple == 0 {
+        bail!("--rank-multiple must be at least 1");
+    }
+    let cands = candidates(graph, facts, opts)?;
+    let eligible: Vec<bool> = cands.iter().map(|c| c.skip.is_none()).collect();
+    let base = {
+        let cost = crate::ir::cost::cost(graph, facts);
+        (cost.totals.params, cost.totals.macs)
+    };
+    // Ranks per candidate.
+    let mut ranks: Vec<Option<Vec<usize>>> = vec![None; cands.len()];
+    let mut errors: BTreeMap<String, f64> = BTreeMap::new();
+    match &opts.ranks {
+        RankPolicy::Ratio(t) => {
+            for (i, c) in cands.iter().enumerate() {
+                if eligible[i] {
+                    ranks[i] = Some(ratio_ranks(c, opts.format, *t as f64, opts.rank_multiple));
+                }
+            }
+        }
+        RankPolicy::Params(target) | RankPolicy::Macs(target) => {
+            let by_params = matches!(opts.ranks, RankPolicy::Params(_));
+            let at = |t: f64| -> (Vec<Option<Vec<usize>>>, f64) {
+                let r: Vec<Option<Vec<usize>>> = cands
+                    .iter()
+                    .zip(&eligible)
+                    .map(|(c, &e)| e.then(|| ratio_ranks(c, opts.format, t, opts.rank_multiple)))
+                    .collect();
+                let (p, m) = model_totals(base, &cands, opts.format, &r);
+                let frac = if by_params {
+                    p as f64 / base.0 as f64
+                } else {
+                    m as f64 / base.1 as f64
+                };
+                (r, frac)
+            };
+            // The largest uniform ratio that meets the target (the fraction grows with t).
+            // Tucker-2 ranks stop at the channel counts; a CP rank may exceed them.
+            let top = if opts.format == Format::Cp { 16.0 } else { 1.0 };
+            let (mut lo, mut hi) = (1e-4f64, top);
+            if at(lo).1 > *target as f64 {
+                let floor = at(lo).1;
+                bail!(
+                    "--ranks {}={target}: unreachable, factorizing every eligible layer at the smallest ranks keeps {:.3} of the model's {}",
+                    if by_params { "params" } else { "macs" },
+                    floor,
+                    if by_params { "params" } else { "MACs" }
+                );
+            }
+            for _ in 0..50 {
+                let mid = 0.5 * (lo + hi);
+                if at(mid).1 <= *target as f64 {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            ranks = at(lo).0;
+        }
+        RankPolicy::Energy(e) => {
+            if opts.init != InitMode::Decompose {
+                bail!("--ranks energy=F needs --init decompose (it reads the trained kernels)");
+            }
+            for (i, c) in cands.iter().enumerate() {
+                if !eligible[i] {
+                    continue;
+                }
+                let w = weight4(graph, &graph.nodes[c.node])?;
+                let (ri, ro) = decompose::energy_ranks(w.view(), *e as f64);
+                ranks[i] = Some(match opts.format {
+                    Format::Tucker2 => vec![
+                        round_rank(ri as f64, opts.rank_multiple, c.w[1]).max(ri.min(c.w[1])),
+                        round_rank(ro as f64, opts.rank_multiple, c.w[0]).max(ro.min(c.w[0])),
+                    ],
+                    Format::Cp => vec![round_rank(
+                        ri.max(ro) as f64,
+                        opts.rank_multiple,
+                        usize::MAX,
+                    )],
+                });
+            }
+        }
+        RankPolicy::File(path) => {
+            let file = read_rank_file(path)?;
+            for name in file.keys() {
+                let Some(i) = cands.iter().position(|c| &c.layer == name) else {
+                    let known: Vec<&str> = cands
+                        .iter()
+                        .filter(|c| c.skip.is_none())
+                        .map(|c| c.layer.as_str())
+                        .collect();
+                    bail!(
+                        "{}: unknown layer '{name}' (factorizable layers: {})",
+                        path.display(),
+                        known.join(", ")
+                    );
+                };
+                let c = &cands[i];
+                let r = &file[name];
+                if let Some(why) = &c.skip {
+                    let grouped = conv_of(&graph.nodes[c.node]).group > 1;
+                    if grouped && opts.format == Format::Cp {
+                        bail!(
+                            "{}: layer '{name}': CP asked of a grouped conv ({why})",
+                            path.display()
+                        );
+                    }
+                    if why.starts_with("first conv") {
+                        // Naming the first conv in a ranks file is asking for it.
+                    } else {
+                        bail!(
+                            "{}: layer '{name}' cannot be factorized: {why}",
+                            path.display()
+                        );
+                    }
+                }
+                let want = if opts.format == Format::Tucker2 { 2 } else { 1 };
+                if r.len() != want {
+                    bail!(
+                        "{}: layer '{name}': {} ranks given, {} expects {want}",
+                        path.display(),
+                        r.len(),
+                        if want == 2 {
+                            "tucker2 ([r_in, r_out])"
+                        } else {
+                            "cp (r)"
+                        }
+                    );
+                }
+                if opts.format == Format::Tucker2 && (r[0] > c.w[1] || r[1] > c.w[0]) {
+                    bail!(
+                        "{}: layer '{name}': ranks {:?} exceed its channels ({} in, {} out)",
+                        path.display(),
+                        r,
+                        c.w[1],
+                        c.w[0]
+                    );
+                }
+                ranks[i] = Some(r.clone());
+            }
+        }
+    }
+
+    // Rewrite, last node first so indices stay valid.
+    let mut reports: Vec<LayerReport> = Vec::with_capacity(cands.len());
+    let mut rewrites: Vec<(usize, Vec<Node>, Vec<(String, Tensor)>)> = Vec::new();
+    for (i, c) in cands.iter().enumerate() {
+        let node = &graph.nodes[c.node];
+        let dense = costs(c, opts.format, &[1, 1]);
+        let mut rep = LayerReport {
+            layer: c.layer.clone(),
+            node: node.name.clone(),
+            weight_shape: c.w.to_vec(),
+            ranks: vec![],
+            params_before: dense.0,
+            params_after: dense.0,
+            macs_before: dense.2,
+            macs_after: dense.2,
+            status: c.skip.clone().unwrap_or_default(),
+            rel_error: None,
+        };
+        if let Some(r) = &ranks[i] {
+            let (p0, p1, m0, m1) = costs(c, opts.format, r);
+            if p1 >= p0 && m1 >= m0 {
+                rep.status =
+                    format!("skipped: ranks {r:?} save neither params ({p1} >= {p0}) nor MACs");
+            } else {
+                let key = i as u64;
+                let (nodes, inits, err) = factorize(graph, c, r, opts, key)
+                    .with_context(|| format!("layer '{}' (node '{}')", c.layer, node.name))?;
+                if let Some(e) = err {
+                    errors.insert(c.layer.clone(), e);
+                }
+                rep.ranks = r.clone();
+                rep.params_after = p1;
+                rep.macs_after = m1;
+                rep.status = "factorized".into();
+                rep.rel_error = err;
+                rewrites.push((c.node, nodes, inits));
+            }
+        }
+        reports.push(rep);
+    }
+    for (idx, nodes, inits) in rewrites.into_iter().rev() {
+        graph.nodes.remove(idx);
+        for (k, t) in inits {
+            graph.initializers.insert(k, t);
+        }
+        for (j, n) in nodes.into_iter().enumerate() {
+            graph.nodes.insert(idx + j, n);
+        }
+    }
+    graph.prune();
+    graph.check()?;
+    Ok(reports)
+}
+
+fn conv_of(n: &Node) -> Conv {
+    match &n.op {
+        Op::Conv(c) => c.clone(),
+        _ => unreachable!("candidates are convs"),
+    }
+}
+
+fn weight4(graph: &Graph, n: &Node) -> Result<Array4<f32>> {
+    let t = graph.initializers[&n.inputs[1]]
+        .as_f32()
+        .ok_or_else(|| anyhow!("the weight is not float"))?;
+    t.clone()
+        .into_dimensionality::<ndarray::Ix4>()
+        .map_err(|_| anyhow!("the weight is not 4-D"))
+}
+
+fn gauss(shape: &[usize], std: f32, rng: &mut Rng) -> ArrayD<f32> {
+    ArrayD::from_shape_fn(IxDyn(shape), |_| std * rng.normal())
+}
+
+/// Builds the factor nodes and their initializers for one conv.
+#[allow(clippy::type_complexity)]
+fn factorize(
+    graph: &Graph,
+    c: &Candidate,
+    r: &[usize],
+    opts: &ConvertOptions,
+    key: u64,
+) -> Result<(Vec<Node>, Vec<(String, Tensor)>, Option<f64>)> {
+    let n = &graph.nodes[c.node];
+    let conv = conv_of(n);
+    let [co, ci, kh, kw] = c.w;
+    let mut rng = Rng::derive(opts.seed, &[0x6c6f_7772_616e_6b, key]);
+    let tag = match opts.format {
+        Format::Tucker2 => "tucker2",
+        Format::Cp => "cp",
+    };
+    let base = format!("{}/{}", c.layer, tag);
+    let pointwise = || Conv {
+        kernel_shape: Some(vec![1, 1]),
+        strides: vec![1, 1],
+        pads: vec![0, 0, 0, 0],
+        dilations: vec![1, 1],
+        group: 1,
+        auto_pad: AutoPad::NotSet,
+    };
+    let strides = if conv.strides.is_empty() {
+        vec![1, 1]
+    } else {
+        conv.strides.clone()
+    };
+    let dil = if conv.dilations.is_empty() {
+        vec![1, 1]
+    } else {
+        conv.dilations.clone()
+    };
+    let pads = if conv.auto_pad == AutoPad::NotSet {
+        if conv.pads.is_empty() {
+            vec![0; 4]
+        } else {
+            conv.pads.clone()
+        }
+    } else {
+        let p = crate::ir::shape::resolve_pads(
+            &c.in_hw,
+            &[kh, kw],
+            &strides,
+            &dil,
+            &conv.pads,
+            conv.auto_pad,
+        )?;
+        vec![p[0].0, p[1].0, p[0].1, p[1].1]
+    };
+    let out_name = n.outputs[0].clone();
+    let bias = n.input(2).map(str::to_string);
+    let mut inits: Vec<(String, Tensor)> = Vec::new();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut add = |suffix: &str,
+                   op: Conv,
+                   input: String,
+                   weight: ArrayD<f32>,
+                   bias: Option<String>,
+                   last: bool| {
+        let wname = format!("{base}/{suffix}.weight");
+        let out = if last {
+            out_name.clone()
+        } else {
+            format!("{base}/{suffix}_out")
+        };
+        inits.push((wname.clone(), Tensor::F32(weight)));
+        let mut inputs = vec![input, wname];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        nodes.push(Node {
+            name: format!("{base}/{suffix}"),
+            op: Op::Conv(op),
+            inputs,
+            outputs: vec![out.clone()],
+        });
+        out
+    };
+    let mut err = None;
+    match opts.format {
+        Format::Tucker2 => {
+            let (ri, ro) = (r[0], r[1]);
+            let (u1, g, u2): (ArrayD<f32>, ArrayD<f32>, ArrayD<f32>) = match opts.init {
+                InitMode::Scratch => (
+                    gauss(&[ri, ci, 1, 1], (1.0 / ci as f32).sqrt(), &mut rng),
+                    gauss(
+                        &[ro, ri, kh, kw],
+                        (1.0 / (ri * kh * kw) as f32).sqrt(),
+                        &mut rng,
+                    ),
+                    gauss(
+                        &[co, ro, 1, 1],
+                        (2.0 * ci as f32 / (co * ro) as f32).sqrt(),
+                        &mut rng,
+                    ),
+                ),
+                InitMode::Orthogonal => {
+                    let u1 = decompose::orthogonal(ci, ri, &mut rng);
+                    let u2 = decompose::orthogonal(co, ro, &mut rng);
+                    let std = (2.0 * ci as f32 / (ri * ro * kh * kw) as f32).sqrt();
+                    (
+                        u1.t()
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_shape_with_order((ri, ci, 1, 1))?
+                            .into_dyn(),
+                        gauss(&[ro, ri, kh, kw], std, &mut rng),
+                        u2.into_shape_with_order((co, ro, 1, 1))?.into_dyn(),
+                    )
+                }
+                InitMode::Decompose => {
+                    let w = weight4(graph, n)?;
+                    let t = decompose::hooi(w.view(), ri, ro, opts.hooi_iters, 1e-6)?;
+                    err = Some(decompose::rel_error(
+                        w.view(),
+                        decompose::tucker2_compose(&t).view(),
+                    ));
+                    (
+                        t.u1.t()
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_shape_with_order((ri, ci, 1, 1))?
+                            .into_dyn(),
+                        t.core.into_dyn(),
+                        t.u2.into_shape_with_order((co, ro, 1, 1))?.into_dyn(),
+                    )
+                }
+            };
+            let x1 = add("u1", pointwise(), n.inputs[0].clone(), u1, None, false);
+            let core = Conv {
+                kernel_shape: Some(vec![kh, kw]),
+                strides: strides.clone(),
+                pads: pads.clone(),
+                dilations: dil.clone(),
+                group: 1,
+                auto_pad: AutoPad::NotSet,
+            };
+            let x2 = add("core", core, x1, g, None, false);
+            add("u2", pointwise(), x2, u2, bias, true);
+        }
+        Format::Cp => {
+            let rr = r[0];
+            let (u1, v, h, u2): (ArrayD<f32>, ArrayD<f32>, ArrayD<f32>, ArrayD<f32>) = match opts
+                .init
+            {
+                InitMode::Scratch | InitMode::Orthogonal => {
+                    let u1 = if opts.init == InitMode::Orthogonal && rr <= ci.max(rr) {
+                        decompose::orthogonal(ci, rr, &mut rng)
+                            .t()
+                            .to_owned()
+                            .into_shape_with_order((rr, ci, 1, 1))?
+                            .into_dyn()
+                    } else {
+                        gauss(&[rr, ci, 1, 1], (1.0 / ci as f32).sqrt(), &mut rng)
+                    };
+                    (
+                        u1,
+                        gauss(&[rr, 1, kh, 1], (1.0 / kh as f32).sqrt(), &mut rng),
+                        gauss(&[rr, 1, 1, kw], (1.0 / kw as f32).sqrt(), &mut rng),
+                        gauss(
+                            &[co, rr, 1, 1],
+                            (2.0 * ci as f32 / (co * rr) as f32).sqrt(),
+                            &mut rng,
+                        ),
+                    )
+                }
+                InitMode::Decompose => {
+                    let w = weight4(graph, n)?;
+                    let d = decompose::cp_als(w.view(), rr, opts.cp_iters, 1e-7, opts.seed ^ key)?;
+                    err = Some(decompose::rel_error(
+                        w.view(),
+                        decompose::cp_compose(&d).view(),
+                    ));
+                    (
+                        d.u1.t()
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_shape_with_order((rr, ci, 1, 1))?
+                            .into_dyn(),
+                        d.vert
+                            .t()
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_shape_with_order((rr, 1, kh, 1))?
+                            .into_dyn(),
+                        d.horiz
+                            .t()
+                            .as_standard_layout()
+                            .into_owned()
+                            .into_shape_with_order((rr, 1, 1, kw))?
+                            .into_dyn(),
+                        d.u2.into_shape_with_order((co, rr, 1, 1))?.into_dyn(),
+                    )
+                }
+            };
+            let x1 = add("u1", pointwise(), n.inputs[0].clone(), u1, None, false);
+            let vert = Conv {
+                kernel_shape: Some(vec![kh, 1]),
+                strides: vec![strides[0], 1],
+                pads: vec![pads[0], 0, pads[2], 0],
+                dilations: vec![dil[0], 1],
+                group: rr,
+                auto_pad: AutoPad::NotSet,
+            };
+            let x2 = add("vertical", vert, x1, v, None, false);
+            let horiz = Conv {
+                kernel_shape: Some(vec![1, kw]),
+                strides: vec![1, strides[1]],
+                pads: vec![0, pads[1], 0, pads[3]],
+                dilations: vec![1, dil[1]],
+                group: rr,
+                auto_pad: AutoPad::NotSet,
+            };
+            let x3 = add("horizontal", horiz, x2, h, None, false);
+            add("u2", pointwise(), x3, u2, bias, true);
+        }
+    }
+    Ok((nodes, inits, err))
+}
