@@ -96,6 +96,12 @@ pub struct LayerReport {
     pub rel_error: Option<f64>,
 }
 
+/// One conv's replacement: its node index, the factor nodes and their initializers.
+type Rewrite = (usize, Vec<Node>, Vec<(String, Tensor)>);
+
+/// The factor nodes, their initializers, and the decomposition's relative error if any.
+type Factorized = (Vec<Node>, Vec<(String, Tensor)>, Option<f64>);
+
 /// A conv the pass may factorize, with what the cost model needs.
 struct Candidate {
     node: usize,
@@ -383,7 +389,7 @@ pub fn convert(
 
     // Rewrite, last node first so indices stay valid.
     let mut reports: Vec<LayerReport> = Vec::with_capacity(cands.len());
-    let mut rewrites: Vec<(usize, Vec<Node>, Vec<(String, Tensor)>)> = Vec::new();
+    let mut rewrites: Vec<Rewrite> = Vec::new();
     for (i, c) in cands.iter().enumerate() {
         let node = &graph.nodes[c.node];
         let dense = costs(c, opts.format, &[1, 1]);
@@ -456,18 +462,17 @@ fn gauss(shape: &[usize], std: f32, rng: &mut Rng) -> ArrayD<f32> {
 }
 
 /// Builds the factor nodes and their initializers for one conv.
-#[allow(clippy::type_complexity)]
 fn factorize(
     graph: &Graph,
     c: &Candidate,
     r: &[usize],
     opts: &ConvertOptions,
     key: u64,
-) -> Result<(Vec<Node>, Vec<(String, Tensor)>, Option<f64>)> {
+) -> Result<Factorized> {
     let n = &graph.nodes[c.node];
     let conv = conv_of(n);
     let [co, ci, kh, kw] = c.w;
-    let mut rng = Rng::derive(opts.seed, &[0x6c6f_7772_616e_6b, key]);
+    let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
     let tag = match opts.format {
         Format::Tucker2 => "tucker2",
         Format::Cp => "cp",

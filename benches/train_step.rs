@@ -1,0 +1,63 @@
+//! One training step of ResNet-20 (models/resnet20.onnx) at batch 32: forward in training mode,
+//! softmax cross-entropy, backward (no optimiser update), on a fixed random batch, through the
+//! library. The same work as `elrt speed` and scripts/bench_train.py time at batch 128.
+//!
+//!     cargo bench --bench train_step
+//!
+//! Threads: ELRT_BENCH_THREADS (default: every available core); the engine runs rayon over the
+//! batch with single-threaded OpenBLAS. Criterion reports the time per step and the throughput
+//! in images per second ("elem/s"). A small flat sample keeps the run to about a minute.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use elrt::engine::exec::Mode;
+use elrt::engine::model::Model;
+use elrt::engine::ops::SoftmaxCrossEntropy;
+use ndarray::{ArrayD, Ix2, IxDyn};
+
+const BATCH: usize = 32;
+
+fn train_step(c: &mut Criterion) {
+    let threads = std::env::var("ELRT_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    let threads = elrt::cli_train::set_threads(threads).expect("thread pool");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet20.onnx");
+    let mut m = Model::load(&path, BATCH).expect("load models/resnet20.onnx");
+    let mut r = elrt::rng::Rng::new(1);
+    let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());
+    let labels: Vec<usize> = (0..BATCH).map(|i| i % m.classes).collect();
+    let ce = SoftmaxCrossEntropy {
+        label_smoothing: 0.0,
+    };
+
+    let mut step = move || -> f32 {
+        let logits = m.forward(x.clone(), Mode::Train).expect("forward");
+        let logits2 = logits
+            .view()
+            .into_dimensionality::<Ix2>()
+            .expect("2-D logits");
+        let (loss, dlogits) = ce.loss_and_grad(logits2, &labels).expect("loss");
+        m.session.backward(dlogits.into_dyn()).expect("backward");
+        loss
+    };
+    let loss = step();
+    assert!(loss.is_finite(), "loss {loss}");
+
+    let mut g = c.benchmark_group("train_step");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(3))
+        .measurement_time(Duration::from_secs(20))
+        .throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function(format!("resnet20_b{BATCH}_t{threads}"), |b| {
+        b.iter(|| black_box(step()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, train_step);
+criterion_main!(benches);

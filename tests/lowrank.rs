@@ -1,0 +1,388 @@
+//! The low-rank rewrite: a factorized conv computes the conv of its composed kernel, its
+//! factor gradients follow the chain rule through that kernel, every model converts and runs
+//! in onnxruntime, and bad requests fail clearly.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use elrt::engine::exec::Mode;
+use elrt::engine::model::Model;
+use elrt::ir::ops::{AutoPad, Conv};
+use elrt::ir::{Dim, ElemType, Graph, ModelMeta, Node, Op, Tensor, ValueInfo};
+use elrt::lowrank::rank::RankPolicy;
+use elrt::lowrank::{convert, ConvertOptions, Format, InitMode};
+use elrt::rng::Rng;
+use ndarray::{Array4, ArrayD, Ix4, IxDyn};
+
+fn rand(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut r = Rng::new(seed);
+    ArrayD::from_shape_fn(IxDyn(shape), |_| r.normal())
+}
+
+/// x [2, 8, 11, 10] -> Conv(12 out, 3x3, attrs) -> Flatten (the engine wants 2-D logits).
+fn one_conv(strides: [usize; 2], pads: [usize; 4], dil: [usize; 2], bias: bool) -> Graph {
+    let mut init = BTreeMap::new();
+    init.insert(
+        "conv.weight".to_string(),
+        Tensor::F32(rand(&[12, 8, 3, 3], 1)),
+    );
+    let mut inputs = vec!["x".to_string(), "conv.weight".to_string()];
+    if bias {
+        init.insert("conv.bias".to_string(), Tensor::F32(rand(&[12], 2)));
+        inputs.push("conv.bias".into());
+    }
+    let vi = |n: &str, d: Vec<usize>| ValueInfo {
+        name: n.into(),
+        elem: ElemType::F32,
+        shape: Some(d.into_iter().map(Dim::Fixed).collect()),
+    };
+    let mut out = vi("y", vec![]);
+    out.shape = None;
+    Graph {
+        name: "one_conv".into(),
+        opset: 13,
+        inputs: vec![vi("x", vec![2, 8, 11, 10])],
+        outputs: vec![out],
+        nodes: vec![
+            Node {
+                name: "conv".into(),
+                op: Op::Conv(Conv {
+                    kernel_shape: Some(vec![3, 3]),
+                    strides: strides.to_vec(),
+                    pads: pads.to_vec(),
+                    dilations: dil.to_vec(),
+                    group: 1,
+                    auto_pad: AutoPad::NotSet,
+                }),
+                inputs,
+                outputs: vec!["c".into()],
+            },
+            Node {
+                name: "flat".into(),
+                op: Op::Flatten { axis: 1 },
+                inputs: vec!["c".into()],
+                outputs: vec!["y".into()],
+            },
+        ],
+        initializers: init,
+        meta: ModelMeta::default(),
+    }
+}
+
+fn convert_graph(g: &Graph, format: Format) -> Graph {
+    let mut g = g.clone();
+    let shapes = vec![vec![2, 8, 11, 10]];
+    let facts = elrt::ir::fold::simplify(
+        &mut g,
+        &shapes,
+        elrt::ir::fold::FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .unwrap();
+    let opts = ConvertOptions {
+        format,
+        ranks: RankPolicy::Ratio(0.5),
+        rank_multiple: 1,
+        include_first: true,
+        init: InitMode::Scratch,
+        seed: 3,
+        hooi_iters: 5,
+        cp_iters: 10,
+    };
+    let rep = convert(&mut g, &facts, &opts).unwrap();
+    assert_eq!(rep[0].status, "factorized", "{rep:?}");
+    g
+}
+
+fn w4(g: &Graph, name: &str) -> Array4<f32> {
+    g.initializers[name]
+        .as_f32()
+        .unwrap()
+        .clone()
+        .into_dimensionality::<Ix4>()
+        .unwrap()
+}
+
+/// The kernel a Tucker-2 chain computes, and the chain rule from dL/dW to each factor.
+fn tucker_compose(u1: &Array4<f32>, g: &Array4<f32>, u2: &Array4<f32>) -> Array4<f32> {
+    let (ri, ci) = (u1.shape()[0], u1.shape()[1]);
+    let (ro, kh, kw) = (g.shape()[0], g.shape()[2], g.shape()[3]);
+    let co = u2.shape()[0];
+    Array4::from_shape_fn((co, ci, kh, kw), |(o, i, h, w)| {
+        let mut s = 0.0f64;
+        for b in 0..ro {
+            for a in 0..ri {
+                s += (u2[[o, b, 0, 0]] * g[[b, a, h, w]] * u1[[a, i, 0, 0]]) as f64;
+            }
+        }
+        s as f32
+    })
+}
+
+fn cp_compose(
+    u1: &Array4<f32>,
+    v: &Array4<f32>,
+    hz: &Array4<f32>,
+    u2: &Array4<f32>,
+) -> Array4<f32> {
+    let (r, ci) = (u1.shape()[0], u1.shape()[1]);
+    let (kh, kw, co) = (v.shape()[2], hz.shape()[3], u2.shape()[0]);
+    Array4::from_shape_fn((co, ci, kh, kw), |(o, i, h, w)| {
+        (0..r)
+            .map(|a| {
+                (u2[[o, a, 0, 0]] * v[[a, 0, h, 0]] * hz[[a, 0, 0, w]] * u1[[a, i, 0, 0]]) as f64
+            })
+            .sum::<f64>() as f32
+    })
+}
+
+fn max_rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn params(m: &Model) -> BTreeMap<String, (ArrayD<f32>, ArrayD<f32>)> {
+    m.session
+        .program
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), (p.value.clone(), p.grad.clone())))
+        .collect()
+}
+
+#[test]
+fn factorized_conv_equals_dense_conv_of_composed_kernel_with_chain_rule_gradients() {
+    let cases = [
+        ([1, 1], [1, 1, 1, 1], [1, 1]),
+        ([2, 2], [1, 1, 1, 1], [1, 1]),
+        ([1, 2], [0, 2, 1, 0], [1, 1]),
+        ([1, 1], [2, 2, 2, 2], [2, 2]),
+        ([2, 1], [2, 1, 2, 1], [2, 1]),
+    ];
+    for (strides, pads, dil) in cases {
+        for bias in [false, true] {
+            for format in [Format::Tucker2, Format::Cp] {
+                let what = format!(
+                    "{format:?} strides {strides:?} pads {pads:?} dilations {dil:?} bias {bias}"
+                );
+                let fg = convert_graph(&one_conv(strides, pads, dil, bias), format);
+                let tag = if format == Format::Tucker2 {
+                    "tucker2"
+                } else {
+                    "cp"
+                };
+                let w = match format {
+                    Format::Tucker2 => tucker_compose(
+                        &w4(&fg, &format!("conv/{tag}/u1.weight")),
+                        &w4(&fg, &format!("conv/{tag}/core.weight")),
+                        &w4(&fg, &format!("conv/{tag}/u2.weight")),
+                    ),
+                    Format::Cp => cp_compose(
+                        &w4(&fg, "conv/cp/u1.weight"),
+                        &w4(&fg, "conv/cp/vertical.weight"),
+                        &w4(&fg, "conv/cp/horizontal.weight"),
+                        &w4(&fg, "conv/cp/u2.weight"),
+                    ),
+                };
+                let mut dense = one_conv(strides, pads, dil, bias);
+                dense
+                    .initializers
+                    .insert("conv.weight".into(), Tensor::F32(w.clone().into_dyn()));
+                let mut mf = Model::from_graph(fg, 2).unwrap();
+                let mut md = Model::from_graph(dense, 2).unwrap();
+                let x = rand(&[2, 8, 11, 10], 9);
+                let yf = mf.forward(x.clone(), Mode::Train).unwrap();
+                let yd = md.forward(x, Mode::Train).unwrap();
+                assert!(
+                    max_rel(&yf, &yd) < 1e-4,
+                    "{what}: outputs differ by {}",
+                    max_rel(&yf, &yd)
+                );
+                let dy = rand(yf.shape(), 10);
+                mf.session.backward(dy.clone()).unwrap();
+                md.session.backward(dy).unwrap();
+                let pf = params(&mf);
+                let pd = params(&md);
+                let dw = pd["conv.weight"]
+                    .1
+                    .clone()
+                    .into_dimensionality::<Ix4>()
+                    .unwrap();
+                if bias {
+                    assert!(
+                        max_rel(&pf["conv.bias"].1, &pd["conv.bias"].1) < 1e-4,
+                        "{what}: bias grad"
+                    );
+                }
+                if format == Format::Tucker2 {
+                    let u1 = w4(&mf.graph, "conv/tucker2/u1.weight");
+                    let g = w4(&mf.graph, "conv/tucker2/core.weight");
+                    let u2 = w4(&mf.graph, "conv/tucker2/u2.weight");
+                    // dL/dU2[o,b] = sum dW[o,i,h,w] G[b,a,h,w] U1[a,i], and so on.
+                    let (co, ci, kh, kw) = dw.dim();
+                    let (ro, ri) = (g.shape()[0], g.shape()[1]);
+                    let du2 = ArrayD::from_shape_fn(IxDyn(&[co, ro, 1, 1]), |ix| {
+                        let (o, b) = (ix[0], ix[1]);
+                        let mut s = 0.0f64;
+                        for i in 0..ci {
+                            for a in 0..ri {
+                                for h in 0..kh {
+                                    for q in 0..kw {
+                                        s += (dw[[o, i, h, q]] * g[[b, a, h, q]] * u1[[a, i, 0, 0]])
+                                            as f64;
+                                    }
+                                }
+                            }
+                        }
+                        s as f32
+                    });
+                    let dg = ArrayD::from_shape_fn(IxDyn(&[ro, ri, kh, kw]), |ix| {
+                        let (b, a, h, q) = (ix[0], ix[1], ix[2], ix[3]);
+                        let mut s = 0.0f64;
+                        for o in 0..co {
+                            for i in 0..ci {
+                                s +=
+                                    (u2[[o, b, 0, 0]] * dw[[o, i, h, q]] * u1[[a, i, 0, 0]]) as f64;
+                            }
+                        }
+                        s as f32
+                    });
+                    let du1 = ArrayD::from_shape_fn(IxDyn(&[ri, ci, 1, 1]), |ix| {
+                        let (a, i) = (ix[0], ix[1]);
+                        let mut s = 0.0f64;
+                        for o in 0..co {
+                            for b in 0..ro {
+                                for h in 0..kh {
+                                    for q in 0..kw {
+                                        s += (dw[[o, i, h, q]] * u2[[o, b, 0, 0]] * g[[b, a, h, q]])
+                                            as f64;
+                                    }
+                                }
+                            }
+                        }
+                        s as f32
+                    });
+                    for (name, want) in [("u1", du1), ("core", dg), ("u2", du2)] {
+                        let got = &pf[&format!("conv/tucker2/{name}.weight")].1;
+                        assert!(
+                            max_rel(got, &want) < 1e-3,
+                            "{what}: d{name} off by {}",
+                            max_rel(got, &want)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_zoo_model_converts_and_runs_in_onnxruntime() {
+    let python = common::require_python(&["onnx", "onnxruntime", "numpy"]);
+    let dir = common::repo().join("models");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in common::manifest(&dir) {
+        let path = dir.join(&e.file);
+        if !path.exists() {
+            continue;
+        }
+        for (format, ranks) in [("tucker2", "ratio=0.5"), ("cp", "ratio=0.5")] {
+            let out = tmp.path().join(format!("{format}_{}", e.file));
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
+                .args([
+                    "convert",
+                    path.to_str().unwrap(),
+                    "--format",
+                    format,
+                    "--ranks",
+                    ranks,
+                    "-o",
+                ])
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{}: {}",
+                e.file,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            // The converted file trains in the engine...
+            Model::load(&out, 2).unwrap_or_else(|err| panic!("{}: {err:#}", out.display()));
+            // ...and passes onnx.checker and onnxruntime at another batch size.
+            if python {
+                common::roundtrip_check(&out, &out);
+            }
+        }
+    }
+}
+
+fn convert_fails(args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
+        .arg("convert")
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    err
+}
+
+#[test]
+fn bad_requests_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let mb = common::repo().join("models/mobilenetv2.onnx");
+    let out = tmp.path().join("o.onnx");
+    let (r20, mb, out) = (
+        r20.to_str().unwrap(),
+        mb.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    for bad in ["ratio=0", "ratio=1.2", "ratio=-1", "ratio=abc"] {
+        let e = convert_fails(&[r20, "--ranks", bad, "-o", out]);
+        assert!(e.contains("--ranks"), "{e}");
+    }
+    let ranks = tmp.path().join("ranks.json");
+    std::fs::write(
+        &ranks,
+        r#"{"layer1.0.conv1": [8, 8], "layer9.conv": [8, 8]}"#,
+    )
+    .unwrap();
+    let e = convert_fails(&[r20, "--ranks", ranks.to_str().unwrap(), "-o", out]);
+    assert!(e.contains("unknown layer 'layer9.conv'"), "{e}");
+    // A depthwise conv of MobileNetV2 named for CP.
+    let g = elrt::onnx::read_file(std::path::Path::new(mb)).unwrap();
+    let dw = g
+        .nodes
+        .iter()
+        .find(|n| matches!(&n.op, Op::Conv(c) if c.group > 1))
+        .map(|n| n.inputs[1].strip_suffix(".weight").unwrap().to_string())
+        .unwrap();
+    std::fs::write(&ranks, format!(r#"{{"{dw}": 8}}"#)).unwrap();
+    let e = convert_fails(&[
+        mb,
+        "--format",
+        "cp",
+        "--ranks",
+        ranks.to_str().unwrap(),
+        "-o",
+        out,
+    ]);
+    assert!(e.contains("CP asked of a grouped conv"), "{e}");
+    let e = convert_fails(&[r20, "--format", "svd", "-o", out]);
+    assert!(e.contains("tucker2 or cp"), "{e}");
+    let e = convert_fails(&[r20, "--ranks", "energy=0.9", "-o", out]);
+    assert!(e.contains("--init decompose"), "{e}");
+    assert!(
+        !std::path::Path::new(out).exists(),
+        "a failed convert must not write"
+    );
+}
