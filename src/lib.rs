@@ -7,13 +7,12 @@
 // BLAS calls fail to link (undefined `cblas_sgemm`).
 extern crate blas_src;
 
-pub mod data;
-#[cfg(not(elrt_no_engine))]
-pub mod engine;
 pub mod cli_convert;
 pub mod cli_train;
-pub mod ir;
+pub mod data;
+pub mod engine;
 pub mod inspect;
+pub mod ir;
 pub mod lowrank;
 pub mod onnx;
 pub mod rng;
