@@ -54,7 +54,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for ext in ["ckpt", "metrics.jsonl"] {
+    for ext in ["ckpt", "metrics.jsonl", "curve.png"] {
         assert!(full.with_extension(ext).exists(), "{ext} missing");
     }
     let metrics = std::fs::read_to_string(full.with_extension("metrics.jsonl")).unwrap();

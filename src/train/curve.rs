@@ -240,16 +240,19 @@ fn padded_range(
 ) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
+        .map(|v| v.clamp(-VALUE_LIMIT, VALUE_LIMIT))
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         });
     if lo > hi {
         return (0.0, 1.0);
     }
+    // With values clamped to ±1e300 the span and the padding stay finite.
     let span = hi - lo;
-    let (mut a, b) = if span <= 1e-9 * hi.abs().max(lo.abs()).max(1e-300) {
-        let half = if hi.abs() > 0.0 {
-            (hi.abs() * 0.1).min(flat_half)
+    let big = hi.abs().max(lo.abs());
+    let (mut a, b) = if span <= 1e-9 * big {
+        let half = if big > 0.0 {
+            (big * 0.1).min(flat_half).max(big * 1e-6)
         } else {
             flat_half
         };
@@ -260,15 +263,26 @@ fn padded_range(
     if floor_zero && lo >= 0.0 && a < 0.0 {
         a = 0.0;
     }
-    if !(b - a).is_finite() || b - a <= 0.0 {
-        // Values near f64::MAX: fall back to something drawable.
-        return (lo.max(-1e300), lo.max(-1e300) + 1.0);
+    if (b - a).is_finite() && b > a {
+        (a, b)
+    } else {
+        (0.0, 1.0)
     }
-    (a, b)
+}
+
+/// Values are clamped to this magnitude before ranges are taken, so that spans stay finite.
+const VALUE_LIMIT: f64 = 1e300;
+
+/// Maps `v` from `[lo, hi]` onto `[p0, p1]` in pixels; the result is finite and within a few
+/// thousand pixels of the picture even for values far outside the range (NaN only for NaN).
+fn scale(v: f64, (lo, hi): (f64, f64), p0: f64, p1: f64) -> f64 {
+    let v = v.clamp(-VALUE_LIMIT, VALUE_LIMIT);
+    let t = (v / 2.0 - lo / 2.0) / (hi / 2.0 - lo / 2.0);
+    (p0 + t.clamp(-4.0, 5.0) * (p1 - p0)).clamp(-1e4, 1e4)
 }
 
 /// "Nice" tick positions (1, 2 or 5 times a power of ten apart) inside `[lo, hi]`, about
-/// `target` of them, and the step between them.
+/// `target` of them (up to a third more), and the step between them.
 fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
     let span = hi - lo;
     if !(span.is_finite() && span > 0.0) {
@@ -279,7 +293,7 @@ fn nice_ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
     let step = [1.0, 2.0, 5.0, 10.0]
         .iter()
         .map(|m| m * mag)
-        .find(|s| *s >= raw * 0.999)
+        .find(|s| *s >= raw * 0.75)
         .unwrap_or(10.0 * mag);
     let first = (lo / step).ceil();
     let last = (hi / step).floor();
@@ -560,10 +574,8 @@ fn draw_panel(
     );
     let (x_ticks, x_step) = nice_ticks(x_range.0, x_range.1, 7);
     let (y_ticks, y_step) = nice_ticks(y_range.0, y_range.1, 6);
-    let to_px =
-        |v: f64, (lo, hi): (f64, f64)| r.x0 as f64 + (v - lo) / (hi - lo) * (r.x1 - r.x0) as f64;
-    let to_py =
-        |v: f64, (lo, hi): (f64, f64)| r.y1 as f64 - (v - lo) / (hi - lo) * (r.y1 - r.y0) as f64;
+    let to_px = |v: f64, range: (f64, f64)| scale(v, range, r.x0 as f64, r.x1 as f64);
+    let to_py = |v: f64, range: (f64, f64)| scale(v, range, r.y1 as f64, r.y0 as f64);
 
     // Grid, ticks and their labels.
     for &t in &x_ticks {
@@ -741,8 +753,7 @@ fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[(&Series, Vec<(f64, f64)>)]) {
 fn draw_secondary_axis(c: &mut Canvas, r: &Rect, range: (f64, f64)) {
     let (ticks, step) = nice_ticks(range.0, range.1, 6);
     for &t in &ticks {
-        let y = (r.y1 as f64 - (t - range.0) / (range.1 - range.0) * (r.y1 - r.y0) as f64).round()
-            as i32;
+        let y = scale(t, range, r.y1 as f64, r.y0 as f64).round() as i32;
         c.hline(r.x1 + 1, r.x1 + 4, y, LR);
         c.text(
             r.x1 + 7,
@@ -876,9 +887,9 @@ mod tests {
             .map(|e| CurvePoint {
                 epoch: e as f64,
                 train_loss: 0.0,
-                test_loss: Some(0.0),
+                test_loss: Some(0.7),
                 train_acc: 1.0,
-                test_acc: Some(1.0),
+                test_acc: Some(0.25),
                 lr: 0.01,
             })
             .collect();
@@ -933,9 +944,10 @@ mod tests {
         assert_eq!(t, vec![0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]);
         let (t, s) = nice_ticks(0.83, 2.41, 6);
         assert!((s - 0.2).abs() < 1e-12);
+        let labels: Vec<String> = t.iter().map(|v| tick_label(*v, s)).collect();
         assert_eq!(
-            t.first().map(|v| tick_label(*v, s)),
-            Some("1.0".to_string())
+            labels,
+            ["1.0", "1.2", "1.4", "1.6", "1.8", "2.0", "2.2", "2.4"]
         );
         assert_eq!(tick_label(-0.0, 0.5), "0.0");
         assert_eq!(tick_label(2e-5, 1e-5), "2e-5");
@@ -951,5 +963,44 @@ mod tests {
         let img = image::open(&path).unwrap();
         assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
         assert!(write_png(&dir.path().join("missing/c.png"), "x", &typical(2)).is_err());
+    }
+}
+#[cfg(test)]
+mod preview_tmp {
+    use super::*;
+    #[test]
+    fn preview() {
+        let d = std::path::Path::new("/tmp/curve-preview");
+        std::fs::create_dir_all(d).unwrap();
+        let n = 30;
+        let pts: Vec<CurvePoint> = (1..=n)
+            .map(|e| {
+                let t = e as f64 / n as f64;
+                CurvePoint {
+                    epoch: e as f64,
+                    train_loss: 2.3 * (-3.0 * t).exp() + 0.05 + 0.03 * (e as f64 * 1.7).sin(),
+                    test_loss: Some(2.3 * (-2.5 * t).exp() + 0.3 + 0.05 * (e as f64 * 2.3).cos()),
+                    train_acc: 1.0 - 0.9 * (-4.0 * t).exp(),
+                    test_acc: Some(0.88 - 0.78 * (-3.5 * t).exp() + 0.01 * (e as f64).sin()),
+                    lr: if e <= 2 { 0.05 * e as f64 } else { 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * (e - 2) as f64 / (n - 2) as f64).cos()) },
+                }
+            })
+            .collect();
+        write_png(&d.join("typical.png"), "resnet20.onnx on cifar10 - 30 epochs, batch 128, sgd lr 0.1 cosine", &pts).unwrap();
+        write_png(&d.join("single.png"), "single", &pts[..1]).unwrap();
+        let mut sparse = pts.clone();
+        for (i, p) in sparse.iter_mut().enumerate() {
+            if i % 5 != 4 { p.test_acc = None; p.test_loss = None; }
+            if i == 10 { p.train_loss = f64::NAN; }
+        }
+        write_png(&d.join("sparse.png"), "sparse test, a NaN", &sparse).unwrap();
+        let flat: Vec<CurvePoint> = (0..8).map(|e| CurvePoint { epoch: e as f64, train_loss: 2.302585, test_loss: Some(2.302585), train_acc: 0.1, test_acc: Some(0.1), lr: 0.01 }).collect();
+        write_png(&d.join("flat.png"), "flat", &flat).unwrap();
+        write_png(&d.join("empty.png"), "empty", &[]).unwrap();
+        let n = 200;
+        let long: Vec<CurvePoint> = (1..=n)
+            .map(|e| { let t = e as f64 / n as f64; CurvePoint { epoch: e as f64 * 0.5, train_loss: 1.5 * (-3.0 * t).exp() + 0.02 * (e as f64 * 0.9).sin(), test_loss: None, train_acc: 0.3 + 0.69 * (1.0 - (-5.0 * t).exp()), test_acc: if e % 10 == 0 { Some(0.25 + 0.6 * (1.0 - (-4.0 * t).exp())) } else { None }, lr: 3e-4 } })
+            .collect();
+        write_png(&d.join("long.png"), "long, adamw 3e-4", &long).unwrap();
     }
 }

@@ -17,6 +17,7 @@ use ndarray::Ix2;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
+use super::curve::CurvePoint;
 use super::optim::{OptimKind, Optimizer, ParamRef};
 use super::schedule::{lr_at, Schedule};
 use crate::data::{Dataset, Loader, LoaderConfig};
@@ -377,6 +378,29 @@ impl Trainer<'_> {
             .with_context(|| format!("{}: cannot write metrics", self.files.metrics.display()))?;
         writeln!(f, "{}", serde_json::to_string(m)?)?;
         self.history.push(m.clone());
+        let points: Vec<CurvePoint> = self
+            .history
+            .iter()
+            .map(|h| CurvePoint {
+                epoch: h.epoch as f64,
+                train_loss: h.train_loss,
+                test_loss: Some(h.test_loss),
+                train_acc: h.train_acc,
+                test_acc: Some(h.test_acc),
+                lr: h.lr as f64,
+            })
+            .collect();
+        let title = self
+            .files
+            .checkpoint
+            .file_stem()
+            .map_or(String::new(), |s| s.to_string_lossy().into_owned());
+        super::curve::write_png(&self.files.curve, &title, &points).with_context(|| {
+            format!(
+                "{}: cannot write the training curve",
+                self.files.curve.display()
+            )
+        })?;
         Ok(())
     }
 }
