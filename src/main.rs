@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "elrt",
+    args_override_self = true,
     version,
     about = "Compact CNNs by low-rank training (ELRT): ONNX in, compact ONNX out"
 )]

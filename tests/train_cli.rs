@@ -111,10 +111,11 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
 fn learns_on_synthetic_data_and_eval_agrees() {
     let tmp = tempfile::tempdir().unwrap();
     let out_path = tmp.path().join("r20.onnx");
-    let mut args = train_args(&out_path, &["--json"]);
-    // Long enough to learn: 2,000 images, batch 32, 3 epochs (~190 steps).
-    args[4] = "synthetic:2000,500".into();
-    args[8] = "32".into();
+    // Long enough to learn: 2,000 images, batch 32, 3 epochs (~190 steps); later flags win.
+    let args = train_args(
+        &out_path,
+        &["--json", "--data", "synthetic:2000,500", "--batch", "32"],
+    );
     let out = elrt().args(&args).output().unwrap();
     assert!(
         out.status.success(),
