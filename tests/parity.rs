@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::engine::ops::SoftmaxCrossEntropy;
-use elrt::train::optim::{OptimKind, Optimizer, ParamRef};
+use elrt::train::optim::{OptimKind, Optimizer};
 use ndarray::{ArrayD, Ix2, IxDyn};
 use serde_json::Value;
 
@@ -166,20 +166,11 @@ fn step_and_compare(
         })
         .collect();
     let mut opt = Optimizer::new(kind, wd);
-    let params = &mut m.session.program.params;
-    for p in params.iter() {
+    for p in &m.session.program.params {
         assert_eq!(p.decay, decay[&p.name], "decay flag of {}", p.name);
     }
-    let mut refs: Vec<ParamRef> = params
-        .iter_mut()
-        .map(|p| ParamRef {
-            value: &mut p.value,
-            grad: &p.grad,
-            decay: p.decay,
-        })
-        .collect();
-    opt.step(lr, &mut refs);
-    for p in params.iter() {
+    opt.step_program(lr, &mut m.session.program);
+    for p in &m.session.program.params {
         let e = rel(&p.value, &f.tensor(&format!("{key}/{}", p.name)));
         assert!(e < 1e-5, "{key}: {} off by {e:.2e}", p.name);
     }

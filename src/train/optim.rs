@@ -54,6 +54,20 @@ impl Optimizer {
         self.v = v;
     }
 
+    /// One update of every parameter of a compiled program from its gradients.
+    pub fn step_program(&mut self, lr: f32, program: &mut crate::engine::program::Program) {
+        let mut refs: Vec<ParamRef> = program
+            .params
+            .iter_mut()
+            .map(|p| ParamRef {
+                value: &mut p.value,
+                grad: &p.grad,
+                decay: p.decay,
+            })
+            .collect();
+        self.step(lr, &mut refs);
+    }
+
     /// One update with learning rate `lr` over `params` (always given in the same order).
     pub fn step(&mut self, lr: f32, params: &mut [ParamRef]) {
         if self.m.len() != params.len() {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
 use super::curve::CurvePoint;
-use super::optim::{OptimKind, Optimizer, ParamRef};
+use super::optim::{OptimKind, Optimizer};
 use super::schedule::{lr_at, Schedule};
 use crate::data::{Dataset, Loader, LoaderConfig};
 use crate::engine::exec::Mode;
@@ -250,16 +250,7 @@ impl Trainer<'_> {
                     self.cfg.orth,
                 );
                 steps_done += 1;
-                let params = &mut self.model.session.program.params;
-                let mut refs: Vec<ParamRef> = params
-                    .iter_mut()
-                    .map(|p| ParamRef {
-                        value: &mut p.value,
-                        grad: &p.grad,
-                        decay: p.decay,
-                    })
-                    .collect();
-                opt.step(lr, &mut refs);
+                opt.step_program(lr, &mut self.model.session.program);
                 pos.step += 1;
                 pos.batch += 1;
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);

@@ -64,3 +64,21 @@ pub fn manifest(dir: &Path) -> Vec<ManifestEntry> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
     serde_json::from_str(&text).expect("manifest.json parses")
 }
+
+/// read -> write -> read must give the same graph; the written file must pass onnx.checker and
+/// give the original's outputs in onnxruntime (when Python has them).
+pub fn assert_roundtrip(path: &Path, tmp: &Path, python: bool) {
+    let g1 = elrt::onnx::read_file(path).unwrap();
+    let out = tmp.join(path.file_name().unwrap());
+    elrt::onnx::write_file(&g1, &out).unwrap();
+    let g2 = elrt::onnx::read_file(&out).unwrap();
+    assert_eq!(
+        g1,
+        g2,
+        "{}: read -> write -> read changed the graph",
+        path.display()
+    );
+    if python {
+        roundtrip_check(path, &out);
+    }
+}
