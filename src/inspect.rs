@@ -138,3 +138,184 @@ impl Report {
         out
     }
 }
+
+/// One source layer of two models side by side (`inspect A --compare B`).
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerPair {
+    pub layer: String,
+    pub params_a: u64,
+    pub params_b: u64,
+    pub macs_a: u64,
+    pub macs_b: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub a: String,
+    pub b: String,
+    pub layers: Vec<LayerPair>,
+    pub totals_a: Totals,
+    pub totals_b: Totals,
+}
+
+/// The source layer a node's parameters belong to: its first parameter's name with the
+/// low-rank suffix (`/tucker2/...`, `/cp/...`) and `.weight`/`.bias` removed, so the factors of
+/// a converted layer group under the layer they replace.
+fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<String> {
+    let name = node
+        .op
+        .param_inputs()
+        .iter()
+        .filter_map(|&i| node.input(i))
+        .find(|n| graph.initializers.contains_key(*n))?;
+    let base = name
+        .split("/tucker2/")
+        .next()
+        .and_then(|s| s.split("/cp/").next())
+        .unwrap_or(name);
+    Some(
+        base.strip_suffix(".weight")
+            .or_else(|| base.strip_suffix(".bias"))
+            .unwrap_or(base)
+            .to_string(),
+    )
+}
+
+/// (source layer, params, MACs) in graph order.
+type LayerCosts = Vec<(String, u64, u64)>;
+
+fn grouped(path: &Path, shapes: &[Vec<usize>]) -> Result<(LayerCosts, Totals)> {
+    let mut g = crate::onnx::read_file(path)?;
+    let shapes = if shapes.is_empty() {
+        default_input_shapes(&g).with_context(|| path.display().to_string())?
+    } else {
+        shapes.to_vec()
+    };
+    let facts = simplify(
+        &mut g,
+        &shapes,
+        FoldOptions {
+            remove_dropout: true,
+        },
+    )
+    .with_context(|| path.display().to_string())?;
+    let c = cost(&g, &facts);
+    let mut out: LayerCosts = Vec::new();
+    for (n, l) in g.nodes.iter().zip(&c.layers) {
+        if l.params == 0 && l.macs == 0 {
+            continue;
+        }
+        let key = source_layer(&g, n).unwrap_or_else(|| n.name.clone());
+        match out.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(e) => {
+                e.1 += l.params;
+                e.2 += l.macs;
+            }
+            None => out.push((key, l.params, l.macs)),
+        }
+    }
+    Ok((out, c.totals))
+}
+
+/// Per source layer and in total, the params and MACs of `a` (e.g. the original) and `b`
+/// (e.g. its factorized conversion).
+pub fn compare(a: &Path, b: &Path, shapes: &[Vec<usize>]) -> Result<Comparison> {
+    let (la, ta) = grouped(a, shapes)?;
+    let (lb, tb) = grouped(b, shapes)?;
+    let mut layers: Vec<LayerPair> = la
+        .iter()
+        .map(|(k, p, m)| {
+            let other = lb.iter().find(|(kb, _, _)| kb == k);
+            LayerPair {
+                layer: k.clone(),
+                params_a: *p,
+                macs_a: *m,
+                params_b: other.map_or(0, |o| o.1),
+                macs_b: other.map_or(0, |o| o.2),
+            }
+        })
+        .collect();
+    for (k, p, m) in &lb {
+        if !la.iter().any(|(ka, _, _)| ka == k) {
+            layers.push(LayerPair {
+                layer: k.clone(),
+                params_a: 0,
+                macs_a: 0,
+                params_b: *p,
+                macs_b: *m,
+            });
+        }
+    }
+    Ok(Comparison {
+        a: a.display().to_string(),
+        b: b.display().to_string(),
+        layers,
+        totals_a: ta,
+        totals_b: tb,
+    })
+}
+
+impl Comparison {
+    pub fn to_text(&self) -> String {
+        let ratio = |x: u64, y: u64| {
+            if y == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}x", x as f64 / y as f64)
+            }
+        };
+        let mut rows = vec![[
+            "layer".to_string(),
+            "params A".into(),
+            "params B".into(),
+            "A/B".into(),
+            "MACs A".into(),
+            "MACs B".into(),
+            "A/B".into(),
+        ]];
+        let mut push = |name: String, pa: u64, pb: u64, ma: u64, mb: u64| {
+            rows.push([
+                name,
+                group_digits(pa),
+                group_digits(pb),
+                ratio(pa, pb),
+                group_digits(ma),
+                group_digits(mb),
+                ratio(ma, mb),
+            ])
+        };
+        for l in &self.layers {
+            push(l.layer.clone(), l.params_a, l.params_b, l.macs_a, l.macs_b);
+        }
+        push(
+            "total".into(),
+            self.totals_a.params,
+            self.totals_b.params,
+            self.totals_a.macs,
+            self.totals_b.macs,
+        );
+        let mut w = [0usize; 7];
+        for r in &rows {
+            for (i, c) in r.iter().enumerate() {
+                w[i] = w[i].max(c.len());
+            }
+        }
+        let mut out = format!("A = {}\nB = {}\n", self.a, self.b);
+        for r in &rows {
+            let cells: Vec<String> = r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    if i == 0 {
+                        format!("{c:<width$}", width = w[i])
+                    } else {
+                        format!("{c:>width$}", width = w[i])
+                    }
+                })
+                .collect();
+            out.push_str(&cells.join("  "));
+            out.push('\n');
+        }
+        out
+    }
+}

@@ -31,6 +31,10 @@ enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// A second model (e.g. the factorized conversion) to show side by side, per source
+        /// layer and in total.
+        #[arg(long, value_name = "FILE")]
+        compare: Option<PathBuf>,
     },
     /// Train a model (any supported architecture) on CIFAR, an image folder or synthetic data.
     Train(elrt::cli_train::TrainArgs),
@@ -48,11 +52,21 @@ fn run(cli: Cli) -> Result<()> {
             file,
             input_shape,
             json,
+            compare,
         } => {
             let shapes = input_shape
                 .iter()
                 .map(|s| elrt::inspect::parse_shape(s))
                 .collect::<Result<Vec<_>>>()?;
+            if let Some(other) = compare {
+                let c = elrt::inspect::compare(&file, &other, &shapes)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    print!("{}", c.to_text());
+                }
+                return Ok(());
+            }
             let report = elrt::inspect::inspect(&file, &shapes)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

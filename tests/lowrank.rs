@@ -386,3 +386,43 @@ fn bad_requests_fail_clearly() {
         "a failed convert must not write"
     );
 }
+
+#[test]
+fn inspect_compares_original_and_factorized_per_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let out = tmp.path().join("t2.onnx");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
+        .args([
+            "convert",
+            r20.to_str().unwrap(),
+            "--ranks",
+            "ratio=0.5",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let c = elrt::inspect::compare(&r20, &out, &[]).unwrap();
+    assert_eq!(c.totals_a.params, 272_474);
+    assert_eq!(c.totals_b.params, 102_362);
+    let l = c
+        .layers
+        .iter()
+        .find(|l| l.layer == "layer1.0.conv1")
+        .unwrap();
+    // 16 -> 8 -> 8 -> 16 channels, 3x3 core: 128 + 576 + 128 params.
+    assert_eq!((l.params_a, l.params_b), (2304, 832));
+    let first = c.layers.iter().find(|l| l.layer == "conv1").unwrap();
+    assert_eq!(
+        first.params_a, first.params_b,
+        "the first conv stays full rank"
+    );
+    // Every factor is grouped under a source layer: no layer exists only in B.
+    assert!(
+        c.layers.iter().all(|l| l.params_a > 0 || l.macs_a > 0),
+        "{:?}",
+        c.layers
+    );
+}
