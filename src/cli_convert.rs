@@ -7,8 +7,6 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::inspect::group_digits;
-use crate::ir::fold::{simplify, FoldOptions};
-use crate::ir::shape::default_input_shapes;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{convert, ConvertOptions, Format, InitMode, LayerReport};
 
@@ -70,16 +68,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
             a.output.display()
         );
     }
-    let mut g = crate::onnx::read_file(&a.model)?;
-    let shapes = default_input_shapes(&g).with_context(|| a.model.display().to_string())?;
-    let facts = simplify(
-        &mut g,
-        &shapes,
-        FoldOptions {
-            remove_dropout: false,
-        },
-    )
-    .with_context(|| a.model.display().to_string())?;
+    let (mut g, shapes, facts) = crate::inspect::load_simplified(&a.model, &[], false)?;
     let before = crate::ir::cost::cost(&g, &facts).totals;
     let opts = ConvertOptions {
         format,

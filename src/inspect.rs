@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::ir::cost::{cost, LayerCost, Totals};
 use crate::ir::fold::{simplify, FoldOptions};
-use crate::ir::shape::default_input_shapes;
+use crate::ir::shape::{default_input_shapes, Facts};
+use crate::ir::Graph;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -34,21 +35,26 @@ pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     Ok(dims)
 }
 
-pub fn inspect(path: &Path, input_shapes: &[Vec<usize>]) -> Result<Report> {
+/// Reads a model and simplifies it for `input_shapes` (the file's own, batch 1, when empty).
+/// Returns the graph, the shapes used and the facts of the simplified graph.
+pub fn load_simplified(
+    path: &Path,
+    input_shapes: &[Vec<usize>],
+    remove_dropout: bool,
+) -> Result<(Graph, Vec<Vec<usize>>, Facts)> {
     let mut g = crate::onnx::read_file(path)?;
     let shapes = if input_shapes.is_empty() {
         default_input_shapes(&g).with_context(|| path.display().to_string())?
     } else {
         input_shapes.to_vec()
     };
-    let facts = simplify(
-        &mut g,
-        &shapes,
-        FoldOptions {
-            remove_dropout: true,
-        },
-    )
-    .with_context(|| path.display().to_string())?;
+    let facts = simplify(&mut g, &shapes, FoldOptions { remove_dropout })
+        .with_context(|| path.display().to_string())?;
+    Ok((g, shapes, facts))
+}
+
+pub fn inspect(path: &Path, input_shapes: &[Vec<usize>]) -> Result<Report> {
+    let (g, shapes, facts) = load_simplified(path, input_shapes, true)?;
     let c = cost(&g, &facts);
     Ok(Report {
         file: path.display().to_string(),
@@ -185,20 +191,7 @@ fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<Stri
 type LayerCosts = Vec<(String, u64, u64)>;
 
 fn grouped(path: &Path, shapes: &[Vec<usize>]) -> Result<(LayerCosts, Totals)> {
-    let mut g = crate::onnx::read_file(path)?;
-    let shapes = if shapes.is_empty() {
-        default_input_shapes(&g).with_context(|| path.display().to_string())?
-    } else {
-        shapes.to_vec()
-    };
-    let facts = simplify(
-        &mut g,
-        &shapes,
-        FoldOptions {
-            remove_dropout: true,
-        },
-    )
-    .with_context(|| path.display().to_string())?;
+    let (g, _, facts) = load_simplified(path, shapes, true)?;
     let c = cost(&g, &facts);
     let mut out: LayerCosts = Vec::new();
     for (n, l) in g.nodes.iter().zip(&c.layers) {

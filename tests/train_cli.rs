@@ -167,6 +167,14 @@ fn fails_cleanly(args: &[&str]) -> String {
     last
 }
 
+/// The six CIFAR-10 batch files, each holding `bytes`.
+fn write_cifar_files(dir: &Path, bytes: &[u8]) {
+    for i in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{i}.bin")), bytes).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), bytes).unwrap();
+}
+
 #[test]
 fn bad_input_fails_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,37 +189,16 @@ fn bad_input_fails_cleanly() {
     // A CIFAR batch file of the wrong size.
     let dir = tmp.path().join("cifar");
     std::fs::create_dir_all(&dir).unwrap();
-    for f in [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ] {
-        std::fs::write(dir.join(f), vec![0u8; 3073 * 2 + 5]).unwrap();
-    }
+    write_cifar_files(&dir, &[0u8; 3073 * 2 + 5]);
     let spec = format!("cifar10:{}", dir.display());
     let e = fails_cleanly(&["train", m, "--data", &spec, "-o", o]);
     assert!(e.contains("data_batch_1.bin") && e.contains("3073"), "{e}");
     // Labels out of range for the model: CIFAR-100-like labels on a 10-class model.
     let mut rec = vec![0u8; 3073 * 4];
     rec[0] = 42;
-    for f in [
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-    ] {
-        std::fs::write(dir.join(f), &rec).unwrap();
-    }
+    write_cifar_files(&dir, &rec);
     let e = fails_cleanly(&["train", m, "--data", &spec, "-o", o]);
     assert!(e.contains("42"), "{e}");
     let e = fails_cleanly(&["train", m, "--resume", "-o", o]);
     assert!(e.contains("no checkpoint"), "{e}");
-    // An op the engine cannot train, named.
-    let tv = common::repo().join("target/torchvision-onnx/shufflenet_v2_x0_5_op13.onnx");
-    let _ = tv;
 }

@@ -10,7 +10,7 @@ use ndarray::ArrayD;
 use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, MaxPool2d};
 use super::tensor_ops::BinOp;
 use crate::ir::ops::{AutoPad, PoolKind, Slice};
-use crate::ir::shape::{norm_axis, resolve_pads, split_sizes, Facts};
+use crate::ir::shape::{norm_axis, reduce_axes, resolve_pads, split_sizes, Facts};
 use crate::ir::{Graph, Op, Tensor};
 
 /// Where a step reads an input from.
@@ -419,16 +419,7 @@ fn kernel_for(
             Kernel::GlobalAvgPool
         }
         Op::ReduceMean(r) => {
-            let rank = x.len();
-            let mut axes: Vec<usize> = match &r.axes {
-                Some(a) if !a.is_empty() => a
-                    .iter()
-                    .map(|&v| norm_axis(v, rank))
-                    .collect::<Result<_>>()?,
-                _ if r.noop_with_empty_axes => vec![],
-                _ => (0..rank).collect(),
-            };
-            axes.sort_unstable();
+            let axes = reduce_axes(r, x.len())?;
             if axes.contains(&0) {
                 bail!("ReduceMean over the batch axis cannot be trained");
             }

@@ -158,6 +158,20 @@ pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
     Ok(a as usize)
 }
 
+/// The axes a ReduceMean reduces over for an input of `rank`, normalised and sorted.
+pub fn reduce_axes(r: &ReduceMean, rank: usize) -> Result<Vec<usize>> {
+    let mut axes: Vec<usize> = match &r.axes {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .map(|&v| norm_axis(v, rank))
+            .collect::<Result<_>>()?,
+        _ if r.noop_with_empty_axes => vec![],
+        _ => (0..rank).collect(),
+    };
+    axes.sort_unstable();
+    Ok(axes)
+}
+
 /// Numpy broadcasting of two shapes.
 pub fn broadcast(a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let r = a.len().max(b.len());
@@ -451,15 +465,7 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
             vec![Fact::of(shape, x.elem)]
         }
         Op::ReduceMean(r) => {
-            let rank = x.shape.len();
-            let axes: Vec<usize> = match &r.axes {
-                Some(a) if !a.is_empty() => a
-                    .iter()
-                    .map(|&v| norm_axis(v, rank))
-                    .collect::<Result<_>>()?,
-                _ if r.noop_with_empty_axes => vec![],
-                _ => (0..rank).collect(),
-            };
+            let axes = reduce_axes(r, x.shape.len())?;
             let shape = x
                 .shape
                 .iter()
