@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Run an ONNX model in onnxruntime on a raw float32 input; write the first output raw.
 
-    python3 scripts/ort_forward.py MODEL INPUT.bin N,C,H,W OUTPUT.bin
+    python3 scripts/ort_forward.py [--check] MODEL INPUT.bin N,C,H,W OUTPUT.bin
 
 The engine's tests use it as the outside judge of a forward pass: the input and output are
 little-endian float32 arrays in C order. Graph optimisations are off so that onnxruntime
-computes the graph as written.
+computes the graph as written. `--check` runs onnx.checker (full_check) on the file first.
 """
 import sys
 
@@ -14,7 +14,13 @@ import onnxruntime as ort
 
 
 def main() -> int:
-    model, inp, shape, out = sys.argv[1:5]
+    args = sys.argv[1:]
+    if args and args[0] == "--check":
+        import onnx
+
+        onnx.checker.check_model(onnx.load(args[1]), full_check=True)
+        args = args[1:]
+    model, inp, shape, out = args[:4]
     dims = [int(d) for d in shape.split(",")]
     x = np.fromfile(inp, dtype="<f4").reshape(dims)
     so = ort.SessionOptions()

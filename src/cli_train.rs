@@ -133,7 +133,53 @@ struct TrainSummary<'a> {
     checkpoint: String,
 }
 
+/// What a finished (or stopped) training run gives back to its caller.
+pub struct TrainResult {
+    pub outcome: Outcome,
+    pub history: Vec<crate::train::run::EpochMetrics>,
+    pub output: PathBuf,
+    pub files: RunFiles,
+    pub threads: usize,
+    pub config: TrainConfig,
+}
+
 pub fn train(a: TrainArgs) -> Result<()> {
+    let r = run_train(&a)?;
+    let (history, output, outcome) = (&r.history, &r.output, r.outcome);
+    let summary = TrainSummary {
+        model: a.model.display().to_string(),
+        output: output.display().to_string(),
+        data: a.data.clone(),
+        outcome: format!("{outcome:?}"),
+        threads: r.threads,
+        config: &r.config,
+        last: history.last(),
+        metrics_file: r.files.metrics.display().to_string(),
+        checkpoint: r.files.checkpoint.display().to_string(),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        if let Some(m) = history.last() {
+            println!(
+                "{}: test top-1 {:.2}%  top-5 {:.2}%  ({} epochs, {} steps, {:.0}s)",
+                output.display(),
+                100.0 * m.test_acc,
+                100.0 * m.test_top5,
+                m.epoch,
+                m.step,
+                m.wall_s
+            );
+        }
+        if matches!(outcome, Outcome::Interrupted) {
+            println!("stopped early; continue with the same command and --resume");
+        }
+    }
+    Ok(())
+}
+
+/// Trains as `elrt train` does and saves the output; prints nothing but progress.
+pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
     let threads = set_threads(a.threads)?;
     let spec = DataSpec::parse(&a.data)?;
     let output = a.output.clone().unwrap_or_else(|| default_output(&a.model));
@@ -231,36 +277,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let outcome = trainer.run(Arc::new(splits.train), Arc::new(splits.test), a.resume)?;
     let history = trainer.history.clone();
     model.save(&output)?;
-    let summary = TrainSummary {
-        model: a.model.display().to_string(),
-        output: output.display().to_string(),
-        data: a.data.clone(),
-        outcome: format!("{outcome:?}"),
+    Ok(TrainResult {
+        outcome,
+        history,
+        output,
+        files,
         threads,
-        config: &cfg,
-        last: history.last(),
-        metrics_file: files.metrics.display().to_string(),
-        checkpoint: files.checkpoint.display().to_string(),
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        if let Some(m) = history.last() {
-            println!(
-                "{}: test top-1 {:.2}%  top-5 {:.2}%  ({} epochs, {} steps, {:.0}s)",
-                output.display(),
-                100.0 * m.test_acc,
-                100.0 * m.test_top5,
-                m.epoch,
-                m.step,
-                m.wall_s
-            );
-        }
-        if matches!(outcome, Outcome::Interrupted) {
-            println!("stopped early; continue with the same command and --resume");
-        }
-    }
-    Ok(())
+        config: cfg,
+    })
 }
 
 #[derive(Serialize)]

@@ -7,10 +7,14 @@
 // BLAS calls fail to link (undefined `cblas_sgemm`).
 extern crate blas_src;
 
+pub mod bench;
+pub mod cli_compress;
 pub mod cli_convert;
+pub mod cli_export;
 pub mod cli_train;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod inspect;
 pub mod ir;
 pub mod lowrank;

@@ -42,6 +42,13 @@ enum Cmd {
     Eval(elrt::cli_train::EvalArgs),
     /// Rewrite every eligible conv into Tucker-2 or CP form with fresh or decomposed factors.
     Convert(elrt::cli_convert::ConvertArgs),
+    /// The main job: convert -> train from random factors -> export -> validate -> bench ->
+    /// report, in one run folder (resumable).
+    Compress(elrt::cli_compress::CompressArgs),
+    /// Write a deployment ONNX file (BN folded, fastest forms, fixed shapes) checked in tract.
+    Export(elrt::cli_export::ExportArgs),
+    /// Latency of ONNX files in tract, interleaved: p50/p90/p99, throughput, params, MACs.
+    Bench(elrt::cli_export::BenchArgs),
     /// Training-step throughput (img/s) and peak memory on random data, optionally per op.
     Speed(elrt::cli_train::SpeedArgs),
 }
@@ -77,6 +84,9 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Train(a) => elrt::cli_train::train(a)?,
         Cmd::Eval(a) => elrt::cli_train::eval(a)?,
         Cmd::Speed(a) => elrt::cli_train::speed(a)?,
+        Cmd::Compress(a) => elrt::cli_compress::compress(a)?,
+        Cmd::Export(a) => elrt::cli_export::export_cmd(a)?,
+        Cmd::Bench(a) => elrt::cli_export::bench_cmd(a)?,
         Cmd::Convert(a) => {
             let json = a.json;
             let r = elrt::cli_convert::run(a)?;

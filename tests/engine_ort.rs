@@ -4,40 +4,10 @@
 
 mod common;
 
-use std::process::Command;
-
 use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::rng::Rng;
 use ndarray::{ArrayD, IxDyn};
-
-fn ort_forward(model: &std::path::Path, x: &ArrayD<f32>) -> ArrayD<f32> {
-    let tmp = tempfile::tempdir().unwrap();
-    let (inp, out) = (tmp.path().join("x.bin"), tmp.path().join("y.bin"));
-    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(&inp, bytes).unwrap();
-    let shape: Vec<String> = x.shape().iter().map(|d| d.to_string()).collect();
-    let o = Command::new("python3")
-        .arg(common::repo().join("scripts/ort_forward.py"))
-        .arg(model)
-        .arg(&inp)
-        .arg(shape.join(","))
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let dims: Vec<usize> = String::from_utf8_lossy(&o.stdout)
-        .trim()
-        .split(',')
-        .map(|d| d.parse().unwrap())
-        .collect();
-    let raw = std::fs::read(&out).unwrap();
-    let v: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()
-}
 
 #[test]
 fn forward_matches_onnxruntime() {
@@ -62,7 +32,7 @@ fn forward_matches_onnxruntime() {
             Mode::Train
         };
         let ours = m.forward(x.clone(), mode).unwrap();
-        let theirs = ort_forward(&path, &x);
+        let theirs = common::ort_forward(&path, &x);
         assert_eq!(ours.shape(), theirs.shape());
         let scale = theirs.iter().fold(0f32, |a, &b| a.max(b.abs())).max(1e-3);
         let diff = ours

@@ -137,6 +137,31 @@ impl Session {
             .ok_or_else(|| anyhow!("the output was not computed"))
     }
 
+    /// Eval-mode forward that keeps every step's first output, by node name, in run order: the
+    /// engine's side of locating where another runtime's outputs part from ours.
+    pub fn forward_trace(&mut self, x: ArrayD<f32>) -> Result<Vec<(String, ArrayD<f32>)>> {
+        self.values.iter_mut().for_each(|v| *v = None);
+        self.saved.clear();
+        self.values[self.program.input_slot] = Some(x);
+        let mut trace = Vec::with_capacity(self.program.steps.len());
+        for i in 0..self.program.steps.len() {
+            let (outs, _) = self.run_step(i, Mode::Eval).with_context(|| {
+                format!(
+                    "node '{}' ({})",
+                    self.program.steps[i].name, self.program.steps[i].op_type
+                )
+            })?;
+            let step = &self.program.steps[i];
+            if let Some(o) = outs.first() {
+                trace.push((step.name.clone(), o.clone()));
+            }
+            for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
+                self.values[slot] = Some(v);
+            }
+        }
+        Ok(trace)
+    }
+
     fn run_step(&mut self, i: usize, mode: Mode) -> Result<(Vec<ArrayD<f32>>, Saved)> {
         let step = &self.program.steps[i];
         let x = self.get(step.inputs[0])?;

@@ -82,3 +82,61 @@ pub fn assert_roundtrip(path: &Path, tmp: &Path, python: bool) {
         roundtrip_check(path, &out);
     }
 }
+
+/// Runs `model` in onnxruntime (scripts/ort_forward.py, graph optimisations off) on `x`.
+/// With `check`, onnx.checker (full check) runs on the file first.
+pub fn ort_forward_checked(
+    model: &Path,
+    x: &ndarray::ArrayD<f32>,
+    check: bool,
+) -> ndarray::ArrayD<f32> {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inp, out) = (tmp.path().join("x.bin"), tmp.path().join("y.bin"));
+    let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&inp, bytes).unwrap();
+    let shape: Vec<String> = x.shape().iter().map(|d| d.to_string()).collect();
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo().join("scripts/ort_forward.py"));
+    if check {
+        cmd.arg("--check");
+    }
+    let o = cmd
+        .arg(model)
+        .arg(&inp)
+        .arg(shape.join(","))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        model.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let dims: Vec<usize> = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .split(',')
+        .map(|d| d.parse().unwrap())
+        .collect();
+    let raw = std::fs::read(&out).unwrap();
+    let v: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&dims), v).unwrap()
+}
+
+pub fn ort_forward(model: &Path, x: &ndarray::ArrayD<f32>) -> ndarray::ArrayD<f32> {
+    ort_forward_checked(model, x, false)
+}
+
+/// `max |a - b| / max |b|`.
+pub fn rel_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
+    let d = a
+        .iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
+    d / scale
+}

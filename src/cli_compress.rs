@@ -1,0 +1,657 @@
+//! `elrt compress`: the main job. One command from an ONNX architecture to a trained compact
+//! ONNX file and a report, through every stage: convert -> train -> export (validated in
+//! tract) -> bench -> report, each stage's output kept in the run folder so that `--resume`
+//! carries on from where a run stopped.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::cli_convert::{ConvertArgs, ConvertReport};
+use crate::cli_export::{run_bench, run_export, BenchArgs, ExportArgs, ExportSummary};
+use crate::cli_train::{run_train, TrainArgs};
+use crate::data::DataSpec;
+use crate::inspect::group_digits;
+use crate::util::write_atomic;
+
+/// DSO strength used when `--orth` is not given (see the README's rho sweep).
+pub const DEFAULT_ORTH: f32 = 1e-3;
+
+/// The embedded default's data: the built-in synthetic set, sized so that the whole job runs
+/// in a couple of minutes on two cores.
+pub const EMBEDDED_DATA: &str = "synthetic:4000,1000";
+
+#[derive(Args, Debug, Clone)]
+pub struct CompressArgs {
+    /// The ONNX architecture (weights are not needed: training starts from random factors).
+    pub model: PathBuf,
+    /// synthetic | synthetic:TRAIN,TEST | cifar10:PATH | cifar100:PATH | folder:PATH. Without
+    /// it: the built-in synthetic set and a short schedule (the embedded default).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// tucker2 | cp
+    #[arg(long, default_value = "tucker2")]
+    pub format: String,
+    /// ratio=F | params=F | macs=F | a JSON file of per-layer ranks
+    #[arg(long, default_value = "params=0.4")]
+    pub ranks: String,
+    /// Epochs (default: 30 on real data, 4 on the synthetic set).
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    /// Batch size (default: 128 on real data, 64 on the synthetic set).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Base learning rate, SGD with Nesterov momentum 0.9 (default: 0.1 on real data at batch
+    /// 128, 0.05 on the synthetic set, whose small training split wants smaller steps).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// Double soft orthogonality strength rho (0: off).
+    #[arg(long, default_value_t = DEFAULT_ORTH)]
+    pub orth: f32,
+    #[arg(long, default_value_t = 5e-4)]
+    pub wd: f32,
+    /// constant | step | cosine | onecycle
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Training threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Threads for the deployment latency (tract).
+    #[arg(long, default_value_t = 1)]
+    pub bench_threads: usize,
+    /// fastest | factorized | dense (how the compact file writes each factorized layer).
+    #[arg(long, default_value = "fastest")]
+    pub forms: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop training after N steps (smoke runs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Also train the full-rank model with the same recipe, for the accuracy comparison.
+    #[arg(long)]
+    pub baseline: bool,
+    /// The run folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue a stopped run in --out from its last finished stage.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What the run folder records about itself, so that `--resume` can check it is the same run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct RunManifest {
+    elrt: String,
+    model: String,
+    /// FNV-1a of the model file's bytes.
+    model_fingerprint: String,
+    data: String,
+    recipe: Recipe,
+    /// Stages finished, in order.
+    done: Vec<String>,
+    command: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Recipe {
+    format: String,
+    ranks: String,
+    epochs: u64,
+    batch: usize,
+    lr: f32,
+    orth: f32,
+    wd: f32,
+    schedule: String,
+    seed: u64,
+    forms: String,
+    baseline: bool,
+    max_steps: Option<u64>,
+}
+
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The report's facts, also written as report.json.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CompressReport {
+    pub model: String,
+    pub data: String,
+    pub synthetic: bool,
+    pub command: String,
+    pub format: String,
+    pub ranks: String,
+    pub epochs: u64,
+    pub orth: f32,
+    pub original: ModelFacts,
+    pub compact: ModelFacts,
+    pub baseline_top1: Option<f64>,
+    pub forms: String,
+    pub stage_seconds: Vec<(String, f64)>,
+    pub files: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelFacts {
+    pub file: String,
+    pub params: u64,
+    pub macs: u64,
+    pub top1: Option<f64>,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub bench_threads: usize,
+}
+
+struct Run {
+    dir: PathBuf,
+    manifest: RunManifest,
+    quiet: bool,
+}
+
+impl Run {
+    fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+
+    fn done(&self, stage: &str) -> bool {
+        self.manifest.done.iter().any(|s| s == stage)
+    }
+
+    fn mark(&mut self, stage: &str) -> Result<()> {
+        if !self.done(stage) {
+            self.manifest.done.push(stage.to_string());
+        }
+        self.save()
+    }
+
+    fn save(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.manifest)?;
+        write_atomic(&self.path("run.json"), text.as_bytes())
+            .with_context(|| format!("{}: cannot write the run folder", self.dir.display()))
+    }
+
+    fn say(&self, m: &str) {
+        if !self.quiet {
+            eprintln!("[compress] {m}");
+        }
+    }
+}
+
+fn shell_quote(a: &str) -> String {
+    if a.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+    {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
+pub fn compress(a: CompressArgs) -> Result<()> {
+    let report = run_compress(&a)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report_table(&report));
+        println!("run folder: {}", a.out.display());
+    }
+    Ok(())
+}
+
+pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
+    let synthetic_default = a.data.is_none();
+    let data = a.data.clone().unwrap_or_else(|| EMBEDDED_DATA.to_string());
+    let spec = DataSpec::parse(&data)?;
+    let synthetic = data.starts_with("synthetic");
+    let epochs = a.epochs.unwrap_or(if synthetic { 4 } else { 30 });
+    let batch = a.batch.unwrap_or(if synthetic { 64 } else { 128 });
+    let lr = a.lr.unwrap_or(if synthetic { 0.05 } else { 0.1 });
+    if batch == 0 || !(lr > 0.0 && lr.is_finite()) {
+        bail!("--batch must be at least 1 and --lr positive");
+    }
+    if epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    if a.bench_threads == 0 {
+        bail!("--bench-threads must be at least 1");
+    }
+    crate::export::FormsPolicy::from_str_checked(&a.forms)?;
+    let model_bytes =
+        std::fs::read(&a.model).with_context(|| format!("cannot read {}", a.model.display()))?;
+    // Fail on bad data before anything is written: load it once for the model's input shape.
+    let graph =
+        crate::onnx::read_bytes(&model_bytes).with_context(|| a.model.display().to_string())?;
+    let shape = crate::ir::shape::default_input_shapes(&graph)
+        .with_context(|| a.model.display().to_string())?;
+    let chw = [shape[0][1], shape[0][2], shape[0][3]];
+    spec.load(chw).with_context(|| format!("--data {data}"))?;
+
+    // argv[0] as `elrt`, so that the report's command reads the same wherever the binary is.
+    let command = std::iter::once("elrt".to_string())
+        .chain(std::env::args().skip(1))
+        .map(|s| shell_quote(&s))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let recipe = Recipe {
+        format: a.format.clone(),
+        ranks: a.ranks.clone(),
+        epochs,
+        batch,
+        lr,
+        orth: a.orth,
+        wd: a.wd,
+        schedule: a.schedule.clone(),
+        seed: a.seed,
+        forms: a.forms.clone(),
+        baseline: a.baseline,
+        max_steps: a.max_steps,
+    };
+    let manifest_path = a.out.join("run.json");
+    let manifest = if a.resume {
+        let text = std::fs::read_to_string(&manifest_path).map_err(|_| {
+            anyhow!(
+                "--resume: {} is not a run folder (no run.json)",
+                a.out.display()
+            )
+        })?;
+        let m: RunManifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: unreadable run.json", a.out.display()))?;
+        if m.model_fingerprint != fingerprint(&model_bytes) {
+            bail!(
+                "--resume: {} was made from {} (a different model than {}); use a new --out",
+                a.out.display(),
+                m.model,
+                a.model.display()
+            );
+        }
+        if m.recipe != recipe || m.data != data {
+            bail!(
+                "--resume: {} was made with a different recipe or data ({}); use a new --out \
+                 or the original flags",
+                a.out.display(),
+                m.command
+            );
+        }
+        m
+    } else {
+        if manifest_path.exists() {
+            bail!(
+                "{} already holds a run; pass --resume to continue it or choose another --out",
+                a.out.display()
+            );
+        }
+        std::fs::create_dir_all(&a.out)
+            .with_context(|| format!("{}: cannot create the run folder", a.out.display()))?;
+        RunManifest {
+            elrt: env!("CARGO_PKG_VERSION").into(),
+            model: a.model.display().to_string(),
+            model_fingerprint: fingerprint(&model_bytes),
+            data: data.clone(),
+            recipe: recipe.clone(),
+            done: Vec::new(),
+            command: command.clone(),
+        }
+    };
+    let mut run = Run {
+        dir: a.out.clone(),
+        manifest,
+        quiet: a.quiet || a.json,
+    };
+    run.save()?;
+    if synthetic_default {
+        run.say(
+            "no --data: the built-in synthetic set with a short schedule (the embedded default)",
+        );
+    }
+    run.say(&format!(
+        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {} | seed {}",
+        a.format, a.ranks, epochs, batch, lr, a.schedule, a.wd, a.orth, a.seed
+    ));
+    let mut stage_seconds = Vec::new();
+
+    // 1. convert
+    let factorized = run.path("factorized.onnx");
+    if !run.done("convert") {
+        run.say("convert");
+        let t0 = Instant::now();
+        let r: ConvertReport = crate::cli_convert::run(ConvertArgs {
+            model: a.model.clone(),
+            format: a.format.clone(),
+            ranks: a.ranks.clone(),
+            rank_multiple: 8,
+            include_first: false,
+            init: "scratch".into(),
+            seed: a.seed,
+            hooi_iters: 10,
+            cp_iters: 50,
+            output: factorized.clone(),
+            json: false,
+        })?;
+        let ranks: serde_json::Map<String, serde_json::Value> = r
+            .layers
+            .iter()
+            .filter(|l| !l.ranks.is_empty())
+            .map(|l| (l.layer.clone(), serde_json::json!(l.ranks)))
+            .collect();
+        write_atomic(
+            &run.path("ranks.json"),
+            serde_json::to_string_pretty(&ranks)?.as_bytes(),
+        )?;
+        write_atomic(&run.path("convert.txt"), r.to_text().as_bytes())?;
+        stage_seconds.push(("convert".to_string(), t0.elapsed().as_secs_f64()));
+        run.mark("convert")?;
+    }
+
+    // 2. train (and the baseline)
+    let train_args = |model: PathBuf, output: PathBuf, orth: f32, resume: bool| TrainArgs {
+        model,
+        data: data.clone(),
+        epochs,
+        batch,
+        lr: Some(lr),
+        optimizer: "sgd".into(),
+        momentum: 0.9,
+        no_nesterov: false,
+        wd: Some(a.wd),
+        schedule: a.schedule.clone(),
+        warmup: 0.0,
+        label_smoothing: 0.0,
+        threads: a.threads,
+        workers: 2,
+        seed: a.seed,
+        max_steps: a.max_steps,
+        init: "scratch".into(),
+        bn: "auto".into(),
+        no_augment: false,
+        orth,
+        resume,
+        output: Some(output),
+        json: false,
+        quiet: a.quiet || a.json,
+    };
+    let trained = run.path("trained.onnx");
+    let mut compact_top1 = None;
+    if !run.done("train") {
+        run.say("train the factorized model from random factors");
+        let t0 = Instant::now();
+        let resume = run.path("trained.ckpt").exists();
+        let r = run_train(&train_args(
+            factorized.clone(),
+            trained.clone(),
+            a.orth,
+            resume,
+        ))?;
+        if matches!(r.outcome, crate::train::run::Outcome::Interrupted) {
+            bail!("training was interrupted; continue with the same command and --resume");
+        }
+        compact_top1 = r.history.last().map(|m| m.test_acc);
+        stage_seconds.push(("train".to_string(), t0.elapsed().as_secs_f64()));
+        run.mark("train")?;
+    }
+    let baseline_trained = run.path("baseline/trained.onnx");
+    let mut baseline_top1 = None;
+    if a.baseline && !run.done("baseline") {
+        run.say("train the full-rank baseline with the same recipe");
+        let t0 = Instant::now();
+        std::fs::create_dir_all(run.path("baseline"))?;
+        let resume = run.path("baseline/trained.ckpt").exists();
+        let r = run_train(&train_args(
+            a.model.clone(),
+            baseline_trained.clone(),
+            0.0,
+            resume,
+        ))?;
+        if matches!(r.outcome, crate::train::run::Outcome::Interrupted) {
+            bail!("training was interrupted; continue with the same command and --resume");
+        }
+        baseline_top1 = r.history.last().map(|m| m.test_acc);
+        stage_seconds.push(("baseline".to_string(), t0.elapsed().as_secs_f64()));
+        run.mark("baseline")?;
+    }
+    // Accuracies of stages finished in an earlier process come from their metrics files.
+    let last_acc = |metrics: &Path| -> Option<f64> {
+        let text = std::fs::read_to_string(metrics).ok()?;
+        let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        v.get("test_acc")?.as_f64()
+    };
+    if compact_top1.is_none() {
+        compact_top1 = last_acc(&run.path("trained.metrics.jsonl"));
+    }
+    if a.baseline && baseline_top1.is_none() {
+        baseline_top1 = last_acc(&run.path("baseline/trained.metrics.jsonl"));
+    }
+
+    // 3. export (validated in tract) the compact model and the original for latency
+    let compact = run.path("compact.onnx");
+    let original = run.path("original.onnx");
+    let export_args =
+        |model: PathBuf, output: PathBuf, forms: &str, meta: Vec<String>| ExportArgs {
+            model,
+            output,
+            batch: 1,
+            dynamic_batch: false,
+            input_shape: None,
+            opset: None,
+            forms: forms.to_string(),
+            threads: a.bench_threads,
+            data: None,
+            data_images: 0,
+            check_batches: 4,
+            tolerance: 1e-4,
+            meta,
+            json: false,
+            quiet: a.quiet || a.json,
+        };
+    let mut forms_text = String::new();
+    if !run.done("export") {
+        run.say(
+            "export the compact model (BN folded, forms timed in tract) and validate it in tract",
+        );
+        let t0 = Instant::now();
+        let mut meta = vec![
+            format!("elrt.data={data}"),
+            format!("elrt.epochs={epochs}"),
+            format!("elrt.orth={}", a.orth),
+        ];
+        if let Some(t) = compact_top1 {
+            meta.push(format!("elrt.accuracy.top1={t:.4}"));
+            meta.push(format!("elrt.accuracy.data={data} (test split, engine)"));
+        }
+        let s: ExportSummary = run_export(&export_args(
+            trained.clone(),
+            compact.clone(),
+            &a.forms,
+            meta,
+        ))?;
+        forms_text = crate::export::forms_summary(&s.export.layers);
+        write_atomic(
+            &run.path("export.json"),
+            serde_json::to_string_pretty(&s)?.as_bytes(),
+        )?;
+        // The original architecture, exported the same way (dense), for the latency side of
+        // the comparison: the trained baseline when there is one, else the file as given.
+        let src = if a.baseline {
+            baseline_trained.clone()
+        } else {
+            a.model.clone()
+        };
+        run_export(&export_args(src, original.clone(), "dense", vec![]))?;
+        stage_seconds.push(("export".to_string(), t0.elapsed().as_secs_f64()));
+        run.mark("export")?;
+    } else if let Ok(text) = std::fs::read_to_string(run.path("export.json")) {
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
+            forms_text = s["export"]["layers"]
+                .as_array()
+                .map(|ls| {
+                    let mut c = std::collections::BTreeMap::new();
+                    for l in ls {
+                        *c.entry(l["form"].as_str().unwrap_or("?").to_string())
+                            .or_insert(0) += 1;
+                    }
+                    c.iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+        }
+    }
+
+    // 4. bench
+    run.say("benchmark original and compact in tract (batch 1, interleaved)");
+    let t0 = Instant::now();
+    let b = run_bench(
+        &BenchArgs {
+            files: vec![original.clone(), compact.clone()],
+            batch: vec![1],
+            threads: a.bench_threads,
+            warmup: 20,
+            runs: 200,
+            min_seconds: 1.0,
+            profile: false,
+            json: false,
+        },
+        run.quiet,
+    )?;
+    write_atomic(
+        &run.path("bench.json"),
+        serde_json::to_string_pretty(&b.rows)?.as_bytes(),
+    )?;
+    stage_seconds.push(("bench".to_string(), t0.elapsed().as_secs_f64()));
+    run.mark("bench")?;
+
+    let facts = |row: &crate::bench::BenchRow, top1: Option<f64>| ModelFacts {
+        file: row.file.clone(),
+        params: row.params,
+        macs: row.macs,
+        top1,
+        p50_ms: row.p50_ms,
+        p90_ms: row.p90_ms,
+        bench_threads: row.threads,
+    };
+    let mut files: Vec<String> = std::fs::read_dir(&run.dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    files.push("report.md".into());
+    files.push("report.json".into());
+    files.sort();
+    files.dedup();
+    let report = CompressReport {
+        model: a.model.display().to_string(),
+        data: data.clone(),
+        synthetic,
+        command: run.manifest.command.clone(),
+        format: a.format.clone(),
+        ranks: a.ranks.clone(),
+        epochs,
+        orth: a.orth,
+        original: facts(&b.rows[0], baseline_top1),
+        compact: facts(&b.rows[1], compact_top1),
+        baseline_top1,
+        forms: forms_text,
+        stage_seconds,
+        files,
+    };
+    write_atomic(
+        &run.path("report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write_atomic(&run.path("report.md"), report_markdown(&report).as_bytes())?;
+    run.mark("report")?;
+    Ok(report)
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map(|x| format!("{:.2}%", 100.0 * x))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn report_table(r: &CompressReport) -> String {
+    let o = &r.original;
+    let c = &r.compact;
+    let mut s = String::new();
+    s += &format!(
+        "| | params | MACs | test top-1 | tract p50 (batch 1, {} thread) |\n|---|---:|---:|---:|---:|\n",
+        c.bench_threads
+    );
+    s += &format!(
+        "| original | {} | {} | {} | {:.3} ms |\n",
+        group_digits(o.params),
+        group_digits(o.macs),
+        if r.baseline_top1.is_some() {
+            pct(o.top1)
+        } else {
+            "not trained (--baseline)".into()
+        },
+        o.p50_ms
+    );
+    s += &format!(
+        "| compact | {} | {} | {} | {:.3} ms |\n",
+        group_digits(c.params),
+        group_digits(c.macs),
+        pct(c.top1),
+        c.p50_ms
+    );
+    s += &format!(
+        "| ratio | {:.2}x fewer | {:.2}x fewer | {} | {:.2}x faster |\n",
+        o.params as f64 / c.params.max(1) as f64,
+        o.macs as f64 / c.macs.max(1) as f64,
+        match (o.top1, c.top1) {
+            (Some(a), Some(b)) => format!("{:+.2} points", 100.0 * (b - a)),
+            _ => "-".into(),
+        },
+        o.p50_ms / c.p50_ms
+    );
+    s
+}
+
+pub fn report_markdown(r: &CompressReport) -> String {
+    let mut s = format!("# elrt compress: {}\n\n", r.model);
+    if r.synthetic {
+        s += "**Data: the built-in synthetic set** (procedural 10-class images, not a real data \
+              set): the accuracies show that every stage works, not what the model reaches on \
+              real images.\n\n";
+    } else {
+        s += &format!("Data: `{}` (accuracies on its test split).\n\n", r.data);
+    }
+    s += &report_table(r);
+    s += &format!(
+        "\nFormat {} with ranks `{}`, trained from random factors for {} epochs with DSO rho {}; \
+         compact file forms: {}.\nLatency: tract, batch 1, {} thread(s), original and compact \
+         interleaved, median (p90: {:.3} / {:.3} ms). The original is the same architecture \
+         exported the same way (BN folded, fixed shapes).\n",
+        r.format,
+        r.ranks,
+        r.epochs,
+        r.orth,
+        if r.forms.is_empty() { "-" } else { &r.forms },
+        r.compact.bench_threads,
+        r.original.p90_ms,
+        r.compact.p90_ms
+    );
+    s += "\nStage wall times (this process):\n\n";
+    for (k, v) in &r.stage_seconds {
+        s += &format!("- {k}: {v:.1} s\n");
+    }
+    s += &format!(
+        "\nCommand:\n\n    {}\n\nFiles: {}\n",
+        r.command,
+        r.files.join(", ")
+    );
+    s
+}

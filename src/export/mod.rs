@@ -1,0 +1,372 @@
+//! Export: a trained graph -> a deployment ONNX file.
+//!
+//! Passes, in order: simplify for the deployment input shape (constants folded, Dropout and
+//! Identity gone), fold every BatchNormalization into the conv before it ([`fold_bn`]), put
+//! each factorized layer in its chosen form ([`forms`], [`choose`]), fix the declared input
+//! and output shapes, write at opset 13 (or the lowest the graph's ops allow), and record where
+//! the file came from in `metadata_props`.
+
+pub mod choose;
+pub mod fold_bn;
+pub mod forms;
+pub mod validate;
+
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::bench::latency::{time_interleaved, TimingOptions};
+use crate::bench::tract_rt::TractModel;
+use crate::ir::fold::{simplify, FoldOptions};
+use crate::ir::shape::{default_input_shapes, Facts};
+use crate::ir::{Dim, Graph};
+use forms::{apply, find_chains, ChainKind, Form};
+
+/// Which form each factorized layer is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormsPolicy {
+    /// Measure in tract and keep the fastest (per layer, then checked on the whole model).
+    Fastest,
+    /// Keep the factors as trained (fewest parameters).
+    Factorized,
+    /// Rebuild every full kernel (the architecture before factorization).
+    Dense,
+}
+
+impl FromStr for FormsPolicy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "fastest" => FormsPolicy::Fastest,
+            "factorized" => FormsPolicy::Factorized,
+            "dense" => FormsPolicy::Dense,
+            o => bail!("--forms '{o}': expected fastest, factorized or dense"),
+        })
+    }
+}
+
+impl FormsPolicy {
+    /// Parses `--forms` early, so that a bad value fails before any work is done.
+    pub fn from_str_checked(s: &str) -> Result<FormsPolicy> {
+        s.parse()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// Batch size fixed in the file.
+    pub batch: usize,
+    /// Declare the batch symbolic (`N`) instead; the other dimensions stay fixed.
+    pub dynamic_batch: bool,
+    /// `[C, H, W]` when the file's own input shape has unknown dimensions.
+    pub image_shape: Option<Vec<usize>>,
+    /// Target opset; `None` = 13, or the lowest above it that the graph's ops need.
+    pub opset: Option<i64>,
+    pub forms: FormsPolicy,
+    /// Threads tract uses while timing forms (the deployment's thread count).
+    pub threads: usize,
+    /// Extra `metadata_props` (accuracy, command, ...), added after elrt's own.
+    pub metadata: Vec<(String, String)>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            batch: 1,
+            dynamic_batch: false,
+            image_shape: None,
+            opset: None,
+            forms: FormsPolicy::Fastest,
+            threads: 1,
+            metadata: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerForm {
+    pub layer: String,
+    pub kind: ChainKind,
+    pub form: Form,
+    /// Median ms of each exact form of the layer alone (with `--forms fastest`).
+    pub p50_ms: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub input_shape: Vec<usize>,
+    pub dynamic_batch: bool,
+    pub opset: i64,
+    pub bn_folded: usize,
+    pub bn_kept: Vec<String>,
+    pub forms_policy: FormsPolicy,
+    pub layers: Vec<LayerForm>,
+    /// With `--forms fastest`: whole-model medians (ms) of the candidates compared.
+    pub whole_model_p50_ms: std::collections::BTreeMap<String, f64>,
+    pub params: u64,
+    pub macs: u64,
+    pub nodes: usize,
+}
+
+/// The deployment input shape: `[batch, C, H, W]`.
+pub fn input_shape(g: &Graph, opts: &ExportOptions) -> Result<Vec<usize>> {
+    if g.inputs.len() != 1 {
+        bail!(
+            "the model has {} inputs; elrt exports image classifiers with one input",
+            g.inputs.len()
+        );
+    }
+    let mut s = match &opts.image_shape {
+        Some(chw) => {
+            let mut s = vec![opts.batch];
+            s.extend(chw);
+            s
+        }
+        None => default_input_shapes(g)
+            .context("the input shape cannot be fixed; give --input-shape C,H,W")?
+            .remove(0),
+    };
+    s[0] = opts.batch;
+    Ok(s)
+}
+
+/// Rewrites every chain into `form_of(chain)` (or the nearest exact form); returns the form
+/// each layer got.
+fn rewrite_all(
+    g: &mut Graph,
+    form_of: &dyn Fn(&forms::Chain) -> Form,
+) -> Result<std::collections::HashMap<String, Form>> {
+    let mut applied = std::collections::HashMap::new();
+    for c in find_chains(g) {
+        let f = form_of(&c);
+        let f = if c.forms(g).contains(&f) {
+            f
+        } else {
+            // Dense asked where a bias blocks it: the nearest exact merge.
+            Form::MergeLast
+        };
+        let f = if c.kind == ChainKind::Cp && f == Form::MergeLast {
+            Form::Factorized
+        } else {
+            f
+        };
+        apply(g, &c, f)?;
+        applied.insert(c.layer.clone(), f);
+    }
+    Ok(applied)
+}
+
+/// Bytes for tract: opset 13 when the ops allow it, else the graph's own.
+fn bytes_for_tract(g: &Graph) -> Result<Vec<u8>> {
+    let mut c = g.clone();
+    c.opset = 13;
+    crate::onnx::write_bytes(&c).or_else(|_| crate::onnx::write_bytes(g))
+}
+
+fn refacts(g: &mut Graph, shape: &[usize]) -> Result<Facts> {
+    simplify(
+        g,
+        &[shape.to_vec()],
+        FoldOptions {
+            remove_dropout: true,
+        },
+    )
+}
+
+/// Runs the export passes on a trained graph (as read from its file).
+pub fn export(
+    mut g: Graph,
+    opts: &ExportOptions,
+    mut progress: impl FnMut(&str),
+) -> Result<(Graph, ExportReport)> {
+    let shape = input_shape(&g, opts)?;
+    let facts = refacts(&mut g, &shape)?;
+    drop(facts);
+    let fold = fold_bn::fold_batchnorm(&mut g)?;
+    let facts = refacts(&mut g, &shape)?;
+    let chains = find_chains(&g);
+    let mut layers = Vec::new();
+    let mut whole = std::collections::BTreeMap::new();
+    match opts.forms {
+        FormsPolicy::Factorized => {
+            for c in &chains {
+                layers.push(LayerForm {
+                    layer: c.layer.clone(),
+                    kind: c.kind,
+                    form: Form::Factorized,
+                    p50_ms: Default::default(),
+                });
+            }
+        }
+        FormsPolicy::Dense => {
+            let applied = rewrite_all(&mut g, &|_| Form::Dense)?;
+            for c in &chains {
+                layers.push(LayerForm {
+                    layer: c.layer.clone(),
+                    kind: c.kind,
+                    form: applied[&c.layer],
+                    p50_ms: Default::default(),
+                });
+            }
+        }
+        FormsPolicy::Fastest if chains.is_empty() => {}
+        FormsPolicy::Fastest => {
+            let mut chosen = std::collections::HashMap::new();
+            for (k, c) in chains.iter().enumerate() {
+                progress(&format!(
+                    "timing forms of {} ({}/{})",
+                    c.layer,
+                    k + 1,
+                    chains.len()
+                ));
+                let t = choose::time_forms(&g, &facts, c, opts.threads)?;
+                chosen.insert(c.layer.clone(), t.chosen);
+                layers.push(LayerForm {
+                    layer: c.layer.clone(),
+                    kind: c.kind,
+                    form: t.chosen,
+                    p50_ms: t.p50_ms,
+                });
+            }
+            // Whole-model check: the per-layer choice against the uniform ones.
+            progress("timing the whole model: per-layer choice, factorized, dense");
+            let mut per_layer = g.clone();
+            let a1 = rewrite_all(&mut per_layer, &|c| chosen[&c.layer])?;
+            let mut dense = g.clone();
+            let a3 = rewrite_all(&mut dense, &|_| Form::Dense)?;
+            let a2 = chosen
+                .keys()
+                .map(|k| (k.clone(), Form::Factorized))
+                .collect();
+            let candidates = [
+                ("per-layer", per_layer, a1),
+                ("factorized", g.clone(), a2),
+                ("dense", dense, a3),
+            ];
+            let mut models = Vec::new();
+            for (_, cand, _) in &candidates {
+                models.push(TractModel::from_bytes(
+                    &bytes_for_tract(cand)?,
+                    &shape,
+                    opts.threads,
+                )?);
+            }
+            let times = time_interleaved(
+                &mut models,
+                &TimingOptions {
+                    warmup: 5,
+                    runs: 60,
+                    chunk: 3,
+                    min_time: std::time::Duration::from_millis(300),
+                },
+            )?;
+            let mut best = 0;
+            for (k, t) in times.iter().enumerate() {
+                whole.insert(candidates[k].0.to_string(), t.p50());
+                if t.p50() < times[best].p50() {
+                    best = k;
+                }
+            }
+            let (_, graph, applied) = candidates.into_iter().nth(best).expect("three candidates");
+            for l in &mut layers {
+                l.form = applied[&l.layer];
+            }
+            g = graph;
+        }
+    }
+    let facts = refacts(&mut g, &shape)?;
+    // Declared shapes: fixed, or a symbolic batch.
+    let batch_dim = |d: usize| {
+        if opts.dynamic_batch {
+            Dim::Sym("N".into())
+        } else {
+            Dim::Fixed(d)
+        }
+    };
+    for vi in g.inputs.iter_mut().chain(g.outputs.iter_mut()) {
+        if let Some(f) = facts.get(&vi.name) {
+            let mut dims: Vec<Dim> = f.shape.iter().map(|&d| Dim::Fixed(d)).collect();
+            if let Some(d0) = dims.first_mut() {
+                *d0 = batch_dim(f.shape[0]);
+            }
+            vi.shape = Some(dims);
+        }
+    }
+    // Opset: 13 unless asked otherwise or the ops need more.
+    let original = g.opset;
+    g.opset = opts.opset.unwrap_or(13);
+    if let Err(e) = crate::onnx::write::to_model(&g) {
+        if opts.opset.is_some() {
+            return Err(e.context(format!("cannot write the model at opset {}", g.opset)));
+        }
+        g.opset = original.max(13);
+        crate::onnx::write::to_model(&g).context("cannot write the model")?;
+    }
+    let cost = crate::ir::cost::cost(&g, &facts);
+    let per_image = if shape[0] > 0 {
+        cost.totals.macs / shape[0] as u64
+    } else {
+        0
+    };
+    g.meta
+        .metadata_props
+        .retain(|(k, _)| !k.starts_with("elrt.export"));
+    g.meta.metadata_props.extend([
+        ("elrt.export.forms".to_string(), forms_summary(&layers)),
+        (
+            "elrt.export.input_shape".to_string(),
+            if opts.dynamic_batch {
+                format!("N,{}", join(&shape[1..]))
+            } else {
+                join(&shape)
+            },
+        ),
+        (
+            "elrt.version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+    ]);
+    for (k, v) in &opts.metadata {
+        g.meta.metadata_props.retain(|(kk, _)| kk != k);
+        g.meta.metadata_props.push((k.clone(), v.clone()));
+    }
+    let report = ExportReport {
+        input_shape: shape,
+        dynamic_batch: opts.dynamic_batch,
+        opset: g.opset,
+        bn_folded: fold.folded,
+        bn_kept: fold.kept,
+        forms_policy: opts.forms,
+        layers,
+        whole_model_p50_ms: whole,
+        params: cost.totals.params,
+        macs: per_image,
+        nodes: g.nodes.len(),
+    };
+    Ok((g, report))
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `factorized: 12, dense: 6` style count of the forms written.
+pub fn forms_summary(layers: &[LayerForm]) -> String {
+    let mut counts = std::collections::BTreeMap::new();
+    for l in layers {
+        *counts.entry(l.form.name()).or_insert(0) += 1;
+    }
+    if counts.is_empty() {
+        return "no factorized layers".into();
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

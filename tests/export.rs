@@ -1,0 +1,376 @@
+//! Export and tract (issue 5): BN folding and every layer form keep the function; every model
+//! in models/, converted to Tucker-2 and to CP and exported, passes onnx.checker and runs in
+//! onnxruntime and tract within 1e-4 of the engine; bad requests fail in one line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use elrt::cli_convert::ConvertArgs;
+use elrt::cli_export::{run_export, ExportArgs};
+use elrt::engine::exec::Mode;
+use elrt::engine::model::Model;
+use elrt::export::forms::{apply, find_chains, Form};
+use elrt::ir::{Graph, Op, Tensor};
+use elrt::rng::Rng;
+use ndarray::{ArrayD, IxDyn};
+
+/// Gives every BN non-trivial statistics and affine parameters (as training would), so that
+/// folding them is tested on values that matter.
+fn randomize_bn(g: &mut Graph, seed: u64) {
+    let mut r = Rng::new(seed);
+    let bns: Vec<Vec<String>> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::BatchNorm(_)))
+        .map(|n| n.inputs.clone())
+        .collect();
+    for ins in bns {
+        for (k, name) in ins.iter().enumerate().skip(1) {
+            let t = g.initializers.get_mut(name).unwrap();
+            if let Tensor::F32(a) = t {
+                a.mapv_inplace(|_| match k {
+                    1 => r.range(0.5, 1.5),
+                    2 => r.range(-0.2, 0.2),
+                    3 => r.range(-0.3, 0.3),
+                    _ => r.range(0.5, 2.0),
+                });
+            }
+        }
+    }
+}
+
+fn convert(model: &Path, format: &str, out: &Path) {
+    elrt::cli_convert::run(ConvertArgs {
+        model: model.to_path_buf(),
+        format: format.into(),
+        ranks: "ratio=0.5".into(),
+        rank_multiple: 8,
+        include_first: false,
+        init: "scratch".into(),
+        seed: 3,
+        hooi_iters: 10,
+        cp_iters: 50,
+        output: out.to_path_buf(),
+        json: false,
+    })
+    .unwrap();
+}
+
+fn export_args(model: &Path, out: &Path, forms: &str) -> ExportArgs {
+    ExportArgs {
+        model: model.to_path_buf(),
+        output: out.to_path_buf(),
+        batch: 1,
+        dynamic_batch: false,
+        input_shape: None,
+        opset: None,
+        forms: forms.into(),
+        threads: 1,
+        data: None,
+        data_images: 0,
+        check_batches: 2,
+        tolerance: 1e-4,
+        meta: vec!["elrt.test=yes".into()],
+        json: false,
+        quiet: true,
+    }
+}
+
+fn input(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut r = Rng::new(seed);
+    ArrayD::from_shape_fn(IxDyn(shape), |_| r.normal())
+}
+
+/// Eval output of the engine on a graph.
+fn engine(g: &Graph, x: &ArrayD<f32>) -> ArrayD<f32> {
+    let mut m = Model::from_graph(g.clone(), x.shape()[0]).unwrap();
+    m.forward(x.clone(), Mode::Eval).unwrap()
+}
+
+fn trained_like(model: &Path, format: &str, dir: &Path) -> (PathBuf, Graph) {
+    let conv = dir.join(format!("{format}.onnx"));
+    convert(model, format, &conv);
+    let mut g = elrt::onnx::read_file(&conv).unwrap();
+    randomize_bn(&mut g, 5);
+    let path = dir.join(format!("{format}.trained.onnx"));
+    elrt::onnx::write_file(&g, &path).unwrap();
+    (path, g)
+}
+
+#[test]
+fn bn_folding_keeps_the_function() {
+    let mut g = elrt::onnx::read_file(&common::repo().join("models/resnet20.onnx")).unwrap();
+    randomize_bn(&mut g, 1);
+    let x = input(&[2, 3, 32, 32], 2);
+    let want = engine(&g, &x);
+    let mut shapes = vec![vec![2, 3, 32, 32]];
+    shapes[0][0] = 2;
+    elrt::ir::fold::simplify(
+        &mut g,
+        &shapes,
+        elrt::ir::fold::FoldOptions {
+            remove_dropout: true,
+        },
+    )
+    .unwrap();
+    let bns = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::BatchNorm(_)))
+        .count();
+    assert_eq!(
+        bns, 21,
+        "ResNet-20 (models/) has a BN after each of its 21 convs"
+    );
+    let r = elrt::export::fold_bn::fold_batchnorm(&mut g).unwrap();
+    assert_eq!(r.folded, bns);
+    assert!(r.kept.is_empty());
+    assert!(!g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_))));
+    let got = engine(&g, &x);
+    let d = common::rel_diff(&got, &want);
+    assert!(d < 1e-5, "folded BN changes the output by {d:.2e}");
+}
+
+#[test]
+fn every_form_keeps_the_function() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let x = input(&[2, 3, 32, 32], 4);
+    for format in ["tucker2", "cp"] {
+        let (_, g) = trained_like(&r20, format, tmp.path());
+        let want = engine(&g, &x);
+        let mut base = g.clone();
+        elrt::ir::fold::simplify(
+            &mut base,
+            &[vec![2, 3, 32, 32]],
+            elrt::ir::fold::FoldOptions {
+                remove_dropout: true,
+            },
+        )
+        .unwrap();
+        elrt::export::fold_bn::fold_batchnorm(&mut base).unwrap();
+        let chains = find_chains(&base);
+        assert_eq!(
+            chains.len(),
+            18,
+            "{format}: every 3x3 conv but the first is a chain"
+        );
+        let forms: &[Form] = if format == "tucker2" {
+            &[
+                Form::Factorized,
+                Form::MergeFirst,
+                Form::MergeLast,
+                Form::Dense,
+            ]
+        } else {
+            &[Form::Factorized, Form::Dense]
+        };
+        for &f in forms {
+            let mut h = base.clone();
+            for c in find_chains(&h) {
+                apply(&mut h, &c, f).unwrap();
+            }
+            let got = engine(&h, &x);
+            let d = common::rel_diff(&got, &want);
+            assert!(d < 1e-4, "{format} form {}: {d:.2e}", f.name());
+            if f == Form::Dense {
+                assert!(find_chains(&h).is_empty());
+            }
+        }
+    }
+}
+
+/// The issue's CI check: convert (Tucker-2, CP) -> export -> onnx.checker, onnxruntime and
+/// tract agree with the engine within 1e-4.
+#[test]
+fn zoo_converts_exports_and_agrees_in_three_runtimes() {
+    let python = common::require_python(&["onnx", "onnxruntime", "numpy"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::repo().join("models");
+    for e in common::manifest(&dir) {
+        let path = dir.join(&e.file);
+        if !path.exists() {
+            continue;
+        }
+        for format in ["tucker2", "cp"] {
+            let sub = tmp.path().join(format!("{}_{format}", e.file));
+            std::fs::create_dir_all(&sub).unwrap();
+            let (trained, g) = trained_like(&path, format, &sub);
+            // Fastest forms on the small model (times every form in tract), fixed forms on the
+            // rest to keep the test short.
+            let forms = match (e.file.as_str(), format) {
+                ("resnet20.onnx", _) => "fastest",
+                (_, "cp") => "dense",
+                _ => "factorized",
+            };
+            let out = sub.join("compact.onnx");
+            let s = run_export(&export_args(&trained, &out, forms))
+                .unwrap_or_else(|err| panic!("{} {format}: {err:#}", e.file));
+            assert!(s.validation.max_rel_diff <= 1e-4);
+            let exported = elrt::onnx::read_file(&out).unwrap();
+            let had_bn = g.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)));
+            assert_eq!(s.export.bn_folded > 0, had_bn, "{}", e.file);
+            assert!(
+                !exported
+                    .nodes
+                    .iter()
+                    .any(|n| matches!(n.op, Op::BatchNorm(_))),
+                "{}: a BN is left after export",
+                e.file
+            );
+            assert_eq!(exported.opset, 13.max(exported.opset.min(14)));
+            assert!(exported
+                .meta
+                .metadata_props
+                .iter()
+                .any(|(k, v)| k == "elrt.test" && v == "yes"));
+            assert!(exported
+                .meta
+                .metadata_props
+                .iter()
+                .any(|(k, _)| k == "elrt.format"));
+            let mut shape = e.input_shape.clone();
+            shape[0] = 1;
+            let x = input(&shape, 9);
+            let want = engine(&g, &x);
+            let mut t = elrt::bench::tract_rt::TractModel::from_path(&out, &shape, 1).unwrap();
+            let got = t.run(&x).unwrap();
+            let d = common::rel_diff(&got, &want);
+            assert!(d < 1e-4, "{} {format}: tract {d:.2e}", e.file);
+            if python {
+                let ort = common::ort_forward_checked(&out, &x, true);
+                let d = common::rel_diff(&ort, &want);
+                assert!(d < 1e-4, "{} {format}: onnxruntime {d:.2e}", e.file);
+            }
+        }
+    }
+}
+
+fn elrt_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_elrt"))
+}
+
+fn fails_cleanly(args: &[&str]) -> String {
+    let out = elrt_cmd().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("error: "), "{err}");
+    last
+}
+
+#[test]
+fn bench_reports_every_file_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let t2 = tmp.path().join("t2.onnx");
+    convert(&r20, "tucker2", &t2);
+    // Training-form files are refused with a pointer to `elrt export`.
+    let e = fails_cleanly(&["bench", r20.to_str().unwrap()]);
+    assert!(e.contains("elrt export"), "{e}");
+    let (a, b) = (tmp.path().join("a.onnx"), tmp.path().join("b.onnx"));
+    run_export(&export_args(&r20, &a, "factorized")).unwrap();
+    run_export(&export_args(&t2, &b, "factorized")).unwrap();
+    let out = elrt_cmd()
+        .args(["bench", a.to_str().unwrap(), b.to_str().unwrap()])
+        .args([
+            "--batch",
+            "1,2",
+            "--runs",
+            "10",
+            "--warmup",
+            "2",
+            "--min-seconds",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 4, "two files at two batch sizes");
+    for r in rows {
+        for k in [
+            "file", "p50_ms", "p90_ms", "p99_ms", "params", "macs", "threads", "batch",
+        ] {
+            assert!(!r[k].is_null(), "missing {k} in {r}");
+        }
+        assert!(r["p50_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["p50_ms"].as_f64().unwrap() <= r["p99_ms"].as_f64().unwrap());
+        assert_eq!(r["threads"], 1);
+    }
+    // BN folded: the 21 BN (scale, shift) pairs become conv biases on convs without one.
+    assert_eq!(rows[0]["params"], 271_690);
+    assert_eq!(rows[1]["params"], 101_578);
+}
+
+#[test]
+fn bad_requests_fail_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let o = tmp.path().join("o.onnx");
+    // An input shape that cannot be fixed: symbolic H and W.
+    let mut g = elrt::onnx::read_file(&r20).unwrap();
+    g.inputs[0].shape = Some(vec![
+        elrt::ir::Dim::Sym("N".into()),
+        elrt::ir::Dim::Fixed(3),
+        elrt::ir::Dim::Sym("H".into()),
+        elrt::ir::Dim::Sym("W".into()),
+    ]);
+    let sym = tmp.path().join("sym.onnx");
+    elrt::onnx::write_file(&g, &sym).unwrap();
+    let e = fails_cleanly(&["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()]);
+    assert!(e.contains("--input-shape") && e.contains("'H'"), "{e}");
+    assert!(!o.exists(), "nothing may be written on failure");
+    // ... which --input-shape fixes.
+    let ok = elrt_cmd()
+        .args(["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()])
+        .args([
+            "--input-shape",
+            "3,32,32",
+            "--forms",
+            "factorized",
+            "--quiet",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(o.exists());
+    let e = fails_cleanly(&[
+        "export",
+        r20.to_str().unwrap(),
+        "-o",
+        o.to_str().unwrap(),
+        "--forms",
+        "smallest",
+    ]);
+    assert!(e.contains("--forms 'smallest'"), "{e}");
+    // An op the runtimes cannot run, named: an unknown op type.
+    let bad = tmp.path().join("bad.onnx");
+    let mut bytes = std::fs::read(&r20).unwrap();
+    // NodeProto.op_type is field 4 (tag 0x22); same length, so the protobuf stays valid.
+    let pos = bytes.windows(6).position(|w| w == b"\x22\x04Relu").unwrap();
+    bytes[pos + 2..pos + 6].copy_from_slice(b"Rel0");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = fails_cleanly(&["bench", bad.to_str().unwrap()]);
+    assert!(e.contains("Rel0"), "{e}");
+    let e = fails_cleanly(&["bench", "/nonexistent.onnx"]);
+    assert!(e.contains("/nonexistent.onnx"), "{e}");
+}
