@@ -336,6 +336,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             seed: a.seed,
             hooi_iters: 10,
             cp_iters: 50,
+            latency_threads: 1,
             output: factorized.clone(),
             json: false,
         })?;

@@ -17,7 +17,8 @@ pub struct ConvertArgs {
     /// tucker2 | cp
     #[arg(long, default_value = "tucker2")]
     pub format: String,
-    /// ratio=F | params=F | macs=F | energy=F | a JSON file of per-layer ranks
+    /// ratio=F | params=F | macs=F | energy=F | latency=F (measured in tract) | a JSON file of
+    /// per-layer ranks
     #[arg(long, default_value = "ratio=0.5")]
     pub ranks: String,
     /// Round ranks to a multiple of this.
@@ -37,6 +38,9 @@ pub struct ConvertArgs {
     /// ALS sweeps (--init decompose, CP).
     #[arg(long, default_value_t = 50)]
     pub cp_iters: usize,
+    /// Threads tract times with for --ranks latency=F (the deployment's thread count).
+    #[arg(long, default_value_t = 1)]
+    pub latency_threads: usize,
     /// Output ONNX file.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -56,6 +60,19 @@ pub struct ConvertReport {
     pub macs_before: u64,
     pub macs_after: u64,
     pub layers: Vec<LayerReport>,
+    /// With `--ranks latency=F`: the search's measurements and the latency reached.
+    pub latency_search: Option<crate::bench::rank_search::LatencySearch>,
+    pub latency_reached: Option<LatencyReached>,
+}
+
+#[derive(Serialize)]
+pub struct LatencyReached {
+    pub target: f32,
+    pub dense_ms: f64,
+    pub predicted_ms: f64,
+    /// The converted model, exported with its fastest forms, timed in tract.
+    pub measured_ms: f64,
+    pub ratio: f64,
 }
 
 pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
@@ -70,7 +87,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
     }
     let (mut g, shapes, facts) = crate::inspect::load_simplified(&a.model, &[], false)?;
     let before = crate::ir::cost::cost(&g, &facts).totals;
-    let opts = ConvertOptions {
+    let mut opts = ConvertOptions {
         format,
         ranks,
         rank_multiple: a.rank_multiple,
@@ -80,7 +97,50 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         hooi_iters: a.hooi_iters,
         cp_iters: a.cp_iters,
     };
+    // latency=F: ranks from tract measurements on this machine, then the reached latency.
+    let mut latency = None;
+    if let RankPolicy::Latency(target) = opts.ranks {
+        let (map, search) = crate::bench::rank_search::latency_ranks(
+            &g,
+            &facts,
+            &opts,
+            target,
+            a.latency_threads,
+            |m| {
+                if !a.json {
+                    eprintln!("{m}");
+                }
+            },
+        )
+        .with_context(|| a.model.display().to_string())?;
+        opts.ranks = RankPolicy::Explicit(map);
+        latency = Some(search);
+    }
     let layers = convert(&mut g, &facts, &opts).with_context(|| a.model.display().to_string())?;
+    let mut latency_reached = None;
+    if let Some(search) = &latency {
+        let (exp, rep) = crate::export::export(
+            g.clone(),
+            &crate::export::ExportOptions {
+                threads: a.latency_threads,
+                ..Default::default()
+            },
+            |_| {},
+        )?;
+        let mut m = vec![crate::bench::tract_rt::TractModel::from_bytes(
+            &crate::onnx::write_bytes(&exp)?,
+            &rep.input_shape,
+            a.latency_threads,
+        )?];
+        let t = crate::bench::latency::time_interleaved(&mut m, &Default::default())?[0].p50();
+        latency_reached = Some(LatencyReached {
+            dense_ms: search.model_dense_ms,
+            predicted_ms: search.predicted_ms,
+            measured_ms: t,
+            ratio: t / search.model_dense_ms,
+            target: search.target,
+        });
+    }
     let facts2 = crate::ir::shape::infer(&g, &shapes)?;
     let after = crate::ir::cost::cost(&g, &facts2).totals;
     g.meta
@@ -108,6 +168,8 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         macs_before: before.macs,
         macs_after: after.macs,
         layers,
+        latency_search: latency,
+        latency_reached,
     })
 }
 
@@ -173,6 +235,12 @@ impl ConvertReport {
             self.macs_before as f64 / self.macs_after.max(1) as f64,
             self.output
         ));
+        if let Some(l) = &self.latency_reached {
+            out.push_str(&format!(
+                "latency in tract (batch 1): dense {:.3} ms -> {:.3} ms measured ({:.2} of dense; target {}, predicted {:.3} ms)\n",
+                l.dense_ms, l.measured_ms, l.ratio, l.target, l.predicted_ms
+            ));
+        }
         out
     }
 }

@@ -52,6 +52,7 @@ fn convert(model: &Path, format: &str, out: &Path) {
         seed: 3,
         hooi_iters: 10,
         cp_iters: 50,
+        latency_threads: 1,
         output: out.to_path_buf(),
         json: false,
     })
@@ -373,4 +374,68 @@ fn bad_requests_fail_in_one_line() {
     assert!(e.contains("Rel0"), "{e}");
     let e = fails_cleanly(&["bench", "/nonexistent.onnx"]);
     assert!(e.contains("/nonexistent.onnx"), "{e}");
+}
+
+#[test]
+fn latency_rank_policy_measures_and_explains() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let o = tmp.path().join("lat.onnx");
+    let out = elrt_cmd()
+        .args([
+            "convert",
+            r20.to_str().unwrap(),
+            "--ranks",
+            "latency=0.9",
+            "--json",
+        ])
+        .args(["-o", o.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let search = &r["latency_search"];
+    let layers = search["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 18, "every eligible layer is measured");
+    for l in layers {
+        assert!(l["dense_ms"].as_f64().unwrap() > 0.0);
+        assert!(l["chosen_ms"].as_f64().unwrap() <= l["dense_ms"].as_f64().unwrap());
+    }
+    // The layers the search factorized are exactly the ones the rewrite factorized.
+    let chosen: std::collections::BTreeSet<String> = layers
+        .iter()
+        .filter(|l| !l["ranks"].as_array().unwrap().is_empty())
+        .map(|l| l["layer"].as_str().unwrap().to_string())
+        .collect();
+    let done: std::collections::BTreeSet<String> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["status"] == "factorized")
+        .map(|l| l["layer"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(chosen, done);
+    assert!(
+        !done.is_empty(),
+        "a 10% latency cut needs some layer factorized"
+    );
+    let reached = &r["latency_reached"];
+    assert!(reached["measured_ms"].as_f64().unwrap() > 0.0);
+    // An unreachable target: one line saying what the fastest ranks give.
+    let e = fails_cleanly(&[
+        "convert",
+        r20.to_str().unwrap(),
+        "--ranks",
+        "latency=0.05",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("unreachable") && e.contains("latency=0.05"),
+        "{e}"
+    );
 }

@@ -2,6 +2,7 @@
 //! report built from them.
 
 pub mod latency;
+pub mod rank_search;
 pub mod tract_rt;
 
 use std::path::{Path, PathBuf};

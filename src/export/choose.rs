@@ -35,6 +35,17 @@ pub fn layer_graph(g: &Graph, facts: &Facts, chain: &Chain) -> Result<Graph> {
         .iter()
         .map(|n| g.node(n).cloned().context("chain node missing"))
         .collect::<Result<_>>()?;
+    layer_graph_of_nodes(g, facts, &chain.layer, &nodes)
+}
+
+/// A graph of `nodes` (a chain, each feeding the next) cut out of `g`, named `name`.
+pub fn layer_graph_of_nodes(
+    g: &Graph,
+    facts: &Facts,
+    name: &str,
+    nodes: &[crate::ir::Node],
+) -> Result<Graph> {
+    let nodes = nodes.to_vec();
     let input = nodes[0].inputs[0].clone();
     let output = nodes[nodes.len() - 1].outputs[0].clone();
     let shape_of = |v: &str| -> Result<Vec<Dim>> {
@@ -47,7 +58,7 @@ pub fn layer_graph(g: &Graph, facts: &Facts, chain: &Chain) -> Result<Graph> {
             .collect())
     };
     let mut sub = Graph {
-        name: chain.layer.clone(),
+        name: name.to_string(),
         opset: 13,
         inputs: vec![ValueInfo {
             name: input.clone(),

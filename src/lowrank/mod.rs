@@ -7,4 +7,6 @@ pub mod orth;
 pub mod rank;
 pub mod rewrite;
 
-pub use rewrite::{convert, ConvertOptions, Format, InitMode, LayerReport};
+pub use rewrite::{
+    convert, eligible_layers, ConvertOptions, Eligible, Format, InitMode, LayerReport,
+};

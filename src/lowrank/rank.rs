@@ -19,6 +19,11 @@ pub enum RankPolicy {
     Energy(f32),
     /// A JSON file `{"layer": [r_in, r_out]}` (Tucker-2) or `{"layer": r}` (CP).
     File(PathBuf),
+    /// `latency=F`: per-layer ranks chosen so that the model runs in F of its dense latency,
+    /// measured in tract on this machine (resolved by `elrt convert` into [`Self::Explicit`]).
+    Latency(f32),
+    /// Per-layer ranks given by a caller, in the ranks-file form.
+    Explicit(BTreeMap<String, Vec<usize>>),
 }
 
 fn fraction(what: &str, v: &str) -> Result<f32> {
@@ -40,10 +45,11 @@ impl std::str::FromStr for RankPolicy {
             Some(("params", v)) => RankPolicy::Params(fraction("params", v)?),
             Some(("macs", v)) => RankPolicy::Macs(fraction("macs", v)?),
             Some(("energy", v)) => RankPolicy::Energy(fraction("energy", v)?),
+            Some(("latency", v)) => RankPolicy::Latency(fraction("latency", v)?),
             Some(("file", v)) => RankPolicy::File(PathBuf::from(v)),
             _ if s.ends_with(".json") => RankPolicy::File(PathBuf::from(s)),
             _ => bail!(
-                "--ranks '{s}': expected ratio=F, params=F, macs=F, energy=F or a JSON file of per-layer ranks"
+                "--ranks '{s}': expected ratio=F, params=F, macs=F, energy=F, latency=F or a JSON file of per-layer ranks"
             ),
         })
     }

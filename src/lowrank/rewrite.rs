@@ -326,8 +326,15 @@ pub fn convert(
                 });
             }
         }
-        RankPolicy::File(path) => {
-            let file = read_rank_file(path)?;
+        RankPolicy::Latency(_) => {
+            bail!("--ranks latency=F is measured in tract by the caller (elrt convert) and passed as explicit ranks")
+        }
+        RankPolicy::File(_) | RankPolicy::Explicit(_) => {
+            let (file, label) = match &opts.ranks {
+                RankPolicy::File(path) => (read_rank_file(path)?, path.display().to_string()),
+                RankPolicy::Explicit(m) => (m.clone(), "--ranks latency".to_string()),
+                _ => unreachable!("matched above"),
+            };
             for name in file.keys() {
                 let Some(i) = cands.iter().position(|c| &c.layer == name) else {
                     let known: Vec<&str> = cands
@@ -337,7 +344,7 @@ pub fn convert(
                         .collect();
                     bail!(
                         "{}: unknown layer '{name}' (factorizable layers: {})",
-                        path.display(),
+                        label,
                         known.join(", ")
                     );
                 };
@@ -348,23 +355,20 @@ pub fn convert(
                     if grouped && opts.format == Format::Cp {
                         bail!(
                             "{}: layer '{name}': CP asked of a grouped conv ({why})",
-                            path.display()
+                            label
                         );
                     }
                     if why.starts_with("first conv") {
                         // Naming the first conv in a ranks file is asking for it.
                     } else {
-                        bail!(
-                            "{}: layer '{name}' cannot be factorized: {why}",
-                            path.display()
-                        );
+                        bail!("{}: layer '{name}' cannot be factorized: {why}", label);
                     }
                 }
                 let want = if opts.format == Format::Tucker2 { 2 } else { 1 };
                 if r.len() != want {
                     bail!(
                         "{}: layer '{name}': {} ranks given, {} expects {want}",
-                        path.display(),
+                        label,
                         r.len(),
                         if want == 2 {
                             "tucker2 ([r_in, r_out])"
@@ -376,7 +380,7 @@ pub fn convert(
                 if opts.format == Format::Tucker2 && (r[0] > c.w[1] || r[1] > c.w[0]) {
                     bail!(
                         "{}: layer '{name}': ranks {:?} exceed its channels ({} in, {} out)",
-                        path.display(),
+                        label,
                         r,
                         c.w[1],
                         c.w[0]
@@ -682,4 +686,50 @@ fn factorize(
         }
     }
     Ok((nodes, inits, err))
+}
+
+/// A layer the rewrite may factorize, with the rank options a search can pick from.
+#[derive(Clone, Debug)]
+pub struct Eligible {
+    pub layer: String,
+    /// Index of the conv node in the graph it was found in.
+    pub node: usize,
+    pub weight: [usize; 4],
+    pub params_dense: u64,
+    /// Rank lists at uniform channel ratios 1/16 .. 15/16 (deduplicated, largest first), each
+    /// with its (params, MACs); only those that save params or MACs.
+    pub options: Vec<(Vec<usize>, u64, u64)>,
+}
+
+/// The layers `convert` would factorize under `opts` (its policy aside), for searches that
+/// choose ranks by something the rewrite cannot compute itself, such as measured latency.
+pub fn eligible_layers(
+    graph: &Graph,
+    facts: &Facts,
+    opts: &ConvertOptions,
+) -> Result<Vec<Eligible>> {
+    let cands = candidates(graph, facts, opts)?;
+    let mut out = Vec::new();
+    for c in cands.iter().filter(|c| c.skip.is_none()) {
+        let mut options: Vec<(Vec<usize>, u64, u64)> = Vec::new();
+        for k in (1..16).rev() {
+            let r = ratio_ranks(c, opts.format, k as f64 / 16.0, opts.rank_multiple);
+            if options.iter().any(|o| o.0 == r) {
+                continue;
+            }
+            let (p0, p1, m0, m1) = costs(c, opts.format, &r);
+            if p1 < p0 || m1 < m0 {
+                options.push((r, p1, m1));
+            }
+        }
+        let (p0, _, _, _) = costs(c, opts.format, &[1, 1]);
+        out.push(Eligible {
+            layer: c.layer.clone(),
+            node: c.node,
+            weight: c.w,
+            params_dense: p0,
+            options,
+        });
+    }
+    Ok(out)
 }
