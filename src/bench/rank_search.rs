@@ -50,6 +50,9 @@ pub struct LatencySearch {
     pub layers: Vec<LayerChoice>,
 }
 
+/// One rank option of a layer: (ranks, params, measured ms).
+type RankTiming = (Vec<usize>, u64, f64);
+
 fn timing() -> TimingOptions {
     TimingOptions {
         warmup: 3,
@@ -95,7 +98,7 @@ pub fn latency_ranks(
     let model_ms = time_graph(&dense, &rep.input_shape, threads)?;
     // 2. Each layer alone: dense and at each rank option (cached by shape).
     let mut cache: HashMap<String, f64> = HashMap::new();
-    let mut table: Vec<(f64, Vec<(Vec<usize>, u64, f64)>)> = Vec::new();
+    let mut table: Vec<(f64, Vec<RankTiming>)> = Vec::new();
     for (k, l) in layers.iter().enumerate() {
         progress(&format!(
             "timing {} at {} ranks ({}/{})",
@@ -127,7 +130,7 @@ pub fn latency_ranks(
                 Some(&t) => t,
                 None => {
                     let mut s = sub.clone();
-                    let f = crate::ir::shape::infer(&s, &[shape.clone()])?;
+                    let f = crate::ir::shape::infer(&s, std::slice::from_ref(&shape))?;
                     let mut o = opts.clone();
                     o.include_first = true;
                     o.ranks = RankPolicy::Explicit(BTreeMap::from([(l.layer.clone(), r.clone())]));
