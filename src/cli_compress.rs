@@ -38,6 +38,9 @@ pub struct CompressArgs {
     /// ratio=F | params=F | macs=F | a JSON file of per-layer ranks
     #[arg(long, default_value = "params=0.4")]
     pub ranks: String,
+    /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks).
+    #[arg(long = "include-1x1")]
+    pub include_pointwise: bool,
     /// Epochs (default: 30 on real data, 4 on the synthetic set).
     #[arg(long)]
     pub epochs: Option<u64>,
@@ -102,6 +105,8 @@ struct RunManifest {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Recipe {
     format: String,
+    #[serde(default)]
+    include_pointwise: bool,
     ranks: String,
     epochs: u64,
     batch: usize,
@@ -246,6 +251,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         .join(" ");
     let recipe = Recipe {
         format: a.format.clone(),
+        include_pointwise: a.include_pointwise,
         ranks: a.ranks.clone(),
         epochs,
         batch,
@@ -332,6 +338,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             ranks: a.ranks.clone(),
             rank_multiple: 8,
             include_first: false,
+            include_pointwise: a.include_pointwise,
             init: "scratch".into(),
             seed: a.seed,
             hooi_iters: 10,

@@ -27,6 +27,10 @@ pub struct ConvertArgs {
     /// Factorize the first conv (the one reading the image) too.
     #[arg(long)]
     pub include_first: bool,
+    /// Factorize 1x1 convs too, by SVD (1x1 C_in -> r, 1x1 r -> C_out): for networks whose
+    /// weight sits in pointwise convs, such as MobileNetV2.
+    #[arg(long = "include-1x1")]
+    pub include_pointwise: bool,
     /// scratch | orthogonal | decompose (factors of the file's trained kernels)
     #[arg(long, default_value = "scratch")]
     pub init: String,
@@ -92,6 +96,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         ranks,
         rank_multiple: a.rank_multiple,
         include_first: a.include_first,
+        include_pointwise: a.include_pointwise,
         init,
         seed: a.seed,
         hooi_iters: a.hooi_iters,

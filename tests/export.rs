@@ -48,6 +48,7 @@ fn convert(model: &Path, format: &str, out: &Path) {
         ranks: "ratio=0.5".into(),
         rank_multiple: 8,
         include_first: false,
+        include_pointwise: false,
         init: "scratch".into(),
         seed: 3,
         hooi_iters: 10,
@@ -438,4 +439,53 @@ fn latency_rank_policy_measures_and_explains() {
         e.contains("unreachable") && e.contains("latency=0.05"),
         "{e}"
     );
+}
+
+#[test]
+fn svd_pairs_export_in_both_forms() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mb = common::repo().join("models/mobilenetv2.onnx");
+    let conv = tmp.path().join("mb.svd.onnx");
+    let a = ConvertArgs {
+        model: mb.clone(),
+        format: "tucker2".into(),
+        ranks: "params=0.5".into(),
+        rank_multiple: 8,
+        include_first: false,
+        include_pointwise: true,
+        init: "scratch".into(),
+        seed: 3,
+        hooi_iters: 10,
+        cp_iters: 50,
+        latency_threads: 1,
+        output: conv.clone(),
+        json: false,
+    };
+    elrt::cli_convert::run(a).unwrap();
+    let mut g = elrt::onnx::read_file(&conv).unwrap();
+    randomize_bn(&mut g, 8);
+    let trained = tmp.path().join("mb.trained.onnx");
+    elrt::onnx::write_file(&g, &trained).unwrap();
+    let x = input(&[1, 3, 32, 32], 1);
+    let want = engine(&g, &x);
+    for forms in ["factorized", "dense"] {
+        let out = tmp.path().join(format!("{forms}.onnx"));
+        let s = run_export(&export_args(&trained, &out, forms)).unwrap();
+        let svd = s
+            .export
+            .layers
+            .iter()
+            .filter(|l| l.kind == elrt::export::forms::ChainKind::Svd)
+            .count();
+        assert!(svd >= 30, "{forms}: {svd} SVD pairs");
+        let exported = elrt::onnx::read_file(&out).unwrap();
+        let got = engine(&exported, &x);
+        let d = common::rel_diff(&got, &want);
+        assert!(d < 1e-4, "{forms}: {d:.2e}");
+        if forms == "dense" {
+            // Every factor pair merged (the architecture's own linear bottlenecks, a project
+            // conv feeding the next expand conv, may remain as pairs).
+            assert!(!exported.nodes.iter().any(|n| n.name.contains("/svd/")));
+        }
+    }
 }

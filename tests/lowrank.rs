@@ -86,6 +86,7 @@ fn convert_graph(g: &Graph, format: Format) -> Graph {
         ranks: RankPolicy::Ratio(0.5),
         rank_multiple: 1,
         include_first: true,
+        include_pointwise: false,
         init: InitMode::Scratch,
         seed: 3,
         hooi_iters: 5,
@@ -425,4 +426,135 @@ fn inspect_compares_original_and_factorized_per_layer() {
         "{:?}",
         c.layers
     );
+}
+
+/// x [2, 8, 11, 10] -> Conv 1x1 (12 out, stride 2, pads 1) -> Flatten.
+fn one_pointwise(bias: bool) -> Graph {
+    let mut g = one_conv([2, 2], [1, 1, 1, 1], [1, 1], bias);
+    g.initializers
+        .insert("conv.weight".into(), Tensor::F32(rand(&[12, 8, 1, 1], 4)));
+    if let Op::Conv(c) = &mut g.nodes[0].op {
+        c.kernel_shape = Some(vec![1, 1]);
+    }
+    g
+}
+
+#[test]
+fn pointwise_svd_equals_its_composed_kernel_and_decomposes_exactly() {
+    for bias in [false, true] {
+        for init in [InitMode::Scratch, InitMode::Orthogonal, InitMode::Decompose] {
+            let mut src = one_pointwise(bias);
+            if init == InitMode::Decompose {
+                // A rank-4 kernel, so that the rank-4 SVD must reproduce it exactly.
+                let (a, b) = (rand(&[12, 4], 6), rand(&[4, 8], 7));
+                let w = Array4::from_shape_fn((12, 8, 1, 1), |(o, i, _, _)| {
+                    (0..4).map(|k| a[[o, k]] * b[[k, i]]).sum::<f32>()
+                });
+                src.initializers
+                    .insert("conv.weight".into(), Tensor::F32(w.into_dyn()));
+            }
+            let mut g = src.clone();
+            let facts = elrt::ir::fold::simplify(
+                &mut g,
+                &[vec![2, 8, 11, 10]],
+                elrt::ir::fold::FoldOptions {
+                    remove_dropout: false,
+                },
+            )
+            .unwrap();
+            let r = 4;
+            let opts = ConvertOptions {
+                format: Format::Tucker2,
+                ranks: RankPolicy::Explicit(BTreeMap::from([("conv".to_string(), vec![r])])),
+                rank_multiple: 1,
+                include_first: true,
+                include_pointwise: true,
+                init,
+                seed: 5,
+                hooi_iters: 5,
+                cp_iters: 10,
+            };
+            let rep = convert(&mut g, &facts, &opts).unwrap();
+            assert_eq!(rep[0].status, "factorized", "{rep:?}");
+            assert_eq!(
+                rep[0].params_after,
+                (8 * r + r * 12 + if bias { 12 } else { 0 }) as u64
+            );
+            let u1 = w4(&g, "conv/svd/u1.weight");
+            let u2 = w4(&g, "conv/svd/u2.weight");
+            assert_eq!(u1.shape(), [r, 8, 1, 1]);
+            assert_eq!(u2.shape(), [12, r, 1, 1]);
+            let w = Array4::from_shape_fn((12, 8, 1, 1), |(o, i, _, _)| {
+                (0..r)
+                    .map(|a| u2[[o, a, 0, 0]] * u1[[a, i, 0, 0]])
+                    .sum::<f32>()
+            });
+            if init == InitMode::Decompose {
+                let e = rep[0].rel_error.unwrap();
+                assert!(e < 1e-5, "rank-4 SVD of a rank-4 kernel: error {e}");
+                let orig = w4(&src, "conv.weight");
+                let d = max_rel(&w.clone().into_dyn(), &orig.into_dyn());
+                assert!(d < 1e-4, "composed kernel vs original: {d}");
+            }
+            let mut dense = src.clone();
+            dense
+                .initializers
+                .insert("conv.weight".into(), Tensor::F32(w.into_dyn()));
+            let x = rand(&[2, 8, 11, 10], 9);
+            let mut mf = Model::from_graph(g, 2).unwrap();
+            let mut md = Model::from_graph(dense, 2).unwrap();
+            let yf = mf.forward(x.clone(), Mode::Eval).unwrap();
+            let yd = md.forward(x, Mode::Eval).unwrap();
+            let d = max_rel(&yf, &yd);
+            assert!(d < 1e-5, "bias {bias} {init:?}: {d}");
+            // DSO sees both factors, with rank r.
+            let terms = elrt::lowrank::orth::terms(&mf.session.program);
+            assert_eq!(terms.len(), 2);
+            assert!(terms.iter().all(|t| t.rank == r));
+        }
+    }
+}
+
+#[test]
+fn mobilenetv2_factorizes_its_pointwise_convs_with_include_1x1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = common::repo().join("models/mobilenetv2.onnx");
+    let o = tmp.path().join("mb.onnx");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
+        .args([
+            "convert",
+            m.to_str().unwrap(),
+            "--include-1x1",
+            "--ranks",
+            "params=0.5",
+        ])
+        .args(["--json", "-o", o.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (p0, p1) = (
+        r["params_before"].as_u64().unwrap(),
+        r["params_after"].as_u64().unwrap(),
+    );
+    assert!(p1 as f64 <= 0.52 * p0 as f64, "{p0} -> {p1}");
+    let svd = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["status"] == "factorized")
+        .count();
+    assert!(svd >= 30, "{svd} pointwise convs factorized");
+    if common::require_python(&["onnxruntime", "numpy"]) {
+        let mut e = Model::load(&o, 2).unwrap();
+        let x = rand(&[2, 3, 32, 32], 3);
+        let want = e.forward(x.clone(), Mode::Train).unwrap();
+        let got = common::ort_forward(&o, &x);
+        let d = max_rel(&got, &want);
+        assert!(d < 1e-4, "onnxruntime vs engine {d}");
+    }
 }

@@ -56,6 +56,8 @@ impl Form {
 pub enum ChainKind {
     Tucker2,
     Cp,
+    /// Two 1x1 convs in a row (a 1x1 conv's SVD, or a linear bottleneck after BN folding).
+    Svd,
 }
 
 /// A factorized layer found in a graph: the indices of its convs, first to last.
@@ -86,6 +88,7 @@ impl Chain {
                     v.push(Form::Dense);
                 }
             }
+            ChainKind::Svd => v.push(Form::Dense),
             ChainKind::Cp => {
                 if self
                     .conv_nodes(g)
@@ -194,6 +197,17 @@ pub fn find_chains(g: &Graph) -> Vec<Chain> {
         if mw.ndim() != 4 {
             continue;
         }
+        // SVD pair: a 1x1 group-1 conv (any stride) -> pointwise. Its bias is exact to merge
+        // even with padding: a padded position of the first conv holds its bias alone.
+        if mc.group == 1 && mw.shape()[2] * mw.shape()[3] == 1 && mc.auto_pad == AutoPad::NotSet {
+            let names = [mid.name.as_str(), &last.name];
+            chains.push(Chain {
+                kind: ChainKind::Svd,
+                layer: layer_of(&names, "/svd/"),
+                nodes: names.iter().map(|s| s.to_string()).collect(),
+            });
+            continue;
+        }
         // Tucker-2: pointwise -> kxk group 1 -> pointwise.
         if mc.group == 1 && mw.shape()[2] * mw.shape()[3] > 1 {
             if let Some(f) = prev(mid) {
@@ -230,6 +244,24 @@ pub fn find_chains(g: &Graph) -> Vec<Chain> {
             }
         }
     }
+    // A pointwise conv may end one chain and start another (u2 -> next u1 with nothing
+    // between): the Tucker-2 and CP chains win, SVD pairs that overlap them or an earlier
+    // pair are dropped.
+    let mut used: std::collections::HashSet<String> = chains
+        .iter()
+        .filter(|c| c.kind != ChainKind::Svd)
+        .flat_map(|c| c.nodes.iter().cloned())
+        .collect();
+    chains.retain(|c| {
+        if c.kind != ChainKind::Svd {
+            return true;
+        }
+        if c.nodes.iter().any(|n| used.contains(n)) {
+            return false;
+        }
+        used.extend(c.nodes.iter().cloned());
+        true
+    });
     chains
 }
 
@@ -336,9 +368,29 @@ pub fn apply(g: &mut Graph, chain: &Chain, form: Form) -> Result<()> {
     let tag = match chain.kind {
         ChainKind::Tucker2 => "tucker2",
         ChainKind::Cp => "cp",
+        ChainKind::Svd => "svd",
     };
     let base = format!("{}/{tag}", chain.layer);
     let new_nodes: Vec<Node> = match chain.kind {
+        ChainKind::Svd => {
+            // W = W2 W1 with u1's stride and pads; bias b2 + W2 b1.
+            let c = conv(first).expect("chain of convs").clone();
+            let b1 = bias_of(g, first, w1.shape()[0])?;
+            let extra = w2.dot(&ndarray::Array1::from(b1));
+            let bias: Vec<f32> = b2.iter().zip(extra.iter()).map(|(a, b)| a + b).collect();
+            let k = w2.dot(&w1);
+            let (co, ci) = (k.shape()[0], k.shape()[1]);
+            let k = k.into_shape_with_order(IxDyn(&[co, ci, 1, 1]))?;
+            vec![add_conv(
+                g,
+                &format!("{}/dense", chain.layer),
+                c,
+                &first.inputs[0],
+                k,
+                Some(bias),
+                &last.outputs[0],
+            )?]
+        }
         ChainKind::Tucker2 => {
             let core = &nodes[1];
             let c = conv(core).expect("chain of convs").clone();

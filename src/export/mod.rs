@@ -141,16 +141,14 @@ fn rewrite_all(
     let mut applied = std::collections::HashMap::new();
     for c in find_chains(g) {
         let f = form_of(&c);
-        let f = if c.forms(g).contains(&f) {
+        let avail = c.forms(g);
+        let f = if avail.contains(&f) {
             f
-        } else {
-            // Dense asked where a bias blocks it: the nearest exact merge.
+        } else if f == Form::Dense && avail.contains(&Form::MergeLast) {
+            // Dense asked where a bias before a padded conv blocks it: the nearest exact merge.
             Form::MergeLast
-        };
-        let f = if c.kind == ChainKind::Cp && f == Form::MergeLast {
-            Form::Factorized
         } else {
-            f
+            Form::Factorized
         };
         apply(g, &c, f)?;
         applied.insert(c.layer.clone(), f);

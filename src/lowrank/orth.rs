@@ -17,7 +17,8 @@ pub struct OrthTerm {
 }
 
 /// The factor matrices of the program's low-rank layers, found by their names
-/// (`<layer>/tucker2/u1.weight`, `/u2.weight`, `<layer>/cp/u1.weight`, `/u2.weight`).
+/// (`<layer>/tucker2/u1.weight`, `/u2.weight`, `<layer>/cp/u1.weight`, `/u2.weight`, and a 1x1
+/// conv's SVD factors `<layer>/svd/u1.weight`, `/u2.weight`).
 pub fn terms(program: &Program) -> Vec<OrthTerm> {
     program
         .params
@@ -25,8 +26,12 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
         .enumerate()
         .filter_map(|(i, p)| {
             let s = p.value.shape();
-            let is_u1 = p.name.ends_with("/tucker2/u1.weight") || p.name.ends_with("/cp/u1.weight");
-            let is_u2 = p.name.ends_with("/tucker2/u2.weight") || p.name.ends_with("/cp/u2.weight");
+            let is_u1 = ["/tucker2/u1.weight", "/cp/u1.weight", "/svd/u1.weight"]
+                .iter()
+                .any(|t| p.name.ends_with(t));
+            let is_u2 = ["/tucker2/u2.weight", "/cp/u2.weight", "/svd/u2.weight"]
+                .iter()
+                .any(|t| p.name.ends_with(t));
             if s.len() != 4 || !(is_u1 || is_u2) {
                 return None;
             }

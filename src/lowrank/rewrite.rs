@@ -73,6 +73,8 @@ pub struct ConvertOptions {
     pub rank_multiple: usize,
     /// Factorize the first conv (the one reading the image) too.
     pub include_first: bool,
+    /// Factorize 1x1 convs too, by SVD: `1x1 (C_in -> r)` -> `1x1 (r -> C_out)`.
+    pub include_pointwise: bool,
     pub init: InitMode,
     pub seed: u64,
     pub hooi_iters: usize,
@@ -158,8 +160,8 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
             Some("depthwise conv left as it is".to_string())
         } else if c.group > 1 {
             Some(format!("grouped conv (group {}) left as it is", c.group))
-        } else if w[2] * w[3] == 1 {
-            Some("1x1 conv left as it is".to_string())
+        } else if w[2] * w[3] == 1 && !opts.include_pointwise {
+            Some("1x1 conv left as it is (--include-1x1 to factorize it by SVD)".to_string())
         } else if n.inputs[0] == input && !opts.include_first {
             Some("first conv left full rank (--include-first to factorize it)".to_string())
         } else {
@@ -187,6 +189,12 @@ fn costs(c: &Candidate, format: Format, ranks: &[usize]) -> (u64, u64, u64, u64)
     let p0 = co * ci * kh * kw + bias;
     let m0 = ho * wo * co * ci * kh * kw;
     let (p1, m1) = match format {
+        // A 1x1 conv factorizes by SVD in either format: u1 (C_in -> r, the conv's stride),
+        // u2 (r -> C_out).
+        _ if kh * kw == 1 => {
+            let r = ranks[0] as u64;
+            (ci * r + r * co + bias, ho * wo * (ci * r + r * co))
+        }
         Format::Tucker2 => {
             let (ri, ro) = (ranks[0] as u64, ranks[1] as u64);
             (
@@ -207,8 +215,9 @@ fn costs(c: &Candidate, format: Format, ranks: &[usize]) -> (u64, u64, u64, u64)
 
 /// Ranks for a layer at a uniform channel ratio `t`.
 fn ratio_ranks(c: &Candidate, format: Format, t: f64, multiple: usize) -> Vec<usize> {
-    let [co, ci, _, _] = c.w;
+    let [co, ci, kh, kw] = c.w;
     match format {
+        _ if kh * kw == 1 => vec![round_rank(t * co.min(ci) as f64, multiple, co.min(ci))],
         Format::Tucker2 => vec![
             round_rank(t * ci as f64, multiple, ci),
             round_rank(t * co as f64, multiple, co),
@@ -364,7 +373,12 @@ pub fn convert(
                         bail!("{}: layer '{name}' cannot be factorized: {why}", label);
                     }
                 }
-                let want = if opts.format == Format::Tucker2 { 2 } else { 1 };
+                let pointwise = c.w[2] * c.w[3] == 1;
+                let want = if opts.format == Format::Tucker2 && !pointwise {
+                    2
+                } else {
+                    1
+                };
                 if r.len() != want {
                     bail!(
                         "{}: layer '{name}': {} ranks given, {} expects {want}",
@@ -372,12 +386,24 @@ pub fn convert(
                         r.len(),
                         if want == 2 {
                             "tucker2 ([r_in, r_out])"
+                        } else if pointwise {
+                            "a 1x1 conv's SVD (r)"
                         } else {
                             "cp (r)"
                         }
                     );
                 }
-                if opts.format == Format::Tucker2 && (r[0] > c.w[1] || r[1] > c.w[0]) {
+                if pointwise && r[0] > c.w[0].min(c.w[1]) {
+                    bail!(
+                        "{}: layer '{name}': rank {} exceeds the 1x1 conv's channels ({} in, {} out)",
+                        label,
+                        r[0],
+                        c.w[1],
+                        c.w[0]
+                    );
+                }
+                if !pointwise && opts.format == Format::Tucker2 && (r[0] > c.w[1] || r[1] > c.w[0])
+                {
                     bail!(
                         "{}: layer '{name}': ranks {:?} exceed its channels ({} in, {} out)",
                         label,
@@ -477,7 +503,9 @@ fn factorize(
     let conv = conv_of(n);
     let [co, ci, kh, kw] = c.w;
     let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
+    let pointwise_layer = kh * kw == 1;
     let tag = match opts.format {
+        _ if pointwise_layer => "svd",
         Format::Tucker2 => "tucker2",
         Format::Cp => "cp",
     };
@@ -547,6 +575,67 @@ fn factorize(
         out
     };
     let mut err = None;
+    if pointwise_layer {
+        // SVD of a 1x1 conv: W[co, ci] ~= U2[co, r] U1[r, ci]. Scratch init gives the product
+        // Kaiming's fan-out variance 2 / C_out: var(U1) = 1 / C_in, var(U2) = 2 C_in / (C_out r),
+        // so var(W) = r var(U2) var(U1) = 2 / C_out (the Tucker-2 derivation with a 1x1 core).
+        let rr = r[0];
+        let (u1, u2): (ArrayD<f32>, ArrayD<f32>) = match opts.init {
+            InitMode::Scratch | InitMode::Orthogonal => {
+                let u1 = if opts.init == InitMode::Orthogonal {
+                    decompose::orthogonal(ci, rr, &mut rng)
+                        .t()
+                        .as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order((rr, ci, 1, 1))?
+                        .into_dyn()
+                } else {
+                    gauss(&[rr, ci, 1, 1], (1.0 / ci as f32).sqrt(), &mut rng)
+                };
+                let u2 = gauss(
+                    &[co, rr, 1, 1],
+                    (2.0 * ci as f32 / (co * rr) as f32).sqrt(),
+                    &mut rng,
+                );
+                (u1, u2)
+            }
+            InitMode::Decompose => {
+                // Tucker-2 of a 1x1 kernel with r_in = r_out = r is the truncated SVD; the r x r
+                // core goes into U2 so that U1 keeps orthonormal rows.
+                let w = weight4(graph, n)?;
+                let t = decompose::hooi(w.view(), rr, rr, opts.hooi_iters, 1e-6)?;
+                err = Some(decompose::rel_error(
+                    w.view(),
+                    decompose::tucker2_compose(&t).view(),
+                ));
+                let g = t
+                    .core
+                    .index_axis(ndarray::Axis(3), 0)
+                    .index_axis(ndarray::Axis(2), 0)
+                    .to_owned();
+                let u2 = t.u2.dot(&g);
+                (
+                    t.u1.t()
+                        .as_standard_layout()
+                        .into_owned()
+                        .into_shape_with_order((rr, ci, 1, 1))?
+                        .into_dyn(),
+                    u2.into_shape_with_order((co, rr, 1, 1))?.into_dyn(),
+                )
+            }
+        };
+        let first = Conv {
+            kernel_shape: Some(vec![1, 1]),
+            strides: strides.clone(),
+            pads: pads.clone(),
+            dilations: dil.clone(),
+            group: 1,
+            auto_pad: AutoPad::NotSet,
+        };
+        let x1 = add("u1", first, n.inputs[0].clone(), u1, None, false);
+        add("u2", pointwise(), x1, u2, bias, true);
+        return Ok((nodes, inits, err));
+    }
     match opts.format {
         Format::Tucker2 => {
             let (ri, ro) = (r[0], r[1]);
