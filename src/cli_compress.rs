@@ -252,6 +252,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let recipe = Recipe {
         format: a.format.clone(),
         include_pointwise: a.include_pointwise,
+
         ranks: a.ranks.clone(),
         epochs,
         batch,
@@ -339,6 +340,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             rank_multiple: 8,
             include_first: false,
             include_pointwise: a.include_pointwise,
+            include_gemm: false,
             init: "scratch".into(),
             seed: a.seed,
             hooi_iters: 10,

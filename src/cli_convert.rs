@@ -31,6 +31,9 @@ pub struct ConvertArgs {
     /// weight sits in pointwise convs, such as MobileNetV2.
     #[arg(long = "include-1x1")]
     pub include_pointwise: bool,
+    /// Factorize Gemm (fully connected) layers too, by SVD (two Gemms through rank r).
+    #[arg(long)]
+    pub include_gemm: bool,
     /// scratch | orthogonal | decompose (factors of the file's trained kernels)
     #[arg(long, default_value = "scratch")]
     pub init: String,
@@ -97,6 +100,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         rank_multiple: a.rank_multiple,
         include_first: a.include_first,
         include_pointwise: a.include_pointwise,
+        include_gemm: a.include_gemm,
         init,
         seed: a.seed,
         hooi_iters: a.hooi_iters,

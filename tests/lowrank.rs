@@ -87,6 +87,7 @@ fn convert_graph(g: &Graph, format: Format) -> Graph {
         rank_multiple: 1,
         include_first: true,
         include_pointwise: false,
+        include_gemm: false,
         init: InitMode::Scratch,
         seed: 3,
         hooi_iters: 5,
@@ -469,6 +470,7 @@ fn pointwise_svd_equals_its_composed_kernel_and_decomposes_exactly() {
                 rank_multiple: 1,
                 include_first: true,
                 include_pointwise: true,
+                include_gemm: false,
                 init,
                 seed: 5,
                 hooi_iters: 5,
@@ -557,4 +559,71 @@ fn mobilenetv2_factorizes_its_pointwise_convs_with_include_1x1() {
         let d = max_rel(&got, &want);
         assert!(d < 1e-4, "onnxruntime vs engine {d}");
     }
+}
+
+#[test]
+fn gemm_svd_equals_its_composed_weight() {
+    let r20 = common::repo().join("models/resnet20.onnx");
+    let src = elrt::onnx::read_file(&r20).unwrap();
+    let mut g = src.clone();
+    let facts = elrt::ir::fold::simplify(
+        &mut g,
+        &[vec![2, 3, 32, 32]],
+        elrt::ir::fold::FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .unwrap();
+    let dense_src = g.clone();
+    let opts = ConvertOptions {
+        format: Format::Tucker2,
+        ranks: RankPolicy::Explicit(BTreeMap::from([("fc".to_string(), vec![6])])),
+        rank_multiple: 1,
+        include_first: false,
+        include_pointwise: false,
+        include_gemm: true,
+        init: InitMode::Decompose,
+        seed: 1,
+        hooi_iters: 5,
+        cp_iters: 10,
+    };
+    let rep = convert(&mut g, &facts, &opts).unwrap();
+    let fc = rep.iter().find(|l| l.layer == "fc").unwrap();
+    assert_eq!(fc.status, "factorized");
+    assert_eq!(fc.params_after, 64 * 6 + 6 * 10 + 10);
+    assert!(fc.rel_error.unwrap() < 1.0);
+    let u1 = g.initializers["fc/svd/u1.weight"].as_f32().unwrap().clone();
+    let u2 = g.initializers["fc/svd/u2.weight"].as_f32().unwrap().clone();
+    assert_eq!((u1.shape(), u2.shape()), (&[6, 64][..], &[10, 6][..]));
+    let u1 = u1.into_dimensionality::<ndarray::Ix2>().unwrap();
+    let u2 = u2.into_dimensionality::<ndarray::Ix2>().unwrap();
+    // The dense model with W = U2 U1 (in the file's own Gemm layout) computes the same.
+    let mut dense = dense_src;
+    let fc_node = dense
+        .nodes
+        .iter()
+        .find(|n| matches!(n.op, Op::Gemm(_)))
+        .unwrap()
+        .clone();
+    let Op::Gemm(gm) = &fc_node.op else {
+        unreachable!()
+    };
+    let w = u2.dot(&u1);
+    let w = if gm.trans_b { w } else { w.t().to_owned() };
+    dense
+        .initializers
+        .insert(fc_node.inputs[1].clone(), Tensor::F32(w.into_dyn()));
+    let x = rand(&[2, 3, 32, 32], 4);
+    let mut mf = Model::from_graph(g, 2).unwrap();
+    let mut md = Model::from_graph(dense, 2).unwrap();
+    let yf = mf.forward(x.clone(), Mode::Eval).unwrap();
+    let yd = md.forward(x, Mode::Eval).unwrap();
+    let d = max_rel(&yf, &yd);
+    assert!(d < 1e-5, "{d}");
+    let terms = elrt::lowrank::orth::terms(&mf.session.program);
+    assert_eq!(
+        terms.iter().filter(|t| t.rank == 6).count(),
+        2,
+        "DSO on both Gemm factors"
+    );
 }

@@ -32,10 +32,10 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
             let is_u2 = ["/tucker2/u2.weight", "/cp/u2.weight", "/svd/u2.weight"]
                 .iter()
                 .any(|t| p.name.ends_with(t));
-            if s.len() != 4 || !(is_u1 || is_u2) {
+            if !(s.len() == 4 || s.len() == 2) || !(is_u1 || is_u2) {
                 return None;
             }
-            // U1 is [r, C_in, 1, 1]; U2 is [C_out, r, 1, 1].
+            // U1 is [r, C_in, 1, 1]; U2 is [C_out, r, 1, 1] (a Gemm's SVD: [r, in], [out, r]).
             let rank = if is_u1 { s[0] } else { s[1] };
             Some(OrthTerm { param: i, rank })
         })

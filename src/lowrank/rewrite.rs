@@ -75,6 +75,8 @@ pub struct ConvertOptions {
     pub include_first: bool,
     /// Factorize 1x1 convs too, by SVD: `1x1 (C_in -> r)` -> `1x1 (r -> C_out)`.
     pub include_pointwise: bool,
+    /// Factorize Gemm (fully connected) layers too, by SVD: `in -> r` -> `r -> out`.
+    pub include_gemm: bool,
     pub init: InitMode,
     pub seed: u64,
     pub hooi_iters: usize,
@@ -112,6 +114,8 @@ struct Candidate {
     in_hw: [usize; 2],
     out_hw: [usize; 2],
     has_bias: bool,
+    /// A Gemm (weight seen as `[out, in, 1, 1]`, factorized by SVD into two Gemms).
+    gemm: bool,
     /// Why it is not eligible, if so.
     skip: Option<String>,
 }
@@ -140,6 +144,12 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
         .unwrap_or_default();
     let mut out = Vec::new();
     for (i, n) in graph.nodes.iter().enumerate() {
+        if let Op::Gemm(gm) = &n.op {
+            if let Some(c) = gemm_candidate(graph, facts, opts, i, n, gm)? {
+                out.push(c);
+            }
+            continue;
+        }
         let Op::Conv(c) = &n.op else { continue };
         let shape = |v: &str| {
             facts
@@ -174,10 +184,159 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
             in_hw: [x[2], x[3]],
             out_hw: [y[2], y[3]],
             has_bias: n.input(2).is_some(),
+            gemm: false,
             skip,
         });
     }
     Ok(out)
+}
+
+/// A Gemm `y = alpha x W' + beta b` (W' = W or W^T) as a candidate with `w = [out, in, 1, 1]`.
+fn gemm_candidate(
+    graph: &Graph,
+    facts: &Facts,
+    opts: &ConvertOptions,
+    i: usize,
+    n: &Node,
+    gm: &crate::ir::ops::Gemm,
+) -> Result<Option<Candidate>> {
+    let Some(w) = facts.get(&n.inputs[1]).map(|f| f.shape.clone()) else {
+        return Ok(None);
+    };
+    if w.len() != 2 {
+        return Ok(None);
+    }
+    let (out_f, in_f) = if gm.trans_b {
+        (w[0], w[1])
+    } else {
+        (w[1], w[0])
+    };
+    let skip = if !opts.include_gemm {
+        Some("Gemm left as it is (--include-gemm to factorize it by SVD)".to_string())
+    } else if !graph.initializers.contains_key(&n.inputs[1]) {
+        Some("weight is computed, not an initializer".to_string())
+    } else if gm.trans_a {
+        Some("Gemm with transA left as it is".to_string())
+    } else if n.input(2).is_some_and(|b| {
+        facts
+            .get(b)
+            .is_none_or(|f| f.shape.iter().product::<usize>() != out_f)
+    }) {
+        Some("Gemm bias is not one value per output".to_string())
+    } else {
+        None
+    };
+    Ok(Some(Candidate {
+        node: i,
+        layer: layer_name_gemm(graph, n),
+        w: [out_f, in_f, 1, 1],
+        in_hw: [1, 1],
+        out_hw: [1, 1],
+        has_bias: n.input(2).is_some(),
+        gemm: true,
+        skip,
+    }))
+}
+
+fn layer_name_gemm(graph: &Graph, n: &Node) -> String {
+    let w = &n.inputs[1];
+    if graph.initializers.contains_key(w) && !w.starts_with("onnx::") {
+        return w.strip_suffix(".weight").unwrap_or(w).to_string();
+    }
+    n.name.clone()
+}
+
+/// Two Gemms for one: `x -> alpha x U1^T` (in -> r) -> `h U2^T + beta b` (r -> out). Scratch
+/// init follows PyTorch's Linear variance for the product (uniform +-1/sqrt(in) has variance
+/// 1/(3 in)): var(U1) = 1/in, var(U2) = 1/(3 r); decompose takes the truncated SVD.
+fn factorize_gemm(
+    graph: &Graph,
+    c: &Candidate,
+    r: usize,
+    opts: &ConvertOptions,
+    key: u64,
+) -> Result<Factorized> {
+    let n = &graph.nodes[c.node];
+    let Op::Gemm(gm) = &n.op else {
+        unreachable!("gemm candidate")
+    };
+    let [out_f, in_f, _, _] = c.w;
+    let base = format!("{}/svd", c.layer);
+    let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
+    let mut err = None;
+    let (u1, u2): (ArrayD<f32>, ArrayD<f32>) = match opts.init {
+        InitMode::Scratch | InitMode::Orthogonal => {
+            let u1 = if opts.init == InitMode::Orthogonal {
+                decompose::orthogonal(in_f, r, &mut rng)
+                    .t()
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_dyn()
+            } else {
+                gauss(&[r, in_f], (1.0 / in_f as f32).sqrt(), &mut rng)
+            };
+            (
+                u1,
+                gauss(&[out_f, r], (1.0 / (3.0 * r as f32)).sqrt(), &mut rng),
+            )
+        }
+        InitMode::Decompose => {
+            let w = graph.initializers[&n.inputs[1]]
+                .as_f32()
+                .ok_or_else(|| anyhow!("the weight is not float"))?
+                .clone()
+                .into_dimensionality::<ndarray::Ix2>()?;
+            let w = if gm.trans_b { w } else { w.t().to_owned() };
+            let w4 = w.clone().into_shape_with_order((out_f, in_f, 1, 1))?;
+            let t = decompose::hooi(w4.view(), r, r, opts.hooi_iters, 1e-6)?;
+            err = Some(decompose::rel_error(
+                w4.view(),
+                decompose::tucker2_compose(&t).view(),
+            ));
+            let g = t
+                .core
+                .index_axis(ndarray::Axis(3), 0)
+                .index_axis(ndarray::Axis(2), 0)
+                .to_owned();
+            (
+                t.u1.t().as_standard_layout().into_owned().into_dyn(),
+                t.u2.dot(&g).into_dyn(),
+            )
+        }
+    };
+    let (n1, n2) = (format!("{base}/u1"), format!("{base}/u2"));
+    let (w1, w2) = (format!("{n1}.weight"), format!("{n2}.weight"));
+    let mid = format!("{n1}_out");
+    let mut second_inputs = vec![mid.clone(), w2.clone()];
+    if let Some(b) = n.input(2) {
+        second_inputs.push(b.to_string());
+    }
+    let nodes = vec![
+        Node {
+            name: n1,
+            op: Op::Gemm(crate::ir::ops::Gemm {
+                alpha: gm.alpha,
+                beta: 1.0,
+                trans_a: false,
+                trans_b: true,
+            }),
+            inputs: vec![n.inputs[0].clone(), w1.clone()],
+            outputs: vec![mid],
+        },
+        Node {
+            name: n2,
+            op: Op::Gemm(crate::ir::ops::Gemm {
+                alpha: 1.0,
+                beta: gm.beta,
+                trans_a: false,
+                trans_b: true,
+            }),
+            inputs: second_inputs,
+            outputs: vec![n.outputs[0].clone()],
+        },
+    ];
+    let inits = vec![(w1, Tensor::F32(u1)), (w2, Tensor::F32(u2))];
+    Ok((nodes, inits, err))
 }
 
 /// Params and MACs of the dense layer and of its factorization at `ranks`.
@@ -360,7 +519,7 @@ pub fn convert(
                 let c = &cands[i];
                 let r = &file[name];
                 if let Some(why) = &c.skip {
-                    let grouped = conv_of(&graph.nodes[c.node]).group > 1;
+                    let grouped = !c.gemm && conv_of(&graph.nodes[c.node]).group > 1;
                     if grouped && opts.format == Format::Cp {
                         bail!(
                             "{}: layer '{name}': CP asked of a grouped conv ({why})",
@@ -442,8 +601,13 @@ pub fn convert(
                     format!("skipped: ranks {r:?} save neither params ({p1} >= {p0}) nor MACs");
             } else {
                 let key = i as u64;
-                let (nodes, inits, err) = factorize(graph, c, r, opts, key)
-                    .with_context(|| format!("layer '{}' (node '{}')", c.layer, node.name))?;
+                let made = if c.gemm {
+                    factorize_gemm(graph, c, r[0], opts, key)
+                } else {
+                    factorize(graph, c, r, opts, key)
+                };
+                let (nodes, inits, err) =
+                    made.with_context(|| format!("layer '{}' (node '{}')", c.layer, node.name))?;
                 if let Some(e) = err {
                     errors.insert(c.layer.clone(), e);
                 }
