@@ -35,7 +35,7 @@ pub struct CompressArgs {
     /// tucker2 | cp
     #[arg(long, default_value = "tucker2")]
     pub format: String,
-    /// ratio=F | params=F | macs=F | a JSON file of per-layer ranks
+    /// ratio=F | params=F | macs=F | latency=F (measured in tract) | a JSON file of per-layer ranks
     #[arg(long, default_value = "params=0.4")]
     pub ranks: String,
     /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks).
@@ -82,8 +82,10 @@ pub struct CompressArgs {
     /// Continue a stopped run in --out from its last finished stage.
     #[arg(long)]
     pub resume: bool,
+    /// Print the report as JSON (stage messages are silenced).
     #[arg(long)]
     pub json: bool,
+    /// No stage messages or progress bars.
     #[arg(long)]
     pub quiet: bool,
 }

@@ -58,8 +58,10 @@ pub struct ExportArgs {
     /// Extra metadata, KEY=VALUE (repeatable).
     #[arg(long = "meta", value_name = "KEY=VALUE")]
     pub meta: Vec<String>,
+    /// Print the export and validation report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// No progress messages.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -286,6 +288,7 @@ pub struct BenchArgs {
     /// Also print tract's time per node (optimised model, first batch size), per file.
     #[arg(long)]
     pub profile: bool,
+    /// Print the rows as JSON (with --profile: {"rows", "profile"}).
     #[arg(long)]
     pub json: bool,
 }
