@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Inference latency: dense ResNet-20 against its Tucker-2 compression, tract and onnxruntime.
 
-    python3 scripts/bench_latency.py [--elrt PATH] [--ratio 0.5] [--latency 0.6]
+    python3 scripts/bench_latency.py [--elrt PATH] [--ratio 0.5] [--latency 0.6] [--batch 1]
                                      [--runs 300] [--rounds 3] [--out docs/bench/latency.json]
 
 What it measures (issue 5, "benchmark script"): ResNet-20 from models/ full rank against the
 Tucker-2 conversion at ratio 0.5 (and, with --latency F, the conversion from the tract-measured
 `--ranks latency=F` policy), batch 1, one thread, in one go on this machine:
 
-1. elrt makes the deployment files: `elrt export models/resnet20.onnx` (dense, BN folded) and
-   `elrt convert --ranks ratio=R` + `elrt export` (BN folded, forms timed in tract). Weights
+1. elrt makes the deployment files at --batch: `elrt export models/resnet20.onnx` (dense, BN
+   folded) and `elrt convert --ranks ratio=R` + `elrt export` (BN folded, forms timed in tract
+   at that batch). Weights
    are the files' own (random factors): latency does not depend on their values.
 2. tract: `elrt bench DENSE COMPACT [...] --batch 1 --threads 1 --json --profile` (files
    interleaved inside elrt, tract single-threaded on its plan) -> p50/p90/p99 and per-node time.
@@ -42,7 +43,7 @@ def run(cmd):
     return r.stdout
 
 
-def ort_times(files, runs):
+def ort_times(files, runs, batch):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
     import onnxruntime as ort
@@ -55,7 +56,7 @@ def ort_times(files, runs):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         s = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
         sessions.append((s, {s.get_inputs()[0].name: x}))
     for s, feed in sessions:
         for _ in range(20):
@@ -80,6 +81,7 @@ def main():
     ap.add_argument("--elrt", default=str(REPO / "target/release/elrt"))
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--latency", type=float, default=None, help="also the latency=F rank policy")
+    ap.add_argument("--batch", type=int, default=1, help="batch fixed in the exported files")
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "docs/bench/latency.json"))
@@ -89,7 +91,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="elrt-latency-"))
     src = REPO / "models/resnet20.onnx"
     dense = tmp / "resnet20.dense.onnx"
-    run([elrt, "export", src, "-o", dense, "--quiet"])
+    b = str(a.batch)
+    run([elrt, "export", src, "-o", dense, "--batch", b, "--quiet"])
     variants = [("tucker2 ratio=%g" % a.ratio, f"ratio={a.ratio}")]
     if a.latency:
         variants.append(("tucker2 latency=%g" % a.latency, f"latency={a.latency}"))
@@ -98,19 +101,19 @@ def main():
         conv = tmp / f"{ranks.replace('=', '_')}.factorized.onnx"
         comp = tmp / f"{ranks.replace('=', '_')}.compact.onnx"
         run([elrt, "convert", src, "--format", "tucker2", "--ranks", ranks, "-o", conv])
-        exp = json.loads(run([elrt, "export", conv, "-o", comp, "--json", "--quiet"]))
+        exp = json.loads(run([elrt, "export", conv, "-o", comp, "--batch", b, "--json", "--quiet"]))
         files.append((name, comp, exp["export"]))
     rounds = []
     for r in range(a.rounds):
         bench = json.loads(
-            run([elrt, "bench", *[f[1] for f in files], "--batch", "1", "--threads", "1",
+            run([elrt, "bench", *[f[1] for f in files], "--batch", b, "--threads", "1",
                  "--runs", str(a.runs), "--json", "--profile"])
         )
-        ort = ort_times([f[1] for f in files], a.runs)
+        ort = ort_times([f[1] for f in files], a.runs, a.batch)
         rounds.append({"tract": bench["rows"], "profile": bench["profile"], "ort": ort})
     med = lambda xs: statistics.median(xs)
     result = {"machine": os.uname().nodename, "load_before": load_before, "rounds": a.rounds,
-              "runs": a.runs, "batch": 1, "threads": 1, "files": []}
+              "runs": a.runs, "batch": a.batch, "threads": 1, "files": []}
     for k, f in enumerate(files):
         row = rounds[0]["tract"][k]
         entry = {
@@ -138,7 +141,7 @@ def main():
     result["load_after"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"batch 1, 1 thread, medians of {a.rounds} rounds x {a.runs} runs; load {load_before[0]:.2f} -> {result['load_after'][0]:.2f}")
+    print(f"batch {a.batch}, 1 thread, medians of {a.rounds} rounds x {a.runs} runs; load {load_before[0]:.2f} -> {result['load_after'][0]:.2f}")
     print(f"{'model':<24} {'params':>9} {'MACs':>11} {'MAC ratio':>9} {'tract ms':>9} {'speedup':>8} {'/MACr':>6} {'ORT ms':>8} {'ORT spd':>8} {'vs ORT dense':>12}")
     for e in result["files"]:
         print(f"{e['name']:<24} {e['params']:>9,} {e['macs']:>11,} {e['mac_ratio']:>8.2f}x {e['tract_p50_ms']:>9.3f} "

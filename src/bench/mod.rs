@@ -47,8 +47,13 @@ pub struct BenchReport {
     pub rows: Vec<BenchRow>,
 }
 
-/// The input shape `[C, H, W]` (batch excluded) a file declares, after elrt's simplification.
+/// The input shape `[C, H, W]` (batch excluded) a file declares.
 pub fn image_shape(path: &Path) -> Result<Vec<usize>> {
+    Ok(file_shape(path)?.1)
+}
+
+/// The batch size a file fixes (None when symbolic) and its `[C, H, W]`.
+pub fn file_shape(path: &Path) -> Result<(Option<usize>, Vec<usize>)> {
     let g = crate::onnx::read_file(path)?;
     // tract reads BatchNormalization in inference form only; say what to do instead of
     // passing on tract's "wrong number of outputs".
@@ -73,7 +78,11 @@ pub fn image_shape(path: &Path) -> Result<Vec<usize>> {
             shapes.len()
         );
     }
-    Ok(shapes[0][1..].to_vec())
+    let fixed = match g.inputs[0].shape.as_ref().and_then(|d| d.first()) {
+        Some(crate::ir::Dim::Fixed(n)) => Some(*n),
+        _ => None,
+    };
+    Ok((fixed, shapes[0][1..].to_vec()))
 }
 
 pub fn bench(
@@ -89,11 +98,22 @@ pub fn bench(
     let mut costs = Vec::new();
     let mut shapes = Vec::new();
     for f in files {
-        let shape = image_shape(f)?;
-        let mut s1 = vec![1];
+        let (fixed, shape) = file_shape(f)?;
+        if let Some(b0) = fixed {
+            if let Some(b) = batches.iter().find(|&&b| b != b0) {
+                bail!(
+                    "{}: the file fixes the batch at {b0}, so it cannot run at batch {b}; \
+                     bench it with --batch {b0}, or export it with --dynamic-batch",
+                    f.display()
+                );
+            }
+        }
+        // Costs per image: counted at the file's own batch, then divided.
+        let b0 = fixed.unwrap_or(1);
+        let mut s1 = vec![b0];
         s1.extend(&shape);
         let r = crate::inspect::inspect(f, &[s1])?;
-        costs.push((r.totals.params, r.totals.macs));
+        costs.push((r.totals.params, r.totals.macs / b0 as u64));
         shapes.push(shape);
     }
     let mut rows = Vec::new();
