@@ -374,6 +374,16 @@ fn bad_requests_fail_in_one_line() {
     std::fs::write(&bad, &bytes).unwrap();
     let e = fails_cleanly(&["bench", bad.to_str().unwrap()]);
     assert!(e.contains("Rel0"), "{e}");
+    // A file with a fixed batch of 2, asked for batch 1.
+    let b2 = tmp.path().join("b2.onnx");
+    let ok = elrt_cmd()
+        .args(["export", r20.to_str().unwrap(), "-o", b2.to_str().unwrap()])
+        .args(["--batch", "2", "--forms", "factorized", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let e = fails_cleanly(&["bench", b2.to_str().unwrap()]);
+    assert!(e.contains("fixes the batch at 2"), "{e}");
     let e = fails_cleanly(&["bench", "/nonexistent.onnx"]);
     assert!(e.contains("/nonexistent.onnx"), "{e}");
 }
