@@ -97,17 +97,9 @@ pub fn bench(
     }
     let mut costs = Vec::new();
     let mut shapes = Vec::new();
+    let mut fixed_batch = Vec::new();
     for f in files {
         let (fixed, shape) = file_shape(f)?;
-        if let Some(b0) = fixed {
-            if let Some(b) = batches.iter().find(|&&b| b != b0) {
-                bail!(
-                    "{}: the file fixes the batch at {b0}, so it cannot run at batch {b}; \
-                     bench it with --batch {b0}, or export it with --dynamic-batch",
-                    f.display()
-                );
-            }
-        }
         // Costs per image: counted at the file's own batch, then divided.
         let b0 = fixed.unwrap_or(1);
         let mut s1 = vec![b0];
@@ -115,15 +107,26 @@ pub fn bench(
         let r = crate::inspect::inspect(f, &[s1])?;
         costs.push((r.totals.params, r.totals.macs / b0 as u64));
         shapes.push(shape);
+        fixed_batch.push(fixed);
     }
     let mut rows = Vec::new();
     for &b in batches {
         let mut models = Vec::new();
-        for (f, shape) in files.iter().zip(&shapes) {
+        for ((f, shape), fixed) in files.iter().zip(&shapes).zip(&fixed_batch) {
             let mut s = vec![b];
             s.extend(shape);
             progress(&format!("loading {} (batch {b})", f.display()));
-            models.push(TractModel::from_path(f, &s, threads)?);
+            // tract overrides a declared batch when the graph allows it (elrt's exports keep
+            // the batch free in Reshape targets); when it does not, say what to do.
+            let m = TractModel::from_path(f, &s, threads).map_err(|e| match fixed {
+                Some(b0) if *b0 != b => e.context(format!(
+                    "{}: the file fixes the batch at {b0} and does not run at batch {b}; \
+                     bench it with --batch {b0}, or export it with --dynamic-batch",
+                    f.display()
+                )),
+                _ => e,
+            })?;
+            models.push(m);
         }
         progress(&format!(
             "timing {} files at batch {b}, {threads} thread(s)",
