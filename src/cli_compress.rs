@@ -469,7 +469,6 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             json: false,
             quiet: a.quiet || a.json,
         };
-    let mut forms_text = String::new();
     if !run.done("export") {
         run.say(
             "export the compact model (BN folded, forms timed in tract) and validate it in tract",
@@ -490,7 +489,6 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             &a.forms,
             meta,
         ))?;
-        forms_text = crate::export::forms_summary(&s.export.layers);
         write_atomic(
             &run.path("export.json"),
             serde_json::to_string_pretty(&s)?.as_bytes(),
@@ -505,24 +503,15 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         run_export(&export_args(src, original.clone(), "dense", vec![]))?;
         stage_seconds.push(("export".to_string(), t0.elapsed().as_secs_f64()));
         run.mark("export")?;
-    } else if let Ok(text) = std::fs::read_to_string(run.path("export.json")) {
-        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&text) {
-            forms_text = s["export"]["layers"]
-                .as_array()
-                .map(|ls| {
-                    let mut c = std::collections::BTreeMap::new();
-                    for l in ls {
-                        *c.entry(l["form"].as_str().unwrap_or("?").to_string())
-                            .or_insert(0) += 1;
-                    }
-                    c.iter()
-                        .map(|(k, v)| format!("{k}: {v}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
-                .unwrap_or_default();
-        }
     }
+    // The forms written, as the export recorded them in the file (also for a resumed run).
+    let forms_text = crate::onnx::read_file(&compact)?
+        .meta
+        .metadata_props
+        .into_iter()
+        .find(|(k, _)| k == "elrt.export.forms")
+        .map(|(_, v)| v)
+        .unwrap_or_default();
 
     // 4. bench
     run.say("benchmark original and compact in tract (batch 1, interleaved)");

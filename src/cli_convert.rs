@@ -144,7 +144,12 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
             let mut o = opts.clone();
             o.ranks = RankPolicy::Explicit(map.clone());
             convert(&mut trial, &facts, &o)?;
-            let t = measured_ms(&trial, a.latency_threads)?;
+            let t = crate::bench::rank_search::deployed_ms(
+                &trial,
+                crate::export::FormsPolicy::Fastest,
+                a.latency_threads,
+                &Default::default(),
+            )?;
             let ratio = t / search.model_dense_ms;
             say(&format!(
                 "round {}: budget {budget:.3} -> measured {ratio:.3} of the dense latency (target {target})",
@@ -214,24 +219,6 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
 
 /// One round of the latency search: measured ratio, ranks, the search, measured ms.
 type LatencyRound = (f64, BTreeMap<String, Vec<usize>>, LatencySearch, f64);
-
-/// The converted model exported (BN folded, fastest forms) and timed in tract, batch 1.
-fn measured_ms(g: &crate::ir::Graph, threads: usize) -> Result<f64> {
-    let (exp, rep) = crate::export::export(
-        g.clone(),
-        &crate::export::ExportOptions {
-            threads,
-            ..Default::default()
-        },
-        |_| {},
-    )?;
-    let mut m = vec![crate::bench::tract_rt::TractModel::from_bytes(
-        &crate::onnx::write_bytes(&exp)?,
-        &rep.input_shape,
-        threads,
-    )?];
-    Ok(crate::bench::latency::time_interleaved(&mut m, &Default::default())?[0].p50())
-}
 
 impl ConvertReport {
     pub fn to_text(&self) -> String {

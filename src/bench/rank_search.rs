@@ -70,6 +70,29 @@ fn time_graph(g: &Graph, shape: &[usize], threads: usize) -> Result<f64> {
     Ok(time_interleaved(&mut m, &timing())?[0].p50())
 }
 
+/// `graph` exported for deployment (batch 1, BN folded, layer forms per `forms`) and timed in
+/// tract: the latency the search aims at and the one it reaches.
+pub fn deployed_ms(
+    graph: &Graph,
+    forms: FormsPolicy,
+    threads: usize,
+    timing: &TimingOptions,
+) -> Result<f64> {
+    let (exp, rep) = export(
+        graph.clone(),
+        &ExportOptions {
+            forms,
+            threads,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .context("exporting the model for timing")?;
+    let bytes = crate::onnx::write_bytes(&exp)?;
+    let mut m = vec![TractModel::from_bytes(&bytes, &rep.input_shape, threads)?];
+    Ok(time_interleaved(&mut m, timing)?[0].p50())
+}
+
 /// Searches per-layer ranks for `graph` (simplified for `facts`, batch 1).
 pub fn latency_ranks(
     graph: &Graph,
@@ -85,17 +108,7 @@ pub fn latency_ranks(
     }
     // 1. The whole model, dense, as deployment would run it.
     progress("timing the dense model in tract");
-    let (dense, rep) = export(
-        graph.clone(),
-        &ExportOptions {
-            forms: FormsPolicy::Factorized,
-            threads,
-            ..Default::default()
-        },
-        |_| {},
-    )
-    .context("exporting the dense model for timing")?;
-    let model_ms = time_graph(&dense, &rep.input_shape, threads)?;
+    let model_ms = deployed_ms(graph, FormsPolicy::Factorized, threads, &timing())?;
     // 2. Each layer alone: dense and at each rank option (cached by shape).
     let mut cache: HashMap<String, f64> = HashMap::new();
     let mut table: Vec<(f64, Vec<RankTiming>)> = Vec::new();

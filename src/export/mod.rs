@@ -180,8 +180,7 @@ pub fn export(
     mut progress: impl FnMut(&str),
 ) -> Result<(Graph, ExportReport)> {
     let shape = input_shape(&g, opts)?;
-    let facts = refacts(&mut g, &shape)?;
-    drop(facts);
+    refacts(&mut g, &shape)?;
     let fold = fold_bn::fold_batchnorm(&mut g)?;
     let facts = refacts(&mut g, &shape)?;
     let chains = find_chains(&g);

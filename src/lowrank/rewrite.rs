@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ndarray::{Array4, ArrayD, IxDyn};
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use serde::Serialize;
 
 use super::decompose;
@@ -228,7 +228,7 @@ fn gemm_candidate(
     };
     Ok(Some(Candidate {
         node: i,
-        layer: layer_name_gemm(graph, n),
+        layer: layer_name(graph, n),
         w: [out_f, in_f, 1, 1],
         in_hw: [1, 1],
         out_hw: [1, 1],
@@ -238,12 +238,49 @@ fn gemm_candidate(
     }))
 }
 
-fn layer_name_gemm(graph: &Graph, n: &Node) -> String {
-    let w = &n.inputs[1];
-    if graph.initializers.contains_key(w) && !w.starts_with("onnx::") {
-        return w.strip_suffix(".weight").unwrap_or(w).to_string();
-    }
-    n.name.clone()
+/// SVD factors of a matrix-shaped layer `W[co, ci]` (a 1x1 conv or a Gemm): `U1 [r, ci]`,
+/// `U2 [co, r]`, and the decomposition's relative error. Scratch: var(U1) = 1/ci and U2 drawn
+/// with `u2_std`; orthogonal: U1 with orthonormal rows; decompose: Tucker-2 of the 1x1 kernel
+/// with r_in = r_out = r (the truncated SVD), its r x r core folded into U2 so that U1 keeps
+/// orthonormal rows.
+fn svd_factors(
+    opts: &ConvertOptions,
+    kernel: impl FnOnce() -> Result<Array4<f32>>,
+    [co, ci, r]: [usize; 3],
+    u2_std: f32,
+    rng: &mut Rng,
+) -> Result<(Array2<f32>, Array2<f32>, Option<f64>)> {
+    let as2 = |a: ArrayD<f32>, rows: usize, cols: usize| -> Result<Array2<f32>> {
+        Ok(a.into_shape_with_order((rows, cols))?)
+    };
+    Ok(match opts.init {
+        InitMode::Scratch | InitMode::Orthogonal => {
+            let u1 = if opts.init == InitMode::Orthogonal {
+                decompose::orthogonal(ci, r, rng)
+                    .t()
+                    .as_standard_layout()
+                    .into_owned()
+            } else {
+                as2(gauss(&[r, ci], (1.0 / ci as f32).sqrt(), rng), r, ci)?
+            };
+            (u1, as2(gauss(&[co, r], u2_std, rng), co, r)?, None)
+        }
+        InitMode::Decompose => {
+            let w = kernel()?;
+            let t = decompose::hooi(w.view(), r, r, opts.hooi_iters, 1e-6)?;
+            let err = decompose::rel_error(w.view(), decompose::tucker2_compose(&t).view());
+            let g = t
+                .core
+                .index_axis(ndarray::Axis(3), 0)
+                .index_axis(ndarray::Axis(2), 0)
+                .to_owned();
+            (
+                t.u1.t().as_standard_layout().into_owned(),
+                t.u2.dot(&g),
+                Some(err),
+            )
+        }
+    })
 }
 
 /// Two Gemms for one: `x -> alpha x U1^T` (in -> r) -> `h U2^T + beta b` (r -> out). Scratch
@@ -263,47 +300,18 @@ fn factorize_gemm(
     let [out_f, in_f, _, _] = c.w;
     let base = format!("{}/svd", c.layer);
     let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
-    let mut err = None;
-    let (u1, u2): (ArrayD<f32>, ArrayD<f32>) = match opts.init {
-        InitMode::Scratch | InitMode::Orthogonal => {
-            let u1 = if opts.init == InitMode::Orthogonal {
-                decompose::orthogonal(in_f, r, &mut rng)
-                    .t()
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_dyn()
-            } else {
-                gauss(&[r, in_f], (1.0 / in_f as f32).sqrt(), &mut rng)
-            };
-            (
-                u1,
-                gauss(&[out_f, r], (1.0 / (3.0 * r as f32)).sqrt(), &mut rng),
-            )
-        }
-        InitMode::Decompose => {
-            let w = graph.initializers[&n.inputs[1]]
-                .as_f32()
-                .ok_or_else(|| anyhow!("the weight is not float"))?
-                .clone()
-                .into_dimensionality::<ndarray::Ix2>()?;
-            let w = if gm.trans_b { w } else { w.t().to_owned() };
-            let w4 = w.clone().into_shape_with_order((out_f, in_f, 1, 1))?;
-            let t = decompose::hooi(w4.view(), r, r, opts.hooi_iters, 1e-6)?;
-            err = Some(decompose::rel_error(
-                w4.view(),
-                decompose::tucker2_compose(&t).view(),
-            ));
-            let g = t
-                .core
-                .index_axis(ndarray::Axis(3), 0)
-                .index_axis(ndarray::Axis(2), 0)
-                .to_owned();
-            (
-                t.u1.t().as_standard_layout().into_owned().into_dyn(),
-                t.u2.dot(&g).into_dyn(),
-            )
-        }
+    let kernel = || -> Result<Array4<f32>> {
+        let w = graph.initializers[&n.inputs[1]]
+            .as_f32()
+            .ok_or_else(|| anyhow!("the weight is not float"))?
+            .clone()
+            .into_dimensionality::<ndarray::Ix2>()?;
+        let w = if gm.trans_b { w } else { w.t().to_owned() };
+        Ok(w.into_shape_with_order((out_f, in_f, 1, 1))?)
     };
+    let u2_std = (1.0 / (3.0 * r as f32)).sqrt();
+    let (u1, u2, err) = svd_factors(opts, kernel, [out_f, in_f, r], u2_std, &mut rng)?;
+    let (u1, u2) = (u1.into_dyn(), u2.into_dyn());
     let (n1, n2) = (format!("{base}/u1"), format!("{base}/u2"));
     let (w1, w2) = (format!("{n1}.weight"), format!("{n2}.weight"));
     let mid = format!("{n1}_out");
@@ -744,50 +752,11 @@ fn factorize(
         // Kaiming's fan-out variance 2 / C_out: var(U1) = 1 / C_in, var(U2) = 2 C_in / (C_out r),
         // so var(W) = r var(U2) var(U1) = 2 / C_out (the Tucker-2 derivation with a 1x1 core).
         let rr = r[0];
-        let (u1, u2): (ArrayD<f32>, ArrayD<f32>) = match opts.init {
-            InitMode::Scratch | InitMode::Orthogonal => {
-                let u1 = if opts.init == InitMode::Orthogonal {
-                    decompose::orthogonal(ci, rr, &mut rng)
-                        .t()
-                        .as_standard_layout()
-                        .into_owned()
-                        .into_shape_with_order((rr, ci, 1, 1))?
-                        .into_dyn()
-                } else {
-                    gauss(&[rr, ci, 1, 1], (1.0 / ci as f32).sqrt(), &mut rng)
-                };
-                let u2 = gauss(
-                    &[co, rr, 1, 1],
-                    (2.0 * ci as f32 / (co * rr) as f32).sqrt(),
-                    &mut rng,
-                );
-                (u1, u2)
-            }
-            InitMode::Decompose => {
-                // Tucker-2 of a 1x1 kernel with r_in = r_out = r is the truncated SVD; the r x r
-                // core goes into U2 so that U1 keeps orthonormal rows.
-                let w = weight4(graph, n)?;
-                let t = decompose::hooi(w.view(), rr, rr, opts.hooi_iters, 1e-6)?;
-                err = Some(decompose::rel_error(
-                    w.view(),
-                    decompose::tucker2_compose(&t).view(),
-                ));
-                let g = t
-                    .core
-                    .index_axis(ndarray::Axis(3), 0)
-                    .index_axis(ndarray::Axis(2), 0)
-                    .to_owned();
-                let u2 = t.u2.dot(&g);
-                (
-                    t.u1.t()
-                        .as_standard_layout()
-                        .into_owned()
-                        .into_shape_with_order((rr, ci, 1, 1))?
-                        .into_dyn(),
-                    u2.into_shape_with_order((co, rr, 1, 1))?.into_dyn(),
-                )
-            }
-        };
+        let u2_std = (2.0 * ci as f32 / (co * rr) as f32).sqrt();
+        let (u1, u2, e) = svd_factors(opts, || weight4(graph, n), [co, ci, rr], u2_std, &mut rng)?;
+        err = e;
+        let u1 = u1.into_shape_with_order((rr, ci, 1, 1))?.into_dyn();
+        let u2 = u2.into_shape_with_order((co, rr, 1, 1))?.into_dyn();
         let first = Conv {
             kernel_shape: Some(vec![1, 1]),
             strides: strides.clone(),
