@@ -3,11 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn elrt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_elrt"))
-}
+use common::{elrt, fails_cleanly};
 
 fn compress_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
     let model = common::repo().join("models/resnet20.onnx");
@@ -140,21 +136,6 @@ fn compress_runs_every_stage_and_resumes() {
     args[1] = other.to_str().unwrap().to_string();
     let e = fails_cleanly(&args);
     assert!(e.contains("different model"), "{e}");
-}
-
-fn fails_cleanly<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
-    let out = elrt().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "should fail");
-    assert!(!err.contains("panicked"), "{err}");
-    let last = err
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(last.starts_with("error: "), "{err}");
-    last
 }
 
 #[test]

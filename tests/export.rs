@@ -4,8 +4,9 @@
 
 mod common;
 
+use common::{elrt, fails_cleanly};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use elrt::cli_convert::ConvertArgs;
 use elrt::cli_export::{run_export, ExportArgs};
@@ -251,25 +252,6 @@ fn zoo_converts_exports_and_agrees_in_three_runtimes() {
     }
 }
 
-fn elrt_cmd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_elrt"))
-}
-
-fn fails_cleanly(args: &[&str]) -> String {
-    let out = elrt_cmd().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{err}");
-    let last = err
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(last.starts_with("error: "), "{err}");
-    last
-}
-
 #[test]
 fn bench_reports_every_file_and_json() {
     let tmp = tempfile::tempdir().unwrap();
@@ -282,7 +264,7 @@ fn bench_reports_every_file_and_json() {
     let (a, b) = (tmp.path().join("a.onnx"), tmp.path().join("b.onnx"));
     run_export(&export_args(&r20, &a, "factorized")).unwrap();
     run_export(&export_args(&t2, &b, "factorized")).unwrap();
-    let out = elrt_cmd()
+    let out = elrt()
         .args(["bench", a.to_str().unwrap(), b.to_str().unwrap()])
         .args([
             "--batch",
@@ -339,7 +321,7 @@ fn bad_requests_fail_in_one_line() {
     assert!(e.contains("--input-shape") && e.contains("'H'"), "{e}");
     assert!(!o.exists(), "nothing may be written on failure");
     // ... which --input-shape fixes.
-    let ok = elrt_cmd()
+    let ok = elrt()
         .args(["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()])
         .args([
             "--input-shape",
@@ -377,7 +359,7 @@ fn bad_requests_fail_in_one_line() {
     // A file exported at batch 2 benches at batch 1 too (tract overrides the declared batch),
     // with MACs counted per image.
     let b2 = tmp.path().join("b2.onnx");
-    let ok = elrt_cmd()
+    let ok = elrt()
         .args(["export", r20.to_str().unwrap(), "-o", b2.to_str().unwrap()])
         .args(["--batch", "2", "--forms", "factorized", "--quiet"])
         .output()
@@ -387,7 +369,7 @@ fn bad_requests_fail_in_one_line() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let out = elrt_cmd()
+    let out = elrt()
         .args([
             "bench",
             b2.to_str().unwrap(),
@@ -415,7 +397,7 @@ fn latency_rank_policy_measures_and_explains() {
     let tmp = tempfile::tempdir().unwrap();
     let r20 = common::repo().join("models/resnet20.onnx");
     let o = tmp.path().join("lat.onnx");
-    let out = elrt_cmd()
+    let out = elrt()
         .args([
             "convert",
             r20.to_str().unwrap(),

@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use common::{elrt, fails_cleanly};
 
-fn elrt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_elrt"))
-}
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
     let model = common::repo().join("models/resnet20.onnx");
@@ -149,22 +147,6 @@ fn learns_on_synthetic_data_and_eval_agrees() {
         (top1 - acc).abs() < 1e-6,
         "eval {top1} vs training's last test accuracy {acc}"
     );
-}
-
-/// One `error:` line, non-zero exit, no panic.
-fn fails_cleanly(args: &[&str]) -> String {
-    let out = elrt().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{err}");
-    let last = err
-        .trim_end()
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string();
-    assert!(last.starts_with("error: "), "{err}");
-    last
 }
 
 /// The six CIFAR-10 batch files, each holding `bytes`.

@@ -140,3 +140,26 @@ pub fn rel_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
         .fold(0f32, |m, (x, y)| m.max((x - y).abs())) as f64;
     d / scale
 }
+
+/// The `elrt` binary of this build.
+pub fn elrt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_elrt"))
+}
+
+/// Runs `elrt ARGS` and checks the failure is clean: non-zero exit, no panic, and an `error:`
+/// line last. Returns that line.
+pub fn fails_cleanly<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = elrt().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+    assert!(!out.status.success(), "{shown:?} should fail");
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err
+        .trim_end()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.starts_with("error: "), "{err}");
+    last
+}
