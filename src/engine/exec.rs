@@ -325,10 +325,16 @@ impl Session {
         let step = &self.program.steps[i];
         let x = self.get(step.inputs[0])?;
         let needs_dx = step.inputs[0] != Src::Slot(self.program.input_slot);
-        // Single-output steps: the one gradient.
-        let dy = || -> Result<ArrayD<f32>> {
-            dys[0]
-                .clone()
+        // Single-output steps: the one gradient, moved out (each branch takes it at most once;
+        // a clone here used to copy a whole activation per step).
+        let mut dys = dys;
+        let mut dy0 = if matches!(step.kernel, Kernel::Split { .. }) {
+            None
+        } else {
+            dys.first_mut().and_then(Option::take)
+        };
+        let mut dy = || -> Result<ArrayD<f32>> {
+            dy0.take()
                 .ok_or_else(|| anyhow!("no gradient for the output"))
         };
         Ok(match (&step.kernel, &self.saved[i]) {
@@ -360,7 +366,7 @@ impl Session {
             (Kernel::Act(a), _) => vec![Some(a.backward(x.view(), dy()?.view())?)],
             (Kernel::Binary(op), _) => {
                 let y = self.get(step.inputs[1])?;
-                let (da, db) = t::binary_backward(*op, x.view(), y.view(), dy()?.view());
+                let (da, db) = t::binary_backward(*op, x.view(), y.view(), dy()?);
                 vec![Some(da), Some(db)]
             }
             (Kernel::Concat { axis }, _) => {

@@ -47,22 +47,25 @@ pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Resu
 }
 
 /// Gradients of both operands, each summed to its own shape.
+/// Gradients of both operands. Takes `dy` by value: for Add (and Sub's first operand) the
+/// gradient *is* `dy`, so it moves instead of being copied, a whole activation per residual
+/// join saved on every backward.
 pub fn binary_backward(
     op: BinOp,
     a: ArrayViewD<f32>,
     b: ArrayViewD<f32>,
-    dy: ArrayViewD<f32>,
+    dy: ArrayD<f32>,
 ) -> (ArrayD<f32>, ArrayD<f32>) {
     let shape = dy.shape().to_vec();
     let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let (da, db) = match op {
-        BinOp::Add => (dy.to_owned(), dy.to_owned()),
-        BinOp::Sub => (dy.to_owned(), dy.mapv(|v| -v)),
-        BinOp::Mul => (&dy * &bv, &dy * &av),
+        BinOp::Add => (dy.clone(), dy),
+        BinOp::Sub => (dy.clone(), -dy),
+        BinOp::Mul => (&dy * &bv, dy * &av),
         BinOp::Div => {
             let da = &dy / &bv;
-            let mut db = dy.to_owned();
+            let mut db = dy;
             ndarray::Zip::from(&mut db)
                 .and(&av)
                 .and(&bv)
@@ -283,7 +286,7 @@ mod tests {
         for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
             let y = binary_forward(op, a.view(), b.view()).unwrap();
             let w = weights_for(&y);
-            let (da, db) = binary_backward(op, a.view(), b.view(), w.view());
+            let (da, db) = binary_backward(op, a.view(), b.view(), w.clone());
             check_grad(
                 &a,
                 &|x| binary_forward(op, x.view(), b.view()).unwrap(),
