@@ -21,6 +21,8 @@ use ndarray::{ArrayD, Ix2, IxDyn};
 const BATCH: usize = 32;
 
 fn train_step(c: &mut Criterion) {
+    // As the binary does, so the bench measures what `elrt train` runs.
+    elrt::engine::tune_allocator();
     let threads = std::env::var("ELRT_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok());

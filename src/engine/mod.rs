@@ -77,6 +77,33 @@ pub fn init() {
     });
 }
 
+/// Keeps freed activation buffers in the process instead of handing them back to the kernel.
+///
+/// A training step allocates and frees every activation and gradient (megabytes each at batch
+/// 128). glibc serves such blocks with `mmap` and returns them with `munmap`, or trims the heap
+/// after each free, so every step page-faults its whole working set in again: perf showed ~10%
+/// of a ResNet-20 step in the kernel's page-fault and unmap paths, plus the zeroing of fresh
+/// pages. With blocks up to 32 MiB served from the heap and the heap trimmed only above 1 GiB
+/// free, a ResNet-20 step at batch 128 on one thread went from 212-217 to 234-244 img/s (+12%,
+/// measured interleaved beside two training runs). Setting `M_MMAP_THRESHOLD` also switches off
+/// glibc's own adaptive threshold, which is why the trim threshold alone made it worse (147).
+/// The binary calls this first thing; a user's `GLIBC_TUNABLES` with malloc settings wins.
+/// Does nothing off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let user_set = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("malloc"));
+        if !user_set {
+            // SAFETY: mallopt only changes allocator parameters; both values are in range
+            // (32 MiB is glibc's largest mmap threshold on 64-bit).
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            }
+        }
+    }
+}
+
 /// OpenBLAS's current thread count, for diagnostics and the test that [`init`] took effect.
 pub fn blas_threads() -> usize {
     // SAFETY: a getter with no arguments.
