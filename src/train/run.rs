@@ -93,6 +93,20 @@ pub struct EvalResult {
     pub top5: f64,
 }
 
+/// What an epoch interrupted by Ctrl-C had accumulated, kept in the checkpoint so that the
+/// resumed epoch reports the whole epoch's train loss, accuracy, DSO value, time and wall clock
+/// (the weights resume exactly either way).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+struct EpochSoFar {
+    seen: usize,
+    loss_sum: f64,
+    correct: usize,
+    orth_sum: f64,
+    steps_done: usize,
+    epoch_s: f64,
+    wall_s: f64,
+}
+
 #[derive(Debug)]
 pub enum Outcome {
     Finished,
@@ -192,11 +206,15 @@ impl Trainer<'_> {
             batch: 0,
             step: 0,
         };
+        let mut carried: Option<EpochSoFar> = None;
         if resume {
             let ck = checkpoint::load(&self.files.checkpoint, &mut self.model.session.program)?;
             pos = ck.position;
             opt = ck.optimizer;
             self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
+            if pos.batch > 0 {
+                carried = serde_json::from_value(ck.extra["epoch_so_far"].clone()).ok();
+            }
             eprintln!(
                 "resuming from {} at epoch {}, batch {} (step {})",
                 self.files.checkpoint.display(),
@@ -216,13 +234,18 @@ impl Trainer<'_> {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
         }
         let start = Instant::now();
-        let wall0 = self.history.last().map_or(0.0, |m| m.wall_s);
+        let wall0 = match carried {
+            Some(c) => c.wall_s,
+            None => self.history.last().map_or(0.0, |m| m.wall_s),
+        };
         while pos.epoch < self.cfg.epochs {
             let bar = self.bar(per_epoch, pos.epoch);
             bar.set_position(pos.batch as u64);
             let t0 = Instant::now();
-            let (mut seen, mut loss_sum, mut correct) = (0usize, 0f64, 0usize);
-            let (mut orth_sum, mut steps_done) = (0f64, 0usize);
+            let before = carried.take().unwrap_or_default();
+            let (mut seen, mut loss_sum, mut correct) =
+                (before.seen, before.loss_sum, before.correct);
+            let (mut orth_sum, mut steps_done) = (before.orth_sum, before.steps_done);
             let mut lr = self.cfg.lr;
             for b in loader.epoch_from(pos.epoch, pos.batch) {
                 lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
@@ -263,7 +286,16 @@ impl Trainer<'_> {
                 ));
                 if self.stop.load(Ordering::SeqCst) {
                     bar.abandon_with_message("interrupted");
-                    self.save(&opt, &pos)?;
+                    let so_far = EpochSoFar {
+                        seen,
+                        loss_sum,
+                        correct,
+                        orth_sum,
+                        steps_done,
+                        epoch_s: before.epoch_s + t0.elapsed().as_secs_f64(),
+                        wall_s: wall0 + start.elapsed().as_secs_f64(),
+                    };
+                    self.save(&opt, &pos, Some(&so_far))?;
                     eprintln!(
                         "interrupted: checkpoint saved to {} (continue with --resume)",
                         self.files.checkpoint.display()
@@ -275,7 +307,7 @@ impl Trainer<'_> {
                 }
             }
             bar.finish_and_clear();
-            let epoch_s = t0.elapsed().as_secs_f64();
+            let epoch_s = before.epoch_s + t0.elapsed().as_secs_f64();
             let eval = evaluate(self.model, test.clone(), self.cfg.batch, self.cfg.workers)?;
             let m = EpochMetrics {
                 epoch: pos.epoch + 1,
@@ -305,7 +337,7 @@ impl Trainer<'_> {
                 pos.epoch += 1;
                 pos.batch = 0;
             }
-            self.save(&opt, &pos)?;
+            self.save(&opt, &pos, None)?;
             if limit {
                 return Ok(Outcome::StepLimit);
             }
@@ -329,10 +361,11 @@ impl Trainer<'_> {
         bar
     }
 
-    fn save(&self, opt: &Optimizer, pos: &Position) -> Result<()> {
+    fn save(&self, opt: &Optimizer, pos: &Position, so_far: Option<&EpochSoFar>) -> Result<()> {
         let extra = serde_json::json!({
             "config": self.cfg,
             "history": self.history,
+            "epoch_so_far": so_far,
         });
         checkpoint::save(
             &self.files.checkpoint,
