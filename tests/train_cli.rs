@@ -42,6 +42,32 @@ fn weights(path: &Path) -> std::collections::BTreeMap<String, elrt::ir::Tensor> 
     elrt::onnx::read_file(path).unwrap().initializers
 }
 
+/// Starts a training run into `out` and returns once it is 300 ms into its second epoch (the
+/// first epoch's checkpoint exists), still running.
+fn spawn_into_second_epoch(out: &Path, stderr: Stdio) -> std::process::Child {
+    let ckpt = out.with_extension("ckpt");
+    let mut child = elrt()
+        .args(train_args(out, &[]))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 300 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the first checkpoint was seen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
 #[test]
 fn resume_after_kill_gives_the_uninterrupted_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -60,26 +86,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
 
     // Kill -9 during the second epoch: after the first epoch's checkpoint appears.
     let part = tmp.path().join("part.onnx");
-    let ckpt = part.with_extension("ckpt");
-    let mut child = elrt()
-        .args(train_args(&part, &[]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ckpt.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint after 300 s"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = spawn_into_second_epoch(&part, Stdio::null());
     assert!(
         child.try_wait().unwrap().is_none(),
         "finished before it could be killed"
@@ -108,22 +115,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
     // with the same weights and the same per-epoch train metrics as the uninterrupted run (the
     // interrupted epoch's loss and accuracy are carried in the checkpoint, not restarted).
     let int = tmp.path().join("int.onnx");
-    let ckpt = int.with_extension("ckpt");
-    let child = elrt()
-        .args(train_args(&int, &[]))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ckpt.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoint after 300 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let child = spawn_into_second_epoch(&int, Stdio::piped());
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

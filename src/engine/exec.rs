@@ -320,14 +320,13 @@ impl Session {
     fn step_backward(
         &self,
         i: usize,
-        dys: Vec<Option<ArrayD<f32>>>,
+        mut dys: Vec<Option<ArrayD<f32>>>,
     ) -> Result<Vec<Option<ArrayD<f32>>>> {
         let step = &self.program.steps[i];
         let x = self.get(step.inputs[0])?;
         let needs_dx = step.inputs[0] != Src::Slot(self.program.input_slot);
         // Single-output steps: the one gradient, moved out (each branch takes it at most once;
         // a clone here used to copy a whole activation per step).
-        let mut dys = dys;
         let mut dy0 = if matches!(step.kernel, Kernel::Split { .. }) {
             None
         } else {
