@@ -56,6 +56,11 @@ pub struct CompressArgs {
     /// Double soft orthogonality strength rho (0: off).
     #[arg(long, default_value_t = DEFAULT_ORTH)]
     pub orth: f32,
+    /// How the random factors start: per-conv (Kaiming fan-out on each factor conv, as for any
+    /// conv), composed (the converter's init: the composed kernel has Kaiming's variance and U1,
+    /// U2 start near orthonormal), orthogonal (U1, U2 orthonormal, core scaled to match).
+    #[arg(long, default_value = "per-conv")]
+    pub factor_init: String,
     #[arg(long, default_value_t = 5e-4)]
     pub wd: f32,
     /// constant | step | cosine | onecycle
@@ -116,12 +121,19 @@ struct Recipe {
     batch: usize,
     lr: f32,
     orth: f32,
+    /// Absent in run folders written before the option existed: they used per-conv.
+    #[serde(default = "per_conv")]
+    factor_init: String,
     wd: f32,
     schedule: String,
     seed: u64,
     forms: String,
     baseline: bool,
     max_steps: Option<u64>,
+}
+
+fn per_conv() -> String {
+    "per-conv".into()
 }
 
 fn fingerprint(bytes: &[u8]) -> String {
@@ -237,6 +249,13 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         bail!("--bench-threads must be at least 1");
     }
     crate::export::FormsPolicy::from_str_checked(&a.forms)?;
+    // (the converter's init, the trainer's init)
+    let (convert_init, train_init) = match a.factor_init.as_str() {
+        "per-conv" => ("scratch", "scratch"),
+        "composed" => ("scratch", "factors"),
+        "orthogonal" => ("orthogonal", "factors"),
+        o => bail!("--factor-init '{o}': expected per-conv, composed or orthogonal"),
+    };
     let model_bytes =
         std::fs::read(&a.model).with_context(|| format!("cannot read {}", a.model.display()))?;
     // Fail on bad data before anything is written: load it once for the model's input shape.
@@ -262,6 +281,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         batch,
         lr,
         orth: a.orth,
+        factor_init: a.factor_init.clone(),
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
@@ -327,8 +347,8 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         );
     }
     run.say(&format!(
-        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {} | seed {}",
-        a.format, a.ranks, epochs, batch, lr, a.schedule, a.wd, a.orth, a.seed
+        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {} | factors {} | seed {}",
+        a.format, a.ranks, epochs, batch, lr, a.schedule, a.wd, a.orth, a.factor_init, a.seed
     ));
     let mut stage_seconds = Vec::new();
 
@@ -345,7 +365,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             include_first: false,
             include_pointwise: a.include_pointwise,
             include_gemm: false,
-            init: "scratch".into(),
+            init: convert_init.into(),
             seed: a.seed,
             hooi_iters: 10,
             cp_iters: 50,
@@ -386,7 +406,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         workers: 2,
         seed: a.seed,
         max_steps: a.max_steps,
-        init: "scratch".into(),
+        init: train_init.into(),
         bn: "auto".into(),
         no_augment: false,
         orth,
@@ -478,6 +498,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             format!("elrt.data={data}"),
             format!("elrt.epochs={epochs}"),
             format!("elrt.orth={}", a.orth),
+            format!("elrt.factor_init={}", a.factor_init),
         ];
         if let Some(t) = compact_top1 {
             meta.push(format!("elrt.accuracy.top1={t:.4}"));

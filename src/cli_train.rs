@@ -60,7 +60,9 @@ pub struct TrainArgs {
     /// Stop after N optimiser steps (smoke runs).
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// scratch: Kaiming init of every weight; file: keep the file's weights.
+    /// scratch: Kaiming init of every weight (low-rank factors too, each as its own conv);
+    /// factors: the same, but low-rank factors keep the file's values (the init `elrt convert`
+    /// wrote: composed-Kaiming or orthogonal); file: keep all the file's weights.
     #[arg(long, default_value = "scratch")]
     pub init: String,
     /// auto: insert BatchNormalization after every conv when the graph has none (eval-mode
@@ -201,8 +203,9 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
     }
     match a.init.as_str() {
         "scratch" => crate::train::init::init_from_scratch(&mut graph, a.seed)?,
+        "factors" => crate::train::init::init_except_factors(&mut graph, a.seed)?,
         "file" => {}
-        o => bail!("--init '{o}': expected scratch or file"),
+        o => bail!("--init '{o}': expected scratch, factors or file"),
     }
     let mut model =
         Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;

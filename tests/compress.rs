@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{elrt, fails_cleanly};
+use common::{fails_cleanly, succeeds};
 
 fn compress_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<String> {
     let model = common::repo().join("models/resnet20.onnx");
@@ -36,8 +36,7 @@ fn compress_runs_every_stage_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let o = out.to_str().unwrap();
-    let r = elrt().args(compress_args(o, &["--json"])).output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = succeeds(compress_args(o, &["--json"]));
     let rep: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     for f in [
         "run.json",
@@ -81,27 +80,22 @@ fn compress_runs_every_stage_and_resumes() {
     // The compact file: loads in tract (and onnxruntime), and its accuracy on the synthetic test
     // split, measured in tract by `elrt export --data`, is far above chance.
     let ex = tmp.path().join("again.onnx");
-    let r2 = elrt()
-        .args([
+    let r2 = succeeds(
+        [
             "export",
             out.join("trained.onnx").to_str().unwrap(),
             "-o",
             ex.to_str().unwrap(),
-        ])
-        .args([
+        ]
+        .into_iter()
+        .chain([
             "--data",
             "synthetic:2000,500",
             "--forms",
             "factorized",
             "--json",
             "--quiet",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        r2.status.success(),
-        "{}",
-        String::from_utf8_lossy(&r2.stderr)
+        ]),
     );
     let s: serde_json::Value = serde_json::from_slice(&r2.stdout).unwrap();
     let tract_top1 = s["data_check"]["top1"].as_f64().unwrap();
@@ -117,15 +111,7 @@ fn compress_runs_every_stage_and_resumes() {
     }
     // Resume of a finished run: nothing retrained, report rewritten.
     let before = std::fs::read(out.join("trained.onnx")).unwrap();
-    let r3 = elrt()
-        .args(compress_args(o, &["--resume"]))
-        .output()
-        .unwrap();
-    assert!(
-        r3.status.success(),
-        "{}",
-        String::from_utf8_lossy(&r3.stderr)
-    );
+    succeeds(compress_args(o, &["--resume"]));
     assert_eq!(before, std::fs::read(out.join("trained.onnx")).unwrap());
     // Same folder without --resume: refused.
     let e = fails_cleanly(&compress_args(o, &[]));
@@ -152,6 +138,10 @@ fn compress_bad_input_writes_nothing() {
         !out.exists(),
         "nothing may be written when the data is missing"
     );
+    // An unknown --factor-init: named, nothing written.
+    let e = fails_cleanly(&compress_args(o, &["--factor-init", "xavier"]));
+    assert!(e.contains("--factor-init 'xavier'"), "{e}");
+    assert!(!out.exists());
     // An unwritable output folder (a path under a regular file).
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();

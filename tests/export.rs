@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{elrt, fails_cleanly};
+use common::{fails_cleanly, succeeds};
 
 use std::path::{Path, PathBuf};
 
@@ -264,25 +264,20 @@ fn bench_reports_every_file_and_json() {
     let (a, b) = (tmp.path().join("a.onnx"), tmp.path().join("b.onnx"));
     run_export(&export_args(&r20, &a, "factorized")).unwrap();
     run_export(&export_args(&t2, &b, "factorized")).unwrap();
-    let out = elrt()
-        .args(["bench", a.to_str().unwrap(), b.to_str().unwrap()])
-        .args([
-            "--batch",
-            "1,2",
-            "--runs",
-            "10",
-            "--warmup",
-            "2",
-            "--min-seconds",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeeds(
+        ["bench", a.to_str().unwrap(), b.to_str().unwrap()]
+            .into_iter()
+            .chain([
+                "--batch",
+                "1,2",
+                "--runs",
+                "10",
+                "--warmup",
+                "2",
+                "--min-seconds",
+                "0",
+                "--json",
+            ]),
     );
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
@@ -321,21 +316,16 @@ fn bad_requests_fail_in_one_line() {
     assert!(e.contains("--input-shape") && e.contains("'H'"), "{e}");
     assert!(!o.exists(), "nothing may be written on failure");
     // ... which --input-shape fixes.
-    let ok = elrt()
-        .args(["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()])
-        .args([
-            "--input-shape",
-            "3,32,32",
-            "--forms",
-            "factorized",
-            "--quiet",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    succeeds(
+        ["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()]
+            .into_iter()
+            .chain([
+                "--input-shape",
+                "3,32,32",
+                "--forms",
+                "factorized",
+                "--quiet",
+            ]),
     );
     assert!(o.exists());
     let e = fails_cleanly(&[
@@ -359,33 +349,20 @@ fn bad_requests_fail_in_one_line() {
     // A file exported at batch 2 benches at batch 1 too (tract overrides the declared batch),
     // with MACs counted per image.
     let b2 = tmp.path().join("b2.onnx");
-    let ok = elrt()
-        .args(["export", r20.to_str().unwrap(), "-o", b2.to_str().unwrap()])
-        .args(["--batch", "2", "--forms", "factorized", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
+    succeeds(
+        ["export", r20.to_str().unwrap(), "-o", b2.to_str().unwrap()]
+            .into_iter()
+            .chain(["--batch", "2", "--forms", "factorized", "--quiet"]),
     );
-    let out = elrt()
-        .args([
-            "bench",
-            b2.to_str().unwrap(),
-            "--runs",
-            "5",
-            "--min-seconds",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds([
+        "bench",
+        b2.to_str().unwrap(),
+        "--runs",
+        "5",
+        "--min-seconds",
+        "0",
+        "--json",
+    ]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["macs"], 40_813_184);
     let e = fails_cleanly(&["bench", "/nonexistent.onnx"]);
@@ -397,21 +374,16 @@ fn latency_rank_policy_measures_and_explains() {
     let tmp = tempfile::tempdir().unwrap();
     let r20 = common::repo().join("models/resnet20.onnx");
     let o = tmp.path().join("lat.onnx");
-    let out = elrt()
-        .args([
+    let out = succeeds(
+        [
             "convert",
             r20.to_str().unwrap(),
             "--ranks",
             "latency=0.9",
             "--json",
-        ])
-        .args(["-o", o.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ]
+        .into_iter()
+        .chain(["-o", o.to_str().unwrap()]),
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let search = &r["latency_search"];

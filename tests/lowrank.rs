@@ -6,6 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::succeeds;
 use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::ir::ops::{AutoPad, Conv};
@@ -394,18 +395,14 @@ fn inspect_compares_original_and_factorized_per_layer() {
     let tmp = tempfile::tempdir().unwrap();
     let r20 = common::repo().join("models/resnet20.onnx");
     let out = tmp.path().join("t2.onnx");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
-        .args([
-            "convert",
-            r20.to_str().unwrap(),
-            "--ranks",
-            "ratio=0.5",
-            "-o",
-        ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    succeeds([
+        "convert",
+        r20.to_str().unwrap(),
+        "--ranks",
+        "ratio=0.5",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
     let c = elrt::inspect::compare(&r20, &out, &[]).unwrap();
     assert_eq!(c.totals_a.params, 272_474);
     assert_eq!(c.totals_b.params, 102_362);
@@ -522,21 +519,16 @@ fn mobilenetv2_factorizes_its_pointwise_convs_with_include_1x1() {
     let tmp = tempfile::tempdir().unwrap();
     let m = common::repo().join("models/mobilenetv2.onnx");
     let o = tmp.path().join("mb.onnx");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elrt"))
-        .args([
+    let out = succeeds(
+        [
             "convert",
             m.to_str().unwrap(),
             "--include-1x1",
             "--ranks",
             "params=0.5",
-        ])
-        .args(["--json", "-o", o.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ]
+        .into_iter()
+        .chain(["--json", "-o", o.to_str().unwrap()]),
     );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (p0, p1) = (
@@ -625,5 +617,74 @@ fn gemm_svd_equals_its_composed_weight() {
         terms.iter().filter(|t| t.rank == 6).count(),
         2,
         "DSO on both Gemm factors"
+    );
+}
+
+fn std_of(a: &Array4<f32>) -> f32 {
+    let n = a.len() as f32;
+    let mean = a.sum() / n;
+    (a.mapv(|v| (v - mean) * (v - mean)).sum() / n).sqrt()
+}
+
+/// The converter's from-scratch factors compose to a kernel with Kaiming's fan-out variance;
+/// `train --init factors` keeps them while re-initialising everything else, and
+/// `train --init scratch` treats each factor as its own conv, which doubles the composed std.
+#[test]
+fn factor_init_composes_to_kaiming_and_train_init_factors_keeps_it() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet20.onnx");
+    let mut g = elrt::onnx::read_file(&path).unwrap();
+    let shapes = vec![vec![1, 3, 32, 32]];
+    let facts = elrt::ir::fold::simplify(
+        &mut g,
+        &shapes,
+        elrt::ir::fold::FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .unwrap();
+    let opts = ConvertOptions {
+        format: Format::Tucker2,
+        ranks: RankPolicy::Ratio(0.5),
+        rank_multiple: 8,
+        include_first: false,
+        include_pointwise: false,
+        include_gemm: false,
+        init: InitMode::Scratch,
+        seed: 0,
+        hooi_iters: 5,
+        cp_iters: 10,
+    };
+    convert(&mut g, &facts, &opts).unwrap();
+    let layer = "layer3.1.conv1/tucker2";
+    let composed = |g: &Graph| {
+        tucker_compose(
+            &w4(g, &format!("{layer}/u1.weight")),
+            &w4(g, &format!("{layer}/core.weight")),
+            &w4(g, &format!("{layer}/u2.weight")),
+        )
+    };
+    let kaiming = (2.0f32 / (64.0 * 9.0)).sqrt();
+    let s = std_of(&composed(&g));
+    assert!(
+        (s / kaiming - 1.0).abs() < 0.1,
+        "converter: {s} vs {kaiming}"
+    );
+
+    let mut kept = g.clone();
+    elrt::train::init::init_except_factors(&mut kept, 5).unwrap();
+    let mut fresh = g.clone();
+    elrt::train::init::init_from_scratch(&mut fresh, 5).unwrap();
+    for (name, t) in &g.initializers {
+        if elrt::lowrank::is_factor_weight(name) {
+            assert_eq!(&kept.initializers[name], t, "{name} kept");
+        } else {
+            assert_eq!(kept.initializers[name], fresh.initializers[name], "{name}");
+        }
+    }
+    assert!(g.initializers.keys().any(|n| n == "bn1.running_var"));
+    let s = std_of(&composed(&fresh));
+    assert!(
+        (s / kaiming - 2.0).abs() < 0.2,
+        "per-conv: {s} vs 2 x {kaiming}"
     );
 }

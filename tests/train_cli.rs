@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{elrt, fails_cleanly};
+use common::{elrt, fails_cleanly, succeeds};
 
 use std::path::Path;
 use std::process::Stdio;
@@ -72,12 +72,7 @@ fn spawn_into_second_epoch(out: &Path, stderr: Stdio) -> std::process::Child {
 fn resume_after_kill_gives_the_uninterrupted_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full.onnx");
-    let out = elrt().args(train_args(&full, &[])).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(train_args(&full, &[]));
     for ext in ["ckpt", "metrics.jsonl", "curve.png"] {
         assert!(full.with_extension(ext).exists(), "{ext} missing");
     }
@@ -95,15 +90,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
     child.wait().unwrap();
     assert!(!part.exists(), "a killed run must not leave an output");
 
-    let out = elrt()
-        .args(train_args(&part, &["--resume"]))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(train_args(&part, &["--resume"]));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
     assert_eq!(
         weights(&full),
@@ -121,15 +108,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interrupted"), "{err}");
-    let out = elrt()
-        .args(train_args(&int, &["--resume"]))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(train_args(&int, &["--resume"]));
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains(", batch 0 ("),
         "expected a mid-epoch resume: {}",
@@ -166,33 +145,20 @@ fn learns_on_synthetic_data_and_eval_agrees() {
         &out_path,
         &["--json", "--data", "synthetic:2000,500", "--batch", "32"],
     );
-    let out = elrt().args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds(&args);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let acc = summary["last"]["test_acc"].as_f64().unwrap();
     assert!(
         acc > 0.3,
         "test accuracy {acc} after 3 short epochs (chance is 0.1)"
     );
-    let ev = elrt()
-        .args([
-            "eval",
-            out_path.to_str().unwrap(),
-            "--data",
-            "synthetic:2000,500",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        ev.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ev.stderr)
-    );
+    let ev = succeeds([
+        "eval",
+        out_path.to_str().unwrap(),
+        "--data",
+        "synthetic:2000,500",
+        "--json",
+    ]);
     let r: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     let top1 = r["top1"].as_f64().unwrap();
     assert!(

@@ -10,8 +10,22 @@ use crate::ir::{Graph, Op, Tensor};
 use crate::rng::Rng;
 
 /// Re-initialises every trainable tensor and BN statistic of the graph, deterministically from
-/// `seed` (each tensor draws from its own stream keyed by its name).
+/// `seed` (each tensor draws from its own stream keyed by its name). The factors of low-rank
+/// layers are treated as the plain convs they are (Kaiming fan-out each).
 pub fn init_from_scratch(graph: &mut Graph, seed: u64) -> Result<()> {
+    init_except(graph, seed, |_| false)
+}
+
+/// As [`init_from_scratch`], but the low-rank factor weights (`<layer>/tucker2/*.weight`,
+/// `/cp/*`, `/svd/*`) keep the values in the file: the converter's from-scratch init, which gives
+/// the composed kernel Kaiming's variance with U1 and U2 near DSO's orthogonal target, or its
+/// orthogonal init. Per-conv Kaiming on each factor instead makes the composed variance 4x
+/// Kaiming's (each factor gets the ReLU gain 2) and U1's singular values about sqrt(2 C_in / r).
+pub fn init_except_factors(graph: &mut Graph, seed: u64) -> Result<()> {
+    init_except(graph, seed, crate::lowrank::is_factor_weight)
+}
+
+fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Result<()> {
     let mut plan: Vec<(String, Init)> = Vec::new();
     for n in &graph.nodes {
         let shape_of = |i: usize| {
@@ -59,6 +73,9 @@ pub fn init_from_scratch(graph: &mut Graph, seed: u64) -> Result<()> {
         }
     }
     for (name, how) in plan {
+        if keep(&name) {
+            continue;
+        }
         let Some(Tensor::F32(a)) = graph.initializers.get(&name) else {
             continue;
         };

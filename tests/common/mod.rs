@@ -146,6 +146,21 @@ pub fn elrt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_elrt"))
 }
 
+/// Runs `elrt ARGS`, asserts it succeeded (showing its stderr otherwise) and returns its output.
+pub fn succeeds<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = elrt().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Runs `elrt ARGS` and checks the failure is clean: non-zero exit, no panic, and an `error:`
 /// line last. Returns that line.
 pub fn fails_cleanly<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
