@@ -71,18 +71,25 @@ fn one_conv(strides: [usize; 2], pads: [usize; 4], dil: [usize; 2], bias: bool) 
     }
 }
 
-fn convert_graph(g: &Graph, format: Format) -> Graph {
+/// Simplifies `g` for one input of `shape` and converts it with `opts`.
+fn convert_with(g: &Graph, shape: &[usize], opts: &ConvertOptions) -> Graph {
     let mut g = g.clone();
-    let shapes = vec![vec![2, 8, 11, 10]];
     let facts = elrt::ir::fold::simplify(
         &mut g,
-        &shapes,
+        &[shape.to_vec()],
         elrt::ir::fold::FoldOptions {
             remove_dropout: false,
         },
     )
     .unwrap();
-    let opts = ConvertOptions {
+    let rep = convert(&mut g, &facts, opts).unwrap();
+    assert!(rep.iter().any(|l| l.status == "factorized"), "{rep:?}");
+    g
+}
+
+/// Tucker-2/CP at half the channels, every rank allowed, from-scratch factors.
+fn convert_opts(format: Format) -> ConvertOptions {
+    ConvertOptions {
         format,
         ranks: RankPolicy::Ratio(0.5),
         rank_multiple: 1,
@@ -93,10 +100,11 @@ fn convert_graph(g: &Graph, format: Format) -> Graph {
         seed: 3,
         hooi_iters: 5,
         cp_iters: 10,
-    };
-    let rep = convert(&mut g, &facts, &opts).unwrap();
-    assert_eq!(rep[0].status, "factorized", "{rep:?}");
-    g
+    }
+}
+
+fn convert_graph(g: &Graph, format: Format) -> Graph {
+    convert_with(g, &[2, 8, 11, 10], &convert_opts(format))
 }
 
 fn w4(g: &Graph, name: &str) -> Array4<f32> {
@@ -632,29 +640,14 @@ fn std_of(a: &Array4<f32>) -> f32 {
 #[test]
 fn factor_init_composes_to_kaiming_and_train_init_factors_keeps_it() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet20.onnx");
-    let mut g = elrt::onnx::read_file(&path).unwrap();
-    let shapes = vec![vec![1, 3, 32, 32]];
-    let facts = elrt::ir::fold::simplify(
-        &mut g,
-        &shapes,
-        elrt::ir::fold::FoldOptions {
-            remove_dropout: false,
-        },
-    )
-    .unwrap();
+    let r20 = elrt::onnx::read_file(&path).unwrap();
     let opts = ConvertOptions {
-        format: Format::Tucker2,
-        ranks: RankPolicy::Ratio(0.5),
         rank_multiple: 8,
         include_first: false,
-        include_pointwise: false,
-        include_gemm: false,
-        init: InitMode::Scratch,
         seed: 0,
-        hooi_iters: 5,
-        cp_iters: 10,
+        ..convert_opts(Format::Tucker2)
     };
-    convert(&mut g, &facts, &opts).unwrap();
+    let g = convert_with(&r20, &[1, 3, 32, 32], &opts);
     let layer = "layer3.1.conv1/tucker2";
     let composed = |g: &Graph| {
         tucker_compose(
