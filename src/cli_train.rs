@@ -277,7 +277,8 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         progress: !a.quiet,
         history: Vec::new(),
     };
-    let outcome = trainer.run(Arc::new(splits.train), Arc::new(splits.test), a.resume)?;
+    let (train, test) = (Arc::new(splits.train), Arc::new(splits.test));
+    let outcome = crate::engine::on_pool(|| trainer.run(train, test, a.resume))?;
     let history = trainer.history.clone();
     model.save(&output)?;
     Ok(TrainResult {
@@ -309,7 +310,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     ];
     let splits = spec.load([c, h, w])?;
     let workers = 2;
-    let result = evaluate(&mut model, Arc::new(splits.test), a.batch, workers)?;
+    let test = Arc::new(splits.test);
+    let result = crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers))?;
     let report = EvalReport {
         model: a.model.display().to_string(),
         data: a.data.clone(),
@@ -396,15 +398,17 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
         let (_, d) = ce.loss_and_grad(logits.view().into_dimensionality::<Ix2>()?, &labels)?;
         m.session.backward(d.into_dyn())
     };
-    step(&mut m)?;
-    if a.profile {
-        m.session.profile = Some(Default::default());
-    }
-    let t0 = std::time::Instant::now();
-    for _ in 0..a.steps {
+    let total = crate::engine::on_pool(|| -> Result<f64> {
         step(&mut m)?;
-    }
-    let total = t0.elapsed().as_secs_f64();
+        if a.profile {
+            m.session.profile = Some(Default::default());
+        }
+        let t0 = std::time::Instant::now();
+        for _ in 0..a.steps {
+            step(&mut m)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    })?;
     let mut profile: Vec<(String, String, f64)> = m
         .session
         .profile

@@ -87,7 +87,11 @@ pub fn init() {
 /// free, a ResNet-20 step at batch 128 on one thread went from 212-217 to 234-244 img/s (+12%,
 /// measured interleaved beside two training runs). Setting `M_MMAP_THRESHOLD` also switches off
 /// glibc's own adaptive threshold, which is why the trim threshold alone made it worse (147).
-/// The binary calls this first thing; a user's `GLIBC_TUNABLES` with malloc settings wins.
+/// One arena for all threads: the steps run on rayon's worker threads ([`on_pool`]), and a
+/// worker's own arena gave back its freed activations again and again (4-5x the minor page
+/// faults of the main thread's arena, +0.5 s of system time per 16 steps of Tucker-2 ResNet-20).
+/// The kernels allocate a few buffers per call, so sharing one arena's lock costs nothing
+/// measurable. The binary calls this first thing; a user's `GLIBC_TUNABLES` with malloc settings wins.
 /// Does nothing off glibc.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -99,9 +103,22 @@ pub fn tune_allocator() {
             unsafe {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+                libc::mallopt(libc::M_ARENA_MAX, 1);
             }
         }
     }
+}
+
+/// Runs `f` on a thread of rayon's pool and returns its result.
+///
+/// Every kernel splits its work with rayon. Called from a thread outside the pool (the main
+/// thread), each parallel loop is handed to the pool while the caller parks on a latch: a wake-up
+/// and a context switch per kernel call, a few thousand per training step. perf on a 1-thread
+/// Tucker-2 training run showed ~2% of the time in the scheduler's task switch and rayon's
+/// latches. Called from inside the pool, the loops start on the calling worker directly. The
+/// training loop, `elrt speed` and evaluation run their steps through this.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// OpenBLAS's current thread count, for diagnostics and the test that [`init`] took effect.
