@@ -61,6 +61,9 @@ pub struct CompressArgs {
     /// U2 start near orthonormal), orthogonal (U1, U2 orthonormal, core scaled to match).
     #[arg(long, default_value = "per-conv")]
     pub factor_init: String,
+    /// No weight decay on the factor matrices under DSO (see `elrt train --orth-no-decay`).
+    #[arg(long)]
+    pub orth_no_decay: bool,
     #[arg(long, default_value_t = 5e-4)]
     pub wd: f32,
     /// constant | step | cosine | onecycle
@@ -124,6 +127,8 @@ struct Recipe {
     /// Absent in run folders written before the option existed: they used per-conv.
     #[serde(default = "per_conv")]
     factor_init: String,
+    #[serde(default)]
+    orth_no_decay: bool,
     wd: f32,
     schedule: String,
     seed: u64,
@@ -282,6 +287,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         lr,
         orth: a.orth,
         factor_init: a.factor_init.clone(),
+        orth_no_decay: a.orth_no_decay,
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
@@ -347,8 +353,18 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         );
     }
     run.say(&format!(
-        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {} | factors {} | seed {}",
-        a.format, a.ranks, epochs, batch, lr, a.schedule, a.wd, a.orth, a.factor_init, a.seed
+        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | seed {}",
+        a.format,
+        a.ranks,
+        epochs,
+        batch,
+        lr,
+        a.schedule,
+        a.wd,
+        a.orth,
+        if a.orth_no_decay { " (no wd on U1/U2)" } else { "" },
+        a.factor_init,
+        a.seed
     ));
     let mut stage_seconds = Vec::new();
 
@@ -410,6 +426,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         bn: "auto".into(),
         no_augment: false,
         orth,
+        orth_no_decay: a.orth_no_decay,
         resume,
         output: Some(output),
         json: false,

@@ -75,6 +75,10 @@ pub struct TrainArgs {
     /// Double soft orthogonality strength rho on the Tucker-2/CP factor matrices (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub orth: f32,
+    /// No weight decay on the factor matrices under DSO (U1, U2 of Tucker-2, the 1x1 factors of
+    /// CP); the core and every other weight keep it.
+    #[arg(long)]
+    pub orth_no_decay: bool,
     /// Continue from the checkpoint beside the output.
     #[arg(long)]
     pub resume: bool,
@@ -261,6 +265,7 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         workers: a.workers,
         augment: !a.no_augment,
         orth: a.orth,
+        orth_no_decay: a.orth_no_decay,
     };
     if !(a.orth >= 0.0 && a.orth.is_finite()) {
         bail!("--orth must be a non-negative number");

@@ -636,9 +636,10 @@ fn std_of(a: &Array4<f32>) -> f32 {
 
 /// The converter's from-scratch factors compose to a kernel with Kaiming's fan-out variance;
 /// `train --init factors` keeps them while re-initialising everything else, and
-/// `train --init scratch` treats each factor as its own conv, which doubles the composed std.
+/// `train --init scratch` treats each factor as its own conv, which doubles the composed std;
+/// `--orth-no-decay` takes exactly U1 and U2 out of weight decay.
 #[test]
-fn factor_init_composes_to_kaiming_and_train_init_factors_keeps_it() {
+fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay_spares_u() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet20.onnx");
     let r20 = elrt::onnx::read_file(&path).unwrap();
     let opts = ConvertOptions {
@@ -675,6 +676,19 @@ fn factor_init_composes_to_kaiming_and_train_init_factors_keeps_it() {
         }
     }
     assert!(g.initializers.keys().any(|n| n == "bn1.running_var"));
+    // --orth-no-decay: U1 and U2 leave weight decay, the core and the other weights keep it.
+    let mut m = Model::from_graph(fresh.clone(), 1).unwrap();
+    let before: Vec<bool> = m.session.program.params.iter().map(|p| p.decay).collect();
+    let terms = elrt::lowrank::orth::terms(&m.session.program);
+    assert_eq!(terms.len(), 2 * 18, "U1 and U2 of 18 layers");
+    elrt::lowrank::orth::exempt_from_decay(&mut m.session.program, &terms);
+    for (p, was) in m.session.program.params.iter().zip(before) {
+        let factor_matrix = p.name.ends_with("/u1.weight") || p.name.ends_with("/u2.weight");
+        assert_eq!(p.decay, was && !factor_matrix, "{}", p.name);
+        if p.name.ends_with("/core.weight") {
+            assert!(p.decay, "{}", p.name);
+        }
+    }
     let s = std_of(&composed(&fresh));
     assert!(
         (s / kaiming - 2.0).abs() < 0.2,

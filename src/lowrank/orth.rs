@@ -42,6 +42,15 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
         .collect()
 }
 
+/// Takes the matrices under DSO out of weight decay (`--orth-no-decay`): DSO already holds
+/// their scale, and decay pulls their singular values below the 1 that DSO aims at. Cores and
+/// every other weight keep their decay.
+pub fn exempt_from_decay(program: &mut Program, terms: &[OrthTerm]) {
+    for t in terms {
+        program.params[t.param].decay = false;
+    }
+}
+
 /// The penalty of one matrix and its gradient.
 pub fn penalty(a: ArrayView2<f32>, rho: f32, rank: usize) -> (f64, Array2<f32>) {
     let (m, n) = a.dim();

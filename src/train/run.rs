@@ -45,6 +45,10 @@ pub struct TrainConfig {
     /// DSO strength rho on the low-rank factor matrices (0: off).
     #[serde(default)]
     pub orth: f32,
+    /// No weight decay on the matrices under DSO (U1, U2): DSO already holds their scale, and
+    /// weight decay pulls their singular values below the 1 that DSO aims at.
+    #[serde(default)]
+    pub orth_no_decay: bool,
 }
 
 /// Files a run writes next to its output.
@@ -232,6 +236,9 @@ impl Trainer<'_> {
         let orth_terms = crate::lowrank::orth::terms(&self.model.session.program);
         if self.cfg.orth > 0.0 && orth_terms.is_empty() {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
+        }
+        if self.cfg.orth_no_decay {
+            crate::lowrank::orth::exempt_from_decay(&mut self.model.session.program, &orth_terms);
         }
         let start = Instant::now();
         let wall0 = match carried {
