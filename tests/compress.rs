@@ -80,23 +80,18 @@ fn compress_runs_every_stage_and_resumes() {
     // The compact file: loads in tract (and onnxruntime), and its accuracy on the synthetic test
     // split, measured in tract by `elrt export --data`, is far above chance.
     let ex = tmp.path().join("again.onnx");
-    let r2 = succeeds(
-        [
-            "export",
-            out.join("trained.onnx").to_str().unwrap(),
-            "-o",
-            ex.to_str().unwrap(),
-        ]
-        .into_iter()
-        .chain([
-            "--data",
-            "synthetic:2000,500",
-            "--forms",
-            "factorized",
-            "--json",
-            "--quiet",
-        ]),
-    );
+    let r2 = succeeds([
+        "export",
+        out.join("trained.onnx").to_str().unwrap(),
+        "-o",
+        ex.to_str().unwrap(),
+        "--data",
+        "synthetic:2000,500",
+        "--forms",
+        "factorized",
+        "--json",
+        "--quiet",
+    ]);
     let s: serde_json::Value = serde_json::from_slice(&r2.stdout).unwrap();
     let tract_top1 = s["data_check"]["top1"].as_f64().unwrap();
     assert!(tract_top1 > 0.25, "tract top-1 {tract_top1}");

@@ -264,21 +264,20 @@ fn bench_reports_every_file_and_json() {
     let (a, b) = (tmp.path().join("a.onnx"), tmp.path().join("b.onnx"));
     run_export(&export_args(&r20, &a, "factorized")).unwrap();
     run_export(&export_args(&t2, &b, "factorized")).unwrap();
-    let out = succeeds(
-        ["bench", a.to_str().unwrap(), b.to_str().unwrap()]
-            .into_iter()
-            .chain([
-                "--batch",
-                "1,2",
-                "--runs",
-                "10",
-                "--warmup",
-                "2",
-                "--min-seconds",
-                "0",
-                "--json",
-            ]),
-    );
+    let out = succeeds([
+        "bench",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--batch",
+        "1,2",
+        "--runs",
+        "10",
+        "--warmup",
+        "2",
+        "--min-seconds",
+        "0",
+        "--json",
+    ]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 4, "two files at two batch sizes");
@@ -316,17 +315,17 @@ fn bad_requests_fail_in_one_line() {
     assert!(e.contains("--input-shape") && e.contains("'H'"), "{e}");
     assert!(!o.exists(), "nothing may be written on failure");
     // ... which --input-shape fixes.
-    succeeds(
-        ["export", sym.to_str().unwrap(), "-o", o.to_str().unwrap()]
-            .into_iter()
-            .chain([
-                "--input-shape",
-                "3,32,32",
-                "--forms",
-                "factorized",
-                "--quiet",
-            ]),
-    );
+    succeeds([
+        "export",
+        sym.to_str().unwrap(),
+        "-o",
+        o.to_str().unwrap(),
+        "--input-shape",
+        "3,32,32",
+        "--forms",
+        "factorized",
+        "--quiet",
+    ]);
     assert!(o.exists());
     let e = fails_cleanly(&[
         "export",
@@ -349,11 +348,17 @@ fn bad_requests_fail_in_one_line() {
     // A file exported at batch 2 benches at batch 1 too (tract overrides the declared batch),
     // with MACs counted per image.
     let b2 = tmp.path().join("b2.onnx");
-    succeeds(
-        ["export", r20.to_str().unwrap(), "-o", b2.to_str().unwrap()]
-            .into_iter()
-            .chain(["--batch", "2", "--forms", "factorized", "--quiet"]),
-    );
+    succeeds([
+        "export",
+        r20.to_str().unwrap(),
+        "-o",
+        b2.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--forms",
+        "factorized",
+        "--quiet",
+    ]);
     let out = succeeds([
         "bench",
         b2.to_str().unwrap(),
@@ -374,17 +379,15 @@ fn latency_rank_policy_measures_and_explains() {
     let tmp = tempfile::tempdir().unwrap();
     let r20 = common::repo().join("models/resnet20.onnx");
     let o = tmp.path().join("lat.onnx");
-    let out = succeeds(
-        [
-            "convert",
-            r20.to_str().unwrap(),
-            "--ranks",
-            "latency=0.9",
-            "--json",
-        ]
-        .into_iter()
-        .chain(["-o", o.to_str().unwrap()]),
-    );
+    let out = succeeds([
+        "convert",
+        r20.to_str().unwrap(),
+        "--ranks",
+        "latency=0.9",
+        "--json",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let search = &r["latency_search"];
     let layers = search["layers"].as_array().unwrap();

@@ -527,17 +527,16 @@ fn mobilenetv2_factorizes_its_pointwise_convs_with_include_1x1() {
     let tmp = tempfile::tempdir().unwrap();
     let m = common::repo().join("models/mobilenetv2.onnx");
     let o = tmp.path().join("mb.onnx");
-    let out = succeeds(
-        [
-            "convert",
-            m.to_str().unwrap(),
-            "--include-1x1",
-            "--ranks",
-            "params=0.5",
-        ]
-        .into_iter()
-        .chain(["--json", "-o", o.to_str().unwrap()]),
-    );
+    let out = succeeds([
+        "convert",
+        m.to_str().unwrap(),
+        "--include-1x1",
+        "--ranks",
+        "params=0.5",
+        "--json",
+        "-o",
+        o.to_str().unwrap(),
+    ]);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let (p0, p1) = (
         r["params_before"].as_u64().unwrap(),

@@ -26,12 +26,9 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
         .enumerate()
         .filter_map(|(i, p)| {
             let s = p.value.shape();
-            let is_u1 = ["/tucker2/u1.weight", "/cp/u1.weight", "/svd/u1.weight"]
-                .iter()
-                .any(|t| p.name.ends_with(t));
-            let is_u2 = ["/tucker2/u2.weight", "/cp/u2.weight", "/svd/u2.weight"]
-                .iter()
-                .any(|t| p.name.ends_with(t));
+            let factor = super::is_factor_weight(&p.name);
+            let is_u1 = factor && p.name.ends_with("/u1.weight");
+            let is_u2 = factor && p.name.ends_with("/u2.weight");
             if !(s.len() == 4 || s.len() == 2) || !(is_u1 || is_u2) {
                 return None;
             }
