@@ -346,6 +346,48 @@ fn convert_fails(args: &[&str]) -> String {
     err
 }
 
+/// A ranks file that names some layers leaves the others dense, and the report says why
+/// (an empty status read as if the layer had been forgotten).
+#[test]
+fn ranks_file_leaves_unlisted_layers_dense_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ranks.json");
+    std::fs::write(&path, r#"{"layer2.0.conv2": [16, 16]}"#).unwrap();
+    let mut g = elrt::onnx::read_file(&common::repo().join("models/resnet20.onnx")).unwrap();
+    let facts = elrt::ir::fold::simplify(
+        &mut g,
+        &[vec![1, 3, 32, 32]],
+        elrt::ir::fold::FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .unwrap();
+    let opts = ConvertOptions {
+        ranks: RankPolicy::File(path),
+        rank_multiple: 8,
+        include_first: false,
+        ..convert_opts(Format::Tucker2)
+    };
+    let rep = convert(&mut g, &facts, &opts).unwrap();
+    let status = |layer: &str| {
+        rep.iter()
+            .find(|l| l.layer == layer)
+            .map(|l| l.status.clone())
+            .unwrap()
+    };
+    assert_eq!(status("layer2.0.conv2"), "factorized");
+    assert_eq!(
+        status("layer1.0.conv1"),
+        "not in the ranks file: left as it is"
+    );
+    assert!(
+        status("conv1").starts_with("first conv"),
+        "{}",
+        status("conv1")
+    );
+    assert_eq!(rep.iter().filter(|l| l.status == "factorized").count(), 1);
+}
+
 #[test]
 fn bad_requests_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();

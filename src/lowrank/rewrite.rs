@@ -602,6 +602,13 @@ pub fn convert(
             status: c.skip.clone().unwrap_or_default(),
             rel_error: None,
         };
+        if ranks[i].is_none() && rep.status.is_empty() {
+            rep.status = match &opts.ranks {
+                RankPolicy::File(_) => "not in the ranks file: left as it is".into(),
+                RankPolicy::Explicit(_) => "left dense by the latency search".into(),
+                _ => String::new(),
+            };
+        }
         if let Some(r) = &ranks[i] {
             let (p0, p1, m0, m1) = costs(c, opts.format, r);
             if p1 >= p0 && m1 >= m0 {
