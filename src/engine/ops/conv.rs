@@ -67,6 +67,15 @@ enum Path {
     Im2col,
 }
 
+/// One tap of a flat-tap geometry (see `Geom::flat_tap`).
+struct FlatTap {
+    shift: isize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    span: (usize, usize),
+    empty: bool,
+}
+
 /// Everything the kernels need, resolved and validated once per call.
 #[derive(Clone, Copy, Debug)]
 struct Geom {
@@ -350,8 +359,107 @@ impl Geom {
         )
     }
 
-    /// `col[(c, ki, kj), (oy, ox)] = x[c, oy*sh + ki*dh - pt, ox*sw + kj*dw - pl]`, zero in the pads.
+    /// Whether a tap's column row is the input plane shifted by one flat offset: stride 1 and an
+    /// output as wide as the input ("same" padding), the common 3x3 case. Then im2col is one
+    /// contiguous copy per tap plus a few zeroed border columns, instead of a copy and two fills
+    /// per output row; measured on ResNet-20 (1 thread, AVX-512 OpenBLAS), the per-row version
+    /// with its small memcpy/memset calls took about a fifth of a training step.
+    fn flat_taps(&self) -> bool {
+        self.sh == 1 && self.sw == 1 && self.ow == self.w
+    }
+
+    /// For tap `(ki, kj)` in a [`Self::flat_taps`] geometry: the flat shift `s` (column `j` of
+    /// the tap's row reads input `j + s`), the valid output rows and columns, and the range of
+    /// `j` whose source lies inside the plane.
+    fn flat_tap(&self, ki: usize, kj: usize) -> FlatTap {
+        let (yoff, xoff) = self.tap_offsets(ki, kj);
+        let (ylo, yhi) = valid_range(self.oh, self.h, 1, yoff);
+        let (xlo, xhi) = valid_range(self.ow, self.w, 1, xoff);
+        let shift = yoff * self.w as isize + xoff;
+        let hw = (self.h * self.w) as isize;
+        let (a, b) = ((ylo * self.ow) as isize, (yhi * self.ow) as isize);
+        let lo = a.max(-shift).min(b);
+        let hi = b.min(hw - shift).max(lo);
+        FlatTap {
+            shift,
+            rows: (ylo, yhi),
+            cols: (xlo, xhi),
+            span: (lo as usize, hi as usize),
+            empty: ylo >= yhi || xlo >= xhi,
+        }
+    }
+
+    /// Zeroes the entries of one flat tap row that lie outside the valid output region.
+    fn zero_outside(&self, t: &FlatTap, row: &mut [f32]) {
+        let (ylo, yhi) = t.rows;
+        let (xlo, xhi) = t.cols;
+        let ow = self.ow;
+        row[..ylo * ow].fill(0.0);
+        row[yhi * ow..].fill(0.0);
+        if xlo == 0 && xhi == ow {
+            return;
+        }
+        // Column by column with a stride of one row: a 3x3 kernel has one such column per side,
+        // and this order keeps the compiler from turning each one-entry run into a memset call.
+        let band = &mut row[ylo * ow..yhi * ow];
+        for ox in (0..xlo).chain(xhi..ow) {
+            band[ox..].iter_mut().step_by(ow).for_each(|v| *v = 0.0);
+        }
+    }
+
+    /// Column matrix of one image (see [`Self::im2col_rows`]), through flat taps where possible.
     fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        if !self.flat_taps() {
+            return self.im2col_rows(x, col);
+        }
+        let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
+        let taps = self.kh * self.kw;
+        for (c, plane) in x.chunks(hw).enumerate() {
+            for t in 0..taps {
+                let row = &mut col[(c * taps + t) * ohw..(c * taps + t + 1) * ohw];
+                let tap = self.flat_tap(t / self.kw, t % self.kw);
+                if tap.empty {
+                    row.fill(0.0);
+                    continue;
+                }
+                let (lo, hi) = tap.span;
+                let src = (lo as isize + tap.shift) as usize;
+                row[lo..hi].copy_from_slice(&plane[src..src + (hi - lo)]);
+                self.zero_outside(&tap, row);
+            }
+        }
+    }
+
+    /// Adjoint of [`Self::im2col`]: scatter-adds `col` into `dx` (which the caller zeroed). `col`
+    /// is scratch: the flat path zeroes its entries outside the valid region first, so that one
+    /// contiguous add per tap carries nothing into the wrong pixel.
+    fn col2im(&self, col: &mut [f32], dx: &mut [f32]) {
+        if !self.flat_taps() {
+            return self.col2im_rows(col, dx);
+        }
+        let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
+        let taps = self.kh * self.kw;
+        for (c, plane) in dx.chunks_mut(hw).enumerate() {
+            for t in 0..taps {
+                let row = &mut col[(c * taps + t) * ohw..(c * taps + t + 1) * ohw];
+                let tap = self.flat_tap(t / self.kw, t % self.kw);
+                if tap.empty {
+                    continue;
+                }
+                self.zero_outside(&tap, row);
+                let (lo, hi) = tap.span;
+                let dst = (lo as isize + tap.shift) as usize;
+                plane[dst..dst + (hi - lo)]
+                    .iter_mut()
+                    .zip(&row[lo..hi])
+                    .for_each(|(d, s)| *d += s);
+            }
+        }
+    }
+
+    /// `col[(c, ki, kj), (oy, ox)] = x[c, oy*sh + ki*dh - pt, ox*sw + kj*dw - pl]`, zero in the
+    /// pads; row by row, for any geometry (the flat path's reference in the tests).
+    fn im2col_rows(&self, x: &[f32], col: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
         for (c, plane) in x.chunks(hw).enumerate() {
             for ki in 0..self.kh {
@@ -361,6 +469,11 @@ impl Geom {
                     let (xlo, xhi) = valid_range(self.ow, self.w, self.sw, xoff);
                     let r = (c * self.kh + ki) * self.kw + kj;
                     let row = &mut col[r * ohw..(r + 1) * ohw];
+                    if ylo >= yhi || xlo >= xhi {
+                        // The tap misses the input (e.g. a dilated kernel wider than it).
+                        row.fill(0.0);
+                        continue;
+                    }
                     row[..ylo * self.ow].fill(0.0);
                     row[yhi * self.ow..].fill(0.0);
                     for oy in ylo..yhi {
@@ -383,8 +496,8 @@ impl Geom {
         }
     }
 
-    /// Adjoint of [`Self::im2col`]: scatters-adds `col` into `dx` (which the caller zeroed).
-    fn col2im(&self, col: &[f32], dx: &mut [f32]) {
+    /// Adjoint of [`Self::im2col_rows`]: scatter-adds `col` into `dx` (which the caller zeroed).
+    fn col2im_rows(&self, col: &[f32], dx: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
         for (c, plane) in dx.chunks_mut(hw).enumerate() {
             for ki in 0..self.kh {
@@ -394,6 +507,9 @@ impl Geom {
                     let (xlo, xhi) = valid_range(self.ow, self.w, self.sw, xoff);
                     let r = (c * self.kh + ki) * self.kw + kj;
                     let row = &col[r * ohw..(r + 1) * ohw];
+                    if xlo >= xhi {
+                        continue;
+                    }
                     for oy in ylo..yhi {
                         let iy = ((oy * self.sh) as isize + yoff) as usize;
                         let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
@@ -1122,6 +1238,68 @@ mod tests {
         let g = c.backward(x.view(), w.view(), dy.view(), false).unwrap();
         let want = dy.sum_axis(Axis(0)).sum_axis(Axis(1)).sum_axis(Axis(1));
         assert_close("db", &g.db.view(), &want.view(), 1e-6);
+    }
+
+    /// A dilated kernel wider than a tiny input: some taps miss it entirely (this panicked in the
+    /// row-by-row im2col before it skipped such taps).
+    #[test]
+    fn taps_that_miss_the_input() {
+        for (stride, seed) in [(1, 5), (2, 6)] {
+            let c = conv(1, [stride, stride], [2; 4], [2, 2]);
+            check(&c, [2, 2, 5, 1], [3, 2, 3, 3], true, Path::Im2col, seed);
+            check(
+                &c,
+                [1, 2, 1, 5],
+                [2, 2, 3, 3],
+                false,
+                Path::Im2col,
+                seed + 10,
+            );
+        }
+    }
+
+    /// The flat-tap im2col/col2im equal the row-by-row ones wherever they apply, including
+    /// asymmetric pads, dilation, kernels as large as the input and taps that miss it entirely.
+    #[test]
+    fn flat_taps_equal_row_by_row_im2col_and_col2im() {
+        let mut rng = Rng::new(11);
+        let mut flat_cases = 0;
+        for (h, w) in [(1, 1), (2, 3), (5, 4), (7, 7), (6, 9)] {
+            for (kh, kw) in [(1, 1), (3, 3), (1, 3), (3, 1), (5, 5), (3, 5)] {
+                for dil in [1, 2] {
+                    for pads in [
+                        [0, 0, 0, 0],
+                        [1, 1, 1, 1],
+                        [2, 0, 0, 2],
+                        [0, 1, 2, 3],
+                        [4, 4, 4, 4],
+                    ] {
+                        let c = conv(1, [1, 1], pads, [dil, dil]);
+                        let (xs, ws) = ([1, 2, h, w], [3, 2, kh, kw]);
+                        let Ok(g) = c.geom(&xs, &ws) else { continue };
+                        if g.path != Path::Im2col || !g.flat_taps() {
+                            continue;
+                        }
+                        flat_cases += 1;
+                        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+                        let xv = x.as_slice().unwrap();
+                        let mut a = vec![f32::NAN; g.col_len()];
+                        let mut b = vec![f32::NAN; g.col_len()];
+                        g.im2col(xv, &mut a);
+                        g.im2col_rows(xv, &mut b);
+                        assert_eq!(a, b, "im2col {xs:?} {ws:?} {pads:?} dil {dil}");
+                        let col = rand_array(&mut rng, g.col_len(), -1.0, 1.0).to_vec();
+                        let (mut da, mut db) = (vec![0.0; g.x_len()], vec![0.0; g.x_len()]);
+                        g.col2im(&mut col.clone(), &mut da);
+                        g.col2im_rows(&col, &mut db);
+                        for (i, (p, q)) in da.iter().zip(&db).enumerate() {
+                            assert!((p - q).abs() <= 1e-6, "col2im {xs:?} {ws:?} {pads:?} [{i}]");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(flat_cases > 40, "only {flat_cases} flat geometries tried");
     }
 
     /// Not a check: prints forward/backward time and GFLOP/s for ResNet-20-sized layers at batch
