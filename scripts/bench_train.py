@@ -47,6 +47,12 @@ included), next to a measured single-thread sgemm rate (1024^3, float32): of the
 binary links (through ctypes, the library the engine calls), and of numpy's BLAS when it is
 OpenBLAS. Each in a fresh process with OPENBLAS_NUM_THREADS=1.
 
+OpenBLAS kernels: OpenBLAS picks its kernels for the CPU at load time unless OPENBLAS_CORETYPE
+says otherwise (some environments pin an older kernel set, e.g. Haswell's AVX2 on an AVX-512
+CPU). `--openblas-cores env,auto` runs elrt (and the sgemm reference) once per entry: `env` is
+the environment as it is, `auto` removes OPENBLAS_CORETYPE, any other entry sets it (SkylakeX,
+Haswell, ...). The first entry fills the main columns; the core OpenBLAS reports is recorded.
+
 Output: a table on stdout, the top entries of elrt's profile at 1 thread, and --out (JSON) with
 every figure, the raw runs, and the machine (CPU model, cores, torch and BLAS versions, load
 average before and after). Needs torch, onnx, onnxruntime, numpy, and a release build of elrt
@@ -378,12 +384,29 @@ def run_cmd(cmd, env=None, timeout=None):
         raise RuntimeError(f"{' '.join(cmd)}: {e}; stdout: {p.stdout[-500:]!r}") from None
     rep["process_wall_s"] = wall
     rep["process_cpu_s"] = cpu
+    core = next((l.split(":", 1)[1].strip() for l in (p.stderr or "").splitlines()
+                 if l.startswith("Core:")), None)
+    if core:
+        rep["openblas_core"] = core
     return rep
 
 
-def run_elrt(elrt, path, batch, threads, steps, timeout):
+def openblas_env(core: str) -> dict:
+    """The environment for one `--openblas-cores` entry (OPENBLAS_VERBOSE=2 makes OpenBLAS print
+    the core it chose, on stderr)."""
+    env = dict(os.environ)
+    if core == "auto":
+        env.pop("OPENBLAS_CORETYPE", None)
+    elif core != "env":
+        env["OPENBLAS_CORETYPE"] = core
+    env["OPENBLAS_VERBOSE"] = "2"
+    return env
+
+
+def run_elrt(elrt, path, batch, threads, steps, timeout, core="env"):
     rep = run_cmd([elrt, "speed", path, "--batch", str(batch), "--threads", str(threads),
-                   "--steps", str(steps), "--json", "--profile"], timeout=timeout)
+                   "--steps", str(steps), "--json", "--profile"], env=openblas_env(core),
+                  timeout=timeout)
     if rep.get("threads") != threads:
         rep["warning"] = f"elrt ran with {rep.get('threads')} threads, asked for {threads}"
     return rep
@@ -400,9 +423,9 @@ def run_torch(name, batch, threads, steps, warmup, timeout):
     return rep
 
 
-def measure_sgemm(blas_lib, timeout):
+def measure_sgemm(blas_lib, timeout, core="env"):
     """The sgemm worker in a fresh process with every BLAS at one thread."""
-    env = dict(os.environ)
+    env = openblas_env(core)
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--sgemm-worker", "--n", str(SGEMM_N)]
     if blas_lib:
@@ -553,6 +576,10 @@ def main() -> int:
     ap.add_argument("--onnx-dir", default=None,
                     help="keep the exported ONNX files here (default: a temporary folder)")
     ap.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
+    ap.add_argument("--openblas-cores", default="env",
+                    help="comma-separated OpenBLAS kernel choices for elrt: env (as the "
+                         "environment says), auto (OPENBLAS_CORETYPE removed), or a core name; "
+                         "the first fills the main columns (default env)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     # internal: worker modes
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -570,6 +597,9 @@ def main() -> int:
         return sgemm_worker(args)
 
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    cores = [c.strip() for c in args.openblas_cores.split(",") if c.strip()]
+    if not cores or len(set(cores)) != len(cores):
+        ap.error("--openblas-cores needs distinct, non-empty entries")
     names = [m for m in args.models.split(",") if m]
     for n in names:
         if n not in MODELS:
@@ -610,19 +640,24 @@ def main() -> int:
           f"{machine['torch']} ({machine['torch_blas']}); elrt OpenBLAS "
           f"{machine['elrt_openblas'].get('config', '?')}; load {load_before}", flush=True)
 
-    sgemm_before = None if args.no_sgemm else measure_sgemm(blas_lib, args.timeout)
+    sgemm_before = None if args.no_sgemm else {c: measure_sgemm(blas_lib, args.timeout, c)
+                                                for c in cores}
 
-    # Interleaved runs.
-    runs = {(n, t): {"elrt": [], "torch": [], "errors": []} for n in names for t in threads}
+    # Interleaved runs; "elrt" holds the first core's runs, "elrt_cores" every core's.
+    runs = {(n, t): {"elrt": [], "torch": [], "errors": [], "elrt_cores": {c: [] for c in cores}}
+            for n in names for t in threads}
     for r in range(args.rounds):
         for t in threads:
             for n in names:
-                order = ("elrt", "torch") if r % 2 == 0 else ("torch", "elrt")
+                elrt_sides = [f"elrt:{c}" for c in cores]
+                order = elrt_sides + ["torch"] if r % 2 == 0 else ["torch"] + elrt_sides[::-1]
                 for side in order:
                     try:
-                        if side == "elrt":
+                        if side.startswith("elrt:"):
+                            core = side.split(":", 1)[1]
                             rep = run_elrt(elrt, facts[n]["onnx"], args.batch, t, args.steps,
-                                           args.timeout)
+                                           args.timeout, core)
+                            rep["openblas_cores_entry"] = core
                         else:
                             rep = run_torch(n, args.batch, t, args.steps, args.warmup,
                                             args.timeout)
@@ -631,8 +666,15 @@ def main() -> int:
                         print("  ERROR " + msg, file=sys.stderr, flush=True)
                         runs[(n, t)]["errors"].append(msg)
                         continue
-                    runs[(n, t)][side].append(rep)
-                    print(f"  round {r + 1}/{args.rounds} T={t} {n:<18} {side:<5} "
+                    if side.startswith("elrt:"):
+                        runs[(n, t)]["elrt_cores"][core].append(rep)
+                        if core == cores[0]:
+                            runs[(n, t)]["elrt"].append(rep)
+                        label = f"elrt [{rep.get('openblas_core', core)}]"
+                    else:
+                        runs[(n, t)][side].append(rep)
+                        label = side
+                    print(f"  round {r + 1}/{args.rounds} T={t} {n:<18} {label:<20} "
                           f"{rep['img_per_s']:8.1f} img/s  {rep['peak_rss_mib']:7.1f} MiB"
                           + (f"  ({rep['warning']})" if "warning" in rep else ""), flush=True)
 
@@ -656,6 +698,19 @@ def main() -> int:
                 "torch_runs": p,
                 "errors": runs[(n, t)]["errors"],
             }
+            row["elrt_by_openblas_core"] = {}
+            for c in cores:
+                ec = runs[(n, t)]["elrt_cores"][c]
+                img = med(ec, "img_per_s")
+                row["elrt_by_openblas_core"][c] = {
+                    "openblas_core": next((x["openblas_core"] for x in ec
+                                           if x.get("openblas_core")), None),
+                    "img_per_s": img, "ms_per_step": med(ec, "ms_per_step"),
+                    "peak_rss_mib": med(ec, "peak_rss_mib"),
+                    "speed_ratio": img / row["torch_img_per_s"]
+                    if img and row["torch_img_per_s"] else None,
+                    "runs": len(ec),
+                }
             ok = row["elrt_img_per_s"] and row["torch_img_per_s"]
             row["speed_ratio"] = row["elrt_img_per_s"] / row["torch_img_per_s"] if ok else None
             okm = row["elrt_peak_rss_mib"] and row["torch_peak_rss_mib"]
@@ -671,14 +726,21 @@ def main() -> int:
     # two is the reference, so that a busy moment does not lower it).
     ref_rate, ref_name = None, None
     if sgemm_before is not None:
-        sgemm = {"before": sgemm_before, "after": measure_sgemm(blas_lib, args.timeout)}
+        # The main entries ("before", "after", "*_gflops_best") are the first core's.
+        by_core = {c: {"before": sgemm_before[c], "after": measure_sgemm(blas_lib, args.timeout, c)}
+                   for c in cores}
+        for c, sg in by_core.items():
+            for key in ("system_openblas", "numpy"):
+                best = [w[key]["gflops_best"] for w in (sg["before"], sg["after"])
+                        if isinstance(w.get(key), dict) and "gflops_best" in w[key]]
+                if best:
+                    sg[key + "_gflops_best"] = max(best)
+        sgemm = dict(by_core[cores[0]])
         for key in ("system_openblas", "numpy"):
-            best = [w[key]["gflops_best"] for w in (sgemm["before"], sgemm["after"])
-                    if isinstance(w.get(key), dict) and "gflops_best" in w[key]]
-            if best:
-                sgemm[key + "_gflops_best"] = max(best)
-                if ref_rate is None:
-                    ref_rate, ref_name = max(best), key
+            if ref_rate is None and key + "_gflops_best" in sgemm:
+                ref_rate, ref_name = sgemm[key + "_gflops_best"], key
+        if len(cores) > 1:
+            sgemm["by_openblas_core"] = by_core
     else:
         sgemm = None
 
@@ -712,8 +774,14 @@ def main() -> int:
 
     # Report.
     print()
+    core_name = {c: next((r["elrt_by_openblas_core"][c]["openblas_core"] for r in results
+                          if r["elrt_by_openblas_core"][c]["openblas_core"]), c) for c in cores}
+    extra = "".join(f" {'[' + core_name[c] + '] img/s':>22} {'ratio':>6}" for c in cores[1:])
     hdr = (f"{'model':<18} {'thr':>3} {'batch':>5} {'elrt img/s':>11} {'PyTorch img/s':>14} "
-           f"{'ratio':>6} {'elrt MiB':>9} {'PyTorch MiB':>12}")
+           f"{'ratio':>6} {'elrt MiB':>9} {'PyTorch MiB':>12}{extra}")
+    if len(cores) > 1 or core_name[cores[0]] != cores[0]:
+        print(f"elrt img/s with OpenBLAS core {core_name[cores[0]]} ({cores[0]})"
+              + "".join(f"; [{core_name[c]}] = {c}" for c in cores[1:]))
     print(hdr)
     print("-" * len(hdr))
 
@@ -727,7 +795,10 @@ def main() -> int:
         print(f"{row['model']:<18} {row['threads']:>3} {row['batch']:>5} "
               f"{fmt(row['elrt_img_per_s'], '11.1f')} {fmt(row['torch_img_per_s'], '14.1f')} "
               f"{fmt(row['speed_ratio'], '6.2f')} {fmt(row['elrt_peak_rss_mib'], '9.0f')} "
-              f"{fmt(row['torch_peak_rss_mib'], '12.0f')}")
+              f"{fmt(row['torch_peak_rss_mib'], '12.0f')}"
+              + "".join(f" {fmt(row['elrt_by_openblas_core'][c]['img_per_s'], '22.1f')}"
+                        f" {fmt(row['elrt_by_openblas_core'][c]['speed_ratio'], '6.2f')}"
+                        for c in cores[1:]))
     imp = [r["torch_rss_after_import_mib"] for r in results if r["torch_rss_after_import_mib"]]
     if imp:
         print(f"(PyTorch's peak includes about {statistics.median(imp):.0f} MiB resident after "
@@ -753,12 +824,16 @@ def main() -> int:
             if not ss:
                 continue
             if all("gflops_best" in x for x in ss):
-                print(f"sgemm {SGEMM_N}^3, 1 thread, {label}: best "
+                print(f"sgemm {SGEMM_N}^3, 1 thread, {label} [{core_name[cores[0]]}]: best "
                       f"{max(x['gflops_best'] for x in ss):.1f} GFLOP/s (median before/after: "
                       + ", ".join(f"{x['gflops_median']:.1f}" for x in ss)
                       + "; cpu/wall " + ", ".join(f"{x['cpu_per_wall']:.2f}" for x in ss) + ")")
             else:
                 print(f"sgemm, {label}: {ss[0].get('skipped') or ss[0].get('error')}")
+    for c, sg in ((sgemm or {}).get("by_openblas_core") or {}).items():
+        if c != cores[0] and sg.get("system_openblas_gflops_best"):
+            print(f"sgemm {SGEMM_N}^3, 1 thread, elrt's OpenBLAS [{core_name[c]}]: best "
+                  f"{sg['system_openblas_gflops_best']:.1f} GFLOP/s")
     if conv_gemm and conv_gemm.get("fraction_of_sgemm") is not None:
         print(f"conv GEMMs at {100 * conv_gemm['fraction_of_sgemm']:.0f}% of the sgemm rate "
               f"({conv_gemm['sgemm_reference']})")
@@ -781,6 +856,8 @@ def main() -> int:
         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "config": {"batch": args.batch, "steps": args.steps, "torch_warmup": args.warmup,
+                   "openblas_cores": cores,
+                   "openblas_core_names": core_name,
                    "elrt_warmup": 1, "threads": threads, "rounds": args.rounds,
                    "tucker2_ratio": TUCKER_RATIO, "statistic": "median over rounds"},
         "work_per_step": "forward (train mode) + softmax cross-entropy + backward; no optimiser "

@@ -365,6 +365,9 @@ struct SpeedReport {
     img_per_s: f64,
     /// Peak resident memory of the process (VmHWM), MiB.
     peak_rss_mib: f64,
+    /// OpenBLAS's kernel set ([`crate::engine::blas_core`]) and whether OPENBLAS_CORETYPE set it.
+    blas_core: String,
+    blas_core_pinned: bool,
     profile: Vec<(String, String, f64)>,
 }
 
@@ -434,14 +437,27 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
         ms_per_step: 1e3 * total / a.steps as f64,
         img_per_s: (a.batch * a.steps) as f64 / total,
         peak_rss_mib: peak_rss_mib(),
+        blas_core: crate::engine::blas_core().0,
+        blas_core_pinned: crate::engine::blas_core().1,
         profile,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         println!(
-            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB",
-            rep.model, rep.batch, rep.threads, rep.ms_per_step, rep.img_per_s, rep.peak_rss_mib
+            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}",
+            rep.model,
+            rep.batch,
+            rep.threads,
+            rep.ms_per_step,
+            rep.img_per_s,
+            rep.peak_rss_mib,
+            rep.blas_core,
+            if rep.blas_core_pinned {
+                " (set by OPENBLAS_CORETYPE)"
+            } else {
+                ""
+            }
         );
         for (op, dir, ms) in &rep.profile {
             println!(

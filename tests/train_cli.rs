@@ -202,3 +202,58 @@ fn bad_input_fails_cleanly() {
     let e = fails_cleanly(&["train", m, "--resume", "-o", o]);
     assert!(e.contains("no checkpoint"), "{e}");
 }
+
+/// `elrt speed --json --profile`: the figures the benchmark script reads, the per-op profile,
+/// and the OpenBLAS kernel set with whether the environment pinned it.
+#[test]
+fn speed_reports_throughput_profile_and_blas_core() {
+    let model = common::repo().join("models/resnet20.onnx");
+    let model = model.to_str().unwrap();
+    let args = [
+        "speed",
+        model,
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        "--profile",
+    ];
+    for pinned in [false, true] {
+        let mut cmd = elrt();
+        cmd.args(args);
+        if pinned {
+            cmd.env("OPENBLAS_CORETYPE", "Haswell");
+        } else {
+            cmd.env_remove("OPENBLAS_CORETYPE");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["batch"], 4);
+        assert_eq!(v["threads"], 1);
+        assert!(v["img_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0, "{v}");
+        assert!(!v["blas_core"].as_str().unwrap().is_empty(), "{v}");
+        assert_eq!(v["blas_core_pinned"], pinned, "{v}");
+        let ops: Vec<String> = v["profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| format!("{} {}", e[0].as_str().unwrap(), e[1].as_str().unwrap()))
+            .collect();
+        for want in [
+            "Conv forward",
+            "Conv backward",
+            "BatchNormalization backward",
+        ] {
+            assert!(ops.iter().any(|o| o == want), "{want} missing from {ops:?}");
+        }
+    }
+}
