@@ -653,6 +653,12 @@ impl Geom {
 
     /// Stride-1 depthwise forward for one image via flat taps; `y` holds the bias on entry.
     fn depthwise_forward_flat(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+        self.depthwise_forward_flat_with(x, w, y, true)
+    }
+
+    /// [`Self::depthwise_forward_flat`]; `fused: false` keeps to the generic per-tap passes (the
+    /// test oracle of [`Self::depthwise_rows`]).
+    fn depthwise_forward_flat_with(&self, x: &[f32], w: &[f32], y: &mut [f32], fused: bool) {
         let (hw, ohw, taps) = (self.h * self.w, self.oh * self.ow, self.kh * self.kw);
         let (hp, wp, len) = self.flat_geometry();
         let mut xpad = vec![0.0f32; hp * wp];
@@ -660,6 +666,19 @@ impl Geom {
         for (ic, plane) in x.chunks(hw).enumerate() {
             self.pad_plane(plane, wp, &mut xpad);
             for oc in ic * self.cog..(ic + 1) * self.cog {
+                let (wk, yp) = (&w[oc * taps..][..taps], &mut y[oc * ohw..][..ohw]);
+                match taps {
+                    _ if !fused => {}
+                    3 => {
+                        self.depthwise_rows::<3>(&xpad, wp, wk, yp);
+                        continue;
+                    }
+                    9 => {
+                        self.depthwise_rows::<9>(&xpad, wp, wk, yp);
+                        continue;
+                    }
+                    _ => {}
+                }
                 wide.fill(0.0);
                 for (t, &wv) in w[oc * taps..][..taps].iter().enumerate() {
                     let src = &xpad[self.flat_shift(t, wp)..][..len];
@@ -670,6 +689,27 @@ impl Geom {
                         .zip(&wide[oy * wp..])
                         .for_each(|(o, &v)| *o += v);
                 }
+            }
+        }
+    }
+
+    /// One output channel of [`Self::depthwise_forward_flat`] for a kernel of `T` taps (3: CP's
+    /// kx1 and 1xk factors; 9: 3x3) in one pass, straight into `y`'s rows: the generic path
+    /// makes a pass over a wide buffer per tap, then one more to copy it out, which for three
+    /// taps is as much traffic as arithmetic. Adds the taps in the same order, from 0, before
+    /// adding to `y`, so results are bitwise those of the generic path.
+    fn depthwise_rows<const T: usize>(&self, xpad: &[f32], wp: usize, wk: &[f32], yp: &mut [f32]) {
+        let wv: [f32; T] = std::array::from_fn(|t| wk[t]);
+        let shifts: [usize; T] = std::array::from_fn(|t| self.flat_shift(t, wp));
+        let ow = self.ow;
+        for (oy, yrow) in yp.chunks_exact_mut(ow).enumerate() {
+            let src: [&[f32]; T] = std::array::from_fn(|t| &xpad[oy * wp + shifts[t]..][..ow]);
+            for (ox, o) in yrow.iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                for t in 0..T {
+                    acc += wv[t] * src[t][ox];
+                }
+                *o += acc;
             }
         }
     }
@@ -1238,6 +1278,33 @@ mod tests {
         let g = c.backward(x.view(), w.view(), dy.view(), false).unwrap();
         let want = dy.sum_axis(Axis(0)).sum_axis(Axis(1)).sum_axis(Axis(1));
         assert_close("db", &g.db.view(), &want.view(), 1e-6);
+    }
+
+    /// The fused 3- and 9-tap depthwise forward gives bitwise the generic per-tap result.
+    #[test]
+    fn fused_depthwise_rows_equal_generic_passes_bitwise() {
+        let mut rng = Rng::new(21);
+        for (ws, pads, dil) in [
+            ([6, 1, 3, 1], [1, 0, 1, 0], 1),
+            ([6, 1, 1, 3], [0, 1, 0, 1], 1),
+            ([6, 1, 3, 3], [1, 1, 1, 1], 1),
+            ([6, 1, 3, 3], [2, 2, 2, 2], 2),
+            ([12, 1, 3, 3], [0, 1, 2, 1], 1),
+        ] {
+            let c = conv(6, [1, 1], pads, [dil, dil]);
+            let xs = [1, 6, 7, 9];
+            let g = c.geom(&xs, &ws).unwrap();
+            assert_eq!(g.path, Path::Depthwise);
+            let x = rand_array(&mut rng, xs, -1.0, 1.0);
+            let w = rand_array(&mut rng, ws, -1.0, 1.0);
+            let bias = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+            let (mut fused, mut generic) = (bias.clone(), bias);
+            let (xv, wv) = (x.as_slice().unwrap(), w.as_slice().unwrap());
+            g.depthwise_forward_flat_with(xv, wv, &mut fused, true);
+            g.depthwise_forward_flat_with(xv, wv, &mut generic, false);
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fused), bits(&generic), "{ws:?} {pads:?} dil {dil}");
+        }
     }
 
     /// A dilated kernel wider than a tiny input: some taps miss it entirely (this panicked in the

@@ -1,0 +1,100 @@
+//! The convolution kernels alone, forward and backward (input and weight gradients), at batch 32
+//! on one thread: the shapes that dominate ResNet-20 and its Tucker-2 and CP forms.
+//!
+//!     cargo bench --bench conv_kernels [-- FILTER]
+//!
+//! - `3x3_16ch_32px`: the first stage of ResNet-20 (im2col + sgemm, flat taps);
+//! - `3x3_core8_32px`: a Tucker-2 core at rank 8 in that stage;
+//! - `dw3x1_48ch_16px`, `dw1x3_48ch_16px`: CP's depthwise factors at rank 48 in the second stage;
+//! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style).
+//!
+//! Criterion reports time per call and images per second. Compare kernels before and after a
+//! change with `--save-baseline` / `--baseline`.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use elrt::engine::ops::conv::Conv2d;
+use ndarray::Array4;
+
+const BATCH: usize = 32;
+
+fn conv_kernels(c: &mut Criterion) {
+    elrt::engine::tune_allocator();
+    elrt::cli_train::set_threads(Some(1)).expect("thread pool");
+    let cases: [(&str, Conv2d, [usize; 4], [usize; 4]); 5] = [
+        (
+            "3x3_16ch_32px",
+            conv(1, [1; 4]),
+            [BATCH, 16, 32, 32],
+            [16, 16, 3, 3],
+        ),
+        (
+            "3x3_core8_32px",
+            conv(1, [1; 4]),
+            [BATCH, 8, 32, 32],
+            [8, 8, 3, 3],
+        ),
+        (
+            "dw3x1_48ch_16px",
+            conv(48, [1, 0, 1, 0]),
+            [BATCH, 48, 16, 16],
+            [48, 1, 3, 1],
+        ),
+        (
+            "dw1x3_48ch_16px",
+            conv(48, [0, 1, 0, 1]),
+            [BATCH, 48, 16, 16],
+            [48, 1, 1, 3],
+        ),
+        (
+            "dw3x3_64ch_8px",
+            conv(64, [1; 4]),
+            [BATCH, 64, 8, 8],
+            [64, 1, 3, 3],
+        ),
+    ];
+    let mut g = c.benchmark_group("conv");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (name, op, xs, ws) in cases {
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn(xs, |_| next());
+        let w = Array4::from_shape_fn(ws, |_| next());
+        let y = op.forward(x.view(), w.view(), None).expect("forward");
+        let dy = y.mapv(|a| a * 0.5);
+        g.bench_function(format!("{name}/forward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| black_box(op.forward(x.view(), w.view(), None).unwrap()))
+            })
+        });
+        g.bench_function(format!("{name}/backward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
+    Conv2d {
+        group,
+        strides: [1, 1],
+        pads,
+        dilations: [1, 1],
+    }
+}
+
+criterion_group!(benches, conv_kernels);
+criterion_main!(benches);
