@@ -1,7 +1,8 @@
 //! Shape-moving and elementwise ops the executor runs directly on `ArrayD<f32>`: broadcast
 //! arithmetic, concat/split, slice, pad, transpose, reshape and mean reduction, each with its
-//! backward. They are memory-bound one-liners over ndarray, so no separate fast path exists;
-//! the tests check each backward against finite differences.
+//! backward. They are memory-bound one-liners over ndarray; the one fast path is same-shape
+//! binary arithmetic (residual joins), run in parallel. The tests check each backward against
+//! finite differences.
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice as NdSlice};
 
@@ -32,6 +33,18 @@ pub fn reduce_to(g: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
     let shape = crate::ir::shape::broadcast(a.shape(), b.shape())
         .map_err(|e| shape_err("Binary", e.to_string()))?;
+    // Same shapes, both contiguous (a residual join): one parallel pass. The general path below
+    // copies `a` and then updates it on one thread; at two threads the residual Adds of a
+    // ResNet-20 step took as long as at one (7 ms).
+    if let (true, Some(xs), Some(ys)) = (a.shape() == b.shape(), a.as_slice(), b.as_slice()) {
+        let out = match op {
+            BinOp::Add => crate::engine::ops::par_zip_map(xs, ys, |x, y| x + y),
+            BinOp::Sub => crate::engine::ops::par_zip_map(xs, ys, |x, y| x - y),
+            BinOp::Mul => crate::engine::ops::par_zip_map(xs, ys, |x, y| x * y),
+            BinOp::Div => crate::engine::ops::par_zip_map(xs, ys, |x, y| x / y),
+        };
+        return Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same length"));
+    }
     let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let mut out = av.to_owned();
@@ -277,6 +290,29 @@ mod tests {
 
     fn weights_for(y: &ArrayD<f32>) -> ArrayD<f32> {
         rand(y.shape(), 99)
+    }
+
+    #[test]
+    fn same_shape_binary_fast_path_equals_elementwise_and_strided_inputs() {
+        let mut r = crate::rng::Rng::new(4);
+        let shape = [3, 5, 7, 11];
+        let a = ArrayD::from_shape_fn(IxDyn(&shape), |_| r.normal());
+        let b = ArrayD::from_shape_fn(IxDyn(&shape), |_| r.normal() + 3.0);
+        // A non-contiguous copy of `b` takes the general path.
+        let bt = b.t().to_owned();
+        let b_strided = bt.t();
+        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
+            let fast = binary_forward(op, a.view(), b.view()).unwrap();
+            let general = binary_forward(op, a.view(), b_strided.view()).unwrap();
+            let want = match op {
+                BinOp::Add => &a + &b,
+                BinOp::Sub => &a - &b,
+                BinOp::Mul => &a * &b,
+                BinOp::Div => &a / &b,
+            };
+            assert_eq!(fast, want, "{op:?}");
+            assert_eq!(general, want, "{op:?}");
+        }
     }
 
     #[test]
