@@ -219,14 +219,21 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         model.input_shape[3],
     ];
     let splits = spec.load([c, h, w])?;
+    let (core, pinned) = crate::engine::blas_core();
     eprintln!(
-        "{}: {} train / {} test images, {} classes; {} threads, batch {}",
+        "{}: {} train / {} test images, {} classes; {} threads, batch {}; OpenBLAS {}{}",
         a.data,
         splits.train.len(),
         splits.test.len(),
         splits.train.classes(),
         threads,
-        a.batch
+        a.batch,
+        core,
+        if pinned {
+            " (set by OPENBLAS_CORETYPE)"
+        } else {
+            ""
+        }
     );
     let (optimizer, lr, wd) = match a.optimizer.as_str() {
         "sgd" => (
