@@ -72,16 +72,21 @@ fn one_conv(strides: [usize; 2], pads: [usize; 4], dil: [usize; 2], bias: bool) 
 }
 
 /// Simplifies `g` for one input of `shape` and converts it with `opts`.
-fn convert_with(g: &Graph, shape: &[usize], opts: &ConvertOptions) -> Graph {
-    let mut g = g.clone();
-    let facts = elrt::ir::fold::simplify(
-        &mut g,
+/// Folds `g` for one input shape, as the converter's callers do, and returns the shape facts.
+fn simplified(g: &mut Graph, shape: &[usize]) -> elrt::ir::shape::Facts {
+    elrt::ir::fold::simplify(
+        g,
         &[shape.to_vec()],
         elrt::ir::fold::FoldOptions {
             remove_dropout: false,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+fn convert_with(g: &Graph, shape: &[usize], opts: &ConvertOptions) -> Graph {
+    let mut g = g.clone();
+    let facts = simplified(&mut g, shape);
     let rep = convert(&mut g, &facts, opts).unwrap();
     assert!(rep.iter().any(|l| l.status == "factorized"), "{rep:?}");
     g
@@ -354,14 +359,7 @@ fn ranks_file_leaves_unlisted_layers_dense_and_says_so() {
     let path = tmp.path().join("ranks.json");
     std::fs::write(&path, r#"{"layer2.0.conv2": [16, 16]}"#).unwrap();
     let mut g = elrt::onnx::read_file(&common::repo().join("models/resnet20.onnx")).unwrap();
-    let facts = elrt::ir::fold::simplify(
-        &mut g,
-        &[vec![1, 3, 32, 32]],
-        elrt::ir::fold::FoldOptions {
-            remove_dropout: false,
-        },
-    )
-    .unwrap();
+    let facts = simplified(&mut g, &[1, 3, 32, 32]);
     let opts = ConvertOptions {
         ranks: RankPolicy::File(path),
         rank_multiple: 8,
@@ -502,14 +500,7 @@ fn pointwise_svd_equals_its_composed_kernel_and_decomposes_exactly() {
                     .insert("conv.weight".into(), Tensor::F32(w.into_dyn()));
             }
             let mut g = src.clone();
-            let facts = elrt::ir::fold::simplify(
-                &mut g,
-                &[vec![2, 8, 11, 10]],
-                elrt::ir::fold::FoldOptions {
-                    remove_dropout: false,
-                },
-            )
-            .unwrap();
+            let facts = simplified(&mut g, &[2, 8, 11, 10]);
             let r = 4;
             let opts = ConvertOptions {
                 format: Format::Tucker2,
@@ -607,14 +598,7 @@ fn gemm_svd_equals_its_composed_weight() {
     let r20 = common::repo().join("models/resnet20.onnx");
     let src = elrt::onnx::read_file(&r20).unwrap();
     let mut g = src.clone();
-    let facts = elrt::ir::fold::simplify(
-        &mut g,
-        &[vec![2, 3, 32, 32]],
-        elrt::ir::fold::FoldOptions {
-            remove_dropout: false,
-        },
-    )
-    .unwrap();
+    let facts = simplified(&mut g, &[2, 3, 32, 32]);
     let dense_src = g.clone();
     let opts = ConvertOptions {
         format: Format::Tucker2,
