@@ -436,6 +436,7 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
         })
         .collect();
     profile.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let (blas_core, blas_core_pinned) = crate::engine::blas_core();
     let rep = SpeedReport {
         model: a.model.display().to_string(),
         batch: a.batch,
@@ -444,8 +445,8 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
         ms_per_step: 1e3 * total / a.steps as f64,
         img_per_s: (a.batch * a.steps) as f64 / total,
         peak_rss_mib: peak_rss_mib(),
-        blas_core: crate::engine::blas_core().0,
-        blas_core_pinned: crate::engine::blas_core().1,
+        blas_core,
+        blas_core_pinned,
         profile,
     };
     if a.json {

@@ -389,6 +389,14 @@ impl Geom {
         }
     }
 
+    /// Every tap's [`FlatTap`], in column-row order; the same for every channel, so computed once
+    /// per image rather than once per channel and tap.
+    fn flat_taps_all(&self) -> Vec<FlatTap> {
+        (0..self.kh * self.kw)
+            .map(|t| self.flat_tap(t / self.kw, t % self.kw))
+            .collect()
+    }
+
     /// Zeroes the entries of one flat tap row that lie outside the valid output region.
     fn zero_outside(&self, t: &FlatTap, row: &mut [f32]) {
         let (ylo, yhi) = t.rows;
@@ -413,11 +421,11 @@ impl Geom {
             return self.im2col_rows(x, col);
         }
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
-        let taps = self.kh * self.kw;
+        let taps = self.flat_taps_all();
         for (c, plane) in x.chunks(hw).enumerate() {
-            for t in 0..taps {
-                let row = &mut col[(c * taps + t) * ohw..(c * taps + t + 1) * ohw];
-                let tap = self.flat_tap(t / self.kw, t % self.kw);
+            for (t, tap) in taps.iter().enumerate() {
+                let r = c * taps.len() + t;
+                let row = &mut col[r * ohw..(r + 1) * ohw];
                 if tap.empty {
                     row.fill(0.0);
                     continue;
@@ -425,7 +433,7 @@ impl Geom {
                 let (lo, hi) = tap.span;
                 let src = (lo as isize + tap.shift) as usize;
                 row[lo..hi].copy_from_slice(&plane[src..src + (hi - lo)]);
-                self.zero_outside(&tap, row);
+                self.zero_outside(tap, row);
             }
         }
     }
@@ -438,15 +446,15 @@ impl Geom {
             return self.col2im_rows(col, dx);
         }
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
-        let taps = self.kh * self.kw;
+        let taps = self.flat_taps_all();
         for (c, plane) in dx.chunks_mut(hw).enumerate() {
-            for t in 0..taps {
-                let row = &mut col[(c * taps + t) * ohw..(c * taps + t + 1) * ohw];
-                let tap = self.flat_tap(t / self.kw, t % self.kw);
+            for (t, tap) in taps.iter().enumerate() {
+                let r = c * taps.len() + t;
+                let row = &mut col[r * ohw..(r + 1) * ohw];
                 if tap.empty {
                     continue;
                 }
-                self.zero_outside(&tap, row);
+                self.zero_outside(tap, row);
                 let (lo, hi) = tap.span;
                 let dst = (lo as isize + tap.shift) as usize;
                 plane[dst..dst + (hi - lo)]
