@@ -113,8 +113,8 @@ impl Session {
                 )
             })?;
             if let Some(p) = &mut self.profile {
-                *p.entry((self.program.steps[i].op_type, false)).or_default() +=
-                    t0.elapsed().as_secs_f64();
+                *p.entry((self.program.steps[i].profile_key, false))
+                    .or_default() += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
@@ -297,8 +297,8 @@ impl Session {
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
             if let Some(p) = &mut self.profile {
-                *p.entry((self.program.steps[i].op_type, true)).or_default() +=
-                    t0.elapsed().as_secs_f64();
+                *p.entry((self.program.steps[i].profile_key, true))
+                    .or_default() += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (src, g) in step.inputs.clone().into_iter().zip(din) {

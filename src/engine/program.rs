@@ -73,6 +73,9 @@ pub struct Step {
     /// The IR node's name, for errors and profiles.
     pub name: String,
     pub op_type: &'static str,
+    /// What `--profile` files the step's time under: the op type, or for a conv the kernel
+    /// that runs it ([`Conv2d::kernel_label`]).
+    pub profile_key: &'static str,
     pub kernel: Kernel,
     pub inputs: Vec<Src>,
     pub outputs: Vec<usize>,
@@ -236,9 +239,16 @@ impl Program {
                 slots.insert(o.clone(), id);
                 outputs.push(id);
             }
+            let profile_key = match &kernel {
+                Kernel::Conv(c) => c
+                    .kernel_label(&x_shape, &facts[&node.inputs[1]].shape)
+                    .with_context(what)?,
+                _ => node.op.onnx_type(),
+            };
             steps.push(Step {
                 name: node.name.clone(),
                 op_type: node.op.onnx_type(),
+                profile_key,
                 kernel,
                 inputs,
                 outputs,

@@ -107,6 +107,17 @@ impl Conv2d {
         Ok([g.n, g.co, g.oh, g.ow])
     }
 
+    /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
+    /// "Conv depthwise" (direct loops) or "Conv im2col" (im2col + GEMM). `elrt speed --profile`
+    /// splits conv time this way, since the three differ by 10x in GFLOP/s.
+    pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
+        Ok(match self.geom(x, w)?.path {
+            Path::Pointwise => "Conv 1x1",
+            Path::Depthwise => "Conv depthwise",
+            Path::Im2col => "Conv im2col",
+        })
+    }
+
     fn geom(&self, x: &[usize], w: &[usize]) -> Result<Geom> {
         let (&[n, ci, h, wd], &[co, cig, kh, kw]) = (x, w) else {
             return Err(shape_err(
@@ -1317,6 +1328,36 @@ mod tests {
 
     /// A dilated kernel wider than a tiny input: some taps miss it entirely (this panicked in the
     /// row-by-row im2col before it skipped such taps).
+    #[test]
+    fn kernel_labels_name_the_path_that_runs() {
+        let x = [2, 8, 6, 6];
+        let label = |c: Conv2d, w: [usize; 4]| c.kernel_label(&x, &w).unwrap();
+        assert_eq!(
+            label(conv(1, [1, 1], [0; 4], [1, 1]), [4, 8, 1, 1]),
+            "Conv 1x1"
+        );
+        // A strided or padded 1x1 gathers its pixels through im2col.
+        assert_eq!(
+            label(conv(1, [2, 2], [0; 4], [1, 1]), [4, 8, 1, 1]),
+            "Conv im2col"
+        );
+        assert_eq!(
+            label(conv(1, [1, 1], [1; 4], [1, 1]), [4, 8, 3, 3]),
+            "Conv im2col"
+        );
+        assert_eq!(
+            label(conv(8, [1, 1], [1; 4], [1, 1]), [8, 1, 3, 3]),
+            "Conv depthwise"
+        );
+        assert_eq!(
+            label(conv(2, [1, 1], [1; 4], [1, 1]), [4, 4, 3, 3]),
+            "Conv im2col"
+        );
+        assert!(conv(3, [1, 1], [0; 4], [1, 1])
+            .kernel_label(&x, &[4, 8, 1, 1])
+            .is_err());
+    }
+
     #[test]
     fn taps_that_miss_the_input() {
         for (stride, seed) in [(1, 5), (2, 6)] {
