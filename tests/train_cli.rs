@@ -248,12 +248,19 @@ fn speed_reports_throughput_profile_and_blas_core() {
             .iter()
             .map(|e| format!("{} {}", e[0].as_str().unwrap(), e[1].as_str().unwrap()))
             .collect();
+        // Convs are filed by the kernel that runs them; the stem's BN + ReLU and every
+        // residual Add + ReLU run fused (src/engine/program.rs, fuse_relu).
         for want in [
-            "Conv forward",
-            "Conv backward",
-            "BatchNormalization backward",
+            "Conv im2col forward",
+            "Conv im2col backward",
+            "BatchNormalization+Relu backward",
+            "Add+Relu forward",
         ] {
             assert!(ops.iter().any(|o| o == want), "{want} missing from {ops:?}");
         }
+        assert!(
+            !ops.iter().any(|o| o.starts_with("Relu ")),
+            "unfused ReLU in {ops:?}"
+        );
     }
 }

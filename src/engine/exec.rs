@@ -153,7 +153,9 @@ impl Session {
             })?;
             let step = &self.program.steps[i];
             if let Some(o) = outs.first() {
-                trace.push((step.name.clone(), o.clone()));
+                // A fused step's output is its absorbed node's (the Relu after a BN).
+                let name = step.absorbed.as_ref().unwrap_or(&step.name);
+                trace.push((name.clone(), o.clone()));
             }
             for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
                 self.values[slot] = Some(v);
@@ -205,6 +207,10 @@ impl Session {
             Kernel::Binary(op) => {
                 let y = self.get(step.inputs[1])?;
                 one(t::binary_forward(*op, x.view(), y.view())?)
+            }
+            Kernel::AddRelu => {
+                let y = self.get(step.inputs[1])?;
+                one(t::add_relu_forward(x.view(), y.view())?)
             }
             Kernel::Concat { axis } => {
                 let views: Vec<ArrayViewD<f32>> = step
@@ -366,6 +372,12 @@ impl Session {
             (Kernel::Binary(op), _) => {
                 let y = self.get(step.inputs[1])?;
                 let (da, db) = t::binary_backward(*op, x.view(), y.view(), dy()?);
+                vec![Some(da), Some(db)]
+            }
+            (Kernel::AddRelu, _) => {
+                let y = self.get(step.inputs[1])?;
+                let z = self.get(Src::Slot(step.outputs[0]))?;
+                let (da, db) = t::add_relu_backward(x.view(), y.view(), z.view(), dy()?)?;
                 vec![Some(da), Some(db)]
             }
             (Kernel::Concat { axis }, _) => {

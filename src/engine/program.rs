@@ -32,6 +32,9 @@ pub enum Kernel {
     },
     Act(Activation),
     Binary(BinOp),
+    /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
+    /// [`fuse_relu`]: `max(0, a + b)`, with backward masking by the output.
+    AddRelu,
     Concat {
         axis: usize,
     },
@@ -76,6 +79,9 @@ pub struct Step {
     /// What `--profile` files the step's time under: the op type, or for a conv the kernel
     /// that runs it ([`Conv2d::kernel_label`]).
     pub profile_key: &'static str,
+    /// The node a fusion pass folded into this step (a Relu after a BatchNormalization): the
+    /// step's output is that node's output.
+    pub absorbed: Option<String>,
     pub kernel: Kernel,
     pub inputs: Vec<Src>,
     pub outputs: Vec<usize>,
@@ -249,6 +255,7 @@ impl Program {
                 name: node.name.clone(),
                 op_type: node.op.onnx_type(),
                 profile_key,
+                absorbed: None,
                 kernel,
                 inputs,
                 outputs,
@@ -263,6 +270,7 @@ impl Program {
                 "the output '{out_name}' has shape {out_shape:?}; a classifier's logits are [batch, classes]"
             );
         }
+        let steps = fuse_relu(steps, output_slot);
         Ok(Program {
             steps,
             n_slots: slots.len(),
@@ -293,6 +301,71 @@ impl Program {
                 .insert(name.clone(), Tensor::F32(v.clone()));
         }
     }
+}
+
+/// Folds each Relu that is the only reader of a BatchNormalization's or an Add's output into that
+/// step ([`BatchNorm2d::relu`], [`Kernel::AddRelu`]): one pass over the activation instead of
+/// two, no stored pre-activation (the tensor the ReLU's backward used to read), and a backward
+/// that masks `dy` inside the step's own pass. Results are bitwise those of the separate steps
+/// (the batchnorm and tensor_ops tests check it). Conv-BN-ReLU is the first half of every
+/// ResNet block and the stem; Add-ReLU ends every block.
+fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        for src in &s.inputs {
+            if let Src::Slot(k) = src {
+                readers.entry(*k).or_default().push(i);
+            }
+        }
+    }
+    let mut absorbed = vec![false; steps.len()];
+    let mut plan: Vec<Option<usize>> = vec![None; steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        if !matches!(
+            s.kernel,
+            Kernel::BatchNorm { .. } | Kernel::Binary(BinOp::Add)
+        ) {
+            continue;
+        }
+        let y = s.outputs[0];
+        if y == output_slot {
+            continue;
+        }
+        if let Some(&[j]) = readers.get(&y).map(Vec::as_slice) {
+            if matches!(steps[j].kernel, Kernel::Act(Activation::Relu)) && !absorbed[j] {
+                absorbed[j] = true;
+                plan[i] = Some(j);
+            }
+        }
+    }
+    let relus: HashMap<usize, Step> = steps
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| absorbed[*j])
+        .map(|(j, s)| (j, s.clone()))
+        .collect();
+    steps
+        .into_iter()
+        .enumerate()
+        .filter(|(j, _)| !absorbed[*j])
+        .map(|(i, mut s)| {
+            let Some(j) = plan[i] else { return s };
+            let relu = &relus[&j];
+            match &mut s.kernel {
+                Kernel::BatchNorm { op, .. } => {
+                    op.relu = true;
+                    s.profile_key = "BatchNormalization+Relu";
+                }
+                k => {
+                    *k = Kernel::AddRelu;
+                    s.profile_key = "Add+Relu";
+                }
+            }
+            s.outputs = relu.outputs.clone();
+            s.absorbed = Some(relu.name.clone());
+            s
+        })
+        .collect()
 }
 
 fn two<T: Copy>(v: &[T], default: T, what: &str) -> Result<[T; 2]> {
@@ -351,6 +424,7 @@ fn kernel_for(
                 op: BatchNorm2d {
                     epsilon: b.epsilon,
                     momentum: b.momentum,
+                    relu: false,
                 },
                 mean: 0,
                 var: 0,
@@ -526,4 +600,76 @@ fn kernel_for(
             node.op.onnx_type()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, kernel: Kernel, inputs: &[usize], output: usize) -> Step {
+        Step {
+            name: name.into(),
+            op_type: "test",
+            profile_key: "test",
+            absorbed: None,
+            kernel,
+            inputs: inputs.iter().map(|&k| Src::Slot(k)).collect(),
+            outputs: vec![output],
+        }
+    }
+
+    fn bn() -> Kernel {
+        Kernel::BatchNorm {
+            op: BatchNorm2d::default(),
+            mean: 0,
+            var: 0,
+        }
+    }
+
+    /// A Relu is folded only into the step whose output it alone reads, and never away from the
+    /// program's output.
+    #[test]
+    fn relu_fuses_only_into_its_sole_producer() {
+        let relu = || Kernel::Act(Activation::Relu);
+        let steps = vec![
+            step("bn1", bn(), &[0], 1),
+            step("relu1", relu(), &[1], 2),
+            // bn2's output is read twice (relu2 and the Add): not fused.
+            step("bn2", bn(), &[2], 3),
+            step("relu2", relu(), &[3], 4),
+            step("add", Kernel::Binary(BinOp::Add), &[3, 4], 5),
+            step("relu3", relu(), &[5], 6),
+            // A Mul before a Relu stays as it is.
+            step("mul", Kernel::Binary(BinOp::Mul), &[6, 6], 7),
+            step("relu4", relu(), &[7], 8),
+            // The program's output is never fused away.
+            step("bn3", bn(), &[8], 9),
+        ];
+        let fused = fuse_relu(steps.clone(), 9);
+        let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["bn1", "bn2", "relu2", "add", "mul", "relu4", "bn3"]);
+        let Kernel::BatchNorm { op, .. } = &fused[0].kernel else {
+            panic!()
+        };
+        assert!(op.relu);
+        assert_eq!(
+            (fused[0].outputs.as_slice(), fused[0].absorbed.as_deref()),
+            (&[2][..], Some("relu1"))
+        );
+        let Kernel::BatchNorm { op, .. } = &fused[1].kernel else {
+            panic!()
+        };
+        assert!(!op.relu);
+        assert!(matches!(fused[3].kernel, Kernel::AddRelu));
+        assert_eq!(fused[3].outputs, [6]);
+        assert!(matches!(fused[4].kernel, Kernel::Binary(BinOp::Mul)));
+        let Kernel::BatchNorm { op, .. } = &fused[6].kernel else {
+            panic!()
+        };
+        assert!(!op.relu);
+        // With a Relu producing the output, the Relu stays.
+        let tail = vec![step("bn", bn(), &[0], 1), step("relu", relu(), &[1], 2)];
+        assert_eq!(fuse_relu(tail.clone(), 1).len(), 2);
+        assert_eq!(fuse_relu(tail, 2).len(), 1);
+    }
 }

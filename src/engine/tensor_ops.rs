@@ -89,6 +89,55 @@ pub fn binary_backward(
     (reduce_to(da, a.shape()), reduce_to(db, b.shape()))
 }
 
+/// `max(0, a + b)` in one pass: a residual join and the ReLU after it (the program's fusion pass
+/// makes this one step, so the sum before the ReLU is never stored). Same-shape contiguous
+/// operands take one parallel pass; others broadcast through [`binary_forward`] first. Bitwise
+/// the Add op followed by the Relu op.
+pub fn add_relu_forward(a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
+    if let (true, Some(xs), Some(ys)) = (a.shape() == b.shape(), a.as_slice(), b.as_slice()) {
+        let out = crate::engine::ops::par_zip_map(xs, ys, |x, y| (x + y).max(0.0));
+        return Ok(ArrayD::from_shape_vec(a.raw_dim(), out).expect("same length"));
+    }
+    let mut y = binary_forward(BinOp::Add, a, b)?;
+    y.mapv_inplace(|v| v.max(0.0));
+    Ok(y)
+}
+
+/// Gradients of [`add_relu_forward`] from its output `z`: the ReLU passes `dz` where `z > 0`
+/// (which is exactly where the sum was positive: `max(s, 0) > 0` iff `s > 0`, NaN included),
+/// then the Add hands the masked gradient to both operands, each summed to its own shape.
+pub fn add_relu_backward(
+    a: ArrayViewD<f32>,
+    b: ArrayViewD<f32>,
+    z: ArrayViewD<f32>,
+    dz: ArrayD<f32>,
+) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+    if z.shape() != dz.shape() {
+        return Err(shape_err(
+            "Add+Relu",
+            format!(
+                "output {:?} and its gradient {:?} differ",
+                z.shape(),
+                dz.shape()
+            ),
+        ));
+    }
+    let masked = match (z.as_slice(), dz.as_slice()) {
+        (Some(zs), Some(gs)) => {
+            let m = crate::engine::ops::par_zip_map(zs, gs, |z, g| if z > 0.0 { g } else { 0.0 });
+            ArrayD::from_shape_vec(dz.raw_dim(), m).expect("same length")
+        }
+        _ => {
+            let mut m = dz;
+            ndarray::Zip::from(&mut m)
+                .and(&z)
+                .for_each(|g, &z| *g = if z > 0.0 { *g } else { 0.0 });
+            m
+        }
+    };
+    Ok(binary_backward(BinOp::Add, a, b, masked))
+}
+
 pub fn concat(axis: usize, xs: &[ArrayViewD<f32>]) -> Result<ArrayD<f32>> {
     ndarray::concatenate(Axis(axis), xs).map_err(|e| shape_err("Concat", e.to_string()))
 }
@@ -313,6 +362,44 @@ mod tests {
             assert_eq!(fast, want, "{op:?}");
             assert_eq!(general, want, "{op:?}");
         }
+    }
+
+    /// The fused Add + ReLU is bitwise Add then Relu, forward and backward, same-shape and
+    /// broadcast; its backward also matches finite differences away from the kink.
+    #[test]
+    fn add_relu_equals_add_then_relu_and_finite_differences() {
+        use crate::engine::ops::Activation;
+        let relu = Activation::Relu;
+        for (sa, sb) in [
+            (vec![2, 3, 4, 5], vec![2, 3, 4, 5]),
+            (vec![2, 3, 4, 4], vec![1, 3, 1, 1]),
+        ] {
+            let a = rand(&sa, 5);
+            let b = rand(&sb, 6);
+            let y = binary_forward(BinOp::Add, a.view(), b.view()).unwrap();
+            let z = relu.forward(y.view()).unwrap();
+            let zf = add_relu_forward(a.view(), b.view()).unwrap();
+            assert_eq!(zf, z, "forward {sa:?} + {sb:?}");
+            assert!(z.iter().any(|&v| v == 0.0) && z.iter().any(|&v| v > 0.0));
+            let dz = weights_for(&z);
+            let dy = relu.backward(y.view(), dz.view()).unwrap();
+            let (da, db) = binary_backward(BinOp::Add, a.view(), b.view(), dy);
+            let (fa, fb) = add_relu_backward(a.view(), b.view(), zf.view(), dz.clone()).unwrap();
+            assert_eq!((fa, fb), (da, db), "backward {sa:?} + {sb:?}");
+        }
+        // Finite differences, with every sum at least 0.1 from the kink (the step is 1e-2).
+        let b = rand(&[2, 3, 4, 5], 8);
+        let a = rand(&[2, 3, 4, 5], 7)
+            .iter()
+            .zip(b.iter())
+            .map(|(&a, &b)| if (a + b).abs() < 0.1 { a + 0.3 } else { a })
+            .collect::<Vec<_>>();
+        let a = ArrayD::from_shape_vec(IxDyn(&[2, 3, 4, 5]), a).unwrap();
+        let z = add_relu_forward(a.view(), b.view()).unwrap();
+        let (da, db) = add_relu_backward(a.view(), b.view(), z.view(), weights_for(&z)).unwrap();
+        check_grad(&a, &|x| add_relu_forward(x.view(), b.view()).unwrap(), &da);
+        check_grad(&b, &|x| add_relu_forward(a.view(), x.view()).unwrap(), &db);
+        assert!(add_relu_backward(a.view(), b.view(), z.view(), rand(&[2, 3], 1)).is_err());
     }
 
     #[test]

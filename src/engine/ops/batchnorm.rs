@@ -21,6 +21,11 @@ pub struct BatchNorm2d {
     /// `running = momentum * running + (1 - momentum) * batch`. PyTorch's `momentum=0.1` is
     /// ONNX's 0.9, which is what a PyTorch export writes.
     pub momentum: f32,
+    /// A ReLU fused after the normalisation (the program's BN + ReLU pass sets it): the output
+    /// is `max(0, bn(x))`, and the pre-activation tensor is never stored. Backward rebuilds the
+    /// ReLU's mask from `x` with the forward's own coefficients, so the gradients are bitwise
+    /// those of the two separate ops.
+    pub relu: bool,
 }
 
 impl Default for BatchNorm2d {
@@ -28,6 +33,7 @@ impl Default for BatchNorm2d {
         BatchNorm2d {
             epsilon: 1e-5,
             momentum: 0.9,
+            relu: false,
         }
     }
 }
@@ -39,6 +45,9 @@ pub struct BatchNormSaved {
     pub mean: Array1<f32>,
     /// `1 / sqrt(biased_var + epsilon)`.
     pub inv_std: Array1<f32>,
+    /// With a fused ReLU: the forward's per-channel coefficients, from which backward rebuilds
+    /// the pre-activation's sign exactly as forward computed it.
+    relu_coef: Option<Vec<Coef>>,
 }
 
 /// Gradients of a batch norm with respect to its input and affine parameters.
@@ -60,8 +69,32 @@ struct Coef {
     k: f32,
 }
 
+/// The pre-activation of a fused BN + ReLU, computed exactly as the forward pass computes it
+/// (same f32 operations in the same order), so its sign is the ReLU's mask bit for bit.
+#[inline(always)]
+fn pre_activation(cf: &Coef, x: f32) -> f32 {
+    cf.b * (x - cf.shift) + cf.k
+}
+
+/// What [`channel_pass`] does to its result: nothing, a ReLU on the forward output, or (backward
+/// of a fused ReLU) `dy` masked where the forward pre-activation, rebuilt from `x` with these
+/// coefficients, was not positive.
+#[derive(Clone, Copy)]
+enum Fused<'a> {
+    None,
+    Relu,
+    Mask(&'a [Coef]),
+}
+
 /// Applies `coef` over NCHW data, images in parallel; `gs` (the `dy` term) is absent in forward.
-fn channel_pass(xs: &[f32], gs: Option<&[f32]>, c: usize, hw: usize, coef: &[Coef]) -> Vec<f32> {
+fn channel_pass(
+    xs: &[f32],
+    gs: Option<&[f32]>,
+    c: usize,
+    hw: usize,
+    coef: &[Coef],
+    fused: Fused,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; xs.len()];
     if c * hw == 0 {
         return out;
@@ -74,17 +107,29 @@ fn channel_pass(xs: &[f32], gs: Option<&[f32]>, c: usize, hw: usize, coef: &[Coe
             for (ch, cf) in coef.iter().enumerate() {
                 let r = ch * hw..(ch + 1) * hw;
                 let (o, x) = (&mut oi[r.clone()], &xi[r.clone()]);
-                match gs {
-                    Some(gs) => {
+                match (gs, fused) {
+                    (Some(gs), Fused::Mask(fwd)) => {
+                        let g = &gs[i * img..][r];
+                        let f = &fwd[ch];
+                        o.iter_mut().zip(x.iter().zip(g)).for_each(|(o, (&x, &g))| {
+                            let g = if pre_activation(f, x) > 0.0 { g } else { 0.0 };
+                            *o = cf.a * g + cf.b * (x - cf.shift) + cf.k
+                        });
+                    }
+                    (Some(gs), _) => {
                         let g = &gs[i * img..][r];
                         o.iter_mut()
                             .zip(x.iter().zip(g))
                             .for_each(|(o, (&x, &g))| *o = cf.a * g + cf.b * (x - cf.shift) + cf.k);
                     }
-                    None => o
+                    (None, Fused::Relu) => o
                         .iter_mut()
                         .zip(x)
-                        .for_each(|(o, &x)| *o = cf.b * (x - cf.shift) + cf.k),
+                        .for_each(|(o, &x)| *o = pre_activation(cf, x).max(0.0)),
+                    (None, _) => o
+                        .iter_mut()
+                        .zip(x)
+                        .for_each(|(o, &x)| *o = pre_activation(cf, x)),
                 }
             }
         });
@@ -189,7 +234,7 @@ impl BatchNorm2d {
                 ..Coef::default()
             })
             .collect();
-        let y = channel_pass(&xs, None, c, hw, &coef);
+        let y = channel_pass(&xs, None, c, hw, &coef, self.fwd_fused());
 
         let mom = f64::from(self.momentum);
         let unbias = m as f64 / (m - 1) as f64;
@@ -202,6 +247,7 @@ impl BatchNorm2d {
         let saved = BatchNormSaved {
             mean: stats.iter().map(|s| s.0 as f32).collect(),
             inv_std: inv_std.iter().map(|&v| v as f32).collect(),
+            relu_coef: self.relu.then_some(coef),
         };
         Ok((
             Array4::from_shape_vec((n, c, h, w), y).expect("output has the input's length"),
@@ -228,8 +274,16 @@ impl BatchNorm2d {
                 ..Coef::default()
             })
             .collect();
-        let y = channel_pass(&contiguous(&x), None, c, h * w, &coef);
+        let y = channel_pass(&contiguous(&x), None, c, h * w, &coef, self.fwd_fused());
         Ok(Array4::from_shape_vec((n, c, h, w), y).expect("output has the input's length"))
+    }
+
+    fn fwd_fused(&self) -> Fused<'static> {
+        if self.relu {
+            Fused::Relu
+        } else {
+            Fused::None
+        }
     }
 
     fn inv_std(&self, var: f32) -> f64 {
@@ -252,7 +306,25 @@ impl BatchNorm2d {
         Self::check_dy(x.shape(), dy.shape())?;
         let (hw, m) = (h * w, (n * h * w) as f64);
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
-        let sums = self.grad_sums(&xs, &gs, c, hw, saved.mean.view(), saved.inv_std.view());
+        let mask = match (self.relu, &saved.relu_coef) {
+            (false, _) => Fused::None,
+            (true, Some(fwd)) => Fused::Mask(fwd),
+            (true, None) => {
+                return Err(attr_err(
+                    OP,
+                    "the forward pass ran without the fused ReLU this backward expects",
+                ))
+            }
+        };
+        let sums = self.grad_sums(
+            &xs,
+            &gs,
+            c,
+            hw,
+            saved.mean.view(),
+            saved.inv_std.view(),
+            mask,
+        );
         // dx = g*is*dy - g*is*mean(dy) - g*is*x_hat*mean(dy*x_hat), x_hat = (x - mean)*is.
         let coef: Vec<Coef> = (0..c)
             .map(|ch| {
@@ -266,7 +338,7 @@ impl BatchNorm2d {
                 }
             })
             .collect();
-        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef);
+        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef, mask);
         Ok(BatchNormGrads {
             dx: Array4::from_shape_vec((n, c, h, w), dx).expect("dx has the input's length"),
             dscale: sums.iter().map(|s| s.1 as f32).collect(),
@@ -285,17 +357,22 @@ impl BatchNorm2d {
     ) -> Result<BatchNormGrads> {
         let [n, c, h, w] = self.output_shape(x.shape(), &[scale.len(), mean.len(), var.len()])?;
         Self::check_dy(x.shape(), dy.shape())?;
+        if self.relu {
+            // The training step never runs BN in eval mode; a fused ReLU's mask would need the
+            // shift parameter, which this signature does not take.
+            return Err(attr_err(OP, "eval-mode backward of a fused BN + ReLU"));
+        }
         let hw = h * w;
         let inv_std: Array1<f32> = var.mapv(|v| self.inv_std(v) as f32);
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
-        let sums = self.grad_sums(&xs, &gs, c, hw, mean, inv_std.view());
+        let sums = self.grad_sums(&xs, &gs, c, hw, mean, inv_std.view(), Fused::None);
         let coef: Vec<Coef> = (0..c)
             .map(|ch| Coef {
                 a: scale[ch] * inv_std[ch],
                 ..Coef::default()
             })
             .collect();
-        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef);
+        let dx = channel_pass(&xs, Some(&gs), c, hw, &coef, Fused::None);
         Ok(BatchNormGrads {
             dx: Array4::from_shape_vec((n, c, h, w), dx).expect("dx has the input's length"),
             dscale: sums.iter().map(|s| s.1 as f32).collect(),
@@ -313,7 +390,9 @@ impl BatchNorm2d {
         Ok(())
     }
 
-    /// Per channel: `(sum(dy), sum(dy * x_hat))` in f64.
+    /// Per channel: `(sum(dy), sum(dy * x_hat))` in f64; with `Fused::Mask`, of the masked `dy`
+    /// (the ReLU's backward), formed plane by plane so that the sums are bitwise those of the
+    /// separate ReLU and BN.
     #[allow(clippy::too_many_arguments)]
     fn grad_sums(
         &self,
@@ -323,14 +402,29 @@ impl BatchNorm2d {
         hw: usize,
         mean: ArrayView1<f32>,
         inv_std: ArrayView1<f32>,
+        fused: Fused,
     ) -> Vec<(f64, f64)> {
         (0..c)
             .into_par_iter()
             .map(|ch| {
                 let (mu, is) = (mean[ch], inv_std[ch]);
                 let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+                let mut masked = match fused {
+                    Fused::Mask(_) => vec![0.0f32; hw],
+                    _ => Vec::new(),
+                };
                 // Within a plane in f32 lanes, across planes in f64.
                 for (xp, gp) in channel_planes(xs, c, hw, ch).zip(channel_planes(gs, c, hw, ch)) {
+                    let gp = match fused {
+                        Fused::Mask(fwd) => {
+                            let f = &fwd[ch];
+                            for ((m, &x), &g) in masked.iter_mut().zip(xp).zip(gp) {
+                                *m = if pre_activation(f, x) > 0.0 { g } else { 0.0 };
+                            }
+                            &masked[..]
+                        }
+                        _ => gp,
+                    };
                     sdy += f64::from(sum(gp));
                     sdyx += f64::from(reduce_pairs(gp, xp, |g, x| g * (x - mu)));
                 }
@@ -359,6 +453,9 @@ impl BatchNorm2d {
             y.index_axis_mut(ndarray::Axis(1), ch)
                 .assign(&plane.mapv(|v| (v - mean) * inv * scale[ch] + bias[ch]));
         }
+        if self.relu {
+            y.mapv_inplace(|v| v.max(T::zero()));
+        }
         Ok(y)
     }
 
@@ -376,6 +473,9 @@ impl BatchNorm2d {
         let mut y = x.to_owned();
         for ((_, ch, _, _), v) in y.indexed_iter_mut() {
             *v = (*v - mean[ch]) / (var[ch] + eps).sqrt() * scale[ch] + bias[ch];
+            if self.relu {
+                *v = v.max(T::zero());
+            }
         }
         Ok(y)
     }
@@ -408,7 +508,10 @@ mod tests {
     }
 
     fn check_train(shape: [usize; 4], seed: u64) {
-        let bn = BatchNorm2d::default();
+        check_train_with(BatchNorm2d::default(), shape, seed);
+    }
+
+    fn check_train_with(bn: BatchNorm2d, shape: [usize; 4], seed: u64) {
         let t = case(shape, seed);
         let c = shape[1];
         let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
@@ -464,6 +567,95 @@ mod tests {
     }
 
     #[test]
+    fn fused_relu_forward_and_backward() {
+        let bn = BatchNorm2d {
+            relu: true,
+            ..BatchNorm2d::default()
+        };
+        check_train_with(bn.clone(), [3, 4, 5, 7], 11);
+        check_train_with(bn, [5, 3, 1, 1], 12);
+    }
+
+    /// The fused BN + ReLU gives bitwise the values and gradients of BN followed by the ReLU
+    /// op, in training and in eval mode: the program may fuse without changing any result.
+    #[test]
+    fn fused_relu_equals_separate_ops_bitwise() {
+        use crate::engine::ops::Activation;
+        let plain = BatchNorm2d::default();
+        let fused = BatchNorm2d {
+            relu: true,
+            ..BatchNorm2d::default()
+        };
+        for (shape, seed) in [([4, 6, 5, 7], 21), ([2, 3, 8, 8], 22), ([6, 2, 1, 1], 23)] {
+            let t = case(shape, seed);
+            let c = shape[1];
+            let run = |bn: &BatchNorm2d| {
+                let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
+                let (y, saved) = bn
+                    .forward_train(
+                        t.x.view(),
+                        t.scale.view(),
+                        t.bias.view(),
+                        rm.view_mut(),
+                        rv.view_mut(),
+                    )
+                    .unwrap();
+                (y, saved, rm, rv)
+            };
+            let (y, saved, rm, rv) = run(&plain);
+            let relu = Activation::Relu;
+            let z = relu.forward(y.view().into_dyn()).unwrap();
+            let dy = relu
+                .backward(y.view().into_dyn(), t.r.view().into_dyn())
+                .unwrap()
+                .into_dimensionality()
+                .unwrap();
+            let g = plain
+                .backward_train(t.x.view(), t.scale.view(), &saved, dy.view())
+                .unwrap();
+            let (zf, saved_f, rmf, rvf) = run(&fused);
+            let gf = fused
+                .backward_train(t.x.view(), t.scale.view(), &saved_f, t.r.view())
+                .unwrap();
+            assert_eq!(zf.into_dyn(), z, "forward {shape:?}");
+            assert_eq!((rmf, rvf), (rm.clone(), rv.clone()), "running statistics");
+            assert_eq!(gf.dx, g.dx, "dx {shape:?}");
+            assert_eq!(gf.dscale, g.dscale, "dscale {shape:?}");
+            assert_eq!(gf.dbias, g.dbias, "dbias {shape:?}");
+            // The ReLU really cut something, or the test would prove nothing.
+            assert!(z.iter().any(|&v| v == 0.0) && z.iter().any(|&v| v > 0.0));
+
+            let ev = |bn: &BatchNorm2d| {
+                bn.forward_eval(
+                    t.x.view(),
+                    t.scale.view(),
+                    t.bias.view(),
+                    rm.view(),
+                    rv.view(),
+                )
+                .unwrap()
+            };
+            let ze = relu.forward(ev(&plain).into_dyn().view()).unwrap();
+            assert_eq!(ev(&fused).into_dyn(), ze, "eval forward {shape:?}");
+        }
+        // A backward that expects the fused ReLU refuses a forward that ran without it.
+        let t = case([2, 2, 3, 3], 24);
+        let (mut rm, mut rv) = (Array1::zeros(2), Array1::ones(2));
+        let (_, saved) = plain
+            .forward_train(
+                t.x.view(),
+                t.scale.view(),
+                t.bias.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        assert!(fused
+            .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
+            .is_err());
+    }
+
+    #[test]
     fn train_one_by_one_spatial() {
         // After global pooling: statistics over the batch only.
         check_train([5, 3, 1, 1], 2);
@@ -481,6 +673,7 @@ mod tests {
         let bn = BatchNorm2d {
             epsilon: 1e-5,
             momentum: 0.9,
+            ..BatchNorm2d::default()
         };
         // One channel, values 1, 2, 3, 4: mean 2.5, biased var 1.25, unbiased 5/3.
         let x = Array4::from_shape_vec((2, 1, 1, 2), vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
@@ -509,6 +702,7 @@ mod tests {
         let bn = BatchNorm2d {
             epsilon: 1e-3,
             momentum: 0.9,
+            ..BatchNorm2d::default()
         };
         let t = case([3, 4, 5, 6], 4);
         let mut rng = Rng::new(5);
@@ -627,6 +821,7 @@ mod tests {
         let bad = BatchNorm2d {
             epsilon: 1e-5,
             momentum: 1.5,
+            ..BatchNorm2d::default()
         };
         assert!(matches!(
             bad.output_shape(&[2, 3, 4, 4], &[3]),
