@@ -82,7 +82,7 @@ pub struct TrainArgs {
     /// Continue from the checkpoint beside the output.
     #[arg(long)]
     pub resume: bool,
-    /// Output ONNX file (default: <model>.trained.onnx in the current folder).
+    /// Output ONNX file (default: the model file's stem + ".trained.onnx", in the current folder).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Print the final summary as JSON.

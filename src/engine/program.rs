@@ -33,7 +33,7 @@ pub enum Kernel {
     Act(Activation),
     Binary(BinOp),
     /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
-    /// [`fuse_relu`]: `max(0, a + b)`, with backward masking by the output.
+    /// the program's Relu fusion pass: `max(0, a + b)`, with backward masking by the output.
     AddRelu,
     Concat {
         axis: usize,

@@ -28,7 +28,7 @@ impl AutoPad {
     }
 }
 
-/// Conv: weight input [C_out, C_in / group, k...], optional bias [C_out].
+/// Conv: weight input `[C_out, C_in / group, k...]`, optional bias `[C_out]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conv {
     /// As written in the file; the weight's shape is authoritative when absent.

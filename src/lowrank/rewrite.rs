@@ -88,7 +88,7 @@ pub struct LayerReport {
     pub layer: String,
     pub node: String,
     pub weight_shape: Vec<usize>,
-    /// [r_in, r_out] (Tucker-2) or [r] (CP); empty when skipped.
+    /// `[r_in, r_out]` (Tucker-2) or `[r]` (CP); empty when skipped.
     pub ranks: Vec<usize>,
     pub params_before: u64,
     pub params_after: u64,

@@ -1,0 +1,675 @@
+//! Conv kernels against the seven-loop reference and f64 finite differences.
+
+use super::*;
+use crate::engine::ops::testutil::*;
+use crate::engine::EngineError;
+use ndarray::{Array1, Array4, Axis};
+
+fn conv(group: usize, strides: [usize; 2], pads: [usize; 4], dilations: [usize; 2]) -> Conv2d {
+    Conv2d {
+        group,
+        strides,
+        pads,
+        dilations,
+    }
+}
+
+/// Fast forward against the reference, then every gradient against f64 finite differences of
+/// `sum(reference(x, w, b) * r)`.
+fn check(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], bias: bool, expect: Path, seed: u64) {
+    let g = c.geom(&xs, &ws).unwrap();
+    assert_eq!(g.path, expect, "path chosen for {c:?}");
+    let mut rng = Rng::new(seed);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
+    let y = c
+        .forward(x.view(), w.view(), b.as_ref().map(|b| b.view()))
+        .unwrap();
+    let yr = c
+        .reference(x.view(), w.view(), b.as_ref().map(|b| b.view()))
+        .unwrap();
+    assert_eq!(y.shape(), c.output_shape(&xs, &ws).unwrap());
+    assert_close("forward", &y.view(), &yr.view(), 1e-5);
+
+    let r = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+    let grads = c.backward(x.view(), w.view(), r.view(), true).unwrap();
+    let (x64, w64, r64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&r.view()));
+    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let loss = |x: &Array4<f64>, w: &Array4<f64>, b: Option<&Array1<f64>>| {
+        dot_loss(
+            &c.reference(x.view(), w.view(), b.map(|b| b.view()))
+                .unwrap(),
+            &r64,
+        )
+    };
+    let fdx = fd_grad(&x64, |x| loss(x, &w64, b64.as_ref()));
+    assert_grad("dx", &grads.dx.as_ref().unwrap().view(), &fdx.view());
+    let fdw = fd_grad(&w64, |w| loss(&x64, w, b64.as_ref()));
+    assert_grad("dw", &grads.dw.view(), &fdw.view());
+    if let Some(b64) = &b64 {
+        let fdb = fd_grad(b64, |b| loss(&x64, &w64, Some(b)));
+        assert_grad("db", &grads.db.view(), &fdb.view());
+    }
+    // Without dx the weight gradient is unchanged.
+    let no_dx = c.backward(x.view(), w.view(), r.view(), false).unwrap();
+    assert!(no_dx.dx.is_none());
+    assert_eq!(no_dx.dw, grads.dw);
+}
+
+#[test]
+fn k3_pad1_group1_with_bias() {
+    check(
+        &conv(1, [1, 1], [1, 1, 1, 1], [1, 1]),
+        [3, 5, 7, 6],
+        [4, 5, 3, 3],
+        true,
+        Path::Im2col,
+        1,
+    );
+}
+
+#[test]
+fn k3_no_pad_no_bias() {
+    check(
+        &conv(1, [1, 1], [0; 4], [1, 1]),
+        [3, 3, 6, 7],
+        [5, 3, 3, 3],
+        false,
+        Path::Im2col,
+        2,
+    );
+}
+
+#[test]
+fn stride2_asymmetric_pads() {
+    check(
+        &conv(1, [2, 2], [1, 0, 2, 1], [1, 1]),
+        [3, 4, 7, 9],
+        [6, 4, 3, 3],
+        true,
+        Path::Im2col,
+        3,
+    );
+}
+
+#[test]
+fn dilation2() {
+    check(
+        &conv(1, [1, 1], [2, 2, 2, 2], [2, 2]),
+        [3, 3, 7, 6],
+        [4, 3, 3, 3],
+        true,
+        Path::Im2col,
+        4,
+    );
+}
+
+#[test]
+fn rectangular_kernel_mixed_strides_and_dilations() {
+    check(
+        &conv(1, [2, 1], [0, 1, 1, 0], [1, 2]),
+        [3, 3, 8, 7],
+        [4, 3, 3, 2],
+        true,
+        Path::Im2col,
+        5,
+    );
+}
+
+#[test]
+fn pointwise_plain_gemm() {
+    check(
+        &conv(1, [1, 1], [0; 4], [1, 1]),
+        [3, 6, 5, 7],
+        [9, 6, 1, 1],
+        true,
+        Path::Pointwise,
+        6,
+    );
+}
+
+#[test]
+fn pointwise_grouped() {
+    check(
+        &conv(2, [1, 1], [0; 4], [1, 1]),
+        [3, 6, 5, 3],
+        [4, 3, 1, 1],
+        true,
+        Path::Pointwise,
+        7,
+    );
+}
+
+#[test]
+fn pointwise_stride2_goes_through_im2col() {
+    check(
+        &conv(1, [2, 2], [0; 4], [1, 1]),
+        [3, 5, 7, 6],
+        [8, 5, 1, 1],
+        false,
+        Path::Im2col,
+        8,
+    );
+}
+
+#[test]
+fn grouped2_k3_stride2() {
+    check(
+        &conv(2, [2, 2], [1, 1, 1, 1], [1, 1]),
+        [3, 4, 7, 5],
+        [6, 2, 3, 3],
+        true,
+        Path::Im2col,
+        9,
+    );
+}
+
+#[test]
+fn grouped4_dilated() {
+    check(
+        &conv(4, [1, 1], [2, 1, 0, 2], [2, 2]),
+        [3, 8, 6, 5],
+        [8, 2, 3, 3],
+        false,
+        Path::Im2col,
+        10,
+    );
+}
+
+#[test]
+fn depthwise_k3_pad1() {
+    check(
+        &conv(5, [1, 1], [1, 1, 1, 1], [1, 1]),
+        [3, 5, 7, 6],
+        [5, 1, 3, 3],
+        true,
+        Path::Depthwise,
+        11,
+    );
+}
+
+#[test]
+fn depthwise_stride2_asymmetric_pads() {
+    check(
+        &conv(4, [2, 2], [0, 1, 1, 2], [1, 1]),
+        [3, 4, 9, 7],
+        [4, 1, 3, 3],
+        true,
+        Path::Depthwise,
+        12,
+    );
+}
+
+#[test]
+fn depthwise_dilation2_no_bias() {
+    check(
+        &conv(3, [1, 1], [2, 2, 2, 2], [2, 2]),
+        [3, 3, 7, 8],
+        [3, 1, 3, 3],
+        false,
+        Path::Depthwise,
+        13,
+    );
+}
+
+#[test]
+fn depthwise_channel_multiplier2() {
+    check(
+        &conv(3, [1, 2], [1, 1, 1, 1], [1, 1]),
+        [3, 3, 6, 7],
+        [6, 1, 3, 3],
+        true,
+        Path::Depthwise,
+        14,
+    );
+}
+
+#[test]
+fn depthwise_multiplier3_stride1_asymmetric_dilated() {
+    check(
+        &conv(2, [1, 1], [2, 0, 1, 3], [2, 1]),
+        [3, 2, 7, 6],
+        [6, 1, 3, 2],
+        true,
+        Path::Depthwise,
+        22,
+    );
+}
+
+/// Vertical stride only: the row loops with contiguous rows (the flat path needs stride 1).
+#[test]
+fn depthwise_vertical_stride2() {
+    check(
+        &conv(3, [2, 1], [1, 2, 0, 1], [1, 1]),
+        [3, 3, 8, 6],
+        [3, 1, 3, 3],
+        true,
+        Path::Depthwise,
+        23,
+    );
+}
+
+#[test]
+fn depthwise_k5_stride2() {
+    check(
+        &conv(4, [2, 2], [2, 2, 2, 2], [1, 1]),
+        [3, 4, 9, 8],
+        [4, 1, 5, 5],
+        true,
+        Path::Depthwise,
+        15,
+    );
+}
+
+#[test]
+fn single_input_channel_is_plain_conv() {
+    check(
+        &conv(1, [1, 1], [1, 1, 1, 1], [1, 1]),
+        [3, 1, 6, 5],
+        [4, 1, 3, 3],
+        true,
+        Path::Im2col,
+        16,
+    );
+}
+
+/// ResNet-20's first layer and a wider layer, forward only (FD would be slow): exercises long
+/// rows and the BLAS path with many parts of the batch.
+#[test]
+fn resnet_sized_forward_matches_reference() {
+    let mut rng = Rng::new(17);
+    for (c, xs, ws) in [
+        (
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [17, 3, 32, 32],
+            [16, 3, 3, 3],
+        ),
+        (
+            conv(1, [2, 2], [1; 4], [1, 1]),
+            [5, 16, 16, 16],
+            [32, 16, 3, 3],
+        ),
+        (
+            conv(1, [1, 1], [0; 4], [1, 1]),
+            [5, 32, 8, 8],
+            [64, 32, 1, 1],
+        ),
+        (
+            conv(32, [1, 1], [1; 4], [1, 1]),
+            [5, 32, 8, 8],
+            [32, 1, 3, 3],
+        ),
+    ] {
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let b = rand_array(&mut rng, ws[0], -1.0, 1.0);
+        let y = c.forward(x.view(), w.view(), Some(b.view())).unwrap();
+        let yr = c.reference(x.view(), w.view(), Some(b.view())).unwrap();
+        assert_close("forward", &y.view(), &yr.view(), 1e-5);
+    }
+}
+
+#[test]
+fn non_standard_layout_inputs_are_accepted() {
+    let mut rng = Rng::new(18);
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let x = rand_array(&mut rng, [4, 3, 5, 6], -1.0, 1.0);
+    let w = rand_array(&mut rng, [4, 3, 3, 3], -1.0, 1.0);
+    // Same logical tensor stored NHWC-style: permuted view of a permuted copy.
+    let x_nhwc = x
+        .view()
+        .permuted_axes([0, 2, 3, 1])
+        .as_standard_layout()
+        .into_owned();
+    let x_view = x_nhwc.view().permuted_axes([0, 3, 1, 2]);
+    assert!(!x_view.is_standard_layout());
+    let y = c.forward(x_view, w.view(), None).unwrap();
+    let yr = c.forward(x.view(), w.view(), None).unwrap();
+    assert_eq!(y, yr);
+}
+
+/// Weight gradients are summed over a fixed partition of the batch, so they must not depend
+/// on how many threads ran or how work was stolen.
+#[test]
+fn backward_is_bitwise_reproducible_across_thread_counts() {
+    let mut rng = Rng::new(19);
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let x = rand_array(&mut rng, [37, 8, 8, 8], -1.0, 1.0);
+    let w = rand_array(&mut rng, [16, 8, 3, 3], -1.0, 1.0);
+    let dy = rand_array(&mut rng, [37, 16, 8, 8], -1.0, 1.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| c.backward(x.view(), w.view(), dy.view(), true).unwrap())
+    };
+    let (a, b) = (run(1), run(3));
+    assert_eq!(a.dw, b.dw);
+    assert_eq!(a.db, b.db);
+    assert_eq!(a.dx, b.dx);
+}
+
+/// The FD tests use batch 3, one image per part; this covers parts of several images (scratch
+/// buffers reused across images, weight gradients accumulated): the batch's gradients must
+/// equal the per-image ones, summed for the weights.
+#[test]
+fn batched_backward_equals_per_image_backward() {
+    let mut rng = Rng::new(21);
+    for (c, xs, ws) in [
+        (conv(1, [1, 1], [1; 4], [1, 1]), [37, 4, 6, 5], [6, 4, 3, 3]),
+        (
+            conv(2, [2, 1], [0, 1, 1, 0], [1, 2]),
+            [37, 4, 7, 6],
+            [6, 2, 3, 2],
+        ),
+        (conv(1, [1, 1], [0; 4], [1, 1]), [37, 8, 3, 5], [9, 8, 1, 1]),
+        (conv(4, [1, 2], [1; 4], [1, 1]), [37, 4, 6, 7], [8, 1, 3, 3]),
+        (conv(4, [1, 1], [1; 4], [1, 1]), [37, 4, 6, 7], [8, 1, 3, 3]),
+    ] {
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, c.output_shape(&xs, &ws).unwrap(), -1.0, 1.0);
+        let all = c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+        let mut dw = Array4::<f32>::zeros(w.raw_dim());
+        let mut db = Array1::<f32>::zeros(ws[0]);
+        for i in 0..xs[0] {
+            let one = |a: &Array4<f32>| a.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+            let g = c
+                .backward(one(&x).view(), w.view(), one(&dy).view(), true)
+                .unwrap();
+            let dxi = one(all.dx.as_ref().unwrap());
+            assert_close("dx", &dxi.view(), &g.dx.unwrap().view(), 1e-6);
+            dw += &g.dw;
+            db += &g.db;
+        }
+        assert_close("dw", &all.dw.view(), &dw.view(), 1e-5);
+        assert_close("db", &all.db.view(), &db.view(), 1e-5);
+    }
+}
+
+#[test]
+fn empty_batch_gives_empty_output() {
+    let c = Conv2d::default();
+    let x = Array4::<f32>::zeros((0, 3, 4, 4));
+    let w = Array4::<f32>::zeros((2, 3, 1, 1));
+    assert_eq!(
+        c.forward(x.view(), w.view(), None).unwrap().shape(),
+        &[0, 2, 4, 4]
+    );
+    let dy = Array4::<f32>::zeros((0, 2, 4, 4));
+    let g = c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+    assert_eq!(g.dw, Array4::<f32>::zeros((2, 3, 1, 1)));
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let c = Conv2d::default();
+    let shape = |r: Result<[usize; 4]>| matches!(r, Err(EngineError::Shape { .. }));
+    let attr = |r: Result<[usize; 4]>| matches!(r, Err(EngineError::Attribute { .. }));
+    assert!(shape(c.output_shape(&[1, 3, 8, 8], &[4, 2, 3, 3])));
+    assert!(shape(c.output_shape(&[1, 3, 8], &[4, 3, 3, 3])));
+    assert!(shape(c.output_shape(&[1, 3, 2, 8], &[4, 3, 3, 3])));
+    assert!(shape(c.output_shape(&[1, 0, 8, 8], &[4, 0, 3, 3])));
+    assert!(shape(
+        conv(2, [1, 1], [0; 4], [1, 1]).output_shape(&[1, 4, 8, 8], &[3, 2, 3, 3])
+    ));
+    assert!(attr(
+        conv(0, [1, 1], [0; 4], [1, 1]).output_shape(&[1, 4, 8, 8], &[4, 4, 3, 3])
+    ));
+    assert!(attr(
+        conv(1, [0, 1], [0; 4], [1, 1]).output_shape(&[1, 4, 8, 8], &[4, 4, 3, 3])
+    ));
+    assert!(attr(
+        conv(1, [1, 1], [0; 4], [1, 0]).output_shape(&[1, 4, 8, 8], &[4, 4, 3, 3])
+    ));
+    let x = Array4::<f32>::zeros((1, 3, 8, 8));
+    let w = Array4::<f32>::zeros((4, 3, 3, 3));
+    let b = Array1::<f32>::zeros(5);
+    assert!(c.forward(x.view(), w.view(), Some(b.view())).is_err());
+    let dy = Array4::<f32>::zeros((1, 4, 8, 8));
+    assert!(c.backward(x.view(), w.view(), dy.view(), true).is_err());
+}
+
+/// The bias gradient is the sum of `dy` over everything but channels.
+#[test]
+fn bias_gradient_is_channel_sum() {
+    let mut rng = Rng::new(20);
+    let c = Conv2d::default();
+    let x = rand_array(&mut rng, [3, 2, 4, 4], -1.0, 1.0);
+    let w = rand_array(&mut rng, [5, 2, 1, 1], -1.0, 1.0);
+    let dy = rand_array(&mut rng, [3, 5, 4, 4], -1.0, 1.0);
+    let g = c.backward(x.view(), w.view(), dy.view(), false).unwrap();
+    let want = dy.sum_axis(Axis(0)).sum_axis(Axis(1)).sum_axis(Axis(1));
+    assert_close("db", &g.db.view(), &want.view(), 1e-6);
+}
+
+/// The fused 3- and 9-tap depthwise forward gives bitwise the generic per-tap result.
+#[test]
+fn fused_depthwise_rows_equal_generic_passes_bitwise() {
+    let mut rng = Rng::new(21);
+    for (ws, pads, dil) in [
+        ([6, 1, 3, 1], [1, 0, 1, 0], 1),
+        ([6, 1, 1, 3], [0, 1, 0, 1], 1),
+        ([6, 1, 3, 3], [1, 1, 1, 1], 1),
+        ([6, 1, 3, 3], [2, 2, 2, 2], 2),
+        ([12, 1, 3, 3], [0, 1, 2, 1], 1),
+    ] {
+        let c = conv(6, [1, 1], pads, [dil, dil]);
+        let xs = [1, 6, 7, 9];
+        let g = c.geom(&xs, &ws).unwrap();
+        assert_eq!(g.path, Path::Depthwise);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let bias = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+        let (mut fused, mut generic) = (bias.clone(), bias);
+        let (xv, wv) = (x.as_slice().unwrap(), w.as_slice().unwrap());
+        g.depthwise_forward_flat_with(xv, wv, &mut fused, true);
+        g.depthwise_forward_flat_with(xv, wv, &mut generic, false);
+        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused), bits(&generic), "{ws:?} {pads:?} dil {dil}");
+    }
+}
+
+/// A dilated kernel wider than a tiny input: some taps miss it entirely (this panicked in the
+/// row-by-row im2col before it skipped such taps).
+#[test]
+fn kernel_labels_name_the_path_that_runs() {
+    let x = [2, 8, 6, 6];
+    let label = |c: Conv2d, w: [usize; 4]| c.kernel_label(&x, &w).unwrap();
+    assert_eq!(
+        label(conv(1, [1, 1], [0; 4], [1, 1]), [4, 8, 1, 1]),
+        "Conv 1x1"
+    );
+    // A strided or padded 1x1 gathers its pixels through im2col.
+    assert_eq!(
+        label(conv(1, [2, 2], [0; 4], [1, 1]), [4, 8, 1, 1]),
+        "Conv im2col"
+    );
+    assert_eq!(
+        label(conv(1, [1, 1], [1; 4], [1, 1]), [4, 8, 3, 3]),
+        "Conv im2col"
+    );
+    assert_eq!(
+        label(conv(8, [1, 1], [1; 4], [1, 1]), [8, 1, 3, 3]),
+        "Conv depthwise"
+    );
+    assert_eq!(
+        label(conv(2, [1, 1], [1; 4], [1, 1]), [4, 4, 3, 3]),
+        "Conv im2col"
+    );
+    assert!(conv(3, [1, 1], [0; 4], [1, 1])
+        .kernel_label(&x, &[4, 8, 1, 1])
+        .is_err());
+}
+
+#[test]
+fn taps_that_miss_the_input() {
+    for (stride, seed) in [(1, 5), (2, 6)] {
+        let c = conv(1, [stride, stride], [2; 4], [2, 2]);
+        check(&c, [2, 2, 5, 1], [3, 2, 3, 3], true, Path::Im2col, seed);
+        check(
+            &c,
+            [1, 2, 1, 5],
+            [2, 2, 3, 3],
+            false,
+            Path::Im2col,
+            seed + 10,
+        );
+    }
+}
+
+/// The flat-tap im2col/col2im equal the row-by-row ones wherever they apply, including
+/// asymmetric pads, dilation, kernels as large as the input and taps that miss it entirely.
+#[test]
+fn flat_taps_equal_row_by_row_im2col_and_col2im() {
+    let mut rng = Rng::new(11);
+    let mut flat_cases = 0;
+    for (h, w) in [(1, 1), (2, 3), (5, 4), (7, 7), (6, 9)] {
+        for (kh, kw) in [(1, 1), (3, 3), (1, 3), (3, 1), (5, 5), (3, 5)] {
+            for dil in [1, 2] {
+                for pads in [
+                    [0, 0, 0, 0],
+                    [1, 1, 1, 1],
+                    [2, 0, 0, 2],
+                    [0, 1, 2, 3],
+                    [4, 4, 4, 4],
+                ] {
+                    let c = conv(1, [1, 1], pads, [dil, dil]);
+                    let (xs, ws) = ([1, 2, h, w], [3, 2, kh, kw]);
+                    let Ok(g) = c.geom(&xs, &ws) else { continue };
+                    if g.path != Path::Im2col || !g.flat_taps() {
+                        continue;
+                    }
+                    flat_cases += 1;
+                    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+                    let xv = x.as_slice().unwrap();
+                    let mut a = vec![f32::NAN; g.col_len()];
+                    let mut b = vec![f32::NAN; g.col_len()];
+                    g.im2col(xv, &mut a);
+                    g.im2col_rows(xv, &mut b);
+                    assert_eq!(a, b, "im2col {xs:?} {ws:?} {pads:?} dil {dil}");
+                    let col = rand_array(&mut rng, g.col_len(), -1.0, 1.0).to_vec();
+                    let (mut da, mut db) = (vec![0.0; g.x_len()], vec![0.0; g.x_len()]);
+                    g.col2im(&mut col.clone(), &mut da);
+                    g.col2im_rows(&col, &mut db);
+                    for (i, (p, q)) in da.iter().zip(&db).enumerate() {
+                        assert!((p - q).abs() <= 1e-6, "col2im {xs:?} {ws:?} {pads:?} [{i}]");
+                    }
+                }
+            }
+        }
+    }
+    assert!(flat_cases > 40, "only {flat_cases} flat geometries tried");
+}
+
+/// Not a check: prints forward/backward time and GFLOP/s for ResNet-20-sized layers at batch
+/// 128 on 1 and 2 rayon threads. Run with
+/// `cargo test --release --lib conv_speed -- --ignored --nocapture --test-threads=1` on an
+/// otherwise idle machine.
+#[test]
+#[ignore]
+fn conv_speed_report() {
+    use std::time::Instant;
+    let layers = [
+        (
+            "stem 3->16 k3 32x32",
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [128, 3, 32, 32],
+            [16, 3, 3, 3],
+        ),
+        (
+            "16->16 k3 32x32",
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [128, 16, 32, 32],
+            [16, 16, 3, 3],
+        ),
+        (
+            "16->32 k3 s2 ->16x16",
+            conv(1, [2, 2], [1; 4], [1, 1]),
+            [128, 16, 32, 32],
+            [32, 16, 3, 3],
+        ),
+        (
+            "32->32 k3 16x16",
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [128, 32, 16, 16],
+            [32, 32, 3, 3],
+        ),
+        (
+            "64->64 k3 8x8",
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [128, 64, 8, 8],
+            [64, 64, 3, 3],
+        ),
+        (
+            "1x1 64->32 8x8",
+            conv(1, [1, 1], [0; 4], [1, 1]),
+            [128, 64, 8, 8],
+            [32, 64, 1, 1],
+        ),
+        (
+            "1x1 16->8 32x32",
+            conv(1, [1, 1], [0; 4], [1, 1]),
+            [128, 16, 32, 32],
+            [8, 16, 1, 1],
+        ),
+        (
+            "core 8->8 k3 32x32",
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [128, 8, 32, 32],
+            [8, 8, 3, 3],
+        ),
+        (
+            "dw 64 k3 8x8",
+            conv(64, [1, 1], [1; 4], [1, 1]),
+            [128, 64, 8, 8],
+            [64, 1, 3, 3],
+        ),
+    ];
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        println!("--- {threads} thread(s), batch 128");
+        for (name, c, xs, ws) in &layers {
+            let mut rng = Rng::new(1);
+            let x = rand_array(&mut rng, *xs, -1.0, 1.0);
+            let w = rand_array(&mut rng, *ws, -1.0, 1.0);
+            let y = c.forward(x.view(), w.view(), None).unwrap();
+            let dy = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+            let macs = (y.len() * ws[1] * ws[2] * ws[3]) as f64;
+            let time = |f: &(dyn Fn() + Sync)| {
+                pool.install(f);
+                median(
+                    (0..5)
+                        .map(|_| {
+                            let t = Instant::now();
+                            pool.install(f);
+                            t.elapsed().as_secs_f64()
+                        })
+                        .collect(),
+                )
+            };
+            let tf = time(&|| {
+                c.forward(x.view(), w.view(), None).unwrap();
+            });
+            let tb = time(&|| {
+                c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+            });
+            println!(
+                "{name:24} fwd {:7.2} ms {:6.1} GFLOP/s | bwd(dx+dw) {:7.2} ms {:6.1} GFLOP/s",
+                tf * 1e3,
+                2.0 * macs / tf / 1e9,
+                tb * 1e3,
+                4.0 * macs / tb / 1e9
+            );
+        }
+    }
+}
