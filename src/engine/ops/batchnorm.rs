@@ -507,23 +507,35 @@ mod tests {
         }
     }
 
+    impl Case {
+        /// Training-mode forward from fresh running statistics (mean 0, variance 1): the
+        /// output, what backward needs, and the updated statistics.
+        fn train(
+            &self,
+            bn: &BatchNorm2d,
+        ) -> (Array4<f32>, BatchNormSaved, Array1<f32>, Array1<f32>) {
+            let c = self.x.shape()[1];
+            let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
+            let (y, saved) = bn
+                .forward_train(
+                    self.x.view(),
+                    self.scale.view(),
+                    self.bias.view(),
+                    rm.view_mut(),
+                    rv.view_mut(),
+                )
+                .unwrap();
+            (y, saved, rm, rv)
+        }
+    }
+
     fn check_train(shape: [usize; 4], seed: u64) {
         check_train_with(BatchNorm2d::default(), shape, seed);
     }
 
     fn check_train_with(bn: BatchNorm2d, shape: [usize; 4], seed: u64) {
         let t = case(shape, seed);
-        let c = shape[1];
-        let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
-        let (y, saved) = bn
-            .forward_train(
-                t.x.view(),
-                t.scale.view(),
-                t.bias.view(),
-                rm.view_mut(),
-                rv.view_mut(),
-            )
-            .unwrap();
+        let (y, saved, _, _) = t.train(&bn);
         let yr = bn
             .reference_train(t.x.view(), t.scale.view(), t.bias.view())
             .unwrap();
@@ -588,21 +600,7 @@ mod tests {
         };
         for (shape, seed) in [([4, 6, 5, 7], 21), ([2, 3, 8, 8], 22), ([6, 2, 1, 1], 23)] {
             let t = case(shape, seed);
-            let c = shape[1];
-            let run = |bn: &BatchNorm2d| {
-                let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
-                let (y, saved) = bn
-                    .forward_train(
-                        t.x.view(),
-                        t.scale.view(),
-                        t.bias.view(),
-                        rm.view_mut(),
-                        rv.view_mut(),
-                    )
-                    .unwrap();
-                (y, saved, rm, rv)
-            };
-            let (y, saved, rm, rv) = run(&plain);
+            let (y, saved, rm, rv) = t.train(&plain);
             let relu = Activation::Relu;
             let z = relu.forward(y.view().into_dyn()).unwrap();
             let dy = relu
@@ -613,7 +611,7 @@ mod tests {
             let g = plain
                 .backward_train(t.x.view(), t.scale.view(), &saved, dy.view())
                 .unwrap();
-            let (zf, saved_f, rmf, rvf) = run(&fused);
+            let (zf, saved_f, rmf, rvf) = t.train(&fused);
             let gf = fused
                 .backward_train(t.x.view(), t.scale.view(), &saved_f, t.r.view())
                 .unwrap();
@@ -640,16 +638,7 @@ mod tests {
         }
         // A backward that expects the fused ReLU refuses a forward that ran without it.
         let t = case([2, 2, 3, 3], 24);
-        let (mut rm, mut rv) = (Array1::zeros(2), Array1::ones(2));
-        let (_, saved) = plain
-            .forward_train(
-                t.x.view(),
-                t.scale.view(),
-                t.bias.view(),
-                rm.view_mut(),
-                rv.view_mut(),
-            )
-            .unwrap();
+        let (_, saved, _, _) = t.train(&plain);
         assert!(fused
             .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
             .is_err());
