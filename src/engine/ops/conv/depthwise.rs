@@ -17,6 +17,11 @@ impl Geom {
                 let (yoff, xoff) = self.tap_offsets(ki, kj);
                 let (ylo, yhi) = valid_range(self.oh, self.h, self.sh, yoff);
                 let xr = valid_range(self.ow, self.w, self.sw, xoff);
+                if xr.0 >= xr.1 {
+                    // The tap misses the input in every output column (a dilated tap beyond a
+                    // narrow input): nothing to add, and `xlo + xoff` would index before the row.
+                    continue;
+                }
                 for oy in ylo..yhi {
                     let iy = ((oy * self.sh) as isize + yoff) as usize;
                     f(ki * self.kw + kj, oy, iy, xr, xoff);

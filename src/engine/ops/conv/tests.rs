@@ -19,6 +19,21 @@ fn conv(group: usize, strides: [usize; 2], pads: [usize; 4], dilations: [usize; 
 fn check(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], bias: bool, expect: Path, seed: u64) {
     let g = c.geom(&xs, &ws).unwrap();
     assert_eq!(g.path, expect, "path chosen for {c:?}");
+    check_against_reference(c, xs, ws, bias, seed, assert_grad);
+}
+
+type GradCheck = fn(&str, &ndarray::ArrayView4<f32>, &ndarray::ArrayView4<f64>);
+
+/// Forward against the reference, every gradient against finite differences; `grad_check` is
+/// [`assert_grad`], or [`assert_grad_or_zero`] for random geometries that may ignore the input.
+fn check_against_reference(
+    c: &Conv2d,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    bias: bool,
+    seed: u64,
+    grad_check: GradCheck,
+) {
     let mut rng = Rng::new(seed);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -44,9 +59,9 @@ fn check(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], bias: bool, expect: Path, s
         )
     };
     let fdx = fd_grad(&x64, |x| loss(x, &w64, b64.as_ref()));
-    assert_grad("dx", &grads.dx.as_ref().unwrap().view(), &fdx.view());
+    grad_check("dx", &grads.dx.as_ref().unwrap().view(), &fdx.view());
     let fdw = fd_grad(&w64, |w| loss(&x64, w, b64.as_ref()));
-    assert_grad("dw", &grads.dw.view(), &fdw.view());
+    grad_check("dw", &grads.dw.view(), &fdw.view());
     if let Some(b64) = &b64 {
         let fdb = fd_grad(b64, |b| loss(&x64, &w64, Some(b)));
         assert_grad("db", &grads.db.view(), &fdb.view());
@@ -504,6 +519,20 @@ fn kernel_labels_name_the_path_that_runs() {
         .is_err());
 }
 
+/// Found by the geometry property: a strided depthwise conv whose dilated side taps miss a
+/// 1-pixel-wide input in every output column indexed before the row and panicked.
+#[test]
+fn depthwise_tap_missing_a_narrow_input() {
+    check(
+        &conv(2, [2, 1], [0, 2, 0, 2], [1, 2]),
+        [1, 2, 2, 1],
+        [2, 1, 1, 3],
+        false,
+        Path::Depthwise,
+        31,
+    );
+}
+
 #[test]
 fn taps_that_miss_the_input() {
     for (stride, seed) in [(1, 5), (2, 6)] {
@@ -562,6 +591,118 @@ fn flat_taps_equal_row_by_row_im2col_and_col2im() {
         }
     }
     assert!(flat_cases > 40, "only {flat_cases} flat geometries tried");
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A conv geometry drawn at random, valid or not: small enough for finite differences.
+    #[derive(Clone, Debug)]
+    struct Case {
+        conv: Conv2d,
+        xs: [usize; 4],
+        ws: [usize; 4],
+        bias: bool,
+        seed: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (
+            (
+                1..3usize,
+                1..4usize,
+                1..3usize,
+                1..4usize,
+                1..9usize,
+                1..9usize,
+            ),
+            (
+                1..4usize,
+                1..4usize,
+                [1..3usize, 1..3usize],
+                [1..3usize, 1..3usize],
+            ),
+            (
+                [0..3usize, 0..3usize, 0..3usize, 0..3usize],
+                any::<bool>(),
+                any::<u64>(),
+            ),
+            prop_oneof![Just(false), Just(true)],
+        )
+            .prop_map(
+                |(
+                    (n, group, cig, cog, h, w),
+                    (kh, kw, strides, dilations),
+                    (pads, bias, seed),
+                    dw,
+                )| {
+                    // Half the cases with one input channel per group: the depthwise path.
+                    let cig = if dw { 1 } else { cig };
+                    Case {
+                        conv: conv(group, strides, pads, dilations),
+                        xs: [n, group * cig, h, w],
+                        ws: [group * cog, cig, kh, kw],
+                        bias,
+                        seed,
+                    }
+                },
+            )
+    }
+
+    /// Any geometry the op accepts: the fast path equals the seven-loop reference and every
+    /// gradient matches finite differences, whichever path (pointwise, depthwise, im2col with
+    /// flat or row-by-row taps) runs it. Any geometry it refuses: an error, not a panic, from
+    /// shape inference, forward and backward alike.
+    #[test]
+    fn any_geometry_matches_the_reference_or_is_refused() {
+        // ELRT_PROPTEST_CASES=5000 for a longer hunt.
+        let cases = std::env::var("ELRT_PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        let config = proptest::test_runner::Config {
+            cases,
+            failure_persistence: None,
+            ..Default::default()
+        };
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let accepted = std::cell::Cell::new(0);
+        runner
+            .run(&case(), |t| {
+                match t.conv.output_shape(&t.xs, &t.ws) {
+                    Ok(_) => {
+                        accepted.set(accepted.get() + 1);
+                        check_against_reference(
+                            &t.conv,
+                            t.xs,
+                            t.ws,
+                            t.bias,
+                            t.seed,
+                            assert_grad_or_zero,
+                        )
+                    }
+                    Err(_) => {
+                        let x = Array4::<f32>::zeros(t.xs);
+                        let w = Array4::<f32>::zeros(t.ws);
+                        prop_assert!(t.conv.forward(x.view(), w.view(), None).is_err());
+                        let dy = Array4::<f32>::zeros([1, 1, 1, 1]);
+                        prop_assert!(t
+                            .conv
+                            .backward(x.view(), w.view(), dy.view(), true)
+                            .is_err());
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        // Enough of the draws are valid convolutions for the property to mean something.
+        assert!(
+            accepted.get() * 3 >= cases,
+            "only {} of {cases} geometries accepted",
+            accepted.get()
+        );
+    }
 }
 
 /// Not a check: prints forward/backward time and GFLOP/s for ResNet-20-sized layers at batch
