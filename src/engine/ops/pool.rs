@@ -301,7 +301,12 @@ impl AveragePool2d {
             let start = (o * s) as isize - p as isize;
             let end = (start + k as isize).min((n_in + p_end) as isize);
             let padded_len = (end - start) as usize;
-            let (a, b) = (start.max(0) as usize, (end.max(0) as usize).min(n_in));
+            // Both ends clamped into the input: a window wholly in the end padding (pads wider
+            // than the kernel) is an empty range at `n_in`, not one starting past the row.
+            let (a, b) = (
+                (start.max(0) as usize).min(n_in),
+                (end.max(0) as usize).min(n_in),
+            );
             (padded_len, a, b.max(a))
         };
         let (ph, y0, y1) = span(oy, g.sh, g.pt, g.kh, g.h, g.pb);
@@ -484,7 +489,13 @@ mod tests {
         Array4::from_shape_vec(shape, v).unwrap()
     }
 
+    type GradCheck = fn(&str, &ndarray::ArrayView4<f32>, &ndarray::ArrayView4<f64>);
+
     fn check_max(p: MaxPool2d, xs: [usize; 4], seed: u64) {
+        check_max_with(p, xs, seed, assert_grad);
+    }
+
+    fn check_max_with(p: MaxPool2d, xs: [usize; 4], seed: u64, grad_check: GradCheck) {
         let mut rng = Rng::new(seed);
         let x = distinct(&mut rng, xs);
         let (y, saved) = p.forward(x.view()).unwrap();
@@ -501,10 +512,14 @@ mod tests {
         let fd = fd_grad(&to_f64(&x.view()), |x| {
             dot_loss(&p.reference(x.view()).unwrap(), &r64)
         });
-        assert_grad("dx", &dx.view(), &fd.view());
+        grad_check("dx", &dx.view(), &fd.view());
     }
 
     fn check_avg(p: AveragePool2d, xs: [usize; 4], seed: u64) {
+        check_avg_with(p, xs, seed, assert_grad);
+    }
+
+    fn check_avg_with(p: AveragePool2d, xs: [usize; 4], seed: u64, grad_check: GradCheck) {
         let mut rng = Rng::new(seed);
         let x = rand_array(&mut rng, xs, -1.0, 1.0);
         let y = p.forward(x.view()).unwrap();
@@ -521,7 +536,7 @@ mod tests {
         let fd = fd_grad(&to_f64(&x.view()), |x| {
             dot_loss(&p.reference(x.view()).unwrap(), &r64)
         });
-        assert_grad("dx", &dx.view(), &fd.view());
+        grad_check("dx", &dx.view(), &fd.view());
     }
 
     fn maxp(
@@ -553,6 +568,85 @@ mod tests {
             pads,
             ceil_mode,
             count_include_pad,
+        }
+    }
+
+    /// Any pooling geometry the ops accept matches the reference and finite differences; any
+    /// they refuse gives an error, never a panic (the property that found the depthwise conv's
+    /// out-of-row tap, run over the window arithmetic pooling shares with it).
+    #[test]
+    fn any_pool_geometry_matches_the_reference_or_is_refused() {
+        use proptest::prelude::*;
+        let cases = std::env::var("ELRT_PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        let config = proptest::test_runner::Config {
+            cases,
+            failure_persistence: None,
+            ..Default::default()
+        };
+        let geometry = (
+            (1..3usize, 1..3usize, 1..8usize, 1..8usize),
+            (
+                [1..4usize, 1..4usize],
+                [1..3usize, 1..3usize],
+                [1..3usize, 1..3usize],
+            ),
+            (
+                [0..3usize, 0..3usize, 0..3usize, 0..3usize],
+                any::<bool>(),
+                any::<bool>(),
+            ),
+            any::<u64>(),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(config);
+        let accepted = std::cell::Cell::new(0);
+        runner
+            .run(
+                &geometry,
+                |((n, c, h, w), (k, s, d), (pads, ceil, incl), seed)| {
+                    let xs = [n, c, h, w];
+                    let max = maxp(k, s, pads, d, ceil);
+                    let avg = avgp(k, s, pads, ceil, incl);
+                    let zeros = Array4::<f32>::zeros(xs);
+                    match max.output_shape(&xs) {
+                        Ok(_) => {
+                            accepted.set(accepted.get() + 1);
+                            check_max_with(max, xs, seed, assert_grad_or_zero);
+                        }
+                        Err(_) => prop_assert!(max.forward(zeros.view()).is_err()),
+                    }
+                    match avg.output_shape(&xs) {
+                        Ok(_) => check_avg_with(avg, xs, seed, assert_grad_or_zero),
+                        Err(_) => prop_assert!(avg.forward(zeros.view()).is_err()),
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert!(
+            accepted.get() * 3 >= cases,
+            "only {} of {cases} geometries accepted",
+            accepted.get()
+        );
+    }
+
+    /// Found by the geometry property: with pads wider than the kernel, a window lying wholly in
+    /// the end padding sliced from past the row and panicked.
+    #[test]
+    fn avg_window_wholly_in_end_padding() {
+        for incl in [false, true] {
+            check_avg(
+                avgp([2, 1], [1, 1], [0, 0, 1, 2], false, incl),
+                [1, 1, 1, 1],
+                5,
+            );
+            check_avg(
+                avgp([1, 1], [1, 1], [0, 0, 2, 2], false, incl),
+                [1, 2, 2, 2],
+                6,
+            );
         }
     }
 
