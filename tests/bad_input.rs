@@ -203,3 +203,124 @@ fn bad_input_shape_flag() {
         assert!(err.contains(want), "{shape}: {err}");
     }
 }
+
+/// Structured fuzzing: ResNet-20 with one or two random corruptions (an attribute value, an
+/// initializer dimension, a node input, an op type, a dropped node, the input shape). Reading,
+/// shape inference, compiling and one forward pass must each either work or return an error:
+/// never panic. `ELRT_PROPTEST_CASES` runs more cases.
+#[test]
+fn corrupted_models_give_errors_not_panics() {
+    use proptest::prelude::*;
+
+    let base = resnet20();
+    let cases = std::env::var("ELRT_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..Default::default()
+    };
+    let values = [-3i64, -1, 0, 1, 2, 3, 7, i64::MAX, i64::MIN];
+    let ops = [
+        "Relu",
+        "Add",
+        "Conv",
+        "Flatten",
+        "GlobalAveragePool",
+        "Gemm",
+        "Identity",
+    ];
+    let mutation = (
+        0..6usize,
+        any::<u32>(),
+        any::<u32>(),
+        0..values.len(),
+        0..ops.len(),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let outcomes = std::cell::Cell::new([0usize; 2]);
+    runner
+        .run(&prop::collection::vec(mutation, 1..3), |muts| {
+            let mut m = base.clone();
+            let g = m.graph.as_mut().unwrap();
+            for (kind, a, b, v, op) in muts {
+                let value = values[v];
+                match kind {
+                    0 => {
+                        let k = a as usize % g.node.len();
+                        let n = &mut g.node[k];
+                        let j = b as usize % n.attribute.len().max(1);
+                        if let Some(at) = n.attribute.get_mut(j) {
+                            if at.ints.is_empty() {
+                                at.i = value;
+                            } else {
+                                let k = (b as usize / 7) % at.ints.len();
+                                at.ints[k] = value;
+                            }
+                        }
+                    }
+                    1 => {
+                        let k = a as usize % g.initializer.len();
+                        let t = &mut g.initializer[k];
+                        if !t.dims.is_empty() {
+                            let k = b as usize % t.dims.len();
+                            t.dims[k] = value;
+                        }
+                    }
+                    2 => {
+                        let names: Vec<String> =
+                            g.initializer.iter().map(|t| t.name.clone()).collect();
+                        let k = a as usize % g.node.len();
+                        let n = &mut g.node[k];
+                        if !n.input.is_empty() {
+                            let k = b as usize % n.input.len();
+                            n.input[k] = match v % 3 {
+                                0 => String::new(),
+                                1 => "no_such_value".into(),
+                                _ => names[b as usize % names.len()].clone(),
+                            };
+                        }
+                    }
+                    3 => {
+                        let k = a as usize % g.node.len();
+                        g.node[k].op_type = ops[op].into();
+                    }
+                    4 => {
+                        let k = a as usize % g.node.len();
+                        g.node.remove(k);
+                    }
+                    _ => {
+                        let dims = &mut g.input[0]
+                            .type_
+                            .as_mut()
+                            .unwrap()
+                            .mut_tensor_type()
+                            .shape
+                            .as_mut()
+                            .unwrap()
+                            .dim;
+                        let k = a as usize % dims.len();
+                        // Valid but large sizes would only make the forward slow; keep them small.
+                        dims[k].set_dim_value(value.clamp(i64::MIN, 40));
+                    }
+                }
+            }
+            let ran = elrt::onnx::read::read_model(&m)
+                .and_then(|graph| elrt::engine::model::Model::from_graph(graph, 2))
+                .and_then(|mut model| {
+                    let x = ndarray::ArrayD::zeros(model.input_shape.clone());
+                    model.forward(x, elrt::engine::exec::Mode::Eval)
+                });
+            outcomes.set([
+                outcomes.get()[0] + ran.is_ok() as usize,
+                outcomes.get()[1] + ran.is_err() as usize,
+            ]);
+            Ok(())
+        })
+        .unwrap();
+    // Both sides were exercised: corruptions that still run and ones that are refused.
+    let [ok, refused] = outcomes.get();
+    assert!(ok > 0 && refused > cases as usize / 4, "{ok} ran, {refused} refused");
+}
