@@ -322,5 +322,8 @@ fn corrupted_models_give_errors_not_panics() {
         .unwrap();
     // Both sides were exercised: corruptions that still run and ones that are refused.
     let [ok, refused] = outcomes.get();
-    assert!(ok > 0 && refused > cases as usize / 4, "{ok} ran, {refused} refused");
+    assert!(
+        ok > 0 && refused > cases as usize / 4,
+        "{ok} ran, {refused} refused"
+    );
 }

@@ -720,3 +720,94 @@ fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay
         "per-conv: {s} vs 2 x {kaiming}"
     );
 }
+
+/// Any ratio/params/macs policy, rank multiple, format, init and include flags on the committed
+/// models: the rewrite either reports valid ranks (1 to the channel count, fewer params and
+/// MACs per factorized layer) on a graph the engine compiles and runs, or returns an error;
+/// never a panic. `ELRT_PROPTEST_CASES` runs more cases.
+#[test]
+fn any_rank_request_on_the_zoo_converts_validly_or_is_refused() {
+    use proptest::prelude::*;
+    let files = ["resnet20.onnx", "resnet20_eval.onnx", "mobilenetv2.onnx"];
+    let graphs: Vec<Graph> = files
+        .iter()
+        .map(|f| elrt::onnx::read_file(&common::repo().join("models").join(f)).unwrap())
+        .collect();
+    let cases = std::env::var("ELRT_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..Default::default()
+    };
+    let request = (
+        (0..files.len(), 0..3usize, 0.0f32..1.2, 1..17usize),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let converted = std::cell::Cell::new(0);
+    runner
+        .run(
+            &request,
+            |((file, policy, f, multiple), (cp, first, pw, gemm, orth))| {
+                let ranks = match policy {
+                    0 => RankPolicy::Ratio(f),
+                    1 => RankPolicy::Params(f),
+                    _ => RankPolicy::Macs(f),
+                };
+                let opts = ConvertOptions {
+                    format: if cp { Format::Cp } else { Format::Tucker2 },
+                    ranks,
+                    rank_multiple: multiple,
+                    include_first: first,
+                    include_pointwise: pw,
+                    include_gemm: gemm,
+                    init: if orth {
+                        InitMode::Orthogonal
+                    } else {
+                        InitMode::Scratch
+                    },
+                    seed: 1,
+                    hooi_iters: 2,
+                    cp_iters: 2,
+                };
+                let mut g = graphs[file].clone();
+                let facts = simplified(&mut g, &[1, 3, 32, 32]);
+                let Ok(report) = convert(&mut g, &facts, &opts) else {
+                    return Ok(());
+                };
+                for l in report.iter().filter(|l| l.status == "factorized") {
+                    prop_assert!(l.ranks.iter().all(|&r| r >= 1), "{l:?}");
+                    // Tucker-2 ranks are bounded by the channels they compress (r_in <= C_in,
+                    // r_out <= C_out); a CP rank is not bounded by any one mode.
+                    if !cp && l.ranks.len() == 2 {
+                        let (co, ci) = (l.weight_shape[0], l.weight_shape[1]);
+                        prop_assert!(l.ranks[0] <= ci && l.ranks[1] <= co, "{l:?}");
+                    }
+                    prop_assert!(
+                        l.params_after < l.params_before || l.macs_after < l.macs_before,
+                        "{l:?}"
+                    );
+                }
+                let mut m = Model::from_graph(g, 1).unwrap();
+                let y = m.forward(rand(&[1, 3, 32, 32], 4), Mode::Eval).unwrap();
+                prop_assert!(y.iter().all(|v| v.is_finite()));
+                converted.set(converted.get() + 1);
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert!(
+        converted.get() * 2 >= cases as usize,
+        "{} converted",
+        converted.get()
+    );
+}
