@@ -259,13 +259,13 @@ pub fn export(
                     min_time: std::time::Duration::from_millis(300),
                 },
             )?;
-            let mut best = 0;
+            let mut scored = Vec::new();
             for (k, t) in times.iter().enumerate() {
                 whole.insert(candidates[k].0.to_string(), t.p50());
-                if t.p50() < times[best].p50() {
-                    best = k;
-                }
+                scored.push((t.p50(), choose::weight_count(&candidates[k].1)));
             }
+            // The fewest weights among the candidates tied with the fastest.
+            let best = choose::pick(&scored);
             let (_, graph, applied) = candidates.into_iter().nth(best).expect("three candidates");
             for l in &mut layers {
                 l.form = applied[&l.layer];
