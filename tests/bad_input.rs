@@ -213,15 +213,8 @@ fn corrupted_models_give_errors_not_panics() {
     use proptest::prelude::*;
 
     let base = resnet20();
-    let cases = std::env::var("ELRT_PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(128);
-    let config = proptest::test_runner::Config {
-        cases,
-        failure_persistence: None,
-        ..Default::default()
-    };
+    // ELRT_PROPTEST_CASES=N for a longer (still deterministic) hunt.
+    let (mut runner, cases) = common::prop_runner(128);
     let values = [-3i64, -1, 0, 1, 2, 3, 7, i64::MAX, i64::MIN];
     let ops = [
         "Relu",
@@ -239,7 +232,6 @@ fn corrupted_models_give_errors_not_panics() {
         0..values.len(),
         0..ops.len(),
     );
-    let mut runner = proptest::test_runner::TestRunner::new(config);
     let outcomes = std::cell::Cell::new([0usize; 2]);
     runner
         .run(&prop::collection::vec(mutation, 1..3), |muts| {

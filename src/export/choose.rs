@@ -41,10 +41,7 @@ pub fn weight_count(g: &Graph) -> usize {
 /// Index of the candidate to keep among `(median ms, weights)`: the fewest weights among those
 /// within [`TIE_MARGIN`] of the fastest, the faster on equal weights.
 pub fn pick(candidates: &[(f64, usize)]) -> usize {
-    let fastest = candidates
-        .iter()
-        .map(|c| c.0)
-        .fold(f64::INFINITY, f64::min);
+    let fastest = candidates.iter().map(|c| c.0).fold(f64::INFINITY, f64::min);
     (0..candidates.len())
         .filter(|&k| candidates[k].0 <= fastest * (1.0 + TIE_MARGIN))
         .min_by(|&a, &b| {

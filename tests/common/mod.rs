@@ -178,3 +178,21 @@ pub fn fails_cleanly<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
     assert!(last.starts_with("error: "), "{err}");
     last
 }
+
+/// A proptest runner with a fixed seed, so that CI sees the same cases on every run (a failure
+/// is reproducible, never flaky), and `default_cases` cases unless `ELRT_PROPTEST_CASES` asks
+/// for more (a longer hunt, still deterministic). Returns the runner and its case count.
+pub fn prop_runner(default_cases: u32) -> (proptest::test_runner::TestRunner, u32) {
+    use proptest::test_runner::{Config, TestRng, TestRunner};
+    let cases = std::env::var("ELRT_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_cases);
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let rng = TestRng::deterministic_rng(config.rng_algorithm);
+    (TestRunner::new_with_rng(config, rng), cases)
+}

@@ -577,15 +577,8 @@ mod tests {
     #[test]
     fn any_pool_geometry_matches_the_reference_or_is_refused() {
         use proptest::prelude::*;
-        let cases = std::env::var("ELRT_PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256);
-        let config = proptest::test_runner::Config {
-            cases,
-            failure_persistence: None,
-            ..Default::default()
-        };
+        // ELRT_PROPTEST_CASES=N for a longer (still deterministic) hunt.
+        let (mut runner, cases) = prop_runner(256);
         let geometry = (
             (1..3usize, 1..3usize, 1..8usize, 1..8usize),
             (
@@ -600,7 +593,6 @@ mod tests {
             ),
             any::<u64>(),
         );
-        let mut runner = proptest::test_runner::TestRunner::new(config);
         let accepted = std::cell::Cell::new(0);
         runner
             .run(

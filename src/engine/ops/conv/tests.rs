@@ -656,17 +656,8 @@ mod properties {
     /// shape inference, forward and backward alike.
     #[test]
     fn any_geometry_matches_the_reference_or_is_refused() {
-        // ELRT_PROPTEST_CASES=5000 for a longer hunt.
-        let cases = std::env::var("ELRT_PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256);
-        let config = proptest::test_runner::Config {
-            cases,
-            failure_persistence: None,
-            ..Default::default()
-        };
-        let mut runner = proptest::test_runner::TestRunner::new(config);
+        // ELRT_PROPTEST_CASES=N for a longer (still deterministic) hunt.
+        let (mut runner, cases) = prop_runner(256);
         let accepted = std::cell::Cell::new(0);
         runner
             .run(&case(), |t| {
