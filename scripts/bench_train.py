@@ -747,7 +747,11 @@ def main() -> int:
     conv_gemm = None
     if "resnet20" in names and "1" in profiles.get("resnet20", {}):
         prof = profiles["resnet20"]["1"]
-        conv_ms = {d: ms for op, d, ms, _ in prof if op == "Conv"}
+        # `elrt speed --profile` files convs by kernel ("Conv 1x1", "Conv im2col", ...).
+        conv_ms = {}
+        for op, d, ms, _ in prof:
+            if op == "Conv" or op.startswith("Conv "):
+                conv_ms[d] = conv_ms.get(d, 0.0) + ms
         conv_s = (conv_ms.get("forward", 0.0) + conv_ms.get("backward", 0.0)) / 1e3
         f = facts["resnet20"]
         flops = 6 * f["conv_macs"] * args.batch
