@@ -224,6 +224,9 @@ def run(cfg, data, epochs, out_dir, steps_limit=None, compile_=False):
              / torch.tensor(CIFAR_STD, device=dev)[:, None])  # [3, 256]
     ch = torch.arange(3, device=dev)[None, :, None, None]
     rho = cfg["rho"]
+    if factors:  # the batched penalty against the per-matrix definition, once per run
+        a, b = dso(factors, 1.0), dso_reference(factors, 1.0)
+        assert torch.allclose(a, b, rtol=1e-4), f"batched DSO {float(a)} != {float(b)}"
 
     def loss_fn(xb, yb):
         logits = model(xb)

@@ -318,8 +318,9 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             }
         }
     }
+    // Per step: the Relu it absorbs (that Relu's outputs and name); and the Relus absorbed.
+    let mut plan: Vec<Option<(Vec<usize>, String)>> = vec![None; steps.len()];
     let mut absorbed = vec![false; steps.len()];
-    let mut plan: Vec<Option<usize>> = vec![None; steps.len()];
     for (i, s) in steps.iter().enumerate() {
         if !matches!(
             s.kernel,
@@ -332,25 +333,21 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             continue;
         }
         if let Some(&[j]) = readers.get(&y).map(Vec::as_slice) {
-            if matches!(steps[j].kernel, Kernel::Act(Activation::Relu)) && !absorbed[j] {
+            if matches!(steps[j].kernel, Kernel::Act(Activation::Relu)) {
                 absorbed[j] = true;
-                plan[i] = Some(j);
+                plan[i] = Some((steps[j].outputs.clone(), steps[j].name.clone()));
             }
         }
     }
-    let relus: HashMap<usize, Step> = steps
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| absorbed[*j])
-        .map(|(j, s)| (j, s.clone()))
-        .collect();
     steps
         .into_iter()
-        .enumerate()
-        .filter(|(j, _)| !absorbed[*j])
-        .map(|(i, mut s)| {
-            let Some(j) = plan[i] else { return s };
-            let relu = &relus[&j];
+        .zip(plan)
+        .zip(absorbed)
+        .filter(|(_, gone)| !gone)
+        .map(|((mut s, relu), _)| {
+            let Some((outputs, name)) = relu else {
+                return s;
+            };
             match &mut s.kernel {
                 Kernel::BatchNorm { op, .. } => {
                     op.relu = true;
@@ -361,8 +358,8 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
                     s.profile_key = "Add+Relu";
                 }
             }
-            s.outputs = relu.outputs.clone();
-            s.absorbed = Some(relu.name.clone());
+            s.outputs = outputs;
+            s.absorbed = Some(name);
             s
         })
         .collect()
