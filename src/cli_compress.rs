@@ -264,8 +264,11 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let model_bytes =
         std::fs::read(&a.model).with_context(|| format!("cannot read {}", a.model.display()))?;
     // Fail on bad data before anything is written: load it once for the model's input shape.
-    let graph =
-        crate::onnx::read_bytes(&model_bytes).with_context(|| a.model.display().to_string())?;
+    let graph = crate::onnx::read_bytes_in(
+        &model_bytes,
+        Some(a.model.parent().unwrap_or(Path::new("."))),
+    )
+    .with_context(|| a.model.display().to_string())?;
     let shape = crate::ir::shape::default_input_shapes(&graph)
         .with_context(|| a.model.display().to_string())?;
     let chw = [shape[0][1], shape[0][2], shape[0][3]];
@@ -492,7 +495,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         |model: PathBuf, output: PathBuf, forms: &str, meta: Vec<String>| ExportArgs {
             model,
             output,
-            batch: 1,
+            batch: None,
             dynamic_batch: false,
             input_shape: None,
             opset: None,

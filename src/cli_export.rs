@@ -24,10 +24,13 @@ pub struct ExportArgs {
     /// The deployment ONNX file to write.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Batch size fixed in the file.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
-    /// Keep the batch dimension symbolic (N); the other dimensions stay fixed.
+    /// Batch size fixed in the file. Default: the source model's convention, i.e. the batch
+    /// its file fixes (PyTorch's exporters fix 1 unless given dynamic axes), or a symbolic batch
+    /// when its file has one.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Declare the batch dimension symbolic (N) whatever the source did; the other dimensions
+    /// stay fixed.
     #[arg(long)]
     pub dynamic_batch: bool,
     /// Image shape when the file's own input shape leaves dimensions unknown.
@@ -104,7 +107,7 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
             a.output.display()
         );
     }
-    if a.batch == 0 || a.threads == 0 {
+    if a.batch == Some(0) || a.threads == 0 {
         bail!("--batch and --threads must be at least 1");
     }
     let forms: FormsPolicy = a.forms.parse()?;

@@ -66,7 +66,7 @@ fn export_args(model: &Path, out: &Path, forms: &str) -> ExportArgs {
     ExportArgs {
         model: model.to_path_buf(),
         output: out.to_path_buf(),
-        batch: 1,
+        batch: Some(1),
         dynamic_batch: false,
         input_shape: None,
         opset: None,

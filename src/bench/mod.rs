@@ -116,12 +116,12 @@ pub fn bench(
             let mut s = vec![b];
             s.extend(shape);
             progress(&format!("loading {} (batch {b})", f.display()));
-            // tract overrides a declared batch when the graph allows it (elrt's exports keep
-            // the batch free in Reshape targets); when it does not, say what to do.
+            // A file that fixes another batch is freed by elrt first (from_path), or refused
+            // with the node that keeps it from running at this batch.
             let m = TractModel::from_path(f, &s, threads).map_err(|e| match fixed {
                 Some(b0) if *b0 != b => e.context(format!(
                     "{}: the file fixes the batch at {b0} and does not run at batch {b}; \
-                     bench it with --batch {b0}, or export it with --dynamic-batch",
+                     bench it with --batch {b0}",
                     f.display()
                 )),
                 _ => e,

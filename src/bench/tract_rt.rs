@@ -62,15 +62,31 @@ impl TractModel {
         TractModel::from_typed(typed, input_shape, threads)
     }
 
+    /// Loads a file as it is, external data included ([`crate::onnx::read::self_contained_bytes`]).
+    /// A file that fixes its batch at another size than `input_shape` is first made
+    /// batch-agnostic by elrt ([`crate::ir::batch::free_batch`]) and handed over as bytes, since
+    /// tract cannot rewrite the constants that carry the batch.
     pub fn from_path(
         path: &std::path::Path,
         input_shape: &[usize],
         threads: usize,
     ) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        TractModel::from_bytes(&bytes, input_shape, threads)
-            .with_context(|| path.display().to_string())
+        let what = || path.display().to_string();
+        let mut g = crate::onnx::read_file(path)?;
+        let mut shapes = vec![input_shape.to_vec()];
+        shapes.extend(
+            crate::ir::shape::default_input_shapes(&g)
+                .with_context(what)?
+                .into_iter()
+                .skip(1),
+        );
+        if crate::ir::batch::needs_freeing(&g, &shapes) {
+            crate::ir::batch::free_batch(&mut g, &shapes).with_context(what)?;
+            let bytes = crate::onnx::write_bytes(&g).with_context(what)?;
+            return TractModel::from_bytes(&bytes, input_shape, threads).with_context(what);
+        }
+        let bytes = crate::onnx::read::self_contained_bytes(path)?;
+        TractModel::from_bytes(&bytes, input_shape, threads).with_context(what)
     }
 
     pub fn from_typed(typed: TypedModel, input_shape: &[usize], threads: usize) -> Result<Self> {

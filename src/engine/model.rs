@@ -48,8 +48,15 @@ impl Model {
         })
     }
 
+    /// The logits (before a final Softmax the file may have, see [`super::program::Head`]).
     pub fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
         self.session.forward(x, mode)
+    }
+
+    /// What the file outputs: the logits with the file's final Softmax, if any, applied.
+    pub fn forward_output(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        let logits = self.session.forward(x, mode)?;
+        Ok(self.session.program.file_output(logits))
     }
 
     /// The graph with the current weights and statistics.

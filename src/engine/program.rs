@@ -96,6 +96,15 @@ pub struct Param {
     pub decay: bool,
 }
 
+/// What the file's output applies to the logits: a classifier exported with its final Softmax
+/// (or LogSoftmax). The engine trains on the logits before it (cross-entropy wants them) and
+/// applies the head only where the file's own output is compared ([`Program::apply_head`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    Softmax,
+    LogSoftmax,
+}
+
 #[derive(Clone, Debug)]
 pub struct Program {
     pub steps: Vec<Step>,
@@ -108,6 +117,33 @@ pub struct Program {
     pub consts: Vec<ArrayD<f32>>,
     /// The batch size the shapes were compiled for.
     pub batch: usize,
+    /// A final Softmax / LogSoftmax over the classes, left out of the steps.
+    pub head: Option<Head>,
+    /// The file's output shape without the batch: `[K]`, or `[K, 1, 1]` where the logits come
+    /// out of a pool.
+    pub file_output_tail: Vec<usize>,
+}
+
+/// `[N, K]`, or `[N, K, 1, ...]`: class scores per image.
+fn is_logits_shape(s: &[usize]) -> bool {
+    s.len() >= 2 && s[2..].iter().all(|&d| d == 1)
+}
+
+/// The output head of a graph: a Softmax or LogSoftmax over axis 1 of the `[batch, classes]`
+/// logits that produces the graph's output. Returns the head and the logits' name.
+fn output_head<'g>(graph: &'g Graph, facts: &Facts, out_name: &str) -> Option<(Head, &'g str)> {
+    let n = graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.first().map(String::as_str) == Some(out_name))?;
+    let (head, axis) = match n.op {
+        Op::Softmax { axis, .. } => (Head::Softmax, axis),
+        Op::LogSoftmax { axis, .. } => (Head::LogSoftmax, axis),
+        _ => return None,
+    };
+    let x = &facts.get(&n.inputs[0])?.shape;
+    (is_logits_shape(x) && norm_axis(axis, x.len()).ok() == Some(1))
+        .then_some((head, n.inputs[0].as_str()))
 }
 
 fn f32_of(t: &Tensor, name: &str) -> Result<ArrayD<f32>> {
@@ -125,11 +161,16 @@ impl Program {
                 graph.inputs.len()
             );
         }
-        let out_name = &graph
+        let mut out_name = graph
             .outputs
             .first()
             .ok_or_else(|| anyhow!("the model has no output"))?
-            .name;
+            .name
+            .as_str();
+        let head = output_head(graph, facts, out_name);
+        if let Some((_, logits)) = head {
+            out_name = logits;
+        }
         let mut slots: HashMap<String, usize> = HashMap::new();
         let input_slot = 0;
         slots.insert(graph.inputs[0].name.clone(), input_slot);
@@ -144,9 +185,14 @@ impl Program {
         let mut state_ids: HashMap<String, usize> = HashMap::new();
         let mut consts: Vec<ArrayD<f32>> = Vec::new();
         let mut const_ids: HashMap<String, usize> = HashMap::new();
-        let mut steps = Vec::with_capacity(graph.nodes.len());
+        let mut steps = Vec::with_capacity(graph.nodes.len() + 1);
 
         for node in &graph.nodes {
+            if head.is_some()
+                && node.outputs.first().map(String::as_str) == Some(&graph.outputs[0].name)
+            {
+                continue; // the head, applied outside the steps
+            }
             let what = || format!("node '{}' ({})", node.name, node.op.onnx_type());
             let shape_of = |v: &str| -> Result<&Vec<usize>> {
                 facts
@@ -159,10 +205,14 @@ impl Program {
             let param_inputs = node.op.param_inputs();
             // Inputs: trainable parameters, BN statistics (state), constants or slots.
             let mut inputs = Vec::new();
-            let mut data_arity = node.inputs.len();
-            if let Op::BatchNorm(_) = node.op {
-                data_arity = 3;
-            }
+            // BN's statistics are state (below); a Reshape's target shape is compile-time
+            // information (the kernel takes the output shape from the facts), often an integer
+            // initializer that is no tensor the engine computes with.
+            let data_arity = match node.op {
+                Op::BatchNorm(_) => 3,
+                Op::Reshape { .. } => 1,
+                _ => node.inputs.len(),
+            };
             for (i, name) in node.inputs.iter().enumerate().take(data_arity) {
                 if name.is_empty() {
                     continue;
@@ -261,15 +311,35 @@ impl Program {
                 outputs,
             });
         }
-        let output_slot = *slots
+        let mut output_slot = *slots
             .get(out_name)
             .ok_or_else(|| anyhow!("the output '{out_name}' is not computed by any node"))?;
-        let out_shape = &facts[out_name].shape;
-        if out_shape.len() != 2 {
+        let out_shape = facts[out_name].shape.clone();
+        if !is_logits_shape(&out_shape) {
             bail!(
                 "the output '{out_name}' has shape {out_shape:?}; a classifier's logits are [batch, classes]"
             );
         }
+        if out_shape.len() > 2 {
+            // [N, K, 1, 1] logits (Caffe2-era models end in a pool): trained as [N, K].
+            let id = slots.len();
+            slots.insert(format!("{out_name}/as_2d"), id);
+            steps.push(Step {
+                name: format!("{out_name}/as_2d"),
+                op_type: "Reshape",
+                profile_key: "Reshape",
+                absorbed: None,
+                kernel: Kernel::Reshape {
+                    tail: vec![out_shape[1]],
+                    batch_major: true,
+                    fixed: out_shape[..2].to_vec(),
+                },
+                inputs: vec![Src::Slot(output_slot)],
+                outputs: vec![id],
+            });
+            output_slot = id;
+        }
+        let file_output_tail = facts[&graph.outputs[0].name].shape[1..].to_vec();
         let steps = fuse_relu(steps, output_slot);
         Ok(Program {
             steps,
@@ -280,7 +350,29 @@ impl Program {
             state,
             consts,
             batch,
+            head: head.map(|(h, _)| h),
+            file_output_tail,
         })
+    }
+
+    /// The file's output from the `[N, K]` logits: the head applied row by row (max-shifted,
+    /// as onnxruntime computes it), in the file's output shape.
+    pub fn file_output(&self, logits: ArrayD<f32>) -> ArrayD<f32> {
+        let mut y = logits;
+        if let Some(head) = self.head {
+            for mut row in y.rows_mut() {
+                let m = row.fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let sum: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                match head {
+                    Head::Softmax => row.mapv_inplace(|v| (v - m).exp() / sum),
+                    Head::LogSoftmax => row.mapv_inplace(|v| v - m - sum.ln()),
+                }
+            }
+        }
+        let mut shape = vec![y.shape()[0]];
+        shape.extend(&self.file_output_tail);
+        y.into_shape_with_order(shape)
+            .expect("the logits hold the file's output")
     }
 
     /// Number of classes of the logits.
@@ -592,7 +684,28 @@ fn kernel_for(
             batch_major: true,
             fixed: out.to_vec(),
         },
-        Op::DynSlice | Op::Shape(_) | Op::Gather { .. } | Op::Cast { .. } => bail!(
+        Op::Sum => match node.inputs.len() {
+            1 => Kernel::Reshape {
+                tail: out.get(1..).unwrap_or_default().to_vec(),
+                batch_major: true,
+                fixed: out.to_vec(),
+            },
+            2 => Kernel::Binary(BinOp::Add),
+            k => bail!("Sum of {k} inputs cannot be trained (two at most)"),
+        },
+        Op::Softmax { .. } | Op::LogSoftmax { .. } => bail!(
+            "{} inside the network cannot be trained (only as the classifier's last op)",
+            node.op.onnx_type()
+        ),
+        Op::DynSlice
+        | Op::Shape(_)
+        | Op::Gather { .. }
+        | Op::Cast { .. }
+        | Op::ConstantOfShape { .. }
+        | Op::Range
+        | Op::Expand
+        | Op::Where
+        | Op::Equal => bail!(
             "op '{}' computes on run-time values the engine cannot train through",
             node.op.onnx_type()
         ),

@@ -56,9 +56,11 @@ impl FormsPolicy {
 
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
-    /// Batch size fixed in the file.
-    pub batch: usize,
-    /// Declare the batch symbolic (`N`) instead; the other dimensions stay fixed.
+    /// Batch size fixed in the file; `None` keeps the source model's convention
+    /// ([`crate::ir::batch::source_batch`]): its fixed batch, or a symbolic one.
+    pub batch: Option<usize>,
+    /// Declare the batch symbolic (`N`) whatever the source did; the other dimensions stay
+    /// fixed.
     pub dynamic_batch: bool,
     /// `[C, H, W]` when the file's own input shape has unknown dimensions.
     pub image_shape: Option<Vec<usize>>,
@@ -74,7 +76,7 @@ pub struct ExportOptions {
 impl Default for ExportOptions {
     fn default() -> Self {
         ExportOptions {
-            batch: 1,
+            batch: None,
             dynamic_batch: false,
             image_shape: None,
             opset: None,
@@ -110,6 +112,20 @@ pub struct ExportReport {
     pub nodes: usize,
 }
 
+impl ExportOptions {
+    /// The batch the file is checked and declared at, and whether it is declared symbolic:
+    /// `--batch N` fixes N, `--dynamic-batch` declares it symbolic, and neither keeps the
+    /// source's convention (a fixed batch, or a symbolic one checked at 1).
+    pub fn batch_for(&self, g: &Graph) -> (usize, bool) {
+        let source = crate::ir::batch::source_batch(g);
+        match (self.batch, self.dynamic_batch) {
+            (b, true) => (b.unwrap_or(1), true),
+            (Some(b), false) => (b, false),
+            (None, false) => (source.unwrap_or(1), source.is_none()),
+        }
+    }
+}
+
 /// The deployment input shape: `[batch, C, H, W]`.
 pub fn input_shape(g: &Graph, opts: &ExportOptions) -> Result<Vec<usize>> {
     if g.inputs.len() != 1 {
@@ -120,7 +136,7 @@ pub fn input_shape(g: &Graph, opts: &ExportOptions) -> Result<Vec<usize>> {
     }
     let mut s = match &opts.image_shape {
         Some(chw) => {
-            let mut s = vec![opts.batch];
+            let mut s = vec![1];
             s.extend(chw);
             s
         }
@@ -128,7 +144,7 @@ pub fn input_shape(g: &Graph, opts: &ExportOptions) -> Result<Vec<usize>> {
             .context("the input shape cannot be fixed; give --input-shape C,H,W")?
             .remove(0),
     };
-    s[0] = opts.batch;
+    s[0] = opts.batch_for(g).0;
     Ok(s)
 }
 
@@ -180,6 +196,7 @@ pub fn export(
     mut progress: impl FnMut(&str),
 ) -> Result<(Graph, ExportReport)> {
     let shape = input_shape(&g, opts)?;
+    let dynamic_batch = opts.batch_for(&g).1;
     refacts(&mut g, &shape)?;
     let fold = fold_bn::fold_batchnorm(&mut g)?;
     let facts = refacts(&mut g, &shape)?;
@@ -276,7 +293,7 @@ pub fn export(
     let facts = refacts(&mut g, &shape)?;
     // Declared shapes: fixed, or a symbolic batch.
     let batch_dim = |d: usize| {
-        if opts.dynamic_batch {
+        if dynamic_batch {
             Dim::Sym("N".into())
         } else {
             Dim::Fixed(d)
@@ -314,7 +331,7 @@ pub fn export(
         ("elrt.export.forms".to_string(), forms_summary(&layers)),
         (
             "elrt.export.input_shape".to_string(),
-            if opts.dynamic_batch {
+            if dynamic_batch {
                 format!("N,{}", join(&shape[1..]))
             } else {
                 join(&shape)
@@ -331,7 +348,7 @@ pub fn export(
     }
     let report = ExportReport {
         input_shape: shape,
-        dynamic_batch: opts.dynamic_batch,
+        dynamic_batch,
         opset: g.opset,
         bn_folded: fold.folded,
         bn_kept: fold.kept,

@@ -105,7 +105,7 @@ impl Validator {
 
     /// Compares one batch; fails past the tolerance, naming the first diverging node.
     pub fn check(&mut self, x: &ArrayD<f32>) -> Result<(Vec<usize>, Vec<usize>)> {
-        let want = self.reference.forward(x.clone(), Mode::Eval)?;
+        let want = self.reference.forward_output(x.clone(), Mode::Eval)?;
         let got = self.tract.run(x)?;
         if got.shape() != want.shape() {
             bail!(
@@ -179,7 +179,7 @@ impl Validator {
             }
         }
         let exported_out = engine.last().map(|(_, a)| a.clone());
-        let reference_out = self.reference.forward(x.clone(), Mode::Eval);
+        let reference_out = self.reference.forward_output(x.clone(), Mode::Eval);
         match (exported_out, reference_out) {
             (Some(e), Ok(r)) if rel_diff(&e, &r) > self.tolerance => format!(
                 "the exported graph itself differs from the trained one by {:.2e} relative in \

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 
+use super::ops::SoftmaxAxes;
 use super::shape::{dyn_slice_params, infer, Facts};
 use super::{Graph, Op, Tensor};
 
@@ -13,15 +14,22 @@ pub struct FoldOptions {
 }
 
 /// Folds and cleans the graph for the given input shapes, returning the facts of the result.
+/// A file that fixes its batch at another size than asked is first made batch-agnostic
+/// ([`super::batch::free_batch`]).
 pub fn simplify(
     graph: &mut Graph,
     input_shapes: &[Vec<usize>],
     opts: FoldOptions,
 ) -> Result<Facts> {
+    if super::batch::needs_freeing(graph, input_shapes) {
+        super::batch::free_batch(graph, input_shapes)?;
+    }
     let facts = infer(graph, input_shapes)?;
     let folded = fold_constants(graph, &facts);
     keep_batch_in_folded_reshapes(graph, &facts, &folded);
     resolve_dynamic(graph, &facts)?;
+    clear_needless_allowzero(graph);
+    modernize_softmax(graph, &facts);
     remove_passthrough(graph, opts);
     graph.prune();
     graph.check()?;
@@ -95,6 +103,40 @@ fn resolve_dynamic(graph: &mut Graph, facts: &Facts) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `allowzero` only changes what a 0 in a Reshape target means; with a constant target that
+/// holds no 0 it is dropped, so the node can be written below opset 14 (PyTorch's dynamo
+/// exporter sets it on every Reshape).
+fn clear_needless_allowzero(graph: &mut Graph) {
+    for n in &mut graph.nodes {
+        if let Op::Reshape { allowzero } = &mut n.op {
+            let target = n.inputs.get(1).and_then(|t| graph.initializers.get(t));
+            if *allowzero && target.is_some_and(|t| !t.to_i64s().contains(&0)) {
+                *allowzero = false;
+            }
+        }
+    }
+}
+
+/// A Softmax with the pre-opset-13 meaning (the input flattened to 2-D from `axis` on) means
+/// the same as one along `axis` alone when the axes after it all have size 1 (a classifier's
+/// `[N, K, 1, 1]` scores) or there are none; it is marked so, and can then be written at any
+/// opset.
+fn modernize_softmax(graph: &mut Graph, facts: &Facts) {
+    for n in &mut graph.nodes {
+        if let Op::Softmax { axis, axes } | Op::LogSoftmax { axis, axes } = &mut n.op {
+            let Some(x) = facts.get(&n.inputs[0]) else {
+                continue;
+            };
+            let Ok(a) = super::shape::norm_axis(*axis, x.shape.len()) else {
+                continue;
+            };
+            if x.shape[a + 1..].iter().all(|&d| d == 1) {
+                *axes = SoftmaxAxes::Either;
+            }
+        }
+    }
 }
 
 fn is_graph_output(graph: &Graph, names: &[String]) -> bool {

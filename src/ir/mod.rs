@@ -8,6 +8,7 @@ mod tensor;
 pub use graph::{Dim, Graph, ModelMeta, Node, ValueInfo};
 pub use ops::Op;
 pub use tensor::{ElemType, Tensor};
+pub mod batch;
 pub mod bn_insert;
 pub mod cost;
 pub mod fold;

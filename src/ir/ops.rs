@@ -142,6 +142,18 @@ pub struct Shape {
     pub end: Option<i64>,
 }
 
+/// Which axes a Softmax normalises over; ONNX changed the meaning at opset 13.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftmaxAxes {
+    /// Before opset 13: the input seen as 2-D, the axes from `axis` on flattened into one.
+    Flattened,
+    /// From opset 13: `axis` alone.
+    One,
+    /// Both mean the same for this graph's shapes (the axes after `axis` all have size 1), so
+    /// it can be written at any opset.
+    Either,
+}
+
 /// A node's operator.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -203,6 +215,31 @@ pub enum Op {
     Cast {
         to: super::ElemType,
     },
+    /// A tensor of the shape given by input 0 (a 1-D i64 constant once folded), filled with
+    /// `value` (a one-element tensor: f32 0 when the attribute is absent).
+    ConstantOfShape {
+        value: super::Tensor,
+    },
+    /// `start, limit, delta` scalars -> the 1-D sequence, as numpy's `arange`.
+    Range,
+    /// Broadcasts input 0 to the shape in input 1 (numpy rules, in both directions).
+    Expand,
+    /// Elementwise `cond ? x : y`, with broadcasting.
+    Where,
+    /// Elementwise equality (a boolean tensor, held as 0/1 i64).
+    Equal,
+    /// Softmax at `axis`, over the axes its [`SoftmaxAxes`] says.
+    Softmax {
+        axis: i64,
+        axes: SoftmaxAxes,
+    },
+    /// As Softmax, in log space.
+    LogSoftmax {
+        axis: i64,
+        axes: SoftmaxAxes,
+    },
+    /// Elementwise sum of any number of inputs, with broadcasting.
+    Sum,
 }
 
 impl Op {
@@ -243,6 +280,14 @@ impl Op {
             Op::Shape(_) => "Shape",
             Op::Gather { .. } => "Gather",
             Op::Cast { .. } => "Cast",
+            Op::ConstantOfShape { .. } => "ConstantOfShape",
+            Op::Range => "Range",
+            Op::Expand => "Expand",
+            Op::Where => "Where",
+            Op::Equal => "Equal",
+            Op::Softmax { .. } => "Softmax",
+            Op::LogSoftmax { .. } => "LogSoftmax",
+            Op::Sum => "Sum",
         }
     }
 

@@ -77,6 +77,13 @@ pub fn default_input_shapes(graph: &Graph) -> Result<Vec<Vec<usize>>> {
 /// Infers every value's fact. `input_shapes` gives one concrete shape per graph input, in
 /// order; each must agree with the file's fixed dimensions.
 pub fn infer(graph: &Graph, input_shapes: &[Vec<usize>]) -> Result<Facts> {
+    let mut facts = HashMap::new();
+    infer_into(graph, input_shapes, &mut facts)?;
+    Ok(facts)
+}
+
+/// As [`infer`], into `facts`, which holds what was inferred up to a failure.
+pub fn infer_into(graph: &Graph, input_shapes: &[Vec<usize>], facts: &mut Facts) -> Result<()> {
     if input_shapes.len() != graph.inputs.len() {
         bail!(
             "the model has {} inputs but {} input shapes were given",
@@ -84,7 +91,6 @@ pub fn infer(graph: &Graph, input_shapes: &[Vec<usize>]) -> Result<Facts> {
             input_shapes.len()
         );
     }
-    let mut facts: Facts = HashMap::new();
     for (inp, shape) in graph.inputs.iter().zip(input_shapes) {
         if let Some(dims) = &inp.shape {
             let agrees = dims.len() == shape.len()
@@ -133,7 +139,7 @@ pub fn infer(graph: &Graph, input_shapes: &[Vec<usize>]) -> Result<Facts> {
             }
         }
     }
-    Ok(facts)
+    Ok(())
 }
 
 pub fn fmt_dims(dims: &[Dim]) -> String {
@@ -672,8 +678,187 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
             Some(t) => vec![Fact::known(t.cast(*to), *to)],
             None => vec![Fact::of(x.shape.clone(), *to)],
         },
+        Op::ConstantOfShape { value } => {
+            let dims = x
+                .value
+                .as_ref()
+                .ok_or_else(|| anyhow!("the shape is not known before run time"))?
+                .to_i64s();
+            let shape = dims_to_shape(&dims)?;
+            let n = checked_len(&shape)?;
+            let t = match value {
+                Tensor::F32(v) => {
+                    Tensor::f32(&shape, vec![v.iter().next().copied().unwrap_or(0.0); n])?
+                }
+                Tensor::I64(v) => {
+                    Tensor::i64(&shape, vec![v.iter().next().copied().unwrap_or(0); n])?
+                }
+            };
+            let elem = value.elem_type();
+            vec![Fact::known(t, elem)]
+        }
+        Op::Range => {
+            let scalar = |i: usize, what: &str| -> Result<Tensor> {
+                let f = need(ins, i)?;
+                match &f.value {
+                    Some(t) if t.len() == 1 => Ok(t.clone()),
+                    Some(t) => bail!("{what} must be a scalar, has shape {:?}", t.shape()),
+                    None => bail!("{what} is not known before run time"),
+                }
+            };
+            let (start, limit, delta) = (
+                scalar(0, "start")?,
+                scalar(1, "limit")?,
+                scalar(2, "delta")?,
+            );
+            let t = match start {
+                Tensor::I64(_) => {
+                    let (s, l, d) = (start.to_i64s()[0], limit.to_i64s()[0], delta.to_i64s()[0]);
+                    if d == 0 {
+                        bail!("delta is 0");
+                    }
+                    let n = ((l - s) as f64 / d as f64).ceil().max(0.0) as usize;
+                    checked_len(&[n])?;
+                    Tensor::i64_vec(&(0..n as i64).map(|k| s + k * d).collect::<Vec<_>>())
+                }
+                Tensor::F32(_) => {
+                    let (s, l, d) = (start.to_f32s()[0], limit.to_f32s()[0], delta.to_f32s()[0]);
+                    if d == 0.0 || !(s.is_finite() && l.is_finite() && d.is_finite()) {
+                        bail!("start {s}, limit {l} and delta {d} do not make a range");
+                    }
+                    let n = ((l - s) / d).ceil().max(0.0) as usize;
+                    checked_len(&[n])?;
+                    Tensor::f32(&[n], (0..n).map(|k| s + k as f32 * d).collect())?
+                }
+            };
+            vec![Fact::known(t, x.elem)]
+        }
+        Op::Expand => {
+            let target = need(ins, 1)?
+                .value
+                .as_ref()
+                .ok_or_else(|| anyhow!("the target shape is not known before run time"))?
+                .to_i64s();
+            let shape = broadcast(&x.shape, &dims_to_shape(&target)?)?;
+            checked_len(&shape)?;
+            match &x.value {
+                Some(t) => vec![Fact::known(broadcast_to(t, &shape)?, x.elem)],
+                None => vec![Fact::of(shape, x.elem)],
+            }
+        }
+        Op::Where => {
+            let (a, b) = (need(ins, 1)?, need(ins, 2)?);
+            let shape = broadcast(&broadcast(&x.shape, &a.shape)?, &b.shape)?;
+            match (&x.value, &a.value, &b.value) {
+                (Some(c), Some(va), Some(vb)) => {
+                    let c = broadcast_to(c, &shape)?.to_i64s();
+                    let t = match (broadcast_to(va, &shape)?, broadcast_to(vb, &shape)?) {
+                        (Tensor::I64(p), Tensor::I64(q)) => Tensor::i64(
+                            &shape,
+                            c.iter()
+                                .zip(p.iter().zip(q.iter()))
+                                .map(|(&c, (&p, &q))| if c != 0 { p } else { q })
+                                .collect(),
+                        )?,
+                        (p, q) => {
+                            let (p, q) = (p.to_f32s(), q.to_f32s());
+                            Tensor::f32(
+                                &shape,
+                                c.iter()
+                                    .zip(p.iter().zip(q.iter()))
+                                    .map(|(&c, (&p, &q))| if c != 0 { p } else { q })
+                                    .collect(),
+                            )?
+                        }
+                    };
+                    vec![Fact::known(t, a.elem)]
+                }
+                _ => vec![Fact::of(shape, a.elem)],
+            }
+        }
+        Op::Equal => {
+            let y = need(ins, 1)?;
+            let shape = broadcast(&x.shape, &y.shape)?;
+            match (&x.value, &y.value) {
+                (Some(p), Some(q)) => {
+                    let eq: Vec<i64> = match (broadcast_to(p, &shape)?, broadcast_to(q, &shape)?) {
+                        (Tensor::I64(p), Tensor::I64(q)) => p
+                            .iter()
+                            .zip(q.iter())
+                            .map(|(a, b)| (a == b) as i64)
+                            .collect(),
+                        (p, q) => p
+                            .to_f32s()
+                            .iter()
+                            .zip(q.to_f32s())
+                            .map(|(&a, b)| (a == b) as i64)
+                            .collect(),
+                    };
+                    vec![Fact::known(Tensor::i64(&shape, eq)?, ElemType::Bool)]
+                }
+                _ => vec![Fact::of(shape, ElemType::Bool)],
+            }
+        }
+        Op::Softmax { axis, .. } | Op::LogSoftmax { axis, .. } => {
+            norm_axis(*axis, x.shape.len())?;
+            same()
+        }
+        Op::Sum => {
+            let facts: Vec<&Fact> = ins.iter().flatten().copied().collect();
+            let mut shape = x.shape.clone();
+            for f in &facts[1..] {
+                shape = broadcast(&shape, &f.shape)?;
+            }
+            if all_known {
+                let mut acc = x.value.clone().expect("known");
+                for f in &facts[1..] {
+                    acc = binary(&Op::Add, &acc, f.value.as_ref().expect("known"))?;
+                }
+                vec![Fact::known(acc, x.elem)]
+            } else {
+                vec![Fact::of(shape, x.elem)]
+            }
+        }
     };
     Ok(out)
+}
+
+/// Constants elrt builds itself (ConstantOfShape, Expand, Range) are capped, so that a file
+/// asking for an absurd size gets an error instead of an allocation failure.
+pub const MAX_CONSTANT_ELEMENTS: usize = 1 << 28;
+
+fn checked_len(shape: &[usize]) -> Result<usize> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_CONSTANT_ELEMENTS);
+    n.ok_or_else(|| {
+        anyhow!(
+            "a constant of shape {shape:?} would hold more than {MAX_CONSTANT_ELEMENTS} elements"
+        )
+    })
+}
+
+fn dims_to_shape(dims: &[i64]) -> Result<Vec<usize>> {
+    dims.iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| anyhow!("shape {dims:?} has a negative dimension"))
+        })
+        .collect()
+}
+
+/// A known value broadcast to `shape` (numpy rules), as an owned tensor.
+fn broadcast_to(t: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let err = || {
+        anyhow!(
+            "a value of shape {:?} does not broadcast to {shape:?}",
+            t.shape()
+        )
+    };
+    Ok(match t {
+        Tensor::F32(a) => Tensor::F32(a.broadcast(IxDyn(shape)).ok_or_else(err)?.to_owned()),
+        Tensor::I64(a) => Tensor::I64(a.broadcast(IxDyn(shape)).ok_or_else(err)?.to_owned()),
+    })
 }
 
 /// A shape-only change keeps a known value, reshaped.
@@ -959,4 +1144,114 @@ fn binary(op: &Op, a: &Tensor, b: &Tensor) -> Result<Tensor> {
             Tensor::F32(out)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dim, ModelMeta, ValueInfo};
+    use std::collections::BTreeMap;
+
+    fn node(op: Op, inputs: &[&str], out: &str) -> Node {
+        Node {
+            name: out.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.into()],
+        }
+    }
+
+    /// The shape-computing ops of exported graphs (ConstantOfShape, Range, Expand, Equal,
+    /// Where, Sum) fold to the values numpy gives, from the input's shape.
+    #[test]
+    fn shape_subgraph_ops_fold_to_numpy_values() {
+        let mut init = BTreeMap::new();
+        init.insert("zero".into(), Tensor::i64_vec(&[0]));
+        init.insert("one".into(), Tensor::i64(&[], vec![1]).unwrap());
+        init.insert("two".into(), Tensor::i64(&[], vec![2]).unwrap());
+        init.insert("seven".into(), Tensor::i64(&[], vec![7]).unwrap());
+        init.insert(
+            "row".into(),
+            Tensor::f32(&[1, 3], vec![1., 2., 3.]).unwrap(),
+        );
+        init.insert("expand_to".into(), Tensor::i64_vec(&[2, 1]));
+        let g = Graph {
+            name: "g".into(),
+            opset: 13,
+            inputs: vec![ValueInfo {
+                name: "x".into(),
+                elem: ElemType::F32,
+                shape: Some(vec![Dim::Sym("N".into()), Dim::Fixed(3)]),
+            }],
+            outputs: vec![],
+            nodes: vec![
+                node(
+                    Op::Shape(Shape {
+                        start: None,
+                        end: None,
+                    }),
+                    &["x"],
+                    "s",
+                ),
+                node(
+                    Op::ConstantOfShape {
+                        value: Tensor::f32(&[1], vec![0.5]).unwrap(),
+                    },
+                    &["s"],
+                    "c",
+                ),
+                node(Op::Range, &["one", "seven", "two"], "r"),
+                node(Op::Expand, &["row", "expand_to"], "e"),
+                node(Op::Equal, &["r", "seven"], "eq_none"),
+                node(Op::Equal, &["s", "zero"], "eq"),
+                node(Op::Where, &["eq", "zero", "s"], "w"),
+                node(Op::Sum, &["e", "row", "row"], "sum"),
+            ],
+            initializers: init,
+            meta: ModelMeta::default(),
+        };
+        let f = infer(&g, &[vec![4, 3]]).unwrap();
+        let v = |k: &str| f[k].value.clone().unwrap();
+        assert_eq!(v("c"), Tensor::f32(&[4, 3], vec![0.5; 12]).unwrap());
+        assert_eq!(v("r"), Tensor::i64_vec(&[1, 3, 5]));
+        assert_eq!(
+            v("e"),
+            Tensor::f32(&[2, 3], vec![1., 2., 3., 1., 2., 3.]).unwrap()
+        );
+        assert_eq!(v("eq_none"), Tensor::i64_vec(&[0, 0, 0]));
+        assert_eq!(
+            (v("eq"), f["eq"].elem),
+            (Tensor::i64_vec(&[0, 0]), ElemType::Bool)
+        );
+        assert_eq!(v("w"), Tensor::i64_vec(&[4, 3]));
+        assert_eq!(
+            v("sum"),
+            Tensor::f32(&[2, 3], vec![3., 6., 9., 3., 6., 9.]).unwrap()
+        );
+    }
+
+    /// A constant a file asks elrt to build is capped: an error that states the size, not an
+    /// allocation failure.
+    #[test]
+    fn huge_constants_are_refused() {
+        let mut init = BTreeMap::new();
+        init.insert("shape".into(), Tensor::i64_vec(&[1 << 20, 1 << 20]));
+        let g = Graph {
+            name: "g".into(),
+            opset: 13,
+            inputs: vec![],
+            outputs: vec![],
+            nodes: vec![node(
+                Op::ConstantOfShape {
+                    value: Tensor::f32(&[1], vec![0.0]).unwrap(),
+                },
+                &["shape"],
+                "c",
+            )],
+            initializers: init,
+            meta: ModelMeta::default(),
+        };
+        let err = format!("{:#}", infer(&g, &[]).unwrap_err());
+        assert!(err.contains("[1048576, 1048576]"), "{err}");
+    }
 }

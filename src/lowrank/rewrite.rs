@@ -122,17 +122,51 @@ struct Candidate {
 
 /// The layer's name: its weight initializer without a trailing `.weight` (PyTorch's module
 /// path), or, where the exporter generated the weight's name (`onnx::Conv_212`), the module
-/// path recovered from the node name (`/layer1/layer1.1/conv1/Conv` -> `layer1.1.conv1`).
+/// path recovered from the node name ([`module_path`]). Names are made unique afterwards
+/// ([`make_unique`]).
 fn layer_name(graph: &Graph, n: &Node) -> String {
     let w = &n.inputs[1];
     if graph.initializers.contains_key(w) && !w.starts_with("onnx::") {
         return w.strip_suffix(".weight").unwrap_or(w).to_string();
     }
-    let segs: Vec<&str> = n.name.split('/').filter(|s| !s.is_empty()).collect();
-    match segs.as_slice() {
-        [.., p, s, _op] if !s.starts_with(p) => format!("{p}.{s}"),
-        [.., s, _op] => s.to_string(),
-        _ => n.name.clone(),
+    module_path(&n.name)
+}
+
+/// PyTorch's module path from a TorchScript export's node name: the scope segments without the
+/// op, each segment that extends the one before it (`block` -> `block.0`) replacing it, so
+/// `/features/features.1/block/block.0/block.0.0/Conv` -> `features.1.block.0.0` and
+/// `/layer1/layer1.1/conv1/Conv` -> `layer1.1.conv1`. A name without scopes is kept.
+pub fn module_path(node_name: &str) -> String {
+    let segs: Vec<&str> = node_name.split('/').filter(|s| !s.is_empty()).collect();
+    if segs.len() < 2 {
+        return node_name.to_string();
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for s in &segs[..segs.len() - 1] {
+        if out
+            .last()
+            .is_some_and(|last| s.strip_prefix(last).is_some_and(|r| r.starts_with('.')))
+        {
+            out.pop();
+        }
+        out.push(s);
+    }
+    out.join(".")
+}
+
+/// Gives every repeated layer name a suffix (`_2`, `_3`, ... in graph order), so factor node
+/// names and ranks-file keys address one layer each.
+fn make_unique(cands: &mut [Candidate]) {
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for c in cands.iter_mut() {
+        if !seen.insert(c.layer.clone()) {
+            let mut k = 2;
+            while seen.contains(&format!("{}_{k}", c.layer)) {
+                k += 1;
+            }
+            c.layer = format!("{}_{k}", c.layer);
+            seen.insert(c.layer.clone());
+        }
     }
 }
 
@@ -188,6 +222,7 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
             skip,
         });
     }
+    make_unique(&mut out);
     Ok(out)
 }
 
@@ -961,4 +996,30 @@ pub fn eligible_layers(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod naming_tests {
+    use super::module_path;
+
+    /// TorchScript node names give PyTorch's module paths, whole: MobileNetV3's
+    /// `block.0.0` convs of different blocks no longer share a name.
+    #[test]
+    fn module_paths_from_torchscript_node_names() {
+        for (node, path) in [
+            (
+                "/features/features.1/block/block.0/block.0.0/Conv",
+                "features.1.block.0.0",
+            ),
+            (
+                "/features/features.2/block/block.0/block.0.0/Conv",
+                "features.2.block.0.0",
+            ),
+            ("/layer1/layer1.1/conv1/Conv", "layer1.1.conv1"),
+            ("/conv1/Conv", "conv1"),
+            ("Conv_12", "Conv_12"),
+        ] {
+            assert_eq!(module_path(node), path);
+        }
+    }
 }

@@ -146,4 +146,10 @@ pub mod make {
         a.s = v.as_bytes().to_vec();
         a
     }
+
+    pub fn tensor(name: &str, v: &Tensor) -> AttributeProto {
+        let mut a = base(name, AttributeType::TENSOR);
+        a.t = Some(super::tensor::to_proto("", v)).into();
+        a
+    }
 }

@@ -1,9 +1,10 @@
 //! ONNX in and out: protobuf ([`onnx_protobuf`]) <-> [`crate::ir::Graph`].
 
 mod attrs;
+pub mod external;
 pub mod read;
 mod tensor;
 pub mod write;
 
-pub use read::{read_bytes, read_file};
+pub use read::{read_bytes, read_bytes_in, read_file};
 pub use write::{write_bytes, write_file};

@@ -16,7 +16,10 @@ use crate::ir::ops::*;
 use crate::ir::{Dim, ElemType, Graph, ModelMeta, Node, Tensor, ValueInfo};
 
 /// Oldest and newest default-domain opsets read.
-pub const MIN_OPSET: i64 = 9;
+/// Opsets 7 and 8 differ from 9 only in ops elrt reads the same way (BatchNormalization's
+/// `spatial`, MaxPool's optional indices) or does not read at all (Upsample); before 7, binary
+/// ops broadcast by attribute, which elrt does not implement.
+pub const MIN_OPSET: i64 = 7;
 pub const MAX_OPSET: i64 = 21;
 
 /// Ops of quantized models, named so that the error can say what the model is.
@@ -39,14 +42,49 @@ const QUANTIZED_OPS: &[&str] = &[
 ];
 
 /// Reads an ONNX file; errors name the file and then the node or field at fault.
+/// Weights stored in external data files (PyTorch's default exporter writes `model.onnx.data`)
+/// are read from beside the model.
 pub fn read_file(path: &Path) -> Result<Graph> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    read_bytes(&bytes).with_context(|| path.display().to_string())
+    let dir = path.parent().unwrap_or(Path::new("."));
+    read_bytes_in(&bytes, Some(dir)).with_context(|| path.display().to_string())
 }
 
+/// The file's model as one self-contained protobuf for a runtime that gets bytes (tract):
+/// external data inlined, and the intermediate `value_info` shape annotations dropped, since an
+/// annotation that names the export's batch symbol (PyTorch's dynamo exporter writes one per
+/// value) pins that symbol when the runtime is given a concrete input shape. The graph itself is
+/// untouched.
+pub fn self_contained_bytes(path: &Path) -> Result<Vec<u8>> {
+    let what = || path.display().to_string();
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut model = ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| anyhow!("not an ONNX model, or a truncated one (protobuf: {e})"))
+        .with_context(what)?;
+    super::external::load(&mut model, path.parent().unwrap_or(Path::new(".")))
+        .with_context(what)?;
+    if let Some(g) = model.graph.as_mut() {
+        g.value_info.clear();
+    }
+    model
+        .write_to_bytes()
+        .map_err(|e| anyhow!("cannot encode the model: {e}"))
+        .with_context(what)
+}
+
+/// Reads a model from memory; a model with external data needs [`read_file`] (or
+/// [`read_bytes_in`]), which knows the folder the data files are in.
 pub fn read_bytes(bytes: &[u8]) -> Result<Graph> {
-    let model = ModelProto::parse_from_bytes(bytes)
+    read_bytes_in(bytes, None)
+}
+
+/// Reads a model from memory, with external data files resolved in `dir`.
+pub fn read_bytes_in(bytes: &[u8], dir: Option<&Path>) -> Result<Graph> {
+    let mut model = ModelProto::parse_from_bytes(bytes)
         .map_err(|e| anyhow!("not an ONNX model, or a truncated one (protobuf: {e})"))?;
+    if let Some(dir) = dir {
+        super::external::load(&mut model, dir)?;
+    }
     read_model(&model)
 }
 
@@ -658,12 +696,57 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
                 .ok_or_else(|| anyhow!("attribute 'to' names unknown type code {code}"))?;
             (Op::Cast { to }, ins.first(1))
         }
+        "ConstantOfShape" => {
+            let value = match a.tensor("value")? {
+                Some(t) if t.len() == 1 => t.reshaped(&[1])?,
+                Some(t) => bail!(
+                    "attribute 'value' must hold one element, has shape {:?}",
+                    t.shape()
+                ),
+                None => Tensor::f32(&[1], vec![0.0])?,
+            };
+            (Op::ConstantOfShape { value }, ins.first(1))
+        }
+        "Range" => {
+            ins.need(3)?;
+            (Op::Range, ins.first(3))
+        }
+        "Expand" => {
+            ins.need(2)?;
+            (Op::Expand, ins.first(2))
+        }
+        "Where" => {
+            ins.need(3)?;
+            (Op::Where, ins.first(3))
+        }
+        "Equal" => {
+            ins.need(2)?;
+            (Op::Equal, ins.first(2))
+        }
+        "Softmax" | "LogSoftmax" => {
+            let (axes, default) = if opset < 13 {
+                (SoftmaxAxes::Flattened, 1)
+            } else {
+                (SoftmaxAxes::One, -1)
+            };
+            let axis = a.int_or("axis", default)?;
+            let op = if op_type == "Softmax" {
+                Op::Softmax { axis, axes }
+            } else {
+                Op::LogSoftmax { axis, axes }
+            };
+            (op, ins.first(1))
+        }
+        "Sum" => {
+            ins.need(1)?;
+            (Op::Sum, all)
+        }
         q if QUANTIZED_OPS.contains(&q) => {
             bail!("op '{q}' belongs to quantized models, which elrt does not support (give it the float32 model)")
         }
-        other => bail!("op '{other}' is not supported by elrt"),
+        other => bail!("op '{other}' (opset {opset}) is not supported by elrt"),
     };
-    if inputs.first().is_none_or(|s| s.is_empty()) && !matches!(op, Op::Concat { .. }) {
+    if inputs.first().is_none_or(|s| s.is_empty()) && !matches!(op, Op::Concat { .. } | Op::Sum) {
         bail!("has no data input");
     }
     Ok((op, inputs))

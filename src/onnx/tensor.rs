@@ -1,7 +1,7 @@
 //! TensorProto <-> [`Tensor`], covering raw_data and the typed repeated fields.
 
 use anyhow::{bail, Context, Result};
-use onnx_protobuf::{tensor_proto::DataLocation, TensorProto};
+use onnx_protobuf::TensorProto;
 
 use crate::ir::{ElemType, Tensor};
 
@@ -28,12 +28,13 @@ fn raw_chunks<const N: usize>(raw: &[u8], n: usize) -> Result<impl Iterator<Item
 }
 
 /// Decodes a tensor. Integer and boolean types widen to i64, float64 narrows to f32;
-/// float16 and external data are rejected with a reason.
+/// float16 is rejected with a reason; external data must have been inlined first
+/// ([`super::external::load`]).
 pub fn from_proto(t: &TensorProto) -> Result<Tensor> {
     let shape = dims(t)?;
     let n: usize = shape.iter().product();
-    if t.data_location.enum_value() == Ok(DataLocation::EXTERNAL) || !t.external_data.is_empty() {
-        bail!("its data is stored in an external file, which elrt does not read");
+    if super::external::is_external(t) {
+        bail!("its data is stored in an external file; read the model from its path so that the file beside it is found");
     }
     let elem = ElemType::from_onnx(t.data_type)
         .with_context(|| format!("unknown data type code {}", t.data_type))?;

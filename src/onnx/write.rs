@@ -90,6 +90,21 @@ pub fn to_model(graph: &Graph) -> Result<ModelProto> {
     for (k, t) in &extra {
         g.initializer.push(tensor::to_proto(k, t));
     }
+    // Before IR version 4 (opsets 7 and 8) every initializer is also a graph input.
+    if m.ir_version < 4 {
+        let declared: Vec<ValueInfoProto> = g
+            .initializer
+            .iter()
+            .map(|t| {
+                value_info(&ValueInfo {
+                    name: t.name.clone(),
+                    elem: crate::ir::ElemType::from_onnx(t.data_type).expect("written type"),
+                    shape: Some(t.dims.iter().map(|&d| Dim::Fixed(d as usize)).collect()),
+                })
+            })
+            .collect();
+        g.input.extend(declared);
+    }
     Ok(m)
 }
 
@@ -122,6 +137,18 @@ fn check_opset(n: &Node, opset: i64) -> Result<()> {
         Op::Shape(s) if s.start.is_some() || s.end.is_some() => need(15, "Shape start/end")?,
         Op::Reshape { allowzero: true } => need(14, "Reshape allowzero")?,
         Op::DynSlice => need(10, "Slice with computed starts/ends")?,
+        Op::ConstantOfShape { .. } | Op::Where => need(9, n.op.onnx_type())?,
+        Op::Expand => need(8, "Expand")?,
+        Op::Range => need(11, "Range")?,
+        // Before opset 13 Softmax normalised over the input flattened to 2-D from `axis` on;
+        // the two forms agree only where shape inference marked them so (`Either`).
+        Op::Softmax { axes, .. } | Op::LogSoftmax { axes, .. } => match axes {
+            SoftmaxAxes::Flattened if opset >= 13 => bail!(
+                "this Softmax has opset-12 semantics (the input flattened to 2-D) and cannot be written at opset {opset}"
+            ),
+            SoftmaxAxes::One => need(13, "Softmax along one axis")?,
+            _ => {}
+        },
         _ => {}
     }
     Ok(())
@@ -380,6 +407,8 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         }
         Op::Gather { axis } => a.push(make::int("axis", *axis)),
         Op::Cast { to } => a.push(make::int("to", to.onnx_code() as i64)),
+        Op::ConstantOfShape { value } => a.push(make::tensor("value", value)),
+        Op::Softmax { axis, .. } | Op::LogSoftmax { axis, .. } => a.push(make::int("axis", *axis)),
         Op::Relu
         | Op::Sigmoid
         | Op::HardSwish
@@ -390,6 +419,11 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         | Op::GlobalAveragePool
         | Op::MatMul
         | Op::DynSlice
+        | Op::Range
+        | Op::Expand
+        | Op::Where
+        | Op::Equal
+        | Op::Sum
         | Op::Identity => {}
     }
     p.input = ins.finish();

@@ -1,0 +1,574 @@
+//! Files as users' exporters write them: weights in an external data file, a batch fixed at
+//! export (with constants that carry it), a final Softmax over `[N, K, 1, 1]` scores, opset 8.
+//! Each is built here from elrt's IR or from ResNet-20's protobuf, so the tests need no PyTorch;
+//! onnxruntime (when installed) is the judge of what the files compute.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use elrt::engine::exec::Mode;
+use elrt::engine::model::Model;
+use elrt::ir::ops::*;
+use elrt::ir::{Dim, ElemType, Graph, ModelMeta, Node, Op, Tensor, ValueInfo};
+use elrt::rng::Rng;
+use ndarray::{ArrayD, Axis, IxDyn};
+use onnx_protobuf::{Message, ModelProto, StringStringEntryProto};
+
+fn node(name: &str, op: Op, inputs: &[&str], outputs: &[&str]) -> Node {
+    Node {
+        name: name.into(),
+        op,
+        inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn conv(pads: usize) -> Op {
+    Op::Conv(Conv {
+        kernel_shape: None,
+        strides: vec![],
+        pads: vec![pads; 4],
+        dilations: vec![],
+        group: 1,
+        auto_pad: AutoPad::NotSet,
+    })
+}
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut r = Rng::new(seed);
+    let n = shape.iter().product();
+    Tensor::f32(shape, (0..n).map(|_| 0.3 * r.normal()).collect()).unwrap()
+}
+
+fn io(name: &str, dims: &[Dim]) -> ValueInfo {
+    ValueInfo {
+        name: name.into(),
+        elem: ElemType::F32,
+        shape: Some(dims.to_vec()),
+    }
+}
+
+/// Conv 3 -> 4 (3x3) -> Relu -> Reshape to `target` -> Gemm to 10 classes, input `[1, 3, 8, 8]`
+/// fixed: the flatten of a fixed-batch export, whose target carries the batch.
+fn fixed_batch_graph(target: &[i64], allowzero: bool) -> Graph {
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), random(&[4, 3, 3, 3], 1));
+    init.insert("fc_w".to_string(), random(&[10, 256], 2));
+    init.insert("fc_b".to_string(), random(&[10], 3));
+    init.insert("target".to_string(), Tensor::i64_vec(target));
+    Graph {
+        name: "fixed".into(),
+        opset: 14,
+        inputs: vec![io(
+            "x",
+            &[Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(8), Dim::Fixed(8)],
+        )],
+        outputs: vec![io("logits", &[Dim::Fixed(1), Dim::Fixed(10)])],
+        nodes: vec![
+            node("conv", conv(1), &["x", "w"], &["c"]),
+            node("relu", Op::Relu, &["c"], &["r"]),
+            node(
+                "flatten",
+                Op::Reshape { allowzero },
+                &["r", "target"],
+                &["f"],
+            ),
+            node(
+                "fc",
+                Op::Gemm(Gemm {
+                    alpha: 1.0,
+                    beta: 1.0,
+                    trans_a: false,
+                    trans_b: true,
+                }),
+                &["f", "fc_w", "fc_b"],
+                &["logits"],
+            ),
+        ],
+        initializers: init,
+        meta: ModelMeta::default(),
+    }
+}
+
+fn images(n: usize, seed: u64) -> ArrayD<f32> {
+    let mut r = Rng::new(seed);
+    ArrayD::from_shape_fn(IxDyn(&[n, 3, 8, 8]), |_| r.normal())
+}
+
+/// The freed graph at batch 5 gives, image by image, what the file gives at its own batch 1.
+fn assert_batch_independent(g: &Graph) {
+    let x = images(5, 9);
+    let mut m5 = Model::from_graph(g.clone(), 5).unwrap();
+    let y5 = m5.forward(x.clone(), Mode::Eval).unwrap();
+    let mut m1 = Model::from_graph(g.clone(), 1).unwrap();
+    for i in 0..5 {
+        let xi = x.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+        let yi = m1.forward(xi, Mode::Eval).unwrap();
+        let want = yi.index_axis(Axis(0), 0);
+        let got = y5.index_axis(Axis(0), i);
+        let d = want
+            .iter()
+            .zip(got.iter())
+            .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+        assert!(d < 1e-5, "image {i}: {d}");
+    }
+}
+
+#[test]
+fn a_file_with_a_fixed_batch_runs_at_any_batch() {
+    // TorchScript export: Reshape [1, -1]; dynamo export: [1, 256] with allowzero (0 would mean
+    // an empty axis there, so the batch entry becomes -1).
+    for (target, allowzero) in [(vec![1, -1], false), (vec![1, 256], true)] {
+        let g = fixed_batch_graph(&target, allowzero);
+        assert_batch_independent(&g);
+        let m = Model::from_graph(g.clone(), 5).unwrap();
+        assert!(m
+            .graph
+            .meta
+            .metadata_props
+            .contains(&("elrt.source_batch".into(), "1".into())));
+        assert_eq!(
+            m.graph.inputs[0].shape.as_ref().unwrap()[0],
+            Dim::Sym("N".into())
+        );
+    }
+}
+
+#[test]
+fn a_graph_that_mixes_the_batch_is_refused_naming_the_node() {
+    // A ReduceMean over axis 0 (keepdims): [1, 4, 8, 8] at every batch, so the output does not
+    // follow the batch.
+    let mut g = fixed_batch_graph(&[1, -1], false);
+    g.nodes.insert(
+        2,
+        node(
+            "batch_mean",
+            Op::ReduceMean(ReduceMean {
+                axes: Some(vec![0]),
+                keepdims: true,
+                noop_with_empty_axes: false,
+            }),
+            &["r"],
+            &["rm"],
+        ),
+    );
+    g.nodes[3].inputs[0] = "rm".into();
+    let err = format!("{:#}", Model::from_graph(g, 4).err().unwrap());
+    assert!(err.contains("'logits' does not follow the batch"), "{err}");
+    // A Reshape that folds the batch into the channels: [1, 4, 8, 8] -> [4, 64] does not run at
+    // another batch, and the message says to re-export.
+    let mut g = fixed_batch_graph(&[4, -1], false);
+    g.initializers.insert("fc_w".into(), random(&[10, 64], 2));
+    g.outputs[0].shape = Some(vec![Dim::Fixed(4), Dim::Fixed(10)]);
+    let err = format!("{:#}", Model::from_graph(g, 3).err().unwrap());
+    assert!(
+        err.contains("node 'flatten' (Reshape)") && err.contains("dynamic batch"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_export_keeps_the_source_batch_convention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("fixed.onnx");
+    elrt::onnx::write_file(&fixed_batch_graph(&[1, -1], false), &src).unwrap();
+    // Trained at batch 4, written freed (symbolic batch, source batch in the metadata).
+    let trained = tmp.path().join("trained.onnx");
+    common::succeeds([
+        "train",
+        src.to_str().unwrap(),
+        "--data",
+        "synthetic:32,8",
+        "--batch",
+        "4",
+        "--epochs",
+        "1",
+        "--quiet",
+        "-o",
+        trained.to_str().unwrap(),
+    ]);
+    let declared = |p: &Path| {
+        elrt::onnx::read_file(p).unwrap().inputs[0]
+            .shape
+            .clone()
+            .unwrap()[0]
+            .clone()
+    };
+    assert_eq!(declared(&trained), Dim::Sym("N".into()));
+    for (extra, want) in [
+        (vec![], Dim::Fixed(1)),
+        (vec!["--batch", "3"], Dim::Fixed(3)),
+        (vec!["--dynamic-batch"], Dim::Sym("N".into())),
+    ] {
+        let out = tmp.path().join("compact.onnx");
+        let mut args = vec![
+            "export",
+            trained.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--forms",
+            "factorized",
+            "--quiet",
+        ];
+        args.extend(&extra);
+        common::succeeds(&args);
+        assert_eq!(declared(&out), want, "{extra:?}");
+    }
+}
+
+/// ResNet-20 (eval form) with every float initializer moved to side files: most into `weights.bin` with
+/// offsets (as PyTorch writes `model.onnx.data`), one into a file of its own with neither
+/// offset nor length (the whole file).
+fn with_external_data(dir: &Path) -> std::path::PathBuf {
+    let bytes = std::fs::read(common::repo().join("models/resnet20_eval.onnx")).unwrap();
+    let mut m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    let mut blob = Vec::new();
+    let entry = |k: &str, v: String| {
+        let mut e = StringStringEntryProto::new();
+        e.key = k.into();
+        e.value = v;
+        e
+    };
+    for (i, t) in m.graph.as_mut().unwrap().initializer.iter_mut().enumerate() {
+        if t.raw_data.is_empty() || t.data_type != 1 {
+            continue;
+        }
+        let data = std::mem::take(&mut t.raw_data);
+        if i == 0 {
+            std::fs::write(dir.join("first.bin"), &data).unwrap();
+            t.external_data = vec![entry("location", "first.bin".into())];
+        } else {
+            t.external_data = vec![
+                entry("location", "weights.bin".into()),
+                entry("offset", blob.len().to_string()),
+                entry("length", data.len().to_string()),
+            ];
+            blob.extend(data);
+        }
+        t.data_location = onnx_protobuf::tensor_proto::DataLocation::EXTERNAL.into();
+    }
+    std::fs::write(dir.join("weights.bin"), blob).unwrap();
+    let path = dir.join("external.onnx");
+    std::fs::write(&path, m.write_to_bytes().unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn external_data_is_read_from_beside_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = with_external_data(tmp.path());
+    assert!(
+        std::fs::metadata(&path).unwrap().len() < 100_000,
+        "weights left inline"
+    );
+    let inline = elrt::onnx::read_file(&common::repo().join("models/resnet20_eval.onnx")).unwrap();
+    let ext = elrt::onnx::read_file(&path).unwrap();
+    assert_eq!(ext.initializers, inline.initializers);
+    assert_eq!(ext.nodes, inline.nodes);
+    // Every command reads it; tract too (bench), and onnxruntime agrees with the engine.
+    let params = |p: &Path| {
+        let out = common::succeeds(["inspect", p.to_str().unwrap(), "--json"]);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        r["totals"]["params"].as_u64().unwrap()
+    };
+    assert_eq!(
+        params(&path),
+        params(&common::repo().join("models/resnet20_eval.onnx"))
+    );
+    common::succeeds([
+        "bench",
+        path.to_str().unwrap(),
+        "--runs",
+        "3",
+        "--min-seconds",
+        "0",
+        "--warmup",
+        "1",
+    ]);
+    if common::require_python(&["onnxruntime", "numpy"]) {
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 32, 32]), |i| (i[3] as f32 * 0.1).sin());
+        let mut m = Model::load(&path, 2).unwrap();
+        let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+        let theirs = common::ort_forward(&path, &x);
+        assert!(common::rel_diff(&ours, &theirs) < 1e-4);
+    }
+}
+
+#[test]
+fn bad_external_data_gets_one_line_naming_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = with_external_data(tmp.path());
+    let bytes = std::fs::read(&path).unwrap();
+    let cases: [(&str, &str, &str); 4] = [
+        ("location", "../weights.bin", "inside the model's folder"),
+        ("location", "/etc/hostname", "inside the model's folder"),
+        (
+            "location",
+            "missing.bin",
+            "cannot read its external data file",
+        ),
+        ("offset", "999999999", "beyond the end"),
+    ];
+    for (key, value, want) in cases {
+        let mut m = ModelProto::parse_from_bytes(&bytes).unwrap();
+        let t = &mut m.graph.as_mut().unwrap().initializer[1];
+        let name = t.name.clone();
+        for e in t.external_data.iter_mut().filter(|e| e.key == key) {
+            e.value = value.into();
+        }
+        let bad = tmp.path().join("bad.onnx");
+        std::fs::write(&bad, m.write_to_bytes().unwrap()).unwrap();
+        let err = common::fails_cleanly(&["inspect", bad.to_str().unwrap()]);
+        assert!(
+            err.contains(&format!("initializer '{name}'")) && err.contains(want),
+            "{key}={value}: {err}"
+        );
+    }
+}
+
+/// A Caffe2-era classifier: conv -> global pool -> Softmax (opset 9, the input seen as 2-D)
+/// over `[N, 10, 1, 1]` scores, the file's output.
+fn softmax_graph() -> Graph {
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), random(&[10, 3, 3, 3], 4));
+    Graph {
+        name: "caffe2".into(),
+        opset: 9,
+        inputs: vec![io(
+            "x",
+            &[
+                Dim::Sym("N".into()),
+                Dim::Fixed(3),
+                Dim::Fixed(8),
+                Dim::Fixed(8),
+            ],
+        )],
+        outputs: vec![io(
+            "prob",
+            &[
+                Dim::Sym("N".into()),
+                Dim::Fixed(5),
+                Dim::Fixed(1),
+                Dim::Fixed(1),
+            ],
+        )],
+        nodes: vec![
+            node("conv", conv(0), &["x", "w"], &["c"]),
+            node("gap", Op::GlobalAveragePool, &["c"], &["g"]),
+            node(
+                "softmax",
+                Op::Softmax {
+                    axis: 1,
+                    axes: SoftmaxAxes::Flattened,
+                },
+                &["g"],
+                &["prob"],
+            ),
+        ],
+        initializers: init,
+        meta: ModelMeta::default(),
+    }
+}
+
+#[test]
+fn a_final_softmax_is_trained_through_its_logits_and_exported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("softmax.onnx");
+    elrt::onnx::write_file(&softmax_graph(), &path).unwrap();
+    let mut m = Model::load(&path, 3).unwrap();
+    assert_eq!(m.classes, 10);
+    let x = images(3, 5);
+    // forward gives the logits (what cross-entropy wants); forward_output the file's output.
+    let logits = m.forward(x.clone(), Mode::Eval).unwrap();
+    assert_eq!(logits.shape(), [3, 10]);
+    let probs = m.forward_output(x.clone(), Mode::Eval).unwrap();
+    assert_eq!(probs.shape(), [3, 10, 1, 1]);
+    for row in probs.outer_iter() {
+        assert!((row.sum() - 1.0).abs() < 1e-5);
+    }
+    if common::require_python(&["onnxruntime", "numpy"]) {
+        let theirs = common::ort_forward(&path, &x);
+        assert!(common::rel_diff(&probs, &theirs) < 1e-5);
+    }
+    // Trains, and exports at opset 13 (the Softmax now along axis 1, which means the same on
+    // [N, 10, 1, 1]), validated in tract against the engine's file output.
+    let trained = tmp.path().join("trained.onnx");
+    common::succeeds([
+        "train",
+        path.to_str().unwrap(),
+        "--data",
+        "synthetic:32,8",
+        "--batch",
+        "4",
+        "--epochs",
+        "1",
+        "--quiet",
+        "-o",
+        trained.to_str().unwrap(),
+    ]);
+    let compact = tmp.path().join("compact.onnx");
+    common::succeeds([
+        "export",
+        trained.to_str().unwrap(),
+        "-o",
+        compact.to_str().unwrap(),
+        "--forms",
+        "factorized",
+        "--quiet",
+    ]);
+    assert_eq!(elrt::onnx::read_file(&compact).unwrap().opset, 13);
+}
+
+/// The ONNX model zoo's MNIST (opset 8) in miniature: conv with its bias as a separate Add of a
+/// `[C, 1, 1]` constant, max pool, and a classifier weight reshaped from a 4-D initializer by a
+/// Reshape node (computed, then folded).
+fn opset8_graph() -> Graph {
+    let mut init = BTreeMap::new();
+    init.insert("w".to_string(), random(&[4, 3, 3, 3], 6));
+    init.insert("b".to_string(), random(&[4, 1, 1], 7));
+    init.insert("fc_w4".to_string(), random(&[4, 4, 4, 10], 8));
+    init.insert("fc_shape".to_string(), Tensor::i64_vec(&[64, 10]));
+    init.insert("flat_shape".to_string(), Tensor::i64_vec(&[1, 64]));
+    init.insert("fc_b".to_string(), random(&[1, 10], 9));
+    let pool = Op::Pool(Pool {
+        kind: PoolKind::Max,
+        kernel_shape: vec![2, 2],
+        strides: vec![2, 2],
+        pads: vec![0; 4],
+        dilations: vec![],
+        ceil_mode: false,
+        auto_pad: AutoPad::NotSet,
+        count_include_pad: false,
+        storage_order: 0,
+    });
+    Graph {
+        name: "mnist8".into(),
+        opset: 8,
+        inputs: vec![io(
+            "x",
+            &[Dim::Fixed(1), Dim::Fixed(3), Dim::Fixed(8), Dim::Fixed(8)],
+        )],
+        outputs: vec![io("logits", &[Dim::Fixed(1), Dim::Fixed(10)])],
+        nodes: vec![
+            node(
+                "fc_weight",
+                Op::Reshape { allowzero: false },
+                &["fc_w4", "fc_shape"],
+                &["fc_w"],
+            ),
+            node("conv", conv(1), &["x", "w"], &["c"]),
+            node("plus", Op::Add, &["c", "b"], &["cb"]),
+            node("relu", Op::Relu, &["cb"], &["r"]),
+            node("pool", pool, &["r"], &["p"]),
+            node(
+                "flat",
+                Op::Reshape { allowzero: false },
+                &["p", "flat_shape"],
+                &["f"],
+            ),
+            node("times", Op::MatMul, &["f", "fc_w"], &["t"]),
+            node("plus2", Op::Add, &["t", "fc_b"], &["logits"]),
+        ],
+        initializers: init,
+        meta: ModelMeta::default(),
+    }
+}
+
+#[test]
+fn an_opset_8_model_reads_trains_and_matches_onnxruntime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("mnist8.onnx");
+    elrt::onnx::write_file(&opset8_graph(), &path).unwrap();
+    assert_eq!(elrt::onnx::read_file(&path).unwrap().opset, 8);
+    assert_batch_independent(&opset8_graph());
+    if common::require_python(&["onnx", "onnxruntime", "numpy"]) {
+        let x = images(1, 3);
+        let mut m = Model::load(&path, 1).unwrap();
+        let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+        let theirs = common::ort_forward_checked(&path, &x, true);
+        assert!(common::rel_diff(&ours, &theirs) < 1e-5);
+    }
+    let out = tmp.path().join("trained.onnx");
+    common::succeeds([
+        "train",
+        path.to_str().unwrap(),
+        "--data",
+        "synthetic:32,8",
+        "--batch",
+        "8",
+        "--epochs",
+        "1",
+        "--quiet",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// Two convs whose TorchScript scopes give the same module path (exporters repeat
+/// `block.0.0` across blocks) and whose weights have generated names: the converter names
+/// them apart, and a ranks file addresses each.
+#[test]
+fn repeated_layer_names_are_made_unique() {
+    let mut init = BTreeMap::new();
+    init.insert("onnx::Conv_1".to_string(), random(&[16, 3, 3, 3], 1));
+    init.insert("onnx::Conv_2".to_string(), random(&[16, 16, 3, 3], 2));
+    init.insert("onnx::Conv_3".to_string(), random(&[16, 16, 3, 3], 3));
+    let mut g = softmax_graph();
+    g.initializers = init;
+    g.nodes = vec![
+        node("/stem/Conv", conv(1), &["x", "onnx::Conv_1"], &["a"]),
+        node(
+            "/block/block.0/Conv",
+            conv(1),
+            &["a", "onnx::Conv_2"],
+            &["b"],
+        ),
+        node(
+            "/block/block.0/Conv_1",
+            conv(1),
+            &["b", "onnx::Conv_3"],
+            &["c"],
+        ),
+        node("gap", Op::GlobalAveragePool, &["c"], &["prob"]),
+    ];
+    g.outputs[0].shape = Some(vec![
+        Dim::Sym("N".into()),
+        Dim::Fixed(16),
+        Dim::Fixed(1),
+        Dim::Fixed(1),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("repeated.onnx");
+    elrt::onnx::write_file(&g, &path).unwrap();
+    let ranks = tmp.path().join("ranks.json");
+    std::fs::write(&ranks, r#"{"block.0": [8, 8], "block.0_2": [4, 4]}"#).unwrap();
+    let out = tmp.path().join("t2.onnx");
+    let o = common::succeeds([
+        "convert",
+        path.to_str().unwrap(),
+        "--ranks",
+        ranks.to_str().unwrap(),
+        "--rank-multiple",
+        "1",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers: Vec<(String, serde_json::Value)> = r["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["status"] == "factorized")
+        .map(|l| (l["layer"].as_str().unwrap().to_string(), l["ranks"].clone()))
+        .collect();
+    assert_eq!(
+        layers,
+        [
+            ("block.0".to_string(), serde_json::json!([8, 8])),
+            ("block.0_2".to_string(), serde_json::json!([4, 4]))
+        ]
+    );
+}
