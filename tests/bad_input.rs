@@ -319,3 +319,111 @@ fn corrupted_models_give_errors_not_panics() {
         "{ok} ran, {refused} refused"
     );
 }
+
+/// A model whose input is declared 2^40 pixels high: every command refuses it with the size it
+/// would take, instead of aborting in an allocation (issue 19).
+#[test]
+fn an_input_too_large_for_memory_is_refused_with_its_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let dims = &mut m.graph.as_mut().unwrap().input[0].type_.as_mut().unwrap();
+    if let Some(onnx_protobuf::type_proto::Value::TensorType(t)) = dims.value.as_mut() {
+        t.shape.as_mut().unwrap().dim[2].value =
+            Some(onnx_protobuf::tensor_shape_proto::dimension::Value::DimValue(1 << 40));
+    }
+    let path = save(tmp.path(), "huge.onnx", &m.write_to_bytes().unwrap());
+    let p = path.to_str().unwrap();
+    let out = tmp.path().join("out.onnx");
+    let o = out.to_str().unwrap();
+    let run = tmp.path().join("run");
+    for args in [
+        vec!["inspect", p],
+        vec!["train", p, "--max-steps", "1", "-o", o],
+        vec!["export", p, "-o", o],
+        vec!["compress", p, "--out", run.to_str().unwrap()],
+    ] {
+        let err = common::fails_cleanly(&args);
+        assert!(
+            err.contains("of memory, more than this machine has"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!run.exists() && !out.exists());
+    let err = common::fails_cleanly(&[
+        "train",
+        common::repo()
+            .join("models/resnet20.onnx")
+            .to_str()
+            .unwrap(),
+        "--data",
+        "synthetic:100000000000,10",
+        "-o",
+        o,
+    ]);
+    assert!(err.contains("100000000010 images"), "{err}");
+}
+
+/// A weight that is NaN fails the export, named, instead of passing a check that compares NaN
+/// with NaN (issue 19).
+#[test]
+fn a_nan_weight_fails_the_export_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(common::repo().join("models/resnet20_eval.onnx")).unwrap();
+    let mut m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    let t = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.dims.len() == 4)
+        .unwrap();
+    let name = t.name.clone();
+    t.raw_data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let path = save(tmp.path(), "nan.onnx", &m.write_to_bytes().unwrap());
+    let out = tmp.path().join("c.onnx");
+    let err = common::fails_cleanly(&[
+        "export",
+        path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains(&format!("initializer '{name}'")) && err.contains("NaN"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // The check itself calls outputs with NaN different, not equal.
+    let a = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[2]), f32::NAN);
+    assert!(elrt::export::validate::rel_diff(&a, &a).is_nan());
+}
+
+/// A conv weight of rank 1: train refuses it as the other commands do (it panicked, issue 19).
+#[test]
+fn a_one_dimensional_conv_weight_is_refused_by_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let t = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name == "conv1.weight")
+        .unwrap();
+    t.dims = vec![432];
+    let path = save(tmp.path(), "w1d.onnx", &m.write_to_bytes().unwrap());
+    let out = tmp.path().join("t.onnx");
+    let err = common::fails_cleanly(&[
+        "train",
+        path.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("conv1.weight") && err.contains("[432]"),
+        "{err}"
+    );
+}

@@ -71,6 +71,15 @@ pub fn generate(cfg: &SyntheticConfig, shape: [usize; 3]) -> Result<Splits> {
     if shape[0] == 0 || shape[1] < 8 || shape[2] < 8 {
         bail!("synthetic data needs images of at least 1x8x8, the model expects {shape:?}");
     }
+    let image = shape
+        .iter()
+        .fold(1u128, |a, &d| a.saturating_mul(d as u128));
+    let images = cfg.train as u128 + cfg.test as u128;
+    crate::util::check_alloc(
+        &format!("the synthetic set ({images} images of {shape:?})"),
+        images.saturating_mul(image),
+        1,
+    )?;
     Ok(Splits {
         train: generate_split(cfg.seed, 0, cfg.train, shape),
         test: generate_split(cfg.seed, 1, cfg.test, shape),

@@ -195,6 +195,7 @@ pub fn export(
     opts: &ExportOptions,
     mut progress: impl FnMut(&str),
 ) -> Result<(Graph, ExportReport)> {
+    check_finite(&g)?;
     let shape = input_shape(&g, opts)?;
     let dynamic_batch = opts.batch_for(&g).1;
     refacts(&mut g, &shape)?;
@@ -360,6 +361,24 @@ pub fn export(
         nodes: g.nodes.len(),
     };
     Ok((g, report))
+}
+
+/// A weight that is NaN or infinite (a diverged training run) makes a file that computes
+/// nothing useful; refuse it, naming the weight and a node that reads it.
+fn check_finite(g: &Graph) -> Result<()> {
+    for (name, t) in &g.initializers {
+        let Some(a) = t.as_f32() else { continue };
+        if let Some(v) = a.iter().find(|v| !v.is_finite()) {
+            let reader = g
+                .nodes
+                .iter()
+                .find(|n| n.inputs.contains(name))
+                .map(|n| format!(" (read by node '{}', {})", n.name, n.op.onnx_type()))
+                .unwrap_or_default();
+            bail!("initializer '{name}'{reader} holds {v}: the model's weights are not finite (did training diverge?)");
+        }
+    }
+    Ok(())
 }
 
 fn join(v: &[usize]) -> String {

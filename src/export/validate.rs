@@ -27,8 +27,13 @@ pub struct Validation {
     pub tolerance: f64,
 }
 
-/// `max |a - b| / max |b|` (b the reference; a floor keeps all-zero outputs finite).
+/// `max |a - b| / max |b|` (b the reference; a floor keeps all-zero outputs finite). NaN when
+/// either side holds a value that is not finite: `f32::max` would drop a NaN and call two
+/// outputs full of NaN equal.
 pub fn rel_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f64 {
+    if a.iter().chain(b.iter()).any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
     let diff = a
         .iter()
@@ -119,6 +124,9 @@ impl Validator {
         if d > self.tolerance || !d.is_finite() {
             let tol = self.tolerance;
             let place = self.locate(x);
+            if !d.is_finite() {
+                bail!("the outputs hold values that are not finite (NaN or infinity; a weight or an activation overflowed); {place}");
+            }
             bail!("tract's output differs from the engine's by {d:.2e} relative (limit {tol:.0e}); {place}");
         }
         Ok((argmax_rows(&got), argmax_rows(&want)))
@@ -173,6 +181,11 @@ impl Validator {
                             .node(name)
                             .map(|n| n.op.onnx_type())
                             .unwrap_or("?");
+                        if !d.is_finite() {
+                            return format!(
+                                "first node with a value that is not finite: '{name}' ({op})"
+                            );
+                        }
                         return format!("first diverging node: '{name}' ({op}), {d:.2e} relative");
                     }
                 }

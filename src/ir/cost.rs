@@ -49,20 +49,23 @@ pub fn cost(graph: &Graph, facts: &Facts) -> Cost {
             }
         }
         let out = n.outputs.first().map(|o| shape(o)).unwrap_or_default();
-        let out_elems: u64 = out.iter().map(|&d| d as u64).product();
+        // Shape inference caps every tensor at this machine's memory, so these products stay
+        // far below u64's range; saturating keeps an absurd graph from wrapping silently.
+        let prod = |v: &[usize]| v.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let out_elems = prod(&out);
         let macs = match &n.op {
             Op::Conv(_) => {
                 let w = shape(&n.inputs[1]);
-                out_elems * w[1..].iter().map(|&d| d as u64).product::<u64>()
+                out_elems.saturating_mul(prod(&w[1..]))
             }
             Op::Gemm(g) => {
                 let a = shape(&n.inputs[0]);
                 let k = if g.trans_a { a[0] } else { a[1] };
-                out_elems * k as u64
+                out_elems.saturating_mul(k as u64)
             }
             Op::MatMul => {
                 let a = shape(&n.inputs[0]);
-                out_elems * *a.last().unwrap_or(&1) as u64
+                out_elems.saturating_mul(*a.last().unwrap_or(&1) as u64)
             }
             _ => 0,
         };
@@ -75,8 +78,8 @@ pub fn cost(graph: &Graph, facts: &Facts) -> Cost {
         });
     }
     let totals = Totals {
-        params: layers.iter().map(|l| l.params).sum(),
-        macs: layers.iter().map(|l| l.macs).sum(),
+        params: layers.iter().fold(0u64, |a, l| a.saturating_add(l.params)),
+        macs: layers.iter().fold(0u64, |a, l| a.saturating_add(l.macs)),
     };
     Cost { totals, layers }
 }

@@ -110,6 +110,7 @@ pub fn infer_into(graph: &Graph, input_shapes: &[Vec<usize>], facts: &mut Facts)
         if shape.contains(&0) {
             bail!("input shape {shape:?} has a zero dimension");
         }
+        check_size(shape).with_context(|| format!("graph input '{}'", inp.name))?;
         facts.insert(inp.name.clone(), Fact::of(shape.clone(), inp.elem));
     }
     for (k, t) in &graph.initializers {
@@ -131,8 +132,11 @@ pub fn infer_into(graph: &Graph, input_shapes: &[Vec<usize>], facts: &mut Facts)
                 );
             }
         }
-        let outs = infer_node(node, &ins)
-            .with_context(|| format!("node '{}' ({})", node.name, node.op.onnx_type()))?;
+        let what = || format!("node '{}' ({})", node.name, node.op.onnx_type());
+        let outs = infer_node(node, &ins).with_context(what)?;
+        for f in &outs {
+            check_size(&f.shape).with_context(what)?;
+        }
         for (name, f) in node.outputs.iter().zip(outs) {
             if !name.is_empty() {
                 facts.insert(name.clone(), f);
@@ -821,6 +825,16 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         }
     };
     Ok(out)
+}
+
+/// A value of `shape` must fit in memory (as f32), so that every later stage can allocate it
+/// without aborting; the element count must not overflow either.
+fn check_size(shape: &[usize]) -> Result<()> {
+    let n = shape
+        .iter()
+        .try_fold(1u128, |acc, &d| acc.checked_mul(d as u128))
+        .unwrap_or(u128::MAX);
+    crate::util::check_alloc(&format!("a tensor of shape {shape:?}"), n, 4)
 }
 
 /// Constants elrt builds itself (ConstantOfShape, Expand, Range) are capped, so that a file

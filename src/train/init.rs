@@ -33,9 +33,23 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
                 .and_then(|name| graph.initializers.get(name))
                 .map(|t| t.shape().to_vec())
         };
+        // A weight of the wrong rank is refused here as every other stage refuses it, rather
+        // than indexed past its end.
+        let rank_at_least = |s: &[usize], r: usize| -> Result<()> {
+            if s.len() < r || s.contains(&0) {
+                anyhow::bail!(
+                    "node '{}' ({}): weight '{}' has shape {s:?}, which this op cannot use",
+                    n.name,
+                    n.op.onnx_type(),
+                    n.inputs[1]
+                );
+            }
+            Ok(())
+        };
         match &n.op {
             Op::Conv(_) => {
                 if let Some(s) = shape_of(1) {
+                    rank_at_least(&s, 3)?;
                     let fan_out = s[0] * s[2..].iter().product::<usize>();
                     plan.push((
                         n.inputs[1].clone(),
@@ -55,6 +69,7 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
             }
             Op::Gemm(g) => {
                 if let Some(s) = shape_of(1) {
+                    rank_at_least(&s, 2)?;
                     let fan_in = if g.trans_b { s[1] } else { s[0] };
                     let bound = 1.0 / (fan_in as f32).sqrt();
                     plan.push((n.inputs[1].clone(), Init::Uniform(bound)));
@@ -65,6 +80,7 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
             }
             Op::MatMul => {
                 if let Some(s) = shape_of(1) {
+                    rank_at_least(&s, 1)?;
                     let bound = 1.0 / (s[0] as f32).sqrt();
                     plan.push((n.inputs[1].clone(), Init::Uniform(bound)));
                 }
