@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli_convert::{ConvertArgs, ConvertReport};
 use crate::cli_export::{run_bench, run_export, BenchArgs, ExportArgs, ExportSummary};
 use crate::cli_train::{run_train, TrainArgs};
-use crate::data::DataSpec;
+use crate::data::{DataSpec, NormSpec};
 use crate::inspect::group_digits;
 use crate::util::write_atomic;
 
@@ -34,6 +34,11 @@ pub struct CompressArgs {
     /// it: the built-in synthetic set and a short schedule (the embedded default).
     #[arg(long)]
     pub data: Option<String>,
+    /// Input normalisation for training, evaluation and the tract accuracy check, recorded in
+    /// run.json, the report and the compact file: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3
+    /// (mean/std of 0..1 pixels). Default: what the model file records, else cifar10.
+    #[arg(long, value_name = "SPEC")]
+    pub normalize: Option<NormSpec>,
     /// tucker2 | cp
     #[arg(long, default_value = "tucker2")]
     pub format: String,
@@ -135,6 +140,10 @@ struct Recipe {
     forms: String,
     baseline: bool,
     max_steps: Option<u64>,
+    /// Absent in run folders written before the option existed: they used the default for the
+    /// model's channels, which a resume fills in before comparing.
+    #[serde(default)]
+    normalize: Option<NormSpec>,
 }
 
 fn per_conv() -> String {
@@ -161,9 +170,18 @@ pub struct CompressReport {
     pub ranks: String,
     pub epochs: u64,
     pub orth: f32,
+    /// The input normalisation (`--normalize` form) used for training and both accuracies.
+    #[serde(default)]
+    pub normalize: String,
     pub original: ModelFacts,
     pub compact: ModelFacts,
     pub baseline_top1: Option<f64>,
+    /// Test images behind `compact.tract_top1`, and how often tract's top-1 class equals the
+    /// engine's on them.
+    #[serde(default)]
+    pub tract_images: Option<usize>,
+    #[serde(default)]
+    pub tract_top1_agreement: Option<f64>,
     pub forms: String,
     pub stage_seconds: Vec<(String, f64)>,
     pub files: Vec<String>,
@@ -174,7 +192,11 @@ pub struct ModelFacts {
     pub file: String,
     pub params: u64,
     pub macs: u64,
+    /// Test top-1 in the engine (the trained model's last evaluation).
     pub top1: Option<f64>,
+    /// Test top-1 of the written file run in tract (compact.onnx; measured by the export).
+    #[serde(default)]
+    pub tract_top1: Option<f64>,
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub bench_threads: usize,
@@ -272,6 +294,12 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let shape = crate::ir::shape::default_input_shapes(&graph)
         .with_context(|| a.model.display().to_string())?;
     let chw = [shape[0][1], shape[0][2], shape[0][3]];
+    let (normalize, note) = NormSpec::for_model(
+        a.normalize.as_ref(),
+        &a.model,
+        &graph.meta.metadata_props,
+        chw[0],
+    )?;
     spec.load(chw).with_context(|| format!("--data {data}"))?;
 
     // argv[0] as `elrt`, so that the report's command reads the same wherever the binary is.
@@ -297,6 +325,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         forms: a.forms.clone(),
         baseline: a.baseline,
         max_steps: a.max_steps,
+        normalize: Some(normalize.clone()),
     };
     let manifest_path = a.out.join("run.json");
     let manifest = if a.resume {
@@ -306,8 +335,20 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
                 a.out.display()
             )
         })?;
-        let m: RunManifest = serde_json::from_str(&text)
+        let mut m: RunManifest = serde_json::from_str(&text)
             .with_context(|| format!("{}: unreadable run.json", a.out.display()))?;
+        let was = m
+            .recipe
+            .normalize
+            .get_or_insert_with(|| NormSpec::default_for(chw[0]))
+            .clone();
+        if was != normalize {
+            bail!(
+                "--resume: {} was made with --normalize {was}, this run asks for {normalize}; \
+                 use a new --out or the original normalisation",
+                a.out.display()
+            );
+        }
         if m.model_fingerprint != fingerprint(&model_bytes) {
             bail!(
                 "--resume: {} was made from {} (a different model than {}); use a new --out",
@@ -350,13 +391,16 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         quiet: a.quiet || a.json,
     };
     run.save()?;
+    if let Some(n) = &note {
+        run.say(n);
+    }
     if synthetic_default {
         run.say(
             "no --data: the built-in synthetic set with a short schedule (the embedded default)",
         );
     }
     run.say(&format!(
-        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | seed {}",
+        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | normalize {} | seed {}",
         a.format,
         a.ranks,
         epochs,
@@ -367,6 +411,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         a.orth,
         if a.orth_no_decay { " (no wd on U1/U2)" } else { "" },
         a.factor_init,
+        normalize,
         a.seed
     ));
     let mut stage_seconds = Vec::new();
@@ -428,6 +473,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         init: train_init.into(),
         bn: "auto".into(),
         no_augment: false,
+        normalize: Some(normalize.clone()),
         orth,
         orth_no_decay: a.orth_no_decay,
         resume,
@@ -491,23 +537,29 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     // 3. export (validated in tract) the compact model and the original for latency
     let compact = run.path("compact.onnx");
     let original = run.path("original.onnx");
+    // The compact file's accuracy is measured in tract on the whole test split (`data`), with
+    // the run's normalisation: the synthetic set too, since it costs seconds and shows that the
+    // written file, not only the engine's model, classifies.
     let export_args =
-        |model: PathBuf, output: PathBuf, forms: &str, meta: Vec<String>| ExportArgs {
-            model,
-            output,
-            batch: None,
-            dynamic_batch: false,
-            input_shape: None,
-            opset: None,
-            forms: forms.to_string(),
-            threads: a.bench_threads,
-            data: None,
-            data_images: 0,
-            check_batches: 4,
-            tolerance: 1e-4,
-            meta,
-            json: false,
-            quiet: a.quiet || a.json,
+        |model: PathBuf, output: PathBuf, forms: &str, data: Option<String>, meta: Vec<String>| {
+            ExportArgs {
+                model,
+                output,
+                batch: None,
+                dynamic_batch: false,
+                input_shape: None,
+                opset: None,
+                forms: forms.to_string(),
+                threads: a.bench_threads,
+                data,
+                normalize: Some(normalize.clone()),
+                data_images: 0,
+                check_batches: 4,
+                tolerance: 1e-4,
+                meta,
+                json: false,
+                quiet: a.quiet || a.json,
+            }
         };
     if !run.done("export") {
         run.say(
@@ -520,14 +572,16 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             format!("elrt.orth={}", a.orth),
             format!("elrt.factor_init={}", a.factor_init),
         ];
+        // elrt.accuracy.top1 is tract's, measured on this file by the export; the engine's
+        // figure for the trained model sits beside it.
         if let Some(t) = compact_top1 {
-            meta.push(format!("elrt.accuracy.top1={t:.4}"));
-            meta.push(format!("elrt.accuracy.data={data} (test split, engine)"));
+            meta.push(format!("elrt.accuracy.engine_top1={t:.4}"));
         }
         let s: ExportSummary = run_export(&export_args(
             trained.clone(),
             compact.clone(),
             &a.forms,
+            Some(data.clone()),
             meta,
         ))?;
         write_atomic(
@@ -541,10 +595,20 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         } else {
             a.model.clone()
         };
-        run_export(&export_args(src, original.clone(), "dense", vec![]))?;
+        run_export(&export_args(src, original.clone(), "dense", None, vec![]))?;
         stage_seconds.push(("export".to_string(), t0.elapsed().as_secs_f64()));
         run.mark("export")?;
     }
+    // Tract's accuracy of the compact file, as the export measured it (also for a resumed run).
+    let data_check: Option<serde_json::Value> = std::fs::read_to_string(run.path("export.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .map(|v| v["data_check"].clone())
+        .filter(|d| !d.is_null());
+    let check_f64 = |k: &str| data_check.as_ref().and_then(|d| d[k].as_f64());
+    let tract_top1 = check_f64("top1");
+    let tract_images = check_f64("images").map(|n| n as usize);
+    let tract_top1_agreement = check_f64("top1_agreement");
     // The forms written, as the export recorded them in the file (also for a resumed run).
     let forms_text = crate::onnx::read_file(&compact)?
         .meta
@@ -577,11 +641,12 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     stage_seconds.push(("bench".to_string(), t0.elapsed().as_secs_f64()));
     run.mark("bench")?;
 
-    let facts = |row: &crate::bench::BenchRow, top1: Option<f64>| ModelFacts {
+    let facts = |row: &crate::bench::BenchRow, top1: Option<f64>, tract_top1| ModelFacts {
         file: row.file.clone(),
         params: row.params,
         macs: row.macs,
         top1,
+        tract_top1,
         p50_ms: row.p50_ms,
         p90_ms: row.p90_ms,
         bench_threads: row.threads,
@@ -604,9 +669,12 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         ranks: a.ranks.clone(),
         epochs,
         orth: a.orth,
-        original: facts(&b.rows[0], baseline_top1),
-        compact: facts(&b.rows[1], compact_top1),
+        normalize: normalize.to_string(),
+        original: facts(&b.rows[0], baseline_top1, None),
+        compact: facts(&b.rows[1], compact_top1, tract_top1),
         baseline_top1,
+        tract_images,
+        tract_top1_agreement,
         forms: forms_text,
         stage_seconds,
         files,
@@ -630,11 +698,11 @@ pub fn report_table(r: &CompressReport) -> String {
     let c = &r.compact;
     let mut s = String::new();
     s += &format!(
-        "| | params | MACs | test top-1 | tract p50 (batch 1, {} thread) |\n|---|---:|---:|---:|---:|\n",
+        "| | params | MACs | test top-1, engine | test top-1, tract | tract p50 (batch 1, {} thread) |\n|---|---:|---:|---:|---:|---:|\n",
         c.bench_threads
     );
     s += &format!(
-        "| original | {} | {} | {} | {:.3} ms |\n",
+        "| original | {} | {} | {} | - | {:.3} ms |\n",
         group_digits(o.params),
         group_digits(o.macs),
         if r.baseline_top1.is_some() {
@@ -645,14 +713,15 @@ pub fn report_table(r: &CompressReport) -> String {
         o.p50_ms
     );
     s += &format!(
-        "| compact | {} | {} | {} | {:.3} ms |\n",
+        "| compact | {} | {} | {} | {} | {:.3} ms |\n",
         group_digits(c.params),
         group_digits(c.macs),
         pct(c.top1),
+        pct(c.tract_top1),
         c.p50_ms
     );
     s += &format!(
-        "| ratio | {:.2}x fewer | {:.2}x fewer | {} | {:.2}x faster |\n",
+        "| ratio | {:.2}x fewer | {:.2}x fewer | {} | - | {:.2}x faster |\n",
         o.params as f64 / c.params.max(1) as f64,
         o.macs as f64 / c.macs.max(1) as f64,
         match (o.top1, c.top1) {
@@ -673,7 +742,23 @@ pub fn report_markdown(r: &CompressReport) -> String {
     } else {
         s += &format!("Data: `{}` (accuracies on its test split).\n\n", r.data);
     }
+    s += &format!(
+        "Input normalisation: `{}` (training, both accuracies; recorded in compact.onnx as \
+         `elrt.normalize`).\n\n",
+        r.normalize
+    );
     s += &report_table(r);
+    if let (Some(n), Some(t)) = (r.tract_images, r.compact.tract_top1) {
+        s += &format!(
+            "\nTest top-1: engine = the trained model's last evaluation in elrt's engine; tract = \
+             compact.onnx (the written file) run in tract, {:.2}% on {} test images{}.\n",
+            100.0 * t,
+            n,
+            r.tract_top1_agreement
+                .map(|g| format!(", top-1 class equal to the engine's on {:.2}%", 100.0 * g))
+                .unwrap_or_default()
+        );
+    }
     s += &format!(
         "\nFormat {} with ranks `{}`, trained from random factors for {} epochs with DSO rho {}; \
          compact file forms: {}.\nLatency: tract, batch 1, {} thread(s), original and compact \

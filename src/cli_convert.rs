@@ -187,9 +187,11 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
     let layers = convert(&mut g, &facts, &opts).with_context(|| a.model.display().to_string())?;
     let facts2 = crate::ir::shape::infer(&g, &shapes)?;
     let after = crate::ir::cost::cost(&g, &facts2).totals;
+    // elrt's records of an earlier stage go, except the input normalisation: the converted
+    // model takes its inputs as the original did.
     g.meta
         .metadata_props
-        .retain(|(k, _)| !k.starts_with("elrt."));
+        .retain(|(k, _)| !k.starts_with("elrt.") || k.starts_with("elrt.normalize"));
     g.meta.metadata_props.extend([
         ("elrt.source".to_string(), a.model.display().to_string()),
         ("elrt.format".to_string(), a.format.clone()),

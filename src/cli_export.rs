@@ -12,7 +12,7 @@ use crate::bench::latency::TimingOptions;
 use crate::bench::tract_rt::TractModel;
 use crate::bench::{bench, BenchReport};
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::data::DataSpec;
+use crate::data::{DataSpec, NormSpec};
 use crate::export::validate::{Validation, Validator};
 use crate::export::{export, forms_summary, ExportOptions, ExportReport, FormsPolicy};
 use crate::inspect::group_digits;
@@ -49,6 +49,11 @@ pub struct ExportArgs {
     /// synthetic | cifar10:PATH | cifar100:PATH | folder:PATH.
     #[arg(long)]
     pub data: Option<String>,
+    /// Input normalisation, recorded in the file and used for the --data accuracy: cifar10 |
+    /// imagenet | none | M1,M2,M3/S1,S2,S3 (mean/std of 0..1 pixels). Default: what the model
+    /// file records (`elrt train` writes it), else cifar10.
+    #[arg(long, value_name = "SPEC")]
+    pub normalize: Option<NormSpec>,
     /// Test images used for the accuracy (0 = the whole test split).
     #[arg(long, default_value_t = 0)]
     pub data_images: usize,
@@ -72,6 +77,8 @@ pub struct ExportArgs {
 #[derive(Clone, Debug, Serialize)]
 pub struct DataCheck {
     pub data: String,
+    /// The input normalisation the images got (`--normalize`).
+    pub normalize: NormSpec,
     pub images: usize,
     /// Top-1 accuracy of the exported file, run in tract.
     pub top1: f64,
@@ -86,6 +93,25 @@ pub struct ExportSummary {
     pub export: ExportReport,
     pub validation: Validation,
     pub data_check: Option<DataCheck>,
+    /// The input normalisation recorded in the file (`elrt.normalize*` metadata).
+    pub normalize: NormSpec,
+}
+
+/// Sets `key` in `props`, replacing an earlier value.
+fn set_prop(props: &mut Vec<(String, String)>, key: &str, value: String) {
+    props.retain(|(k, _)| k != key);
+    props.push((key.to_string(), value));
+}
+
+/// The input channel count the file declares, when it is fixed (or given by --input-shape).
+fn declared_channels(graph: &crate::ir::Graph, image_shape: Option<&[usize]>) -> Option<usize> {
+    if let Some(s) = image_shape {
+        return s.first().copied();
+    }
+    match graph.inputs.first()?.shape.as_ref()?.get(1)? {
+        crate::ir::Dim::Fixed(c) => Some(*c),
+        _ => None,
+    }
 }
 
 fn parse_meta(v: &[String]) -> Result<Vec<(String, String)>> {
@@ -123,6 +149,15 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
     };
     let spec = a.data.as_deref().map(DataSpec::parse).transpose()?;
     let graph = crate::onnx::read_file(&a.model)?;
+    // A --normalize that cannot fit the model fails before the (timed) export.
+    if let Some(c) = declared_channels(&graph, image_shape.as_deref()) {
+        NormSpec::for_model(
+            a.normalize.as_ref(),
+            &a.model,
+            &graph.meta.metadata_props,
+            c,
+        )?;
+    }
     let opts = ExportOptions {
         batch: a.batch,
         dynamic_batch: a.dynamic_batch,
@@ -140,9 +175,20 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
     };
     let (mut out, report) =
         export(graph.clone(), &opts, say).with_context(|| a.model.display().to_string())?;
-    out.meta
-        .metadata_props
-        .push(("elrt.export.source".into(), a.model.display().to_string()));
+    let channels = report.input_shape[1];
+    let (normalize, note) = NormSpec::for_model(
+        a.normalize.as_ref(),
+        &a.model,
+        &graph.meta.metadata_props,
+        channels,
+    )?;
+    // The deployment file states how its inputs are to be normalised.
+    normalize.record(&mut out.meta.metadata_props, channels)?;
+    set_prop(
+        &mut out.meta.metadata_props,
+        "elrt.export.source",
+        a.model.display().to_string(),
+    );
     let bytes = crate::onnx::write_bytes(&out)?;
     say(&format!(
         "validating in tract: {} random batches of {:?}",
@@ -155,12 +201,17 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
     let mut data_check = None;
     if let Some(spec) = spec {
         let shape = v.input_shape().to_vec();
+        if let Some(n) = &note {
+            say(n);
+        }
         say(&format!(
-            "measuring top-1 in tract on {}",
+            "measuring top-1 in tract on {} (normalisation {normalize})",
             a.data.as_deref().unwrap_or("")
         ));
         let splits = spec.load([shape[1], shape[2], shape[3]])?;
-        let loader = Loader::new(Arc::new(splits.test), LoaderConfig::eval(shape[0]))?;
+        let mut lcfg = LoaderConfig::eval(shape[0]);
+        lcfg.normalize = Some(normalize.resolve(channels)?);
+        let loader = Loader::new(Arc::new(splits.test), lcfg)?;
         let (mut n, mut correct) = (0usize, 0usize);
         for b in loader.epoch(0) {
             if b.labels.len() != shape[0] {
@@ -182,18 +233,19 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
         }
         let top1 = correct as f64 / n as f64;
         let rep = v.report();
-        out.meta
-            .metadata_props
-            .push(("elrt.accuracy.top1".into(), format!("{top1:.4}")));
-        out.meta.metadata_props.push((
-            "elrt.accuracy.data".into(),
+        let props = &mut out.meta.metadata_props;
+        set_prop(props, "elrt.accuracy.top1", format!("{top1:.4}"));
+        set_prop(
+            props,
+            "elrt.accuracy.data",
             format!(
-                "{} ({n} test images, tract)",
+                "{} ({n} test images, tract, normalisation {normalize})",
                 a.data.as_deref().unwrap_or("")
             ),
-        ));
+        );
         data_check = Some(DataCheck {
             data: a.data.clone().unwrap_or_default(),
+            normalize: normalize.clone(),
             images: n,
             top1,
             top1_agreement: rep.data_top1_agreement.unwrap_or(0.0),
@@ -206,6 +258,7 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
         export: report,
         validation: v.report(),
         data_check,
+        normalize,
     })
 }
 
@@ -258,10 +311,11 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
     );
     if let Some(d) = &s.data_check {
         println!(
-            "{}: top-1 {:.2}% in tract on {} test images; top-1 class agrees with the engine on {:.2}%",
+            "{}: top-1 {:.2}% in tract on {} test images (normalisation {}); top-1 class agrees with the engine on {:.2}%",
             d.data,
             100.0 * d.top1,
             d.images,
+            d.normalize,
             100.0 * d.top1_agreement
         );
     }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::data::DataSpec;
+use crate::data::{DataSpec, NormSpec};
 use crate::engine::model::Model;
 use crate::ir::bn_insert::{self, BnPolicy};
 use crate::train::optim::OptimKind;
@@ -72,6 +72,11 @@ pub struct TrainArgs {
     /// No random crop and flip.
     #[arg(long)]
     pub no_augment: bool,
+    /// Input normalisation, recorded in the output file: cifar10 | imagenet | none |
+    /// M1,M2,M3/S1,S2,S3 (mean/std of 0..1 pixels, one per input channel). Default: what the
+    /// model file records, else cifar10 (3 channels).
+    #[arg(long, value_name = "SPEC")]
+    pub normalize: Option<NormSpec>,
     /// Double soft orthogonality strength rho on the Tucker-2/CP factor matrices (0: off).
     #[arg(long, default_value_t = 0.0)]
     pub orth: f32,
@@ -98,6 +103,10 @@ pub struct EvalArgs {
     pub model: PathBuf,
     #[arg(long)]
     pub data: String,
+    /// Input normalisation: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3 (mean/std of 0..1
+    /// pixels). Default: what the model file records (`elrt train` writes it), else cifar10.
+    #[arg(long, value_name = "SPEC")]
+    pub normalize: Option<NormSpec>,
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
     #[arg(long)]
@@ -218,14 +227,26 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         model.input_shape[2],
         model.input_shape[3],
     ];
+    let (normalize, note) = NormSpec::for_model(
+        a.normalize.as_ref(),
+        &a.model,
+        &model.graph.meta.metadata_props,
+        c,
+    )?;
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    // The trained file says how its inputs are normalised, for every later use of it.
+    normalize.record(&mut model.graph.meta.metadata_props, c)?;
     let splits = spec.load([c, h, w])?;
     let (core, pinned) = crate::engine::blas_core();
     eprintln!(
-        "{}: {} train / {} test images, {} classes; {} threads, batch {}; OpenBLAS {}{}",
+        "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}",
         a.data,
         splits.train.len(),
         splits.test.len(),
         splits.train.classes(),
+        normalize,
         threads,
         a.batch,
         core,
@@ -273,6 +294,7 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         augment: !a.no_augment,
         orth: a.orth,
         orth_no_decay: a.orth_no_decay,
+        normalize: Some(normalize),
     };
     if !(a.orth >= 0.0 && a.orth.is_finite()) {
         bail!("--orth must be a non-negative number");
@@ -307,6 +329,7 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
 struct EvalReport {
     model: String,
     data: String,
+    normalize: NormSpec,
     #[serde(flatten)]
     result: EvalResult,
 }
@@ -320,25 +343,38 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         model.input_shape[2],
         model.input_shape[3],
     ];
+    let (normalize, note) = NormSpec::for_model(
+        a.normalize.as_ref(),
+        &a.model,
+        &model.graph.meta.metadata_props,
+        c,
+    )?;
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    let norm = normalize.resolve(c)?;
     let splits = spec.load([c, h, w])?;
     let workers = 2;
     let test = Arc::new(splits.test);
-    let result = crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers))?;
+    let result =
+        crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers, Some(norm)))?;
     let report = EvalReport {
         model: a.model.display().to_string(),
         data: a.data.clone(),
+        normalize,
         result,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{}: {} test images, top-1 {:.2}%, top-5 {:.2}%, loss {:.4}",
+            "{}: {} test images, top-1 {:.2}%, top-5 {:.2}%, loss {:.4} (normalisation {})",
             report.model,
             report.result.images,
             100.0 * report.result.top1,
             100.0 * report.result.top5,
-            report.result.loss
+            report.result.loss,
+            report.normalize
         );
     }
     Ok(())

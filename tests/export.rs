@@ -73,6 +73,7 @@ fn export_args(model: &Path, out: &Path, forms: &str) -> ExportArgs {
         forms: forms.into(),
         threads: 1,
         data: None,
+        normalize: None,
         data_images: 0,
         check_batches: 2,
         tolerance: 1e-4,

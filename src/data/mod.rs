@@ -14,6 +14,7 @@ pub mod augment;
 pub mod cifar;
 pub mod folder;
 pub mod loader;
+pub mod norm;
 pub mod pixels;
 pub mod synthetic;
 
@@ -26,6 +27,7 @@ use rayon::prelude::*;
 
 pub use augment::{Augment, Normalize};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
+pub use norm::NormSpec;
 pub use synthetic::SyntheticConfig;
 
 /// One split of a labelled image data set: `len()` images of shape `[C, H, W]`, `u8` CHW.

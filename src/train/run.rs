@@ -20,7 +20,7 @@ use super::checkpoint::{self, Position};
 use super::curve::CurvePoint;
 use super::optim::{OptimKind, Optimizer};
 use super::schedule::{lr_at, Schedule};
-use crate::data::{Dataset, Loader, LoaderConfig};
+use crate::data::{Dataset, Loader, LoaderConfig, NormSpec, Normalize};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::ops::{top1_correct, topk_correct, SoftmaxCrossEntropy};
@@ -49,6 +49,10 @@ pub struct TrainConfig {
     /// weight decay pulls their singular values below the 1 that DSO aims at.
     #[serde(default)]
     pub orth_no_decay: bool,
+    /// Input normalisation (`--normalize`); `None` is the data's default
+    /// ([`Normalize::for_channels`]). Checkpoints written before the option have none.
+    #[serde(default)]
+    pub normalize: Option<NormSpec>,
 }
 
 /// Files a run writes next to its output.
@@ -131,15 +135,18 @@ pub struct Trainer<'a> {
     pub history: Vec<EpochMetrics>,
 }
 
-/// Top-1/top-5 accuracy and mean loss on a data set, in eval mode.
+/// Top-1/top-5 accuracy and mean loss on a data set, in eval mode, with the inputs normalised
+/// by `normalize` (`None`: the data's default, [`Normalize::for_channels`]).
 pub fn evaluate(
     model: &mut Model,
     data: Arc<Dataset>,
     batch: usize,
     workers: usize,
+    normalize: Option<Normalize>,
 ) -> Result<EvalResult> {
     let mut cfg = LoaderConfig::eval(batch);
     cfg.workers = workers;
+    cfg.normalize = normalize;
     let loader = Loader::new(data, cfg)?;
     let ce = SoftmaxCrossEntropy {
         label_smoothing: 0.0,
@@ -191,8 +198,14 @@ impl Trainer<'_> {
                 self.model.classes
             );
         }
+        let channels = train.shape()[0];
+        let normalize = match &self.cfg.normalize {
+            Some(n) => Some(n.resolve(channels).context("--normalize")?),
+            None => None,
+        };
         let mut lcfg = LoaderConfig::train(self.cfg.batch, self.cfg.seed);
         lcfg.workers = self.cfg.workers;
+        lcfg.normalize = normalize.clone();
         lcfg.drop_last = train.len() >= self.cfg.batch;
         if !self.cfg.augment {
             lcfg.augment = None;
@@ -213,6 +226,20 @@ impl Trainer<'_> {
         let mut carried: Option<EpochSoFar> = None;
         if resume {
             let ck = checkpoint::load(&self.files.checkpoint, &mut self.model.session.program)?;
+            // The normalisation is part of what the weights learnt: resuming under another
+            // would silently change the task. Checkpoints from before the option used the default.
+            let c = channels;
+            let was: Option<NormSpec> =
+                serde_json::from_value(ck.extra["config"]["normalize"].clone()).unwrap_or(None);
+            let was = was.unwrap_or_else(|| NormSpec::default_for(c));
+            let now = (self.cfg.normalize.clone()).unwrap_or_else(|| NormSpec::default_for(c));
+            if was != now {
+                bail!(
+                    "--resume: {} was trained with --normalize {was}, this run asks for {now}; \
+                     resume with the same normalisation",
+                    self.files.checkpoint.display()
+                );
+            }
             pos = ck.position;
             opt = ck.optimizer;
             self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
@@ -315,7 +342,13 @@ impl Trainer<'_> {
             }
             bar.finish_and_clear();
             let epoch_s = before.epoch_s + t0.elapsed().as_secs_f64();
-            let eval = evaluate(self.model, test.clone(), self.cfg.batch, self.cfg.workers)?;
+            let eval = evaluate(
+                self.model,
+                test.clone(),
+                self.cfg.batch,
+                self.cfg.workers,
+                normalize.clone(),
+            )?;
             let m = EpochMetrics {
                 epoch: pos.epoch + 1,
                 step: pos.step,
