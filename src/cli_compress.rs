@@ -91,6 +91,10 @@ pub struct CompressArgs {
     /// Also train the full-rank model with the same recipe, for the accuracy comparison.
     #[arg(long)]
     pub baseline: bool,
+    /// Keep the model's classifier as it is (an error when its output width differs from the
+    /// data's class count); without it, the classifier is re-sized to the data.
+    #[arg(long)]
+    pub keep_head: bool,
     /// The run folder.
     #[arg(long)]
     pub out: PathBuf,
@@ -476,6 +480,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         normalize: Some(normalize.clone()),
         orth,
         orth_no_decay: a.orth_no_decay,
+        keep_head: a.keep_head,
         resume,
         output: Some(output),
         json: false,

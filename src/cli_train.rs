@@ -84,6 +84,11 @@ pub struct TrainArgs {
     /// CP); the core and every other weight keep it.
     #[arg(long)]
     pub orth_no_decay: bool,
+    /// Keep the model's classifier as it is. Without it, a model whose output width differs
+    /// from the data's class count gets its last Gemm / MatMul / conv re-sized to the data
+    /// (freshly initialised; said in one line); with it, that is an error.
+    #[arg(long)]
+    pub keep_head: bool,
     /// Continue from the checkpoint beside the output.
     #[arg(long)]
     pub resume: bool,
@@ -126,6 +131,84 @@ pub fn set_threads(threads: Option<usize>) -> Result<usize> {
         .ok();
     crate::engine::init();
     Ok(rayon::current_num_threads())
+}
+
+/// Re-sizes the classifier to the data's class count (or, with `keep_head`, refuses a
+/// mismatch).
+fn fit_head(
+    graph: &mut crate::ir::Graph,
+    shapes: &[Vec<usize>],
+    splits: &crate::data::Splits,
+    keep_head: bool,
+    seed: u64,
+) -> Result<Option<crate::ir::head::HeadChange>> {
+    let classes = splits.train.classes();
+    if keep_head {
+        let facts = crate::ir::shape::infer(graph, shapes)?;
+        let outputs = graph
+            .outputs
+            .first()
+            .and_then(|o| facts.get(&o.name))
+            .and_then(|f| f.shape.get(1).copied())
+            .unwrap_or(0);
+        if outputs != classes {
+            bail!(
+                "the data has {classes} classes but the model has {outputs} outputs; drop \
+                 --keep-head to re-size the classifier to the data"
+            );
+        }
+        return Ok(None);
+    }
+    crate::ir::head::resize(graph, shapes, classes, seed)
+}
+
+/// A training split smaller than one batch trains one short step per epoch, and BN's running
+/// statistics never settle (a test loss in the thousands): refuse it. A class without
+/// training images cannot be learned: say which.
+fn check_split_sizes(splits: &crate::data::Splits, batch: usize, data: &str) -> Result<()> {
+    let n = splits.train.len();
+    if n < batch {
+        bail!(
+            "--data {data}: the training split has {n} images, fewer than one batch of {batch}; \
+             pass --batch {} or smaller",
+            n.max(1)
+        );
+    }
+    let empty: Vec<&str> = splits
+        .train
+        .class_counts()
+        .iter()
+        .zip(splits.train.class_names())
+        .filter(|(c, _)| **c == 0)
+        .map(|(_, name)| name.as_str())
+        .collect();
+    if !empty.is_empty() {
+        eprintln!(
+            "warning: --data {data}: {} class(es) have no training image and cannot be learned: {}",
+            empty.len(),
+            empty.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// What a deployment needs to know of the data, recorded in the trained file's metadata: the
+/// class names in label order and how an image is brought to the input size.
+fn record_data_facts(
+    graph: &mut crate::ir::Graph,
+    spec: &DataSpec,
+    train: &crate::data::Dataset,
+    chw: [usize; 3],
+) {
+    let names = serde_json::to_string(train.class_names()).unwrap_or_default();
+    let meta = &mut graph.meta.metadata_props;
+    for (k, v) in [
+        (crate::data::CLASSES_KEY, names),
+        (crate::data::RESIZE_KEY, spec.resize_rule(chw)),
+    ] {
+        meta.retain(|(kk, _)| kk != k);
+        meta.push((k.to_string(), v));
+    }
 }
 
 fn default_output(model: &Path) -> PathBuf {
@@ -206,6 +289,27 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
             .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
     }
     let mut graph = crate::onnx::read_file(&a.model)?;
+    let what = || a.model.display().to_string();
+    // The data first: the classifier follows its class count.
+    let shapes = crate::ir::shape::default_input_shapes(&graph).with_context(what)?;
+    let chw = match shapes.first().map(Vec::as_slice) {
+        Some([_, c, h, w]) => [*c, *h, *w],
+        _ => bail!(
+            "{}: the model's input is not an image batch [N, C, H, W]",
+            a.model.display()
+        ),
+    };
+    let splits = spec.load(chw)?;
+    check_split_sizes(&splits, a.batch, &a.data)?;
+    if let Some(change) =
+        fit_head(&mut graph, &shapes, &splits, a.keep_head, a.seed).with_context(what)?
+    {
+        eprintln!(
+            "the data has {} classes: the classifier '{}' now has {} outputs instead of {} (freshly initialised)",
+            change.to, change.node, change.to, change.from
+        );
+    }
+    record_data_facts(&mut graph, &spec, &splits.train, chw);
     let policy: BnPolicy = a.bn.parse()?;
     let inserted = bn_insert::apply(&mut graph, policy);
     if inserted > 0 {
@@ -238,7 +342,7 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
     }
     // The trained file says how its inputs are normalised, for every later use of it.
     normalize.record(&mut model.graph.meta.metadata_props, c)?;
-    let splits = spec.load([c, h, w])?;
+    debug_assert_eq!([c, h, w], chw);
     let (core, pinned) = crate::engine::blas_core();
     eprintln!(
         "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}",

@@ -220,6 +220,12 @@ pub enum DataSpec {
     Folder(PathBuf),
 }
 
+/// `metadata_props` key of a trained or exported model: its class names in label order, as a
+/// JSON array.
+pub const CLASSES_KEY: &str = "elrt.classes";
+/// `metadata_props` key: how an image is brought to the model's input size.
+pub const RESIZE_KEY: &str = "elrt.input.resize";
+
 const SPEC_FORMS: &str =
     "synthetic, synthetic:TRAIN,TEST, cifar10:PATH, cifar100:PATH or folder:PATH";
 
@@ -256,6 +262,24 @@ impl DataSpec {
             "folder" => DataSpec::Folder(path("folder")?),
             _ => bail!("unknown data set '{s}': expected {SPEC_FORMS}"),
         })
+    }
+
+    /// How this source's images are brought to the model's input `[C, H, W]`, in words a
+    /// deployment can follow (recorded in the model file, [`RESIZE_KEY`]).
+    pub fn resize_rule(&self, [c, h, w]: [usize; 3]) -> String {
+        let color = if c == 1 { "grayscale" } else { "RGB" };
+        match self {
+            DataSpec::Synthetic(_) => format!("none: images are made at {h}x{w} ({color})"),
+            DataSpec::Cifar10(_) | DataSpec::Cifar100(_) if (h, w) == (32, 32) => {
+                format!("none: 32x32 images ({color})")
+            }
+            DataSpec::Cifar10(_) | DataSpec::Cifar100(_) => {
+                format!("bilinear resize of the 32x32 images to {h}x{w} ({color})")
+            }
+            DataSpec::Folder(_) => format!(
+                "decode as {color}, bilinear resize to {h}x{w} (height x width; aspect ratio not kept)"
+            ),
+        }
     }
 
     /// Loads the train and test splits with images of the model's input shape `[C, H, W]`.

@@ -12,4 +12,5 @@ pub mod batch;
 pub mod bn_insert;
 pub mod cost;
 pub mod fold;
+pub mod head;
 pub mod shape;
