@@ -608,10 +608,10 @@ class Cell:
         if not errors:
             return self.result(commands, None, details)
         if len(errors) == 2 and errors[0][1] == errors[1][1]:
-            text = f"tucker2, cp: {errors[0][1]}"
+            text = f"tucker2, cp: {errors[0][1]}"  # each error is already trimmed
         else:
-            text = "; ".join(f"{fmt}: {e}" for fmt, e in errors)
-        return self.result(commands, trim(text), details, timed_out)
+            text = trim("; ".join(f"{fmt}: {e}" for fmt, e in errors), 2 * ERROR_CHARS)
+        return self.result(commands, text, details, timed_out)
 
     def stage_export(self):
         src = self.trained if self.trained else self.rec["file"]
@@ -671,16 +671,7 @@ def markdown(models, forms_for, stages, exports, cells, meta) -> str:
     n_ok = sum(1 for c in cells.values() for r in c.results.values() if r["status"] == "ok")
     n_ok += sum(1 for r in exports.values() if r["status"] == "ok")
     n_all = sum(len(c.results) for c in cells.values()) + len(exports)
-    lines += ["", f"{n_ok} of {n_all} cells ok.", "", "## ONNX op types per export", "",
-              "Op types outside the set elrt is known to read are in **bold**.", "",
-              "| model | form | opset | op types |", "|---|---|---|---|"]
-    for m in models:
-        for form in forms_for(m):
-            rec = exports[cell_key(m, form)]
-            if not rec.get("ops"):
-                continue
-            ops = ", ".join(f"**{o}**" if o not in KNOWN_OPS else o for o in rec["ops"])
-            lines.append(f"| {m} | {form} | {rec.get('opset', '')} | {ops} |")
+    lines += ["", f"{n_ok} of {n_all} cells ok."]
     # The same error on many cells, with the cell's own paths replaced by FILE / DIR.
     distinct: dict = {}
     for m in models:
@@ -700,6 +691,16 @@ def markdown(models, forms_for, stages, exports, cells, meta) -> str:
             shown = ", ".join(where[:6]) + (f", ... ({len(where) - 6} more)"
                                             if len(where) > 6 else "")
             lines.append(f"| {len(where)} | {md_cell('error', text)} | {shown} |")
+    lines += ["", "## ONNX op types per export", "",
+              "Op types outside the set elrt is known to read are in **bold**.", "",
+              "| model | form | opset | op types |", "|---|---|---|---|"]
+    for m in models:
+        for form in forms_for(m):
+            rec = exports[cell_key(m, form)]
+            if not rec.get("ops"):
+                continue
+            ops = ", ".join(f"**{o}**" if o not in KNOWN_OPS else o for o in rec["ops"])
+            lines.append(f"| {m} | {form} | {rec.get('opset', '')} | {ops} |")
     notes = [(k, n) for k, r in exports.items() for n in r.get("notes", [])]
     if notes:
         lines += ["", "Notes: " + "; ".join(f"{k}: {n}" for k, n in notes) + "."]
