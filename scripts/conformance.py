@@ -3,8 +3,12 @@
 exact error.
 
     python3 scripts/conformance.py [--quick] [--models a,b] [--forms fixed,dynamic]
-                                   [--stages inspect,train] [--out DIR] [--elrt PATH]
-                                   [--jobs N] [--reuse-exports] [--allow-fail]
+                                   [--stages inspect,train | none] [--out DIR] [--elrt PATH]
+                                   [--jobs N] [--threads T] [--timeout S] [--reuse-exports]
+                                   [--keep-work] [--allow-fail]
+
+    python3 scripts/conformance.py --quick          # the CI subset, about 7 min on 2 cores
+    python3 scripts/conformance.py                  # all 14 models, about 40 min
 
 1. Exports (PyTorch, CPU, one thread). Each model is torchvision's with weights=None,
    num_classes=10 (googlenet: aux_logits=False, init_weights=True), seeded random init with
@@ -59,7 +63,8 @@ exact error.
 
 3. Output in --out (default target/conformance): exports/ (the ONNX files and one
    .export.json record each, reused with --reuse-exports), logs/MODEL_FORM/STAGE.log (command,
-   exit status, stdout, stderr), work/MODEL_FORM/ (stage outputs), conformance.json (every
+   exit status, stdout, stderr), work/MODEL_FORM/ (stage outputs, kept for cells with a
+   failure, or all with --keep-work: a full run keeps about 10 GB), conformance.json (every
    cell: command, seconds, status, error, details) and conformance.md (the table: rows model x
    form, columns stages; then each export's ONNX op types, those outside the set elrt is
    known to read flagged). The table is printed too.
@@ -534,6 +539,9 @@ class Cell:
             self.results[stage] = res
             log(f"{self.key} {stage}: {'ok' if res['status'] == 'ok' else res['error']} "
                 f"({res['seconds']:.1f} s)")
+        if not self.args.keep_work and all(r["status"] == "ok" for r in self.results.values()):
+            # A passing cell's outputs are not needed (a full run would keep about 10 GB).
+            shutil.rmtree(os.path.join(self.out, self.work), ignore_errors=True)
         return self
 
     @staticmethod
@@ -742,6 +750,9 @@ def main() -> int:
                     help="the elrt binary (default target/release/elrt, relative to the repo)")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="keep exports that passed their checks in an earlier run in --out")
+    ap.add_argument("--keep-work", action="store_true",
+                    help="keep work/MODEL_FORM of cells whose stages all passed (default: only "
+                    "failing cells keep their stage outputs)")
     ap.add_argument("--allow-fail", action="store_true", help="exit 0 even when cells fail")
     args = ap.parse_args()
 
