@@ -22,7 +22,11 @@ const BATCH: usize = 32;
 
 fn conv_kernels(c: &mut Criterion) {
     elrt::engine::tune_allocator();
-    elrt::cli_train::set_threads(Some(1)).expect("thread pool");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .expect("thread pool");
+    elrt::engine::init();
     let cases: [(&str, Conv2d, [usize; 4], [usize; 4]); 5] = [
         (
             "3x3_16ch_32px",

@@ -26,7 +26,13 @@ fn train_step(c: &mut Criterion) {
     let threads = std::env::var("ELRT_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok());
-    let threads = elrt::cli_train::set_threads(threads).expect("thread pool");
+    // The bench process is all one measurement: one global pool of the asked size.
+    let threads = elrt::engine::thread_count(threads).expect("thread count");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .expect("thread pool");
+    elrt::engine::init();
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet20.onnx");
     let mut m = Model::load(&path, BATCH).expect("load models/resnet20.onnx");
     let mut r = elrt::rng::Rng::new(1);

@@ -26,6 +26,9 @@ pub const DEFAULT_ORTH: f32 = 1e-2;
 /// in a couple of minutes on two cores.
 pub const EMBEDDED_DATA: &str = "synthetic:4000,1000";
 
+/// The rank policy when `--ranks` is not given.
+pub const DEFAULT_RANKS: &str = "params=0.4";
+
 #[derive(Args, Debug, Clone)]
 pub struct CompressArgs {
     /// The ONNX architecture (weights are not needed: training starts from random factors).
@@ -42,12 +45,30 @@ pub struct CompressArgs {
     /// tucker2 | cp
     #[arg(long, default_value = "tucker2")]
     pub format: String,
-    /// ratio=F | params=F | macs=F | latency=F (measured in tract) | a JSON file of per-layer ranks
-    #[arg(long, default_value = "params=0.4")]
-    pub ranks: String,
-    /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks).
+    /// ratio=F | params=F | macs=F | latency=F (measured in tract) | a JSON file of per-layer
+    /// ranks. Default: params=0.4 (`elrt convert` defaults to ratio=0.5, a per-layer rule; a
+    /// whole-model budget suits the main job), widened to the 1x1 convs and then the Gemm
+    /// layers, said in one line, on models whose convs alone cannot reach it.
+    #[arg(long)]
+    pub ranks: Option<String>,
+    /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks, whose weight sits in
+    /// pointwise convs).
     #[arg(long = "include-1x1")]
     pub include_pointwise: bool,
+    /// Factorize Gemm (fully connected) layers too, by SVD.
+    #[arg(long)]
+    pub include_gemm: bool,
+    /// Factorize the first conv (the one reading the image) too.
+    #[arg(long)]
+    pub include_first: bool,
+    /// Image shape C,H,W, for a model whose file leaves input dimensions unknown (or to train
+    /// it at another input size).
+    #[arg(long, value_name = "C,H,W")]
+    pub input_shape: Option<String>,
+    /// Run even when the rank policy factorizes no layer (the compact file is then the dense
+    /// model, retrained); without it such a run stops with an error that says why.
+    #[arg(long)]
+    pub allow_dense: bool,
     /// Epochs (default: 30 on real data, 4 on the synthetic set).
     #[arg(long)]
     pub epochs: Option<u64>,
@@ -69,9 +90,11 @@ pub struct CompressArgs {
     /// No weight decay on the factor matrices under DSO (see `elrt train --orth-no-decay`).
     #[arg(long)]
     pub orth_no_decay: bool,
+    /// Weight decay on conv and linear weights (SGD, decoupled from the learning rate as
+    /// torch.optim.SGD applies it).
     #[arg(long, default_value_t = 5e-4)]
     pub wd: f32,
-    /// constant | step | cosine | onecycle
+    /// Learning-rate schedule over the epochs: constant | step | cosine | onecycle
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
     /// Training threads (default: all cores).
@@ -83,6 +106,8 @@ pub struct CompressArgs {
     /// fastest | factorized | dense (how the compact file writes each factorized layer).
     #[arg(long, default_value = "fastest")]
     pub forms: String,
+    /// Seed of the random factors, the data order and the augmentation (runs are
+    /// reproducible from it).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop training after N steps (smoke runs).
@@ -98,9 +123,14 @@ pub struct CompressArgs {
     /// The run folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Continue a stopped run in --out from its last finished stage.
+    /// Continue a stopped run in --out from its last finished stage. The recipe must be the
+    /// one the run was started with (the differences are listed otherwise).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: accept a changed --epochs or --max-steps (to train a finished run
+    /// further, on purpose); every other change is still refused.
+    #[arg(long, requires = "resume")]
+    pub allow_recipe_change: bool,
     /// Print the report as JSON (stage messages are silenced).
     #[arg(long)]
     pub json: bool,
@@ -148,6 +178,42 @@ struct Recipe {
     /// model's channels, which a resume fills in before comparing.
     #[serde(default)]
     normalize: Option<NormSpec>,
+    #[serde(default)]
+    include_gemm: bool,
+    #[serde(default)]
+    include_first: bool,
+    #[serde(default)]
+    input_shape: Option<String>,
+    #[serde(default)]
+    keep_head: bool,
+}
+
+/// Recipe fields `--allow-recipe-change` lets a resumed run change.
+const CHANGEABLE: &[&str] = &["epochs", "max_steps"];
+
+/// `field: old -> new` for every recipe field (and the data) that differs.
+fn recipe_changes(old: &RunManifest, new: &RunManifest) -> Vec<(String, String)> {
+    let as_map = |m: &RunManifest| {
+        let mut v = serde_json::to_value(&m.recipe).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("data".into(), m.data.clone().into());
+        }
+        v.as_object().cloned().unwrap_or_default()
+    };
+    let (a, b) = (as_map(old), as_map(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("-".into(), |v| v.to_string());
+            (
+                k.clone(),
+                format!("{k}: {} -> {}", show(a.get(k)), show(b.get(k))),
+            )
+        })
+        .collect()
 }
 
 fn per_conv() -> String {
@@ -189,6 +255,50 @@ pub struct CompressReport {
     pub forms: String,
     pub stage_seconds: Vec<(String, f64)>,
     pub files: Vec<String>,
+    /// How to feed compact.onnx (also in its metadata_props).
+    #[serde(default)]
+    pub input: Option<InputFacts>,
+    /// Compute threads the training ran on, counted from the OS's thread list.
+    #[serde(default)]
+    pub train_threads: Option<usize>,
+    /// Set when the classifier was re-sized to the data: `(node, from, to)`.
+    #[serde(default)]
+    pub head: Option<(String, usize, usize)>,
+}
+
+/// What a deployment must do to an image before compact.onnx sees it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct InputFacts {
+    pub name: String,
+    pub layout: String,
+    pub shape: String,
+    pub resize: String,
+    pub normalize_mean: String,
+    pub normalize_std: String,
+    pub classes: Vec<String>,
+}
+
+impl InputFacts {
+    /// From an exported file's metadata.
+    fn of(g: &crate::ir::Graph) -> InputFacts {
+        let get = |k: &str| {
+            g.meta
+                .metadata_props
+                .iter()
+                .find(|(kk, _)| kk == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        InputFacts {
+            name: g.inputs.first().map(|i| i.name.clone()).unwrap_or_default(),
+            layout: "NCHW".into(),
+            shape: get("elrt.export.input_shape"),
+            resize: get(crate::data::RESIZE_KEY),
+            normalize_mean: get("elrt.normalize.mean"),
+            normalize_std: get("elrt.normalize.std"),
+            classes: serde_json::from_str(&get(crate::data::CLASSES_KEY)).unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -262,24 +372,73 @@ pub fn compress(a: CompressArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
+/// Everything a run needs, checked before the run folder is touched: flags, model, data, the
+/// classifier fitted to the data, and (for a new run) the converted model, in memory.
+struct Plan {
+    /// `--ranks`, or the default.
+    ranks: String,
+    /// Set when the default budget needed a wider layer selection.
+    selection_note: Option<String>,
+    data: String,
+    synthetic: bool,
+    synthetic_default: bool,
+    epochs: u64,
+    batch: usize,
+    lr: f32,
+    normalize: NormSpec,
+    note: Option<String>,
+    train_init: &'static str,
+    /// The model as the stages use it: the file, with --input-shape applied and the classifier
+    /// re-sized to the data. Written to the run folder as model.onnx when it differs from the
+    /// file.
+    source: crate::ir::Graph,
+    source_changed: bool,
+    head: Option<crate::ir::head::HeadChange>,
+    manifest: RunManifest,
+    /// The first stage's result, computed before anything is written (None on a resume that
+    /// is past it).
+    convert: Option<(crate::ir::Graph, ConvertReport)>,
+}
+
+fn positive_finite(flag: &str, v: f32) -> Result<f32> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{flag} must be a positive number, got {v}");
+    }
+    Ok(v)
+}
+
+fn non_negative_finite(flag: &str, v: f32) -> Result<f32> {
+    if !(v.is_finite() && v >= 0.0) {
+        bail!("{flag} must be zero or a positive number, got {v}");
+    }
+    Ok(v)
+}
+
+fn plan(a: &CompressArgs) -> Result<Plan> {
     let synthetic_default = a.data.is_none();
     let data = a.data.clone().unwrap_or_else(|| EMBEDDED_DATA.to_string());
     let spec = DataSpec::parse(&data)?;
     let synthetic = data.starts_with("synthetic");
     let epochs = a.epochs.unwrap_or(if synthetic { 4 } else { 30 });
     let batch = a.batch.unwrap_or(if synthetic { 64 } else { 128 });
-    let lr = a.lr.unwrap_or(if synthetic { 0.05 } else { 0.1 });
-    if batch == 0 || !(lr > 0.0 && lr.is_finite()) {
-        bail!("--batch must be at least 1 and --lr positive");
+    let lr = positive_finite("--lr", a.lr.unwrap_or(if synthetic { 0.05 } else { 0.1 }))?;
+    if batch == 0 {
+        bail!("--batch must be at least 1");
     }
     if epochs == 0 {
         bail!("--epochs must be at least 1");
     }
+    if a.max_steps == Some(0) {
+        bail!("--max-steps must be at least 1");
+    }
     if a.bench_threads == 0 {
         bail!("--bench-threads must be at least 1");
     }
+    crate::engine::thread_count(a.threads)?;
+    non_negative_finite("--orth", a.orth)?;
+    non_negative_finite("--wd", a.wd)?;
     crate::export::FormsPolicy::from_str_checked(&a.forms)?;
+    crate::train::schedule::Schedule::parse(&a.schedule)?;
     // (the converter's init, the trainer's init)
     let (convert_init, train_init) = match a.factor_init.as_str() {
         "per-conv" => ("scratch", "scratch"),
@@ -287,24 +446,49 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         "orthogonal" => ("orthogonal", "factors"),
         o => bail!("--factor-init '{o}': expected per-conv, composed or orthogonal"),
     };
+    let what = || a.model.display().to_string();
     let model_bytes =
         std::fs::read(&a.model).with_context(|| format!("cannot read {}", a.model.display()))?;
-    // Fail on bad data before anything is written: load it once for the model's input shape.
-    let graph = crate::onnx::read_bytes_in(
+    let mut source = crate::onnx::read_bytes_in(
         &model_bytes,
         Some(a.model.parent().unwrap_or(Path::new("."))),
     )
-    .with_context(|| a.model.display().to_string())?;
-    let shape = crate::ir::shape::default_input_shapes(&graph)
-        .with_context(|| a.model.display().to_string())?;
-    let chw = [shape[0][1], shape[0][2], shape[0][3]];
+    .with_context(what)?;
+    let original = source.clone();
+    if let Some(s) = &a.input_shape {
+        crate::ir::shape::set_image_shape(&mut source, &crate::inspect::parse_shape(s)?)
+            .with_context(what)?;
+    }
+    let shapes = crate::ir::shape::default_input_shapes(&source).with_context(what)?;
+    let chw = match shapes.first().map(Vec::as_slice) {
+        Some([_, c, h, w]) => [*c, *h, *w],
+        _ => bail!(
+            "{}: the model has {} input(s); elrt trains image classifiers with one [N, C, H, W] input",
+            a.model.display(),
+            shapes.len()
+        ),
+    };
+    if shapes.len() != 1 {
+        bail!(
+            "{}: the model has {} inputs; elrt trains image classifiers with one image input",
+            a.model.display(),
+            shapes.len()
+        );
+    }
+    // The whole graph must make sense at the training batch before anything else is done.
+    crate::ir::shape::infer(&source, &shapes).with_context(what)?;
     let (normalize, note) = NormSpec::for_model(
         a.normalize.as_ref(),
         &a.model,
-        &graph.meta.metadata_props,
+        &source.meta.metadata_props,
         chw[0],
     )?;
-    spec.load(chw).with_context(|| format!("--data {data}"))?;
+    // Bad data fails here, before anything is written.
+    let splits = spec.load(chw).with_context(|| format!("--data {data}"))?;
+    crate::cli_train::check_split_sizes(&splits, batch, &data)?;
+    let head = crate::cli_train::fit_head(&mut source, &shapes, &splits, a.keep_head, a.seed)
+        .with_context(what)?;
+    let source_changed = source != original;
 
     // argv[0] as `elrt`, so that the report's command reads the same wherever the binary is.
     let command = std::iter::once("elrt".to_string())
@@ -312,11 +496,11 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         .map(|s| shell_quote(&s))
         .collect::<Vec<_>>()
         .join(" ");
+    let ranks = a.ranks.clone().unwrap_or_else(|| DEFAULT_RANKS.to_string());
     let recipe = Recipe {
         format: a.format.clone(),
         include_pointwise: a.include_pointwise,
-
-        ranks: a.ranks.clone(),
+        ranks: ranks.clone(),
         epochs,
         batch,
         lr,
@@ -330,83 +514,317 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         baseline: a.baseline,
         max_steps: a.max_steps,
         normalize: Some(normalize.clone()),
+        include_gemm: a.include_gemm,
+        include_first: a.include_first,
+        input_shape: a.input_shape.clone(),
+        keep_head: a.keep_head,
     };
-    let manifest_path = a.out.join("run.json");
-    let manifest = if a.resume {
-        let text = std::fs::read_to_string(&manifest_path).map_err(|_| {
-            anyhow!(
-                "--resume: {} is not a run folder (no run.json)",
-                a.out.display()
-            )
-        })?;
-        let mut m: RunManifest = serde_json::from_str(&text)
-            .with_context(|| format!("{}: unreadable run.json", a.out.display()))?;
-        let was = m
-            .recipe
-            .normalize
-            .get_or_insert_with(|| NormSpec::default_for(chw[0]))
-            .clone();
-        if was != normalize {
-            bail!(
-                "--resume: {} was made with --normalize {was}, this run asks for {normalize}; \
-                 use a new --out or the original normalisation",
-                a.out.display()
-            );
-        }
-        if m.model_fingerprint != fingerprint(&model_bytes) {
-            bail!(
-                "--resume: {} was made from {} (a different model than {}); use a new --out",
-                a.out.display(),
-                m.model,
-                a.model.display()
-            );
-        }
-        if m.recipe != recipe || m.data != data {
-            bail!(
-                "--resume: {} was made with a different recipe or data ({}); use a new --out \
-                 or the original flags",
-                a.out.display(),
-                m.command
-            );
-        }
-        m
+    let manifest = RunManifest {
+        elrt: env!("CARGO_PKG_VERSION").into(),
+        model: a.model.display().to_string(),
+        model_fingerprint: fingerprint(&model_bytes),
+        data: data.clone(),
+        recipe,
+        done: Vec::new(),
+        command,
+    };
+    // The first stage, in memory: a rank policy that cannot be met or a layer selection that
+    // factorizes nothing fails here, not after the folder is made.
+    let resuming_past_convert =
+        a.resume && read_manifest(&a.out).is_ok_and(|m| m.done.iter().any(|s| s == "convert"));
+    let mut selection_note = None;
+    let convert = if resuming_past_convert {
+        None
     } else {
-        if manifest_path.exists() {
+        let mut args = ConvertArgs {
+            model: a.model.clone(),
+            format: a.format.clone(),
+            ranks: ranks.clone(),
+            rank_multiple: 8,
+            include_first: a.include_first,
+            include_pointwise: a.include_pointwise,
+            include_gemm: a.include_gemm,
+            init: convert_init.into(),
+            seed: a.seed,
+            hooi_iters: 10,
+            cp_iters: 50,
+            latency_threads: 1,
+            input_shape: None,
+            output: a.out.join("factorized.onnx"),
+            json: false,
+        };
+        // The default budget widens the layer selection where the convs alone cannot meet it
+        // (models whose weight sits in 1x1 convs or the classifier), so that a first run
+        // goes through; a --ranks the user gave is never widened.
+        let mut result = crate::cli_convert::convert_graph(source.clone(), &args);
+        if a.ranks.is_none() {
+            for widen in ["--include-1x1", "--include-gemm"] {
+                let unreachable =
+                    matches!(&result, Err(e) if format!("{e:#}").contains("unreachable"));
+                if !unreachable {
+                    break;
+                }
+                match widen {
+                    "--include-1x1" if !args.include_pointwise => args.include_pointwise = true,
+                    "--include-gemm" if !args.include_gemm => args.include_gemm = true,
+                    _ => continue,
+                }
+                result = crate::cli_convert::convert_graph(source.clone(), &args);
+                selection_note = Some(format!(
+                    "the default --ranks {DEFAULT_RANKS} needs more than the kxk convs on this model: factorizing{}{} too (give --ranks to choose yourself)",
+                    if args.include_pointwise { " the 1x1 convs" } else { "" },
+                    if args.include_gemm { " and the Gemm layers" } else { "" },
+                ));
+            }
+        }
+        let (g, r) = result?;
+        let factorized = r.layers.iter().filter(|l| !l.ranks.is_empty()).count();
+        if factorized == 0 && !a.allow_dense {
+            let mut why: Vec<String> = r
+                .layers
+                .iter()
+                .map(|l| l.status.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            if why.is_empty() {
+                why.push("the model has no conv or Gemm layer".into());
+            }
             bail!(
-                "{} already holds a run; pass --resume to continue it or choose another --out",
-                a.out.display()
+                "--ranks {} factorizes no layer of {} ({}); the compact model would be the \
+                 dense one: choose another --ranks or layer selection (--include-1x1, \
+                 --include-gemm, --include-first), or pass --allow-dense to run anyway",
+                ranks,
+                a.model.display(),
+                why.join("; ")
             );
         }
-        std::fs::create_dir_all(&a.out)
-            .with_context(|| format!("{}: cannot create the run folder", a.out.display()))?;
-        RunManifest {
-            elrt: env!("CARGO_PKG_VERSION").into(),
-            model: a.model.display().to_string(),
-            model_fingerprint: fingerprint(&model_bytes),
-            data: data.clone(),
-            recipe: recipe.clone(),
-            done: Vec::new(),
-            command: command.clone(),
-        }
+        Some((g, r))
     };
-    let mut run = Run {
-        dir: a.out.clone(),
+    Ok(Plan {
+        ranks,
+        selection_note,
+        data,
+        synthetic,
+        synthetic_default,
+        epochs,
+        batch,
+        lr,
+        normalize,
+        note,
+        train_init,
+        source,
+        source_changed,
+        head,
         manifest,
-        quiet: a.quiet || a.json,
-    };
-    run.save()?;
-    if let Some(n) = &note {
+        convert,
+    })
+}
+
+fn read_manifest(dir: &Path) -> Result<RunManifest> {
+    let text = std::fs::read_to_string(dir.join("run.json")).map_err(|_| {
+        anyhow!(
+            "--resume: {} is not a run folder (no run.json)",
+            dir.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{}: unreadable run.json", dir.display()))
+}
+
+/// An exclusive lock on a run folder (`.lock`, flock): a second run into the same folder fails
+/// at once, whatever the timing; the OS releases it when the process ends, however it ends, so
+/// a killed run can be resumed.
+struct RunLock {
+    _file: std::fs::File,
+    path: PathBuf,
+    created: bool,
+}
+
+impl RunLock {
+    fn take(dir: &Path) -> Result<RunLock> {
+        let path = dir.join(".lock");
+        let created = !path.exists();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("{}: cannot create the run folder's lock", dir.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a file descriptor this function owns.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                bail!(
+                    "{}: another elrt compress is running in this folder; wait for it, or choose another --out",
+                    dir.display()
+                );
+            }
+        }
+        Ok(RunLock {
+            _file: file,
+            path,
+            created,
+        })
+    }
+}
+
+/// Opens the run folder: takes its lock, checks the manifest, and for a new run writes the
+/// first stage's files and then run.json. Anything failing before that leaves the folder as it
+/// was (a folder this call made is removed again).
+fn open_run(a: &CompressArgs, p: &mut Plan, quiet: bool) -> Result<(Run, RunLock)> {
+    let created_dir = !a.out.exists();
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create the run folder", a.out.display()))?;
+    let mut written: Vec<PathBuf> = Vec::new();
+    let mut lock = None;
+    let attempt = (|| -> Result<Run> {
+        lock = Some(RunLock::take(&a.out)?);
+        let manifest_path = a.out.join("run.json");
+        let manifest = if a.resume {
+            let mut old = read_manifest(&a.out)?;
+            let channels = p.source.inputs[0]
+                .shape
+                .as_ref()
+                .and_then(|s| s.get(1))
+                .and_then(|d| match d {
+                    crate::ir::Dim::Fixed(c) => Some(*c),
+                    _ => None,
+                })
+                .unwrap_or(3);
+            old.recipe
+                .normalize
+                .get_or_insert_with(|| NormSpec::default_for(channels));
+            if old.model_fingerprint != p.manifest.model_fingerprint {
+                bail!(
+                    "--resume: {} was made from {} (a different model than {}); use a new --out",
+                    a.out.display(),
+                    old.model,
+                    a.model.display()
+                );
+            }
+            let changes = recipe_changes(&old, &p.manifest);
+            let refused: Vec<&str> = changes
+                .iter()
+                .filter(|(k, _)| !(a.allow_recipe_change && CHANGEABLE.contains(&k.as_str())))
+                .map(|(_, d)| d.as_str())
+                .collect();
+            if !refused.is_empty() {
+                bail!(
+                    "--resume: {} was made with another recipe ({}){}",
+                    a.out.display(),
+                    refused.join(", "),
+                    if refused
+                        .iter()
+                        .all(|d| CHANGEABLE.iter().any(|c| d.starts_with(c)))
+                    {
+                        "; pass --allow-recipe-change to continue with the new value"
+                    } else {
+                        "; use the original flags, or a new --out"
+                    }
+                );
+            }
+            let mut m = old;
+            m.recipe = p.manifest.recipe.clone();
+            if !changes.is_empty() {
+                // A longer run, on purpose: training continues from its checkpoint, and
+                // everything after it is redone.
+                m.done.retain(|s| s == "convert");
+            }
+            m
+        } else {
+            if manifest_path.exists() {
+                bail!(
+                    "{} already holds a run; pass --resume to continue it or choose another --out",
+                    a.out.display()
+                );
+            }
+            p.manifest.clone()
+        };
+        let mut run = Run {
+            dir: a.out.clone(),
+            manifest,
+            quiet,
+        };
+        if let Some((g, r)) = p.convert.take() {
+            // 1. convert, committed: the files first, run.json (which makes it a run) last.
+            run.say("convert");
+            if p.source_changed {
+                let path = run.path("model.onnx");
+                written.push(path.clone());
+                crate::onnx::write_file(&p.source, &path)?;
+            }
+            let ranks: serde_json::Map<String, serde_json::Value> = r
+                .layers
+                .iter()
+                .filter(|l| !l.ranks.is_empty())
+                .map(|l| (l.layer.clone(), serde_json::json!(l.ranks)))
+                .collect();
+            for (name, bytes) in [
+                (
+                    "ranks.json",
+                    serde_json::to_string_pretty(&ranks)?.into_bytes(),
+                ),
+                ("convert.txt", r.to_text().into_bytes()),
+            ] {
+                written.push(run.path(name));
+                write_atomic(&run.path(name), &bytes)?;
+            }
+            written.push(run.path("factorized.onnx"));
+            crate::onnx::write_file(&g, &run.path("factorized.onnx"))?;
+            run.manifest.done.retain(|s| s != "convert");
+            run.manifest.done.insert(0, "convert".into());
+        }
+        run.save()?;
+        Ok(run)
+    })();
+    match attempt {
+        Ok(run) => Ok((run, lock.expect("taken"))),
+        Err(e) => {
+            for f in &written {
+                let _ = std::fs::remove_file(f);
+            }
+            if let Some(l) = lock {
+                if l.created {
+                    let _ = std::fs::remove_file(&l.path);
+                }
+            }
+            if created_dir {
+                let _ = std::fs::remove_dir_all(&a.out);
+            }
+            Err(e)
+        }
+    }
+}
+
+pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
+    let quiet = a.quiet || a.json;
+    let mut p = plan(a)?;
+    let (mut run, _lock) = open_run(a, &mut p, quiet)?;
+    let (data, epochs, batch, lr) = (p.data.clone(), p.epochs, p.batch, p.lr);
+    let normalize = p.normalize.clone();
+    if let Some(n) = &p.note {
         run.say(n);
     }
-    if synthetic_default {
+    if p.synthetic_default {
         run.say(
             "no --data: the built-in synthetic set with a short schedule (the embedded default)",
         );
     }
+    if let Some(n) = &p.selection_note {
+        run.say(n);
+    }
+    if let Some(h) = &p.head {
+        run.say(&format!(
+            "the data has {} classes: the classifier '{}' has {} outputs instead of {} (model.onnx)",
+            h.to, h.node, h.to, h.from
+        ));
+    }
     run.say(&format!(
         "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | normalize {} | seed {}",
         a.format,
-        a.ranks,
+        p.ranks,
         epochs,
         batch,
         lr,
@@ -419,42 +837,14 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         a.seed
     ));
     let mut stage_seconds = Vec::new();
-
-    // 1. convert
+    // The model every stage starts from: the file, or model.onnx when --input-shape or the
+    // classifier changed it.
+    let source = if run.path("model.onnx").exists() {
+        run.path("model.onnx")
+    } else {
+        a.model.clone()
+    };
     let factorized = run.path("factorized.onnx");
-    if !run.done("convert") {
-        run.say("convert");
-        let t0 = Instant::now();
-        let r: ConvertReport = crate::cli_convert::run(ConvertArgs {
-            model: a.model.clone(),
-            format: a.format.clone(),
-            ranks: a.ranks.clone(),
-            rank_multiple: 8,
-            include_first: false,
-            include_pointwise: a.include_pointwise,
-            include_gemm: false,
-            init: convert_init.into(),
-            seed: a.seed,
-            hooi_iters: 10,
-            cp_iters: 50,
-            latency_threads: 1,
-            output: factorized.clone(),
-            json: false,
-        })?;
-        let ranks: serde_json::Map<String, serde_json::Value> = r
-            .layers
-            .iter()
-            .filter(|l| !l.ranks.is_empty())
-            .map(|l| (l.layer.clone(), serde_json::json!(l.ranks)))
-            .collect();
-        write_atomic(
-            &run.path("ranks.json"),
-            serde_json::to_string_pretty(&ranks)?.as_bytes(),
-        )?;
-        write_atomic(&run.path("convert.txt"), r.to_text().as_bytes())?;
-        stage_seconds.push(("convert".to_string(), t0.elapsed().as_secs_f64()));
-        run.mark("convert")?;
-    }
 
     // 2. train (and the baseline)
     let train_args = |model: PathBuf, output: PathBuf, orth: f32, resume: bool| TrainArgs {
@@ -474,20 +864,22 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         workers: 2,
         seed: a.seed,
         max_steps: a.max_steps,
-        init: train_init.into(),
+        init: p.train_init.into(),
         bn: "auto".into(),
         no_augment: false,
         normalize: Some(normalize.clone()),
         orth,
         orth_no_decay: a.orth_no_decay,
-        keep_head: a.keep_head,
+        keep_head: true,
         resume,
+        allow_recipe_change: a.allow_recipe_change,
         output: Some(output),
         json: false,
-        quiet: a.quiet || a.json,
+        quiet,
     };
     let trained = run.path("trained.onnx");
     let mut compact_top1 = None;
+    let mut train_threads = None;
     if !run.done("train") {
         run.say("train the factorized model from random factors");
         let t0 = Instant::now();
@@ -502,6 +894,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             bail!("training was interrupted; continue with the same command and --resume");
         }
         compact_top1 = r.history.last().map(|m| m.test_acc);
+        train_threads = Some(r.threads);
         stage_seconds.push(("train".to_string(), t0.elapsed().as_secs_f64()));
         run.mark("train")?;
     }
@@ -513,7 +906,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         std::fs::create_dir_all(run.path("baseline"))?;
         let resume = run.path("baseline/trained.ckpt").exists();
         let r = run_train(&train_args(
-            a.model.clone(),
+            source.clone(),
             baseline_trained.clone(),
             0.0,
             resume,
@@ -545,30 +938,32 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     // The compact file's accuracy is measured in tract on the whole test split (`data`), with
     // the run's normalisation: the synthetic set too, since it costs seconds and shows that the
     // written file, not only the engine's model, classifies.
-    let export_args =
-        |model: PathBuf, output: PathBuf, forms: &str, data: Option<String>, meta: Vec<String>| {
-            ExportArgs {
-                model,
-                output,
-                batch: None,
-                dynamic_batch: false,
-                input_shape: None,
-                opset: None,
-                forms: forms.to_string(),
-                threads: a.bench_threads,
-                data,
-                normalize: Some(normalize.clone()),
-                data_images: 0,
-                check_batches: 4,
-                tolerance: 1e-4,
-                meta,
-                json: false,
-                quiet: a.quiet || a.json,
-            }
-        };
+    let export_args = |model: PathBuf,
+                       output: PathBuf,
+                       forms: &str,
+                       data: Option<String>,
+                       meta: Vec<String>,
+                       quiet: bool| ExportArgs {
+        model,
+        output,
+        batch: None,
+        dynamic_batch: false,
+        input_shape: None,
+        opset: None,
+        forms: forms.to_string(),
+        threads: a.bench_threads,
+        data,
+        normalize: Some(normalize.clone()),
+        data_images: 0,
+        check_batches: 4,
+        tolerance: 1e-4,
+        meta,
+        json: false,
+        quiet,
+    };
     if !run.done("export") {
         run.say(
-            "export the compact model (BN folded, forms timed in tract) and validate it in tract",
+            "export the compact model (BN folded, forms timed in tract), validate it in tract and measure its top-1 there",
         );
         let t0 = Instant::now();
         let mut meta = vec![
@@ -588,19 +983,30 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
             &a.forms,
             Some(data.clone()),
             meta,
+            quiet,
         ))?;
         write_atomic(
             &run.path("export.json"),
             serde_json::to_string_pretty(&s)?.as_bytes(),
         )?;
         // The original architecture, exported the same way (dense), for the latency side of
-        // the comparison: the trained baseline when there is one, else the file as given.
+        // the comparison: the trained baseline when there is one, else the model as given.
+        run.say(
+            "export the original architecture the same way (dense), for the latency comparison",
+        );
         let src = if a.baseline {
             baseline_trained.clone()
         } else {
-            a.model.clone()
+            source.clone()
         };
-        run_export(&export_args(src, original.clone(), "dense", None, vec![]))?;
+        run_export(&export_args(
+            src,
+            original.clone(),
+            "dense",
+            None,
+            vec![],
+            true,
+        ))?;
         stage_seconds.push(("export".to_string(), t0.elapsed().as_secs_f64()));
         run.mark("export")?;
     }
@@ -614,14 +1020,17 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let tract_top1 = check_f64("top1");
     let tract_images = check_f64("images").map(|n| n as usize);
     let tract_top1_agreement = check_f64("top1_agreement");
-    // The forms written, as the export recorded them in the file (also for a resumed run).
-    let forms_text = crate::onnx::read_file(&compact)?
+    // The forms written and how to feed the file, as the export recorded them in it (also for
+    // a resumed run).
+    let compact_graph = crate::onnx::read_file(&compact)?;
+    let forms_text = compact_graph
         .meta
         .metadata_props
-        .into_iter()
+        .iter()
         .find(|(k, _)| k == "elrt.export.forms")
-        .map(|(_, v)| v)
+        .map(|(_, v)| v.clone())
         .unwrap_or_default();
+    let input = InputFacts::of(&compact_graph);
 
     // 4. bench
     run.say("benchmark original and compact in tract (batch 1, interleaved)");
@@ -668,10 +1077,10 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let report = CompressReport {
         model: a.model.display().to_string(),
         data: data.clone(),
-        synthetic,
+        synthetic: p.synthetic,
         command: run.manifest.command.clone(),
         format: a.format.clone(),
-        ranks: a.ranks.clone(),
+        ranks: p.ranks.clone(),
         epochs,
         orth: a.orth,
         normalize: normalize.to_string(),
@@ -683,6 +1092,9 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         forms: forms_text,
         stage_seconds,
         files,
+        input: Some(input),
+        train_threads,
+        head: p.head.as_ref().map(|h| (h.node.clone(), h.from, h.to)),
     };
     write_atomic(
         &run.path("report.json"),
@@ -753,6 +1165,26 @@ pub fn report_markdown(r: &CompressReport) -> String {
         r.normalize
     );
     s += &report_table(r);
+    if let Some((node, from, to)) = &r.head {
+        s += &format!(
+            "\nThe data has {to} classes: the classifier `{node}` was re-sized from {from} outputs \
+             (model.onnx in the run folder is the model as trained from).\n"
+        );
+    }
+    if let Some(i) = &r.input {
+        s += &format!(
+            "\n## Feeding compact.onnx\n\n- input `{}`, layout {}, shape {}\n- resize: {}\n\
+             - normalisation: (x / 255 - mean) / std per channel, mean {}, std {}\n\
+             - classes (label order): {}\n",
+            i.name,
+            i.layout,
+            i.shape,
+            if i.resize.is_empty() { "-" } else { &i.resize },
+            i.normalize_mean,
+            i.normalize_std,
+            i.classes.join(", ")
+        );
+    }
     if let (Some(n), Some(t)) = (r.tract_images, r.compact.tract_top1) {
         s += &format!(
             "\nTest top-1: engine = the trained model's last evaluation in elrt's engine; tract = \

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::bench::rank_search::LatencySearch;
 use crate::inspect::group_digits;
+use crate::ir::Graph;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{convert, ConvertOptions, Format, InitMode, LayerReport};
 
@@ -50,6 +51,10 @@ pub struct ConvertArgs {
     /// Threads tract times with for --ranks latency=F (the deployment's thread count).
     #[arg(long, default_value_t = 1)]
     pub latency_threads: usize,
+    /// Image shape C,H,W for a model whose file leaves input dimensions unknown (or to convert
+    /// it for another input size).
+    #[arg(long, value_name = "C,H,W")]
+    pub input_shape: Option<String>,
     /// Output ONNX file.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -85,16 +90,42 @@ pub struct LatencyReached {
 }
 
 pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
-    let format: Format = a.format.parse()?;
-    let ranks: RankPolicy = a.ranks.parse()?;
-    let init: InitMode = a.init.parse()?;
     if a.output.extension().is_none_or(|e| e != "onnx") {
         bail!(
             "-o {}: the output must be an .onnx file",
             a.output.display()
         );
     }
-    let (mut g, shapes, facts) = crate::inspect::load_simplified(&a.model, &[], false)?;
+    let g = crate::onnx::read_file(&a.model)?;
+    let (g, report) = convert_graph(g, &a)?;
+    if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+    }
+    crate::onnx::write_file(&g, &a.output)?;
+    Ok(report)
+}
+
+/// Converts a model read from `a.model` as `elrt convert` does, in memory: nothing is written,
+/// so a caller (compress) can check the result before it commits to files.
+pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertReport)> {
+    let format: Format = a.format.parse()?;
+    let ranks: RankPolicy = a.ranks.parse()?;
+    let init: InitMode = a.init.parse()?;
+    let what = || a.model.display().to_string();
+    if let Some(s) = &a.input_shape {
+        crate::ir::shape::set_image_shape(&mut g, &crate::inspect::parse_shape(s)?)
+            .with_context(what)?;
+    }
+    let shapes = crate::ir::shape::default_input_shapes(&g).with_context(what)?;
+    let facts = crate::ir::fold::simplify(
+        &mut g,
+        &shapes,
+        crate::ir::fold::FoldOptions {
+            remove_dropout: false,
+        },
+    )
+    .with_context(what)?;
     let before = crate::ir::cost::cost(&g, &facts).totals;
     let mut opts = ConvertOptions {
         format,
@@ -184,7 +215,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         opts.ranks = RankPolicy::Explicit(map);
         latency = Some(search);
     }
-    let layers = convert(&mut g, &facts, &opts).with_context(|| a.model.display().to_string())?;
+    let layers = convert(&mut g, &facts, &opts).with_context(what)?;
     let facts2 = crate::ir::shape::infer(&g, &shapes)?;
     let after = crate::ir::cost::cost(&g, &facts2).totals;
     // elrt's records of an earlier stage go, except the input normalisation: the converted
@@ -198,12 +229,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         ("elrt.ranks".to_string(), a.ranks.clone()),
         ("elrt.init".to_string(), a.init.clone()),
     ]);
-    if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
-    }
-    crate::onnx::write_file(&g, &a.output)?;
-    Ok(ConvertReport {
+    let report = ConvertReport {
         model: a.model.display().to_string(),
         output: a.output.display().to_string(),
         format,
@@ -216,7 +242,8 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         layers,
         latency_search: latency,
         latency_reached,
-    })
+    };
+    Ok((g, report))
 }
 
 /// One round of the latency search: measured ratio, ranks, the search, measured ms.

@@ -89,9 +89,14 @@ pub struct TrainArgs {
     /// (freshly initialised; said in one line); with it, that is an error.
     #[arg(long)]
     pub keep_head: bool,
-    /// Continue from the checkpoint beside the output.
+    /// Continue from the checkpoint beside the output. The recipe must be the one it was
+    /// trained with (the differences are listed otherwise).
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: accept a changed --epochs or --max-steps (to train further on purpose);
+    /// every other change is still refused.
+    #[arg(long, requires = "resume")]
+    pub allow_recipe_change: bool,
     /// Output ONNX file (default: the model file's stem + ".trained.onnx", in the current folder).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
@@ -120,22 +125,9 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-pub fn set_threads(threads: Option<usize>) -> Result<usize> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if n == 0 {
-        bail!("--threads must be at least 1");
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .ok();
-    crate::engine::init();
-    Ok(rayon::current_num_threads())
-}
-
 /// Re-sizes the classifier to the data's class count (or, with `keep_head`, refuses a
 /// mismatch).
-fn fit_head(
+pub(crate) fn fit_head(
     graph: &mut crate::ir::Graph,
     shapes: &[Vec<usize>],
     splits: &crate::data::Splits,
@@ -165,7 +157,11 @@ fn fit_head(
 /// A training split smaller than one batch trains one short step per epoch, and BN's running
 /// statistics never settle (a test loss in the thousands): refuse it. A class without
 /// training images cannot be learned: say which.
-fn check_split_sizes(splits: &crate::data::Splits, batch: usize, data: &str) -> Result<()> {
+pub(crate) fn check_split_sizes(
+    splits: &crate::data::Splits,
+    batch: usize,
+    data: &str,
+) -> Result<()> {
     let n = splits.train.len();
     if n < batch {
         bail!(
@@ -237,6 +233,8 @@ pub struct TrainResult {
     pub history: Vec<crate::train::run::EpochMetrics>,
     pub output: PathBuf,
     pub files: RunFiles,
+    /// Compute threads alive at the end of training, counted from the OS's thread list
+    /// ([`crate::engine::compute_threads_alive`]): the count used, not the count asked for.
     pub threads: usize,
     pub config: TrainConfig,
 }
@@ -276,9 +274,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Trains as `elrt train` does and saves the output; prints nothing but progress.
+/// Trains as `elrt train` does and saves the output; prints nothing but progress. Runs on a
+/// pool of exactly `--threads` compute threads.
 pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
-    let threads = set_threads(a.threads)?;
+    let threads = crate::engine::thread_count(a.threads)?;
+    crate::engine::with_threads(threads, || train_on_pool(a, threads))?
+}
+
+fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
     let spec = DataSpec::parse(&a.data)?;
     let output = a.output.clone().unwrap_or_else(|| default_output(&a.model));
     if output.extension().is_none_or(|e| e != "onnx") {
@@ -399,6 +402,7 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         orth: a.orth,
         orth_no_decay: a.orth_no_decay,
         normalize: Some(normalize),
+        allow_recipe_change: a.allow_recipe_change,
     };
     if !(a.orth >= 0.0 && a.orth.is_finite()) {
         bail!("--orth must be a non-negative number");
@@ -419,12 +423,13 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
     let outcome = crate::engine::on_pool(|| trainer.run(train, test, a.resume))?;
     let history = trainer.history.clone();
     model.save(&output)?;
+    debug_assert_eq!(rayon::current_num_threads(), threads);
     Ok(TrainResult {
         outcome,
         history,
         output,
         files,
-        threads,
+        threads: crate::engine::compute_threads_alive(),
         config: cfg,
     })
 }
@@ -439,7 +444,11 @@ struct EvalReport {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    set_threads(a.threads)?;
+    let threads = crate::engine::thread_count(a.threads)?;
+    crate::engine::with_threads(threads, || eval_on_pool(a))?
+}
+
+fn eval_on_pool(a: EvalArgs) -> Result<()> {
     let spec = DataSpec::parse(&a.data)?;
     let mut model = Model::load(&a.model, a.batch)?;
     let [c, h, w] = [
@@ -535,10 +544,14 @@ pub fn peak_rss_mib() -> f64 {
 /// `elrt speed`: training-step throughput on random data (no data loading), the figure the
 /// benchmarks compare with PyTorch.
 pub fn speed(a: SpeedArgs) -> Result<()> {
+    let threads = crate::engine::thread_count(a.threads)?;
+    crate::engine::with_threads(threads, || speed_on_pool(a))?
+}
+
+fn speed_on_pool(a: SpeedArgs) -> Result<()> {
     use crate::engine::exec::Mode;
     use crate::engine::ops::SoftmaxCrossEntropy;
     use ndarray::{ArrayD, Ix2, IxDyn};
-    let threads = set_threads(a.threads)?;
     let mut graph = crate::onnx::read_file(&a.model)?;
     bn_insert::apply(&mut graph, BnPolicy::Auto);
     let mut m = Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
@@ -580,7 +593,7 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
     let rep = SpeedReport {
         model: a.model.display().to_string(),
         batch: a.batch,
-        threads,
+        threads: crate::engine::compute_threads_alive(),
         steps: a.steps,
         ms_per_step: 1e3 * total / a.steps as f64,
         img_per_s: (a.batch * a.steps) as f64 / total,

@@ -21,8 +21,10 @@ pub struct Report {
 
 /// Parses `1,3,32,32` (also `1x3x32x32`).
 pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
+    // Commas, or `x` when there are none ("1,3,x,32" is a bad dimension 'x', not two empty ones).
+    let sep = if s.contains(',') { ',' } else { 'x' };
     let dims: Vec<usize> = s
-        .split([',', 'x'])
+        .split(sep)
         .map(|p| {
             p.trim()
                 .parse::<usize>()

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +100,21 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// The CLI, with every flag that takes a value accepting one that starts with '-': `--lr -0.1`
+/// then reaches the flag's own check ("--lr must be a positive number, got -0.1") instead of
+/// clap's "unexpected argument '-0' found".
+fn command() -> clap::Command {
+    Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|a| {
+            if a.get_action().takes_values() && !a.is_positional() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+    })
+}
+
 fn main() -> ExitCode {
     // Output piped into `head` and the like: end quietly on a closed pipe, as Unix tools do,
     // instead of panicking on the next print.
@@ -108,7 +123,11 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     elrt::engine::tune_allocator();
-    match run(Cli::parse()) {
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

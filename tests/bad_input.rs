@@ -423,7 +423,7 @@ fn a_one_dimensional_conv_weight_is_refused_by_train() {
         out.to_str().unwrap(),
     ]);
     assert!(
-        err.contains("conv1.weight") && err.contains("[432]"),
+        err.contains("'/conv1/Conv'") && err.contains("[432]"),
         "{err}"
     );
 }

@@ -120,10 +120,19 @@ fn compress_runs_every_stage_and_resumes() {
         let y = common::ort_forward_checked(&out.join("compact.onnx"), &x, true);
         assert_eq!(y.shape(), [1, 10]);
     }
-    // --resume with another normalisation: refused by name, before any work.
-    let e = fails_cleanly(&compress_args(o, &["--resume", "--normalize", "imagenet"]));
+    // --resume with another recipe: refused with the differences listed, before any work;
+    // a longer run is accepted only with --allow-recipe-change.
+    let e = fails_cleanly(&compress_args(
+        o,
+        &["--resume", "--normalize", "imagenet", "--seed", "3"],
+    ));
     assert!(
-        e.contains("--normalize cifar10") && e.contains("imagenet"),
+        e.contains(r#"normalize: "cifar10" -> "imagenet""#) && e.contains("seed: 0 -> 3"),
+        "{e}"
+    );
+    let e = fails_cleanly(&compress_args(o, &["--resume", "--epochs", "4"]));
+    assert!(
+        e.contains("epochs: 3 -> 4") && e.contains("--allow-recipe-change"),
         "{e}"
     );
     // Resume of a finished run: nothing retrained, report rewritten. Its run.json loses the
@@ -179,4 +188,165 @@ fn compress_bad_input_writes_nothing() {
     std::fs::create_dir_all(&empty).unwrap();
     let e = fails_cleanly(&compress_args(empty.to_str().unwrap(), &["--resume"]));
     assert!(e.contains("not a run folder"), "{e}");
+}
+
+/// Every flag and the model are checked before the run folder is touched: a failed start
+/// leaves it as it was (absent, or an existing folder as it was), so the same command with the
+/// flag fixed runs (issue 18 item 4, issue 19 item 3).
+#[test]
+fn a_failed_start_leaves_the_folder_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    let ranks_file = tmp.path().join("ranks.json");
+    std::fs::write(&ranks_file, r#"{"no.such.layer": [8, 8]}"#).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--ranks", "ratio=0"], "ratio"),
+        (vec!["--ranks", "ratio=1.5"], "ratio"),
+        (vec!["--ranks", "params=abc"], "params=abc"),
+        (
+            vec!["--ranks", ranks_file.to_str().unwrap()],
+            "no.such.layer",
+        ),
+        (vec!["--threads", "0"], "--threads"),
+        (vec!["--orth", "NaN"], "--orth"),
+        (vec!["--lr", "-0.1"], "--lr"),
+        (vec!["--data", "synthetic:0,0"], "synthetic"),
+        (vec!["--forms", "fast"], "--forms"),
+        (vec!["--input-shape", "3,x,32"], "--input-shape"),
+    ];
+    for existing in [false, true] {
+        if existing {
+            std::fs::create_dir_all(&out).unwrap();
+        }
+        for (extra, want) in &cases {
+            let e = fails_cleanly(&compress_args(o, extra));
+            assert!(e.contains(want), "{extra:?}: {e}");
+            if existing {
+                let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+                assert!(left.is_empty(), "{extra:?} left {left:?}");
+            } else {
+                assert!(!out.exists(), "{extra:?} made the folder");
+            }
+        }
+    }
+    // A model that does not read: nothing written either.
+    let bad = tmp.path().join("bad.onnx");
+    std::fs::write(&bad, b"not onnx").unwrap();
+    let mut args = compress_args(o, &[]);
+    args[1] = bad.to_str().unwrap().into();
+    fails_cleanly(&args);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+}
+
+/// A second compress into a folder whose run is going fails at once, naming the folder; the
+/// lock is the operating system's, so it goes with the process that held it (issue 19 item 3).
+#[test]
+fn a_second_run_into_a_locked_folder_fails_at_once() {
+    use std::os::unix::io::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    std::fs::create_dir_all(&out).unwrap();
+    let held = std::fs::File::create(out.join(".lock")).unwrap();
+    // SAFETY: flock on a file this test owns.
+    assert_eq!(
+        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let t0 = std::time::Instant::now();
+    let e = fails_cleanly(&compress_args(out.to_str().unwrap(), &[]));
+    assert!(e.contains("another elrt compress is running"), "{e}");
+    assert!(t0.elapsed().as_secs() < 60);
+    assert!(!out.join("run.json").exists());
+    drop(held);
+}
+
+/// A rank request that factorizes nothing stops with the reasons unless --allow-dense says so
+/// (issue 18 item 3); a budget the convs cannot reach names the flags that would (item 3).
+#[test]
+fn nothing_factorized_is_an_error_naming_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = out.to_str().unwrap();
+    // A budget below what factorizing every 3x3 conv can give: the first conv and the
+    // classifier hold the rest, and the message names the flags that take them in.
+    let e = fails_cleanly(&compress_args(o, &["--ranks", "params=0.01"]));
+    assert!(
+        e.contains("unreachable") && e.contains("--include-first") && e.contains("--include-gemm"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    // MobileNetV2's layers are depthwise, 1x1, or the first conv: a per-layer ratio without
+    // --include-1x1 factorizes none of them.
+    let mut args = compress_args(o, &["--ranks", "ratio=0.5"]);
+    args[1] = common::repo()
+        .join("models/mobilenetv2.onnx")
+        .to_str()
+        .unwrap()
+        .into();
+    let e = fails_cleanly(&args);
+    assert!(
+        e.contains("factorizes no layer")
+            && e.contains("--allow-dense")
+            && e.contains("--include-1x1"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+/// --threads is honoured by the training stage (compute threads counted from the OS's thread
+/// list), and the classifier follows an image folder's class count (issue 18 items 1 and 2).
+#[test]
+fn compress_honours_threads_and_fits_the_head_to_the_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    for (c, name) in ["ant", "bee", "cow"].iter().enumerate() {
+        let dir = data.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..24u32 {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                let v = ((x * (c as u32 + 1) + y * 3 + i) % 256) as u8;
+                image::Rgb([v, (c * 80) as u8, 255 - v])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+    let out = tmp.path().join("run");
+    let model = common::repo().join("models/resnet20.onnx");
+    let r = succeeds([
+        "compress",
+        model.to_str().unwrap(),
+        "--data",
+        &format!("folder:{}", data.display()),
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--threads",
+        "1",
+        "--forms",
+        "factorized",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let rep: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(rep["train_threads"], 1, "{rep}");
+    assert_eq!(rep["head"][1], 10);
+    assert_eq!(rep["head"][2], 3);
+    assert_eq!(
+        rep["input"]["classes"],
+        serde_json::json!(["ant", "bee", "cow"])
+    );
+    assert!(out.join("model.onnx").exists());
+    let compact = elrt::onnx::read_file(&out.join("compact.onnx")).unwrap();
+    let classes = compact
+        .meta
+        .metadata_props
+        .iter()
+        .find(|(k, _)| k == "elrt.classes")
+        .map(|(_, v)| v.clone());
+    assert_eq!(classes.as_deref(), Some(r#"["ant","bee","cow"]"#));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("ant, bee, cow"), "{md}");
 }

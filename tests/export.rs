@@ -56,6 +56,7 @@ fn convert(model: &Path, format: &str, out: &Path) {
         hooi_iters: 10,
         cp_iters: 50,
         latency_threads: 1,
+        input_shape: None,
         output: out.to_path_buf(),
         json: false,
     })
@@ -450,6 +451,7 @@ fn svd_pairs_export_in_both_forms() {
         hooi_iters: 10,
         cp_iters: 50,
         latency_threads: 1,
+        input_shape: None,
         output: conv.clone(),
         json: false,
     };

@@ -314,7 +314,7 @@ fn train_records_the_normalisation_and_later_commands_use_it() {
     // Resuming the training under another normalisation is refused.
     let e = fails_cleanly(&train("cifar10", &["--resume"]));
     assert!(
-        e.contains("--resume") && e.contains("--normalize imagenet"),
+        e.contains("--resume") && e.contains(r#"normalize: "imagenet" -> "cifar10""#),
         "{e}"
     );
     // A spec with the wrong channel count for the model: one line naming the flag.

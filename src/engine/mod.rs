@@ -145,6 +145,50 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Name prefix of the compute threads [`with_threads`] starts, so that they can be counted
+/// from outside the pool ([`compute_threads_alive`]).
+pub const COMPUTE_THREAD_PREFIX: &str = "elrt-compute-";
+
+/// The thread count a `--threads` flag asks for: the number given (at least 1), or all cores.
+pub fn thread_count(threads: Option<usize>) -> anyhow::Result<usize> {
+    match threads {
+        Some(0) => anyhow::bail!("--threads must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+/// Runs `f` on a private rayon pool of exactly `threads` workers, so that every parallel loop
+/// inside (the engine's kernels, data decoding) uses that many threads and no more.
+///
+/// A process-wide pool is built once and keeps its size: `elrt compress --threads 1` trained on
+/// all cores because an earlier stage had built the global pool first. A pool per command (or
+/// stage) honours each request. The workers are named [`COMPUTE_THREAD_PREFIX`]`<i>`.
+pub fn with_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> anyhow::Result<R> {
+    init();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("{COMPUTE_THREAD_PREFIX}{i}"))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start {threads} compute threads: {e}"))?;
+    Ok(pool.install(f))
+}
+
+/// Compute threads ([`with_threads`]) alive in this process, counted from the operating
+/// system's list of its threads (Linux; 0 elsewhere). Reports use it to show the count used,
+/// not the count asked for.
+pub fn compute_threads_alive() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.starts_with(COMPUTE_THREAD_PREFIX))
+        })
+        .count()
+}
+
 /// OpenBLAS's current thread count, for diagnostics and the test that [`init`] took effect.
 pub fn blas_threads() -> usize {
     // SAFETY: a getter with no arguments.

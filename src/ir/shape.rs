@@ -74,6 +74,30 @@ pub fn default_input_shapes(graph: &Graph) -> Result<Vec<Vec<usize>>> {
         .collect()
 }
 
+/// Declares the first input's image shape: `C,H,W` (the batch dimension left as the file has
+/// it) or `N,C,H,W`. For files that leave dimensions unknown, or to run a model at another
+/// input size.
+pub fn set_image_shape(graph: &mut Graph, shape: &[usize]) -> Result<()> {
+    let input = graph
+        .inputs
+        .first_mut()
+        .ok_or_else(|| anyhow!("the model has no input"))?;
+    let mut dims = input.shape.clone().unwrap_or_else(|| vec![Dim::Unknown; 4]);
+    if dims.len() != 4 || !(shape.len() == 3 || shape.len() == 4) {
+        bail!(
+            "--input-shape {shape:?} does not fit graph input '{}', declared as {}",
+            input.name,
+            fmt_dims(&dims)
+        );
+    }
+    let skip = 4 - shape.len();
+    for (d, &v) in dims.iter_mut().skip(skip).zip(shape) {
+        *d = Dim::Fixed(v);
+    }
+    input.shape = Some(dims);
+    Ok(())
+}
+
 /// Infers every value's fact. `input_shapes` gives one concrete shape per graph input, in
 /// order; each must agree with the file's fixed dimensions.
 pub fn infer(graph: &Graph, input_shapes: &[Vec<usize>]) -> Result<Facts> {

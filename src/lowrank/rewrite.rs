@@ -154,6 +154,41 @@ pub fn module_path(node_name: &str) -> String {
     out.join(".")
 }
 
+/// What the layer selection leaves out, by the flag that would take it in, with its share of
+/// the model's params: the way to reach a budget the eligible layers cannot.
+fn left_out(cands: &[Candidate], total_params: u64) -> String {
+    let mut groups: Vec<(&str, usize, u64)> = Vec::new();
+    for c in cands {
+        let Some(why) = &c.skip else { continue };
+        let flag = ["--include-1x1", "--include-gemm", "--include-first"]
+            .into_iter()
+            .find(|f| why.contains(f))
+            .unwrap_or("no flag (left as they are)");
+        let params =
+            c.w.iter().map(|&d| d as u64).product::<u64>() + c.has_bias as u64 * c.w[0] as u64;
+        match groups.iter_mut().find(|g| g.0 == flag) {
+            Some(g) => {
+                g.1 += 1;
+                g.2 += params;
+            }
+            None => groups.push((flag, 1, params)),
+        }
+    }
+    if groups.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = groups
+        .iter()
+        .map(|(flag, n, p)| {
+            format!(
+                "{n} layer(s) with {:.0}% of the params: {flag}",
+                100.0 * *p as f64 / total_params.max(1) as f64
+            )
+        })
+        .collect();
+    format!("; layers not factorized: {}", parts.join("; "))
+}
+
 /// Gives every repeated layer name a suffix (`_2`, `_3`, ... in graph order), so factor node
 /// names and ranks-file keys address one layer each.
 fn make_unique(cands: &mut [Candidate]) {
@@ -498,10 +533,11 @@ pub fn convert(
             if at(lo).1 > *target as f64 {
                 let floor = at(lo).1;
                 bail!(
-                    "--ranks {}={target}: unreachable, factorizing every eligible layer at the smallest ranks keeps {:.3} of the model's {}",
+                    "--ranks {}={target}: unreachable, factorizing every eligible layer at the smallest ranks keeps {:.3} of the model's {}{}",
                     if by_params { "params" } else { "macs" },
                     floor,
-                    if by_params { "params" } else { "MACs" }
+                    if by_params { "params" } else { "MACs" },
+                    left_out(&cands, base.0)
                 );
             }
             for _ in 0..50 {

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod curve;
 pub mod init;
 pub mod optim;
+pub mod resume;
 pub mod run;
 pub mod schedule;

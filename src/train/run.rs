@@ -53,6 +53,10 @@ pub struct TrainConfig {
     /// ([`Normalize::for_channels`]). Checkpoints written before the option have none.
     #[serde(default)]
     pub normalize: Option<NormSpec>,
+    /// `--allow-recipe-change`: a resume may change `epochs` and `max_steps`
+    /// ([`super::resume`]). Not part of the recipe, so not saved.
+    #[serde(skip)]
+    pub allow_recipe_change: bool,
 }
 
 /// Files a run writes next to its output.
@@ -226,20 +230,15 @@ impl Trainer<'_> {
         let mut carried: Option<EpochSoFar> = None;
         if resume {
             let ck = checkpoint::load(&self.files.checkpoint, &mut self.model.session.program)?;
-            // The normalisation is part of what the weights learnt: resuming under another
-            // would silently change the task. Checkpoints from before the option used the default.
-            let c = channels;
-            let was: Option<NormSpec> =
-                serde_json::from_value(ck.extra["config"]["normalize"].clone()).unwrap_or(None);
-            let was = was.unwrap_or_else(|| NormSpec::default_for(c));
-            let now = (self.cfg.normalize.clone()).unwrap_or_else(|| NormSpec::default_for(c));
-            if was != now {
-                bail!(
-                    "--resume: {} was trained with --normalize {was}, this run asks for {now}; \
-                     resume with the same normalisation",
-                    self.files.checkpoint.display()
-                );
-            }
+            // The recipe (normalisation included: it is part of what the weights learnt) must
+            // be the one the checkpoint was trained with.
+            super::resume::check(
+                &ck.extra["config"],
+                &self.cfg,
+                channels,
+                self.cfg.allow_recipe_change,
+                &self.files.checkpoint,
+            )?;
             pos = ck.position;
             opt = ck.optimizer;
             self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
