@@ -40,7 +40,7 @@ exact error.
    torchvision initialises to zero: 10 elements on mobilenet_v2, for instance).
 
 2. Stages, each an elrt command run with a timeout from inside --out (so the paths in errors
-   are short) and RAYON_NUM_THREADS=--threads (1); a cell is a tick or the first `error:` line
+   are short); a cell is a tick or the first `error:` line
    elrt printed (else the last line of stderr, e.g. a panic), "timeout", or "skipped (export
    failed)". The cells of one model and form run in this order:
 
@@ -417,13 +417,12 @@ def run_exports(models, forms_for, out_dir, reuse) -> dict:
 
 
 def run_cmd(cmd: list, cwd: str, timeout: float, log_path: str, threads: int) -> dict:
-    """Runs cmd in its own process group; on timeout the group is killed. RAYON_NUM_THREADS
-    caps the global pool too: `elrt compress --threads` does not (its conversion builds the
-    pool with every core before training asks for --threads)."""
+    """Runs cmd in its own process group; on timeout the group is killed. The thread count is
+    elrt's own --threads (each command runs on a pool of exactly that many)."""
+    del threads
     t0 = time.time()
     env = dict(os.environ)
     env.setdefault("RUST_BACKTRACE", "0")
-    env["RAYON_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, errors="replace", start_new_session=True, env=env)
     timed_out = False
@@ -741,8 +740,7 @@ def main() -> int:
                     help="the CI subset: " + ", ".join(QUICK_MODELS) + " in the four main forms")
     ap.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
     ap.add_argument("--threads", type=int, default=1,
-                    help="--threads for elrt train and compress, and RAYON_NUM_THREADS for "
-                    "every elrt command (default 1)")
+                    help="--threads for elrt train and compress (default 1)")
     ap.add_argument("--timeout", type=float, default=0,
                     help="limit in seconds for every elrt command (default per stage: " +
                     ", ".join(f"{k} {v}" for k, v in TIMEOUTS.items()) + ")")

@@ -20,8 +20,9 @@ pub struct ConvertArgs {
     /// tucker2 | cp
     #[arg(long, default_value = "tucker2")]
     pub format: String,
-    /// ratio=F | params=F | macs=F | energy=F | latency=F (measured in tract) | a JSON file of
-    /// per-layer ranks
+    /// ratio=F (each layer keeps F of its ranks) | params=F | macs=F (a whole-model budget) |
+    /// energy=F | latency=F (measured in tract) | a JSON file of per-layer ranks. The default
+    /// is a per-layer rule; `elrt compress` defaults to params=0.4, a whole-model budget.
     #[arg(long, default_value = "ratio=0.5")]
     pub ranks: String,
     /// Round ranks to a multiple of this.
@@ -40,6 +41,7 @@ pub struct ConvertArgs {
     /// scratch | orthogonal | decompose (factors of the file's trained kernels)
     #[arg(long, default_value = "scratch")]
     pub init: String,
+    /// Seed of the fresh factors (scratch and orthogonal init) and of CP-ALS's start.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// HOOI sweeps after HOSVD (--init decompose, Tucker-2).
@@ -58,6 +60,7 @@ pub struct ConvertArgs {
     /// Output ONNX file.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Print the per-layer report as JSON.
     #[arg(long)]
     pub json: bool,
 }

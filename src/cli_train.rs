@@ -20,11 +20,16 @@ use crate::train::schedule::Schedule;
 pub struct TrainArgs {
     /// The ONNX architecture to train.
     pub model: PathBuf,
-    /// synthetic | synthetic:TRAIN,TEST | cifar10:PATH | cifar100:PATH | folder:PATH
+    /// The data: synthetic (the built-in procedural set, 5,000 train / 1,000 test images; compress's
+    /// embedded default uses 4,000 / 1,000 to stay short) | synthetic:TRAIN,TEST (image counts) |
+    /// cifar10:PATH | cifar100:PATH (the binary versions) | folder:PATH (one sub-folder of
+    /// JPEG/PNG images per class, or train/<class>/ and test/<class>/).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
+    /// Passes over the training split (the learning-rate schedule spans them all).
     #[arg(long, default_value_t = 30)]
     pub epochs: u64,
+    /// Images per optimiser step (the training split must hold at least one batch).
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Base learning rate (default 0.1 for SGD, 1e-3 for AdamW).
@@ -33,6 +38,7 @@ pub struct TrainArgs {
     /// sgd | adamw
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
+    /// SGD momentum (Nesterov's unless --no-nesterov).
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f32,
     /// Plain momentum instead of Nesterov's.
@@ -47,6 +53,7 @@ pub struct TrainArgs {
     /// Linear warm-up, in epochs.
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f32,
+    /// Label smoothing of the cross-entropy loss (0: none), as torch.nn.CrossEntropyLoss.
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f32,
     /// Compute threads (default: all cores).
@@ -55,6 +62,8 @@ pub struct TrainArgs {
     /// Data loader threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Seed of the initialisation, the data order, the augmentation and the dropout masks (a
+    /// run is reproducible from it, bit for bit, whatever the thread count).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stop after N optimiser steps (smoke runs).
@@ -110,17 +119,24 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct EvalArgs {
+    /// The ONNX model to evaluate (any file elrt wrote, or a trained model of your own); its
+    /// batch size is free whatever the file declares.
     pub model: PathBuf,
+    /// The data whose test split is scored: synthetic | synthetic:TRAIN,TEST | cifar10:PATH |
+    /// cifar100:PATH | folder:PATH (see `elrt train --help`).
     #[arg(long)]
     pub data: String,
     /// Input normalisation: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3 (mean/std of 0..1
     /// pixels). Default: what the model file records (`elrt train` writes it), else cifar10.
     #[arg(long, value_name = "SPEC")]
     pub normalize: Option<NormSpec>,
+    /// Images per forward pass (any value; the model's declared batch does not limit it).
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
+    /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
 }
@@ -497,8 +513,10 @@ fn eval_on_pool(a: EvalArgs) -> Result<()> {
 pub struct SpeedArgs {
     /// The ONNX model to time.
     pub model: PathBuf,
+    /// Images per training step.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
+    /// Compute threads (default: all cores); the report gives the count that ran.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Timed training steps (after one warm-up step).
@@ -507,6 +525,7 @@ pub struct SpeedArgs {
     /// Print per-op forward/backward times.
     #[arg(long)]
     pub profile: bool,
+    /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
