@@ -125,8 +125,14 @@ fn parse_meta(v: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Opsets `--opset` may ask for: those both tract and onnxruntime load, and that elrt writes
+/// every op of a classifier in (a file at opset 5 or 99 was written and then refused by
+/// onnxruntime).
+pub const EXPORT_OPSETS: std::ops::RangeInclusive<i64> = 9..=21;
+
+/// Exports as `elrt export` does, on a pool of `--threads` compute threads (the engine's side of
+/// the validation).
 pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
-    crate::engine::init();
     if a.output.extension().is_none_or(|e| e != "onnx") {
         bail!(
             "-o {}: the output must be an .onnx file",
@@ -136,6 +142,23 @@ pub fn run_export(a: &ExportArgs) -> Result<ExportSummary> {
     if a.batch == Some(0) || a.threads == 0 {
         bail!("--batch and --threads must be at least 1");
     }
+    if !(a.tolerance.is_finite() && a.tolerance >= 0.0) {
+        bail!(
+            "--tolerance must be a finite number >= 0, got {}",
+            a.tolerance
+        );
+    }
+    if let Some(o) = a.opset.filter(|o| !EXPORT_OPSETS.contains(o)) {
+        bail!(
+            "--opset {o}: elrt writes opsets {} to {} (those tract and onnxruntime load)",
+            EXPORT_OPSETS.start(),
+            EXPORT_OPSETS.end()
+        );
+    }
+    crate::engine::with_threads(a.threads, || export_on_pool(a))?
+}
+
+fn export_on_pool(a: &ExportArgs) -> Result<ExportSummary> {
     let forms: FormsPolicy = a.forms.parse()?;
     let image_shape = match &a.input_shape {
         Some(s) => {
@@ -354,11 +377,17 @@ pub fn run_bench(a: &BenchArgs, quiet: bool) -> Result<BenchReport> {
     if a.threads == 0 || a.batch.contains(&0) {
         bail!("--threads and --batch must be at least 1");
     }
+    if !(a.min_seconds.is_finite() && a.min_seconds >= 0.0 && a.min_seconds <= 86_400.0) {
+        bail!(
+            "--min-seconds must be between 0 and 86400 (a day), got {}",
+            a.min_seconds
+        );
+    }
     let timing = TimingOptions {
         warmup: a.warmup,
         runs: a.runs.max(1),
         chunk: 5,
-        min_time: Duration::from_secs_f64(a.min_seconds.max(0.0)),
+        min_time: Duration::from_secs_f64(a.min_seconds),
     };
     bench(&a.files, &a.batch, a.threads, &timing, |m| {
         if !quiet {

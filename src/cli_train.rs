@@ -298,6 +298,33 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
 }
 
 fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
+    if a.epochs == 0 {
+        bail!("--epochs must be at least 1 (0 would write the model untrained)");
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.max_steps == Some(0) {
+        bail!("--max-steps must be at least 1");
+    }
+    if !(a.momentum.is_finite() && (0.0..1.0).contains(&a.momentum)) {
+        bail!("--momentum must be in [0, 1), got {}", a.momentum);
+    }
+    if !(a.label_smoothing.is_finite() && (0.0..1.0).contains(&a.label_smoothing)) {
+        bail!(
+            "--label-smoothing must be in [0, 1), got {}",
+            a.label_smoothing
+        );
+    }
+    if !(a.warmup.is_finite() && a.warmup >= 0.0) {
+        bail!(
+            "--warmup must be zero or a positive number of epochs, got {}",
+            a.warmup
+        );
+    }
+    if let Some(wd) = a.wd.filter(|w| !(w.is_finite() && *w >= 0.0)) {
+        bail!("--wd must be zero or a positive number, got {wd}");
+    }
     let spec = DataSpec::parse(&a.data)?;
     let output = a.output.clone().unwrap_or_else(|| default_output(&a.model));
     if output.extension().is_none_or(|e| e != "onnx") {
@@ -311,6 +338,19 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
     let what = || a.model.display().to_string();
     // The data first: the classifier follows its class count.
     let shapes = crate::ir::shape::default_input_shapes(&graph).with_context(what)?;
+    if shapes.len() != 1 {
+        bail!(
+            "{}: the model has {} inputs ({}); elrt trains image classifiers with one image input",
+            a.model.display(),
+            shapes.len(),
+            graph
+                .inputs
+                .iter()
+                .map(|i| format!("'{}'", i.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let chw = match shapes.first().map(Vec::as_slice) {
         Some([_, c, h, w]) => [*c, *h, *w],
         _ => bail!(
@@ -400,7 +440,7 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
         o => bail!("--optimizer '{o}': expected sgd or adamw"),
     };
     if !(lr > 0.0 && lr.is_finite()) {
-        bail!("--lr must be positive");
+        bail!("--lr must be a positive number, got {lr}");
     }
     let cfg = TrainConfig {
         epochs: a.epochs,
@@ -482,9 +522,8 @@ fn eval_on_pool(a: EvalArgs) -> Result<()> {
         eprintln!("{n}");
     }
     let norm = normalize.resolve(c)?;
-    let splits = spec.load([c, h, w])?;
+    let test = Arc::new(spec.load_test([c, h, w])?);
     let workers = 2;
-    let test = Arc::new(splits.test);
     let result =
         crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers, Some(norm)))?;
     let report = EvalReport {

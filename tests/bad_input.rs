@@ -427,3 +427,135 @@ fn a_one_dimensional_conv_weight_is_refused_by_train() {
         "{err}"
     );
 }
+
+/// The flags and values issue 19 found unchecked: each gets one line naming the flag or value
+/// at fault, and writes nothing.
+#[test]
+fn unchecked_flags_and_values_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::repo().join("models/resnet20.onnx");
+    let eval_model = common::repo().join("models/resnet20_eval.onnx");
+    let m = model.to_str().unwrap();
+    let e = eval_model.to_str().unwrap();
+    let out = tmp.path().join("out.onnx");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["bench", e, "--min-seconds", "inf"], "--min-seconds"),
+        (vec!["export", e, "-o", o, "--opset", "5"], "--opset 5"),
+        (vec!["export", e, "-o", o, "--opset", "99"], "--opset 99"),
+        (
+            vec!["export", e, "-o", o, "--tolerance", "NaN"],
+            "--tolerance",
+        ),
+        (vec!["train", m, "--epochs", "0", "-o", o], "--epochs"),
+        (vec!["train", m, "--momentum", "NaN", "-o", o], "--momentum"),
+        (vec!["train", m, "--lr", "-0.1", "-o", o], "--lr"),
+        (vec!["train", m, "--max-steps", "0", "-o", o], "--max-steps"),
+        (
+            vec!["inspect", m, "--input-shape", "1,3,x,32"],
+            "'x' is not a dimension",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = common::fails_cleanly(&args);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {o}");
+    }
+}
+
+/// A learning rate that makes training diverge stops with a message that names no checkpoint
+/// when none was written (it named a file that did not exist).
+#[test]
+fn a_diverging_run_names_only_a_checkpoint_that_exists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.onnx");
+    let err = common::fails_cleanly(&[
+        "train",
+        common::repo()
+            .join("models/resnet20.onnx")
+            .to_str()
+            .unwrap(),
+        "--data",
+        "synthetic:64,16",
+        "--batch",
+        "16",
+        "--lr",
+        "1e30",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("diverged") && err.contains("no checkpoint had been written yet"),
+        "{err}"
+    );
+}
+
+/// A model with two image inputs is refused as such, not with a shape error from inside it.
+#[test]
+fn two_inputs_are_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = resnet20();
+    let g = m.graph.as_mut().unwrap();
+    let mut second = g.input[0].clone();
+    second.name = "second_image".into();
+    g.input.push(second);
+    let first_conv = g.node.iter_mut().find(|n| n.op_type == "Add").unwrap();
+    first_conv.input[1] = "second_image".into();
+    let path = save(tmp.path(), "two.onnx", &m.write_to_bytes().unwrap());
+    let out = tmp.path().join("t.onnx");
+    let err = common::fails_cleanly(&[
+        "train",
+        path.to_str().unwrap(),
+        "--max-steps",
+        "1",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("2 inputs") && err.contains("'second_image'"),
+        "{err}"
+    );
+}
+
+/// `elrt eval` reads the test split only: a damaged training file of a CIFAR folder is not in
+/// its way (it failed on it).
+#[test]
+fn eval_reads_only_the_test_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cifar");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut test = Vec::new();
+    for i in 0..20u32 {
+        test.push((i % 10) as u8);
+        test.extend((0..3072u32).map(|k| ((k * 7 + i * 13) % 256) as u8));
+    }
+    std::fs::write(dir.join("test_batch.bin"), &test).unwrap();
+    for k in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{k}.bin")), b"damaged").unwrap();
+    }
+    let out = common::succeeds([
+        "eval",
+        common::repo()
+            .join("models/resnet20.onnx")
+            .to_str()
+            .unwrap(),
+        "--data",
+        &format!("cifar10:{}", dir.display()),
+        "--json",
+    ]);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["images"], 20);
+    // train needs the training split and names the damaged file.
+    let err = common::fails_cleanly(&[
+        "train",
+        common::repo()
+            .join("models/resnet20.onnx")
+            .to_str()
+            .unwrap(),
+        "--data",
+        &format!("cifar10:{}", dir.display()),
+        "-o",
+        tmp.path().join("t.onnx").to_str().unwrap(),
+    ]);
+    assert!(err.contains("data_batch_1.bin"), "{err}");
+}

@@ -240,6 +240,21 @@ pub fn load(dir: &Path, kind: CifarKind, input: [usize; 3]) -> Result<Splits> {
     })
 }
 
+/// The test split alone (evaluation needs nothing else: a damaged training file is not read).
+pub fn load_test(dir: &Path, kind: CifarKind, input: [usize; 3]) -> Result<Dataset> {
+    let dir = locate(dir, kind)?;
+    let names = class_names(&dir, kind)?;
+    let (pixels, labels) = read_files(&[dir.join(kind.test_file())], kind)?;
+    Dataset::new(
+        format!("{} test", kind.name()),
+        SHAPE,
+        pixels,
+        labels,
+        names,
+    )?
+    .conform(input)
+}
+
 /// The folder that holds the files: `dir` itself, or the archive's folder inside it. Errors
 /// list the files that are missing and what the folder should hold.
 fn locate(dir: &Path, kind: CifarKind) -> Result<PathBuf> {

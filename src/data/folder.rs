@@ -41,6 +41,16 @@ pub fn is_test_file(class: &str, file_name: &str) -> bool {
 
 /// Loads both splits from `root`, images conformed to `input` (`[C, H, W]`, C = 1 or 3).
 pub fn load(root: &Path, input: [usize; 3]) -> Result<Splits> {
+    let (names, train_files, test_files) = list(root, input)?;
+    let root_name = root.display();
+    Ok(Splits {
+        train: decode_all(&format!("{root_name} train"), &train_files, &names, input)?,
+        test: decode_all(&format!("{root_name} test"), &test_files, &names, input)?,
+    })
+}
+
+/// Class names and the files of each split.
+fn list(root: &Path, input: [usize; 3]) -> Result<(Vec<String>, Vec<Item>, Vec<Item>)> {
     if !root.is_dir() {
         bail!("{}: no such folder", root.display());
     }
@@ -84,11 +94,18 @@ pub fn load(root: &Path, input: [usize; 3]) -> Result<Splits> {
             (names, train, test)
         }
     };
-    let root_name = root.display();
-    Ok(Splits {
-        train: decode_all(&format!("{root_name} train"), &train_files, &names, input)?,
-        test: decode_all(&format!("{root_name} test"), &test_files, &names, input)?,
-    })
+    Ok((names, train_files, test_files))
+}
+
+/// The test split alone: the same listing and split rule, only the test images decoded.
+pub fn load_test(root: &Path, input: [usize; 3]) -> Result<super::Dataset> {
+    let (names, _, test_files) = list(root, input)?;
+    decode_all(
+        &format!("{} test", root.display()),
+        &test_files,
+        &names,
+        input,
+    )
 }
 
 /// One image file and its label.

@@ -282,6 +282,26 @@ impl DataSpec {
         }
     }
 
+    /// The test split alone, for evaluation: nothing of the training split is read.
+    pub fn load_test(&self, input: [usize; 3]) -> Result<Dataset> {
+        if input.contains(&0) {
+            bail!("model input shape {input:?} has a zero dimension");
+        }
+        match self {
+            DataSpec::Synthetic(cfg) => Ok(synthetic::generate(
+                &SyntheticConfig {
+                    train: 0,
+                    ..cfg.clone()
+                },
+                input,
+            )?
+            .test),
+            DataSpec::Cifar10(p) => cifar::load_test(p, cifar::CifarKind::Cifar10, input),
+            DataSpec::Cifar100(p) => cifar::load_test(p, cifar::CifarKind::Cifar100, input),
+            DataSpec::Folder(p) => folder::load_test(p, input),
+        }
+    }
+
     /// Loads the train and test splits with images of the model's input shape `[C, H, W]`.
     pub fn load(&self, input: [usize; 3]) -> Result<Splits> {
         if input.contains(&0) {

@@ -741,6 +741,12 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
             ins.need(1)?;
             (Op::Sum, all)
         }
+        "RandomUniform" | "RandomUniformLike" | "RandomNormal" | "RandomNormalLike"
+        | "Bernoulli" | "Multinomial" => bail!(
+            "op '{op_type}' (opset {opset}) draws random numbers at run time, which elrt does not \
+             support: a training-mode export writes stochastic depth or dropout that way; export \
+             the model in eval mode (model.eval(); elrt puts BatchNormalization back and trains it)"
+        ),
         q if QUANTIZED_OPS.contains(&q) => {
             bail!("op '{q}' belongs to quantized models, which elrt does not support (give it the float32 model)")
         }

@@ -289,11 +289,16 @@ impl Trainer<'_> {
                 let (loss, dlogits) = ce.loss_and_grad(l2, &b.labels)?;
                 if !loss.is_finite() {
                     bar.abandon();
+                    let ck = &self.files.checkpoint;
                     bail!(
-                        "the loss became {loss} at epoch {}, step {}: training diverged (try a lower --lr); the last good checkpoint is {}",
+                        "the loss became {loss} at epoch {}, step {}: training diverged (try a lower --lr){}",
                         pos.epoch + 1,
                         pos.step,
-                        self.files.checkpoint.display()
+                        if ck.exists() {
+                            format!("; the last good checkpoint is {}", ck.display())
+                        } else {
+                            "; no checkpoint had been written yet".to_string()
+                        }
                     );
                 }
                 correct += top1_correct(l2, &b.labels)?;
