@@ -413,6 +413,10 @@ pub fn run_train(a: &TrainArgs) -> Result<TrainResult> {
         files: files.clone(),
         stop: ctrlc_flag()?,
         progress: !a.quiet,
+        model_name: a.model.file_name().map_or_else(
+            || a.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         history: Vec::new(),
     };
     let (train, test) = (Arc::new(splits.train), Arc::new(splits.test));

@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod curve;
 pub mod init;
 pub mod optim;
+pub mod progress;
 pub mod run;
 pub mod schedule;
