@@ -112,7 +112,8 @@ pub struct TrainArgs {
     /// Print the final summary as JSON.
     #[arg(long)]
     pub json: bool,
-    /// No progress bar.
+    /// No progress, data, resume or per-epoch lines: stderr keeps errors and warnings only,
+    /// stdout the final line.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -371,7 +372,7 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
     record_data_facts(&mut graph, &spec, &splits.train, chw);
     let policy: BnPolicy = a.bn.parse()?;
     let inserted = bn_insert::apply(&mut graph, policy);
-    if inserted > 0 {
+    if inserted > 0 && !a.quiet {
         eprintln!(
             "inserted {inserted} BatchNormalization nodes (--bn {})",
             a.bn
@@ -396,14 +397,20 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
         &model.graph.meta.metadata_props,
         c,
     )?;
-    if let Some(n) = note {
+    if let Some(n) = note.filter(|_| !a.quiet) {
         eprintln!("{n}");
     }
     // The trained file says how its inputs are normalised, for every later use of it.
     normalize.record(&mut model.graph.meta.metadata_props, c)?;
     debug_assert_eq!([c, h, w], chw);
     let (core, pinned) = crate::engine::blas_core();
-    eprintln!(
+    // The data line is progress output: --quiet drops it.
+    let say = |line: String| {
+        if !a.quiet {
+            eprintln!("{line}")
+        }
+    };
+    say(format!(
         "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}",
         a.data,
         splits.train.len(),
@@ -418,7 +425,7 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
         } else {
             ""
         }
-    );
+    ));
     let (optimizer, lr, wd) = match a.optimizer.as_str() {
         "sgd" => (
             OptimKind::Sgd {
@@ -473,6 +480,10 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
         files: files.clone(),
         stop: ctrlc_flag()?,
         progress: !a.quiet,
+        model_name: a.model.file_name().map_or_else(
+            || a.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
         history: Vec::new(),
     };
     let (train, test) = (Arc::new(splits.train), Arc::new(splits.test));

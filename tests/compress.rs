@@ -38,6 +38,14 @@ fn compress_runs_every_stage_and_resumes() {
     let o = out.to_str().unwrap();
     let r = succeeds(compress_args(o, &["--json"]));
     let rep: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    // --quiet (here with --json) reaches the training stage: no data line, progress or
+    // per-epoch lines on stderr.
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !err.lines()
+            .any(|l| l.starts_with("epoch ") || l.contains("img/s") || l.contains("OpenBLAS")),
+        "{err}"
+    );
     for f in [
         "run.json",
         "factorized.onnx",

@@ -38,6 +38,11 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// The same arguments without `--quiet`.
+fn loud(args: Vec<String>) -> Vec<String> {
+    args.into_iter().filter(|a| a != "--quiet").collect()
+}
+
 fn weights(path: &Path) -> std::collections::BTreeMap<String, elrt::ir::Tensor> {
     elrt::onnx::read_file(path).unwrap().initializers
 }
@@ -90,7 +95,8 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
     child.wait().unwrap();
     assert!(!part.exists(), "a killed run must not leave an output");
 
-    let out = succeeds(train_args(&part, &["--resume"]));
+    // Not --quiet: the resume line is progress output, which --quiet silences.
+    let out = succeeds(loud(train_args(&part, &["--resume"])));
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming"));
     assert_eq!(
         weights(&full),
@@ -108,7 +114,7 @@ fn resume_after_kill_gives_the_uninterrupted_weights() {
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("interrupted"), "{err}");
-    let out = succeeds(train_args(&int, &["--resume"]));
+    let out = succeeds(loud(train_args(&int, &["--resume"])));
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains(", batch 0 ("),
         "expected a mid-epoch resume: {}",
@@ -177,6 +183,96 @@ fn learns_on_synthetic_data_and_eval_agrees() {
         (top1 - acc).abs() < 1e-6,
         "eval {top1} vs training's last test accuracy {acc}"
     );
+}
+
+/// Runs `elrt ARGS` with `ELRT_PROGRESS_SECS=secs` and stderr piped (not a terminal); returns
+/// stdout and stderr.
+fn run_with_period(args: &[String], secs: &str) -> (String, String) {
+    let o = elrt()
+        .args(args)
+        .env("ELRT_PROGRESS_SECS", secs)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    (String::from_utf8_lossy(&o.stdout).into_owned(), err)
+}
+
+/// With stderr not a terminal (a pipe here, a log file or CI in real use), progress comes as
+/// plain lines every ELRT_PROGRESS_SECS seconds (30 by default), beside the per-epoch lines:
+/// the epoch, the step within it, the loss, and the run's steps and ETA, which know the epochs
+/// still to run and --max-steps.
+#[test]
+fn plain_progress_lines_when_stderr_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("p.onnx");
+    // 256 images at batch 64: 4 steps an epoch; 3 epochs asked, --max-steps stops at step 6.
+    let args = loud(train_args(
+        &out,
+        &["--data", "synthetic:256,64", "--max-steps", "6"],
+    ));
+    // Period 0: a line after every step.
+    let (_, err) = run_with_period(&args, "0");
+    let steps: Vec<&str> = err.lines().filter(|l| l.contains(" step ")).collect();
+    let want = [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2)];
+    assert_eq!(steps.len(), want.len(), "{err}");
+    for (k, (line, (epoch, batch))) in steps.iter().zip(want).enumerate() {
+        assert!(
+            line.starts_with(&format!("epoch {epoch}/3 step {batch}/4  loss "))
+                && line.contains(&format!("  run {}/6 steps, eta ", k + 1))
+                && line.contains(" img/s "),
+            "{line}"
+        );
+    }
+    // The per-epoch lines: the first gives the run's ETA, the last (where --max-steps stops the
+    // run) has none.
+    let epochs: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("epoch ") && l.contains("  lr "))
+        .collect();
+    assert_eq!(epochs.len(), 2, "{err}");
+    assert!(epochs[0].contains("  eta "), "{}", epochs[0]);
+    assert!(!epochs[1].contains("eta"), "{}", epochs[1]);
+    // A period longer than the run: the per-epoch lines only.
+    let (_, err) = run_with_period(&args, "3600");
+    assert_eq!(
+        err.lines().filter(|l| l.contains(" step ")).count(),
+        0,
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("epoch ")).count(),
+        2,
+        "{err}"
+    );
+}
+
+/// `--quiet` leaves stderr empty on a successful run (no data line, no progress even when plain
+/// lines are due after every step, no per-epoch lines, no resume line); stdout keeps the one
+/// final line, the output file and its test accuracy. Only errors, `warning:`/`note:` lines,
+/// a classifier re-sized to the data and a Ctrl-C's checkpoint line would show.
+#[test]
+fn quiet_prints_only_the_final_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q.onnx");
+    let final_line = |stdout: &str| {
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "{stdout}");
+        assert!(
+            lines[0].starts_with(&format!("{}: test top-1 ", out.display())),
+            "{stdout}"
+        );
+    };
+    let args = train_args(&out, &["--data", "synthetic:256,64", "--epochs", "2"]);
+    let (stdout, err) = run_with_period(&args, "0");
+    assert_eq!(err, "", "--quiet printed on stderr");
+    final_line(&stdout);
+    // --resume of the finished run: still nothing but the final line.
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let (stdout, err) = run_with_period(&resume, "0");
+    assert_eq!(err, "", "--quiet --resume printed on stderr");
+    final_line(&stdout);
 }
 
 /// The six CIFAR-10 batch files, each holding `bytes`.

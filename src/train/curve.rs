@@ -1,10 +1,16 @@
 //! The PNG training curve that `elrt train` writes beside its output.
 //!
-//! The picture is 1000x450 px: on the left the train and test loss against the epoch, with the
+//! The picture is 1000x466 px: on the left the train and test loss against the epoch, with the
 //! learning rate as a dashed grey line on a secondary axis at the panel's right; on the right the
-//! train and test top-1 accuracy in percent. Each panel has a frame, a grid, tick labels, a
-//! legend placed in the corner where it covers the fewest curve pixels, and the figure has a
-//! title.
+//! train and test top-1 accuracy in percent. Every series has a dot at each epoch (so a one-epoch
+//! run shows one dot per series). Each panel has a frame, a grid, tick labels, a legend placed in
+//! the corner where it covers the fewest curve pixels (with the last loss, the last train and
+//! best test accuracy), and the figure has a bold headline and an optional subtitle (the
+//! training loop writes the model file and the recipe there).
+//!
+//! The layout (ranges, pixel positions of every point and marker, labels) is computed first
+//! (`Layout`) and then drawn, so that tests can check what the picture shows without reading
+//! pixels.
 //!
 //! # Why it is drawn by hand
 //!
@@ -52,7 +58,7 @@ pub struct CurvePoint {
 /// Width of the picture in pixels.
 pub const WIDTH: u32 = 1000;
 /// Height of the picture in pixels.
-pub const HEIGHT: u32 = 450;
+pub const HEIGHT: u32 = 466;
 
 /// Renders the curve and writes it atomically (crate::util::write_atomic(path, &png_bytes)).
 pub fn write_png(path: &Path, title: &str, points: &[CurvePoint]) -> Result<()> {
@@ -76,12 +82,84 @@ pub fn render_png(title: &str, points: &[CurvePoint]) -> Result<Vec<u8>> {
     Ok(out.into_inner())
 }
 
-/// Renders the curve into a [`WIDTH`] x [`HEIGHT`] RGB image.
+/// Renders the curve into a [`WIDTH`] x [`HEIGHT`] RGB image. The title's first line (up to a
+/// '\n') is the headline, drawn bold; the rest, if any, is a smaller subtitle under it.
 pub fn render(title: &str, points: &[CurvePoint]) -> RgbImage {
-    let mut c = Canvas::new(WIDTH, HEIGHT);
-    let title_font = Font::new(FontWeight::Bold, RasterHeight::Size20);
-    let title = fit_text(title, title_font, WIDTH as i32 - 20);
-    c.text(WIDTH as i32 / 2, 6, &title, title_font, TEXT, Align::Center);
+    draw(&layout(title, points))
+}
+
+/// Where everything goes, worked out before a pixel is drawn (the tests read it).
+struct Layout {
+    headline: String,
+    subtitle: Option<String>,
+    /// Loss (with the learning rate) on the left, accuracy on the right.
+    panels: [PanelLayout; 2],
+    /// The learning rate's range on the loss panel's right axis, when it is shown.
+    lr_axis: Option<(f64, f64)>,
+}
+
+struct PanelLayout {
+    rect: Rect,
+    title: &'static str,
+    x_range: (f64, f64),
+    y_range: (f64, f64),
+    /// The series that have at least one point, in legend order.
+    series: Vec<SeriesLayout>,
+}
+
+struct SeriesLayout {
+    label: String,
+    colour: Rgb<u8>,
+    width: f64,
+    /// (on, off) lengths in pixels for a dashed line.
+    dash: Option<(f64, f64)>,
+    /// On a y range of its own (the right axis); drawn under the others.
+    secondary: bool,
+    /// The points in pixels, in epoch order.
+    pixels: Vec<(f64, f64)>,
+    /// A dot on every point, so that each epoch shows (a one-epoch run is one visible dot).
+    markers: Vec<(f64, f64)>,
+    marker_radius: f64,
+}
+
+/// A series before layout: its values in data units.
+struct Series<'a> {
+    label: String,
+    colour: Rgb<u8>,
+    points: &'a [(f64, f64)],
+    width: f64,
+    dash: Option<(f64, f64)>,
+    /// A y range of its own (a secondary axis) instead of the panel's.
+    y_range: Option<(f64, f64)>,
+}
+
+impl<'a> Series<'a> {
+    fn solid(label: String, colour: Rgb<u8>, points: &'a [(f64, f64)]) -> Self {
+        Series {
+            label,
+            colour,
+            points,
+            width: 2.0,
+            dash: None,
+            y_range: None,
+        }
+    }
+}
+
+const TITLE_FONT: Font = Font::new(FontWeight::Bold, RasterHeight::Size20);
+/// Top and bottom of both panels' frames.
+const PANEL_TOP: i32 = 84;
+const PANEL_BOTTOM: i32 = 406;
+
+fn layout(title: &str, points: &[CurvePoint]) -> Layout {
+    let (head, sub) = match title.split_once('\n') {
+        Some((h, s)) => (h, Some(s.replace('\n', " "))),
+        None => (title, None),
+    };
+    let headline = fit_text(head.trim(), TITLE_FONT, WIDTH as i32 - 20);
+    let subtitle = sub
+        .map(|s| fit_text(s.trim(), SMALL, WIDTH as i32 - 20))
+        .filter(|s| !s.is_empty());
 
     let series = |f: &dyn Fn(&CurvePoint) -> Option<f64>| -> Vec<(f64, f64)> {
         let mut s: Vec<(f64, f64)> = points
@@ -109,33 +187,33 @@ pub fn render(title: &str, points: &[CurvePoint]) -> RgbImage {
         }
     }
 
-    let top = 68;
-    let bottom = 390;
-    let loss_panel = Panel {
-        rect: Rect {
-            x0: 74,
-            y0: top,
-            x1: 454,
-            y1: bottom,
-        },
-        title: "loss",
+    let loss_rect = Rect {
+        x0: 74,
+        y0: PANEL_TOP,
+        x1: 454,
+        y1: PANEL_BOTTOM,
     };
-    let acc_panel = Panel {
-        rect: Rect {
-            x0: 586,
-            y0: top,
-            x1: 966,
-            y1: bottom,
-        },
-        title: "top-1 accuracy (%)",
+    let acc_rect = Rect {
+        x0: 586,
+        y0: PANEL_TOP,
+        x1: 966,
+        y1: PANEL_BOTTOM,
     };
 
-    let test_best = test_acc.iter().map(|p| p.1).fold(f64::NAN, f64::max);
-    let train_last = train_acc.last().map(|p| p.1);
-
+    // Legends give the last loss and the last and best accuracy, so that a short run reads at a
+    // glance.
+    let loss_note = |name: &str, v: Option<f64>| match v.filter(|v| v.is_finite()) {
+        Some(v) => format!("{name} (last {v:.3})"),
+        None => name.to_string(),
+    };
+    let acc_note = |name: &str, what: &str, v: Option<f64>| match v.filter(|v| v.is_finite()) {
+        Some(v) => format!("{name} ({what} {v:.1}%)"),
+        None => name.to_string(),
+    };
+    let last = |s: &[(f64, f64)]| s.last().map(|p| p.1);
     let mut loss_series = vec![
-        Series::solid("train", TRAIN, &train_loss),
-        Series::solid("test", TEST, &test_loss),
+        Series::solid(loss_note("train", last(&train_loss)), TRAIN, &train_loss),
+        Series::solid(loss_note("test", last(&test_loss)), TEST, &test_loss),
     ];
     // The learning rate is shown from zero, so that a constant rate is a line near the top rather
     // than in the middle of a tiny range.
@@ -145,44 +223,152 @@ pub fn render(title: &str, points: &[CurvePoint]) -> RgbImage {
     } else {
         padded_range(lr.iter().map(|p| p.1), 0.05, 1.0, true)
     };
-    let lr_label = "lr (right axis)";
-    let lr_series = Series {
-        label: lr_label.to_string(),
-        colour: LR,
-        points: &lr,
-        width: 1.6,
-        dash: Some((7.0, 5.0)),
-        y_range: Some(lr_range),
-    };
     if !lr.is_empty() {
-        loss_series.push(lr_series);
+        loss_series.push(Series {
+            label: "lr (right axis)".to_string(),
+            colour: LR,
+            points: &lr,
+            width: 1.6,
+            dash: Some((7.0, 5.0)),
+            y_range: Some(lr_range),
+        });
     }
-    draw_panel(&mut c, &loss_panel, x_range, &loss_series, 0.05, false);
-    if !lr.is_empty() {
-        draw_secondary_axis(&mut c, &loss_panel.rect, lr_range);
-    }
-
+    let test_best = test_acc.iter().map(|p| p.1).fold(f64::NAN, f64::max);
     let acc_series = vec![
         Series::solid(
-            &match train_last {
-                Some(v) => format!("train (last {v:.1}%)"),
-                None => "train".to_string(),
-            },
+            acc_note("train", "last", last(&train_acc)),
             TRAIN,
             &train_acc,
         ),
-        Series::solid(
-            &if test_best.is_finite() {
-                format!("test (best {test_best:.1}%)")
-            } else {
-                "test".to_string()
-            },
-            TEST,
-            &test_acc,
-        ),
+        Series::solid(acc_note("test", "best", Some(test_best)), TEST, &test_acc),
     ];
-    draw_panel(&mut c, &acc_panel, x_range, &acc_series, 0.05, true);
+    Layout {
+        headline,
+        subtitle,
+        panels: [
+            layout_panel(loss_rect, "loss", x_range, &loss_series, 0.05, false),
+            layout_panel(
+                acc_rect,
+                "top-1 accuracy (%)",
+                x_range,
+                &acc_series,
+                0.05,
+                true,
+            ),
+        ],
+        lr_axis: (!lr.is_empty()).then_some(lr_range),
+    }
+}
 
+/// A panel's y range (over the series on its own axis) and every series in pixels.
+fn layout_panel(
+    rect: Rect,
+    title: &'static str,
+    x_range: (f64, f64),
+    series: &[Series],
+    pad: f64,
+    floor_zero: bool,
+) -> PanelLayout {
+    let y_range = padded_range(
+        series
+            .iter()
+            .filter(|s| s.y_range.is_none())
+            .flat_map(|s| s.points.iter().map(|p| p.1)),
+        pad,
+        1.0,
+        floor_zero,
+    );
+    let r = rect;
+    let series = series
+        .iter()
+        .filter(|s| !s.points.is_empty())
+        .map(|s| {
+            let yr = s.y_range.unwrap_or(y_range);
+            let pixels: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .map(|&(x, y)| {
+                    (
+                        scale(x, x_range, r.x0 as f64, r.x1 as f64),
+                        scale(y, yr, r.y1 as f64, r.y0 as f64),
+                    )
+                })
+                .collect();
+            SeriesLayout {
+                label: s.label.clone(),
+                colour: s.colour,
+                width: s.width,
+                dash: s.dash,
+                secondary: s.y_range.is_some(),
+                marker_radius: marker_radius(&pixels, s.width),
+                markers: pixels.clone(),
+                pixels,
+            }
+        })
+        .collect();
+    PanelLayout {
+        rect,
+        title,
+        x_range,
+        y_range,
+        series,
+    }
+}
+
+/// Dots of radius `width + 1.5` on a curve of that width, smaller where epochs lie closer than
+/// about three dots apart (they then merge into the line rather than into a blob), and a larger
+/// dot for a lone point.
+fn marker_radius(pixels: &[(f64, f64)], width: f64) -> f64 {
+    if pixels.len() == 1 {
+        return 2.0 * width + 1.0;
+    }
+    let spacing = pixels
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0).abs())
+        .filter(|d| *d > 0.5)
+        .fold(f64::INFINITY, f64::min);
+    let full = width + 1.5;
+    if spacing.is_finite() {
+        full.min((spacing * 0.3).max(width / 2.0 + 0.5))
+    } else {
+        full
+    }
+}
+
+/// Epoch ticks: "nice" ones, but never closer than one epoch.
+fn epoch_ticks(lo: f64, hi: f64) -> (Vec<f64>, f64) {
+    let (ticks, step) = nice_ticks(lo, hi, 7);
+    if step >= 1.0 || !(hi - lo).is_finite() {
+        return (ticks, step);
+    }
+    let first = lo.ceil();
+    let n = (hi.floor() - first).clamp(0.0, 100.0) as usize;
+    let ticks = (0..=n)
+        .map(|i| first + i as f64)
+        .filter(|v| *v >= lo && *v <= hi)
+        .collect();
+    (ticks, 1.0)
+}
+
+fn draw(l: &Layout) -> RgbImage {
+    let mut c = Canvas::new(WIDTH, HEIGHT);
+    c.text(
+        WIDTH as i32 / 2,
+        6,
+        &l.headline,
+        TITLE_FONT,
+        TEXT,
+        Align::Center,
+    );
+    if let Some(s) = &l.subtitle {
+        c.text(WIDTH as i32 / 2, 32, s, SMALL, TEXT, Align::Center);
+    }
+    for p in &l.panels {
+        draw_panel(&mut c, p);
+    }
+    if let Some(range) = l.lr_axis {
+        draw_secondary_axis(&mut c, &l.panels[0].rect, range);
+    }
     c.img
 }
 
@@ -196,9 +382,6 @@ const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
 const TEST: Rgb<u8> = Rgb([255, 127, 14]);
 const LR: Rgb<u8> = Rgb([140, 140, 140]);
 
-/// Curves with at most this many points also get a marker at each point.
-const MARKERS_UP_TO: usize = 30;
-
 #[derive(Clone, Copy, Debug)]
 struct Rect {
     x0: i32,
@@ -210,35 +393,6 @@ struct Rect {
 impl Rect {
     fn contains(&self, x: f64, y: f64) -> bool {
         x >= self.x0 as f64 && x <= self.x1 as f64 && y >= self.y0 as f64 && y <= self.y1 as f64
-    }
-}
-
-struct Panel {
-    rect: Rect,
-    title: &'static str,
-}
-
-struct Series<'a> {
-    label: String,
-    colour: Rgb<u8>,
-    points: &'a [(f64, f64)],
-    width: f64,
-    /// (on, off) lengths in pixels for a dashed line.
-    dash: Option<(f64, f64)>,
-    /// A y range of its own (a secondary axis) instead of the panel's.
-    y_range: Option<(f64, f64)>,
-}
-
-impl<'a> Series<'a> {
-    fn solid(label: &str, colour: Rgb<u8>, points: &'a [(f64, f64)]) -> Self {
-        Series {
-            label: label.to_string(),
-            colour,
-            points,
-            width: 2.0,
-            dash: None,
-            y_range: None,
-        }
     }
 }
 
@@ -572,32 +726,14 @@ impl Mask {
     }
 }
 
-fn draw_panel(
-    c: &mut Canvas,
-    panel: &Panel,
-    x_range: (f64, f64),
-    series: &[Series],
-    pad: f64,
-    floor_zero: bool,
-) {
-    let r = panel.rect;
-    let y_range = padded_range(
-        series
-            .iter()
-            .filter(|s| s.y_range.is_none())
-            .flat_map(|s| s.points.iter().map(|p| p.1)),
-        pad,
-        1.0,
-        floor_zero,
-    );
-    let (x_ticks, x_step) = nice_ticks(x_range.0, x_range.1, 7);
-    let (y_ticks, y_step) = nice_ticks(y_range.0, y_range.1, 6);
-    let to_px = |v: f64, range: (f64, f64)| scale(v, range, r.x0 as f64, r.x1 as f64);
-    let to_py = |v: f64, range: (f64, f64)| scale(v, range, r.y1 as f64, r.y0 as f64);
+fn draw_panel(c: &mut Canvas, p: &PanelLayout) {
+    let r = p.rect;
+    let (x_ticks, x_step) = epoch_ticks(p.x_range.0, p.x_range.1);
+    let (y_ticks, y_step) = nice_ticks(p.y_range.0, p.y_range.1, 6);
 
     // Grid, ticks and their labels.
     for &t in &x_ticks {
-        let x = to_px(t, x_range).round() as i32;
+        let x = scale(t, p.x_range, r.x0 as f64, r.x1 as f64).round() as i32;
         c.vline(x, r.y0 + 1, r.y1 - 1, GRID);
         c.vline(x, r.y1 + 1, r.y1 + 4, FRAME);
         c.text(
@@ -610,7 +746,7 @@ fn draw_panel(
         );
     }
     for &t in &y_ticks {
-        let y = to_py(t, y_range).round() as i32;
+        let y = scale(t, p.y_range, r.y1 as f64, r.y0 as f64).round() as i32;
         c.hline(r.x0 + 1, r.x1 - 1, y, GRID);
         c.hline(r.x0 - 4, r.x0 - 1, y, FRAME);
         c.text(
@@ -633,48 +769,33 @@ fn draw_panel(
     c.text(
         (r.x0 + r.x1) / 2,
         r.y0 - MEDIUM.height() - 6,
-        panel.title,
+        p.title,
         MEDIUM,
         TEXT,
         Align::Center,
     );
 
-    // Curves, clipped to the inside of the frame.
+    // Curves and their markers, clipped to the inside of the frame; secondary-axis series go
+    // underneath (the legend keeps the given order).
     let inner = Rect {
         x0: r.x0 + 1,
         y0: r.y0 + 1,
         x1: r.x1 - 1,
         y1: r.y1 - 1,
     };
-    let drawn: Vec<(&Series, Vec<(f64, f64)>)> = series
-        .iter()
-        .filter(|s| !s.points.is_empty())
-        .map(|s| {
-            let yr = s.y_range.unwrap_or(y_range);
-            let px = s
-                .points
-                .iter()
-                .map(|&(x, y)| (to_px(x, x_range), to_py(y, yr)))
-                .collect();
-            (s, px)
-        })
-        .collect();
-    // Secondary-axis series go underneath; the legend keeps the given order.
-    let mut order: Vec<&(&Series, Vec<(f64, f64)>)> = drawn.iter().collect();
-    order.sort_by_key(|(s, _)| s.y_range.is_none());
-    for (s, px) in order {
+    let mut order: Vec<&SeriesLayout> = p.series.iter().collect();
+    order.sort_by_key(|s| !s.secondary);
+    for s in order {
         let mut mask = Mask::new(inner);
-        mask.polyline(px, s.width, s.dash);
-        if s.points.len() == 1 || (s.points.len() <= MARKERS_UP_TO && s.dash.is_none()) {
-            for &p in px {
-                mask.disc(p, s.width + 1.0);
-            }
+        mask.polyline(&s.pixels, s.width, s.dash);
+        for &m in &s.markers {
+            mask.disc(m, s.marker_radius);
         }
         c.paint(&mask, s.colour);
     }
     c.stroke_rect(r, FRAME);
 
-    if drawn.is_empty() {
+    if p.series.is_empty() {
         c.text(
             (r.x0 + r.x1) / 2,
             (r.y0 + r.y1) / 2 - SMALL.height() / 2,
@@ -685,16 +806,16 @@ fn draw_panel(
         );
         return;
     }
-    draw_legend(c, r, &drawn);
+    draw_legend(c, r, &p.series);
 }
 
 /// The legend goes into the corner of the panel that the fewest curve samples fall into.
-fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[(&Series, Vec<(f64, f64)>)]) {
+fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[SeriesLayout]) {
     let line_h = SMALL.height() + 2;
     let sample_w = 24;
     let text_w = drawn
         .iter()
-        .map(|(s, _)| SMALL.width(&s.label))
+        .map(|s| SMALL.width(&s.label))
         .max()
         .unwrap_or(0);
     let w = 8 + sample_w + 6 + text_w + 8;
@@ -714,7 +835,8 @@ fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[(&Series, Vec<(f64, f64)>)]) {
             y1: y0 + h,
         };
         let mut n = 0;
-        for (_, px) in drawn {
+        for s in drawn {
+            let px = &s.pixels;
             if px.len() == 1 && b.contains(px[0].0, px[0].1) {
                 n += 1;
             }
@@ -748,7 +870,7 @@ fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[(&Series, Vec<(f64, f64)>)]) {
         },
         LEGEND_BORDER,
     );
-    for (i, (s, _)) in drawn.iter().enumerate() {
+    for (i, s) in drawn.iter().enumerate() {
         let ty = ly + 6 + line_h * i as i32;
         let cy = ty as f64 + SMALL.height() as f64 / 2.0;
         let x0 = (lx + 8) as f64;
@@ -759,6 +881,8 @@ fn draw_legend(c: &mut Canvas, r: Rect, drawn: &[(&Series, Vec<(f64, f64)>)]) {
             y1: ty + line_h,
         });
         mask.polyline(&[(x0, cy), (x0 + sample_w as f64, cy)], s.width, s.dash);
+        // The sample carries the series' marker, as matplotlib's 'o-' legends do.
+        mask.disc((x0 + sample_w as f64 / 2.0, cy), (s.width + 1.5).min(4.0));
         c.paint(&mask, s.colour);
         c.text(
             lx + 8 + sample_w + 6,
@@ -847,7 +971,7 @@ mod tests {
     }
 
     #[test]
-    fn long_run_without_markers() {
+    fn long_run_draws_both_curves() {
         let img = roundtrip("long", &typical(200));
         assert!(count(&img, TRAIN) > 200);
         assert!(count(&img, TEST) > 200);
@@ -1003,6 +1127,111 @@ mod tests {
         let ink = |m: &Mask| m.data.iter().map(|&v| f64::from(v)).sum::<f64>();
         let share = ink(&dashed) / ink(&solid);
         assert!((0.5..0.85).contains(&share), "dashed/solid ink {share}");
+    }
+
+    #[test]
+    fn one_epoch_gives_one_visible_marker_per_series() {
+        let l = layout("r20.onnx\ntucker2 params=0.4 | 1 epoch", &typical(1));
+        assert_eq!(l.headline, "r20.onnx");
+        assert_eq!(l.subtitle.as_deref(), Some("tucker2 params=0.4 | 1 epoch"));
+        let labels: Vec<Vec<&str>> = l
+            .panels
+            .iter()
+            .map(|p| p.series.iter().map(|s| s.label.as_str()).collect())
+            .collect();
+        let (loss, acc) = (typical(1)[0], 100.0 * typical(1)[0].train_acc);
+        assert_eq!(
+            labels[0],
+            [
+                format!("train (last {:.3})", loss.train_loss).as_str(),
+                format!("test (last {:.3})", loss.test_loss.unwrap()).as_str(),
+                "lr (right axis)"
+            ]
+        );
+        assert_eq!(labels[1][0], format!("train (last {acc:.1}%)"));
+        for p in &l.panels {
+            for s in &p.series {
+                assert_eq!(s.markers.len(), 1, "{}", s.label);
+                let (x, y) = s.markers[0];
+                assert!(
+                    p.rect.contains(x, y),
+                    "{}: marker outside the frame",
+                    s.label
+                );
+                // In the middle of the epoch axis (epochs 0 to 2), and larger than the line.
+                assert!((x - f64::from(p.rect.x0 + p.rect.x1) / 2.0).abs() < 1.0);
+                assert!(s.marker_radius >= 2.0 * s.width, "{}", s.label);
+            }
+        }
+        // The epoch axis of one epoch has whole-epoch ticks.
+        assert_eq!(epoch_ticks(0.0, 2.0), (vec![0.0, 1.0, 2.0], 1.0));
+        // And the dots are drawn.
+        let img = render("one", &typical(1));
+        assert!(count(&img, TRAIN) > 2 * 20, "train dots missing");
+        assert!(count(&img, TEST) > 2 * 20, "test dots missing");
+    }
+
+    #[test]
+    fn every_epoch_has_a_marker_on_every_series() {
+        for n in [2, 30, 200] {
+            let l = layout("t", &typical(n));
+            assert_eq!(l.subtitle, None);
+            assert_eq!(l.panels[0].series.len(), 3);
+            assert_eq!(l.panels[1].series.len(), 2);
+            for p in &l.panels {
+                for s in &p.series {
+                    assert_eq!(s.markers.len(), n, "{n} epochs, {}", s.label);
+                    assert!(s.markers.windows(2).all(|w| w[1].0 > w[0].0));
+                    // Close epochs get small dots that merge into the line, not blobs.
+                    let spacing = s.markers[1].0 - s.markers[0].0;
+                    assert!(s.marker_radius <= (s.width + 1.5).max(spacing * 0.3));
+                }
+            }
+        }
+        // A series with missing points marks only the points it has.
+        let mut pts = typical(12);
+        for (i, p) in pts.iter_mut().enumerate() {
+            if i % 3 != 2 {
+                p.test_acc = None;
+            }
+        }
+        let l = layout("t", &pts);
+        assert_eq!(l.panels[1].series[1].markers.len(), 4);
+        // A long title is shortened to the picture's width.
+        let l = layout(&"x".repeat(500), &typical(3));
+        assert!(TITLE_FONT.width(&l.headline) <= WIDTH as i32 - 20);
+        assert!(l.headline.ends_with("..."));
+    }
+
+    /// What re-drawing the curve after every epoch costs: `cargo test --release --lib
+    /// render_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn render_cost_of_a_30_epoch_history() {
+        let title = "resnet20.onnx\ntucker2 params=0.4 | 30 epochs, batch 128, lr 0.1 cosine";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        for epochs in [30, 200] {
+            let pts = typical(epochs);
+            write_png(&path, title, &pts).unwrap();
+            let n = 20;
+            let t0 = std::time::Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(render(title, &pts));
+            }
+            let draw = t0.elapsed().as_secs_f64() / n as f64;
+            let t0 = std::time::Instant::now();
+            for _ in 0..n {
+                write_png(&path, title, &pts).unwrap();
+            }
+            let all = t0.elapsed().as_secs_f64() / n as f64;
+            println!(
+                "{epochs}-epoch curve: draw {:.1} ms, draw + PNG encode + atomic write {:.1} ms, {} bytes",
+                1e3 * draw,
+                1e3 * all,
+                std::fs::metadata(&path).unwrap().len()
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod curve;
 pub mod init;
 pub mod optim;
+pub mod progress;
 pub mod resume;
 pub mod run;
 pub mod schedule;
