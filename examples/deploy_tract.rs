@@ -26,7 +26,7 @@ fn main() -> Result<()> {
         .collect();
     let get = |k: &str| {
         meta.get(k)
-            .ok_or_else(|| anyhow!("{model_path}: no metadata {k}"))
+            .ok_or_else(|| anyhow!("{model_path}: no metadata {k} (not written by elrt export?)"))
     };
     let floats = |k: &str| -> Result<Vec<f32>> {
         get(k)?.split(',').map(|v| Ok(v.trim().parse()?)).collect()

@@ -25,10 +25,16 @@ def main() -> None:
 
     # What the file says about its input (see the README, "Use the compact file").
     meta = session.get_modelmeta().custom_metadata_map
+
+    def need(key: str) -> str:
+        if key not in meta:
+            sys.exit(f"{model_path}: no metadata {key} (not written by elrt export?)")
+        return meta[key]
+
     # elrt.export.input_shape is "1,C,H,W" or "N,C,H,W" (elrt.input.layout: NCHW); run batch 1.
-    c, h, w = (int(d) for d in meta["elrt.export.input_shape"].split(",")[1:])
-    mean = np.array(meta["elrt.normalize.mean"].split(","), dtype=np.float32)
-    std = np.array(meta["elrt.normalize.std"].split(","), dtype=np.float32)
+    c, h, w = (int(d) for d in need("elrt.export.input_shape").split(",")[1:])
+    mean = np.array(need("elrt.normalize.mean").split(","), dtype=np.float32)
+    std = np.array(need("elrt.normalize.std").split(","), dtype=np.float32)
     classes = json.loads(meta.get("elrt.classes", "[]"))  # absent: print indices
     input_name = meta.get("elrt.input.name", session.get_inputs()[0].name)
 
