@@ -18,7 +18,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-if ! python3 -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
+if ! python3 -c "import onnx, onnxruntime, numpy, PIL" 2>/dev/null; then
   echo "setup: pip install -r scripts/requirements-ci.txt" >&2
   python3 -m pip install -q -r scripts/requirements-ci.txt
 fi

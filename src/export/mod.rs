@@ -19,9 +19,18 @@ use serde::Serialize;
 use crate::bench::latency::{time_interleaved, TimingOptions};
 use crate::bench::tract_rt::TractModel;
 use crate::ir::fold::{simplify, FoldOptions};
-use crate::ir::shape::{default_input_shapes, Facts};
-use crate::ir::{Dim, Graph};
+use crate::ir::shape::{default_input_shapes, norm_axis, Facts};
+use crate::ir::{Dim, Graph, Op};
 use forms::{apply, find_chains, ChainKind, Form};
+
+/// `metadata_props` key of an exported file: the name of its (single) graph input.
+pub const INPUT_NAME_KEY: &str = "elrt.input.name";
+/// `metadata_props` key of an exported file: the input's layout, `NCHW`.
+pub const INPUT_LAYOUT_KEY: &str = "elrt.input.layout";
+/// `metadata_props` key of an exported file: what its output holds per image, `logits`, or
+/// `probabilities` / `log-probabilities` where the model ends in a Softmax / LogSoftmax over the
+/// classes (kept from the source file).
+pub const OUTPUT_KEY: &str = "elrt.output";
 
 /// Which form each factorized layer is written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -325,10 +334,21 @@ pub fn export(
     } else {
         0
     };
-    g.meta
-        .metadata_props
-        .retain(|(k, _)| !k.starts_with("elrt.export"));
+    // How to feed the file: the input's name and layout beside its shape, so that a deployment
+    // needs nothing but the file (the trained model's `elrt.classes`, `elrt.input.resize` and
+    // `elrt.normalize*` entries are kept as they are).
+    let input_name = g.inputs[0].name.clone();
+    let output = output_kind(&g, &facts);
+    g.meta.metadata_props.retain(|(k, _)| {
+        !k.starts_with("elrt.export")
+            && k != INPUT_NAME_KEY
+            && k != INPUT_LAYOUT_KEY
+            && k != OUTPUT_KEY
+    });
     g.meta.metadata_props.extend([
+        (INPUT_NAME_KEY.to_string(), input_name),
+        (INPUT_LAYOUT_KEY.to_string(), "NCHW".to_string()),
+        (OUTPUT_KEY.to_string(), output.to_string()),
         ("elrt.export.forms".to_string(), forms_summary(&layers)),
         (
             "elrt.export.input_shape".to_string(),
@@ -361,6 +381,37 @@ pub fn export(
         nodes: g.nodes.len(),
     };
     Ok((g, report))
+}
+
+/// What the graph's output holds ([`OUTPUT_KEY`]): `probabilities` or `log-probabilities` when
+/// it is made by a Softmax or LogSoftmax over axis 1 of `[N, K]` (or `[N, K, 1, 1]`) scores,
+/// the head the engine recognises; `logits` otherwise.
+fn output_kind(g: &Graph, facts: &Facts) -> &'static str {
+    let head = g.outputs.first().and_then(|out| {
+        g.nodes
+            .iter()
+            .find(|n| n.outputs.first() == Some(&out.name))
+    });
+    let Some(n) = head else { return "logits" };
+    let (kind, axis) = match n.op {
+        Op::Softmax { axis, .. } => ("probabilities", axis),
+        Op::LogSoftmax { axis, .. } => ("log-probabilities", axis),
+        _ => return "logits",
+    };
+    let over_classes = n
+        .inputs
+        .first()
+        .and_then(|x| facts.get(x))
+        .is_some_and(|f| {
+            f.shape.len() >= 2
+                && f.shape[2..].iter().all(|&d| d == 1)
+                && norm_axis(axis, f.shape.len()).ok() == Some(1)
+        });
+    if over_classes {
+        kind
+    } else {
+        "logits"
+    }
 }
 
 /// A weight that is NaN or infinite (a diverged training run) makes a file that computes
