@@ -223,9 +223,12 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
     let after = crate::ir::cost::cost(&g, &facts2).totals;
     // elrt's records of an earlier stage go, except the input normalisation: the converted
     // model takes its inputs as the original did.
-    g.meta
-        .metadata_props
-        .retain(|(k, _)| !k.starts_with("elrt.") || k.starts_with("elrt.normalize"));
+    g.meta.metadata_props.retain(|(k, _)| {
+        !k.starts_with("elrt.")
+            || k.starts_with("elrt.normalize")
+            || k.starts_with("elrt.input.")
+            || k == crate::data::CLASSES_KEY
+    });
     g.meta.metadata_props.extend([
         ("elrt.source".to_string(), a.model.display().to_string()),
         ("elrt.format".to_string(), a.format.clone()),

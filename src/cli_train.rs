@@ -533,7 +533,20 @@ fn eval_on_pool(a: EvalArgs) -> Result<()> {
         eprintln!("{n}");
     }
     let norm = normalize.resolve(c)?;
-    let test = Arc::new(spec.load_test([c, h, w])?);
+    let mut test = spec.load_test([c, h, w])?;
+    // A model that records its class names is scored by name: a folder with some of the
+    // classes, or with them in another order, still lands on the right outputs.
+    let recorded = model
+        .graph
+        .meta
+        .metadata_props
+        .iter()
+        .find(|(k, _)| k == crate::data::CLASSES_KEY)
+        .and_then(|(_, v)| serde_json::from_str::<Vec<String>>(v).ok());
+    if let Some(names) = recorded {
+        test = test.relabelled(&names)?;
+    }
+    let test = Arc::new(test);
     let workers = 2;
     let result =
         crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers, Some(norm)))?;

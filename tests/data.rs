@@ -800,3 +800,29 @@ fn loader_on_cifar_real_data_speed() {
     );
     assert_eq!(n, 50_000);
 }
+
+/// A data set relabelled by a model's class names: labels follow the names, a class the model
+/// lacks is an error naming it.
+#[test]
+fn relabelled_by_the_models_class_names() {
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let d = elrt::data::Dataset::new(
+        "folder test",
+        [1, 1, 1],
+        vec![0, 1, 2],
+        vec![0, 1, 1],
+        names(&["bird", "truck"]),
+    )
+    .unwrap();
+    let r = d
+        .clone()
+        .relabelled(&names(&["bird", "red fox", "truck"]))
+        .unwrap();
+    assert_eq!(r.labels(), &[0, 2, 2]);
+    assert_eq!(
+        r.class_names(),
+        names(&["bird", "red fox", "truck"]).as_slice()
+    );
+    let err = format!("{:#}", d.relabelled(&names(&["bird", "cat"])).unwrap_err());
+    assert!(err.contains("'truck'"), "{err}");
+}

@@ -85,6 +85,36 @@ impl Dataset {
         })
     }
 
+    /// The same images labelled by `model_classes` (a model's class names in its label order):
+    /// a folder holding some of the classes, or in another order, is scored against the right
+    /// outputs. A class the model does not know is an error naming it.
+    pub fn relabelled(self, model_classes: &[String]) -> Result<Dataset> {
+        if model_classes == self.class_names.as_slice() {
+            return Ok(self);
+        }
+        let map: Vec<usize> = self
+            .class_names
+            .iter()
+            .map(|n| {
+                model_classes.iter().position(|m| m == n).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{}: class '{n}' is not one of the model's classes ({})",
+                        self.name,
+                        model_classes.join(", ")
+                    )
+                })
+            })
+            .collect::<Result<_>>()?;
+        let labels = self.labels.iter().map(|&l| map[l]).collect();
+        Dataset::new(
+            self.name,
+            self.shape,
+            self.pixels,
+            labels,
+            model_classes.to_vec(),
+        )
+    }
+
     /// Short description used in logs and errors, e.g. `cifar10 train`.
     pub fn name(&self) -> &str {
         &self.name

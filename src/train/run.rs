@@ -572,6 +572,7 @@ mod tests {
             orth: 0.01,
             orth_no_decay: false,
             normalize: None,
+            allow_recipe_change: false,
         }
     }
 
