@@ -224,6 +224,27 @@ fn record_data_facts(
     }
 }
 
+/// Outputs are complete or absent: a run that fails before its first checkpoint removes the
+/// metrics and curve it wrote (they belong to nothing); one that fails later keeps them beside
+/// the checkpoint, and the error says so and how to go on.
+fn with_outputs_accounted(e: anyhow::Error, files: &RunFiles) -> anyhow::Error {
+    if !files.checkpoint.exists() {
+        for f in [&files.metrics, &files.curve] {
+            let _ = std::fs::remove_file(f);
+        }
+        return e;
+    }
+    let kept: Vec<String> = [&files.checkpoint, &files.metrics, &files.curve]
+        .into_iter()
+        .filter(|f| f.exists())
+        .map(|f| f.display().to_string())
+        .collect();
+    anyhow::anyhow!(
+        "{e:#}; kept {} (the run so far, for --resume)",
+        kept.join(", ")
+    )
+}
+
 fn default_output(model: &Path) -> PathBuf {
     let stem = model
         .file_stem()
@@ -487,9 +508,11 @@ fn train_on_pool(a: &TrainArgs, threads: usize) -> Result<TrainResult> {
         history: Vec::new(),
     };
     let (train, test) = (Arc::new(splits.train), Arc::new(splits.test));
-    let outcome = crate::engine::on_pool(|| trainer.run(train, test, a.resume))?;
+    let ran = crate::engine::on_pool(|| trainer.run(train, test, a.resume));
     let history = trainer.history.clone();
-    model.save(&output)?;
+    let outcome = ran
+        .and_then(|o| model.save(&output).map(|_| o))
+        .map_err(|e| with_outputs_accounted(e, &files))?;
     debug_assert_eq!(rayon::current_num_threads(), threads);
     Ok(TrainResult {
         outcome,

@@ -488,6 +488,9 @@ fn a_diverging_run_names_only_a_checkpoint_that_exists() {
         err.contains("diverged") && err.contains("no checkpoint had been written yet"),
         "{err}"
     );
+    // Nothing of the failed run is left: no model, no metrics or curve without a checkpoint.
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A model with two image inputs is refused as such, not with a shape error from inside it.

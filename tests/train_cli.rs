@@ -372,3 +372,53 @@ fn speed_reports_throughput_profile_and_blas_core() {
         );
     }
 }
+
+/// The metrics file lists each epoch once, as the checkpoint knows them: a line whose
+/// checkpoint was never written (a full disk) is not listed twice after --resume (issue 19).
+#[test]
+fn a_resumed_run_lists_each_epoch_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r20.onnx");
+    // One epoch of 8 steps (256 images, batch 32), stopped by --max-steps with a checkpoint.
+    let base = [
+        "--data",
+        "synthetic:256,64",
+        "--batch",
+        "32",
+        "--epochs",
+        "2",
+        "--threads",
+        "2",
+    ];
+    let mut first = train_args(&out, &base);
+    first.extend(["--max-steps".to_string(), "8".to_string()]);
+    succeeds(&first);
+    let metrics = out.with_extension("metrics.jsonl");
+    let epochs = |p: &Path| -> Vec<u64> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(epochs(&metrics), [1]);
+    // As if epoch 2's metrics line had been written and its checkpoint write had then failed.
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text += &text.clone().replace("\"epoch\":1", "\"epoch\":2");
+    std::fs::write(&metrics, text).unwrap();
+    // Resuming without the step limit changes the recipe: refused unless asked for.
+    let mut again = train_args(&out, &base);
+    again.push("--resume".into());
+    let e = fails_cleanly(&again);
+    assert!(
+        e.contains("max_steps: 8 -> null") && e.contains("--allow-recipe-change"),
+        "{e}"
+    );
+    again.push("--allow-recipe-change".into());
+    succeeds(&again);
+    assert_eq!(epochs(&metrics), [1, 2]);
+}

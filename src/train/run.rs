@@ -5,7 +5,6 @@
 //! from `(seed, step)`, and the kernels reduce in a fixed order, so a run resumed from a
 //! checkpoint ends with exactly the weights of an uninterrupted run.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -252,6 +251,7 @@ impl Trainer<'_> {
             pos = ck.position;
             opt = ck.optimizer;
             self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
+            self.write_metrics()?;
             if pos.batch > 0 {
                 carried = serde_json::from_value(ck.extra["epoch_so_far"].clone()).ok();
             }
@@ -422,6 +422,19 @@ impl Trainer<'_> {
         )
     }
 
+    /// Writes the metrics file from the history, whole and atomically: it then always lists
+    /// each epoch once, as the checkpoint knows them (appending, a resume after a failed
+    /// checkpoint write listed an epoch twice).
+    fn write_metrics(&self) -> Result<()> {
+        let mut text = String::new();
+        for h in &self.history {
+            text += &serde_json::to_string(h)?;
+            text.push('\n');
+        }
+        crate::util::write_atomic(&self.files.metrics, text.as_bytes())
+            .with_context(|| format!("{}: cannot write metrics", self.files.metrics.display()))
+    }
+
     /// The per-epoch line (with the run's ETA while it continues), the metrics line and the curve.
     fn log(&mut self, m: &EpochMetrics, eta: Option<f64>) -> Result<()> {
         let orth = if self.cfg.orth > 0.0 {
@@ -446,13 +459,8 @@ impl Trainer<'_> {
                 m.epoch_s
             );
         }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.files.metrics)
-            .with_context(|| format!("{}: cannot write metrics", self.files.metrics.display()))?;
-        writeln!(f, "{}", serde_json::to_string(m)?)?;
         self.history.push(m.clone());
+        self.write_metrics()?;
         let points: Vec<CurvePoint> = self
             .history
             .iter()
