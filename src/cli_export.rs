@@ -334,12 +334,14 @@ pub fn export_cmd(a: ExportArgs) -> Result<()> {
     );
     if let Some(d) = &s.data_check {
         println!(
-            "{}: top-1 {:.2}% in tract on {} test images (normalisation {}); top-1 class agrees with the engine on {:.2}%",
+            "{}: top-1 {:.2}% in tract on {} test images (normalisation {}); top-1 class agrees with the engine on {:.2}%, outputs within {:.1e} relative (limit {:.0e})",
             d.data,
             100.0 * d.top1,
             d.images,
             d.normalize,
-            100.0 * d.top1_agreement
+            100.0 * d.top1_agreement,
+            s.validation.data_max_rel_diff.unwrap_or(0.0),
+            s.validation.tolerance.max(crate::export::validate::DATA_TOLERANCE)
         );
     }
     Ok(())

