@@ -196,25 +196,6 @@ fn compact_file_states_how_to_feed_it() {
     }
 }
 
-/// The path of a compiled example: `cargo test` builds the examples beside the test binaries'
-/// `deps/` folder (a run limited with `--test` does not, hence the message).
-fn example_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = repo().join(format!("examples/{name}.rs"));
-    assert!(
-        bin.is_file() && modified(&bin) >= modified(&source),
-        "{} is missing or older than its source: plain `cargo test --release` builds the examples, \
-         a run limited with --test does not (then: cargo build --release --example {name})",
-        bin.display()
-    );
-    bin
-}
-
 /// The top-k lines `PROBABILITY  NAME` both programs print.
 fn parse_top(out: &std::process::Output, what: &str) -> Vec<(String, f64)> {
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -290,7 +271,7 @@ fn tract_example_and_python_script_print_the_engines_classes() {
     let f = fixture();
     let labels: Vec<usize> = f.test_images.iter().map(|(_, l)| *l).collect();
     let engine = engine_probabilities(f, &f.data, &labels);
-    let example = example_binary("deploy_tract");
+    let example = common::example_binary("deploy_tract");
     let python = common::require_python(&["onnxruntime", "numpy", "PIL"]);
     let script = repo().join("scripts/deploy_onnxruntime.py");
     let mut top1_classes = std::collections::BTreeSet::new();
@@ -354,7 +335,7 @@ fn an_image_of_another_size_is_resized_as_training_did() {
     }
     // Label 0: the folder's only class (labels play no part in the probabilities).
     let engine = engine_probabilities(f, &dir, &[0]);
-    let out = Command::new(example_binary("deploy_tract"))
+    let out = Command::new(common::example_binary("deploy_tract"))
         .arg(&f.compact)
         .arg(&paths[1])
         .output()
@@ -419,7 +400,7 @@ fn a_file_that_outputs_probabilities_says_so() {
     // The first test image of each class.
     for k in (0..labels.len()).step_by(TEST_PER_CLASS) {
         let image = &f.test_images[k].0;
-        let out = Command::new(example_binary("deploy_tract"))
+        let out = Command::new(common::example_binary("deploy_tract"))
             .arg(&compact)
             .arg(image)
             .output()

@@ -196,3 +196,22 @@ pub fn prop_runner(default_cases: u32) -> (proptest::test_runner::TestRunner, u3
     let rng = TestRng::deterministic_rng(config.rng_algorithm);
     (TestRunner::new_with_rng(config, rng), cases)
 }
+
+/// The path of a compiled example: `cargo test` builds the examples beside the test binaries'
+/// `deps/` folder (a run limited with `--test` does not, hence the message).
+pub fn example_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = repo().join(format!("examples/{name}.rs"));
+    assert!(
+        bin.is_file() && modified(&bin) >= modified(&source),
+        "{} is missing or older than its source: plain `cargo test --release` builds the examples, \
+         a run limited with --test does not (then: cargo build --release --example {name})",
+        bin.display()
+    );
+    bin
+}
