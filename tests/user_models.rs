@@ -572,3 +572,63 @@ fn repeated_layer_names_are_made_unique() {
         ]
     );
 }
+
+/// The onnx package's own test models (opset 9, Caffe2-era: weights made by ConstantOfShape,
+/// a Softmax over `[N, 1000, 1, 1]` or `[N, 1000]`, Sum for the residual joins) read, train a
+/// step and export. They stopped at "op 'ConstantOfShape' is not supported".
+#[test]
+fn onnx_package_light_models_read_train_and_export() {
+    if !common::require_python(&["onnx"]) {
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import onnx, os; print(os.path.join(os.path.dirname(onnx.__file__), 'backend', 'test', 'data', 'light'))",
+        ])
+        .output()
+        .unwrap();
+    let dir = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = 0;
+    for name in ["light_squeezenet.onnx", "light_resnet50.onnx"] {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        seen += 1;
+        let p = path.to_str().unwrap();
+        let trained = tmp.path().join(name);
+        let t = trained.to_str().unwrap();
+        common::succeeds(["inspect", p]);
+        common::succeeds([
+            "train",
+            p,
+            "--data",
+            "synthetic:8,4",
+            "--batch",
+            "4",
+            "--epochs",
+            "1",
+            "--quiet",
+            "-o",
+            t,
+        ]);
+        let compact = tmp.path().join(format!("compact_{name}"));
+        common::succeeds([
+            "export",
+            t,
+            "-o",
+            compact.to_str().unwrap(),
+            "--forms",
+            "factorized",
+            "--quiet",
+        ]);
+    }
+    assert_eq!(
+        seen,
+        2,
+        "the onnx package holds both light models in {}",
+        dir.display()
+    );
+}

@@ -88,7 +88,7 @@ pub fn free_batch(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Result<()> 
     };
     let facts0 = infer(graph, &at(b0))
         .with_context(|| format!("at batch {b0}, the batch the file declares"))?;
-    fold_input_free(graph, &facts0);
+    super::fold::fold_input_free(graph, &facts0);
     rewrite_batch_constants(graph, &facts0, b0);
     for vi in graph.inputs.iter_mut().chain(graph.outputs.iter_mut()) {
         if let Some(Dim::Fixed(b)) = vi.shape.as_mut().and_then(|s| s.first_mut()) {
@@ -124,35 +124,6 @@ pub fn free_batch(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Result<()> 
             .push((SOURCE_BATCH_KEY.into(), b0.to_string()));
     }
     Ok(())
-}
-
-/// Replaces the nodes that compute from constants alone (not from any graph input, not even
-/// through `Shape`) by initializers: their values are the same at every batch, and a Reshape
-/// target built that way (`Unsqueeze`s of constants into a `Concat`, as an export without
-/// constant folding writes it) becomes a constant [`rewrite_batch_constants`] can see.
-fn fold_input_free(graph: &mut Graph, facts: &Facts) {
-    let mut kept = Vec::with_capacity(graph.nodes.len());
-    for n in std::mem::take(&mut graph.nodes) {
-        let input_free = n
-            .inputs
-            .iter()
-            .all(|i| i.is_empty() || graph.initializers.contains_key(i));
-        let values: Option<Vec<Tensor>> = n
-            .outputs
-            .iter()
-            .map(|o| facts.get(o).and_then(|f| f.value.clone()))
-            .collect();
-        let is_output = graph.outputs.iter().any(|o| n.outputs.contains(&o.name));
-        match values {
-            Some(v) if input_free && !is_output && !n.outputs.iter().any(String::is_empty) => {
-                for (o, t) in n.outputs.iter().zip(v) {
-                    graph.initializers.insert(o.clone(), t);
-                }
-            }
-            _ => kept.push(n),
-        }
-    }
-    graph.nodes = kept;
 }
 
 /// Rewrites a Reshape target whose first entry is the export batch, applied to a value whose

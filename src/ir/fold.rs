@@ -105,6 +105,35 @@ fn resolve_dynamic(graph: &mut Graph, facts: &Facts) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the nodes that compute from constants alone (not from any graph input, not even
+/// through `Shape`) by initializers: their values are the same at every batch, and a Reshape
+/// target built that way (`Unsqueeze`s of constants into a `Concat`, as an export without
+/// constant folding writes it) becomes a constant later passes can see (the batch rewrite, the classifier's re-sizing).
+pub fn fold_input_free(graph: &mut Graph, facts: &Facts) {
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for n in std::mem::take(&mut graph.nodes) {
+        let input_free = n
+            .inputs
+            .iter()
+            .all(|i| i.is_empty() || graph.initializers.contains_key(i));
+        let values: Option<Vec<Tensor>> = n
+            .outputs
+            .iter()
+            .map(|o| facts.get(o).and_then(|f| f.value.clone()))
+            .collect();
+        let is_output = graph.outputs.iter().any(|o| n.outputs.contains(&o.name));
+        match values {
+            Some(v) if input_free && !is_output && !n.outputs.iter().any(String::is_empty) => {
+                for (o, t) in n.outputs.iter().zip(v) {
+                    graph.initializers.insert(o.clone(), t);
+                }
+            }
+            _ => kept.push(n),
+        }
+    }
+    graph.nodes = kept;
+}
+
 /// `allowzero` only changes what a 0 in a Reshape target means; with a constant target that
 /// holds no 0 it is dropped, so the node can be written below opset 14 (PyTorch's dynamo
 /// exporter sets it on every Reshape).

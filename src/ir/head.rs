@@ -40,13 +40,14 @@ pub fn resize(
     seed: u64,
 ) -> Result<Option<HeadChange>> {
     let facts = infer(graph, input_shapes)?;
-    let out = &graph
+    let out = graph
         .outputs
         .first()
         .ok_or_else(|| anyhow!("the model has no output"))?
-        .name;
+        .name
+        .clone();
     let from = *facts
-        .get(out)
+        .get(&out)
         .and_then(|f| f.shape.get(1))
         .ok_or_else(|| anyhow!("the output '{out}' has no class axis"))?;
     if from == classes {
@@ -55,9 +56,12 @@ pub fn resize(
     if classes == 0 {
         bail!("the data has no classes");
     }
+    // Weights made by constant subgraphs (ConstantOfShape in the onnx test models) become
+    // initializers first, so that the classifier's weight can be found and re-sized.
+    super::fold::fold_input_free(graph, &facts);
     let mut plan: Vec<(String, usize, Fill)> = Vec::new(); // (initializer, axis, fill)
     let mut targets: Vec<String> = Vec::new(); // Reshape targets with the class count at axis 1
-    let mut value = out.clone();
+    let mut value = out;
     let head = loop {
         let n = graph
             .nodes
