@@ -27,6 +27,18 @@ impl Model {
     }
 
     pub fn from_graph(mut graph: Graph, batch: usize) -> Result<Model> {
+        if graph.inputs.len() != 1 {
+            anyhow::bail!(
+                "the model has {} inputs ({}); elrt trains and runs image classifiers with one image input",
+                graph.inputs.len(),
+                graph
+                    .inputs
+                    .iter()
+                    .map(|i| format!("'{}'", i.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         let mut shapes = default_input_shapes(&graph)?;
         if let Some(s) = shapes.first_mut() {
             s[0] = batch;
