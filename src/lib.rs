@@ -8,6 +8,7 @@
 extern crate blas_src;
 
 pub mod bench;
+pub mod cli_args;
 pub mod cli_compress;
 pub mod cli_convert;
 pub mod cli_export;
