@@ -1,6 +1,6 @@
 //! One training step of ResNet-20 (models/resnet20.onnx) at batch 32: forward in training mode,
 //! softmax cross-entropy, backward (no optimiser update), on a fixed random batch, through the
-//! library. The same work as `elrt speed` and scripts/bench_train.py time at batch 128.
+//! library's one training step (`elrt::train::step::TrainStep::gradients`). The same work as `elrt speed` and scripts/bench_train.py time at batch 128.
 //!
 //!     cargo bench --bench train_step
 //!
@@ -13,10 +13,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
-use elrt::engine::ops::SoftmaxCrossEntropy;
-use ndarray::{ArrayD, Ix2, IxDyn};
+use elrt::train::step::TrainStep;
+use ndarray::{ArrayD, IxDyn};
 
 const BATCH: usize = 32;
 
@@ -38,19 +37,13 @@ fn train_step(c: &mut Criterion) {
     let mut r = elrt::rng::Rng::new(1);
     let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());
     let labels: Vec<usize> = (0..BATCH).map(|i| i % m.classes).collect();
-    let ce = SoftmaxCrossEntropy {
-        label_smoothing: 0.0,
-    };
-
+    // The training step of `elrt train` (train::step) without the optimiser's update.
+    let mut train_step = TrainStep::new(&m.session.program, 0.0, 0.0);
     let mut step = move || -> f32 {
-        let logits = m.forward(x.clone(), Mode::Train).expect("forward");
-        let logits2 = logits
-            .view()
-            .into_dimensionality::<Ix2>()
-            .expect("2-D logits");
-        let (loss, dlogits) = ce.loss_and_grad(logits2, &labels).expect("loss");
-        m.session.backward(dlogits.into_dyn()).expect("backward");
-        loss
+        train_step
+            .gradients(&mut m, x.clone(), &labels)
+            .expect("training step")
+            .loss
     };
     let loss = elrt::engine::on_pool(&mut step);
     assert!(loss.is_finite(), "loss {loss}");

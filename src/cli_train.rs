@@ -654,23 +654,18 @@ pub fn speed(a: SpeedArgs) -> Result<()> {
 }
 
 fn speed_on_pool(a: SpeedArgs) -> Result<()> {
-    use crate::engine::exec::Mode;
-    use crate::engine::ops::SoftmaxCrossEntropy;
-    use ndarray::{ArrayD, Ix2, IxDyn};
+    use ndarray::{ArrayD, IxDyn};
     let mut graph = crate::onnx::read_file(&a.model)?;
     bn_insert::apply(&mut graph, BnPolicy::Auto);
     let mut m = Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
     let mut r = crate::rng::Rng::new(1);
     let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());
     let labels: Vec<usize> = (0..a.batch).map(|i| i % m.classes).collect();
-    let ce = SoftmaxCrossEntropy {
-        label_smoothing: 0.0,
-    };
-    let step = |m: &mut Model| -> Result<()> {
-        let logits = m.forward(x.clone(), Mode::Train)?;
-        let (_, d) = ce.loss_and_grad(logits.view().into_dimensionality::<Ix2>()?, &labels)?;
-        m.session.backward(d.into_dyn())
-    };
+    // The training step without the optimiser's update, as scripts/bench_train.py times
+    // PyTorch's.
+    let mut train_step = crate::train::step::TrainStep::new(&m.session.program, 0.0, 0.0);
+    let mut step =
+        |m: &mut Model| -> Result<()> { train_step.gradients(m, x.clone(), &labels).map(|_| ()) };
     let total = crate::engine::on_pool(|| -> Result<f64> {
         step(&mut m)?;
         if a.profile {

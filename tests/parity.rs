@@ -10,6 +10,7 @@ use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::engine::ops::SoftmaxCrossEntropy;
 use elrt::train::optim::{OptimKind, Optimizer};
+use elrt::train::step::TrainStep;
 use ndarray::{ArrayD, Ix2, IxDyn};
 use serde_json::Value;
 
@@ -66,30 +67,30 @@ fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
         / scale
 }
 
-fn model_and_forward(f: &Fixture) -> (Model, ArrayD<f32>) {
+fn model(batch: usize) -> Model {
     let path = common::repo().join("tests/fixtures/resnet20_parity/model.onnx");
-    let mut m = Model::load(&path, 8).unwrap();
-    let logits = m.forward(f.tensor("input"), Mode::Train).unwrap();
-    (m, logits)
+    Model::load(&path, batch).unwrap()
 }
 
+/// Logits, loss and gradients from the training step `elrt train` runs (`TrainStep`,
+/// without DSO or label smoothing, which PyTorch's fixture does not have).
 #[test]
 fn logits_losses_gradients_and_statistics_match_pytorch() {
     let f = Fixture::load();
-    let (mut m, logits) = model_and_forward(&f);
-    assert!(
-        rel(&logits, &f.tensor("logits")) < 1e-5,
-        "logits {}",
-        rel(&logits, &f.tensor("logits"))
-    );
     let labels = f.labels();
-    let l2 = logits.view().into_dimensionality::<Ix2>().unwrap();
-    let ce = SoftmaxCrossEntropy {
-        label_smoothing: 0.0,
-    };
-    let (loss, dlogits) = ce.loss_and_grad(l2, &labels).unwrap();
+    let mut m = model(labels.len());
+    let mut step = TrainStep::new(&m.session.program, 0.0, 0.0);
+    let stats = step.gradients(&mut m, f.tensor("input"), &labels).unwrap();
+    let logits = &stats.logits;
+    assert!(
+        rel(logits, &f.tensor("logits")) < 1e-5,
+        "logits {}",
+        rel(logits, &f.tensor("logits"))
+    );
+    let loss = stats.loss;
     let want = f.tensor("loss")[IxDyn(&[])];
     assert!(((loss - want) / want).abs() < 1e-5, "loss {loss} vs {want}");
+    let l2 = logits.view().into_dimensionality::<Ix2>().unwrap();
     let ls = SoftmaxCrossEntropy {
         label_smoothing: 0.1,
     }
@@ -101,7 +102,6 @@ fn logits_losses_gradients_and_statistics_match_pytorch() {
         "loss_ls {ls} vs {want_ls}"
     );
 
-    m.session.backward(dlogits.into_dyn()).unwrap();
     let mut worst = (0f32, String::new());
     for p in &m.session.program.params {
         let e = rel(&p.grad, &f.tensor(&format!("grad/{}", p.name)));
@@ -140,19 +140,21 @@ fn step_and_compare(
     key: &str,
     from_fixture_grads: bool,
 ) {
-    let (mut m, logits) = model_and_forward(f);
+    let labels = f.labels();
+    let mut m = model(labels.len());
+    let mut opt = Optimizer::new(kind, wd);
     if from_fixture_grads {
+        // The optimiser alone, on PyTorch's gradients.
+        m.forward(f.tensor("input"), Mode::Train).unwrap();
         for p in &mut m.session.program.params {
             p.grad = f.tensor(&format!("grad/{}", p.name));
         }
+        opt.step_program(lr, &mut m.session.program);
     } else {
-        let l2 = logits.view().into_dimensionality::<Ix2>().unwrap();
-        let (_, d) = SoftmaxCrossEntropy {
-            label_smoothing: 0.0,
-        }
-        .loss_and_grad(l2, &f.labels())
-        .unwrap();
-        m.session.backward(d.into_dyn()).unwrap();
+        // The whole training step, update included.
+        TrainStep::new(&m.session.program, 0.0, 0.0)
+            .run(&mut m, f.tensor("input"), &labels, &mut opt, lr)
+            .unwrap();
     }
     let decay: HashMap<String, bool> = f.index["params"]
         .as_array()
@@ -165,11 +167,9 @@ fn step_and_compare(
             )
         })
         .collect();
-    let mut opt = Optimizer::new(kind, wd);
     for p in &m.session.program.params {
         assert_eq!(p.decay, decay[&p.name], "decay flag of {}", p.name);
     }
-    opt.step_program(lr, &mut m.session.program);
     for p in &m.session.program.params {
         let e = rel(&p.value, &f.tensor(&format!("{key}/{}", p.name)));
         assert!(e < 1e-5, "{key}: {} off by {e:.2e}", p.name);

@@ -95,11 +95,12 @@ pub fn binary_backward(
 /// the Add op followed by the Relu op.
 pub fn add_relu_forward(a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Result<ArrayD<f32>> {
     if let (true, Some(xs), Some(ys)) = (a.shape() == b.shape(), a.as_slice(), b.as_slice()) {
-        let out = crate::engine::ops::par_zip_map(xs, ys, |x, y| (x + y).max(0.0));
+        let out =
+            crate::engine::ops::par_zip_map(xs, ys, |x, y| crate::engine::ops::act::relu(x + y));
         return Ok(ArrayD::from_shape_vec(a.raw_dim(), out).expect("same length"));
     }
     let mut y = binary_forward(BinOp::Add, a, b)?;
-    y.mapv_inplace(|v| v.max(0.0));
+    y.mapv_inplace(crate::engine::ops::act::relu);
     Ok(y)
 }
 

@@ -8,3 +8,4 @@ pub mod progress;
 pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod step;

@@ -19,6 +19,7 @@ use super::curve::CurvePoint;
 use super::optim::{OptimKind, Optimizer};
 use super::progress::{format_duration, EpochStats, Progress};
 use super::schedule::{lr_at, Schedule};
+use super::step::{Diverged, TrainStep};
 use crate::data::{Dataset, Loader, LoaderConfig, NormSpec, Normalize};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
@@ -268,15 +269,19 @@ impl Trainer<'_> {
             std::fs::remove_file(&self.files.metrics).ok();
         }
         self.model.session.dropout_seed = self.cfg.seed;
-        let ce = SoftmaxCrossEntropy {
-            label_smoothing: self.cfg.label_smoothing,
-        };
-        let orth_terms = crate::lowrank::orth::terms(&self.model.session.program);
-        if self.cfg.orth > 0.0 && orth_terms.is_empty() {
+        let mut train_step = TrainStep::new(
+            &self.model.session.program,
+            self.cfg.label_smoothing,
+            self.cfg.orth,
+        );
+        if self.cfg.orth > 0.0 && train_step.orth_terms().is_empty() {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
         }
         if self.cfg.orth_no_decay {
-            crate::lowrank::orth::exempt_from_decay(&mut self.model.session.program, &orth_terms);
+            crate::lowrank::orth::exempt_from_decay(
+                &mut self.model.session.program,
+                train_step.orth_terms(),
+            );
         }
         let start = Instant::now();
         let wall0 = match carried {
@@ -295,34 +300,37 @@ impl Trainer<'_> {
                 lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
                 check_labels(&b.labels, self.model.classes)?;
                 self.model.session.dropout_step = pos.step;
-                let logits = self.model.forward(b.images.into_dyn(), Mode::Train)?;
-                let l2 = logits.view().into_dimensionality::<Ix2>()?;
-                let (loss, dlogits) = ce.loss_and_grad(l2, &b.labels)?;
-                if !loss.is_finite() {
-                    progress.abandon(None);
-                    let ck = &self.files.checkpoint;
-                    bail!(
-                        "the loss became {loss} at epoch {}, step {}: training diverged (try a lower --lr){}",
-                        pos.epoch + 1,
-                        pos.step,
-                        if ck.exists() {
-                            format!("; the last good checkpoint is {}", ck.display())
-                        } else {
-                            "; no checkpoint had been written yet".to_string()
-                        }
-                    );
-                }
-                correct += top1_correct(l2, &b.labels)?;
-                seen += b.labels.len();
-                loss_sum += loss as f64 * b.labels.len() as f64;
-                self.model.session.backward(dlogits.into_dyn())?;
-                orth_sum += crate::lowrank::orth::apply(
-                    &mut self.model.session.program,
-                    &orth_terms,
-                    self.cfg.orth,
-                );
+                let stats = match train_step.run(
+                    self.model,
+                    b.images.into_dyn(),
+                    &b.labels,
+                    &mut opt,
+                    lr,
+                ) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let Some(Diverged { loss }) = e.downcast_ref::<Diverged>() else {
+                            return Err(e);
+                        };
+                        progress.abandon(None);
+                        let ck = &self.files.checkpoint;
+                        bail!(
+                            "the loss became {loss} at epoch {}, step {}: training diverged (try a lower --lr){}",
+                            pos.epoch + 1,
+                            pos.step,
+                            if ck.exists() {
+                                format!("; the last good checkpoint is {}", ck.display())
+                            } else {
+                                "; no checkpoint had been written yet".to_string()
+                            }
+                        );
+                    }
+                };
+                correct += stats.correct;
+                seen += stats.images;
+                loss_sum += stats.loss as f64 * stats.images as f64;
+                orth_sum += stats.orth;
                 steps_done += 1;
-                opt.step_program(lr, &mut self.model.session.program);
                 pos.step += 1;
                 pos.batch += 1;
                 let secs = t0.elapsed().as_secs_f64().max(1e-9);

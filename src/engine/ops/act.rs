@@ -10,6 +10,18 @@ use crate::engine::{attr_err, shape_err, Result};
 use ndarray::{ArrayD, ArrayViewD, NdFloat};
 
 /// One elementwise activation with its attributes (ONNX names and defaults).
+/// `max(0, v)` with NaN kept, as PyTorch's and ONNX's ReLU do: `f32::max` returns the 0 for
+/// a NaN and would hide a diverging activation from the loss's finiteness check. Every ReLU of
+/// the engine (the op and its fusions into BatchNorm and Add) calls this.
+#[inline]
+pub fn relu(v: f32) -> f32 {
+    if v > 0.0 || v.is_nan() {
+        v
+    } else {
+        0.0
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     Relu,
@@ -75,8 +87,20 @@ impl Activation {
         self.validate()?;
         let xs = contiguous(&x);
         let y = match *self {
-            Activation::Relu => par_map(&xs, |v| v.max(0.0)),
-            Activation::Clip { min, max } => par_map(&xs, move |v| v.max(min).min(max)),
+            Activation::Relu => par_map(&xs, relu),
+            // NaN stays NaN, as in [`relu`].
+            Activation::Clip { min, max } => {
+                par_map(
+                    &xs,
+                    move |v| {
+                        if v.is_nan() {
+                            v
+                        } else {
+                            v.max(min).min(max)
+                        }
+                    },
+                )
+            }
             Activation::LeakyRelu { alpha } => {
                 par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v })
             }
@@ -148,8 +172,14 @@ impl Activation {
         let (zero, one) = (T::zero(), T::one());
         let clamp01 = move |v: T| v.max(zero).min(one);
         match *self {
-            Activation::Relu => x.mapv(|v| v.max(zero)),
-            Activation::Clip { min, max } => x.mapv(|v| v.max(c(min)).min(c(max))),
+            Activation::Relu => x.mapv(|v| if v.is_nan() { v } else { v.max(zero) }),
+            Activation::Clip { min, max } => x.mapv(|v| {
+                if v.is_nan() {
+                    v
+                } else {
+                    v.max(c(min)).min(c(max))
+                }
+            }),
             Activation::LeakyRelu { alpha } => x.mapv(|v| if v > zero { v } else { c(alpha) * v }),
             Activation::Sigmoid => x.mapv(|v| one / (one + (-v).exp())),
             Activation::HardSigmoid { alpha, beta } => x.mapv(|v| clamp01(c(alpha) * v + c(beta))),
@@ -206,6 +236,19 @@ mod tests {
     #[test]
     fn relu() {
         check(Activation::Relu, &[0.0], 1);
+    }
+
+    /// PyTorch: relu(nan) = nan, clamp(nan) = nan; -1 and 7 map to the bounds.
+    #[test]
+    fn relu_and_clip_keep_nan() {
+        let x = ndarray::arr1(&[f32::NAN, -1.0, 7.0]).into_dyn();
+        for act in [Activation::Relu, Activation::Clip { min: 0.0, max: 6.0 }] {
+            let y = act.forward(x.view()).unwrap();
+            assert!(y[0].is_nan(), "{act:?}: {y}");
+            assert_eq!(y[1], 0.0, "{act:?}");
+            assert!(y[2] == 7.0 || y[2] == 6.0, "{act:?}");
+            assert!(act.reference(x.view())[0].is_nan(), "{act:?} reference");
+        }
     }
 
     #[test]

@@ -125,7 +125,7 @@ fn channel_pass(
                     (None, Fused::Relu) => o
                         .iter_mut()
                         .zip(x)
-                        .for_each(|(o, &x)| *o = pre_activation(cf, x).max(0.0)),
+                        .for_each(|(o, &x)| *o = super::act::relu(pre_activation(cf, x))),
                     (None, _) => o
                         .iter_mut()
                         .zip(x)
