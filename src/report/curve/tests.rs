@@ -28,6 +28,22 @@ fn count(img: &RgbImage, colour: Rgb<u8>) -> usize {
     img.pixels().filter(|p| **p == colour).count()
 }
 
+/// Pixels of exactly `colour` inside `r` (its frame included).
+fn count_in(img: &RgbImage, r: Rect, colour: Rgb<u8>) -> usize {
+    img.enumerate_pixels()
+        .filter(|(x, y, p)| **p == colour && r.contains(f64::from(*x), f64::from(*y)))
+        .count()
+}
+
+/// Pixels of exactly `colour` outside every rect of `rs`.
+fn count_outside(img: &RgbImage, rs: &[Rect], colour: Rgb<u8>) -> usize {
+    img.enumerate_pixels()
+        .filter(|(x, y, p)| {
+            **p == colour && !rs.iter().any(|r| r.contains(f64::from(*x), f64::from(*y)))
+        })
+        .count()
+}
+
 /// Writes the curve through write_png and decodes the file again.
 fn roundtrip(title: &str, points: &[CurvePoint]) -> RgbImage {
     let dir = tempfile::tempdir().unwrap();
@@ -40,9 +56,37 @@ fn roundtrip(title: &str, points: &[CurvePoint]) -> RgbImage {
 
 #[test]
 fn typical_curve_decodes_with_both_colours_and_text() {
-    let img = roundtrip("resnet20 on cifar10", &typical(30));
-    assert!(count(&img, TRAIN) > 200, "train curve missing");
-    assert!(count(&img, TEST) > 200, "test curve missing");
+    let title = "resnet20 on cifar10";
+    let pts = typical(30);
+    let img = roundtrip(title, &pts);
+    let l = layout(title, &pts);
+    let rects = [l.panels[0].rect, l.panels[1].rect];
+    // Both curves are drawn in both panels (loss on the left, accuracy on the right), and
+    // nothing of their colours leaks out of the panels.
+    for (r, panel) in rects.iter().zip(["loss", "accuracy"]) {
+        assert!(
+            count_in(&img, *r, TRAIN) > 200,
+            "{panel}: train curve missing"
+        );
+        assert!(
+            count_in(&img, *r, TEST) > 200,
+            "{panel}: test curve missing"
+        );
+    }
+    assert_eq!(count_outside(&img, &rects, TRAIN), 0);
+    assert_eq!(count_outside(&img, &rects, TEST), 0);
+    // Each epoch's dot is where the layout put it: the pixel under its centre has the series'
+    // colour (a few may lie under the other curve or the legend).
+    for p in &l.panels {
+        for s in p.series.iter().filter(|s| !s.secondary) {
+            let hit = s
+                .markers
+                .iter()
+                .filter(|(x, y)| *img.get_pixel(*x as u32, *y as u32) == s.colour)
+                .count();
+            assert!(hit >= 25, "{}/{}: {hit} of 30 dots found", p.title, s.label);
+        }
+    }
     let dark = img
         .pixels()
         .filter(|p| p.0.iter().all(|&v| v < 100))
@@ -155,12 +199,25 @@ fn flat_curves_and_empty_input() {
             lr: 1e-9,
         },
     ];
-    render(
-        "ünïcödé — ✓ title that is far too long to fit "
-            .repeat(10)
-            .as_str(),
-        &odd,
-    );
+    let title = "ünïcödé — ✓ title that is far too long to fit ".repeat(10);
+    let img = render(&title, &odd);
+    assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
+    let l = layout(&title, &odd);
+    // The title is shortened to the picture, and the far-off values are clipped to the panels.
+    assert!(l.headline.ends_with("...") && TITLE_FONT.width(&l.headline) <= WIDTH as i32 - 20);
+    let rects = [l.panels[0].rect, l.panels[1].rect];
+    assert_eq!(count_outside(&img, &rects, TRAIN), 0);
+    assert_eq!(count_outside(&img, &rects, TEST), 0);
+    for p in &l.panels {
+        assert!(
+            p.y_range.0.is_finite() && p.y_range.1 > p.y_range.0,
+            "{}",
+            p.title
+        );
+        for s in &p.series {
+            assert!(s.pixels.iter().all(|(x, y)| x.is_finite() && y.is_finite()));
+        }
+    }
 }
 
 #[test]
