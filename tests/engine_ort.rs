@@ -52,13 +52,7 @@ fn forward_matches_onnxruntime() {
         );
         checked.push(e.file.as_str());
     }
-    // The four committed models at least (resnet20, resnet56, mobilenetv2, resnet20_eval); with
-    // the generated ones required (CI), every model of the manifest (vgg16_bn too).
-    let want = if std::env::var("ELRT_REQUIRE_TORCH").as_deref() == Ok("1") {
-        entries.len()
-    } else {
-        4
-    };
+    let want = common::zoo_minimum(entries.len());
     assert!(
         checked.len() >= want,
         "only {} of {want} models checked: {checked:?}",

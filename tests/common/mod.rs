@@ -84,6 +84,17 @@ pub struct ManifestEntry {
     pub input_shape: Vec<usize>,
 }
 
+/// How many models of `models/manifest.json` a test over the zoo must have checked: the four
+/// committed ones (resnet20, resnet56, mobilenetv2, resnet20_eval), or all `listed` when the
+/// generated ones (vgg16_bn) are required (ELRT_REQUIRE_TORCH=1, as in CI).
+pub fn zoo_minimum(listed: usize) -> usize {
+    if std::env::var("ELRT_REQUIRE_TORCH").as_deref() == Ok("1") {
+        listed
+    } else {
+        4
+    }
+}
+
 pub fn manifest(dir: &Path) -> Vec<ManifestEntry> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json");
     serde_json::from_str(&text).expect("manifest.json parses")
