@@ -1,9 +1,14 @@
 //! Data sets and the batch loader: readers on small files written here, the real data under
-//! `../shared/data` when present (skipped with a message otherwise), the synthetic set's
+//! `../shared/data` (or `$ELRT_SHARED_DATA`) when present (skipped with a message otherwise, a
+//! failure under ELRT_REQUIRE_SHARED_DATA=1, as in CI), the synthetic set's
 //! determinism and learnability, and the loader's determinism, resume and modes.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
+
+use common::shared_data;
 
 use elrt::data::{
     folder, synthetic, DataSpec, Dataset, Loader, LoaderConfig, Normalize, SyntheticConfig,
@@ -13,20 +18,6 @@ use ndarray::{Array1, Array2, Axis};
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The shared data folder (`<repo>/../shared/data`), or `None` with a message when absent.
-fn shared_data(sub: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
-        .join(sub);
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipped: {} not present", p.display());
-        None
-    }
-}
-
-/// Pixel value of record `r`, channel `c`, row `y`, column `x` in the fake CIFAR files.
 fn fake_px(r: usize, c: usize, y: usize, x: usize) -> u8 {
     ((r * 7 + c * 50 + y * 3 + x) % 256) as u8
 }
@@ -778,8 +769,10 @@ fn loader_eval_mode_is_fixed_order_without_augmentation() {
     assert_eq!(a[3].labels.len(), 7);
 }
 
+/// One training epoch of the loader over real CIFAR-10 gives every image exactly once, with its
+/// label, 5,000 of each class, in full batches but the last (the time is printed, not checked).
 #[test]
-fn loader_on_cifar_real_data_speed() {
+fn loader_epoch_on_real_cifar_covers_every_image() {
     let Some(dir) = shared_data("cifar-10-batches-bin") else {
         return;
     };
@@ -787,10 +780,18 @@ fn loader_on_cifar_real_data_speed() {
     let train = Arc::new(s.train);
     let mut cfg = LoaderConfig::train(128, 1);
     cfg.workers = 2;
-    let l = Loader::new(train, cfg).unwrap();
+    let l = Loader::new(train.clone(), cfg).unwrap();
     let t = std::time::Instant::now();
-    let mut n = 0;
+    let (mut n, mut per_class, mut short, mut seen) = (0, [0usize; 10], 0, Vec::new());
     for b in l.epoch(0) {
+        assert_eq!(b.images.shape()[1..], [3, 32, 32]);
+        assert_eq!(b.images.shape()[0], b.labels.len());
+        short += usize::from(b.labels.len() != 128);
+        for (&y, &i) in b.labels.iter().zip(&b.indices) {
+            assert_eq!(y, train.label(i), "image {i}");
+            per_class[y] += 1;
+        }
+        seen.extend_from_slice(&b.indices);
         n += b.labels.len();
     }
     let dt = t.elapsed();
@@ -799,6 +800,13 @@ fn loader_on_cifar_real_data_speed() {
         n as f64 / dt.as_secs_f64()
     );
     assert_eq!(n, 50_000);
+    seen.sort_unstable();
+    assert!(
+        seen.iter().copied().eq(0..50_000),
+        "an image missing or repeated"
+    );
+    assert_eq!(per_class, [5000; 10]);
+    assert!(short <= 1, "{short} short batches");
 }
 
 /// A data set relabelled by a model's class names: labels follow the names, a class the model

@@ -15,7 +15,9 @@ fn forward_matches_onnxruntime() {
         return;
     }
     let dir = common::repo().join("models");
-    for e in common::manifest(&dir) {
+    let entries = common::manifest(&dir);
+    let mut checked = Vec::new();
+    for e in &entries {
         let path = dir.join(&e.file);
         if !path.exists() {
             continue;
@@ -48,5 +50,12 @@ fn forward_matches_onnxruntime() {
             "{}: {diff} vs scale {scale}",
             e.file
         );
+        checked.push(e.file.as_str());
     }
+    let want = common::zoo_minimum(entries.len());
+    assert!(
+        checked.len() >= want,
+        "only {} of {want} models checked: {checked:?}",
+        checked.len()
+    );
 }

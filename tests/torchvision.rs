@@ -70,11 +70,38 @@ fn dynamic_flatten_is_folded() {
     assert!(ops(&g).contains(&"Reshape"));
 }
 
+/// Weights the exporter merged (equal values, untied layers) and reaches through Identity nodes
+/// are counted as the parameters they are: `inspect` gives PyTorch's count, which is more than
+/// the file's stored tensors hold (so the Identity copies were counted, not skipped).
 #[test]
 fn identity_weights_are_counted() {
     let Some(d) = dir() else { return };
-    let raw = elrt::onnx::read_file(&d.join("identity_weights.onnx")).unwrap();
-    assert!(raw.nodes.iter().any(|n| n.op.onnx_type() == "Identity"));
+    let file = "identity_weights.onnx";
+    let path = d.join(file);
+    let raw = elrt::onnx::read_file(&path).unwrap();
+    let identity_on_weight = raw
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.op.onnx_type() == "Identity"
+                && n.inputs.iter().any(|i| raw.initializers.contains_key(i))
+        })
+        .count();
+    assert!(identity_on_weight >= 1, "no Identity node reads a weight");
+    let e = manifest(&d)
+        .into_iter()
+        .find(|e| e.file == file)
+        .expect("identity_weights.onnx in the manifest");
+    let r = elrt::inspect::inspect(&path, std::slice::from_ref(&e.input_shape)).unwrap();
+    // DedupNet (scripts/export_torchvision.py): conv0 448 + conv1 2320 + conv2 2320 + fc1 272 +
+    // fc2 272 + fc_out 170.
+    assert_eq!(e.params, 5802, "the manifest's PyTorch count");
+    assert_eq!(r.totals.params, e.params);
+    let stored: usize = raw.initializers.values().map(|t| t.len()).sum();
+    assert!(
+        (stored as u64) < e.params,
+        "the stored tensors ({stored}) already hold every parameter: nothing was merged"
+    );
 }
 
 #[test]

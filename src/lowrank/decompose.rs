@@ -639,7 +639,6 @@ pub fn orthogonal(rows: usize, cols: usize, rng: &mut Rng) -> Array2<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     fn randn4(shape: [usize; 4], seed: u64) -> Array4<f32> {
         let mut rng = Rng::derive(seed, &[4]);
@@ -939,39 +938,5 @@ mod tests {
         assert!(tucker2_compose(&t).iter().all(|&v| v == 0.0));
         let c = cp_als(z.view(), 2, 3, 1e-6, 0).unwrap();
         assert!(cp_compose(&c).iter().all(|&v| v == 0.0));
-    }
-
-    /// Timing only: `cargo test --release --lib lowrank::decompose -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing_64x64x3x3() {
-        let w = randn4([64, 64, 3, 3], 123);
-        let reps = 5;
-        let t0 = Instant::now();
-        let mut t = None;
-        for _ in 0..reps {
-            t = Some(hosvd(w.view(), 32, 32).unwrap());
-        }
-        let hosvd_ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
-        let e_hosvd = rel_error(w.view(), tucker2_compose(&t.unwrap()).view());
-        let t0 = Instant::now();
-        let mut h = None;
-        for _ in 0..reps {
-            h = Some(hooi_with_history(w.view(), 32, 32, 5, 0.0).unwrap());
-        }
-        let hooi_ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
-        let (h, hh) = h.unwrap();
-        let e_hooi = rel_error(w.view(), tucker2_compose(&h).view());
-        let t0 = Instant::now();
-        let (c, ch) = cp_als_with(w.view(), 32, 25, 0.0, 0, CpInit::Svd).unwrap();
-        let cp_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let e_cp = rel_error(w.view(), cp_compose(&c).view());
-        println!(
-            "measured, 64x64x3x3 random kernel: hosvd(32,32) {hosvd_ms:.2} ms (rel err {e_hosvd:.4}); \
-             hooi(32,32, 5 iters) {hooi_ms:.2} ms ({} sweeps, rel err {e_hooi:.4}); \
-             cp_als(rank 32, 25 iters) {cp_ms:.2} ms ({} sweeps, rel err {e_cp:.4})",
-            hh.len() - 1,
-            ch.len()
-        );
     }
 }

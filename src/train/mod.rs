@@ -1,7 +1,6 @@
 //! Training: optimisers, learning-rate schedules, the training loop and its checkpoints.
 
 pub mod checkpoint;
-pub mod curve;
 pub mod init;
 pub mod optim;
 pub mod progress;

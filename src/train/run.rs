@@ -15,7 +15,6 @@ use ndarray::Ix2;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
-use super::curve::CurvePoint;
 use super::optim::{OptimKind, Optimizer};
 use super::progress::{format_duration, EpochStats, Progress};
 use super::schedule::{lr_at, Schedule};
@@ -24,6 +23,7 @@ use crate::data::{Dataset, Loader, LoaderConfig, NormSpec, Normalize};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::ops::{top1_correct, topk_correct, SoftmaxCrossEntropy};
+use crate::report::curve::CurvePoint;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -482,17 +482,14 @@ impl Trainer<'_> {
             })
             .collect();
         // Re-drawn after every epoch, so that a running (or killed) run has its curve up to
-        // date. Measured (curve.rs's ignored test render_cost_of_a_30_epoch_history, 2-core
-        // machine under load from other builds, 5 runs): 8 to 16 ms for a 30-epoch history
-        // (drawing 3 to 7 ms, the rest PNG encoding and the atomic write), the same for 200
-        // epochs, against epochs of seconds (synthetic) to minutes (CIFAR-10): free, so not
-        // deferred to the end of the run.
+        // date: 13 to 20 ms with the fsync (`cargo bench --bench curve`), under 0.4% of an
+        // epoch of the smallest real run (src/report/curve's header has the measurement).
         let title = curve_title(
             &self.model_name,
             &self.model.graph.meta.metadata_props,
             &self.cfg,
         );
-        super::curve::write_png(&self.files.curve, &title, &points).with_context(|| {
+        crate::report::curve::write_png(&self.files.curve, &title, &points).with_context(|| {
             format!(
                 "{}: cannot write the training curve",
                 self.files.curve.display()

@@ -35,6 +35,30 @@ pub fn require_python(modules: &[&str]) -> bool {
     false
 }
 
+/// A folder of the shared data (CIFAR-10 and its JPEG copy): `$ELRT_SHARED_DATA/sub`, else
+/// `<repo>/../shared/data/sub`. Missing, it skips with a message, unless
+/// ELRT_REQUIRE_SHARED_DATA=1 (set by CI), where it is a failure.
+pub fn shared_data(sub: &str) -> Option<PathBuf> {
+    let root = std::env::var("ELRT_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("../shared/data"));
+    let p = root.join(sub);
+    if p.is_dir() {
+        return Some(p);
+    }
+    if std::env::var("ELRT_REQUIRE_SHARED_DATA").as_deref() == Ok("1") {
+        panic!(
+            "{} is required (ELRT_REQUIRE_SHARED_DATA=1) but missing",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipping: {} not present (ELRT_SHARED_DATA=DIR names another data folder)",
+        p.display()
+    );
+    None
+}
+
 /// Runs scripts/roundtrip_check.py on an original and a written model.
 pub fn roundtrip_check(original: &Path, written: &Path) {
     let out = Command::new("python3")
@@ -58,6 +82,17 @@ pub struct ManifestEntry {
     pub params: u64,
     pub macs: u64,
     pub input_shape: Vec<usize>,
+}
+
+/// How many models of `models/manifest.json` a test over the zoo must have checked: the four
+/// committed ones (resnet20, resnet56, mobilenetv2, resnet20_eval), or all `listed` when the
+/// generated ones (vgg16_bn) are required (ELRT_REQUIRE_TORCH=1, as in CI).
+pub fn zoo_minimum(listed: usize) -> usize {
+    if std::env::var("ELRT_REQUIRE_TORCH").as_deref() == Ok("1") {
+        listed
+    } else {
+        4
+    }
 }
 
 pub fn manifest(dir: &Path) -> Vec<ManifestEntry> {
