@@ -21,5 +21,6 @@ pub mod ir;
 pub mod lowrank;
 pub mod onnx;
 pub mod rng;
+pub mod runtime;
 pub mod train;
 pub mod util;

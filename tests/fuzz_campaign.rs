@@ -272,7 +272,8 @@ fn cli_binary_campaign() {
     let seed = env_count("ELRT_FUZZ_SEED", 19);
     let limit = Duration::from_secs(env_count("ELRT_FUZZ_TIMEOUT_S", 30));
     let bin = Path::new(env!("CARGO_BIN_EXE_elrt"));
-    let model = std::fs::read(common::repo().join("fuzz/seeds/onnx_read/tiny_resnet.onnx")).unwrap();
+    let model =
+        std::fs::read(common::repo().join("fuzz/seeds/onnx_read/tiny_resnet.onnx")).unwrap();
     let (subs, flags) = fuzzing::grammar();
     let mut rng = elrt::rng::Rng::new(seed);
     let (mut ok, mut refused, mut usage, mut slow) = (0, 0, 0, Vec::new());
@@ -290,7 +291,10 @@ fn cli_binary_campaign() {
             _ => refused += 1,
         }
         if let Some(what) = check(&r) {
-            eprintln!("FINDING {i}: {what}\n  argv: {:?}\n  stderr: {}", r.argv, r.stderr);
+            eprintln!(
+                "FINDING {i}: {what}\n  argv: {:?}\n  stderr: {}",
+                r.argv, r.stderr
+            );
             findings.push((r.argv, what));
         }
     }

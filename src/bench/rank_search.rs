@@ -23,14 +23,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::latency::{time_interleaved, TimingOptions};
-use super::tract_rt::TractModel;
 use crate::export::choose::layer_graph_of_nodes;
 use crate::export::{export, ExportOptions, FormsPolicy};
 use crate::ir::shape::Facts;
 use crate::ir::Graph;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{convert, eligible_layers, ConvertOptions};
+use crate::runtime::timing::{time_interleaved, TimingOptions};
+use crate::runtime::TractModel;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerChoice {

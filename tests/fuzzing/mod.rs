@@ -40,7 +40,11 @@ pub fn onnx_pipeline(bytes: &[u8], dir: Option<&Path>) -> Result<()> {
 
     // Values at batch 1, summed: the forward pass at batch 2 is quick when this is small.
     let elements = facts.values().fold(0u128, |acc, f| {
-        acc.saturating_add(f.shape.iter().fold(1u128, |p, &d| p.saturating_mul(d as u128)))
+        acc.saturating_add(
+            f.shape
+                .iter()
+                .fold(1u128, |p, &d| p.saturating_mul(d as u128)),
+        )
     });
     let mut model = Model::from_graph(g, 2)?;
     if elements <= 1 << 18 {
@@ -303,7 +307,9 @@ pub fn argv_from_bytes(data: &[u8], subs: &[String], flags: &[Vec<String>]) -> V
                 let take: Vec<u8> = it.by_ref().take(pick % 16).collect();
                 String::from_utf8_lossy(&take).into_owned()
             }
-            _ => all.get(pick % all.len().max(1)).map_or(String::new(), |s| (*s).clone()),
+            _ => all
+                .get(pick % all.len().max(1))
+                .map_or(String::new(), |s| (*s).clone()),
         };
         argv.push(tok);
     }
