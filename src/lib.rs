@@ -23,4 +23,5 @@ pub mod onnx;
 pub mod rng;
 pub mod runtime;
 pub mod train;
+pub mod tune;
 pub mod util;

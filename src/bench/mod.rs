@@ -1,8 +1,6 @@
 //! `elrt bench`: the latency report of ONNX files in tract, built on [`crate::runtime`]
 //! (loading, running, timing).
 
-pub mod rank_search;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};

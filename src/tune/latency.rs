@@ -14,8 +14,8 @@
 //!    capacity), until the budget is met. Cuts that do not save time are never taken, so a
 //!    layer whose factorization runs no faster stays dense.
 //!
-//! The caller converts with the chosen ranks and measures the whole result again, so the
-//! report shows the latency reached, not only the one predicted.
+//! The caller ([`super::resolve`]) converts with the chosen ranks and measures the whole result
+//! again, so the report shows the latency reached, not only the one predicted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
