@@ -9,6 +9,7 @@ use crate::ir::cost::{cost, LayerCost, Totals};
 use crate::ir::fold::{simplify, FoldOptions};
 use crate::ir::shape::{default_input_shapes, Facts};
 use crate::ir::Graph;
+use crate::lowrank::naming::{FactorKind, FactorName};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -167,7 +168,8 @@ pub struct Comparison {
 }
 
 /// The source layer a node's parameters belong to: its first parameter's name with the
-/// low-rank suffix (`/tucker2/...`, `/cp/...`) and `.weight`/`.bias` removed, so the factors of
+/// low-rank suffix (`/tucker2/...`, `/cp/...`, [`FactorName::source_layer`]) and
+/// `.weight`/`.bias` removed, so the factors of
 /// a converted layer group under the layer they replace.
 fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<String> {
     let name = node
@@ -176,11 +178,11 @@ fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<Stri
         .iter()
         .filter_map(|&i| node.input(i))
         .find(|n| graph.initializers.contains_key(*n))?;
-    let base = name
-        .split("/tucker2/")
-        .next()
-        .and_then(|s| s.split("/cp/").next())
-        .unwrap_or(name);
+    // SVD factors (of 1x1 convs and Gemms) keep their own names here, as before the names
+    // were parsed in one place.
+    let base = FactorName::parse(name)
+        .filter(|f| f.kind != FactorKind::Svd)
+        .map_or(name, |f| f.source_layer());
     Some(
         base.strip_suffix(".weight")
             .or_else(|| base.strip_suffix(".bias"))

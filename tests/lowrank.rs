@@ -694,7 +694,7 @@ fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay
     let mut fresh = g.clone();
     elrt::train::init::init_from_scratch(&mut fresh, 5).unwrap();
     for (name, t) in &g.initializers {
-        if elrt::lowrank::is_factor_weight(name) {
+        if elrt::lowrank::naming::is_factor_weight(name) {
             assert_eq!(&kept.initializers[name], t, "{name} kept");
         } else {
             assert_eq!(kept.initializers[name], fresh.initializers[name], "{name}");

@@ -7,6 +7,7 @@
 
 use ndarray::{Array2, ArrayView2, Ix2};
 
+use super::naming::{FactorName, FactorRole};
 use crate::engine::program::Program;
 
 /// One factor matrix under DSO: a parameter and its rank r.
@@ -26,9 +27,9 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
         .enumerate()
         .filter_map(|(i, p)| {
             let s = p.value.shape();
-            let factor = super::is_factor_weight(&p.name);
-            let is_u1 = factor && p.name.ends_with("/u1.weight");
-            let is_u2 = factor && p.name.ends_with("/u2.weight");
+            let f = FactorName::parse(&p.name).filter(FactorName::is_weight);
+            let is_u1 = f.is_some_and(|f| f.role == FactorRole::U1);
+            let is_u2 = f.is_some_and(|f| f.role == FactorRole::U2);
             if !(s.len() == 4 || s.len() == 2) || !(is_u1 || is_u2) {
                 return None;
             }
