@@ -548,7 +548,7 @@ fn pointwise_svd_equals_its_composed_kernel_and_decomposes_exactly() {
             let d = max_rel(&yf, &yd);
             assert!(d < 1e-5, "bias {bias} {init:?}: {d}");
             // DSO sees both factors, with rank r.
-            let terms = elrt::lowrank::orth::terms(&mf.session.program);
+            let terms = elrt::train::dso::terms(&mf.session.program);
             assert_eq!(terms.len(), 2);
             assert!(terms.iter().all(|t| t.rank == r));
         }
@@ -645,7 +645,7 @@ fn gemm_svd_equals_its_composed_weight() {
     let yd = md.forward(x, Mode::Eval).unwrap();
     let d = max_rel(&yf, &yd);
     assert!(d < 1e-5, "{d}");
-    let terms = elrt::lowrank::orth::terms(&mf.session.program);
+    let terms = elrt::train::dso::terms(&mf.session.program);
     assert_eq!(
         terms.iter().filter(|t| t.rank == 6).count(),
         2,
@@ -704,9 +704,9 @@ fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay
     // --orth-no-decay: U1 and U2 leave weight decay, the core and the other weights keep it.
     let mut m = Model::from_graph(fresh.clone(), 1).unwrap();
     let before: Vec<bool> = m.session.program.params.iter().map(|p| p.decay).collect();
-    let terms = elrt::lowrank::orth::terms(&m.session.program);
+    let terms = elrt::train::dso::terms(&m.session.program);
     assert_eq!(terms.len(), 2 * 18, "U1 and U2 of 18 layers");
-    elrt::lowrank::orth::exempt_from_decay(&mut m.session.program, &terms);
+    elrt::train::dso::exempt_from_decay(&mut m.session.program, &terms);
     for (p, was) in m.session.program.params.iter().zip(before) {
         let factor_matrix = p.name.ends_with("/u1.weight") || p.name.ends_with("/u2.weight");
         assert_eq!(p.decay, was && !factor_matrix, "{}", p.name);

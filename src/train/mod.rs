@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod curve;
+pub mod dso;
 pub mod init;
 pub mod optim;
 pub mod progress;

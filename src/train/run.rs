@@ -271,12 +271,12 @@ impl Trainer<'_> {
         let ce = SoftmaxCrossEntropy {
             label_smoothing: self.cfg.label_smoothing,
         };
-        let orth_terms = crate::lowrank::orth::terms(&self.model.session.program);
+        let orth_terms = super::dso::terms(&self.model.session.program);
         if self.cfg.orth > 0.0 && orth_terms.is_empty() {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
         }
         if self.cfg.orth_no_decay {
-            crate::lowrank::orth::exempt_from_decay(&mut self.model.session.program, &orth_terms);
+            super::dso::exempt_from_decay(&mut self.model.session.program, &orth_terms);
         }
         let start = Instant::now();
         let wall0 = match carried {
@@ -316,11 +316,8 @@ impl Trainer<'_> {
                 seen += b.labels.len();
                 loss_sum += loss as f64 * b.labels.len() as f64;
                 self.model.session.backward(dlogits.into_dyn())?;
-                orth_sum += crate::lowrank::orth::apply(
-                    &mut self.model.session.program,
-                    &orth_terms,
-                    self.cfg.orth,
-                );
+                orth_sum +=
+                    super::dso::apply(&mut self.model.session.program, &orth_terms, self.cfg.orth);
                 steps_done += 1;
                 opt.step_program(lr, &mut self.model.session.program);
                 pos.step += 1;
