@@ -4,11 +4,12 @@
 //! from the graph alone (a ratio, a parameter or MAC budget, the trained kernel's energy, a
 //! file). `latency=F` cannot: it times candidate ranks in tract, exported as deployment runs
 //! them, so it needs [`crate::export`] (the deployed form) and [`crate::runtime`] (tract).
-//! Export sits above lowrank (it reads the factor names lowrank writes) and the training code
-//! that uses lowrank sits below export, so the latency resolution cannot live in lowrank
-//! without a cycle. It lives here instead, one layer above export: [`resolve`] is the one
-//! entry that turns a [`RankPolicy`] into what the rewrite takes, and lowrank keeps the pure
-//! policies and the pass.
+//! The modules are layered in the pipeline's order (convert, train, export), and export
+//! imports lowrank (it reads the factor names the rewrite writes, [`crate::lowrank::naming`]),
+//! so the search inside lowrank would make the cycle lowrank -> export -> lowrank. It lives
+//! here instead, one layer above export: [`resolve`] is the one entry that turns a
+//! [`RankPolicy`] into what the rewrite takes, and lowrank keeps the pure policies and the
+//! pass, which only need the graph.
 
 pub mod latency;
 
