@@ -472,6 +472,25 @@ fn inspect_compares_original_and_factorized_per_layer() {
         "{:?}",
         c.layers
     );
+    // SVD factors too: the classifier factorized by --include-gemm groups under `fc`.
+    let svd = tmp.path().join("svd.onnx");
+    succeeds([
+        "convert",
+        r20.to_str().unwrap(),
+        "--ranks",
+        "ratio=0.5",
+        "--include-gemm",
+        "-o",
+        svd.to_str().unwrap(),
+    ]);
+    let c = elrt::inspect::compare(&r20, &svd, &[]).unwrap();
+    let fc = c.layers.iter().find(|l| l.layer == "fc").unwrap();
+    assert!(fc.params_b > 0 && fc.params_b < fc.params_a, "{fc:?}");
+    assert!(
+        c.layers.iter().all(|l| l.params_a > 0 || l.macs_a > 0),
+        "{:?}",
+        c.layers
+    );
 }
 
 /// x [2, 8, 11, 10] -> Conv 1x1 (12 out, stride 2, pads 1) -> Flatten.
