@@ -1,17 +1,17 @@
 //! `elrt convert`: the low-rank rewrite as a command.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench::rank_search::LatencySearch;
 use crate::inspect::group_digits;
 use crate::ir::Graph;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{convert, ConvertOptions, Format, InitMode, LayerReport};
+use crate::tune::latency::LatencySearch;
+use crate::tune::LatencyReached;
 
 #[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
@@ -82,16 +82,6 @@ pub struct ConvertReport {
     pub latency_reached: Option<LatencyReached>,
 }
 
-#[derive(Serialize)]
-pub struct LatencyReached {
-    pub target: f32,
-    pub dense_ms: f64,
-    pub predicted_ms: f64,
-    /// The converted model, exported with its fastest forms, timed in tract.
-    pub measured_ms: f64,
-    pub ratio: f64,
-}
-
 pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
     if a.output.extension().is_none_or(|e| e != "onnx") {
         bail!(
@@ -142,82 +132,19 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
         hooi_iters: a.hooi_iters,
         cp_iters: a.cp_iters,
     };
-    // latency=F: ranks from tract measurements on this machine. Layers timed alone run slower
-    // than inside the model, so the search's prediction is pessimistic: each round converts,
-    // measures the whole model, and rescales the budget it gives the search, keeping the
-    // result that meets the target most closely from below (at most 4 rounds).
-    let mut latency = None;
-    let mut latency_reached = None;
-    if let RankPolicy::Latency(target) = opts.ranks {
-        let say = |m: &str| {
-            if !a.json {
-                eprintln!("{m}");
-            }
-        };
-        let mut budget = target;
-        let mut best: Option<LatencyRound> = None;
-        for round in 0..4 {
-            let found = crate::bench::rank_search::latency_ranks(
-                &g,
-                &facts,
-                &opts,
-                budget,
-                a.latency_threads,
-                say,
-            );
-            let (map, search) = match found {
-                Ok(x) => x,
-                // A rescaled budget out of reach: keep what the earlier rounds found.
-                Err(e) if round > 0 => {
-                    say(&format!("round {}: {e:#}", round + 1));
-                    break;
-                }
-                Err(e) => return Err(e.context(a.model.display().to_string())),
-            };
-            let mut trial = g.clone();
-            let mut o = opts.clone();
-            o.ranks = RankPolicy::Explicit(map.clone());
-            convert(&mut trial, &facts, &o)?;
-            let t = crate::bench::rank_search::deployed_ms(
-                &trial,
-                crate::export::FormsPolicy::Fastest,
-                a.latency_threads,
-                &Default::default(),
-            )?;
-            let ratio = t / search.model_dense_ms;
-            say(&format!(
-                "round {}: budget {budget:.3} -> measured {ratio:.3} of the dense latency (target {target})",
-                round + 1
-            ));
-            // Closest to the target from below wins; while nothing meets it, the fastest.
-            let better = match &best {
-                None => true,
-                Some((r, ..)) => match (ratio <= target as f64, *r <= target as f64) {
-                    (true, true) => ratio > *r,
-                    (true, false) => true,
-                    (false, true) => false,
-                    (false, false) => ratio < *r,
-                },
-            };
-            if better {
-                best = Some((ratio, map, search, t));
-            }
-            if ratio <= target as f64 && target as f64 - ratio < 0.03 {
-                break;
-            }
-            budget = ((budget as f64) * target as f64 / ratio).min(1.0) as f32;
+    // Policies resolved by measurement (latency=F) become per-layer ranks here.
+    let say = |m: &str| {
+        if !a.json {
+            eprintln!("{m}");
         }
-        let (ratio, map, search, t) = best.expect("one round ran");
-        latency_reached = Some(LatencyReached {
-            dense_ms: search.model_dense_ms,
-            predicted_ms: search.predicted_ms,
-            measured_ms: t,
-            ratio,
-            target,
-        });
-        opts.ranks = RankPolicy::Explicit(map);
-        latency = Some(search);
-    }
+    };
+    let (latency, latency_reached) =
+        match crate::tune::resolve(&g, &facts, &mut opts, a.latency_threads, say)
+            .with_context(what)?
+        {
+            Some(o) => (Some(o.search), Some(o.reached)),
+            None => (None, None),
+        };
     let layers = convert(&mut g, &facts, &opts).with_context(what)?;
     let facts2 = crate::ir::shape::infer(&g, &shapes)?;
     let after = crate::ir::cost::cost(&g, &facts2).totals;
@@ -251,9 +178,6 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
     };
     Ok((g, report))
 }
-
-/// One round of the latency search: measured ratio, ranks, the search, measured ms.
-type LatencyRound = (f64, BTreeMap<String, Vec<usize>>, LatencySearch, f64);
 
 impl ConvertReport {
     pub fn to_text(&self) -> String {

@@ -8,14 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench::latency::TimingOptions;
-use crate::bench::tract_rt::TractModel;
 use crate::bench::{bench, BenchReport};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::{DataSpec, NormSpec};
 use crate::export::validate::{Validation, Validator};
 use crate::export::{export, forms_summary, ExportOptions, ExportReport, FormsPolicy};
 use crate::inspect::group_digits;
+use crate::runtime::timing::TimingOptions;
+use crate::runtime::TractModel;
 
 #[derive(Args, Debug, Clone)]
 pub struct ExportArgs {
@@ -409,7 +409,7 @@ pub fn bench_cmd(a: BenchArgs) -> Result<()> {
             let mut shape = vec![a.batch[0]];
             shape.extend(crate::bench::image_shape(f)?);
             let mut m = TractModel::from_path(f, &shape, a.threads)?;
-            let p = crate::bench::tract_rt::profile(&mut m, 200)?;
+            let p = crate::runtime::profile(&mut m, 200)?;
             if !a.json {
                 let sum: f64 = p.iter().map(|r| r.2).sum();
                 println!(

@@ -9,6 +9,7 @@ use crate::ir::cost::{cost, LayerCost, Totals};
 use crate::ir::fold::{simplify, FoldOptions};
 use crate::ir::shape::{default_input_shapes, Facts};
 use crate::ir::Graph;
+use crate::lowrank::naming::FactorName;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -167,8 +168,8 @@ pub struct Comparison {
 }
 
 /// The source layer a node's parameters belong to: its first parameter's name with the
-/// low-rank suffix (`/tucker2/...`, `/cp/...`) and `.weight`/`.bias` removed, so the factors of
-/// a converted layer group under the layer they replace.
+/// low-rank suffix (`/tucker2/...`, `/cp/...`, `/svd/...`) and `.weight`/`.bias` removed, so
+/// the factors of a converted layer group under the layer they replace.
 fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<String> {
     let name = node
         .op
@@ -176,17 +177,19 @@ fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<Stri
         .iter()
         .filter_map(|&i| node.input(i))
         .find(|n| graph.initializers.contains_key(*n))?;
-    let base = name
-        .split("/tucker2/")
-        .next()
-        .and_then(|s| s.split("/cp/").next())
-        .unwrap_or(name);
-    Some(
-        base.strip_suffix(".weight")
-            .or_else(|| base.strip_suffix(".bias"))
-            .unwrap_or(base)
-            .to_string(),
-    )
+    Some(source_layer_of_param(name).to_string())
+}
+
+/// A parameter's source layer: a factor's layer ([`FactorName::source_layer`]), else the name
+/// without `.weight`/`.bias`.
+fn source_layer_of_param(name: &str) -> &str {
+    match FactorName::parse(name) {
+        Some(f) => f.source_layer(),
+        None => name
+            .strip_suffix(".weight")
+            .or_else(|| name.strip_suffix(".bias"))
+            .unwrap_or(name),
+    }
 }
 
 /// (source layer, params, MACs) in graph order.
@@ -312,5 +315,26 @@ impl Comparison {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_layer_of_param;
+
+    #[test]
+    fn factors_group_under_the_layer_they_replace() {
+        for (param, layer) in [
+            ("layer1.0.conv1.weight", "layer1.0.conv1"),
+            ("fc.bias", "fc"),
+            ("layer1.0.conv1/tucker2/core.weight", "layer1.0.conv1"),
+            ("layer1.0.conv1/tucker2/u1_core.bias", "layer1.0.conv1"),
+            ("layer2.0.conv2/cp/vertical.weight", "layer2.0.conv2"),
+            ("fc/svd/u1.weight", "fc"),
+            ("features.1.conv.0/svd/u2.weight", "features.1.conv.0"),
+            ("onnx::Conv_212", "onnx::Conv_212"),
+        ] {
+            assert_eq!(source_layer_of_param(param), layer, "{param}");
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! elrt: compact CNNs by low-rank training.
 //!
 //! One IR flows one way through the stages: [`onnx`] (read/write) -> [`ir`] (graph, shapes,
-//! cost) -> low-rank rewrite -> engine (train) -> export -> bench.
+//! cost) -> low-rank rewrite -> engine (train) -> export -> bench. The modules are layered in
+//! that order (`tests/module_layers.rs` holds the order and checks it): [`runtime`] is the
+//! tract leaf that export and bench share, and [`tune`] resolves `--ranks latency=F` above
+//! export.
 
 // Links OpenBLAS into every binary, test and bench that uses the library; without it ndarray's
 // BLAS calls fail to link (undefined `cblas_sgemm`).
@@ -22,5 +25,7 @@ pub mod lowrank;
 pub mod onnx;
 pub mod report;
 pub mod rng;
+pub mod runtime;
 pub mod train;
+pub mod tune;
 pub mod util;

@@ -244,7 +244,7 @@ fn zoo_converts_exports_and_agrees_in_three_runtimes() {
             shape[0] = 1;
             let x = input(&shape, 9);
             let want = engine(&g, &x);
-            let mut t = elrt::bench::tract_rt::TractModel::from_path(&out, &shape, 1).unwrap();
+            let mut t = elrt::runtime::TractModel::from_path(&out, &shape, 1).unwrap();
             let got = t.run(&x).unwrap();
             let d = common::rel_diff(&got, &want);
             assert!(d < 1e-4, "{} {format}: tract {d:.2e}", e.file);

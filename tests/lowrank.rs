@@ -500,6 +500,25 @@ fn inspect_compares_original_and_factorized_per_layer() {
         "{:?}",
         c.layers
     );
+    // SVD factors too: the classifier factorized by --include-gemm groups under `fc`.
+    let svd = tmp.path().join("svd.onnx");
+    succeeds([
+        "convert",
+        r20.to_str().unwrap(),
+        "--ranks",
+        "ratio=0.5",
+        "--include-gemm",
+        "-o",
+        svd.to_str().unwrap(),
+    ]);
+    let c = elrt::inspect::compare(&r20, &svd, &[]).unwrap();
+    let fc = c.layers.iter().find(|l| l.layer == "fc").unwrap();
+    assert!(fc.params_b > 0 && fc.params_b < fc.params_a, "{fc:?}");
+    assert!(
+        c.layers.iter().all(|l| l.params_a > 0 || l.macs_a > 0),
+        "{:?}",
+        c.layers
+    );
 }
 
 /// x [2, 8, 11, 10] -> Conv 1x1 (12 out, stride 2, pads 1) -> Flatten.
@@ -576,7 +595,7 @@ fn pointwise_svd_equals_its_composed_kernel_and_decomposes_exactly() {
             let d = max_rel(&yf, &yd);
             assert!(d < 1e-5, "bias {bias} {init:?}: {d}");
             // DSO sees both factors, with rank r.
-            let terms = elrt::lowrank::orth::terms(&mf.session.program);
+            let terms = elrt::train::dso::terms(&mf.session.program);
             assert_eq!(terms.len(), 2);
             assert!(terms.iter().all(|t| t.rank == r));
         }
@@ -673,7 +692,7 @@ fn gemm_svd_equals_its_composed_weight() {
     let yd = md.forward(x, Mode::Eval).unwrap();
     let d = max_rel(&yf, &yd);
     assert!(d < 1e-5, "{d}");
-    let terms = elrt::lowrank::orth::terms(&mf.session.program);
+    let terms = elrt::train::dso::terms(&mf.session.program);
     assert_eq!(
         terms.iter().filter(|t| t.rank == 6).count(),
         2,
@@ -722,7 +741,7 @@ fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay
     let mut fresh = g.clone();
     elrt::train::init::init_from_scratch(&mut fresh, 5).unwrap();
     for (name, t) in &g.initializers {
-        if elrt::lowrank::is_factor_weight(name) {
+        if elrt::lowrank::naming::is_factor_weight(name) {
             assert_eq!(&kept.initializers[name], t, "{name} kept");
         } else {
             assert_eq!(kept.initializers[name], fresh.initializers[name], "{name}");
@@ -732,9 +751,9 @@ fn factor_init_composes_to_kaiming_train_init_factors_keeps_it_and_orth_no_decay
     // --orth-no-decay: U1 and U2 leave weight decay, the core and the other weights keep it.
     let mut m = Model::from_graph(fresh.clone(), 1).unwrap();
     let before: Vec<bool> = m.session.program.params.iter().map(|p| p.decay).collect();
-    let terms = elrt::lowrank::orth::terms(&m.session.program);
+    let terms = elrt::train::dso::terms(&m.session.program);
     assert_eq!(terms.len(), 2 * 18, "U1 and U2 of 18 layers");
-    elrt::lowrank::orth::exempt_from_decay(&mut m.session.program, &terms);
+    elrt::train::dso::exempt_from_decay(&mut m.session.program, &terms);
     for (p, was) in m.session.program.params.iter().zip(before) {
         let factor_matrix = p.name.ends_with("/u1.weight") || p.name.ends_with("/u2.weight");
         assert_eq!(p.decay, was && !factor_matrix, "{}", p.name);

@@ -1,9 +1,5 @@
-//! Inference in tract: loading ([`tract_rt`]), latency ([`latency`]) and the `elrt bench`
-//! report built from them.
-
-pub mod latency;
-pub mod rank_search;
-pub mod tract_rt;
+//! `elrt bench`: the latency report of ONNX files in tract, built on [`crate::runtime`]
+//! (loading, running, timing).
 
 use std::path::{Path, PathBuf};
 
@@ -11,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::inspect::group_digits;
-use latency::{time_interleaved, TimingOptions};
-use tract_rt::TractModel;
+use crate::runtime::timing::{time_interleaved, TimingOptions};
+use crate::runtime::TractModel;
 
 /// The runtime reports name; Cargo.toml asks for tract-onnx 0.23 (tract exports no version).
 pub const TRACT: &str = "tract 0.23 (tract-onnx)";

@@ -20,10 +20,10 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::forms::{apply, Chain, Form};
-use crate::bench::latency::{time_interleaved, TimingOptions};
-use crate::bench::tract_rt::TractModel;
 use crate::ir::shape::Facts;
 use crate::ir::{Dim, Graph, ValueInfo};
+use crate::runtime::timing::{time_interleaved, TimingOptions};
+use crate::runtime::TractModel;
 
 /// How much slower than the fastest a form may be and still count as tied with it (then the
 /// fewer weights decide). Repeated medians of one file in this machine's benches vary by 1-3%.

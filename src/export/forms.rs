@@ -28,6 +28,7 @@ use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 
 use crate::ir::ops::{AutoPad, Conv};
 use crate::ir::{Graph, Node, Op, Tensor};
+use crate::lowrank::naming::{FactorKind, FactorName, FactorRole, OUT};
 
 use super::fold_bn::fresh;
 
@@ -60,12 +61,23 @@ pub enum ChainKind {
     Svd,
 }
 
+impl ChainKind {
+    /// The kind of factor names a chain of this kind carries.
+    pub fn factor_kind(self) -> FactorKind {
+        match self {
+            ChainKind::Tucker2 => FactorKind::Tucker2,
+            ChainKind::Cp => FactorKind::Cp,
+            ChainKind::Svd => FactorKind::Svd,
+        }
+    }
+}
+
 /// A factorized layer found in a graph: the indices of its convs, first to last.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chain {
     pub kind: ChainKind,
-    /// Source layer name (the node names with their `/tucker2/...` or `/cp/...` part removed),
-    /// or the first node's name when the names say nothing.
+    /// Source layer name (the first node's name with its `/tucker2/...`, `/cp/...` or `/svd/...`
+    /// part removed, [`FactorName`]), or the first node's name when it says nothing.
     pub layer: String,
     pub nodes: Vec<String>,
 }
@@ -167,11 +179,13 @@ fn bias_of(g: &Graph, n: &Node, len: usize) -> Result<Vec<f32>> {
     }
 }
 
-fn layer_of(names: &[&str], tag: &str) -> String {
-    names[0]
-        .rsplit_once(tag)
-        .map(|(l, _)| l.to_string())
-        .unwrap_or_else(|| names[0].to_string())
+/// The source layer of a chain whose first node is `names[0]`, when that node is named as a
+/// factor of `kind` ([`FactorName`]), else the node's own name.
+fn layer_of(names: &[&str], kind: FactorKind) -> String {
+    FactorName::parse(names[0])
+        .filter(|f| f.kind == kind)
+        .map_or(names[0], |f| f.layer)
+        .to_string()
 }
 
 /// Finds every Tucker-2 and CP chain: consecutive convs linked by values used once, with the
@@ -203,7 +217,7 @@ pub fn find_chains(g: &Graph) -> Vec<Chain> {
             let names = [mid.name.as_str(), &last.name];
             chains.push(Chain {
                 kind: ChainKind::Svd,
-                layer: layer_of(&names, "/svd/"),
+                layer: layer_of(&names, FactorKind::Svd),
                 nodes: names.iter().map(|s| s.to_string()).collect(),
             });
             continue;
@@ -215,7 +229,7 @@ pub fn find_chains(g: &Graph) -> Vec<Chain> {
                     let names = [g.nodes[f].name.as_str(), &mid.name, &last.name];
                     chains.push(Chain {
                         kind: ChainKind::Tucker2,
-                        layer: layer_of(&names, "/tucker2/"),
+                        layer: layer_of(&names, FactorKind::Tucker2),
                         nodes: names.iter().map(|s| s.to_string()).collect(),
                     });
                 }
@@ -236,7 +250,7 @@ pub fn find_chains(g: &Graph) -> Vec<Chain> {
                         let names = [g.nodes[f].name.as_str(), &vn.name, &mid.name, &last.name];
                         chains.push(Chain {
                             kind: ChainKind::Cp,
-                            layer: layer_of(&names, "/cp/"),
+                            layer: layer_of(&names, FactorKind::Cp),
                             nodes: names.iter().map(|s| s.to_string()).collect(),
                         });
                     }
@@ -365,12 +379,7 @@ pub fn apply(g: &mut Graph, chain: &Chain, form: Form) -> Result<()> {
     let w2 = w(last)?;
     let w2 = mat(&w2, w2.shape()[0], w2.shape()[1])?;
     let b2 = bias_of(g, last, w2.shape()[0])?;
-    let tag = match chain.kind {
-        ChainKind::Tucker2 => "tucker2",
-        ChainKind::Cp => "cp",
-        ChainKind::Svd => "svd",
-    };
-    let base = format!("{}/{tag}", chain.layer);
+    let merged = |role| FactorName::node(&chain.layer, chain.kind.factor_kind(), role);
     let new_nodes: Vec<Node> = match chain.kind {
         ChainKind::Svd => {
             // W = W2 W1 with u1's stride and pads; bias b2 + W2 b1.
@@ -407,10 +416,10 @@ pub fn apply(g: &mut Graph, chain: &Chain, form: Form) -> Result<()> {
                     let k = merge_first_kernel(&gk, &w1)?;
                     let mut c1 = c.clone();
                     c1.kernel_shape = None;
-                    let mid = format!("{base}/u1_core_out");
+                    let mid = merged(FactorRole::U1Core).with(OUT).to_string();
                     let n1 = add_conv(
                         g,
-                        &format!("{base}/u1_core"),
+                        &merged(FactorRole::U1Core).to_string(),
                         c1,
                         &first.inputs[0],
                         k,
@@ -425,7 +434,7 @@ pub fn apply(g: &mut Graph, chain: &Chain, form: Form) -> Result<()> {
                     let k = merge_last_kernel(&w2, &gk)?;
                     let n2 = add_conv(
                         g,
-                        &format!("{base}/core_u2"),
+                        &merged(FactorRole::CoreU2).to_string(),
                         c.clone(),
                         &core.inputs[0],
                         k,

@@ -16,11 +16,11 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use crate::bench::latency::{time_interleaved, TimingOptions};
-use crate::bench::tract_rt::TractModel;
 use crate::ir::fold::{simplify, FoldOptions};
 use crate::ir::shape::{default_input_shapes, norm_axis, Facts};
 use crate::ir::{Dim, Graph, Op};
+use crate::runtime::timing::{time_interleaved, TimingOptions};
+use crate::runtime::TractModel;
 use forms::{apply, find_chains, ChainKind, Form};
 
 /// `metadata_props` key of an exported file: the name of its (single) graph input.

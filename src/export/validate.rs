@@ -10,11 +10,11 @@ use anyhow::{bail, Result};
 use ndarray::ArrayD;
 use serde::Serialize;
 
-use crate::bench::latency::random_input;
-use crate::bench::tract_rt::{trace_plain, TractModel};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::ir::Graph;
+use crate::runtime::timing::random_input;
+use crate::runtime::{trace_plain, TractModel};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Validation {

@@ -5,30 +5,31 @@
 //! Both terms are used because a factor matrix is tall or wide: only one of the two Gram
 //! matrices can reach the identity, and the other keeps the spectrum from collapsing.
 
-use ndarray::{Array2, ArrayView2, Ix2};
+use ndarray::{Array2, ArrayD, ArrayView2, Ix2};
 
-use crate::engine::program::Program;
+use super::naming::{FactorName, FactorRole};
 
-/// One factor matrix under DSO: a parameter and its rank r.
+/// One factor matrix under DSO: a parameter (its position among the parameters given to
+/// [`terms`]) and its rank r.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OrthTerm {
     pub param: usize,
     pub rank: usize,
 }
 
-/// The factor matrices of the program's low-rank layers, found by their names
+/// The factor matrices among named parameters `(name, shape)`, found by their names
 /// (`<layer>/tucker2/u1.weight`, `/u2.weight`, `<layer>/cp/u1.weight`, `/u2.weight`, and a 1x1
-/// conv's SVD factors `<layer>/svd/u1.weight`, `/u2.weight`).
-pub fn terms(program: &Program) -> Vec<OrthTerm> {
-    program
-        .params
-        .iter()
+/// conv's SVD factors `<layer>/svd/u1.weight`, `/u2.weight`). The engine's parameters are
+/// handed over by the training side (`crate::train::dso`), so that this module works on names
+/// and plain arrays and does not depend on the engine.
+pub fn terms<'a>(params: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Vec<OrthTerm> {
+    params
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, p)| {
-            let s = p.value.shape();
-            let factor = super::is_factor_weight(&p.name);
-            let is_u1 = factor && p.name.ends_with("/u1.weight");
-            let is_u2 = factor && p.name.ends_with("/u2.weight");
+        .filter_map(|(i, (name, s))| {
+            let f = FactorName::parse(name).filter(FactorName::is_weight);
+            let is_u1 = f.is_some_and(|f| f.role == FactorRole::U1);
+            let is_u2 = f.is_some_and(|f| f.role == FactorRole::U2);
             if !(s.len() == 4 || s.len() == 2) || !(is_u1 || is_u2) {
                 return None;
             }
@@ -37,15 +38,6 @@ pub fn terms(program: &Program) -> Vec<OrthTerm> {
             Some(OrthTerm { param: i, rank })
         })
         .collect()
-}
-
-/// Takes the matrices under DSO out of weight decay (`--orth-no-decay`): DSO already holds
-/// their scale, and decay pulls their singular values below the 1 that DSO aims at. Cores and
-/// every other weight keep their decay.
-pub fn exempt_from_decay(program: &mut Program, terms: &[OrthTerm]) {
-    for t in terms {
-        program.params[t.param].decay = false;
-    }
 }
 
 /// The penalty of one matrix and its gradient.
@@ -61,30 +53,20 @@ pub fn penalty(a: ArrayView2<f32>, rho: f32, rank: usize) -> (f64, Array2<f32>) 
     (value, grad)
 }
 
-/// Adds DSO's gradient to the parameters' gradients; returns the total penalty.
-pub fn apply(program: &mut Program, terms: &[OrthTerm], rho: f32) -> f64 {
-    if rho == 0.0 {
-        return 0.0;
-    }
-    let mut total = 0.0;
-    for t in terms {
-        let p = &mut program.params[t.param];
-        let s = p.value.shape().to_vec();
-        let a = p
-            .value
-            .view()
-            .into_shape_with_order((s[0], s[1]))
-            .expect("a 1x1 factor is a matrix")
-            .into_dimensionality::<Ix2>()
-            .expect("2-D");
-        let (v, g) = penalty(a, rho, t.rank);
-        total += v;
-        let g = g
-            .into_shape_with_order(p.grad.raw_dim())
-            .expect("same size");
-        p.grad += &g;
-    }
-    total
+/// DSO on one factor weight (a 1x1 factor `[r, C_in, 1, 1]` / `[C_out, r, 1, 1]`, or a Gemm's
+/// 2-D factor) of rank `rank`: adds the gradient to `grad` (same shape); returns the penalty.
+pub fn add_gradient(value: &ArrayD<f32>, grad: &mut ArrayD<f32>, rho: f32, rank: usize) -> f64 {
+    let s = value.shape();
+    let a = value
+        .view()
+        .into_shape_with_order((s[0], s[1]))
+        .expect("a 1x1 factor is a matrix")
+        .into_dimensionality::<Ix2>()
+        .expect("2-D");
+    let (v, g) = penalty(a, rho, rank);
+    let g = g.into_shape_with_order(grad.raw_dim()).expect("same size");
+    *grad += &g;
+    v
 }
 
 #[cfg(test)]

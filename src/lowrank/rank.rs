@@ -1,4 +1,8 @@
 //! Rank policies: how many components each factorized layer keeps.
+//!
+//! The rewrite resolves them per layer from the graph alone, except `latency=F`, which needs
+//! tract and the export to measure and is resolved one layer up, in [`crate::tune`] (the
+//! reason is in that module's doc).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +24,8 @@ pub enum RankPolicy {
     /// A JSON file `{"layer": [r_in, r_out]}` (Tucker-2) or `{"layer": r}` (CP).
     File(PathBuf),
     /// `latency=F`: per-layer ranks chosen so that the model runs in F of its dense latency,
-    /// measured in tract on this machine (resolved by `elrt convert` into [`Self::Explicit`]).
+    /// measured in tract on this machine (resolved by [`crate::tune::resolve`] into
+    /// [`Self::Explicit`]).
     Latency(f32),
     /// Per-layer ranks given by a caller, in the ranks-file form.
     Explicit(BTreeMap<String, Vec<usize>>),

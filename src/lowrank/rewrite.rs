@@ -4,7 +4,8 @@
 //! dilations) -> Conv1x1 (r_out -> C_out, the original bias). CP: Conv1x1 (C_in -> r) -> kx1
 //! depthwise -> 1xk depthwise -> Conv1x1 (r -> C_out). The last factor writes the original
 //! output value, so a BatchNormalization after the conv stays after the chain. Names come from
-//! the source layer: `<layer>/tucker2/u1`, `/core`, `/u2` (nodes), with `.weight` initializers.
+//! the source layer: `<layer>/tucker2/u1`, `/core`, `/u2` (nodes), with `.weight` initializers
+//! ([`super::naming`]).
 //!
 //! From-scratch initialisation keeps the composed kernel at Kaiming's variance (fan_out, ReLU
 //! gain), 2 / (C_out k^2), and each factor at unit gain: with independent zero-mean factors,
@@ -21,6 +22,7 @@ use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use serde::Serialize;
 
 use super::decompose;
+use super::naming::{FactorKind, FactorName, FactorRole, OUT, WEIGHT};
 use super::rank::{read_rank_file, round_rank, RankPolicy};
 use crate::ir::ops::{AutoPad, Conv};
 use crate::ir::shape::Facts;
@@ -368,7 +370,7 @@ fn factorize_gemm(
         unreachable!("gemm candidate")
     };
     let [out_f, in_f, _, _] = c.w;
-    let base = format!("{}/svd", c.layer);
+    let name = |role| FactorName::node(&c.layer, FactorKind::Svd, role);
     let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
     let kernel = || -> Result<Array4<f32>> {
         let w = graph.initializers[&n.inputs[1]]
@@ -382,9 +384,10 @@ fn factorize_gemm(
     let u2_std = (1.0 / (3.0 * r as f32)).sqrt();
     let (u1, u2, err) = svd_factors(opts, kernel, [out_f, in_f, r], u2_std, &mut rng)?;
     let (u1, u2) = (u1.into_dyn(), u2.into_dyn());
-    let (n1, n2) = (format!("{base}/u1"), format!("{base}/u2"));
-    let (w1, w2) = (format!("{n1}.weight"), format!("{n2}.weight"));
-    let mid = format!("{n1}_out");
+    let (f1, f2) = (name(FactorRole::U1), name(FactorRole::U2));
+    let (n1, n2) = (f1.to_string(), f2.to_string());
+    let (w1, w2) = (f1.with(WEIGHT).to_string(), f2.with(WEIGHT).to_string());
+    let mid = f1.with(OUT).to_string();
     let mut second_inputs = vec![mid.clone(), w2.clone()];
     if let Some(b) = n.input(2) {
         second_inputs.push(b.to_string());
@@ -754,12 +757,11 @@ fn factorize(
     let [co, ci, kh, kw] = c.w;
     let mut rng = Rng::derive(opts.seed, &[0x006c_6f77_7261_6e6b, key]);
     let pointwise_layer = kh * kw == 1;
-    let tag = match opts.format {
-        _ if pointwise_layer => "svd",
-        Format::Tucker2 => "tucker2",
-        Format::Cp => "cp",
+    let kind = match opts.format {
+        _ if pointwise_layer => FactorKind::Svd,
+        Format::Tucker2 => FactorKind::Tucker2,
+        Format::Cp => FactorKind::Cp,
     };
-    let base = format!("{}/{}", c.layer, tag);
     let pointwise = || Conv {
         kernel_shape: Some(vec![1, 1]),
         strides: vec![1, 1],
@@ -799,17 +801,18 @@ fn factorize(
     let bias = n.input(2).map(str::to_string);
     let mut inits: Vec<(String, Tensor)> = Vec::new();
     let mut nodes: Vec<Node> = Vec::new();
-    let mut add = |suffix: &str,
+    let mut add = |role: FactorRole,
                    op: Conv,
                    input: String,
                    weight: ArrayD<f32>,
                    bias: Option<String>,
                    last: bool| {
-        let wname = format!("{base}/{suffix}.weight");
+        let f = FactorName::node(&c.layer, kind, role);
+        let wname = f.with(WEIGHT).to_string();
         let out = if last {
             out_name.clone()
         } else {
-            format!("{base}/{suffix}_out")
+            f.with(OUT).to_string()
         };
         inits.push((wname.clone(), Tensor::F32(weight)));
         let mut inputs = vec![input, wname];
@@ -817,7 +820,7 @@ fn factorize(
             inputs.push(b);
         }
         nodes.push(Node {
-            name: format!("{base}/{suffix}"),
+            name: f.to_string(),
             op: Op::Conv(op),
             inputs,
             outputs: vec![out.clone()],
@@ -843,8 +846,8 @@ fn factorize(
             group: 1,
             auto_pad: AutoPad::NotSet,
         };
-        let x1 = add("u1", first, n.inputs[0].clone(), u1, None, false);
-        add("u2", pointwise(), x1, u2, bias, true);
+        let x1 = add(FactorRole::U1, first, n.inputs[0].clone(), u1, None, false);
+        add(FactorRole::U2, pointwise(), x1, u2, bias, true);
         return Ok((nodes, inits, err));
     }
     match opts.format {
@@ -896,7 +899,14 @@ fn factorize(
                     )
                 }
             };
-            let x1 = add("u1", pointwise(), n.inputs[0].clone(), u1, None, false);
+            let x1 = add(
+                FactorRole::U1,
+                pointwise(),
+                n.inputs[0].clone(),
+                u1,
+                None,
+                false,
+            );
             let core = Conv {
                 kernel_shape: Some(vec![kh, kw]),
                 strides: strides.clone(),
@@ -905,8 +915,8 @@ fn factorize(
                 group: 1,
                 auto_pad: AutoPad::NotSet,
             };
-            let x2 = add("core", core, x1, g, None, false);
-            add("u2", pointwise(), x2, u2, bias, true);
+            let x2 = add(FactorRole::Core, core, x1, g, None, false);
+            add(FactorRole::U2, pointwise(), x2, u2, bias, true);
         }
         Format::Cp => {
             let rr = r[0];
@@ -963,7 +973,14 @@ fn factorize(
                     )
                 }
             };
-            let x1 = add("u1", pointwise(), n.inputs[0].clone(), u1, None, false);
+            let x1 = add(
+                FactorRole::U1,
+                pointwise(),
+                n.inputs[0].clone(),
+                u1,
+                None,
+                false,
+            );
             let vert = Conv {
                 kernel_shape: Some(vec![kh, 1]),
                 strides: vec![strides[0], 1],
@@ -972,7 +989,7 @@ fn factorize(
                 group: rr,
                 auto_pad: AutoPad::NotSet,
             };
-            let x2 = add("vertical", vert, x1, v, None, false);
+            let x2 = add(FactorRole::Vertical, vert, x1, v, None, false);
             let horiz = Conv {
                 kernel_shape: Some(vec![1, kw]),
                 strides: vec![1, strides[1]],
@@ -981,8 +998,8 @@ fn factorize(
                 group: rr,
                 auto_pad: AutoPad::NotSet,
             };
-            let x3 = add("horizontal", horiz, x2, h, None, false);
-            add("u2", pointwise(), x3, u2, bias, true);
+            let x3 = add(FactorRole::Horizontal, horiz, x2, h, None, false);
+            add(FactorRole::U2, pointwise(), x3, u2, bias, true);
         }
     }
     Ok((nodes, inits, err))

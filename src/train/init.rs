@@ -22,7 +22,7 @@ pub fn init_from_scratch(graph: &mut Graph, seed: u64) -> Result<()> {
 /// orthogonal init. Per-conv Kaiming on each factor instead makes the composed variance 4x
 /// Kaiming's (each factor gets the ReLU gain 2) and U1's singular values about sqrt(2 C_in / r).
 pub fn init_except_factors(graph: &mut Graph, seed: u64) -> Result<()> {
-    init_except(graph, seed, crate::lowrank::is_factor_weight)
+    init_except(graph, seed, crate::lowrank::naming::is_factor_weight)
 }
 
 fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Result<()> {

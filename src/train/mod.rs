@@ -1,6 +1,7 @@
 //! Training: optimisers, learning-rate schedules, the training loop and its checkpoints.
 
 pub mod checkpoint;
+pub mod dso;
 pub mod init;
 pub mod optim;
 pub mod progress;

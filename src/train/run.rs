@@ -278,10 +278,7 @@ impl Trainer<'_> {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
         }
         if self.cfg.orth_no_decay {
-            crate::lowrank::orth::exempt_from_decay(
-                &mut self.model.session.program,
-                train_step.orth_terms(),
-            );
+            super::dso::exempt_from_decay(&mut self.model.session.program, train_step.orth_terms());
         }
         let start = Instant::now();
         let wall0 = match carried {

@@ -12,12 +12,13 @@
 use anyhow::Result;
 use ndarray::{ArrayD, Ix2};
 
+use super::dso;
 use super::optim::Optimizer;
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::ops::{top1_correct, SoftmaxCrossEntropy};
 use crate::engine::program::Program;
-use crate::lowrank::orth::{self, OrthTerm};
+use crate::lowrank::orth::OrthTerm;
 
 /// Called by [`TrainStep`] once per step when every parameter's gradient is complete.
 pub trait GradHook: Send {
@@ -59,11 +60,11 @@ pub struct TrainStep {
 
 impl TrainStep {
     /// The step for `program`'s parameters: DSO of strength `rho` (0: off) on its factor
-    /// matrices ([`orth::terms`]).
+    /// matrices ([`dso::terms`]).
     pub fn new(program: &Program, label_smoothing: f32, rho: f32) -> TrainStep {
         TrainStep {
             ce: SoftmaxCrossEntropy { label_smoothing },
-            orth_terms: orth::terms(program),
+            orth_terms: dso::terms(program),
             rho,
             hooks: Vec::new(),
         }
@@ -97,7 +98,7 @@ impl TrainStep {
         for h in &mut self.hooks {
             h.gradients_ready(&mut model.session.program)?;
         }
-        let orth = orth::apply(&mut model.session.program, &self.orth_terms, self.rho);
+        let orth = dso::apply(&mut model.session.program, &self.orth_terms, self.rho);
         Ok(StepStats {
             loss,
             correct,

@@ -1,10 +1,17 @@
-//! The narrow door to tract: load an ONNX file (or bytes) for a fixed input shape, optimise it,
-//! and run it with a stated number of threads.
+//! The runtime: tract, behind one narrow door. Loads an ONNX file (or bytes) for a fixed input
+//! shape, optimises it and runs it with a stated number of threads ([`TractModel`]); per-node
+//! traces and profiles; and latency measurement ([`timing`]).
+//!
+//! A leaf of the module graph: it imports only [`crate::onnx`], [`crate::ir`] and
+//! [`crate::rng`], so that `export` (form choice, validation) and `bench` (the latency report)
+//! both build on it without importing each other.
 //!
 //! Threads: tract's matmuls run on the executor of the plan. A plan built here always carries
 //! one explicitly, `SingleThread` for one thread or a private rayon pool of exactly `threads`
 //! workers, so that the count a report prints is the count used (tract's default executor is a
 //! process-wide setting that other code could change).
+
+pub mod timing;
 
 use std::sync::Arc;
 
@@ -181,7 +188,7 @@ pub fn trace_plain(bytes: &[u8], x: &ArrayD<f32>) -> Result<Vec<(String, ArrayD<
 pub fn profile(model: &mut TractModel, runs: usize) -> Result<Vec<(String, String, f64)>> {
     use std::collections::HashMap;
     use std::time::Instant;
-    let x = crate::bench::latency::random_input(&model.input_shape, 7);
+    let x = timing::random_input(&model.input_shape, 7);
     let input = model.prepare(&x)?;
     for _ in 0..5 {
         model.run_prepared(&input)?;

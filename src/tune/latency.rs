@@ -14,8 +14,8 @@
 //!    capacity), until the budget is met. Cuts that do not save time are never taken, so a
 //!    layer whose factorization runs no faster stays dense.
 //!
-//! The caller converts with the chosen ranks and measures the whole result again, so the
-//! report shows the latency reached, not only the one predicted.
+//! The caller ([`super::resolve`]) converts with the chosen ranks and measures the whole result
+//! again, so the report shows the latency reached, not only the one predicted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -23,14 +23,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::latency::{time_interleaved, TimingOptions};
-use super::tract_rt::TractModel;
 use crate::export::choose::layer_graph_of_nodes;
 use crate::export::{export, ExportOptions, FormsPolicy};
 use crate::ir::shape::Facts;
 use crate::ir::Graph;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{convert, eligible_layers, ConvertOptions};
+use crate::runtime::timing::{time_interleaved, TimingOptions};
+use crate::runtime::TractModel;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerChoice {

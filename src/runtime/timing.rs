@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use ndarray::ArrayD;
 
-use super::tract_rt::TractModel;
+use super::TractModel;
 use crate::rng::Rng;
 
 #[derive(Clone, Debug)]
