@@ -3,6 +3,7 @@
 mod attrs;
 pub mod external;
 pub mod read;
+mod stochastic_depth;
 mod tensor;
 pub mod write;
 

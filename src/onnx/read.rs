@@ -141,8 +141,17 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
     // may look through (a constant operand reached through Identity is still constant).
     let mut aliases: HashMap<String, String> = HashMap::new();
     let mut used_names: HashSet<String> = HashSet::new();
-    let mut nodes = Vec::with_capacity(g.node.len());
-    for (idx, n) in g.node.iter().enumerate() {
+    let (proto_nodes, stochastic_depth) = super::stochastic_depth::strip(&g.node);
+    // Once per process: a command reads its model more than once.
+    static NOTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if stochastic_depth > 0 && !NOTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "note: {stochastic_depth} stochastic-depth blocks of a training-mode export read as \
+             identities (their eval-mode function): elrt trains without random ops"
+        );
+    }
+    let mut nodes = Vec::with_capacity(proto_nodes.len());
+    for (idx, n) in proto_nodes.iter().enumerate() {
         let name = unique_name(n, idx, &mut used_names);
         let what = || format!("node '{}' ({})", name, n.op_type);
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
