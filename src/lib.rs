@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod ir;
 pub mod lowrank;
 pub mod onnx;
+pub mod pipeline;
 pub mod rng;
 pub mod train;
 pub mod util;
