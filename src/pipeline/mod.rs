@@ -3,9 +3,20 @@
 //! via `serde`). The `elrt` binary's clap definitions (src/cli/) only turn flags into these
 //! options; tests and benches call the same functions.
 //!
+//! - [`train()`]: a model trained on a data set ([`TrainOptions`] -> [`TrainReport`])
+//! - [`eval()`]: test accuracy of a model ([`EvalOptions`] -> [`EvalReport`])
+//! - [`speed()`]: training-step throughput ([`SpeedOptions`] -> [`SpeedReport`])
+//! - [`export()`]: a deployment file, validated in tract ([`ExportOptions`] -> [`ExportSummary`])
+//! - [`bench()`]: latency in tract ([`BenchOptions`] -> [`crate::bench::BenchReport`])
 
 pub mod bench;
+pub mod eval;
 pub mod export;
+pub mod speed;
+pub mod train;
 
 pub use bench::{bench, BenchOptions};
+pub use eval::{eval, EvalOptions, EvalReport};
 pub use export::{export, ExportOptions, ExportSummary};
+pub use speed::{speed, SpeedOptions, SpeedReport};
+pub use train::{train, Optim, TrainInit, TrainOptions, TrainReport};
