@@ -3,6 +3,7 @@
 //! via `serde`). The `elrt` binary's clap definitions (src/cli/) only turn flags into these
 //! options; tests and benches call the same functions.
 //!
+//! - [`convert()`]: an ONNX model -> its low-rank form ([`ConvertOptions`] -> [`ConvertReport`])
 //! - [`train()`]: a model trained on a data set ([`TrainOptions`] -> [`TrainReport`])
 //! - [`eval()`]: test accuracy of a model ([`EvalOptions`] -> [`EvalReport`])
 //! - [`speed()`]: training-step throughput ([`SpeedOptions`] -> [`SpeedReport`])
@@ -10,12 +11,14 @@
 //! - [`bench()`]: latency in tract ([`BenchOptions`] -> [`crate::bench::BenchReport`])
 
 pub mod bench;
+pub mod convert;
 pub mod eval;
 pub mod export;
 pub mod speed;
 pub mod train;
 
 pub use bench::{bench, BenchOptions};
+pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use eval::{eval, EvalOptions, EvalReport};
 pub use export::{export, ExportOptions, ExportSummary};
 pub use speed::{speed, SpeedOptions, SpeedReport};
