@@ -9,8 +9,11 @@
 //! - [`speed()`]: training-step throughput ([`SpeedOptions`] -> [`SpeedReport`])
 //! - [`export()`]: a deployment file, validated in tract ([`ExportOptions`] -> [`ExportSummary`])
 //! - [`bench()`]: latency in tract ([`BenchOptions`] -> [`crate::bench::BenchReport`])
+//! - [`compress()`]: the main job, the stages above in one resumable run folder
+//!   ([`CompressOptions`] -> [`CompressReport`])
 
 pub mod bench;
+pub mod compress;
 pub mod convert;
 pub mod eval;
 pub mod export;
@@ -18,6 +21,7 @@ pub mod speed;
 pub mod train;
 
 pub use bench::{bench, BenchOptions};
+pub use compress::{compress, CompressOptions, CompressReport, FactorInit};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use eval::{eval, EvalOptions, EvalReport};
 pub use export::{export, ExportOptions, ExportSummary};
