@@ -2,17 +2,15 @@
 //!
 //! One IR flows one way through the stages: [`onnx`] (read/write) -> [`ir`] (graph, shapes,
 //! cost) -> low-rank rewrite -> engine (train) -> export -> bench.
+//! [`pipeline`] is the API over them: one entry function per stage (convert, train, eval,
+//! speed, export, bench, compress) with typed options; the `elrt` binary (src/main.rs, src/cli/)
+//! only turns flags into those options.
 
 // Links OpenBLAS into every binary, test and bench that uses the library; without it ndarray's
 // BLAS calls fail to link (undefined `cblas_sgemm`).
 extern crate blas_src;
 
 pub mod bench;
-pub mod cli_args;
-pub mod cli_compress;
-pub mod cli_convert;
-pub mod cli_export;
-pub mod cli_train;
 pub mod data;
 pub mod engine;
 pub mod export;

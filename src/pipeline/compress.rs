@@ -1061,7 +1061,10 @@ pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
             ("elrt.data".to_string(), data.clone()),
             ("elrt.epochs".to_string(), epochs.to_string()),
             ("elrt.orth".to_string(), recipe.orth.to_string()),
-            ("elrt.factor_init".to_string(), recipe.factor_init.to_string()),
+            (
+                "elrt.factor_init".to_string(),
+                recipe.factor_init.to_string(),
+            ),
         ];
         // elrt.accuracy.top1 is tract's, measured on this file by the export; the engine's
         // figure for the trained model sits beside it.
