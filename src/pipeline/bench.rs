@@ -11,7 +11,7 @@ use crate::bench::latency::TimingOptions;
 use crate::bench::tract_rt::TractModel;
 use crate::bench::BenchReport;
 
-/// What [`bench`] times; the defaults are `elrt bench`'s.
+/// What [`bench()`] times; the defaults are `elrt bench`'s.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
     /// ONNX files to compare; the first is the baseline for speedup and MAC ratio.

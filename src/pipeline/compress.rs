@@ -165,7 +165,7 @@ pub struct CompressOptions {
     /// No stage messages or progress bars.
     pub quiet: bool,
     /// The command recorded in run.json and the report (`None`: this process's arguments,
-    /// with argv[0] as `elrt`).
+    /// with `argv[0]` as `elrt`).
     pub command: Option<String>,
 }
 
@@ -512,7 +512,7 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
-/// This process's command line, shell-quoted, with argv[0] as `elrt` so that the report's
+/// This process's command line, shell-quoted, with `argv[0]` as `elrt` so that the report's
 /// command reads the same wherever the binary is.
 pub fn command_line() -> String {
     std::iter::once("elrt".to_string())
