@@ -4,18 +4,15 @@
 //! cost) -> low-rank rewrite -> engine (train) -> export -> bench. The modules are layered in
 //! that order (`tests/module_layers.rs` holds the order and checks it): [`runtime`] is the
 //! tract leaf that export and bench share, and [`tune`] resolves `--ranks latency=F` above
-//! export.
+//! export. [`pipeline`] is the API over them: one entry function per stage (convert, train,
+//! eval, speed, export, bench, compress) with typed options; the `elrt` binary (src/main.rs,
+//! src/cli/) only turns flags into those options.
 
 // Links OpenBLAS into every binary, test and bench that uses the library; without it ndarray's
 // BLAS calls fail to link (undefined `cblas_sgemm`).
 extern crate blas_src;
 
 pub mod bench;
-pub mod cli_args;
-pub mod cli_compress;
-pub mod cli_convert;
-pub mod cli_export;
-pub mod cli_train;
 pub mod data;
 pub mod engine;
 pub mod export;
@@ -23,6 +20,7 @@ pub mod inspect;
 pub mod ir;
 pub mod lowrank;
 pub mod onnx;
+pub mod pipeline;
 pub mod report;
 pub mod rng;
 pub mod runtime;

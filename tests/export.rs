@@ -8,12 +8,11 @@ use common::{fails_cleanly, succeeds};
 
 use std::path::{Path, PathBuf};
 
-use elrt::cli_convert::ConvertArgs;
-use elrt::cli_export::{run_export, ExportArgs};
 use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::export::forms::{apply, find_chains, Form};
 use elrt::ir::{Graph, Op, Tensor};
+use elrt::pipeline::{export as run_export, ConvertOptions, ExportOptions};
 use elrt::rng::Rng;
 use ndarray::{ArrayD, IxDyn};
 
@@ -43,44 +42,27 @@ fn randomize_bn(g: &mut Graph, seed: u64) {
 }
 
 fn convert(model: &Path, format: &str, out: &Path) {
-    elrt::cli_convert::run(ConvertArgs {
+    elrt::pipeline::convert(&ConvertOptions {
         model: model.to_path_buf(),
-        format: format.into(),
-        ranks: "ratio=0.5".into(),
-        rank_multiple: 8,
-        include_first: false,
-        include_pointwise: false,
-        include_gemm: false,
-        init: "scratch".into(),
+        format: format.parse().unwrap(),
+        ranks: "ratio=0.5".parse().unwrap(),
         seed: 3,
-        hooi_iters: 10,
-        cp_iters: 50,
-        latency_threads: 1,
-        input_shape: None,
         output: out.to_path_buf(),
-        json: false,
+        ..ConvertOptions::default()
     })
     .unwrap();
 }
 
-fn export_args(model: &Path, out: &Path, forms: &str) -> ExportArgs {
-    ExportArgs {
+fn export_args(model: &Path, out: &Path, forms: &str) -> ExportOptions {
+    ExportOptions {
         model: model.to_path_buf(),
         output: out.to_path_buf(),
         batch: Some(1),
-        dynamic_batch: false,
-        input_shape: None,
-        opset: None,
-        forms: forms.into(),
-        threads: 1,
-        data: None,
-        normalize: None,
-        data_images: 0,
+        forms: forms.parse().unwrap(),
         check_batches: 2,
-        tolerance: 1e-4,
-        meta: vec!["elrt.test=yes".into()],
-        json: false,
+        meta: vec![("elrt.test".into(), "yes".into())],
         quiet: true,
+        ..ExportOptions::default()
     }
 }
 
@@ -443,24 +425,15 @@ fn svd_pairs_export_in_both_forms() {
     let tmp = tempfile::tempdir().unwrap();
     let mb = common::repo().join("models/mobilenetv2.onnx");
     let conv = tmp.path().join("mb.svd.onnx");
-    let a = ConvertArgs {
+    let a = ConvertOptions {
         model: mb.clone(),
-        format: "tucker2".into(),
-        ranks: "params=0.5".into(),
-        rank_multiple: 8,
-        include_first: false,
+        ranks: "params=0.5".parse().unwrap(),
         include_pointwise: true,
-        include_gemm: false,
-        init: "scratch".into(),
         seed: 3,
-        hooi_iters: 10,
-        cp_iters: 50,
-        latency_threads: 1,
-        input_shape: None,
         output: conv.clone(),
-        json: false,
+        ..ConvertOptions::default()
     };
-    elrt::cli_convert::run(a).unwrap();
+    elrt::pipeline::convert(&a).unwrap();
     let mut g = elrt::onnx::read_file(&conv).unwrap();
     randomize_bn(&mut g, 8);
     let trained = tmp.path().join("mb.trained.onnx");

@@ -11,25 +11,21 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first. `main.rs` (the binary, which sees the library as `elrt::`) is above them all.
 const LAYERS: &[&str] = &[
-    "util",    // files, formatting
-    "rng",     // SplitMix64, seeds
-    "ir",      // graph, ops, shapes, cost
-    "onnx",    // read/write ONNX <-> ir
-    "lowrank", // the rewrite, rank policies, decompositions, DSO math, factor names
-    "engine",  // program, autodiff, kernels
-    "data",    // sources, loader, augmentation
-    "report",  // the training curve (PNG)
-    "train",   // the loop, optimisers, checkpoints, DSO on the program
-    "runtime", // tract: load, run, time (the leaf export and bench share)
-    "export",  // BN folding, forms, validation in tract
-    "inspect", // per-layer costs of a file
-    "tune",    // rank policies resolved by measurement (--ranks latency=F)
-    "bench",   // elrt bench
-    "cli_train",
-    "cli_convert",
-    "cli_export",
-    "cli_compress",
-    "cli_args",
+    "util",     // files, formatting
+    "rng",      // SplitMix64, seeds
+    "ir",       // graph, ops, shapes, cost
+    "onnx",     // read/write ONNX <-> ir
+    "lowrank",  // the rewrite, rank policies, decompositions, DSO math, factor names
+    "engine",   // program, autodiff, kernels
+    "data",     // sources, loader, augmentation
+    "report",   // the training curve (PNG)
+    "train",    // the loop, optimisers, checkpoints, DSO on the program
+    "runtime",  // tract: load, run, time (the leaf export and bench share)
+    "export",   // BN folding, forms, validation in tract
+    "inspect",  // per-layer costs of a file
+    "tune",     // rank policies resolved by measurement (--ranks latency=F)
+    "bench",    // elrt bench
+    "pipeline", // one entry function per stage, typed options (the binary calls it)
 ];
 
 fn src_dir() -> PathBuf {

@@ -56,6 +56,17 @@ impl FromStr for FormsPolicy {
     }
 }
 
+impl std::fmt::Display for FormsPolicy {
+    /// The `--forms` form: parses back to the same value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FormsPolicy::Fastest => "fastest",
+            FormsPolicy::Factorized => "factorized",
+            FormsPolicy::Dense => "dense",
+        })
+    }
+}
+
 impl FormsPolicy {
     /// Parses `--forms` early, so that a bad value fails before any work is done.
     pub fn from_str_checked(s: &str) -> Result<FormsPolicy> {

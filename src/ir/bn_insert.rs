@@ -32,6 +32,17 @@ impl std::str::FromStr for BnPolicy {
     }
 }
 
+impl std::fmt::Display for BnPolicy {
+    /// The `--bn` form: parses back to the same value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BnPolicy::Auto => "auto",
+            BnPolicy::Keep => "keep",
+            BnPolicy::Insert => "insert",
+        })
+    }
+}
+
 /// Applies the policy; returns the number of BN nodes inserted.
 pub fn apply(graph: &mut Graph, policy: BnPolicy) -> usize {
     let has_bn = graph.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)));

@@ -60,6 +60,25 @@ impl std::str::FromStr for RankPolicy {
     }
 }
 
+impl std::fmt::Display for RankPolicy {
+    /// The `--ranks` form, which parses back to the same policy (fractions in their shortest
+    /// exact form); per-layer ranks given by a caller show as `explicit`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RankPolicy::Ratio(v) => write!(f, "ratio={v}"),
+            RankPolicy::Params(v) => write!(f, "params={v}"),
+            RankPolicy::Macs(v) => write!(f, "macs={v}"),
+            RankPolicy::Energy(v) => write!(f, "energy={v}"),
+            RankPolicy::Latency(v) => write!(f, "latency={v}"),
+            RankPolicy::File(p) if p.to_string_lossy().ends_with(".json") => {
+                write!(f, "{}", p.display())
+            }
+            RankPolicy::File(p) => write!(f, "file={}", p.display()),
+            RankPolicy::Explicit(_) => f.write_str("explicit"),
+        }
+    }
+}
+
 /// Rounds `x` to the nearest multiple of `multiple` (at least one multiple), capped at `max`.
 pub fn round_rank(x: f64, multiple: usize, max: usize) -> usize {
     let m = multiple.max(1);

@@ -46,6 +46,16 @@ impl std::str::FromStr for Format {
     }
 }
 
+impl std::fmt::Display for Format {
+    /// The `--format` form (`tucker2`, `cp`): parses back to the same value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Format::Tucker2 => "tucker2",
+            Format::Cp => "cp",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum InitMode {
     /// Gaussian factors at the variances derived in the module docs.
@@ -64,6 +74,17 @@ impl std::str::FromStr for InitMode {
             "orthogonal" => InitMode::Orthogonal,
             "decompose" => InitMode::Decompose,
             o => bail!("--init '{o}': expected scratch, orthogonal or decompose"),
+        })
+    }
+}
+
+impl std::fmt::Display for InitMode {
+    /// The `--init` form: parses back to the same value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InitMode::Scratch => "scratch",
+            InitMode::Orthogonal => "orthogonal",
+            InitMode::Decompose => "decompose",
         })
     }
 }

@@ -36,6 +36,26 @@ impl Schedule {
     }
 }
 
+impl std::str::FromStr for Schedule {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Schedule> {
+        Schedule::parse(s)
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    /// The `--schedule` name of the schedule's family (`constant`, `step`, `cosine`,
+    /// `onecycle`): the presets [`Schedule::parse`] gives parse back to themselves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Schedule::Constant => "constant",
+            Schedule::Step { .. } => "step",
+            Schedule::Cosine { .. } => "cosine",
+            Schedule::OneCycle { .. } => "onecycle",
+        })
+    }
+}
+
 /// The learning rate at optimiser step `step` (0-based) of `total`, with `warmup` steps of
 /// linear warm-up from 0 (the schedule itself runs over the remaining steps).
 pub fn lr_at(base: f32, schedule: &Schedule, step: u64, total: u64, warmup: u64) -> f32 {

@@ -5,14 +5,18 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::str::FromStr;
 
 use anyhow::Result;
-use elrt::cli_args::{Cli, Cmd};
 use elrt::engine::exec::Mode;
 use elrt::engine::model::Model;
 use elrt::ir::fold::{simplify, FoldOptions};
 use elrt::ir::shape::default_input_shapes;
+
+/// The binary's command line (src/cli/), compiled into this crate so that argument vectors
+/// parse exactly as `elrt` parses them.
+#[path = "../../src/cli/mod.rs"]
+pub mod cli;
+use cli::{Cli, Cmd};
 
 /// The ONNX reader target: read (external data resolved in `dir`), then the `elrt inspect`
 /// path (the file's default input shapes, simplified for inference, costed, reported), a
@@ -190,7 +194,7 @@ pub fn flags_of(sub: &clap::Command) -> Vec<String> {
 
 /// The subcommand names, then the flags of each (the same order).
 pub fn grammar() -> (Vec<String>, Vec<Vec<String>>) {
-    let cmd = elrt::cli_args::command();
+    let cmd = cli::command();
     let subs: Vec<&clap::Command> = cmd.get_subcommands().collect();
     (
         subs.iter().map(|s| s.get_name().to_string()).collect(),
@@ -199,11 +203,12 @@ pub fn grammar() -> (Vec<String>, Vec<Vec<String>>) {
 }
 
 /// The CLI target: clap's parse of `argv` (program name first), then the cheap checks each
-/// command makes of its values before any work (the parsers of the library). Returns the
+/// command makes of its values before any work (its flags turned into the pipeline's options,
+/// as the binary does). Returns the
 /// first error as one line; clap's own errors, help and version text come back as `Ok(None)`
 /// after they were rendered, as the binary would print them.
 pub fn cli_pipeline(argv: &[String]) -> Option<anyhow::Error> {
-    let cli = match elrt::cli_args::try_parse_from(argv) {
+    let cli = match cli::try_parse_from(argv) {
         Ok(c) => c,
         Err(e) => {
             let text = e.render().to_string();
@@ -219,14 +224,9 @@ fn shape(s: &str) -> Result<()> {
     elrt::inspect::parse_shape(s).map(|_| ())
 }
 
-/// The checks each command makes of its values before it reads a model or data.
+/// The checks each command makes of its values before it reads a model or data: the
+/// conversion of its flags into the pipeline's options.
 fn check_values(cli: &Cli) -> Result<()> {
-    use elrt::data::DataSpec;
-    use elrt::export::FormsPolicy;
-    use elrt::ir::bn_insert::BnPolicy;
-    use elrt::lowrank::rank::RankPolicy;
-    use elrt::lowrank::{Format, InitMode};
-    use elrt::train::schedule::Schedule;
     match &cli.cmd {
         Cmd::Inspect { input_shape, .. } => {
             for s in input_shape {
@@ -234,46 +234,26 @@ fn check_values(cli: &Cli) -> Result<()> {
             }
         }
         Cmd::Train(a) => {
-            DataSpec::parse(&a.data)?;
-            Schedule::parse(&a.schedule)?;
-            BnPolicy::from_str(&a.bn)?;
-            let _ = a.normalize.as_ref().map(|n| n.to_string());
+            a.to_options()?;
         }
         Cmd::Eval(a) => {
-            DataSpec::parse(&a.data)?;
+            a.to_options()?;
         }
         Cmd::Convert(a) => {
-            Format::from_str(&a.format)?;
-            RankPolicy::from_str(&a.ranks)?;
-            InitMode::from_str(&a.init)?;
-            if let Some(s) = &a.input_shape {
-                shape(s)?;
-            }
+            a.to_options()?;
         }
         Cmd::Compress(a) => {
-            if let Some(d) = &a.data {
-                DataSpec::parse(d)?;
-            }
-            Format::from_str(&a.format)?;
-            if let Some(r) = &a.ranks {
-                RankPolicy::from_str(r)?;
-            }
-            Schedule::parse(&a.schedule)?;
-            FormsPolicy::from_str(&a.forms)?;
-            if let Some(s) = &a.input_shape {
-                shape(s)?;
-            }
+            a.to_options()?;
         }
         Cmd::Export(a) => {
-            FormsPolicy::from_str(&a.forms)?;
-            if let Some(s) = &a.input_shape {
-                shape(s)?;
-            }
-            if let Some(d) = &a.data {
-                DataSpec::parse(d)?;
-            }
+            a.to_options()?;
         }
-        Cmd::Bench(_) | Cmd::Speed(_) => {}
+        Cmd::Bench(a) => {
+            a.to_options()?;
+        }
+        Cmd::Speed(a) => {
+            a.to_options()?;
+        }
     }
     Ok(())
 }

@@ -1,9 +1,29 @@
-//! The `elrt` command line's clap definitions, in the library so that tests and the fuzz
-//! targets (fuzz/) parse argument vectors exactly as the binary does; src/main.rs runs them.
+//! The `elrt` command line: clap's definitions, one file per subcommand, each turning its flags
+//! into the options of a [`elrt::pipeline`] stage and printing the stage's report. Part of the
+//! binary (src/main.rs declares it), not of the library; tests/fuzzing/mod.rs and the fuzz
+//! targets include this file by path, so that they parse argument vectors exactly as the
+//! binary does.
+
+mod bench;
+mod compress;
+mod convert;
+mod eval;
+mod export;
+mod speed;
+mod train;
 
 use std::path::PathBuf;
 
+use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub use bench::BenchArgs;
+pub use compress::CompressArgs;
+pub use convert::ConvertArgs;
+pub use eval::EvalArgs;
+pub use export::ExportArgs;
+pub use speed::SpeedArgs;
+pub use train::TrainArgs;
 
 #[derive(Parser)]
 #[command(
@@ -36,20 +56,20 @@ pub enum Cmd {
         compare: Option<PathBuf>,
     },
     /// Train a model (any supported architecture) on CIFAR, an image folder or synthetic data.
-    Train(crate::cli_train::TrainArgs),
+    Train(TrainArgs),
     /// Top-1 / top-5 accuracy of a model on a data set's test split.
-    Eval(crate::cli_train::EvalArgs),
+    Eval(EvalArgs),
     /// Rewrite every eligible conv into Tucker-2 or CP form with fresh or decomposed factors.
-    Convert(crate::cli_convert::ConvertArgs),
+    Convert(ConvertArgs),
     /// The main job: convert -> train from random factors -> export -> validate -> bench ->
     /// report, in one run folder (resumable).
-    Compress(crate::cli_compress::CompressArgs),
+    Compress(CompressArgs),
     /// Write a deployment ONNX file (BN folded, fastest forms, fixed shapes) checked in tract.
-    Export(crate::cli_export::ExportArgs),
+    Export(ExportArgs),
     /// Latency of ONNX files in tract, interleaved: p50/p90/p99, throughput, params, MACs.
-    Bench(crate::cli_export::BenchArgs),
+    Bench(BenchArgs),
     /// Training-step throughput (img/s) and peak memory on random data, optionally per op.
-    Speed(crate::cli_train::SpeedArgs),
+    Speed(SpeedArgs),
 }
 
 /// The CLI, with every flag that takes a value accepting one that starts with '-': `--lr -0.1`
@@ -75,4 +95,45 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     Cli::from_arg_matches(&command().try_get_matches_from(args)?)
+}
+
+/// Runs a parsed command line: each subcommand's flags become a pipeline stage's options, and
+/// the stage's report is printed (text, or JSON with `--json`).
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Inspect {
+            file,
+            input_shape,
+            json,
+            compare,
+        } => {
+            let shapes = input_shape
+                .iter()
+                .map(|s| elrt::inspect::parse_shape(s))
+                .collect::<Result<Vec<_>>>()?;
+            if let Some(other) = compare {
+                let c = elrt::inspect::compare(&file, &other, &shapes)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    print!("{}", c.to_text());
+                }
+                return Ok(());
+            }
+            let report = elrt::inspect::inspect(&file, &shapes)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(())
+        }
+        Cmd::Train(a) => a.run(),
+        Cmd::Eval(a) => a.run(),
+        Cmd::Speed(a) => a.run(),
+        Cmd::Compress(a) => a.run(),
+        Cmd::Export(a) => a.run(),
+        Cmd::Bench(a) => a.run(),
+        Cmd::Convert(a) => a.run(),
+    }
 }

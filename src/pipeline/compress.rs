@@ -1,20 +1,28 @@
-//! `elrt compress`: the main job. One command from an ONNX architecture to a trained compact
+//! The compress stage, `elrt compress`: the main job. One command from an ONNX architecture to a trained compact
 //! ONNX file and a report, through every stage: convert -> train -> export (validated in
 //! tract) -> bench -> report, each stage's output kept in the run folder so that `--resume`
-//! carries on from where a run stopped.
+//! carries on from where a run stopped. The run record (run.json: the model, the data and the
+//! recipe) drives the stages: each one's options ([`ConvertOptions`], [`TrainOptions`],
+//! [`ExportOptions`], [`BenchOptions`]) are derived from it, and the stages run through the
+//! pipeline's own entry points.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::cli_convert::{ConvertArgs, ConvertReport};
-use crate::cli_export::{run_bench, run_export, BenchArgs, ExportArgs, ExportSummary};
-use crate::cli_train::{run_train, TrainArgs};
+use super::bench::{bench, BenchOptions};
+use super::convert::{convert_graph, ConvertOptions, ConvertReport};
+use super::export::{export, ExportOptions, ExportSummary};
+use super::train::{train, Optim, TrainInit, TrainOptions};
 use crate::data::{DataSpec, NormSpec};
+use crate::export::FormsPolicy;
 use crate::inspect::group_digits;
+use crate::ir::bn_insert::BnPolicy;
+use crate::lowrank::rank::RankPolicy;
+use crate::lowrank::{Format, InitMode};
+use crate::train::schedule::Schedule;
 use crate::util::write_atomic;
 
 /// DSO strength used when `--orth` is not given: the best of the README's rho sweep (Tucker-2
@@ -29,114 +37,173 @@ pub const EMBEDDED_DATA: &str = "synthetic:4000,1000";
 /// The rank policy when `--ranks` is not given.
 pub const DEFAULT_RANKS: &str = "params=0.4";
 
-#[derive(Args, Debug, Clone)]
-pub struct CompressArgs {
+/// How the random factors start (`--factor-init`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorInit {
+    /// Kaiming fan-out on each factor conv, as for any conv.
+    PerConv,
+    /// The converter's init: the composed kernel has Kaiming's variance and U1, U2 start near
+    /// orthonormal.
+    Composed,
+    /// U1, U2 orthonormal, core scaled to match.
+    Orthogonal,
+}
+
+impl FactorInit {
+    /// The converter's init and the trainer's init that make this one.
+    fn stages(self) -> (InitMode, TrainInit) {
+        match self {
+            FactorInit::PerConv => (InitMode::Scratch, TrainInit::Scratch),
+            FactorInit::Composed => (InitMode::Scratch, TrainInit::Factors),
+            FactorInit::Orthogonal => (InitMode::Orthogonal, TrainInit::Factors),
+        }
+    }
+}
+
+impl std::str::FromStr for FactorInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<FactorInit> {
+        Ok(match s {
+            "per-conv" => FactorInit::PerConv,
+            "composed" => FactorInit::Composed,
+            "orthogonal" => FactorInit::Orthogonal,
+            o => bail!("--factor-init '{o}': expected per-conv, composed or orthogonal"),
+        })
+    }
+}
+
+impl std::fmt::Display for FactorInit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FactorInit::PerConv => "per-conv",
+            FactorInit::Composed => "composed",
+            FactorInit::Orthogonal => "orthogonal",
+        })
+    }
+}
+
+/// A value written in run.json as its command-line text (`Display`) and read back with
+/// `FromStr`, so that the record reads as the flags did.
+mod text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What [`compress`] does; the defaults are `elrt compress`'s.
+#[derive(Clone, Debug)]
+pub struct CompressOptions {
     /// The ONNX architecture (weights are not needed: training starts from random factors).
     pub model: PathBuf,
-    /// synthetic | synthetic:TRAIN,TEST | cifar10:PATH | cifar100:PATH | folder:PATH. Without
-    /// it: the built-in synthetic set and a short schedule (the embedded default).
-    #[arg(long)]
-    pub data: Option<String>,
-    /// Input normalisation for training, evaluation and the tract accuracy check, recorded in
-    /// run.json, the report and the compact file: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3
-    /// (mean/std of 0..1 pixels). Default: what the model file records, else cifar10.
-    #[arg(long, value_name = "SPEC")]
+    /// The data (`None`: the built-in synthetic set, [`EMBEDDED_DATA`], and a short schedule).
+    pub data: Option<DataSpec>,
+    /// Input normalisation for training, evaluation and the tract accuracy check (`None`: what
+    /// the model file records, else the default for its channels).
     pub normalize: Option<NormSpec>,
-    /// tucker2 | cp
-    #[arg(long, default_value = "tucker2")]
-    pub format: String,
-    /// ratio=F | params=F | macs=F | latency=F (measured in tract) | a JSON file of per-layer
-    /// ranks. Default: params=0.4 (`elrt convert` defaults to ratio=0.5, a per-layer rule; a
-    /// whole-model budget suits the main job), widened to the 1x1 convs and then the Gemm
-    /// layers, said in one line, on models whose convs alone cannot reach it.
-    #[arg(long)]
-    pub ranks: Option<String>,
-    /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks, whose weight sits in
-    /// pointwise convs).
-    #[arg(long = "include-1x1")]
+    pub format: Format,
+    /// The rank policy (`None`: [`DEFAULT_RANKS`], widened to the 1x1 convs and then the Gemm
+    /// layers on models whose convs alone cannot reach it).
+    pub ranks: Option<RankPolicy>,
+    /// Factorize 1x1 convs too, by SVD.
     pub include_pointwise: bool,
     /// Factorize Gemm (fully connected) layers too, by SVD.
-    #[arg(long)]
     pub include_gemm: bool,
     /// Factorize the first conv (the one reading the image) too.
-    #[arg(long)]
     pub include_first: bool,
-    /// Image shape C,H,W, for a model whose file leaves input dimensions unknown (or to train
-    /// it at another input size).
-    #[arg(long, value_name = "C,H,W")]
-    pub input_shape: Option<String>,
-    /// Run even when the rank policy factorizes no layer (the compact file is then the dense
-    /// model, retrained); without it such a run stops with an error that says why.
-    #[arg(long)]
+    /// Image shape for a model whose file leaves input dimensions unknown (or to train it at
+    /// another input size).
+    pub input_shape: Option<Vec<usize>>,
+    /// Run even when the rank policy factorizes no layer.
     pub allow_dense: bool,
-    /// Epochs (default: 30 on real data, 4 on the synthetic set).
-    #[arg(long)]
+    /// Epochs (`None`: 30 on real data, 4 on the synthetic set).
     pub epochs: Option<u64>,
-    /// Batch size (default: 128 on real data, 64 on the synthetic set).
-    #[arg(long)]
+    /// Batch size (`None`: 128 on real data, 64 on the synthetic set).
     pub batch: Option<usize>,
-    /// Base learning rate, SGD with Nesterov momentum 0.9 (default: 0.1 on real data at batch
-    /// 128, 0.05 on the synthetic set, whose small training split wants smaller steps).
-    #[arg(long)]
+    /// Base learning rate, SGD with Nesterov momentum 0.9 (`None`: 0.1 on real data, 0.05 on
+    /// the synthetic set).
     pub lr: Option<f32>,
     /// Double soft orthogonality strength rho (0: off).
-    #[arg(long, default_value_t = DEFAULT_ORTH)]
     pub orth: f32,
-    /// How the random factors start: per-conv (Kaiming fan-out on each factor conv, as for any
-    /// conv), composed (the converter's init: the composed kernel has Kaiming's variance and U1,
-    /// U2 start near orthonormal), orthogonal (U1, U2 orthonormal, core scaled to match).
-    #[arg(long, default_value = "per-conv")]
-    pub factor_init: String,
-    /// No weight decay on the factor matrices under DSO (see `elrt train --orth-no-decay`).
-    #[arg(long)]
+    pub factor_init: FactorInit,
+    /// No weight decay on the factor matrices under DSO.
     pub orth_no_decay: bool,
-    /// Weight decay on conv and linear weights (SGD, decoupled from the learning rate as
-    /// torch.optim.SGD applies it).
-    #[arg(long, default_value_t = 5e-4)]
+    /// Weight decay on conv and linear weights.
     pub wd: f32,
-    /// Learning-rate schedule over the epochs: constant | step | cosine | onecycle
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
-    /// Training threads (default: all cores).
-    #[arg(long)]
+    pub schedule: Schedule,
+    /// Training threads (`None`: all cores).
     pub threads: Option<usize>,
     /// Threads for the deployment latency (tract).
-    #[arg(long, default_value_t = 1)]
     pub bench_threads: usize,
-    /// fastest | factorized | dense (how the compact file writes each factorized layer).
-    #[arg(long, default_value = "fastest")]
-    pub forms: String,
-    /// Seed of the random factors, the data order and the augmentation (runs are
-    /// reproducible from it).
-    #[arg(long, default_value_t = 0)]
+    /// How the compact file writes each factorized layer.
+    pub forms: FormsPolicy,
+    /// Seed of the random factors, the data order and the augmentation.
     pub seed: u64,
-    /// Stop training after N steps (smoke runs).
-    #[arg(long)]
+    /// Stop training after this many steps (smoke runs).
     pub max_steps: Option<u64>,
-    /// Also train the full-rank model with the same recipe, for the accuracy comparison.
-    #[arg(long)]
+    /// Also train the full-rank model with the same recipe.
     pub baseline: bool,
-    /// Keep the model's classifier as it is (an error when its output width differs from the
-    /// data's class count); without it, the classifier is re-sized to the data.
-    #[arg(long)]
+    /// Keep the model's classifier as it is.
     pub keep_head: bool,
     /// The run folder.
-    #[arg(long)]
     pub out: PathBuf,
-    /// Continue a stopped run in --out from its last finished stage. The recipe must be the
-    /// one the run was started with (the differences are listed otherwise).
-    #[arg(long)]
+    /// Continue a stopped run in `out` from its last finished stage.
     pub resume: bool,
-    /// With --resume: accept a changed --epochs or --max-steps (to train a finished run
-    /// further, on purpose); every other change is still refused.
-    #[arg(long, requires = "resume")]
+    /// With `resume`: accept a changed `epochs` or `max_steps`.
     pub allow_recipe_change: bool,
-    /// Print the report as JSON (stage messages are silenced).
-    #[arg(long)]
-    pub json: bool,
     /// No stage messages or progress bars.
-    #[arg(long)]
     pub quiet: bool,
+    /// The command recorded in run.json and the report (`None`: this process's arguments,
+    /// with `argv[0]` as `elrt`).
+    pub command: Option<String>,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        CompressOptions {
+            model: PathBuf::new(),
+            data: None,
+            normalize: None,
+            format: Format::Tucker2,
+            ranks: None,
+            include_pointwise: false,
+            include_gemm: false,
+            include_first: false,
+            input_shape: None,
+            allow_dense: false,
+            epochs: None,
+            batch: None,
+            lr: None,
+            orth: DEFAULT_ORTH,
+            factor_init: FactorInit::PerConv,
+            orth_no_decay: false,
+            wd: 5e-4,
+            schedule: Schedule::Cosine { min_ratio: 0.0 },
+            threads: None,
+            bench_threads: 1,
+            forms: FormsPolicy::Fastest,
+            seed: 0,
+            max_steps: None,
+            baseline: false,
+            keep_head: false,
+            out: PathBuf::new(),
+            resume: false,
+            allow_recipe_change: false,
+            quiet: false,
+            command: None,
+        }
+    }
 }
 
 /// What the run folder records about itself, so that `--resume` can check it is the same run.
@@ -146,7 +213,8 @@ struct RunManifest {
     model: String,
     /// FNV-1a of the model file's bytes.
     model_fingerprint: String,
-    data: String,
+    #[serde(with = "text")]
+    data: DataSpec,
     recipe: Recipe,
     /// Stages finished, in order.
     done: Vec<String>,
@@ -155,23 +223,27 @@ struct RunManifest {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 struct Recipe {
-    format: String,
+    #[serde(with = "text")]
+    format: Format,
     #[serde(default)]
     include_pointwise: bool,
-    ranks: String,
+    #[serde(with = "text")]
+    ranks: RankPolicy,
     epochs: u64,
     batch: usize,
     lr: f32,
     orth: f32,
     /// Absent in run folders written before the option existed: they used per-conv.
-    #[serde(default = "per_conv")]
-    factor_init: String,
+    #[serde(default = "per_conv", with = "text")]
+    factor_init: FactorInit,
     #[serde(default)]
     orth_no_decay: bool,
     wd: f32,
-    schedule: String,
+    #[serde(with = "text")]
+    schedule: Schedule,
     seed: u64,
-    forms: String,
+    #[serde(with = "text")]
+    forms: FormsPolicy,
     baseline: bool,
     max_steps: Option<u64>,
     /// Absent in run folders written before the option existed: they used the default for the
@@ -188,6 +260,85 @@ struct Recipe {
     keep_head: bool,
 }
 
+impl Recipe {
+    /// The convert stage's options: the model's factorization as the recipe gives it.
+    fn convert_options(&self, model: &Path, output: PathBuf) -> ConvertOptions {
+        ConvertOptions {
+            model: model.to_path_buf(),
+            output,
+            format: self.format,
+            ranks: self.ranks.clone(),
+            include_first: self.include_first,
+            include_pointwise: self.include_pointwise,
+            include_gemm: self.include_gemm,
+            init: self.factor_init.stages().0,
+            seed: self.seed,
+            ..ConvertOptions::default()
+        }
+    }
+
+    /// The train stage's options (the factorized model, or the full-rank baseline with
+    /// `orth` 0): SGD with Nesterov momentum 0.9 and the recipe's schedule, the classifier as
+    /// the run's model.onnx has it.
+    fn train_options(
+        &self,
+        data: &DataSpec,
+        model: PathBuf,
+        output: PathBuf,
+        orth: f32,
+        resume: bool,
+    ) -> TrainOptions {
+        TrainOptions {
+            model,
+            data: data.clone(),
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: Some(self.lr),
+            optimizer: Optim::Sgd,
+            momentum: 0.9,
+            nesterov: true,
+            wd: Some(self.wd),
+            schedule: self.schedule.clone(),
+            warmup: 0.0,
+            label_smoothing: 0.0,
+            workers: 2,
+            seed: self.seed,
+            max_steps: self.max_steps,
+            init: self.factor_init.stages().1,
+            bn: BnPolicy::Auto,
+            augment: true,
+            normalize: self.normalize.clone(),
+            orth,
+            orth_no_decay: self.orth_no_decay,
+            keep_head: true,
+            resume,
+            output: Some(output),
+            ..TrainOptions::default()
+        }
+    }
+
+    /// The export stage's options: validated in tract at the source's batch, the recipe's
+    /// normalisation recorded in the file.
+    fn export_options(
+        &self,
+        model: PathBuf,
+        output: PathBuf,
+        forms: FormsPolicy,
+        data: Option<DataSpec>,
+        meta: Vec<(String, String)>,
+    ) -> ExportOptions {
+        ExportOptions {
+            model,
+            output,
+            forms,
+            data,
+            normalize: self.normalize.clone(),
+            meta,
+            ..ExportOptions::default()
+        }
+    }
+}
+
 /// Recipe fields `--allow-recipe-change` lets a resumed run change.
 const CHANGEABLE: &[&str] = &["epochs", "max_steps"];
 
@@ -196,7 +347,7 @@ fn recipe_changes(old: &RunManifest, new: &RunManifest) -> Vec<(String, String)>
     let as_map = |m: &RunManifest| {
         let mut v = serde_json::to_value(&m.recipe).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
-            o.insert("data".into(), m.data.clone().into());
+            o.insert("data".into(), m.data.to_string().into());
         }
         v.as_object().cloned().unwrap_or_default()
     };
@@ -216,8 +367,8 @@ fn recipe_changes(old: &RunManifest, new: &RunManifest) -> Vec<(String, String)>
         .collect()
 }
 
-fn per_conv() -> String {
-    "per-conv".into()
+fn per_conv() -> FactorInit {
+    FactorInit::PerConv
 }
 
 fn fingerprint(bytes: &[u8]) -> String {
@@ -361,33 +512,25 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
-pub fn compress(a: CompressArgs) -> Result<()> {
-    let report = run_compress(&a)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report_table(&report));
-        println!("run folder: {}", a.out.display());
-    }
-    Ok(())
+/// This process's command line, shell-quoted, with `argv[0]` as `elrt` so that the report's
+/// command reads the same wherever the binary is.
+pub fn command_line() -> String {
+    std::iter::once("elrt".to_string())
+        .chain(std::env::args().skip(1))
+        .map(|s| shell_quote(&s))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Everything a run needs, checked before the run folder is touched: flags, model, data, the
 /// classifier fitted to the data, and (for a new run) the converted model, in memory.
 struct Plan {
-    /// `--ranks`, or the default.
-    ranks: String,
     /// Set when the default budget needed a wider layer selection.
     selection_note: Option<String>,
-    data: String,
     synthetic: bool,
     synthetic_default: bool,
-    epochs: u64,
-    batch: usize,
-    lr: f32,
     normalize: NormSpec,
     note: Option<String>,
-    train_init: &'static str,
     /// The model as the stages use it: the file, with --input-shape applied and the classifier
     /// re-sized to the data. Written to the run folder as model.onnx when it differs from the
     /// file.
@@ -414,11 +557,14 @@ fn non_negative_finite(flag: &str, v: f32) -> Result<f32> {
     Ok(v)
 }
 
-fn plan(a: &CompressArgs) -> Result<Plan> {
+fn plan(a: &CompressOptions) -> Result<Plan> {
     let synthetic_default = a.data.is_none();
-    let data = a.data.clone().unwrap_or_else(|| EMBEDDED_DATA.to_string());
-    let spec = DataSpec::parse(&data)?;
-    let synthetic = data.starts_with("synthetic");
+    let spec = match &a.data {
+        Some(d) => d.clone(),
+        None => DataSpec::parse(EMBEDDED_DATA)?,
+    };
+    let data = spec.to_string();
+    let synthetic = matches!(spec, DataSpec::Synthetic(_));
     let epochs = a.epochs.unwrap_or(if synthetic { 4 } else { 30 });
     let batch = a.batch.unwrap_or(if synthetic { 64 } else { 128 });
     let lr = positive_finite("--lr", a.lr.unwrap_or(if synthetic { 0.05 } else { 0.1 }))?;
@@ -437,15 +583,6 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
     crate::engine::thread_count(a.threads)?;
     non_negative_finite("--orth", a.orth)?;
     non_negative_finite("--wd", a.wd)?;
-    crate::export::FormsPolicy::from_str_checked(&a.forms)?;
-    crate::train::schedule::Schedule::parse(&a.schedule)?;
-    // (the converter's init, the trainer's init)
-    let (convert_init, train_init) = match a.factor_init.as_str() {
-        "per-conv" => ("scratch", "scratch"),
-        "composed" => ("scratch", "factors"),
-        "orthogonal" => ("orthogonal", "factors"),
-        o => bail!("--factor-init '{o}': expected per-conv, composed or orthogonal"),
-    };
     let what = || a.model.display().to_string();
     let model_bytes =
         std::fs::read(&a.model).with_context(|| format!("cannot read {}", a.model.display()))?;
@@ -456,8 +593,7 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
     .with_context(what)?;
     let original = source.clone();
     if let Some(s) = &a.input_shape {
-        crate::ir::shape::set_image_shape(&mut source, &crate::inspect::parse_shape(s)?)
-            .with_context(what)?;
+        crate::ir::shape::set_image_shape(&mut source, s).with_context(what)?;
     }
     let shapes = crate::ir::shape::default_input_shapes(&source).with_context(what)?;
     let chw = match shapes.first().map(Vec::as_slice) {
@@ -485,45 +621,48 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
     )?;
     // Bad data fails here, before anything is written.
     let splits = spec.load(chw).with_context(|| format!("--data {data}"))?;
-    crate::cli_train::check_split_sizes(&splits, batch, &data)?;
-    let head = crate::cli_train::fit_head(&mut source, &shapes, &splits, a.keep_head, a.seed)
+    super::train::check_split_sizes(&splits, batch, &data)?;
+    let head = super::train::fit_head(&mut source, &shapes, &splits, a.keep_head, a.seed)
         .with_context(what)?;
     let source_changed = source != original;
 
-    // argv[0] as `elrt`, so that the report's command reads the same wherever the binary is.
-    let command = std::iter::once("elrt".to_string())
-        .chain(std::env::args().skip(1))
-        .map(|s| shell_quote(&s))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let ranks = a.ranks.clone().unwrap_or_else(|| DEFAULT_RANKS.to_string());
+    let command = a.command.clone().unwrap_or_else(command_line);
+    let ranks = match &a.ranks {
+        Some(r) => r.clone(),
+        None => DEFAULT_RANKS.parse()?,
+    };
     let recipe = Recipe {
-        format: a.format.clone(),
+        format: a.format,
         include_pointwise: a.include_pointwise,
         ranks: ranks.clone(),
         epochs,
         batch,
         lr,
         orth: a.orth,
-        factor_init: a.factor_init.clone(),
+        factor_init: a.factor_init,
         orth_no_decay: a.orth_no_decay,
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
-        forms: a.forms.clone(),
+        forms: a.forms,
         baseline: a.baseline,
         max_steps: a.max_steps,
         normalize: Some(normalize.clone()),
         include_gemm: a.include_gemm,
         include_first: a.include_first,
-        input_shape: a.input_shape.clone(),
+        input_shape: a.input_shape.as_ref().map(|s| {
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
         keep_head: a.keep_head,
     };
     let manifest = RunManifest {
         elrt: env!("CARGO_PKG_VERSION").into(),
         model: a.model.display().to_string(),
         model_fingerprint: fingerprint(&model_bytes),
-        data: data.clone(),
+        data: spec.clone(),
         recipe,
         done: Vec::new(),
         command,
@@ -536,27 +675,14 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
     let convert = if resuming_past_convert {
         None
     } else {
-        let mut args = ConvertArgs {
-            model: a.model.clone(),
-            format: a.format.clone(),
-            ranks: ranks.clone(),
-            rank_multiple: 8,
-            include_first: a.include_first,
-            include_pointwise: a.include_pointwise,
-            include_gemm: a.include_gemm,
-            init: convert_init.into(),
-            seed: a.seed,
-            hooi_iters: 10,
-            cp_iters: 50,
-            latency_threads: 1,
-            input_shape: None,
-            output: a.out.join("factorized.onnx"),
-            json: false,
-        };
+        // The first stage's options come from the run record, as every later stage's do.
+        let mut args = manifest
+            .recipe
+            .convert_options(&a.model, a.out.join("factorized.onnx"));
         // The default budget widens the layer selection where the convs alone cannot meet it
         // (models whose weight sits in 1x1 convs or the classifier), so that a first run
         // goes through; a --ranks the user gave is never widened.
-        let mut result = crate::cli_convert::convert_graph(source.clone(), &args);
+        let mut result = convert_graph(source.clone(), &args);
         if a.ranks.is_none() {
             for widen in ["--include-1x1", "--include-gemm"] {
                 let unreachable =
@@ -569,7 +695,7 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
                     "--include-gemm" if !args.include_gemm => args.include_gemm = true,
                     _ => continue,
                 }
-                result = crate::cli_convert::convert_graph(source.clone(), &args);
+                result = convert_graph(source.clone(), &args);
                 selection_note = Some(format!(
                     "the default --ranks {DEFAULT_RANKS} needs more than the kxk convs on this model: factorizing{}{} too (give --ranks to choose yourself)",
                     if args.include_pointwise { " the 1x1 convs" } else { "" },
@@ -602,17 +728,11 @@ fn plan(a: &CompressArgs) -> Result<Plan> {
         Some((g, r))
     };
     Ok(Plan {
-        ranks,
         selection_note,
-        data,
         synthetic,
         synthetic_default,
-        epochs,
-        batch,
-        lr,
         normalize,
         note,
-        train_init,
         source,
         source_changed,
         head,
@@ -673,7 +793,7 @@ impl RunLock {
 /// Opens the run folder: takes its lock, checks the manifest, and for a new run writes the
 /// first stage's files and then run.json. Anything failing before that leaves the folder as it
 /// was (a folder this call made is removed again).
-fn open_run(a: &CompressArgs, p: &mut Plan, quiet: bool) -> Result<(Run, RunLock)> {
+fn open_run(a: &CompressOptions, p: &mut Plan, quiet: bool) -> Result<(Run, RunLock)> {
     let created_dir = !a.out.exists();
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create the run folder", a.out.display()))?;
@@ -798,11 +918,19 @@ fn open_run(a: &CompressArgs, p: &mut Plan, quiet: bool) -> Result<(Run, RunLock
     }
 }
 
-pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
-    let quiet = a.quiet || a.json;
+/// Runs the main job as `elrt compress` does: checks everything, then convert -> train (and
+/// the baseline) -> export -> bench -> report in the run folder, each stage through the
+/// pipeline's entry point with options derived from the run record; writes report.json and
+/// report.md and returns the report.
+pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
+    let quiet = a.quiet;
     let mut p = plan(a)?;
     let (mut run, _lock) = open_run(a, &mut p, quiet)?;
-    let (data, epochs, batch, lr) = (p.data.clone(), p.epochs, p.batch, p.lr);
+    // From here on the stages follow the run record.
+    let recipe = run.manifest.recipe.clone();
+    let spec = run.manifest.data.clone();
+    let data = spec.to_string();
+    let (epochs, batch, lr) = (recipe.epochs, recipe.batch, recipe.lr);
     let normalize = p.normalize.clone();
     if let Some(n) = &p.note {
         run.say(n);
@@ -823,18 +951,18 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     }
     run.say(&format!(
         "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | normalize {} | seed {}",
-        a.format,
-        p.ranks,
+        recipe.format,
+        recipe.ranks,
         epochs,
         batch,
         lr,
-        a.schedule,
-        a.wd,
-        a.orth,
-        if a.orth_no_decay { " (no wd on U1/U2)" } else { "" },
-        a.factor_init,
+        recipe.schedule,
+        recipe.wd,
+        recipe.orth,
+        if recipe.orth_no_decay { " (no wd on U1/U2)" } else { "" },
+        recipe.factor_init,
         normalize,
-        a.seed
+        recipe.seed
     ));
     let mut stage_seconds = Vec::new();
     // The model every stage starts from: the file, or model.onnx when --input-shape or the
@@ -847,35 +975,11 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     let factorized = run.path("factorized.onnx");
 
     // 2. train (and the baseline)
-    let train_args = |model: PathBuf, output: PathBuf, orth: f32, resume: bool| TrainArgs {
-        model,
-        data: data.clone(),
-        epochs,
-        batch,
-        lr: Some(lr),
-        optimizer: "sgd".into(),
-        momentum: 0.9,
-        no_nesterov: false,
-        wd: Some(a.wd),
-        schedule: a.schedule.clone(),
-        warmup: 0.0,
-        label_smoothing: 0.0,
+    let train_options = |model: PathBuf, output: PathBuf, orth: f32, resume: bool| TrainOptions {
         threads: a.threads,
-        workers: 2,
-        seed: a.seed,
-        max_steps: a.max_steps,
-        init: p.train_init.into(),
-        bn: "auto".into(),
-        no_augment: false,
-        normalize: Some(normalize.clone()),
-        orth,
-        orth_no_decay: a.orth_no_decay,
-        keep_head: true,
-        resume,
         allow_recipe_change: a.allow_recipe_change,
-        output: Some(output),
-        json: false,
         quiet,
+        ..recipe.train_options(&spec, model, output, orth, resume)
     };
     let trained = run.path("trained.onnx");
     let mut compact_top1 = None;
@@ -884,10 +988,10 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         run.say("train the factorized model from random factors");
         let t0 = Instant::now();
         let resume = run.path("trained.ckpt").exists();
-        let r = run_train(&train_args(
+        let r = train(&train_options(
             factorized.clone(),
             trained.clone(),
-            a.orth,
+            recipe.orth,
             resume,
         ))?;
         if matches!(r.outcome, crate::train::run::Outcome::Interrupted) {
@@ -900,12 +1004,12 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     }
     let baseline_trained = run.path("baseline/trained.onnx");
     let mut baseline_top1 = None;
-    if a.baseline && !run.done("baseline") {
+    if recipe.baseline && !run.done("baseline") {
         run.say("train the full-rank baseline with the same recipe");
         let t0 = Instant::now();
         std::fs::create_dir_all(run.path("baseline"))?;
         let resume = run.path("baseline/trained.ckpt").exists();
-        let r = run_train(&train_args(
+        let r = train(&train_options(
             source.clone(),
             baseline_trained.clone(),
             0.0,
@@ -928,7 +1032,7 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     if compact_top1.is_none() {
         compact_top1 = last_acc(&run.path("trained.metrics.jsonl"));
     }
-    if a.baseline && baseline_top1.is_none() {
+    if recipe.baseline && baseline_top1.is_none() {
         baseline_top1 = last_acc(&run.path("baseline/trained.metrics.jsonl"));
     }
 
@@ -938,28 +1042,15 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     // The compact file's accuracy is measured in tract on the whole test split (`data`), with
     // the run's normalisation: the synthetic set too, since it costs seconds and shows that the
     // written file, not only the engine's model, classifies.
-    let export_args = |model: PathBuf,
-                       output: PathBuf,
-                       forms: &str,
-                       data: Option<String>,
-                       meta: Vec<String>,
-                       quiet: bool| ExportArgs {
-        model,
-        output,
-        batch: None,
-        dynamic_batch: false,
-        input_shape: None,
-        opset: None,
-        forms: forms.to_string(),
+    let export_options = |model: PathBuf,
+                          output: PathBuf,
+                          forms: FormsPolicy,
+                          data: Option<DataSpec>,
+                          meta: Vec<(String, String)>,
+                          quiet: bool| ExportOptions {
         threads: a.bench_threads,
-        data,
-        normalize: Some(normalize.clone()),
-        data_images: 0,
-        check_batches: 4,
-        tolerance: 1e-4,
-        meta,
-        json: false,
         quiet,
+        ..recipe.export_options(model, output, forms, data, meta)
     };
     if !run.done("export") {
         run.say(
@@ -967,21 +1058,24 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         );
         let t0 = Instant::now();
         let mut meta = vec![
-            format!("elrt.data={data}"),
-            format!("elrt.epochs={epochs}"),
-            format!("elrt.orth={}", a.orth),
-            format!("elrt.factor_init={}", a.factor_init),
+            ("elrt.data".to_string(), data.clone()),
+            ("elrt.epochs".to_string(), epochs.to_string()),
+            ("elrt.orth".to_string(), recipe.orth.to_string()),
+            (
+                "elrt.factor_init".to_string(),
+                recipe.factor_init.to_string(),
+            ),
         ];
         // elrt.accuracy.top1 is tract's, measured on this file by the export; the engine's
         // figure for the trained model sits beside it.
         if let Some(t) = compact_top1 {
-            meta.push(format!("elrt.accuracy.engine_top1={t:.4}"));
+            meta.push(("elrt.accuracy.engine_top1".to_string(), format!("{t:.4}")));
         }
-        let s: ExportSummary = run_export(&export_args(
+        let s: ExportSummary = export(&export_options(
             trained.clone(),
             compact.clone(),
-            &a.forms,
-            Some(data.clone()),
+            recipe.forms,
+            Some(spec.clone()),
             meta,
             quiet,
         ))?;
@@ -994,15 +1088,15 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         run.say(
             "export the original architecture the same way (dense), for the latency comparison",
         );
-        let src = if a.baseline {
+        let src = if recipe.baseline {
             baseline_trained.clone()
         } else {
             source.clone()
         };
-        run_export(&export_args(
+        export(&export_options(
             src,
             original.clone(),
-            "dense",
+            FormsPolicy::Dense,
             None,
             vec![],
             true,
@@ -1035,19 +1129,12 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
     // 4. bench
     run.say("benchmark original and compact in tract (batch 1, interleaved)");
     let t0 = Instant::now();
-    let b = run_bench(
-        &BenchArgs {
-            files: vec![original.clone(), compact.clone()],
-            batch: vec![1],
-            threads: a.bench_threads,
-            warmup: 20,
-            runs: 200,
-            min_seconds: 1.0,
-            profile: false,
-            json: false,
-        },
-        run.quiet,
-    )?;
+    let b = bench(&BenchOptions {
+        files: vec![original.clone(), compact.clone()],
+        threads: a.bench_threads,
+        quiet: run.quiet,
+        ..BenchOptions::default()
+    })?;
     write_atomic(
         &run.path("bench.json"),
         serde_json::to_string_pretty(&b.rows)?.as_bytes(),
@@ -1079,10 +1166,10 @@ pub fn run_compress(a: &CompressArgs) -> Result<CompressReport> {
         data: data.clone(),
         synthetic: p.synthetic,
         command: run.manifest.command.clone(),
-        format: a.format.clone(),
-        ranks: p.ranks.clone(),
+        format: recipe.format.to_string(),
+        ranks: recipe.ranks.to_string(),
         epochs,
-        orth: a.orth,
+        orth: recipe.orth,
         normalize: normalize.to_string(),
         original: facts(&b.rows[0], baseline_top1, None),
         compact: facts(&b.rows[1], compact_top1, tract_top1),

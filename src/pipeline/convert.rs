@@ -1,68 +1,72 @@
-//! `elrt convert`: the low-rank rewrite as a command.
+//! The convert stage: every eligible conv (and, on request, 1x1 conv and Gemm) rewritten into
+//! Tucker-2 or CP form with fresh or decomposed factors, ranks from a policy (`latency=F`
+//! measured in tract).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde::Serialize;
 
 use crate::inspect::group_digits;
 use crate::ir::Graph;
 use crate::lowrank::rank::RankPolicy;
-use crate::lowrank::{convert, ConvertOptions, Format, InitMode, LayerReport};
+use crate::lowrank::{self, Format, InitMode, LayerReport};
 use crate::tune::latency::LatencySearch;
 use crate::tune::LatencyReached;
 
-#[derive(Args, Debug, Clone)]
-pub struct ConvertArgs {
-    /// The ONNX model (an architecture, or a trained model with --init decompose).
+/// What [`convert`] does; the defaults are `elrt convert`'s.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// The ONNX model (an architecture, or a trained model with [`InitMode::Decompose`]).
     pub model: PathBuf,
-    /// tucker2 | cp
-    #[arg(long, default_value = "tucker2")]
-    pub format: String,
-    /// ratio=F (each layer keeps F of its ranks) | params=F | macs=F (a whole-model budget) |
-    /// energy=F | latency=F (measured in tract) | a JSON file of per-layer ranks. The default
-    /// is a per-layer rule; `elrt compress` defaults to params=0.4, a whole-model budget.
-    #[arg(long, default_value = "ratio=0.5")]
-    pub ranks: String,
+    /// The ONNX file to write.
+    pub output: PathBuf,
+    pub format: Format,
+    pub ranks: RankPolicy,
     /// Round ranks to a multiple of this.
-    #[arg(long, default_value_t = 8)]
     pub rank_multiple: usize,
     /// Factorize the first conv (the one reading the image) too.
-    #[arg(long)]
     pub include_first: bool,
-    /// Factorize 1x1 convs too, by SVD (1x1 C_in -> r, 1x1 r -> C_out): for networks whose
-    /// weight sits in pointwise convs, such as MobileNetV2.
-    #[arg(long = "include-1x1")]
+    /// Factorize 1x1 convs too, by SVD.
     pub include_pointwise: bool,
-    /// Factorize Gemm (fully connected) layers too, by SVD (two Gemms through rank r).
-    #[arg(long)]
+    /// Factorize Gemm (fully connected) layers too, by SVD.
     pub include_gemm: bool,
-    /// scratch | orthogonal | decompose (factors of the file's trained kernels)
-    #[arg(long, default_value = "scratch")]
-    pub init: String,
-    /// Seed of the fresh factors (scratch and orthogonal init) and of CP-ALS's start.
-    #[arg(long, default_value_t = 0)]
+    pub init: InitMode,
+    /// Seed of the fresh factors and of CP-ALS's start.
     pub seed: u64,
-    /// HOOI sweeps after HOSVD (--init decompose, Tucker-2).
-    #[arg(long, default_value_t = 10)]
+    /// HOOI sweeps after HOSVD (decompose, Tucker-2).
     pub hooi_iters: usize,
-    /// ALS sweeps (--init decompose, CP).
-    #[arg(long, default_value_t = 50)]
+    /// ALS sweeps (decompose, CP).
     pub cp_iters: usize,
-    /// Threads tract times with for --ranks latency=F (the deployment's thread count).
-    #[arg(long, default_value_t = 1)]
+    /// Threads tract times with for `latency=F` ranks.
     pub latency_threads: usize,
-    /// Image shape C,H,W for a model whose file leaves input dimensions unknown (or to convert
-    /// it for another input size).
-    #[arg(long, value_name = "C,H,W")]
-    pub input_shape: Option<String>,
-    /// Output ONNX file.
-    #[arg(short, long)]
-    pub output: PathBuf,
-    /// Print the per-layer report as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// Image shape for a model whose file leaves input dimensions unknown (or to convert it
+    /// for another input size).
+    pub input_shape: Option<Vec<usize>>,
+    /// No latency-search progress on stderr.
+    pub quiet: bool,
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            model: PathBuf::new(),
+            output: PathBuf::new(),
+            format: Format::Tucker2,
+            ranks: RankPolicy::Ratio(0.5),
+            rank_multiple: 8,
+            include_first: false,
+            include_pointwise: false,
+            include_gemm: false,
+            init: InitMode::Scratch,
+            seed: 0,
+            hooi_iters: 10,
+            cp_iters: 50,
+            latency_threads: 1,
+            input_shape: None,
+            quiet: false,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -82,7 +86,8 @@ pub struct ConvertReport {
     pub latency_reached: Option<LatencyReached>,
 }
 
-pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
+/// Converts the model as `elrt convert` does and writes the output.
+pub fn convert(a: &ConvertOptions) -> Result<ConvertReport> {
     if a.output.extension().is_none_or(|e| e != "onnx") {
         bail!(
             "-o {}: the output must be an .onnx file",
@@ -90,7 +95,7 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
         );
     }
     let g = crate::onnx::read_file(&a.model)?;
-    let (g, report) = convert_graph(g, &a)?;
+    let (g, report) = convert_graph(g, a)?;
     if let Some(dir) = a.output.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
@@ -99,16 +104,13 @@ pub fn run(a: ConvertArgs) -> Result<ConvertReport> {
     Ok(report)
 }
 
-/// Converts a model read from `a.model` as `elrt convert` does, in memory: nothing is written,
+/// Converts a model read from `a.model` as [`convert`] does, in memory: nothing is written,
 /// so a caller (compress) can check the result before it commits to files.
-pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertReport)> {
-    let format: Format = a.format.parse()?;
-    let ranks: RankPolicy = a.ranks.parse()?;
-    let init: InitMode = a.init.parse()?;
+pub fn convert_graph(mut g: Graph, a: &ConvertOptions) -> Result<(Graph, ConvertReport)> {
+    let (format, init) = (a.format, a.init);
     let what = || a.model.display().to_string();
     if let Some(s) = &a.input_shape {
-        crate::ir::shape::set_image_shape(&mut g, &crate::inspect::parse_shape(s)?)
-            .with_context(what)?;
+        crate::ir::shape::set_image_shape(&mut g, s).with_context(what)?;
     }
     let shapes = crate::ir::shape::default_input_shapes(&g).with_context(what)?;
     let facts = crate::ir::fold::simplify(
@@ -120,9 +122,9 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
     )
     .with_context(what)?;
     let before = crate::ir::cost::cost(&g, &facts).totals;
-    let mut opts = ConvertOptions {
+    let mut opts = lowrank::ConvertOptions {
         format,
-        ranks,
+        ranks: a.ranks.clone(),
         rank_multiple: a.rank_multiple,
         include_first: a.include_first,
         include_pointwise: a.include_pointwise,
@@ -134,7 +136,7 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
     };
     // Policies resolved by measurement (latency=F) become per-layer ranks here.
     let say = |m: &str| {
-        if !a.json {
+        if !a.quiet {
             eprintln!("{m}");
         }
     };
@@ -145,7 +147,7 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
             Some(o) => (Some(o.search), Some(o.reached)),
             None => (None, None),
         };
-    let layers = convert(&mut g, &facts, &opts).with_context(what)?;
+    let layers = lowrank::convert(&mut g, &facts, &opts).with_context(what)?;
     let facts2 = crate::ir::shape::infer(&g, &shapes)?;
     let after = crate::ir::cost::cost(&g, &facts2).totals;
     // elrt's records of an earlier stage go, except the input normalisation: the converted
@@ -158,15 +160,15 @@ pub fn convert_graph(mut g: Graph, a: &ConvertArgs) -> Result<(Graph, ConvertRep
     });
     g.meta.metadata_props.extend([
         ("elrt.source".to_string(), a.model.display().to_string()),
-        ("elrt.format".to_string(), a.format.clone()),
-        ("elrt.ranks".to_string(), a.ranks.clone()),
-        ("elrt.init".to_string(), a.init.clone()),
+        ("elrt.format".to_string(), a.format.to_string()),
+        ("elrt.ranks".to_string(), a.ranks.to_string()),
+        ("elrt.init".to_string(), a.init.to_string()),
     ]);
     let report = ConvertReport {
         model: a.model.display().to_string(),
         output: a.output.display().to_string(),
         format,
-        ranks: a.ranks.clone(),
+        ranks: a.ranks.to_string(),
         init,
         params_before: before.params,
         params_after: after.params,

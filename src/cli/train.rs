@@ -1,0 +1,156 @@
+//! `elrt train`: flags -> [`elrt::pipeline::TrainOptions`].
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use elrt::data::{DataSpec, NormSpec};
+use elrt::pipeline::TrainOptions;
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// The ONNX architecture to train.
+    pub model: PathBuf,
+    /// The data: synthetic (the built-in procedural set, 5,000 train / 1,000 test images; compress's
+    /// embedded default uses 4,000 / 1,000 to stay short) | synthetic:TRAIN,TEST (image counts) |
+    /// cifar10:PATH | cifar100:PATH (the binary versions) | folder:PATH (one sub-folder of
+    /// JPEG/PNG images per class, or train/<class>/ and test/<class>/).
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    /// Passes over the training split (the learning-rate schedule spans them all).
+    #[arg(long, default_value_t = 30)]
+    pub epochs: u64,
+    /// Images per optimiser step (the training split must hold at least one batch).
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Base learning rate (default 0.1 for SGD, 1e-3 for AdamW).
+    #[arg(long)]
+    pub lr: Option<f32>,
+    /// sgd | adamw
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// SGD momentum (Nesterov's unless --no-nesterov).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f32,
+    /// Plain momentum instead of Nesterov's.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Weight decay on conv and linear weights (default 5e-4 for SGD, 0.05 for AdamW).
+    #[arg(long)]
+    pub wd: Option<f32>,
+    /// constant | step | cosine | onecycle
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Linear warm-up, in epochs.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f32,
+    /// Label smoothing of the cross-entropy loss (0: none), as torch.nn.CrossEntropyLoss.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data loader threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seed of the initialisation, the data order, the augmentation and the dropout masks (a
+    /// run is reproducible from it, bit for bit, whatever the thread count).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after N optimiser steps (smoke runs).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// scratch: Kaiming init of every weight (low-rank factors too, each as its own conv);
+    /// factors: the same, but low-rank factors keep the file's values (the init `elrt convert`
+    /// wrote: composed-Kaiming or orthogonal); file: keep all the file's weights.
+    #[arg(long, default_value = "scratch")]
+    pub init: String,
+    /// auto: insert BatchNormalization after every conv when the graph has none (eval-mode
+    /// exports with BN folded); insert: after every conv lacking one; keep: as it is.
+    #[arg(long, default_value = "auto")]
+    pub bn: String,
+    /// No random crop and flip.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Input normalisation, recorded in the output file: cifar10 | imagenet | none |
+    /// M1,M2,M3/S1,S2,S3 (mean/std of 0..1 pixels, one per input channel). Default: what the
+    /// model file records, else cifar10 (3 channels).
+    #[arg(long, value_name = "SPEC")]
+    pub normalize: Option<NormSpec>,
+    /// Double soft orthogonality strength rho on the Tucker-2/CP factor matrices (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub orth: f32,
+    /// No weight decay on the factor matrices under DSO (U1, U2 of Tucker-2, the 1x1 factors of
+    /// CP); the core and every other weight keep it.
+    #[arg(long)]
+    pub orth_no_decay: bool,
+    /// Keep the model's classifier as it is. Without it, a model whose output width differs
+    /// from the data's class count gets its last Gemm / MatMul / conv re-sized to the data
+    /// (freshly initialised; said in one line); with it, that is an error.
+    #[arg(long)]
+    pub keep_head: bool,
+    /// Continue from the checkpoint beside the output. The recipe must be the one it was
+    /// trained with (the differences are listed otherwise).
+    #[arg(long)]
+    pub resume: bool,
+    /// With --resume: accept a changed --epochs or --max-steps (to train further on purpose);
+    /// every other change is still refused.
+    #[arg(long, requires = "resume")]
+    pub allow_recipe_change: bool,
+    /// Output ONNX file (default: the model file's stem + ".trained.onnx", in the current folder).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress, data, resume or per-epoch lines: stderr keeps errors and warnings only,
+    /// stdout the final line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// The pipeline's options; the values clap leaves as text are parsed here, so that a bad
+    /// one fails before any work.
+    pub fn to_options(&self) -> Result<TrainOptions> {
+        Ok(TrainOptions {
+            model: self.model.clone(),
+            data: DataSpec::parse(&self.data)?,
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            optimizer: self.optimizer.parse()?,
+            momentum: self.momentum,
+            nesterov: !self.no_nesterov,
+            wd: self.wd,
+            schedule: self.schedule.parse()?,
+            warmup: self.warmup,
+            label_smoothing: self.label_smoothing,
+            threads: self.threads,
+            workers: self.workers,
+            seed: self.seed,
+            max_steps: self.max_steps,
+            init: self.init.parse()?,
+            bn: self.bn.parse()?,
+            augment: !self.no_augment,
+            normalize: self.normalize.clone(),
+            orth: self.orth,
+            orth_no_decay: self.orth_no_decay,
+            keep_head: self.keep_head,
+            resume: self.resume,
+            allow_recipe_change: self.allow_recipe_change,
+            output: self.output.clone(),
+            quiet: self.quiet,
+        })
+    }
+
+    pub fn run(self) -> Result<()> {
+        let r = elrt::pipeline::train(&self.to_options()?)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&r.summary())?);
+        } else {
+            print!("{}", r.to_text());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The eval stage: top-1 / top-5 accuracy and loss of a model on a data set's test split.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::data::{DataSpec, NormSpec};
+use crate::engine::model::Model;
+use crate::train::run::{evaluate, EvalResult};
+
+/// What [`eval`] scores; the defaults are `elrt eval`'s.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// The ONNX model (its batch size is free whatever the file declares).
+    pub model: PathBuf,
+    /// The data whose test split is scored.
+    pub data: DataSpec,
+    /// Input normalisation (`None`: what the model file records, else the default for its
+    /// channels).
+    pub normalize: Option<NormSpec>,
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Compute threads (`None`: all cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            model: PathBuf::new(),
+            data: DataSpec::default(),
+            normalize: None,
+            batch: 256,
+            threads: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub normalize: NormSpec,
+    #[serde(flatten)]
+    pub result: EvalResult,
+}
+
+impl EvalReport {
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}: {} test images, top-1 {:.2}%, top-5 {:.2}%, loss {:.4} (normalisation {})\n",
+            self.model,
+            self.result.images,
+            100.0 * self.result.top1,
+            100.0 * self.result.top5,
+            self.result.loss,
+            self.normalize
+        )
+    }
+}
+
+/// Scores the model as `elrt eval` does, on a pool of `threads` compute threads.
+pub fn eval(a: &EvalOptions) -> Result<EvalReport> {
+    let threads = crate::engine::thread_count(a.threads)?;
+    crate::engine::with_threads(threads, || eval_on_pool(a))?
+}
+
+fn eval_on_pool(a: &EvalOptions) -> Result<EvalReport> {
+    let mut model = Model::load(&a.model, a.batch)?;
+    let [c, h, w] = [
+        model.input_shape[1],
+        model.input_shape[2],
+        model.input_shape[3],
+    ];
+    let (normalize, note) = NormSpec::for_model(
+        a.normalize.as_ref(),
+        &a.model,
+        &model.graph.meta.metadata_props,
+        c,
+    )?;
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    let norm = normalize.resolve(c)?;
+    let mut test = a.data.load_test([c, h, w])?;
+    // A model that records its class names is scored by name: a folder with some of the
+    // classes, or with them in another order, still lands on the right outputs.
+    let recorded = model
+        .graph
+        .meta
+        .metadata_props
+        .iter()
+        .find(|(k, _)| k == crate::data::CLASSES_KEY)
+        .and_then(|(_, v)| serde_json::from_str::<Vec<String>>(v).ok());
+    if let Some(names) = recorded {
+        test = test.relabelled(&names)?;
+    }
+    let test = Arc::new(test);
+    let workers = 2;
+    let result =
+        crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers, Some(norm)))?;
+    Ok(EvalReport {
+        model: a.model.display().to_string(),
+        data: a.data.to_string(),
+        normalize,
+        result,
+    })
+}

@@ -1,0 +1,154 @@
+//! Training-step throughput (img/s) and peak memory on random data, optionally per op: the
+//! figure the benchmarks compare with PyTorch.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::engine::model::Model;
+use crate::ir::bn_insert::{self, BnPolicy};
+
+/// What [`speed`] times; the defaults are `elrt speed`'s.
+#[derive(Clone, Debug)]
+pub struct SpeedOptions {
+    /// The ONNX model to time.
+    pub model: PathBuf,
+    /// Images per training step.
+    pub batch: usize,
+    /// Compute threads (`None`: all cores).
+    pub threads: Option<usize>,
+    /// Timed training steps (after one warm-up step).
+    pub steps: usize,
+    /// Per-op forward/backward times.
+    pub profile: bool,
+}
+
+impl Default for SpeedOptions {
+    fn default() -> Self {
+        SpeedOptions {
+            model: PathBuf::new(),
+            batch: 128,
+            threads: None,
+            steps: 10,
+            profile: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SpeedReport {
+    pub model: String,
+    pub batch: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub ms_per_step: f64,
+    pub img_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+    /// OpenBLAS's kernel set ([`crate::engine::blas_core`]) and whether OPENBLAS_CORETYPE set it.
+    pub blas_core: String,
+    pub blas_core_pinned: bool,
+    /// (op, forward | backward, ms per step), slowest first.
+    pub profile: Vec<(String, String, f64)>,
+}
+
+/// Peak resident set size of this process in MiB, from /proc (Linux).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+/// Times training steps as `elrt speed` does (no data loading), on a pool of `threads`
+/// compute threads.
+pub fn speed(a: &SpeedOptions) -> Result<SpeedReport> {
+    let threads = crate::engine::thread_count(a.threads)?;
+    crate::engine::with_threads(threads, || speed_on_pool(a))?
+}
+
+fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
+    use ndarray::{ArrayD, IxDyn};
+    let mut graph = crate::onnx::read_file(&a.model)?;
+    bn_insert::apply(&mut graph, BnPolicy::Auto);
+    let mut m = Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
+    let mut r = crate::rng::Rng::new(1);
+    let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());
+    let labels: Vec<usize> = (0..a.batch).map(|i| i % m.classes).collect();
+    // The training step without the optimiser's update, as scripts/bench_train.py times
+    // PyTorch's.
+    let mut train_step = crate::train::step::TrainStep::new(&m.session.program, 0.0, 0.0);
+    let mut step =
+        |m: &mut Model| -> Result<()> { train_step.gradients(m, x.clone(), &labels).map(|_| ()) };
+    let total = crate::engine::on_pool(|| -> Result<f64> {
+        step(&mut m)?;
+        if a.profile {
+            m.session.profile = Some(Default::default());
+        }
+        let t0 = std::time::Instant::now();
+        for _ in 0..a.steps {
+            step(&mut m)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    })?;
+    let mut profile: Vec<(String, String, f64)> = m
+        .session
+        .profile
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|((op, bwd), s)| {
+            let dir = if bwd { "backward" } else { "forward" };
+            (op.to_string(), dir.to_string(), 1e3 * s / a.steps as f64)
+        })
+        .collect();
+    profile.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let (blas_core, blas_core_pinned) = crate::engine::blas_core();
+    Ok(SpeedReport {
+        model: a.model.display().to_string(),
+        batch: a.batch,
+        threads: crate::engine::compute_threads_alive(),
+        steps: a.steps,
+        ms_per_step: 1e3 * total / a.steps as f64,
+        img_per_s: (a.batch * a.steps) as f64 / total,
+        peak_rss_mib: peak_rss_mib(),
+        blas_core,
+        blas_core_pinned,
+        profile,
+    })
+}
+
+impl SpeedReport {
+    pub fn to_text(&self) -> String {
+        let rep = self;
+        let mut out = format!(
+            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}\n",
+            rep.model,
+            rep.batch,
+            rep.threads,
+            rep.ms_per_step,
+            rep.img_per_s,
+            rep.peak_rss_mib,
+            rep.blas_core,
+            if rep.blas_core_pinned {
+                " (set by OPENBLAS_CORETYPE)"
+            } else {
+                ""
+            }
+        );
+        for (op, dir, ms) in &rep.profile {
+            out += &format!(
+                "  {op:<20} {dir:<8} {ms:>8.1} ms/step {:>5.1}%\n",
+                100.0 * ms / rep.ms_per_step
+            );
+        }
+        out
+    }
+}
