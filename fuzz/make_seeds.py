@@ -159,7 +159,7 @@ def old_opset():
     n = [
         helper.make_node("Conv", ["x", "c.w"], ["a"], kernel_shape=[3, 3]),
         helper.make_node("Clip", ["a"], ["b"], min=0.0, max=6.0),
-        helper.make_node("Pad", ["b"], ["c"], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"),
+        helper.make_node("Pad", ["b"], ["c"], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant", value=0.5),
         helper.make_node("Slice", ["c"], ["d"], starts=[0], ends=[2], axes=[1]),
         helper.make_node("Split", ["d"], ["e1", "e2"], axis=1, split=[1, 1]),
         helper.make_node("Add", ["e1", "e2"], ["f"]),
