@@ -679,6 +679,8 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
         let mut args = manifest
             .recipe
             .convert_options(&a.model, a.out.join("factorized.onnx"));
+        // --quiet covers the latency search's rounds too.
+        args.quiet = a.quiet;
         // The default budget widens the layer selection where the convs alone cannot meet it
         // (models whose weight sits in 1x1 convs or the classifier), so that a first run
         // goes through; a --ranks the user gave is never widened.
