@@ -275,7 +275,7 @@ fn binary_argv(rng: &mut elrt::rng::Rng, subs: &[String], flags: &[Vec<String>])
 }
 
 #[test]
-#[ignore = "long: the CLI campaign through the real binary (README, Tests)"]
+#[ignore = "long: the CLI campaign through the real binary (docs/tests.md, Fuzzing)"]
 fn cli_binary_campaign() {
     let cases = env_count("ELRT_FUZZ_BIN_CASES", 200);
     let seed = env_count("ELRT_FUZZ_SEED", 19);

@@ -3,7 +3,7 @@
 //! collects the `crate::<module>` paths in code (`use` statements, grouped ones included, and
 //! paths in expressions; comments and string literals are skipped) and the `super::` paths that
 //! climb to the crate root, and names each file, line and path that reaches a module after its
-//! own. The same order is in README.md's Design section; a new top-level module has to be
+//! own. The same order is in docs/design.md; a new top-level module has to be
 //! placed here (the test fails until it is). No exceptions are allowed.
 
 use std::collections::BTreeSet;
@@ -305,7 +305,7 @@ fn no_module_imports_one_above_it() {
     assert_eq!(
         declared, listed,
         "src/lib.rs declares these top-level modules, LAYERS in tests/module_layers.rs (and \
-         README's Design) lists those: place each new module in the order"
+         docs/design.md) lists those: place each new module in the order"
     );
     let mut files = Vec::new();
     rust_files(&src, &mut files);
