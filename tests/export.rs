@@ -368,36 +368,47 @@ fn latency_rank_policy_measures_and_explains() {
     let tmp = tempfile::tempdir().unwrap();
     let r20 = common::repo().join("models/resnet20.onnx");
     let o = tmp.path().join("lat.onnx");
-    let out = succeeds([
-        "convert",
-        r20.to_str().unwrap(),
-        "--ranks",
-        "latency=0.9",
-        "--json",
-        "-o",
-        o.to_str().unwrap(),
-    ]);
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let search = &r["latency_search"];
-    let layers = search["layers"].as_array().unwrap();
-    assert_eq!(layers.len(), 18, "every eligible layer is measured");
-    for l in layers {
-        assert!(l["dense_ms"].as_f64().unwrap() > 0.0);
-        assert!(l["chosen_ms"].as_f64().unwrap() <= l["dense_ms"].as_f64().unwrap());
-    }
-    // The layers the search factorized are exactly the ones the rewrite factorized.
-    let chosen: std::collections::BTreeSet<String> = layers
-        .iter()
-        .filter(|l| !l["ranks"].as_array().unwrap().is_empty())
-        .map(|l| l["layer"].as_str().unwrap().to_string())
-        .collect();
-    let done: std::collections::BTreeSet<String> = r["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["status"] == "factorized")
-        .map(|l| l["layer"].as_str().unwrap().to_string())
-        .collect();
+    // Timing-based: on a heavily loaded machine a layer's factorized form can time no faster
+    // than its dense one, and the search then rightly keeps everything dense. Up to three
+    // measurements; every assertion holds on the last.
+    let mut attempt = 0;
+    let (r, chosen, done) = loop {
+        attempt += 1;
+        let out = succeeds([
+            "convert",
+            r20.to_str().unwrap(),
+            "--ranks",
+            "latency=0.9",
+            "--json",
+            "-o",
+            o.to_str().unwrap(),
+        ]);
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let search = &r["latency_search"];
+        let layers = search["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 18, "every eligible layer is measured");
+        for l in layers {
+            assert!(l["dense_ms"].as_f64().unwrap() > 0.0);
+            assert!(l["chosen_ms"].as_f64().unwrap() <= l["dense_ms"].as_f64().unwrap());
+        }
+        // The layers the search factorized are exactly the ones the rewrite factorized.
+        let chosen: std::collections::BTreeSet<String> = layers
+            .iter()
+            .filter(|l| !l["ranks"].as_array().unwrap().is_empty())
+            .map(|l| l["layer"].as_str().unwrap().to_string())
+            .collect();
+        let done: std::collections::BTreeSet<String> = r["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["status"] == "factorized")
+            .map(|l| l["layer"].as_str().unwrap().to_string())
+            .collect();
+        if !done.is_empty() || attempt == 3 {
+            break (r, chosen, done);
+        }
+        eprintln!("attempt {attempt}: no layer factorized (timing under load?), measuring again");
+    };
     assert_eq!(chosen, done);
     assert!(
         !done.is_empty(),
