@@ -98,7 +98,7 @@ pub struct Param {
 
 /// What the file's output applies to the logits: a classifier exported with its final Softmax
 /// (or LogSoftmax). The engine trains on the logits before it (cross-entropy wants them) and
-/// applies the head only where the file's own output is compared ([`Program::apply_head`]).
+/// applies the head only where the file's own output is compared ([`Program::file_output`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Head {
     Softmax,

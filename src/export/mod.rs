@@ -67,13 +67,6 @@ impl std::fmt::Display for FormsPolicy {
     }
 }
 
-impl FormsPolicy {
-    /// Parses `--forms` early, so that a bad value fails before any work is done.
-    pub fn from_str_checked(s: &str) -> Result<FormsPolicy> {
-        s.parse()
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
     /// Batch size fixed in the file; `None` keeps the source model's convention
