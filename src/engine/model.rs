@@ -27,18 +27,7 @@ impl Model {
     }
 
     pub fn from_graph(mut graph: Graph, batch: usize) -> Result<Model> {
-        if graph.inputs.len() != 1 {
-            anyhow::bail!(
-                "the model has {} inputs ({}); elrt trains and runs image classifiers with one image input",
-                graph.inputs.len(),
-                graph
-                    .inputs
-                    .iter()
-                    .map(|i| format!("'{}'", i.name))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
+        one_image_input(&graph)?;
         let mut shapes = default_input_shapes(&graph)?;
         if let Some(s) = shapes.first_mut() {
             s[0] = batch;
@@ -81,4 +70,22 @@ impl Model {
     pub fn save(&self, path: &Path) -> Result<()> {
         crate::onnx::write_file(&self.trained_graph(), path)
     }
+}
+
+/// elrt trains and runs classifiers of one image input: a graph with more is refused naming
+/// its inputs, before shape inference fails inside it less clearly.
+pub fn one_image_input(graph: &Graph) -> Result<()> {
+    if graph.inputs.len() != 1 {
+        anyhow::bail!(
+            "the model has {} inputs ({}); elrt trains and runs image classifiers with one image input",
+            graph.inputs.len(),
+            graph
+                .inputs
+                .iter()
+                .map(|i| format!("'{}'", i.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }

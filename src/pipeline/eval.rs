@@ -69,20 +69,8 @@ pub fn eval(a: &EvalOptions) -> Result<EvalReport> {
 
 fn eval_on_pool(a: &EvalOptions) -> Result<EvalReport> {
     let mut model = Model::load(&a.model, a.batch)?;
-    let [c, h, w] = [
-        model.input_shape[1],
-        model.input_shape[2],
-        model.input_shape[3],
-    ];
-    let (normalize, note) = NormSpec::for_model(
-        a.normalize.as_ref(),
-        &a.model,
-        &model.graph.meta.metadata_props,
-        c,
-    )?;
-    if let Some(n) = note {
-        eprintln!("{n}");
-    }
+    let ([c, h, w], normalize) =
+        super::model_input_and_normalization(&model, a.normalize.as_ref(), &a.model, false)?;
     let norm = normalize.resolve(c)?;
     let mut test = a.data.load_test([c, h, w])?;
     // A model that records its class names is scored by name: a folder with some of the

@@ -27,3 +27,22 @@ pub use eval::{eval, EvalOptions, EvalReport};
 pub use export::{export, ExportOptions, ExportSummary};
 pub use speed::{speed, SpeedOptions, SpeedReport};
 pub use train::{train, Optim, TrainInit, TrainOptions, TrainReport};
+
+/// The image shape `[C, H, W]` a compiled model takes and the normalisation its inputs get
+/// (the flag, else the file's record, else the data's default; [`NormSpec::for_model`]), with
+/// the choice's note printed unless `quiet`. Train and eval decide it the same way.
+fn model_input_and_normalization(
+    model: &crate::engine::model::Model,
+    flag: Option<&crate::data::NormSpec>,
+    file: &std::path::Path,
+    quiet: bool,
+) -> anyhow::Result<([usize; 3], crate::data::NormSpec)> {
+    let s = &model.input_shape;
+    let chw = [s[1], s[2], s[3]];
+    let (normalize, note) =
+        crate::data::NormSpec::for_model(flag, file, &model.graph.meta.metadata_props, chw[0])?;
+    if let Some(n) = note.filter(|_| !quiet) {
+        eprintln!("{n}");
+    }
+    Ok((chw, normalize))
+}

@@ -391,20 +391,8 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     let mut graph = crate::onnx::read_file(&a.model)?;
     let what = || a.model.display().to_string();
     // The data first: the classifier follows its class count.
+    crate::engine::model::one_image_input(&graph).with_context(what)?;
     let shapes = crate::ir::shape::default_input_shapes(&graph).with_context(what)?;
-    if shapes.len() != 1 {
-        bail!(
-            "{}: the model has {} inputs ({}); elrt trains image classifiers with one image input",
-            a.model.display(),
-            shapes.len(),
-            graph
-                .inputs
-                .iter()
-                .map(|i| format!("'{}'", i.name))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
     let chw = match shapes.first().map(Vec::as_slice) {
         Some([_, c, h, w]) => [*c, *h, *w],
         _ => bail!(
@@ -437,20 +425,8 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     }
     let mut model =
         Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
-    let [c, h, w] = [
-        model.input_shape[1],
-        model.input_shape[2],
-        model.input_shape[3],
-    ];
-    let (normalize, note) = NormSpec::for_model(
-        a.normalize.as_ref(),
-        &a.model,
-        &model.graph.meta.metadata_props,
-        c,
-    )?;
-    if let Some(n) = note.filter(|_| !a.quiet) {
-        eprintln!("{n}");
-    }
+    let ([c, h, w], normalize) =
+        super::model_input_and_normalization(&model, a.normalize.as_ref(), &a.model, a.quiet)?;
     // The trained file says how its inputs are normalised, for every later use of it.
     normalize.record(&mut model.graph.meta.metadata_props, c)?;
     debug_assert_eq!([c, h, w], chw);
