@@ -149,7 +149,7 @@ fn step_and_compare(
         for p in &mut m.session.program.params {
             p.grad = f.tensor(&format!("grad/{}", p.name));
         }
-        opt.step_program(lr, &mut m.session.program);
+        opt.step_program(lr, &mut m.session.program).unwrap();
     } else {
         // The whole training step, update included.
         TrainStep::new(&m.session.program, 0.0, 0.0)

@@ -1,12 +1,16 @@
 //! Runs a [`Program`]: forward keeps what backward needs; backward runs the steps in reverse,
 //! accumulating gradients into slots (a value read twice sums both gradients) and parameters.
+//!
+//! The walk is backend-generic: every kernel runs through [`Backend`], so the same executor
+//! drives the CPU kernels and, later, a device backend. Its public face takes and returns host
+//! arrays (the input batch, the logits and their gradient); parameters, activations and
+//! gradients stay in the backend's memory.
 
 use anyhow::{anyhow, bail, Context, Result};
-use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayView4, ArrayViewD, Ix1, Ix2, Ix4, IxDyn};
+use ndarray::ArrayD;
 
-use super::ops::{BatchNormSaved, GlobalAveragePool, MaxPoolSaved};
-use super::program::{Kernel, Program, Src, Step};
-use super::tensor_ops as t;
+use super::backend::{Backend, CpuBackend};
+use super::program::{Kernel, Param, Program, Src};
 use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,18 +23,20 @@ pub enum Mode {
 }
 
 /// What a step kept from forward for its backward, beyond its inputs.
-enum Saved {
+enum Saved<B: Backend> {
     None,
-    Bn(BatchNormSaved),
-    MaxPool(MaxPoolSaved),
-    Mask(ArrayD<f32>),
+    Bn(B::BnSaved),
+    MaxPool(B::PoolSaved),
+    Mask(B::Tensor),
 }
 
-/// Forward/backward state over one program.
-pub struct Session {
-    pub program: Program,
-    values: Vec<Option<ArrayD<f32>>>,
-    saved: Vec<Saved>,
+/// Forward/backward state over one program, on backend `B` (the CPU unless said otherwise).
+pub struct Session<B: Backend = CpuBackend> {
+    pub backend: B,
+    /// The program with its tensors in the backend's memory.
+    pub program: Program<B::Tensor>,
+    values: Vec<Option<B::Tensor>>,
+    saved: Vec<Saved<B>>,
     /// Step at which each slot is read for the last time (for freeing in eval).
     last_use: Vec<usize>,
     /// Dropout masks come from `(dropout_seed, dropout_step, node)`, so a resumed run draws the
@@ -41,34 +47,33 @@ pub struct Session {
     pub profile: Option<std::collections::BTreeMap<(&'static str, bool), f64>>,
 }
 
-fn view4<'a>(a: &'a ArrayD<f32>, step: &Step) -> Result<ArrayView4<'a, f32>> {
-    a.view().into_dimensionality::<Ix4>().map_err(|_| {
-        anyhow!(
-            "node '{}': expected a rank-4 tensor, got {:?}",
-            step.name,
-            a.shape()
-        )
+/// The tensor a step input names, from the session's parts (split so that BN can update the
+/// running statistics while reading its inputs).
+fn get<'a, T>(
+    values: &'a [Option<T>],
+    params: &'a [Param<T>],
+    consts: &'a [T],
+    src: Src,
+) -> Result<&'a T> {
+    Ok(match src {
+        Src::Slot(k) => values[k].as_ref().ok_or_else(|| {
+            anyhow!("value slot {k} read before it was computed or after it was freed")
+        })?,
+        Src::Param(p) => &params[p].value,
+        Src::Const(c) => &consts[c],
     })
 }
 
-fn view2<'a>(a: &'a ArrayD<f32>, step: &Step) -> Result<ArrayView2<'a, f32>> {
-    a.view().into_dimensionality::<Ix2>().map_err(|_| {
-        anyhow!(
-            "node '{}': expected a rank-2 tensor, got {:?}",
-            step.name,
-            a.shape()
-        )
-    })
+impl Session<CpuBackend> {
+    /// A session on the CPU backend (the program's host arrays are moved in, not copied).
+    pub fn new(program: Program) -> Session<CpuBackend> {
+        Session::with_backend(CpuBackend, program)
+    }
 }
 
-fn view1<'a>(a: &'a ArrayD<f32>) -> ArrayView1<'a, f32> {
-    a.view()
-        .into_dimensionality::<Ix1>()
-        .expect("rank-1 parameter")
-}
-
-impl Session {
-    pub fn new(program: Program) -> Session {
+impl<B: Backend> Session<B> {
+    /// A session on `backend`, the program's tensors uploaded to it.
+    pub fn with_backend(backend: B, program: Program) -> Session<B> {
         let mut last_use = vec![0; program.n_slots];
         for (i, s) in program.steps.iter().enumerate() {
             for src in &s.inputs {
@@ -78,32 +83,38 @@ impl Session {
             }
         }
         last_use[program.output_slot] = usize::MAX;
+        let program = program.map_tensors(|a| backend.upload(a));
         Session {
-            values: vec![None; program.n_slots],
+            values: (0..program.n_slots).map(|_| None).collect(),
             saved: Vec::new(),
             last_use,
             program,
+            backend,
             dropout_seed: 0,
             dropout_step: 0,
             profile: None,
         }
     }
 
-    fn get(&self, src: Src) -> Result<&ArrayD<f32>> {
-        Ok(match src {
-            Src::Slot(k) => self.values[k].as_ref().ok_or_else(|| {
-                anyhow!("value slot {k} read before it was computed or after it was freed")
-            })?,
-            Src::Param(p) => &self.program.params[p].value,
-            Src::Const(c) => &self.program.consts[c],
-        })
+    /// A host copy of the program with the current weights and statistics.
+    pub fn program_on_host(&self) -> Program {
+        self.program.to_host(|t| self.backend.download(t))
+    }
+
+    fn get(&self, src: Src) -> Result<&B::Tensor> {
+        get(
+            &self.values,
+            &self.program.params,
+            &self.program.consts,
+            src,
+        )
     }
 
     /// Runs the network on a batch `[N, C, H, W]`, returning the logits `[N, K]`.
     pub fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
         self.values.iter_mut().for_each(|v| *v = None);
         self.saved.clear();
-        self.values[self.program.input_slot] = Some(x);
+        self.values[self.program.input_slot] = Some(self.backend.upload(x));
         for i in 0..self.program.steps.len() {
             let t0 = std::time::Instant::now();
             let (outs, saved) = self.run_step(i, mode).with_context(|| {
@@ -117,12 +128,12 @@ impl Session {
                     .or_default() += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
-            for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
-                self.values[slot] = Some(v);
+            for (slot, v) in step.outputs.iter().zip(outs) {
+                self.values[*slot] = Some(v);
             }
             if mode == Mode::Eval {
-                for src in step.inputs.clone() {
-                    if let Src::Slot(k) = src {
+                for src in &step.inputs {
+                    if let Src::Slot(k) = *src {
                         if self.last_use[k] == i {
                             self.values[k] = None;
                         }
@@ -132,9 +143,10 @@ impl Session {
                 self.saved.push(saved);
             }
         }
-        self.values[self.program.output_slot]
-            .clone()
-            .ok_or_else(|| anyhow!("the output was not computed"))
+        let out = self.values[self.program.output_slot]
+            .as_ref()
+            .ok_or_else(|| anyhow!("the output was not computed"))?;
+        Ok(self.backend.download(out))
     }
 
     /// Eval-mode forward that keeps every step's first output, by node name, in run order: the
@@ -142,7 +154,7 @@ impl Session {
     pub fn forward_trace(&mut self, x: ArrayD<f32>) -> Result<Vec<(String, ArrayD<f32>)>> {
         self.values.iter_mut().for_each(|v| *v = None);
         self.saved.clear();
-        self.values[self.program.input_slot] = Some(x);
+        self.values[self.program.input_slot] = Some(self.backend.upload(x));
         let mut trace = Vec::with_capacity(self.program.steps.len());
         for i in 0..self.program.steps.len() {
             let (outs, _) = self.run_step(i, Mode::Eval).with_context(|| {
@@ -155,83 +167,73 @@ impl Session {
             if let Some(o) = outs.first() {
                 // A fused step's output is its absorbed node's (the Relu after a BN).
                 let name = step.absorbed.as_ref().unwrap_or(&step.name);
-                trace.push((name.clone(), o.clone()));
+                trace.push((name.clone(), self.backend.download(o)));
             }
-            for (slot, v) in step.outputs.clone().into_iter().zip(outs) {
-                self.values[slot] = Some(v);
+            for (slot, v) in step.outputs.iter().zip(outs) {
+                self.values[*slot] = Some(v);
             }
         }
         Ok(trace)
     }
 
-    fn run_step(&mut self, i: usize, mode: Mode) -> Result<(Vec<ArrayD<f32>>, Saved)> {
-        let step = &self.program.steps[i];
-        let x = self.get(step.inputs[0])?;
-        let one = |a: ArrayD<f32>| (vec![a], Saved::None);
+    fn run_step(&mut self, i: usize, mode: Mode) -> Result<(Vec<B::Tensor>, Saved<B>)> {
+        let Session {
+            backend: be,
+            program,
+            values,
+            ..
+        } = self;
+        let step = &program.steps[i];
+        let get = |src: Src| get(values, &program.params, &program.consts, src);
+        let x = get(step.inputs[0])?;
+        let one = |a: B::Tensor| (vec![a], Saved::None);
         Ok(match &step.kernel {
             Kernel::Conv(op) => {
-                let w = self.get(step.inputs[1])?;
-                let b = match step.inputs.get(2) {
-                    Some(&s) => Some(view1(self.get(s)?)),
-                    None => None,
-                };
-                one(op.forward(view4(x, step)?, view4(w, step)?, b)?.into_dyn())
+                let w = get(step.inputs[1])?;
+                let b = step.inputs.get(2).map(|&s| get(s)).transpose()?;
+                one(be.conv_forward(op, x, w, b)?)
             }
             Kernel::BatchNorm { op, mean, var } => {
-                let scale = view1(self.get(step.inputs[1])?);
-                let bias = view1(self.get(step.inputs[2])?);
-                let x4 = view4(x, step)?;
+                let scale = get(step.inputs[1])?;
+                let bias = get(step.inputs[2])?;
                 if mode == Mode::Train {
                     let (m, v) = (*mean, *var);
-                    let (mut rm, mut rv) = (
-                        self.program.state[m].1.clone(),
-                        self.program.state[v].1.clone(),
-                    );
-                    let (y, saved) = op.forward_train(
-                        x4,
-                        scale,
-                        bias,
-                        rm.view_mut().into_dimensionality::<Ix1>()?,
-                        rv.view_mut().into_dimensionality::<Ix1>()?,
-                    )?;
-                    self.program.state[m].1 = rm;
-                    self.program.state[v].1 = rv;
-                    (vec![y.into_dyn()], Saved::Bn(saved))
+                    let (lo, hi) = program.state.split_at_mut(m.max(v));
+                    let (rm, rv) = if m < v {
+                        (&mut lo[m].1, &mut hi[0].1)
+                    } else if m > v {
+                        (&mut hi[0].1, &mut lo[v].1)
+                    } else {
+                        bail!("the running mean and variance are one tensor");
+                    };
+                    let (y, saved) = be.bn_forward_train(op, x, scale, bias, rm, rv)?;
+                    (vec![y], Saved::Bn(saved))
                 } else {
-                    let rm = view1(&self.program.state[*mean].1);
-                    let rv = view1(&self.program.state[*var].1);
-                    one(op.forward_eval(x4, scale, bias, rm, rv)?.into_dyn())
+                    let rm = &program.state[*mean].1;
+                    let rv = &program.state[*var].1;
+                    one(be.bn_forward_eval(op, x, scale, bias, rm, rv)?)
                 }
             }
-            Kernel::Act(a) => one(a.forward(x.view())?),
-            Kernel::Binary(op) => {
-                let y = self.get(step.inputs[1])?;
-                one(t::binary_forward(*op, x.view(), y.view())?)
-            }
-            Kernel::AddRelu => {
-                let y = self.get(step.inputs[1])?;
-                one(t::add_relu_forward(x.view(), y.view())?)
-            }
+            Kernel::Act(a) => one(be.act_forward(a, x)?),
+            Kernel::Binary(op) => one(be.binary_forward(*op, x, get(step.inputs[1])?)?),
+            Kernel::AddRelu => one(be.add_relu_forward(x, get(step.inputs[1])?)?),
             Kernel::Concat { axis } => {
-                let views: Vec<ArrayViewD<f32>> = step
-                    .inputs
-                    .iter()
-                    .map(|&s| self.get(s).map(|a| a.view()))
-                    .collect::<Result<_>>()?;
-                one(t::concat(*axis, &views)?)
+                let xs: Vec<&B::Tensor> =
+                    step.inputs.iter().map(|&s| get(s)).collect::<Result<_>>()?;
+                one(be.concat(*axis, &xs)?)
             }
-            Kernel::Split { axis, sizes } => (t::split(*axis, sizes, x.view())?, Saved::None),
+            Kernel::Split { axis, sizes } => (be.split(*axis, sizes, x)?, Saved::None),
             Kernel::MaxPool(op) => {
-                let (y, saved) = op.forward(view4(x, step)?)?;
-                (vec![y.into_dyn()], Saved::MaxPool(saved))
+                let (y, saved) = be.max_pool_forward(op, x)?;
+                (vec![y], Saved::MaxPool(saved))
             }
-            Kernel::AvgPool(op) => one(op.forward(view4(x, step)?)?.into_dyn()),
-            Kernel::GlobalAvgPool => one(GlobalAveragePool.forward(view4(x, step)?)?.into_dyn()),
+            Kernel::AvgPool(op) => one(be.avg_pool_forward(op, x)?),
+            Kernel::GlobalAvgPool => one(be.global_avg_pool_forward(x)?),
             Kernel::ReduceMean { axes, out_tail } => {
-                let y = t::reduce_mean(x.view(), axes);
-                let mut shape = vec![x.shape()[0]];
+                let y = be.reduce_mean(x, axes)?;
+                let mut shape = vec![be.dims(x)[0]];
                 shape.extend(out_tail);
-                one(t::reshape(y.view(), &shape)?)
+                one(be.reshape(&y, &shape)?)
             }
             Kernel::Reshape {
                 tail,
@@ -239,42 +241,42 @@ impl Session {
                 fixed,
             } => {
                 let shape = if *batch_major {
-                    let mut s = vec![x.shape()[0]];
+                    let mut s = vec![be.dims(x)[0]];
                     s.extend(tail);
                     s
                 } else {
                     fixed.clone()
                 };
-                one(t::reshape(x.view(), &shape)?)
+                one(be.reshape(x, &shape)?)
             }
-            Kernel::Transpose { perm } => one(t::transpose(x.view(), perm)),
+            Kernel::Transpose { perm } => one(be.transpose(x, perm)?),
             Kernel::Slice(s) => {
-                let idx = crate::ir::shape::slice_indices(x.shape(), s)?;
-                one(t::take(x.view(), &idx))
+                let idx = crate::ir::shape::slice_indices(be.dims(x), s)?;
+                one(be.take(x, &idx)?)
             }
-            Kernel::Pad { pads, value } => one(t::pad(x.view(), pads, *value)),
+            Kernel::Pad { pads, value } => one(be.pad(x, pads, *value)?),
             Kernel::Gemm(op) => {
-                let b = self.get(step.inputs[1])?;
-                let c = match step.inputs.get(2) {
-                    Some(&s) => Some(self.get(s)?.view()),
-                    None => None,
-                };
-                one(op.forward(view2(x, step)?, view2(b, step)?, c)?.into_dyn())
+                let b = get(step.inputs[1])?;
+                let c = step.inputs.get(2).map(|&s| get(s)).transpose()?;
+                one(be.gemm_forward(op, x, b, c)?)
             }
             Kernel::Dropout { ratio } => {
                 if mode == Mode::Eval || *ratio <= 0.0 {
                     one(x.clone())
                 } else {
+                    // The mask is drawn on the host from the keyed stream, so every backend
+                    // drops the same units for the same (seed, step, node).
                     let keep = 1.0 - ratio;
                     let mut rng = Rng::derive(self.dropout_seed, &[self.dropout_step, i as u64]);
-                    let mask = ArrayD::from_shape_fn(x.raw_dim(), |_| {
+                    let mask = ArrayD::from_shape_fn(be.dims(x), |_| {
                         if rng.uniform() < keep {
                             1.0 / keep
                         } else {
                             0.0
                         }
                     });
-                    (vec![x * &mask], Saved::Mask(mask))
+                    let mask = be.upload(mask);
+                    (vec![be.mul(x, &mask)?], Saved::Mask(mask))
                 }
             }
         })
@@ -287,13 +289,13 @@ impl Session {
             bail!("backward needs a training-mode forward first");
         }
         for p in &mut self.program.params {
-            p.grad.fill(0.0);
+            self.backend.fill(&mut p.grad, 0.0);
         }
-        let mut grads: Vec<Option<ArrayD<f32>>> = vec![None; self.program.n_slots];
-        grads[self.program.output_slot] = Some(dlogits);
+        let mut grads: Vec<Option<B::Tensor>> = (0..self.program.n_slots).map(|_| None).collect();
+        grads[self.program.output_slot] = Some(self.backend.upload(dlogits));
         for i in (0..self.program.steps.len()).rev() {
             let step = &self.program.steps[i];
-            let dys: Vec<Option<ArrayD<f32>>> =
+            let dys: Vec<Option<B::Tensor>> =
                 step.outputs.iter().map(|&o| grads[o].take()).collect();
             if dys.iter().all(Option::is_none) {
                 continue;
@@ -307,14 +309,16 @@ impl Session {
                     .or_default() += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
-            for (src, g) in step.inputs.clone().into_iter().zip(din) {
+            for (src, g) in step.inputs.iter().zip(din) {
                 let Some(g) = g else { continue };
-                match src {
+                match *src {
                     Src::Slot(k) => match &mut grads[k] {
-                        Some(acc) => *acc += &g,
+                        Some(acc) => self.backend.add_assign(acc, &g)?,
                         slot @ None => *slot = Some(g),
                     },
-                    Src::Param(p) => self.program.params[p].grad += &g,
+                    Src::Param(p) => self
+                        .backend
+                        .add_assign(&mut self.program.params[p].grad, &g)?,
                     Src::Const(_) => {}
                 }
             }
@@ -326,8 +330,9 @@ impl Session {
     fn step_backward(
         &self,
         i: usize,
-        mut dys: Vec<Option<ArrayD<f32>>>,
-    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        mut dys: Vec<Option<B::Tensor>>,
+    ) -> Result<Vec<Option<B::Tensor>>> {
+        let be = &self.backend;
         let step = &self.program.steps[i];
         let x = self.get(step.inputs[0])?;
         let needs_dx = step.inputs[0] != Src::Slot(self.program.input_slot);
@@ -338,126 +343,101 @@ impl Session {
         } else {
             dys.first_mut().and_then(Option::take)
         };
-        let mut dy = || -> Result<ArrayD<f32>> {
+        let mut dy = || -> Result<B::Tensor> {
             dy0.take()
                 .ok_or_else(|| anyhow!("no gradient for the output"))
         };
         Ok(match (&step.kernel, &self.saved[i]) {
             (Kernel::Conv(op), _) => {
                 let w = self.get(step.inputs[1])?;
-                let dy = dy()?;
-                let g = op.backward(
-                    view4(x, step)?,
-                    view4(w, step)?,
-                    view4(&dy, step)?,
-                    needs_dx,
-                )?;
-                let mut out = vec![g.dx.map(|d| d.into_dyn()), Some(g.dw.into_dyn())];
+                let g = be.conv_backward(op, x, w, dy()?, needs_dx)?;
+                let mut out = vec![g.dx, Some(g.dw)];
                 if step.inputs.len() > 2 {
-                    out.push(Some(g.db.into_dyn()));
+                    out.push(Some(g.db));
                 }
                 out
             }
             (Kernel::BatchNorm { op, .. }, Saved::Bn(saved)) => {
-                let scale = view1(self.get(step.inputs[1])?);
-                let dy = dy()?;
-                let g = op.backward_train(view4(x, step)?, scale, saved, view4(&dy, step)?)?;
-                vec![
-                    Some(g.dx.into_dyn()),
-                    Some(g.dscale.into_dyn()),
-                    Some(g.dbias.into_dyn()),
-                ]
+                let scale = self.get(step.inputs[1])?;
+                let g = be.bn_backward_train(op, x, scale, saved, dy()?)?;
+                vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
             }
-            (Kernel::Act(a), _) => vec![Some(a.backward(x.view(), dy()?.view())?)],
+            (Kernel::Act(a), _) => vec![Some(be.act_backward(a, x, dy()?)?)],
             (Kernel::Binary(op), _) => {
                 let y = self.get(step.inputs[1])?;
-                let (da, db) = t::binary_backward(*op, x.view(), y.view(), dy()?);
+                let (da, db) = be.binary_backward(*op, x, y, dy()?)?;
                 vec![Some(da), Some(db)]
             }
             (Kernel::AddRelu, _) => {
                 let y = self.get(step.inputs[1])?;
                 let z = self.get(Src::Slot(step.outputs[0]))?;
-                let (da, db) = t::add_relu_backward(x.view(), y.view(), z.view(), dy()?)?;
+                let (da, db) = be.add_relu_backward(x, y, z, dy()?)?;
                 vec![Some(da), Some(db)]
             }
             (Kernel::Concat { axis }, _) => {
                 let sizes: Vec<usize> = step
                     .inputs
                     .iter()
-                    .map(|&s| self.get(s).map(|a| a.shape()[*axis]))
+                    .map(|&s| self.get(s).map(|a| be.dims(a)[*axis]))
                     .collect::<Result<_>>()?;
-                t::split(*axis, &sizes, dy()?.view())?
+                be.split(*axis, &sizes, &dy()?)?
                     .into_iter()
                     .map(Some)
                     .collect()
             }
-            (Kernel::Split { axis, .. }, _) => {
-                let parts: Vec<ArrayD<f32>> = dys
-                    .iter()
+            (Kernel::Split { axis, sizes }, _) => {
+                let parts: Vec<B::Tensor> = dys
+                    .into_iter()
                     .enumerate()
                     .map(|(k, g)| {
-                        g.clone().unwrap_or_else(|| {
-                            let mut shape = x.shape().to_vec();
-                            if let Kernel::Split { sizes, .. } = &step.kernel {
-                                shape[*axis] = sizes[k];
-                            }
-                            ArrayD::zeros(IxDyn(&shape))
+                        g.unwrap_or_else(|| {
+                            let mut shape = be.dims(x).to_vec();
+                            shape[*axis] = sizes[k];
+                            be.zeros(&shape)
                         })
                     })
                     .collect();
-                let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-                vec![Some(t::concat(*axis, &views)?)]
+                let refs: Vec<&B::Tensor> = parts.iter().collect();
+                vec![Some(be.concat(*axis, &refs)?)]
             }
             (Kernel::MaxPool(op), Saved::MaxPool(saved)) => {
-                let dy = dy()?;
-                vec![Some(op.backward(saved, view4(&dy, step)?)?.into_dyn())]
+                vec![Some(be.max_pool_backward(op, saved, dy()?)?)]
             }
             (Kernel::AvgPool(op), _) => {
-                let dy = dy()?;
-                vec![Some(op.backward(x.shape(), view4(&dy, step)?)?.into_dyn())]
+                vec![Some(be.avg_pool_backward(op, be.dims(x), dy()?)?)]
             }
             (Kernel::GlobalAvgPool, _) => {
-                let dy = dy()?;
-                vec![Some(
-                    GlobalAveragePool
-                        .backward(x.shape(), view4(&dy, step)?)?
-                        .into_dyn(),
-                )]
+                vec![Some(be.global_avg_pool_backward(be.dims(x), dy()?)?)]
             }
             (Kernel::ReduceMean { axes, .. }, _) => {
-                vec![Some(t::reduce_mean_backward(x.shape(), axes, dy()?.view()))]
+                vec![Some(be.reduce_mean_backward(be.dims(x), axes, dy()?)?)]
             }
-            (Kernel::Reshape { .. }, _) => vec![Some(t::reshape(dy()?.view(), x.shape())?)],
+            (Kernel::Reshape { .. }, _) => vec![Some(be.reshape(&dy()?, be.dims(x))?)],
             (Kernel::Transpose { perm }, _) => {
-                vec![Some(t::transpose(dy()?.view(), &t::inverse_perm(perm)))]
+                let inv = super::tensor_ops::inverse_perm(perm);
+                vec![Some(be.transpose(&dy()?, &inv)?)]
             }
             (Kernel::Slice(s), _) => {
-                let idx = crate::ir::shape::slice_indices(x.shape(), s)?;
-                vec![Some(t::take_backward(x.shape(), &idx, dy()?.view()))]
+                let idx = crate::ir::shape::slice_indices(be.dims(x), s)?;
+                vec![Some(be.take_backward(be.dims(x), &idx, dy()?)?)]
             }
             (Kernel::Pad { pads, .. }, _) => {
-                vec![Some(t::pad_backward(x.shape(), pads, dy()?.view()))]
+                vec![Some(be.pad_backward(be.dims(x), pads, dy()?)?)]
             }
             (Kernel::Gemm(op), _) => {
                 let b = self.get(step.inputs[1])?;
                 let c_shape = match step.inputs.get(2) {
-                    Some(&s) => Some(self.get(s)?.shape().to_vec()),
+                    Some(&s) => Some(be.dims(self.get(s)?).to_vec()),
                     None => None,
                 };
-                let dy = dy()?;
-                let g = op.backward(
-                    view2(x, step)?,
-                    view2(b, step)?,
-                    c_shape.as_deref(),
-                    view2(&dy, step)?,
-                )?;
-                let mut out = vec![Some(g.da.into_dyn()), Some(g.db.into_dyn())];
+                let g = be.gemm_backward(op, x, b, c_shape.as_deref(), dy()?)?;
+                let mut out = vec![Some(g.da), Some(g.db)];
                 if step.inputs.len() > 2 {
                     out.push(g.dc);
                 }
                 out
             }
-            (Kernel::Dropout { .. }, Saved::Mask(mask)) => vec![Some(dy()? * mask)],
+            (Kernel::Dropout { .. }, Saved::Mask(mask)) => vec![Some(be.mul(&dy()?, mask)?)],
             (Kernel::Dropout { .. }, _) => vec![Some(dy()?)],
             (Kernel::BatchNorm { .. }, _) | (Kernel::MaxPool(_), _) => {
                 bail!("forward did not keep what backward needs")

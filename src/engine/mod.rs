@@ -1,8 +1,9 @@
 //! CPU training engine.
 //!
 //! [`ops`] holds the numeric core: one kernel family per file, each over `f32` ndarray tensors in
-//! NCHW layout, independent of the IR so that a later backend (CUDA) can offer the same surface
-//! without touching graph code.
+//! NCHW layout, independent of the IR. [`backend`] is the boundary the executor, the optimiser
+//! and DSO call through; [`backend::CpuBackend`] runs these kernels, and a later backend (CUDA)
+//! implements the same trait without touching graph, autodiff or training code.
 //!
 //! Threading model: rayon splits work across the batch (or across channels / planes), and every
 //! BLAS call runs single-threaded inside a rayon worker. OpenBLAS would otherwise start its own
@@ -10,6 +11,7 @@
 //! one thread. The kernels call [`init`] themselves, so forgetting it costs speed, never
 //! correctness.
 
+pub mod backend;
 pub mod exec;
 pub mod model;
 pub mod ops;

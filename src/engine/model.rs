@@ -5,28 +5,37 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use ndarray::ArrayD;
 
+use super::backend::{Backend, CpuBackend};
 use super::exec::{Mode, Session};
 use super::program::Program;
 use crate::ir::fold::{simplify, FoldOptions};
 use crate::ir::shape::default_input_shapes;
 use crate::ir::Graph;
 
-pub struct Model {
+/// `B` is the backend the session computes on (the CPU unless said otherwise).
+pub struct Model<B: Backend = CpuBackend> {
     /// The graph as trained (constants folded, Identity removed, Dropout kept).
     pub graph: Graph,
-    pub session: Session,
+    pub session: Session<B>,
     /// Input shape `[N, C, H, W]` the program was compiled for.
     pub input_shape: Vec<usize>,
     pub classes: usize,
 }
 
-impl Model {
+impl Model<CpuBackend> {
     pub fn load(path: &Path, batch: usize) -> Result<Model> {
         let g = crate::onnx::read_file(path)?;
         Model::from_graph(g, batch).with_context(|| path.display().to_string())
     }
 
-    pub fn from_graph(mut graph: Graph, batch: usize) -> Result<Model> {
+    pub fn from_graph(graph: Graph, batch: usize) -> Result<Model> {
+        Model::from_graph_on(CpuBackend, graph, batch)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// The model compiled for `batch` images, its session on `backend`.
+    pub fn from_graph_on(backend: B, mut graph: Graph, batch: usize) -> Result<Model<B>> {
         one_image_input(&graph)?;
         let mut shapes = default_input_shapes(&graph)?;
         if let Some(s) = shapes.first_mut() {
@@ -43,7 +52,7 @@ impl Model {
         let classes = program.classes(&facts, &graph);
         Ok(Model {
             input_shape: shapes[0].clone(),
-            session: Session::new(program),
+            session: Session::with_backend(backend, program),
             graph,
             classes,
         })
@@ -63,7 +72,10 @@ impl Model {
     /// The graph with the current weights and statistics.
     pub fn trained_graph(&self) -> Graph {
         let mut g = self.graph.clone();
-        self.session.program.store(&mut g);
+        let backend = &self.session.backend;
+        self.session
+            .program
+            .store_with(&mut g, |t| backend.download(t));
         g
     }
 

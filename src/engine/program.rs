@@ -87,11 +87,13 @@ pub struct Step {
     pub outputs: Vec<usize>,
 }
 
+/// A trainable tensor, its gradient and whether it decays. `T` is where it lives: host arrays
+/// when compiled, a backend's tensors inside a session ([`Program::map_tensors`]).
 #[derive(Clone, Debug)]
-pub struct Param {
+pub struct Param<T = ArrayD<f32>> {
     pub name: String,
-    pub value: ArrayD<f32>,
-    pub grad: ArrayD<f32>,
+    pub value: T,
+    pub grad: T,
     /// Weight decay applies (conv and linear weights) or not (biases, BN scale and shift).
     pub decay: bool,
 }
@@ -105,16 +107,19 @@ pub enum Head {
     LogSoftmax,
 }
 
+/// The compiled network. Backend-free: `T` is the tensor type of its parameters, statistics
+/// and constants, host `ArrayD<f32>` as compiled and a backend's tensor once a session has
+/// uploaded it ([`Program::map_tensors`], [`Program::to_host`]).
 #[derive(Clone, Debug)]
-pub struct Program {
+pub struct Program<T = ArrayD<f32>> {
     pub steps: Vec<Step>,
     pub n_slots: usize,
     pub input_slot: usize,
     pub output_slot: usize,
-    pub params: Vec<Param>,
+    pub params: Vec<Param<T>>,
     /// BN running statistics: (initializer name, value).
-    pub state: Vec<(String, ArrayD<f32>)>,
-    pub consts: Vec<ArrayD<f32>>,
+    pub state: Vec<(String, T)>,
+    pub consts: Vec<T>,
     /// The batch size the shapes were compiled for.
     pub batch: usize,
     /// A final Softmax / LogSoftmax over the classes, left out of the steps.
@@ -122,6 +127,94 @@ pub struct Program {
     /// The file's output shape without the batch: `[K]`, or `[K, 1, 1]` where the logits come
     /// out of a pool.
     pub file_output_tail: Vec<usize>,
+}
+
+impl<T> Program<T> {
+    /// The same program with every tensor passed through `f` (by value: a move where `f` is
+    /// one, as for the CPU backend).
+    pub fn map_tensors<U>(self, mut f: impl FnMut(T) -> U) -> Program<U> {
+        Program {
+            steps: self.steps,
+            n_slots: self.n_slots,
+            input_slot: self.input_slot,
+            output_slot: self.output_slot,
+            params: self
+                .params
+                .into_iter()
+                .map(|p| Param {
+                    name: p.name,
+                    value: f(p.value),
+                    grad: f(p.grad),
+                    decay: p.decay,
+                })
+                .collect(),
+            state: self.state.into_iter().map(|(n, v)| (n, f(v))).collect(),
+            consts: self.consts.into_iter().map(&mut f).collect(),
+            batch: self.batch,
+            head: self.head,
+            file_output_tail: self.file_output_tail,
+        }
+    }
+
+    /// A host copy, tensors downloaded through `f`.
+    pub fn to_host(&self, mut f: impl FnMut(&T) -> ArrayD<f32>) -> Program {
+        Program {
+            steps: self.steps.clone(),
+            n_slots: self.n_slots,
+            input_slot: self.input_slot,
+            output_slot: self.output_slot,
+            params: self
+                .params
+                .iter()
+                .map(|p| Param {
+                    name: p.name.clone(),
+                    value: f(&p.value),
+                    grad: f(&p.grad),
+                    decay: p.decay,
+                })
+                .collect(),
+            state: self.state.iter().map(|(n, v)| (n.clone(), f(v))).collect(),
+            consts: self.consts.iter().map(&mut f).collect(),
+            batch: self.batch,
+            head: self.head,
+            file_output_tail: self.file_output_tail.clone(),
+        }
+    }
+
+    /// Writes the parameters and statistics, brought to the host by `download`, into the
+    /// graph's initializers.
+    pub fn store_with(&self, graph: &mut Graph, mut download: impl FnMut(&T) -> ArrayD<f32>) {
+        for p in &self.params {
+            graph
+                .initializers
+                .insert(p.name.clone(), Tensor::F32(download(&p.value)));
+        }
+        for (name, v) in &self.state {
+            graph
+                .initializers
+                .insert(name.clone(), Tensor::F32(download(v)));
+        }
+    }
+
+    /// The file's output from the `[N, K]` logits: the head applied row by row (max-shifted,
+    /// as onnxruntime computes it), in the file's output shape.
+    pub fn file_output(&self, logits: ArrayD<f32>) -> ArrayD<f32> {
+        let mut y = logits;
+        if let Some(head) = self.head {
+            for mut row in y.rows_mut() {
+                let m = row.fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let sum: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                match head {
+                    Head::Softmax => row.mapv_inplace(|v| (v - m).exp() / sum),
+                    Head::LogSoftmax => row.mapv_inplace(|v| v - m - sum.ln()),
+                }
+            }
+        }
+        let mut shape = vec![y.shape()[0]];
+        shape.extend(&self.file_output_tail);
+        y.into_shape_with_order(shape)
+            .expect("the logits hold the file's output")
+    }
 }
 
 /// `[N, K]`, or `[N, K, 1, ...]`: class scores per image.
@@ -355,26 +448,6 @@ impl Program {
         })
     }
 
-    /// The file's output from the `[N, K]` logits: the head applied row by row (max-shifted,
-    /// as onnxruntime computes it), in the file's output shape.
-    pub fn file_output(&self, logits: ArrayD<f32>) -> ArrayD<f32> {
-        let mut y = logits;
-        if let Some(head) = self.head {
-            for mut row in y.rows_mut() {
-                let m = row.fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let sum: f32 = row.iter().map(|&v| (v - m).exp()).sum();
-                match head {
-                    Head::Softmax => row.mapv_inplace(|v| (v - m).exp() / sum),
-                    Head::LogSoftmax => row.mapv_inplace(|v| v - m - sum.ln()),
-                }
-            }
-        }
-        let mut shape = vec![y.shape()[0]];
-        shape.extend(&self.file_output_tail);
-        y.into_shape_with_order(shape)
-            .expect("the logits hold the file's output")
-    }
-
     /// Number of classes of the logits.
     pub fn classes(&self, facts: &Facts, graph: &Graph) -> usize {
         facts[&graph.outputs[0].name].shape[1]
@@ -382,16 +455,7 @@ impl Program {
 
     /// Writes trained parameters and statistics back into the graph's initializers.
     pub fn store(&self, graph: &mut Graph) {
-        for p in &self.params {
-            graph
-                .initializers
-                .insert(p.name.clone(), Tensor::F32(p.value.clone()));
-        }
-        for (name, v) in &self.state {
-            graph
-                .initializers
-                .insert(name.clone(), Tensor::F32(v.clone()));
-        }
+        self.store_with(graph, |a| a.clone())
     }
 }
 

@@ -153,17 +153,21 @@ pub fn load(path: &Path, program: &mut Program) -> Result<Checkpoint> {
     for (e, s) in header.state.iter().zip(program.state.iter_mut()) {
         s.1 = take(&e.shape)?;
     }
-    let sizes: Vec<Vec<usize>> = program.params.iter().map(|p| vec![p.value.len()]).collect();
+    let shapes: Vec<Vec<usize>> = program
+        .params
+        .iter()
+        .map(|p| p.value.shape().to_vec())
+        .collect();
     let mut m = Vec::new();
     let mut v = Vec::new();
     if header.moments.first().copied().unwrap_or(0) > 0 {
-        for s in &sizes {
-            m.push(take(s)?.into_raw_vec_and_offset().0);
+        for s in &shapes {
+            m.push(take(s)?);
         }
     }
     if header.moments.get(1).copied().unwrap_or(0) > 0 {
-        for s in &sizes {
-            v.push(take(s)?.into_raw_vec_and_offset().0);
+        for s in &shapes {
+            v.push(take(s)?);
         }
     }
     let mut optimizer = header.optimizer;

@@ -4,13 +4,17 @@
 //! BN scales and shifts nor to biases (decaying those hurts accuracy and is not what the ResNet
 //! recipes do). The caller says which parameters decay.
 
-use ndarray::{ArrayD, Zip};
+use anyhow::Result;
+use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
-/// One trainable tensor and its gradient.
-pub struct ParamRef<'a> {
-    pub value: &'a mut ArrayD<f32>,
-    pub grad: &'a ArrayD<f32>,
+use crate::engine::backend::{Backend, CpuBackend, Update};
+use crate::engine::program::Program;
+
+/// One trainable tensor and its gradient, on a backend whose tensors are `T`.
+pub struct ParamRef<'a, T = ArrayD<f32>> {
+    pub value: &'a mut T,
+    pub grad: &'a T,
     pub decay: bool,
 }
 
@@ -20,20 +24,25 @@ pub enum OptimKind {
     AdamW { beta1: f32, beta2: f32, eps: f32 },
 }
 
+/// The optimiser: its rule and hyper-parameters (serialised into checkpoints' headers) and its
+/// moment buffers, which live where the parameters do (`T`, a backend's tensor type; checkpoints
+/// write them as raw data after the header).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Optimizer {
+pub struct Optimizer<T = ArrayD<f32>> {
     pub kind: OptimKind,
     pub weight_decay: f32,
     /// Steps taken, for Adam's bias correction and for resuming.
     pub steps: u64,
     /// Momentum buffer (SGD) or first moment (AdamW), per parameter.
-    m: Vec<Vec<f32>>,
+    #[serde(skip)]
+    m: Vec<T>,
     /// Second moment (AdamW).
-    v: Vec<Vec<f32>>,
+    #[serde(skip)]
+    v: Vec<T>,
 }
 
-impl Optimizer {
-    pub fn new(kind: OptimKind, weight_decay: f32) -> Optimizer {
+impl<T> Optimizer<T> {
+    pub fn new(kind: OptimKind, weight_decay: f32) -> Optimizer<T> {
         Optimizer {
             kind,
             weight_decay,
@@ -44,19 +53,24 @@ impl Optimizer {
     }
 
     /// The optimiser's state tensors, for checkpoints.
-    pub fn state(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+    pub fn state(&self) -> (&[T], &[T]) {
         (&self.m, &self.v)
     }
 
-    pub fn set_state(&mut self, steps: u64, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) {
+    pub fn set_state(&mut self, steps: u64, m: Vec<T>, v: Vec<T>) {
         self.steps = steps;
         self.m = m;
         self.v = v;
     }
 
-    /// One update of every parameter of a compiled program from its gradients.
-    pub fn step_program(&mut self, lr: f32, program: &mut crate::engine::program::Program) {
-        let mut refs: Vec<ParamRef> = program
+    /// One update of every parameter of a program on `backend` from its gradients.
+    pub fn step_program_on<B: Backend<Tensor = T>>(
+        &mut self,
+        backend: &B,
+        lr: f32,
+        program: &mut Program<T>,
+    ) -> Result<()> {
+        let mut refs: Vec<ParamRef<T>> = program
             .params
             .iter_mut()
             .map(|p| ParamRef {
@@ -65,17 +79,22 @@ impl Optimizer {
                 decay: p.decay,
             })
             .collect();
-        self.step(lr, &mut refs);
+        self.step_on(backend, lr, &mut refs)
     }
 
-    /// One update with learning rate `lr` over `params` (always given in the same order).
-    pub fn step(&mut self, lr: f32, params: &mut [ParamRef]) {
+    /// One update with learning rate `lr` over `params` (always given in the same order): the
+    /// per-step scalars here, the elementwise rule on the backend ([`Backend::update`]).
+    pub fn step_on<B: Backend<Tensor = T>>(
+        &mut self,
+        backend: &B,
+        lr: f32,
+        params: &mut [ParamRef<T>],
+    ) -> Result<()> {
         if self.m.len() != params.len() {
-            self.m = params.iter().map(|p| vec![0.0; p.value.len()]).collect();
+            let zeros = |p: &ParamRef<T>| backend.zeros(backend.dims(p.value));
+            self.m = params.iter().map(zeros).collect();
             self.v = match self.kind {
-                OptimKind::AdamW { .. } => {
-                    params.iter().map(|p| vec![0.0; p.value.len()]).collect()
-                }
+                OptimKind::AdamW { .. } => params.iter().map(zeros).collect(),
                 OptimKind::Sgd { .. } => Vec::new(),
             };
         }
@@ -84,47 +103,47 @@ impl Optimizer {
         let wd = self.weight_decay;
         for (i, p) in params.iter_mut().enumerate() {
             let decay = if p.decay { wd } else { 0.0 };
-            let value = p.value.as_slice_mut().expect("parameters are contiguous");
-            let grad = p.grad.as_slice().expect("gradients are contiguous");
-            match self.kind {
-                OptimKind::Sgd { momentum, nesterov } => {
-                    // torch.optim.SGD: g += wd*w; buf = g on the first step, else
-                    // buf = momentum*buf + g; step along g + momentum*buf (Nesterov) or buf.
-                    let buf = &mut self.m[i];
-                    Zip::from(value)
-                        .and(grad)
-                        .and(buf.as_mut_slice())
-                        .for_each(|w, &g, b| {
-                            let g = g + decay * *w;
-                            *b = if first || momentum == 0.0 {
-                                g
-                            } else {
-                                momentum * *b + g
-                            };
-                            let d = if nesterov { g + momentum * *b } else { *b };
-                            *w -= lr * d;
-                        });
-                }
+            let rule = match self.kind {
+                // torch.optim.SGD: g += wd*w; buf = g on the first step, else
+                // buf = momentum*buf + g; step along g + momentum*buf (Nesterov) or buf.
+                OptimKind::Sgd { momentum, nesterov } => Update::Sgd {
+                    lr,
+                    decay,
+                    momentum,
+                    nesterov,
+                    first,
+                },
+                // torch.optim.AdamW: decoupled decay w *= 1 - lr*wd, then Adam with bias
+                // correction.
                 OptimKind::AdamW { beta1, beta2, eps } => {
-                    // torch.optim.AdamW: decoupled decay w *= 1 - lr*wd, then Adam with bias
-                    // correction.
                     let t = self.steps as i32;
                     let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
-                    let step = lr / bc1;
-                    let bc2_sqrt = bc2.sqrt();
-                    Zip::from(value)
-                        .and(grad)
-                        .and(self.m[i].as_mut_slice())
-                        .and(self.v[i].as_mut_slice())
-                        .for_each(|w, &g, m, v| {
-                            *w *= 1.0 - lr * decay;
-                            *m = beta1 * *m + (1.0 - beta1) * g;
-                            *v = beta2 * *v + (1.0 - beta2) * g * g;
-                            *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
-                        });
+                    Update::AdamW {
+                        lr,
+                        decay,
+                        beta1,
+                        beta2,
+                        eps,
+                        step: lr / bc1,
+                        bc2_sqrt: bc2.sqrt(),
+                    }
                 }
-            }
+            };
+            backend.update(&rule, p.value, p.grad, &mut self.m[i], self.v.get_mut(i))?;
         }
+        Ok(())
+    }
+}
+
+impl Optimizer {
+    /// [`Self::step_program_on`] on the CPU.
+    pub fn step_program(&mut self, lr: f32, program: &mut Program) -> Result<()> {
+        self.step_program_on(&CpuBackend, lr, program)
+    }
+
+    /// [`Self::step_on`] on the CPU.
+    pub fn step(&mut self, lr: f32, params: &mut [ParamRef]) -> Result<()> {
+        self.step_on(&CpuBackend, lr, params)
     }
 }
 
@@ -145,7 +164,8 @@ mod tests {
                     grad: &g,
                     decay,
                 }],
-            );
+            )
+            .unwrap();
         }
         w[0]
     }

@@ -14,17 +14,19 @@ use ndarray::{ArrayD, Ix2};
 
 use super::dso;
 use super::optim::Optimizer;
+use crate::engine::backend::{Backend, CpuBackend};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::ops::{top1_correct, SoftmaxCrossEntropy};
 use crate::engine::program::Program;
 use crate::lowrank::orth::OrthTerm;
 
-/// Called by [`TrainStep`] once per step when every parameter's gradient is complete.
-pub trait GradHook: Send {
+/// Called by [`TrainStep`] once per step when every parameter's gradient is complete. `B` is
+/// the backend the gradients live on (the CPU unless said otherwise).
+pub trait GradHook<B: Backend = CpuBackend>: Send {
     /// May change the gradients (e.g. average them over processes); an error stops the step
     /// before the update.
-    fn gradients_ready(&mut self, program: &mut Program) -> Result<()>;
+    fn gradients_ready(&mut self, backend: &B, program: &mut Program<B::Tensor>) -> Result<()>;
 }
 
 /// What one step measured.
@@ -50,21 +52,33 @@ pub struct Diverged {
     pub loss: f32,
 }
 
-/// The loss, its regularisers and the hooks of a training run.
-pub struct TrainStep {
+/// The loss, its regularisers and the hooks of a training run on backend `B`.
+pub struct TrainStep<B: Backend = CpuBackend> {
     ce: SoftmaxCrossEntropy,
     orth_terms: Vec<OrthTerm>,
     rho: f32,
-    hooks: Vec<Box<dyn GradHook>>,
+    hooks: Vec<Box<dyn GradHook<B>>>,
 }
 
-impl TrainStep {
+impl TrainStep<CpuBackend> {
     /// The step for `program`'s parameters: DSO of strength `rho` (0: off) on its factor
     /// matrices ([`dso::terms`]).
     pub fn new(program: &Program, label_smoothing: f32, rho: f32) -> TrainStep {
+        TrainStep::on(&CpuBackend, program, label_smoothing, rho)
+    }
+}
+
+impl<B: Backend> TrainStep<B> {
+    /// [`TrainStep::new`] for a program whose tensors live on `backend`.
+    pub fn on(
+        backend: &B,
+        program: &Program<B::Tensor>,
+        label_smoothing: f32,
+        rho: f32,
+    ) -> TrainStep<B> {
         TrainStep {
             ce: SoftmaxCrossEntropy { label_smoothing },
-            orth_terms: dso::terms(program),
+            orth_terms: dso::terms_on(backend, program),
             rho,
             hooks: Vec::new(),
         }
@@ -75,7 +89,7 @@ impl TrainStep {
         &self.orth_terms
     }
 
-    pub fn add_hook(&mut self, hook: Box<dyn GradHook>) {
+    pub fn add_hook(&mut self, hook: Box<dyn GradHook<B>>) {
         self.hooks.push(hook);
     }
 
@@ -83,10 +97,11 @@ impl TrainStep {
     /// the optimiser applies. Fails with [`Diverged`] (before backward) on a non-finite loss.
     pub fn gradients(
         &mut self,
-        model: &mut Model,
+        model: &mut Model<B>,
         images: ArrayD<f32>,
         labels: &[usize],
     ) -> Result<StepStats> {
+        // The loss runs on the host: the logits and their gradient are N x K.
         let logits = model.forward(images, Mode::Train)?;
         let l2 = logits.view().into_dimensionality::<Ix2>()?;
         let (loss, dlogits) = self.ce.loss_and_grad(l2, labels)?;
@@ -95,10 +110,16 @@ impl TrainStep {
         }
         let correct = top1_correct(l2, labels)?;
         model.session.backward(dlogits.into_dyn())?;
+        let session = &mut model.session;
         for h in &mut self.hooks {
-            h.gradients_ready(&mut model.session.program)?;
+            h.gradients_ready(&session.backend, &mut session.program)?;
         }
-        let orth = dso::apply(&mut model.session.program, &self.orth_terms, self.rho);
+        let orth = dso::apply(
+            &session.backend,
+            &mut session.program,
+            &self.orth_terms,
+            self.rho,
+        );
         Ok(StepStats {
             loss,
             correct,
@@ -111,14 +132,15 @@ impl TrainStep {
     /// [`Self::gradients`], then the optimiser's update at learning rate `lr`.
     pub fn run(
         &mut self,
-        model: &mut Model,
+        model: &mut Model<B>,
         images: ArrayD<f32>,
         labels: &[usize],
-        opt: &mut Optimizer,
+        opt: &mut Optimizer<B::Tensor>,
         lr: f32,
     ) -> Result<StepStats> {
         let stats = self.gradients(model, images, labels)?;
-        opt.step_program(lr, &mut model.session.program);
+        let session = &mut model.session;
+        opt.step_program_on(&session.backend, lr, &mut session.program)?;
         Ok(stats)
     }
 }
@@ -134,7 +156,7 @@ mod tests {
     }
 
     impl GradHook for Scale {
-        fn gradients_ready(&mut self, program: &mut Program) -> Result<()> {
+        fn gradients_ready(&mut self, _: &CpuBackend, program: &mut Program) -> Result<()> {
             self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             for p in &mut program.params {
                 p.grad *= self.factor;

@@ -1,0 +1,405 @@
+//! The CPU backend: host `ArrayD<f32>` tensors and the kernels of [`crate::engine::ops`] and
+//! [`crate::engine::tensor_ops`] (OpenBLAS GEMMs, rayon loops). Each method is the body of what
+//! the executor's match arm ran before the boundary existed, so training is bit-identical.
+
+use anyhow::{anyhow, bail, Result};
+use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, Zip};
+
+use super::{Backend, BnGrads, ConvGrads, GemmGrads, Update};
+use crate::engine::ops::{
+    Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, GlobalAveragePool,
+    MaxPool2d, MaxPoolSaved,
+};
+use crate::engine::tensor_ops as t;
+use crate::engine::tensor_ops::BinOp;
+
+/// Host memory, OpenBLAS and rayon: the engine's kernels as they are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuBackend;
+
+fn view4(a: &ArrayD<f32>) -> Result<ArrayView4<'_, f32>> {
+    a.view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| anyhow!("expected a rank-4 tensor, got {:?}", a.shape()))
+}
+
+fn view2(a: &ArrayD<f32>) -> Result<ArrayView2<'_, f32>> {
+    a.view()
+        .into_dimensionality::<Ix2>()
+        .map_err(|_| anyhow!("expected a rank-2 tensor, got {:?}", a.shape()))
+}
+
+fn view1(a: &ArrayD<f32>) -> Result<ArrayView1<'_, f32>> {
+    a.view()
+        .into_dimensionality::<Ix1>()
+        .map_err(|_| anyhow!("expected a rank-1 parameter, got {:?}", a.shape()))
+}
+
+fn same_shape(op: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = ArrayD<f32>;
+    type BnSaved = BatchNormSaved;
+    type PoolSaved = MaxPoolSaved;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, a: ArrayD<f32>) -> ArrayD<f32> {
+        a
+    }
+
+    fn download(&self, t: &ArrayD<f32>) -> ArrayD<f32> {
+        t.clone()
+    }
+
+    fn with_host<R>(&self, t: &ArrayD<f32>, f: impl FnOnce(&ArrayD<f32>) -> R) -> R {
+        f(t)
+    }
+
+    fn with_host_mut<R>(&self, t: &mut ArrayD<f32>, f: impl FnOnce(&mut ArrayD<f32>) -> R) -> R {
+        f(t)
+    }
+
+    fn dims<'a>(&self, t: &'a ArrayD<f32>) -> &'a [usize] {
+        t.shape()
+    }
+
+    fn zeros(&self, shape: &[usize]) -> ArrayD<f32> {
+        ArrayD::zeros(shape)
+    }
+
+    fn fill(&self, t: &mut ArrayD<f32>, value: f32) {
+        t.fill(value)
+    }
+
+    fn add_assign(&self, acc: &mut ArrayD<f32>, g: &ArrayD<f32>) -> Result<()> {
+        same_shape("gradient accumulation", acc, g)?;
+        *acc += g;
+        Ok(())
+    }
+
+    fn mul(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        same_shape("Mul", a, b)?;
+        Ok(a * b)
+    }
+
+    fn conv_forward(
+        &self,
+        op: &Conv2d,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        b: Option<&ArrayD<f32>>,
+    ) -> Result<ArrayD<f32>> {
+        let b = b.map(view1).transpose()?;
+        Ok(op.forward(view4(x)?, view4(w)?, b)?.into_dyn())
+    }
+
+    fn conv_backward(
+        &self,
+        op: &Conv2d,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        dy: ArrayD<f32>,
+        needs_dx: bool,
+    ) -> Result<ConvGrads<ArrayD<f32>>> {
+        let g = op.backward(view4(x)?, view4(w)?, view4(&dy)?, needs_dx)?;
+        Ok(ConvGrads {
+            dx: g.dx.map(|d| d.into_dyn()),
+            dw: g.dw.into_dyn(),
+            db: g.db.into_dyn(),
+        })
+    }
+
+    fn gemm_forward(
+        &self,
+        op: &Gemm,
+        a: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+        c: Option<&ArrayD<f32>>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(op
+            .forward(view2(a)?, view2(b)?, c.map(|c| c.view()))?
+            .into_dyn())
+    }
+
+    fn gemm_backward(
+        &self,
+        op: &Gemm,
+        a: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+        c_shape: Option<&[usize]>,
+        dy: ArrayD<f32>,
+    ) -> Result<GemmGrads<ArrayD<f32>>> {
+        let g = op.backward(view2(a)?, view2(b)?, c_shape, view2(&dy)?)?;
+        Ok(GemmGrads {
+            da: g.da.into_dyn(),
+            db: g.db.into_dyn(),
+            dc: g.dc,
+        })
+    }
+
+    fn bn_forward_train(
+        &self,
+        op: &BatchNorm2d,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        bias: &ArrayD<f32>,
+        running_mean: &mut ArrayD<f32>,
+        running_var: &mut ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, BatchNormSaved)> {
+        let (y, saved) = op.forward_train(
+            view4(x)?,
+            view1(scale)?,
+            view1(bias)?,
+            running_mean.view_mut().into_dimensionality::<Ix1>()?,
+            running_var.view_mut().into_dimensionality::<Ix1>()?,
+        )?;
+        Ok((y.into_dyn(), saved))
+    }
+
+    fn bn_forward_eval(
+        &self,
+        op: &BatchNorm2d,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        bias: &ArrayD<f32>,
+        mean: &ArrayD<f32>,
+        var: &ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(op
+            .forward_eval(
+                view4(x)?,
+                view1(scale)?,
+                view1(bias)?,
+                view1(mean)?,
+                view1(var)?,
+            )?
+            .into_dyn())
+    }
+
+    fn bn_backward_train(
+        &self,
+        op: &BatchNorm2d,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        saved: &BatchNormSaved,
+        dy: ArrayD<f32>,
+    ) -> Result<BnGrads<ArrayD<f32>>> {
+        let g = op.backward_train(view4(x)?, view1(scale)?, saved, view4(&dy)?)?;
+        Ok(BnGrads {
+            dx: g.dx.into_dyn(),
+            dscale: g.dscale.into_dyn(),
+            dbias: g.dbias.into_dyn(),
+        })
+    }
+
+    fn act_forward(&self, op: &Activation, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(op.forward(x.view())?)
+    }
+
+    fn act_backward(
+        &self,
+        op: &Activation,
+        x: &ArrayD<f32>,
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(op.backward(x.view(), dy.view())?)
+    }
+
+    fn binary_forward(&self, op: BinOp, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(t::binary_forward(op, a.view(), b.view())?)
+    }
+
+    fn binary_backward(
+        &self,
+        op: BinOp,
+        a: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+        dy: ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+        Ok(t::binary_backward(op, a.view(), b.view(), dy))
+    }
+
+    fn add_relu_forward(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(t::add_relu_forward(a.view(), b.view())?)
+    }
+
+    fn add_relu_backward(
+        &self,
+        a: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+        z: &ArrayD<f32>,
+        dz: ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+        Ok(t::add_relu_backward(a.view(), b.view(), z.view(), dz)?)
+    }
+
+    fn max_pool_forward(
+        &self,
+        op: &MaxPool2d,
+        x: &ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, MaxPoolSaved)> {
+        let (y, saved) = op.forward(view4(x)?)?;
+        Ok((y.into_dyn(), saved))
+    }
+
+    fn max_pool_backward(
+        &self,
+        op: &MaxPool2d,
+        saved: &MaxPoolSaved,
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(op.backward(saved, view4(&dy)?)?.into_dyn())
+    }
+
+    fn avg_pool_forward(&self, op: &AveragePool2d, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(op.forward(view4(x)?)?.into_dyn())
+    }
+
+    fn avg_pool_backward(
+        &self,
+        op: &AveragePool2d,
+        x_shape: &[usize],
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(op.backward(x_shape, view4(&dy)?)?.into_dyn())
+    }
+
+    fn global_avg_pool_forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(GlobalAveragePool.forward(view4(x)?)?.into_dyn())
+    }
+
+    fn global_avg_pool_backward(&self, x_shape: &[usize], dy: ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(GlobalAveragePool.backward(x_shape, view4(&dy)?)?.into_dyn())
+    }
+
+    fn reduce_mean(&self, x: &ArrayD<f32>, axes: &[usize]) -> Result<ArrayD<f32>> {
+        Ok(t::reduce_mean(x.view(), axes))
+    }
+
+    fn reduce_mean_backward(
+        &self,
+        x_shape: &[usize],
+        axes: &[usize],
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(t::reduce_mean_backward(x_shape, axes, dy.view()))
+    }
+
+    fn reshape(&self, x: &ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+        Ok(t::reshape(x.view(), shape)?)
+    }
+
+    fn transpose(&self, x: &ArrayD<f32>, perm: &[usize]) -> Result<ArrayD<f32>> {
+        Ok(t::transpose(x.view(), perm))
+    }
+
+    fn concat(&self, axis: usize, xs: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
+        let views: Vec<_> = xs.iter().map(|a| a.view()).collect();
+        Ok(t::concat(axis, &views)?)
+    }
+
+    fn split(&self, axis: usize, sizes: &[usize], x: &ArrayD<f32>) -> Result<Vec<ArrayD<f32>>> {
+        Ok(t::split(axis, sizes, x.view())?)
+    }
+
+    fn take(&self, x: &ArrayD<f32>, idx: &[Vec<usize>]) -> Result<ArrayD<f32>> {
+        Ok(t::take(x.view(), idx))
+    }
+
+    fn take_backward(
+        &self,
+        x_shape: &[usize],
+        idx: &[Vec<usize>],
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(t::take_backward(x_shape, idx, dy.view()))
+    }
+
+    fn pad(&self, x: &ArrayD<f32>, pads: &[(i64, i64)], value: f32) -> Result<ArrayD<f32>> {
+        Ok(t::pad(x.view(), pads, value))
+    }
+
+    fn pad_backward(
+        &self,
+        x_shape: &[usize],
+        pads: &[(i64, i64)],
+        dy: ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        Ok(t::pad_backward(x_shape, pads, dy.view()))
+    }
+
+    fn update(
+        &self,
+        rule: &Update,
+        w: &mut ArrayD<f32>,
+        g: &ArrayD<f32>,
+        m: &mut ArrayD<f32>,
+        v: Option<&mut ArrayD<f32>>,
+    ) -> Result<()> {
+        same_shape("optimiser update", w, g)?;
+        same_shape("optimiser update", w, m)?;
+        let value = w
+            .as_slice_mut()
+            .ok_or_else(|| anyhow!("parameters are contiguous"))?;
+        let grad = g
+            .as_slice()
+            .ok_or_else(|| anyhow!("gradients are contiguous"))?;
+        let m = m
+            .as_slice_mut()
+            .ok_or_else(|| anyhow!("moments are contiguous"))?;
+        match *rule {
+            Update::Sgd {
+                lr,
+                decay,
+                momentum,
+                nesterov,
+                first,
+            } => {
+                Zip::from(value).and(grad).and(m).for_each(|w, &g, b| {
+                    let g = g + decay * *w;
+                    *b = if first || momentum == 0.0 {
+                        g
+                    } else {
+                        momentum * *b + g
+                    };
+                    let d = if nesterov { g + momentum * *b } else { *b };
+                    *w -= lr * d;
+                });
+            }
+            Update::AdamW {
+                lr,
+                decay,
+                beta1,
+                beta2,
+                eps,
+                step,
+                bc2_sqrt,
+            } => {
+                let v = v.ok_or_else(|| anyhow!("AdamW needs its second moment"))?;
+                same_shape("optimiser update", g, v)?;
+                let v = v
+                    .as_slice_mut()
+                    .ok_or_else(|| anyhow!("moments are contiguous"))?;
+                Zip::from(value)
+                    .and(grad)
+                    .and(m)
+                    .and(v)
+                    .for_each(|w, &g, m, v| {
+                        *w *= 1.0 - lr * decay;
+                        *m = beta1 * *m + (1.0 - beta1) * g;
+                        *v = beta2 * *v + (1.0 - beta2) * g * g;
+                        *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
+                    });
+            }
+        }
+        Ok(())
+    }
+}
