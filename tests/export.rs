@@ -369,12 +369,13 @@ fn latency_rank_policy_measures_and_explains() {
     let r20 = common::repo().join("models/resnet20.onnx");
     let o = tmp.path().join("lat.onnx");
     // Timing-based: on a heavily loaded machine a layer's factorized form can time no faster
-    // than its dense one, and the search then rightly keeps everything dense. Up to three
-    // measurements; every assertion holds on the last.
+    // than its dense one, and the search then rightly keeps everything dense, or finds the 10%
+    // cut unreachable (the fastest ranks predicting 0.93 of dense at load 7 on 2 cores). Up to
+    // three measurements; every assertion holds on the last.
     let mut attempt = 0;
     let (r, chosen, done) = loop {
         attempt += 1;
-        let out = succeeds([
+        let args = [
             "convert",
             r20.to_str().unwrap(),
             "--ranks",
@@ -382,7 +383,17 @@ fn latency_rank_policy_measures_and_explains() {
             "--json",
             "-o",
             o.to_str().unwrap(),
-        ]);
+        ];
+        let out = common::elrt().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && stderr.contains("unreachable in tract") && attempt < 3 {
+            eprintln!(
+                "attempt {attempt}: {} (timing under load?), measuring again",
+                stderr.trim()
+            );
+            continue;
+        }
+        assert!(out.status.success(), "{stderr}");
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let search = &r["latency_search"];
         let layers = search["layers"].as_array().unwrap();

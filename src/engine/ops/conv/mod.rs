@@ -8,6 +8,9 @@
 //! backward products) run at 80-122 GFLOP/s against 125 for 1024^3, and batching 8 or 32 images
 //! into one wider GEMM is no faster (72-122), while one image's im2col buffer (at most 576 KiB
 //! there) stays in L2 and a batched one would not. NHWC would only transpose the same GEMMs.
+//! Small planes are the exception: below 256 outputs per image (the 2x2 and 4x4 stages of
+//! ResNet-18 at 64x64, 4 to 16 GEMM columns) packing dominates, and `block.rs` puts several
+//! images in one GEMM; that doubled ResNet-18's training step at 64x64 (README, speed).
 //!
 //! Three paths, chosen from the attributes:
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
@@ -28,6 +31,7 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, NdFloat};
 use rayon::prelude::*;
 
+mod block;
 mod depthwise;
 mod im2col;
 #[cfg(test)]
@@ -108,13 +112,18 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
-    /// "Conv depthwise" (direct loops) or "Conv im2col" (im2col + GEMM). `elrt speed --profile`
-    /// splits conv time this way, since the three differ by 10x in GFLOP/s.
+    /// "Conv depthwise" (direct loops) or "Conv im2col" (im2col + GEMM), with " blocked" when
+    /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
+    /// splits conv time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
-        Ok(match self.geom(x, w)?.path {
-            Path::Pointwise => "Conv 1x1",
-            Path::Depthwise => "Conv depthwise",
-            Path::Im2col => "Conv im2col",
+        let g = self.geom(x, w)?;
+        let blocked = g.block_images() > 1;
+        Ok(match (g.path, blocked) {
+            (Path::Pointwise, false) => "Conv 1x1",
+            (Path::Pointwise, true) => "Conv 1x1 blocked",
+            (Path::Depthwise, _) => "Conv depthwise",
+            (Path::Im2col, false) => "Conv im2col",
+            (Path::Im2col, true) => "Conv im2col blocked",
         })
     }
 
@@ -207,11 +216,18 @@ impl Conv2d {
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let mut y = vec![0.0f32; g.n * ylen];
-        let part = part_len(g.n);
+        let (part, blk) = (g.part_images(), g.block_images());
         if g.n > 0 {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
                 .for_each(|(yp, xp)| {
+                    if blk > 1 {
+                        let mut s = g.block_scratch();
+                        for (yb, xb) in yp.chunks_mut(blk * ylen).zip(xp.chunks(blk * xlen)) {
+                            g.forward_block(xb, &ws, bias.as_deref(), yb, &mut s);
+                        }
+                        return;
+                    }
                     let mut col = vec![0.0f32; g.col_len()];
                     for (yb, xb) in yp.chunks_mut(ylen).zip(xp.chunks(xlen)) {
                         g.forward_image(xb, &ws, bias.as_deref(), yb, &mut col);
@@ -245,7 +261,7 @@ impl Conv2d {
         init();
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         let (xlen, ylen) = (g.x_len(), g.y_len());
-        let part = part_len(g.n);
+        let (part, blk) = (g.part_images(), g.block_images());
         let mut dx = if need_dx {
             vec![0.0f32; g.n * xlen]
         } else {
@@ -263,14 +279,30 @@ impl Conv2d {
             .map(|((mut dxp, xp), dyp)| {
                 let mut dw = vec![0.0f32; ws.len()];
                 let mut db = vec![0.0f64; g.co];
+                for dyb in dyp.chunks(ylen) {
+                    for (acc, row) in db.iter_mut().zip(dyb.chunks(g.oh * g.ow)) {
+                        *acc += f64::from(sum(row));
+                    }
+                }
+                if blk > 1 {
+                    let mut s = g.block_scratch();
+                    for (i, (xb, dyb)) in xp
+                        .chunks(blk * xlen)
+                        .zip(dyp.chunks(blk * ylen))
+                        .enumerate()
+                    {
+                        let dxb = dxp
+                            .as_deref_mut()
+                            .map(|d| &mut d[i * blk * xlen..(i * blk * xlen + xb.len())]);
+                        g.backward_block(xb, &ws, dyb, dxb, &mut dw, &mut s);
+                    }
+                    return (dw, db);
+                }
                 let mut col = vec![0.0f32; g.col_len()];
                 let mut dcol = vec![0.0f32; if need_dx { g.col_len() } else { 0 }];
                 for (i, (xb, dyb)) in xp.chunks(xlen).zip(dyp.chunks(ylen)).enumerate() {
                     let dxb = dxp.as_deref_mut().map(|d| &mut d[i * xlen..(i + 1) * xlen]);
                     g.backward_image(xb, &ws, dyb, dxb, &mut dw, &mut col, &mut dcol);
-                    for (acc, row) in db.iter_mut().zip(dyb.chunks(g.oh * g.ow)) {
-                        *acc += f64::from(sum(row));
-                    }
                 }
                 (dw, db)
             })

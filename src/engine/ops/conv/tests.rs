@@ -404,6 +404,48 @@ fn batched_backward_equals_per_image_backward() {
     }
 }
 
+/// Small output planes run several images per GEMM (`block.rs`): those geometries, with
+/// blocks of several images and a last, shorter block, match the reference forward and f64
+/// finite differences of every gradient, and the batch's forward equals the per-image one.
+#[test]
+fn blocked_convs_match_reference_and_finite_differences() {
+    for (c, xs, ws, bias) in [
+        (
+            conv(1, [1, 1], [1; 4], [1, 1]),
+            [11, 3, 4, 4],
+            [5, 3, 3, 3],
+            true,
+        ),
+        (
+            conv(1, [2, 2], [1, 0, 0, 1], [1, 1]),
+            [10, 2, 5, 4],
+            [4, 2, 3, 3],
+            false,
+        ),
+        (
+            conv(1, [1, 1], [0; 4], [1, 1]),
+            [10, 6, 2, 3],
+            [4, 6, 1, 1],
+            true,
+        ),
+    ] {
+        let g = c.geom(&xs, &ws).unwrap();
+        let blk = g.block_images();
+        assert!(blk > 1 && xs[0] % blk != 0, "{c:?}: block of {blk} images");
+        check_against_reference(&c, xs, ws, bias, 31, assert_grad);
+        let mut rng = Rng::new(5);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let y = c.forward(x.view(), w.view(), None).unwrap();
+        for i in 0..xs[0] {
+            let xi = x.slice(ndarray::s![i..i + 1, .., .., ..]);
+            let yi = c.forward(xi, w.view(), None).unwrap();
+            let row = y.slice(ndarray::s![i..i + 1, .., .., ..]);
+            assert_close("forward", &row, &yi.view(), 1e-6);
+        }
+    }
+}
+
 #[test]
 fn empty_batch_gives_empty_output() {
     let c = Conv2d::default();
@@ -517,6 +559,21 @@ fn kernel_labels_name_the_path_that_runs() {
     assert!(conv(3, [1, 1], [0; 4], [1, 1])
         .kernel_label(&x, &[4, 8, 1, 1])
         .is_err());
+    // Sixteen images of 6x6 outputs: ungrouped convs put several images in one GEMM.
+    let x16 = [16, 8, 6, 6];
+    let label16 = |c: Conv2d, w: [usize; 4]| c.kernel_label(&x16, &w).unwrap();
+    assert_eq!(
+        label16(conv(1, [1, 1], [0; 4], [1, 1]), [4, 8, 1, 1]),
+        "Conv 1x1 blocked"
+    );
+    assert_eq!(
+        label16(conv(1, [1, 1], [1; 4], [1, 1]), [4, 8, 3, 3]),
+        "Conv im2col blocked"
+    );
+    assert_eq!(
+        label16(conv(2, [1, 1], [1; 4], [1, 1]), [4, 4, 3, 3]),
+        "Conv im2col"
+    );
 }
 
 /// Found by the geometry property: a strided depthwise conv whose dilated side taps miss a
