@@ -6,7 +6,10 @@
 //! - `3x3_16ch_32px`: the first stage of ResNet-20 (im2col + sgemm, flat taps);
 //! - `3x3_core8_32px`: a Tucker-2 core at rank 8 in that stage;
 //! - `dw3x1_48ch_16px`, `dw1x3_48ch_16px`: CP's depthwise factors at rank 48 in the second stage;
-//! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style).
+//! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style);
+//! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
+//!   512 on 2x2), the whole batch at once (several images per GEMM, `conv/block.rs`) against
+//!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each).
 //!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
@@ -84,6 +87,46 @@ fn conv_kernels(c: &mut Criterion) {
             b.iter(|| {
                 elrt::engine::on_pool(|| {
                     black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                })
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("conv_blocks");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (name, ch, px) in [("3x3_256ch_4px", 256, 4), ("3x3_512ch_2px", 512, 2)] {
+        let op = conv(1, [1; 4]);
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        let one = |a: &Array4<f32>, i: usize| a.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+        let xs: Vec<_> = (0..BATCH).map(|i| one(&x, i)).collect();
+        let dys: Vec<_> = (0..BATCH).map(|i| one(&dy, i)).collect();
+        g.bench_function(format!("{name}/blocked_forward_backward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    black_box(op.forward(x.view(), w.view(), None).unwrap());
+                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                })
+            })
+        });
+        g.bench_function(format!("{name}/per_image_forward_backward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    for (xi, dyi) in xs.iter().zip(&dys) {
+                        black_box(op.forward(xi.view(), w.view(), None).unwrap());
+                        black_box(op.backward(xi.view(), w.view(), dyi.view(), true).unwrap());
+                    }
                 })
             })
         });

@@ -1,7 +1,8 @@
 //! Shape-moving and elementwise ops the executor runs directly on `ArrayD<f32>`: broadcast
 //! arithmetic, concat/split, slice, pad, transpose, reshape and mean reduction, each with its
-//! backward. They are memory-bound one-liners over ndarray; the one fast path is same-shape
-//! binary arithmetic (residual joins), run in parallel. The tests check each backward against
+//! backward. They are memory-bound one-liners over ndarray; the fast paths are same-shape
+//! binary arithmetic (residual joins) and per-plane broadcasts (squeeze-excitation scales),
+//! run in parallel. The tests check each backward against
 //! finite differences.
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice as NdSlice};
@@ -45,6 +46,9 @@ pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Resu
         };
         return Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same length"));
     }
+    if let Some(y) = plane_forward(op, &a, &b) {
+        return Ok(y);
+    }
     let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let mut out = av.to_owned();
@@ -69,6 +73,10 @@ pub fn binary_backward(
     b: ArrayViewD<f32>,
     dy: ArrayD<f32>,
 ) -> (ArrayD<f32>, ArrayD<f32>) {
+    let dy = match plane_backward(op, &a, &b, dy) {
+        Ok(grads) => return grads,
+        Err(dy) => dy,
+    };
     let shape = dy.shape().to_vec();
     let av = a.broadcast(IxDyn(&shape)).expect("broadcast shape");
     let bv = b.broadcast(IxDyn(&shape)).expect("broadcast shape");
@@ -87,6 +95,135 @@ pub fn binary_backward(
         }
     };
     (reduce_to(da, a.shape()), reduce_to(db, b.shape()))
+}
+
+/// When `small`'s shape is `big`'s leading axes followed by 1s (`[N, C, 1, 1]` against
+/// `[N, C, H, W]`, squeeze-excitation's per-channel scale), the number of elements of `big`
+/// that share one element of `small` (a plane).
+fn plane_of(big: &[usize], small: &[usize]) -> Option<usize> {
+    if big.len() != small.len() || big == small {
+        return None;
+    }
+    let k = small.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    if big[..k] != small[..k] {
+        return None;
+    }
+    let plane: usize = big[k..].iter().product();
+    (plane > 1).then_some(plane)
+}
+
+/// Planes per parallel task: about [`crate::engine::ops::ELEMWISE_CHUNK`] elements.
+fn planes_per_task(plane: usize) -> usize {
+    (crate::engine::ops::ELEMWISE_CHUNK / plane).max(1)
+}
+
+/// The per-plane broadcast (see [`plane_of`]) in one parallel pass, for contiguous operands;
+/// `None` for other shapes. Elementwise the same arithmetic as the general path, so bitwise
+/// equal to it. The general path copies the broadcast operand first and runs on one thread:
+/// EfficientNet-B0's squeeze-excitation Muls took 8% of its training step through it.
+fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<ArrayD<f32>> {
+    use rayon::prelude::*;
+    let (xs, ys) = (a.as_slice()?, b.as_slice()?);
+    let (big_is_a, plane) = match plane_of(a.shape(), b.shape()) {
+        Some(p) => (true, p),
+        None => (false, plane_of(b.shape(), a.shape())?),
+    };
+    let (big, small, shape) = if big_is_a {
+        (xs, ys, a.raw_dim())
+    } else {
+        (ys, xs, b.raw_dim())
+    };
+    let f = move |x: f32, y: f32| match op {
+        BinOp::Add => x + y,
+        BinOp::Sub => x - y,
+        BinOp::Mul => x * y,
+        BinOp::Div => x / y,
+    };
+    let mut out = vec![0.0f32; big.len()];
+    let k = planes_per_task(plane);
+    out.par_chunks_mut(k * plane)
+        .zip(big.par_chunks(k * plane))
+        .zip(small.par_chunks(k))
+        .for_each(|((o, g), s)| {
+            for ((o, g), &s) in o.chunks_mut(plane).zip(g.chunks(plane)).zip(s) {
+                if big_is_a {
+                    o.iter_mut().zip(g).for_each(|(o, &g)| *o = f(g, s));
+                } else {
+                    o.iter_mut().zip(g).for_each(|(o, &g)| *o = f(s, g));
+                }
+            }
+        });
+    Some(ArrayD::from_shape_vec(shape, out).expect("same length"))
+}
+
+/// Gradients of [`plane_forward`]'s cases: the big operand's elementwise, the small one's one
+/// sum per plane (in order, so reproducible). Hands `dy` back for other shapes.
+fn plane_backward(
+    op: BinOp,
+    a: &ArrayViewD<f32>,
+    b: &ArrayViewD<f32>,
+    dy: ArrayD<f32>,
+) -> std::result::Result<(ArrayD<f32>, ArrayD<f32>), ArrayD<f32>> {
+    use rayon::prelude::*;
+    let (Some(xs), Some(ys), Some(gs)) = (a.as_slice(), b.as_slice(), dy.as_slice()) else {
+        return Err(dy);
+    };
+    let (big_is_a, plane) = match (
+        plane_of(a.shape(), b.shape()),
+        plane_of(b.shape(), a.shape()),
+    ) {
+        (Some(p), _) => (true, p),
+        (None, Some(p)) => (false, p),
+        (None, None) => return Err(dy),
+    };
+    let (big, small) = if big_is_a { (xs, ys) } else { (ys, xs) };
+    if gs.len() != big.len() {
+        return Err(dy);
+    }
+    // d(big) elementwise and d(small) per plane, as functions of (dy, big, small).
+    type Rule = fn(f32, f32, f32) -> f32;
+    let (dbig, dsmall): (Rule, Rule) = match (op, big_is_a) {
+        (BinOp::Add, _) => (|g, _, _| g, |g, _, _| g),
+        (BinOp::Sub, true) => (|g, _, _| g, |g, _, _| -g),
+        (BinOp::Sub, false) => (|g, _, _| -g, |g, _, _| g),
+        (BinOp::Mul, _) => (|g, _, s| g * s, |g, x, _| g * x),
+        // a / b with a big: da = g / b, db = -g a / b^2 (summed per plane).
+        (BinOp::Div, true) => (|g, _, s| g / s, |g, x, s| -g * x / (s * s)),
+        // a / b with b big: db = -g a / b^2, da = g / b (summed per plane).
+        (BinOp::Div, false) => (|g, x, s| -g * s / (x * x), |g, x, _| g / x),
+    };
+    let k = planes_per_task(plane);
+    let mut d_big = vec![0.0f32; big.len()];
+    let mut d_small = vec![0.0f32; small.len()];
+    d_big
+        .par_chunks_mut(k * plane)
+        .zip(d_small.par_chunks_mut(k))
+        .zip(gs.par_chunks(k * plane).zip(big.par_chunks(k * plane)))
+        .zip(small.par_chunks(k))
+        .for_each(|(((db, ds), (g, x)), s)| {
+            for ((((db, ds), g), x), &s) in db
+                .chunks_mut(plane)
+                .zip(ds)
+                .zip(g.chunks(plane))
+                .zip(x.chunks(plane))
+                .zip(s)
+            {
+                let mut acc = 0.0f32;
+                for ((d, &g), &x) in db.iter_mut().zip(g).zip(x) {
+                    *d = dbig(g, x, s);
+                    acc += dsmall(g, x, s);
+                }
+                *ds = acc;
+            }
+        });
+    let d_big = ArrayD::from_shape_vec(dy.raw_dim(), d_big).expect("same length");
+    let small_shape = if big_is_a { b.raw_dim() } else { a.raw_dim() };
+    let d_small = ArrayD::from_shape_vec(small_shape, d_small).expect("one per plane");
+    Ok(if big_is_a {
+        (d_big, d_small)
+    } else {
+        (d_small, d_big)
+    })
 }
 
 /// `max(0, a + b)` in one pass: a residual join and the ReLU after it (the program's fusion pass
@@ -401,6 +538,44 @@ mod tests {
         check_grad(&a, &|x| add_relu_forward(x.view(), b.view()).unwrap(), &da);
         check_grad(&b, &|x| add_relu_forward(a.view(), x.view()).unwrap(), &db);
         assert!(add_relu_backward(a.view(), b.view(), z.view(), rand(&[2, 3], 1)).is_err());
+    }
+
+    /// Per-plane broadcasts (`[N, C, 1, 1]` with `[N, C, H, W]`, either side) take the
+    /// parallel path: forward bitwise equal to the general path (fed a non-contiguous copy),
+    /// gradients equal to it within summation order and to finite differences.
+    #[test]
+    fn per_plane_broadcast_matches_general_path_and_finite_differences() {
+        let big = rand(&[2, 3, 4, 5], 11);
+        let small = rand(&[2, 3, 1, 1], 12).mapv(|v| v + 2.0);
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[2, 3, 1, 1]), Some(20));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[1, 3, 1, 1]), None);
+        for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
+            for (a, b) in [
+                (&big, &small),
+                (&small.mapv(|v| v - 1.0), &big.mapv(|v| v + 3.0)),
+            ] {
+                assert!(plane_forward(op, &a.view(), &b.view()).is_some());
+                let y = binary_forward(op, a.view(), b.view()).unwrap();
+                // The general path: `b` as a transposed view is not contiguous.
+                let bt = b.t().to_owned();
+                let general = binary_forward(op, a.view(), bt.t()).unwrap();
+                assert_eq!(y, general, "{op:?} forward");
+                let w = weights_for(&y);
+                let (da, db) = binary_backward(op, a.view(), b.view(), w.clone());
+                let (ga, gb) = binary_backward(op, a.view(), bt.t(), w.clone());
+                for (x, g) in [(&da, &ga), (&db, &gb)] {
+                    assert_eq!(x.shape(), g.shape());
+                    for (p, q) in x.iter().zip(g) {
+                        assert!(
+                            (p - q).abs() <= 1e-5 * q.abs().max(1.0),
+                            "{op:?}: {p} vs {q}"
+                        );
+                    }
+                }
+                check_grad(a, &|x| binary_forward(op, x.view(), b.view()).unwrap(), &da);
+                check_grad(b, &|x| binary_forward(op, a.view(), x.view()).unwrap(), &db);
+            }
+        }
     }
 
     #[test]

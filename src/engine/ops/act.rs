@@ -188,13 +188,51 @@ impl Activation {
     }
 }
 
-/// Logistic function without overflow for large |x|.
-fn sigmoid(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
+/// Logistic function without overflow for large |x|: `1 / (1 + e)` for `x >= 0`, `e / (1 + e)`
+/// below, with `e = exp(-|x|) <= 1`. Branch-free over [`exp_nonpositive`], so the loops over a
+/// tensor vectorise: with libm's scalar `expf` and a branch, Sigmoid forward and backward took
+/// a third of EfficientNet-B0's training step (SiLU is Sigmoid then Mul in its exports).
+/// Within 2 ulp of the f64 logistic (`sigmoid_is_within_two_ulp_of_f64`); NaN stays NaN.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let r = 1.0 / (1.0 + e);
+    let s = if x >= 0.0 { r } else { e * r };
+    if x.is_nan() {
+        x
     } else {
-        let e = x.exp();
-        e / (1.0 + e)
+        s
+    }
+}
+
+/// `e^a` for `a <= 0` (NaN for NaN is the caller's business), flushed to 0 where the result
+/// would be subnormal (`a < -87.34`). Cephes' `expf`: `a = n ln2 + r` with `|r| <= ln2 / 2`, a
+/// degree-6 polynomial for `e^r`, and `2^n` put straight into the exponent bits. Rounding to
+/// `n` adds and subtracts 1.5 * 2^23 (no `floor` call, which would keep the loop scalar on
+/// x86-64's baseline SSE2), and `n` is read from the sum's mantissa bits.
+#[inline(always)]
+fn exp_nonpositive(a: f32) -> f32 {
+    const LO: f32 = -87.336_55; // ln(2^-126)
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let ac = if a < LO { LO } else { a };
+    let t = ac * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = ac - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let v = y * f32::from_bits(((ni + 127) as u32) << 23);
+    if a < LO {
+        0.0
+    } else {
+        v
     }
 }
 
@@ -305,6 +343,34 @@ mod tests {
     #[test]
     fn hard_swish() {
         check(Activation::HardSwish, &[-3.0, 3.0], 8);
+    }
+
+    /// The vectorisable logistic against f64 over a dense sweep of [-100, 100], the
+    /// flush-to-zero edge and both infinities: within 2 ulp (or both below f32's normal range).
+    #[test]
+    fn sigmoid_is_within_two_ulp_of_f64() {
+        let mut worst = 0.0f64;
+        let sweep = (0..=2_000_000).map(|i| -100.0 + i as f32 * 1e-4);
+        let edges = [-87.34f32, -87.33, -88.0, -103.0, -0.0, 0.0, 1e-30, -1e-30];
+        for x in sweep.chain(edges) {
+            let want = 1.0 / (1.0 + (-(x as f64)).exp());
+            let got = super::sigmoid(x) as f64;
+            if want < f32::MIN_POSITIVE as f64 {
+                assert!(got < 2.0 * f32::MIN_POSITIVE as f64, "{x}: {got} vs {want}");
+                continue;
+            }
+            let ulp = (want as f32).abs() as f64 * f32::EPSILON as f64;
+            let e = (got - want).abs() / ulp.max(f32::MIN_POSITIVE as f64);
+            worst = worst.max(e);
+            assert!(
+                e <= 2.0,
+                "sigmoid({x}) = {got}, f64 says {want} ({e:.2} ulp)"
+            );
+        }
+        assert!(worst > 0.0);
+        assert_eq!(super::sigmoid(f32::INFINITY), 1.0);
+        assert_eq!(super::sigmoid(f32::NEG_INFINITY), 0.0);
+        assert!(super::sigmoid(f32::NAN).is_nan());
     }
 
     #[test]

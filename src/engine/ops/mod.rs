@@ -121,7 +121,7 @@ pub(crate) fn window_out_len(
 
 /// Elements per rayon task for elementwise kernels: large enough that task overhead vanishes,
 /// small enough that two cores share a 128x16x32x32 activation evenly.
-const ELEMWISE_CHUNK: usize = 1 << 15;
+pub(crate) const ELEMWISE_CHUNK: usize = 1 << 15;
 
 /// `out[i] = f(x[i])`, in parallel over contiguous chunks.
 pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
