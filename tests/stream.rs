@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::{fails_cleanly, succeeds};
-use elrt::data::{
-    DataOptions, DataSpec, Loader, LoaderConfig, Normalize, Prep, Source, StreamSet,
-};
+use elrt::data::{DataOptions, DataSpec, Loader, LoaderConfig, Normalize, Prep, Source, StreamSet};
 use elrt::ir::ops::*;
 use elrt::ir::{Dim, ElemType, Graph, ModelMeta, Node, Op, Tensor, ValueInfo};
 use elrt::rng::Rng;
@@ -42,7 +40,11 @@ fn photo(label: usize, index: usize, w: u32, h: u32) -> image::RgbImage {
         let shade = 0.5 + 0.5 * (fx / w as f32);
         let noise = ((x.wrapping_mul(7919) ^ y.wrapping_mul(104729) ^ index as u32) % 23) as f32;
         image::Rgb(std::array::from_fn(|c| {
-            let v = if inside { 255.0 - base[c] } else { base[c] * shade };
+            let v = if inside {
+                255.0 - base[c]
+            } else {
+                base[c] * shade
+            };
             (v + noise).clamp(0.0, 255.0) as u8
         }))
     })
@@ -457,8 +459,12 @@ fn streamed_training_resumes_exactly_and_eval_sees_its_crops() {
     let v = train_json(&f.model, &data, &full, &["--cache-mb=1"]);
     assert_eq!(v["data_loading"]["streamed"], true, "{v}");
     // 100 images of 3x96x96 take 2.6 MiB: more than --cache-mb 1, which the caches share.
-    let peak = v["data_loading"]["train_cache"]["peak_bytes"].as_u64().unwrap()
-        + v["data_loading"]["test_cache"]["peak_bytes"].as_u64().unwrap();
+    let peak = v["data_loading"]["train_cache"]["peak_bytes"]
+        .as_u64()
+        .unwrap()
+        + v["data_loading"]["test_cache"]["peak_bytes"]
+            .as_u64()
+            .unwrap();
     assert!(peak > 0 && peak <= 1 << 20, "{v}");
     // Stopped after 7 steps (mid second epoch: 5 per epoch), then resumed to the end.
     let part = tmp.path().join("part.onnx");
@@ -496,7 +502,10 @@ fn streamed_training_resumes_exactly_and_eval_sees_its_crops() {
         ev["loss"].as_f64().unwrap(),
         last["test_loss"].as_f64().unwrap(),
     );
-    assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "eval {a} vs train {b}: {ev}");
+    assert!(
+        (a - b).abs() < 1e-5 * b.abs().max(1.0),
+        "eval {a} vs train {b}: {ev}"
+    );
 }
 
 /// Peak resident memory of `elrt train` on a folder whose decoded images take about 150 MB,

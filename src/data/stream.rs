@@ -106,7 +106,8 @@ pub fn rrc_window(h: usize, w: usize, rng: &mut Rng) -> Window {
 /// `H / 0.875 x W / 0.875` (for a square input: its shorter side becomes `H / 0.875`), and the
 /// centred `H x W` window of that, i.e. `H / s x W / s` source pixels (rounded).
 pub fn centre_window(h: usize, w: usize, [th, tw]: [usize; 2]) -> Window {
-    let s = (th as f64 / EVAL_CROP_FRACTION / h as f64).max(tw as f64 / EVAL_CROP_FRACTION / w as f64);
+    let s =
+        (th as f64 / EVAL_CROP_FRACTION / h as f64).max(tw as f64 / EVAL_CROP_FRACTION / w as f64);
     let ch = ((th as f64 / s).round() as usize).clamp(1, h);
     let cw = ((tw as f64 / s).round() as usize).clamp(1, w);
     Window {
@@ -181,7 +182,11 @@ impl StreamSet {
     ) -> Result<StreamSet> {
         let name = name.into();
         if files.len() != labels.len() {
-            return Err(anyhow!("{name}: {} files, {} labels", files.len(), labels.len()));
+            return Err(anyhow!(
+                "{name}: {} files, {} labels",
+                files.len(),
+                labels.len()
+            ));
         }
         if let Some(l) = labels.iter().find(|&&l| l >= class_names.len()) {
             return Err(anyhow!("{name}: label {l} without a class name"));
@@ -326,11 +331,7 @@ impl StreamSet {
             let win = rrc_window(src.h, src.w, rng);
             let flip = aug.flip && rng.uniform() < 0.5;
             let img = crop_resize(&src, win, self.shape);
-            let choice = Choice {
-                dy: 0,
-                dx: 0,
-                flip,
-            };
+            let choice = Choice { dy: 0, dx: 0, flip };
             augment::apply(&img, self.shape, 0, Some(choice), table, out);
         }
         Ok(())
@@ -369,10 +370,26 @@ mod tests {
         // with ratio <= 4/3), so the fallback takes the whole height and width = h * 4/3.
         let mut rng = Rng::new(0);
         let win = rrc_window(1, 1000, &mut rng);
-        assert_eq!(win, Window { top: 0, left: 499, h: 1, w: 1 });
+        assert_eq!(
+            win,
+            Window {
+                top: 0,
+                left: 499,
+                h: 1,
+                w: 1
+            }
+        );
         // Tall strip: width kept, height = w / (3/4).
         let win = rrc_window(1000, 3, &mut rng);
-        assert_eq!(win, Window { top: 498, left: 0, h: 4, w: 3 });
+        assert_eq!(
+            win,
+            Window {
+                top: 498,
+                left: 0,
+                h: 4,
+                w: 3
+            }
+        );
     }
 
     #[test]
@@ -380,7 +397,15 @@ mod tests {
         // 224 input, 500x375 photo: the shorter side 375 -> 256, so 224 of 256 = 328 source rows
         // and columns, centred.
         let win = centre_window(375, 500, [224, 224]);
-        assert_eq!(win, Window { top: 23, left: 86, h: 328, w: 328 });
+        assert_eq!(
+            win,
+            Window {
+                top: 23,
+                left: 86,
+                h: 328,
+                w: 328
+            }
+        );
         // Non-square input: the scale covers both sides.
         let win = centre_window(96, 96, [64, 32]);
         assert_eq!((win.h, win.w), (84, 42));

@@ -199,12 +199,7 @@ impl Trainer<'_> {
     }
 
     /// Runs (or resumes) the training. Returns how it ended.
-    pub fn run(
-        &mut self,
-        train: Source,
-        test: Source,
-        resume: bool,
-    ) -> Result<Outcome> {
+    pub fn run(&mut self, train: Source, test: Source, resume: bool) -> Result<Outcome> {
         if train.classes() > self.model.classes {
             bail!(
                 "the data has {} classes but the model has {} outputs",
