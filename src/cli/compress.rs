@@ -15,6 +15,14 @@ pub struct CompressArgs {
     /// it: the built-in synthetic set and a short schedule (the embedded default).
     #[arg(long)]
     pub data: Option<String>,
+    /// Budget for decoded images, MB. An image folder whose images take more than this at the
+    /// model's input size (images x C x H x W bytes, both splits) is streamed: decoded on the
+    /// fly by 2 loader threads, a cache of this size keeping what fits, with ImageNet-style
+    /// augmentation (random resized crop and flip; centre crop for testing) for images larger
+    /// than the input. A folder that fits is decoded into memory and resized to the input, as
+    /// CIFAR and synthetic data always are. 0 streams every folder. The run says which it took.
+    #[arg(long, default_value_t = elrt::data::DEFAULT_CACHE_MB, value_name = "MB")]
+    pub cache_mb: usize,
     /// Input normalisation for training, evaluation and the tract accuracy check, recorded in
     /// run.json, the report and the compact file: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3
     /// (mean/std of 0..1 pixels). Default: what the model file records, else cifar10.
@@ -120,6 +128,7 @@ pub struct CompressArgs {
 impl CompressArgs {
     pub fn to_options(&self) -> Result<CompressOptions> {
         Ok(CompressOptions {
+            cache_mb: self.cache_mb,
             model: self.model.clone(),
             data: self.data.as_deref().map(DataSpec::parse).transpose()?,
             normalize: self.normalize.clone(),

@@ -16,6 +16,12 @@ pub struct EvalArgs {
     /// cifar100:PATH | folder:PATH (see `elrt train --help`).
     #[arg(long)]
     pub data: String,
+    /// Budget for decoded images, MB: a folder whose test images take more than this at the
+    /// model's input size is decoded on the fly instead of into memory. A model trained on a
+    /// streamed folder (its elrt.input.resize says centre crop) is always tested on the same
+    /// centre crops.
+    #[arg(long, default_value_t = elrt::data::DEFAULT_CACHE_MB, value_name = "MB")]
+    pub cache_mb: usize,
     /// Input normalisation: cifar10 | imagenet | none | M1,M2,M3/S1,S2,S3 (mean/std of 0..1
     /// pixels). Default: what the model file records (`elrt train` writes it), else cifar10.
     #[arg(long, value_name = "SPEC")]
@@ -34,6 +40,7 @@ pub struct EvalArgs {
 impl EvalArgs {
     pub fn to_options(&self) -> Result<EvalOptions> {
         Ok(EvalOptions {
+            cache_mb: self.cache_mb,
             model: self.model.clone(),
             data: DataSpec::parse(&self.data)?,
             normalize: self.normalize.clone(),

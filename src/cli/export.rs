@@ -39,6 +39,12 @@ pub struct ExportArgs {
     /// synthetic | cifar10:PATH | cifar100:PATH | folder:PATH.
     #[arg(long)]
     pub data: Option<String>,
+    /// Budget for decoded images, MB: a folder whose test images take more than this at the
+    /// model's input size is decoded on the fly instead of into memory. A model trained on a
+    /// streamed folder (its elrt.input.resize says centre crop) is always tested on the same
+    /// centre crops.
+    #[arg(long, default_value_t = elrt::data::DEFAULT_CACHE_MB, value_name = "MB")]
+    pub cache_mb: usize,
     /// Input normalisation, recorded in the file and used for the --data accuracy: cifar10 |
     /// imagenet | none | M1,M2,M3/S1,S2,S3 (mean/std of 0..1 pixels). Default: what the model
     /// file records (`elrt train` writes it), else cifar10.
@@ -88,6 +94,7 @@ impl ExportArgs {
             None => None,
         };
         Ok(ExportOptions {
+            cache_mb: self.cache_mb,
             model: self.model.clone(),
             output: self.output.clone(),
             batch: self.batch,

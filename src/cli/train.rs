@@ -53,6 +53,14 @@ pub struct TrainArgs {
     /// Data loader threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Budget for decoded images, MB. An image folder whose images take more than this at the
+    /// model's input size (images x C x H x W bytes, both splits) is streamed: decoded on the
+    /// fly by the --workers threads, a cache of this size keeping what fits, with ImageNet-style
+    /// augmentation (random resized crop and flip; centre crop for testing) for images larger
+    /// than the input. A folder that fits is decoded into memory and resized to the input, as
+    /// CIFAR and synthetic data always are. 0 streams every folder. The run says which it took.
+    #[arg(long, default_value_t = elrt::data::DEFAULT_CACHE_MB, value_name = "MB")]
+    pub cache_mb: usize,
     /// Seed of the initialisation, the data order, the augmentation and the dropout masks (a
     /// run is reproducible from it, bit for bit, whatever the thread count).
     #[arg(long, default_value_t = 0)]
@@ -128,6 +136,7 @@ impl TrainArgs {
             label_smoothing: self.label_smoothing,
             threads: self.threads,
             workers: self.workers,
+            cache_mb: self.cache_mb,
             seed: self.seed,
             max_steps: self.max_steps,
             init: self.init.parse()?,

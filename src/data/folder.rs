@@ -42,15 +42,36 @@ pub fn is_test_file(class: &str, file_name: &str) -> bool {
 /// Loads both splits from `root`, images conformed to `input` (`[C, H, W]`, C = 1 or 3).
 pub fn load(root: &Path, input: [usize; 3]) -> Result<Splits> {
     let (names, train_files, test_files) = list(root, input)?;
-    let root_name = root.display();
+    decode_splits(root, &names, &train_files, &test_files, input)
+}
+
+/// Both listed splits decoded into memory.
+pub(super) fn decode_splits(
+    root: &Path,
+    names: &[String],
+    train: &[Item],
+    test: &[Item],
+    input: [usize; 3],
+) -> Result<Splits> {
     Ok(Splits {
-        train: decode_all(&format!("{root_name} train"), &train_files, &names, input)?,
-        test: decode_all(&format!("{root_name} test"), &test_files, &names, input)?,
+        train: decode_split(root, "train", names, train, input)?,
+        test: decode_split(root, "test", names, test, input)?,
     })
 }
 
-/// Class names and the files of each split.
-fn list(root: &Path, input: [usize; 3]) -> Result<(Vec<String>, Vec<Item>, Vec<Item>)> {
+/// One listed split decoded into memory, named `"<root> <what>"`.
+pub(super) fn decode_split(
+    root: &Path,
+    what: &str,
+    names: &[String],
+    items: &[Item],
+    input: [usize; 3],
+) -> Result<Dataset> {
+    decode_all(&format!("{} {what}", root.display()), items, names, input)
+}
+
+/// Class names and the files of each split (nothing is decoded).
+pub(super) fn list(root: &Path, input: [usize; 3]) -> Result<(Vec<String>, Vec<Item>, Vec<Item>)> {
     if !root.is_dir() {
         bail!("{}: no such folder", root.display());
     }
@@ -100,18 +121,13 @@ fn list(root: &Path, input: [usize; 3]) -> Result<(Vec<String>, Vec<Item>, Vec<I
 /// The test split alone: the same listing and split rule, only the test images decoded.
 pub fn load_test(root: &Path, input: [usize; 3]) -> Result<super::Dataset> {
     let (names, _, test_files) = list(root, input)?;
-    decode_all(
-        &format!("{} test", root.display()),
-        &test_files,
-        &names,
-        input,
-    )
+    decode_split(root, "test", &names, &test_files, input)
 }
 
 /// One image file and its label.
-struct Item {
-    path: PathBuf,
-    label: usize,
+pub(super) struct Item {
+    pub(super) path: PathBuf,
+    pub(super) label: usize,
 }
 
 /// Sorted names of the sub-folders of `dir` (hidden ones skipped); an error when there are none.
@@ -184,9 +200,9 @@ fn one_line(e: impl std::fmt::Display) -> String {
         .join("; ")
 }
 
-/// Decodes one file to a CHW `u8` image of `shape`.
-fn decode(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
+/// Decodes one file to 8-bit RGB; errors name the file.
+pub(super) fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::ImageReader::open(path)
         .map_err(|e| anyhow!("{}: cannot read: {}", path.display(), one_line(e)))?
         .with_guessed_format()
         .map_err(|e| anyhow!("{}: cannot read: {}", path.display(), one_line(e)))?
@@ -198,15 +214,25 @@ fn decode(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
                 one_line(e)
             )
         })?
-        .to_rgb8();
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let raw = img.as_raw();
+        .to_rgb8())
+}
+
+/// An interleaved RGB image (`h * w * 3` bytes) as CHW planes.
+pub(super) fn hwc_to_chw(raw: &[u8], h: usize, w: usize) -> Vec<u8> {
     let mut chw = vec![0u8; 3 * h * w];
     for (i, px) in raw.chunks_exact(3).enumerate() {
         chw[i] = px[0];
         chw[h * w + i] = px[1];
         chw[2 * h * w + i] = px[2];
     }
+    chw
+}
+
+/// Decodes one file to a CHW `u8` image of `shape`.
+fn decode(path: &Path, shape: [usize; 3]) -> Result<Vec<u8>> {
+    let img = decode_rgb(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let chw = hwc_to_chw(img.as_raw(), h, w);
     let mut out = vec![0u8; shape.iter().product()];
     pixels::convert(&chw, [3, h, w], shape, &mut out)
         .with_context(|| format!("{}: cannot convert", path.display()))?;

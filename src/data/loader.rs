@@ -18,6 +18,11 @@
 //! queue must not hold one of its threads. With `workers = 0` batches are built on the
 //! calling thread when asked for (no threads, same batches).
 //!
+//! Streamed folders ([`super::StreamSet`]) are decoded by the same workers as batches are built,
+//! so `workers` is also the decoding pool, and the queues hold at most `prefetch` finished
+//! batches: memory stays the cache budget plus those batches. A file that fails to decode ends
+//! the epoch with an error naming it ([`Epoch::next_batch`]); the in-memory path cannot fail.
+//!
 //! Dropping an [`Epoch`] early (Ctrl-C, `--max-steps`) sets a stop flag and closes the
 //! channels, so a worker blocked on a full queue wakes up with an error and exits; the drop
 //! then joins every worker.
@@ -26,12 +31,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use crossbeam_channel::{bounded, Receiver};
 use ndarray::Array4;
 
 use super::augment::{self, Augment, Normalize};
-use super::Dataset;
+use super::source::Source;
 use crate::rng::Rng;
 
 /// Key that separates the epoch-order stream from the augmentation streams.
@@ -107,13 +112,13 @@ pub struct Batch {
 
 /// What a batch builder needs; shared by the workers of an epoch.
 struct Shared {
-    data: Arc<Dataset>,
+    data: Source,
     cfg: LoaderConfig,
     table: Vec<[f32; 256]>,
 }
 
 impl Shared {
-    fn build(&self, epoch: u64, order: &[usize], index: usize) -> Batch {
+    fn build(&self, epoch: u64, order: &[usize], index: usize) -> Result<Batch> {
         let b = self.cfg.batch;
         let idx = &order[index * b..((index + 1) * b).min(order.len())];
         let shape = self.data.shape();
@@ -122,22 +127,29 @@ impl Shared {
         let mut images = Array4::<f32>::zeros((idx.len(), c, h, w));
         let out = images.as_slice_mut().expect("fresh array is contiguous");
         for (o, &i) in out.chunks_exact_mut(size).zip(idx) {
-            let (pad, choice) = match &self.cfg.augment {
-                Some(a) => {
-                    let mut rng = Rng::derive(self.cfg.seed, &[epoch, AUGMENT, i as u64]);
-                    (a.pad, Some(a.draw(&mut rng)))
+            let mut rng = Rng::derive(self.cfg.seed, &[epoch, AUGMENT, i as u64]);
+            match &self.data {
+                Source::Memory(data) => {
+                    let (pad, choice) = match &self.cfg.augment {
+                        Some(a) => (a.pad, Some(a.draw(&mut rng))),
+                        None => (0, None),
+                    };
+                    augment::apply(data.image(i), shape, pad, choice, &self.table, o);
                 }
-                None => (0, None),
-            };
-            augment::apply(self.data.image(i), shape, pad, choice, &self.table, o);
+                Source::Stream(s) => {
+                    let aug = self.cfg.augment.as_ref().map(|a| (a, &mut rng));
+                    s.write(i, aug, &self.table, o)?;
+                }
+            }
         }
-        Batch {
+        let labels = self.data.labels();
+        Ok(Batch {
             images,
-            labels: idx.iter().map(|&i| self.data.label(i)).collect(),
+            labels: idx.iter().map(|&i| labels[i]).collect(),
             indices: idx.to_vec(),
             epoch,
             index,
-        }
+        })
     }
 }
 
@@ -148,7 +160,9 @@ pub struct Loader {
 
 impl Loader {
     /// Checks the configuration against the data set (batch size, normalisation channels).
-    pub fn new(data: Arc<Dataset>, mut cfg: LoaderConfig) -> Result<Loader> {
+    /// `data` is a [`super::Dataset`] (in an `Arc` or not) or any [`Source`].
+    pub fn new(data: impl Into<Source>, mut cfg: LoaderConfig) -> Result<Loader> {
+        let data = data.into();
         if cfg.batch == 0 {
             bail!("batch size must be at least 1");
         }
@@ -169,7 +183,8 @@ impl Loader {
         })
     }
 
-    pub fn dataset(&self) -> &Arc<Dataset> {
+    /// The images this loader batches.
+    pub fn source(&self) -> &Source {
         &self.shared.data
     }
 
@@ -198,7 +213,15 @@ impl Loader {
     }
 
     /// Batch `index` of `epoch`, built on this thread (the same batch the epoch yields).
+    /// Panics on a streamed file that fails to decode; [`Loader::try_batch`] returns the error.
     pub fn batch(&self, epoch: u64, index: usize) -> Batch {
+        self.try_batch(epoch, index)
+            .unwrap_or_else(|e| panic!("batch {index} of epoch {epoch}: {e:#}"))
+    }
+
+    /// Batch `index` of `epoch`, built on this thread; a streamed file that fails to decode is
+    /// an error naming it.
+    pub fn try_batch(&self, epoch: u64, index: usize) -> Result<Batch> {
         assert!(
             index < self.batches_per_epoch(),
             "batch {index} out of range"
@@ -228,13 +251,14 @@ impl Loader {
             rxs: Vec::new(),
             handles: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            failed: None,
         };
         if workers == 0 {
             return e;
         }
         let cap = self.shared.cfg.prefetch.div_ceil(workers).max(1);
         for k in 0..workers {
-            let (tx, rx) = bounded::<Batch>(cap);
+            let (tx, rx) = bounded::<Result<Batch>>(cap);
             let shared = self.shared.clone();
             let order = order.clone();
             let stop = e.stop.clone();
@@ -244,7 +268,8 @@ impl Loader {
                     let mut b = start + k;
                     while b < end && !stop.load(Ordering::Relaxed) {
                         let batch = shared.build(epoch, &order, b);
-                        if tx.send(batch).is_err() {
+                        let failed = batch.is_err();
+                        if tx.send(batch).is_err() || failed {
                             break;
                         }
                         b += workers;
@@ -266,9 +291,11 @@ pub struct Epoch {
     next: usize,
     start: usize,
     end: usize,
-    rxs: Vec<Receiver<Batch>>,
+    rxs: Vec<Receiver<Result<Batch>>>,
     handles: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    /// The error that ended the epoch early, kept for [`Epoch::finish`] when iterated.
+    failed: Option<anyhow::Error>,
 }
 
 impl Epoch {
@@ -276,31 +303,60 @@ impl Epoch {
     pub fn position(&self) -> usize {
         self.next
     }
+
+    /// The next batch, `None` at the end of the epoch, or the error of a file that failed to
+    /// decode (streamed folders); after an error the epoch yields nothing more.
+    pub fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if self.next >= self.end {
+            return Ok(None);
+        }
+        let b = self.next;
+        self.next += 1;
+        let built = if self.rxs.is_empty() {
+            self.shared.build(self.epoch, &self.order, b)
+        } else {
+            let rx = &self.rxs[(b - self.start) % self.rxs.len()];
+            // A closed channel means the worker is gone before sending: it panicked.
+            rx.recv().map_err(|_| {
+                anyhow!(
+                    "data loader worker for batch {b} of epoch {} died",
+                    self.epoch + 1
+                )
+            })?
+        };
+        match built {
+            Ok(batch) => {
+                debug_assert_eq!(batch.index, b);
+                Ok(Some(batch))
+            }
+            Err(e) => {
+                self.next = self.end;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ok when the epoch was iterated to its end, or the error that stopped it early (the
+    /// [`Iterator`] form ends quietly on an error; callers that stream check here).
+    pub fn finish(mut self) -> Result<()> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Iterator for Epoch {
     type Item = Batch;
 
+    /// The next batch; a decoding error ends the epoch and is kept for [`Epoch::finish`].
     fn next(&mut self) -> Option<Batch> {
-        if self.next >= self.end {
-            return None;
-        }
-        let b = self.next;
-        self.next += 1;
-        if self.rxs.is_empty() {
-            return Some(self.shared.build(self.epoch, &self.order, b));
-        }
-        let rx = &self.rxs[(b - self.start) % self.rxs.len()];
-        match rx.recv() {
-            Ok(batch) => {
-                debug_assert_eq!(batch.index, b);
-                Some(batch)
+        match self.next_batch() {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed = Some(e);
+                None
             }
-            // The worker is gone before sending: it panicked. Surface that here.
-            Err(_) => panic!(
-                "data loader worker for batch {b} of epoch {} died",
-                self.epoch
-            ),
         }
     }
 
@@ -326,6 +382,8 @@ impl Drop for Epoch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::data::Dataset;
 
     fn tiny(n: usize) -> Arc<Dataset> {
         let shape = [2, 3, 3];

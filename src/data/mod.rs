@@ -8,14 +8,19 @@
 //! augmentation and per-channel normalisation happen per batch in [`loader`], on worker threads.
 //!
 //! [`DataSpec`] is the CLI's `--data` string; [`DataSpec::load`] returns the train and test
-//! [`Splits`] already conformed to the model's input shape.
+//! [`Splits`] already conformed to the model's input shape. An image folder too large for
+//! memory is not a [`Dataset`] but a [`StreamSet`], decoded on the fly ([`stream`]);
+//! [`DataSpec::open`] applies the rule that picks one ([`source`]) and returns [`Sources`].
 
 pub mod augment;
+pub mod cache;
 pub mod cifar;
 pub mod folder;
 pub mod loader;
 pub mod norm;
 pub mod pixels;
+pub mod source;
+pub mod stream;
 pub mod synthetic;
 
 use std::fmt;
@@ -28,6 +33,8 @@ use rayon::prelude::*;
 pub use augment::{Augment, Normalize};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use norm::NormSpec;
+pub use source::{DataOptions, Source, Sources, DEFAULT_CACHE_MB};
+pub use stream::{Prep, StreamSet};
 pub use synthetic::SyntheticConfig;
 
 /// One split of a labelled image data set: `len()` images of shape `[C, H, W]`, `u8` CHW.
@@ -92,19 +99,7 @@ impl Dataset {
         if model_classes == self.class_names.as_slice() {
             return Ok(self);
         }
-        let map: Vec<usize> = self
-            .class_names
-            .iter()
-            .map(|n| {
-                model_classes.iter().position(|m| m == n).ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "{}: class '{n}' is not one of the model's classes ({})",
-                        self.name,
-                        model_classes.join(", ")
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        let map = label_map(&self.name, &self.class_names, model_classes)?;
         let labels = self.labels.iter().map(|&l| map[l]).collect();
         Dataset::new(
             self.name,
@@ -230,6 +225,22 @@ impl Dataset {
     }
 }
 
+/// For each of `class_names`, its position in `model_classes`; a class the model does not know
+/// is an error naming it (`name`: the data set, for the message).
+fn label_map(name: &str, class_names: &[String], model_classes: &[String]) -> Result<Vec<usize>> {
+    class_names
+        .iter()
+        .map(|n| {
+            model_classes.iter().position(|m| m == n).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{name}: class '{n}' is not one of the model's classes ({})",
+                    model_classes.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// The train and test splits of one data set, conformed to the same image shape.
 #[derive(Clone, Debug)]
 pub struct Splits {
@@ -255,6 +266,9 @@ pub enum DataSpec {
 pub const CLASSES_KEY: &str = "elrt.classes";
 /// `metadata_props` key: how an image is brought to the model's input size.
 pub const RESIZE_KEY: &str = "elrt.input.resize";
+
+/// Marks the [`RESIZE_KEY`] text of a model trained on a streamed folder ([`Prep::Crop`]).
+pub const CROP_RULE_MARK: &str = "centre crop then bilinear resize";
 
 const SPEC_FORMS: &str =
     "synthetic, synthetic:TRAIN,TEST, cifar10:PATH, cifar100:PATH or folder:PATH";
@@ -310,6 +324,42 @@ impl DataSpec {
                 "decode as {color}, bilinear resize to {h}x{w} (height x width; aspect ratio not kept)"
             ),
         }
+    }
+
+    /// How images are brought to `[C, H, W]` when the folder streams ([`Prep::Crop`]); other
+    /// sources as [`DataSpec::resize_rule`].
+    pub fn resize_rule_for(&self, chw: [usize; 3], streamed: bool) -> String {
+        let [c, h, w] = chw;
+        if !streamed {
+            return self.resize_rule(chw);
+        }
+        let color = if c == 1 { "grayscale" } else { "RGB" };
+        let (rh, rw) = (
+            (h as f64 / stream::EVAL_CROP_FRACTION).round(),
+            (w as f64 / stream::EVAL_CROP_FRACTION).round(),
+        );
+        format!(
+            "decode as {color}, {CROP_RULE_MARK} to {h}x{w}: an image larger than {h}x{w} is \
+             scaled to cover {rh}x{rw} (for a square input: its shorter side to {rh}) and its \
+             centred {h}x{w} kept (torchvision Resize + CenterCrop; elrt cuts that window from \
+             the original and resizes it); a smaller image is resized whole (aspect ratio not kept)"
+        )
+    }
+
+    /// Both splits, in memory or streamed by the `--cache-mb` rule ([`source::open`]).
+    pub fn open(&self, input: [usize; 3], opts: &DataOptions) -> Result<Sources> {
+        if input.contains(&0) {
+            bail!("model input shape {input:?} has a zero dimension");
+        }
+        source::open(self, input, opts)
+    }
+
+    /// The test split, prepared as a model trained with `prep` expects ([`source::open_test`]).
+    pub fn open_test(&self, input: [usize; 3], opts: &DataOptions, prep: Prep) -> Result<Source> {
+        if input.contains(&0) {
+            bail!("model input shape {input:?} has a zero dimension");
+        }
+        source::open_test(self, input, opts, prep)
     }
 
     /// The test split alone, for evaluation: nothing of the training split is read.

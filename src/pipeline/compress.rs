@@ -109,6 +109,9 @@ pub struct CompressOptions {
     pub model: PathBuf,
     /// The data (`None`: the built-in synthetic set, [`EMBEDDED_DATA`], and a short schedule).
     pub data: Option<DataSpec>,
+    /// Budget for decoded images, MiB: an image folder larger than this at the model's input
+    /// size streams ([`crate::data::source`]).
+    pub cache_mb: usize,
     /// Input normalisation for training, evaluation and the tract accuracy check (`None`: what
     /// the model file records, else the default for its channels).
     pub normalize: Option<NormSpec>,
@@ -174,6 +177,7 @@ impl Default for CompressOptions {
         CompressOptions {
             model: PathBuf::new(),
             data: None,
+            cache_mb: crate::data::DEFAULT_CACHE_MB,
             normalize: None,
             format: Format::Tucker2,
             ranks: None,
@@ -620,7 +624,14 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
         chw[0],
     )?;
     // Bad data fails here, before anything is written.
-    let splits = spec.load(chw).with_context(|| format!("--data {data}"))?;
+    let splits = spec
+        .open(
+            chw,
+            &crate::data::DataOptions {
+                cache_mb: a.cache_mb,
+            },
+        )
+        .with_context(|| format!("--data {data}"))?;
     super::train::check_split_sizes(&splits, batch, &data)?;
     let head = super::train::fit_head(&mut source, &shapes, &splits, a.keep_head, a.seed)
         .with_context(what)?;
@@ -979,6 +990,7 @@ pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
     // 2. train (and the baseline)
     let train_options = |model: PathBuf, output: PathBuf, orth: f32, resume: bool| TrainOptions {
         threads: a.threads,
+        cache_mb: a.cache_mb,
         allow_recipe_change: a.allow_recipe_change,
         quiet,
         ..recipe.train_options(&spec, model, output, orth, resume)
@@ -1051,6 +1063,7 @@ pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
                           meta: Vec<(String, String)>,
                           quiet: bool| ExportOptions {
         threads: a.bench_threads,
+        cache_mb: a.cache_mb,
         quiet,
         ..recipe.export_options(model, output, forms, data, meta)
     };

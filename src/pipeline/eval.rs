@@ -1,7 +1,6 @@
 //! The eval stage: top-1 / top-5 accuracy and loss of a model on a data set's test split.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -24,6 +23,9 @@ pub struct EvalOptions {
     pub batch: usize,
     /// Compute threads (`None`: all cores).
     pub threads: Option<usize>,
+    /// Budget for decoded images, MiB: a folder whose test split is larger at the input size
+    /// streams ([`crate::data::source`]).
+    pub cache_mb: usize,
 }
 
 impl Default for EvalOptions {
@@ -34,6 +36,7 @@ impl Default for EvalOptions {
             normalize: None,
             batch: 256,
             threads: None,
+            cache_mb: crate::data::DEFAULT_CACHE_MB,
         }
     }
 }
@@ -72,7 +75,13 @@ fn eval_on_pool(a: &EvalOptions) -> Result<EvalReport> {
     let ([c, h, w], normalize) =
         super::model_input_and_normalization(&model, a.normalize.as_ref(), &a.model, false)?;
     let norm = normalize.resolve(c)?;
-    let mut test = a.data.load_test([c, h, w])?;
+    // Prepared as the model was trained: a model trained on a streamed folder records its
+    // centre-crop rule, and its test images are cropped the same way.
+    let prep = crate::data::source::prep_of_model(&model.graph.meta.metadata_props);
+    let opts = crate::data::DataOptions {
+        cache_mb: a.cache_mb,
+    };
+    let mut test = a.data.open_test([c, h, w], &opts, prep)?;
     // A model that records its class names is scored by name: a folder with some of the
     // classes, or with them in another order, still lands on the right outputs.
     let recorded = model
@@ -85,7 +94,6 @@ fn eval_on_pool(a: &EvalOptions) -> Result<EvalReport> {
     if let Some(names) = recorded {
         test = test.relabelled(&names)?;
     }
-    let test = Arc::new(test);
     let workers = 2;
     let result =
         crate::engine::on_pool(|| evaluate(&mut model, test, a.batch, workers, Some(norm)))?;

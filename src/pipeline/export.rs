@@ -3,7 +3,6 @@
 //! measured there and recorded in the file.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -41,6 +40,9 @@ pub struct ExportOptions {
     pub threads: usize,
     /// Also measure the file's top-1 on this data's test split, in tract.
     pub data: Option<DataSpec>,
+    /// Budget for decoded images, MiB: a `data` folder whose test split is larger at the input
+    /// size streams ([`crate::data::source`]).
+    pub cache_mb: usize,
     /// Input normalisation recorded in the file and used for the accuracy (`None`: what the
     /// model file records, else the default for its channels).
     pub normalize: Option<NormSpec>,
@@ -68,6 +70,7 @@ impl Default for ExportOptions {
             forms: FormsPolicy::Fastest,
             threads: 1,
             data: None,
+            cache_mb: crate::data::DEFAULT_CACHE_MB,
             normalize: None,
             data_images: 0,
             check_batches: 4,
@@ -155,10 +158,22 @@ pub fn export(a: &ExportOptions) -> Result<ExportSummary> {
     crate::engine::with_threads(a.threads, || export_on_pool(a))?
 }
 
+impl ExportOptions {
+    /// How the `data` test split is loaded (`cache_mb`).
+    pub fn data_options(&self) -> crate::data::DataOptions {
+        crate::data::DataOptions {
+            cache_mb: self.cache_mb,
+        }
+    }
+}
+
 fn export_on_pool(a: &ExportOptions) -> Result<ExportSummary> {
     let image_shape = a.input_shape.clone();
     let data_text = a.data.as_ref().map(|d| d.to_string()).unwrap_or_default();
     let graph = crate::onnx::read_file(&a.model)?;
+    // The --data check prepares images as the model was trained (a streamed folder's centre
+    // crops, or resizing).
+    let prep = crate::data::source::prep_of_model(&graph.meta.metadata_props);
     // A --normalize that cannot fit the model fails before the (timed) export.
     if let Some(c) = declared_channels(&graph, image_shape.as_deref()) {
         NormSpec::for_model(
@@ -216,12 +231,13 @@ fn export_on_pool(a: &ExportOptions) -> Result<ExportSummary> {
         say(&format!(
             "measuring top-1 in tract on {data_text} (normalisation {normalize})"
         ));
-        let splits = spec.load([shape[1], shape[2], shape[3]])?;
+        let test = spec.open_test([shape[1], shape[2], shape[3]], &a.data_options(), prep)?;
         let mut lcfg = LoaderConfig::eval(shape[0]);
         lcfg.normalize = Some(normalize.resolve(channels)?);
-        let loader = Loader::new(Arc::new(splits.test), lcfg)?;
+        let loader = Loader::new(test, lcfg)?;
         let (mut n, mut correct) = (0usize, 0usize);
-        for b in loader.epoch(0) {
+        let mut batches = loader.epoch(0);
+        while let Some(b) = batches.next_batch()? {
             if b.labels.len() != shape[0] {
                 break; // the file's batch is fixed; a short last batch is skipped
             }

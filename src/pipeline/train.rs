@@ -2,7 +2,6 @@
 //! the synthetic set, written as ONNX with its checkpoint, metrics and curve beside it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -102,8 +101,11 @@ pub struct TrainOptions {
     pub label_smoothing: f32,
     /// Compute threads (`None`: all cores).
     pub threads: Option<usize>,
-    /// Data loader threads.
+    /// Data loader threads (they also decode a streamed folder).
     pub workers: usize,
+    /// Budget for decoded images, MiB: an image folder larger than this at the model's input
+    /// size streams ([`crate::data::source`]), and its cache holds this much.
+    pub cache_mb: usize,
     /// Seed of the initialisation, the data order, the augmentation and the dropout masks.
     pub seed: u64,
     /// Stop after this many optimiser steps (smoke runs).
@@ -150,6 +152,7 @@ impl Default for TrainOptions {
             label_smoothing: 0.0,
             threads: None,
             workers: 2,
+            cache_mb: crate::data::DEFAULT_CACHE_MB,
             seed: 0,
             max_steps: None,
             init: TrainInit::Scratch,
@@ -167,12 +170,44 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// How the data is loaded (`--cache-mb`).
+    pub fn data_options(&self) -> crate::data::DataOptions {
+        crate::data::DataOptions {
+            cache_mb: self.cache_mb,
+        }
+    }
+}
+
+/// How the training data was loaded, for `--json` and the tests that bound memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataLoading {
+    /// The folder streamed (decoded on the fly) rather than decoded into memory.
+    pub streamed: bool,
+    /// The streamed splits' caches (train, then test) at the end of the run.
+    pub train_cache: Option<crate::data::cache::CacheStats>,
+    pub test_cache: Option<crate::data::cache::CacheStats>,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_rss_mib: f64,
+}
+
+impl DataLoading {
+    fn of(s: &crate::data::Sources) -> DataLoading {
+        DataLoading {
+            streamed: s.streamed(),
+            train_cache: s.train.cache_stats(),
+            test_cache: s.test.cache_stats(),
+            peak_rss_mib: super::speed::peak_rss_mib(),
+        }
+    }
+}
+
 /// Re-sizes the classifier to the data's class count (or, with `keep_head`, refuses a
 /// mismatch).
 pub(crate) fn fit_head(
     graph: &mut crate::ir::Graph,
     shapes: &[Vec<usize>],
-    splits: &crate::data::Splits,
+    splits: &crate::data::Sources,
     keep_head: bool,
     seed: u64,
 ) -> Result<Option<crate::ir::head::HeadChange>> {
@@ -200,7 +235,7 @@ pub(crate) fn fit_head(
 /// statistics never settle (a test loss in the thousands): refuse it. A class without
 /// training images cannot be learned: say which.
 pub(crate) fn check_split_sizes(
-    splits: &crate::data::Splits,
+    splits: &crate::data::Sources,
     batch: usize,
     data: &str,
 ) -> Result<()> {
@@ -235,14 +270,17 @@ pub(crate) fn check_split_sizes(
 fn record_data_facts(
     graph: &mut crate::ir::Graph,
     spec: &DataSpec,
-    train: &crate::data::Dataset,
+    train: &crate::data::Source,
     chw: [usize; 3],
 ) {
     let names = serde_json::to_string(train.class_names()).unwrap_or_default();
     let meta = &mut graph.meta.metadata_props;
     for (k, v) in [
         (crate::data::CLASSES_KEY, names),
-        (crate::data::RESIZE_KEY, spec.resize_rule(chw)),
+        (
+            crate::data::RESIZE_KEY,
+            spec.resize_rule_for(chw, train.is_streamed()),
+        ),
     ] {
         meta.retain(|(kk, _)| kk != k);
         meta.push((k.to_string(), v));
@@ -289,6 +327,7 @@ pub struct TrainSummary<'a> {
     last: Option<&'a EpochMetrics>,
     metrics_file: String,
     checkpoint: String,
+    data_loading: &'a DataLoading,
 }
 
 /// What a finished (or stopped) training run gives back to its caller.
@@ -304,6 +343,8 @@ pub struct TrainReport {
     /// ([`crate::engine::compute_threads_alive`]): the count used, not the count asked for.
     pub threads: usize,
     pub config: TrainConfig,
+    /// In memory or streamed, the caches, peak memory.
+    pub loading: DataLoading,
 }
 
 impl TrainReport {
@@ -319,6 +360,7 @@ impl TrainReport {
             last: self.history.last(),
             metrics_file: self.files.metrics.display().to_string(),
             checkpoint: self.files.checkpoint.display().to_string(),
+            data_loading: &self.loading,
         }
     }
 
@@ -400,7 +442,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             a.model.display()
         ),
     };
-    let splits = spec.load(chw)?;
+    let splits = spec.open(chw, &a.data_options())?;
     check_split_sizes(&splits, a.batch, &data)?;
     if let Some(change) =
         fit_head(&mut graph, &shapes, &splits, a.keep_head, a.seed).with_context(what)?
@@ -437,6 +479,9 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             eprintln!("{line}")
         }
     };
+    if let Some(plan) = &splits.plan {
+        say(plan.clone());
+    }
     say(format!(
         "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}",
         data,
@@ -491,6 +536,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         orth: a.orth,
         orth_no_decay: a.orth_no_decay,
         normalize: Some(normalize),
+        data_streamed: splits.streamed(),
         allow_recipe_change: a.allow_recipe_change,
     };
     if !(a.orth >= 0.0 && a.orth.is_finite()) {
@@ -512,8 +558,9 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         ),
         history: Vec::new(),
     };
-    let (train, test) = (Arc::new(splits.train), Arc::new(splits.test));
+    let (train, test) = (splits.train.clone(), splits.test.clone());
     let ran = crate::engine::on_pool(|| trainer.run(train, test, a.resume));
+    let loading = DataLoading::of(&splits);
     let history = trainer.history.clone();
     let outcome = ran
         .and_then(|o| model.save(&output).map(|_| o))
@@ -528,5 +575,6 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         files,
         threads: crate::engine::compute_threads_alive(),
         config: cfg,
+        loading,
     })
 }

@@ -36,6 +36,9 @@ pub fn check(
             if n.is_null() {
                 *n = default.clone();
             }
+            // Written only when true (in-memory runs' checkpoints read as before).
+            o.entry("data_streamed")
+                .or_insert(serde_json::Value::Bool(false));
         }
     }
     let (Some(a), Some(b)) = (was.as_object(), now.as_object()) else {

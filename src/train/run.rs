@@ -19,7 +19,7 @@ use super::optim::{OptimKind, Optimizer};
 use super::progress::{format_duration, EpochStats, Progress};
 use super::schedule::{lr_at, Schedule};
 use super::step::{Diverged, TrainStep};
-use crate::data::{Dataset, Loader, LoaderConfig, NormSpec, Normalize};
+use crate::data::{Loader, LoaderConfig, NormSpec, Normalize, Source};
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::ops::{top1_correct, topk_correct, SoftmaxCrossEntropy};
@@ -53,6 +53,11 @@ pub struct TrainConfig {
     /// ([`Normalize::for_channels`]). Checkpoints written before the option have none.
     #[serde(default)]
     pub normalize: Option<NormSpec>,
+    /// The image folder streams with ImageNet-style crops (the `--cache-mb` rule,
+    /// [`crate::data::source`]): part of the recipe, as it changes the augmentation. Not
+    /// written when false, so in-memory runs' checkpoints read as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_streamed: bool,
     /// `--allow-recipe-change`: a resume may change `epochs` and `max_steps`
     /// ([`super::resume`]). Not part of the recipe, so not saved.
     #[serde(skip)]
@@ -147,7 +152,7 @@ pub struct Trainer<'a> {
 /// by `normalize` (`None`: the data's default, [`Normalize::for_channels`]).
 pub fn evaluate(
     model: &mut Model,
-    data: Arc<Dataset>,
+    data: impl Into<Source>,
     batch: usize,
     workers: usize,
     normalize: Option<Normalize>,
@@ -160,7 +165,8 @@ pub fn evaluate(
         label_smoothing: 0.0,
     };
     let (mut n, mut loss, mut c1, mut c5) = (0usize, 0f64, 0usize, 0usize);
-    for b in loader.epoch(0) {
+    let mut epoch = loader.epoch(0);
+    while let Some(b) = epoch.next_batch()? {
         let logits = model.forward(b.images.into_dyn(), Mode::Eval)?;
         let l2 = logits.view().into_dimensionality::<Ix2>()?;
         check_labels(&b.labels, model.classes)?;
@@ -193,12 +199,7 @@ impl Trainer<'_> {
     }
 
     /// Runs (or resumes) the training. Returns how it ended.
-    pub fn run(
-        &mut self,
-        train: Arc<Dataset>,
-        test: Arc<Dataset>,
-        resume: bool,
-    ) -> Result<Outcome> {
+    pub fn run(&mut self, train: Source, test: Source, resume: bool) -> Result<Outcome> {
         if train.classes() > self.model.classes {
             bail!(
                 "the data has {} classes but the model has {} outputs",
@@ -293,7 +294,8 @@ impl Trainer<'_> {
                 (before.seen, before.loss_sum, before.correct);
             let (mut orth_sum, mut steps_done) = (before.orth_sum, before.steps_done);
             let mut lr = self.cfg.lr;
-            for b in loader.epoch_from(pos.epoch, pos.batch) {
+            let mut batches = loader.epoch_from(pos.epoch, pos.batch);
+            while let Some(b) = batches.next_batch()? {
                 lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
                 check_labels(&b.labels, self.model.classes)?;
                 self.model.session.dropout_step = pos.step;
@@ -360,6 +362,8 @@ impl Trainer<'_> {
                     break;
                 }
             }
+            // The epoch's workers end here (a --max-steps stop leaves them blocked on full queues).
+            drop(batches);
             progress.end_steps();
             let epoch_s = before.epoch_s + t0.elapsed().as_secs_f64();
             let end_t0 = Instant::now();
@@ -582,6 +586,7 @@ mod tests {
             orth: 0.01,
             orth_no_decay: false,
             normalize: None,
+            data_streamed: false,
             allow_recipe_change: false,
         }
     }
