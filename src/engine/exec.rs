@@ -39,6 +39,9 @@ pub struct Session {
     pub dropout_step: u64,
     /// Seconds spent per op type, forward and backward, when profiling is on.
     pub profile: Option<std::collections::BTreeMap<(&'static str, bool), f64>>,
+    /// `--sync-bn`: training-mode BN sums its per-channel statistics through this (over the
+    /// processes of a data-parallel run); `None`, the default, keeps them local.
+    pub stat_sync: Option<std::sync::Arc<dyn super::stat_sync::StatSync>>,
 }
 
 fn view4<'a>(a: &'a ArrayD<f32>, step: &Step) -> Result<ArrayView4<'a, f32>> {
@@ -86,6 +89,7 @@ impl Session {
             dropout_seed: 0,
             dropout_step: 0,
             profile: None,
+            stat_sync: None,
         }
     }
 
@@ -187,12 +191,13 @@ impl Session {
                         self.program.state[m].1.clone(),
                         self.program.state[v].1.clone(),
                     );
-                    let (y, saved) = op.forward_train(
+                    let (y, saved) = op.forward_train_synced(
                         x4,
                         scale,
                         bias,
                         rm.view_mut().into_dimensionality::<Ix1>()?,
                         rv.view_mut().into_dimensionality::<Ix1>()?,
+                        self.stat_sync.as_deref(),
                     )?;
                     self.program.state[m].1 = rm;
                     self.program.state[v].1 = rv;
@@ -361,7 +366,13 @@ impl Session {
             (Kernel::BatchNorm { op, .. }, Saved::Bn(saved)) => {
                 let scale = view1(self.get(step.inputs[1])?);
                 let dy = dy()?;
-                let g = op.backward_train(view4(x, step)?, scale, saved, view4(&dy, step)?)?;
+                let g = op.backward_train_synced(
+                    view4(x, step)?,
+                    scale,
+                    saved,
+                    view4(&dy, step)?,
+                    self.stat_sync.as_deref(),
+                )?;
                 vec![
                     Some(g.dx.into_dyn()),
                     Some(g.dscale.into_dyn()),
