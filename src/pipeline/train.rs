@@ -360,11 +360,13 @@ impl TrainReport {
 pub fn comm_line(c: &CommStats) -> String {
     let steps = c.steps.max(1) as f64;
     format!(
-        "MPI: {} ranks, all-reduce {:.2} MB per step in {} call(s), {:.2} ms per step ({} steps)\n",
+        "MPI: {} ranks, all-reduce {:.2} MB per step in {} call(s), {:.2} ms per step \
+         (+{:.2} ms waiting for the slowest rank; {} steps); weights identical on every rank\n",
         c.ranks,
         c.bytes_per_step as f64 / 1e6,
         c.calls_per_step,
         1e3 * c.seconds / steps,
+        1e3 * c.wait_seconds / steps,
         c.steps
     )
 }

@@ -184,9 +184,12 @@ pub struct CommStats {
     pub bytes_per_step: u64,
     /// All-reduce calls per step.
     pub calls_per_step: u64,
-    /// Seconds spent in the all-reduce calls, over all steps (waiting for slower ranks
-    /// included).
+    /// Seconds spent in the all-reduce calls, over all steps, after a barrier: the transfer
+    /// and the sums.
     pub seconds: f64,
+    /// Seconds spent in that barrier, over all steps: waiting for the slowest rank to finish
+    /// its backward (uneven load, a busy machine), not communication.
+    pub wait_seconds: f64,
     /// The fingerprints of every rank's weights and BN statistics agreed after training.
     pub same_weights_on_every_rank: bool,
     /// That fingerprint (FNV-1a of the bits).
@@ -260,6 +263,11 @@ impl GradHook for AllReduceGrads {
             ranks: self.comm.size(),
             ..CommStats::default()
         };
+        // A barrier first, so that the time of the all-reduce is its own and not the wait for
+        // a slower rank (which the barrier measures); it costs microseconds.
+        let t0 = Instant::now();
+        self.comm.barrier()?;
+        stats.wait_seconds = t0.elapsed().as_secs_f64();
         // Buckets of whole parameters, at most BUCKET values unless one parameter is larger;
         // the last one also carries the BN statistics (rank 0's; the others add zeros) and the
         // stop flag.
@@ -317,6 +325,7 @@ impl GradHook for AllReduceGrads {
         total.bytes_per_step = stats.bytes_per_step;
         total.calls_per_step = stats.calls_per_step;
         total.seconds += stats.seconds;
+        total.wait_seconds += stats.wait_seconds;
         Ok(())
     }
 }
