@@ -87,7 +87,7 @@ impl DataParallel {
     /// A global batch of `batch` images splits evenly over the ranks.
     pub fn check_batch(&self, batch: usize) -> Result<()> {
         let n = self.size();
-        if batch % n != 0 {
+        if !batch.is_multiple_of(n) {
             bail!(OnEveryRank(format!(
                 "--batch {batch} (the global batch) does not divide over the {n} MPI ranks: \
                  use a multiple of {n}"

@@ -337,14 +337,23 @@ impl Trainer<'_> {
                 stop_agreed.clone(),
             )));
         }
-        let result = self.train_loop(
-            &loader,
-            &test,
+        let plan = LoopPlan {
+            loader: &loader,
+            test: &test,
             normalize,
+            total,
+            warmup,
+            per_epoch,
+            share: &share,
+            stop_agreed: &stop_agreed,
+        };
+        let result = self.train_loop(
+            &plan,
             &mut train_step,
-            (&mut opt, &mut pos, carried),
-            (&mut progress, total, warmup, per_epoch),
-            (&share, &stop_agreed),
+            &mut opt,
+            &mut pos,
+            carried,
+            &mut progress,
         );
         self.model.session.stat_sync = None;
         if let (Some(p), Ok(_)) = (&par, &result) {
@@ -358,17 +367,26 @@ impl Trainer<'_> {
     }
 
     /// The epochs of [`Self::run`], from `pos`.
-    #[allow(clippy::type_complexity)]
     fn train_loop(
         &mut self,
-        loader: &Loader,
-        test: &Arc<Dataset>,
-        normalize: Option<Normalize>,
+        plan: &LoopPlan,
         train_step: &mut TrainStep,
-        (opt, pos, mut carried): (&mut Optimizer, &mut Position, Option<EpochSoFar>),
-        (progress, total, warmup, per_epoch): (&mut Progress, u64, u64, u64),
-        (share, stop_agreed): (&Arc<std::sync::Mutex<StepShare>>, &Arc<AtomicBool>),
+        opt: &mut Optimizer,
+        pos: &mut Position,
+        mut carried: Option<EpochSoFar>,
+        progress: &mut Progress,
     ) -> Result<Outcome> {
+        let LoopPlan {
+            loader,
+            test,
+            normalize,
+            total,
+            warmup,
+            per_epoch,
+            share,
+            stop_agreed,
+        } = plan;
+        let (total, warmup, per_epoch) = (*total, *warmup, *per_epoch);
         let par = self.parallel.clone();
         if self.cfg.orth > 0.0 && train_step.orth_terms().is_empty() && self.progress {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
@@ -478,7 +496,7 @@ impl Trainer<'_> {
             let end_t0 = Instant::now();
             let eval = evaluate_on(
                 self.model,
-                test.clone(),
+                Arc::clone(test),
                 self.cfg.batch,
                 self.cfg.workers,
                 normalize.clone(),
@@ -666,6 +684,20 @@ pub fn curve_title(model_name: &str, meta: &[(String, String)], cfg: &TrainConfi
         recipe.push_str(" | no DSO");
     }
     format!("{head}\n{recipe}")
+}
+
+/// What [`Trainer::train_loop`] runs with, set up by [`Trainer::run`].
+struct LoopPlan<'a> {
+    loader: &'a Loader,
+    test: &'a Arc<Dataset>,
+    normalize: Option<Normalize>,
+    /// Steps of the whole run, of the warm-up, of one epoch.
+    total: u64,
+    warmup: u64,
+    per_epoch: u64,
+    /// Data-parallel: the rows of each step, and the stop decision of every rank.
+    share: &'a Arc<std::sync::Mutex<StepShare>>,
+    stop_agreed: &'a Arc<AtomicBool>,
 }
 
 /// The epoch's train totals over every rank: what this rank added since `before` (what a
