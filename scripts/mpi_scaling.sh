@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Data-parallel scaling on this machine: the same training (global batch 128, synthetic data,
 # one epoch) as one process with 2 threads and as `mpirun -np 2` ranks with 1 thread each, for
-# ResNet-20 and its Tucker-2 form (compress's default ranks, params=0.4). Prints img/s (from
+# ResNet-20 and its Tucker-2 form (compress's default ranks, params=0.4), the MPI run also with
+# --sync-bn. Prints img/s (from
 # the metrics file: the epoch's training steps, evaluation excluded) and, for the MPI runs, the
 # bytes each rank all-reduces per step, the milliseconds per step the all-reduce takes (after a
 # barrier) and the share of the step it is, and the milliseconds per step spent in that barrier
@@ -26,10 +27,11 @@ for model in models/resnet20.onnx "$tmp/tucker2.onnx"; do
   args=(train "$model" --data "synthetic:$images,128" --epochs 1 --batch 128 --json --quiet)
   "$elrt" "${args[@]}" --threads 2 -o "$tmp/one.onnx" >"$tmp/one.json"
   mpirun --oversubscribe --bind-to none -np 2 "$elrt" "${args[@]}" --threads 1 -o "$tmp/two.onnx" >"$tmp/two.json"
-  python3 - "$name" "$tmp/one.json" "$tmp/two.json" <<'PY'
+  mpirun --oversubscribe --bind-to none -np 2 "$elrt" "${args[@]}" --threads 1 --sync-bn -o "$tmp/sync.onnx" >"$tmp/sync.json"
+  python3 - "$name" "$tmp/one.json" "$tmp/two.json" "$tmp/sync.json" <<'PY'
 import json, sys
 name = sys.argv[1]
-for label, path in (("1 x 2 thr", sys.argv[2]), ("2 ranks x 1", sys.argv[3])):
+for label, path in (("1 x 2 thr", sys.argv[2]), ("2 ranks x 1", sys.argv[3]), ("  --sync-bn", sys.argv[4])):
     r = json.load(open(path))
     last, mpi = r["last"], r.get("mpi")
     ips = last["img_per_s"]

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => {
-            drop(mpi); // MPI_Finalize
+            mpi.finish();
             ExitCode::SUCCESS
         }
         // Met by every rank at the same point: said once, and every rank ends by itself.
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             if mpi.rank() == 0 {
                 eprintln!("error: {e:#}");
             }
-            drop(mpi);
+            mpi.finish();
             ExitCode::FAILURE
         }
         // This rank alone: the others may be waiting for it in a collective, so end them all.

@@ -90,6 +90,12 @@ impl Session {
         self.size
     }
 
+    /// Leaves MPI (`MPI_Finalize`, which waits for the other ranks to leave too).
+    pub fn finish(self) {
+        #[cfg(feature = "mpi")]
+        drop(self._universe);
+    }
+
     /// Ends every rank of the job (after this one printed its error).
     pub fn abort(self, code: i32) -> ! {
         #[cfg(feature = "mpi")]

@@ -254,7 +254,18 @@ impl Trainer<'_> {
             lcfg.shard = Some((p.rank(), p.size()));
         }
         let writer = par.as_ref().is_none_or(|p| p.is_writer());
-        let (train_len, test_len, classes) = (train.len(), test.len(), train.classes());
+        // What the ranks compare before the first step: the data's sizes, every label, and
+        // the first and last image of each split.
+        let mut data_sample = format!("{} {} {}", train.len(), test.len(), train.classes());
+        for d in [&train, &test] {
+            data_sample += &format!(" {:?}", d.labels());
+            for i in [0, d.len().saturating_sub(1)]
+                .into_iter()
+                .filter(|&i| i < d.len())
+            {
+                data_sample += &format!(" {:x}", fingerprint(&[d.image(i)]));
+            }
+        }
         let loader = Loader::new(train, lcfg)?;
         let per_epoch = loader.batches_per_epoch() as u64;
         if per_epoch == 0 {
@@ -320,7 +331,7 @@ impl Trainer<'_> {
         let stop_agreed = Arc::new(AtomicBool::new(false));
         if let Some(p) = &par {
             let recipe = serde_json::to_vec(&self.cfg)?;
-            let sizes = format!("{train_len} {test_len} {classes} {pos:?}");
+            let sizes = format!("{data_sample} {pos:?}");
             let weights = weight_bytes(&self.model.session.program);
             p.check_same_start(fingerprint(&[&weights, &recipe, sizes.as_bytes()]))?;
             if p.rank() > 0 {
