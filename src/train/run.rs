@@ -254,18 +254,20 @@ impl Trainer<'_> {
             lcfg.shard = Some((p.rank(), p.size()));
         }
         let writer = par.as_ref().is_none_or(|p| p.is_writer());
-        // What the ranks compare before the first step: the data's sizes, every label, and
-        // the first and last image of each split.
-        let mut data_sample = format!("{} {} {}", train.len(), test.len(), train.classes());
-        for d in [&train, &test] {
-            data_sample += &format!(" {:?}", d.labels());
-            for i in [0, d.len().saturating_sub(1)]
-                .into_iter()
-                .filter(|&i| i < d.len())
-            {
-                data_sample += &format!(" {:x}", fingerprint(&[d.image(i)]));
+        // Data-parallel: what the ranks compare of the data before the first step (its sizes,
+        // every label, the first and last image of each split).
+        let data_sample = par.as_ref().map(|_| {
+            let mut s = format!("{} {} {}", train.len(), test.len(), train.classes());
+            for d in [&train, &test] {
+                s += &format!(" {:?}", d.labels());
+                for i in [0, d.len().saturating_sub(1)] {
+                    if i < d.len() {
+                        s += &format!(" {:x}", fingerprint(&[d.image(i)]));
+                    }
+                }
             }
-        }
+            s
+        });
         let loader = Loader::new(train, lcfg)?;
         let per_epoch = loader.batches_per_epoch() as u64;
         if per_epoch == 0 {
@@ -331,7 +333,7 @@ impl Trainer<'_> {
         let stop_agreed = Arc::new(AtomicBool::new(false));
         if let Some(p) = &par {
             let recipe = serde_json::to_vec(&self.cfg)?;
-            let sizes = format!("{data_sample} {pos:?}");
+            let sizes = format!("{} {pos:?}", data_sample.unwrap_or_default());
             let weights = weight_bytes(&self.model.session.program);
             p.check_same_start(fingerprint(&[&weights, &recipe, sizes.as_bytes()]))?;
             if p.rank() > 0 {
