@@ -4,6 +4,10 @@
 #
 #   scripts/setup.sh            system packages + Python interop packages + release build
 #   ELRT_SETUP_TORCH=1 ...      also PyTorch (only for regenerating fixtures and model files)
+#
+# Open MPI (libopenmpi-dev, openmpi-bin) and libclang-dev (for the MPI bindings' bindgen) are
+# installed too, and the binary is built with `--features mpi` when mpicc is there, so that
+# `mpirun -np N target/release/elrt train ...` trains data-parallel (docs/mpi.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +15,8 @@ need_apt=()
 pkg-config --exists openblas 2>/dev/null || [ -e /usr/lib/x86_64-linux-gnu/libopenblas.so ] || need_apt+=(libopenblas-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v mpicc >/dev/null || need_apt+=(libopenmpi-dev openmpi-bin)
+dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -31,4 +37,7 @@ if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing; install Rust from rustup first" >&2
   exit 1
 fi
-cargo build --release --quiet
+# The build scripts/test.sh tests and scripts/main.sh runs: with MPI when Open MPI is there.
+features=()
+command -v mpicc >/dev/null && features=(--features mpi)
+cargo build --release --quiet ${features[@]+"${features[@]}"}

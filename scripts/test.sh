@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: sets up what is missing, generates the model files that are too large to
-# commit (when PyTorch is installed), then runs every test.
+# commit (when PyTorch is installed), then runs every test (with `--features mpi` when Open MPI
+# is installed, as setup.sh does: tests/mpi.rs then runs `mpirun -np 2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,4 +13,7 @@ else
   echo "test: PyTorch not installed; tests on generated models (vgg16_bn, torchvision exports) will skip" >&2
   echo "      (ELRT_SETUP_TORCH=1 scripts/setup.sh installs it)" >&2
 fi
-cargo test --release "$@"
+# With MPI (tests/mpi.rs runs `mpirun -np 2`) when setup.sh could install Open MPI.
+features=()
+command -v mpicc >/dev/null && features=(--features mpi)
+cargo test --release ${features[@]+"${features[@]}"} "$@"

@@ -4,7 +4,7 @@
 //! cost) -> low-rank rewrite -> engine (train) -> export -> bench. The modules are layered in
 //! that order (`tests/module_layers.rs` holds the order and checks it): [`runtime`] is the
 //! tract leaf that export and bench share, and [`tune`] resolves `--ranks latency=F` above
-//! export. [`pipeline`] is the API over them: one entry function per stage (convert, train,
+//! export; [`dist`] runs training data-parallel over MPI above [`train`]. [`pipeline`] is the API over them: one entry function per stage (convert, train,
 //! eval, speed, export, bench, compress) with typed options; the `elrt` binary (src/main.rs,
 //! src/cli/) only turns flags into those options.
 
@@ -14,6 +14,7 @@ extern crate blas_src;
 
 pub mod bench;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod export;
 pub mod inspect;

@@ -17,11 +17,41 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    match cli::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    // Under mpirun: join MPI's world (rank 0 prints and writes, every rank trains).
+    let mpi = match elrt::dist::init() {
+        Ok(m) => m,
         Err(e) => {
             eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = cli::run(cli);
+    let Some(mpi) = mpi else {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    };
+    match result {
+        Ok(()) => {
+            mpi.finish();
+            ExitCode::SUCCESS
+        }
+        // Met by every rank at the same point: said once, and every rank ends by itself.
+        Err(e) if e.chain().any(|c| c.is::<elrt::dist::OnEveryRank>()) => {
+            if mpi.rank() == 0 {
+                eprintln!("error: {e:#}");
+            }
+            mpi.finish();
             ExitCode::FAILURE
+        }
+        // This rank alone: the others may be waiting for it in a collective, so end them all.
+        Err(e) => {
+            eprintln!("error: MPI rank {} of {}: {e:#}", mpi.rank(), mpi.size());
+            mpi.abort(1)
         }
     }
 }

@@ -15,6 +15,7 @@ use elrt::engine::model::Model;
 use elrt::engine::ops::{
     Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, MaxPool2d, MaxPoolSaved,
 };
+use elrt::engine::stat_sync::StatSync;
 use elrt::engine::tensor_ops::BinOp;
 use elrt::lowrank::rank::RankPolicy;
 use elrt::lowrank::{convert, ConvertOptions, Format, InitMode};
@@ -125,9 +126,10 @@ impl Backend for Counted {
         bias: &Dev,
         rm: &mut Dev,
         rv: &mut Dev,
+        sync: Option<&dyn StatSync>,
     ) -> Result<(Dev, BatchNormSaved)> {
         self.k();
-        let (y, s) = C.bn_forward_train(op, &x.0, &scale.0, &bias.0, &mut rm.0, &mut rv.0)?;
+        let (y, s) = C.bn_forward_train(op, &x.0, &scale.0, &bias.0, &mut rm.0, &mut rv.0, sync)?;
         Ok((Dev(y), s))
     }
     fn bn_forward_eval(
@@ -149,9 +151,10 @@ impl Backend for Counted {
         scale: &Dev,
         saved: &BatchNormSaved,
         dy: Dev,
+        sync: Option<&dyn StatSync>,
     ) -> Result<BnGrads<Dev>> {
         self.k();
-        let g = C.bn_backward_train(op, &x.0, &scale.0, saved, dy.0)?;
+        let g = C.bn_backward_train(op, &x.0, &scale.0, saved, dy.0, sync)?;
         Ok(BnGrads {
             dx: Dev(g.dx),
             dscale: Dev(g.dscale),

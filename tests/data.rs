@@ -688,6 +688,46 @@ fn loader_same_batches_for_any_worker_count() {
     assert_ne!(Loader::new(d, cfg).unwrap().order(0), order0);
 }
 
+/// Data-parallel shards: rank r of N gets rows [r*B/N, (r+1)*B/N) of every whole batch, with
+/// the same pixels (augmentation included) and labels, and the N shards together are the batch.
+#[test]
+fn loader_shards_are_the_rows_of_the_whole_batch() {
+    let d = synthetic_set(150);
+    let whole: Vec<_> = Loader::new(d.clone(), train_cfg(2))
+        .unwrap()
+        .epoch(3)
+        .collect();
+    for ranks in [2usize, 3, 4] {
+        let shards: Vec<Vec<elrt::data::Batch>> = (0..ranks)
+            .map(|r| {
+                let mut cfg = train_cfg(1);
+                cfg.shard = Some((r, ranks));
+                Loader::new(d.clone(), cfg).unwrap().epoch(3).collect()
+            })
+            .collect();
+        for (i, w) in whole.iter().enumerate() {
+            let mut rows = 0;
+            for (r, s) in shards.iter().enumerate() {
+                let b = &s[i];
+                let k = b.labels.len();
+                let want = r * w.labels.len() / ranks;
+                assert_eq!(want, rows, "rank {r} of {ranks}, batch {i}");
+                assert_eq!(b.indices[..], w.indices[rows..rows + k]);
+                assert_eq!(b.labels[..], w.labels[rows..rows + k]);
+                assert_eq!(
+                    b.images,
+                    w.images.slice(ndarray::s![rows..rows + k, .., .., ..])
+                );
+                rows += k;
+            }
+            assert_eq!(rows, w.labels.len());
+        }
+    }
+    let mut cfg = train_cfg(0);
+    cfg.shard = Some((2, 2));
+    assert!(Loader::new(d, cfg).is_err());
+}
+
 #[test]
 fn loader_resume_mid_epoch_gives_the_same_batches() {
     let d = synthetic_set(100);

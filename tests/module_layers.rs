@@ -19,7 +19,8 @@ const LAYERS: &[&str] = &[
     "engine",   // program, autodiff, kernels
     "data",     // sources, loader, augmentation
     "report",   // the training curve (PNG)
-    "train",    // the loop, optimisers, checkpoints, DSO on the program
+    "train",    // the loop, optimisers, checkpoints, DSO on the program, data-parallel logic
+    "dist",     // MPI: joins mpirun's world, the Collective over it (feature `mpi`)
     "runtime",  // tract: load, run, time (the leaf export and bench share)
     "export",   // BN folding, forms, validation in tract
     "inspect",  // per-layer costs of a file

@@ -123,6 +123,11 @@ pub struct CompressArgs {
     /// No stage messages or progress bars.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun -np N`: BatchNormalization normalises with the statistics of the whole
+    /// global batch (summed over the ranks, as PyTorch's SyncBatchNorm) instead of each rank's
+    /// share (as PyTorch's DDP by default). No effect in one process.
+    #[arg(long)]
+    pub sync_bn: bool,
 }
 
 impl CompressArgs {
@@ -162,12 +167,15 @@ impl CompressArgs {
             resume: self.resume,
             allow_recipe_change: self.allow_recipe_change,
             quiet: self.quiet || self.json,
+            sync_bn: self.sync_bn,
             command: None,
         })
     }
 
     pub fn run(self) -> Result<()> {
-        let report = elrt::pipeline::compress(&self.to_options()?)?;
+        let Some(report) = elrt::pipeline::compress(&self.to_options()?)? else {
+            return Ok(()); // under mpirun, rank 0 prints
+        };
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {

@@ -100,6 +100,16 @@ where
 /// Runs a parsed command line: each subcommand's flags become a pipeline stage's options, and
 /// the stage's report is printed (text, or JSON with `--json`).
 pub fn run(cli: Cli) -> Result<()> {
+    // Under mpirun only training is shared out; any other command would run N times over.
+    if elrt::dist::world().is_some_and(|w| w.size() > 1)
+        && !matches!(cli.cmd, Cmd::Train(_) | Cmd::Compress(_))
+    {
+        anyhow::bail!(elrt::dist::OnEveryRank(
+            "under mpirun only `elrt train` and `elrt compress` run (data-parallel); run this \
+             command without mpirun"
+                .into()
+        ));
+    }
     match cli.cmd {
         Cmd::Inspect {
             file,

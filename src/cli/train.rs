@@ -115,6 +115,11 @@ pub struct TrainArgs {
     /// stdout the final line.
     #[arg(long)]
     pub quiet: bool,
+    /// Under `mpirun -np N`: BatchNormalization normalises with the statistics of the whole
+    /// global batch (summed over the ranks, as PyTorch's SyncBatchNorm) instead of each rank's
+    /// share (as PyTorch's DDP by default). No effect in one process.
+    #[arg(long)]
+    pub sync_bn: bool,
 }
 
 impl TrainArgs {
@@ -150,11 +155,15 @@ impl TrainArgs {
             allow_recipe_change: self.allow_recipe_change,
             output: self.output.clone(),
             quiet: self.quiet,
+            sync_bn: self.sync_bn,
         })
     }
 
     pub fn run(self) -> Result<()> {
         let r = elrt::pipeline::train(&self.to_options()?)?;
+        if elrt::dist::rank() != 0 {
+            return Ok(()); // under mpirun, rank 0 prints
+        }
         if self.json {
             println!("{}", serde_json::to_string_pretty(&r.summary())?);
         } else {

@@ -63,6 +63,10 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Seed of the order and augmentation streams (the run's `--seed`).
     pub seed: u64,
+    /// Data-parallel training: `(rank, ranks)` takes rows `[rank*B/ranks, (rank+1)*B/ranks)`
+    /// of every batch (`B` its length), the same images with the same augmentation as those
+    /// rows of the whole batch; `None` takes whole batches.
+    pub shard: Option<(usize, usize)>,
 }
 
 impl LoaderConfig {
@@ -78,6 +82,7 @@ impl LoaderConfig {
             workers: 2,
             prefetch: 4,
             seed,
+            shard: None,
         }
     }
 
@@ -92,6 +97,7 @@ impl LoaderConfig {
             workers: 2,
             prefetch: 4,
             seed: 0,
+            shard: None,
         }
     }
 }
@@ -120,7 +126,11 @@ struct Shared {
 impl Shared {
     fn build(&self, epoch: u64, order: &[usize], index: usize) -> Result<Batch> {
         let b = self.cfg.batch;
-        let idx = &order[index * b..((index + 1) * b).min(order.len())];
+        let mut idx = &order[index * b..((index + 1) * b).min(order.len())];
+        if let Some((rank, ranks)) = self.cfg.shard {
+            let len = idx.len();
+            idx = &idx[rank * len / ranks..(rank + 1) * len / ranks];
+        }
         let shape = self.data.shape();
         let [c, h, w] = shape;
         let size = c * h * w;
@@ -165,6 +175,11 @@ impl Loader {
         let data = data.into();
         if cfg.batch == 0 {
             bail!("batch size must be at least 1");
+        }
+        if let Some((rank, ranks)) = cfg.shard {
+            if rank >= ranks {
+                bail!("shard {rank} of {ranks} does not exist");
+            }
         }
         let c = data.shape()[0];
         let norm = cfg

@@ -102,6 +102,20 @@ impl Source {
         }
     }
 
+    /// What identifies image `i` to another process training on the same data (MPI ranks check
+    /// they were started on the same data): its pixels in memory; streamed, its file's name
+    /// (not the folder, which may be mounted elsewhere on another machine).
+    pub fn identity(&self, i: usize) -> Vec<u8> {
+        match self {
+            Source::Memory(d) => d.image(i).to_vec(),
+            Source::Stream(s) => s
+                .file(i)
+                .file_name()
+                .map(|n| n.to_string_lossy().as_bytes().to_vec())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn labels(&self) -> &[usize] {
         match self {
             Source::Memory(d) => d.labels(),

@@ -45,6 +45,9 @@ pub struct Session<B: Backend = CpuBackend> {
     pub dropout_step: u64,
     /// Seconds spent per op type, forward and backward, when profiling is on.
     pub profile: Option<std::collections::BTreeMap<(&'static str, bool), f64>>,
+    /// `--sync-bn`: training-mode BN sums its per-channel statistics through this (over the
+    /// processes of a data-parallel run); `None`, the default, keeps them local.
+    pub stat_sync: Option<std::sync::Arc<dyn super::stat_sync::StatSync>>,
 }
 
 /// The tensor a step input names, from the session's parts (split so that BN can update the
@@ -93,6 +96,7 @@ impl<B: Backend> Session<B> {
             dropout_seed: 0,
             dropout_step: 0,
             profile: None,
+            stat_sync: None,
         }
     }
 
@@ -206,7 +210,8 @@ impl<B: Backend> Session<B> {
                     } else {
                         bail!("the running mean and variance are one tensor");
                     };
-                    let (y, saved) = be.bn_forward_train(op, x, scale, bias, rm, rv)?;
+                    let sync = self.stat_sync.as_deref();
+                    let (y, saved) = be.bn_forward_train(op, x, scale, bias, rm, rv, sync)?;
                     (vec![y], Saved::Bn(saved))
                 } else {
                     let rm = &program.state[*mean].1;
@@ -359,7 +364,8 @@ impl<B: Backend> Session<B> {
             }
             (Kernel::BatchNorm { op, .. }, Saved::Bn(saved)) => {
                 let scale = self.get(step.inputs[1])?;
-                let g = be.bn_backward_train(op, x, scale, saved, dy()?)?;
+                let sync = self.stat_sync.as_deref();
+                let g = be.bn_backward_train(op, x, scale, saved, dy()?, sync)?;
                 vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
             }
             (Kernel::Act(a), _) => vec![Some(be.act_backward(a, x, dy()?)?)],

@@ -16,6 +16,7 @@ pub mod exec;
 pub mod model;
 pub mod ops;
 pub mod program;
+pub mod stat_sync;
 pub mod tensor_ops;
 
 use std::sync::Once;
@@ -37,6 +38,9 @@ pub enum EngineError {
         label: usize,
         classes: usize,
     },
+    /// A [`stat_sync::StatSync`] failed to sum batch statistics across processes.
+    #[error("{op}: summing batch statistics across processes: {msg}")]
+    Sync { op: &'static str, msg: String },
 }
 
 /// Result of an engine kernel.

@@ -167,6 +167,8 @@ pub struct CompressOptions {
     pub allow_recipe_change: bool,
     /// No stage messages or progress bars.
     pub quiet: bool,
+    /// Under mpirun: BN with the global batch's statistics ([`TrainOptions::sync_bn`]).
+    pub sync_bn: bool,
     /// The command recorded in run.json and the report (`None`: this process's arguments,
     /// with `argv[0]` as `elrt`).
     pub command: Option<String>,
@@ -201,6 +203,7 @@ impl Default for CompressOptions {
             max_steps: None,
             baseline: false,
             keep_head: false,
+            sync_bn: false,
             out: PathBuf::new(),
             resume: false,
             allow_recipe_change: false,
@@ -935,10 +938,65 @@ fn open_run(a: &CompressOptions, p: &mut Plan, quiet: bool) -> Result<(Run, RunL
 /// the baseline) -> export -> bench -> report in the run folder, each stage through the
 /// pipeline's entry point with options derived from the run record; writes report.json and
 /// report.md and returns the report.
-pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
+///
+/// Under mpirun, rank 0 does all of that, training with every rank; the other ranks wait until
+/// rank 0 has opened the run folder (converted, or found the run to resume), then train the
+/// same stages from its files (so the folder must be on a file system every rank sees) and
+/// return `None`: they write nothing.
+pub fn compress(a: &CompressOptions) -> Result<Option<CompressReport>> {
+    match crate::dist::world() {
+        Some(w) if w.rank() != 0 => follow(a, w.as_ref()).map(|_| None),
+        _ => lead(a).map(Some),
+    }
+}
+
+/// The training stages of a run that rank 0 leads (see [`compress`]).
+fn follow(a: &CompressOptions, comm: &dyn crate::train::parallel::Collective) -> Result<()> {
+    comm.barrier()?;
+    let m = read_manifest(&a.out)?;
+    let run = Run {
+        dir: a.out.clone(),
+        manifest: m,
+        quiet: true,
+    };
+    let (recipe, spec) = (&run.manifest.recipe, &run.manifest.data);
+    let options = |model: PathBuf, output: &str, orth: f32| TrainOptions {
+        threads: a.threads,
+        allow_recipe_change: a.allow_recipe_change,
+        quiet: true,
+        sync_bn: a.sync_bn,
+        ..recipe.train_options(
+            spec,
+            model,
+            run.path(output),
+            orth,
+            run.path(output).with_extension("ckpt").exists(),
+        )
+    };
+    if !run.done("train") {
+        train(&options(
+            run.path("factorized.onnx"),
+            "trained.onnx",
+            recipe.orth,
+        ))?;
+    }
+    if recipe.baseline && !run.done("baseline") {
+        let source = match run.path("model.onnx") {
+            p if p.exists() => p,
+            _ => a.model.clone(),
+        };
+        train(&options(source, "baseline/trained.onnx", 0.0))?;
+    }
+    Ok(())
+}
+
+fn lead(a: &CompressOptions) -> Result<CompressReport> {
     let quiet = a.quiet;
     let mut p = plan(a)?;
     let (mut run, _lock) = open_run(a, &mut p, quiet)?;
+    if let Some(w) = crate::dist::world() {
+        w.barrier()?; // the other ranks may read the run folder now
+    }
     // From here on the stages follow the run record.
     let recipe = run.manifest.recipe.clone();
     let spec = run.manifest.data.clone();
@@ -993,6 +1051,7 @@ pub fn compress(a: &CompressOptions) -> Result<CompressReport> {
         cache_mb: a.cache_mb,
         allow_recipe_change: a.allow_recipe_change,
         quiet,
+        sync_bn: a.sync_bn,
         ..recipe.train_options(&spec, model, output, orth, resume)
     };
     let trained = run.path("trained.onnx");

@@ -10,6 +10,7 @@ use crate::data::{DataSpec, NormSpec};
 use crate::engine::model::Model;
 use crate::ir::bn_insert::{self, BnPolicy};
 use crate::train::optim::OptimKind;
+use crate::train::parallel::{CommStats, DataParallel};
 use crate::train::run::{ctrlc_flag, EpochMetrics, Outcome, RunFiles, TrainConfig, Trainer};
 use crate::train::schedule::Schedule;
 
@@ -133,6 +134,9 @@ pub struct TrainOptions {
     pub output: Option<PathBuf>,
     /// No progress, data, resume or per-epoch lines on stderr.
     pub quiet: bool,
+    /// Under mpirun: BatchNormalization with the global batch's statistics (summed over the
+    /// ranks) instead of each rank's own. No effect in one process.
+    pub sync_bn: bool,
 }
 
 impl Default for TrainOptions {
@@ -166,6 +170,7 @@ impl Default for TrainOptions {
             allow_recipe_change: false,
             output: None,
             quiet: false,
+            sync_bn: false,
         }
     }
 }
@@ -328,6 +333,8 @@ pub struct TrainSummary<'a> {
     metrics_file: String,
     checkpoint: String,
     data_loading: &'a DataLoading,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mpi: Option<CommStats>,
 }
 
 /// What a finished (or stopped) training run gives back to its caller.
@@ -345,6 +352,8 @@ pub struct TrainReport {
     pub config: TrainConfig,
     /// In memory or streamed, the caches, peak memory.
     pub loading: DataLoading,
+    /// Under mpirun: the all-reduce traffic and time the run measured.
+    pub comm: Option<CommStats>,
 }
 
 impl TrainReport {
@@ -361,6 +370,7 @@ impl TrainReport {
             metrics_file: self.files.metrics.display().to_string(),
             checkpoint: self.files.checkpoint.display().to_string(),
             data_loading: &self.loading,
+            mpi: self.comm.clone(),
         }
     }
 
@@ -378,6 +388,9 @@ impl TrainReport {
                 m.wall_s
             );
         }
+        if let Some(c) = &self.comm {
+            out += &comm_line(c);
+        }
         if matches!(self.outcome, Outcome::Interrupted) {
             out += "stopped early; continue with the same command and --resume\n";
         }
@@ -385,14 +398,36 @@ impl TrainReport {
     }
 }
 
+/// What data-parallel training sent per step, and how long the calls took.
+pub fn comm_line(c: &CommStats) -> String {
+    let steps = c.steps.max(1) as f64;
+    format!(
+        "MPI: {} ranks, all-reduce {:.2} MB per step in {} call(s), {:.2} ms per step \
+         (+{:.2} ms waiting for the slowest rank; {} steps); weights identical on every rank\n",
+        c.ranks,
+        c.bytes_per_step as f64 / 1e6,
+        c.calls_per_step,
+        1e3 * c.seconds / steps,
+        1e3 * c.wait_seconds / steps,
+        c.steps
+    )
+}
+
 /// Trains as `elrt train` does and saves the output; prints nothing but progress. Runs on a
 /// pool of exactly `threads` compute threads.
 pub fn train(a: &TrainOptions) -> Result<TrainReport> {
-    let threads = crate::engine::thread_count(a.threads)?;
+    let threads = crate::engine::thread_count(a.threads.or_else(crate::dist::default_threads))?;
     crate::engine::with_threads(threads, || train_on_pool(a, threads))?
 }
 
 fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
+    // Under mpirun: every rank trains its shard; rank 0 alone prints and writes.
+    let parallel = crate::dist::world().map(|comm| DataParallel {
+        comm,
+        sync_bn: a.sync_bn,
+    });
+    let writer = parallel.as_ref().is_none_or(|p| p.is_writer());
+    let quiet = a.quiet || !writer;
     if a.epochs == 0 {
         bail!("--epochs must be at least 1 (0 would write the model untrained)");
     }
@@ -444,8 +479,9 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     };
     let splits = spec.open(chw, &a.data_options())?;
     check_split_sizes(&splits, a.batch, &data)?;
-    if let Some(change) =
-        fit_head(&mut graph, &shapes, &splits, a.keep_head, a.seed).with_context(what)?
+    if let Some(change) = fit_head(&mut graph, &shapes, &splits, a.keep_head, a.seed)
+        .with_context(what)?
+        .filter(|_| writer)
     {
         eprintln!(
             "the data has {} classes: the classifier '{}' now has {} outputs instead of {} (freshly initialised)",
@@ -454,7 +490,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     }
     record_data_facts(&mut graph, spec, &splits.train, chw);
     let inserted = bn_insert::apply(&mut graph, a.bn);
-    if inserted > 0 && !a.quiet {
+    if inserted > 0 && !quiet {
         eprintln!(
             "inserted {inserted} BatchNormalization nodes (--bn {})",
             a.bn
@@ -468,14 +504,14 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     let mut model =
         Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
     let ([c, h, w], normalize) =
-        super::model_input_and_normalization(&model, a.normalize.as_ref(), &a.model, a.quiet)?;
+        super::model_input_and_normalization(&model, a.normalize.as_ref(), &a.model, quiet)?;
     // The trained file says how its inputs are normalised, for every later use of it.
     normalize.record(&mut model.graph.meta.metadata_props, c)?;
     debug_assert_eq!([c, h, w], chw);
     let (core, pinned) = crate::engine::blas_core();
     // The data line is progress output: quiet drops it.
     let say = |line: String| {
-        if !a.quiet {
+        if !quiet {
             eprintln!("{line}")
         }
     };
@@ -490,7 +526,16 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         splits.train.classes(),
         normalize,
         threads,
-        a.batch,
+        match &parallel {
+            Some(p) => format!(
+                "{} (over {} MPI ranks: {} images and {threads} threads each; BN statistics {})",
+                a.batch,
+                p.size(),
+                a.batch / p.size().max(1),
+                if p.sync_bn { "global (--sync-bn)" } else { "per rank" }
+            ),
+            None => a.batch.to_string(),
+        },
         core,
         if pinned {
             " (set by OPENBLAS_CORETYPE)"
@@ -551,19 +596,28 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         cfg: cfg.clone(),
         files: files.clone(),
         stop: ctrlc_flag()?,
-        progress: !a.quiet,
+        progress: !quiet,
         model_name: a.model.file_name().map_or_else(
             || a.model.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         ),
         history: Vec::new(),
+        parallel,
+        comm: None,
     };
     let (train, test) = (splits.train.clone(), splits.test.clone());
     let ran = crate::engine::on_pool(|| trainer.run(train, test, a.resume));
     let loading = DataLoading::of(&splits);
     let history = trainer.history.clone();
+    let comm = trainer.comm.take();
     let outcome = ran
-        .and_then(|o| model.save(&output).map(|_| o))
+        .and_then(|o| {
+            if writer {
+                model.save(&output).map(|_| o)
+            } else {
+                Ok(o)
+            }
+        })
         .map_err(|e| with_outputs_accounted(e, &files))?;
     debug_assert_eq!(rayon::current_num_threads(), threads);
     Ok(TrainReport {
@@ -576,5 +630,6 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         threads: crate::engine::compute_threads_alive(),
         config: cfg,
         loading,
+        comm,
     })
 }

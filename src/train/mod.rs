@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod dso;
 pub mod init;
 pub mod optim;
+pub mod parallel;
 pub mod progress;
 pub mod resume;
 pub mod run;

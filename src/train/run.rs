@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{self, Position};
 use super::optim::{OptimKind, Optimizer};
+use super::parallel::{
+    fingerprint, weight_bytes, AllReduceGrads, CommStats, DataParallel, StepShare,
+};
 use super::progress::{format_duration, EpochStats, Progress};
 use super::schedule::{lr_at, Schedule};
 use super::step::{Diverged, TrainStep};
@@ -146,6 +149,11 @@ pub struct Trainer<'a> {
     pub model_name: String,
     /// Called once per epoch with the metrics (for curves and reports).
     pub history: Vec<EpochMetrics>,
+    /// Data-parallel training over several processes (`mpirun -np N`); `None`: this process
+    /// alone, as before.
+    pub parallel: Option<DataParallel>,
+    /// With `parallel`: the communication the run measured.
+    pub comm: Option<CommStats>,
 }
 
 /// Top-1/top-5 accuracy and mean loss on a data set, in eval mode, with the inputs normalised
@@ -157,9 +165,23 @@ pub fn evaluate(
     workers: usize,
     normalize: Option<Normalize>,
 ) -> Result<EvalResult> {
+    evaluate_on(model, data, batch, workers, normalize, None)
+}
+
+/// [`evaluate`], with each rank of `parallel` taking its rows of every batch and the totals
+/// summed over the ranks (every rank returns the whole set's result).
+pub fn evaluate_on(
+    model: &mut Model,
+    data: impl Into<Source>,
+    batch: usize,
+    workers: usize,
+    normalize: Option<Normalize>,
+    parallel: Option<&DataParallel>,
+) -> Result<EvalResult> {
     let mut cfg = LoaderConfig::eval(batch);
     cfg.workers = workers;
     cfg.normalize = normalize;
+    cfg.shard = parallel.map(|p| (p.rank(), p.size()));
     let loader = Loader::new(data, cfg)?;
     let ce = SoftmaxCrossEntropy {
         label_smoothing: 0.0,
@@ -167,6 +189,9 @@ pub fn evaluate(
     let (mut n, mut loss, mut c1, mut c5) = (0usize, 0f64, 0usize, 0usize);
     let mut epoch = loader.epoch(0);
     while let Some(b) = epoch.next_batch()? {
+        if b.labels.is_empty() {
+            continue; // a last batch smaller than the rank count
+        }
         let logits = model.forward(b.images.into_dyn(), Mode::Eval)?;
         let l2 = logits.view().into_dimensionality::<Ix2>()?;
         check_labels(&b.labels, model.classes)?;
@@ -174,6 +199,11 @@ pub fn evaluate(
         c1 += top1_correct(l2, &b.labels)?;
         c5 += topk_correct(l2, &b.labels, 5.min(model.classes))?;
         n += b.labels.len();
+    }
+    if let Some(p) = parallel {
+        let mut t = [n as f64, loss, c1 as f64, c5 as f64];
+        p.comm.sum_f64(&mut t)?;
+        (n, loss, c1, c5) = (t[0] as usize, t[1], t[2] as usize, t[3] as usize);
     }
     if n == 0 {
         bail!("the evaluation set is empty");
@@ -219,6 +249,26 @@ impl Trainer<'_> {
         if !self.cfg.augment {
             lcfg.augment = None;
         }
+        let par = self.parallel.clone();
+        if let Some(p) = &par {
+            p.check_batch(self.cfg.batch)?;
+            lcfg.shard = Some((p.rank(), p.size()));
+        }
+        let writer = par.as_ref().is_none_or(|p| p.is_writer());
+        // Data-parallel: what the ranks compare of the data before the first step (its sizes,
+        // every label, the first and last image of each split).
+        let data_sample = par.as_ref().map(|_| {
+            let mut s = format!("{} {} {}", train.len(), test.len(), train.classes());
+            for d in [&train, &test] {
+                s += &format!(" {:?}", d.labels());
+                for i in [0, d.len().saturating_sub(1)] {
+                    if i < d.len() {
+                        s += &format!(" {:x}", fingerprint(&[&d.identity(i)]));
+                    }
+                }
+            }
+            s
+        });
         let loader = Loader::new(train, lcfg)?;
         let per_epoch = loader.batches_per_epoch() as u64;
         if per_epoch == 0 {
@@ -253,7 +303,9 @@ impl Trainer<'_> {
             pos = ck.position;
             opt = ck.optimizer;
             self.history = serde_json::from_value(ck.extra["history"].clone()).unwrap_or_default();
-            self.write_metrics()?;
+            if writer {
+                self.write_metrics()?;
+            }
             if pos.batch > 0 {
                 carried = serde_json::from_value(ck.extra["epoch_so_far"].clone()).ok();
             }
@@ -266,7 +318,7 @@ impl Trainer<'_> {
                     pos.step
                 );
             }
-        } else if self.files.metrics.exists() {
+        } else if writer && self.files.metrics.exists() {
             std::fs::remove_file(&self.files.metrics).ok();
         }
         self.model.session.dropout_seed = self.cfg.seed;
@@ -275,12 +327,88 @@ impl Trainer<'_> {
             self.cfg.label_smoothing,
             self.cfg.orth,
         );
-        if self.cfg.orth > 0.0 && train_step.orth_terms().is_empty() {
+        // Data-parallel: every rank must start from the same weights, recipe, data and
+        // position; then the gradient all-reduce, rank-independent dropout masks, and (with
+        // --sync-bn) BN's global statistics.
+        let share = Arc::new(std::sync::Mutex::new(StepShare::default()));
+        let stop_agreed = Arc::new(AtomicBool::new(false));
+        if let Some(p) = &par {
+            let recipe = serde_json::to_vec(&self.cfg)?;
+            let sizes = format!("{} {pos:?}", data_sample.unwrap_or_default());
+            let weights = weight_bytes(&self.model.session.program);
+            p.check_same_start(fingerprint(&[&weights, &recipe, sizes.as_bytes()]))?;
+            if p.rank() > 0 {
+                self.model.session.dropout_seed =
+                    crate::rng::Rng::derive(self.cfg.seed, &[p.rank() as u64]).next_u64();
+            }
+            if p.sync_bn {
+                self.model.session.stat_sync = Some(p.stat_sync());
+            }
+            train_step.add_hook(Box::new(AllReduceGrads::new(
+                p.comm.clone(),
+                share.clone(),
+                self.stop.clone(),
+                stop_agreed.clone(),
+            )));
+        }
+        let plan = LoopPlan {
+            loader: &loader,
+            test: &test,
+            normalize,
+            total,
+            warmup,
+            per_epoch,
+            share: &share,
+            stop_agreed: &stop_agreed,
+        };
+        let result = self.train_loop(
+            &plan,
+            &mut train_step,
+            &mut opt,
+            &mut pos,
+            carried,
+            &mut progress,
+        );
+        self.model.session.stat_sync = None;
+        if let (Some(p), Ok(_)) = (&par, &result) {
+            let mut stats = share.lock().expect("step share").stats.clone();
+            let f = fingerprint(&[&weight_bytes(&self.model.session.program)]);
+            stats.same_weights_on_every_rank = p.check_same_weights(f)?;
+            stats.weights_fingerprint = format!("{f:016x}");
+            self.comm = Some(stats);
+        }
+        result
+    }
+
+    /// The epochs of [`Self::run`], from `pos`.
+    fn train_loop(
+        &mut self,
+        plan: &LoopPlan,
+        train_step: &mut TrainStep,
+        opt: &mut Optimizer,
+        pos: &mut Position,
+        mut carried: Option<EpochSoFar>,
+        progress: &mut Progress,
+    ) -> Result<Outcome> {
+        let LoopPlan {
+            loader,
+            test,
+            normalize,
+            total,
+            warmup,
+            per_epoch,
+            share,
+            stop_agreed,
+        } = plan;
+        let (total, warmup, per_epoch) = (*total, *warmup, *per_epoch);
+        let par = self.parallel.clone();
+        if self.cfg.orth > 0.0 && train_step.orth_terms().is_empty() && self.progress {
             eprintln!("note: --orth is set but the model has no Tucker-2/CP factor matrices");
         }
         if self.cfg.orth_no_decay {
             super::dso::exempt_from_decay(&mut self.model.session.program, train_step.orth_terms());
         }
+        let n_train = loader.source().len();
         let start = Instant::now();
         let wall0 = match carried {
             Some(c) => c.wall_s,
@@ -299,11 +427,16 @@ impl Trainer<'_> {
                 lr = lr_at(self.cfg.lr, &self.cfg.schedule, pos.step, total, warmup);
                 check_labels(&b.labels, self.model.classes)?;
                 self.model.session.dropout_step = pos.step;
+                if par.is_some() {
+                    let mut sh = share.lock().expect("step share");
+                    sh.local_rows = b.labels.len();
+                    sh.global_rows = self.cfg.batch.min(n_train - b.index * self.cfg.batch);
+                }
                 let stats = match train_step.run(
                     self.model,
                     b.images.into_dyn(),
                     &b.labels,
-                    &mut opt,
+                    opt,
                     lr,
                 ) {
                     Ok(s) => s,
@@ -340,8 +473,15 @@ impl Trainer<'_> {
                     img_per_s: (seen - before.seen) as f64 / secs,
                 };
                 progress.step(pos.epoch, pos.batch as u64, pos.step, &stats);
-                if self.stop.load(Ordering::SeqCst) {
+                // Data-parallel: the decision every rank took together in the step's all-reduce.
+                let stop = match par {
+                    Some(_) => stop_agreed.load(Ordering::SeqCst),
+                    None => self.stop.load(Ordering::SeqCst),
+                };
+                if stop {
                     progress.abandon(Some("interrupted"));
+                    let (seen, loss_sum, correct) =
+                        sum_epoch(par.as_ref(), &before, seen, loss_sum, correct)?;
                     let so_far = EpochSoFar {
                         seen,
                         loss_sum,
@@ -351,11 +491,13 @@ impl Trainer<'_> {
                         epoch_s: before.epoch_s + t0.elapsed().as_secs_f64(),
                         wall_s: wall0 + start.elapsed().as_secs_f64(),
                     };
-                    self.save(&opt, &pos, Some(&so_far))?;
-                    eprintln!(
-                        "interrupted: checkpoint saved to {} (continue with --resume)",
-                        self.files.checkpoint.display()
-                    );
+                    if par.as_ref().is_none_or(|p| p.is_writer()) {
+                        self.save(opt, pos, Some(&so_far))?;
+                        eprintln!(
+                            "interrupted: checkpoint saved to {} (continue with --resume)",
+                            self.files.checkpoint.display()
+                        );
+                    }
                     return Ok(Outcome::Interrupted);
                 }
                 if self.cfg.max_steps.is_some_and(|m| pos.step >= m) {
@@ -365,14 +507,17 @@ impl Trainer<'_> {
             // The epoch's workers end here (a --max-steps stop leaves them blocked on full queues).
             drop(batches);
             progress.end_steps();
+            let (seen, loss_sum, correct) =
+                sum_epoch(par.as_ref(), &before, seen, loss_sum, correct)?;
             let epoch_s = before.epoch_s + t0.elapsed().as_secs_f64();
             let end_t0 = Instant::now();
-            let eval = evaluate(
+            let eval = evaluate_on(
                 self.model,
-                test.clone(),
+                (*test).clone(),
                 self.cfg.batch,
                 self.cfg.workers,
                 normalize.clone(),
+                par.as_ref(),
             )?;
             let m = EpochMetrics {
                 epoch: pos.epoch + 1,
@@ -407,7 +552,9 @@ impl Trainer<'_> {
                 pos.epoch += 1;
                 pos.batch = 0;
             }
-            self.save(&opt, &pos, None)?;
+            if par.as_ref().is_none_or(|p| p.is_writer()) {
+                self.save(opt, pos, None)?;
+            }
             progress.epoch_end_took(end_t0.elapsed().as_secs_f64());
             if limit {
                 return Ok(Outcome::StepLimit);
@@ -469,6 +616,9 @@ impl Trainer<'_> {
             );
         }
         self.history.push(m.clone());
+        if self.parallel.as_ref().is_some_and(|p| !p.is_writer()) {
+            return Ok(()); // rank 0 alone writes the metrics and the curve
+        }
         self.write_metrics()?;
         let points: Vec<CurvePoint> = self
             .history
@@ -551,6 +701,45 @@ pub fn curve_title(model_name: &str, meta: &[(String, String)], cfg: &TrainConfi
         recipe.push_str(" | no DSO");
     }
     format!("{head}\n{recipe}")
+}
+
+/// What [`Trainer::train_loop`] runs with, set up by [`Trainer::run`].
+struct LoopPlan<'a> {
+    loader: &'a Loader,
+    test: &'a Source,
+    normalize: Option<Normalize>,
+    /// Steps of the whole run, of the warm-up, of one epoch.
+    total: u64,
+    warmup: u64,
+    per_epoch: u64,
+    /// Data-parallel: the rows of each step, and the stop decision of every rank.
+    share: &'a Arc<std::sync::Mutex<StepShare>>,
+    stop_agreed: &'a Arc<AtomicBool>,
+}
+
+/// The epoch's train totals over every rank: what this rank added since `before` (what a
+/// resumed epoch carried, already global), summed over the ranks, plus `before`.
+fn sum_epoch(
+    par: Option<&DataParallel>,
+    before: &EpochSoFar,
+    seen: usize,
+    loss_sum: f64,
+    correct: usize,
+) -> Result<(usize, f64, usize)> {
+    let Some(p) = par else {
+        return Ok((seen, loss_sum, correct));
+    };
+    let mut t = [
+        (seen - before.seen) as f64,
+        loss_sum - before.loss_sum,
+        (correct - before.correct) as f64,
+    ];
+    p.comm.sum_f64(&mut t)?;
+    Ok((
+        before.seen + t[0] as usize,
+        before.loss_sum + t[1],
+        before.correct + t[2] as usize,
+    ))
 }
 
 /// A Ctrl-C flag: the first Ctrl-C asks the trainer to checkpoint and stop.

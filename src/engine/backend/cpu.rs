@@ -10,6 +10,7 @@ use crate::engine::ops::{
     Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, GlobalAveragePool,
     MaxPool2d, MaxPoolSaved,
 };
+use crate::engine::stat_sync::StatSync;
 use crate::engine::tensor_ops as t;
 use crate::engine::tensor_ops::BinOp;
 
@@ -153,13 +154,15 @@ impl Backend for CpuBackend {
         bias: &ArrayD<f32>,
         running_mean: &mut ArrayD<f32>,
         running_var: &mut ArrayD<f32>,
+        sync: Option<&dyn StatSync>,
     ) -> Result<(ArrayD<f32>, BatchNormSaved)> {
-        let (y, saved) = op.forward_train(
+        let (y, saved) = op.forward_train_synced(
             view4(x)?,
             view1(scale)?,
             view1(bias)?,
             running_mean.view_mut().into_dimensionality::<Ix1>()?,
             running_var.view_mut().into_dimensionality::<Ix1>()?,
+            sync,
         )?;
         Ok((y.into_dyn(), saved))
     }
@@ -191,8 +194,9 @@ impl Backend for CpuBackend {
         scale: &ArrayD<f32>,
         saved: &BatchNormSaved,
         dy: ArrayD<f32>,
+        sync: Option<&dyn StatSync>,
     ) -> Result<BnGrads<ArrayD<f32>>> {
-        let g = op.backward_train(view4(x)?, view1(scale)?, saved, view4(&dy)?)?;
+        let g = op.backward_train_synced(view4(x)?, view1(scale)?, saved, view4(&dy)?, sync)?;
         Ok(BnGrads {
             dx: g.dx.into_dyn(),
             dscale: g.dscale.into_dyn(),

@@ -27,6 +27,7 @@ use anyhow::Result;
 use ndarray::ArrayD;
 
 use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, MaxPool2d};
+use super::stat_sync::StatSync;
 use crate::engine::tensor_ops::BinOp;
 
 pub use cpu::CpuBackend;
@@ -157,7 +158,9 @@ pub trait Backend: Send + Sync {
 
     // --- normalisation ------------------------------------------------------------------
 
-    /// Batch statistics; updates the running mean and variance in place.
+    /// Batch statistics; updates the running mean and variance in place. With `sync`
+    /// (`--sync-bn` over MPI) the per-channel sums are summed over the processes through it, on
+    /// the host (a device backend copies those few numbers per channel).
     #[allow(clippy::too_many_arguments)]
     fn bn_forward_train(
         &self,
@@ -167,6 +170,7 @@ pub trait Backend: Send + Sync {
         bias: &Self::Tensor,
         running_mean: &mut Self::Tensor,
         running_var: &mut Self::Tensor,
+        sync: Option<&dyn StatSync>,
     ) -> Result<(Self::Tensor, Self::BnSaved)>;
     fn bn_forward_eval(
         &self,
@@ -177,6 +181,7 @@ pub trait Backend: Send + Sync {
         mean: &Self::Tensor,
         var: &Self::Tensor,
     ) -> Result<Self::Tensor>;
+    /// `sync` as in [`Self::bn_forward_train`]: `dx` from the summed statistics.
     fn bn_backward_train(
         &self,
         op: &BatchNorm2d,
@@ -184,6 +189,7 @@ pub trait Backend: Send + Sync {
         scale: &Self::Tensor,
         saved: &Self::BnSaved,
         dy: Self::Tensor,
+        sync: Option<&dyn StatSync>,
     ) -> Result<BnGrads<Self::Tensor>>;
 
     // --- elementwise --------------------------------------------------------------------

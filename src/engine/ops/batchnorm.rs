@@ -7,6 +7,7 @@
 //! parallel; neither depends on thread scheduling, so results are reproducible.
 
 use super::{contiguous, reduce_pairs, sum};
+use crate::engine::stat_sync::StatSync;
 use crate::engine::{attr_err, shape_err, Result};
 use ndarray::{Array1, Array4, ArrayView1, ArrayView4, ArrayViewMut1, NdFloat};
 use rayon::prelude::*;
@@ -136,6 +137,12 @@ fn channel_pass(
     out
 }
 
+/// Sums `values` across processes through `sync`, as an engine error.
+fn sync_sums(sync: &dyn StatSync, values: &mut [f64]) -> Result<()> {
+    sync.sum(values)
+        .map_err(|msg| crate::engine::EngineError::Sync { op: OP, msg })
+}
+
 /// The `hw`-long planes of channel `ch` in an NCHW slice, image by image.
 fn channel_planes(xs: &[f32], c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
     xs.chunks_exact(c * hw)
@@ -182,8 +189,23 @@ impl BatchNorm2d {
         x: ArrayView4<f32>,
         scale: ArrayView1<f32>,
         bias: ArrayView1<f32>,
+        running_mean: ArrayViewMut1<f32>,
+        running_var: ArrayViewMut1<f32>,
+    ) -> Result<(Array4<f32>, BatchNormSaved)> {
+        self.forward_train_synced(x, scale, bias, running_mean, running_var, None)
+    }
+
+    /// [`Self::forward_train`], with the per-channel sums (and the value count) summed through
+    /// `sync` before use: the statistics are then those of every process's batch together
+    /// (`--sync-bn`). `None` is [`Self::forward_train`], bit for bit.
+    pub fn forward_train_synced(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
         mut running_mean: ArrayViewMut1<f32>,
         mut running_var: ArrayViewMut1<f32>,
+        sync: Option<&dyn StatSync>,
     ) -> Result<(Array4<f32>, BatchNormSaved)> {
         let [n, c, h, w] = self.output_shape(
             x.shape(),
@@ -207,20 +229,46 @@ impl BatchNorm2d {
         let xs = contiguous(&x);
         // Two passes (mean, then squared deviations): one pass with E[x^2] - mean^2 would
         // cancel catastrophically for activations with a large mean.
-        let stats: Vec<(f64, f64)> = (0..c)
+        // With `sync`, each pass's per-channel sums are summed across processes before use, and
+        // `m` becomes the global value count.
+        let mut sums: Vec<f64> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let planes = || channel_planes(&xs, c, hw, ch);
-                let mean = planes().map(|p| f64::from(sum(p))).sum::<f64>() / m as f64;
-                let mu = mean as f32;
-                let dev = planes()
-                    .map(|p| f64::from(reduce_pairs(p, p, |x, _| (x - mu) * (x - mu))))
-                    .sum::<f64>();
-                // Correct for mu being mean rounded to f32: sum (x - mean)^2 = dev - M*(mean - mu)^2.
-                let shift = mean - f64::from(mu);
-                (mean, (dev / m as f64 - shift * shift).max(0.0))
+                channel_planes(&xs, c, hw, ch)
+                    .map(|p| f64::from(sum(p)))
+                    .sum::<f64>()
             })
             .collect();
+        let m = match sync {
+            Some(s) => {
+                sums.push(m as f64);
+                sync_sums(s, &mut sums)?;
+                sums.pop().expect("count pushed") as usize
+            }
+            None => m,
+        };
+        let mut stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mean = sums[ch] / m as f64;
+                let mu = mean as f32;
+                let dev = channel_planes(&xs, c, hw, ch)
+                    .map(|p| f64::from(reduce_pairs(p, p, |x, _| (x - mu) * (x - mu))))
+                    .sum::<f64>();
+                (mean, dev)
+            })
+            .collect();
+        if let Some(s) = sync {
+            let mut devs: Vec<f64> = stats.iter().map(|st| st.1).collect();
+            sync_sums(s, &mut devs)?;
+            stats.iter_mut().zip(devs).for_each(|(st, d)| st.1 = d);
+        }
+        for st in &mut stats {
+            let (mean, dev) = *st;
+            // Correct for mu being mean rounded to f32: sum (x - mean)^2 = dev - M*(mean - mu)^2.
+            let shift = mean - f64::from(mean as f32);
+            st.1 = (dev / m as f64 - shift * shift).max(0.0);
+        }
         let eps = f64::from(self.epsilon);
         let inv_std: Vec<f64> = stats
             .iter()
@@ -299,6 +347,22 @@ impl BatchNorm2d {
         saved: &BatchNormSaved,
         dy: ArrayView4<f32>,
     ) -> Result<BatchNormGrads> {
+        self.backward_train_synced(x, scale, saved, dy, None)
+    }
+
+    /// [`Self::backward_train`] after a [`Self::forward_train_synced`]: `dx` comes from the sums
+    /// of `dy` and `dy * x_hat` over every process (and the global count), as the statistics it
+    /// differentiates were global; `dscale` and `dbias` stay this process's own sums, which the
+    /// gradient all-reduce then combines like every other parameter's gradient (as PyTorch's
+    /// `SyncBatchNorm`). `None` is [`Self::backward_train`], bit for bit.
+    pub fn backward_train_synced(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        saved: &BatchNormSaved,
+        dy: ArrayView4<f32>,
+        sync: Option<&dyn StatSync>,
+    ) -> Result<BatchNormGrads> {
         let [n, c, h, w] = self.output_shape(
             x.shape(),
             &[scale.len(), saved.mean.len(), saved.inv_std.len()],
@@ -325,10 +389,21 @@ impl BatchNorm2d {
             saved.inv_std.view(),
             mask,
         );
+        let (global, m) = match sync {
+            Some(s) => {
+                let mut v: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+                v.push(m);
+                sync_sums(s, &mut v)?;
+                let m = v.pop().expect("count pushed");
+                (v.chunks_exact(2).map(|p| (p[0], p[1])).collect(), m)
+            }
+            None => (Vec::new(), m),
+        };
+        let dx_sums = if sync.is_some() { &global } else { &sums };
         // dx = g*is*dy - g*is*mean(dy) - g*is*x_hat*mean(dy*x_hat), x_hat = (x - mean)*is.
         let coef: Vec<Coef> = (0..c)
             .map(|ch| {
-                let (sdy, sdyxh) = sums[ch];
+                let (sdy, sdyxh) = dx_sums[ch];
                 let gis = f64::from(scale[ch]) * f64::from(saved.inv_std[ch]);
                 Coef {
                     a: gis as f32,
@@ -642,6 +717,108 @@ mod tests {
         assert!(fused
             .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
             .is_err());
+    }
+
+    /// Sums vectors across the threads that share it: each caller adds its vector, waits for
+    /// the others, and reads the total (a stand-in for an all-reduce between processes).
+    struct ThreadSum {
+        total: std::sync::Mutex<Vec<f64>>,
+        arrived: std::sync::Barrier,
+        read: std::sync::Barrier,
+    }
+
+    impl StatSync for ThreadSum {
+        fn sum(&self, values: &mut [f64]) -> std::result::Result<(), String> {
+            {
+                let mut t = self.total.lock().unwrap();
+                t.resize(values.len(), 0.0);
+                t.iter_mut().zip(values.iter()).for_each(|(t, v)| *t += v);
+            }
+            self.arrived.wait();
+            values.copy_from_slice(&self.total.lock().unwrap());
+            if self.read.wait().is_leader() {
+                self.total.lock().unwrap().clear();
+            }
+            self.read.wait();
+            Ok(())
+        }
+    }
+
+    /// `--sync-bn`: two halves of a batch, normalised in two threads whose sums meet through a
+    /// [`StatSync`], give the whole batch's output, running statistics and input gradient, and
+    /// their local `dscale`/`dbias` add up to the whole batch's.
+    #[test]
+    fn synced_halves_equal_the_whole_batch() {
+        for bn in [
+            BatchNorm2d::default(),
+            BatchNorm2d {
+                relu: true,
+                ..BatchNorm2d::default()
+            },
+        ] {
+            let t = case([6, 3, 4, 5], 31);
+            let (y, saved, rm, rv) = t.train(&bn);
+            let g = bn
+                .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
+                .unwrap();
+            let sync = ThreadSum {
+                total: std::sync::Mutex::new(Vec::new()),
+                arrived: std::sync::Barrier::new(2),
+                read: std::sync::Barrier::new(2),
+            };
+            let half = |k: usize| {
+                let rows = ndarray::s![3 * k..3 * (k + 1), .., .., ..];
+                let (x, r) = (t.x.slice(rows), t.r.slice(rows));
+                let (mut rm, mut rv) = (Array1::zeros(3), Array1::ones(3));
+                let (y, saved) = bn
+                    .forward_train_synced(
+                        x,
+                        t.scale.view(),
+                        t.bias.view(),
+                        rm.view_mut(),
+                        rv.view_mut(),
+                        Some(&sync),
+                    )
+                    .unwrap();
+                let g = bn
+                    .backward_train_synced(x, t.scale.view(), &saved, r, Some(&sync))
+                    .unwrap();
+                (y, rm, rv, g)
+            };
+            let (a, b) = std::thread::scope(|s| {
+                let a = s.spawn(|| half(0));
+                let b = s.spawn(|| half(1));
+                (a.join().unwrap(), b.join().unwrap())
+            });
+            let cat = |p: &Array4<f32>, q: &Array4<f32>| {
+                ndarray::concatenate(ndarray::Axis(0), &[p.view(), q.view()]).unwrap()
+            };
+            assert_close("forward", &cat(&a.0, &b.0).view(), &y.view(), 1e-5);
+            assert_close("dx", &cat(&a.3.dx, &b.3.dx).view(), &g.dx.view(), 1e-5);
+            for (what, p, q, whole) in [
+                ("running mean", &a.1, &b.1, &rm),
+                ("running var", &a.2, &b.2, &rv),
+            ] {
+                assert_eq!(p, q, "{what}: the same on both");
+                assert_close(what, &p.view(), &whole.view(), 1e-6);
+            }
+            let dscale = &a.3.dscale + &b.3.dscale;
+            let dbias = &a.3.dbias + &b.3.dbias;
+            assert_close("dscale", &dscale.view(), &g.dscale.view(), 1e-5);
+            assert_close("dbias", &dbias.view(), &g.dbias.view(), 1e-5);
+            // Local statistics (no sync) would differ: the halves' outputs are not the whole's.
+            let (mut rm0, mut rv0) = (Array1::zeros(3), Array1::ones(3));
+            let (y0, _) = bn
+                .forward_train(
+                    t.x.slice(ndarray::s![0..3, .., .., ..]),
+                    t.scale.view(),
+                    t.bias.view(),
+                    rm0.view_mut(),
+                    rv0.view_mut(),
+                )
+                .unwrap();
+            assert!((&y0 - &a.0).iter().any(|d| d.abs() > 1e-3));
+        }
     }
 
     #[test]
