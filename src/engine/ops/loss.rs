@@ -145,6 +145,8 @@ impl SoftmaxCrossEntropy {
 
 /// Samples whose label is among the `k` largest logits. Ties rank by index (the earlier class
 /// first), so constant logits score like an argmax that always says class 0, not as all-correct.
+/// A row with a NaN logit is never correct: NaN compares false with everything, so nothing would
+/// rank ahead of the label and a diverged model would score 100%.
 pub fn topk_correct(logits: ArrayView2<f32>, labels: &[usize], k: usize) -> Result<usize> {
     let (_, classes) = check(logits.shape(), labels)?;
     if k == 0 {
@@ -156,6 +158,9 @@ pub fn topk_correct(logits: ArrayView2<f32>, labels: &[usize], k: usize) -> Resu
         .into_iter()
         .zip(labels)
         .filter(|(row, &l)| {
+            if row.iter().any(|v| v.is_nan()) {
+                return false;
+            }
             let t = row[l];
             let ahead = row
                 .iter()
@@ -176,6 +181,17 @@ pub fn top1_correct(logits: ArrayView2<f32>, labels: &[usize]) -> Result<usize> 
 mod tests {
     use super::*;
     use crate::engine::ops::testutil::*;
+
+    /// NaN logits (a diverged model) count as wrong at every k, whichever logit is NaN.
+    #[test]
+    fn nan_logits_are_never_correct() {
+        let nan = f32::NAN;
+        let z = ndarray::arr2(&[[nan, nan, nan], [0.5, nan, 0.1], [1.0, 2.0, 3.0]]);
+        let labels = [0, 0, 2];
+        for k in 1..=3 {
+            assert_eq!(topk_correct(z.view(), &labels, k).unwrap(), 1, "k {k}");
+        }
+    }
 
     fn check_grad(eps: f32, n: usize, k: usize, seed: u64) {
         let ce = SoftmaxCrossEntropy {
