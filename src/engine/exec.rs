@@ -100,11 +100,6 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// A host copy of the program with the current weights and statistics.
-    pub fn program_on_host(&self) -> Program {
-        self.program.to_host(|t| self.backend.download(t))
-    }
-
     fn get(&self, src: Src) -> Result<&B::Tensor> {
         get(
             &self.values,

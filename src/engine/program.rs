@@ -109,7 +109,7 @@ pub enum Head {
 
 /// The compiled network. Backend-free: `T` is the tensor type of its parameters, statistics
 /// and constants, host `ArrayD<f32>` as compiled and a backend's tensor once a session has
-/// uploaded it ([`Program::map_tensors`], [`Program::to_host`]).
+/// uploaded it ([`Program::map_tensors`]; [`Program::store_with`] brings them back).
 #[derive(Clone, Debug)]
 pub struct Program<T = ArrayD<f32>> {
     pub steps: Vec<Step>,
@@ -153,31 +153,6 @@ impl<T> Program<T> {
             batch: self.batch,
             head: self.head,
             file_output_tail: self.file_output_tail,
-        }
-    }
-
-    /// A host copy, tensors downloaded through `f`.
-    pub fn to_host(&self, mut f: impl FnMut(&T) -> ArrayD<f32>) -> Program {
-        Program {
-            steps: self.steps.clone(),
-            n_slots: self.n_slots,
-            input_slot: self.input_slot,
-            output_slot: self.output_slot,
-            params: self
-                .params
-                .iter()
-                .map(|p| Param {
-                    name: p.name.clone(),
-                    value: f(&p.value),
-                    grad: f(&p.grad),
-                    decay: p.decay,
-                })
-                .collect(),
-            state: self.state.iter().map(|(n, v)| (n.clone(), f(v))).collect(),
-            consts: self.consts.iter().map(&mut f).collect(),
-            batch: self.batch,
-            head: self.head,
-            file_output_tail: self.file_output_tail.clone(),
         }
     }
 
