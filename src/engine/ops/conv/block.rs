@@ -153,20 +153,16 @@ impl Geom {
             0.0,
             &mut mat_mut(&mut s.wide, k, cols),
         );
+        let via_col = self.path == Path::Im2col;
         for (j, dxb) in dx.chunks_mut(xlen).enumerate() {
-            match self.path {
-                Path::Im2col => {
-                    for r in 0..k {
-                        s.col[r * ohw..][..ohw]
-                            .copy_from_slice(&s.wide[r * cols + j * ohw..][..ohw]);
-                    }
-                    self.col2im(&mut s.col, dxb);
-                }
-                _ => {
-                    for r in 0..k {
-                        dxb[r * ohw..][..ohw].copy_from_slice(&s.wide[r * cols + j * ohw..][..ohw]);
-                    }
-                }
+            // Image j's column gradient: through its im2col matrix, or straight into dx for a
+            // pointwise conv (its column matrix is the image).
+            let dst: &mut [f32] = if via_col { &mut s.col } else { dxb };
+            for r in 0..k {
+                dst[r * ohw..][..ohw].copy_from_slice(&s.wide[r * cols + j * ohw..][..ohw]);
+            }
+            if via_col {
+                self.col2im(&mut s.col, dxb);
             }
         }
     }
