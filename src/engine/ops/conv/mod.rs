@@ -39,6 +39,10 @@ mod tests;
 
 const OP: &str = "Conv";
 
+/// Elements per task when the parts' weight gradients are summed: 64 KiB of output, which
+/// stays in L1/L2 while the parts' slices stream past it.
+const REDUCE_CHUNK: usize = 16 * 1024;
+
 /// Attributes of a 2-D convolution. Weights `[C_out, C_in / group, kH, kW]` and bias `[C_out]` are
 /// inputs, as in ONNX, so one op value serves every layer with the same attributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -309,8 +313,20 @@ impl Conv2d {
             .collect();
         let mut dw = vec![0.0f32; ws.len()];
         let mut db = vec![0.0f64; g.co];
-        for (pdw, pdb) in &partials {
-            dw.iter_mut().zip(pdw).for_each(|(a, b)| *a += b);
+        // The parts' weight gradients are summed in part order, element by element, with the
+        // elements split across threads: the same sums as a serial loop, bit for bit, but not a
+        // serial tail (up to 16 parts x the weight count; 9.4 M adds for one 512-channel 3x3
+        // conv of ResNet-18, whose step at two threads would otherwise wait on one core).
+        dw.par_chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(c, out)| {
+                for (pdw, _) in &partials {
+                    out.iter_mut()
+                        .zip(&pdw[c * REDUCE_CHUNK..])
+                        .for_each(|(a, b)| *a += b);
+                }
+            });
+        for (_, pdb) in &partials {
             db.iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
         }
         Ok(Conv2dGrads {
