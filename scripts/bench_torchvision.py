@@ -18,8 +18,10 @@ PyTorch), and the median img/s of each is reported with its ratio to PyTorch. Sh
 drift 2x from day to day; only the ratios of one run hold. The JSON has the CPU model, the
 OpenBLAS kernel set elrt used and the load average.
 
-This covers the torchvision rows of issue 15; scripts/bench_train.py covers ResNet-20 and its
-Tucker-2 form with a per-op profile and an sgemm reference.
+The whole issue-15 suite (ResNet-20 and its Tucker-2 form, resnet18 full and through
+`elrt convert --ranks params=0.5` at 64 and 128, these nets, peak memory, 2-thread scaling, the
+goals) is scripts/bench_train.py; this script is the quick A/B tool: several elrt builds against
+each other and PyTorch on torchvision nets, which is how a kernel change is judged.
 """
 
 from __future__ import annotations
