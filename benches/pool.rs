@@ -3,11 +3,12 @@
 //!
 //!     cargo bench --bench pool [-- FILTER]
 //!
-//! Measured 2026-12-02 (2-core AMD EPYC, machine loaded): forward 49 ms, backward 1.4 ms, the
-//! naive reference (values only, no argmax) 22 ms. The forward's window-by-window loop is one
-//! chain of dependent compare-selects per output (~15 cycles a tap); a row-at-a-time version
-//! with `select_unpredictable` was no faster under that load and was not kept. MaxPool forward
-//! is 4-6% of a ResNet-18 training step at 64x64.
+//! Measured 2026-12-02 (2-core AMD EPYC, load ~3.7, same session): the forward went from 36.3 ms
+//! (window by window, a running (value, index) pair: a chain of dependent, mispredicted
+//! compare-and-branches per output) to 25.6 ms (row at a time, max then first index holding it);
+//! the naive reference (values only, no argmax) 15.6 ms; backward 1.4 ms. MaxPool forward was
+//! 4-7% of a ResNet-18 training step at 64x64.
+//!
 
 use std::hint::black_box;
 use std::time::Duration;
