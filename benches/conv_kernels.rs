@@ -10,6 +10,9 @@
 //! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
 //!   512 on 2x2), the whole batch at once (several images per GEMM, `conv/block.rs`) against
 //!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each).
+//! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
+//!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
+//!   and weight gradients) per call, as a training step runs them.
 //!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
@@ -127,6 +130,49 @@ fn conv_kernels(c: &mut Criterion) {
                         black_box(op.forward(xi.view(), w.view(), None).unwrap());
                         black_box(op.backward(xi.view(), w.view(), dyi.view(), true).unwrap());
                     }
+                })
+            })
+        });
+    }
+    g.finish();
+
+    // (name, channels, kernel, stride, input side): pads k/2 on every side, as torchvision's.
+    let dw_cases = [
+        ("3x3_s2_96ch_32px", 96, 3, 2, 32),
+        ("3x3_s1_144ch_16px", 144, 3, 1, 16),
+        ("5x5_s2_144ch_16px", 144, 5, 2, 16),
+        ("5x5_s1_240ch_8px", 240, 5, 1, 8),
+        ("3x3_s1_480ch_4px", 480, 3, 1, 4),
+        ("5x5_s1_672ch_4px", 672, 5, 1, 4),
+        ("5x5_s2_672ch_4px", 672, 5, 2, 4),
+        ("5x5_s1_1152ch_2px", 1152, 5, 1, 2),
+    ];
+    let mut g = c.benchmark_group("depthwise");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (name, ch, k, s, px) in dw_cases {
+        let op = Conv2d {
+            group: ch,
+            strides: [s, s],
+            pads: [k / 2; 4],
+            dilations: [1, 1],
+        };
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, 1, k, k], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        g.bench_function(format!("{name}/forward_backward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    black_box(op.forward(x.view(), w.view(), None).unwrap());
+                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
                 })
             })
         });
