@@ -13,6 +13,9 @@
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
 //!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
 //!   and weight gradients) per call, as a training step runs them.
+//! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
+//!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
+//!   as (with the executor's sum of the two gradient paths into `x`).
 //!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
@@ -22,6 +25,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::Conv2d;
+use elrt::engine::ops::Activation;
+use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
 use ndarray::Array4;
 
 const BATCH: usize = 32;
@@ -177,6 +182,40 @@ fn conv_kernels(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+
+    let mut g = c.benchmark_group("silu");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(BATCH as u64));
+    let mut v = 0.0f32;
+    let mut next = move || {
+        v = (v + 0.37) % 1.0;
+        8.0 * v - 4.0
+    };
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[BATCH, 144, 16, 16]), |_| next());
+    let dy = x.mapv(|a| a * 0.25);
+    g.bench_function("fused_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                black_box(Activation::Silu.forward(x.view()).unwrap());
+                black_box(Activation::Silu.backward(x.view(), dy.view()).unwrap())
+            })
+        })
+    });
+    g.bench_function("sigmoid_mul_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                let s = Activation::Sigmoid.forward(x.view()).unwrap();
+                black_box(binary_forward(BinOp::Mul, x.view(), s.view()).unwrap());
+                let (mut dx, ds) = binary_backward(BinOp::Mul, x.view(), s.view(), dy.clone());
+                dx += &Activation::Sigmoid.backward(x.view(), ds.view()).unwrap();
+                black_box(dx)
+            })
+        })
+    });
     g.finish();
 }
 
