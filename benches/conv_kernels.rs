@@ -10,6 +10,12 @@
 //! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
 //!   512 on 2x2), the whole batch at once (several images per GEMM, `conv/block.rs`) against
 //!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each).
+//! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
+//!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
+//!   and weight gradients) per call, as a training step runs them.
+//! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
+//!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
+//!   as (with the executor's sum of the two gradient paths into `x`).
 //!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
@@ -19,6 +25,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::Conv2d;
+use elrt::engine::ops::Activation;
+use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
 use ndarray::Array4;
 
 const BATCH: usize = 32;
@@ -131,6 +139,83 @@ fn conv_kernels(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+
+    // (name, channels, kernel, stride, input side): pads k/2 on every side, as torchvision's.
+    let dw_cases = [
+        ("3x3_s2_96ch_32px", 96, 3, 2, 32),
+        ("3x3_s1_144ch_16px", 144, 3, 1, 16),
+        ("5x5_s2_144ch_16px", 144, 5, 2, 16),
+        ("5x5_s1_240ch_8px", 240, 5, 1, 8),
+        ("3x3_s1_480ch_4px", 480, 3, 1, 4),
+        ("5x5_s1_672ch_4px", 672, 5, 1, 4),
+        ("5x5_s2_672ch_4px", 672, 5, 2, 4),
+        ("5x5_s1_1152ch_2px", 1152, 5, 1, 2),
+    ];
+    let mut g = c.benchmark_group("depthwise");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for (name, ch, k, s, px) in dw_cases {
+        let op = Conv2d {
+            group: ch,
+            strides: [s, s],
+            pads: [k / 2; 4],
+            dilations: [1, 1],
+        };
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, 1, k, k], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        g.bench_function(format!("{name}/forward_backward"), |b| {
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    black_box(op.forward(x.view(), w.view(), None).unwrap());
+                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                })
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("silu");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(BATCH as u64));
+    let mut v = 0.0f32;
+    let mut next = move || {
+        v = (v + 0.37) % 1.0;
+        8.0 * v - 4.0
+    };
+    let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[BATCH, 144, 16, 16]), |_| next());
+    let dy = x.mapv(|a| a * 0.25);
+    g.bench_function("fused_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                black_box(Activation::Silu.forward(x.view()).unwrap());
+                black_box(Activation::Silu.backward(x.view(), dy.view()).unwrap())
+            })
+        })
+    });
+    g.bench_function("sigmoid_mul_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                let s = Activation::Sigmoid.forward(x.view()).unwrap();
+                black_box(binary_forward(BinOp::Mul, x.view(), s.view()).unwrap());
+                let (mut dx, ds) = binary_backward(BinOp::Mul, x.view(), s.view(), dy.clone());
+                dx += &Activation::Sigmoid.backward(x.view(), ds.view()).unwrap();
+                black_box(dx)
+            })
+        })
+    });
     g.finish();
 }
 

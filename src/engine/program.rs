@@ -408,7 +408,7 @@ impl Program {
             output_slot = id;
         }
         let file_output_tail = facts[&graph.outputs[0].name].shape[1..].to_vec();
-        let steps = fuse_relu(steps, output_slot);
+        let steps = fuse_relu(fuse_silu(steps, output_slot), output_slot);
         Ok(Program {
             steps,
             n_slots: slots.len(),
@@ -441,14 +441,7 @@ impl Program {
 /// (the batchnorm and tensor_ops tests check it). Conv-BN-ReLU is the first half of every
 /// ResNet block and the stem; Add-ReLU ends every block.
 fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
-    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
-    for (i, s) in steps.iter().enumerate() {
-        for src in &s.inputs {
-            if let Src::Slot(k) = src {
-                readers.entry(*k).or_default().push(i);
-            }
-        }
-    }
+    let readers = readers_of(&steps);
     // Per step: the Relu it absorbs (that Relu's outputs and name); and the Relus absorbed.
     let mut plan: Vec<Option<(Vec<usize>, String)>> = vec![None; steps.len()];
     let mut absorbed = vec![false; steps.len()];
@@ -491,6 +484,71 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             }
             s.outputs = outputs;
             s.absorbed = Some(name);
+            s
+        })
+        .collect()
+}
+
+/// Slot readers: for each slot, the steps reading it, once per input that names it.
+fn readers_of(steps: &[Step]) -> HashMap<usize, Vec<usize>> {
+    let mut readers: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        for src in &s.inputs {
+            if let Src::Slot(k) = src {
+                readers.entry(*k).or_default().push(i);
+            }
+        }
+    }
+    readers
+}
+
+/// Folds `Mul(x, Sigmoid(x))` (either operand order), SiLU as every exporter spells it, into one
+/// [`Activation::Silu`] step where the Sigmoid was, reading `x` and writing the Mul's output.
+/// Only where the Mul is the Sigmoid's sole reader and the Sigmoid's output is not the
+/// program's: a Sigmoid read elsewhere (a squeeze-excitation gate, which multiplies a different
+/// tensor) must still be computed. EfficientNet-B0 has 49 of these pairs; fused, each is one
+/// pass over the activation forward and one backward instead of two and three, and the sigmoid
+/// tensor is no longer kept for backward. Forward is bitwise the pair's; backward differs by
+/// rounding (one expression instead of the executor's sum of the two paths into `x`).
+fn fuse_silu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
+    let readers = readers_of(&steps);
+    // Per Sigmoid step: the Mul it absorbs (its outputs and name); and the Muls absorbed.
+    let mut plan: Vec<Option<(Vec<usize>, String)>> = vec![None; steps.len()];
+    let mut absorbed = vec![false; steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        let (Kernel::Act(Activation::Sigmoid), [Src::Slot(x)]) = (&s.kernel, s.inputs.as_slice())
+        else {
+            continue;
+        };
+        let y = s.outputs[0];
+        if y == output_slot {
+            continue;
+        }
+        let Some(&[j]) = readers.get(&y).map(Vec::as_slice) else {
+            continue;
+        };
+        let m = &steps[j];
+        let pair = [Src::Slot(*x), Src::Slot(y)];
+        let reversed = [Src::Slot(y), Src::Slot(*x)];
+        if matches!(m.kernel, Kernel::Binary(BinOp::Mul))
+            && (m.inputs == pair || m.inputs == reversed)
+        {
+            absorbed[j] = true;
+            plan[i] = Some((m.outputs.clone(), m.name.clone()));
+        }
+    }
+    steps
+        .into_iter()
+        .zip(plan)
+        .zip(absorbed)
+        .filter(|(_, gone)| !gone)
+        .map(|((mut s, mul), _)| {
+            if let Some((outputs, name)) = mul {
+                s.kernel = Kernel::Act(Activation::Silu);
+                s.profile_key = "Sigmoid+Mul";
+                s.outputs = outputs;
+                s.absorbed = Some(name);
+            }
             s
         })
         .collect()
@@ -820,5 +878,55 @@ mod tests {
         let tail = vec![step("bn", bn(), &[0], 1), step("relu", relu(), &[1], 2)];
         assert_eq!(fuse_relu(tail.clone(), 1).len(), 2);
         assert_eq!(fuse_relu(tail, 2).len(), 1);
+    }
+
+    /// `Mul(x, Sigmoid(x))` becomes one SiLU step in either operand order, but not when the
+    /// sigmoid is read elsewhere, multiplies another tensor, is squared, or is the output.
+    #[test]
+    fn silu_fuses_only_sigmoid_times_its_own_input() {
+        let sig = || Kernel::Act(Activation::Sigmoid);
+        let mul = || Kernel::Binary(BinOp::Mul);
+        let steps = vec![
+            step("s1", sig(), &[0], 1),
+            step("m1", mul(), &[0, 1], 2),
+            step("s2", sig(), &[2], 3),
+            step("m2", mul(), &[3, 2], 4),
+            // s3 is also read by the Add: it must stay.
+            step("s3", sig(), &[4], 5),
+            step("m3", mul(), &[4, 5], 6),
+            step("a3", Kernel::Binary(BinOp::Add), &[5, 6], 7),
+            // A gate: the sigmoid multiplies another tensor (squeeze-excitation).
+            step("s4", sig(), &[7], 8),
+            step("m4", mul(), &[6, 8], 9),
+            // sigmoid squared.
+            step("s5", sig(), &[9], 10),
+            step("m5", mul(), &[10, 10], 11),
+            // The program's output is a Sigmoid: never fused away.
+            step("s6", sig(), &[11], 12),
+        ];
+        let fused = fuse_silu(steps.clone(), 12);
+        let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["s1", "s2", "s3", "m3", "a3", "s4", "m4", "s5", "m5", "s6"]
+        );
+        for (k, (out, mul)) in [(2, "m1"), (4, "m2")].into_iter().enumerate() {
+            assert!(matches!(fused[k].kernel, Kernel::Act(Activation::Silu)));
+            assert_eq!(fused[k].inputs, [Src::Slot(2 * k)]);
+            assert_eq!(
+                (fused[k].outputs.as_slice(), fused[k].absorbed.as_deref()),
+                (&[out][..], Some(mul))
+            );
+        }
+        for s in &fused[2..] {
+            assert!(
+                !matches!(s.kernel, Kernel::Act(Activation::Silu)),
+                "{}",
+                s.name
+            );
+        }
+        let tail = vec![step("s", sig(), &[0], 1), step("m", mul(), &[0, 1], 2)];
+        assert_eq!(fuse_silu(tail.clone(), 1).len(), 2);
+        assert_eq!(fuse_silu(tail, 2).len(), 1);
     }
 }

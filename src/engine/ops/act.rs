@@ -42,6 +42,12 @@ pub enum Activation {
     },
     /// `x * HardSigmoid(x)` with alpha 1/6 and beta 0.5.
     HardSwish,
+    /// SiLU (swish), `x * sigmoid(x)`. No ONNX op: exports spell it Sigmoid then Mul, and the
+    /// program's SiLU fusion pass puts the pair back together (EfficientNet's every block). One
+    /// pass over the activation forward instead of two, and backward recomputes the sigmoid from
+    /// `x` in one pass where the pair took three (the Mul's two gradients, the Sigmoid's, and the
+    /// sum of the two paths into `x`), and no sigmoid tensor is kept alive for backward.
+    Silu,
 }
 
 impl Activation {
@@ -53,6 +59,7 @@ impl Activation {
             Activation::Sigmoid => "Sigmoid",
             Activation::HardSigmoid { .. } => "HardSigmoid",
             Activation::HardSwish => "HardSwish",
+            Activation::Silu => "Silu",
         }
     }
 
@@ -109,6 +116,8 @@ impl Activation {
                 par_map(&xs, move |v| (alpha * v + beta).clamp(0.0, 1.0))
             }
             Activation::HardSwish => par_map(&xs, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            // Bitwise the separate pair's `Mul(x, Sigmoid(x))` (either operand order).
+            Activation::Silu => par_map(&xs, |v| v * sigmoid(v)),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), y)
             .expect("elementwise output has the input's length"))
@@ -161,6 +170,13 @@ impl Activation {
                     g
                 }
             }),
+            // d/dx x s(x) = s + x s (1 - s). The separate pair sums `g s` (the Mul's gradient)
+            // and `g x s (1 - s)` (through the Sigmoid) in the executor; here it is one
+            // expression, so results differ from the pair's by rounding only.
+            Activation::Silu => par_zip_map(&xs, &gs, |x, g| {
+                let s = sigmoid(x);
+                g * (s + x * s * (1.0 - s))
+            }),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), dx)
             .expect("elementwise gradient has the input's length"))
@@ -184,6 +200,7 @@ impl Activation {
             Activation::Sigmoid => x.mapv(|v| one / (one + (-v).exp())),
             Activation::HardSigmoid { alpha, beta } => x.mapv(|v| clamp01(c(alpha) * v + c(beta))),
             Activation::HardSwish => x.mapv(|v| v * clamp01(v / c(6.0) + c(0.5))),
+            Activation::Silu => x.mapv(|v| v / (one + (-v).exp())),
         }
     }
 }
@@ -314,6 +331,34 @@ mod tests {
     #[test]
     fn sigmoid() {
         check(Activation::Sigmoid, &[], 5);
+    }
+
+    #[test]
+    fn silu() {
+        check(Activation::Silu, &[], 10);
+    }
+
+    /// The fused SiLU against the two ops it replaces, `Mul(x, Sigmoid(x))`, run through their
+    /// own kernels: forward bitwise, backward (the Mul's gradient plus the Sigmoid's, as the
+    /// executor sums them) within a few ulp, including saturated and NaN inputs.
+    #[test]
+    fn silu_matches_sigmoid_then_mul() {
+        use crate::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
+        let mut rng = Rng::new(11);
+        let mut x = input(&mut rng, &[4, 6, 9, 9], &[]);
+        x.as_slice_mut().unwrap()[..6].copy_from_slice(&[-100.0, 100.0, -0.0, 0.0, 1e-3, -20.0]);
+        let g = rand_array(&mut rng, IxDyn(x.shape()), -1.0, 1.0);
+        let s = Activation::Sigmoid.forward(x.view()).unwrap();
+        let pair = binary_forward(BinOp::Mul, x.view(), s.view()).unwrap();
+        let fused = Activation::Silu.forward(x.view()).unwrap();
+        assert_eq!(fused, pair);
+        let (gx, gs) = binary_backward(BinOp::Mul, x.view(), s.view(), g.clone());
+        let pair_dx = gx + Activation::Sigmoid.backward(x.view(), gs.view()).unwrap();
+        let dx = Activation::Silu.backward(x.view(), g.view()).unwrap();
+        assert_close("dx", &dx.view(), &pair_dx.view(), 1e-6);
+        let nan = ndarray::arr1(&[f32::NAN]).into_dyn();
+        assert!(Activation::Silu.forward(nan.view()).unwrap()[0].is_nan());
+        assert!(Activation::Silu.backward(nan.view(), nan.view()).unwrap()[0].is_nan());
     }
 
     #[test]

@@ -529,6 +529,91 @@ fn fused_depthwise_rows_equal_generic_passes_bitwise() {
     }
 }
 
+/// EfficientNet-B0's depthwise geometries in miniature (3x3 and 5x5, stride 1 and 2, planes
+/// down to 2x2, a channel count that leaves a partial tile) against the reference and finite
+/// differences, whichever depthwise path runs them.
+#[test]
+fn depthwise_efficientnet_geometries() {
+    for (i, (ch, k, s, px)) in [
+        (11, 3, 2, 8),
+        (9, 3, 1, 4),
+        (10, 5, 1, 4),
+        (10, 5, 2, 4),
+        (17, 5, 1, 2),
+        (9, 3, 1, 2),
+        (3, 5, 1, 8),
+        (5, 5, 2, 9),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = conv(ch, [s, s], [k / 2; 4], [1, 1]);
+        let (xs, ws) = ([2, ch, px, px], [ch, 1, k, k]);
+        check(&c, xs, ws, i % 2 == 0, Path::Depthwise, 40 + i as u64);
+    }
+}
+
+/// The channel-tile kernels against the per-channel ones on every kind of geometry they take
+/// (strides, dilations, asymmetric pads, channel multipliers, partial tiles, 1-pixel planes):
+/// forward bitwise at stride 1 (same summation order) and within rounding otherwise; backward
+/// within rounding (the weight gradient sums each plane in row order, not by eight-way dot).
+#[test]
+fn tiled_depthwise_matches_per_channel_kernels() {
+    let mut rng = Rng::new(23);
+    for (group, cog, (h, w), (kh, kw), strides, pads, dil) in [
+        (16, 1, (4, 4), (5, 5), [1, 1], [2, 2, 2, 2], [1, 1]),
+        (13, 1, (2, 2), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+        (9, 1, (7, 5), (3, 3), [1, 1], [0, 1, 2, 1], [2, 1]),
+        (8, 1, (9, 9), (3, 3), [2, 2], [1, 1, 1, 1], [1, 1]),
+        (7, 1, (9, 8), (5, 5), [2, 2], [2, 2, 2, 2], [1, 1]),
+        (5, 1, (8, 6), (3, 1), [2, 1], [1, 0, 0, 0], [1, 1]),
+        (5, 2, (6, 7), (3, 3), [1, 2], [1, 1, 1, 1], [1, 1]),
+        (3, 3, (7, 6), (3, 2), [1, 1], [2, 0, 1, 3], [2, 1]),
+        (6, 1, (1, 1), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+        (4, 1, (5, 3), (1, 3), [3, 2], [0, 2, 0, 2], [1, 2]),
+    ] {
+        let c = conv(group, strides, pads, dil);
+        let (xs, ws) = ([1, group, h, w], [group * cog, 1, kh, kw]);
+        let g = c.geom(&xs, &ws).unwrap();
+        let what = format!("{xs:?} {ws:?} {strides:?} {pads:?} {dil:?}");
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let wt = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+        let bias = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+        let (xv, wv) = (x.as_slice().unwrap(), wt.as_slice().unwrap());
+        let (mut tiled, mut per_channel) = (bias.clone(), bias);
+        g.depthwise_forward_tiled(xv, wv, &mut tiled);
+        g.depthwise_forward_per_channel(xv, wv, &mut per_channel);
+        if strides == [1, 1] {
+            let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&tiled), bits(&per_channel), "forward {what}");
+        }
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for (i, (p, q)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                    "{what} [{i}]: {p} vs {q}"
+                );
+            }
+        };
+        close(&tiled, &per_channel, &format!("forward {what}"));
+        // Gradients added onto non-zero accumulators, as the batch loop does.
+        let dw0 = rand_array(&mut rng, wt.len(), -1.0, 1.0).to_vec();
+        let (mut dx_t, mut dx_p) = (vec![0.0; g.x_len()], vec![0.0; g.x_len()]);
+        let (mut dw_t, mut dw_p) = (dw0.clone(), dw0);
+        g.depthwise_backward_tiled(xv, wv, &dy, Some(&mut dx_t), &mut dw_t);
+        g.depthwise_backward_per_channel(xv, wv, &dy, Some(&mut dx_p), &mut dw_p);
+        close(&dx_t, &dx_p, &format!("dx {what}"));
+        close(&dw_t, &dw_p, &format!("dw {what}"));
+        let mut dw_only = dw_t.clone();
+        dw_only.iter_mut().for_each(|v| *v = 0.0);
+        g.depthwise_backward_tiled(xv, wv, &dy, None, &mut dw_only);
+        let mut dw_ref = vec![0.0; wt.len()];
+        g.depthwise_backward_tiled(xv, wv, &dy, Some(&mut vec![0.0; g.x_len()]), &mut dw_ref);
+        assert_eq!(dw_only, dw_ref, "dw without dx {what}");
+    }
+}
+
 /// A dilated kernel wider than a tiny input: some taps miss it entirely (this panicked in the
 /// row-by-row im2col before it skipped such taps).
 #[test]
@@ -749,6 +834,62 @@ mod properties {
             accepted.get() * 3 >= cases,
             "only {} of {cases} geometries accepted",
             accepted.get()
+        );
+    }
+}
+
+/// Not a check: interleaved timing of the per-channel and tiled depthwise kernels (forward then
+/// backward, 32 images) on EfficientNet-B0's shapes at 64x64, min of rounds. Run with
+/// `cargo test --release --lib depthwise_kernel_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn depthwise_kernel_timing() {
+    let mut rng = Rng::new(1);
+    for (ch, k, s, px) in [
+        (32, 3, 1, 32),
+        (96, 3, 2, 32),
+        (144, 3, 1, 16),
+        (192, 3, 1, 8),
+        (144, 3, 1, 12),
+        (144, 5, 2, 16),
+        (240, 5, 1, 8),
+        (480, 3, 1, 4),
+        (672, 5, 1, 4),
+        (672, 5, 2, 4),
+        (1152, 5, 1, 2),
+    ] {
+        let c = conv(ch, [s, s], [k / 2; 4], [1, 1]);
+        let (xs, ws) = ([1, ch, px, px], [ch, 1, k, k]);
+        let g = c.geom(&xs, &ws).unwrap();
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let wt = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+        let (xv, wv) = (x.as_slice().unwrap(), wt.as_slice().unwrap());
+        let mut y = vec![0.0; g.y_len()];
+        let mut dx = vec![0.0; g.x_len()];
+        let mut dw = vec![0.0; wv.len()];
+        // Forward per-channel, tiled; backward per-channel, tiled.
+        let mut best = [f64::MAX; 5];
+        for _ in 0..7 {
+            for (k, b) in best.iter_mut().enumerate() {
+                let t0 = std::time::Instant::now();
+                for _ in 0..32 {
+                    match k {
+                        0 => g.depthwise_forward_per_channel(xv, wv, &mut y),
+                        1 => g.depthwise_forward_tiled(xv, wv, &mut y),
+                        2 => g.depthwise_backward_per_channel(xv, wv, &dy, Some(&mut dx), &mut dw),
+                        3 if s == 1 => g.depthwise_forward_flat_with(xv, wv, &mut y, false),
+                        3 => {}
+                        _ => g.depthwise_backward_tiled(xv, wv, &dy, Some(&mut dx), &mut dw),
+                    }
+                }
+                *b = b.min(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        println!(
+            "{ch}ch {k}x{k} s{s} {px}px: forward {:.2} -> {:.2} ms, backward {:.2} -> {:.2} ms \
+             (stride-1 forward without the rows path: {:.2} ms)",
+            best[0], best[1], best[2], best[4], best[3],
         );
     }
 }
