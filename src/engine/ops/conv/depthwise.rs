@@ -205,7 +205,8 @@ impl Geom {
     /// tiles: strided convs (the per-channel row loops gather element by element), and planes
     /// narrower than 8 outputs, or 8 with a kernel above 3x3, where a per-channel pass is too
     /// short to vectorise. Measured on one thread, 32 images, forward + backward, per-channel
-    /// -> tiled (the ignored test `depthwise_kernel_timing`, 2026-12): 96 channels 3x3 stride 2
+    /// -> tiled (interleaved in one process, 2026-12-02; `cargo bench --bench conv_kernels --
+    /// depthwise` times the shapes as they run now): 96 channels 3x3 stride 2
     /// on 32x32 11.7 -> 4.8 ms, 672 5x5 stride 1 on 4x4 9.6 -> 5.0, 1152 5x5 on 2x2 8.8 -> 3.6,
     /// 240 5x5 on 8x8 7.0 -> 5.3; but 192 3x3 on 8x8 1.9 -> 2.2 and 144 3x3 on 16x16 3.7 ->
     /// 5.0, where the flat taps' rows are long enough and the tile's transposes cost more.
