@@ -253,10 +253,11 @@ impl Conv2d {
                 .for_each(|(yp, xp)| {
                     if let Some(u) = &wino {
                         let (p, wb) = (g.wino_forward_plane(), g.wino_block_images());
-                        let mut s = g.wino_scratch(false);
-                        for (yb, xb) in yp.chunks_mut(wb * ylen).zip(xp.chunks(wb * xlen)) {
-                            p.run(xb, u, bias.as_deref(), yb, &mut s);
-                        }
+                        winograd::with_scratch(&p, wb, |s| {
+                            for (yb, xb) in yp.chunks_mut(wb * ylen).zip(xp.chunks(wb * xlen)) {
+                                p.run(xb, u, bias.as_deref(), yb, s);
+                            }
+                        });
                         return;
                     }
                     if blk > 1 {
@@ -335,10 +336,11 @@ impl Conv2d {
                     // Taken, so that the im2col code below computes the weight gradient only.
                     let dxw = dxp.take().expect("wino is only set when dx is wanted");
                     let (p, wb) = (g.wino_backward_plane(), g.wino_block_images());
-                    let mut s = g.wino_scratch(true);
-                    for (dxb, dyb) in dxw.chunks_mut(wb * xlen).zip(dyp.chunks(wb * ylen)) {
-                        p.run(dyb, u, None, dxb, &mut s);
-                    }
+                    winograd::with_scratch(&p, wb, |s| {
+                        for (dxb, dyb) in dxw.chunks_mut(wb * xlen).zip(dyp.chunks(wb * ylen)) {
+                            p.run(dyb, u, None, dxb, s);
+                        }
+                    });
                 }
                 let mut dw = vec![0.0f32; ws.len()];
                 let mut db = vec![0.0f64; g.co];

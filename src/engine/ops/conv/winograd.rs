@@ -28,6 +28,7 @@
 
 use super::{mat, mat_mut, Geom};
 use ndarray::linalg::general_mat_mul;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Tiles per set of 16 GEMMs that a block of images aims for: below this the GEMMs' packing
@@ -73,16 +74,42 @@ pub(super) struct WinoScratch {
     prow: Vec<f32>,
     ev: Vec<f32>,
     od: Vec<f32>,
-    /// Horizontally transformed rows of one channel: `[2*th+2][4][tw]`.
+    /// Horizontally transformed rows of one channel: `[row parity][4][th+1][tw]`.
     hrows: Vec<f32>,
-    /// Output transform temporaries: `[8][tw]`.
+    /// Output transform temporaries: `[2][4][th*tw]`.
     tmp: Vec<f32>,
 }
 
+thread_local! {
+    /// Each rayon worker's scratch, kept across calls: allocating and zeroing it per part of the
+    /// batch (two buffers of 16 x channels x tiles) took 8% of a forward at 64 channels on
+    /// 16x16. Every entry a call reads it has written first, so reuse cannot leak values.
+    static SCRATCH: RefCell<WinoScratch> = const { RefCell::new(WinoScratch::empty()) };
+}
+
+/// Runs `f` with this thread's scratch, grown to hold `images` images of `plane`.
+pub(super) fn with_scratch<R>(
+    plane: &Plane,
+    images: usize,
+    f: impl FnOnce(&mut WinoScratch) -> R,
+) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => {
+            s.reserve(plane, images);
+            f(&mut s)
+        }
+        // Re-entered on this thread (not expected: nothing inside calls back into rayon).
+        Err(_) => {
+            let mut s = WinoScratch::empty();
+            s.reserve(plane, images);
+            f(&mut s)
+        }
+    })
+}
+
 impl WinoScratch {
-    /// Room for `images` images of every plane in `planes`.
-    pub fn new(planes: &[Plane], images: usize) -> Self {
-        let mut s = WinoScratch {
+    const fn empty() -> Self {
+        WinoScratch {
             v: Vec::new(),
             m: Vec::new(),
             prow: Vec::new(),
@@ -90,23 +117,25 @@ impl WinoScratch {
             od: Vec::new(),
             hrows: Vec::new(),
             tmp: Vec::new(),
-        };
+        }
+    }
+
+    /// Grows the buffers to hold `images` images of `p`.
+    fn reserve(&mut self, p: &Plane, images: usize) {
+        let s = self;
         let grow = |v: &mut Vec<f32>, n: usize| {
             if v.len() < n {
                 v.resize(n, 0.0);
             }
         };
-        for p in planes {
-            let (th, tw, t) = (p.th(), p.tw(), p.tiles() * images);
-            grow(&mut s.v, 16 * p.cin * t);
-            grow(&mut s.m, 16 * p.cout * t);
-            grow(&mut s.prow, 2 * tw + 2);
-            grow(&mut s.ev, tw + 1);
-            grow(&mut s.od, tw + 1);
-            grow(&mut s.hrows, (2 * th + 2) * 4 * tw);
-            grow(&mut s.tmp, 8 * tw);
-        }
-        s
+        let (th, tw, t) = (p.th(), p.tw(), p.tiles() * images);
+        grow(&mut s.v, 16 * p.cin * t);
+        grow(&mut s.m, 16 * p.cout * t);
+        grow(&mut s.prow, 2 * tw + 2);
+        grow(&mut s.ev, tw + 1);
+        grow(&mut s.od, tw + 1);
+        grow(&mut s.hrows, 8 * (th + 1) * tw);
+        grow(&mut s.tmp, 8 * th * tw);
     }
 }
 
@@ -163,60 +192,72 @@ fn comb(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
         .for_each(|(d, (&a, &b))| *d = f(a, b))
 }
 
+/// `dst[i] = f(a[i], b[i], c[i])`.
+#[inline(always)]
+fn comb3(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) {
+    dst.iter_mut()
+        .zip(a.iter().zip(b.iter().zip(c)))
+        .for_each(|(d, (&a, (&b, &c)))| *d = f(a, b, c))
+}
+
 impl Plane {
-    /// Input transform of one channel plane `x` (`h x w`) into `v`, the `[16][cin][T]` buffer,
-    /// at channel `c` and tiles `t0..t0 + tiles`.
+    /// Input transform of one channel plane `x` (`h x w`) into `s.v`, the `[16][cin][nt]`
+    /// buffer, at channel `c`, tiles `t0..t0 + tiles()`.
+    ///
+    /// Horizontal pass first: each padded row, split once into even and odd columns, becomes
+    /// four rows of `tw` values (`d B` per tile), stored by row parity, so that the vertical pass
+    /// (`B^T .`) reads rows `2ty, 2ty+1, 2ty+2, 2ty+3` of every tile row as four contiguous
+    /// runs of `th*tw` values: 16 long, vectorisable loops per channel.
+    #[inline(always)]
     fn transform_input(&self, x: &[f32], c: usize, t0: usize, nt: usize, s: &mut WinoScratch) {
         let (th, tw) = (self.th(), self.tw());
         let wp = 2 * tw + 2;
-        let rows = 2 * th + 2;
-        let hrows = &mut s.hrows[..rows * 4 * tw];
+        let hs = (th + 1) * tw;
+        let hb = &mut s.hrows[..8 * hs];
         let (prow, ev, od) = (&mut s.prow[..wp], &mut s.ev[..tw + 1], &mut s.od[..tw + 1]);
-        // Horizontal pass: each padded row r becomes four rows of tw values (d B per tile).
         let xw = self.w.min(wp.saturating_sub(self.pl));
-        for r in 0..rows {
-            let hr = &mut hrows[r * 4 * tw..(r + 1) * 4 * tw];
+        for r in 0..2 * th + 2 {
+            let (m, par) = (r / 2, r % 2);
+            let at = |j: usize| (par * 4 + j) * hs + m * tw;
             let iy = r as isize - self.pt as isize;
             if iy < 0 || iy >= self.h as isize {
-                hr.fill(0.0);
+                for j in 0..4 {
+                    hb[at(j)..][..tw].fill(0.0);
+                }
                 continue;
             }
             let src = &x[iy as usize * self.w..][..self.w];
             prow.fill(0.0);
             prow[self.pl..self.pl + xw].copy_from_slice(&src[..xw]);
-            for m in 0..=tw {
-                ev[m] = prow[2 * m];
-                od[m] = prow[2 * m + 1];
+            for ((e, o), pair) in ev.iter_mut().zip(od.iter_mut()).zip(prow.chunks_exact(2)) {
+                *e = pair[0];
+                *o = pair[1];
             }
-            let (h0, rest) = hr.split_at_mut(tw);
-            let (h1, rest) = rest.split_at_mut(tw);
-            let (h2, h3) = rest.split_at_mut(tw);
-            for t in 0..tw {
-                let (e0, o0, e1, o1) = (ev[t], od[t], ev[t + 1], od[t + 1]);
-                h0[t] = e0 - e1;
-                h1[t] = o0 + e1;
-                h2[t] = e1 - o0;
-                h3[t] = o0 - o1;
-            }
+            let (e0, e1, o0, o1) = (&ev[..tw], &ev[1..], &od[..tw], &od[1..]);
+            comb(&mut hb[at(0)..][..tw], e0, e1, |a, b| a - b);
+            comb(&mut hb[at(1)..][..tw], o0, e1, |a, b| a + b);
+            comb(&mut hb[at(2)..][..tw], e1, o0, |a, b| a - b);
+            comb(&mut hb[at(3)..][..tw], o0, o1, |a, b| a - b);
         }
-        // Vertical pass: rows 2ty..2ty+4 of the horizontal pass give tile row ty (B^T . d B).
+        let tiles = th * tw;
         let plane = self.cin * nt;
+        let base = c * nt + t0;
         let mut kp = s.v[..16 * plane].chunks_mut(plane);
         let v: [&mut [f32]; 16] = std::array::from_fn(|_| kp.next().expect("16 planes"));
-        for ty in 0..th {
-            let base = c * nt + t0 + ty * tw;
-            for j in 0..4 {
-                let row = |i: usize| &hrows[((2 * ty + i) * 4 + j) * tw..][..tw];
-                let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
-                comb(&mut v[j][base..base + tw], d0, d2, |a, b| a - b);
-                comb(&mut v[4 + j][base..base + tw], d1, d2, |a, b| a + b);
-                comb(&mut v[8 + j][base..base + tw], d2, d1, |a, b| a - b);
-                comb(&mut v[12 + j][base..base + tw], d1, d3, |a, b| a - b);
-            }
+        for j in 0..4 {
+            let (e, o) = (&hb[j * hs..][..hs], &hb[(4 + j) * hs..][..hs]);
+            let (d0, d1, d2, d3) = (&e[..tiles], &o[..tiles], &e[tw..], &o[tw..]);
+            comb(&mut v[j][base..base + tiles], d0, d2, |a, b| a - b);
+            comb(&mut v[4 + j][base..base + tiles], d1, d2, |a, b| a + b);
+            comb(&mut v[8 + j][base..base + tiles], d2, d1, |a, b| a - b);
+            comb(&mut v[12 + j][base..base + tiles], d1, d3, |a, b| a - b);
         }
     }
 
-    /// Output transform of channel `o`, tiles `t0..`, into the plane `y` (`oh x ow`), plus `bias`.
+    /// Output transform of channel `o`, tiles `t0..t0 + tiles()`, into the plane `y`
+    /// (`oh x ow`), plus `bias`: `A^T m A` as long loops over all the image's tiles, then one
+    /// interleaving store per output row, clipping the last tile row and column.
+    #[inline(always)]
     fn transform_output(
         &self,
         o: usize,
@@ -227,42 +268,58 @@ impl Plane {
         s: &mut WinoScratch,
     ) {
         let (th, tw) = (self.th(), self.tw());
+        let tiles = th * tw;
         let plane = self.cout * nt;
+        let base = o * nt + t0;
         let m = &s.m[..16 * plane];
-        let tmp = &mut s.tmp[..8 * tw];
+        let mk = |k: usize| &m[k * plane + base..][..tiles];
+        let mut tp = s.tmp[..8 * tiles].chunks_mut(tiles);
+        let t: [&mut [f32]; 8] = std::array::from_fn(|_| tp.next().expect("8 rows"));
+        let [a0, b0, c0, d0, a1, b1, c1, d1] = t;
+        // Vertical pass (A^T m): row 0 = m0 + m1 + m2, row 1 = m1 - m2 - m3, per column j.
+        for (j, (r0, r1)) in [a0, b0, c0, d0]
+            .into_iter()
+            .zip([a1, b1, c1, d1])
+            .enumerate()
+        {
+            let (m0, m1, m2, m3) = (mk(j), mk(4 + j), mk(8 + j), mk(12 + j));
+            comb3(r0, m0, m1, m2, |a, b, c| a + b + c);
+            comb3(r1, m1, m2, m3, |a, b, c| a - b - c);
+        }
+        // Horizontal pass (. A), in place: column 0 = a + b + c, column 1 = b - c - d.
+        for r in 0..2 {
+            let row = &mut s.tmp[r * 4 * tiles..(r + 1) * 4 * tiles];
+            let (a, rest) = row.split_at_mut(tiles);
+            let (b, rest) = rest.split_at_mut(tiles);
+            let (c, d) = rest.split_at_mut(tiles);
+            a.iter_mut()
+                .zip(d.iter_mut())
+                .zip(b.iter().zip(c.iter()))
+                .for_each(|((a, d), (&b, &c))| {
+                    let (a0, d0) = (*a, *d);
+                    *a = a0 + b + c + bias;
+                    *d = b - c - d0 + bias;
+                });
+        }
+        let full = self.ow / 2;
         for ty in 0..th {
-            let base = o * nt + t0 + ty * tw;
-            let mk = |k: usize| &m[k * plane + base..][..tw];
-            // Vertical pass (A^T m): s0 = m0 + m1 + m2, s1 = m1 - m2 - m3, per column j.
-            for j in 0..4 {
-                let (m0, m1, m2, m3) = (mk(j), mk(4 + j), mk(8 + j), mk(12 + j));
-                let (s0, s1) = tmp.split_at_mut(4 * tw);
-                let (s0, s1) = (&mut s0[j * tw..][..tw], &mut s1[j * tw..][..tw]);
-                for t in 0..tw {
-                    s0[t] = m0[t] + m1[t] + m2[t];
-                    s1[t] = m1[t] - m2[t] - m3[t];
-                }
-            }
-            // Horizontal pass (. A) and store, clipping the last tile row / column.
-            for (r, sr) in tmp.chunks(4 * tw).enumerate() {
+            for r in 0..2 {
                 let oy = 2 * ty + r;
                 if oy >= self.oh {
                     break;
                 }
-                let (a, b, c, d) = (
-                    &sr[..tw],
-                    &sr[tw..2 * tw],
-                    &sr[2 * tw..3 * tw],
-                    &sr[3 * tw..],
-                );
+                let q0 = &s.tmp[r * 4 * tiles + ty * tw..][..tw];
+                let q1 = &s.tmp[(r * 4 + 3) * tiles + ty * tw..][..tw];
                 let out = &mut y[oy * self.ow..][..self.ow];
-                let full = self.ow / 2;
-                for t in 0..full {
-                    out[2 * t] = a[t] + b[t] + c[t] + bias;
-                    out[2 * t + 1] = b[t] - c[t] - d[t] + bias;
-                }
+                out[..2 * full]
+                    .chunks_exact_mut(2)
+                    .zip(q0.iter().zip(q1))
+                    .for_each(|(o, (&a, &b))| {
+                        o[0] = a;
+                        o[1] = b;
+                    });
                 if self.ow % 2 == 1 {
-                    out[2 * full] = a[full] + b[full] + c[full] + bias;
+                    out[2 * full] = q0[full];
                 }
             }
         }
@@ -270,7 +327,39 @@ impl Plane {
 
     /// The correlation of the images in `x` (`[B, cin, h, w]`) with transformed weights `u`
     /// (`[16][cout][cin]`) into `y` (`[B, cout, oh, ow]`, every entry written), plus `bias`.
+    /// The transforms are compiled for AVX2 where the CPU has it (the crate's baseline is SSE2,
+    /// 4 lanes; they are plain adds, so the results are the same either way).
     pub(super) fn run(
+        &self,
+        x: &[f32],
+        u: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        s: &mut WinoScratch,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.run_avx2(x, u, bias, y, s) };
+        }
+        self.run_body(x, u, bias, y, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(
+        &self,
+        x: &[f32],
+        u: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        s: &mut WinoScratch,
+    ) {
+        self.run_body(x, u, bias, y, s)
+    }
+
+    #[inline(always)]
+    fn run_body(
         &self,
         x: &[f32],
         u: &[f32],
@@ -364,15 +453,6 @@ impl Geom {
             .min(self.n.div_ceil(super::block::MIN_PARTS))
             .max(1)
     }
-
-    pub(super) fn wino_scratch(&self, backward: bool) -> WinoScratch {
-        let p = if backward {
-            self.wino_backward_plane()
-        } else {
-            self.wino_forward_plane()
-        };
-        WinoScratch::new(&[p], self.wino_block_images())
-    }
 }
 
 /// Which 3x3 convolutions run through Winograd; `Auto` (the default) picks by measured shape
@@ -394,13 +474,39 @@ pub fn set_winograd(mode: WinogradMode) {
     MODE.store(mode as u8, Ordering::Relaxed);
 }
 
+/// Fewest input and output channels for Winograd: below this the GEMMs' inner dimension is
+/// too short for the 2.25x fewer multiply-adds to pay for the transforms (untimed below 16;
+/// ResNet-20's 16-channel stage already wins, see [`Geom::winograd_pays`]).
+const WINO_MIN_CHANNELS: usize = 16;
+/// Fewest outputs per image plane: 8x8, 16 tiles. On 4x4 planes (4 tiles) Winograd lost.
+const WINO_MIN_PLANE: usize = 64;
+
 impl Geom {
-    /// Whether Winograd is faster than im2col for this shape (see the thresholds below).
+    /// Whether Winograd is faster than im2col for this shape. Criterion, `benches/conv_kernels.rs`
+    /// group `winograd`, batch 64, 1 thread, 3x3 pad 1, im2col vs Winograd (ms, forward;
+    /// backward = input gradient on Winograd + weight gradient on im2col against all-im2col),
+    /// measured 2026-12-02 on a shared 2-core machine (load 4.8, so +-15%):
+    ///
+    /// | layer            | forward        | backward       |
+    /// |------------------|----------------|----------------|
+    /// | 64ch 16x16       | 23.7 -> 15.6   | 46.2 -> 45.0   |
+    /// | 128ch 8x8        | 23.1 -> 14.2   | 43.6 -> 40.9   |
+    /// | 256ch 4x4        | 21.6 -> 22.8   | 47.8 -> 49.4   |
+    /// | 16ch 32x32       | 8.00 -> 6.36   | 19.0 -> 15.9   |
+    /// | 32ch 16x16       | 6.88 -> 5.17   | 14.7 -> 11.9   |
+    /// | 64ch 8x8         | 5.86 -> 4.34   | 12.2 -> 10.3   |
+    ///
+    /// So: planes of at least [`WINO_MIN_PLANE`] outputs, at least [`WINO_MIN_CHANNELS`]
+    /// channels in and out.
     pub(super) fn winograd_pays(&self) -> bool {
         match MODE.load(Ordering::Relaxed) {
             1 => false,
             2 => true,
-            _ => self.ci >= 16 && self.co >= 16,
+            _ => {
+                self.ci >= WINO_MIN_CHANNELS
+                    && self.co >= WINO_MIN_CHANNELS
+                    && self.oh * self.ow >= WINO_MIN_PLANE
+            }
         }
     }
 }
