@@ -16,11 +16,15 @@
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
 //! - depthwise (one input channel per group): direct loops, since a GEMM with an inner dimension
 //!   of `kh*kw` would be all overhead;
-//! - everything else: im2col + sgemm per group.
+//! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
+//!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
+//!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
+//!   measurements behind the thresholds), their weight gradient staying on im2col.
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
-//! column gathers and their adjoint; `depthwise.rs` the direct depthwise loops; `tests.rs` the
-//! checks against [`Conv2d::reference`] and finite differences.
+//! column gathers and their adjoint; `block.rs` several images per GEMM; `winograd.rs` the
+//! Winograd kernels; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
+//! [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
@@ -120,8 +124,9 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
-    /// "Conv depthwise" (direct loops) or "Conv im2col" (im2col + GEMM), with " blocked" when
-    /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
+    /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient is
+    /// im2col's, timed under the same label) or "Conv im2col" (im2col + GEMM), with " blocked"
+    /// when small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
     /// splits conv time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
         let g = self.geom(x, w)?;

@@ -849,7 +849,28 @@ fn winograd_errors(
     );
     assert_close("dw", &grads.dw.view(), &plain.dw.view(), 1e-5);
     assert_eq!(grads.db, plain.db);
+    // im2col's own errors, for scale (printed by the random-geometry test).
+    let yp = Conv2d::forward_geom(
+        &Geom {
+            winograd: false,
+            ..g
+        },
+        x.view(),
+        w.view(),
+        b.as_ref().map(|b| b.view()),
+    );
+    let fwd_plain = scaled_error(&yp, &y64, &yscale);
+    let bwd_plain = scaled_error(plain.dx.as_ref().unwrap(), &dx64, &dxscale);
+    IM2COL_WORST.with(|c| {
+        let (f, b) = c.get();
+        c.set((f.max(fwd_plain), b.max(bwd_plain)));
+    });
     (fwd, bwd)
+}
+
+thread_local! {
+    /// Worst scaled errors of im2col on the geometries `winograd_errors` saw on this thread.
+    static IM2COL_WORST: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
 }
 
 /// Winograd F(2x2, 3x3) against f64 over random geometries: pads 0..2 on each side (asymmetric),
@@ -878,7 +899,11 @@ fn winograd_matches_f64_within_bound_over_random_geometries() {
         (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
         cases += 1;
     }
-    eprintln!("winograd worst scaled error: forward {worst_f:e}, dx {worst_b:e}");
+    let (pf, pb) = IM2COL_WORST.with(|c| c.get());
+    eprintln!(
+        "worst scaled error: winograd forward {worst_f:e}, dx {worst_b:e}; \
+         im2col forward {pf:e}, dx {pb:e}"
+    );
 }
 
 /// ResNet-sized Winograd layers (the shapes the thresholds pick) within the same bound.
@@ -887,6 +912,7 @@ fn winograd_resnet_shapes_within_bound() {
     for (n, ch, px) in [(3, 16, 32), (5, 64, 16), (9, 128, 8), (17, 256, 4)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let (f, b) = winograd_errors(&c, [n, ch, px, px], [ch, ch, 3, 3], true, ch as u64);
+        eprintln!("{ch}ch {px}px: winograd forward {f:e}, dx {b:e}");
         assert!(
             f <= winograd::WINO_REL_TOL && b <= winograd::WINO_REL_TOL,
             "{ch}ch {px}px: forward {f:e}, dx {b:e}"

@@ -11,9 +11,12 @@
 //! - 16 GEMMs `M[k] = U[k] · V[k]` (`co x ci` times `ci x tiles`), the same sgemm as im2col;
 //! - output transform: `y = A^T m A + bias` per tile, clipped at the edges.
 //!
-//! The transforms run over whole rows of tiles so that their arithmetic is contiguous in the tile
-//! index and vectorises: the input's rows are first transformed horizontally (even/odd columns
-//! split once per row), then four transformed rows combine into one row of tiles.
+//! The transforms run over a whole image plane at a time so that their arithmetic is contiguous
+//! in the tile index and vectorises (compiled for AVX2 where the CPU has it): the input's rows
+//! are first transformed horizontally (even/odd columns split once per row) and stored by row
+//! parity, so that the vertical pass reads every tile row's four source rows as four contiguous
+//! runs. A first version that looped per tile row (2 to 8 tiles long on ResNet planes) spent
+//! more time in the transforms than in the GEMMs and was no faster than im2col.
 //!
 //! The input gradient is the same machinery applied to `dy`: `dx` is the correlation of `dy`
 //! with the kernel rotated 180 degrees and its channel axes swapped, over `dy` padded by
@@ -23,8 +26,9 @@
 //! Several images share one set of 16 GEMMs when an image has few tiles (as `block.rs` does for
 //! im2col), inside the fixed parts of the batch, so results never depend on the thread count.
 //!
-//! Numerics: the transforms add and halve, so the error is a small multiple of im2col's; the
-//! tests bound it per output by `WINO_REL_TOL * sum |w| |x|` against an f64 reference.
+//! Numerics: the transforms add and halve, so the error is a small multiple of im2col's (about
+//! 3x at worst in the tests); the tests bound it per output by `WINO_REL_TOL * sum |w| |x|`
+//! (2e-6) against an f64 reference, forward and input gradient.
 
 use super::{mat, mat_mut, Geom};
 use ndarray::linalg::general_mat_mul;
@@ -64,7 +68,8 @@ impl Plane {
     }
 }
 
-/// Scratch of one rayon task.
+/// Scratch of one thread (see `SCRATCH`); it keeps its largest size for the life of the
+/// thread, a few MiB at most on ResNet layers (`16 x channels x tiles` floats, twice).
 pub(super) struct WinoScratch {
     /// Transformed inputs `[16][cin][T]`.
     v: Vec<f32>,
@@ -519,6 +524,9 @@ pub(super) fn auto_mode() -> bool {
 
 /// Bound on Winograd's error per output, relative to the sum of the absolute products that make
 /// it (`sum |w| |x| + |b|`; `sum |w| |dy|` for the input gradient), checked against f64 in the
-/// tests.
+/// tests. Measured worst over the tests' 60 random geometries (1-70 channels, planes 1-13,
+/// pads 0-2): 7.6e-7 forward, 6.2e-7 input gradient, against im2col's 2.4e-7 and 1.7e-7 on the
+/// same geometries (Winograd's transforms add and halve in the transformed domain, about 3x the
+/// rounding); on ResNet-sized layers (16-256 channels) about 1.5e-7 for both.
 #[cfg(test)]
-pub(super) const WINO_REL_TOL: f64 = 1e-5;
+pub(super) const WINO_REL_TOL: f64 = 2e-6;
