@@ -354,19 +354,6 @@ impl Conv2d {
                         *acc += f64::from(sum(row));
                     }
                 }
-                if g.winograd && winograd::WINO_WEIGHT_GRAD {
-                    // The weight gradient in the transformed domain, summed over the part's
-                    // images, then transformed back once.
-                    let (p, wb) = (g.wino_forward_plane(), g.wino_block_images());
-                    let mut du = vec![0.0f32; 16 * g.co * g.ci];
-                    winograd::with_scratch(&p, wb, |s| {
-                        for (xb, dyb) in xp.chunks(wb * xlen).zip(dyp.chunks(wb * ylen)) {
-                            p.weight_grad(xb, dyb, &mut du, s);
-                        }
-                    });
-                    winograd::add_weight_grad(&du, g.co, g.ci, &mut dw);
-                    return (dw, db);
-                }
                 if blk > 1 {
                     let mut s = g.block_scratch();
                     for (i, (xb, dyb)) in xp

@@ -35,10 +35,6 @@ use ndarray::linalg::general_mat_mul;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Whether the weight gradient of Winograd layers also runs in the transformed domain
-/// ([`Plane::weight_grad`]) rather than on im2col.
-pub(super) const WINO_WEIGHT_GRAD: bool = true;
-
 /// Tiles per set of 16 GEMMs that a block of images aims for: below this the GEMMs' packing
 /// dominates (as with im2col's `block::BLOCK_COLS`).
 pub(super) const WINO_TILES: usize = 256;
@@ -209,30 +205,6 @@ fn comb3(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, 
         .for_each(|(d, (&a, (&b, &c)))| *d = f(a, b, c))
 }
 
-/// Adds `G^T dU G` (the adjoint of [`transform_weights`] without flip) to the ONNX-layout weight
-/// gradient `dw` (`[co, ci, 3, 3]`), from `du` (`[16][co][ci]`).
-pub(super) fn add_weight_grad(du: &[f32], co: usize, ci: usize, dw: &mut [f32]) {
-    let plane = co * ci;
-    // Column (or row) r of G^T . v for the four entries v: v0 + (v1 + v2)/2, (v1 - v2)/2,
-    // (v1 + v2)/2 + v3.
-    let gt = |v: [f32; 4]| {
-        let (p, m) = (0.5 * (v[1] + v[2]), 0.5 * (v[1] - v[2]));
-        [v[0] + p, m, p + v[3]]
-    };
-    for (at, dwk) in dw.chunks_mut(9).enumerate().take(plane) {
-        let u: [f32; 16] = std::array::from_fn(|k| du[k * plane + at]);
-        // t = G^T u (3x4), then t G (3x3).
-        let cols: [[f32; 3]; 4] =
-            std::array::from_fn(|j| gt([u[j], u[4 + j], u[8 + j], u[12 + j]]));
-        for a in 0..3 {
-            let r = gt([cols[0][a], cols[1][a], cols[2][a], cols[3][a]]);
-            for b in 0..3 {
-                dwk[3 * a + b] += r[b];
-            }
-        }
-    }
-}
-
 impl Plane {
     /// Input transform of one channel plane `x` (`h x w`) into `s.v`, the `[16][cin][nt]`
     /// buffer, at channel `c`, tiles `t0..t0 + tiles()`.
@@ -355,105 +327,6 @@ impl Plane {
                     out[2 * full] = q0[full];
                 }
             }
-        }
-    }
-
-    /// Adjoint of [`Self::transform_output`] without bias: output-gradient plane `dy`
-    /// (`oh x ow`) of channel `o` into `s.m` (`[16][cout][nt]`) at tiles `t0..`: `A dy A^T` per
-    /// 2x2 tile, entries past the plane's edge read as zeros.
-    #[inline(always)]
-    fn transform_output_adjoint(
-        &self,
-        dy: &[f32],
-        o: usize,
-        t0: usize,
-        nt: usize,
-        s: &mut WinoScratch,
-    ) {
-        let (th, tw) = (self.th(), self.tw());
-        let tiles = th * tw;
-        // Split into the four corners of every tile: [row parity][column parity][th][tw].
-        let q = &mut s.tmp[..4 * tiles];
-        q.fill(0.0);
-        for oy in 0..self.oh {
-            let (ty, rp) = (oy / 2, oy % 2);
-            let row = &dy[oy * self.ow..][..self.ow];
-            let (e, rest) = q[rp * 2 * tiles..].split_at_mut(tiles);
-            let od = &mut rest[..tiles];
-            let (e, od) = (&mut e[ty * tw..][..tw], &mut od[ty * tw..][..tw]);
-            for ((e, od), pair) in e.iter_mut().zip(od.iter_mut()).zip(row.chunks(2)) {
-                *e = pair[0];
-                *od = pair.get(1).copied().unwrap_or(0.0);
-            }
-        }
-        let (e0, o0) = (&s.tmp[..tiles], &s.tmp[tiles..2 * tiles]);
-        let (e1, o1) = (&s.tmp[2 * tiles..3 * tiles], &s.tmp[3 * tiles..4 * tiles]);
-        let plane = self.cout * nt;
-        let base = o * nt + t0;
-        // A = [[1,0],[1,1],[1,-1],[0,-1]]: row r of A . v is v0, v0 + v1, v0 - v1, -v1.
-        let a = |r: usize, v0: f32, v1: f32| match r {
-            0 => v0,
-            1 => v0 + v1,
-            2 => v0 - v1,
-            _ => -v1,
-        };
-        let mut kp = s.m[..16 * plane].chunks_mut(plane);
-        let m: [&mut [f32]; 16] = std::array::from_fn(|_| kp.next().expect("16 planes"));
-        for (k, mk) in m.into_iter().enumerate() {
-            let (i, j) = (k / 4, k % 4);
-            mk[base..base + tiles]
-                .iter_mut()
-                .zip(e0.iter().zip(o0))
-                .zip(e1.iter().zip(o1))
-                .for_each(|((d, (&e0, &o0)), (&e1, &o1))| {
-                    *d = a(i, a(j, e0, o0), a(j, e1, o1));
-                });
-        }
-    }
-
-    /// Weight gradient in the transformed domain: adds `dU[k] = dM[k] . V[k]^T` (`[16][cout][cin]`)
-    /// over the images in `x` (`[B, cin, h, w]`) and `dy` (`[B, cout, oh, ow]`) to `du`.
-    pub(super) fn weight_grad(&self, x: &[f32], dy: &[f32], du: &mut [f32], s: &mut WinoScratch) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.weight_grad_avx2(x, dy, du, s) };
-        }
-        self.weight_grad_body(x, dy, du, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn weight_grad_avx2(&self, x: &[f32], dy: &[f32], du: &mut [f32], s: &mut WinoScratch) {
-        self.weight_grad_body(x, dy, du, s)
-    }
-
-    #[inline(always)]
-    fn weight_grad_body(&self, x: &[f32], dy: &[f32], du: &mut [f32], s: &mut WinoScratch) {
-        let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
-        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        let nb = x.len() / xlen;
-        let tpi = self.tiles();
-        let nt = nb * tpi;
-        for (j, xb) in x.chunks(xlen).enumerate() {
-            for (c, plane) in xb.chunks(hw).enumerate() {
-                self.transform_input(plane, c, j * tpi, nt, s);
-            }
-        }
-        for (j, dyb) in dy.chunks(ylen).enumerate() {
-            for (o, plane) in dyb.chunks(ohw).enumerate() {
-                self.transform_output_adjoint(plane, o, j * tpi, nt, s);
-            }
-        }
-        let (vp, mp, up) = (self.cin * nt, self.cout * nt, self.cout * self.cin);
-        for k in 0..16 {
-            general_mat_mul(
-                1.0,
-                &mat(&s.m[k * mp..], self.cout, nt),
-                &mat(&s.v[k * vp..], self.cin, nt).t(),
-                1.0,
-                &mut mat_mut(&mut du[k * up..], self.cout, self.cin),
-            );
         }
     }
 
