@@ -979,3 +979,33 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
     assert_eq!(ga.dx, gb.dx);
     assert_eq!(ga.dw, gb.dw);
 }
+
+/// An image's Winograd result does not depend on the batch size around it (blocks of a fixed
+/// number of images): bitwise, forward and input gradient, for batches of whole blocks. Two MPI
+/// ranks at half the batch rely on it to match one process (tests/mpi.rs).
+#[test]
+fn winograd_results_do_not_depend_on_the_batch_size() {
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    for (ch, px) in [(16, 32), (32, 16), (64, 8), (16, 9)] {
+        let ws = [ch, ch, 3, 3];
+        let mut rng = Rng::new(3);
+        let x = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
+        let run = |n: usize| {
+            let g = winograd_forced(&c, [n, ch, px, px], ws);
+            let xn = x.slice(ndarray::s![0..n, .., .., ..]);
+            let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
+            let y = Conv2d::forward_geom(&g, xn, w.view(), None);
+            let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
+                .dx
+                .unwrap();
+            (y, dx)
+        };
+        let (y32, dx32) = run(32);
+        let (y16, dx16) = run(16);
+        let first = |a: &Array4<f32>| a.slice(ndarray::s![0..16, .., .., ..]).to_owned();
+        assert_eq!(first(&y32), y16, "{ch}ch {px}px forward");
+        assert_eq!(first(&dx32), dx16, "{ch}ch {px}px dx");
+    }
+}

@@ -40,6 +40,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 /// Tiles per set of 16 GEMMs that a block of images aims for: below this the GEMMs' packing
 /// dominates (as with im2col's `block::BLOCK_COLS`).
 pub(super) const WINO_TILES: usize = 256;
+/// Most images per block: 8 images of 8x8 (128 tiles); at batch 16 and up, still at least two
+/// parts of the batch for the threads.
+pub(super) const WINO_MAX_IMAGES: usize = 8;
 
 /// One stride-1 3x3 correlation as the kernels see it: `cin` planes of `h x w` in, padded by
 /// `pt` / `pl` at the top / left (the far pads follow from the output size), `cout` planes of
@@ -448,17 +451,19 @@ impl Geom {
         }
     }
 
-    /// Images per set of 16 GEMMs: enough for about [`WINO_TILES`] tiles, but never so many
-    /// that the batch falls into fewer than `block::MIN_PARTS` parts.
+    /// Images per set of 16 GEMMs: enough for about [`WINO_TILES`] tiles, at most
+    /// [`WINO_MAX_IMAGES`]. It depends on the geometry only, never on the batch size, so that an
+    /// image's result does not depend on how many images share its step (batches that are whole
+    /// numbers of blocks): OpenBLAS picks its kernels by matrix size, and with blocks capped at a
+    /// quarter of the batch (as `block.rs` does) a 64-channel 8x8 layer gave results 1e-5
+    /// apart at batch 16 and 32, which left two MPI ranks at batch 16 4.7e-4 away from one
+    /// process at batch 32 after four steps (tests/mpi.rs allows 1e-4; im2col: 2e-5).
     pub(super) fn wino_block_images(&self) -> usize {
         if !self.winograd {
             return 1;
         }
         let tiles = self.wino_forward_plane().tiles().max(1);
-        WINO_TILES
-            .div_ceil(tiles)
-            .min(self.n.div_ceil(super::block::MIN_PARTS))
-            .max(1)
+        WINO_TILES.div_ceil(tiles).clamp(1, WINO_MAX_IMAGES)
     }
 }
 
@@ -502,6 +507,10 @@ impl Geom {
     /// | 16ch 32x32       | 8.00 -> 6.36   | 19.0 -> 15.9   |
     /// | 32ch 16x16       | 6.88 -> 5.17   | 14.7 -> 11.9   |
     /// | 64ch 8x8         | 5.86 -> 4.34   | 12.2 -> 10.3   |
+    ///
+    /// Those had blocks of up to 16 images of 8x8; capped at [`WINO_MAX_IMAGES`] (8), rerun at
+    /// load 3.1: 128ch 8x8 14.0 -> 11.5 forward, 34.7 -> 28.9 backward; 64ch 8x8 4.05 -> 3.60,
+    /// 9.04 -> 7.89.
     ///
     /// So: planes of at least [`WINO_MIN_PLANE`] outputs, at least [`WINO_MIN_CHANNELS`]
     /// channels in and out.
