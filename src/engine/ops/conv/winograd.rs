@@ -454,10 +454,9 @@ impl Geom {
     /// Images per set of 16 GEMMs: enough for about [`WINO_TILES`] tiles, at most
     /// [`WINO_MAX_IMAGES`]. It depends on the geometry only, never on the batch size, so that an
     /// image's result does not depend on how many images share its step (batches that are whole
-    /// numbers of blocks): OpenBLAS picks its kernels by matrix size, and with blocks capped at a
-    /// quarter of the batch (as `block.rs` does) a 64-channel 8x8 layer gave results 1e-5
-    /// apart at batch 16 and 32, which left two MPI ranks at batch 16 4.7e-4 away from one
-    /// process at batch 32 after four steps (tests/mpi.rs allows 1e-4; im2col: 2e-5).
+    /// numbers of blocks). OpenBLAS's result for one GEMM column depends on the matrix's width
+    /// (and on the column's place in it): with blocks capped at a quarter of the batch, as
+    /// `block.rs` does, a 64-channel 8x8 layer gave results 1e-5 apart at batch 16 and 32.
     pub(super) fn wino_block_images(&self) -> usize {
         if !self.winograd {
             return 1;
