@@ -9,7 +9,9 @@
 //! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style);
 //! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
 //!   512 on 2x2), the whole batch at once (several images per GEMM, `conv/block.rs`) against
-//!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each).
+//!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each);
+//! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
+//!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
 //!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
 //!   and weight gradients) per call, as a training step runs them.
@@ -24,7 +26,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use elrt::engine::ops::conv::Conv2d;
+use elrt::engine::ops::conv::{set_winograd, Conv2d, WinogradMode};
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
 use ndarray::Array4;
@@ -217,7 +219,60 @@ fn conv_kernels(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // Winograd F(2x2, 3x3) against im2col on the 3x3 layers of ResNet-18 at 64x64 and of
+    // ResNet-20, batch 64 as in `elrt speed`: forward, and backward with the input gradient
+    // (the weight gradient is im2col in both, so the difference is the input gradient).
+    let mut g = c.benchmark_group("winograd");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(WINO_BATCH as u64));
+    for (name, ch, px) in [
+        ("r18_64ch_16px", 64, 16),
+        ("r18_128ch_8px", 128, 8),
+        ("r18_256ch_4px", 256, 4),
+        ("r20_16ch_32px", 16, 32),
+        ("r20_32ch_16px", 32, 16),
+        ("r20_64ch_8px", 64, 8),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        for (kernel, mode) in [
+            ("im2col", WinogradMode::Never),
+            ("winograd", WinogradMode::Always),
+        ] {
+            g.bench_function(format!("{name}/{kernel}/forward"), |b| {
+                set_winograd(mode);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+            g.bench_function(format!("{name}/{kernel}/backward"), |b| {
+                set_winograd(mode);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                    })
+                })
+            });
+        }
+        set_winograd(WinogradMode::Auto);
+    }
+    g.finish();
 }
+
+const WINO_BATCH: usize = 64;
 
 fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
     Conv2d {

@@ -50,7 +50,7 @@ impl Geom {
     /// Images per rayon part: the fixed partition, widened to a whole number of blocks.
     pub(super) fn part_images(&self) -> usize {
         let part = super::part_len(self.n);
-        let b = self.block_images();
+        let b = self.block_images().max(self.wino_block_images());
         if b <= 1 {
             part
         } else {

@@ -16,11 +16,15 @@
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
 //! - depthwise (one input channel per group): direct loops, since a GEMM with an inner dimension
 //!   of `kh*kw` would be all overhead;
-//! - everything else: im2col + sgemm per group.
+//! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
+//!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
+//!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
+//!   measurements behind the thresholds), their weight gradient staying on im2col.
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
-//! column gathers and their adjoint; `depthwise.rs` the direct depthwise loops; `tests.rs` the
-//! checks against [`Conv2d::reference`] and finite differences.
+//! column gathers and their adjoint; `block.rs` several images per GEMM; `winograd.rs` the
+//! Winograd kernels; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
+//! [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
@@ -36,6 +40,9 @@ mod depthwise;
 mod im2col;
 #[cfg(test)]
 mod tests;
+mod winograd;
+
+pub use winograd::{set_winograd, WinogradMode};
 
 const OP: &str = "Conv";
 
@@ -105,7 +112,12 @@ struct Geom {
     dw: usize,
     pt: usize,
     pl: usize,
+    pb: usize,
+    pr: usize,
     path: Path,
+    /// An im2col geometry whose forward and input gradient run through Winograd F(2x2, 3x3)
+    /// (`winograd.rs`); its weight gradient stays on im2col.
+    winograd: bool,
 }
 
 impl Conv2d {
@@ -116,12 +128,16 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
-    /// "Conv depthwise" (direct loops) or "Conv im2col" (im2col + GEMM), with " blocked" when
-    /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
+    /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient is
+    /// im2col's, timed under the same label) or "Conv im2col" (im2col + GEMM), with " blocked"
+    /// when small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
     /// splits conv time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
         let g = self.geom(x, w)?;
         let blocked = g.block_images() > 1;
+        if g.winograd {
+            return Ok("Conv winograd");
+        }
         Ok(match (g.path, blocked) {
             (Path::Pointwise, false) => "Conv 1x1",
             (Path::Pointwise, true) => "Conv 1x1 blocked",
@@ -172,7 +188,7 @@ impl Conv2d {
         } else {
             Path::Im2col
         };
-        Ok(Geom {
+        let mut g = Geom {
             n,
             ci,
             h,
@@ -191,8 +207,13 @@ impl Conv2d {
             dw,
             pt,
             pl,
+            pb,
+            pr,
             path,
-        })
+            winograd: false,
+        };
+        g.winograd = g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
+        Ok(g)
     }
 
     fn check_bias(g: &Geom, len: Option<usize>) -> Result<()> {
@@ -215,16 +236,39 @@ impl Conv2d {
     ) -> Result<Array4<f32>> {
         let g = self.geom(x.shape(), w.shape())?;
         Self::check_bias(&g, b.map(|b| b.len()))?;
+        Ok(Self::forward_geom(&g, x, w, b))
+    }
+
+    /// [`Self::forward`] on a validated geometry (tests force a path through it).
+    fn forward_geom(
+        g: &Geom,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        b: Option<ArrayView1<f32>>,
+    ) -> Array4<f32> {
+        let g = *g;
         init();
         let (xs, ws) = (contiguous(&x), contiguous(&w));
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let mut y = vec![0.0f32; g.n * ylen];
         let (part, blk) = (g.part_images(), g.block_images());
+        // Transformed once per call, shared by every part of the batch.
+        let wino =
+            (g.winograd && g.n > 0).then(|| winograd::transform_weights(&ws, g.co, g.ci, false));
         if g.n > 0 {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
                 .for_each(|(yp, xp)| {
+                    if let Some(u) = &wino {
+                        let (p, wb) = (g.wino_forward_plane(), g.wino_block_images());
+                        winograd::with_scratch(&p, wb, |s| {
+                            for (yb, xb) in yp.chunks_mut(wb * ylen).zip(xp.chunks(wb * xlen)) {
+                                p.run(xb, u, bias.as_deref(), yb, s);
+                            }
+                        });
+                        return;
+                    }
                     if blk > 1 {
                         let mut s = g.block_scratch();
                         for (yb, xb) in yp.chunks_mut(blk * ylen).zip(xp.chunks(blk * xlen)) {
@@ -238,8 +282,8 @@ impl Conv2d {
                     }
                 });
         }
-        Ok(Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
-            .expect("output length follows from the geometry"))
+        Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
+            .expect("output length follows from the geometry")
     }
 
     /// Gradients for `L` given `dy = dL/dy`. `x` and `w` are the forward inputs; `need_dx` is
@@ -262,6 +306,18 @@ impl Conv2d {
                 ),
             ));
         }
+        Ok(Self::backward_geom(&g, x, w, dy, need_dx))
+    }
+
+    /// [`Self::backward`] on a validated geometry (tests force a path through it).
+    fn backward_geom(
+        g: &Geom,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        need_dx: bool,
+    ) -> Conv2dGrads {
+        let g = *g;
         init();
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         let (xlen, ylen) = (g.x_len(), g.y_len());
@@ -276,11 +332,25 @@ impl Conv2d {
         } else {
             (0..g.n.div_ceil(part)).map(|_| None).collect()
         };
+        // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw on im2col.
+        let wino = (g.winograd && need_dx && g.n > 0)
+            .then(|| winograd::transform_weights(&ws, g.co, g.ci, true));
         let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_parts
             .into_par_iter()
             .zip(xs.par_chunks(part * xlen))
             .zip(dys.par_chunks(part * ylen))
-            .map(|((mut dxp, xp), dyp)| {
+            .map(|((dxp, xp), dyp)| {
+                let mut dxp = dxp;
+                if let Some(u) = &wino {
+                    // Taken, so that the im2col code below computes the weight gradient only.
+                    let dxw = dxp.take().expect("wino is only set when dx is wanted");
+                    let (p, wb) = (g.wino_backward_plane(), g.wino_block_images());
+                    winograd::with_scratch(&p, wb, |s| {
+                        for (dxb, dyb) in dxw.chunks_mut(wb * xlen).zip(dyp.chunks(wb * ylen)) {
+                            p.run(dyb, u, None, dxb, s);
+                        }
+                    });
+                }
                 let mut dw = vec![0.0f32; ws.len()];
                 let mut db = vec![0.0f64; g.co];
                 for dyb in dyp.chunks(ylen) {
@@ -303,7 +373,7 @@ impl Conv2d {
                     return (dw, db);
                 }
                 let mut col = vec![0.0f32; g.col_len()];
-                let mut dcol = vec![0.0f32; if need_dx { g.col_len() } else { 0 }];
+                let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
                 for (i, (xb, dyb)) in xp.chunks(xlen).zip(dyp.chunks(ylen)).enumerate() {
                     let dxb = dxp.as_deref_mut().map(|d| &mut d[i * xlen..(i + 1) * xlen]);
                     g.backward_image(xb, &ws, dyb, dxb, &mut dw, &mut col, &mut dcol);
@@ -329,14 +399,14 @@ impl Conv2d {
         for (_, pdb) in &partials {
             db.iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
         }
-        Ok(Conv2dGrads {
+        Conv2dGrads {
             dx: need_dx.then(|| {
                 Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx)
                     .expect("dx length follows from the geometry")
             }),
             dw: Array4::from_shape_vec(w.raw_dim(), dw).expect("dw has the weight's length"),
             db: db.into_iter().map(|v| v as f32).collect(),
-        })
+        }
     }
 
     /// Direct definition, seven nested loops. Test oracle only.

@@ -837,3 +837,260 @@ mod properties {
         );
     }
 }
+
+/// The geometry of `c` with Winograd forced on, whatever the speed thresholds say.
+fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4]) -> Geom {
+    let mut g = c.geom(&xs, &ws).unwrap();
+    assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
+    g.winograd = true;
+    g
+}
+
+/// The input gradient of the convolution in `T`, straight from its definition (scatter of
+/// `dy * w` over every tap): an oracle independent of Winograd's flipped-kernel relation.
+fn dx_reference<T: NdFloat>(g: &Geom, dy: &Array4<T>, w: &Array4<T>) -> Array4<T> {
+    let mut dx = Array4::<T>::zeros((g.n, g.ci, g.h, g.w));
+    for n in 0..g.n {
+        for o in 0..g.co {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let d = dy[[n, o, oy, ox]];
+                    for c in 0..g.ci {
+                        for ki in 0..g.kh {
+                            let iy = (oy + ki) as isize - g.pt as isize;
+                            if iy < 0 || iy >= g.h as isize {
+                                continue;
+                            }
+                            for kj in 0..g.kw {
+                                let ix = (ox + kj) as isize - g.pl as isize;
+                                if ix < 0 || ix >= g.w as isize {
+                                    continue;
+                                }
+                                dx[[n, c, iy as usize, ix as usize]] += d * w[[o, c, ki, kj]];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dx
+}
+
+/// Largest `|fast - exact| / scale` over all entries (`scale`: the sum of absolute products).
+fn scaled_error(fast: &Array4<f32>, exact: &Array4<f64>, scale: &Array4<f64>) -> f64 {
+    fast.iter()
+        .zip(exact)
+        .zip(scale)
+        .map(|((&f, &e), &s)| (f64::from(f) - e).abs() / s.max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// Forward and input-gradient errors of forced Winograd against f64, each scaled per output by
+/// `sum |w| |x| + |b|` (forward) or `sum |w| |dy|` (input gradient).
+fn winograd_errors(
+    c: &Conv2d,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    bias: bool,
+    seed: u64,
+) -> (f64, f64) {
+    let g = winograd_forced(c, xs, ws);
+    let mut rng = Rng::new(seed);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
+    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
+    let y = Conv2d::forward_geom(&g, x.view(), w.view(), b.as_ref().map(|b| b.view()));
+    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
+    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+    let y64 = c
+        .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
+        .unwrap();
+    let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
+    let yscale = c
+        .reference(
+            abs(&x64).view(),
+            abs(&w64).view(),
+            b64abs.as_ref().map(|b| b.view()),
+        )
+        .unwrap();
+    let fwd = scaled_error(&y, &y64, &yscale);
+    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true);
+    let dx64 = dx_reference(&g, &dy64, &w64);
+    let dxscale = dx_reference(&g, &abs(&dy64), &abs(&w64));
+    let bwd = scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale);
+    // The weight and bias gradients stay on im2col: the same as without Winograd.
+    let plain = Conv2d::backward_geom(
+        &Geom {
+            winograd: false,
+            ..g
+        },
+        x.view(),
+        w.view(),
+        dy.view(),
+        true,
+    );
+    assert_close("dw", &grads.dw.view(), &plain.dw.view(), 1e-5);
+    assert_eq!(grads.db, plain.db);
+    // im2col's own errors, for scale (printed by the random-geometry test).
+    let yp = Conv2d::forward_geom(
+        &Geom {
+            winograd: false,
+            ..g
+        },
+        x.view(),
+        w.view(),
+        b.as_ref().map(|b| b.view()),
+    );
+    let fwd_plain = scaled_error(&yp, &y64, &yscale);
+    let bwd_plain = scaled_error(plain.dx.as_ref().unwrap(), &dx64, &dxscale);
+    IM2COL_WORST.with(|c| {
+        let (f, b) = c.get();
+        c.set((f.max(fwd_plain), b.max(bwd_plain)));
+    });
+    (fwd, bwd)
+}
+
+thread_local! {
+    /// Worst scaled errors of im2col on the geometries `winograd_errors` saw on this thread.
+    static IM2COL_WORST: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
+}
+
+/// Winograd F(2x2, 3x3) against f64 over random geometries: pads 0..2 on each side (asymmetric),
+/// odd and even planes down to 1 pixel, batch 1 and several (blocks of several images with a
+/// shorter last one), 1 to 70 channels. Error per output within `WINO_REL_TOL` times the sum of
+/// absolute products, forward and input gradient.
+#[test]
+fn winograd_matches_f64_within_bound_over_random_geometries() {
+    let mut rng = Rng::new(41);
+    let (mut worst_f, mut worst_b) = (0.0f64, 0.0f64);
+    let mut cases = 0;
+    while cases < 60 {
+        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
+        if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+            continue;
+        }
+        let n = [1, 2, 5, 9][rng.below(4)];
+        let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+        let c = conv(1, [1, 1], pads, [1, 1]);
+        let (f, b) = winograd_errors(&c, [n, ci, h, w], [co, ci, 3, 3], rng.below(2) == 0, cases);
+        assert!(
+            f <= winograd::WINO_REL_TOL && b <= winograd::WINO_REL_TOL,
+            "{pads:?} x [{n}, {ci}, {h}, {w}] co {co}: forward {f:e}, dx {b:e}"
+        );
+        (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
+        cases += 1;
+    }
+    let (pf, pb) = IM2COL_WORST.with(|c| c.get());
+    eprintln!(
+        "worst scaled error: winograd forward {worst_f:e}, dx {worst_b:e}; \
+         im2col forward {pf:e}, dx {pb:e}"
+    );
+}
+
+/// ResNet-sized Winograd layers (the shapes the thresholds pick) within the same bound.
+#[test]
+fn winograd_resnet_shapes_within_bound() {
+    for (n, ch, px) in [(3, 16, 32), (5, 64, 16), (9, 128, 8), (17, 256, 4)] {
+        let c = conv(1, [1, 1], [1; 4], [1, 1]);
+        let (f, b) = winograd_errors(&c, [n, ch, px, px], [ch, ch, 3, 3], true, ch as u64);
+        eprintln!("{ch}ch {px}px: winograd forward {f:e}, dx {b:e}");
+        assert!(
+            f <= winograd::WINO_REL_TOL && b <= winograd::WINO_REL_TOL,
+            "{ch}ch {px}px: forward {f:e}, dx {b:e}"
+        );
+    }
+}
+
+/// The whole forced-Winograd chain against f64 finite differences of the reference loss (the
+/// oracle of every other path), on a small odd geometry with asymmetric pads.
+#[test]
+fn winograd_gradients_match_finite_differences() {
+    let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
+    let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
+    let g = winograd_forced(&c, xs, ws);
+    let mut rng = Rng::new(43);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let b = rand_array(&mut rng, ws[0], -1.0, 1.0);
+    let y = Conv2d::forward_geom(&g, x.view(), w.view(), Some(b.view()));
+    let yr = c.reference(x.view(), w.view(), Some(b.view())).unwrap();
+    assert_close("forward", &y.view(), &yr.view(), 1e-5);
+    let r = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), r.view(), true);
+    let (x64, w64, r64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&r.view()));
+    let fdx = fd_grad(&x64, |x| {
+        dot_loss(&c.reference(x.view(), w64.view(), None).unwrap(), &r64)
+    });
+    assert_grad("dx", &grads.dx.as_ref().unwrap().view(), &fdx.view());
+    let fdw = fd_grad(&w64, |w| {
+        dot_loss(&c.reference(x64.view(), w.view(), None).unwrap(), &r64)
+    });
+    assert_grad("dw", &grads.dw.view(), &fdw.view());
+}
+
+/// Winograd layers chosen by the thresholds: labelled as such, and bitwise independent of the
+/// thread count, forward and backward.
+#[test]
+fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let (xs, ws) = ([37, 64, 8, 8], [64, 64, 3, 3]);
+    assert!(c.geom(&xs, &ws).unwrap().winograd || !winograd::auto_mode());
+    if winograd::auto_mode() {
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv winograd");
+    }
+    let g = winograd_forced(&c, xs, ws);
+    let mut rng = Rng::new(47);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let dy = rand_array(&mut rng, [37, 64, 8, 8], -1.0, 1.0);
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            (
+                Conv2d::forward_geom(&g, x.view(), w.view(), None),
+                Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true),
+            )
+        })
+    };
+    let ((ya, ga), (yb, gb)) = (run(1), run(3));
+    assert_eq!(ya, yb);
+    assert_eq!(ga.dx, gb.dx);
+    assert_eq!(ga.dw, gb.dw);
+}
+
+/// An image's Winograd result does not depend on the batch size around it (blocks of a fixed
+/// number of images): bitwise, forward and input gradient, for batches of whole blocks. Two MPI
+/// ranks at half the batch rely on it to match one process (tests/mpi.rs).
+#[test]
+fn winograd_results_do_not_depend_on_the_batch_size() {
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    for (ch, px) in [(16, 32), (32, 16), (64, 8), (16, 9)] {
+        let ws = [ch, ch, 3, 3];
+        let mut rng = Rng::new(3);
+        let x = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
+        let run = |n: usize| {
+            let g = winograd_forced(&c, [n, ch, px, px], ws);
+            let xn = x.slice(ndarray::s![0..n, .., .., ..]);
+            let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
+            let y = Conv2d::forward_geom(&g, xn, w.view(), None);
+            let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
+                .dx
+                .unwrap();
+            (y, dx)
+        };
+        let (y32, dx32) = run(32);
+        let (y16, dx16) = run(16);
+        let first = |a: &Array4<f32>| a.slice(ndarray::s![0..16, .., .., ..]).to_owned();
+        assert_eq!(first(&y32), y16, "{ch}ch {px}px forward");
+        assert_eq!(first(&dx32), dx16, "{ch}ch {px}px dx");
+    }
+}
