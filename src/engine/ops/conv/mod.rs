@@ -32,7 +32,9 @@
 use super::{contiguous, part_len, sum, window_out_len};
 use crate::engine::{attr_err, init, shape_err, Result};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, NdFloat};
+use ndarray::{
+    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, NdFloat,
+};
 use rayon::prelude::*;
 
 mod block;
@@ -335,11 +337,37 @@ impl Conv2d {
         // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw on im2col.
         let wino = (g.winograd && need_dx && g.n > 0)
             .then(|| winograd::transform_weights(&ws, g.co, g.ci, true));
+        // Small planes: every part lays its columns and output gradients into its column range
+        // of two batch-wide matrices, and the weight gradient is one GEMM over them afterwards
+        // (`block.rs`).
+        let ohw = g.oh * g.ow;
+        let (mut cols_all, mut dys_all) = if blk > 1 {
+            (
+                Array2::<f32>::zeros((g.k_rows(), g.n * ohw)),
+                Array2::<f32>::zeros((g.co, g.n * ohw)),
+            )
+        } else {
+            (Array2::zeros((0, 0)), Array2::zeros((0, 0)))
+        };
+        let mut part_views = Vec::with_capacity(g.n.div_ceil(part));
+        if blk > 1 {
+            let (mut c, mut d) = (cols_all.view_mut(), dys_all.view_mut());
+            for p0 in (0..g.n).step_by(part) {
+                let width = part.min(g.n - p0) * ohw;
+                let (ch, ct) = c.split_at(Axis(1), width);
+                let (dh, dt) = d.split_at(Axis(1), width);
+                part_views.push(Some((ch, dh)));
+                (c, d) = (ct, dt);
+            }
+        } else {
+            part_views.resize_with(g.n.div_ceil(part), || None);
+        }
         let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_parts
             .into_par_iter()
+            .zip(part_views)
             .zip(xs.par_chunks(part * xlen))
             .zip(dys.par_chunks(part * ylen))
-            .map(|((dxp, xp), dyp)| {
+            .map(|(((dxp, views), xp), dyp)| {
                 let mut dxp = dxp;
                 if let Some(u) = &wino {
                     // Taken, so that the im2col code below computes the weight gradient only.
@@ -351,27 +379,18 @@ impl Conv2d {
                         }
                     });
                 }
-                let mut dw = vec![0.0f32; ws.len()];
                 let mut db = vec![0.0f64; g.co];
                 for dyb in dyp.chunks(ylen) {
                     for (acc, row) in db.iter_mut().zip(dyb.chunks(g.oh * g.ow)) {
                         *acc += f64::from(sum(row));
                     }
                 }
-                if blk > 1 {
+                if let Some((cv, dv)) = views {
                     let mut s = g.block_scratch();
-                    for (i, (xb, dyb)) in xp
-                        .chunks(blk * xlen)
-                        .zip(dyp.chunks(blk * ylen))
-                        .enumerate()
-                    {
-                        let dxb = dxp
-                            .as_deref_mut()
-                            .map(|d| &mut d[i * blk * xlen..(i * blk * xlen + xb.len())]);
-                        g.backward_block(xb, &ws, dyb, dxb, &mut dw, &mut s);
-                    }
-                    return (dw, db);
+                    g.backward_part_blocked(xp, &ws, dyp, dxp, cv, dv, &mut s);
+                    return (Vec::new(), db);
                 }
+                let mut dw = vec![0.0f32; ws.len()];
                 let mut col = vec![0.0f32; g.col_len()];
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
                 for (i, (xb, dyb)) in xp.chunks(xlen).zip(dyp.chunks(ylen)).enumerate() {
@@ -387,15 +406,19 @@ impl Conv2d {
         // elements split across threads: the same sums as a serial loop, bit for bit, but not a
         // serial tail (up to 16 parts x the weight count; 9.4 M adds for one 512-channel 3x3
         // conv of ResNet-18, whose step at two threads would otherwise wait on one core).
-        dw.par_chunks_mut(REDUCE_CHUNK)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (pdw, _) in &partials {
-                    out.iter_mut()
-                        .zip(&pdw[c * REDUCE_CHUNK..])
-                        .for_each(|(a, b)| *a += b);
-                }
-            });
+        if blk > 1 {
+            g.weight_grad_blocked(cols_all.view(), dys_all.view(), &mut dw);
+        } else {
+            dw.par_chunks_mut(REDUCE_CHUNK)
+                .enumerate()
+                .for_each(|(c, out)| {
+                    for (pdw, _) in &partials {
+                        out.iter_mut()
+                            .zip(&pdw[c * REDUCE_CHUNK..])
+                            .for_each(|(a, b)| *a += b);
+                    }
+                });
+        }
         for (_, pdb) in &partials {
             db.iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
         }

@@ -467,7 +467,7 @@ impl Geom {
 }
 
 /// Which 3x3 convolutions run through Winograd; `Auto` (the default) picks by measured shape
-/// thresholds ([`Geom::winograd_pays`]). The others exist for benchmarks and A/B timing.
+/// thresholds (`Geom::winograd_pays` in `conv/winograd.rs`). The others exist for benchmarks and A/B timing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum WinogradMode {
@@ -487,7 +487,7 @@ pub fn set_winograd(mode: WinogradMode) {
 
 /// Fewest input and output channels for Winograd: below this the GEMMs' inner dimension is
 /// too short for the 2.25x fewer multiply-adds to pay for the transforms (untimed below 16;
-/// ResNet-20's 16-channel stage already wins, see [`Geom::winograd_pays`]).
+/// ResNet-20's 16-channel stage already wins, see `Geom::winograd_pays`).
 const WINO_MIN_CHANNELS: usize = 16;
 /// Fewest outputs per image plane: 8x8, 16 tiles. On 4x4 planes (4 tiles) Winograd lost.
 const WINO_MIN_PLANE: usize = 64;
