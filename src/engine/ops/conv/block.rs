@@ -35,9 +35,9 @@ const DW_SPLIT: usize = 4;
 pub(super) struct BlockScratch {
     /// One image's im2col columns `[k, ohw]`.
     col: Vec<f32>,
-    /// The block's columns `[k, B*ohw]` (forward, weight gradient), then its column gradient.
+    /// The block's columns `[k, B*ohw]` (forward), or its column gradient (backward).
     wide: Vec<f32>,
-    /// The block's output or output gradient `[co, B*ohw]`.
+    /// The block's output `[co, B*ohw]` (forward only).
     out: Vec<f32>,
 }
 
@@ -66,13 +66,15 @@ impl Geom {
         }
     }
 
-    pub(super) fn block_scratch(&self) -> BlockScratch {
+    /// Scratch for [`Self::forward_block`] (`forward`) or [`Self::backward_part_blocked`],
+    /// which has no use for `out`: its output gradients go to the batch-wide matrix.
+    pub(super) fn block_scratch(&self, forward: bool) -> BlockScratch {
         let cols = self.block_images() * self.oh * self.ow;
         let k = self.k_rows();
         BlockScratch {
             col: vec![0.0; self.col_len()],
             wide: vec![0.0; k * cols],
-            out: vec![0.0; self.co * cols],
+            out: vec![0.0; if forward { self.co * cols } else { 0 }],
         }
     }
 

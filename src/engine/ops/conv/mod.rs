@@ -272,7 +272,7 @@ impl Conv2d {
                         return;
                     }
                     if blk > 1 {
-                        let mut s = g.block_scratch();
+                        let mut s = g.block_scratch(true);
                         for (yb, xb) in yp.chunks_mut(blk * ylen).zip(xp.chunks(blk * xlen)) {
                             g.forward_block(xb, &ws, bias.as_deref(), yb, &mut s);
                         }
@@ -386,7 +386,7 @@ impl Conv2d {
                     }
                 }
                 if let Some((cv, dv)) = views {
-                    let mut s = g.block_scratch();
+                    let mut s = g.block_scratch(false);
                     g.backward_part_blocked(xp, &ws, dyp, dxp, cv, dv, &mut s);
                     return (Vec::new(), db);
                 }
