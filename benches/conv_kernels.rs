@@ -15,6 +15,9 @@
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
 //!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
 //!   and weight gradients) per call, as a training step runs them.
+//! - group `weight_grad`: the weight gradient alone (backward without the input gradient) of
+//!   the stride-1 3x3 layers of ResNet-20 and ResNet-18 at batch 64, im2col + GEMM against the
+//!   direct kernel on the padded input (`conv/weight_grad.rs`).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -26,7 +29,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use elrt::engine::ops::conv::{set_winograd, Conv2d, WinogradMode};
+use elrt::engine::ops::conv::{set_direct_weight_grad, set_winograd, Conv2d, WinogradMode};
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
 use ndarray::Array4;
@@ -274,6 +277,47 @@ fn conv_kernels(c: &mut Criterion) {
 
 const WINO_BATCH: usize = 64;
 
+/// The weight gradient alone, im2col + GEMM against the direct kernel (`conv/weight_grad.rs`).
+fn weight_grad(c: &mut Criterion) {
+    elrt::engine::tune_allocator();
+    elrt::engine::init();
+    let mut g = c.benchmark_group("weight_grad");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(WINO_BATCH as u64));
+    for (name, ch, px) in [
+        ("r20_16ch_32px", 16, 32),
+        ("r20_32ch_16px", 32, 16),
+        ("r20_64ch_8px", 64, 8),
+        ("r18_64ch_16px", 64, 16),
+        ("r18_128ch_8px", 128, 8),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        for (kernel, direct) in [("im2col", false), ("direct", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_direct_weight_grad(direct);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.backward(x.view(), w.view(), dy.view(), false).unwrap())
+                    })
+                })
+            });
+        }
+        set_direct_weight_grad(true);
+    }
+    g.finish();
+}
+
 fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
     Conv2d {
         group,
@@ -283,5 +327,5 @@ fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
     }
 }
 
-criterion_group!(benches, conv_kernels);
+criterion_group!(benches, conv_kernels, weight_grad);
 criterion_main!(benches);

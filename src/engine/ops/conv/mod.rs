@@ -19,11 +19,15 @@
 //! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
 //!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
 //!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
-//!   measurements behind the thresholds), their weight gradient staying on im2col.
+//!   measurements behind the thresholds).
+//!
+//! The weight gradient of stride-1 layers (with planes of at least about 8x8) does not use
+//! im2col either: `weight_grad.rs` computes it as dot products over the padded input, 1.1-3x
+//! faster than packing a column matrix that each feeds only `co` multiply-adds.
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `winograd.rs` the
-//! Winograd kernels; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
+//! Winograd kernels; `weight_grad.rs` the direct weight gradient; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
 //! [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
@@ -42,8 +46,10 @@ mod depthwise;
 mod im2col;
 #[cfg(test)]
 mod tests;
+mod weight_grad;
 mod winograd;
 
+pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
 
 const OP: &str = "Conv";
@@ -118,8 +124,11 @@ struct Geom {
     pr: usize,
     path: Path,
     /// An im2col geometry whose forward and input gradient run through Winograd F(2x2, 3x3)
-    /// (`winograd.rs`); its weight gradient stays on im2col.
+    /// (`winograd.rs`); its weight gradient is im2col's or the direct one (`direct_dw`).
     winograd: bool,
+    /// Whether the weight gradient runs on the padded input (`weight_grad.rs`) rather than on
+    /// im2col columns.
+    direct_dw: bool,
 }
 
 impl Conv2d {
@@ -130,8 +139,8 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
-    /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient is
-    /// im2col's, timed under the same label) or "Conv im2col" (im2col + GEMM), with " blocked"
+    /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient,
+    /// direct or im2col's, is timed under the same label) or "Conv im2col" (im2col + GEMM), with " blocked"
     /// when small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
     /// splits conv time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
@@ -213,8 +222,10 @@ impl Conv2d {
             pr,
             path,
             winograd: false,
+            direct_dw: false,
         };
         g.winograd = g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
+        g.direct_dw = g.direct_dw_eligible() && g.direct_dw_pays();
         Ok(g)
     }
 
@@ -324,6 +335,8 @@ impl Conv2d {
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());
+        // The direct weight gradient replaces the blocked one too.
+        let blk = if g.direct_dw { 1 } else { blk };
         let mut dx = if need_dx {
             vec![0.0f32; g.n * xlen]
         } else {
@@ -334,7 +347,7 @@ impl Conv2d {
         } else {
             (0..g.n.div_ceil(part)).map(|_| None).collect()
         };
-        // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw on im2col.
+        // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw below.
         let wino = (g.winograd && need_dx && g.n > 0)
             .then(|| winograd::transform_weights(&ws, g.co, g.ci, true));
         // Small planes: every part lays its columns and output gradients into its column range
@@ -391,8 +404,23 @@ impl Conv2d {
                     return (Vec::new(), db);
                 }
                 let mut dw = vec![0.0f32; ws.len()];
-                let mut col = vec![0.0f32; g.col_len()];
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
+                if g.direct_dw {
+                    // The weight gradient from the padded input (`weight_grad.rs`), a few
+                    // images per pass; the input gradient, if not Winograd's, per image.
+                    let mut s = g.dw_scratch();
+                    let b = g.dw_images();
+                    for (xb, dyb) in xp.chunks(b * xlen).zip(dyp.chunks(b * ylen)) {
+                        g.weight_grad_direct(xb, dyb, &mut dw, &mut s);
+                    }
+                    if let Some(dxp) = dxp {
+                        for (dxb, dyb) in dxp.chunks_mut(xlen).zip(dyp.chunks(ylen)) {
+                            g.input_grad_image(&ws, dyb, dxb, &mut dcol);
+                        }
+                    }
+                    return (dw, db);
+                }
+                let mut col = vec![0.0f32; g.col_len()];
                 for (i, (xb, dyb)) in xp.chunks(xlen).zip(dyp.chunks(ylen)).enumerate() {
                     let dxb = dxp.as_deref_mut().map(|d| &mut d[i * xlen..(i + 1) * xlen]);
                     g.backward_image(xb, &ws, dyb, dxb, &mut dw, &mut col, &mut dcol);
@@ -564,6 +592,12 @@ impl Geom {
             general_mat_mul(1.0, &dyg, &cg.t(), 1.0, &mut dwg);
         }
         let Some(dx) = dx else { return };
+        self.input_grad_image(w, dy, dx, dcol);
+    }
+
+    /// One image's input gradient `dx` (overwritten) on the GEMM paths: `W^T · dy`, then col2im
+    /// unless the layer is pointwise.
+    fn input_grad_image(&self, w: &[f32], dy: &[f32], dx: &mut [f32], dcol: &mut [f32]) {
         match self.path {
             Path::Pointwise => self.weight_t_dy(w, dy, dx),
             _ => {

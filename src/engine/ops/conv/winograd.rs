@@ -21,7 +21,8 @@
 //! The input gradient is the same machinery applied to `dy`: `dx` is the correlation of `dy`
 //! with the kernel rotated 180 degrees and its channel axes swapped, over `dy` padded by
 //! `2 - pad` on each side (the "full" convolution relation), so pads of at most 2 qualify.
-//! The weight gradient stays on im2col: a transformed-domain version (`dU[k] = dM[k] . V[k]^T`,
+//! The weight gradient is not Winograd's (it is the direct kernel of `weight_grad.rs`, or
+//! im2col's): a transformed-domain version (`dU[k] = dM[k] . V[k]^T`,
 //! commit 5da356f) was slower, up to 1.9x on ResNet-20's 16-channel stage, since its GEMMs have
 //! a small `co x ci` output and a long inner dimension.
 //!
