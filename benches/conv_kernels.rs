@@ -8,8 +8,10 @@
 //! - `dw3x1_48ch_16px`, `dw1x3_48ch_16px`: CP's depthwise factors at rank 48 in the second stage;
 //! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style);
 //! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
-//!   512 on 2x2), the whole batch at once (several images per GEMM, `conv/block.rs`) against
-//!   the same images one call each (the per-image path, one GEMM of 16 or 4 columns each);
+//!   512 on 2x2), the whole batch at once on the small-plane path (channels-last GEMMs over
+//!   the batch, `conv/small_plane.rs`) and on blocked im2col (several images per GEMM,
+//!   `conv/block.rs`), against the same images one call each (the per-image path, one GEMM
+//!   of 16 or 4 columns each);
 //! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
 //!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
@@ -29,7 +31,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
-use elrt::engine::ops::conv::{set_direct_weight_grad, set_winograd, Conv2d, WinogradMode};
+use elrt::engine::ops::conv::{
+    set_direct_weight_grad, set_small_plane, set_winograd, Conv2d, WinogradMode,
+};
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
 use ndarray::Array4;
@@ -125,7 +129,8 @@ fn conv_kernels(c: &mut Criterion) {
         let one = |a: &Array4<f32>, i: usize| a.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
         let xs: Vec<_> = (0..BATCH).map(|i| one(&x, i)).collect();
         let dys: Vec<_> = (0..BATCH).map(|i| one(&dy, i)).collect();
-        g.bench_function(format!("{name}/blocked_forward_backward"), |b| {
+        g.bench_function(format!("{name}/small_plane_forward_backward"), |b| {
+            set_small_plane(true);
             b.iter(|| {
                 elrt::engine::on_pool(|| {
                     black_box(op.forward(x.view(), w.view(), None).unwrap());
@@ -133,6 +138,16 @@ fn conv_kernels(c: &mut Criterion) {
                 })
             })
         });
+        g.bench_function(format!("{name}/blocked_forward_backward"), |b| {
+            set_small_plane(false);
+            b.iter(|| {
+                elrt::engine::on_pool(|| {
+                    black_box(op.forward(x.view(), w.view(), None).unwrap());
+                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                })
+            })
+        });
+        set_small_plane(true);
         g.bench_function(format!("{name}/per_image_forward_backward"), |b| {
             b.iter(|| {
                 elrt::engine::on_pool(|| {

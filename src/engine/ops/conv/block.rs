@@ -12,7 +12,9 @@
 //! 35.7-40.3 -> 26.2-30.1 ms against a GEMM per block into per-part copies summed afterwards).
 //!
 //! Which layers: ungrouped im2col and pointwise convs whose plane has fewer than
-//! [`BLOCK_COLS`] outputs; depthwise and grouped convs keep their per-image paths. The blocks
+//! [`BLOCK_COLS`] outputs; depthwise and grouped convs keep their per-image paths. Im2col layers
+//! with 32 channels or more in and out leave this path for `small_plane.rs` (Winograd ones
+//! for their backward only), so what stays here is pointwise layers and narrow ones. The blocks
 //! sit inside the fixed parts of the batch ([`super::super::part_len`], widened to hold one
 //! block and capped so there are at least [`MIN_PARTS`] parts), so the summation order depends
 //! on the batch and the geometry only, never on the thread count: results stay reproducible.

@@ -10,7 +10,10 @@
 //! there) stays in L2 and a batched one would not. NHWC would only transpose the same GEMMs.
 //! Small planes are the exception: below 256 outputs per image (the 2x2 and 4x4 stages of
 //! ResNet-18 at 64x64, 4 to 16 GEMM columns) packing dominates, and `block.rs` puts several
-//! images in one GEMM; that doubled ResNet-18's training step at 64x64 (README, speed).
+//! images in one GEMM; that doubled ResNet-18's training step at 64x64 (README, speed). From
+//! 32 channels, such layers (not pointwise) now go further: `small_plane.rs` runs the whole
+//! batch channels-last as one GEMM per output pixel and kernel row, with no multiply-adds on
+//! padding (ResNet-18 at 64x64: 501 -> 370 ms per training step, 1 thread).
 //!
 //! Three paths, chosen from the attributes:
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
@@ -26,8 +29,9 @@
 //! faster than packing a column matrix that each feeds only `co` multiply-adds.
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
-//! column gathers and their adjoint; `block.rs` several images per GEMM; `winograd.rs` the
-//! Winograd kernels; `weight_grad.rs` the direct weight gradient; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
+//! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
+//! planes channels-last; `winograd.rs` the Winograd kernels; `weight_grad.rs` the direct weight
+//! gradient; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
 //! [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
@@ -44,11 +48,13 @@ use rayon::prelude::*;
 mod block;
 mod depthwise;
 mod im2col;
+mod small_plane;
 #[cfg(test)]
 mod tests;
 mod weight_grad;
 mod winograd;
 
+pub use small_plane::set_small_plane;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
 
@@ -129,6 +135,9 @@ struct Geom {
     /// Whether the weight gradient runs on the padded input (`weight_grad.rs`) rather than on
     /// im2col columns.
     direct_dw: bool,
+    /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
+    /// backward always, its forward unless Winograd runs it.
+    small_plane: bool,
 }
 
 impl Conv2d {
@@ -140,14 +149,19 @@ impl Conv2d {
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
     /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient,
-    /// direct or im2col's, is timed under the same label) or "Conv im2col" (im2col + GEMM), with " blocked"
-    /// when small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile`
-    /// splits conv time this way, since the paths differ by 10x in GFLOP/s.
+    /// direct or im2col's, is timed under the same label), "Conv small-plane" (small planes as
+    /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
+    /// small-plane backward) or "Conv im2col" (im2col + GEMM), with " blocked" when small output
+    /// planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
+    /// time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
         let g = self.geom(x, w)?;
         let blocked = g.block_images() > 1;
-        if g.winograd {
-            return Ok("Conv winograd");
+        match (g.winograd, g.small_plane) {
+            (true, true) => return Ok("Conv winograd+small-plane"),
+            (true, false) => return Ok("Conv winograd"),
+            (false, true) => return Ok("Conv small-plane"),
+            _ => {}
         }
         Ok(match (g.path, blocked) {
             (Path::Pointwise, false) => "Conv 1x1",
@@ -223,9 +237,11 @@ impl Conv2d {
             path,
             winograd: false,
             direct_dw: false,
+            small_plane: false,
         };
         g.winograd = g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
-        g.direct_dw = g.direct_dw_eligible() && g.direct_dw_pays();
+        g.small_plane = g.small_plane_eligible() && g.small_plane_pays();
+        g.direct_dw = !g.small_plane && g.direct_dw_eligible() && g.direct_dw_pays();
         Ok(g)
     }
 
@@ -265,6 +281,11 @@ impl Conv2d {
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let mut y = vec![0.0f32; g.n * ylen];
+        if g.small_plane && !g.winograd && g.n > 0 {
+            g.small_plane_forward(&xs, &ws, bias.as_deref(), &mut y);
+            return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
+                .expect("output length follows from the geometry");
+        }
         let (part, blk) = (g.part_images(), g.block_images());
         // Transformed once per call, shared by every part of the batch.
         let wino =
@@ -333,6 +354,9 @@ impl Conv2d {
         let g = *g;
         init();
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
+        if g.small_plane && g.n > 0 {
+            return Self::backward_small_plane(&g, &xs, &ws, &dys, need_dx, w.raw_dim());
+        }
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());
         // The direct weight gradient replaces the blocked one too.
@@ -456,6 +480,35 @@ impl Conv2d {
                     .expect("dx length follows from the geometry")
             }),
             dw: Array4::from_shape_vec(w.raw_dim(), dw).expect("dw has the weight's length"),
+            db: db.into_iter().map(|v| v as f32).collect(),
+        }
+    }
+
+    /// [`Self::backward_geom`] for a small-plane layer (`small_plane.rs`).
+    fn backward_small_plane(
+        g: &Geom,
+        xs: &[f32],
+        ws: &[f32],
+        dys: &[f32],
+        need_dx: bool,
+        wdim: ndarray::Ix4,
+    ) -> Conv2dGrads {
+        let mut dx = vec![0.0f32; if need_dx { g.n * g.x_len() } else { 0 }];
+        let mut dw = vec![0.0f32; ws.len()];
+        g.small_plane_backward(xs, ws, dys, need_dx.then_some(&mut dx[..]), &mut dw);
+        let ohw = g.oh * g.ow;
+        let mut db = vec![0.0f64; g.co];
+        for dyb in dys.chunks(g.y_len()) {
+            for (acc, row) in db.iter_mut().zip(dyb.chunks(ohw)) {
+                *acc += f64::from(sum(row));
+            }
+        }
+        Conv2dGrads {
+            dx: need_dx.then(|| {
+                Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx)
+                    .expect("dx length follows from the geometry")
+            }),
+            dw: Array4::from_shape_vec(wdim, dw).expect("dw has the weight's length"),
             db: db.into_iter().map(|v| v as f32).collect(),
         }
     }

@@ -1,0 +1,309 @@
+//! Convolutions with small output planes as GEMMs over the whole batch, one per output pixel
+//! and kernel row, in channels-last layout: no im2col and no multiply-adds on padding.
+//!
+//! In ResNet-18's last stages at 64x64 input (4x4 and 2x2 planes, 256 and 512 channels) the
+//! im2col path spends `kh * kw` multiply-adds per output and channel pair whether the tap lands
+//! in the padding or not: 1.44x the useful work on a 4x4 plane under a 3x3 kernel, 2.25x on a
+//! 2x2 plane, 9x on a 1x1 plane (32x32 input). And its blocked GEMMs (`block.rs`) packed the
+//! whole weight matrix (9.4 MB at 512 channels) again for every block of 64 columns.
+//!
+//! Here, with the batch's images channels-last (`X[n][q][c]`, `Y[n][p][o]`) and the taps of
+//! each weight row outside its channels (`W2[o][t][c]`), the output pixel `p` of every image is
+//! `Y[:, p, :]^T = sum over kernel rows a of W2[:, t(a, b0) .. t(a, b1), :] ·
+//! X[:, q(p, a, b0) .. q(p, a, b1), :]^T`, where `b0 .. b1` are the taps of row `a` that land
+//! inside the input: consecutive taps read consecutive input pixels (undilated), so each term
+//! is one GEMM over plain strided views, with the batch as one dimension and `(b1 - b0) * ci`
+//! as the inner one. The backward pass uses the same terms: `dX[:, q, :] += dY[:, p, :] ·
+//! W2[:, t, :]` per tap, `dW2[:, run, :] += dY[:, p, :]^T · X[:, run, :]`. The layout changes
+//! (NCHW to channels-last and back, the weights' taps outward and back) copy each tensor once.
+//! Pointwise layers stay on their blocked GEMMs, which measured 1.3-2x faster than this.
+//!
+//! Threads: each product is split into fixed ranges of its output channels (input channels for
+//! `dX`), one task each looping over every pixel and run in the same order, so every output is
+//! the same sum whatever the thread count.
+
+use super::{Geom, Path};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Channels per task (a fixed split, independent of the thread count).
+const CHANNEL_CHUNK: usize = 128;
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the small-plane path off (`false`: such layers go back to blocked im2col) or on; for
+/// benchmarks and tests that compare the two.
+pub fn set_small_plane(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+/// Whether the choice is the speed rule's (no override in force).
+#[cfg(test)]
+pub(super) fn auto_mode() -> bool {
+    !DISABLED.load(Ordering::Relaxed)
+}
+
+/// One GEMM term of an output pixel: input pixels `q0 .. q0 + len` (in one input row) meet
+/// kernel taps `t0 .. t0 + len`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    p: usize,
+    q0: usize,
+    t0: usize,
+    len: usize,
+}
+
+/// Fixed ranges of `0..total` of at most [`CHANNEL_CHUNK`].
+fn chunks(total: usize) -> Vec<(usize, usize)> {
+    (0..total)
+        .step_by(CHANNEL_CHUNK)
+        .map(|c0| (c0, CHANNEL_CHUNK.min(total - c0)))
+        .collect()
+}
+
+/// A `rows x cols` view at `off` with row stride `ld` (unit column stride).
+fn view(a: &[f32], off: usize, rows: usize, cols: usize, ld: usize) -> ArrayView2<'_, f32> {
+    let len = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    ArrayView2::from_shape((rows, cols).strides((ld, 1)), &a[off..off + len])
+        .expect("view fits its slice")
+}
+
+/// Mutable [`view`], from a raw pointer: tasks write disjoint column ranges of the same rows.
+///
+/// # Safety
+/// The caller's tasks write disjoint elements, and `a` outlives the view.
+unsafe fn view_mut<'a>(
+    a: *mut f32,
+    off: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ArrayViewMut2<'a, f32> {
+    ArrayViewMut2::from_shape_ptr((rows, cols).strides((ld, 1)), a.add(off))
+}
+
+/// A raw pointer that tasks may share (they write disjoint elements).
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used for disjoint writes, see `view_mut`.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not its field).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Geom {
+    /// Whether the layer can run here: ungrouped, on the im2col path (any stride, dilation and
+    /// padding), with an output plane small enough that im2col would block images (`block.rs`).
+    pub(super) fn small_plane_eligible(&self) -> bool {
+        self.group == 1 && self.path == Path::Im2col && self.block_images() > 1
+    }
+
+    /// Whether it pays over blocked im2col (or, for the backward of an 8x8 Winograd layer, over
+    /// Winograd's input gradient plus the direct weight gradient): from 32 channels in and out.
+    /// Measured per layer (1 thread, batch 64 unless said, AVX-512 kernels; blocked or Winograd
+    /// -> small-plane, forward / backward in ms): 512 ch on 2x2 11.8 / 19.8 -> 5.0 / 11.9; 256 ch on
+    /// 4x4 7.2 / 18.2 -> 5.9 / 11.0; 256 -> 512 ch stride 2 from 4x4 5.7 / 11.4 -> 3.6 / 8.1;
+    /// 512 ch on 1x1 4.2 / 8.8 -> 2.0 / 6.8; 32 ch on 4x4 0.47 / 1.07 -> 0.18 / 0.29; backward
+    /// of Winograd layers at batch 128: 64 ch on 8x8 9.4 -> 7.3, 128 ch 29.0 -> 26.1, 32 ch 2.6
+    /// -> 1.9; but 16 ch on 8x8 forward 0.43 -> 0.72 (GEMMs of 16 x 16 blocks).
+    pub(super) fn small_plane_pays(&self) -> bool {
+        self.ci >= 32 && self.co >= 32 && !DISABLED.load(Ordering::Relaxed)
+    }
+
+    /// Every output pixel's GEMM terms, in pixel then kernel-row order.
+    fn small_plane_runs(&self) -> Vec<Run> {
+        let mut runs = Vec::new();
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let p = oy * self.ow + ox;
+                for a in 0..self.kh {
+                    let iy = (oy * self.sh + a * self.dh) as isize - self.pt as isize;
+                    if iy < 0 || iy >= self.h as isize {
+                        continue;
+                    }
+                    let ix = |b: usize| (ox * self.sw + b * self.dw) as isize - self.pl as isize;
+                    let valid: Vec<usize> = (0..self.kw)
+                        .filter(|&b| (0..self.w as isize).contains(&ix(b)))
+                        .collect();
+                    let row = iy as usize * self.w;
+                    let mut i = 0;
+                    while i < valid.len() {
+                        // Consecutive taps read consecutive pixels only without dilation.
+                        let mut len = 1;
+                        while self.dw == 1
+                            && i + len < valid.len()
+                            && valid[i + len] == valid[i] + len
+                        {
+                            len += 1;
+                        }
+                        let b = valid[i];
+                        runs.push(Run {
+                            p,
+                            q0: row + ix(b) as usize,
+                            t0: a * self.kw + b,
+                            len,
+                        });
+                        i += len;
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    /// `[n][c][q]` -> `[n][q][c]` (or back, with the two sizes swapped).
+    fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; n * c * q];
+        out.par_chunks_mut(c * q)
+            .zip(a.par_chunks(c * q))
+            .for_each(|(o, a)| {
+                for (ci, plane) in a.chunks(q).enumerate() {
+                    for (qi, &v) in plane.iter().enumerate() {
+                        o[qi * c + ci] = v;
+                    }
+                }
+            });
+        out
+    }
+
+    /// The weights with the taps outside the channels: `W2[o][t][c] = W[o][c][t]`, so that a
+    /// run of taps `t0 .. t0 + len` is the strided matrix `W2[:, t0 .. t0 + len, :]`. A
+    /// transpose within each output channel's row (a full tap-major transpose, `Wt[t][c][o]`,
+    /// took 2-4 ms at 512 channels: its reads or writes stride across the whole tensor).
+    fn taps_outside(&self, w: &[f32]) -> Vec<f32> {
+        let (kk, ci) = (self.kh * self.kw, self.ci);
+        let mut w2 = vec![0.0f32; w.len()];
+        w2.par_chunks_mut(ci * kk)
+            .zip(w.par_chunks(ci * kk))
+            .for_each(|(dst, src)| {
+                for (c, taps) in src.chunks(kk).enumerate() {
+                    for (t, &v) in taps.iter().enumerate() {
+                        dst[t * ci + c] = v;
+                    }
+                }
+            });
+        w2
+    }
+
+    /// Forward: `y` (`[n, co, oh, ow]`, every entry written) `= conv(x, w) + bias`.
+    pub(super) fn small_plane_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let (n, hw, ohw, kk) = (
+            self.n,
+            self.h * self.w,
+            self.oh * self.ow,
+            self.kh * self.kw,
+        );
+        let (ci, co) = (self.ci, self.co);
+        let xn = Self::to_channels_last(x, n, ci, hw);
+        let w2 = self.taps_outside(w);
+        let runs = self.small_plane_runs();
+        let mut yn = vec![0.0f32; n * ohw * co];
+        let yp = Shared(yn.as_mut_ptr());
+        chunks(co).into_par_iter().for_each(|(o0, no)| {
+            for r in &runs {
+                // Y[:, p, o0..]^T += W2[o0.., t0..t0+len, :] . X[:, q0..q0+len, :]^T
+                let a = view(&w2, o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci);
+                let b = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
+                // SAFETY: this task alone writes output channels o0..o0+no.
+                let mut c = unsafe { view_mut(yp.ptr(), r.p * co + o0, n, no, ohw * co) };
+                general_mat_mul(1.0, &a, &b.t(), 1.0, &mut c.view_mut().reversed_axes());
+            }
+        });
+        y.par_chunks_mut(co * ohw)
+            .zip(yn.par_chunks(ohw * co))
+            .for_each(|(yi, ynn)| {
+                for (o, plane) in yi.chunks_mut(ohw).enumerate() {
+                    let bv = bias.map_or(0.0, |b| b[o]);
+                    for (p, v) in plane.iter_mut().enumerate() {
+                        *v = ynn[p * co + o] + bv;
+                    }
+                }
+            });
+    }
+
+    /// Backward: `dx` (`[n, ci, h, w]`, overwritten) when given, and `dw` (`[co, ci, kh, kw]`,
+    /// overwritten).
+    pub(super) fn small_plane_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) {
+        let (n, hw, ohw, kk) = (
+            self.n,
+            self.h * self.w,
+            self.oh * self.ow,
+            self.kh * self.kw,
+        );
+        let (ci, co) = (self.ci, self.co);
+        let runs = self.small_plane_runs();
+        let xn = Self::to_channels_last(x, n, ci, hw);
+        let dyn_ = Self::to_channels_last(dy, n, co, ohw);
+        let w2 = self.taps_outside(w);
+        if let Some(dx) = dx {
+            let mut dxn = vec![0.0f32; n * hw * ci];
+            let dp = Shared(dxn.as_mut_ptr());
+            chunks(ci).into_par_iter().for_each(|(c0, nc)| {
+                for r in &runs {
+                    let g = view(&dyn_, r.p * co, n, co, ohw * co);
+                    for j in 0..r.len {
+                        // dX[:, q, c0..] += dY[:, p, :] . W2[:, t, c0..]
+                        let wj = view(&w2, (r.t0 + j) * ci + c0, co, nc, kk * ci);
+                        // SAFETY: this task alone writes input channels c0..c0+nc.
+                        let mut d =
+                            unsafe { view_mut(dp.ptr(), (r.q0 + j) * ci + c0, n, nc, hw * ci) };
+                        general_mat_mul(1.0, &g, &wj, 1.0, &mut d);
+                    }
+                }
+            });
+            // Back to NCHW: [n][q][c] -> [n][c][q].
+            dx.par_chunks_mut(ci * hw)
+                .zip(dxn.par_chunks(hw * ci))
+                .for_each(|(d, s)| {
+                    for (c, plane) in d.chunks_mut(hw).enumerate() {
+                        for (q, v) in plane.iter_mut().enumerate() {
+                            *v = s[q * ci + c];
+                        }
+                    }
+                });
+        }
+        let mut dw2 = vec![0.0f32; co * kk * ci];
+        let wp = Shared(dw2.as_mut_ptr());
+        chunks(co).into_par_iter().for_each(|(o0, no)| {
+            for r in &runs {
+                // dW2[o0.., t0..t0+len, :] += dY[:, p, o0..]^T . X[:, q0..q0+len, :]
+                let g = view(&dyn_, r.p * co + o0, n, no, ohw * co);
+                let a = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
+                // SAFETY: this task alone writes output channels o0..o0+no.
+                let mut d = unsafe {
+                    view_mut(wp.ptr(), o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci)
+                };
+                general_mat_mul(1.0, &g.t(), &a, 1.0, &mut d);
+            }
+        });
+        dw.par_chunks_mut(ci * kk)
+            .zip(dw2.par_chunks(kk * ci))
+            .for_each(|(dst, src)| {
+                for (c, taps) in dst.chunks_mut(kk).enumerate() {
+                    for (t, v) in taps.iter_mut().enumerate() {
+                        *v = src[t * ci + c];
+                    }
+                }
+            });
+    }
+}
