@@ -18,9 +18,10 @@
 //! (NCHW to channels-last and back, the weights' taps outward and back) copy each tensor once.
 //! Pointwise layers stay on their blocked GEMMs, which measured 1.3-2x faster than this.
 //!
-//! Threads: each product is split into fixed ranges of its output channels (input channels for
-//! `dX`), one task each looping over every pixel and run in the same order, so every output is
-//! the same sum whatever the thread count.
+//! Threads: each product is split into fixed tasks by output channel range (input channels for
+//! `dX`) and by group of output pixels (input pixels for `dX`, kernel rows for `dW`), each task
+//! looping over its share of the terms in the one global order, so every output is the same sum
+//! whatever the thread count.
 
 use super::{Geom, Path};
 use ndarray::linalg::general_mat_mul;
@@ -61,6 +62,25 @@ fn chunks(total: usize) -> Vec<(usize, usize)> {
         .step_by(CHANNEL_CHUNK)
         .map(|c0| (c0, CHANNEL_CHUNK.min(total - c0)))
         .collect()
+}
+
+/// Pixel groups per product: tasks are (channel range, group of output pixels, input pixels or
+/// kernel rows), so that a 128-channel layer still splits into several tasks without shrinking
+/// its GEMMs (one 128-channel task per product left a second thread idle on ResNet-18's 8x8
+/// stage: its backward ran at 1.08x the one-thread speed on two).
+const PIXEL_GROUPS: usize = 4;
+
+/// The tasks: every channel range with every group index below `groups`.
+fn tasks(channels: usize, groups: usize) -> Vec<((usize, usize), usize)> {
+    chunks(channels)
+        .into_iter()
+        .flat_map(|c| (0..groups).map(move |g| (c, g)))
+        .collect()
+}
+
+/// Group of pixel `p` of `pixels`: contiguous ranges.
+fn group_of(p: usize, pixels: usize, groups: usize) -> usize {
+    p * groups / pixels
 }
 
 /// A `rows x cols` view at `off` with row stride `ld` (unit column stride).
@@ -212,16 +232,19 @@ impl Geom {
         let runs = self.small_plane_runs();
         let mut yn = vec![0.0f32; n * ohw * co];
         let yp = Shared(yn.as_mut_ptr());
-        chunks(co).into_par_iter().for_each(|(o0, no)| {
-            for r in &runs {
-                // Y[:, p, o0..]^T += W2[o0.., t0..t0+len, :] . X[:, q0..q0+len, :]^T
-                let a = view(&w2, o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci);
-                let b = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
-                // SAFETY: this task alone writes output channels o0..o0+no.
-                let mut c = unsafe { view_mut(yp.ptr(), r.p * co + o0, n, no, ohw * co) };
-                general_mat_mul(1.0, &a, &b.t(), 1.0, &mut c.view_mut().reversed_axes());
-            }
-        });
+        let groups = PIXEL_GROUPS.min(ohw);
+        tasks(co, groups)
+            .into_par_iter()
+            .for_each(|((o0, no), grp)| {
+                for r in runs.iter().filter(|r| group_of(r.p, ohw, groups) == grp) {
+                    // Y[:, p, o0..]^T += W2[o0.., t0..t0+len, :] . X[:, q0..q0+len, :]^T
+                    let a = view(&w2, o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci);
+                    let b = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
+                    // SAFETY: this task alone writes output channels o0..o0+no.
+                    let mut c = unsafe { view_mut(yp.ptr(), r.p * co + o0, n, no, ohw * co) };
+                    general_mat_mul(1.0, &a, &b.t(), 1.0, &mut c.view_mut().reversed_axes());
+                }
+            });
         y.par_chunks_mut(co * ohw)
             .zip(yn.par_chunks(ohw * co))
             .for_each(|(yi, ynn)| {
@@ -258,19 +281,22 @@ impl Geom {
         if let Some(dx) = dx {
             let mut dxn = vec![0.0f32; n * hw * ci];
             let dp = Shared(dxn.as_mut_ptr());
-            chunks(ci).into_par_iter().for_each(|(c0, nc)| {
-                for r in &runs {
-                    let g = view(&dyn_, r.p * co, n, co, ohw * co);
-                    for j in 0..r.len {
-                        // dX[:, q, c0..] += dY[:, p, :] . W2[:, t, c0..]
-                        let wj = view(&w2, (r.t0 + j) * ci + c0, co, nc, kk * ci);
-                        // SAFETY: this task alone writes input channels c0..c0+nc.
-                        let mut d =
-                            unsafe { view_mut(dp.ptr(), (r.q0 + j) * ci + c0, n, nc, hw * ci) };
-                        general_mat_mul(1.0, &g, &wj, 1.0, &mut d);
+            let groups = PIXEL_GROUPS.min(hw);
+            tasks(ci, groups)
+                .into_par_iter()
+                .for_each(|((c0, nc), grp)| {
+                    for r in &runs {
+                        let g = view(&dyn_, r.p * co, n, co, ohw * co);
+                        for j in (0..r.len).filter(|j| group_of(r.q0 + j, hw, groups) == grp) {
+                            // dX[:, q, c0..] += dY[:, p, :] . W2[:, t, c0..]
+                            let wj = view(&w2, (r.t0 + j) * ci + c0, co, nc, kk * ci);
+                            // SAFETY: this task alone writes input channels c0..c0+nc.
+                            let mut d =
+                                unsafe { view_mut(dp.ptr(), (r.q0 + j) * ci + c0, n, nc, hw * ci) };
+                            general_mat_mul(1.0, &g, &wj, 1.0, &mut d);
+                        }
                     }
-                }
-            });
+                });
             // Back to NCHW: [n][q][c] -> [n][c][q].
             dx.par_chunks_mut(ci * hw)
                 .zip(dxn.par_chunks(hw * ci))
@@ -284,18 +310,20 @@ impl Geom {
         }
         let mut dw2 = vec![0.0f32; co * kk * ci];
         let wp = Shared(dw2.as_mut_ptr());
-        chunks(co).into_par_iter().for_each(|(o0, no)| {
-            for r in &runs {
-                // dW2[o0.., t0..t0+len, :] += dY[:, p, o0..]^T . X[:, q0..q0+len, :]
-                let g = view(&dyn_, r.p * co + o0, n, no, ohw * co);
-                let a = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
-                // SAFETY: this task alone writes output channels o0..o0+no.
-                let mut d = unsafe {
-                    view_mut(wp.ptr(), o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci)
-                };
-                general_mat_mul(1.0, &g.t(), &a, 1.0, &mut d);
-            }
-        });
+        tasks(co, self.kh)
+            .into_par_iter()
+            .for_each(|((o0, no), a)| {
+                for r in runs.iter().filter(|r| r.t0 / self.kw == a) {
+                    // dW2[o0.., t0..t0+len, :] += dY[:, p, o0..]^T . X[:, q0..q0+len, :]
+                    let g = view(&dyn_, r.p * co + o0, n, no, ohw * co);
+                    let a = view(&xn, r.q0 * ci, n, r.len * ci, hw * ci);
+                    // SAFETY: this task alone writes output channels o0..o0+no.
+                    let mut d = unsafe {
+                        view_mut(wp.ptr(), o0 * kk * ci + r.t0 * ci, no, r.len * ci, kk * ci)
+                    };
+                    general_mat_mul(1.0, &g.t(), &a, 1.0, &mut d);
+                }
+            });
         dw.par_chunks_mut(ci * kk)
             .zip(dw2.par_chunks(kk * ci))
             .for_each(|(dst, src)| {
