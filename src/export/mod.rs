@@ -273,13 +273,30 @@ pub fn export(
                 ("factorized", g.clone(), a2),
                 ("dense", dense, a3),
             ];
+            // A candidate tract cannot optimise is left out, not fatal: tract 0.23's axis pass
+            // fails on some merged forms once a plane is 1x1 (resnet18 at 32x32 input: "Conv:
+            // Bias should be scalar or a vector with one value per output channel"), while the
+            // other forms of the same layers load.
             let mut models = Vec::new();
-            for (_, cand, _) in &candidates {
-                models.push(TractModel::from_bytes(
-                    &bytes_for_tract(cand)?,
-                    &shape,
-                    opts.threads,
-                )?);
+            let mut kept = Vec::new();
+            let mut refused = Vec::new();
+            for (k, (name, cand, _)) in candidates.iter().enumerate() {
+                match TractModel::from_bytes(&bytes_for_tract(cand)?, &shape, opts.threads) {
+                    Ok(m) => {
+                        models.push(m);
+                        kept.push(k);
+                    }
+                    Err(e) => {
+                        progress(&format!("left out the {name} form: {e:#}"));
+                        refused.push(format!("{name}: {e:#}"));
+                    }
+                }
+            }
+            if models.is_empty() {
+                bail!(
+                    "tract cannot run any form of the model: {}",
+                    refused.join("; ")
+                );
             }
             let times = time_interleaved(
                 &mut models,
@@ -291,12 +308,12 @@ pub fn export(
                 },
             )?;
             let mut scored = Vec::new();
-            for (k, t) in times.iter().enumerate() {
+            for (&k, t) in kept.iter().zip(&times) {
                 whole.insert(candidates[k].0.to_string(), t.p50());
                 scored.push((t.p50(), choose::weight_count(&candidates[k].1)));
             }
             // The fewest weights among the candidates tied with the fastest.
-            let best = choose::pick(&scored);
+            let best = kept[choose::pick(&scored)];
             let (_, graph, applied) = candidates.into_iter().nth(best).expect("three candidates");
             for l in &mut layers {
                 l.form = applied[&l.layer];
