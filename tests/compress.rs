@@ -308,17 +308,7 @@ fn nothing_factorized_is_an_error_naming_the_flags() {
 fn compress_honours_threads_and_fits_the_head_to_the_data() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("images");
-    for (c, name) in ["ant", "bee", "cow"].iter().enumerate() {
-        let dir = data.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..24u32 {
-            let img = image::RgbImage::from_fn(32, 32, |x, y| {
-                let v = ((x * (c as u32 + 1) + y * 3 + i) % 256) as u8;
-                image::Rgb([v, (c * 80) as u8, 255 - v])
-            });
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
+    image_folder(&data, &["ant", "bee", "cow"], 24, 32);
     let out = tmp.path().join("run");
     let model = common::repo().join("models/resnet20.onnx");
     let r = succeeds([
@@ -368,17 +358,7 @@ fn compress_honours_threads_and_fits_the_head_to_the_data() {
 fn compress_finishes_when_tract_cannot_optimise_one_whole_model_form() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("images");
-    for (c, name) in ["ant", "bee"].iter().enumerate() {
-        let dir = data.join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..12u32 {
-            let img = image::RgbImage::from_fn(8, 8, |x, y| {
-                let v = ((x * (c as u32 + 1) + y * 3 + i) % 256) as u8;
-                image::Rgb([v, (c * 80) as u8, 255 - v])
-            });
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
+    image_folder(&data, &["ant", "bee"], 12, 8);
     let out = tmp.path().join("run");
     let model = common::repo().join("models/resnet20.onnx");
     let r = succeeds([
@@ -405,4 +385,19 @@ fn compress_finishes_when_tract_cannot_optimise_one_whole_model_form() {
     assert!(compact["tract_top1"].is_number(), "{rep}");
     assert_eq!(compact["tract_top1"], compact["top1"], "{rep}");
     assert!(out.join("compact.onnx").exists());
+}
+
+/// A folder of `per_class` PNGs of `size` x `size` pixels per class, a pattern per class.
+fn image_folder(data: &std::path::Path, classes: &[&str], per_class: u32, size: u32) {
+    for (c, name) in classes.iter().enumerate() {
+        let dir = data.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(size, size, |x, y| {
+                let v = ((x * (c as u32 + 1) + y * 3 + i) % 256) as u8;
+                image::Rgb([v, (c * 80) as u8, 255 - v])
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
 }

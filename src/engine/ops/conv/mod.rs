@@ -41,7 +41,7 @@ use super::{contiguous, part_len, sum, window_out_len};
 use crate::engine::{attr_err, init, shape_err, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
-    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, NdFloat,
+    Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, Ix4, NdFloat,
 };
 use rayon::prelude::*;
 
@@ -417,11 +417,7 @@ impl Conv2d {
                     });
                 }
                 let mut db = vec![0.0f64; g.co];
-                for dyb in dyp.chunks(ylen) {
-                    for (acc, row) in db.iter_mut().zip(dyb.chunks(g.oh * g.ow)) {
-                        *acc += f64::from(sum(row));
-                    }
-                }
+                g.add_bias_grad(dyp, &mut db);
                 if let Some((cv, dv)) = views {
                     let mut s = g.block_scratch(false);
                     g.backward_part_blocked(xp, &ws, dyp, dxp, cv, dv, &mut s);
@@ -474,14 +470,7 @@ impl Conv2d {
         for (_, pdb) in &partials {
             db.iter_mut().zip(pdb).for_each(|(a, b)| *a += b);
         }
-        Conv2dGrads {
-            dx: need_dx.then(|| {
-                Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx)
-                    .expect("dx length follows from the geometry")
-            }),
-            dw: Array4::from_shape_vec(w.raw_dim(), dw).expect("dw has the weight's length"),
-            db: db.into_iter().map(|v| v as f32).collect(),
-        }
+        g.grads(need_dx.then_some(dx), dw, db, w.raw_dim())
     }
 
     /// [`Self::backward_geom`] for a small-plane layer (`small_plane.rs`).
@@ -491,26 +480,14 @@ impl Conv2d {
         ws: &[f32],
         dys: &[f32],
         need_dx: bool,
-        wdim: ndarray::Ix4,
+        wdim: Ix4,
     ) -> Conv2dGrads {
         let mut dx = vec![0.0f32; if need_dx { g.n * g.x_len() } else { 0 }];
         let mut dw = vec![0.0f32; ws.len()];
         g.small_plane_backward(xs, ws, dys, need_dx.then_some(&mut dx[..]), &mut dw);
-        let ohw = g.oh * g.ow;
         let mut db = vec![0.0f64; g.co];
-        for dyb in dys.chunks(g.y_len()) {
-            for (acc, row) in db.iter_mut().zip(dyb.chunks(ohw)) {
-                *acc += f64::from(sum(row));
-            }
-        }
-        Conv2dGrads {
-            dx: need_dx.then(|| {
-                Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx)
-                    .expect("dx length follows from the geometry")
-            }),
-            dw: Array4::from_shape_vec(wdim, dw).expect("dw has the weight's length"),
-            db: db.into_iter().map(|v| v as f32).collect(),
-        }
+        g.add_bias_grad(dys, &mut db);
+        g.grads(need_dx.then_some(dx), dw, db, wdim)
     }
 
     /// Direct definition, seven nested loops. Test oracle only.
@@ -564,6 +541,27 @@ fn mat_mut(s: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
 }
 
 impl Geom {
+    /// Adds each output channel's gradient sum over the images in `dy` to `db`, image by image.
+    fn add_bias_grad(&self, dy: &[f32], db: &mut [f64]) {
+        for dyb in dy.chunks(self.y_len()) {
+            for (acc, row) in db.iter_mut().zip(dyb.chunks(self.oh * self.ow)) {
+                *acc += f64::from(sum(row));
+            }
+        }
+    }
+
+    /// The gradients as arrays (`dx` when it was wanted).
+    fn grads(&self, dx: Option<Vec<f32>>, dw: Vec<f32>, db: Vec<f64>, wdim: Ix4) -> Conv2dGrads {
+        Conv2dGrads {
+            dx: dx.map(|dx| {
+                Array4::from_shape_vec((self.n, self.ci, self.h, self.w), dx)
+                    .expect("dx length follows from the geometry")
+            }),
+            dw: Array4::from_shape_vec(wdim, dw).expect("dw has the weight's length"),
+            db: db.into_iter().map(|v| v as f32).collect(),
+        }
+    }
+
     fn x_len(&self) -> usize {
         self.ci * self.h * self.w
     }

@@ -178,38 +178,12 @@ impl Geom {
         runs
     }
 
-    /// `[n][c][q]` -> `[n][q][c]` (or back, with the two sizes swapped).
-    fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
-        let mut out = vec![0.0f32; n * c * q];
-        out.par_chunks_mut(c * q)
-            .zip(a.par_chunks(c * q))
-            .for_each(|(o, a)| {
-                for (ci, plane) in a.chunks(q).enumerate() {
-                    for (qi, &v) in plane.iter().enumerate() {
-                        o[qi * c + ci] = v;
-                    }
-                }
-            });
-        out
-    }
-
     /// The weights with the taps outside the channels: `W2[o][t][c] = W[o][c][t]`, so that a
     /// run of taps `t0 .. t0 + len` is the strided matrix `W2[:, t0 .. t0 + len, :]`. A
     /// transpose within each output channel's row (a full tap-major transpose, `Wt[t][c][o]`,
     /// took 2-4 ms at 512 channels: its reads or writes stride across the whole tensor).
     fn taps_outside(&self, w: &[f32]) -> Vec<f32> {
-        let (kk, ci) = (self.kh * self.kw, self.ci);
-        let mut w2 = vec![0.0f32; w.len()];
-        w2.par_chunks_mut(ci * kk)
-            .zip(w.par_chunks(ci * kk))
-            .for_each(|(dst, src)| {
-                for (c, taps) in src.chunks(kk).enumerate() {
-                    for (t, &v) in taps.iter().enumerate() {
-                        dst[t * ci + c] = v;
-                    }
-                }
-            });
-        w2
+        to_channels_last(w, self.co, self.ci, self.kh * self.kw)
     }
 
     /// Forward: `y` (`[n, co, oh, ow]`, every entry written) `= conv(x, w) + bias`.
@@ -227,7 +201,7 @@ impl Geom {
             self.kh * self.kw,
         );
         let (ci, co) = (self.ci, self.co);
-        let xn = Self::to_channels_last(x, n, ci, hw);
+        let xn = to_channels_last(x, n, ci, hw);
         let w2 = self.taps_outside(w);
         let runs = self.small_plane_runs();
         let mut yn = vec![0.0f32; n * ohw * co];
@@ -275,8 +249,8 @@ impl Geom {
         );
         let (ci, co) = (self.ci, self.co);
         let runs = self.small_plane_runs();
-        let xn = Self::to_channels_last(x, n, ci, hw);
-        let dyn_ = Self::to_channels_last(dy, n, co, ohw);
+        let xn = to_channels_last(x, n, ci, hw);
+        let dyn_ = to_channels_last(dy, n, co, ohw);
         let w2 = self.taps_outside(w);
         if let Some(dx) = dx {
             let mut dxn = vec![0.0f32; n * hw * ci];
@@ -298,15 +272,7 @@ impl Geom {
                     }
                 });
             // Back to NCHW: [n][q][c] -> [n][c][q].
-            dx.par_chunks_mut(ci * hw)
-                .zip(dxn.par_chunks(hw * ci))
-                .for_each(|(d, s)| {
-                    for (c, plane) in d.chunks_mut(hw).enumerate() {
-                        for (q, v) in plane.iter_mut().enumerate() {
-                            *v = s[q * ci + c];
-                        }
-                    }
-                });
+            swap_inner(&dxn, dx, n, hw, ci);
         }
         let mut dw2 = vec![0.0f32; co * kk * ci];
         let wp = Shared(dw2.as_mut_ptr());
@@ -324,14 +290,29 @@ impl Geom {
                     general_mat_mul(1.0, &g.t(), &a, 1.0, &mut d);
                 }
             });
-        dw.par_chunks_mut(ci * kk)
-            .zip(dw2.par_chunks(kk * ci))
-            .for_each(|(dst, src)| {
-                for (c, taps) in dst.chunks_mut(kk).enumerate() {
-                    for (t, v) in taps.iter_mut().enumerate() {
-                        *v = src[t * ci + c];
-                    }
-                }
-            });
+        // [o][t][c] -> [o][c][t].
+        swap_inner(&dw2, dw, co, kk, ci);
     }
+}
+
+/// `[n][c][q]` -> `[n][q][c]`, one `n` per task.
+fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * c * q];
+    swap_inner(a, &mut out, n, c, q);
+    out
+}
+
+/// Writes `a` (`[n][c][q]`) into `out` as `[n][q][c]` (so `[n][q][c]` back to `[n][c][q]` is
+/// the same call with `c` and `q` swapped).
+fn swap_inner(a: &[f32], out: &mut [f32], n: usize, c: usize, q: usize) {
+    debug_assert!(a.len() == n * c * q && out.len() == a.len());
+    out.par_chunks_mut(c * q)
+        .zip(a.par_chunks(c * q))
+        .for_each(|(o, a)| {
+            for (ci, plane) in a.chunks(q).enumerate() {
+                for (qi, &v) in plane.iter().enumerate() {
+                    o[qi * c + ci] = v;
+                }
+            }
+        });
 }

@@ -838,6 +838,26 @@ mod properties {
     }
 }
 
+/// Forward and backward of `g` give the same bits on a pool of 1 thread and of 3.
+fn assert_same_on_1_and_3_threads(g: &Geom, x: &Array4<f32>, w: &Array4<f32>, dy: &Array4<f32>) {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            (
+                Conv2d::forward_geom(g, x.view(), w.view(), None),
+                Conv2d::backward_geom(g, x.view(), w.view(), dy.view(), true),
+            )
+        })
+    };
+    let ((ya, ga), (yb, gb)) = (run(1), run(3));
+    assert_eq!(ya, yb);
+    assert_eq!(ga.dx, gb.dx);
+    assert_eq!(ga.dw, gb.dw);
+}
+
 /// The geometry of `c` with Winograd forced on, whatever the speed thresholds say, and its
 /// input gradient Winograd's too (not the small-plane path's).
 fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4]) -> Geom {
@@ -1055,22 +1075,7 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
     let dy = rand_array(&mut rng, [37, 64, 8, 8], -1.0, 1.0);
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            (
-                Conv2d::forward_geom(&g, x.view(), w.view(), None),
-                Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true),
-            )
-        })
-    };
-    let ((ya, ga), (yb, gb)) = (run(1), run(3));
-    assert_eq!(ya, yb);
-    assert_eq!(ga.dx, gb.dx);
-    assert_eq!(ga.dw, gb.dw);
+    assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
 }
 
 /// An image's Winograd result does not depend on the batch size around it (blocks of a fixed
@@ -1465,22 +1470,7 @@ fn small_plane_path_is_chosen_for_resnet18_late_stages_and_reproducible_across_t
         let x = rand_array(&mut rng, xs, -1.0, 1.0);
         let w = rand_array(&mut rng, ws, -1.0, 1.0);
         let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                (
-                    Conv2d::forward_geom(&g, x.view(), w.view(), None),
-                    Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true),
-                )
-            })
-        };
-        let ((ya, ga), (yb, gb)) = (run(1), run(3));
-        assert_eq!(ya, yb);
-        assert_eq!(ga.dx, gb.dx);
-        assert_eq!(ga.dw, gb.dw);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
     }
     // 16 channels stay on their previous paths.
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
