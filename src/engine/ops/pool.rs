@@ -5,7 +5,7 @@
 //! `ceil_mode` never starts a window inside the end padding, and with `count_include_pad` the
 //! divisor counts the padding but not the part of a window hanging past it.
 
-use super::{contiguous, valid_range, window_out_len};
+use super::{contiguous, window_out_len};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
 use rayon::prelude::*;
@@ -98,14 +98,6 @@ impl Win {
         self.n * self.c
     }
 
-    /// Input rows (or columns) hit by output index `o` along one axis: the taps `k` with
-    /// `o*s + k*d - p` inside the input, as a `(first tap, last tap + 1)` pair.
-    fn taps(o: usize, s: usize, d: usize, p: usize, k: usize, n_in: usize) -> (usize, usize) {
-        let start = (o * s) as isize - p as isize;
-        let (lo, hi) = valid_range(k, n_in, d, start);
-        (lo, hi)
-    }
-
     fn check_dy(&self, op: &'static str, dy: &[usize]) -> Result<()> {
         let want = [self.n, self.c, self.oh, self.ow];
         if dy != want {
@@ -172,20 +164,14 @@ impl MaxPool2d {
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         let mut y = vec![0.0f32; g.planes() * ohw];
         let mut arg = vec![u32::MAX; g.planes() * ohw];
-        // Per kernel column kj: its offset and the output columns whose window it hits (the
-        // same for every row and plane).
-        let cols: Vec<(isize, usize, usize)> = (0..g.kw)
-            .map(|kj| {
-                let off = (kj * g.dw) as isize - g.pl as isize;
-                let (lo, hi) = valid_range(g.ow, g.w, g.sw, off);
-                (off, lo, hi)
-            })
-            .collect();
         if g.planes() > 0 {
+            let lay = MaxLayout::new(&g);
             y.par_chunks_mut(ohw)
                 .zip(arg.par_chunks_mut(ohw))
                 .zip(xs.par_chunks(hw))
-                .for_each(|((yp, ap), xp)| max_plane(&g, &cols, xp, yp, ap));
+                .for_each_init(MaxScratch::default, |s, ((yp, ap), xp)| {
+                    max_plane(&g, &lay, xp, yp, ap, s)
+                });
         }
         let y = Array4::from_shape_vec((g.n, g.c, g.oh, g.ow), y)
             .expect("output length follows from the geometry");
@@ -454,92 +440,264 @@ impl GlobalAveragePool {
     }
 }
 
-/// One plane of [`MaxPool2d::forward`]: values into `yp`, first-max indices into `ap`.
-fn max_plane(g: &Win, cols: &[(isize, usize, usize)], xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
-    // A row of outputs at a time and one tap at a time across the row, in two
-    // passes: the max (NaN noted aside), then the first tap in window order that
-    // holds it. Walking window after window with a running (value, index) pair
-    // made each output a chain of dependent, mispredicted compare-and-branches,
-    // about 15 cycles a tap and twice the time of the naive reference.
-    let mut nan = vec![false; g.ow];
-    // Strided windows read every sw-th column; the plane split once into its sw
-    // column phases (`phase r, column j` = input column `j * sw + r`) makes every
-    // tap a contiguous run that vectorises (a gather per element otherwise:
-    // resnet18's stem pool, 3x3 stride 2, spent ~1 ns per tap).
-    let wq = g.w.div_ceil(g.sw);
-    let split: Vec<f32> = if g.sw > 1 {
-        let mut sp = vec![0.0f32; g.sw * g.h * wq];
+/// The layout [`max_plane`] pools from: the padded plane split into its stride phases, so that
+/// every tap of the window reads one contiguous run for the whole output plane.
+///
+/// Padded input row `r' = iy + pt` lies in row phase `r' % sh` at row `r' / sh`, and likewise
+/// for columns; output `(oy, ox)`'s tap `(ki, kj)` then reads row phase `ki*dh % sh`, row
+/// `oy + ki*dh / sh`, column phase `kj*dw % sw`, column `ox + kj*dw / sw`. With every phase
+/// `rows x stride` and outputs laid out with the same row stride, a tap is one flat run of
+/// `(oh-1)*stride + ow` values for the whole plane: long vector loops instead of `ow`-long rows
+/// with a scalar tail (ResNet's stem pool has 16-wide rows, one AVX-512 vector or less once
+/// the padding trims a tap). Only the phases some tap reads are kept; padding and columns past
+/// the input read as -inf, which the strict compare never takes.
+struct MaxLayout {
+    /// Slot of each row phase in the buffer (`usize::MAX`: no tap reads it).
+    row_slot: Vec<usize>,
+    /// Slot of each column phase.
+    col_slot: Vec<usize>,
+    /// Column phases kept.
+    n_cols: usize,
+    /// Rows per phase.
+    rows: usize,
+    /// Row stride of every phase and of the output scratch.
+    stride: usize,
+    /// Per tap in window order: its run's start in the buffer and its offset in the input plane
+    /// from the window's origin (`ki*dh*w + kj*dw`).
+    taps: Vec<(usize, u32)>,
+}
+
+impl MaxLayout {
+    fn new(g: &Win) -> Self {
+        let slots = |k: usize, d: usize, s: usize| {
+            let mut slot = vec![usize::MAX; s];
+            let mut n = 0;
+            for t in 0..k {
+                let ph = (t * d) % s;
+                if slot[ph] == usize::MAX {
+                    slot[ph] = n;
+                    n += 1;
+                }
+            }
+            (slot, n)
+        };
+        let (row_slot, _) = slots(g.kh, g.dh, g.sh);
+        let (col_slot, n_cols) = slots(g.kw, g.dw, g.sw);
+        let rows = g.oh + (g.kh - 1) * g.dh / g.sh;
+        let stride = g.ow + (g.kw - 1) * g.dw / g.sw;
+        let mut taps = Vec::with_capacity(g.kh * g.kw);
+        for ki in 0..g.kh {
+            let rs = row_slot[(ki * g.dh) % g.sh];
+            let a = ki * g.dh / g.sh;
+            for kj in 0..g.kw {
+                let cs = col_slot[(kj * g.dw) % g.sw];
+                let q = kj * g.dw / g.sw;
+                let start = ((rs * n_cols + cs) * rows + a) * stride + q;
+                taps.push((start, (ki * g.dh * g.w + kj * g.dw) as u32));
+            }
+        }
+        MaxLayout {
+            row_slot,
+            col_slot,
+            n_cols,
+            rows,
+            stride,
+            taps,
+        }
+    }
+
+    fn buf_len(&self) -> usize {
+        self.row_slot.iter().filter(|&&s| s != usize::MAX).count()
+            * self.n_cols
+            * self.rows
+            * self.stride
+    }
+
+    /// The flat run length of one tap: `oh` output rows at the layout's stride.
+    fn run_len(&self, g: &Win) -> usize {
+        (g.oh - 1) * self.stride + g.ow
+    }
+
+    /// Copies plane `xp` into `buf` (every entry written).
+    #[inline(always)]
+    fn fill(&self, g: &Win, xp: &[f32], buf: &mut [f32]) {
+        buf.fill(f32::NEG_INFINITY);
         for (iy, row) in xp.chunks_exact(g.w).enumerate() {
-            for r in 0..g.sw.min(g.w) {
-                let dst = &mut sp[(r * g.h + iy) * wq..][..wq];
-                for (d, &v) in dst.iter_mut().zip(row[r..].iter().step_by(g.sw)) {
-                    *d = v;
+            let r = iy + g.pt;
+            let (rs, a) = (self.row_slot[r % g.sh], r / g.sh);
+            if rs == usize::MAX || a >= self.rows {
+                continue;
+            }
+            for (ph, &cs) in self.col_slot.iter().enumerate() {
+                if cs == usize::MAX {
+                    continue;
                 }
+                // Input columns ix with (ix + pl) % sw == ph, from the first one.
+                let ix0 = (ph + g.sw - g.pl % g.sw) % g.sw;
+                if ix0 >= g.w {
+                    continue;
+                }
+                let j0 = (ix0 + g.pl) / g.sw;
+                if j0 >= self.stride {
+                    continue;
+                }
+                let dst = &mut buf[((rs * self.n_cols + cs) * self.rows + a) * self.stride..]
+                    [j0..self.stride];
+                deinterleave(&row[ix0..], g.sw, dst);
             }
         }
-        sp
-    } else {
-        Vec::new()
-    };
-    // Tap kj's run for input row iy: its phase row and the first index, so that
-    // output column ox reads run[ox].
-    let run = |iy: usize, off: isize| -> (&[f32], isize) {
-        if g.sw == 1 {
-            (&xp[iy * g.w..][..g.w], off)
-        } else {
-            let (r, q) = (off.rem_euclid(g.sw as isize), off.div_euclid(g.sw as isize));
-            (&split[(r as usize * g.h + iy) * wq..][..wq], q)
+    }
+}
+
+/// `dst[j] = src[j * step]` as far as both reach. Stride 1 and 2 (nearly every pool) get
+/// loops the compiler vectorises; a `step_by` walk is a scalar gather.
+#[inline(always)]
+fn deinterleave(src: &[f32], step: usize, dst: &mut [f32]) {
+    match step {
+        1 => {
+            let n = src.len().min(dst.len());
+            dst[..n].copy_from_slice(&src[..n]);
         }
-    };
-    for ((oy, bv), bi) in yp
+        2 => {
+            let n = src.len().div_ceil(2).min(dst.len());
+            let full = (src.len() / 2).min(n);
+            for (d, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            if full < n {
+                dst[full] = src[2 * full];
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// Scratch of one rayon task for [`max_plane`].
+#[derive(Default)]
+struct MaxScratch {
+    buf: Vec<f32>,
+    best: Vec<f32>,
+    tap: Vec<u32>,
+}
+
+/// One plane of [`MaxPool2d::forward`]: values into `yp`, first-max indices into `ap`.
+/// Compiled for AVX2 where the CPU has it (the crate's baseline is SSE2, whose lack of blends
+/// keeps the select loop scalar); compares and selects only, so the results are the same
+/// either way.
+fn max_plane(
+    g: &Win,
+    lay: &MaxLayout,
+    xp: &[f32],
+    yp: &mut [f32],
+    ap: &mut [u32],
+    s: &mut MaxScratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { max_plane_avx2(g, lay, xp, yp, ap, s) };
+    }
+    max_plane_body(g, lay, xp, yp, ap, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn max_plane_avx2(
+    g: &Win,
+    lay: &MaxLayout,
+    xp: &[f32],
+    yp: &mut [f32],
+    ap: &mut [u32],
+    s: &mut MaxScratch,
+) {
+    max_plane_body(g, lay, xp, yp, ap, s)
+}
+
+#[inline(always)]
+fn max_plane_body(
+    g: &Win,
+    lay: &MaxLayout,
+    xp: &[f32],
+    yp: &mut [f32],
+    ap: &mut [u32],
+    s: &mut MaxScratch,
+) {
+    // One tap at a time over the whole plane, keeping a running (value, tap) pair per output
+    // with branch-free selects: every lane is independent, so the loop vectorises. (Window
+    // after window with a branchy running pair made each output a chain of dependent,
+    // mispredicted compare-and-branches; see benches/pool.rs for the history.)
+    s.buf.resize(lay.buf_len(), 0.0);
+    lay.fill(g, xp, &mut s.buf);
+    let len = lay.run_len(g);
+    s.best.clear();
+    s.best.resize(len, f32::NEG_INFINITY);
+    s.tap.clear();
+    s.tap.resize(len, u32::MAX);
+    let (best, tap) = (&mut s.best[..len], &mut s.tap[..len]);
+    for &(start, off) in &lay.taps {
+        let src = &s.buf[start..][..len];
+        for i in 0..len {
+            let (v, m, t) = (src[i], best[i], tap[i]);
+            // The first tap in window order holding the max: a later tap takes over only when
+            // strictly larger, or as the first NaN (NaN propagates). Padding is -inf, so it is
+            // never taken; nor is a real -inf, which the fix-up below finds.
+            let take = (v > m) | (v.is_nan() & !m.is_nan());
+            best[i] = if take { v } else { m };
+            tap[i] = if take { off } else { t };
+        }
+    }
+    let sw = g.sw as u32;
+    let mut untaken = false;
+    for (oy, (yr, ar)) in yp
         .chunks_exact_mut(g.ow)
-        .enumerate()
         .zip(ap.chunks_exact_mut(g.ow))
+        .enumerate()
     {
-        let (ylo, yhi) = Win::taps(oy, g.sh, g.dh, g.pt, g.kh, g.h);
-        let rows = || (ylo..yhi).map(|ki| oy * g.sh + ki * g.dh - g.pt);
-        bv.fill(f32::NEG_INFINITY);
-        nan.fill(false);
-        for iy in rows() {
-            for &(off, lo, hi) in cols {
-                if lo >= hi {
+        let at = oy * lay.stride;
+        yr.copy_from_slice(&best[at..][..g.ow]);
+        // Input index = window origin (oy*sh - pt, ox*sw - pl) + the tap's offset, in wrapping
+        // u32 arithmetic (the origin may lie in the padding; the sum is inside the plane).
+        let origin = ((oy * g.sh * g.w) as i64 - (g.pt * g.w + g.pl) as i64) as u32;
+        for (ox, (a, &t)) in ar.iter_mut().zip(&tap[at..][..g.ow]).enumerate() {
+            let idx = origin.wrapping_add(ox as u32 * sw).wrapping_add(t);
+            *a = if t == u32::MAX { u32::MAX } else { idx };
+            untaken |= t == u32::MAX;
+        }
+    }
+    if untaken {
+        fix_untaken(g, xp, yp, ap);
+    }
+}
+
+/// Outputs no tap took: windows whose input elements are all -inf (the first one is the max)
+/// or that hold no input element at all (pads wider than the kernel: 0, and no gradient).
+#[cold]
+fn fix_untaken(g: &Win, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let o = oy * g.ow + ox;
+            if ap[o] != u32::MAX {
+                continue;
+            }
+            yp[o] = 0.0;
+            'win: for ki in 0..g.kh {
+                let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
+                if iy < 0 || iy as usize >= g.h {
                     continue;
                 }
-                let (src, q) = run(iy, off);
-                let src = &src[(lo as isize + q) as usize..][..hi - lo];
-                for ((m, n), &v) in bv[lo..hi].iter_mut().zip(&mut nan[lo..hi]).zip(src) {
-                    *m = m.max(v);
-                    *n |= v.is_nan();
+                for kj in 0..g.kw {
+                    let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
+                    if ix >= 0 && (ix as usize) < g.w {
+                        let i = iy as usize * g.w + ix as usize;
+                        yp[o] = xp[i];
+                        ap[o] = i as u32;
+                        break 'win;
+                    }
                 }
-            }
-        }
-        for (m, &n) in bv.iter_mut().zip(&nan) {
-            if n {
-                *m = f32::NAN;
-            }
-        }
-        for iy in rows() {
-            let base = iy * g.w;
-            for &(off, lo, hi) in cols {
-                if lo >= hi {
-                    continue;
-                }
-                let (src, q) = run(iy, off);
-                let src = &src[(lo as isize + q) as usize..][..hi - lo];
-                for (((k, &m), &v), ox) in
-                    bi[lo..hi].iter_mut().zip(&bv[lo..hi]).zip(src).zip(lo..hi)
-                {
-                    let ix = ((ox * g.sw) as isize + off) as usize;
-                    let hit = (*k == u32::MAX) & ((v == m) | (v.is_nan() & m.is_nan()));
-                    *k = std::hint::select_unpredictable(hit, (base + ix) as u32, *k);
-                }
-            }
-        }
-        // A window with no input element (pads wider than the kernel): 0, and
-        // no gradient.
-        for (m, &k) in bv.iter_mut().zip(bi.iter()) {
-            if k == u32::MAX {
-                *m = 0.0;
             }
         }
     }
@@ -794,6 +952,30 @@ mod tests {
         let x = Array4::from_elem((1, 1, 2, 2), -3.0f32);
         let (y, _) = p.forward(x.view()).unwrap();
         assert!(y.iter().all(|&v| v == -3.0));
+    }
+
+    #[test]
+    fn max_window_of_only_neg_infinity_takes_its_first_input_element() {
+        // 3x3 stride 2 pad 1 over a 3x4 plane whose top-left 2x2 is -inf: output (0, 0)'s
+        // window holds only -inf (and padding); it must take the first input element in
+        // window order, (0, 0), not the padding and not "no element" (0, no gradient).
+        let p = maxp([3, 3], [2, 2], [1; 4], [1, 1], false);
+        let ninf = f32::NEG_INFINITY;
+        let x = Array4::from_shape_vec(
+            (1, 1, 3, 4),
+            vec![
+                ninf, ninf, 2.0, 1.0, ninf, ninf, 3.0, 0.5, 4.0, 5.0, 6.0, 7.0,
+            ],
+        )
+        .unwrap();
+        let (y, saved) = p.forward(x.view()).unwrap();
+        assert_eq!(y.as_slice().unwrap(), &[ninf, 3.0, 5.0, 7.0]);
+        assert_eq!(saved.argmax, vec![0, 6, 9, 11]);
+        let dy = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let dx = p.backward(&saved, dy.view()).unwrap();
+        let mut want = [0.0f32; 12];
+        (want[0], want[6], want[9], want[11]) = (1.0, 2.0, 3.0, 4.0);
+        assert_eq!(dx.as_slice().unwrap(), &want[..]);
     }
 
     #[test]
