@@ -376,6 +376,55 @@ fn speed_reports_throughput_profile_and_blas_core() {
     }
 }
 
+/// `elrt speed --json --profile-nodes`: one row per node and direction (ResNet-20's 21 convs
+/// each have a forward row), and the per-op rows are the sums of the per-node ones.
+#[test]
+fn speed_profile_nodes_rows_cover_every_conv_and_sum_to_the_op_rows() {
+    let model = common::repo().join("models/resnet20.onnx");
+    let out = elrt()
+        .args([
+            "speed",
+            model.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            "--profile-nodes",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    let conv_fwd = nodes
+        .iter()
+        .filter(|n| n[1].as_str().unwrap().starts_with("Conv") && n[2] == "forward")
+        .count();
+    assert_eq!(conv_fwd, 21, "{nodes:?}");
+    let names: std::collections::HashSet<&str> =
+        nodes.iter().map(|n| n[0].as_str().unwrap()).collect();
+    assert!(names.len() > 21, "{names:?}");
+    for row in v["profile"].as_array().unwrap() {
+        let (op, dir, ms) = (&row[0], &row[1], row[2].as_f64().unwrap());
+        let sum: f64 = nodes
+            .iter()
+            .filter(|n| &n[1] == op && &n[2] == dir)
+            .map(|n| n[3].as_f64().unwrap())
+            .sum();
+        assert!(
+            (sum - ms).abs() <= 1e-9 * ms.max(1.0),
+            "{op} {dir}: {sum} vs {ms}"
+        );
+    }
+}
+
 /// The metrics file lists each epoch once, as the checkpoint knows them: a line whose
 /// checkpoint was never written (a full disk) is not listed twice after --resume (issue 19).
 #[test]

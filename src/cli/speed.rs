@@ -19,9 +19,12 @@ pub struct SpeedArgs {
     /// Timed training steps (after one warm-up step).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// Print per-op forward/backward times.
+    /// Print per-op forward/backward times (a conv's op is the kernel that runs it).
     #[arg(long)]
     pub profile: bool,
+    /// Print per-op times and then every node's, slowest first (which layer is slow).
+    #[arg(long)]
+    pub profile_nodes: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -35,6 +38,7 @@ impl SpeedArgs {
             threads: self.threads,
             steps: self.steps,
             profile: self.profile,
+            profile_nodes: self.profile_nodes,
         })
     }
 

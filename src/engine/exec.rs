@@ -43,8 +43,9 @@ pub struct Session<B: Backend = CpuBackend> {
     /// same masks as an uninterrupted one; the trainer sets the step before each forward.
     pub dropout_seed: u64,
     pub dropout_step: u64,
-    /// Seconds spent per op type, forward and backward, when profiling is on.
-    pub profile: Option<std::collections::BTreeMap<(&'static str, bool), f64>>,
+    /// Seconds spent in each program step, `[forward, backward]`, when profiling is on (set it
+    /// to a vector as long as the program's steps; `elrt speed --profile` sums it by kernel).
+    pub profile: Option<Vec<[f64; 2]>>,
     /// `--sync-bn`: training-mode BN sums its per-channel statistics through this (over the
     /// processes of a data-parallel run); `None`, the default, keeps them local.
     pub stat_sync: Option<std::sync::Arc<dyn super::stat_sync::StatSync>>,
@@ -122,9 +123,8 @@ impl<B: Backend> Session<B> {
                     self.program.steps[i].name, self.program.steps[i].op_type
                 )
             })?;
-            if let Some(p) = &mut self.profile {
-                *p.entry((self.program.steps[i].profile_key, false))
-                    .or_default() += t0.elapsed().as_secs_f64();
+            if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
+                t[0] += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (slot, v) in step.outputs.iter().zip(outs) {
@@ -304,9 +304,8 @@ impl<B: Backend> Session<B> {
             let din = self
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
-            if let Some(p) = &mut self.profile {
-                *p.entry((self.program.steps[i].profile_key, true))
-                    .or_default() += t0.elapsed().as_secs_f64();
+            if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
+                t[1] += t0.elapsed().as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (src, g) in step.inputs.iter().zip(din) {

@@ -22,6 +22,8 @@ pub struct SpeedOptions {
     pub steps: usize,
     /// Per-op forward/backward times.
     pub profile: bool,
+    /// Per-node forward/backward times (implies `profile`).
+    pub profile_nodes: bool,
 }
 
 impl Default for SpeedOptions {
@@ -32,6 +34,7 @@ impl Default for SpeedOptions {
             threads: None,
             steps: 10,
             profile: false,
+            profile_nodes: false,
         }
     }
 }
@@ -49,8 +52,12 @@ pub struct SpeedReport {
     /// OpenBLAS's kernel set ([`crate::engine::blas_core`]) and whether OPENBLAS_CORETYPE set it.
     pub blas_core: String,
     pub blas_core_pinned: bool,
-    /// (op, forward | backward, ms per step), slowest first.
+    /// (op, forward | backward, ms per step), slowest first; an op is the op type, or for a
+    /// conv the kernel that runs it.
     pub profile: Vec<(String, String, f64)>,
+    /// With `profile_nodes`: (node, op, forward | backward, ms per step), slowest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<(String, String, String, f64)>,
 }
 
 /// Peak resident set size of this process in MiB, from /proc (Linux).
@@ -89,8 +96,8 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         |m: &mut Model| -> Result<()> { train_step.gradients(m, x.clone(), &labels).map(|_| ()) };
     let total = crate::engine::on_pool(|| -> Result<f64> {
         step(&mut m)?;
-        if a.profile {
-            m.session.profile = Some(Default::default());
+        if a.profile || a.profile_nodes {
+            m.session.profile = Some(vec![[0.0; 2]; m.session.program.steps.len()]);
         }
         let t0 = std::time::Instant::now();
         for _ in 0..a.steps {
@@ -98,18 +105,34 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         }
         Ok(t0.elapsed().as_secs_f64())
     })?;
-    let mut profile: Vec<(String, String, f64)> = m
-        .session
-        .profile
-        .take()
-        .unwrap_or_default()
+    let times = m.session.profile.take().unwrap_or_default();
+    let per_step = |s: f64| 1e3 * s / a.steps as f64;
+    let dirs = ["forward", "backward"];
+    let mut by_op = std::collections::BTreeMap::<(&str, usize), f64>::new();
+    let mut nodes = Vec::new();
+    for (step, t) in m.session.program.steps.iter().zip(&times) {
+        for (d, &secs) in t.iter().enumerate() {
+            if secs == 0.0 {
+                continue;
+            }
+            *by_op.entry((step.profile_key, d)).or_default() += secs;
+            if a.profile_nodes {
+                let node = step.name.clone();
+                nodes.push((
+                    node,
+                    step.profile_key.to_string(),
+                    dirs[d].to_string(),
+                    per_step(secs),
+                ));
+            }
+        }
+    }
+    let mut profile: Vec<(String, String, f64)> = by_op
         .into_iter()
-        .map(|((op, bwd), s)| {
-            let dir = if bwd { "backward" } else { "forward" };
-            (op.to_string(), dir.to_string(), 1e3 * s / a.steps as f64)
-        })
+        .map(|((op, d), s)| (op.to_string(), dirs[d].to_string(), per_step(s)))
         .collect();
     profile.sort_by(|x, y| y.2.total_cmp(&x.2));
+    nodes.sort_by(|x, y| y.3.total_cmp(&x.3));
     let (blas_core, blas_core_pinned) = crate::engine::blas_core();
     Ok(SpeedReport {
         model: a.model.display().to_string(),
@@ -122,6 +145,7 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         blas_core,
         blas_core_pinned,
         profile,
+        nodes,
     })
 }
 
@@ -145,7 +169,16 @@ impl SpeedReport {
         );
         for (op, dir, ms) in &rep.profile {
             out += &format!(
-                "  {op:<20} {dir:<8} {ms:>8.1} ms/step {:>5.1}%\n",
+                "  {op:<26} {dir:<8} {ms:>8.1} ms/step {:>5.1}%\n",
+                100.0 * ms / rep.ms_per_step
+            );
+        }
+        if !rep.nodes.is_empty() {
+            out += "per node:\n";
+        }
+        for (node, op, dir, ms) in &rep.nodes {
+            out += &format!(
+                "  {node:<40} {op:<26} {dir:<8} {ms:>8.2} ms/step {:>5.1}%\n",
                 100.0 * ms / rep.ms_per_step
             );
         }
