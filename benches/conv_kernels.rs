@@ -7,6 +7,10 @@
 //! - `3x3_core8_32px`: a Tucker-2 core at rank 8 in that stage;
 //! - `dw3x1_48ch_16px`, `dw1x3_48ch_16px`: CP's depthwise factors at rank 48 in the second stage;
 //! - `dw3x3_64ch_8px`: a 3x3 depthwise conv (MobileNet-style);
+//! - `7x7s2_stem_3ch_128px`: ResNet-18's stem at 128x128 input (7x7, stride 2, 3 -> 64
+//!   channels; strided im2col through column phases, `conv/im2col.rs`). 2026-12-02, session 5:
+//!   batch 32, 1 thread: forward 28.6 -> 23.8 ms, backward (input and weight gradients) 59.9 -> 51.6 ms
+//!   against the per-element gather it replaced;
 //! - group `conv_blocks`: ResNet-18's last two stages at 64x64 input (3x3, 256 channels on 4x4,
 //!   512 on 2x2), the whole batch at once on the small-plane path (channels-last GEMMs over
 //!   the batch, `conv/small_plane.rs`) and on blocked im2col (several images per GEMM,
@@ -47,7 +51,7 @@ fn conv_kernels(c: &mut Criterion) {
         .build_global()
         .expect("thread pool");
     elrt::engine::init();
-    let cases: [(&str, Conv2d, [usize; 4], [usize; 4]); 5] = [
+    let cases: [(&str, Conv2d, [usize; 4], [usize; 4]); 6] = [
         (
             "3x3_16ch_32px",
             conv(1, [1; 4]),
@@ -77,6 +81,15 @@ fn conv_kernels(c: &mut Criterion) {
             conv(64, [1; 4]),
             [BATCH, 64, 8, 8],
             [64, 1, 3, 3],
+        ),
+        (
+            "7x7s2_stem_3ch_128px",
+            Conv2d {
+                strides: [2, 2],
+                ..conv(1, [3; 4])
+            },
+            [BATCH, 3, 128, 128],
+            [64, 3, 7, 7],
         ),
     ];
     let mut g = c.benchmark_group("conv");

@@ -52,6 +52,33 @@ where
     }
 }
 
+/// `dst[j] = src[j * step]` as far as both reach. Stride 1 and 2 (nearly every pool) get
+/// loops the compiler vectorises; a `step_by` walk is a scalar gather.
+#[inline(always)]
+pub(crate) fn deinterleave(src: &[f32], step: usize, dst: &mut [f32]) {
+    match step {
+        1 => {
+            let n = src.len().min(dst.len());
+            dst[..n].copy_from_slice(&src[..n]);
+        }
+        2 => {
+            let n = src.len().div_ceil(2).min(dst.len());
+            let full = (src.len() / 2).min(n);
+            for (d, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
+                *d = pair[0];
+            }
+            if full < n {
+                dst[full] = src[2 * full];
+            }
+        }
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(step)) {
+                *d = v;
+            }
+        }
+    }
+}
+
 /// Output indices `o` in `lo..hi` for which the input index `o * stride + offset` lies in
 /// `0..n_in`; every window loop uses this to skip padding without a per-element branch.
 pub(crate) fn valid_range(

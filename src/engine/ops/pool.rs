@@ -5,7 +5,7 @@
 //! `ceil_mode` never starts a window inside the end padding, and with `count_include_pad` the
 //! divisor counts the padding but not the part of a window hanging past it.
 
-use super::{contiguous, window_out_len};
+use super::{contiguous, deinterleave, window_out_len};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
 use rayon::prelude::*;
@@ -544,33 +544,6 @@ impl MaxLayout {
                 let dst = &mut buf[((rs * self.n_cols + cs) * self.rows + a) * self.stride..]
                     [j0..self.stride];
                 deinterleave(&row[ix0..], g.sw, dst);
-            }
-        }
-    }
-}
-
-/// `dst[j] = src[j * step]` as far as both reach. Stride 1 and 2 (nearly every pool) get
-/// loops the compiler vectorises; a `step_by` walk is a scalar gather.
-#[inline(always)]
-fn deinterleave(src: &[f32], step: usize, dst: &mut [f32]) {
-    match step {
-        1 => {
-            let n = src.len().min(dst.len());
-            dst[..n].copy_from_slice(&src[..n]);
-        }
-        2 => {
-            let n = src.len().div_ceil(2).min(dst.len());
-            let full = (src.len() / 2).min(n);
-            for (d, pair) in dst[..full].iter_mut().zip(src.chunks_exact(2)) {
-                *d = pair[0];
-            }
-            if full < n {
-                dst[full] = src[2 * full];
-            }
-        }
-        _ => {
-            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(step)) {
-                *d = v;
             }
         }
     }

@@ -3,7 +3,7 @@
 //! every other geometry, which is also the flat path's test reference.
 
 use super::Geom;
-use crate::engine::ops::valid_range;
+use crate::engine::ops::{deinterleave, valid_range};
 
 /// One tap of a flat-tap geometry (see `Geom::flat_tap`).
 pub(super) struct FlatTap {
@@ -131,9 +131,34 @@ impl Geom {
 
     /// `col[(c, ki, kj), (oy, ox)] = x[c, oy*sh + ki*dh - pt, ox*sw + kj*dw - pl]`, zero in the
     /// pads; row by row, for any geometry (the flat path's reference in the tests).
+    ///
+    /// A strided conv reads every sw-th input column; each plane is first split into its sw
+    /// column phases (`phase r, column j` = input column `j*sw + r`), so that every output row
+    /// of a tap is one contiguous copy rather than a gather (ResNet-18's 7x7 stride-2 stem at
+    /// 128x128 spent most of its forward and weight gradient in that gather).
     pub(super) fn im2col_rows(&self, x: &[f32], col: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
+        let wq = self.w.div_ceil(self.sw);
+        let mut split = vec![
+            0.0f32;
+            if self.sw > 1 {
+                self.sw * self.h * wq
+            } else {
+                0
+            }
+        ];
         for (c, plane) in x.chunks(hw).enumerate() {
+            if self.sw > 1 {
+                for (iy, row) in plane.chunks_exact(self.w).enumerate() {
+                    for r in 0..self.sw.min(self.w) {
+                        deinterleave(
+                            &row[r..],
+                            self.sw,
+                            &mut split[(r * self.h + iy) * wq..][..wq],
+                        );
+                    }
+                }
+            }
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
                     let (yoff, xoff) = self.tap_offsets(ki, kj);
@@ -158,9 +183,12 @@ impl Geom {
                             let start = (xlo as isize + xoff) as usize;
                             dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
                         } else {
-                            for (ox, d) in dst.iter_mut().enumerate().take(xhi).skip(xlo) {
-                                *d = src[((ox * self.sw) as isize + xoff) as usize];
-                            }
+                            // Input column ox*sw + xoff = (ox + q)*sw + r.
+                            let sw = self.sw as isize;
+                            let (r, q) = (xoff.rem_euclid(sw) as usize, xoff.div_euclid(sw));
+                            let phase = &split[(r * self.h + iy) * wq..][..wq];
+                            let start = (xlo as isize + q) as usize;
+                            dst[xlo..xhi].copy_from_slice(&phase[start..start + (xhi - xlo)]);
                         }
                     }
                 }
@@ -169,9 +197,21 @@ impl Geom {
     }
 
     /// Adjoint of [`Self::im2col_rows`]: scatter-adds `col` into `dx` (which the caller zeroed).
+    /// Strided convs add each tap's rows contiguously into the plane's column phases, which are
+    /// then interleaved back into `dx` (the adjoint of the forward's split).
     pub(super) fn col2im_rows(&self, col: &[f32], dx: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
+        let wq = self.w.div_ceil(self.sw);
+        let mut split = vec![
+            0.0f32;
+            if self.sw > 1 {
+                self.sw * self.h * wq
+            } else {
+                0
+            }
+        ];
         for (c, plane) in dx.chunks_mut(hw).enumerate() {
+            split.fill(0.0);
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
                     let (yoff, xoff) = self.tap_offsets(ki, kj);
@@ -184,18 +224,30 @@ impl Geom {
                     }
                     for oy in ylo..yhi {
                         let iy = ((oy * self.sh) as isize + yoff) as usize;
-                        let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
                         let src = &row[oy * self.ow..(oy + 1) * self.ow];
-                        if self.sw == 1 {
-                            let start = (xlo as isize + xoff) as usize;
-                            dst[start..start + (xhi - xlo)]
-                                .iter_mut()
-                                .zip(&src[xlo..xhi])
-                                .for_each(|(d, s)| *d += s);
+                        let (dst, start) = if self.sw == 1 {
+                            let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
+                            (dst, (xlo as isize + xoff) as usize)
                         } else {
-                            for (ox, s) in src.iter().enumerate().take(xhi).skip(xlo) {
-                                dst[((ox * self.sw) as isize + xoff) as usize] += s;
-                            }
+                            // Input column ox*sw + xoff = (ox + q)*sw + r.
+                            let sw = self.sw as isize;
+                            let (r, q) = (xoff.rem_euclid(sw) as usize, xoff.div_euclid(sw));
+                            let phase = &mut split[(r * self.h + iy) * wq..][..wq];
+                            (phase, (xlo as isize + q) as usize)
+                        };
+                        dst[start..start + (xhi - xlo)]
+                            .iter_mut()
+                            .zip(&src[xlo..xhi])
+                            .for_each(|(d, s)| *d += s);
+                    }
+                }
+            }
+            if self.sw > 1 {
+                for (iy, row) in plane.chunks_exact_mut(self.w).enumerate() {
+                    for r in 0..self.sw.min(self.w) {
+                        let phase = &split[(r * self.h + iy) * wq..][..wq];
+                        for (d, &v) in row[r..].iter_mut().step_by(self.sw).zip(phase) {
+                            *d += v;
                         }
                     }
                 }

@@ -735,6 +735,63 @@ fn flat_taps_equal_row_by_row_im2col_and_col2im() {
     assert!(flat_cases > 40, "only {flat_cases} flat geometries tried");
 }
 
+/// Strided im2col (through column phases) equals its definition entry by entry, and col2im is
+/// its adjoint: `<col, im2col(x)> = <col2im(col), x>`, over strides 2-3, odd and even widths,
+/// pads and dilations, including taps whose offset is negative.
+#[test]
+fn strided_im2col_matches_its_definition_and_col2im_is_its_adjoint() {
+    let mut rng = Rng::new(12);
+    let mut cases = 0;
+    for (h, w) in [(1, 1), (3, 4), (5, 7), (8, 9), (11, 6)] {
+        for (kh, kw) in [(1, 1), (3, 3), (7, 7), (1, 3), (2, 5)] {
+            for strides in [[2, 2], [1, 3], [3, 2]] {
+                for (dil, pads) in [(1, [0; 4]), (1, [3, 3, 3, 3]), (2, [1, 0, 2, 3])] {
+                    let c = conv(1, strides, pads, [dil, dil]);
+                    let (xs, ws) = ([1, 2, h, w], [3, 2, kh, kw]);
+                    let Ok(g) = c.geom(&xs, &ws) else { continue };
+                    if g.path != Path::Im2col || g.flat_taps() {
+                        continue;
+                    }
+                    cases += 1;
+                    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+                    let xv = x.as_slice().unwrap();
+                    let mut col = vec![f32::NAN; g.col_len()];
+                    g.im2col_rows(xv, &mut col);
+                    let ohw = g.oh * g.ow;
+                    for (r, row) in col.chunks(ohw).enumerate() {
+                        let (ci, ki, kj) = (r / (kh * kw), r / kw % kh, r % kw);
+                        for (o, &v) in row.iter().enumerate() {
+                            let iy = (o / g.ow * g.sh + ki * g.dh) as isize - g.pt as isize;
+                            let ix = (o % g.ow * g.sw + kj * g.dw) as isize - g.pl as isize;
+                            let inside =
+                                (0..h as isize).contains(&iy) && (0..w as isize).contains(&ix);
+                            let want = if inside {
+                                x[[0, ci, iy as usize, ix as usize]]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(
+                                v, want,
+                                "{xs:?} {ws:?} {strides:?} {pads:?} dil {dil} [{r}, {o}]"
+                            );
+                        }
+                    }
+                    let dcol = rand_array(&mut rng, g.col_len(), -1.0, 1.0).to_vec();
+                    let mut dx = vec![0.0f32; g.x_len()];
+                    g.col2im_rows(&dcol, &mut dx);
+                    let lhs: f64 = dcol.iter().zip(&col).map(|(a, b)| (a * b) as f64).sum();
+                    let rhs: f64 = dx.iter().zip(xv).map(|(a, b)| (a * b) as f64).sum();
+                    assert!(
+                        (lhs - rhs).abs() <= 1e-4 * (1.0 + lhs.abs()),
+                        "{xs:?} {ws:?} {strides:?}: {lhs} vs {rhs}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(cases > 60, "only {cases} strided geometries tried");
+}
+
 mod properties {
     use super::*;
     use proptest::prelude::*;
