@@ -6,7 +6,7 @@
 //! Reductions run per channel in parallel (read-only), the elementwise passes per image in
 //! parallel; neither depends on thread scheduling, so results are reproducible.
 
-use super::{contiguous, reduce_pairs, sum};
+use super::{contiguous, reduce_pairs, sum, zeros};
 use crate::engine::stat_sync::StatSync;
 use crate::engine::{attr_err, shape_err, Result};
 use ndarray::{Array1, Array4, ArrayView1, ArrayView4, ArrayViewMut1, NdFloat};
@@ -96,7 +96,7 @@ fn channel_pass(
     coef: &[Coef],
     fused: Fused,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; xs.len()];
+    let mut out = zeros(xs.len());
     if c * hw == 0 {
         return out;
     }

@@ -5,7 +5,7 @@
 //! `ceil_mode` never starts a window inside the end padding, and with `count_include_pad` the
 //! divisor counts the padding but not the part of a window hanging past it.
 
-use super::{contiguous, deinterleave, window_out_len};
+use super::{contiguous, deinterleave, window_out_len, zeros};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
 use rayon::prelude::*;
@@ -162,7 +162,7 @@ impl MaxPool2d {
         }
         let xs = contiguous(&x);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut y = vec![0.0f32; g.planes() * ohw];
+        let mut y = zeros(g.planes() * ohw);
         let mut arg = vec![u32::MAX; g.planes() * ohw];
         if g.planes() > 0 {
             let lay = MaxLayout::new(&g);
@@ -196,7 +196,7 @@ impl MaxPool2d {
         }
         let gs = contiguous(&dy);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut dx = vec![0.0f32; g.planes() * hw];
+        let mut dx = zeros(g.planes() * hw);
         if g.planes() > 0 {
             dx.par_chunks_mut(hw)
                 .zip(gs.par_chunks(ohw).zip(saved.argmax.par_chunks(ohw)))
@@ -293,7 +293,7 @@ impl AveragePool2d {
         let g = self.win(x.shape())?;
         let xs = contiguous(&x);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut y = vec![0.0f32; g.planes() * ohw];
+        let mut y = zeros(g.planes() * ohw);
         if g.planes() > 0 {
             y.par_chunks_mut(ohw)
                 .zip(xs.par_chunks(hw))
@@ -319,7 +319,7 @@ impl AveragePool2d {
         g.check_dy(Self::OP, dy.shape())?;
         let gs = contiguous(&dy);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut dx = vec![0.0f32; g.planes() * hw];
+        let mut dx = zeros(g.planes() * hw);
         if g.planes() > 0 {
             dx.par_chunks_mut(hw)
                 .zip(gs.par_chunks(ohw))
@@ -419,7 +419,7 @@ impl GlobalAveragePool {
         let (h, w) = (x_shape[2], x_shape[3]);
         let inv = 1.0 / (h * w) as f32;
         let gs = contiguous(&dy);
-        let mut dx = vec![0.0f32; n * c * h * w];
+        let mut dx = zeros(n * c * h * w);
         if n * c > 0 {
             dx.par_chunks_mut(h * w)
                 .zip(gs.par_iter())

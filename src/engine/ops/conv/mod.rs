@@ -37,7 +37,7 @@
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
 
-use super::{contiguous, part_len, sum, window_out_len};
+use super::{contiguous, part_len, sum, window_out_len, zeros};
 use crate::engine::{attr_err, init, shape_err, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
@@ -280,7 +280,7 @@ impl Conv2d {
         let (xs, ws) = (contiguous(&x), contiguous(&w));
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
-        let mut y = vec![0.0f32; g.n * ylen];
+        let mut y = zeros(g.n * ylen);
         if g.small_plane && !g.winograd && g.n > 0 {
             g.small_plane_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
@@ -362,7 +362,7 @@ impl Conv2d {
         // The direct weight gradient replaces the blocked one too.
         let blk = if g.direct_dw { 1 } else { blk };
         let mut dx = if need_dx {
-            vec![0.0f32; g.n * xlen]
+            zeros(g.n * xlen)
         } else {
             Vec::new()
         };
@@ -482,7 +482,7 @@ impl Conv2d {
         need_dx: bool,
         wdim: Ix4,
     ) -> Conv2dGrads {
-        let mut dx = vec![0.0f32; if need_dx { g.n * g.x_len() } else { 0 }];
+        let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
         let mut dw = vec![0.0f32; ws.len()];
         g.small_plane_backward(xs, ws, dys, need_dx.then_some(&mut dx[..]), &mut dw);
         let mut db = vec![0.0f64; g.co];

@@ -24,6 +24,7 @@
 //! whatever the thread count.
 
 use super::{Geom, Path};
+use crate::engine::ops::zeros;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use rayon::prelude::*;
@@ -204,7 +205,7 @@ impl Geom {
         let xn = to_channels_last(x, n, ci, hw);
         let w2 = self.taps_outside(w);
         let runs = self.small_plane_runs();
-        let mut yn = vec![0.0f32; n * ohw * co];
+        let mut yn = zeros(n * ohw * co);
         let yp = Shared(yn.as_mut_ptr());
         let groups = PIXEL_GROUPS.min(ohw);
         tasks(co, groups)
@@ -253,7 +254,7 @@ impl Geom {
         let dyn_ = to_channels_last(dy, n, co, ohw);
         let w2 = self.taps_outside(w);
         if let Some(dx) = dx {
-            let mut dxn = vec![0.0f32; n * hw * ci];
+            let mut dxn = zeros(n * hw * ci);
             let dp = Shared(dxn.as_mut_ptr());
             let groups = PIXEL_GROUPS.min(hw);
             tasks(ci, groups)
@@ -297,7 +298,7 @@ impl Geom {
 
 /// `[n][c][q]` -> `[n][q][c]`, one `n` per task.
 fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; n * c * q];
+    let mut out = zeros(n * c * q);
     swap_inner(a, &mut out, n, c, q);
     out
 }
