@@ -39,6 +39,7 @@ use super::{attr_err, shape_err, Result};
 use ndarray::{ArrayBase, Data, Dimension};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 /// The elements of `a` in logical (row-major) order, borrowed when `a` is already contiguous.
 pub(crate) fn contiguous<S, D>(a: &ArrayBase<S, D>) -> Cow<'_, [f32]>
@@ -171,21 +172,26 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
 /// `out[i] = f(x[i])`, in parallel over contiguous chunks, each compiled for the widest vectors
 /// the CPU has ([`wide_map`]).
 pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = zeros(x.len());
-    out.par_chunks_mut(ELEMWISE_CHUNK)
-        .zip(x.par_chunks(ELEMWISE_CHUNK))
-        .for_each(|(o, x)| wide_map(o, x, x, &|a, _| f(a)));
-    out
+    par_zip_map(x, x, move |a, _| f(a))
 }
 
-/// `o[i] = f(a[i], b[i])`, compiled for AVX-512 or AVX2 where the CPU has them (the crate's
+/// `o[i] = f(a[i], b[i])` (every entry written; the three lengths must agree), compiled for AVX-512 or AVX2 where the CPU has them (the crate's
 /// baseline is SSE2, 4 lanes). Elementwise maps such as the sigmoid's branch-free `exp` are
 /// compute-bound there: EfficientNet-B0's SiLU forward and backward were a quarter of its
 /// training step. Rust never fuses a multiply and an add on its own and these features add no
 /// FMA, so every lane computes the same f32 operations as the SSE2 build: results are
 /// identical on every path (`wide_map_equals_the_plain_loop_bitwise`).
 #[inline]
-pub(crate) fn wide_map<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+pub(crate) fn wide_map<F: Fn(f32, f32) -> f32>(
+    o: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    b: &[f32],
+    f: &F,
+) {
+    assert!(
+        o.len() == a.len() && a.len() == b.len(),
+        "wide_map lengths differ"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -202,35 +208,51 @@ pub(crate) fn wide_map<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f3
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn wide_map_avx512<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+unsafe fn wide_map_avx512<F: Fn(f32, f32) -> f32>(
+    o: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    b: &[f32],
+    f: &F,
+) {
     wide_map_body(o, a, b, f)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn wide_map_avx2<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+unsafe fn wide_map_avx2<F: Fn(f32, f32) -> f32>(
+    o: &mut [MaybeUninit<f32>],
+    a: &[f32],
+    b: &[f32],
+    f: &F,
+) {
     wide_map_body(o, a, b, f)
 }
 
 #[inline(always)]
-fn wide_map_body<F: Fn(f32, f32) -> f32>(o: &mut [f32], a: &[f32], b: &[f32], f: &F) {
+fn wide_map_body<F: Fn(f32, f32) -> f32>(o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], f: &F) {
     let n = o.len().min(a.len()).min(b.len());
     let (o, a, b) = (&mut o[..n], &a[..n], &b[..n]);
     for i in 0..n {
-        o[i] = f(a[i], b[i]);
+        o[i].write(f(a[i], b[i]));
     }
 }
 
-/// `out[i] = f(a[i], b[i])`, in parallel over contiguous chunks ([`wide_map`]).
+/// `out[i] = f(a[i], b[i])`, in parallel over contiguous chunks ([`wide_map`]). The output is
+/// never zero-filled: every entry is written once, by the map.
 pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    debug_assert_eq!(a.len(), b.len());
-    let mut out = zeros(a.len());
-    out.par_chunks_mut(ELEMWISE_CHUNK)
+    assert_eq!(a.len(), b.len(), "elementwise operands differ in length");
+    let n = a.len();
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(ELEMWISE_CHUNK)
         .zip(
             a.par_chunks(ELEMWISE_CHUNK)
                 .zip(b.par_chunks(ELEMWISE_CHUNK)),
         )
         .for_each(|(o, (a, b))| wide_map(o, a, b, &f));
+    // SAFETY: the chunks of `out[..n]`, `a` and `b` pair up one to one with equal lengths, and
+    // wide_map writes every entry of its output chunk.
+    unsafe { out.set_len(n) };
     out
 }
 
@@ -305,7 +327,7 @@ mod tests {
             let s = act::sigmoid(x);
             g * (s + x * s * (1.0 - s))
         };
-        type Map<'a> = &'a dyn Fn(&mut [f32], &[f32], &[f32], bool);
+        type Map<'a> = &'a dyn Fn(&mut [MaybeUninit<f32>], &[f32], &[f32], bool);
         let maps: [Map; 3] = [
             &|o, a, b, plain| {
                 let f = |x: f32, _| x * act::sigmoid(x);
@@ -333,9 +355,17 @@ mod tests {
         ];
         for (m, map) in maps.iter().enumerate() {
             for len in [4099, 4096, 17, 1] {
-                let (mut wide, mut plain) = (vec![0.0f32; len], vec![0.0f32; len]);
+                let mut wide = vec![MaybeUninit::new(0.0f32); len];
+                let mut plain = vec![MaybeUninit::new(0.0f32); len];
                 map(&mut wide, &a[..len], &b[..len], false);
                 map(&mut plain, &a[..len], &b[..len], true);
+                // SAFETY: initialised above (and every entry rewritten by the maps).
+                let (wide, plain) = unsafe {
+                    (
+                        wide.iter().map(|v| v.assume_init()).collect::<Vec<f32>>(),
+                        plain.iter().map(|v| v.assume_init()).collect::<Vec<f32>>(),
+                    )
+                };
                 for (i, (p, q)) in wide.iter().zip(&plain).enumerate() {
                     assert_eq!(
                         p.to_bits(),
