@@ -169,8 +169,9 @@ impl MaxPool2d {
             y.par_chunks_mut(ohw)
                 .zip(arg.par_chunks_mut(ohw))
                 .zip(xs.par_chunks(hw))
-                .for_each_init(MaxScratch::default, |s, ((yp, ap), xp)| {
-                    max_plane(&g, &lay, xp, yp, ap, s)
+                .for_each_init(MaxScratch::default, |s, ((yp, ap), xp)| match &lay {
+                    Some(lay) => max_plane(&g, lay, xp, yp, ap, s),
+                    None => max_plane_direct(&g, xp, yp, ap),
                 });
         }
         let y = Array4::from_shape_vec((g.n, g.c, g.oh, g.ow), y)
@@ -452,65 +453,64 @@ impl GlobalAveragePool {
 /// the padding trims a tap). Only the phases some tap reads are kept; padding and columns past
 /// the input read as -inf, which the strict compare never takes.
 struct MaxLayout {
-    /// Slot of each row phase in the buffer (`usize::MAX`: no tap reads it).
-    row_slot: Vec<usize>,
-    /// Slot of each column phase.
-    col_slot: Vec<usize>,
-    /// Column phases kept.
-    n_cols: usize,
+    /// The row phases some tap reads, in slot order.
+    row_phases: Vec<usize>,
+    /// The column phases some tap reads, in slot order.
+    col_phases: Vec<usize>,
     /// Rows per phase.
     rows: usize,
     /// Row stride of every phase and of the output scratch.
     stride: usize,
     /// Per tap in window order: its run's start in the buffer and its offset in the input plane
-    /// from the window's origin (`ki*dh*w + kj*dw`).
+    /// from the window's origin (`ki*dh*w + kj*dw`, modulo 2^32 like the index arithmetic).
     taps: Vec<(usize, u32)>,
 }
 
 impl MaxLayout {
-    fn new(g: &Win) -> Self {
-        let slots = |k: usize, d: usize, s: usize| {
-            let mut slot = vec![usize::MAX; s];
-            let mut n = 0;
+    /// `None` when the layout would be much larger than the padded plane (a dilation or stride
+    /// far beyond the input, as a hostile file may declare): [`max_plane_direct`] then.
+    fn new(g: &Win) -> Option<Self> {
+        let phases = |k: usize, d: usize, s: usize| {
+            let mut ph: Vec<usize> = Vec::new();
             for t in 0..k {
-                let ph = (t * d) % s;
-                if slot[ph] == usize::MAX {
-                    slot[ph] = n;
-                    n += 1;
+                if !ph.contains(&((t * d) % s)) {
+                    ph.push((t * d) % s);
                 }
             }
-            (slot, n)
+            ph
         };
-        let (row_slot, _) = slots(g.kh, g.dh, g.sh);
-        let (col_slot, n_cols) = slots(g.kw, g.dw, g.sw);
+        let row_phases = phases(g.kh, g.dh, g.sh);
+        let col_phases = phases(g.kw, g.dw, g.sw);
         let rows = g.oh + (g.kh - 1) * g.dh / g.sh;
         let stride = g.ow + (g.kw - 1) * g.dw / g.sw;
+        let len = row_phases.len() * col_phases.len() * rows * stride;
+        let padded = (g.h + g.pt + g.pb) * (g.w + g.pl + g.pr);
+        if len > 4 * padded.max(g.oh * g.ow) + 4096 {
+            return None;
+        }
+        let slot = |ph: &[usize], p: usize| ph.iter().position(|&q| q == p).expect("tap phase");
         let mut taps = Vec::with_capacity(g.kh * g.kw);
         for ki in 0..g.kh {
-            let rs = row_slot[(ki * g.dh) % g.sh];
+            let rs = slot(&row_phases, (ki * g.dh) % g.sh);
             let a = ki * g.dh / g.sh;
             for kj in 0..g.kw {
-                let cs = col_slot[(kj * g.dw) % g.sw];
+                let cs = slot(&col_phases, (kj * g.dw) % g.sw);
                 let q = kj * g.dw / g.sw;
-                let start = ((rs * n_cols + cs) * rows + a) * stride + q;
+                let start = ((rs * col_phases.len() + cs) * rows + a) * stride + q;
                 taps.push((start, (ki * g.dh * g.w + kj * g.dw) as u32));
             }
         }
-        MaxLayout {
-            row_slot,
-            col_slot,
-            n_cols,
+        Some(MaxLayout {
+            row_phases,
+            col_phases,
             rows,
             stride,
             taps,
-        }
+        })
     }
 
     fn buf_len(&self) -> usize {
-        self.row_slot.iter().filter(|&&s| s != usize::MAX).count()
-            * self.n_cols
-            * self.rows
-            * self.stride
+        self.row_phases.len() * self.col_phases.len() * self.rows * self.stride
     }
 
     /// The flat run length of one tap: `oh` output rows at the layout's stride.
@@ -522,16 +522,17 @@ impl MaxLayout {
     #[inline(always)]
     fn fill(&self, g: &Win, xp: &[f32], buf: &mut [f32]) {
         buf.fill(f32::NEG_INFINITY);
+        let nc = self.col_phases.len();
         for (iy, row) in xp.chunks_exact(g.w).enumerate() {
             let r = iy + g.pt;
-            let (rs, a) = (self.row_slot[r % g.sh], r / g.sh);
-            if rs == usize::MAX || a >= self.rows {
+            let a = r / g.sh;
+            let Some(rs) = self.row_phases.iter().position(|&p| p == r % g.sh) else {
+                continue;
+            };
+            if a >= self.rows {
                 continue;
             }
-            for (ph, &cs) in self.col_slot.iter().enumerate() {
-                if cs == usize::MAX {
-                    continue;
-                }
+            for (cs, &ph) in self.col_phases.iter().enumerate() {
                 // Input columns ix with (ix + pl) % sw == ph, from the first one.
                 let ix0 = (ph + g.sw - g.pl % g.sw) % g.sw;
                 if ix0 >= g.w {
@@ -541,10 +542,39 @@ impl MaxLayout {
                 if j0 >= self.stride {
                     continue;
                 }
-                let dst = &mut buf[((rs * self.n_cols + cs) * self.rows + a) * self.stride..]
-                    [j0..self.stride];
+                let dst =
+                    &mut buf[((rs * nc + cs) * self.rows + a) * self.stride..][j0..self.stride];
                 deinterleave(&row[ix0..], g.sw, dst);
             }
+        }
+    }
+}
+
+/// One plane of [`MaxPool2d::forward`] window by window, for geometries whose [`MaxLayout`]
+/// would be too large; the same rule (first tap holding the max, NaN propagating).
+fn max_plane_direct(g: &Win, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let (mut m, mut k) = (f32::NEG_INFINITY, u32::MAX);
+            for ki in 0..g.kh {
+                let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
+                if iy < 0 || iy as usize >= g.h {
+                    continue;
+                }
+                for kj in 0..g.kw {
+                    let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
+                    if ix < 0 || ix as usize >= g.w {
+                        continue;
+                    }
+                    let i = iy as usize * g.w + ix as usize;
+                    let v = xp[i];
+                    if k == u32::MAX || v > m || (v.is_nan() && !m.is_nan()) {
+                        (m, k) = (v, i as u32);
+                    }
+                }
+            }
+            let o = oy * g.ow + ox;
+            (yp[o], ap[o]) = if k == u32::MAX { (0.0, k) } else { (m, k) };
         }
     }
 }
@@ -925,6 +955,63 @@ mod tests {
         let x = Array4::from_elem((1, 1, 2, 2), -3.0f32);
         let (y, _) = p.forward(x.view()).unwrap();
         assert!(y.iter().all(|&v| v == -3.0));
+    }
+
+    /// Strides, dilations and pads far beyond the plane, as a hostile file may declare: no
+    /// stride-sized allocation (the phase layout keeps only the phases a tap reads), and the
+    /// values and gradients of the reference.
+    #[test]
+    fn max_stride_or_dilation_far_beyond_the_plane_matches_the_reference() {
+        check_max(
+            maxp([1, 1], [1 << 40, 1 << 40], [0; 4], [1, 1], false),
+            [1, 2, 3, 4],
+            21,
+        );
+        check_max(
+            maxp([2, 2], [1 << 40, 1], [0; 4], [1, 1], true),
+            [1, 2, 3, 4],
+            22,
+        );
+        check_max(
+            maxp([2, 1], [1, 1], [50_000, 0, 0, 0], [50_000, 1], false),
+            [1, 2, 3, 4],
+            23,
+        );
+    }
+
+    /// The window-by-window fallback (for layouts far larger than the plane) gives the phase
+    /// layout's values and argmax bit for bit, ties, NaN, -inf and padding included.
+    #[test]
+    fn max_direct_fallback_equals_the_phase_layout() {
+        let mut rng = Rng::new(24);
+        for (k, st, pads, dil, ceil) in [
+            ([3, 3], [2, 2], [1; 4], [1, 1], false),
+            ([2, 3], [1, 2], [0, 1, 1, 0], [2, 1], true),
+            ([3, 1], [3, 1], [2, 0, 2, 0], [1, 1], false),
+            ([5, 5], [1, 1], [4; 4], [1, 1], false),
+        ] {
+            let p = maxp(k, st, pads, dil, ceil);
+            let mut x = distinct(&mut rng, [1, 2, 7, 6]);
+            // Ties, NaN and -inf in every plane.
+            for c in 0..2 {
+                x[[0, c, 1, 1]] = x[[0, c, 1, 2]];
+                x[[0, c, 3, 3]] = f32::NAN;
+                x[[0, c, 5, 0]] = f32::NEG_INFINITY;
+            }
+            let g = p.win(x.shape()).unwrap();
+            let lay = MaxLayout::new(&g).expect("small layout");
+            let xs = x.as_slice().unwrap();
+            let ohw = g.oh * g.ow;
+            for xp in xs.chunks(g.h * g.w) {
+                let (mut y1, mut a1) = (vec![0.0f32; ohw], vec![u32::MAX; ohw]);
+                let (mut y2, mut a2) = (vec![0.0f32; ohw], vec![u32::MAX; ohw]);
+                max_plane(&g, &lay, xp, &mut y1, &mut a1, &mut MaxScratch::default());
+                max_plane_direct(&g, xp, &mut y2, &mut a2);
+                assert_eq!(a1, a2, "{k:?} {st:?} {pads:?} {dil:?}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y1), bits(&y2), "{k:?} {st:?} {pads:?} {dil:?}");
+            }
+        }
     }
 
     #[test]

@@ -135,14 +135,15 @@ impl Geom {
     /// A strided conv reads every sw-th input column; each plane is first split into its sw
     /// column phases (`phase r, column j` = input column `j*sw + r`), so that every output row
     /// of a tap is one contiguous copy rather than a gather (ResNet-18's 7x7 stride-2 stem at
-    /// 128x128 spent most of its forward and weight gradient in that gather).
+    /// 128x128 spent most of its forward and weight gradient in that gather). Phases at or past
+    /// the width hold no column and are not stored (a stride wider than the plane).
     pub(super) fn im2col_rows(&self, x: &[f32], col: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
         let wq = self.w.div_ceil(self.sw);
         let mut split = vec![
             0.0f32;
             if self.sw > 1 {
-                self.sw * self.h * wq
+                self.sw.min(self.w) * self.h * wq
             } else {
                 0
             }
@@ -205,7 +206,7 @@ impl Geom {
         let mut split = vec![
             0.0f32;
             if self.sw > 1 {
-                self.sw * self.h * wq
+                self.sw.min(self.w) * self.h * wq
             } else {
                 0
             }

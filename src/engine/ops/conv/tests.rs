@@ -735,6 +735,14 @@ fn flat_taps_equal_row_by_row_im2col_and_col2im() {
     assert!(flat_cases > 40, "only {flat_cases} flat geometries tried");
 }
 
+/// A stride far wider than the plane (a hostile file's) needs no stride-sized buffer: the
+/// column phases past the width are not stored. Values and gradients match the reference.
+#[test]
+fn stride_far_beyond_the_plane_matches_the_reference() {
+    let c = conv(1, [1 << 40, 1 << 40], [1, 1, 1, 1], [1, 1]);
+    check(&c, [2, 3, 4, 5], [4, 3, 3, 3], true, Path::Im2col, 31);
+}
+
 /// Strided im2col (through column phases) equals its definition entry by entry, and col2im is
 /// its adjoint: `<col, im2col(x)> = <col2im(col), x>`, over strides 2-3, odd and even widths,
 /// pads and dilations, including taps whose offset is negative.
