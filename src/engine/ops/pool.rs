@@ -518,10 +518,11 @@ impl MaxLayout {
         (g.oh - 1) * self.stride + g.ow
     }
 
-    /// Copies plane `xp` into `buf` (every entry written).
+    /// Copies plane `xp` into the input positions of `buf`; the rest of `buf` (padding, columns
+    /// past the input) must hold -inf, which [`max_plane`] writes once per scratch buffer: those
+    /// positions are the same for every plane.
     #[inline(always)]
     fn fill(&self, g: &Win, xp: &[f32], buf: &mut [f32]) {
-        buf.fill(f32::NEG_INFINITY);
         let nc = self.col_phases.len();
         for (iy, row) in xp.chunks_exact(g.w).enumerate() {
             let r = iy + g.pt;
@@ -550,31 +551,42 @@ impl MaxLayout {
     }
 }
 
-/// One plane of [`MaxPool2d::forward`] window by window, for geometries whose [`MaxLayout`]
-/// would be too large; the same rule (first tap holding the max, NaN propagating).
+/// One output's window, element by element: the first input element in window order holding
+/// the max (NaN propagating) and its index, or `(0, u32::MAX)` for a window with no input
+/// element (pads wider than the kernel: 0, and no gradient).
+fn window_max(g: &Win, xp: &[f32], oy: usize, ox: usize) -> (f32, u32) {
+    let (mut m, mut k) = (f32::NEG_INFINITY, u32::MAX);
+    for ki in 0..g.kh {
+        let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
+        if iy < 0 || iy as usize >= g.h {
+            continue;
+        }
+        for kj in 0..g.kw {
+            let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
+            if ix < 0 || ix as usize >= g.w {
+                continue;
+            }
+            let i = iy as usize * g.w + ix as usize;
+            let v = xp[i];
+            if k == u32::MAX || v > m || (v.is_nan() && !m.is_nan()) {
+                (m, k) = (v, i as u32);
+            }
+        }
+    }
+    if k == u32::MAX {
+        (0.0, k)
+    } else {
+        (m, k)
+    }
+}
+
+/// One plane of [`MaxPool2d::forward`] window by window ([`window_max`]), for geometries
+/// whose [`MaxLayout`] would be too large.
 fn max_plane_direct(g: &Win, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
     for oy in 0..g.oh {
         for ox in 0..g.ow {
-            let (mut m, mut k) = (f32::NEG_INFINITY, u32::MAX);
-            for ki in 0..g.kh {
-                let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
-                if iy < 0 || iy as usize >= g.h {
-                    continue;
-                }
-                for kj in 0..g.kw {
-                    let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
-                    if ix < 0 || ix as usize >= g.w {
-                        continue;
-                    }
-                    let i = iy as usize * g.w + ix as usize;
-                    let v = xp[i];
-                    if k == u32::MAX || v > m || (v.is_nan() && !m.is_nan()) {
-                        (m, k) = (v, i as u32);
-                    }
-                }
-            }
             let o = oy * g.ow + ox;
-            (yp[o], ap[o]) = if k == u32::MAX { (0.0, k) } else { (m, k) };
+            (yp[o], ap[o]) = window_max(g, xp, oy, ox);
         }
     }
 }
@@ -633,7 +645,10 @@ fn max_plane_body(
     // with branch-free selects: every lane is independent, so the loop vectorises. (Window
     // after window with a branchy running pair made each output a chain of dependent,
     // mispredicted compare-and-branches; see benches/pool.rs for the history.)
-    s.buf.resize(lay.buf_len(), 0.0);
+    if s.buf.len() != lay.buf_len() {
+        s.buf.clear();
+        s.buf.resize(lay.buf_len(), f32::NEG_INFINITY);
+    }
     lay.fill(g, xp, &mut s.buf);
     let len = lay.run_len(g);
     s.best.clear();
@@ -677,30 +692,14 @@ fn max_plane_body(
 }
 
 /// Outputs no tap took: windows whose input elements are all -inf (the first one is the max)
-/// or that hold no input element at all (pads wider than the kernel: 0, and no gradient).
+/// or that hold no input element at all; [`window_max`] settles both.
 #[cold]
 fn fix_untaken(g: &Win, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
     for oy in 0..g.oh {
         for ox in 0..g.ow {
             let o = oy * g.ow + ox;
-            if ap[o] != u32::MAX {
-                continue;
-            }
-            yp[o] = 0.0;
-            'win: for ki in 0..g.kh {
-                let iy = (oy * g.sh + ki * g.dh) as isize - g.pt as isize;
-                if iy < 0 || iy as usize >= g.h {
-                    continue;
-                }
-                for kj in 0..g.kw {
-                    let ix = (ox * g.sw + kj * g.dw) as isize - g.pl as isize;
-                    if ix >= 0 && (ix as usize) < g.w {
-                        let i = iy as usize * g.w + ix as usize;
-                        yp[o] = xp[i];
-                        ap[o] = i as u32;
-                        break 'win;
-                    }
-                }
+            if ap[o] == u32::MAX {
+                (yp[o], ap[o]) = window_max(g, xp, oy, ox);
             }
         }
     }

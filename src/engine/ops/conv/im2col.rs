@@ -129,6 +129,31 @@ impl Geom {
         }
     }
 
+    /// Length of one plane split into its column phases for [`Self::im2col_rows`] and
+    /// [`Self::col2im_rows`] (0 at stride 1, which needs no split): `min(sw, w)` phases of
+    /// `h` rows of `ceil(w / sw)` columns.
+    fn phases_len(&self) -> usize {
+        if self.sw > 1 {
+            self.sw.min(self.w) * self.h * self.w.div_ceil(self.sw)
+        } else {
+            0
+        }
+    }
+
+    /// Where row `iy` of column phase `r` lies in the split plane.
+    fn phase_row(&self, r: usize, iy: usize) -> std::ops::Range<usize> {
+        let wq = self.w.div_ceil(self.sw);
+        let start = (r * self.h + iy) * wq;
+        start..start + wq
+    }
+
+    /// The phase `r` and shift `q` of a tap's column offset: input column `ox*sw + xoff` is
+    /// column `ox + q` of phase `r`.
+    fn phase_of(&self, xoff: isize) -> (usize, isize) {
+        let sw = self.sw as isize;
+        (xoff.rem_euclid(sw) as usize, xoff.div_euclid(sw))
+    }
+
     /// `col[(c, ki, kj), (oy, ox)] = x[c, oy*sh + ki*dh - pt, ox*sw + kj*dw - pl]`, zero in the
     /// pads; row by row, for any geometry (the flat path's reference in the tests).
     ///
@@ -139,24 +164,12 @@ impl Geom {
     /// the width hold no column and are not stored (a stride wider than the plane).
     pub(super) fn im2col_rows(&self, x: &[f32], col: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
-        let wq = self.w.div_ceil(self.sw);
-        let mut split = vec![
-            0.0f32;
-            if self.sw > 1 {
-                self.sw.min(self.w) * self.h * wq
-            } else {
-                0
-            }
-        ];
+        let mut split = vec![0.0f32; self.phases_len()];
         for (c, plane) in x.chunks(hw).enumerate() {
             if self.sw > 1 {
                 for (iy, row) in plane.chunks_exact(self.w).enumerate() {
                     for r in 0..self.sw.min(self.w) {
-                        deinterleave(
-                            &row[r..],
-                            self.sw,
-                            &mut split[(r * self.h + iy) * wq..][..wq],
-                        );
+                        deinterleave(&row[r..], self.sw, &mut split[self.phase_row(r, iy)]);
                     }
                 }
             }
@@ -184,10 +197,8 @@ impl Geom {
                             let start = (xlo as isize + xoff) as usize;
                             dst[xlo..xhi].copy_from_slice(&src[start..start + (xhi - xlo)]);
                         } else {
-                            // Input column ox*sw + xoff = (ox + q)*sw + r.
-                            let sw = self.sw as isize;
-                            let (r, q) = (xoff.rem_euclid(sw) as usize, xoff.div_euclid(sw));
-                            let phase = &split[(r * self.h + iy) * wq..][..wq];
+                            let (r, q) = self.phase_of(xoff);
+                            let phase = &split[self.phase_row(r, iy)];
                             let start = (xlo as isize + q) as usize;
                             dst[xlo..xhi].copy_from_slice(&phase[start..start + (xhi - xlo)]);
                         }
@@ -202,15 +213,7 @@ impl Geom {
     /// then interleaved back into `dx` (the adjoint of the forward's split).
     pub(super) fn col2im_rows(&self, col: &[f32], dx: &mut [f32]) {
         let (ohw, hw) = (self.oh * self.ow, self.h * self.w);
-        let wq = self.w.div_ceil(self.sw);
-        let mut split = vec![
-            0.0f32;
-            if self.sw > 1 {
-                self.sw.min(self.w) * self.h * wq
-            } else {
-                0
-            }
-        ];
+        let mut split = vec![0.0f32; self.phases_len()];
         for (c, plane) in dx.chunks_mut(hw).enumerate() {
             split.fill(0.0);
             for ki in 0..self.kh {
@@ -230,10 +233,8 @@ impl Geom {
                             let dst = &mut plane[iy * self.w..(iy + 1) * self.w];
                             (dst, (xlo as isize + xoff) as usize)
                         } else {
-                            // Input column ox*sw + xoff = (ox + q)*sw + r.
-                            let sw = self.sw as isize;
-                            let (r, q) = (xoff.rem_euclid(sw) as usize, xoff.div_euclid(sw));
-                            let phase = &mut split[(r * self.h + iy) * wq..][..wq];
+                            let (r, q) = self.phase_of(xoff);
+                            let phase = &mut split[self.phase_row(r, iy)];
                             (phase, (xlo as isize + q) as usize)
                         };
                         dst[start..start + (xhi - xlo)]
@@ -246,7 +247,7 @@ impl Geom {
             if self.sw > 1 {
                 for (iy, row) in plane.chunks_exact_mut(self.w).enumerate() {
                     for r in 0..self.sw.min(self.w) {
-                        let phase = &split[(r * self.h + iy) * wq..][..wq];
+                        let phase = &split[self.phase_row(r, iy)];
                         for (d, &v) in row[r..].iter_mut().step_by(self.sw).zip(phase) {
                             *d += v;
                         }
