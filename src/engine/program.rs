@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Context, Result};
 use ndarray::ArrayD;
 
-use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, MaxPool2d};
+use super::ops::{Activation, AveragePool2d, BatchNorm2d, BnAct, Conv2d, Gemm, MaxPool2d};
 use super::tensor_ops::BinOp;
 use crate::ir::ops::{AutoPad, PoolKind, Slice};
 use crate::ir::shape::{norm_axis, reduce_axes, resolve_pads, split_sizes, Facts};
@@ -408,7 +408,7 @@ impl Program {
             output_slot = id;
         }
         let file_output_tail = facts[&graph.outputs[0].name].shape[1..].to_vec();
-        let steps = fuse_relu(fuse_silu(steps, output_slot), output_slot);
+        let steps = fuse_act(fuse_silu(steps, output_slot), output_slot);
         Ok(Program {
             steps,
             n_slots: slots.len(),
@@ -435,15 +435,16 @@ impl Program {
 }
 
 /// Folds each Relu that is the only reader of a BatchNormalization's or an Add's output into that
-/// step ([`BatchNorm2d::relu`], [`Kernel::AddRelu`]): one pass over the activation instead of
-/// two, no stored pre-activation (the tensor the ReLU's backward used to read), and a backward
-/// that masks `dy` inside the step's own pass. Results are bitwise those of the separate steps
-/// (the batchnorm and tensor_ops tests check it). Conv-BN-ReLU is the first half of every
-/// ResNet block and the stem; Add-ReLU ends every block.
-fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
+/// step ([`BatchNorm2d::act`], [`Kernel::AddRelu`]), and each such Clip into a
+/// BatchNormalization: one pass over the activation instead of two, no stored pre-activation
+/// (the tensor the activation's backward used to read), and a backward that masks `dy` inside
+/// the step's own pass. Results are bitwise those of the separate steps (the batchnorm and
+/// tensor_ops tests check it). Conv-BN-ReLU is the first half of every ResNet block and the
+/// stem; Add-ReLU ends every block; Conv-BN-ReLU6 (Clip 0..6) is every MobileNet-V2 layer.
+fn fuse_act(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
     let readers = readers_of(&steps);
-    // Per step: the Relu it absorbs (that Relu's outputs and name); and the Relus absorbed.
-    let mut plan: Vec<Option<(Vec<usize>, String)>> = vec![None; steps.len()];
+    // Per step: the activation it absorbs (its outputs, name and kind); and the steps absorbed.
+    let mut plan: Vec<Option<(Vec<usize>, String, BnAct)>> = vec![None; steps.len()];
     let mut absorbed = vec![false; steps.len()];
     for (i, s) in steps.iter().enumerate() {
         if !matches!(
@@ -457,10 +458,14 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             continue;
         }
         if let Some(&[j]) = readers.get(&y).map(Vec::as_slice) {
-            if matches!(steps[j].kernel, Kernel::Act(Activation::Relu)) {
-                absorbed[j] = true;
-                plan[i] = Some((steps[j].outputs.clone(), steps[j].name.clone()));
-            }
+            let bn = matches!(s.kernel, Kernel::BatchNorm { .. });
+            let act = match steps[j].kernel {
+                Kernel::Act(Activation::Relu) => BnAct::Relu,
+                Kernel::Act(Activation::Clip { min, max }) if bn => BnAct::Clip { min, max },
+                _ => continue,
+            };
+            absorbed[j] = true;
+            plan[i] = Some((steps[j].outputs.clone(), steps[j].name.clone(), act));
         }
     }
     steps
@@ -468,14 +473,17 @@ fn fuse_relu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
         .zip(plan)
         .zip(absorbed)
         .filter(|(_, gone)| !gone)
-        .map(|((mut s, relu), _)| {
-            let Some((outputs, name)) = relu else {
+        .map(|((mut s, act), _)| {
+            let Some((outputs, name, act)) = act else {
                 return s;
             };
             match &mut s.kernel {
                 Kernel::BatchNorm { op, .. } => {
-                    op.relu = true;
-                    s.profile_key = "BatchNormalization+Relu";
+                    op.act = act;
+                    s.profile_key = match act {
+                        BnAct::Clip { .. } => "BatchNormalization+Clip",
+                        _ => "BatchNormalization+Relu",
+                    };
                 }
                 k => {
                     *k = Kernel::AddRelu;
@@ -610,7 +618,7 @@ fn kernel_for(
                 op: BatchNorm2d {
                     epsilon: b.epsilon,
                     momentum: b.momentum,
-                    relu: false,
+                    act: BnAct::None,
                 },
                 mean: 0,
                 var: 0,
@@ -836,8 +844,9 @@ mod tests {
     /// A Relu is folded only into the step whose output it alone reads, and never away from the
     /// program's output.
     #[test]
-    fn relu_fuses_only_into_its_sole_producer() {
+    fn relu_and_clip_fuse_only_into_their_sole_producer() {
         let relu = || Kernel::Act(Activation::Relu);
+        let clip = || Kernel::Act(Activation::Clip { min: 0.0, max: 6.0 });
         let steps = vec![
             step("bn1", bn(), &[0], 1),
             step("relu1", relu(), &[1], 2),
@@ -851,14 +860,22 @@ mod tests {
             step("relu4", relu(), &[7], 8),
             // The program's output is never fused away.
             step("bn3", bn(), &[8], 9),
+            // A Clip (ReLU6) folds into a BatchNormalization, not into an Add.
+            step("bn4", bn(), &[9], 10),
+            step("clip1", clip(), &[10], 11),
+            step("add2", Kernel::Binary(BinOp::Add), &[11, 11], 12),
+            step("clip2", clip(), &[12], 13),
         ];
-        let fused = fuse_relu(steps.clone(), 9);
+        let fused = fuse_act(steps.clone(), 13);
         let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["bn1", "bn2", "relu2", "add", "mul", "relu4", "bn3"]);
+        assert_eq!(
+            names,
+            ["bn1", "bn2", "relu2", "add", "mul", "relu4", "bn3", "bn4", "add2", "clip2"]
+        );
         let Kernel::BatchNorm { op, .. } = &fused[0].kernel else {
             panic!()
         };
-        assert!(op.relu);
+        assert_eq!(op.act, BnAct::Relu);
         assert_eq!(
             (fused[0].outputs.as_slice(), fused[0].absorbed.as_deref()),
             (&[2][..], Some("relu1"))
@@ -866,18 +883,27 @@ mod tests {
         let Kernel::BatchNorm { op, .. } = &fused[1].kernel else {
             panic!()
         };
-        assert!(!op.relu);
+        assert_eq!(op.act, BnAct::None);
         assert!(matches!(fused[3].kernel, Kernel::AddRelu));
         assert_eq!(fused[3].outputs, [6]);
         assert!(matches!(fused[4].kernel, Kernel::Binary(BinOp::Mul)));
         let Kernel::BatchNorm { op, .. } = &fused[6].kernel else {
             panic!()
         };
-        assert!(!op.relu);
+        assert_eq!(op.act, BnAct::None);
+        let Kernel::BatchNorm { op, .. } = &fused[7].kernel else {
+            panic!()
+        };
+        assert_eq!(op.act, BnAct::Clip { min: 0.0, max: 6.0 });
+        assert_eq!(
+            (fused[7].outputs.as_slice(), fused[7].absorbed.as_deref()),
+            (&[11][..], Some("clip1"))
+        );
+        assert_eq!(fused[7].profile_key, "BatchNormalization+Clip");
         // With a Relu producing the output, the Relu stays.
         let tail = vec![step("bn", bn(), &[0], 1), step("relu", relu(), &[1], 2)];
-        assert_eq!(fuse_relu(tail.clone(), 1).len(), 2);
-        assert_eq!(fuse_relu(tail, 2).len(), 1);
+        assert_eq!(fuse_act(tail.clone(), 1).len(), 2);
+        assert_eq!(fuse_act(tail, 2).len(), 1);
     }
 
     /// `Mul(x, Sigmoid(x))` becomes one SiLU step in either operand order, but not when the

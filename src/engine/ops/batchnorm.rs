@@ -22,11 +22,53 @@ pub struct BatchNorm2d {
     /// `running = momentum * running + (1 - momentum) * batch`. PyTorch's `momentum=0.1` is
     /// ONNX's 0.9, which is what a PyTorch export writes.
     pub momentum: f32,
-    /// A ReLU fused after the normalisation (the program's BN + ReLU pass sets it): the output
-    /// is `max(0, bn(x))`, and the pre-activation tensor is never stored. Backward rebuilds the
-    /// ReLU's mask from `x` with the forward's own coefficients, so the gradients are bitwise
-    /// those of the two separate ops.
-    pub relu: bool,
+    /// An activation fused after the normalisation (the program's BN + ReLU / Clip pass sets
+    /// it): the output is `act(bn(x))`, and the pre-activation tensor is never stored. Backward
+    /// rebuilds the activation's mask from `x` with the forward's own coefficients, so the
+    /// gradients are bitwise those of the two separate ops.
+    pub act: BnAct,
+}
+
+/// The activation a batch norm may carry: ReLU (ResNets, MobileNet-V3) or Clip (ReLU6 after
+/// every BN of MobileNet-V2, where the separate Clip cost 7% of a training step: one more pass
+/// forward, two more backward).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum BnAct {
+    #[default]
+    None,
+    /// [`super::act::relu`].
+    Relu,
+    /// `min(max(v, min), max)` with NaN kept, as [`super::Activation::Clip`].
+    Clip { min: f32, max: f32 },
+}
+
+impl BnAct {
+    /// The activation of `v`, the same f32 operations as the separate op's forward.
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        match self {
+            BnAct::None => v,
+            BnAct::Relu => super::act::relu(v),
+            BnAct::Clip { min, max } => {
+                if v.is_nan() {
+                    v
+                } else {
+                    v.max(min).min(max)
+                }
+            }
+        }
+    }
+
+    /// Whether the gradient passes at pre-activation `v`: the separate op's backward condition
+    /// (strictly inside the linear region, as PyTorch).
+    #[inline(always)]
+    fn passes(self, v: f32) -> bool {
+        match self {
+            BnAct::None => true,
+            BnAct::Relu => v > 0.0,
+            BnAct::Clip { min, max } => v > min && v < max,
+        }
+    }
 }
 
 impl Default for BatchNorm2d {
@@ -34,7 +76,7 @@ impl Default for BatchNorm2d {
         BatchNorm2d {
             epsilon: 1e-5,
             momentum: 0.9,
-            relu: false,
+            act: BnAct::None,
         }
     }
 }
@@ -46,9 +88,9 @@ pub struct BatchNormSaved {
     pub mean: Array1<f32>,
     /// `1 / sqrt(biased_var + epsilon)`.
     pub inv_std: Array1<f32>,
-    /// With a fused ReLU: the forward's per-channel coefficients, from which backward rebuilds
-    /// the pre-activation's sign exactly as forward computed it.
-    relu_coef: Option<Vec<Coef>>,
+    /// With a fused activation: the forward's per-channel coefficients, from which backward
+    /// rebuilds the pre-activation exactly as forward computed it.
+    act_coef: Option<Vec<Coef>>,
 }
 
 /// Gradients of a batch norm with respect to its input and affine parameters.
@@ -70,21 +112,54 @@ struct Coef {
     k: f32,
 }
 
-/// The pre-activation of a fused BN + ReLU, computed exactly as the forward pass computes it
-/// (same f32 operations in the same order), so its sign is the ReLU's mask bit for bit.
+/// The pre-activation of a fused BN + activation, computed exactly as the forward pass computes
+/// it (same f32 operations in the same order), so the activation's mask is rebuilt bit for bit.
 #[inline(always)]
 fn pre_activation(cf: &Coef, x: f32) -> f32 {
     cf.b * (x - cf.shift) + cf.k
 }
 
-/// What [`channel_pass`] does to its result: nothing, a ReLU on the forward output, or (backward
-/// of a fused ReLU) `dy` masked where the forward pre-activation, rebuilt from `x` with these
-/// coefficients, was not positive.
+/// What [`channel_pass`] does to its result: nothing, an activation on the forward output, or
+/// (backward of a fused activation) `dy` masked where the activation did not pass the gradient
+/// at the forward pre-activation, rebuilt from `x` with these coefficients.
 #[derive(Clone, Copy)]
 enum Fused<'a> {
     None,
-    Relu,
-    Mask(&'a [Coef]),
+    Act(BnAct),
+    Mask(&'a [Coef], BnAct),
+}
+
+/// `o = a * g' + b * (x - shift) + k` with `g'` = `g` where `keep(pre-activation)`, else 0.
+/// Inlined per activation so that each loop is monomorphic and vectorises.
+#[inline(always)]
+fn masked_pass(
+    o: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    f: &Coef,
+    cf: &Coef,
+    keep: impl Fn(f32) -> bool,
+) {
+    o.iter_mut().zip(x.iter().zip(g)).for_each(|(o, (&x, &g))| {
+        let g = if keep(pre_activation(f, x)) { g } else { 0.0 };
+        *o = cf.a * g + cf.b * (x - cf.shift) + cf.k
+    });
+}
+
+/// `m = g` where `keep(pre-activation(x))`, else 0: the separate activation's backward.
+#[inline(always)]
+fn mask_plane(m: &mut [f32], x: &[f32], g: &[f32], f: &Coef, keep: impl Fn(f32) -> bool) {
+    for ((m, &x), &g) in m.iter_mut().zip(x).zip(g) {
+        *m = if keep(pre_activation(f, x)) { g } else { 0.0 };
+    }
+}
+
+/// `o = act(pre-activation(x))`, inlined per activation like [`masked_pass`].
+#[inline(always)]
+fn act_pass(o: &mut [f32], x: &[f32], cf: &Coef, act: impl Fn(f32) -> f32) {
+    o.iter_mut()
+        .zip(x)
+        .for_each(|(o, &x)| *o = act(pre_activation(cf, x)));
 }
 
 /// Applies `coef` over NCHW data, images in parallel; `gs` (the `dy` term) is absent in forward.
@@ -109,13 +184,16 @@ fn channel_pass(
                 let r = ch * hw..(ch + 1) * hw;
                 let (o, x) = (&mut oi[r.clone()], &xi[r.clone()]);
                 match (gs, fused) {
-                    (Some(gs), Fused::Mask(fwd)) => {
-                        let g = &gs[i * img..][r];
-                        let f = &fwd[ch];
-                        o.iter_mut().zip(x.iter().zip(g)).for_each(|(o, (&x, &g))| {
-                            let g = if pre_activation(f, x) > 0.0 { g } else { 0.0 };
-                            *o = cf.a * g + cf.b * (x - cf.shift) + cf.k
-                        });
+                    (Some(gs), Fused::Mask(fwd, act)) => {
+                        let (g, f) = (&gs[i * img..][r], &fwd[ch]);
+                        match act {
+                            BnAct::Relu => masked_pass(o, x, g, f, cf, |v| BnAct::Relu.passes(v)),
+                            BnAct::Clip { min, max } => {
+                                let act = BnAct::Clip { min, max };
+                                masked_pass(o, x, g, f, cf, |v| act.passes(v))
+                            }
+                            BnAct::None => masked_pass(o, x, g, f, cf, |_| true),
+                        }
                     }
                     (Some(gs), _) => {
                         let g = &gs[i * img..][r];
@@ -123,14 +201,12 @@ fn channel_pass(
                             .zip(x.iter().zip(g))
                             .for_each(|(o, (&x, &g))| *o = cf.a * g + cf.b * (x - cf.shift) + cf.k);
                     }
-                    (None, Fused::Relu) => o
-                        .iter_mut()
-                        .zip(x)
-                        .for_each(|(o, &x)| *o = super::act::relu(pre_activation(cf, x))),
-                    (None, _) => o
-                        .iter_mut()
-                        .zip(x)
-                        .for_each(|(o, &x)| *o = pre_activation(cf, x)),
+                    (None, Fused::Act(BnAct::Relu)) => act_pass(o, x, cf, |v| BnAct::Relu.apply(v)),
+                    (None, Fused::Act(BnAct::Clip { min, max })) => {
+                        let act = BnAct::Clip { min, max };
+                        act_pass(o, x, cf, |v| act.apply(v))
+                    }
+                    (None, _) => act_pass(o, x, cf, |v| v),
                 }
             }
         });
@@ -295,7 +371,7 @@ impl BatchNorm2d {
         let saved = BatchNormSaved {
             mean: stats.iter().map(|s| s.0 as f32).collect(),
             inv_std: inv_std.iter().map(|&v| v as f32).collect(),
-            relu_coef: self.relu.then_some(coef),
+            act_coef: (self.act != BnAct::None).then_some(coef),
         };
         Ok((
             Array4::from_shape_vec((n, c, h, w), y).expect("output has the input's length"),
@@ -327,10 +403,9 @@ impl BatchNorm2d {
     }
 
     fn fwd_fused(&self) -> Fused<'static> {
-        if self.relu {
-            Fused::Relu
-        } else {
-            Fused::None
+        match self.act {
+            BnAct::None => Fused::None,
+            act => Fused::Act(act),
         }
     }
 
@@ -370,13 +445,13 @@ impl BatchNorm2d {
         Self::check_dy(x.shape(), dy.shape())?;
         let (hw, m) = (h * w, (n * h * w) as f64);
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
-        let mask = match (self.relu, &saved.relu_coef) {
-            (false, _) => Fused::None,
-            (true, Some(fwd)) => Fused::Mask(fwd),
-            (true, None) => {
+        let mask = match (self.act, &saved.act_coef) {
+            (BnAct::None, _) => Fused::None,
+            (act, Some(fwd)) => Fused::Mask(fwd, act),
+            (_, None) => {
                 return Err(attr_err(
                     OP,
-                    "the forward pass ran without the fused ReLU this backward expects",
+                    "the forward pass ran without the fused activation this backward expects",
                 ))
             }
         };
@@ -432,10 +507,13 @@ impl BatchNorm2d {
     ) -> Result<BatchNormGrads> {
         let [n, c, h, w] = self.output_shape(x.shape(), &[scale.len(), mean.len(), var.len()])?;
         Self::check_dy(x.shape(), dy.shape())?;
-        if self.relu {
-            // The training step never runs BN in eval mode; a fused ReLU's mask would need the
-            // shift parameter, which this signature does not take.
-            return Err(attr_err(OP, "eval-mode backward of a fused BN + ReLU"));
+        if self.act != BnAct::None {
+            // The training step never runs BN in eval mode; a fused activation's mask would need
+            // the shift parameter, which this signature does not take.
+            return Err(attr_err(
+                OP,
+                "eval-mode backward of a fused BN + activation",
+            ));
         }
         let hw = h * w;
         let inv_std: Array1<f32> = var.mapv(|v| self.inv_std(v) as f32);
@@ -466,8 +544,8 @@ impl BatchNorm2d {
     }
 
     /// Per channel: `(sum(dy), sum(dy * x_hat))` in f64; with `Fused::Mask`, of the masked `dy`
-    /// (the ReLU's backward), formed plane by plane so that the sums are bitwise those of the
-    /// separate ReLU and BN.
+    /// (the activation's backward), formed plane by plane so that the sums are bitwise those of
+    /// the separate activation and BN.
     #[allow(clippy::too_many_arguments)]
     fn grad_sums(
         &self,
@@ -485,16 +563,19 @@ impl BatchNorm2d {
                 let (mu, is) = (mean[ch], inv_std[ch]);
                 let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
                 let mut masked = match fused {
-                    Fused::Mask(_) => vec![0.0f32; hw],
+                    Fused::Mask(..) => vec![0.0f32; hw],
                     _ => Vec::new(),
                 };
                 // Within a plane in f32 lanes, across planes in f64.
                 for (xp, gp) in channel_planes(xs, c, hw, ch).zip(channel_planes(gs, c, hw, ch)) {
                     let gp = match fused {
-                        Fused::Mask(fwd) => {
+                        Fused::Mask(fwd, act) => {
                             let f = &fwd[ch];
-                            for ((m, &x), &g) in masked.iter_mut().zip(xp).zip(gp) {
-                                *m = if pre_activation(f, x) > 0.0 { g } else { 0.0 };
+                            match act {
+                                BnAct::Relu => {
+                                    mask_plane(&mut masked, xp, gp, f, |v| BnAct::Relu.passes(v))
+                                }
+                                act => mask_plane(&mut masked, xp, gp, f, |v| act.passes(v)),
                             }
                             &masked[..]
                         }
@@ -528,8 +609,13 @@ impl BatchNorm2d {
             y.index_axis_mut(ndarray::Axis(1), ch)
                 .assign(&plane.mapv(|v| (v - mean) * inv * scale[ch] + bias[ch]));
         }
-        if self.relu {
-            y.mapv_inplace(|v| v.max(T::zero()));
+        match self.act {
+            BnAct::None => {}
+            BnAct::Relu => y.mapv_inplace(|v| v.max(T::zero())),
+            BnAct::Clip { min, max } => {
+                let (lo, hi) = (T::from(min).expect("f32"), T::from(max).expect("f32"));
+                y.mapv_inplace(|v| v.max(lo).min(hi))
+            }
         }
         Ok(y)
     }
@@ -548,8 +634,14 @@ impl BatchNorm2d {
         let mut y = x.to_owned();
         for ((_, ch, _, _), v) in y.indexed_iter_mut() {
             *v = (*v - mean[ch]) / (var[ch] + eps).sqrt() * scale[ch] + bias[ch];
-            if self.relu {
-                *v = v.max(T::zero());
+            match self.act {
+                BnAct::None => {}
+                BnAct::Relu => *v = v.max(T::zero()),
+                BnAct::Clip { min, max } => {
+                    *v = v
+                        .max(T::from(min).expect("f32"))
+                        .min(T::from(max).expect("f32"))
+                }
             }
         }
         Ok(y)
@@ -653,32 +745,60 @@ mod tests {
         check_train([3, 4, 5, 7], 1);
     }
 
+    /// A Clip whose bounds both cut BN outputs of the test cases (about N(bias, scale)).
+    const CLIP: BnAct = BnAct::Clip {
+        min: -0.5,
+        max: 0.7,
+    };
+
     #[test]
-    fn fused_relu_forward_and_backward() {
-        let bn = BatchNorm2d {
-            relu: true,
-            ..BatchNorm2d::default()
-        };
-        check_train_with(bn.clone(), [3, 4, 5, 7], 11);
-        check_train_with(bn, [5, 3, 1, 1], 12);
+    fn fused_relu_and_clip_forward_and_backward() {
+        for act in [BnAct::Relu, CLIP] {
+            let bn = BatchNorm2d {
+                act,
+                ..BatchNorm2d::default()
+            };
+            check_train_with(bn.clone(), [3, 4, 5, 7], 11);
+            check_train_with(bn, [5, 3, 1, 1], 12);
+        }
     }
 
-    /// The fused BN + ReLU gives bitwise the values and gradients of BN followed by the ReLU
-    /// op, in training and in eval mode: the program may fuse without changing any result.
+    /// The fused BN + ReLU (or Clip) gives bitwise the values and gradients of BN followed by
+    /// the activation op, in training and in eval mode: the program may fuse without changing
+    /// any result.
     #[test]
-    fn fused_relu_equals_separate_ops_bitwise() {
+    fn fused_relu_and_clip_equal_separate_ops_bitwise() {
         use crate::engine::ops::Activation;
         let plain = BatchNorm2d::default();
+        for (act, op) in [
+            (BnAct::Relu, Activation::Relu),
+            (
+                CLIP,
+                Activation::Clip {
+                    min: -0.5,
+                    max: 0.7,
+                },
+            ),
+        ] {
+            fused_equals_separate(&plain, act, op);
+        }
+    }
+
+    /// `fused_relu_and_clip_equal_separate_ops_bitwise` for one activation.
+    fn fused_equals_separate(plain: &BatchNorm2d, act: BnAct, op: crate::engine::ops::Activation) {
         let fused = BatchNorm2d {
-            relu: true,
+            act,
             ..BatchNorm2d::default()
+        };
+        let lo = match act {
+            BnAct::Clip { min, .. } => min,
+            _ => 0.0,
         };
         for (shape, seed) in [([4, 6, 5, 7], 21), ([2, 3, 8, 8], 22), ([6, 2, 1, 1], 23)] {
             let t = case(shape, seed);
-            let (y, saved, rm, rv) = t.train(&plain);
-            let relu = Activation::Relu;
-            let z = relu.forward(y.view().into_dyn()).unwrap();
-            let dy = relu
+            let (y, saved, rm, rv) = t.train(plain);
+            let z = op.forward(y.view().into_dyn()).unwrap();
+            let dy = op
                 .backward(y.view().into_dyn(), t.r.view().into_dyn())
                 .unwrap()
                 .into_dimensionality()
@@ -695,8 +815,11 @@ mod tests {
             assert_eq!(gf.dx, g.dx, "dx {shape:?}");
             assert_eq!(gf.dscale, g.dscale, "dscale {shape:?}");
             assert_eq!(gf.dbias, g.dbias, "dbias {shape:?}");
-            // The ReLU really cut something, or the test would prove nothing.
-            assert!(z.iter().any(|&v| v == 0.0) && z.iter().any(|&v| v > 0.0));
+            // The activation really cut something, or the test would prove nothing.
+            assert!(z.iter().any(|&v| v == lo) && z.iter().any(|&v| v > lo));
+            if let BnAct::Clip { max, .. } = act {
+                assert!(z.iter().any(|&v| v == max) && z.iter().any(|&v| v < max));
+            }
 
             let ev = |bn: &BatchNorm2d| {
                 bn.forward_eval(
@@ -708,12 +831,12 @@ mod tests {
                 )
                 .unwrap()
             };
-            let ze = relu.forward(ev(&plain).into_dyn().view()).unwrap();
+            let ze = op.forward(ev(plain).into_dyn().view()).unwrap();
             assert_eq!(ev(&fused).into_dyn(), ze, "eval forward {shape:?}");
         }
-        // A backward that expects the fused ReLU refuses a forward that ran without it.
+        // A backward that expects the fused activation refuses a forward that ran without it.
         let t = case([2, 2, 3, 3], 24);
-        let (_, saved, _, _) = t.train(&plain);
+        let (_, saved, _, _) = t.train(plain);
         assert!(fused
             .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
             .is_err());
@@ -752,7 +875,11 @@ mod tests {
         for bn in [
             BatchNorm2d::default(),
             BatchNorm2d {
-                relu: true,
+                act: BnAct::Relu,
+                ..BatchNorm2d::default()
+            },
+            BatchNorm2d {
+                act: CLIP,
                 ..BatchNorm2d::default()
             },
         ] {

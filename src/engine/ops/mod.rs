@@ -29,7 +29,7 @@ pub mod pool;
 pub(crate) mod testutil;
 
 pub use act::Activation;
-pub use batchnorm::{BatchNorm2d, BatchNormGrads, BatchNormSaved};
+pub use batchnorm::{BatchNorm2d, BatchNormGrads, BatchNormSaved, BnAct};
 pub use conv::{Conv2d, Conv2dGrads};
 pub use linear::{Gemm, GemmGrads};
 pub use loss::{top1_correct, topk_correct, SoftmaxCrossEntropy};
