@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
-    set_direct_weight_grad, set_small_plane, set_winograd, Conv2d, WinogradMode,
+    set_depthwise_channels_last, set_direct_weight_grad, set_small_plane, set_winograd, Conv2d,
+    WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -206,14 +207,20 @@ fn conv_kernels(c: &mut Criterion) {
         let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, 1, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
-        g.bench_function(format!("{name}/forward_backward"), |b| {
-            b.iter(|| {
-                elrt::engine::on_pool(|| {
-                    black_box(op.forward(x.view(), w.view(), None).unwrap());
-                    black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+        // As the engine runs it, then with the channels-last kernels off (the tiled or
+        // per-channel kernels the layer had before them).
+        for (kernel, cl) in [("auto", true), ("no_channels_last", false)] {
+            set_depthwise_channels_last(cl);
+            g.bench_function(format!("{name}/{kernel}/forward_backward"), |b| {
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap());
+                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                    })
                 })
-            })
-        });
+            });
+        }
+        set_depthwise_channels_last(true);
     }
     g.finish();
 

@@ -31,7 +31,8 @@
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
 //! planes channels-last; `winograd.rs` the Winograd kernels; `weight_grad.rs` the direct weight
-//! gradient; `depthwise.rs` the direct depthwise loops; `tests.rs` the checks against
+//! gradient; `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last
+//! depthwise kernels for small and strided planes; `tests.rs` the checks against
 //! [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
@@ -47,6 +48,7 @@ use rayon::prelude::*;
 
 mod block;
 mod depthwise;
+mod depthwise_cl;
 mod im2col;
 mod small_plane;
 #[cfg(test)]
@@ -54,6 +56,7 @@ mod tests;
 mod weight_grad;
 mod winograd;
 
+pub use depthwise_cl::set_depthwise_channels_last;
 pub use small_plane::set_small_plane;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
@@ -303,6 +306,9 @@ impl Conv2d {
                         });
                         return;
                     }
+                    if g.path == Path::Depthwise && g.depthwise_channels_last() {
+                        return g.depthwise_forward_cl(xp, &ws, bias.as_deref(), yp);
+                    }
                     if blk > 1 {
                         let mut s = g.block_scratch(true);
                         for (yb, xb) in yp.chunks_mut(blk * ylen).zip(xp.chunks(blk * xlen)) {
@@ -424,6 +430,10 @@ impl Conv2d {
                     return (Vec::new(), db);
                 }
                 let mut dw = vec![0.0f32; ws.len()];
+                if g.path == Path::Depthwise && g.depthwise_channels_last() {
+                    g.depthwise_backward_cl(xp, &ws, dyp, dxp, &mut dw);
+                    return (dw, db);
+                }
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
                 if g.direct_dw {
                     // The weight gradient from the padded input (`weight_grad.rs`), a few

@@ -557,21 +557,34 @@ fn depthwise_efficientnet_geometries() {
 /// (strides, dilations, asymmetric pads, channel multipliers, partial tiles, 1-pixel planes):
 /// forward bitwise at stride 1 (same summation order) and within rounding otherwise; backward
 /// within rounding (the weight gradient sums each plane in row order, not by eight-way dot).
+/// Depthwise geometries of every kind the tiled and channels-last kernels take: `(groups,
+/// channel multiplier, input (h, w), kernel, strides, pads, dilations)`.
+#[allow(clippy::type_complexity)]
+const DW_GEOMETRIES: [(
+    usize,
+    usize,
+    (usize, usize),
+    (usize, usize),
+    [usize; 2],
+    [usize; 4],
+    [usize; 2],
+); 10] = [
+    (16, 1, (4, 4), (5, 5), [1, 1], [2, 2, 2, 2], [1, 1]),
+    (13, 1, (2, 2), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+    (9, 1, (7, 5), (3, 3), [1, 1], [0, 1, 2, 1], [2, 1]),
+    (8, 1, (9, 9), (3, 3), [2, 2], [1, 1, 1, 1], [1, 1]),
+    (7, 1, (9, 8), (5, 5), [2, 2], [2, 2, 2, 2], [1, 1]),
+    (5, 1, (8, 6), (3, 1), [2, 1], [1, 0, 0, 0], [1, 1]),
+    (5, 2, (6, 7), (3, 3), [1, 2], [1, 1, 1, 1], [1, 1]),
+    (3, 3, (7, 6), (3, 2), [1, 1], [2, 0, 1, 3], [2, 1]),
+    (6, 1, (1, 1), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+    (4, 1, (5, 3), (1, 3), [3, 2], [0, 2, 0, 2], [1, 2]),
+];
+
 #[test]
 fn tiled_depthwise_matches_per_channel_kernels() {
     let mut rng = Rng::new(23);
-    for (group, cog, (h, w), (kh, kw), strides, pads, dil) in [
-        (16, 1, (4, 4), (5, 5), [1, 1], [2, 2, 2, 2], [1, 1]),
-        (13, 1, (2, 2), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
-        (9, 1, (7, 5), (3, 3), [1, 1], [0, 1, 2, 1], [2, 1]),
-        (8, 1, (9, 9), (3, 3), [2, 2], [1, 1, 1, 1], [1, 1]),
-        (7, 1, (9, 8), (5, 5), [2, 2], [2, 2, 2, 2], [1, 1]),
-        (5, 1, (8, 6), (3, 1), [2, 1], [1, 0, 0, 0], [1, 1]),
-        (5, 2, (6, 7), (3, 3), [1, 2], [1, 1, 1, 1], [1, 1]),
-        (3, 3, (7, 6), (3, 2), [1, 1], [2, 0, 1, 3], [2, 1]),
-        (6, 1, (1, 1), (3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
-        (4, 1, (5, 3), (1, 3), [3, 2], [0, 2, 0, 2], [1, 2]),
-    ] {
+    for (group, cog, (h, w), (kh, kw), strides, pads, dil) in DW_GEOMETRIES {
         let c = conv(group, strides, pads, dil);
         let (xs, ws) = ([1, group, h, w], [group * cog, 1, kh, kw]);
         let g = c.geom(&xs, &ws).unwrap();
@@ -611,6 +624,54 @@ fn tiled_depthwise_matches_per_channel_kernels() {
         let mut dw_ref = vec![0.0; wt.len()];
         g.depthwise_backward_tiled(xv, wv, &dy, Some(&mut vec![0.0; g.x_len()]), &mut dw_ref);
         assert_eq!(dw_only, dw_ref, "dw without dx {what}");
+    }
+}
+
+/// The channels-last kernels against the tiled ones, image by image over a batch of three, on
+/// every kind of geometry: forward and input gradient bitwise (same summation order; skipped
+/// padded taps add exact zeros there), weight gradient within rounding (summed over the batch
+/// before it is added, the tiled path per image), with and without the input gradient.
+#[test]
+fn channels_last_depthwise_matches_the_tiled_path() {
+    let mut rng = Rng::new(29);
+    let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    for (group, cog, (h, w), (kh, kw), strides, pads, dil) in DW_GEOMETRIES {
+        let c = conv(group, strides, pads, dil);
+        let (xs, ws) = ([3, group, h, w], [group * cog, 1, kh, kw]);
+        let g = c.geom(&xs, &ws).unwrap();
+        let what = format!("{xs:?} {ws:?} {strides:?} {pads:?} {dil:?}");
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let wt = rand_array(&mut rng, ws, -1.0, 1.0);
+        let (xv, wv) = (x.as_slice().unwrap(), wt.as_slice().unwrap());
+        let (xl, yl) = (g.x_len(), g.y_len());
+        let dy = rand_array(&mut rng, 3 * yl, -1.0, 1.0).to_vec();
+        let bias = rand_array(&mut rng, g.co, -1.0, 1.0).to_vec();
+        let ohw = g.oh * g.ow;
+        let mut tiled: Vec<f32> = (0..3 * yl).map(|i| bias[(i % yl) / ohw]).collect();
+        for (yi, xi) in tiled.chunks_mut(yl).zip(xv.chunks(xl)) {
+            g.depthwise_forward_tiled(xi, wv, yi);
+        }
+        let mut cl = vec![f32::NAN; 3 * yl];
+        g.depthwise_forward_cl(xv, wv, Some(&bias), &mut cl);
+        assert_eq!(bits(&cl), bits(&tiled), "forward {what}");
+
+        let dw0 = rand_array(&mut rng, wt.len(), -1.0, 1.0).to_vec();
+        let (mut dx_t, mut dx_c) = (vec![0.0; 3 * xl], vec![0.0; 3 * xl]);
+        let (mut dw_t, mut dw_c) = (dw0.clone(), dw0.clone());
+        for ((dxi, xi), dyi) in dx_t.chunks_mut(xl).zip(xv.chunks(xl)).zip(dy.chunks(yl)) {
+            g.depthwise_backward_tiled(xi, wv, dyi, Some(dxi), &mut dw_t);
+        }
+        g.depthwise_backward_cl(xv, wv, &dy, Some(&mut dx_c), &mut dw_c);
+        assert_eq!(bits(&dx_c), bits(&dx_t), "dx {what}");
+        for (i, (p, q)) in dw_c.iter().zip(&dw_t).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-5 * (1.0 + q.abs()),
+                "dw {what} [{i}]: {p} vs {q}"
+            );
+        }
+        let mut dw_only = dw0;
+        g.depthwise_backward_cl(xv, wv, &dy, None, &mut dw_only);
+        assert_eq!(bits(&dw_only), bits(&dw_c), "dw without dx {what}");
     }
 }
 
