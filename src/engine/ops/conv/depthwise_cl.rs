@@ -29,6 +29,7 @@
 //! `dw` (the tiled path adds per image): the same terms, grouped differently, within f32
 //! rounding of it (`channels_last_depthwise_matches_the_tiled_path`).
 
+use super::layout::planes_to_pixels;
 use super::Geom;
 use crate::engine::ops::valid_range;
 use std::cell::RefCell;
@@ -84,38 +85,6 @@ fn mul_add(o: &mut [f32], a: &[f32], b: &[f32]) {
     let (o, a, b) = (&mut o[..n], &a[..n], &b[..n]);
     for i in 0..n {
         o[i] += a[i] * b[i];
-    }
-}
-
-/// `[c][p] -> [p][c]`: `co` planes of `n` pixels (plane `c` is `plane(c)`) into pixel rows of
-/// `co` values, in 8x8 blocks (eight vector loads, eight vector stores once the compiler has
-/// shuffled them): one float at a time, the scattered stores stalled and the input transpose
-/// took 41% of a 32x32 depthwise layer's time. Inlined into the callers' AVX builds.
-#[inline(always)]
-fn planes_to_pixels<'a>(n: usize, co: usize, plane: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
-    let (cfull, pfull) = (co - co % 8, n - n % 8);
-    for c0 in (0..cfull).step_by(8) {
-        let rows: [&[f32]; 8] = std::array::from_fn(|l| &plane(c0 + l)[..n]);
-        for p0 in (0..pfull).step_by(8) {
-            let a: [[f32; 8]; 8] =
-                std::array::from_fn(|l| rows[l][p0..p0 + 8].try_into().expect("8 pixels"));
-            for j in 0..8 {
-                let d: &mut [f32; 8] = (&mut out[(p0 + j) * co + c0..][..8])
-                    .try_into()
-                    .expect("8 lanes");
-                *d = std::array::from_fn(|l| a[l][j]);
-            }
-        }
-        for p in pfull..n {
-            for l in 0..8 {
-                out[p * co + c0 + l] = rows[l][p];
-            }
-        }
-    }
-    for c in cfull..co {
-        for (p, &v) in plane(c)[..n].iter().enumerate() {
-            out[p * co + c] = v;
-        }
     }
 }
 

@@ -50,6 +50,7 @@ mod block;
 mod depthwise;
 mod depthwise_cl;
 mod im2col;
+mod layout;
 mod small_plane;
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,7 @@
 //! looping over its share of the terms in the one global order, so every output is the same sum
 //! whatever the thread count.
 
+use super::layout::transpose_block;
 use super::{Geom, Path};
 use crate::engine::ops::zeros;
 use ndarray::linalg::general_mat_mul;
@@ -309,11 +310,5 @@ fn swap_inner(a: &[f32], out: &mut [f32], n: usize, c: usize, q: usize) {
     debug_assert!(a.len() == n * c * q && out.len() == a.len());
     out.par_chunks_mut(c * q)
         .zip(a.par_chunks(c * q))
-        .for_each(|(o, a)| {
-            for (ci, plane) in a.chunks(q).enumerate() {
-                for (qi, &v) in plane.iter().enumerate() {
-                    o[qi * c + ci] = v;
-                }
-            }
-        });
+        .for_each(|(o, a)| transpose_block(q, c, a, o));
 }
