@@ -283,7 +283,7 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     reduce_pairs(a, a, |x, _| x)
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce_pairs(a, b, |x, y| x * y)
 }

@@ -627,6 +627,33 @@ fn tiled_depthwise_matches_per_channel_kernels() {
     }
 }
 
+/// The flat stride-1 depthwise kernels as dispatched (AVX2 where the CPU has it) give the
+/// baseline build's results bit for bit, forward and backward.
+#[test]
+fn dispatched_flat_depthwise_equals_the_baseline_build_bitwise() {
+    let mut rng = Rng::new(31);
+    let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+    for (ch, k, px) in [(12, 3, 16), (9, 5, 11), (16, 3, 32)] {
+        let c = conv(ch, [1, 1], [k / 2; 4], [1, 1]);
+        let (xs, ws) = ([1, ch, px, px], [ch, 1, k, k]);
+        let g = c.geom(&xs, &ws).unwrap();
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let (xv, wv) = (x.as_slice().unwrap(), w.as_slice().unwrap());
+        let dy = rand_array(&mut rng, g.y_len(), -1.0, 1.0).to_vec();
+        let (mut y1, mut y2) = (vec![0.5; g.y_len()], vec![0.5; g.y_len()]);
+        g.depthwise_forward_flat(xv, wv, &mut y1);
+        g.depthwise_forward_flat_with(xv, wv, &mut y2, true);
+        assert_eq!(bits(&y1), bits(&y2), "forward {ch} {k} {px}");
+        let (mut dx1, mut dx2) = (vec![0.0; g.x_len()], vec![0.0; g.x_len()]);
+        let (mut dw1, mut dw2) = (vec![0.25; w.len()], vec![0.25; w.len()]);
+        g.depthwise_backward_flat(xv, wv, &dy, Some(&mut dx1), &mut dw1);
+        g.backward_flat_body(xv, wv, &dy, Some(&mut dx2), &mut dw2);
+        assert_eq!(bits(&dx1), bits(&dx2), "dx {ch} {k} {px}");
+        assert_eq!(bits(&dw1), bits(&dw2), "dw {ch} {k} {px}");
+    }
+}
+
 /// The channels-last kernels against the tiled ones, image by image over a batch of three, on
 /// every kind of geometry: forward and input gradient bitwise (same summation order; skipped
 /// padded taps add exact zeros there), weight gradient within rounding (summed over the batch
