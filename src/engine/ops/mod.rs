@@ -24,6 +24,7 @@ pub mod conv;
 pub mod linear;
 pub mod loss;
 pub mod pool;
+pub(crate) mod simd;
 
 #[cfg(test)]
 pub(crate) mod testutil;

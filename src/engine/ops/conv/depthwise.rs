@@ -34,6 +34,25 @@ fn lanes_mut(s: &mut [f32]) -> &mut [f32; LANES] {
 }
 
 use super::Geom;
+use crate::engine::ops::simd::simd_dispatch;
+
+simd_dispatch! {
+    /// [`Geom::depthwise_forward_flat`] built for AVX2 (see there).
+    fn forward_flat(g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) -> ()
+        => Geom::forward_flat_body, (g, x, w, y); ["avx2"]
+}
+
+simd_dispatch! {
+    /// [`Geom::depthwise_backward_flat`] built for AVX2.
+    fn backward_flat(
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) -> () => Geom::backward_flat_body, (g, x, w, dy, dx, dw); ["avx2"]
+}
 use crate::engine::ops::{dot, valid_range};
 
 impl Geom {
@@ -91,19 +110,11 @@ impl Geom {
     /// ms. AVX-512 was slower (5.6 ms): the 16-float rows of a 16x16 plane are one vector, and
     /// the remainder loops run on the rest.
     pub(super) fn depthwise_forward_flat(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { self.forward_flat_avx2(x, w, y) };
-            }
-        }
-        self.depthwise_forward_flat_with(x, w, y, true)
+        forward_flat(self, x, w, y)
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn forward_flat_avx2(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
+    #[inline(always)]
+    fn forward_flat_body(&self, x: &[f32], w: &[f32], y: &mut [f32]) {
         self.depthwise_forward_flat_with(x, w, y, true)
     }
 
@@ -189,27 +200,7 @@ impl Geom {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { self.backward_flat_avx2(x, w, dy, dx, dw) };
-            }
-        }
-        self.backward_flat_body(x, w, dy, dx, dw)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn backward_flat_avx2(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        dw: &mut [f32],
-    ) {
-        self.backward_flat_body(x, w, dy, dx, dw)
+        backward_flat(self, x, w, dy, dx, dw)
     }
 
     #[inline(always)]

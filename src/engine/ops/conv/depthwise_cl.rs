@@ -31,6 +31,7 @@
 
 use super::layout::planes_to_pixels;
 use super::Geom;
+use crate::engine::ops::simd::simd_dispatch;
 use crate::engine::ops::valid_range;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +119,31 @@ fn pixels_to_planes(
 /// 24 KiB at 96 channels).
 const PIXEL_BLOCK: usize = 64;
 
+simd_dispatch! {
+    /// [`Geom::depthwise_forward_cl`] with this thread's scratch, in a vector build.
+    fn forward_cl(
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        s: &mut Scratch,
+    ) -> () => Geom::forward_cl_body, (g, x, w, bias, y, s); ["avx512f", "avx2"]
+}
+
+simd_dispatch! {
+    /// [`Geom::depthwise_backward_cl`] with this thread's scratch, in a vector build.
+    fn backward_cl(
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        s: &mut Scratch,
+    ) -> () => Geom::backward_cl_body, (g, x, w, dy, dx, dw, s); ["avx512f", "avx2"]
+}
+
 impl Geom {
     /// Whether a depthwise layer runs channels-last: where the tiled path would (strided convs,
     /// planes narrower than 8 outputs, see [`Self::depthwise_tiles`]).
@@ -159,46 +185,7 @@ impl Geom {
         y: &mut [f32],
     ) {
         // The scratch is borrowed outside the vector builds (see the module notes).
-        with_scratch(|s| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F, checked just above.
-                    return unsafe { self.forward_cl_avx512(x, w, bias, y, s) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    return unsafe { self.forward_cl_avx2(x, w, bias, y, s) };
-                }
-            }
-            self.forward_cl_body(x, w, bias, y, s)
-        })
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn forward_cl_avx512(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        b: Option<&[f32]>,
-        y: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        self.forward_cl_body(x, w, b, y, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn forward_cl_avx2(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        b: Option<&[f32]>,
-        y: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        self.forward_cl_body(x, w, b, y, s)
+        with_scratch(|s| forward_cl(self, x, w, bias, y, s))
     }
 
     #[inline(always)]
@@ -256,48 +243,7 @@ impl Geom {
         dw: &mut [f32],
     ) {
         // As in the forward: scratch first, then the vector builds.
-        with_scratch(|s| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports AVX-512F, checked just above.
-                    return unsafe { self.backward_cl_avx512(x, w, dy, dx, dw, s) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    // SAFETY: the CPU supports AVX2, checked just above.
-                    return unsafe { self.backward_cl_avx2(x, w, dy, dx, dw, s) };
-                }
-            }
-            self.backward_cl_body(x, w, dy, dx, dw, s)
-        })
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn backward_cl_avx512(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        dw: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        self.backward_cl_body(x, w, dy, dx, dw, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn backward_cl_avx2(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        dy: &[f32],
-        dx: Option<&mut [f32]>,
-        dw: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        self.backward_cl_body(x, w, dy, dx, dw, s)
+        with_scratch(|s| backward_cl(self, x, w, dy, dx, dw, s))
     }
 
     #[inline(always)]

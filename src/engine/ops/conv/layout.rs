@@ -1,5 +1,7 @@
 //! Layout transposes of the channels-last kernels (`depthwise_cl.rs`, `small_plane.rs`).
 
+use crate::engine::ops::simd::simd_dispatch;
+
 /// `[c][p] -> [p][c]`: `co` planes of `n` pixels (plane `c` is `plane(c)`) into pixel rows of
 /// `co` values, in 8x8 blocks (AVX shuffles where the CPU has them). One float at a time, the scattered stores stalled: that transpose took 41%
 /// of a 32x32 depthwise layer's time, and 10% of ResNet-18's training step at 64x64 as
@@ -119,32 +121,15 @@ unsafe fn transpose8x8_avx(rows: &[&[f32]; 8], p0: usize, out: &mut [f32], co: u
     }
 }
 
-/// [`planes_to_pixels`] of one contiguous `[co][n]` block, for callers outside a vector build:
-/// compiled for AVX-512 / AVX2 where the CPU has them (8x8 shuffles at full width).
-pub(super) fn transpose_block(n: usize, co: usize, src: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { transpose_block_avx512(n, co, src, out) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { transpose_block_avx2(n, co, src, out) };
-        }
-    }
-    planes_to_pixels(n, co, |c| &src[c * n..][..n], out)
+simd_dispatch! {
+    /// [`planes_to_pixels`] of one contiguous `[co][n]` block, for callers outside a vector
+    /// build: compiled for AVX-512 / AVX2 where the CPU has them.
+    pub(super) fn transpose_block(n: usize, co: usize, src: &[f32], out: &mut [f32]) -> ()
+        => transpose_block_body, (n, co, src, out); ["avx512f", "avx2"]
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_block_avx512(n: usize, co: usize, src: &[f32], out: &mut [f32]) {
-    planes_to_pixels(n, co, |c| &src[c * n..][..n], out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn transpose_block_avx2(n: usize, co: usize, src: &[f32], out: &mut [f32]) {
+#[inline(always)]
+fn transpose_block_body(n: usize, co: usize, src: &[f32], out: &mut [f32]) {
     planes_to_pixels(n, co, |c| &src[c * n..][..n], out)
 }
 
