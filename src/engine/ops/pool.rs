@@ -5,6 +5,7 @@
 //! `ceil_mode` never starts a window inside the end padding, and with `count_include_pad` the
 //! divisor counts the padding but not the part of a window hanging past it.
 
+use super::simd::simd_dispatch;
 use super::{contiguous, deinterleave, window_out_len, zeros};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
@@ -599,37 +600,19 @@ struct MaxScratch {
     tap: Vec<u32>,
 }
 
-/// One plane of [`MaxPool2d::forward`]: values into `yp`, first-max indices into `ap`.
-/// Compiled for AVX2 where the CPU has it (the crate's baseline is SSE2, whose lack of blends
-/// keeps the select loop scalar); compares and selects only, so the results are the same
-/// either way.
-fn max_plane(
-    g: &Win,
-    lay: &MaxLayout,
-    xp: &[f32],
-    yp: &mut [f32],
-    ap: &mut [u32],
-    s: &mut MaxScratch,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { max_plane_avx2(g, lay, xp, yp, ap, s) };
-    }
-    max_plane_body(g, lay, xp, yp, ap, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn max_plane_avx2(
-    g: &Win,
-    lay: &MaxLayout,
-    xp: &[f32],
-    yp: &mut [f32],
-    ap: &mut [u32],
-    s: &mut MaxScratch,
-) {
-    max_plane_body(g, lay, xp, yp, ap, s)
+simd_dispatch! {
+    /// One plane of [`MaxPool2d::forward`]: values into `yp`, first-max indices into `ap`.
+    /// Compiled for AVX2 where the CPU has it (the crate's baseline is SSE2, whose lack of
+    /// blends keeps the select loop scalar); compares and selects only, so the results are the
+    /// same either way.
+    fn max_plane(
+        g: &Win,
+        lay: &MaxLayout,
+        xp: &[f32],
+        yp: &mut [f32],
+        ap: &mut [u32],
+        s: &mut MaxScratch,
+    ) -> () => max_plane_body, (g, lay, xp, yp, ap, s); ["avx2"]
 }
 
 #[inline(always)]

@@ -34,6 +34,7 @@
 //! (2e-6) against an f64 reference, forward and input gradient.
 
 use super::{mat, mat_mut, Geom};
+use crate::engine::ops::simd::simd_dispatch;
 use ndarray::linalg::general_mat_mul;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -58,6 +59,18 @@ pub(super) struct Plane {
     pub ow: usize,
     pub pt: usize,
     pub pl: usize,
+}
+
+simd_dispatch! {
+    /// [`Plane::run`] with its transforms compiled for AVX2 where the CPU has it.
+    fn run_simd(
+        p: &Plane,
+        x: &[f32],
+        u: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        s: &mut WinoScratch,
+    ) -> () => Plane::run_body, (p, x, u, bias, y, s); ["avx2"]
 }
 
 impl Plane {
@@ -348,25 +361,7 @@ impl Plane {
         y: &mut [f32],
         s: &mut WinoScratch,
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { self.run_avx2(x, u, bias, y, s) };
-        }
-        self.run_body(x, u, bias, y, s)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(
-        &self,
-        x: &[f32],
-        u: &[f32],
-        bias: Option<&[f32]>,
-        y: &mut [f32],
-        s: &mut WinoScratch,
-    ) {
-        self.run_body(x, u, bias, y, s)
+        run_simd(self, x, u, bias, y, s)
     }
 
     #[inline(always)]
