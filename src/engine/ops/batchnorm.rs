@@ -119,6 +119,27 @@ fn pre_activation(cf: &Coef, x: f32) -> f32 {
     cf.b * (x - cf.shift) + cf.k
 }
 
+/// Evaluates `$body` with `$f` bound to a closure calling `$method` of `act`, built per variant
+/// so that the loop in `$body` is monomorphic (no match per element) and vectorises.
+macro_rules! per_act {
+    ($act:expr, $method:ident, $f:ident => $body:expr) => {
+        match $act {
+            BnAct::None => {
+                let $f = |v: f32| BnAct::None.$method(v);
+                $body
+            }
+            BnAct::Relu => {
+                let $f = |v: f32| BnAct::Relu.$method(v);
+                $body
+            }
+            BnAct::Clip { min, max } => {
+                let $f = move |v: f32| BnAct::Clip { min, max }.$method(v);
+                $body
+            }
+        }
+    };
+}
+
 /// What [`channel_pass`] does to its result: nothing, an activation on the forward output, or
 /// (backward of a fused activation) `dy` masked where the activation did not pass the gradient
 /// at the forward pre-activation, rebuilt from `x` with these coefficients.
@@ -186,14 +207,7 @@ fn channel_pass(
                 match (gs, fused) {
                     (Some(gs), Fused::Mask(fwd, act)) => {
                         let (g, f) = (&gs[i * img..][r], &fwd[ch]);
-                        match act {
-                            BnAct::Relu => masked_pass(o, x, g, f, cf, |v| BnAct::Relu.passes(v)),
-                            BnAct::Clip { min, max } => {
-                                let act = BnAct::Clip { min, max };
-                                masked_pass(o, x, g, f, cf, |v| act.passes(v))
-                            }
-                            BnAct::None => masked_pass(o, x, g, f, cf, |_| true),
-                        }
+                        per_act!(act, passes, keep => masked_pass(o, x, g, f, cf, keep))
                     }
                     (Some(gs), _) => {
                         let g = &gs[i * img..][r];
@@ -201,11 +215,7 @@ fn channel_pass(
                             .zip(x.iter().zip(g))
                             .for_each(|(o, (&x, &g))| *o = cf.a * g + cf.b * (x - cf.shift) + cf.k);
                     }
-                    (None, Fused::Act(BnAct::Relu)) => act_pass(o, x, cf, |v| BnAct::Relu.apply(v)),
-                    (None, Fused::Act(BnAct::Clip { min, max })) => {
-                        let act = BnAct::Clip { min, max };
-                        act_pass(o, x, cf, |v| act.apply(v))
-                    }
+                    (None, Fused::Act(act)) => per_act!(act, apply, f => act_pass(o, x, cf, f)),
                     (None, _) => act_pass(o, x, cf, |v| v),
                 }
             }
@@ -571,12 +581,7 @@ impl BatchNorm2d {
                     let gp = match fused {
                         Fused::Mask(fwd, act) => {
                             let f = &fwd[ch];
-                            match act {
-                                BnAct::Relu => {
-                                    mask_plane(&mut masked, xp, gp, f, |v| BnAct::Relu.passes(v))
-                                }
-                                act => mask_plane(&mut masked, xp, gp, f, |v| act.passes(v)),
-                            }
+                            per_act!(act, passes, keep => mask_plane(&mut masked, xp, gp, f, keep));
                             &masked[..]
                         }
                         _ => gp,

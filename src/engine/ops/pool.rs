@@ -612,7 +612,7 @@ simd_dispatch! {
         yp: &mut [f32],
         ap: &mut [u32],
         s: &mut MaxScratch,
-    ) -> () => max_plane_body, (g, lay, xp, yp, ap, s); ["avx2"]
+    ) => max_plane_body, (g, lay, xp, yp, ap, s); ["avx2"]
 }
 
 #[inline(always)]

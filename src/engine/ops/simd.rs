@@ -13,11 +13,21 @@
 //! over its closure, which a nested build function cannot take) nor by `conv/weight_grad.rs`
 //! (a different body per feature: AVX-512 tiles, AVX2 + FMA tiles).
 
-/// `simd_dispatch! { [attrs] vis fn name(params..) -> Ret => body, (args..); ["avx512f", "avx2"] }`
+/// `simd_dispatch! { [attrs] vis fn name(params..) [-> Ret] => body, (args..); ["avx512f", "avx2"] }`
 /// defines `name`, which runs `body(args..)` built for the first listed feature the CPU has,
 /// else the baseline build. `body` must be `#[inline(always)]`; `args` are the parameters'
 /// names, in order (a method body is called as `Type::method` with the receiver first).
 macro_rules! simd_dispatch {
+    // Without a return type: as `-> ()`.
+    (
+        $(#[$attr:meta])*
+        $vis:vis fn $name:ident $params:tt => $body:path, $args:tt; [$($feat:tt),+ $(,)?]
+    ) => {
+        simd_dispatch! {
+            $(#[$attr])*
+            $vis fn $name $params -> () => $body, $args; [$($feat),+]
+        }
+    };
     (
         $(#[$attr:meta])*
         $vis:vis fn $name:ident $params:tt -> $ret:ty => $body:path, $args:tt;

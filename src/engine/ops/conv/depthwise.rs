@@ -38,7 +38,7 @@ use crate::engine::ops::simd::simd_dispatch;
 
 simd_dispatch! {
     /// [`Geom::depthwise_forward_flat`] built for AVX2 (see there).
-    fn forward_flat(g: &Geom, x: &[f32], w: &[f32], y: &mut [f32]) -> ()
+    fn forward_flat(g: &Geom, x: &[f32], w: &[f32], y: &mut [f32])
         => Geom::forward_flat_body, (g, x, w, y); ["avx2"]
 }
 
@@ -51,7 +51,7 @@ simd_dispatch! {
         dy: &[f32],
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
-    ) -> () => Geom::backward_flat_body, (g, x, w, dy, dx, dw); ["avx2"]
+    ) => Geom::backward_flat_body, (g, x, w, dy, dx, dw); ["avx2"]
 }
 use crate::engine::ops::{dot, valid_range};
 

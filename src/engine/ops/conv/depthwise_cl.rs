@@ -128,7 +128,7 @@ simd_dispatch! {
         bias: Option<&[f32]>,
         y: &mut [f32],
         s: &mut Scratch,
-    ) -> () => Geom::forward_cl_body, (g, x, w, bias, y, s); ["avx512f", "avx2"]
+    ) => Geom::forward_cl_body, (g, x, w, bias, y, s); ["avx512f", "avx2"]
 }
 
 simd_dispatch! {
@@ -141,7 +141,7 @@ simd_dispatch! {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
         s: &mut Scratch,
-    ) -> () => Geom::backward_cl_body, (g, x, w, dy, dx, dw, s); ["avx512f", "avx2"]
+    ) => Geom::backward_cl_body, (g, x, w, dy, dx, dw, s); ["avx512f", "avx2"]
 }
 
 impl Geom {

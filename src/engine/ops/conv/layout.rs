@@ -48,17 +48,14 @@ fn planes_to_pixels_with<'a>(
             }
         }
     }
-    // The rest pixel by pixel, each pixel's row written left to right (its reads stride across
-    // the planes, which on planes this small stay in cache).
-    for c in cfull..co {
+    // The rest channel by channel, one plane lookup each: the last `n % 8` pixels of every
+    // channel, and every pixel of the last `co % 8` channels (fewer than 8 output rows or
+    // columns, whose lines stay in cache).
+    for c in 0..co {
         let src = &plane(c)[..n];
-        for p in 0..pfull {
-            out[p * co + c] = src[p];
-        }
-    }
-    for p in pfull..n {
-        for (c, o) in out[p * co..][..co].iter_mut().enumerate() {
-            *o = plane(c)[p];
+        let first = if c < cfull { pfull } else { 0 };
+        for (p, &v) in src.iter().enumerate().skip(first) {
+            out[p * co + c] = v;
         }
     }
 }
@@ -124,7 +121,7 @@ unsafe fn transpose8x8_avx(rows: &[&[f32]; 8], p0: usize, out: &mut [f32], co: u
 simd_dispatch! {
     /// [`planes_to_pixels`] of one contiguous `[co][n]` block, for callers outside a vector
     /// build: compiled for AVX-512 / AVX2 where the CPU has them.
-    pub(super) fn transpose_block(n: usize, co: usize, src: &[f32], out: &mut [f32]) -> ()
+    pub(super) fn transpose_block(n: usize, co: usize, src: &[f32], out: &mut [f32])
         => transpose_block_body, (n, co, src, out); ["avx512f", "avx2"]
 }
 

@@ -70,7 +70,7 @@ simd_dispatch! {
         bias: Option<&[f32]>,
         y: &mut [f32],
         s: &mut WinoScratch,
-    ) -> () => Plane::run_body, (p, x, u, bias, y, s); ["avx2"]
+    ) => Plane::run_body, (p, x, u, bias, y, s); ["avx2"]
 }
 
 impl Plane {
