@@ -408,7 +408,7 @@ impl Program {
             output_slot = id;
         }
         let file_output_tail = facts[&graph.outputs[0].name].shape[1..].to_vec();
-        let steps = fuse_act(fuse_silu(steps, output_slot), output_slot);
+        let steps = fuse_act(fuse_gates(steps, output_slot), output_slot);
         Ok(Program {
             steps,
             n_slots: slots.len(),
@@ -511,21 +511,33 @@ fn readers_of(steps: &[Step]) -> HashMap<usize, Vec<usize>> {
 }
 
 /// Folds `Mul(x, Sigmoid(x))` (either operand order), SiLU as every exporter spells it, into one
-/// [`Activation::Silu`] step where the Sigmoid was, reading `x` and writing the Mul's output.
-/// Only where the Mul is the Sigmoid's sole reader and the Sigmoid's output is not the
-/// program's: a Sigmoid read elsewhere (a squeeze-excitation gate, which multiplies a different
-/// tensor) must still be computed. EfficientNet-B0 has 49 of these pairs; fused, each is one
-/// pass over the activation forward and one backward instead of two and three, and the sigmoid
-/// tensor is no longer kept for backward. Forward is bitwise the pair's; backward differs by
-/// rounding (one expression instead of the executor's sum of the two paths into `x`).
-fn fuse_silu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
+/// [`Activation::Silu`] step where the Sigmoid was, reading `x` and writing the Mul's output; and
+/// `Mul(x, HardSigmoid(x))`, HardSwish as exporters that decompose it spell it (MobileNet-V3),
+/// into one [`Activation::HardSigmoidMul`] with the HardSigmoid's alpha and beta.
+/// Only where the Mul is the gate's sole reader and the gate's output is not the program's: a
+/// gate read elsewhere (a squeeze-excitation gate, which multiplies a different tensor) must
+/// still be computed. EfficientNet-B0 has 49 SiLU pairs, MobileNet-V3-Small 19 HardSwish pairs;
+/// fused, each is one pass over the activation forward and one backward instead of two and
+/// three, and the gate tensor is no longer kept for backward. Forward is bitwise the pair's;
+/// backward is too for HardSwish, and differs by rounding for SiLU (one expression instead of
+/// the executor's sum of the two paths into `x`).
+fn fuse_gates(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
     let readers = readers_of(&steps);
-    // Per Sigmoid step: the Mul it absorbs (its outputs and name); and the Muls absorbed.
-    let mut plan: Vec<Option<(Vec<usize>, String)>> = vec![None; steps.len()];
+    // Per gate step: the fused activation, its profile label, and the Mul it absorbs (outputs
+    // and name); and the Muls absorbed.
+    type Plan = (Activation, &'static str, Vec<usize>, String);
+    let mut plan: Vec<Option<Plan>> = vec![None; steps.len()];
     let mut absorbed = vec![false; steps.len()];
     for (i, s) in steps.iter().enumerate() {
-        let (Kernel::Act(Activation::Sigmoid), [Src::Slot(x)]) = (&s.kernel, s.inputs.as_slice())
-        else {
+        let (fused, label) = match s.kernel {
+            Kernel::Act(Activation::Sigmoid) => (Activation::Silu, "Sigmoid+Mul"),
+            Kernel::Act(Activation::HardSigmoid { alpha, beta }) => (
+                Activation::HardSigmoidMul { alpha, beta },
+                "HardSigmoid+Mul",
+            ),
+            _ => continue,
+        };
+        let [Src::Slot(x)] = s.inputs.as_slice() else {
             continue;
         };
         let y = s.outputs[0];
@@ -542,7 +554,7 @@ fn fuse_silu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             && (m.inputs == pair || m.inputs == reversed)
         {
             absorbed[j] = true;
-            plan[i] = Some((m.outputs.clone(), m.name.clone()));
+            plan[i] = Some((fused, label, m.outputs.clone(), m.name.clone()));
         }
     }
     steps
@@ -551,9 +563,9 @@ fn fuse_silu(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
         .zip(absorbed)
         .filter(|(_, gone)| !gone)
         .map(|((mut s, mul), _)| {
-            if let Some((outputs, name)) = mul {
-                s.kernel = Kernel::Act(Activation::Silu);
-                s.profile_key = "Sigmoid+Mul";
+            if let Some((fused, label, outputs, name)) = mul {
+                s.kernel = Kernel::Act(fused);
+                s.profile_key = label;
                 s.outputs = outputs;
                 s.absorbed = Some(name);
             }
@@ -930,7 +942,7 @@ mod tests {
             // The program's output is a Sigmoid: never fused away.
             step("s6", sig(), &[11], 12),
         ];
-        let fused = fuse_silu(steps.clone(), 12);
+        let fused = fuse_gates(steps.clone(), 12);
         let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -952,7 +964,45 @@ mod tests {
             );
         }
         let tail = vec![step("s", sig(), &[0], 1), step("m", mul(), &[0, 1], 2)];
-        assert_eq!(fuse_silu(tail.clone(), 1).len(), 2);
-        assert_eq!(fuse_silu(tail, 2).len(), 1);
+        assert_eq!(fuse_gates(tail.clone(), 1).len(), 2);
+        assert_eq!(fuse_gates(tail, 2).len(), 1);
+    }
+
+    /// `Mul(x, HardSigmoid(x))` becomes one step keeping the HardSigmoid's alpha and beta, in
+    /// either operand order; a HardSigmoid gating another tensor (squeeze-excitation) stays.
+    #[test]
+    fn hard_sigmoid_times_its_own_input_fuses_with_its_constants() {
+        let hs = |alpha, beta| Kernel::Act(Activation::HardSigmoid { alpha, beta });
+        let mul = || Kernel::Binary(BinOp::Mul);
+        let steps = vec![
+            step("h1", hs(1.0 / 6.0, 0.5), &[0], 1),
+            step("m1", mul(), &[1, 0], 2),
+            step("h2", hs(0.2, 0.5), &[2], 3),
+            step("m2", mul(), &[2, 3], 4),
+            // A gate on another tensor.
+            step("h3", hs(1.0 / 6.0, 0.5), &[4], 5),
+            step("m3", mul(), &[2, 5], 6),
+        ];
+        let fused = fuse_gates(steps, 6);
+        let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["h1", "h2", "h3", "m3"]);
+        for (k, (alpha, out, mul)) in [(1.0 / 6.0, 2, "m1"), (0.2, 4, "m2")]
+            .into_iter()
+            .enumerate()
+        {
+            let Kernel::Act(act) = &fused[k].kernel else {
+                panic!("{} is not an activation", fused[k].name)
+            };
+            assert_eq!(*act, Activation::HardSigmoidMul { alpha, beta: 0.5 });
+            assert_eq!(fused[k].profile_key, "HardSigmoid+Mul");
+            assert_eq!(
+                (fused[k].outputs.as_slice(), fused[k].absorbed.as_deref()),
+                (&[out][..], Some(mul))
+            );
+        }
+        assert!(matches!(
+            fused[2].kernel,
+            Kernel::Act(Activation::HardSigmoid { .. })
+        ));
     }
 }

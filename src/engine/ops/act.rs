@@ -42,6 +42,15 @@ pub enum Activation {
     },
     /// `x * HardSigmoid(x)` with alpha 1/6 and beta 0.5.
     HardSwish,
+    /// `x * HardSigmoid(x)` with the HardSigmoid's own alpha and beta: HardSwish as exporters
+    /// that decompose it spell it (HardSigmoid then Mul, MobileNet-V3's every block), put back
+    /// together by the program's gate fusion pass. Forward and backward are bitwise the pair's
+    /// (the Mul's gradient plus the HardSigmoid's, as the executor sums them): one pass each way
+    /// instead of two and three, and no gate tensor kept for backward.
+    HardSigmoidMul {
+        alpha: f32,
+        beta: f32,
+    },
     /// SiLU (swish), `x * sigmoid(x)`. No ONNX op: exports spell it Sigmoid then Mul, and the
     /// program's SiLU fusion pass puts the pair back together (EfficientNet's every block). One
     /// pass over the activation forward instead of two, and backward recomputes the sigmoid from
@@ -59,6 +68,7 @@ impl Activation {
             Activation::Sigmoid => "Sigmoid",
             Activation::HardSigmoid { .. } => "HardSigmoid",
             Activation::HardSwish => "HardSwish",
+            Activation::HardSigmoidMul { .. } => "HardSigmoid+Mul",
             Activation::Silu => "Silu",
         }
     }
@@ -73,7 +83,10 @@ impl Activation {
                 self.name(),
                 format!("alpha {alpha} must be finite"),
             )),
-            Activation::HardSigmoid { alpha, beta } if !alpha.is_finite() || !beta.is_finite() => {
+            Activation::HardSigmoid { alpha, beta }
+            | Activation::HardSigmoidMul { alpha, beta }
+                if !alpha.is_finite() || !beta.is_finite() =>
+            {
                 Err(attr_err(
                     self.name(),
                     format!("alpha {alpha} and beta {beta} must be finite"),
@@ -116,6 +129,10 @@ impl Activation {
                 par_map(&xs, move |v| (alpha * v + beta).clamp(0.0, 1.0))
             }
             Activation::HardSwish => par_map(&xs, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
+            // Bitwise the pair's `Mul(x, HardSigmoid(x))` (either operand order).
+            Activation::HardSigmoidMul { alpha, beta } => {
+                par_map(&xs, move |v| v * (alpha * v + beta).clamp(0.0, 1.0))
+            }
             // Bitwise the separate pair's `Mul(x, Sigmoid(x))` (either operand order).
             Activation::Silu => par_map(&xs, |v| v * sigmoid(v)),
         };
@@ -170,6 +187,17 @@ impl Activation {
                     g
                 }
             }),
+            // The Mul's gradient into `x` (`g h`) plus the HardSigmoid's (`alpha (g x)` strictly
+            // inside its linear part, else 0), summed as the executor sums the two paths.
+            Activation::HardSigmoidMul { alpha, beta } => par_zip_map(&xs, &gs, move |x, g| {
+                let h = alpha * x + beta;
+                let through_gate = if h > 0.0 && h < 1.0 {
+                    alpha * (g * x)
+                } else {
+                    0.0
+                };
+                g * h.clamp(0.0, 1.0) + through_gate
+            }),
             // d/dx x s(x) = s + x s (1 - s). The separate pair sums `g s` (the Mul's gradient)
             // and `g x s (1 - s)` (through the Sigmoid) in the executor; here it is one
             // expression, so results differ from the pair's by rounding only.
@@ -200,6 +228,9 @@ impl Activation {
             Activation::Sigmoid => x.mapv(|v| one / (one + (-v).exp())),
             Activation::HardSigmoid { alpha, beta } => x.mapv(|v| clamp01(c(alpha) * v + c(beta))),
             Activation::HardSwish => x.mapv(|v| v * clamp01(v / c(6.0) + c(0.5))),
+            Activation::HardSigmoidMul { alpha, beta } => {
+                x.mapv(|v| v * clamp01(c(alpha) * v + c(beta)))
+            }
             Activation::Silu => x.mapv(|v| v / (one + (-v).exp())),
         }
     }
@@ -359,6 +390,66 @@ mod tests {
         let nan = ndarray::arr1(&[f32::NAN]).into_dyn();
         assert!(Activation::Silu.forward(nan.view()).unwrap()[0].is_nan());
         assert!(Activation::Silu.backward(nan.view(), nan.view()).unwrap()[0].is_nan());
+    }
+
+    #[test]
+    fn hard_sigmoid_mul() {
+        let pytorch = Activation::HardSigmoidMul {
+            alpha: 1.0 / 6.0,
+            beta: 0.5,
+        };
+        check(pytorch, &[-3.0, 3.0], 12);
+        check(
+            Activation::HardSigmoidMul {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            &[-2.5, 2.5],
+            13,
+        );
+    }
+
+    /// The fused HardSwish against the two ops it replaces, `Mul(x, HardSigmoid(x))`, run
+    /// through their own kernels: forward and backward (the Mul's gradient plus the
+    /// HardSigmoid's, as the executor sums them) bitwise, at and around the kinks, with NaN.
+    #[test]
+    fn hard_sigmoid_mul_equals_hard_sigmoid_then_mul_bitwise() {
+        use crate::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
+        let mut rng = Rng::new(14);
+        for (alpha, beta) in [(1.0f32 / 6.0, 0.5f32), (0.2, 0.5), (0.3, -0.1)] {
+            let mut x = input(&mut rng, &[4, 6, 9, 9], &[]);
+            let kinks = [
+                -3.0,
+                3.0,
+                -2.5,
+                2.5,
+                -3.0000002,
+                2.9999998,
+                0.0,
+                -0.0,
+                f32::NAN,
+            ];
+            x.as_slice_mut().unwrap()[..kinks.len()].copy_from_slice(&kinks);
+            let g = rand_array(&mut rng, IxDyn(x.shape()), -1.0, 1.0);
+            let gate = Activation::HardSigmoid { alpha, beta };
+            let fused = Activation::HardSigmoidMul { alpha, beta };
+            let h = gate.forward(x.view()).unwrap();
+            for (a, b) in [(&x, &h), (&h, &x)] {
+                let pair = binary_forward(BinOp::Mul, a.view(), b.view()).unwrap();
+                let y = fused.forward(x.view()).unwrap();
+                let bits = |t: &ArrayD<f32>| t.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&y), bits(&pair), "forward, alpha {alpha}");
+                let (ga, gb) = binary_backward(BinOp::Mul, a.view(), b.view(), g.clone());
+                let (gx, gh) = if std::ptr::eq(a, &x) {
+                    (ga, gb)
+                } else {
+                    (gb, ga)
+                };
+                let pair_dx = gx + gate.backward(x.view(), gh.view()).unwrap();
+                let dx = fused.backward(x.view(), g.view()).unwrap();
+                assert_eq!(bits(&dx), bits(&pair_dx), "backward, alpha {alpha}");
+            }
+        }
     }
 
     #[test]
