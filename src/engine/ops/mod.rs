@@ -260,7 +260,7 @@ pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
 /// `sum_i f(a[i], b[i])` with eight independent accumulators, which the compiler vectorises (a
 /// single running sum must stay sequential under IEEE rules, about 8x slower). Also more accurate
 /// than one running sum. `a` and `b` must have the same length.
-#[inline]
+#[inline(always)]
 pub(crate) fn reduce_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0.0f32; 8];
@@ -279,7 +279,7 @@ pub(crate) fn reduce_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) ->
     acc.iter().sum::<f32>() + rest
 }
 
-#[inline]
+#[inline(always)]
 pub(crate) fn sum(a: &[f32]) -> f32 {
     reduce_pairs(a, a, |x, _| x)
 }
