@@ -204,7 +204,7 @@ fn channel_pass(
         return vec![0.0; n];
     }
     assert!(
-        coef.len() == c && n % img == 0,
+        coef.len() == c && n.is_multiple_of(img),
         "one coefficient per channel of whole images"
     );
     // Not zeroed first: every entry is written below (a memset of the whole activation was 5%
