@@ -89,9 +89,10 @@ impl Backend for Counted {
         w: &Dev,
         dy: Dev,
         needs_dx: bool,
+        needs_db: bool,
     ) -> Result<ConvGrads<Dev>> {
         self.k();
-        let g = C.conv_backward(op, &x.0, &w.0, dy.0, needs_dx)?;
+        let g = C.conv_backward(op, &x.0, &w.0, dy.0, needs_dx, needs_db)?;
         Ok(ConvGrads {
             dx: g.dx.map(Dev),
             dw: Dev(g.dw),

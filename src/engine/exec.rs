@@ -349,9 +349,12 @@ impl<B: Backend> Session<B> {
         Ok(match (&step.kernel, &self.saved[i]) {
             (Kernel::Conv(op), _) => {
                 let w = self.get(step.inputs[1])?;
-                let g = be.conv_backward(op, x, w, dy()?, needs_dx)?;
+                // The bias gradient (a pass over dy) only for a conv with a bias: the convs
+                // before a BatchNormalization have none.
+                let has_bias = step.inputs.len() > 2;
+                let g = be.conv_backward(op, x, w, dy()?, needs_dx, has_bias)?;
                 let mut out = vec![g.dx, Some(g.dw)];
-                if step.inputs.len() > 2 {
+                if has_bias {
                     out.push(Some(g.db));
                 }
                 out

@@ -109,8 +109,9 @@ impl Backend for CpuBackend {
         w: &ArrayD<f32>,
         dy: ArrayD<f32>,
         needs_dx: bool,
+        needs_db: bool,
     ) -> Result<ConvGrads<ArrayD<f32>>> {
-        let g = op.backward(view4(x)?, view4(w)?, view4(&dy)?, needs_dx)?;
+        let g = op.backward_with(view4(x)?, view4(w)?, view4(&dy)?, needs_dx, needs_db)?;
         Ok(ConvGrads {
             dx: g.dx.map(|d| d.into_dyn()),
             dw: g.dw.into_dyn(),

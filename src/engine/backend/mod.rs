@@ -139,6 +139,7 @@ pub trait Backend: Send + Sync {
         w: &Self::Tensor,
         dy: Self::Tensor,
         needs_dx: bool,
+        needs_db: bool,
     ) -> Result<ConvGrads<Self::Tensor>>;
     fn gemm_forward(
         &self,

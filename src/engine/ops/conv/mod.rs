@@ -336,6 +336,19 @@ impl Conv2d {
         dy: ArrayView4<f32>,
         need_dx: bool,
     ) -> Result<Conv2dGrads> {
+        self.backward_with(x, w, dy, need_dx, true)
+    }
+
+    /// [`Self::backward`], skipping the bias gradient (`db` all zeros) unless `need_db`: a pass
+    /// over `dy` that a conv without a bias (every one before a BatchNormalization) throws away.
+    pub fn backward_with(
+        &self,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        need_dx: bool,
+        need_db: bool,
+    ) -> Result<Conv2dGrads> {
         let g = self.geom(x.shape(), w.shape())?;
         let want = [g.n, g.co, g.oh, g.ow];
         if dy.shape() != want {
@@ -347,10 +360,11 @@ impl Conv2d {
                 ),
             ));
         }
-        Ok(Self::backward_geom(&g, x, w, dy, need_dx))
+        Ok(Self::backward_geom_db(&g, x, w, dy, need_dx, need_db))
     }
 
     /// [`Self::backward`] on a validated geometry (tests force a path through it).
+    #[cfg(test)]
     fn backward_geom(
         g: &Geom,
         x: ArrayView4<f32>,
@@ -358,11 +372,23 @@ impl Conv2d {
         dy: ArrayView4<f32>,
         need_dx: bool,
     ) -> Conv2dGrads {
+        Self::backward_geom_db(g, x, w, dy, need_dx, true)
+    }
+
+    /// [`Self::backward_geom`], with the bias gradient only if `need_db`.
+    fn backward_geom_db(
+        g: &Geom,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        need_dx: bool,
+        need_db: bool,
+    ) -> Conv2dGrads {
         let g = *g;
         init();
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         if g.small_plane && g.n > 0 {
-            return Self::backward_small_plane(&g, &xs, &ws, &dys, need_dx, w.raw_dim());
+            return Self::backward_small_plane(&g, &xs, &ws, &dys, need_dx, need_db, w.raw_dim());
         }
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());
@@ -424,7 +450,9 @@ impl Conv2d {
                     });
                 }
                 let mut db = vec![0.0f64; g.co];
-                g.add_bias_grad(dyp, &mut db);
+                if need_db {
+                    g.add_bias_grad(dyp, &mut db);
+                }
                 if let Some((cv, dv)) = views {
                     let mut s = g.block_scratch(false);
                     g.backward_part_blocked(xp, &ws, dyp, dxp, cv, dv, &mut s);
@@ -491,13 +519,16 @@ impl Conv2d {
         ws: &[f32],
         dys: &[f32],
         need_dx: bool,
+        need_db: bool,
         wdim: Ix4,
     ) -> Conv2dGrads {
         let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
         let mut dw = vec![0.0f32; ws.len()];
         g.small_plane_backward(xs, ws, dys, need_dx.then_some(&mut dx[..]), &mut dw);
         let mut db = vec![0.0f64; g.co];
-        g.add_bias_grad(dys, &mut db);
+        if need_db {
+            g.add_bias_grad(dys, &mut db);
+        }
         g.grads(need_dx.then_some(dx), dw, db, wdim)
     }
 

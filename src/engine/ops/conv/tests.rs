@@ -1629,3 +1629,29 @@ fn small_plane_path_is_chosen_for_resnet18_late_stages_and_reproducible_across_t
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
     assert!(!c.geom(&[9, 16, 4, 4], &[16, 16, 3, 3]).unwrap().small_plane);
 }
+
+/// Without the bias gradient, `backward_with` returns the same `dx` and `dw` bit for bit and a
+/// zero `db`, on each backward path (per image, blocked, depthwise, small-plane).
+#[test]
+fn skipping_the_bias_gradient_changes_nothing_else() {
+    let mut rng = Rng::new(41);
+    for (c, xs, ws) in [
+        (conv(1, [1, 1], [1; 4], [1, 1]), [2, 3, 9, 9], [4, 3, 3, 3]),
+        (conv(1, [1, 1], [0; 4], [1, 1]), [8, 6, 2, 2], [5, 6, 1, 1]),
+        (conv(4, [2, 2], [1; 4], [1, 1]), [3, 4, 8, 8], [4, 1, 3, 3]),
+        (conv(1, [1, 1], [1; 4], [1, 1]), [4, 32, 2, 2], [32, 32, 3, 3]),
+    ] {
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let y = c.forward(x.view(), w.view(), None).unwrap();
+        let dy = rand_array(&mut rng, y.raw_dim(), -1.0, 1.0);
+        let full = c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+        let lean = c
+            .backward_with(x.view(), w.view(), dy.view(), true, false)
+            .unwrap();
+        assert_eq!(lean.dx, full.dx, "{xs:?}");
+        assert_eq!(lean.dw, full.dw, "{xs:?}");
+        assert!(lean.db.iter().all(|&v| v == 0.0), "{xs:?}");
+        assert!(full.db.iter().any(|&v| v != 0.0), "{xs:?}");
+    }
+}
