@@ -224,7 +224,7 @@ fn channel_pass(
 }
 
 simd_dispatch! {
-    /// [`image_pass_body`] built for AVX-512 or AVX2 where the CPU has them. Elementwise with
+    /// [`image_pass_body`] built for AVX2 where the CPU has it. Elementwise with
     /// no fused multiply-add, so every build computes the same f32 operations, bitwise.
     fn image_pass(
         oi: &mut [MaybeUninit<f32>],
