@@ -27,6 +27,8 @@
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
+//!   In the same group, HardSwish as opset-13 exports spell it: `Activation::HardSigmoidMul`
+//!   against HardSigmoid then Mul (MobileNet-V3).
 //!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
@@ -224,6 +226,7 @@ fn conv_kernels(c: &mut Criterion) {
     }
     g.finish();
 
+    // The self-gated activations (SiLU, HardSwish) fused against their exported pairs.
     let mut g = c.benchmark_group("silu");
     g.sampling_mode(SamplingMode::Flat)
         .sample_size(10)
@@ -252,6 +255,34 @@ fn conv_kernels(c: &mut Criterion) {
                 black_box(binary_forward(BinOp::Mul, x.view(), s.view()).unwrap());
                 let (mut dx, ds) = binary_backward(BinOp::Mul, x.view(), s.view(), dy.clone());
                 dx += &Activation::Sigmoid.backward(x.view(), ds.view()).unwrap();
+                black_box(dx)
+            })
+        })
+    });
+    // HardSwish as opset-13 exports spell it (MobileNet-V3): the fused step against the pair.
+    let hs = Activation::HardSigmoid {
+        alpha: 1.0 / 6.0,
+        beta: 0.5,
+    };
+    let hswish = Activation::HardSigmoidMul {
+        alpha: 1.0 / 6.0,
+        beta: 0.5,
+    };
+    g.bench_function("hardswish_fused_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                black_box(hswish.forward(x.view()).unwrap());
+                black_box(hswish.backward(x.view(), dy.view()).unwrap())
+            })
+        })
+    });
+    g.bench_function("hardsigmoid_mul_forward_backward", |b| {
+        b.iter(|| {
+            elrt::engine::on_pool(|| {
+                let h = hs.forward(x.view()).unwrap();
+                black_box(binary_forward(BinOp::Mul, x.view(), h.view()).unwrap());
+                let (mut dx, dh) = binary_backward(BinOp::Mul, x.view(), h.view(), dy.clone());
+                dx += &hs.backward(x.view(), dh.view()).unwrap();
                 black_box(dx)
             })
         })
