@@ -5,7 +5,7 @@
 //! the whole budget of the PyTorch parity test.
 //! Reductions run per channel in parallel (read-only), the elementwise passes per image in
 //! parallel; neither depends on thread scheduling, so results are reproducible.
-//! Both are built for AVX2 where the CPU has it ([`simd_dispatch!`]; same lanes and operations,
+//! Both are built for AVX2 where the CPU has it (`simd_dispatch!` in `ops/simd.rs`; same lanes and operations,
 //! no FMA, so the same bits as the baseline SSE2 build): at four lanes their compute, not
 //! memory, bounded them (a 128x16x32x32 forward 1.35 -> 0.82 ms, backward 1.68 -> 1.12 ms; AVX-512
 //! measured no faster).
