@@ -3,8 +3,8 @@
 //! the executor's match arm ran before the boundary existed, so training is bit-identical.
 
 use anyhow::{anyhow, bail, Result};
+use ndarray::parallel::prelude::*;
 use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, Zip};
-use rayon::prelude::*;
 
 use super::{Backend, BnGrads, ConvGrads, GemmGrads, Update};
 use crate::engine::ops::{
@@ -44,65 +44,14 @@ fn same_shape(op: &str, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<()> {
     Ok(())
 }
 
-/// Elements per task of the elementwise helpers below; shorter slices run on the calling thread.
+/// Fewest elements per task of the parallel elementwise loops below (ndarray's `Zip` on rayon);
+/// shorter tensors run on the calling thread.
+///
+/// The optimiser update, the gradient accumulation (a value read twice, every residual join) and
+/// the gradients' zeroing ran on one thread, outside any op's time in `--profile`: an update of
+/// resnet18's 11.2M parameters reads and writes five streams of 45 MB, which a second thread
+/// could only wait on. Elementwise, so the same results on any thread count.
 const CHUNK: usize = crate::engine::ops::ELEMWISE_CHUNK;
-
-// The optimiser update, the gradient accumulation (a value read twice, every residual join) and
-// the gradients' zeroing ran on one thread, outside any op's time in `--profile`: an update of
-// resnet18's 11.2M parameters reads and writes five streams of 45 MB, which a second thread
-// could only wait on. Split into fixed chunks, elementwise: the same results on any thread count.
-
-/// `f` over `s` in chunks, in parallel.
-fn par_chunks(s: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
-    if s.len() < 2 * CHUNK {
-        return f(s);
-    }
-    s.par_chunks_mut(CHUNK).for_each(&f);
-}
-
-/// `f` over matching chunks of `a` and `b` (same length), in parallel.
-fn par_zip(a: &mut [f32], b: &[f32], f: impl Fn(&mut [f32], &[f32]) + Sync) {
-    if a.len() < 2 * CHUNK {
-        return f(a, b);
-    }
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|(a, b)| f(a, b));
-}
-
-/// [`par_zip`] over three slices.
-fn par_zip3(
-    a: &mut [f32],
-    b: &[f32],
-    c: &mut [f32],
-    f: impl Fn(&mut [f32], &[f32], &mut [f32]) + Sync,
-) {
-    if a.len() < 2 * CHUNK {
-        return f(a, b, c);
-    }
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .zip(c.par_chunks_mut(CHUNK))
-        .for_each(|((a, b), c)| f(a, b, c));
-}
-
-/// [`par_zip`] over four slices.
-fn par_zip4(
-    a: &mut [f32],
-    b: &[f32],
-    c: &mut [f32],
-    d: &mut [f32],
-    f: impl Fn(&mut [f32], &[f32], &mut [f32], &mut [f32]) + Sync,
-) {
-    if a.len() < 2 * CHUNK {
-        return f(a, b, c, d);
-    }
-    a.par_chunks_mut(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .zip(c.par_chunks_mut(CHUNK))
-        .zip(d.par_chunks_mut(CHUNK))
-        .for_each(|(((a, b), c), d)| f(a, b, c, d));
-}
 
 impl Backend for CpuBackend {
     type Tensor = ArrayD<f32>;
@@ -138,20 +87,19 @@ impl Backend for CpuBackend {
     }
 
     fn fill(&self, t: &mut ArrayD<f32>, value: f32) {
-        match t.as_slice_mut() {
-            Some(s) => par_chunks(s, |c| c.fill(value)),
-            None => t.fill(value),
-        }
+        Zip::from(t)
+            .into_par_iter()
+            .with_min_len(CHUNK)
+            .for_each(|(v,)| *v = value);
     }
 
     fn add_assign(&self, acc: &mut ArrayD<f32>, g: &ArrayD<f32>) -> Result<()> {
         same_shape("gradient accumulation", acc, g)?;
-        match (acc.as_slice_mut(), g.as_slice()) {
-            (Some(a), Some(b)) => {
-                par_zip(a, b, |a, b| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b))
-            }
-            _ => *acc += g,
-        }
+        Zip::from(acc)
+            .and(g)
+            .into_par_iter()
+            .with_min_len(CHUNK)
+            .for_each(|(a, &b)| *a += b);
         Ok(())
     }
 
@@ -437,8 +385,12 @@ impl Backend for CpuBackend {
                 nesterov,
                 first,
             } => {
-                par_zip3(value, grad, m, |value, grad, m| {
-                    Zip::from(value).and(grad).and(m).for_each(|w, &g, b| {
+                Zip::from(value)
+                    .and(grad)
+                    .and(m)
+                    .into_par_iter()
+                    .with_min_len(CHUNK)
+                    .for_each(|(w, &g, b)| {
                         let g = g + decay * *w;
                         *b = if first || momentum == 0.0 {
                             g
@@ -448,7 +400,6 @@ impl Backend for CpuBackend {
                         let d = if nesterov { g + momentum * *b } else { *b };
                         *w -= lr * d;
                     });
-                });
             }
             Update::AdamW {
                 lr,
@@ -464,18 +415,18 @@ impl Backend for CpuBackend {
                 let v = v
                     .as_slice_mut()
                     .ok_or_else(|| anyhow!("moments are contiguous"))?;
-                par_zip4(value, grad, m, v, |value, grad, m, v| {
-                    Zip::from(value)
-                        .and(grad)
-                        .and(m)
-                        .and(v)
-                        .for_each(|w, &g, m, v| {
-                            *w *= 1.0 - lr * decay;
-                            *m = beta1 * *m + (1.0 - beta1) * g;
-                            *v = beta2 * *v + (1.0 - beta2) * g * g;
-                            *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
-                        });
-                });
+                Zip::from(value)
+                    .and(grad)
+                    .and(m)
+                    .and(v)
+                    .into_par_iter()
+                    .with_min_len(CHUNK)
+                    .for_each(|(w, &g, m, v)| {
+                        *w *= 1.0 - lr * decay;
+                        *m = beta1 * *m + (1.0 - beta1) * g;
+                        *v = beta2 * *v + (1.0 - beta2) * g * g;
+                        *w -= step * *m / ((*v).sqrt() / bc2_sqrt + eps);
+                    });
             }
         }
         Ok(())
