@@ -289,9 +289,11 @@ fn conv_kernels(c: &mut Criterion) {
     });
     g.finish();
 
-    // Winograd F(2x2, 3x3) against im2col on the 3x3 layers of ResNet-18 at 64x64 and of
-    // ResNet-20, batch 64 as in `elrt speed`: forward, and backward with the input gradient
-    // (the weight gradient is im2col in both, so the difference is the input gradient).
+    // Winograd F(2x2, 3x3) and F(4x4, 3x3) against im2col (their naive reference is
+    // `Conv2d::reference`, checked in the unit tests) on the 3x3 layers of ResNet-18 at 64x64
+    // and 128x128 and of ResNet-20, batch 64 as in `elrt speed`: forward, and backward with the
+    // input gradient (the weight gradient is the same kernel in all, so the difference is the
+    // input gradient).
     let mut g = c.benchmark_group("winograd");
     g.sampling_mode(SamplingMode::Flat)
         .sample_size(10)
@@ -305,6 +307,7 @@ fn conv_kernels(c: &mut Criterion) {
         ("r20_16ch_32px", 16, 32),
         ("r20_32ch_16px", 32, 16),
         ("r20_64ch_8px", 64, 8),
+        ("r18_128_64ch_32px", 64, 32),
     ] {
         let op = conv(1, [1; 4]);
         let mut v = 0.0f32;
@@ -318,6 +321,7 @@ fn conv_kernels(c: &mut Criterion) {
         for (kernel, mode) in [
             ("im2col", WinogradMode::Never),
             ("winograd", WinogradMode::Always),
+            ("winograd4", WinogradMode::Always4),
         ] {
             g.bench_function(format!("{name}/{kernel}/forward"), |b| {
                 set_winograd(mode);

@@ -22,7 +22,8 @@
 //! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
 //!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
 //!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
-//!   measurements behind the thresholds).
+//!   measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on 32x32+
+//!   planes and on 16x16 planes of 64+ channels, where it measured faster.
 //!
 //! The weight gradient of stride-1 layers (with planes of at least about 8x8) does not use
 //! im2col either: `weight_grad.rs` computes it as dot products over the padded input, 1.1-3x
@@ -30,7 +31,8 @@
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
-//! planes channels-last; `winograd.rs` the Winograd kernels; `weight_grad.rs` the direct weight
+//! planes channels-last; `winograd.rs` the Winograd kernels (`winograd4.rs` F(4x4)'s
+//! transforms); `weight_grad.rs` the direct weight
 //! gradient; `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last
 //! depthwise kernels for small and strided planes; `tests.rs` the checks against
 //! [`Conv2d::reference`] and finite differences.
@@ -56,6 +58,7 @@ mod small_plane;
 mod tests;
 mod weight_grad;
 mod winograd;
+mod winograd4;
 
 pub use depthwise_cl::set_depthwise_channels_last;
 pub use small_plane::set_small_plane;
@@ -136,6 +139,8 @@ struct Geom {
     /// An im2col geometry whose forward and input gradient run through Winograd F(2x2, 3x3)
     /// (`winograd.rs`); its weight gradient is im2col's or the direct one (`direct_dw`).
     winograd: bool,
+    /// Winograd's output tile side: 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3), `winograd4.rs`).
+    wino_tile: usize,
     /// Whether the weight gradient runs on the padded input (`weight_grad.rs`) rather than on
     /// im2col columns.
     direct_dw: bool,
@@ -152,8 +157,9 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
-    /// "Conv depthwise" (direct loops), "Conv winograd" (`winograd.rs`; its weight gradient,
-    /// direct or im2col's, is timed under the same label), "Conv small-plane" (small planes as
+    /// "Conv depthwise" (direct loops), "Conv winograd" (F(2x2, 3x3), `winograd.rs`; its weight
+    /// gradient, direct or im2col's, is timed under the same label), "Conv winograd4"
+    /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward) or "Conv im2col" (im2col + GEMM), with " blocked" when small output
     /// planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
@@ -162,7 +168,9 @@ impl Conv2d {
         let g = self.geom(x, w)?;
         let blocked = g.block_images() > 1;
         match (g.winograd, g.small_plane) {
+            (true, true) if g.wino_tile == 4 => return Ok("Conv winograd4+small-plane"),
             (true, true) => return Ok("Conv winograd+small-plane"),
+            (true, false) if g.wino_tile == 4 => return Ok("Conv winograd4"),
             (true, false) => return Ok("Conv winograd"),
             (false, true) => return Ok("Conv small-plane"),
             _ => {}
@@ -240,10 +248,14 @@ impl Conv2d {
             pr,
             path,
             winograd: false,
+            wino_tile: 2,
             direct_dw: false,
             small_plane: false,
         };
         g.winograd = g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
+        if g.winograd && g.wino4_pays() {
+            g.wino_tile = 4;
+        }
         g.small_plane = g.small_plane_eligible() && g.small_plane_pays();
         g.direct_dw = !g.small_plane && g.direct_dw_eligible() && g.direct_dw_pays();
         Ok(g)
@@ -292,8 +304,8 @@ impl Conv2d {
         }
         let (part, blk) = (g.part_images(), g.block_images());
         // Transformed once per call, shared by every part of the batch.
-        let wino =
-            (g.winograd && g.n > 0).then(|| winograd::transform_weights(&ws, g.co, g.ci, false));
+        let wino = (g.winograd && g.n > 0)
+            .then(|| winograd::transform_weights(&ws, g.co, g.ci, false, g.wino_tile));
         if g.n > 0 {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
@@ -406,7 +418,7 @@ impl Conv2d {
         };
         // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw below.
         let wino = (g.winograd && need_dx && g.n > 0)
-            .then(|| winograd::transform_weights(&ws, g.co, g.ci, true));
+            .then(|| winograd::transform_weights(&ws, g.co, g.ci, true, g.wino_tile));
         // Small planes: every part lays its columns and output gradients into its column range
         // of two batch-wide matrices, and the weight gradient is one GEMM over them afterwards
         // (`block.rs`).

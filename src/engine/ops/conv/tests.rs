@@ -1011,14 +1011,25 @@ fn assert_same_on_1_and_3_threads(g: &Geom, x: &Array4<f32>, w: &Array4<f32>, dy
     assert_eq!(ga.dw, gb.dw);
 }
 
-/// The geometry of `c` with Winograd forced on, whatever the speed thresholds say, and its
-/// input gradient Winograd's too (not the small-plane path's).
-fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4]) -> Geom {
+/// The geometry of `c` with Winograd forced on with output tiles of side `tile` (2 or 4),
+/// whatever the speed thresholds say, and its input gradient Winograd's too (not the
+/// small-plane path's).
+fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> Geom {
     let mut g = c.geom(&xs, &ws).unwrap();
     assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
     g.winograd = true;
+    g.wino_tile = tile;
     g.small_plane = false;
     g
+}
+
+/// The error bound of F(tile x tile, 3x3).
+fn wino_tol(tile: usize) -> f64 {
+    if tile == 4 {
+        winograd::WINO4_REL_TOL
+    } else {
+        winograd::WINO_REL_TOL
+    }
 }
 
 /// The input gradient of the convolution in `T`, straight from its definition (scatter of
@@ -1069,8 +1080,9 @@ fn winograd_errors(
     ws: [usize; 4],
     bias: bool,
     seed: u64,
+    tile: usize,
 ) -> (f64, f64) {
-    let g = winograd_forced(c, xs, ws);
+    let g = winograd_forced(c, xs, ws, tile);
     let mut rng = Rng::new(seed);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -1133,50 +1145,57 @@ thread_local! {
     static IM2COL_WORST: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
 }
 
-/// Winograd F(2x2, 3x3) against f64 over random geometries: pads 0..2 on each side (asymmetric),
-/// odd and even planes down to 1 pixel, batch 1 and several (blocks of several images with a
-/// shorter last one), 1 to 70 channels. Error per output within `WINO_REL_TOL` times the sum of
-/// absolute products, forward and input gradient.
+/// Winograd F(2x2, 3x3) and F(4x4, 3x3) against f64 over random geometries: pads 0..2 on each
+/// side (asymmetric), odd and even planes down to 1 pixel, batch 1 and several (blocks of
+/// several images with a shorter last one), 1 to 70 channels. Error per output within
+/// `WINO_REL_TOL` (F(2x2)) or `WINO4_REL_TOL` (F(4x4)) times the sum of absolute products,
+/// forward and input gradient.
 #[test]
 fn winograd_matches_f64_within_bound_over_random_geometries() {
-    let mut rng = Rng::new(41);
-    let (mut worst_f, mut worst_b) = (0.0f64, 0.0f64);
-    let mut cases = 0;
-    while cases < 60 {
-        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
-        if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
-            continue;
+    for tile in [2, 4] {
+        let mut rng = Rng::new(41);
+        let (mut worst_f, mut worst_b) = (0.0f64, 0.0f64);
+        let mut cases = 0;
+        while cases < 60 {
+            let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+            let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
+            if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+                continue;
+            }
+            let n = [1, 2, 5, 9][rng.below(4)];
+            let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+            let c = conv(1, [1, 1], pads, [1, 1]);
+            let bias = rng.below(2) == 0;
+            let (f, b) = winograd_errors(&c, [n, ci, h, w], [co, ci, 3, 3], bias, cases, tile);
+            assert!(
+                f <= wino_tol(tile) && b <= wino_tol(tile),
+                "F({tile}) {pads:?} x [{n}, {ci}, {h}, {w}] co {co}: forward {f:e}, dx {b:e}"
+            );
+            (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
+            cases += 1;
         }
-        let n = [1, 2, 5, 9][rng.below(4)];
-        let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
-        let c = conv(1, [1, 1], pads, [1, 1]);
-        let (f, b) = winograd_errors(&c, [n, ci, h, w], [co, ci, 3, 3], rng.below(2) == 0, cases);
-        assert!(
-            f <= winograd::WINO_REL_TOL && b <= winograd::WINO_REL_TOL,
-            "{pads:?} x [{n}, {ci}, {h}, {w}] co {co}: forward {f:e}, dx {b:e}"
+        let (pf, pb) = IM2COL_WORST.with(|c| c.get());
+        eprintln!(
+            "worst scaled error: winograd F({tile}) forward {worst_f:e}, dx {worst_b:e}; \
+             im2col forward {pf:e}, dx {pb:e}"
         );
-        (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
-        cases += 1;
     }
-    let (pf, pb) = IM2COL_WORST.with(|c| c.get());
-    eprintln!(
-        "worst scaled error: winograd forward {worst_f:e}, dx {worst_b:e}; \
-         im2col forward {pf:e}, dx {pb:e}"
-    );
 }
 
-/// ResNet-sized Winograd layers (the shapes the thresholds pick) within the same bound.
+/// ResNet-sized Winograd layers (the shapes the thresholds pick) within the same bounds.
 #[test]
 fn winograd_resnet_shapes_within_bound() {
-    for (n, ch, px) in [(3, 16, 32), (5, 64, 16), (9, 128, 8), (17, 256, 4)] {
-        let c = conv(1, [1, 1], [1; 4], [1, 1]);
-        let (f, b) = winograd_errors(&c, [n, ch, px, px], [ch, ch, 3, 3], true, ch as u64);
-        eprintln!("{ch}ch {px}px: winograd forward {f:e}, dx {b:e}");
-        assert!(
-            f <= winograd::WINO_REL_TOL && b <= winograd::WINO_REL_TOL,
-            "{ch}ch {px}px: forward {f:e}, dx {b:e}"
-        );
+    for tile in [2, 4] {
+        for (n, ch, px) in [(3, 16, 32), (5, 64, 16), (9, 128, 8), (17, 256, 4)] {
+            let c = conv(1, [1, 1], [1; 4], [1, 1]);
+            let (f, b) =
+                winograd_errors(&c, [n, ch, px, px], [ch, ch, 3, 3], true, ch as u64, tile);
+            eprintln!("F({tile}) {ch}ch {px}px: winograd forward {f:e}, dx {b:e}");
+            assert!(
+                f <= wino_tol(tile) && b <= wino_tol(tile),
+                "F({tile}) {ch}ch {px}px: forward {f:e}, dx {b:e}"
+            );
+        }
     }
 }
 
@@ -1184,9 +1203,15 @@ fn winograd_resnet_shapes_within_bound() {
 /// oracle of every other path), on a small odd geometry with asymmetric pads.
 #[test]
 fn winograd_gradients_match_finite_differences() {
+    for tile in [2, 4] {
+        winograd_gradients_match_finite_differences_at(tile);
+    }
+}
+
+fn winograd_gradients_match_finite_differences_at(tile: usize) {
     let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
     let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
-    let g = winograd_forced(&c, xs, ws);
+    let g = winograd_forced(&c, xs, ws, tile);
     let mut rng = Rng::new(43);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -1220,15 +1245,23 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             c.kernel_label(&xs, &ws).unwrap(),
             "Conv winograd+small-plane"
         );
-        let big = [37, 64, 16, 16];
-        assert_eq!(c.kernel_label(&big, &ws).unwrap(), "Conv winograd");
+        // 32x32 planes of 64 channels: F(4x4); 16x16 ones, and ResNet-20's 16 channels on
+        // 32x32: F(2x2).
+        let big = [37, 64, 32, 32];
+        assert_eq!(c.kernel_label(&big, &ws).unwrap(), "Conv winograd4");
+        let mid = [37, 64, 16, 16];
+        assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd");
+        let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
+        assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv winograd");
     }
-    let g = winograd_forced(&c, xs, ws);
-    let mut rng = Rng::new(47);
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let dy = rand_array(&mut rng, [37, 64, 8, 8], -1.0, 1.0);
-    assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    for tile in [2, 4] {
+        let g = winograd_forced(&c, xs, ws, tile);
+        let mut rng = Rng::new(47);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [37, 64, 8, 8], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    }
 }
 
 /// An image's Winograd result does not depend on the batch size around it (blocks of a fixed
@@ -1237,14 +1270,22 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
 #[test]
 fn winograd_results_do_not_depend_on_the_batch_size() {
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
-    for (ch, px) in [(16, 32), (32, 16), (64, 8), (16, 9)] {
+    for (ch, px, tile) in [
+        (16, 32, 2),
+        (32, 16, 2),
+        (64, 8, 2),
+        (16, 9, 2),
+        (16, 32, 4),
+        (32, 16, 4),
+        (16, 9, 4),
+    ] {
         let ws = [ch, ch, 3, 3];
         let mut rng = Rng::new(3);
         let x = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
         let w = rand_array(&mut rng, ws, -1.0, 1.0);
         let dy = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
         let run = |n: usize| {
-            let g = winograd_forced(&c, [n, ch, px, px], ws);
+            let g = winograd_forced(&c, [n, ch, px, px], ws, tile);
             let xn = x.slice(ndarray::s![0..n, .., .., ..]);
             let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
             let y = Conv2d::forward_geom(&g, xn, w.view(), None);
@@ -1256,8 +1297,8 @@ fn winograd_results_do_not_depend_on_the_batch_size() {
         let (y32, dx32) = run(32);
         let (y16, dx16) = run(16);
         let first = |a: &Array4<f32>| a.slice(ndarray::s![0..16, .., .., ..]).to_owned();
-        assert_eq!(first(&y32), y16, "{ch}ch {px}px forward");
-        assert_eq!(first(&dx32), dx16, "{ch}ch {px}px dx");
+        assert_eq!(first(&y32), y16, "F({tile}) {ch}ch {px}px forward");
+        assert_eq!(first(&dx32), dx16, "F({tile}) {ch}ch {px}px dx");
     }
 }
 

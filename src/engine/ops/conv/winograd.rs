@@ -32,7 +32,11 @@
 //! Numerics: the transforms add and halve, so the error is a small multiple of im2col's (about
 //! 3x at worst in the tests); the tests bound it per output by `WINO_REL_TOL * sum |w| |x|`
 //! (2e-6) against an f64 reference, forward and input gradient.
+//!
+//! F(4x4, 3x3) (`Plane::m == 4`) shares the GEMMs, the scratch and the blocking; its transforms
+//! are in `winograd4.rs`, and `Geom::wino4_pays` says where it runs.
 
+use super::winograd4::transform_kernel4;
 use super::{mat, mat_mut, Geom};
 use crate::engine::ops::simd::simd_dispatch;
 use ndarray::linalg::general_mat_mul;
@@ -59,6 +63,9 @@ pub(super) struct Plane {
     pub ow: usize,
     pub pt: usize,
     pub pl: usize,
+    /// Output tile side: 2 for F(2x2, 3x3) (this file's transforms), 4 for F(4x4, 3x3)
+    /// (`winograd4.rs`).
+    pub m: usize,
 }
 
 simd_dispatch! {
@@ -74,12 +81,17 @@ simd_dispatch! {
 }
 
 impl Plane {
-    fn th(&self) -> usize {
-        self.oh.div_ceil(2)
+    pub(super) fn th(&self) -> usize {
+        self.oh.div_ceil(self.m)
     }
 
-    fn tw(&self) -> usize {
-        self.ow.div_ceil(2)
+    pub(super) fn tw(&self) -> usize {
+        self.ow.div_ceil(self.m)
+    }
+
+    /// Transformed taps per tile: 16 for F(2x2), 36 for F(4x4).
+    pub(super) fn taps(&self) -> usize {
+        (self.m + 2) * (self.m + 2)
     }
 
     pub fn tiles(&self) -> usize {
@@ -90,18 +102,20 @@ impl Plane {
 /// Scratch of one thread (see `SCRATCH`); it keeps its largest size for the life of the
 /// thread, a few MiB at most on ResNet layers (`16 x channels x tiles` floats, twice).
 pub(super) struct WinoScratch {
-    /// Transformed inputs `[16][cin][T]`.
-    v: Vec<f32>,
-    /// Products `[16][cout][T]`.
-    m: Vec<f32>,
-    /// One padded input row, then its even and odd columns.
-    prow: Vec<f32>,
-    ev: Vec<f32>,
+    /// Transformed inputs `[taps][cin][T]`.
+    pub(super) v: Vec<f32>,
+    /// Products `[taps][cout][T]`.
+    pub(super) m: Vec<f32>,
+    /// One padded input row, then its even and odd columns (F(4x4): its four column phases,
+    /// all in `ev`).
+    pub(super) prow: Vec<f32>,
+    pub(super) ev: Vec<f32>,
     od: Vec<f32>,
-    /// Horizontally transformed rows of one channel: `[row parity][4][th+1][tw]`.
-    hrows: Vec<f32>,
-    /// Output transform temporaries: `[2][4][th*tw]`.
-    tmp: Vec<f32>,
+    /// Horizontally transformed rows of one channel: `[row parity][4][th+1][tw]` (F(4x4):
+    /// `[row phase][6][th+1][tw]`).
+    pub(super) hrows: Vec<f32>,
+    /// Output transform temporaries: `[2][4][th*tw]` (F(4x4): `[4][6][th*tw]` then `[4][th*tw]`).
+    pub(super) tmp: Vec<f32>,
 }
 
 thread_local! {
@@ -152,14 +166,19 @@ impl WinoScratch {
                 v.resize(n, 0.0);
             }
         };
-        let (th, tw, t) = (p.th(), p.tw(), p.tiles() * images);
-        grow(&mut s.v, 16 * p.cin * t);
-        grow(&mut s.m, 16 * p.cout * t);
-        grow(&mut s.prow, 2 * tw + 2);
-        grow(&mut s.ev, tw + 1);
+        let (th, tw, t, k) = (p.th(), p.tw(), p.tiles() * images, p.taps());
+        grow(&mut s.v, k * p.cin * t);
+        grow(&mut s.m, k * p.cout * t);
+        grow(&mut s.prow, p.m * (tw + 1));
+        grow(&mut s.ev, (p.m * (tw + 1)).max(tw + 1));
         grow(&mut s.od, tw + 1);
-        grow(&mut s.hrows, 8 * (th + 1) * tw);
-        grow(&mut s.tmp, 8 * th * tw);
+        if p.m == 4 {
+            grow(&mut s.hrows, 36 * t);
+            grow(&mut s.tmp, 28 * t);
+        } else {
+            grow(&mut s.hrows, 8 * (th + 1) * tw);
+            grow(&mut s.tmp, 8 * th * tw);
+        }
     }
 }
 
@@ -185,11 +204,12 @@ fn transform_kernel(g: &[f32; 9]) -> [f32; 16] {
     u
 }
 
-/// Transformed weights `U[16][rows][cols]` of ONNX weights `w` `[co, ci, 3, 3]`. Forward:
-/// `rows = co`, `cols = ci`. With `flip` (input gradient): the kernel rotated 180 degrees with
-/// its channel axes swapped, `rows = ci`, `cols = co`.
-pub(super) fn transform_weights(w: &[f32], co: usize, ci: usize, flip: bool) -> Vec<f32> {
-    let mut u = vec![0.0f32; 16 * co * ci];
+/// Transformed weights `U[taps][rows][cols]` of ONNX weights `w` `[co, ci, 3, 3]` for output
+/// tiles of side `m` (2 or 4). Forward: `rows = co`, `cols = ci`. With `flip` (input gradient):
+/// the kernel rotated 180 degrees with its channel axes swapped, `rows = ci`, `cols = co`.
+pub(super) fn transform_weights(w: &[f32], co: usize, ci: usize, flip: bool, m: usize) -> Vec<f32> {
+    let taps = (m + 2) * (m + 2);
+    let mut u = vec![0.0f32; taps * co * ci];
     let plane = co * ci;
     for o in 0..co {
         for c in 0..ci {
@@ -198,7 +218,15 @@ pub(super) fn transform_weights(w: &[f32], co: usize, ci: usize, flip: bool) -> 
             for (i, gi) in g.iter_mut().enumerate() {
                 *gi = if flip { src[8 - i] } else { src[i] };
             }
-            let t = transform_kernel(&g);
+            let t4;
+            let t2;
+            let t: &[f32] = if m == 4 {
+                t4 = transform_kernel4(&g);
+                &t4
+            } else {
+                t2 = transform_kernel(&g);
+                &t2
+            };
             let at = if flip { c * co + o } else { o * ci + c };
             for (k, &tk) in t.iter().enumerate() {
                 u[k * plane + at] = tk;
@@ -378,13 +406,19 @@ impl Plane {
         let nb = x.len() / xlen;
         let tpi = self.tiles();
         let nt = nb * tpi;
-        for (j, xb) in x.chunks(xlen).enumerate() {
-            for (c, plane) in xb.chunks(hw).enumerate() {
-                self.transform_input(plane, c, j * tpi, nt, s);
+        if self.m == 4 {
+            for c in 0..self.cin {
+                self.transform_input4(x, c, nt, s);
+            }
+        } else {
+            for (j, xb) in x.chunks(xlen).enumerate() {
+                for (c, plane) in xb.chunks(hw).enumerate() {
+                    self.transform_input(plane, c, j * tpi, nt, s);
+                }
             }
         }
         let (vp, mp, up) = (self.cin * nt, self.cout * nt, self.cout * self.cin);
-        for k in 0..16 {
+        for k in 0..self.taps() {
             general_mat_mul(
                 1.0,
                 &mat(&u[k * up..], self.cout, self.cin),
@@ -392,6 +426,13 @@ impl Plane {
                 0.0,
                 &mut mat_mut(&mut s.m[k * mp..], self.cout, nt),
             );
+        }
+        if self.m == 4 {
+            for o in 0..self.cout {
+                let b = bias.map_or(0.0, |b| b[o]);
+                self.transform_output4(o, nt, b, y, s);
+            }
+            return;
         }
         for (j, yb) in y.chunks_mut(ylen).enumerate() {
             for (o, plane) in yb.chunks_mut(ohw).enumerate() {
@@ -430,6 +471,7 @@ impl Geom {
             ow: self.ow,
             pt: self.pt,
             pl: self.pl,
+            m: self.wino_tile,
         }
     }
 
@@ -444,6 +486,7 @@ impl Geom {
             ow: self.w,
             pt: 2 - self.pt,
             pl: 2 - self.pl,
+            m: self.wino_tile,
         }
     }
 
@@ -469,8 +512,12 @@ impl Geom {
 pub enum WinogradMode {
     Auto = 0,
     Never = 1,
-    /// Every eligible geometry, whatever its shape.
+    /// Every eligible geometry, whatever its shape, as F(2x2, 3x3).
     Always = 2,
+    /// Every eligible geometry, whatever its shape, as F(4x4, 3x3).
+    Always4 = 3,
+    /// Where `Auto` picks Winograd, always as F(2x2, 3x3) (to time F(4x4)'s share).
+    AutoF2 = 4,
 }
 
 static MODE: AtomicU8 = AtomicU8::new(WinogradMode::Auto as u8);
@@ -512,7 +559,7 @@ impl Geom {
     pub(super) fn winograd_pays(&self) -> bool {
         match MODE.load(Ordering::Relaxed) {
             1 => false,
-            2 => true,
+            2 | 3 => true,
             _ => {
                 self.ci >= WINO_MIN_CHANNELS
                     && self.co >= WINO_MIN_CHANNELS
@@ -536,3 +583,52 @@ pub(super) fn auto_mode() -> bool {
 /// rounding); on ResNet-sized layers (16-256 channels) about 1.5e-7 for both.
 #[cfg(test)]
 pub(super) const WINO_REL_TOL: f64 = 2e-6;
+
+impl Geom {
+    /// Whether a Winograd layer runs as F(4x4, 3x3) rather than F(2x2, 3x3): where it measured
+    /// about 10% faster or more, since its error is about 20x F(2x2)'s (`WINO4_REL_TOL`).
+    /// Best of 25 alternating calls, 1 thread, batch 128, 3x3 pad 1, Cooperlake kernels, shared
+    /// host (load 1.2-1.7, about +-10% between runs), F(2x2) -> F(4x4), forward / backward
+    /// (input gradient by Winograd, weight gradient the same direct kernel) in ms:
+    ///
+    /// | layer       | forward        | backward        |
+    /// |-------------|----------------|-----------------|
+    /// | 64ch 32x32  | 56.8 -> 48.4   | 115.1 -> 107.4  |
+    /// | 32ch 32x32  | 13.5 -> 11.6   | 27.4 -> 25.6    |
+    /// | 24ch 32x32  | 8.75 -> 8.12   | 17.1 -> 16.0    |
+    /// | 16ch 32x32  | 5.6-5.9 -> 5.0-6.4 | 10.0-10.2 -> 8.8-10.7 |
+    /// | 64ch 16x16  | 11.8-12.7 -> 10.4-11.3 | 25.5-27.1 -> 25.6-26.2 |
+    /// | 128ch 16x16 | 34.0-37.9 -> 33.1-35.9 | 92.1-107.6 -> 93.1-103.9 |
+    /// | 32ch 16x16  | 3.97-4.16 -> 4.00-4.18 | 7.8-8.0 -> 8.2-8.4 |
+    /// | 64ch 8x8    | 3.48-3.78 -> 3.72-3.98 | 6.8-7.1 -> 6.6-6.9 |
+    /// | 128ch 8x8   | 11.4-13.4 -> 11.3-12.3 | 25.8-29.5 -> 25.2-26.0 |
+    ///
+    /// At batch 64 (1 thread): 64ch 32x32 21.0 / 49.2 -> 18.0 / 48.1, 32ch 32x32 6.9 / 15.3 ->
+    /// 6.8 / 13.8, but 128ch 16x16 18.4 / 49.5 -> 22.8 / 54.8; at 2 threads, batch 128: 128ch 8x8
+    /// forward 7.9 -> 9.9 (F(4x4)'s 4 tiles per image leave 32-column GEMMs). So F(4x4) on
+    /// 32x32 and larger planes of [`WINO4_MIN_CHANNELS`] or more; 16x16 planes stay on F(2x2)
+    /// (a gain at 64 channels, batch 128, a loss at 128 channels, batch 64). ResNet-20's
+    /// 16-channel stage is a tie (its transforms, not its GEMMs, take most of the time) and
+    /// stays on F(2x2). Whole training steps, F(2x2) only -> this rule (1 thread, best of 2):
+    /// resnet18_tucker2@128 1246 -> 1170 ms, resnet20_tucker2 249 -> 241 ms.
+    pub(super) fn wino4_pays(&self) -> bool {
+        match MODE.load(Ordering::Relaxed) {
+            2 | 4 => false,
+            3 => true,
+            _ => self.oh * self.ow >= WINO4_MIN_PLANE && self.ci.min(self.co) >= WINO4_MIN_CHANNELS,
+        }
+    }
+}
+
+/// Fewest outputs per image plane for F(4x4, 3x3): 32x32.
+const WINO4_MIN_PLANE: usize = 1024;
+/// Fewest channels in and out for F(4x4, 3x3).
+const WINO4_MIN_CHANNELS: usize = 24;
+
+/// Bound on F(4x4, 3x3)'s error per output, as [`WINO_REL_TOL`] for F(2x2, 3x3). Measured
+/// worst over the same 60 random geometries: 1.7e-5 forward, 7.5e-6 input gradient (F(2x2):
+/// 7.6e-7, 6.2e-7); on ResNet-sized layers 1.9e-6 to 3.6e-6 (F(2x2): 1.1e-7 to 1.6e-7). The
+/// larger interpolation points (2 and -2) cost the accuracy: `A^T`'s 8 and `B^T`'s 5 scale
+/// the rounding of the transformed products.
+#[cfg(test)]
+pub(super) const WINO4_REL_TOL: f64 = 4e-5;
