@@ -100,7 +100,7 @@ impl Plane {
 }
 
 /// Scratch of one thread (see `SCRATCH`); it keeps its largest size for the life of the
-/// thread, a few MiB at most on ResNet layers (`16 x channels x tiles` floats, twice).
+/// thread, a few MiB at most on ResNet layers (`taps x channels x tiles` floats, twice).
 pub(super) struct WinoScratch {
     /// Transformed inputs `[taps][cin][T]`.
     pub(super) v: Vec<f32>,
@@ -111,10 +111,11 @@ pub(super) struct WinoScratch {
     pub(super) prow: Vec<f32>,
     pub(super) ev: Vec<f32>,
     od: Vec<f32>,
-    /// Horizontally transformed rows of one channel: `[row parity][4][th+1][tw]` (F(4x4):
-    /// `[row phase][6][th+1][tw]`).
+    /// Horizontally transformed rows of one channel: `[row parity][4][th+1][tw]` (F(4x4), for
+    /// all the block's images: `[slot][6][T]`, see `Plane::transform_input4`).
     pub(super) hrows: Vec<f32>,
-    /// Output transform temporaries: `[2][4][th*tw]` (F(4x4): `[4][6][th*tw]` then `[4][th*tw]`).
+    /// Output transform temporaries: `[2][4][th*tw]` (F(4x4), for all the block's images:
+    /// `[4][6][T]` then `[4][T]`).
     pub(super) tmp: Vec<f32>,
 }
 

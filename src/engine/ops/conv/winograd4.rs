@@ -18,10 +18,11 @@
 //! column phases (`col % 4`), so that the six columns of every tile are six contiguous runs
 //! (phases 0-3 at tile `tx`, phases 0-1 at `tx + 1`); the horizontally transformed rows are
 //! stored by row phase, so that the vertical pass reads each tile row's six source rows as six
-//! contiguous runs over all the plane's tiles.
+//! contiguous runs over the tiles of all the block's images (on an 8x8 plane an image has only 4
+//! tiles). The output transform runs over all the block's images too.
 //!
 //! Numerics: the larger coefficients (up to 8 in `A^T`, 5 in `B^T`, 1/24 in `G`) cost accuracy:
-//! the error per output is about 5x F(2x2)'s (`WINO4_REL_TOL` in the tests bounds it), which is
+//! the error per output is about 20x F(2x2)'s (`WINO4_REL_TOL` in the tests bounds it), which is
 //! why the speed rule takes F(4x4) only where it measured faster (`Geom::wino4_pays`).
 
 use super::winograd::{Plane, WinoScratch};
