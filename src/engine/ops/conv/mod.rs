@@ -23,7 +23,7 @@
 //!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
 //!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
 //!   measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on 32x32+
-//!   planes and on 16x16 planes of 64+ channels, where it measured faster.
+//!   planes of 24+ channels, where it measured faster.
 //!
 //! The weight gradient of stride-1 layers (with planes of at least about 8x8) does not use
 //! im2col either: `weight_grad.rs` computes it as dot products over the padded input, 1.1-3x
