@@ -1182,6 +1182,25 @@ fn winograd_matches_f64_within_bound_over_random_geometries() {
     }
 }
 
+/// Planes wide enough that the transforms' 8-lane steps and their scalar tails both run (the
+/// random geometries stop at 13 pixels, 4 F(4x4) tiles): odd sizes, asymmetric pads.
+#[test]
+fn winograd_wide_odd_planes_within_bound() {
+    for tile in [2, 4] {
+        for (i, (pads, h, w)) in [([1, 2, 0, 1], 37, 45), ([0, 1, 2, 0], 61, 35)]
+            .into_iter()
+            .enumerate()
+        {
+            let c = conv(1, [1, 1], pads, [1, 1]);
+            let (f, b) = winograd_errors(&c, [3, 5, h, w], [6, 5, 3, 3], true, 90 + i as u64, tile);
+            assert!(
+                f <= wino_tol(tile) && b <= wino_tol(tile),
+                "F({tile}) {pads:?} {h}x{w}: forward {f:e}, dx {b:e}"
+            );
+        }
+    }
+}
+
 /// ResNet-sized Winograd layers (the shapes the thresholds pick) within the same bounds.
 #[test]
 fn winograd_resnet_shapes_within_bound() {
