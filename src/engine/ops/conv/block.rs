@@ -21,7 +21,7 @@
 //! Measured in `benches/conv_kernels.rs` and on torchvision ResNet-18 (see the README's speed
 //! section).
 
-use super::{mat, mat_mut, Geom, Path};
+use super::{copy_run, mat, mat_mut, Geom, Path};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -32,26 +32,6 @@ pub(super) const BLOCK_COLS: usize = 256;
 pub(super) const MIN_PARTS: usize = 4;
 /// Column ranges of a blocked weight gradient, one GEMM each (parallelism over 2-4 cores).
 const DW_SPLIT: usize = 4;
-
-/// `dst = src` for one plane's run of a block: the planes here are small (1 to 225 floats), and
-/// `copy_from_slice` is a `memcpy` call per run, whose fixed cost dominated 4- and 16-float runs
-/// (2x2 and 4x4 planes: `memmove` was 4% of mobilenet_v3_small's step). Runs up to 16 floats
-/// copy as fixed-size blocks the compiler turns into plain vector moves.
-#[inline(always)]
-fn copy_run(dst: &mut [f32], src: &[f32]) {
-    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) {
-        let s: [f32; N] = src.try_into().expect("run of N floats");
-        let d: &mut [f32; N] = dst.try_into().expect("run of N floats");
-        *d = s;
-    }
-    match src.len() {
-        1 => dst[0] = src[0],
-        4 => fixed::<4>(dst, src),
-        9 => fixed::<9>(dst, src),
-        16 => fixed::<16>(dst, src),
-        _ => dst.copy_from_slice(src),
-    }
-}
 
 /// Scratch of one rayon task for blocked convs.
 pub(super) struct BlockScratch {

@@ -25,6 +25,7 @@
 //! the error per output is about 20x F(2x2)'s (`WINO4_REL_TOL` in the tests bounds it), which is
 //! why the speed rule takes F(4x4) only where it measured faster (`Geom::wino4_pays`).
 
+use super::copy_run;
 use super::winograd::{Plane, WinoScratch};
 
 /// `G g G^T` for one 3x3 kernel `g` (row-major), in f64 and rounded once, so that the 1/6 and
@@ -54,26 +55,6 @@ pub(super) fn transform_kernel4(g: &[f32; 9]) -> [f32; 36] {
     u
 }
 
-/// `dst = src` for short runs (image rows), as fixed 8-float moves: a `copy_from_slice` per
-/// padded row was a `memcpy` call each time, 13% of a 16-channel 32x32 forward's samples.
-#[inline(always)]
-fn copy_short(dst: &mut [f32], src: &[f32]) {
-    let n = src.len();
-    let dst = &mut dst[..n];
-    let full = n / 8 * 8;
-    for (d, s) in dst[..full]
-        .chunks_exact_mut(8)
-        .zip(src[..full].chunks_exact(8))
-    {
-        let v: [f32; 8] = s.try_into().expect("8 floats");
-        d.copy_from_slice(&v);
-    }
-    // The tail (under 8 floats) element by element: a `copy_from_slice` would be the call.
-    for (d, s) in dst[full..].iter_mut().zip(&src[full..]) {
-        *d = *s;
-    }
-}
-
 /// Lanes per step of the transforms' fixed-array loops: the compiler turns them into vector
 /// code, where plain loops over many streams (or iterator chains not inlined into the AVX2
 /// build) stayed scalar.
@@ -89,7 +70,7 @@ fn lanes<const L: usize>(s: &[f32], t: usize) -> [f32; L] {
 
 /// `q[0..P][t]` interleaved into `out[P t + l]` for the `out.len() / P` whole tiles.
 #[inline(always)]
-fn interleave<const P: usize>(q: [&[f32]; P], out: &mut [f32]) {
+fn merge_phases<const P: usize>(q: [&[f32]; P], out: &mut [f32]) {
     let full = out.len() / P;
     let mut t = 0;
     while t + LANES <= full {
@@ -109,9 +90,11 @@ fn interleave<const P: usize>(q: [&[f32]; P], out: &mut [f32]) {
     }
 }
 
-/// `p[l][k] = row[P k + l]` for the `row.len() / P` whole groups (the column phases).
+/// `p[l][k] = row[P k + l]` for the `row.len() / P` whole groups: all `P` column phases in
+/// one pass, 8 groups per step (`ops::deinterleave` takes one phase per call, and a stride of 4
+/// as a scalar `step_by` walk).
 #[inline(always)]
-fn deinterleave<const P: usize>(row: &[f32], p: [&mut [f32]; P]) {
+fn split_phases<const P: usize>(row: &[f32], p: [&mut [f32]; P]) {
     let full = row.len() / P;
     let mut k = 0;
     while k + LANES <= full {
@@ -296,11 +279,11 @@ impl Plane {
                     }
                 } else {
                     let src = &plane[iy as usize * self.w..][..xw];
-                    copy_short(&mut prow[self.pl..self.pl + xw], src);
+                    copy_run(&mut prow[self.pl..self.pl + xw], src);
                     let (p0, rest) = ph.split_at_mut(tw + 1);
                     let (p1, rest) = rest.split_at_mut(tw + 1);
                     let (p2, p3) = rest.split_at_mut(tw + 1);
-                    deinterleave(prow, [&mut *p0, &mut *p1, &mut *p2, &mut *p3]);
+                    split_phases(prow, [&mut *p0, &mut *p1, &mut *p2, &mut *p3]);
                     let out = split6(&mut hb[first..], nt, 0, tw);
                     bt6(
                         [&p0[..tw], &p1[..tw], &p2[..tw], p3, &p0[1..], &p1[1..]],
@@ -364,7 +347,7 @@ impl Plane {
                     }
                     let ql = |l: usize| &horiz[l * nt + img * tiles + ty * tw..][..tw];
                     let out = &mut yp[oy * self.ow..][..self.ow];
-                    interleave([ql(0), ql(1), ql(2), ql(3)], &mut out[..4 * full]);
+                    merge_phases([ql(0), ql(1), ql(2), ql(3)], &mut out[..4 * full]);
                     for l in 0..self.ow % 4 {
                         out[4 * full + l] = ql(l)[full];
                     }
