@@ -47,14 +47,18 @@ fn planes_to_pixels_with<'a>(
                 *d = std::array::from_fn(|l| a[l][j]);
             }
         }
+        // The last `n % 8` pixels, as 8-channel runs from this block's rows: a separate loop
+        // per channel over them took longer than the 8x8 blocks when they are few (the 9th tap
+        // of every channel in `small_plane.rs`'s weight layout change).
+        for p in pfull..n {
+            let d: &mut [f32; 8] = (&mut out[p * co + c0..][..8]).try_into().expect("8 lanes");
+            *d = std::array::from_fn(|l| rows[l][p]);
+        }
     }
-    // The rest channel by channel, one plane lookup each: the last `n % 8` pixels of every
-    // channel, and every pixel of the last `co % 8` channels (fewer than 8 output rows or
-    // columns, whose lines stay in cache).
-    for c in 0..co {
-        let src = &plane(c)[..n];
-        let first = if c < cfull { pfull } else { 0 };
-        for (p, &v) in src.iter().enumerate().skip(first) {
+    // Every pixel of the last `co % 8` channels (fewer than 8 output columns, whose lines stay
+    // in cache).
+    for c in cfull..co {
+        for (p, &v) in plane(c)[..n].iter().enumerate() {
             out[p * co + c] = v;
         }
     }
