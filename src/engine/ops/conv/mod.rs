@@ -25,9 +25,10 @@
 //!   measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on 32x32+
 //!   planes of 24+ channels, where it measured faster.
 //!
-//! The weight gradient of stride-1 layers (with planes of at least about 8x8) does not use
-//! im2col either: `weight_grad.rs` computes it as dot products over the padded input, 1.1-3x
-//! faster than packing a column matrix that each feeds only `co` multiply-adds.
+//! The weight gradient of stride-1 layers (with planes of at least about 8x8) and of large-kernel
+//! strided image stems (ResNet's 7x7) does not use im2col either: `weight_grad.rs` computes it
+//! as dot products over the padded input (split into stride phases), 1.1-3x faster than packing
+//! a column matrix that each feeds only `co` multiply-adds.
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small

@@ -1391,24 +1391,26 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
 /// below: 1.4e-7, against im2col's 1.8e-7 on the same ones.
 const DW_REL_TOL: f64 = 1e-6;
 
-/// The direct weight gradient (`weight_grad.rs`, forced on) against f64 over random stride-1
-/// geometries: kernels 1x1 to 4x4, dilations 1-2, asymmetric pads 0-2, groups 1-3, planes
-/// down to 1 pixel, batches of 1 to 40 (several images per pass, a short last pass), with and
-/// without the input gradient; im2col's error on the same geometries for scale.
+/// The direct weight gradient (`weight_grad.rs`, forced on) against f64 over random
+/// geometries: strides 1-3 per axis (the phase planes), kernels 1x1 to 7x7, dilations 1-2,
+/// asymmetric pads 0-3, groups 1-3, planes down to 1 pixel, batches of 1 to 40 (several images
+/// per pass, a short last pass), with and without the input gradient; im2col's error on the
+/// same geometries for scale.
 #[test]
 fn direct_weight_grad_matches_f64_over_random_geometries() {
     let mut rng = Rng::new(77);
     let (mut worst, mut worst_im2col) = (0.0f64, 0.0f64);
-    let mut cases = 0;
-    while cases < 80 {
+    let (mut cases, mut strided) = (0, 0);
+    while cases < 160 {
         let group = 1 + rng.below(3);
         let (cig, cog) = (1 + rng.below(9), 1 + rng.below(9));
-        let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
+        let (kh, kw) = (1 + rng.below(7), 1 + rng.below(7));
         let dil = [1 + rng.below(2), 1 + rng.below(2)];
-        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
+        let pads = [rng.below(4), rng.below(4), rng.below(4), rng.below(4)];
+        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
         let n = [1, 2, 7, 40][rng.below(4)];
-        let c = conv(group, [1, 1], pads, dil);
+        let strides = [1 + rng.below(3), 1 + rng.below(3)];
+        let c = conv(group, strides, pads, dil);
         let Ok(g) = c.geom(&[n, group * cig, h, w], &[group * cog, cig, kh, kw]) else {
             continue;
         };
@@ -1432,13 +1434,15 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
         worst_im2col = worst_im2col.max(dw_error(&plain, cases, false));
         worst = worst.max(e);
         cases += 1;
+        strided += usize::from(strides != [1, 1]);
     }
+    assert!(strided >= 80, "only {strided} strided geometries");
     eprintln!("worst scaled dw error: direct {worst:e}, im2col {worst_im2col:e}");
 }
 
 /// The layers the speed rule hands to the direct weight gradient (the stride-1 3x3 convs of
-/// ResNet-20 and ResNet-18 with planes of 16x16 and up, and 8x8 ones below 32 channels) are
-/// handed to it, and stay within the bound at batch 33.
+/// ResNet-20 and ResNet-18 with planes of 16x16 and up, 8x8 ones below 32 channels, and
+/// ResNet-18's 7x7 stride-2 stem) are handed to it, and stay within the bound.
 #[test]
 fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     if !weight_grad::auto_mode() {
@@ -1451,7 +1455,21 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
         let e = dw_error(&g, ch as u64, true);
         assert!(e <= DW_REL_TOL, "{ch}ch {px}px: {e:e}");
     }
-    // 4x4 planes keep the batch-wide GEMM; strided layers im2col.
+    // ResNet-18's 7x7 stride-2 stem too (no input gradient: its input is the data).
+    let stem = conv(1, [2, 2], [3; 4], [1, 1]);
+    let g = stem.geom(&[9, 3, 64, 64], &[64, 3, 7, 7]).unwrap();
+    assert!(g.direct_dw, "7x7 stem");
+    let e = dw_error(&g, 7, false);
+    assert!(e <= DW_REL_TOL, "7x7 stem: {e:e}");
+    // Not 3x3 stride-2 stems, nor stride-2 layers of many channels, nor 4x4 planes (which keep
+    // the batch-wide GEMM).
+    let c = conv(1, [2, 2], [1; 4], [1, 1]);
+    assert!(!c.geom(&[9, 3, 64, 64], &[32, 3, 3, 3]).unwrap().direct_dw);
+    assert!(
+        !c.geom(&[9, 64, 32, 32], &[128, 64, 3, 3])
+            .unwrap()
+            .direct_dw
+    );
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
     assert!(
         !c.geom(&[33, 256, 4, 4], &[256, 256, 3, 3])

@@ -1,5 +1,5 @@
-//! Direct weight gradient for stride-1 convolutions: `dW[o][c][a][b] = sum_p dy[o][p] *
-//! x[c][p shifted by tap (a, b)]`, computed from the padded input without an im2col matrix.
+//! Direct weight gradient: `dW[o][c][a][b] = sum_p dy[o][p] * x[c][p shifted by tap (a, b)]`,
+//! computed from the padded input without an im2col matrix.
 //!
 //! Why: im2col + GEMM spends its time outside the multiply-adds when a layer has few output
 //! channels. The GEMM `dW (co x k) = dy (co x ohw) . col^T` packs the `k x ohw` column matrix,
@@ -20,6 +20,14 @@
 //! padded to a whole number of vectors with zeros, so there are no tails or masks: the zero
 //! output gradients cancel whatever the shifted input holds there, and every plane carries its
 //! own zeroed slack so that a read never reaches the next channel.
+//!
+//! Strides: a stride-`s` layer's padded input is split into its `sh x sw` phases (the rows and
+//! columns of each residue mod the stride), each its own plane. Tap `(a, b)` of output `(oy,
+//! ox)` reads padded row `oy * sh + a * dh`, which is row `oy + a * dh / sh` of phase `a * dh %
+//! sh` (columns alike): within a phase the layer is a stride-1 one, so the same fixed-offset
+//! runs apply, with the phase width as the row stride. This serves the 7x7 stride-2 stem of
+//! ResNet-18 (3 input channels, so im2col's GEMM had 147-deep products and packed each column
+//! for only 64 multiply-adds) and the stride-2 3x3 layers of planes too large for `block.rs`.
 //!
 //! Numerics: each entry is a sum over one image's positions in vector lanes, reduced once and
 //! added to the part's running gradient, image by image, so results depend on the CPU's vector
@@ -45,12 +53,16 @@ pub(super) struct DwScratch {
 /// The flat layout of one geometry.
 #[derive(Clone, Copy, Debug)]
 struct Layout {
-    /// Padded row width, the row stride of both runs.
+    /// Width of one column phase of the padded input (the padded width at stride 1), the row
+    /// stride of both runs.
     wp: usize,
     /// Floats per dot product: `oh * wp` rounded up to whole vectors.
     run: usize,
-    /// Floats per padded input plane with its slack.
+    /// Floats per padded input phase plane with its slack (a channel has `sh * sw` of them).
     pstride: usize,
+    /// Padded input rows and columns any tap of any output reads; the rest are never copied.
+    rows_used: usize,
+    cols_used: usize,
     /// Images per register-tile pass: enough that a dot product spans about `TARGET_RUN`
     /// floats, so that the tile's final reductions stay a small part of its work.
     images: usize,
@@ -63,10 +75,10 @@ const TARGET_RUN: usize = 1024;
 const MAX_IMAGES: usize = 16;
 
 impl Geom {
-    /// Whether the weight gradient can run here: stride 1 (any kernel size, dilation, padding
-    /// and group count) on the im2col path (depthwise and pointwise layers have their own).
+    /// Whether the weight gradient can run here: any stride, kernel size, dilation, padding and
+    /// group count on the im2col path (depthwise and pointwise layers have their own).
     pub(super) fn direct_dw_eligible(&self) -> bool {
-        self.path == super::Path::Im2col && self.sh == 1 && self.sw == 1
+        self.path == super::Path::Im2col
     }
 
     /// Whether it is faster here than on im2col: planes wide enough that the padded rows add
@@ -77,38 +89,66 @@ impl Geom {
     /// (batch 64, 1 thread, AVX-512 kernels), im2col -> direct: ResNet-20's 16 channels on
     /// 32x32 5.2 -> 1.75 ms, 32 on 16x16 2.8 -> 2.0, 64 on 8x8 3.2 -> 2.4; ResNet-18's 64 on
     /// 16x16 8.2 -> 7.0, 128 on 8x8 9.6 -> 8.8; 256 on 4x4 lost 2x (batch 128).
+    ///
+    /// Strided layers only as image stems with large kernels (at most 4 input channels, 5x5
+    /// and up), where im2col's GEMM packs each column for few multiply-adds and the phase copy
+    /// is small beside the taps. Backward at batch 64, AVX-512 kernels, im2col -> direct (1 / 2
+    /// threads, ms): ResNet-18's 7x7 stride-2 stem on 64x64 12.7 -> 9.1 / 7.3 -> 5.0, on
+    /// 128x128 50.7 -> 38.4 / 28.8 -> 19.4. Lost: 3x3 stride-2 stems of 3 -> 32 and 3 -> 16
+    /// channels (MobileNet's, 64x64) 2.1 -> 2.7 and 1.4 -> 2.0 (the copy into phase planes
+    /// outweighs 27 taps), ResNet-18's 64 -> 128 stride-2 3x3 on 32x32 39.8 -> 50.2 with the
+    /// input gradient; ResNet-20's 16 -> 32 on 32x32 (batch 128) 14.3 -> 13.2, within noise.
     pub(super) fn direct_dw_pays(&self) -> bool {
+        let stem = self.cig <= 4 && self.kh * self.kw >= 25;
         2 * self.dw_layout().run <= 3 * self.oh * self.ow
             && (self.block_images() == 1 || self.winograd)
+            && (self.sh * self.sw == 1 || stem)
             && dw_mode_allows()
     }
 
     fn dw_layout(&self) -> Layout {
-        let wp = self.w + self.pl + self.pr;
+        let wp = (self.w + self.pl + self.pr).div_ceil(self.sw);
         let run = (self.oh * wp).div_ceil(LANES) * LANES;
-        // The furthest read: the last tap's offset plus a whole run.
-        let pstride = (self.kh - 1) * self.dh * wp + (self.kw - 1) * self.dw + run;
+        // The furthest read: the last tap's offset within its phase plus a whole run.
+        let (ra, rb) = self.dw_phase_shift(self.kh - 1, self.kw - 1);
+        let pstride = ra * wp + rb + run;
         let images = TARGET_RUN.div_ceil(run).clamp(1, MAX_IMAGES);
         Layout {
             wp,
             run,
             pstride,
+            rows_used: (self.oh - 1) * self.sh + (self.kh - 1) * self.dh + 1,
+            cols_used: (self.ow - 1) * self.sw + (self.kw - 1) * self.dw + 1,
             images,
         }
+    }
+
+    /// Row and column offset of tap `(a, b)` within its phase plane.
+    fn dw_phase_shift(&self, a: usize, b: usize) -> (usize, usize) {
+        (a * self.dh / self.sh, b * self.dw / self.sw)
+    }
+
+    /// Index of the phase plane of padded row `r` and column `q` among a channel's planes.
+    fn dw_phase(&self, r: usize, q: usize) -> usize {
+        (r % self.sh) * self.sw + q % self.sw
     }
 
     /// Scratch for [`Self::weight_grad_direct`], zeroed.
     pub(super) fn dw_scratch(&self) -> DwScratch {
         let l = self.dw_layout();
+        let cstride = self.sh * self.sw * l.pstride;
         let offs = (0..self.cig)
             .flat_map(|c| {
                 (0..self.kh * self.kw).map(move |t| {
-                    c * l.pstride + (t / self.kw) * self.dh * l.wp + (t % self.kw) * self.dw
+                    let (a, b) = (t / self.kw, t % self.kw);
+                    let (ra, rb) = self.dw_phase_shift(a, b);
+                    let phase = self.dw_phase(a * self.dh, b * self.dw);
+                    c * cstride + phase * l.pstride + ra * l.wp + rb
                 })
             })
             .collect();
         DwScratch {
-            xp: vec![0.0; l.images * self.ci * l.pstride],
+            xp: vec![0.0; l.images * self.ci * cstride],
             dyp: vec![0.0; l.images * self.co * l.run],
             offs,
         }
@@ -131,12 +171,28 @@ impl Geom {
         let l = self.dw_layout();
         let images = x.len() / self.x_len();
         debug_assert!(images <= l.images && dy.len() == images * self.y_len());
-        let (xstride, dystride) = (self.ci * l.pstride, self.co * l.run);
+        let cstride = self.sh * self.sw * l.pstride;
+        let (xstride, dystride) = (self.ci * cstride, self.co * l.run);
+        // Input columns that land in read columns: `q = x + pl < cols_used`.
+        let xcols = self.w.min(l.cols_used.saturating_sub(self.pl));
         for (c, plane) in x.chunks(self.h * self.w).enumerate() {
             let (i, c) = (c / self.ci, c % self.ci);
-            let base = i * xstride + c * l.pstride + self.pt * l.wp + self.pl;
-            for (r, row) in plane.chunks(self.w).enumerate() {
-                s.xp[base + r * l.wp..][..self.w].copy_from_slice(row);
+            let base = i * xstride + c * cstride;
+            for (y, row) in plane.chunks(self.w).enumerate() {
+                let r = y + self.pt;
+                if r >= l.rows_used {
+                    break;
+                }
+                let rowbase = base + (r / self.sh) * l.wp;
+                if self.sw == 1 {
+                    let dst = rowbase + self.dw_phase(r, 0) * l.pstride + self.pl;
+                    s.xp[dst..][..xcols].copy_from_slice(&row[..xcols]);
+                    continue;
+                }
+                for (xi, &v) in row[..xcols].iter().enumerate() {
+                    let q = xi + self.pl;
+                    s.xp[rowbase + self.dw_phase(r, q) * l.pstride + q / self.sw] = v;
+                }
             }
         }
         for (o, plane) in dy.chunks(self.oh * self.ow).enumerate() {
@@ -148,7 +204,7 @@ impl Geom {
         let k = self.k_rows();
         for grp in 0..self.group {
             let runs = Runs {
-                x: &s.xp[grp * self.cig * l.pstride..],
+                x: &s.xp[grp * self.cig * cstride..],
                 dy: &s.dyp[grp * self.cog * l.run..],
                 offs: &s.offs,
                 run: l.run,
