@@ -22,8 +22,9 @@
 //!   1 and 2, planes from 32x32 down to 2x2, 96 to 672 channels), forward then backward (input
 //!   and weight gradients) per call, as a training step runs them.
 //! - group `weight_grad`: the weight gradient alone (backward without the input gradient) of
-//!   the stride-1 3x3 layers of ResNet-20 and ResNet-18 at batch 64, im2col + GEMM against the
-//!   direct kernel on the padded input (`conv/weight_grad.rs`).
+//!   the stride-1 3x3 layers of ResNet-20 and ResNet-18 and ResNet-18's 7x7 stride-2 stem at
+//!   batch 64, im2col + GEMM against the direct kernel on the padded input
+//!   (`conv/weight_grad.rs`; the stem through its stride phases).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -357,21 +358,25 @@ fn weight_grad(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .throughput(Throughput::Elements(WINO_BATCH as u64));
-    for (name, ch, px) in [
-        ("r20_16ch_32px", 16, 32),
-        ("r20_32ch_16px", 32, 16),
-        ("r20_64ch_8px", 64, 8),
-        ("r18_64ch_16px", 64, 16),
-        ("r18_128ch_8px", 128, 8),
+    // name, input channels, output channels, kernel, stride, input side
+    for (name, ci, co, k, s, px) in [
+        ("r20_16ch_32px", 16, 16, 3, 1, 32),
+        ("r20_32ch_16px", 32, 32, 3, 1, 16),
+        ("r20_64ch_8px", 64, 64, 3, 1, 8),
+        ("r18_64ch_16px", 64, 64, 3, 1, 16),
+        ("r18_128ch_8px", 128, 128, 3, 1, 8),
+        // ResNet-18's 7x7 stride-2 stem at 64x64 (the stride-phase layout).
+        ("r18_stem_64px", 3, 64, 7, 2, 64),
     ] {
-        let op = conv(1, [1; 4]);
+        let mut op = conv(1, [k / 2; 4]);
+        op.strides = [s, s];
         let mut v = 0.0f32;
         let mut next = move || {
             v = (v + 0.37) % 1.0;
             v - 0.5
         };
-        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
-        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let x = Array4::from_shape_fn([WINO_BATCH, ci, px, px], |_| next());
+        let w = Array4::from_shape_fn([co, ci, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         for (kernel, direct) in [("im2col", false), ("direct", true)] {
             g.bench_function(format!("{name}/{kernel}"), |b| {
