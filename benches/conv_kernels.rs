@@ -25,6 +25,8 @@
 //!   the stride-1 3x3 layers of ResNet-20 and ResNet-18 and ResNet-18's 7x7 stride-2 stem at
 //!   batch 64, im2col + GEMM against the direct kernel on the padded input
 //!   (`conv/weight_grad.rs`; the stem through its stride phases).
+//! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
+//!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -39,8 +41,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
-    set_depthwise_channels_last, set_direct_weight_grad, set_small_plane, set_winograd, Conv2d,
-    WinogradMode,
+    set_depthwise_channels_last, set_direct_forward, set_direct_weight_grad, set_small_plane,
+    set_winograd, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -402,5 +404,41 @@ fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
     }
 }
 
-criterion_group!(benches, conv_kernels, weight_grad);
+/// The forward alone of ResNet-18's 7x7 stride-2 stem, im2col + GEMM against the direct kernel
+/// on the stride-phase planes (`conv/direct.rs`).
+fn direct_forward(c: &mut Criterion) {
+    elrt::engine::tune_allocator();
+    elrt::engine::init();
+    let mut g = c.benchmark_group("direct_forward");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(WINO_BATCH as u64));
+    for (name, px) in [("r18_stem_64px", 64), ("r18_stem_128px", 128)] {
+        let mut op = conv(1, [3; 4]);
+        op.strides = [2, 2];
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([WINO_BATCH, 3, px, px], |_| next());
+        let w = Array4::from_shape_fn([64, 3, 7, 7], |_| next());
+        for (kernel, direct) in [("im2col", false), ("direct", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_direct_forward(direct);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+        }
+        set_direct_forward(true);
+    }
+    g.finish();
+}
+
+criterion_group!(benches, conv_kernels, weight_grad, direct_forward);
 criterion_main!(benches);

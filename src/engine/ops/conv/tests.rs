@@ -1388,7 +1388,7 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
 
 /// Bound on the direct weight gradient's error per entry relative to `sum |dy| |x|` (sums of up
 /// to a few thousand products per image in f32). Measured worst over the random geometries
-/// below: 1.4e-7, against im2col's 1.8e-7 on the same ones.
+/// below (strides 1-3): 1.3e-7, against im2col's 1.7e-7 on the same ones.
 const DW_REL_TOL: f64 = 1e-6;
 
 /// The direct weight gradient (`weight_grad.rs`, forced on) against f64 over random
@@ -1735,5 +1735,137 @@ fn skipping_the_bias_gradient_changes_nothing_else() {
         assert_eq!(lean.dw, full.dw, "{xs:?}");
         assert!(lean.db.iter().all(|&v| v == 0.0), "{xs:?}");
         assert!(full.db.iter().any(|&v| v != 0.0), "{xs:?}");
+    }
+}
+
+/// The direct forward's error (forced on, `direct.rs`) against f64 for `c` on these shapes,
+/// per entry relative to `sum |w| |x| + |b|`.
+fn direct_forward_error(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], seed: u64) -> f64 {
+    let mut g = c.geom(&xs, &ws).unwrap();
+    assert!(g.direct_fwd_eligible(), "{c:?} {xs:?} {ws:?}");
+    g.direct_fwd = true;
+    let mut rng = Rng::new(seed);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let b = rand_array(&mut rng, ws[0], -1.0, 1.0);
+    let y = Conv2d::forward_geom(&g, x.view(), w.view(), Some(b.view()));
+    let (x64, w64, b64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&b.view()));
+    let exact = c
+        .reference(x64.view(), w64.view(), Some(b64.view()))
+        .unwrap();
+    let scale = c
+        .reference(
+            x64.mapv(f64::abs).view(),
+            w64.mapv(f64::abs).view(),
+            Some(b64.mapv(f64::abs).view()),
+        )
+        .unwrap();
+    scaled_error(&y, &exact, &scale)
+}
+
+/// Bound on the direct forward's error per entry relative to `sum |w| |x| + |b|`: one f32
+/// dot product of `ci * kh * kw` fused multiply-adds. Measured worst over the random geometries
+/// below: 2.5e-7.
+const DIRECT_FWD_REL_TOL: f64 = 1e-6;
+
+/// The direct forward against f64 over random ungrouped geometries: strides 1-3 per axis,
+/// kernels 1x1 to 7x7, dilations 1-2, asymmetric pads 0-3, planes down to 1 pixel, batches of 1
+/// to 40 (several images per scratch pass and a short last one), channel counts that leave
+/// remainder tiles of output rows.
+#[test]
+fn direct_forward_matches_f64_over_random_geometries() {
+    let mut rng = Rng::new(91);
+    let (mut worst, mut cases) = (0.0f64, 0);
+    while cases < 120 {
+        let (ci, co) = (1 + rng.below(9), 1 + rng.below(19));
+        let (kh, kw) = (1 + rng.below(7), 1 + rng.below(7));
+        let dil = [1 + rng.below(2), 1 + rng.below(2)];
+        let pads = [rng.below(4), rng.below(4), rng.below(4), rng.below(4)];
+        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
+        let n = [1, 2, 7, 40][rng.below(4)];
+        let strides = [1 + rng.below(3), 1 + rng.below(3)];
+        let c = conv(1, strides, pads, dil);
+        let (xs, ws) = ([n, ci, h, w], [co, ci, kh, kw]);
+        let Ok(g) = c.geom(&xs, &ws) else {
+            continue;
+        };
+        if !g.direct_fwd_eligible() {
+            continue;
+        }
+        let e = direct_forward_error(&c, xs, ws, cases);
+        assert!(e <= DIRECT_FWD_REL_TOL, "{c:?} {xs:?} {ws:?}: {e:e}");
+        worst = worst.max(e);
+        cases += 1;
+    }
+    eprintln!("worst scaled direct forward error {worst:e}");
+}
+
+/// ResNet-18's 7x7 stride-2 stem takes the direct forward (and the direct weight gradient):
+/// labelled so, within the bound, and the same bits whatever the batch and thread count
+/// (each output is one dot product, never a sum across images).
+#[test]
+fn direct_forward_is_chosen_for_the_7x7_stem_and_reproducible() {
+    if !direct::auto_mode() || !weight_grad::auto_mode() {
+        return;
+    }
+    let c = conv(1, [2, 2], [3; 4], [1, 1]);
+    let (xs, ws) = ([5, 3, 40, 40], [64, 3, 7, 7]);
+    let g = c.geom(&xs, &ws).unwrap();
+    assert!(g.direct_fwd && g.direct_dw);
+    assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv direct");
+    let e = direct_forward_error(&c, xs, ws, 3);
+    assert!(e <= DIRECT_FWD_REL_TOL, "{e:e}");
+    // MobileNet's 3x3 stride-2 stem keeps im2col.
+    let g3 = c.geom(&[5, 3, 40, 40], &[32, 3, 3, 3]).unwrap();
+    assert!(!g3.direct_fwd);
+    let mut rng = Rng::new(4);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let whole = c.forward(x.view(), w.view(), None).unwrap();
+    let bits = |a: &Array4<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    for i in 0..xs[0] {
+        let one = c
+            .forward(x.slice(ndarray::s![i..i + 1, .., .., ..]), w.view(), None)
+            .unwrap();
+        let part = whole.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+        assert_eq!(bits(&one), bits(&part), "image {i}");
+    }
+    let three =
+        crate::engine::with_threads(3, || c.forward(x.view(), w.view(), None).unwrap()).unwrap();
+    assert_eq!(bits(&three), bits(&whole));
+}
+
+/// The vector kernels of the direct forward give the portable loop's bits (the same fused
+/// multiply-adds in the same order), on tiles with remainder rows and position vectors.
+#[test]
+fn direct_forward_kernels_match_portable_loop_bitwise() {
+    let mut rng = Rng::new(8);
+    for (rows, k, run) in [
+        (9, 11, 64),
+        (8, 27, 48),
+        (1, 1, 16),
+        (17, 147, 112),
+        (6, 5, 32),
+    ] {
+        let offs: Vec<usize> = (0..k).map(|_| rng.below(64)).collect();
+        let x: Vec<f32> = (0..64 + run).map(|_| rng.range(-1.0, 1.0)).collect();
+        let w: Vec<f32> = (0..rows * k).map(|_| rng.range(-1.0, 1.0)).collect();
+        let t = direct::Taps {
+            x: &x,
+            offs: &offs,
+            w: &w,
+            run,
+        };
+        let mut want = vec![0.0f32; rows * run];
+        direct::dot_rows_for_test(&t, &mut want, weight_grad::Kernel::Portable);
+        for kernel in weight_grad::Kernel::available() {
+            let mut got = vec![7.0f32; rows * run];
+            direct::dot_rows_for_test(&t, &mut got, kernel);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{kernel:?} {rows}x{k}x{run}");
+        }
     }
 }

@@ -25,9 +25,9 @@
 //! columns of each residue mod the stride), each its own plane. Tap `(a, b)` of output `(oy,
 //! ox)` reads padded row `oy * sh + a * dh`, which is row `oy + a * dh / sh` of phase `a * dh %
 //! sh` (columns alike): within a phase the layer is a stride-1 one, so the same fixed-offset
-//! runs apply, with the phase width as the row stride. This serves the 7x7 stride-2 stem of
-//! ResNet-18 (3 input channels, so im2col's GEMM had 147-deep products and packed each column
-//! for only 64 multiply-adds) and the stride-2 3x3 layers of planes too large for `block.rs`.
+//! runs apply, with the phase width as the row stride. The speed rule uses it for ResNet-18's
+//! 7x7 stride-2 stem (3 input channels: im2col's GEMM packed each 147-deep column for only 64
+//! multiply-adds); strided 3x3 layers lost to im2col and stay there (`direct_dw_pays`).
 //!
 //! Numerics: each entry is a sum over one image's positions in vector lanes, reduced once and
 //! added to the part's running gradient, image by image, so results depend on the CPU's vector
@@ -41,31 +41,32 @@ const LANES: usize = 16;
 /// A few images' padded input planes and output gradients, reused across the images of a part:
 /// only the interiors are rewritten, so the zero borders and slack are written once.
 pub(super) struct DwScratch {
-    /// `[images][ci][pstride]`: each plane's `hp x wp` padded copy, then zero slack.
-    xp: Vec<f32>,
+    /// `[images][ci][sh * sw][pstride]`: each plane's padded phase copies, then zero slack.
+    pub(super) xp: Vec<f32>,
     /// `[images][co][run]`: each output-gradient plane with row stride `wp`, zero columns and
-    /// tail.
-    dyp: Vec<f32>,
-    /// Flat input offset of each row of the (per-group) column matrix: `c * pstride + tap`.
-    offs: Vec<usize>,
+    /// tail (the direct forward, `direct.rs`, writes its outputs here instead, in a scratch of
+    /// its own).
+    pub(super) dyp: Vec<f32>,
+    /// Flat input offset of each row of the (per-group) column matrix, channel then tap.
+    pub(super) offs: Vec<usize>,
 }
 
 /// The flat layout of one geometry.
 #[derive(Clone, Copy, Debug)]
-struct Layout {
+pub(super) struct Layout {
     /// Width of one column phase of the padded input (the padded width at stride 1), the row
     /// stride of both runs.
-    wp: usize,
+    pub(super) wp: usize,
     /// Floats per dot product: `oh * wp` rounded up to whole vectors.
-    run: usize,
+    pub(super) run: usize,
     /// Floats per padded input phase plane with its slack (a channel has `sh * sw` of them).
-    pstride: usize,
+    pub(super) pstride: usize,
     /// Padded input rows and columns any tap of any output reads; the rest are never copied.
     rows_used: usize,
     cols_used: usize,
     /// Images per register-tile pass: enough that a dot product spans about `TARGET_RUN`
     /// floats, so that the tile's final reductions stay a small part of its work.
-    images: usize,
+    pub(super) images: usize,
 }
 
 /// Floats a tile's dot products aim to span (a few images of a small plane): at ResNet's 8x8
@@ -99,14 +100,20 @@ impl Geom {
     /// outweighs 27 taps), ResNet-18's 64 -> 128 stride-2 3x3 on 32x32 39.8 -> 50.2 with the
     /// input gradient; ResNet-20's 16 -> 32 on 32x32 (batch 128) 14.3 -> 13.2, within noise.
     pub(super) fn direct_dw_pays(&self) -> bool {
-        let stem = self.cig <= 4 && self.kh * self.kw >= 25;
         2 * self.dw_layout().run <= 3 * self.oh * self.ow
             && (self.block_images() == 1 || self.winograd)
-            && (self.sh * self.sw == 1 || stem)
+            && (self.sh * self.sw == 1 || self.large_kernel_stem())
             && dw_mode_allows()
     }
 
-    fn dw_layout(&self) -> Layout {
+    /// An image stem with a large kernel (at most 4 input channels, 5x5 and up, like
+    /// ResNet's 7x7): the strided layers where the direct kernels beat im2col + GEMM, forward
+    /// (`direct.rs`) and weight gradient alike.
+    pub(super) fn large_kernel_stem(&self) -> bool {
+        self.cig <= 4 && self.kh * self.kw >= 25
+    }
+
+    pub(super) fn dw_layout(&self) -> Layout {
         let wp = (self.w + self.pl + self.pr).div_ceil(self.sw);
         let run = (self.oh * wp).div_ceil(LANES) * LANES;
         // The furthest read: the last tap's offset within its phase plus a whole run.
@@ -159,6 +166,37 @@ impl Geom {
         self.dw_layout().images
     }
 
+    /// Copies `x` (`[images, ci, h, w]`) into the padded phase planes of `xp`
+    /// (`[images][ci][sh * sw][pstride]`, see [`Layout`]); entries outside the copied interior
+    /// keep what they held (zeros from [`Self::dw_scratch`], or this geometry's earlier copies).
+    pub(super) fn fill_phase_planes(&self, x: &[f32], xp: &mut [f32]) {
+        let l = self.dw_layout();
+        let cstride = self.sh * self.sw * l.pstride;
+        let xstride = self.ci * cstride;
+        // Input columns that land in read columns: `q = x + pl < cols_used`.
+        let xcols = self.w.min(l.cols_used.saturating_sub(self.pl));
+        for (c, plane) in x.chunks(self.h * self.w).enumerate() {
+            let (i, c) = (c / self.ci, c % self.ci);
+            let base = i * xstride + c * cstride;
+            for (y, row) in plane.chunks(self.w).enumerate() {
+                let r = y + self.pt;
+                if r >= l.rows_used {
+                    break;
+                }
+                let rowbase = base + (r / self.sh) * l.wp;
+                if self.sw == 1 {
+                    let dst = rowbase + self.dw_phase(r, 0) * l.pstride + self.pl;
+                    xp[dst..][..xcols].copy_from_slice(&row[..xcols]);
+                    continue;
+                }
+                for (xi, &v) in row[..xcols].iter().enumerate() {
+                    let q = xi + self.pl;
+                    xp[rowbase + self.dw_phase(r, q) * l.pstride + q / self.sw] = v;
+                }
+            }
+        }
+    }
+
     /// Adds the weight gradient of a few images (at most [`Self::dw_images`]) to `dw`
     /// (`[co, cig, kh, kw]`): `x` is `[images, ci, h, w]`, `dy` is `[images, co, oh, ow]`.
     pub(super) fn weight_grad_direct(
@@ -173,28 +211,7 @@ impl Geom {
         debug_assert!(images <= l.images && dy.len() == images * self.y_len());
         let cstride = self.sh * self.sw * l.pstride;
         let (xstride, dystride) = (self.ci * cstride, self.co * l.run);
-        // Input columns that land in read columns: `q = x + pl < cols_used`.
-        let xcols = self.w.min(l.cols_used.saturating_sub(self.pl));
-        for (c, plane) in x.chunks(self.h * self.w).enumerate() {
-            let (i, c) = (c / self.ci, c % self.ci);
-            let base = i * xstride + c * cstride;
-            for (y, row) in plane.chunks(self.w).enumerate() {
-                let r = y + self.pt;
-                if r >= l.rows_used {
-                    break;
-                }
-                let rowbase = base + (r / self.sh) * l.wp;
-                if self.sw == 1 {
-                    let dst = rowbase + self.dw_phase(r, 0) * l.pstride + self.pl;
-                    s.xp[dst..][..xcols].copy_from_slice(&row[..xcols]);
-                    continue;
-                }
-                for (xi, &v) in row[..xcols].iter().enumerate() {
-                    let q = xi + self.pl;
-                    s.xp[rowbase + self.dw_phase(r, q) * l.pstride + q / self.sw] = v;
-                }
-            }
-        }
+        self.fill_phase_planes(x, &mut s.xp);
         for (o, plane) in dy.chunks(self.oh * self.ow).enumerate() {
             let (i, o) = (o / self.co, o % self.co);
             for (r, row) in plane.chunks(self.ow).enumerate() {

@@ -1,0 +1,288 @@
+//! Direct convolution forward on the padded stride-phase planes of `weight_grad.rs`: `y[o][p] =
+//! sum_j w[o][j] * xp[offs[j] + p]`, with `j` running over (input channel, tap) and `p` over
+//! the flat output positions (row stride `wp`), no im2col matrix and no GEMM packing.
+//!
+//! Why: im2col + GEMM feeds each packed column value to only `co` multiply-adds, so layers with
+//! few output channels run far below the GEMM's speed: ResNet-20's 16 -> 32 stride-2 3x3 conv
+//! on 32x32 (batch 128) ran at about 40 GFLOP/s, about a fifth of sgemm's. Here a register tile
+//! of `MI` output channels by `NP` vectors of positions loads each input vector once per tile
+//! and broadcasts each weight, `MI * NP` fused multiply-adds per `MI + NP` loads.
+//!
+//! The layout is the weight gradient's: every tap `(a, b)` of a stride-`s` conv reads its phase
+//! plane at a fixed offset from the output position, so every output entry is one dot product
+//! of `ci * kh * kw` terms, summed in that order (channel, then tap): results never depend on
+//! the thread count or the batch. Positions in the `wp - ow` padding columns and the run's tail
+//! are computed and dropped.
+
+use super::weight_grad::DwScratch;
+use super::{Geom, Path};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Turns the direct forward off (`false`: those layers go back to im2col + GEMM) or on; for
+/// benchmarks and tests that compare the two.
+pub fn set_direct_forward(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+/// Whether the speed rule decides (no override in force).
+#[cfg(test)]
+pub(super) fn auto_mode() -> bool {
+    !DISABLED.load(Ordering::Relaxed)
+}
+
+impl Geom {
+    /// Whether the forward can run here: ungrouped im2col layers (any stride, dilation and
+    /// padding) that neither Winograd nor the small-plane path takes.
+    pub(super) fn direct_fwd_eligible(&self) -> bool {
+        self.path == Path::Im2col && self.group == 1 && !self.winograd && !self.small_plane
+    }
+
+    /// Whether it is faster here than im2col + GEMM: on large-kernel image stems. Best of 12
+    /// alternating calls, AVX-512 kernels, im2col -> direct (1 / 2 threads, ms): ResNet-18's 7x7
+    /// stride-2 stem, batch 64, on 64x64 13.6 -> 9.4 / 7.1 -> 4.8, on 128x128 44.4 -> 31.2 /
+    /// 23.0 -> 17.3. Not taken: 3x3 stride-2 stems (MobileNet's 3 -> 32 on 64x64 1.6 -> 2.3,
+    /// 3 -> 16 1.1 -> 1.8: the phase copy and the output copy outweigh 27 taps), ResNet-20's
+    /// 16 -> 32 stride-2 (5.1 -> 5.3, 2 threads 3.3 -> 3.2) and ResNet-18's 64 -> 128 stride-2
+    /// on 32x32 (19.7 -> 21.2 / 10.9 -> 10.7), ties within noise; ResNet-20's 3 -> 16 3x3
+    /// stride-1 stem 1.16 -> 1.07 / 0.72 -> 0.59, a gain of 0.1 ms left for a later rule.
+    pub(super) fn direct_fwd_pays(&self) -> bool {
+        self.large_kernel_stem() && !DISABLED.load(Ordering::Relaxed)
+    }
+
+    /// Forward of a few images (at most [`Geom::dw_images`]): `x` is `[images, ci, h, w]`, `y`
+    /// (`[images, co, oh, ow]`) is overwritten; `s` is a scratch of [`Geom::dw_scratch`] kept
+    /// for this geometry's forward only (its output buffer loses the zero columns the weight
+    /// gradient relies on).
+    pub(super) fn forward_direct(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+        s: &mut DwScratch,
+    ) {
+        debug_assert_eq!(self.group, 1);
+        let l = self.dw_layout();
+        let images = x.len() / self.x_len();
+        let xstride = self.ci * self.sh * self.sw * l.pstride;
+        self.fill_phase_planes(x, &mut s.xp);
+        let k = self.k_rows();
+        for (i, yi) in y.chunks_mut(self.y_len()).enumerate().take(images) {
+            let out = &mut s.dyp[..self.co * l.run];
+            let t = Taps {
+                x: &s.xp[i * xstride..],
+                offs: &s.offs,
+                w: &w[..self.co * k],
+                run: l.run,
+            };
+            t.check();
+            dot_rows(&t, out);
+            for (o, plane) in yi.chunks_mut(self.oh * self.ow).enumerate() {
+                let bv = bias.map_or(0.0, |b| b[o]);
+                for (r, row) in plane.chunks_mut(self.ow).enumerate() {
+                    let src = &out[o * l.run + r * l.wp..][..self.ow];
+                    for (d, &v) in row.iter_mut().zip(src) {
+                        *d = v + bv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One image's products: output row `o` at position `p` is `sum_j w[o * k + j] * x[offs[j] +
+/// p]`, `k = offs.len()`, for `p` in `0..run`.
+pub(super) struct Taps<'a> {
+    pub x: &'a [f32],
+    pub offs: &'a [usize],
+    pub w: &'a [f32],
+    pub run: usize,
+}
+
+impl Taps<'_> {
+    fn rows(&self) -> usize {
+        self.w.len() / self.offs.len().max(1)
+    }
+
+    /// Every read in bounds: the vector kernels rely on it.
+    fn check(&self) {
+        let xmax = self.offs.iter().max().map_or(0, |&o| o + self.run);
+        assert!(
+            self.run.is_multiple_of(16)
+                && xmax <= self.x.len()
+                && self.w.len() == self.rows() * self.offs.len(),
+            "direct conv taps out of bounds"
+        );
+    }
+}
+
+/// Writes every output row (`out` is `[rows][run]`) on the widest vector unit the CPU has.
+fn dot_rows(t: &Taps, out: &mut [f32]) {
+    assert!(out.len() >= t.rows() * t.run);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked); `Taps::check` and the assert above bound
+            // every read and write.
+            unsafe { avx512::dot_rows(t, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above, for AVX2 and FMA.
+            unsafe { avx2::dot_rows(t, out) };
+            return;
+        }
+    }
+    dot_rows_scalar(t, out);
+}
+
+/// Portable version and the vector kernels' test reference: the same sums in the same order
+/// (one fused multiply-add per term, channel then tap), so all three agree bit for bit.
+fn dot_rows_scalar(t: &Taps, out: &mut [f32]) {
+    let k = t.offs.len();
+    for o in 0..t.rows() {
+        let row = &mut out[o * t.run..][..t.run];
+        row.fill(0.0);
+        for (j, &off) in t.offs.iter().enumerate() {
+            let wv = t.w[o * k + j];
+            for (d, &xv) in row.iter_mut().zip(&t.x[off..off + t.run]) {
+                *d = wv.mul_add(xv, *d);
+            }
+        }
+    }
+}
+
+/// Runs `tile(o, p, big_o, big_p)` over `rows x run` in `MI x (NP * lanes)` tiles, with single
+/// rows and single vectors for the remainders.
+macro_rules! for_each_tile {
+    ($rows:expr, $run:expr, $mi:expr, $span:expr, $lanes:expr, |$o:ident, $p:ident, $big_o:ident, $big_p:ident| $body:block) => {{
+        let (rows, run) = ($rows, $run);
+        let mut $o = 0;
+        while $o < rows {
+            let $big_o = $o + $mi <= rows;
+            let mut $p = 0;
+            while $p < run {
+                let $big_p = $p + $span <= run;
+                $body
+                $p += if $big_p { $span } else { $lanes };
+            }
+            $o += if $big_o { $mi } else { 1 };
+        }
+    }};
+}
+
+// The register tiles index their accumulator arrays by constant bounds on purpose: the loops
+// unroll and the arrays live in registers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    use super::Taps;
+    use std::arch::x86_64::*;
+
+    /// Output rows and position vectors per tile: 24 accumulators + 3 inputs + 1 weight of the
+    /// 32 registers.
+    const MI: usize = 8;
+    const NP: usize = 3;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dot_rows(t: &Taps, out: &mut [f32]) {
+        for_each_tile!(t.rows(), t.run, MI, NP * 16, 16, |o, p, big_o, big_p| {
+            match (big_o, big_p) {
+                (true, true) => tile::<MI, NP>(t, out, o, p),
+                (true, false) => tile::<MI, 1>(t, out, o, p),
+                (false, true) => tile::<1, NP>(t, out, o, p),
+                (false, false) => tile::<1, 1>(t, out, o, p),
+            }
+        });
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const M: usize, const P: usize>(t: &Taps, out: &mut [f32], o: usize, p: usize) {
+        let k = t.offs.len();
+        let mut acc = [[_mm512_setzero_ps(); P]; M];
+        let (xp, wp) = (t.x.as_ptr(), t.w.as_ptr().add(o * k));
+        for j in 0..k {
+            let xj = xp.add(*t.offs.get_unchecked(j) + p);
+            let xv: [__m512; P] = std::array::from_fn(|v| _mm512_loadu_ps(xj.add(16 * v)));
+            for m in 0..M {
+                let wv = _mm512_set1_ps(*wp.add(m * k + j));
+                for v in 0..P {
+                    acc[m][v] = _mm512_fmadd_ps(wv, xv[v], acc[m][v]);
+                }
+            }
+        }
+        let op = out.as_mut_ptr();
+        for m in 0..M {
+            for v in 0..P {
+                _mm512_storeu_ps(op.add((o + m) * t.run + p + 16 * v), acc[m][v]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::Taps;
+    use std::arch::x86_64::*;
+
+    /// Output rows and position vectors per tile: 12 accumulators + 2 inputs + 1 weight of the
+    /// 16 registers.
+    const MI: usize = 6;
+    const NP: usize = 2;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows(t: &Taps, out: &mut [f32]) {
+        for_each_tile!(t.rows(), t.run, MI, NP * 8, 8, |o, p, big_o, big_p| {
+            match (big_o, big_p) {
+                (true, true) => tile::<MI, NP>(t, out, o, p),
+                (true, false) => tile::<MI, 1>(t, out, o, p),
+                (false, true) => tile::<1, NP>(t, out, o, p),
+                (false, false) => tile::<1, 1>(t, out, o, p),
+            }
+        });
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const M: usize, const P: usize>(t: &Taps, out: &mut [f32], o: usize, p: usize) {
+        let k = t.offs.len();
+        let mut acc = [[_mm256_setzero_ps(); P]; M];
+        let (xp, wp) = (t.x.as_ptr(), t.w.as_ptr().add(o * k));
+        for j in 0..k {
+            let xj = xp.add(*t.offs.get_unchecked(j) + p);
+            let xv: [__m256; P] = std::array::from_fn(|v| _mm256_loadu_ps(xj.add(8 * v)));
+            for m in 0..M {
+                let wv = _mm256_set1_ps(*wp.add(m * k + j));
+                for v in 0..P {
+                    acc[m][v] = _mm256_fmadd_ps(wv, xv[v], acc[m][v]);
+                }
+            }
+        }
+        let op = out.as_mut_ptr();
+        for m in 0..M {
+            for v in 0..P {
+                _mm256_storeu_ps(op.add((o + m) * t.run + p + 8 * v), acc[m][v]);
+            }
+        }
+    }
+}
+
+/// The kernels a test can call directly.
+#[cfg(test)]
+pub(super) fn dot_rows_for_test(t: &Taps, out: &mut [f32], kernel: super::weight_grad::Kernel) {
+    use super::weight_grad::Kernel;
+    t.check();
+    match kernel {
+        Kernel::Portable => dot_rows_scalar(t, out),
+        // SAFETY: only called for kernels `Kernel::available` lists.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => unsafe { avx2::dot_rows(t, out) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { avx512::dot_rows(t, out) },
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("no such kernel on this architecture"),
+    }
+}
