@@ -3,10 +3,14 @@
 //! the flat output positions (row stride `wp`), no im2col matrix and no GEMM packing.
 //!
 //! Why: im2col + GEMM feeds each packed column value to only `co` multiply-adds, so layers with
-//! few output channels run far below the GEMM's speed: ResNet-20's 16 -> 32 stride-2 3x3 conv
-//! on 32x32 (batch 128) ran at about 40 GFLOP/s, about a fifth of sgemm's. Here a register tile
-//! of `MI` output channels by `NP` vectors of positions loads each input vector once per tile
-//! and broadcasts each weight, `MI * NP` fused multiply-adds per `MI + NP` loads.
+//! few output channels run far below the GEMM's speed, and Winograd's transforms cost more
+//! than its GEMMs at 16 channels. Here a register tile of `MI` output channels by `NP` vectors
+//! of positions loads each input vector once per tile and broadcasts each weight, `MI * NP`
+//! fused multiply-adds per `MI + NP` loads. It runs (see the rules below) ResNet's 7x7
+//! stride-2 stem, and stride-1 3x3 layers of up to 16 channels (ResNet-20's first stage,
+//! Tucker-2 cores of low rank), where it beat Winograd F(2x2) despite 2.25x the
+//! multiply-adds. Their input gradient is the same kind of conv, run here too
+//! ([`Geom::direct_dx_geom`]).
 //!
 //! The layout is the weight gradient's: every tap `(a, b)` of a stride-`s` conv reads its phase
 //! plane at a fixed offset from the output position, so every output entry is one dot product
@@ -34,9 +38,9 @@ pub(super) fn auto_mode() -> bool {
 
 impl Geom {
     /// Whether the forward can run here: ungrouped im2col layers (any stride, dilation and
-    /// padding) that neither Winograd nor the small-plane path takes.
+    /// padding).
     pub(super) fn direct_fwd_eligible(&self) -> bool {
-        self.path == Path::Im2col && self.group == 1 && !self.winograd && !self.small_plane
+        self.path == Path::Im2col && self.group == 1
     }
 
     /// Whether it is faster here than im2col + GEMM: on large-kernel image stems. Best of 12
@@ -48,7 +52,72 @@ impl Geom {
     /// on 32x32 (19.7 -> 21.2 / 10.9 -> 10.7), ties within noise; ResNet-20's 3 -> 16 3x3
     /// stride-1 stem 1.16 -> 1.07 / 0.72 -> 0.59, a gain of 0.1 ms left for a later rule.
     pub(super) fn direct_fwd_pays(&self) -> bool {
-        self.large_kernel_stem() && !DISABLED.load(Ordering::Relaxed)
+        (self.large_kernel_stem() || self.few_channel_3x3()) && !DISABLED.load(Ordering::Relaxed)
+    }
+
+    /// A stride-1, undilated 3x3 conv with at most 16 channels in and out (24 on planes up to
+    /// 16x16), on planes of 8x8 and up: there the direct forward beat Winograd, whose
+    /// transforms outweigh its GEMMs at so few channels. Best of 10 alternating calls, batch
+    /// 128, AVX-512 kernels, Winograd (or blocked im2col) -> direct, 1 / 2 threads, ms: 16ch
+    /// 32x32 4.56 -> 3.81 / 2.51 -> 2.15, 16x16 1.44 -> 0.94 / 0.85 -> 0.54, 8x8 0.74 -> 0.42 /
+    /// 0.41 -> 0.20; 8ch 32x32 1.54 -> 0.97 / 0.85 -> 0.57; 24ch 16x16 2.45 -> 2.03 / 1.44 ->
+    /// 1.15, 8x8 0.87 -> 0.69 / 0.50 -> 0.42. Ties or losses: 24ch 32x32 8.21 -> 8.11 (batch 64
+    /// 3.72 -> 3.79), 32ch 16x16 3.84 -> 3.72 / 1.99 -> 1.83, 32ch 32x32 11.9 -> 13.8, 64ch
+    /// 16x16 12.6 -> 13.6. The input gradient of such a layer is the same kind of conv (see
+    /// [`Geom::direct_dx_geom`]).
+    fn few_channel_3x3(&self) -> bool {
+        let widest = self.ci.max(self.co);
+        [self.sh, self.sw, self.dh, self.dw, self.kh, self.kw] == [1, 1, 1, 1, 3, 3]
+            && self.oh * self.ow >= 64
+            && (widest <= 16 || (widest <= 24 && self.oh * self.ow <= 256))
+    }
+
+    /// For a direct layer of stride 1, the geometry of its input gradient as a direct forward:
+    /// `dx = conv(dy, w')` with `w'[c][o][a][b] = w[o][c][kh-1-a][kw-1-b]` and pads
+    /// `dilation * (k - 1) - pad` ([`Geom::flipped_transposed`] makes `w'`). `None` where the
+    /// layer is not direct, strided, padded beyond its kernel's extent, or has fewer than 8
+    /// input channels: its transposed conv would fill only part of a register tile's rows
+    /// (ResNet-20's 3 -> 16 stem, batch 128, 1 thread: backward 2.28 -> 2.92 ms with it, while
+    /// the forward went 1.32 -> 1.00; a stem needs no input gradient anyway).
+    pub(super) fn direct_dx_geom(&self) -> Option<Geom> {
+        let (eh, ew) = (self.dh * (self.kh - 1), self.dw * (self.kw - 1));
+        let fits = self.pt.max(self.pb) <= eh && self.pl.max(self.pr) <= ew;
+        let direct = self.direct_fwd && self.sh == 1 && self.sw == 1 && self.ci >= 8;
+        (direct && fits).then(|| Geom {
+            ci: self.co,
+            co: self.ci,
+            cig: self.co,
+            cog: self.ci,
+            h: self.oh,
+            w: self.ow,
+            oh: self.h,
+            ow: self.w,
+            pt: eh - self.pt,
+            pb: eh - self.pb,
+            pl: ew - self.pl,
+            pr: ew - self.pr,
+            winograd: false,
+            small_plane: false,
+            direct_dw: false,
+            direct_fwd: true,
+            ..*self
+        })
+    }
+
+    /// `w'[c][o][a][b] = w[o][c][kh-1-a][kw-1-b]` for [`Geom::direct_dx_geom`].
+    pub(super) fn flipped_transposed(&self, w: &[f32]) -> Vec<f32> {
+        let kk = self.kh * self.kw;
+        let mut out = vec![0.0f32; w.len()];
+        for o in 0..self.co {
+            for c in 0..self.ci {
+                let src = &w[(o * self.ci + c) * kk..][..kk];
+                let dst = &mut out[(c * self.co + o) * kk..][..kk];
+                for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = v;
+                }
+            }
+        }
+        out
     }
 
     /// Forward of a few images (at most [`Geom::dw_images`]): `x` is `[images, ci, h, w]`, `y`

@@ -20,16 +20,19 @@
 //! - depthwise (one input channel per group): direct loops, since a GEMM with an inner dimension
 //!   of `kh*kw` would be all overhead;
 //! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
-//!   at least 16 channels in and out on planes of at least 8x8 run their forward and input
-//!   gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has the
-//!   measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on 32x32+
-//!   planes of 24+ channels, where it measured faster.
+//!   at least 16 channels in and out on planes of at least 8x8 (those the direct kernel below
+//!   does not take: at most 16 channels, or 24 on planes up to 16x16) run their forward and
+//!   input gradient through Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; `winograd.rs` has
+//!   the measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on
+//!   32x32+ planes of 24+ channels, where it measured faster.
 //!
 //! The weight gradient of stride-1 layers (with planes of at least about 8x8) and of large-kernel
 //! strided image stems (ResNet's 7x7) does not use im2col either: `weight_grad.rs` computes it
 //! as dot products over the padded input (split into stride phases), 1.1-3x faster than packing
-//! a column matrix that each feeds only `co` multiply-adds. Such stems run their forward the
-//! same way (`direct.rs`: 1.4x faster than im2col + GEMM on ResNet-18's).
+//! a column matrix that each feeds only `co` multiply-adds. Such stems, and stride-1 3x3
+//! layers of up to 16 channels (24 on small planes), run their forward (and the latter their
+//! input gradient) the same way (`direct.rs`: 1.4x faster than im2col + GEMM on ResNet-18's
+//! stem, 1.2-1.8x faster than Winograd F(2x2) at 8-16 channels).
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
@@ -263,13 +266,15 @@ impl Conv2d {
             direct_fwd: false,
             small_plane: false,
         };
-        g.winograd = g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
+        // The direct forward first: where it pays it beats Winograd too (few channels).
+        g.direct_fwd = g.direct_fwd_eligible() && g.direct_fwd_pays();
+        g.winograd =
+            !g.direct_fwd && g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
         if g.winograd && g.wino4_pays() {
             g.wino_tile = 4;
         }
-        g.small_plane = g.small_plane_eligible() && g.small_plane_pays();
+        g.small_plane = !g.direct_fwd && g.small_plane_eligible() && g.small_plane_pays();
         g.direct_dw = !g.small_plane && g.direct_dw_eligible() && g.direct_dw_pays();
-        g.direct_fwd = g.direct_fwd_eligible() && g.direct_fwd_pays();
         Ok(g)
     }
 
@@ -436,6 +441,12 @@ impl Conv2d {
             (0..g.n.div_ceil(part)).map(|_| None).collect()
         };
         // Winograd geometries: dx through Winograd on dy with the flipped kernel, dw below.
+        // Direct geometries with a direct input gradient: the transposed conv's geometry and
+        // its flipped, transposed weights, once per call.
+        let direct_dx = (need_dx && g.n > 0)
+            .then(|| g.direct_dx_geom())
+            .flatten()
+            .map(|gt| (gt, g.flipped_transposed(&ws)));
         let wino = (g.winograd && need_dx && g.n > 0)
             .then(|| winograd::transform_weights(&ws, g.co, g.ci, true, g.wino_tile));
         // Small planes: every part lays its columns and output gradients into its column range
@@ -470,6 +481,14 @@ impl Conv2d {
             .zip(dys.par_chunks(part * ylen))
             .map(|(((dxp, views), xp), dyp)| {
                 let mut dxp = dxp;
+                if let Some((gt, wt)) = &direct_dx {
+                    // Taken, as for Winograd below.
+                    let dxw = dxp.take().expect("direct_dx is only set when dx is wanted");
+                    let (mut s, b) = (gt.dw_scratch(), gt.dw_images());
+                    for (dxb, dyb) in dxw.chunks_mut(b * xlen).zip(dyp.chunks(b * ylen)) {
+                        gt.forward_direct(dyb, wt, None, dxb, &mut s);
+                    }
+                }
                 if let Some(u) = &wino {
                     // Taken, so that the im2col code below computes the weight gradient only.
                     let dxw = dxp.take().expect("wino is only set when dx is wanted");

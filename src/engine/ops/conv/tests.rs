@@ -1019,7 +1019,7 @@ fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> G
     assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
     g.winograd = true;
     g.wino_tile = tile;
-    g.small_plane = false;
+    (g.small_plane, g.direct_fwd) = (false, false);
     g
 }
 
@@ -1264,14 +1264,14 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             c.kernel_label(&xs, &ws).unwrap(),
             "Conv winograd+small-plane"
         );
-        // 32x32 planes of 64 channels: F(4x4); 16x16 ones, and ResNet-20's 16 channels on
-        // 32x32: F(2x2).
+        // 32x32 planes of 64 channels: F(4x4); 16x16 ones: F(2x2); ResNet-20's 16 channels
+        // on 32x32: the direct kernel (`direct.rs`).
         let big = [37, 64, 32, 32];
         assert_eq!(c.kernel_label(&big, &ws).unwrap(), "Conv winograd4");
         let mid = [37, 64, 16, 16];
         assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd");
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
-        assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv winograd");
+        assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv direct");
     }
     for tile in [2, 4] {
         let g = winograd_forced(&c, xs, ws, tile);
@@ -1868,4 +1868,108 @@ fn direct_forward_kernels_match_portable_loop_bitwise() {
             assert!(same, "{kernel:?} {rows}x{k}x{run}");
         }
     }
+}
+
+/// Scaled errors of a direct layer's input and weight gradients against f64.
+fn direct_backward_errors(g: &Geom, seed: u64) -> [f64; 2] {
+    let mut rng = Rng::new(seed);
+    let x = rand_array(&mut rng, [g.n, g.ci, g.h, g.w], -1.0, 1.0);
+    let w = rand_array(&mut rng, [g.co, g.cig, g.kh, g.kw], -1.0, 1.0);
+    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
+    let grads = Conv2d::backward_geom(g, x.view(), w.view(), dy.view(), true);
+    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
+    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+    let dx64 = dx_reference_strided(g, &dy64, &w64);
+    let dxscale = dx_reference_strided(g, &abs(&dy64), &abs(&w64));
+    let dw64 = dw_reference(g, &x64, &dy64);
+    let dwscale = dw_reference(g, &abs(&x64), &abs(&dy64));
+    [
+        scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
+        scaled_error(&grads.dw, &dw64, &dwscale),
+    ]
+}
+
+/// The input gradient of direct layers (the transposed conv as a direct forward,
+/// `Geom::direct_dx_geom`, from 8 input channels) against f64 over random stride-1
+/// geometries: kernels 1x1 to 5x5,
+/// dilations 1-2, asymmetric pads up to the kernel's extent, planes down to 1 pixel, batches of
+/// 1 to 40; and their weight gradients, whichever kernel computes them.
+#[test]
+fn direct_input_gradient_matches_f64_over_random_geometries() {
+    let mut rng = Rng::new(93);
+    let (mut worst, mut cases) = ([0.0f64; 2], 0);
+    while cases < 100 {
+        let (ci, co) = (1 + rng.below(19), 1 + rng.below(19));
+        let (kh, kw) = (1 + rng.below(5), 1 + rng.below(5));
+        let dil = [1 + rng.below(2), 1 + rng.below(2)];
+        let (eh, ew) = (dil[0] * (kh - 1), dil[1] * (kw - 1));
+        let pads = [
+            rng.below(eh + 1),
+            rng.below(ew + 1),
+            rng.below(eh + 1),
+            rng.below(ew + 1),
+        ];
+        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
+        let n = [1, 2, 7, 40][rng.below(4)];
+        let c = conv(1, [1, 1], pads, dil);
+        let Ok(mut g) = c.geom(&[n, ci, h, w], &[co, ci, kh, kw]) else {
+            continue;
+        };
+        (g.direct_fwd, g.winograd, g.small_plane) = (true, false, false);
+        // Below 8 input channels the input gradient stays on im2col.
+        assert_eq!(
+            g.direct_dx_geom().is_some(),
+            ci >= 8,
+            "{c:?} {:?}",
+            [n, ci, h, w]
+        );
+        let e = direct_backward_errors(&g, cases);
+        for (i, (e, tol)) in e.iter().zip([DIRECT_FWD_REL_TOL, DW_REL_TOL]).enumerate() {
+            assert!(
+                *e <= tol,
+                "{c:?} {:?} {:?}: error {i} {e:e}",
+                [n, ci, h, w],
+                [co, kh, kw]
+            );
+            worst[i] = worst[i].max(*e);
+        }
+        cases += 1;
+    }
+    eprintln!(
+        "worst scaled direct errors: dx {:e}, dw {:e}",
+        worst[0], worst[1]
+    );
+}
+
+/// ResNet-20's 16-channel layers and a Tucker-2 core of 8 channels take the direct kernels
+/// (forward, input and weight gradients) and stay within the bounds, the same bits on 1 and 3
+/// threads; 32-channel 32x32 layers keep Winograd.
+#[test]
+fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
+    if !direct::auto_mode() || !weight_grad::auto_mode() || !winograd::auto_mode() {
+        return;
+    }
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    for (xs, ws) in [
+        ([9, 16, 32, 32], [16, 16, 3, 3]),
+        ([9, 8, 16, 16], [12, 8, 3, 3]),
+        ([9, 16, 8, 8], [16, 16, 3, 3]),
+    ] {
+        let g = c.geom(&xs, &ws).unwrap();
+        assert!(g.direct_fwd && g.direct_dw && !g.winograd, "{xs:?} {ws:?}");
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv direct");
+        let e = direct_forward_error(&c, xs, ws, 5);
+        assert!(e <= DIRECT_FWD_REL_TOL, "{xs:?}: forward {e:e}");
+        let [edx, edw] = direct_backward_errors(&g, 6);
+        assert!(
+            edx <= DIRECT_FWD_REL_TOL && edw <= DW_REL_TOL,
+            "{xs:?}: {edx:e} {edw:e}"
+        );
+        let mut rng = Rng::new(7);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [xs[0], ws[0], g.oh, g.ow], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    }
+    assert!(c.geom(&[9, 32, 32, 32], &[32, 32, 3, 3]).unwrap().winograd);
 }

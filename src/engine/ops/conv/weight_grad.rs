@@ -101,7 +101,7 @@ impl Geom {
     /// input gradient; ResNet-20's 16 -> 32 on 32x32 (batch 128) 14.3 -> 13.2, within noise.
     pub(super) fn direct_dw_pays(&self) -> bool {
         2 * self.dw_layout().run <= 3 * self.oh * self.ow
-            && (self.block_images() == 1 || self.winograd)
+            && (self.block_images() == 1 || self.winograd || self.direct_fwd)
             && (self.sh * self.sw == 1 || self.large_kernel_stem())
             && dw_mode_allows()
     }

@@ -556,7 +556,9 @@ impl Geom {
     /// 9.04 -> 7.89.
     ///
     /// So: planes of at least [`WINO_MIN_PLANE`] outputs, at least [`WINO_MIN_CHANNELS`]
-    /// channels in and out.
+    /// channels in and out. Layers of up to 16 channels (24 on planes up to 16x16) go to the
+    /// direct kernel instead, which later measured faster than Winograd there (`direct.rs`,
+    /// `Geom::few_channel_3x3`): `Geom::geom` asks it first.
     pub(super) fn winograd_pays(&self) -> bool {
         match MODE.load(Ordering::Relaxed) {
             1 => false,
