@@ -224,25 +224,6 @@ fn dot_rows_scalar(t: &Taps, out: &mut [f32]) {
     }
 }
 
-/// Runs `tile(o, p, big_o, big_p)` over `rows x run` in `MI x (NP * lanes)` tiles, with single
-/// rows and single vectors for the remainders.
-macro_rules! for_each_tile {
-    ($rows:expr, $run:expr, $mi:expr, $span:expr, $lanes:expr, |$o:ident, $p:ident, $big_o:ident, $big_p:ident| $body:block) => {{
-        let (rows, run) = ($rows, $run);
-        let mut $o = 0;
-        while $o < rows {
-            let $big_o = $o + $mi <= rows;
-            let mut $p = 0;
-            while $p < run {
-                let $big_p = $p + $span <= run;
-                $body
-                $p += if $big_p { $span } else { $lanes };
-            }
-            $o += if $big_o { $mi } else { 1 };
-        }
-    }};
-}
-
 // The register tiles index their accumulator arrays by constant bounds on purpose: the loops
 // unroll and the arrays live in registers.
 #[cfg(target_arch = "x86_64")]

@@ -38,9 +38,9 @@
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
 //! planes channels-last; `winograd.rs` the Winograd kernels (`winograd4.rs` F(4x4)'s
 //! transforms); `weight_grad.rs` the direct weight gradient and its stride-phase layout;
-//! `direct.rs` the direct forward on that layout; `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last
-//! depthwise kernels for small and strided planes; `tests.rs` the checks against
-//! [`Conv2d::reference`] and finite differences.
+//! `direct.rs` the direct forward (and input gradient) on that layout; `depthwise.rs` the
+//! direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise kernels for small and
+//! strided planes; `tests.rs` the checks against [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
@@ -52,6 +52,27 @@ use ndarray::{
     Array1, Array2, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut2, Axis, Ix4, NdFloat,
 };
 use rayon::prelude::*;
+
+/// Splits `rows x cols` outputs into register tiles of `mi` rows by `span` columns, with single
+/// rows and `rem`-column steps for the remainders, and runs the body on each with `big_o` /
+/// `big_c` saying whether the tile is full in that direction (the direct kernels of
+/// `weight_grad.rs`, whose columns are taps, and `direct.rs`, whose columns are positions).
+macro_rules! for_each_tile {
+    ($rows:expr, $cols:expr, $mi:expr, $span:expr, $rem:expr, |$o:ident, $c:ident, $big_o:ident, $big_c:ident| $body:block) => {{
+        let (rows, cols) = ($rows, $cols);
+        let mut $o = 0;
+        while $o < rows {
+            let $big_o = $o + $mi <= rows;
+            let mut $c = 0;
+            while $c < cols {
+                let $big_c = $c + $span <= cols;
+                $body
+                $c += if $big_c { $span } else { $rem };
+            }
+            $o += if $big_o { $mi } else { 1 };
+        }
+    }};
+}
 
 mod block;
 mod depthwise;
@@ -151,7 +172,8 @@ struct Geom {
     /// Whether the weight gradient runs on the padded input (`weight_grad.rs`) rather than on
     /// im2col columns.
     direct_dw: bool,
-    /// Whether the forward runs as direct dot products on the padded input (`direct.rs`).
+    /// Whether the forward runs as direct dot products on the padded input (`direct.rs`), and
+    /// so the input gradient too where `Geom::direct_dx_geom` allows (stride 1, 8+ inputs).
     direct_fwd: bool,
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.

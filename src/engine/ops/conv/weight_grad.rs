@@ -308,25 +308,6 @@ fn dot_tiles_scalar(r: &Runs, dw: &mut [f32]) {
     }
 }
 
-/// Splits the `rows x k` outputs into `MI x NJ` tiles, with single rows and columns for the
-/// remainders, and runs `tile` on each: `tile(o, j, mi, nj)` where `mi`/`nj` pick the shape.
-macro_rules! for_each_tile {
-    ($rows:expr, $k:expr, $mi:expr, $nj:expr, |$o:ident, $j:ident, $big_o:ident, $big_j:ident| $body:block) => {{
-        let (rows, k) = ($rows, $k);
-        let mut $o = 0;
-        while $o < rows {
-            let $big_o = $o + $mi <= rows;
-            let mut $j = 0;
-            while $j < k {
-                let $big_j = $j + $nj <= k;
-                $body
-                $j += if $big_j { $nj } else { 1 };
-            }
-            $o += if $big_o { $mi } else { 1 };
-        }
-    }};
-}
-
 // The register tiles index their accumulator arrays by constant bounds on purpose: the loops
 // unroll and the arrays live in registers.
 #[cfg(target_arch = "x86_64")]
@@ -342,7 +323,7 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_tiles(r: &Runs, dw: &mut [f32]) {
-        for_each_tile!(r.rows, r.offs.len(), MI, NJ, |o, j, big_o, big_j| {
+        for_each_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, j, big_o, big_j| {
             match (big_o, big_j) {
                 (true, true) => tile::<MI, NJ>(r, dw, o, j),
                 (true, false) => tile::<MI, 1>(r, dw, o, j),
@@ -393,7 +374,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_tiles(r: &Runs, dw: &mut [f32]) {
-        for_each_tile!(r.rows, r.offs.len(), MI, NJ, |o, j, big_o, big_j| {
+        for_each_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, j, big_o, big_j| {
             match (big_o, big_j) {
                 (true, true) => tile::<MI, NJ>(r, dw, o, j),
                 (true, false) => tile::<MI, 1>(r, dw, o, j),
