@@ -136,7 +136,7 @@ impl Geom {
         let l = self.dw_layout();
         let images = x.len() / self.x_len();
         let xstride = self.ci * self.sh * self.sw * l.pstride;
-        self.fill_phase_planes(x, &mut s.xp);
+        self.fill_phase_planes(x, &mut s.xp, &l);
         let k = self.k_rows();
         for (i, yi) in y.chunks_mut(self.y_len()).enumerate().take(images) {
             let out = &mut s.dyp[..self.co * l.run];

@@ -1386,6 +1386,36 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
     scaled_error(&grads.dw, &exact, &scale)
 }
 
+/// A random window geometry for the direct kernels' f64 tests: kernels 1x1 to 7x7, dilations
+/// 1-2, asymmetric pads 0-3, planes 1-19, batches of 1 to 40, strides 1-3 per axis.
+struct RandomWindow {
+    kh: usize,
+    kw: usize,
+    h: usize,
+    w: usize,
+    n: usize,
+    conv: Conv2d,
+}
+
+impl RandomWindow {
+    fn draw(rng: &mut Rng, group: usize) -> Self {
+        let (kh, kw) = (1 + rng.below(7), 1 + rng.below(7));
+        let dil = [1 + rng.below(2), 1 + rng.below(2)];
+        let pads = [rng.below(4), rng.below(4), rng.below(4), rng.below(4)];
+        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
+        let n = [1, 2, 7, 40][rng.below(4)];
+        let strides = [1 + rng.below(3), 1 + rng.below(3)];
+        RandomWindow {
+            kh,
+            kw,
+            h,
+            w,
+            n,
+            conv: conv(group, strides, pads, dil),
+        }
+    }
+}
+
 /// Bound on the direct weight gradient's error per entry relative to `sum |dy| |x|` (sums of up
 /// to a few thousand products per image in f32). Measured worst over the random geometries
 /// below (strides 1-3): 1.3e-7, against im2col's 1.7e-7 on the same ones.
@@ -1404,13 +1434,14 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
     while cases < 160 {
         let group = 1 + rng.below(3);
         let (cig, cog) = (1 + rng.below(9), 1 + rng.below(9));
-        let (kh, kw) = (1 + rng.below(7), 1 + rng.below(7));
-        let dil = [1 + rng.below(2), 1 + rng.below(2)];
-        let pads = [rng.below(4), rng.below(4), rng.below(4), rng.below(4)];
-        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
-        let n = [1, 2, 7, 40][rng.below(4)];
-        let strides = [1 + rng.below(3), 1 + rng.below(3)];
-        let c = conv(group, strides, pads, dil);
+        let RandomWindow {
+            kh,
+            kw,
+            h,
+            w,
+            n,
+            conv: c,
+        } = RandomWindow::draw(&mut rng, group);
         let Ok(g) = c.geom(&[n, group * cig, h, w], &[group * cog, cig, kh, kw]) else {
             continue;
         };
@@ -1434,7 +1465,7 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
         worst_im2col = worst_im2col.max(dw_error(&plain, cases, false));
         worst = worst.max(e);
         cases += 1;
-        strided += usize::from(strides != [1, 1]);
+        strided += usize::from(c.strides != [1, 1]);
     }
     assert!(strided >= 80, "only {strided} strided geometries");
     eprintln!("worst scaled dw error: direct {worst:e}, im2col {worst_im2col:e}");
@@ -1778,13 +1809,14 @@ fn direct_forward_matches_f64_over_random_geometries() {
     let (mut worst, mut cases) = (0.0f64, 0);
     while cases < 120 {
         let (ci, co) = (1 + rng.below(9), 1 + rng.below(19));
-        let (kh, kw) = (1 + rng.below(7), 1 + rng.below(7));
-        let dil = [1 + rng.below(2), 1 + rng.below(2)];
-        let pads = [rng.below(4), rng.below(4), rng.below(4), rng.below(4)];
-        let (h, w) = (1 + rng.below(19), 1 + rng.below(19));
-        let n = [1, 2, 7, 40][rng.below(4)];
-        let strides = [1 + rng.below(3), 1 + rng.below(3)];
-        let c = conv(1, strides, pads, dil);
+        let RandomWindow {
+            kh,
+            kw,
+            h,
+            w,
+            n,
+            conv: c,
+        } = RandomWindow::draw(&mut rng, 1);
         let (xs, ws) = ([n, ci, h, w], [co, ci, kh, kw]);
         let Ok(g) = c.geom(&xs, &ws) else {
             continue;

@@ -167,10 +167,10 @@ impl Geom {
     }
 
     /// Copies `x` (`[images, ci, h, w]`) into the padded phase planes of `xp`
-    /// (`[images][ci][sh * sw][pstride]`, see [`Layout`]); entries outside the copied interior
-    /// keep what they held (zeros from [`Self::dw_scratch`], or this geometry's earlier copies).
-    pub(super) fn fill_phase_planes(&self, x: &[f32], xp: &mut [f32]) {
-        let l = self.dw_layout();
+    /// (`[images][ci][sh * sw][pstride]`, see [`Layout`]; `l` is [`Self::dw_layout`]); entries
+    /// outside the copied interior keep what they held (zeros from [`Self::dw_scratch`], or this
+    /// geometry's earlier copies).
+    pub(super) fn fill_phase_planes(&self, x: &[f32], xp: &mut [f32], l: &Layout) {
         let cstride = self.sh * self.sw * l.pstride;
         let xstride = self.ci * cstride;
         // Input columns that land in read columns: `q = x + pl < cols_used`.
@@ -211,7 +211,7 @@ impl Geom {
         debug_assert!(images <= l.images && dy.len() == images * self.y_len());
         let cstride = self.sh * self.sw * l.pstride;
         let (xstride, dystride) = (self.ci * cstride, self.co * l.run);
-        self.fill_phase_planes(x, &mut s.xp);
+        self.fill_phase_planes(x, &mut s.xp, &l);
         for (o, plane) in dy.chunks(self.oh * self.ow).enumerate() {
             let (i, o) = (o / self.co, o % self.co);
             for (r, row) in plane.chunks(self.ow).enumerate() {
