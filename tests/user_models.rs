@@ -632,3 +632,60 @@ fn onnx_package_light_models_read_train_and_export() {
         dir.display()
     );
 }
+
+/// PyTorch's dynamo exporter stores equal tensors once: on an untrained model each BN's scale
+/// and running variance are one initializer (ones), and BNs of equal width share theirs
+/// (tests/fixtures/dynamo_shared_bn, made by scripts/make_dynamo_bn_fixture.py).
+fn dynamo_shared_bn() -> std::path::PathBuf {
+    common::repo().join("tests/fixtures/dynamo_shared_bn/model.onnx")
+}
+
+#[test]
+fn initializers_the_dynamo_exporter_shared_are_read_as_pytorch_parameters() {
+    let g = elrt::onnx::read_file(&dynamo_shared_bn()).unwrap();
+    let bns: Vec<&Node> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::BatchNorm(_)))
+        .collect();
+    assert_eq!(bns.len(), 4);
+    let modules = ["layer1.norm1", "transition.norm", "layer2.norm1", "norm5"];
+    for (n, module) in bns.iter().zip(modules) {
+        let want: Vec<String> = ["weight", "bias", "running_mean", "running_var"]
+            .iter()
+            .map(|role| format!("{module}.{role}"))
+            .collect();
+        assert_eq!(n.inputs[1..], want[..], "node '{}'", n.name);
+    }
+}
+
+#[test]
+fn bn_statistics_the_dynamo_exporter_shared_survive_training_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = Model::load(&dynamo_shared_bn(), 4).unwrap();
+    // Training-mode passes move the running statistics away from the scale they shared a
+    // tensor with (no optimiser step: the scales stay at one).
+    for seed in 0..3 {
+        let x = ArrayD::from_shape_fn(IxDyn(&[4, 3, 16, 16]), |i| {
+            ((i[0] * 7 + i[1] * 3 + i[2] + 2 * i[3]) as f32 * 0.37 + seed as f32).sin() * 2.0 + 0.5
+        });
+        m.forward(x, Mode::Train).unwrap();
+    }
+    let path = tmp.path().join("trained.onnx");
+    m.save(&path).unwrap();
+    let x = ArrayD::from_shape_fn(IxDyn(&[4, 3, 16, 16]), |i| {
+        ((i[1] + i[2] * i[3]) as f32 * 0.11).cos()
+    });
+    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+    let mut back = Model::load(&path, 4).unwrap();
+    let reread = back.forward(x.clone(), Mode::Eval).unwrap();
+    assert!(
+        common::rel_diff(&ours, &reread) < 1e-6,
+        "the written file computes another function: {}",
+        common::rel_diff(&ours, &reread)
+    );
+    if common::require_python(&["onnxruntime", "numpy"]) {
+        let theirs = common::ort_forward(&path, &x);
+        assert!(common::rel_diff(&ours, &theirs) < 1e-4);
+    }
+}

@@ -5,6 +5,7 @@ pub mod external;
 pub mod read;
 mod stochastic_depth;
 mod tensor;
+mod untie;
 pub mod write;
 
 pub use read::{read_bytes, read_bytes_in, read_file};

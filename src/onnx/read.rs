@@ -151,6 +151,8 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         );
     }
     let mut nodes = Vec::with_capacity(proto_nodes.len());
+    // Each node's PyTorch module path, where the exporter recorded one (for `untie`).
+    let mut modules = Vec::with_capacity(proto_nodes.len());
     for (idx, n) in proto_nodes.iter().enumerate() {
         let name = unique_name(n, idx, &mut used_names);
         let what = || format!("node '{}' ({})", name, n.op_type);
@@ -192,7 +194,20 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
             inputs,
             outputs: n.output.clone(),
         });
+        modules.push(
+            n.metadata_props
+                .iter()
+                .find(|p| p.key == "pkg.torch.onnx.name_scopes")
+                .and_then(|p| super::untie::module_path(&p.value)),
+        );
     }
+    let mut taken: HashSet<String> = consts
+        .keys()
+        .cloned()
+        .chain(inputs.iter().map(|i| i.name.clone()))
+        .chain(nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect();
+    super::untie::untie(&mut nodes, &mut consts, &modules, &mut taken);
 
     let meta = ModelMeta {
         ir_version: model.ir_version,

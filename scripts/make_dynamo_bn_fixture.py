@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Writes tests/fixtures/dynamo_shared_bn/: a small untrained DenseNet-style classifier as
+PyTorch's default (dynamo) exporter writes it, weights in model.onnx.data.
+
+The point of the fixture is what that exporter does to an untrained model: it stores tensors
+of equal contents once, so each pre-activation BatchNorm reads its scale and its running
+variance from one initializer (all ones) and its shift and running mean from another (all
+zeros), and the BNs of equal width share them across layers (the 16-channel norm1 of both dense layers, the 24-channel norms of
+the transition and the head). tests/user_models.rs checks that elrt unties them.
+
+    python3 scripts/make_dynamo_bn_fixture.py [OUT_DIR]
+
+Needs torch and onnxscript (scripts/requirements-dev.txt). Seeded; the script prints which
+initializers the file shares.
+"""
+
+import collections
+import os
+import sys
+
+import onnx
+import torch
+from torch import nn
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 16, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv1(torch.relu(self.norm1(x)))
+        y = self.conv2(torch.relu(self.norm2(y)))
+        return torch.cat([x, y], 1)
+
+
+class Transition(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.conv = nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x):
+        return nn.functional.avg_pool2d(self.conv(torch.relu(self.norm(x))), 2)
+
+
+class TinyDenseNet(nn.Module):
+    """DenseNet's pattern in miniature: BNs that follow a concat or a pool, which no exporter
+    folds into a conv (each norm2 follows a conv and is folded)."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.layer1 = DenseLayer(16, 8)
+        self.transition = Transition(24, 16)
+        self.layer2 = DenseLayer(16, 8)
+        self.norm5 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.transition(self.layer1(self.conv0(x))))
+        x = torch.relu(self.norm5(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "tests", "fixtures", "dynamo_shared_bn")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    model = TinyDenseNet().eval()
+    path = os.path.join(out, "model.onnx")
+    # What a user types: the default exporter, nothing else (external data is forced here so
+    # that the fixture has the .onnx.data file that large models get).
+    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), path, dynamo=True,
+                      external_data=True)
+    m = onnx.load(path, load_external_data=False)
+    inits = {t.name for t in m.graph.initializer}
+    uses = collections.Counter(i for n in m.graph.node for i in n.input if i in inits)
+    shared = sorted(k for k, c in uses.items() if c > 1)
+    print(f"wrote {path}; initializers read more than once: {shared}")
+    if not shared:
+        sys.exit("the exporter shared no initializer: the fixture would test nothing")
+
+
+if __name__ == "__main__":
+    main()
