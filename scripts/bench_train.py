@@ -16,6 +16,10 @@ The suite (issue 15), each case at every thread count of --threads (default 1 an
     mobilenet_v3_small    64x64     64    torchvision
     efficientnet_b0       64x64     64    torchvision
 
+Users' models outside the suite, only when --models names them (EXTRA): densenet121 (64x64,
+batch 32), googlenet, shufflenet_v2_x1_0 and squeezenet1_1 (64x64, batch 64), the concat-heavy
+nets.
+
 --models and --sizes pick a subset (e.g. `--models resnet20,resnet20_tucker2` is the quick
 ResNet-20 pair); --batch and --steps override the per-case values (steps: 10 for ResNet-20,
 3 for the torchvision nets). Reported per row: img/s of each side, their ratio, peak memory of
@@ -110,6 +114,10 @@ MODELS = {
     "mobilenet_v2": "torchvision mobilenet_v2",
     "mobilenet_v3_small": "torchvision mobilenet_v3_small",
     "efficientnet_b0": "torchvision efficientnet_b0",
+    "densenet121": "torchvision densenet121",
+    "googlenet": "torchvision googlenet (aux_logits=False)",
+    "shufflenet_v2_x1_0": "torchvision shufflenet_v2_x1_0",
+    "squeezenet1_1": "torchvision squeezenet1_1",
 }
 # The low-rank cases: the goal for them is 1.5x PyTorch, not 1.0x.
 LOW_RANK = {"resnet20_tucker2", "resnet18_tucker2"}
@@ -124,6 +132,14 @@ SUITE = [
     ("mobilenet_v2", 64, 64, 3),
     ("mobilenet_v3_small", 64, 64, 3),
     ("efficientnet_b0", 64, 64, 3),
+]
+# Users' models outside the suite, run only when --models names them: the concat-heavy nets
+# (dense blocks, inception branches, channel split and shuffle, fire modules).
+EXTRA = [
+    ("densenet121", 64, 32, 3),
+    ("googlenet", 64, 64, 3),
+    ("shufflenet_v2_x1_0", 64, 64, 3),
+    ("squeezenet1_1", 64, 64, 3),
 ]
 ELRT_RANKS = "params=0.5"
 TUCKER_RATIO = 0.5
@@ -239,7 +255,8 @@ def build_model(name: str, ranks: dict | None = None):
     import torchvision
 
     base = name.removesuffix("_tucker2")
-    model = torchvision.models.get_model(base, weights=None, num_classes=NUM_CLASSES)
+    extra = {"aux_logits": False, "init_weights": True} if base == "googlenet" else {}
+    model = torchvision.models.get_model(base, weights=None, num_classes=NUM_CLASSES, **extra)
     if name != base:
         if not ranks:
             raise SystemExit(f"{name}: the factor ranks of elrt's converted file are needed")
@@ -745,7 +762,7 @@ def select_cases(args, ap):
             ap.error(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()] if args.sizes else None
     cases = []
-    for name, size, batch, steps in SUITE:
+    for name, size, batch, steps in SUITE + (EXTRA if names is not None else []):
         if names is not None and name not in names:
             continue
         if sizes is not None and size not in sizes:
