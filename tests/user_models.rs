@@ -635,7 +635,7 @@ fn onnx_package_light_models_read_train_and_export() {
 
 /// PyTorch's dynamo exporter stores equal tensors once: on an untrained model each BN's scale
 /// and running variance are one initializer (ones), and BNs of equal width share theirs
-/// (tests/fixtures/dynamo_shared_bn, made by scripts/make_dynamo_bn_fixture.py).
+/// (tests/fixtures/dynamo_shared_bn, made by scripts/make_dynamo_fixtures.py).
 fn dynamo_shared_bn() -> std::path::PathBuf {
     common::repo().join("tests/fixtures/dynamo_shared_bn/model.onnx")
 }
@@ -688,4 +688,52 @@ fn bn_statistics_the_dynamo_exporter_shared_survive_training_and_export() {
         let theirs = common::ort_forward(&path, &x);
         assert!(common::rel_diff(&ours, &theirs) < 1e-4);
     }
+}
+
+/// Adaptive average pools whose output does not divide the input (3x3 to 6x6 and to 5x5), as
+/// the dynamo exporter writes them: Transpose, GatherND, Where masks, means
+/// (tests/fixtures/dynamo_adaptive_pool, made by scripts/make_dynamo_fixtures.py).
+#[test]
+fn uneven_adaptive_pools_from_the_dynamo_exporter_compute_what_tract_computes_on_the_file() {
+    let path = common::repo().join("tests/fixtures/dynamo_adaptive_pool/model.onnx");
+    let mut m = Model::load(&path, 3).unwrap();
+    let ops: Vec<&str> = m.graph.nodes.iter().map(|n| n.op.onnx_type()).collect();
+    assert!(
+        !ops.contains(&"GatherND") && !ops.contains(&"Where") && ops.contains(&"Gather"),
+        "rewritten into Reshape + Gather and Mul: {ops:?}"
+    );
+    let mut r = Rng::new(9);
+    let x = ArrayD::from_shape_fn(IxDyn(&[3, 3, 12, 12]), |_| r.normal());
+    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+    // tract reads GatherND and Where itself: the file as exported (batch 1) is the judge.
+    let bytes = elrt::onnx::read::self_contained_bytes(&path).unwrap();
+    let mut tract = elrt::runtime::TractModel::from_bytes(&bytes, &[1, 3, 12, 12], 1).unwrap();
+    for (i, image) in x.outer_iter().enumerate() {
+        let theirs = tract.run(&image.insert_axis(Axis(0)).to_owned()).unwrap();
+        let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+        assert!(
+            common::rel_diff(&mine, &theirs) < 1e-5,
+            "image {i}: {}",
+            common::rel_diff(&mine, &theirs)
+        );
+    }
+    // Gradients flow through the rewritten pools: a short compress trains, exports and
+    // validates the compact file in tract against the engine.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    common::succeeds([
+        "compress",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--include-gemm",
+        "--ranks",
+        "ratio=0.5",
+        "--quiet",
+    ]);
+    assert!(out.join("compact.onnx").exists());
 }

@@ -254,6 +254,17 @@ impl<B: Backend> Session<B> {
                 let idx = crate::ir::shape::slice_indices(be.dims(x), s)?;
                 one(be.take(x, &idx)?)
             }
+            Kernel::Gather {
+                axis,
+                list,
+                out_tail,
+            } => {
+                let dims = be.dims(x).to_vec();
+                let y = be.take(x, &gather_lists(&dims, *axis, list))?;
+                let mut shape = vec![dims[0]];
+                shape.extend(out_tail);
+                one(be.reshape(&y, &shape)?)
+            }
             Kernel::Pad { pads, value } => one(be.pad(x, pads, *value)?),
             Kernel::Gemm(op) => {
                 let b = get(step.inputs[1])?;
@@ -424,6 +435,14 @@ impl<B: Backend> Session<B> {
                 let idx = crate::ir::shape::slice_indices(be.dims(x), s)?;
                 vec![Some(be.take_backward(be.dims(x), &idx, dy()?)?)]
             }
+            (Kernel::Gather { axis, list, .. }, _) => {
+                let dims = be.dims(x).to_vec();
+                let mut taken = dims.clone();
+                taken[*axis] = list.len();
+                let g = be.reshape(&dy()?, &taken)?;
+                let idx = gather_lists(&dims, *axis, list);
+                vec![Some(be.take_backward(&dims, &idx, g)?)]
+            }
             (Kernel::Pad { pads, .. }, _) => {
                 vec![Some(be.pad_backward(be.dims(x), pads, dy()?)?)]
             }
@@ -447,4 +466,18 @@ impl<B: Backend> Session<B> {
             }
         })
     }
+}
+
+/// The per-axis index lists of a Gather along `axis`: `list` there, every index elsewhere.
+fn gather_lists(dims: &[usize], axis: usize, list: &[usize]) -> Vec<Vec<usize>> {
+    dims.iter()
+        .enumerate()
+        .map(|(a, &d)| {
+            if a == axis {
+                list.to_vec()
+            } else {
+                (0..d).collect()
+            }
+        })
+        .collect()
 }

@@ -61,6 +61,13 @@ pub enum Kernel {
         perm: Vec<usize>,
     },
     Slice(Slice),
+    /// Gather of an activation along a non-batch axis with constant indices (`list`, the
+    /// index tensor flattened); the output is reshaped to `out_tail` behind the batch.
+    Gather {
+        axis: usize,
+        list: Vec<usize>,
+        out_tail: Vec<usize>,
+    },
     Pad {
         pads: Vec<(i64, i64)>,
         value: f32,
@@ -278,7 +285,7 @@ impl Program {
             // initializer that is no tensor the engine computes with.
             let data_arity = match node.op {
                 Op::BatchNorm(_) => 3,
-                Op::Reshape { .. } => 1,
+                Op::Reshape { .. } | Op::Gather { .. } => 1,
                 _ => node.inputs.len(),
             };
             for (i, name) in node.inputs.iter().enumerate().take(data_arity) {
@@ -814,9 +821,39 @@ fn kernel_for(
             "{} inside the network cannot be trained (only as the classifier's last op)",
             node.op.onnx_type()
         ),
+        Op::Gather { axis } => {
+            let ax = norm_axis(*axis, x.len())?;
+            if ax == 0 {
+                bail!("Gather along the batch axis cannot be trained");
+            }
+            let idx = node
+                .input(1)
+                .and_then(|i| facts.get(i))
+                .and_then(|f| f.value.as_ref())
+                .ok_or_else(|| {
+                    anyhow!("Gather with indices computed at run time cannot be trained")
+                })?;
+            let d = x[ax] as i64;
+            let list = idx
+                .to_i64s()
+                .iter()
+                .map(|&i| match if i < 0 { i + d } else { i } {
+                    j if (0..d).contains(&j) => Ok(j as usize),
+                    _ => Err(anyhow!("index {i} is out of range for an axis of {d}")),
+                })
+                .collect::<Result<_>>()?;
+            Kernel::Gather {
+                axis: ax,
+                list,
+                out_tail: out[1..].to_vec(),
+            }
+        }
+        Op::GatherNd => bail!(
+            "GatherND cannot be trained (elrt rewrites only the adaptive-pool form of the \
+             dynamo exporter: a transpose of the image's plane to the front, constant indices)"
+        ),
         Op::DynSlice
         | Op::Shape(_)
-        | Op::Gather { .. }
         | Op::Cast { .. }
         | Op::ConstantOfShape { .. }
         | Op::Range

@@ -1012,6 +1012,22 @@ mod tests {
         }
     }
 
+    /// A Gather's index list with repeats (an adaptive pool's overlapping windows): the
+    /// backward adds the gradients of every copy, checked by finite differences.
+    #[test]
+    fn take_with_repeated_indices_backward() {
+        let x = rand(&[2, 3, 4], 13);
+        let idx: Vec<Vec<usize>> = vec![vec![0, 1], vec![0, 1, 2], vec![0, 0, 2, 1, 1, 3]];
+        let y = take(x.view(), &idx);
+        assert_eq!(y.shape(), &[2, 3, 6]);
+        let w = weights_for(&y);
+        check_grad(
+            &x,
+            &|x| take(x.view(), &idx),
+            &take_backward(x.shape(), &idx, w.view()),
+        );
+    }
+
     #[test]
     fn concat_split_are_inverse() {
         let a = rand(&[2, 3, 2], 4);

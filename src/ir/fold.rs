@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 
 use super::ops::SoftmaxAxes;
 use super::shape::{dyn_slice_params, infer, Facts};
-use super::{Graph, Op, Tensor};
+use super::{Graph, Node, Op, Tensor};
 
 #[derive(Clone, Copy, Debug)]
 pub struct FoldOptions {
@@ -21,6 +21,7 @@ pub fn simplify(
     input_shapes: &[Vec<usize>],
     opts: FoldOptions,
 ) -> Result<Facts> {
+    rewrite_for_training(graph, input_shapes)?;
     if super::batch::needs_freeing(graph, input_shapes) {
         super::batch::free_batch(graph, input_shapes)?;
     }
@@ -34,6 +35,35 @@ pub fn simplify(
     graph.prune();
     graph.check()?;
     infer(graph, input_shapes)
+}
+
+/// Rewrites of exporter patterns the engine cannot train into equivalent ones it can
+/// ([`gather_nd_to_gather`], [`where_to_mask`]). They run first, on shapes inferred at batch 1
+/// (which every file accepts, whatever batch it fixes), because the patterns move the batch
+/// axis, which [`super::batch::free_batch`] refuses.
+fn rewrite_for_training(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Result<()> {
+    if !graph
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::GatherNd | Op::Where))
+    {
+        return Ok(());
+    }
+    let at_one: Vec<Vec<usize>> = input_shapes
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            if let Some(b) = s.first_mut() {
+                *b = 1;
+            }
+            s
+        })
+        .collect();
+    let facts = infer(graph, &at_one)?;
+    gather_nd_to_gather(graph, &facts)?;
+    where_to_mask(graph, &facts)?;
+    graph.prune();
+    Ok(())
 }
 
 /// Replaces every node whose outputs are all known before run time by initializers; returns
@@ -217,4 +247,209 @@ fn remove_passthrough(graph: &mut Graph, opts: FoldOptions) {
             graph.rename_uses(&dst, &src);
         }
     }
+}
+
+/// The dynamo exporter's adaptive average pool whose output size does not divide the input's
+/// (VGG's 7x7 pool, AlexNet's 6x6, on inputs smaller than 224) reads its windows' elements as
+///
+///     Transpose(x [N, C, H, W], perm [2, 3, 0, 1]) -> GatherND(constant (row, col) pairs, shape
+///     [..., 2]) -> Transpose(the indices' axes behind N, C) -> ReduceMean
+///
+/// Moving the batch axis is nothing the engine trains; the same values come from
+/// `Reshape(x, [0, C, H*W]) -> Gather(axis 2, row * W + col)`, which it does (and tract and
+/// onnxruntime run). The rewrite keeps the second Transpose's output name.
+/// (`t1` below is the first Transpose, `t2` the second.)
+fn gather_nd_to_gather(graph: &mut Graph, facts: &Facts) -> Result<()> {
+    loop {
+        let uses = graph.use_counts();
+        let producers = graph.producers();
+        let mut found = None;
+        for (gi, g) in graph.nodes.iter().enumerate() {
+            if !matches!(g.op, Op::GatherNd) {
+                continue;
+            }
+            let (Some(t1), Some(idx)) = (
+                producers
+                    .get(g.inputs[0].as_str())
+                    .map(|&i| &graph.nodes[i]),
+                g.input(1).and_then(|i| graph.initializers.get(i)),
+            ) else {
+                continue;
+            };
+            let Some(x) = facts.get(&t1.inputs[0]) else {
+                continue;
+            };
+            let q = idx.shape().len();
+            let pairs = q >= 1 && idx.shape()[q - 1] == 2;
+            if !(matches!(&t1.op, Op::Transpose { perm: Some(p) } if p == &[2, 3, 0, 1])
+                && x.shape.len() == 4
+                && pairs
+                && uses.get(g.outputs[0].as_str()) == Some(&1))
+            {
+                continue;
+            }
+            // The indices' axes go behind N, C: perm [r, r + 1, 0, .., r - 1].
+            let r = q - 1;
+            let back: Vec<usize> = [r, r + 1].into_iter().chain(0..r).collect();
+            let Some(t2) = graph.nodes.iter().find(|n| {
+                n.inputs.first() == Some(&g.outputs[0])
+                    && matches!(&n.op, Op::Transpose { perm: Some(p) } if p == &back)
+            }) else {
+                continue;
+            };
+            found = Some((gi, t1.name.clone(), t2.name.clone(), x.shape.clone()));
+            break;
+        }
+        let Some((gi, t1_name, t2_name, xs)) = found else {
+            return Ok(());
+        };
+        let g = graph.nodes[gi].clone();
+        let t1 = graph.node(&t1_name).expect("found").clone();
+        let t2 = graph.node(&t2_name).expect("found").clone();
+        let idx = &graph.initializers[&g.inputs[1]];
+        let (h, w) = (xs[2] as i64, xs[3] as i64);
+        let flat: Vec<i64> = idx
+            .to_i64s()
+            .chunks_exact(2)
+            .map(|p| {
+                let (i, j) = (
+                    if p[0] < 0 { p[0] + h } else { p[0] },
+                    if p[1] < 0 { p[1] + w } else { p[1] },
+                );
+                if !(0..h).contains(&i) || !(0..w).contains(&j) {
+                    anyhow::bail!(
+                        "node '{}' (GatherND): index ({}, {}) is outside the {h}x{w} plane",
+                        g.name,
+                        p[0],
+                        p[1]
+                    );
+                }
+                Ok(i * w + j)
+            })
+            .collect::<Result<_>>()?;
+        let idx_shape = idx.shape()[..idx.shape().len() - 1].to_vec();
+        let (shape_name, flat_idx_name, flat_out) = (
+            fresh_value_name(graph, format!("{}/plane_shape", g.name)),
+            fresh_value_name(graph, format!("{}/plane_indices", g.name)),
+            fresh_value_name(graph, format!("{}/planes", g.name)),
+        );
+        graph.initializers.insert(
+            shape_name.clone(),
+            Tensor::i64_vec(&[0, xs[1] as i64, h * w]),
+        );
+        graph
+            .initializers
+            .insert(flat_idx_name.clone(), Tensor::i64(&idx_shape, flat)?);
+        let reshape = Node {
+            name: format!("{}/planes", g.name),
+            op: Op::Reshape { allowzero: false },
+            inputs: vec![t1.inputs[0].clone(), shape_name],
+            outputs: vec![flat_out.clone()],
+        };
+        let gather = Node {
+            name: g.name.clone(),
+            op: Op::Gather { axis: 2 },
+            inputs: vec![flat_out, flat_idx_name],
+            outputs: t2.outputs.clone(),
+        };
+        // The first Transpose may feed other pools (the exporter shares it); `prune` drops it
+        // once nothing reads it.
+        graph
+            .nodes
+            .retain(|n| n.name != t2.name && n.name != g.name);
+        // Where the first Transpose was: after x, before every use of the result.
+        let at = graph
+            .nodes
+            .iter()
+            .position(|n| n.inputs.iter().any(|i| t2.outputs.contains(i)))
+            .unwrap_or(graph.nodes.len());
+        graph.nodes.insert(at, gather);
+        graph.nodes.insert(at, reshape);
+    }
+}
+
+/// `Where(constant condition, a, b)` with one branch a constant scalar and the other an
+/// activation of the output's shape (the masked_fill of the same adaptive pool, zeroing the
+/// padding of uneven windows) is `x * keep + fill`, `keep` 1 where the activation is chosen
+/// and `fill` the scalar where it is not: elementwise ops the engine trains. (The two agree
+/// for finite activations; an infinite one times 0 would be NaN where Where gives the fill.)
+fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let n = &graph.nodes[i];
+        if !matches!(n.op, Op::Where) || n.inputs.len() != 3 {
+            i += 1;
+            continue;
+        }
+        let konst = |k: usize| graph.initializers.get(&n.inputs[k]);
+        let (Some(cond), Some(out)) = (konst(0), facts.get(&n.outputs[0])) else {
+            i += 1;
+            continue;
+        };
+        // (activation slot, scalar slot): the activation is taken where cond is true (slot 1)
+        // or false (slot 2).
+        let pick = [(1usize, 2usize), (2, 1)].into_iter().find(|&(act, fill)| {
+            konst(act).is_none()
+                && konst(fill).is_some_and(|t| t.shape().iter().product::<usize>() == 1)
+                && facts
+                    .get(&n.inputs[act])
+                    .is_some_and(|f| f.shape == out.shape)
+        });
+        let Some((act, fill_slot)) = pick else {
+            i += 1;
+            continue;
+        };
+        let fill = konst(fill_slot).expect("checked").to_f32s()[0];
+        let cshape = cond.shape().to_vec();
+        let keep: Vec<f32> = cond
+            .to_i64s()
+            .iter()
+            .map(|&c| if (c != 0) == (act == 1) { 1.0 } else { 0.0 })
+            .collect();
+        let fills: Vec<f32> = keep.iter().map(|&k| (1.0 - k) * fill).collect();
+        let node = n.clone();
+        let keep_name = fresh_value_name(graph, format!("{}/keep", node.name));
+        graph
+            .initializers
+            .insert(keep_name.clone(), Tensor::f32(&cshape, keep)?);
+        let mut replacement = vec![Node {
+            name: node.name.clone(),
+            op: Op::Mul,
+            inputs: vec![node.inputs[act].clone(), keep_name],
+            outputs: node.outputs.clone(),
+        }];
+        if fill != 0.0 {
+            let (fill_name, masked) = (
+                fresh_value_name(graph, format!("{}/fill", node.name)),
+                fresh_value_name(graph, format!("{}/masked", node.name)),
+            );
+            graph
+                .initializers
+                .insert(fill_name.clone(), Tensor::f32(&cshape, fills)?);
+            replacement[0].outputs = vec![masked.clone()];
+            replacement.push(Node {
+                name: format!("{}/fill", node.name),
+                op: Op::Add,
+                inputs: vec![masked, fill_name],
+                outputs: node.outputs.clone(),
+            });
+        }
+        let count = replacement.len();
+        graph.nodes.splice(i..=i, replacement);
+        i += count;
+    }
+    Ok(())
+}
+
+/// `base`, or `base_2`, `base_3`... when an initializer or a node output already has the name.
+fn fresh_value_name(graph: &Graph, base: String) -> String {
+    let mut name = base.clone();
+    let mut k = 2;
+    while graph.initializers.contains_key(&name)
+        || graph.nodes.iter().any(|n| n.outputs.contains(&name))
+    {
+        name = format!("{base}_{k}");
+        k += 1;
+    }
+    name
 }

@@ -212,6 +212,11 @@ pub enum Op {
     Gather {
         axis: i64,
     },
+    /// Indexing by tuples of leading indices (`batch_dims` 0 only). The dynamo exporter writes
+    /// an adaptive average pool whose output does not divide its input (VGG's 7x7 pool on a
+    /// small input) as a transpose, a GatherND with constant indices and a mean; `ir::fold`
+    /// rewrites that into a Gather the engine trains.
+    GatherNd,
     Cast {
         to: super::ElemType,
     },
@@ -279,6 +284,7 @@ impl Op {
             Op::Dropout { .. } => "Dropout",
             Op::Shape(_) => "Shape",
             Op::Gather { .. } => "Gather",
+            Op::GatherNd => "GatherND",
             Op::Cast { .. } => "Cast",
             Op::ConstantOfShape { .. } => "ConstantOfShape",
             Op::Range => "Range",

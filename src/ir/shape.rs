@@ -702,6 +702,20 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
                 _ => vec![Fact::of(shape, x.elem)],
             }
         }
+        Op::GatherNd => {
+            let idx = need(ins, 1)?;
+            let depth = match idx.shape.last() {
+                Some(&k) if k >= 1 && k <= x.shape.len() => k,
+                _ => bail!(
+                    "indices {:?} must end in a tuple length from 1 to the data's rank {}",
+                    idx.shape,
+                    x.shape.len()
+                ),
+            };
+            let mut shape = idx.shape[..idx.shape.len() - 1].to_vec();
+            shape.extend(&x.shape[depth..]);
+            vec![Fact::of(shape, x.elem)]
+        }
         Op::Cast { to } => match &x.value {
             Some(t) => vec![Fact::known(t.cast(*to), *to)],
             None => vec![Fact::of(x.shape.clone(), *to)],

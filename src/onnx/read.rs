@@ -712,6 +712,13 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
                 ins.first(2),
             )
         }
+        "GatherND" => {
+            ins.need(2)?;
+            if a.int_or("batch_dims", 0)? != 0 {
+                bail!("GatherND with batch_dims other than 0 is not supported");
+            }
+            (Op::GatherNd, ins.first(2))
+        }
         "Cast" => {
             let code = a
                 .int("to")?

@@ -139,7 +139,7 @@ fn check_opset(n: &Node, opset: i64) -> Result<()> {
         Op::DynSlice => need(10, "Slice with computed starts/ends")?,
         Op::ConstantOfShape { .. } | Op::Where => need(9, n.op.onnx_type())?,
         Op::Expand => need(8, "Expand")?,
-        Op::Range => need(11, "Range")?,
+        Op::Range | Op::GatherNd => need(11, n.op.onnx_type())?,
         // Before opset 13 Softmax normalised over the input flattened to 2-D from `axis` on;
         // the two forms agree only where shape inference marked them so (`Either`).
         Op::Softmax { axes, .. } | Op::LogSoftmax { axes, .. } => match axes {
@@ -424,6 +424,7 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         | Op::Where
         | Op::Equal
         | Op::Sum
+        | Op::GatherNd
         | Op::Identity => {}
     }
     p.input = ins.finish();

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/dynamo_shared_bn/: a small untrained DenseNet-style classifier as
-PyTorch's default (dynamo) exporter writes it, weights in model.onnx.data.
+"""Writes two fixtures of what PyTorch's default (dynamo) exporter makes of small untrained
+classifiers, weights in model.onnx.data:
 
-The point of the fixture is what that exporter does to an untrained model: it stores tensors
+tests/fixtures/dynamo_shared_bn/: a DenseNet-style net. The point is what that exporter does to
+an untrained model: it stores tensors
 of equal contents once, so each pre-activation BatchNorm reads its scale and its running
 variance from one initializer (all ones) and its shift and running mean from another (all
 zeros), and the BNs of equal width share them across layers (the 16-channel norm1 of both dense layers, the 24-channel norms of
 the transition and the head). tests/user_models.rs checks that elrt unties them.
 
-    python3 scripts/make_dynamo_bn_fixture.py [OUT_DIR]
+tests/fixtures/dynamo_adaptive_pool/: adaptive average pools whose output size does not divide
+the input's (a 3x3 map pooled to 6x6, as AlexNet's pool on a 128x128 input, and to 5x5, with
+windows of unequal size, as VGG's 7x7 pool on a 64x64 input). The exporter writes them as a
+Transpose, a GatherND with constant indices, Where masks and means; tests/user_models.rs checks
+that elrt trains and exports them, computing what tract computes on the file itself.
+
+    python3 scripts/make_dynamo_fixtures.py [OUT_ROOT]
 
 Needs torch and onnxscript (scripts/requirements-dev.txt). Seeded; the script prints which
-initializers the file shares.
+initializers the first file shares and which ops the second holds.
 """
 
 import collections
@@ -66,10 +73,42 @@ class TinyDenseNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class UnevenPools(nn.Module):
+    """A 3x3 feature map pooled to 6x6 and to 5x5 (torch's adaptive windows: floor(i*3/n) to
+    ceil((i+1)*3/n)), both flattened into the classifier."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * (36 + 25), classes)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        a = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 6), 1)
+        b = torch.flatten(nn.functional.adaptive_avg_pool2d(x, 5), 1)
+        return self.fc(torch.cat([a, b], 1))
+
+
+def export_adaptive_pool(root):
+    out = os.path.join(root, "dynamo_adaptive_pool")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(1)
+    model = UnevenPools().eval()
+    path = os.path.join(out, "model.onnx")
+    torch.onnx.export(model, (torch.randn(1, 3, 12, 12),), path, dynamo=True,
+                      external_data=True)
+    ops = sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node})
+    print(f"wrote {path}; ops: {ops}")
+    if "GatherND" not in ops or "Where" not in ops:
+        sys.exit("the exporter wrote no GatherND or Where: the fixture would test nothing")
+
+
 def main():
-    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        "tests", "fixtures", "dynamo_shared_bn")
+    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
+    export_adaptive_pool(root)
+    out = os.path.join(root, "dynamo_shared_bn")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
     model = TinyDenseNet().eval()
