@@ -38,9 +38,10 @@ pub fn simplify(
 }
 
 /// Rewrites of exporter patterns the engine cannot train into equivalent ones it can
-/// ([`gather_nd_to_gather`], [`where_to_mask`]). They run first, on shapes inferred at batch 1
-/// (which every file accepts, whatever batch it fixes), because the patterns move the batch
-/// axis, which [`super::batch::free_batch`] refuses.
+/// ([`gather_nd_to_gather`], [`where_to_mask`]). They run first, on shapes inferred at the
+/// batch the file declares (1 when it leaves it free), because the patterns move the batch
+/// axis, which [`super::batch::free_batch`] refuses; a graph whose shapes do not infer there is
+/// left as it is (the steps after say what is wrong with it).
 fn rewrite_for_training(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Result<()> {
     if !graph
         .nodes
@@ -49,17 +50,28 @@ fn rewrite_for_training(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Resul
     {
         return Ok(());
     }
-    let at_one: Vec<Vec<usize>> = input_shapes
+    let declared: Vec<Vec<usize>> = input_shapes
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(i, s)| {
+            let fixed = graph
+                .inputs
+                .get(i)
+                .and_then(|d| d.shape.as_ref())
+                .and_then(|dims| match dims.first() {
+                    Some(super::Dim::Fixed(b)) => Some(*b),
+                    _ => None,
+                });
             let mut s = s.clone();
             if let Some(b) = s.first_mut() {
-                *b = 1;
+                *b = fixed.unwrap_or(1);
             }
             s
         })
         .collect();
-    let facts = infer(graph, &at_one)?;
+    let Ok(facts) = infer(graph, &declared) else {
+        return Ok(());
+    };
     gather_nd_to_gather(graph, &facts)?;
     where_to_mask(graph, &facts)?;
     graph.prune();
