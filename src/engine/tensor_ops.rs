@@ -306,7 +306,7 @@ pub fn add_relu_backward(
     Ok(binary_backward(BinOp::Add, a, b, masked))
 }
 
-/// Concatenates along `axis`. Inputs in standard layout go by block copy ([`concat_blocks`]);
+/// Concatenates along `axis`. Inputs in standard layout go by block copy (`concat_blocks`);
 /// others through ndarray's generic concatenate, the reference the tests hold it to.
 pub fn concat(axis: usize, xs: &[ArrayViewD<f32>]) -> Result<ArrayD<f32>> {
     let same_frame = xs.first().is_some_and(|x0| {

@@ -264,8 +264,10 @@ fn remove_passthrough(graph: &mut Graph, opts: FoldOptions) {
 /// The dynamo exporter's adaptive average pool whose output size does not divide the input's
 /// (VGG's 7x7 pool, AlexNet's 6x6, on inputs smaller than 224) reads its windows' elements as
 ///
-///     Transpose(x [N, C, H, W], perm [2, 3, 0, 1]) -> GatherND(constant (row, col) pairs, shape
-///     [..., 2]) -> Transpose(the indices' axes behind N, C) -> ReduceMean
+/// ```text
+/// Transpose(x [N, C, H, W], perm [2, 3, 0, 1]) -> GatherND(constant (row, col) pairs, shape
+/// [..., 2]) -> Transpose(the indices' axes behind N, C) -> ReduceMean
+/// ```
 ///
 /// Moving the batch axis is nothing the engine trains; the same values come from
 /// `Reshape(x, [0, C, H*W]) -> Gather(axis 2, row * W + col)`, which it does (and tract and
