@@ -339,30 +339,50 @@ fn concat_blocks(axis: usize, xs: &[ArrayViewD<f32>]) -> ArrayD<f32> {
         .iter()
         .map(|x| x.as_slice().expect("standard layout"))
         .collect();
-    let n = outer * row;
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    if row > 0 {
-        let fill = |(o, dst): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+    // SAFETY: each row is written whole: the inputs' runs fill it one after the other.
+    let out = unsafe {
+        fill_rows(outer * row, row, |o, dst| {
             let mut at = 0;
             for (src, &r) in srcs.iter().zip(&runs) {
                 write_run(&mut dst[at..at + r], &src[o * r..(o + 1) * r]);
                 at += r;
             }
-        };
-        let dst = &mut out.spare_capacity_mut()[..n];
-        if n >= PAR_COPY_MIN {
-            dst.par_chunks_mut(row).enumerate().for_each(fill);
-        } else {
-            dst.chunks_mut(row).enumerate().for_each(fill);
-        }
-    }
-    // SAFETY: the rows of `out[..n]` are written whole: each input's run fills its part.
-    unsafe { out.set_len(n) };
+        })
+    };
     ArrayD::from_shape_vec(IxDyn(&shape), out).expect("the shape covers the data")
 }
 
 /// Below this many elements, copies stay on the calling thread.
 const PAR_COPY_MIN: usize = 1 << 16;
+
+/// A vector of `n` elements written row by row (`row` elements each) by `fill(index, row)`,
+/// the rows in parallel from [`PAR_COPY_MIN`] elements on, never zero-filled first.
+///
+/// # Safety
+/// `fill` must write every element of the row it is given.
+unsafe fn fill_rows(
+    n: usize,
+    row: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    if row > 0 {
+        let dst = &mut out.spare_capacity_mut()[..n];
+        if n >= PAR_COPY_MIN {
+            dst.par_chunks_mut(row)
+                .enumerate()
+                .for_each(|(i, d)| fill(i, d));
+        } else {
+            dst.chunks_mut(row)
+                .enumerate()
+                .for_each(|(i, d)| fill(i, d));
+        }
+    }
+    // SAFETY: `n` is within the capacity, and the caller's `fill` wrote every row of it (with
+    // `row` 0, `n` is 0 too: no row, no element).
+    unsafe { out.set_len(n) };
+    out
+}
 
 fn write_run(dst: &mut [std::mem::MaybeUninit<f32>], src: &[f32]) {
     assert_eq!(dst.len(), src.len());
@@ -411,21 +431,12 @@ fn split_blocks(axis: usize, sizes: &[usize], shape: &[usize], src: &[f32]) -> V
         .map(|&size| {
             let (r, at) = (size * inner, start);
             start += r;
-            let n = outer * r;
-            let mut out: Vec<f32> = Vec::with_capacity(n);
-            if r > 0 {
-                let fill = |(o, dst): (usize, &mut [std::mem::MaybeUninit<f32>])| {
+            // SAFETY: write_run fills the row whole (its lengths are checked equal).
+            let out = unsafe {
+                fill_rows(outer * r, r, |o, dst| {
                     write_run(dst, &src[o * row + at..o * row + at + r]);
-                };
-                let dst = &mut out.spare_capacity_mut()[..n];
-                if n >= PAR_COPY_MIN {
-                    dst.par_chunks_mut(r).enumerate().for_each(fill);
-                } else {
-                    dst.chunks_mut(r).enumerate().for_each(fill);
-                }
-            }
-            // SAFETY: every row of `out[..n]` is written whole by `fill`.
-            unsafe { out.set_len(n) };
+                })
+            };
             let mut part_shape = shape.to_vec();
             part_shape[axis] = size;
             ArrayD::from_shape_vec(IxDyn(&part_shape), out).expect("the shape covers the data")
@@ -560,7 +571,6 @@ pub fn to_standard(v: ArrayViewD<f32>) -> ArrayD<f32> {
         return v.as_standard_layout().into_owned();
     }
     let n = v.len();
-    let mut out: Vec<f32> = Vec::with_capacity(n);
     // Copies the runs of `sub` (axes 0..k of it outer, in standard order) into `dst`.
     let copy_runs = |sub: ArrayViewD<f32>, dst: &mut [std::mem::MaybeUninit<f32>]| {
         let outer = &sub.shape()[..sub.ndim() - (shape.len() - k)];
@@ -581,16 +591,16 @@ pub fn to_standard(v: ArrayViewD<f32>) -> ArrayD<f32> {
             }
         }
     };
-    let dst = &mut out.spare_capacity_mut()[..n];
-    if n >= PAR_COPY_MIN && shape[0] > 1 && k > 1 {
-        dst.par_chunks_mut(n / shape[0])
-            .enumerate()
-            .for_each(|(i, d)| copy_runs(v.index_axis(Axis(0), i), d));
-    } else {
-        copy_runs(v.view(), dst);
-    }
-    // SAFETY: copy_runs writes every run of `out[..n]` (n / run rows, in order).
-    unsafe { out.set_len(n) };
+    // SAFETY: copy_runs writes every run of the part it is given (part length / run rows).
+    let out = unsafe {
+        if shape[0] > 1 && k > 1 {
+            fill_rows(n, n / shape[0], |i, d| {
+                copy_runs(v.index_axis(Axis(0), i), d)
+            })
+        } else {
+            fill_rows(n, n, |_, d| copy_runs(v.view(), d))
+        }
+    };
     ArrayD::from_shape_vec(IxDyn(shape), out).expect("the shape covers the data")
 }
 
