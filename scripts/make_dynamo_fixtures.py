@@ -90,15 +90,21 @@ class UnevenPools(nn.Module):
         return self.fc(torch.cat([a, b], 1))
 
 
-def export_adaptive_pool(root):
-    out = os.path.join(root, "dynamo_adaptive_pool")
+def export(model_class, seed, size, root, name):
+    """What a user types: the default exporter at batch 1, nothing else (external data is forced
+    so that the fixture has the .onnx.data file that large models get). Returns the graph."""
+    out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
-    torch.manual_seed(1)
-    model = UnevenPools().eval()
+    torch.manual_seed(seed)
     path = os.path.join(out, "model.onnx")
-    torch.onnx.export(model, (torch.randn(1, 3, 12, 12),), path, dynamo=True,
+    torch.onnx.export(model_class().eval(), (torch.randn(1, 3, size, size),), path, dynamo=True,
                       external_data=True)
-    ops = sorted({n.op_type for n in onnx.load(path, load_external_data=False).graph.node})
+    return path, onnx.load(path, load_external_data=False).graph
+
+
+def export_adaptive_pool(root):
+    path, graph = export(UnevenPools, 1, 12, root, "dynamo_adaptive_pool")
+    ops = sorted({n.op_type for n in graph.node})
     print(f"wrote {path}; ops: {ops}")
     if "GatherND" not in ops or "Where" not in ops:
         sys.exit("the exporter wrote no GatherND or Where: the fixture would test nothing")
@@ -108,18 +114,9 @@ def main():
     root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
     export_adaptive_pool(root)
-    out = os.path.join(root, "dynamo_shared_bn")
-    os.makedirs(out, exist_ok=True)
-    torch.manual_seed(0)
-    model = TinyDenseNet().eval()
-    path = os.path.join(out, "model.onnx")
-    # What a user types: the default exporter, nothing else (external data is forced here so
-    # that the fixture has the .onnx.data file that large models get).
-    torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), path, dynamo=True,
-                      external_data=True)
-    m = onnx.load(path, load_external_data=False)
-    inits = {t.name for t in m.graph.initializer}
-    uses = collections.Counter(i for n in m.graph.node for i in n.input if i in inits)
+    path, graph = export(TinyDenseNet, 0, 16, root, "dynamo_shared_bn")
+    inits = {t.name for t in graph.initializer}
+    uses = collections.Counter(i for n in graph.node for i in n.input if i in inits)
     shared = sorted(k for k, c in uses.items() if c > 1)
     print(f"wrote {path}; initializers read more than once: {shared}")
     if not shared:

@@ -833,18 +833,9 @@ fn kernel_for(
                 .ok_or_else(|| {
                     anyhow!("Gather with indices computed at run time cannot be trained")
                 })?;
-            let d = x[ax] as i64;
-            let list = idx
-                .to_i64s()
-                .iter()
-                .map(|&i| match if i < 0 { i + d } else { i } {
-                    j if (0..d).contains(&j) => Ok(j as usize),
-                    _ => Err(anyhow!("index {i} is out of range for an axis of {d}")),
-                })
-                .collect::<Result<_>>()?;
             Kernel::Gather {
                 axis: ax,
-                list,
+                list: crate::ir::shape::gather_index_list(idx, x[ax])?,
                 out_tail: out[1..].to_vec(),
             }
         }

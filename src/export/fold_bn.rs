@@ -132,13 +132,7 @@ pub fn fold_batchnorm(g: &mut Graph) -> Result<FoldReport> {
     Ok(report)
 }
 
-/// `want` if no initializer has that name yet, else a suffixed variant.
+/// `want` if no value has that name yet, else a suffixed variant ([`Graph::fresh_value_name`]).
 pub(crate) fn fresh(g: &Graph, want: &str) -> String {
-    if !g.initializers.contains_key(want) {
-        return want.to_string();
-    }
-    (1..)
-        .map(|k| format!("{want}.{k}"))
-        .find(|n| !g.initializers.contains_key(n))
-        .expect("an unused name")
+    g.fresh_value_name(want)
 }

@@ -343,9 +343,9 @@ fn gather_nd_to_gather(graph: &mut Graph, facts: &Facts) -> Result<()> {
             .collect::<Result<_>>()?;
         let idx_shape = idx.shape()[..idx.shape().len() - 1].to_vec();
         let (shape_name, flat_idx_name, flat_out) = (
-            fresh_value_name(graph, format!("{}/plane_shape", g.name)),
-            fresh_value_name(graph, format!("{}/plane_indices", g.name)),
-            fresh_value_name(graph, format!("{}/planes", g.name)),
+            graph.fresh_value_name(&format!("{}/plane_shape", g.name)),
+            graph.fresh_value_name(&format!("{}/plane_indices", g.name)),
+            graph.fresh_value_name(&format!("{}/planes", g.name)),
         );
         graph.initializers.insert(
             shape_name.clone(),
@@ -422,7 +422,7 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
             .collect();
         let fills: Vec<f32> = keep.iter().map(|&k| (1.0 - k) * fill).collect();
         let node = n.clone();
-        let keep_name = fresh_value_name(graph, format!("{}/keep", node.name));
+        let keep_name = graph.fresh_value_name(&format!("{}/keep", node.name));
         graph
             .initializers
             .insert(keep_name.clone(), Tensor::f32(&cshape, keep)?);
@@ -434,8 +434,8 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
         }];
         if fill != 0.0 {
             let (fill_name, masked) = (
-                fresh_value_name(graph, format!("{}/fill", node.name)),
-                fresh_value_name(graph, format!("{}/masked", node.name)),
+                graph.fresh_value_name(&format!("{}/fill", node.name)),
+                graph.fresh_value_name(&format!("{}/masked", node.name)),
             );
             graph
                 .initializers
@@ -453,17 +453,4 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
         i += count;
     }
     Ok(())
-}
-
-/// `base`, or `base_2`, `base_3`... when an initializer or a node output already has the name.
-fn fresh_value_name(graph: &Graph, base: String) -> String {
-    let mut name = base.clone();
-    let mut k = 2;
-    while graph.initializers.contains_key(&name)
-        || graph.nodes.iter().any(|n| n.outputs.contains(&name))
-    {
-        name = format!("{base}_{k}");
-        k += 1;
-    }
-    name
 }

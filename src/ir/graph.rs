@@ -164,6 +164,24 @@ impl Graph {
         self.initializers.retain(|k, _| used.contains(k));
     }
 
+    /// `want` if no initializer or node output has that name yet, else `want.1`, `want.2`...
+    pub fn fresh_value_name(&self, want: &str) -> String {
+        let taken = |n: &str| {
+            self.initializers.contains_key(n)
+                || self
+                    .nodes
+                    .iter()
+                    .any(|node| node.outputs.iter().any(|o| o == n))
+        };
+        if !taken(want) {
+            return want.to_string();
+        }
+        (1..)
+            .map(|k| format!("{want}.{k}"))
+            .find(|n| !taken(n))
+            .expect("an unused name")
+    }
+
     /// Replaces every use of value `from` by `to` (node inputs and graph outputs).
     pub fn rename_uses(&mut self, from: &str, to: &str) {
         for n in &mut self.nodes {

@@ -1099,9 +1099,10 @@ fn transpose(t: &Tensor, perm: &[usize]) -> Tensor {
     }
 }
 
-fn gather(data: &Tensor, indices: &Tensor, axis: usize, out_shape: &[usize]) -> Result<Tensor> {
-    let d = data.shape()[axis] as i64;
-    let list: Vec<usize> = indices
+/// Gather's indices into an axis of `len`, flattened, negative ones counted from the end.
+pub fn gather_index_list(indices: &Tensor, len: usize) -> Result<Vec<usize>> {
+    let d = len as i64;
+    indices
         .to_i64s()
         .iter()
         .map(|&i| {
@@ -1111,7 +1112,11 @@ fn gather(data: &Tensor, indices: &Tensor, axis: usize, out_shape: &[usize]) -> 
             }
             Ok(j as usize)
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+fn gather(data: &Tensor, indices: &Tensor, axis: usize, out_shape: &[usize]) -> Result<Tensor> {
+    let list = gather_index_list(indices, data.shape()[axis])?;
     let picked = match data {
         Tensor::F32(a) => Tensor::F32(a.select(Axis(axis), &list)),
         Tensor::I64(a) => Tensor::I64(a.select(Axis(axis), &list)),
