@@ -10,10 +10,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
-use elrt::engine::backend::{Backend, BnGrads, ConvGrads, CpuBackend, GemmGrads, Update};
+use elrt::engine::backend::{Backend, BnGrads, ConvGrads, CpuBackend, GemmGrads, LnGrads, Update};
 use elrt::engine::model::Model;
 use elrt::engine::ops::{
-    Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, MaxPool2d, MaxPoolSaved,
+    Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, LayerNorm,
+    LayerNormSaved, MaxPool2d, MaxPoolSaved,
 };
 use elrt::engine::stat_sync::StatSync;
 use elrt::engine::tensor_ops::BinOp;
@@ -50,6 +51,7 @@ impl Backend for Counted {
     type Tensor = Dev;
     type BnSaved = BatchNormSaved;
     type PoolSaved = MaxPoolSaved;
+    type LnSaved = LayerNormSaved;
 
     fn name(&self) -> &'static str {
         "counted"
@@ -157,6 +159,33 @@ impl Backend for Counted {
         self.k();
         let g = C.bn_backward_train(op, &x.0, &scale.0, saved, dy.0, sync)?;
         Ok(BnGrads {
+            dx: Dev(g.dx),
+            dscale: Dev(g.dscale),
+            dbias: Dev(g.dbias),
+        })
+    }
+    fn layer_norm_forward(
+        &self,
+        op: &LayerNorm,
+        x: &Dev,
+        scale: &Dev,
+        bias: &Dev,
+    ) -> Result<(Dev, LayerNormSaved)> {
+        self.k();
+        let (y, s) = C.layer_norm_forward(op, &x.0, &scale.0, &bias.0)?;
+        Ok((Dev(y), s))
+    }
+    fn layer_norm_backward(
+        &self,
+        op: &LayerNorm,
+        x: &Dev,
+        scale: &Dev,
+        saved: &LayerNormSaved,
+        dy: Dev,
+    ) -> Result<LnGrads<Dev>> {
+        self.k();
+        let g = C.layer_norm_backward(op, &x.0, &scale.0, saved, dy.0)?;
+        Ok(LnGrads {
             dx: Dev(g.dx),
             dscale: Dev(g.dscale),
             dbias: Dev(g.dbias),

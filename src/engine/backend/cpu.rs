@@ -6,10 +6,10 @@ use anyhow::{anyhow, bail, Result};
 use ndarray::parallel::prelude::*;
 use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, Zip};
 
-use super::{Backend, BnGrads, ConvGrads, GemmGrads, Update};
+use super::{Backend, BnGrads, ConvGrads, GemmGrads, LnGrads, Update};
 use crate::engine::ops::{
     Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, GlobalAveragePool,
-    MaxPool2d, MaxPoolSaved,
+    LayerNorm, LayerNormSaved, MaxPool2d, MaxPoolSaved,
 };
 use crate::engine::stat_sync::StatSync;
 use crate::engine::tensor_ops as t;
@@ -57,6 +57,7 @@ impl Backend for CpuBackend {
     type Tensor = ArrayD<f32>;
     type BnSaved = BatchNormSaved;
     type PoolSaved = MaxPoolSaved;
+    type LnSaved = LayerNormSaved;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -219,6 +220,32 @@ impl Backend for CpuBackend {
             dx: g.dx.into_dyn(),
             dscale: g.dscale.into_dyn(),
             dbias: g.dbias.into_dyn(),
+        })
+    }
+
+    fn layer_norm_forward(
+        &self,
+        op: &LayerNorm,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        bias: &ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, LayerNormSaved)> {
+        Ok(op.forward(x.view(), scale.view(), Some(bias.view()))?)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        op: &LayerNorm,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        saved: &LayerNormSaved,
+        dy: ArrayD<f32>,
+    ) -> Result<LnGrads<ArrayD<f32>>> {
+        let g = op.backward(x.view(), scale.view(), saved, dy.view())?;
+        Ok(LnGrads {
+            dx: g.dx,
+            dscale: g.dscale,
+            dbias: g.dbias,
         })
     }
 

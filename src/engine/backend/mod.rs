@@ -26,7 +26,7 @@ pub mod cpu;
 use anyhow::Result;
 use ndarray::ArrayD;
 
-use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, MaxPool2d};
+use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, LayerNorm, MaxPool2d};
 use super::stat_sync::StatSync;
 use crate::engine::tensor_ops::BinOp;
 
@@ -41,6 +41,13 @@ pub struct ConvGrads<T> {
 
 /// Gradients of a training-mode batch normalisation.
 pub struct BnGrads<T> {
+    pub dx: T,
+    pub dscale: T,
+    pub dbias: T,
+}
+
+/// Gradients of a layer normalisation; `dscale` and `dbias` have the scale's shape.
+pub struct LnGrads<T> {
     pub dx: T,
     pub dscale: T,
     pub dbias: T,
@@ -91,6 +98,8 @@ pub trait Backend: Send + Sync {
     type BnSaved: Send + Sync;
     /// What a max pool forward keeps for its backward (the argmax of each window).
     type PoolSaved: Send + Sync;
+    /// What a layer norm forward keeps for its backward (each row's mean and inverse std).
+    type LnSaved: Send + Sync;
 
     /// Short name for reports ("cpu").
     fn name(&self) -> &'static str;
@@ -192,6 +201,27 @@ pub trait Backend: Send + Sync {
         dy: Self::Tensor,
         sync: Option<&dyn StatSync>,
     ) -> Result<BnGrads<Self::Tensor>>;
+
+    /// Layer normalisation over the trailing axes `op.axis..` (ONNX `LayerNormalization`;
+    /// training and inference alike). `scale` and `bias` hold one value per row position, in
+    /// any shape of that size (the program supplies zeros where a file has no bias).
+    fn layer_norm_forward(
+        &self,
+        op: &LayerNorm,
+        x: &Self::Tensor,
+        scale: &Self::Tensor,
+        bias: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::LnSaved)>;
+    /// Gradients of [`Self::layer_norm_forward`] from its input and saved statistics;
+    /// `dscale` and `dbias` both come in the scale's shape.
+    fn layer_norm_backward(
+        &self,
+        op: &LayerNorm,
+        x: &Self::Tensor,
+        scale: &Self::Tensor,
+        saved: &Self::LnSaved,
+        dy: Self::Tensor,
+    ) -> Result<LnGrads<Self::Tensor>>;
 
     // --- elementwise --------------------------------------------------------------------
 

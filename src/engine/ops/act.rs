@@ -57,6 +57,27 @@ pub enum Activation {
     /// `x` in one pass where the pair took three (the Mul's two gradients, the Sigmoid's, and the
     /// sum of the two paths into `x`), and no sigmoid tensor is kept alive for backward.
     Silu,
+    /// GELU (ONNX `Gelu`, opset 20). `tanh: false` (`approximate = "none"`) is the exact
+    /// `0.5 x (1 + erf(x / sqrt 2))`; `tanh: true` (`approximate = "tanh"`) is
+    /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`. Derivatives as PyTorch's
+    /// `GeluBackward`: `Phi(x) + x phi(x)`, and the tanh form's derivative term for term. Over
+    /// the branch-free [`erf`] and [`exp_nonpositive`], which vectorise: with libm's scalar
+    /// `erff` and `expf` a forward and backward of ConvNeXt-T's GELUs took several times its
+    /// LayerNorms and far more than its depthwise convolutions (`benches/layernorm.rs`).
+    Gelu {
+        tanh: bool,
+    },
+    /// The error function (ONNX `Erf`): what a GELU becomes when an exporter spells it out
+    /// (`Div`, `Erf`, `Add`, `Mul`, `Mul`). Derivative `2 / sqrt(pi) exp(-x^2)`.
+    Erf,
+    /// `x ^ exponent` (ONNX `Pow` with a constant scalar exponent). Derivative
+    /// `exponent x^(exponent - 1)`; squaring (LayerNormalization's variance as exporters below
+    /// opset 17 spell it) multiplies, as PyTorch's `pow(x, 2)` does.
+    Pow {
+        exponent: f32,
+    },
+    /// Square root (ONNX `Sqrt`); derivative `0.5 / sqrt(x)`.
+    Sqrt,
 }
 
 impl Activation {
@@ -70,6 +91,10 @@ impl Activation {
             Activation::HardSwish => "HardSwish",
             Activation::HardSigmoidMul { .. } => "HardSigmoid+Mul",
             Activation::Silu => "Silu",
+            Activation::Gelu { .. } => "Gelu",
+            Activation::Erf => "Erf",
+            Activation::Pow { .. } => "Pow",
+            Activation::Sqrt => "Sqrt",
         }
     }
 
@@ -135,6 +160,12 @@ impl Activation {
             }
             // Bitwise the separate pair's `Mul(x, Sigmoid(x))` (either operand order).
             Activation::Silu => par_map(&xs, |v| v * sigmoid(v)),
+            Activation::Gelu { tanh: false } => par_map(&xs, gelu),
+            Activation::Gelu { tanh: true } => par_map(&xs, gelu_tanh),
+            Activation::Erf => par_map(&xs, erf),
+            Activation::Pow { exponent } if exponent == 2.0 => par_map(&xs, |v| v * v),
+            Activation::Pow { exponent } => par_map(&xs, move |v| v.powf(exponent)),
+            Activation::Sqrt => par_map(&xs, f32::sqrt),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), y)
             .expect("elementwise output has the input's length"))
@@ -205,6 +236,18 @@ impl Activation {
                 let s = sigmoid(x);
                 g * (s + x * s * (1.0 - s))
             }),
+            Activation::Gelu { tanh: false } => par_zip_map(&xs, &gs, gelu_dx),
+            Activation::Gelu { tanh: true } => par_zip_map(&xs, &gs, gelu_tanh_dx),
+            Activation::Erf => par_zip_map(&xs, &gs, |x, g| {
+                g * (std::f32::consts::FRAC_2_SQRT_PI * exp_nonpositive(-(x * x)))
+            }),
+            Activation::Pow { exponent } if exponent == 2.0 => {
+                par_zip_map(&xs, &gs, |x, g| g * (2.0 * x))
+            }
+            Activation::Pow { exponent } => par_zip_map(&xs, &gs, move |x, g| {
+                g * (exponent * x.powf(exponent - 1.0))
+            }),
+            Activation::Sqrt => par_zip_map(&xs, &gs, |x, g| g * (0.5 / x.sqrt())),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), dx)
             .expect("elementwise gradient has the input's length"))
@@ -232,7 +275,139 @@ impl Activation {
                 x.mapv(|v| v * clamp01(c(alpha) * v + c(beta)))
             }
             Activation::Silu => x.mapv(|v| v / (one + (-v).exp())),
+            // libm's f64 `erf` (NdFloat has none); exact for f64, rounded once for f32.
+            Activation::Gelu { tanh: false } => {
+                let half = c(0.5);
+                let sqrt2 = T::from(std::f64::consts::SQRT_2).expect("fits");
+                x.mapv(|v| half * v * (one + erf_t(v / sqrt2)))
+            }
+            Activation::Gelu { tanh: true } => {
+                let half = c(0.5);
+                let k = T::from((2.0 / std::f64::consts::PI).sqrt()).expect("fits");
+                let kappa = T::from(0.044715f64).expect("fits");
+                x.mapv(|v| half * v * (one + (k * (v + kappa * v * v * v)).tanh()))
+            }
+            Activation::Erf => x.mapv(erf_t),
+            Activation::Pow { exponent } => x.mapv(|v| v.powf(c(exponent))),
+            Activation::Sqrt => x.mapv(|v| v.sqrt()),
         }
+    }
+}
+
+/// libm's f64 `erf` for any float type (the reference's oracle).
+fn erf_t<T: NdFloat>(v: T) -> T {
+    T::from(libm::erf(v.to_f64().expect("a float converts to f64"))).expect("f64 fits any float")
+}
+
+/// `sqrt(2 / pi)`, the tanh GELU's inner scale (PyTorch's `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5`).
+const GELU_BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
+/// The tanh GELU's cubic coefficient.
+const GELU_KAPPA: f32 = 0.044715;
+
+/// Exact GELU, `x * 0.5 * (1 + erf(x / sqrt 2))` as PyTorch's kernel writes it. NaN stays NaN;
+/// `-inf` gives NaN, as PyTorch.
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `d gelu / dx = Phi(x) + x phi(x)`: PyTorch's `GeluBackward` with `approximate = "none"`
+/// (`cdf + x * exp(-x^2 / 2) / sqrt(2 pi)`).
+#[inline(always)]
+fn gelu_grad(x: f32) -> f32 {
+    // PyTorch's kAlpha = M_2_SQRTPI * M_SQRT1_2 * 0.5 = 1 / sqrt(2 pi).
+    const ALPHA: f32 = std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * 0.5;
+    let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = exp_nonpositive(-0.5 * x * x) * ALPHA;
+    cdf + x * pdf
+}
+
+/// `g * gelu'(x)`. A function rather than a closure so that it can be `inline(always)`: as a
+/// closure the inliner left the call in [`super::wide_map`]'s loop (erf and two exps are over
+/// its size threshold), which then ran scalar, 20x slower.
+#[inline(always)]
+fn gelu_dx(x: f32, g: f32) -> f32 {
+    g * gelu_grad(x)
+}
+
+/// `g * gelu_tanh'(x)`, a function for the reason of [`gelu_dx`].
+#[inline(always)]
+fn gelu_tanh_dx(x: f32, g: f32) -> f32 {
+    g * gelu_tanh_grad(x)
+}
+
+/// Tanh GELU, `0.5 x (1 + tanh(u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, computed as
+/// the equal `x sigmoid(2 u)`: [`sigmoid`] vectorises where `tanhf` does not, and keeps its
+/// relative accuracy where `1 + tanh(u)` cancels (large negative `x`).
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    let inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x));
+    x * sigmoid(2.0 * inner)
+}
+
+/// Derivative of [`gelu_tanh`], PyTorch's `GeluBackward` with `approximate = "tanh"`,
+/// `0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)` with `t = tanh(u)`, term
+/// for term through `0.5 (1 + t) = s` and `1 - t^2 = 4 s (1 - s)`, `s = sigmoid(2 u)`.
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let x_sq = x * x;
+    let inner = GELU_BETA * (x + GELU_KAPPA * (x_sq * x));
+    let s = sigmoid(2.0 * inner);
+    let left_derivative = s;
+    let tanh_derivative = 4.0 * s * (1.0 - s);
+    let inner_derivative = GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * x_sq);
+    let right_derivative = 0.5 * x * tanh_derivative * inner_derivative;
+    left_derivative + right_derivative
+}
+
+/// The error function in f32 operations only and without branches, so that loops over a
+/// tensor vectorise (libm's `erff` is four intervals of rational functions behind branches:
+/// about 20 ns a value here). Two fits, both evaluated and one selected: `x P(x^2)` for
+/// `|x| < 0.9`, and `1 - exp(L(|x|))` above, `L` a degree-9 fit of `ln erfc` on `[0.9, 4]`
+/// (`|x|` clamped to 4, where `erf` rounds to 1 in f32). The fits' own errors are below 1e-9;
+/// f32 rounding leaves 1.5 ulp at most against the f64 `erf` (`erf_is_within_two_ulp_of_f64`).
+/// NaN stays NaN, `erf(+-inf) = +-1`.
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    const SMALL: [f32; 7] = [
+        1.128_379_2,
+        -0.376_126_35,
+        0.112_837_15,
+        -0.026_860_513,
+        0.005_203_868,
+        -0.000_817_572_3,
+        8.513_421e-5,
+    ];
+    const LARGE: [f32; 10] = [
+        8.594_203e-5,
+        -1.128_979_7,
+        -0.634_753_6,
+        -0.106_167_34,
+        0.023_122_657,
+        -0.002_940_612_8,
+        -5.952_672e-5,
+        1.034_066_7e-4,
+        -1.786_236_7e-5,
+        1.110_767_4e-6,
+    ];
+    let a = x.abs();
+    let s = x * x;
+    // Horner's rule written out: a loop over the coefficients would be the innermost loop,
+    // which the vectoriser tries (and fails) to widen instead of the loop over the tensor.
+    let [s0, s1, s2, s3, s4, s5, s6] = SMALL;
+    let p = ((((((s6 * s + s5) * s + s4) * s + s3) * s + s2) * s + s1) * s) + s0;
+    let small = x * p;
+    let t = if a < 4.0 { a } else { 4.0 };
+    let [l0, l1, l2, l3, l4, l5, l6, l7, l8, l9] = LARGE;
+    let l = l9 * t + l8;
+    let l = ((((l * t + l7) * t + l6) * t + l5) * t + l4) * t + l3;
+    let l = ((l * t + l2) * t + l1) * t + l0;
+    let large = (1.0 - exp_nonpositive(l)).copysign(x);
+    let e = if a < 0.9 { small } else { large };
+    if x.is_nan() {
+        x
+    } else {
+        e
     }
 }
 
@@ -259,7 +434,7 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 /// `n` adds and subtracts 1.5 * 2^23 (no `floor` call, which would keep the loop scalar on
 /// x86-64's baseline SSE2), and `n` is read from the sum's mantissa bits.
 #[inline(always)]
-fn exp_nonpositive(a: f32) -> f32 {
+pub(crate) fn exp_nonpositive(a: f32) -> f32 {
     const LO: f32 = -87.336_55; // ln(2^-126)
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4;
@@ -367,6 +542,118 @@ mod tests {
     #[test]
     fn silu() {
         check(Activation::Silu, &[], 10);
+    }
+
+    #[test]
+    fn gelu_exact() {
+        check(Activation::Gelu { tanh: false }, &[], 15);
+    }
+
+    #[test]
+    fn gelu_tanh() {
+        check(Activation::Gelu { tanh: true }, &[], 16);
+    }
+
+    #[test]
+    fn erf() {
+        check(Activation::Erf, &[], 17);
+    }
+
+    #[test]
+    fn pow_square_and_cube() {
+        check(Activation::Pow { exponent: 2.0 }, &[], 18);
+        check(Activation::Pow { exponent: 3.0 }, &[], 19);
+    }
+
+    /// Square root and a fractional power on positive inputs (0.5 to 8.5), against the f64
+    /// reference and finite differences.
+    #[test]
+    fn sqrt_and_fractional_pow_on_positive_inputs() {
+        let mut rng = Rng::new(20);
+        for act in [Activation::Sqrt, Activation::Pow { exponent: 1.5 }] {
+            let x = rand_array(&mut rng, IxDyn(&[3, 4, 5]), 0.5, 8.5);
+            let y = act.forward(x.view()).unwrap();
+            assert_close("forward", &y.view(), &act.reference(x.view()).view(), 1e-6);
+            let r = rand_array(&mut rng, IxDyn(&[3, 4, 5]), -1.0, 1.0);
+            let dx = act.backward(x.view(), r.view()).unwrap();
+            let r64 = to_f64(&r.view());
+            let fd = fd_grad(&to_f64(&x.view()), |x| {
+                dot_loss(&act.reference(x.view()), &r64)
+            });
+            assert_grad("dx", &dx.view(), &fd.view());
+        }
+    }
+
+    /// Values and derivatives against PyTorch (float64 `F.gelu`, `torch.erf` and autograd),
+    /// within a few f32 ulp.
+    #[test]
+    fn gelu_and_erf_match_pytorch_values() {
+        let x = ndarray::arr1(&[1.0f32, -0.5, 3.0, -3.0, 0.0]).into_dyn();
+        let ones = ArrayD::from_elem(x.raw_dim(), 1.0f32);
+        #[rustfmt::skip]
+        let cases: [(Activation, [f64; 5], [f64; 5]); 3] = [
+            (
+                Activation::Gelu { tanh: false },
+                [0.8413447460685429, -0.15426876936299347, 2.99595030590511, -0.00404969409489031, 0.0],
+                [1.0833154705876864, 0.13250487534383712, 1.011945647204184, -0.01194564720418392, 0.5],
+            ),
+            (
+                Activation::Gelu { tanh: true },
+                [0.8411919906082768, -0.15428599017485606, 2.996362607918227, -0.0036373920817729943, 0.0],
+                [1.0829640838457826, 0.13263009646535764, 1.0115841666309695, -0.011584166630969648, 0.5],
+            ),
+            (
+                Activation::Erf,
+                [0.8427007929497149, -0.5204998778130465, 0.9999779095030014, -0.9999779095030014, 0.0],
+                [0.4151074974205947, 0.8787825789354448, 0.00013925305194674786, 0.00013925305194674786, 1.1283791670955126],
+            ),
+        ];
+        for (act, want_y, want_d) in cases {
+            let y = act.forward(x.view()).unwrap();
+            let d = act.backward(x.view(), ones.view()).unwrap();
+            for i in 0..5 {
+                for (what, got, want) in [("y", y[i], want_y[i]), ("dy/dx", d[i], want_d[i])] {
+                    // 4 ulp of the value, or of the terms it is a difference of: at -3 the
+                    // GELU is `-1.5 (1 + erf(-2.12))` and its derivative a sum of terms of
+                    // size ~|x|/2 that nearly cancel, exact in f32 to an ulp of those terms
+                    // only (PyTorch's f32 kernels round the same way).
+                    let scale = want.abs().max(0.5 * f64::from(x[i].abs())).max(0.1);
+                    let tol = 4.0 * f64::from(f32::EPSILON) * scale;
+                    assert!(
+                        (f64::from(got) - want).abs() <= tol,
+                        "{act:?} {what} at {}: {got} vs {want}",
+                        x[i]
+                    );
+                }
+            }
+        }
+    }
+
+    /// NaN in, NaN out, forward and backward; saturated inputs give the limits, not NaN (up
+    /// to |x| = 1e15: past 1.8e19 `x^2` overflows f32 and the tanh form's derivative is
+    /// `0 * inf`, NaN, in PyTorch's formula as here).
+    #[test]
+    fn gelu_and_erf_keep_nan_and_saturate() {
+        let x = ndarray::arr1(&[f32::NAN, -30.0, 30.0, 1e15, -1e15]).into_dyn();
+        let ones = ArrayD::from_elem(x.raw_dim(), 1.0f32);
+        for act in [
+            Activation::Gelu { tanh: false },
+            Activation::Gelu { tanh: true },
+            Activation::Erf,
+        ] {
+            let y = act.forward(x.view()).unwrap();
+            let d = act.backward(x.view(), ones.view()).unwrap();
+            assert!(y[0].is_nan() && d[0].is_nan(), "{act:?}: {y} {d}");
+            assert!(act.reference(x.view())[0].is_nan(), "{act:?} reference");
+            assert!(y.iter().skip(1).all(|v| v.is_finite()), "{act:?}: {y}");
+            assert!(d.iter().skip(1).all(|v| v.is_finite()), "{act:?}: {d}");
+            if act == Activation::Erf {
+                assert_eq!(&y.as_slice().unwrap()[1..], [-1.0, 1.0, 1.0, -1.0]);
+            } else {
+                assert_eq!(&y.as_slice().unwrap()[1..], [0.0, 30.0, 1e15, 0.0]);
+                assert_eq!(&d.as_slice().unwrap()[1..], [0.0, 1.0, 1.0, 0.0]);
+            }
+        }
     }
 
     /// The fused SiLU against the two ops it replaces, `Mul(x, Sigmoid(x))`, run through their
@@ -507,6 +794,32 @@ mod tests {
         assert_eq!(super::sigmoid(f32::INFINITY), 1.0);
         assert_eq!(super::sigmoid(f32::NEG_INFINITY), 0.0);
         assert!(super::sigmoid(f32::NAN).is_nan());
+    }
+
+    /// The vectorisable erf against libm's f64 `erf` over a dense sweep of [-6, 6], the
+    /// switch between its two fits, tiny values and both infinities.
+    #[test]
+    fn erf_is_within_two_ulp_of_f64() {
+        let mut worst = (0.0f64, 0.0f32);
+        let sweep = (0..=1_200_000).map(|i| -6.0 + i as f32 * 1e-5);
+        let near_switch = (-64..64).map(|i| 0.9 + i as f32 * 6e-8);
+        let edges = [
+            0.0f32, -0.0, 1e-30, -1e-30, 1e-6, 3.9, 4.0, 4.1, 10.0, -10.0,
+        ];
+        for x in sweep.chain(near_switch).chain(edges) {
+            let want = libm::erf(f64::from(x));
+            let got = f64::from(super::erf(x));
+            let ulp = f64::from((want as f32).abs()) * f64::from(f32::EPSILON);
+            let e = (got - want).abs() / ulp.max(f64::from(f32::MIN_POSITIVE));
+            if e > worst.0 {
+                worst = (e, x);
+            }
+        }
+        assert!(worst.0 <= 2.0, "erf({}) is {:.2} ulp off", worst.1, worst.0);
+        assert_eq!(super::erf(f32::INFINITY), 1.0);
+        assert_eq!(super::erf(f32::NEG_INFINITY), -1.0);
+        assert!(super::erf(f32::NAN).is_nan());
+        assert_eq!(super::erf(-0.0).to_bits(), (-0.0f32).to_bits());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 pub mod act;
 pub mod batchnorm;
 pub mod conv;
+pub mod layernorm;
 pub mod linear;
 pub mod loss;
 pub mod pool;
@@ -32,6 +33,7 @@ pub(crate) mod testutil;
 pub use act::Activation;
 pub use batchnorm::{BatchNorm2d, BatchNormGrads, BatchNormSaved, BnAct};
 pub use conv::{Conv2d, Conv2dGrads};
+pub use layernorm::{LayerNorm, LayerNormGrads, LayerNormSaved};
 pub use linear::{Gemm, GemmGrads};
 pub use loss::{top1_correct, topk_correct, SoftmaxCrossEntropy};
 pub use pool::{AveragePool2d, GlobalAveragePool, MaxPool2d, MaxPoolSaved};
@@ -302,9 +304,9 @@ mod tests {
     use super::*;
 
     /// The vector builds of [`wide_map`] give the SSE2 loop's results bit for bit, on the
-    /// maps the engine sends through it (sigmoid, SiLU and its gradient, a residual ReLU), over
-    /// ordinary values, both signs' extremes, infinities, subnormals and NaN, at lengths that
-    /// leave vector remainders.
+    /// maps the engine sends through it (sigmoid, SiLU and its gradient, the GELU gradient's
+    /// erf and exp, a residual ReLU), over ordinary values, both signs' extremes, infinities,
+    /// subnormals and NaN, at lengths that leave vector remainders.
     #[test]
     fn wide_map_equals_the_plain_loop_bitwise() {
         let mut rng = crate::rng::Rng::new(5);
@@ -328,8 +330,12 @@ mod tests {
             let s = act::sigmoid(x);
             g * (s + x * s * (1.0 - s))
         };
+        let gelu_grad = |x: f32, g: f32| {
+            let e = act::erf(x * std::f32::consts::FRAC_1_SQRT_2);
+            g * (0.5 * (1.0 + e) + x * act::exp_nonpositive(-0.5 * x * x))
+        };
         type Map<'a> = &'a dyn Fn(&mut [MaybeUninit<f32>], &[f32], &[f32], bool);
-        let maps: [Map; 3] = [
+        let maps: [Map; 4] = [
             &|o, a, b, plain| {
                 let f = |x: f32, _| x * act::sigmoid(x);
                 if plain {
@@ -343,6 +349,13 @@ mod tests {
                     wide_map_body(o, a, b, &silu_grad)
                 } else {
                     wide_map(o, a, b, &silu_grad)
+                }
+            },
+            &|o, a, b, plain| {
+                if plain {
+                    wide_map_body(o, a, b, &gelu_grad)
+                } else {
+                    wide_map(o, a, b, &gelu_grad)
                 }
             },
             &|o, a, b, plain| {
