@@ -130,6 +130,7 @@ MODELS = [
     "mnasnet0_5",
     "regnet_x_400mf",
     "googlenet",
+    "convnext_tiny",
 ]
 MAIN_FORMS = ["fixed", "dynamic", "train", "dynamo"]
 EXTRA_FORMS = ["fixed_op18", "dynamic_op9"]
@@ -139,7 +140,7 @@ QUICK_MODELS = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5"]
 STAGES = ["inspect", "train", "convert", "export", "compress"]
 # Nets whose weight sits in 1x1 convs: convert and compress run with --include-1x1.
 POINTWISE_HEAVY = ("mobilenet", "efficientnet", "mnasnet", "shufflenet", "squeezenet", "regnet",
-                   "densenet")
+                   "densenet", "convnext")
 INPUT_SHAPE = [1, 3, 64, 64]
 NUM_CLASSES = 10
 # Per-command limits in seconds (--timeout overrides them all).
@@ -147,7 +148,8 @@ TIMEOUTS = {"inspect": 120, "train": 900, "convert": 600, "export": 900, "compre
 # ONNX op types elrt is known to read; anything else in an export is flagged in the report.
 KNOWN_OPS = {
     "Conv", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid",
-    "HardSwish", "Add", "Sub", "Mul", "Div", "Concat", "Split", "MaxPool", "AveragePool",
+    "HardSwish", "Gelu", "Erf", "LayerNormalization", "Add", "Sub", "Mul", "Div", "Concat",
+    "Split", "MaxPool", "AveragePool",
     "GlobalAveragePool", "ReduceMean", "Flatten", "Gemm", "MatMul", "Reshape", "Transpose",
     "Slice", "Pad", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Shape", "Gather", "Cast",
     "Constant",

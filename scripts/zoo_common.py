@@ -162,9 +162,22 @@ def onnx_trainable_params(model: onnx.ModelProto) -> int:
 def onnx_per_node_params(model: onnx.ModelProto) -> int:
     """Trainable elements counted as elrt counts them: an initializer reached through an
     Identity node is a copy (a parameter of its own, as the exporter writes merged, untied
-    duplicates); one used directly by several nodes counts once (a tied parameter)."""
+    duplicates); one used directly by several nodes counts once (a tied parameter). Parameters
+    are the weights and biases of Conv, Gemm and MatMul, the scales and shifts of
+    BatchNormalization and LayerNormalization, and a multi-element float tensor that an Add,
+    Sub or Mul applies to an activation other than the graph's input (src/ir/params.rs: a
+    Linear's bias after a MatMul, ConvNeXt's layer scale). A Transpose of an initializer is
+    followed to it (a training-mode export transposes Linear weights at run time)."""
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    floats = {t.name for t in model.graph.initializer if t.data_type in (1, 10, 11, 16)}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            t = n.attribute[0].t
+            sizes[n.output[0]] = int(np.prod(t.dims))
+            if t.data_type in (1, 10, 11, 16):
+                floats.add(n.output[0])
     inits = set(sizes)
+    graph_inputs = {i.name for i in model.graph.input} - inits
     seen = set()
     total = 0
     for n in model.graph.node:
@@ -172,8 +185,19 @@ def onnx_per_node_params(model: onnx.ModelProto) -> int:
             idx = range(1, len(n.input))
         elif n.op_type == "MatMul":
             idx = range(len(n.input))
-        elif n.op_type == "BatchNormalization":
+        elif n.op_type in ("BatchNormalization", "LayerNormalization"):
             idx = (1, 2)
+        elif n.op_type in ("Add", "Sub", "Mul") and len(n.input) == 2:
+            konst = [_resolved_size(model, i, sizes, inits) is not None for i in n.input]
+            idx = ()
+            for k in (0, 1):
+                other = n.input[1 - k]
+                name = n.input[k]
+                if (konst[k] and not konst[1 - k] and other not in graph_inputs
+                        and not name.endswith(".const")
+                        and (_resolved_size(model, name, sizes, inits) or 0) > 1
+                        and _resolved_name(model, name, inits) in floats):
+                    idx = (k,)
         else:
             continue
         for i in idx:
@@ -187,16 +211,21 @@ def onnx_per_node_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def _resolved_size(model, name, sizes, inits):
+def _resolved_name(model, name, inits):
     prod = _producers(model.graph)
     for _ in range(100):
         if name in inits:
-            return sizes[name]
-        if name in prod and prod[name].op_type == "Identity":
+            return name
+        if name in prod and prod[name].op_type in ("Identity", "Transpose"):
             name = prod[name].input[0]
         else:
             return None
     return None
+
+
+def _resolved_size(model, name, sizes, inits):
+    resolved = _resolved_name(model, name, inits)
+    return None if resolved is None else sizes[resolved]
 
 
 def identity_nodes_on_initializers(model: onnx.ModelProto) -> int:

@@ -171,11 +171,10 @@ pub struct Comparison {
 /// low-rank suffix (`/tucker2/...`, `/cp/...`, `/svd/...`) and `.weight`/`.bias` removed, so
 /// the factors of a converted layer group under the layer they replace.
 fn source_layer(graph: &crate::ir::Graph, node: &crate::ir::Node) -> Option<String> {
-    let name = node
-        .op
-        .param_inputs()
-        .iter()
-        .filter_map(|&i| node.input(i))
+    let name = graph
+        .param_slots(node)
+        .into_iter()
+        .filter_map(|i| node.input(i))
         .find(|n| graph.initializers.contains_key(*n))?;
     Some(source_layer_of_param(name).to_string())
 }

@@ -26,6 +26,7 @@ pub enum Mode {
 enum Saved<B: Backend> {
     None,
     Bn(B::BnSaved),
+    Ln(B::LnSaved),
     MaxPool(B::PoolSaved),
     Mask(B::Tensor),
 }
@@ -215,6 +216,12 @@ impl<B: Backend> Session<B> {
                 }
             }
             Kernel::Act(a) => one(be.act_forward(a, x)?),
+            Kernel::LayerNorm(op) => {
+                let scale = get(step.inputs[1])?;
+                let bias = get(step.inputs[2])?;
+                let (y, saved) = be.layer_norm_forward(op, x, scale, bias)?;
+                (vec![y], Saved::Ln(saved))
+            }
             Kernel::Binary(op) => one(be.binary_forward(*op, x, get(step.inputs[1])?)?),
             Kernel::AddRelu => one(be.add_relu_forward(x, get(step.inputs[1])?)?),
             Kernel::Concat { axis } => {
@@ -269,7 +276,19 @@ impl<B: Backend> Session<B> {
             Kernel::Gemm(op) => {
                 let b = get(step.inputs[1])?;
                 let c = step.inputs.get(2).map(|&s| get(s)).transpose()?;
-                one(be.gemm_forward(op, x, b, c)?)
+                let dims = be.dims(x);
+                if dims.len() > 2 {
+                    // A MatMul of a channels-last activation by a weight: one GEMM over all
+                    // its rows (every pixel of every image).
+                    let rows = dims[..dims.len() - 1].iter().product();
+                    let x2 = be.reshape(x, &[rows, dims[dims.len() - 1]])?;
+                    let y = be.gemm_forward(op, &x2, b, c)?;
+                    let mut shape = dims[..dims.len() - 1].to_vec();
+                    shape.push(be.dims(&y)[1]);
+                    one(be.reshape(&y, &shape)?)
+                } else {
+                    one(be.gemm_forward(op, x, b, c)?)
+                }
             }
             Kernel::Dropout { ratio } => {
                 if mode == Mode::Eval || *ratio <= 0.0 {
@@ -377,6 +396,11 @@ impl<B: Backend> Session<B> {
                 vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
             }
             (Kernel::Act(a), _) => vec![Some(be.act_backward(a, x, dy()?)?)],
+            (Kernel::LayerNorm(op), Saved::Ln(saved)) => {
+                let scale = self.get(step.inputs[1])?;
+                let g = be.layer_norm_backward(op, x, scale, saved, dy()?)?;
+                vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
+            }
             (Kernel::Binary(op), _) => {
                 let y = self.get(step.inputs[1])?;
                 let (da, db) = be.binary_backward(*op, x, y, dy()?)?;
@@ -452,7 +476,19 @@ impl<B: Backend> Session<B> {
                     Some(&s) => Some(be.dims(self.get(s)?).to_vec()),
                     None => None,
                 };
-                let g = be.gemm_backward(op, x, b, c_shape.as_deref(), dy()?)?;
+                let dims = be.dims(x);
+                let g = if dims.len() > 2 {
+                    let rows: usize = dims[..dims.len() - 1].iter().product();
+                    let x2 = be.reshape(x, &[rows, dims[dims.len() - 1]])?;
+                    let dy = dy()?;
+                    let n = *be.dims(&dy).last().expect("rank > 2");
+                    let dy2 = be.reshape(&dy, &[rows, n])?;
+                    let mut g = be.gemm_backward(op, &x2, b, c_shape.as_deref(), dy2)?;
+                    g.da = be.reshape(&g.da, dims)?;
+                    g
+                } else {
+                    be.gemm_backward(op, x, b, c_shape.as_deref(), dy()?)?
+                };
                 let mut out = vec![Some(g.da), Some(g.db)];
                 if step.inputs.len() > 2 {
                     out.push(g.dc);
@@ -461,7 +497,7 @@ impl<B: Backend> Session<B> {
             }
             (Kernel::Dropout { .. }, Saved::Mask(mask)) => vec![Some(be.mul(&dy()?, mask)?)],
             (Kernel::Dropout { .. }, _) => vec![Some(dy()?)],
-            (Kernel::BatchNorm { .. }, _) | (Kernel::MaxPool(_), _) => {
+            (Kernel::BatchNorm { .. }, _) | (Kernel::LayerNorm(_), _) | (Kernel::MaxPool(_), _) => {
                 bail!("forward did not keep what backward needs")
             }
         })

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Context, Result};
 use ndarray::ArrayD;
 
-use super::ops::{Activation, AveragePool2d, BatchNorm2d, BnAct, Conv2d, Gemm, MaxPool2d};
+use super::ops::{
+    Activation, AveragePool2d, BatchNorm2d, BnAct, Conv2d, Gemm, LayerNorm, MaxPool2d,
+};
 use super::tensor_ops::BinOp;
 use crate::ir::ops::{AutoPad, PoolKind, Slice};
 use crate::ir::shape::{norm_axis, reduce_axes, resolve_pads, split_sizes, Facts};
@@ -31,6 +33,9 @@ pub enum Kernel {
         var: usize,
     },
     Act(Activation),
+    /// Over the axes from `axis` on; inputs x, scale, bias (a zero constant when the file has
+    /// none).
+    LayerNorm(LayerNorm),
     Binary(BinOp),
     /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
     /// the program's Relu fusion pass: `max(0, a + b)`, with backward masking by the output.
@@ -277,7 +282,7 @@ impl Program {
             };
             let x_shape = shape_of(&node.inputs[0]).with_context(what)?.clone();
             let out_shape = shape_of(&node.outputs[0]).with_context(what)?.clone();
-            let param_inputs = node.op.param_inputs();
+            let param_inputs = graph.param_slots(node);
             // Inputs: trainable parameters, BN statistics (state), constants or slots.
             let mut inputs = Vec::new();
             // BN's statistics are state (below); a Reshape's target shape is compile-time
@@ -356,6 +361,17 @@ impl Program {
                         mean: ids[0],
                         var: ids[1],
                     }
+                }
+                Kernel::LayerNorm(op) => {
+                    // Scale and bias, flat (they span the normalized axes); a missing bias is
+                    // a zero constant.
+                    let n: usize = x_shape[op.axis..].iter().product();
+                    if node.input(2).is_none() {
+                        inputs.truncate(2);
+                        consts.push(ArrayD::zeros(vec![n]));
+                        inputs.push(Src::Const(consts.len() - 1));
+                    }
+                    Kernel::LayerNorm(op)
                 }
                 k => k,
             };
@@ -655,6 +671,22 @@ fn kernel_for(
             beta: *beta,
         }),
         Op::HardSwish => Kernel::Act(Activation::HardSwish),
+        Op::Gelu { tanh } => Kernel::Act(Activation::Gelu { tanh: *tanh }),
+        Op::Erf => Kernel::Act(Activation::Erf),
+        Op::Pow { exponent } => Kernel::Act(Activation::Pow {
+            exponent: *exponent,
+        }),
+        Op::Sqrt => Kernel::Act(Activation::Sqrt),
+        Op::LayerNorm(l) => {
+            let axis = norm_axis(l.axis, x.len())?;
+            if axis == 0 {
+                bail!("LayerNormalization over the batch axis cannot be trained");
+            }
+            Kernel::LayerNorm(LayerNorm {
+                epsilon: l.epsilon,
+                axis,
+            })
+        }
         Op::Add => Kernel::Binary(BinOp::Add),
         Op::Sub => Kernel::Binary(BinOp::Sub),
         Op::Mul => Kernel::Binary(BinOp::Mul),
@@ -788,9 +820,11 @@ fn kernel_for(
         }),
         Op::MatMul => {
             let b = &facts[&node.inputs[1]].shape;
-            if x.len() != 2 || b.len() != 2 {
+            // A rank > 2 activation times a matrix: a Linear on channels-last pixels, run as
+            // one GEMM over the rows (the executor flattens the leading axes).
+            if x.len() < 2 || b.len() != 2 {
                 bail!(
-                    "MatMul of ranks {} and {} cannot be trained (2-D only)",
+                    "MatMul of ranks {} and {} cannot be trained (an activation times a matrix only)",
                     x.len(),
                     b.len()
                 );

@@ -12,7 +12,7 @@ use super::{Graph, Node, Op, Tensor};
 /// Whether `--bn` inserts, given the policy name and the graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BnPolicy {
-    /// Insert only when the graph has no BatchNormalization at all.
+    /// Insert only when the graph has no BatchNormalization (nor LayerNormalization) at all.
     Auto,
     /// Leave the graph as it is.
     Keep,
@@ -45,7 +45,11 @@ impl std::fmt::Display for BnPolicy {
 
 /// Applies the policy; returns the number of BN nodes inserted.
 pub fn apply(graph: &mut Graph, policy: BnPolicy) -> usize {
-    let has_bn = graph.nodes.iter().any(|n| matches!(n.op, Op::BatchNorm(_)));
+    // A network normalized by LayerNormalization (ConvNeXt) has its normalization already.
+    let has_bn = graph
+        .nodes
+        .iter()
+        .any(|n| matches!(n.op, Op::BatchNorm(_) | Op::LayerNorm(_)));
     match policy {
         BnPolicy::Keep => 0,
         BnPolicy::Auto if has_bn => 0,

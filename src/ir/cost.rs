@@ -39,7 +39,7 @@ pub fn cost(graph: &Graph, facts: &Facts) -> Cost {
     let mut layers = Vec::with_capacity(graph.nodes.len());
     for n in &graph.nodes {
         let mut params = 0u64;
-        for &i in n.op.param_inputs() {
+        for i in graph.param_slots(n) {
             if let Some(name) = n.input(i) {
                 if let Some(t) = graph.initializers.get(name) {
                     if t.elem_type().is_float() && counted.insert(name) {

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 
 use super::ops::SoftmaxAxes;
+use super::params::FROZEN_SUFFIX;
 use super::shape::{dyn_slice_params, infer, Facts};
 use super::{Graph, Node, Op, Tensor};
 
@@ -38,7 +39,7 @@ pub fn simplify(
 }
 
 /// Rewrites of exporter patterns the engine cannot train into equivalent ones it can
-/// ([`gather_nd_to_gather`], [`where_to_mask`]). They run first, on shapes inferred at the
+/// ([`gather_nd_to_gather`], [`where_to_mask`], [`strided_view_to_reshape`]). They run first, on shapes inferred at the
 /// batch the file declares (1 when it leaves it free), because the patterns move the batch
 /// axis, which [`super::batch::free_batch`] refuses; a graph whose shapes do not infer there is
 /// left as it is (the steps after say what is wrong with it).
@@ -46,7 +47,7 @@ fn rewrite_for_training(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Resul
     if !graph
         .nodes
         .iter()
-        .any(|n| matches!(n.op, Op::GatherNd | Op::Where))
+        .any(|n| matches!(n.op, Op::GatherNd | Op::Where | Op::Gather { .. }))
     {
         return Ok(());
     }
@@ -74,6 +75,7 @@ fn rewrite_for_training(graph: &mut Graph, input_shapes: &[Vec<usize>]) -> Resul
     };
     gather_nd_to_gather(graph, &facts)?;
     where_to_mask(graph, &facts)?;
+    strided_view_to_reshape(graph, &facts)?;
     graph.prune();
     Ok(())
 }
@@ -422,7 +424,7 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
             .collect();
         let fills: Vec<f32> = keep.iter().map(|&k| (1.0 - k) * fill).collect();
         let node = n.clone();
-        let keep_name = graph.fresh_value_name(&format!("{}/keep", node.name));
+        let keep_name = graph.fresh_value_name(&format!("{}/keep{FROZEN_SUFFIX}", node.name));
         graph
             .initializers
             .insert(keep_name.clone(), Tensor::f32(&cshape, keep)?);
@@ -434,7 +436,7 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
         }];
         if fill != 0.0 {
             let (fill_name, masked) = (
-                graph.fresh_value_name(&format!("{}/fill", node.name)),
+                graph.fresh_value_name(&format!("{}/fill{FROZEN_SUFFIX}", node.name)),
                 graph.fresh_value_name(&format!("{}/masked", node.name)),
             );
             graph
@@ -451,6 +453,80 @@ fn where_to_mask(graph: &mut Graph, facts: &Facts) -> Result<()> {
         let count = replacement.len();
         graph.nodes.splice(i..=i, replacement);
         i += count;
+    }
+    Ok(())
+}
+
+/// The dynamo exporter writes an `as_strided` view (ConvNeXt's classifier reads its pooled
+/// `[1, C, 1, 1]` mean so) as a flatten and a gather of every element in order:
+///
+/// ```text
+/// Reshape(x, [-1]) -> Gather(axis 0, constant indices = 0, 1, .., numel - 1 in shape S)
+/// ```
+///
+/// which is `Reshape(x, S)`, and `x` itself when S is x's shape. The gather along the flattened
+/// axis mixes batch and features (the engine cannot train it, and at another batch size the
+/// indices would read the first image only); the reshape or identity it stands for carries
+/// the batch through.
+fn strided_view_to_reshape(graph: &mut Graph, facts: &Facts) -> Result<()> {
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let n = &graph.nodes[i];
+        let found = (|| {
+            if !matches!(n.op, Op::Gather { axis: 0 }) {
+                return None;
+            }
+            let idx = graph.initializers.get(n.input(1)?)?;
+            let flat_name = n.input(0)?;
+            let producers = graph.producers();
+            let r = &graph.nodes[*producers.get(flat_name)?];
+            if !matches!(r.op, Op::Reshape { .. }) || graph.use_counts().get(flat_name) != Some(&1)
+            {
+                return None;
+            }
+            let x = facts.get(r.input(0)?)?;
+            let flat = facts.get(flat_name)?;
+            let numel: usize = x.shape.iter().product();
+            let in_order = idx
+                .to_i64s()
+                .iter()
+                .enumerate()
+                .all(|(k, &v)| v == k as i64);
+            (flat.shape == [numel] && idx.len() == numel && in_order).then(|| {
+                (
+                    r.name.clone(),
+                    r.inputs[0].clone(),
+                    idx.shape().to_vec(),
+                    x.shape.clone(),
+                )
+            })
+        })();
+        let Some((reshape_name, x_name, target, x_shape)) = found else {
+            i += 1;
+            continue;
+        };
+        let node = graph.nodes[i].clone();
+        graph.nodes[i] = if target == x_shape {
+            Node {
+                name: node.name.clone(),
+                op: Op::Identity,
+                inputs: vec![x_name],
+                outputs: node.outputs.clone(),
+            }
+        } else {
+            let shape_name = graph.fresh_value_name(&format!("{}/shape", node.name));
+            let dims: Vec<i64> = target.iter().map(|&d| d as i64).collect();
+            graph
+                .initializers
+                .insert(shape_name.clone(), Tensor::i64_vec(&dims));
+            Node {
+                name: node.name.clone(),
+                op: Op::Reshape { allowzero: false },
+                inputs: vec![x_name, shape_name],
+                outputs: node.outputs.clone(),
+            }
+        };
+        graph.nodes.retain(|m| m.name != reshape_name);
     }
     Ok(())
 }

@@ -13,4 +13,5 @@ pub mod bn_insert;
 pub mod cost;
 pub mod fold;
 pub mod head;
+pub mod params;
 pub mod shape;

@@ -73,6 +73,15 @@ pub struct BatchNorm {
     pub training_mode: bool,
 }
 
+/// LayerNormalization (opset 17): normalizes over the axes from `axis` to the last, then
+/// scales and shifts by inputs 1 and 2 (trainable, shaped as those axes). ConvNeXt's every block
+/// normalizes its NHWC activation over the channels this way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerNorm {
+    pub axis: i64,
+    pub epsilon: f32,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Clip {
     pub min: Option<f32>,
@@ -170,6 +179,20 @@ pub enum Op {
         beta: f32,
     },
     HardSwish,
+    /// GELU (opset 20): exact (`approximate = "none"`) or its tanh approximation.
+    Gelu {
+        tanh: bool,
+    },
+    /// The error function; TorchScript exports spell GELU as `x * 0.5 * (1 + Erf(x / sqrt 2))`.
+    Erf,
+    LayerNorm(LayerNorm),
+    /// `x ^ exponent`, the exponent a constant scalar (input 1 in the file): exporters below
+    /// opset 17 spell LayerNormalization's variance with `Pow(x - mean, 2)`.
+    Pow {
+        exponent: f32,
+    },
+    /// Elementwise square root (the same decomposition's standard deviation).
+    Sqrt,
     Add,
     Sub,
     Mul,
@@ -259,6 +282,11 @@ impl Op {
             Op::Sigmoid => "Sigmoid",
             Op::HardSigmoid { .. } => "HardSigmoid",
             Op::HardSwish => "HardSwish",
+            Op::Gelu { .. } => "Gelu",
+            Op::Erf => "Erf",
+            Op::LayerNorm(_) => "LayerNormalization",
+            Op::Pow { .. } => "Pow",
+            Op::Sqrt => "Sqrt",
             Op::Add => "Add",
             Op::Sub => "Sub",
             Op::Mul => "Mul",
@@ -302,7 +330,7 @@ impl Op {
     pub fn param_inputs(&self) -> &'static [usize] {
         match self {
             Op::Conv(_) => &[1, 2],
-            Op::BatchNorm(_) => &[1, 2],
+            Op::BatchNorm(_) | Op::LayerNorm(_) => &[1, 2],
             Op::Gemm(_) => &[1, 2],
             Op::MatMul => &[0, 1],
             _ => &[],

@@ -442,7 +442,45 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         | Op::LeakyRelu { .. }
         | Op::Sigmoid
         | Op::HardSigmoid { .. }
-        | Op::HardSwish => same(),
+        | Op::HardSwish
+        | Op::Gelu { .. }
+        | Op::Erf => same(),
+        Op::Pow { exponent } => match &x.value {
+            Some(t) => {
+                let v: Vec<f32> = t.to_f32s().iter().map(|v| v.powf(*exponent)).collect();
+                vec![Fact::known(Tensor::f32(&x.shape, v)?, x.elem)]
+            }
+            None => same(),
+        },
+        Op::Sqrt => match &x.value {
+            Some(t) => {
+                let v: Vec<f32> = t.to_f32s().iter().map(|v| v.sqrt()).collect();
+                vec![Fact::known(Tensor::f32(&x.shape, v)?, x.elem)]
+            }
+            None => same(),
+        },
+        Op::LayerNorm(l) => {
+            let axis = norm_axis(l.axis, x.shape.len())?;
+            let normalized = &x.shape[axis..];
+            for (i, what) in [(1, "scale"), (2, "bias")] {
+                if node.input(i).is_none() {
+                    continue;
+                }
+                let f = need(ins, i)?;
+                let n: usize = f.shape.iter().product();
+                if n != normalized.iter().product::<usize>()
+                    || broadcast(normalized, &f.shape)? != normalized
+                {
+                    bail!(
+                        "{what} shape {:?} does not fit the normalized axes {normalized:?} of \
+                         input shape {:?}",
+                        f.shape,
+                        x.shape
+                    );
+                }
+            }
+            same()
+        }
         Op::Add | Op::Sub | Op::Mul | Op::Div => {
             let y = need(ins, 1)?;
             let shape = broadcast(&x.shape, &y.shape)?;

@@ -33,8 +33,14 @@ pub fn terms<'a>(params: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Ve
             if !(s.len() == 4 || s.len() == 2) || !(is_u1 || is_u2) {
                 return None;
             }
-            // U1 is [r, C_in, 1, 1]; U2 is [C_out, r, 1, 1] (a Gemm's SVD: [r, in], [out, r]).
-            let rank = if is_u1 { s[0] } else { s[1] };
+            // U1 is [r, C_in, 1, 1]; U2 is [C_out, r, 1, 1]. A 2-D factor is a Gemm's ([r, in],
+            // [out, r]) or a MatMul's ([in, r], [r, out]): r is its smaller side, as ranks
+            // never exceed a layer's channels (and the penalty is the same for A and A^T).
+            let rank = match (s.len(), is_u1) {
+                (2, _) => s[0].min(s[1]),
+                (_, true) => s[0],
+                _ => s[1],
+            };
             Some(OrthTerm { param: i, rank })
         })
         .collect()

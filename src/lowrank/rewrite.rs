@@ -139,6 +139,8 @@ struct Candidate {
     has_bias: bool,
     /// A Gemm (weight seen as `[out, in, 1, 1]`, factorized by SVD into two Gemms).
     gemm: bool,
+    /// A MatMul by a weight `[in, out]` (with `gemm`: factorized by SVD into two MatMuls).
+    matmul: bool,
     /// Why it is not eligible, if so.
     skip: Option<String>,
 }
@@ -242,6 +244,10 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
             }
             continue;
         }
+        if matches!(n.op, Op::MatMul) {
+            out.extend(matmul_candidate(graph, facts, opts, i, n));
+            continue;
+        }
         let Op::Conv(c) = &n.op else { continue };
         let shape = |v: &str| {
             facts
@@ -277,6 +283,7 @@ fn candidates(graph: &Graph, facts: &Facts, opts: &ConvertOptions) -> Result<Vec
             out_hw: [y[2], y[3]],
             has_bias: n.input(2).is_some(),
             gemm: false,
+            matmul: false,
             skip,
         });
     }
@@ -327,8 +334,58 @@ fn gemm_candidate(
         out_hw: [1, 1],
         has_bias: n.input(2).is_some(),
         gemm: true,
+        matmul: false,
         skip,
     }))
+}
+
+/// A MatMul of an activation by a weight initializer `[in, out]`, as a candidate with
+/// `w = [out, in, 1, 1]`. On a rank > 2 activation it is a Linear applied to every pixel of a
+/// channels-last image (ConvNeXt's pointwise layers): a 1x1 conv, factorized with
+/// `--include-1x1`; on a 2-D one it is a fully connected layer, factorized with
+/// `--include-gemm`. A MatMul of two activations is no layer and is not listed.
+fn matmul_candidate(
+    graph: &Graph,
+    facts: &Facts,
+    opts: &ConvertOptions,
+    i: usize,
+    n: &Node,
+) -> Option<Candidate> {
+    if !graph.initializers.contains_key(n.input(1)?) {
+        return None;
+    }
+    let w = &facts.get(&n.inputs[1])?.shape;
+    let x = &facts.get(&n.inputs[0])?.shape;
+    if w.len() != 2 || x.len() < 2 {
+        return None;
+    }
+    let rows = &x[1..x.len() - 1];
+    let hw = match rows {
+        [] => [1, 1],
+        [h, w] => [*h, *w],
+        more => [more.iter().product(), 1],
+    };
+    let skip = if x.len() > 2 && !opts.include_pointwise {
+        Some(
+            "channels-last Linear (MatMul) left as it is (--include-1x1 to factorize it by SVD)"
+                .to_string(),
+        )
+    } else if x.len() == 2 && !opts.include_gemm {
+        Some("MatMul left as it is (--include-gemm to factorize it by SVD)".to_string())
+    } else {
+        None
+    };
+    Some(Candidate {
+        node: i,
+        layer: layer_name(graph, n),
+        w: [w[1], w[0], 1, 1],
+        in_hw: hw,
+        out_hw: hw,
+        has_bias: false,
+        gemm: true,
+        matmul: true,
+        skip,
+    })
 }
 
 /// SVD factors of a matrix-shaped layer `W[co, ci]` (a 1x1 conv or a Gemm): `U1 [r, ci]`,
@@ -376,9 +433,10 @@ fn svd_factors(
     })
 }
 
-/// Two Gemms for one: `x -> alpha x U1^T` (in -> r) -> `h U2^T + beta b` (r -> out). Scratch
-/// init follows PyTorch's Linear variance for the product (uniform +-1/sqrt(in) has variance
-/// 1/(3 in)): var(U1) = 1/in, var(U2) = 1/(3 r); decompose takes the truncated SVD.
+/// Two Gemms for one: `x -> alpha x U1^T` (in -> r) -> `h U2^T + beta b` (r -> out), or for a
+/// MatMul two MatMuls by `U1^T` (`[in, r]`) and `U2^T` (`[r, out]`). Scratch init follows
+/// PyTorch's Linear variance for the product (uniform +-1/sqrt(in) has variance 1/(3 in)):
+/// var(U1) = 1/in, var(U2) = 1/(3 r); decompose takes the truncated SVD.
 fn factorize_gemm(
     graph: &Graph,
     c: &Candidate,
@@ -387,8 +445,11 @@ fn factorize_gemm(
     key: u64,
 ) -> Result<Factorized> {
     let n = &graph.nodes[c.node];
-    let Op::Gemm(gm) = &n.op else {
-        unreachable!("gemm candidate")
+    // (alpha, beta, whether the weight is stored [out, in])
+    let (alpha, beta, out_major) = match &n.op {
+        Op::Gemm(gm) => (gm.alpha, gm.beta, gm.trans_b),
+        Op::MatMul => (1.0, 0.0, false),
+        _ => unreachable!("gemm or matmul candidate"),
     };
     let [out_f, in_f, _, _] = c.w;
     let name = |role| FactorName::node(&c.layer, FactorKind::Svd, role);
@@ -399,16 +460,38 @@ fn factorize_gemm(
             .ok_or_else(|| anyhow!("the weight is not float"))?
             .clone()
             .into_dimensionality::<ndarray::Ix2>()?;
-        let w = if gm.trans_b { w } else { w.t().to_owned() };
-        Ok(w.into_shape_with_order((out_f, in_f, 1, 1))?)
+        let w = if out_major { w } else { w.t().to_owned() };
+        Ok(w.as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((out_f, in_f, 1, 1))?)
     };
     let u2_std = (1.0 / (3.0 * r as f32)).sqrt();
     let (u1, u2, err) = svd_factors(opts, kernel, [out_f, in_f, r], u2_std, &mut rng)?;
-    let (u1, u2) = (u1.into_dyn(), u2.into_dyn());
     let (f1, f2) = (name(FactorRole::U1), name(FactorRole::U2));
     let (n1, n2) = (f1.to_string(), f2.to_string());
     let (w1, w2) = (f1.with(WEIGHT).to_string(), f2.with(WEIGHT).to_string());
     let mid = f1.with(OUT).to_string();
+    if c.matmul {
+        // The weights as MatMul reads them: [in, r] and [r, out].
+        let t = |a: Array2<f32>| a.t().as_standard_layout().into_owned().into_dyn();
+        let nodes = vec![
+            Node {
+                name: n1,
+                op: Op::MatMul,
+                inputs: vec![n.inputs[0].clone(), w1.clone()],
+                outputs: vec![mid.clone()],
+            },
+            Node {
+                name: n2,
+                op: Op::MatMul,
+                inputs: vec![mid, w2.clone()],
+                outputs: vec![n.outputs[0].clone()],
+            },
+        ];
+        let inits = vec![(w1, Tensor::F32(t(u1))), (w2, Tensor::F32(t(u2)))];
+        return Ok((nodes, inits, err));
+    }
+    let (u1, u2) = (u1.into_dyn(), u2.into_dyn());
     let mut second_inputs = vec![mid.clone(), w2.clone()];
     if let Some(b) = n.input(2) {
         second_inputs.push(b.to_string());
@@ -417,7 +500,7 @@ fn factorize_gemm(
         Node {
             name: n1,
             op: Op::Gemm(crate::ir::ops::Gemm {
-                alpha: gm.alpha,
+                alpha,
                 beta: 1.0,
                 trans_a: false,
                 trans_b: true,
@@ -429,7 +512,7 @@ fn factorize_gemm(
             name: n2,
             op: Op::Gemm(crate::ir::ops::Gemm {
                 alpha: 1.0,
-                beta: gm.beta,
+                beta,
                 trans_a: false,
                 trans_b: true,
             }),

@@ -207,7 +207,15 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         .chain(inputs.iter().map(|i| i.name.clone()))
         .chain(nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
         .collect();
-    super::untie::untie(&mut nodes, &mut consts, &modules, &mut taken);
+    let input_names: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
+    super::untie::untie(&mut nodes, &mut consts, &modules, &input_names, &mut taken);
+    super::untie::name_generated_params(
+        &mut nodes,
+        &mut consts,
+        &modules,
+        &input_names,
+        &mut taken,
+    );
 
     let meta = ModelMeta {
         ir_version: model.ir_version,
@@ -426,6 +434,43 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
         "Relu" => (Op::Relu, ins.first(1)),
         "Sigmoid" => (Op::Sigmoid, ins.first(1)),
         "HardSwish" => (Op::HardSwish, ins.first(1)),
+        "Erf" => (Op::Erf, ins.first(1)),
+        "Sqrt" => (Op::Sqrt, ins.first(1)),
+        "Pow" => {
+            ins.need(2)?;
+            let exponent = match ins.constant(1, "Y")? {
+                Some(t) if t.len() == 1 && t.elem_type().is_float() => t.to_f32s()[0],
+                Some(t) if t.len() == 1 => t.to_i64s()[0] as f32,
+                Some(t) => bail!(
+                    "input 'Y' must be a scalar exponent, has shape {:?}",
+                    t.shape()
+                ),
+                None => unreachable!("need(2) checked it is present"),
+            };
+            (Op::Pow { exponent }, ins.first(1))
+        }
+        "Gelu" => {
+            let tanh = match a.string("approximate")?.as_deref() {
+                None | Some("none") => false,
+                Some("tanh") => true,
+                Some(o) => bail!("attribute 'approximate' has unknown value '{o}'"),
+            };
+            (Op::Gelu { tanh }, ins.first(1))
+        }
+        "LayerNormalization" => {
+            ins.need(2)?;
+            if a.int_or("stash_type", 1)? != 1 {
+                bail!("LayerNormalization with stash_type other than 1 (float32) is not supported");
+            }
+            if n.output.iter().skip(1).any(|o| !o.is_empty()) {
+                bail!("LayerNormalization's Mean and InvStdDev outputs are not supported");
+            }
+            let op = Op::LayerNorm(LayerNorm {
+                axis: a.int_or("axis", -1)?,
+                epsilon: a.float_or("epsilon", 1e-5)?,
+            });
+            (op, ins.first(3))
+        }
         "LeakyRelu" => (
             Op::LeakyRelu {
                 alpha: a.float_or("alpha", 0.01)?,

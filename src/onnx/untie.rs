@@ -17,20 +17,24 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use crate::ir::params::{param_role, param_slots, FROZEN_SUFFIX};
 use crate::ir::{Node, Op, Tensor};
 
-/// The role of input `slot` of `op` when it holds a parameter or a BN statistic.
-fn role(op: &Op, slot: usize) -> Option<&'static str> {
-    match (op, slot) {
-        (Op::Conv(_) | Op::Gemm(_), 1) => Some("weight"),
-        (Op::Conv(_) | Op::Gemm(_), 2) => Some("bias"),
-        (Op::BatchNorm(_), 1) => Some("weight"),
-        (Op::BatchNorm(_), 2) => Some("bias"),
-        (Op::BatchNorm(_), 3) => Some("running_mean"),
-        (Op::BatchNorm(_), 4) => Some("running_var"),
-        (Op::MatMul, 0 | 1) => Some("weight"),
-        _ => None,
+/// The role of each input slot of `n` that holds a parameter or a BN statistic.
+fn roles(
+    n: &Node,
+    consts: &BTreeMap<String, Tensor>,
+    graph_inputs: &HashSet<String>,
+) -> Vec<(usize, &'static str)> {
+    let mut out: Vec<(usize, &'static str)> =
+        param_slots(n, |v| consts.get(v), |v| graph_inputs.contains(v))
+            .into_iter()
+            .map(|slot| (slot, param_role(&n.op, slot)))
+            .collect();
+    if matches!(n.op, Op::BatchNorm(_)) {
+        out.extend([(3, "running_mean"), (4, "running_var")]);
     }
+    out
 }
 
 /// The module path of a node from the dynamo exporter's `pkg.torch.onnx.name_scopes`, a
@@ -52,13 +56,25 @@ pub(super) fn untie(
     nodes: &mut [Node],
     consts: &mut BTreeMap<String, Tensor>,
     modules: &[Option<String>],
+    graph_inputs: &HashSet<String>,
     taken: &mut HashSet<String>,
 ) -> usize {
+    // Each node's parameter and statistic slots, decided on the file as read.
+    let node_roles: Vec<Vec<(usize, &'static str)>> = nodes
+        .iter()
+        .map(|n| roles(n, consts, graph_inputs))
+        .collect();
+    let role = |ni: usize, slot: usize| {
+        node_roles[ni]
+            .iter()
+            .find(|&&(s, _)| s == slot)
+            .map(|&(_, r)| r)
+    };
     // Uses of each initializer in parameter or statistic slots, in graph order.
     let mut uses: BTreeMap<String, Vec<(usize, usize, &'static str)>> = BTreeMap::new();
     for (ni, n) in nodes.iter().enumerate() {
         for slot in 0..n.inputs.len() {
-            if let (Some(role), Some(name)) = (role(&n.op, slot), n.input(slot)) {
+            if let (Some(role), Some(name)) = (role(ni, slot), n.input(slot)) {
                 if consts.contains_key(name) {
                     uses.entry(name.to_string())
                         .or_default()
@@ -71,14 +87,16 @@ pub(super) fn untie(
     // A parameter that another op also reads as a plain operand: the engine computes that op
     // with the value the file holds, so the operand keeps it in a copy of its own.
     let mut frozen: BTreeMap<String, String> = BTreeMap::new();
-    for n in nodes.iter_mut() {
+    for (ni, n) in nodes.iter_mut().enumerate() {
         for slot in 0..n.inputs.len() {
             let name = n.inputs[slot].clone();
-            if role(&n.op, slot).is_none() && uses.contains_key(&name) {
+            if role(ni, slot).is_none() && uses.contains_key(&name) {
                 let value = consts[&name].clone();
                 n.inputs[slot] = frozen
                     .entry(name.clone())
-                    .or_insert_with(|| fresh_copy(&format!("{name}.const"), &value, consts, taken))
+                    .or_insert_with(|| {
+                        fresh_copy(&format!("{name}{FROZEN_SUFFIX}"), &value, consts, taken)
+                    })
                     .clone();
             }
         }
@@ -121,6 +139,47 @@ pub(super) fn untie(
 }
 
 /// Adds a copy of `value` under `base`, or `base_2`, `base_3`... if that value name is taken.
+/// Gives a parameter the exporter named itself (`val_4`: dynamo's name for a Linear's weight
+/// it stored transposed, as MatMul reads it) PyTorch's name, `<module>.<role>`, where the file
+/// records the module of its only reader. Layer names (and so factor names, ranks files and
+/// reports) come from weight names. Returns how many were renamed.
+pub(super) fn name_generated_params(
+    nodes: &mut [Node],
+    consts: &mut BTreeMap<String, Tensor>,
+    modules: &[Option<String>],
+    graph_inputs: &HashSet<String>,
+    taken: &mut HashSet<String>,
+) -> usize {
+    let generated = |n: &str| n.starts_with("val_") || n.starts_with("_val_");
+    let mut readers: BTreeMap<String, usize> = BTreeMap::new();
+    for n in nodes.iter() {
+        for i in n.inputs.iter().filter(|i| consts.contains_key(*i)) {
+            *readers.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let mut renamed = 0;
+    for ni in 0..nodes.len() {
+        let Some(module) = modules.get(ni).cloned().flatten() else {
+            continue;
+        };
+        for (slot, role) in roles(&nodes[ni], consts, graph_inputs) {
+            let Some(name) = nodes[ni].input(slot).map(str::to_string) else {
+                continue;
+            };
+            if !generated(&name) || readers.get(&name) != Some(&1) {
+                continue;
+            }
+            let Some(value) = consts.remove(&name) else {
+                continue;
+            };
+            let fresh = fresh_copy(&format!("{module}.{role}"), &value, consts, taken);
+            nodes[ni].inputs[slot] = fresh;
+            renamed += 1;
+        }
+    }
+    renamed
+}
+
 fn fresh_copy(
     base: &str,
     value: &Tensor,
@@ -185,7 +244,7 @@ mod tests {
         let mut c = consts(&["a.weight", "a.bias"]);
         let mut taken: HashSet<String> = c.keys().cloned().collect();
         let modules = vec![Some("a".to_string()), Some("b".to_string())];
-        let copies = untie(&mut nodes, &mut c, &modules, &mut taken);
+        let copies = untie(&mut nodes, &mut c, &modules, &HashSet::new(), &mut taken);
         assert_eq!(copies, 6);
         assert_eq!(
             nodes[0].inputs[1..],
@@ -219,7 +278,10 @@ mod tests {
         let mut c = consts(&["m.weight", "m.bias", "m.running_mean", "m.running_var"]);
         let mut taken: HashSet<String> = c.keys().cloned().collect();
         let modules = vec![Some("m".to_string()), Some("m".to_string())];
-        assert_eq!(untie(&mut nodes, &mut c, &modules, &mut taken), 0);
+        assert_eq!(
+            untie(&mut nodes, &mut c, &modules, &HashSet::new(), &mut taken),
+            0
+        );
         assert_eq!(nodes[0].inputs[1..], nodes[1].inputs[1..]);
         assert_eq!(c.len(), 4);
     }
@@ -233,7 +295,16 @@ mod tests {
         let mut c = consts(&["s", "z"]);
         let mut taken: HashSet<String> = c.keys().cloned().collect();
         taken.insert("bn.running_var".into()); // a value of that name already exists
-        assert_eq!(untie(&mut nodes, &mut c, &[None, None], &mut taken), 6);
+        assert_eq!(
+            untie(
+                &mut nodes,
+                &mut c,
+                &[None, None],
+                &HashSet::new(),
+                &mut taken
+            ),
+            6
+        );
         assert_eq!(
             nodes[0].inputs[1..],
             ["s", "z", "bn.running_mean", "bn.running_var_2"]
@@ -254,16 +325,89 @@ mod tests {
         let mut nodes = vec![
             bn("bn", ["x", "s", "z", "m", "v"]),
             Node {
-                name: "add".into(),
-                op: Op::Add,
+                name: "div".into(),
+                op: Op::Div,
                 inputs: vec!["bn_out".into(), "s".into()],
                 outputs: vec!["y".into()],
             },
         ];
         let mut c = consts(&["s", "z", "m", "v"]);
         let mut taken: HashSet<String> = c.keys().cloned().collect();
-        assert_eq!(untie(&mut nodes, &mut c, &[None, None], &mut taken), 1);
+        assert_eq!(
+            untie(
+                &mut nodes,
+                &mut c,
+                &[None, None],
+                &HashSet::new(),
+                &mut taken
+            ),
+            1
+        );
         assert_eq!(nodes[0].inputs[1..], ["s", "z", "m", "v"]);
         assert_eq!(nodes[1].inputs, ["bn_out", "s.const"]);
+    }
+
+    /// An Add of a tensor to an activation trains it (a Linear's bias after a MatMul, as the
+    /// dynamo exporter writes a Linear on channels-last pixels), so when the exporter shared it
+    /// with a BN's shift (both zeros) the Add gets a parameter of its own, not a frozen copy.
+    #[test]
+    fn an_elementwise_parameter_shared_with_a_bn_gets_its_own_copy() {
+        let mut nodes = vec![
+            bn("bn", ["x", "s", "z", "m", "v"]),
+            Node {
+                name: "add".into(),
+                op: Op::Add,
+                inputs: vec!["bn_out".into(), "z".into()],
+                outputs: vec!["y".into()],
+            },
+        ];
+        let mut c = consts(&["s", "z", "m", "v"]);
+        let mut taken: HashSet<String> = c.keys().cloned().collect();
+        assert_eq!(
+            untie(
+                &mut nodes,
+                &mut c,
+                &[None, None],
+                &HashSet::new(),
+                &mut taken
+            ),
+            1
+        );
+        assert_eq!(nodes[0].inputs[1..], ["s", "z", "m", "v"]);
+        assert_eq!(nodes[1].inputs, ["bn_out", "add.bias"]);
+    }
+
+    /// A weight under a generated name (`val_4`) read by one node of a known module takes
+    /// PyTorch's name; one read twice, or without a module, keeps its own.
+    #[test]
+    fn generated_parameter_names_become_module_names() {
+        let mm = |name: &str, w: &str| Node {
+            name: name.into(),
+            op: Op::MatMul,
+            inputs: vec!["x".into(), w.into()],
+            outputs: vec![format!("{name}_out")],
+        };
+        let mut nodes = vec![
+            mm("a", "val_4"),
+            mm("b", "val_6"),
+            mm("c", "val_6"),
+            mm("d", "val_8"),
+        ];
+        let mut c = consts(&["val_4", "val_6", "val_8"]);
+        let mut taken: HashSet<String> = c.keys().cloned().collect();
+        let modules = [
+            Some("features.1.0.block.3".to_string()),
+            Some("m".to_string()),
+            Some("m".to_string()),
+            None,
+        ];
+        let n = name_generated_params(&mut nodes, &mut c, &modules, &HashSet::new(), &mut taken);
+        assert_eq!(n, 1);
+        assert_eq!(nodes[0].inputs[1], "features.1.0.block.3.weight");
+        assert!(c.contains_key("features.1.0.block.3.weight") && !c.contains_key("val_4"));
+        assert_eq!(
+            (nodes[1].inputs[1].as_str(), nodes[3].inputs[1].as_str()),
+            ("val_6", "val_8")
+        );
     }
 }

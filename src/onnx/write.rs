@@ -119,6 +119,9 @@ fn check_opset(n: &Node, opset: i64) -> Result<()> {
     };
     match &n.op {
         Op::HardSwish => need(14, "HardSwish")?,
+        Op::Gelu { .. } => need(20, "Gelu")?,
+        Op::LayerNorm(_) => need(17, "LayerNormalization")?,
+        Op::Erf => need(9, "Erf")?,
         Op::Pool(p) => {
             if p.ceil_mode {
                 need(10, "ceil_mode")?;
@@ -276,6 +279,21 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
             }
         }
         Op::LeakyRelu { alpha } => a.push(make::float("alpha", *alpha)),
+        Op::Gelu { tanh } => {
+            if *tanh {
+                a.push(make::string("approximate", "tanh"));
+            }
+        }
+        Op::Pow { exponent } => {
+            ins.konst(
+                "exponent",
+                Tensor::f32(&[], vec![*exponent]).expect("scalar"),
+            );
+        }
+        Op::LayerNorm(l) => {
+            a.push(make::int("axis", l.axis));
+            a.push(make::float("epsilon", l.epsilon));
+        }
         Op::HardSigmoid { alpha, beta } => {
             a.push(make::float("alpha", *alpha));
             a.push(make::float("beta", *beta));
@@ -412,6 +430,8 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         Op::Relu
         | Op::Sigmoid
         | Op::HardSwish
+        | Op::Erf
+        | Op::Sqrt
         | Op::Add
         | Op::Sub
         | Op::Mul
