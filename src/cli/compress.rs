@@ -38,7 +38,7 @@ pub struct CompressArgs {
     #[arg(long)]
     pub ranks: Option<String>,
     /// Factorize 1x1 convs too, by SVD (for MobileNet-like networks, whose weight sits in
-    /// pointwise convs).
+    /// pointwise convs), and Linear layers applied to every pixel (ConvNeXt's MatMuls).
     #[arg(long = "include-1x1")]
     pub include_pointwise: bool,
     /// Factorize Gemm (fully connected) layers too, by SVD.

@@ -25,7 +25,8 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub include_first: bool,
     /// Factorize 1x1 convs too, by SVD (1x1 C_in -> r, 1x1 r -> C_out): for networks whose
-    /// weight sits in pointwise convs, such as MobileNetV2.
+    /// weight sits in pointwise convs, such as MobileNetV2; likewise Linear layers applied to
+    /// every pixel (ConvNeXt's MatMuls: two MatMuls through rank r).
     #[arg(long = "include-1x1")]
     pub include_pointwise: bool,
     /// Factorize Gemm (fully connected) layers too, by SVD (two Gemms through rank r).
