@@ -208,13 +208,24 @@ def build_model(name: str):
 
 def zero_bias_elements(model) -> int:
     """Elements of Conv2d / Linear biases that are all zero once each Conv2d -> BatchNorm2d pair
-    is folded: the dynamo exporter's graph optimiser drops such biases."""
+    is folded: the dynamo exporter's graph optimiser drops such biases where they are an
+    operand of the Conv or Gemm. A Linear applied to a rank > 2 input (ConvNeXt's per-pixel
+    Linear layers) is a MatMul followed by an Add of its bias, which the exporter keeps."""
+    import torch
     import torch.nn as nn
     from torch.fx.experimental.optimization import fuse
 
     fused = fuse(copy.deepcopy(model).eval())
+    ranks = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: ranks.__setitem__(id(mod), inp[0].dim()))
+             for m in fused.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        fused(torch.zeros(*INPUT_SHAPE))
+    for h in hooks:
+        h.remove()
     return sum(m.bias.numel() for m in fused.modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None
+               and not (isinstance(m, nn.Linear) and ranks.get(id(m), 2) > 2)
                and not bool(m.bias.detach().any()))
 
 

@@ -162,7 +162,9 @@ def onnx_trainable_params(model: onnx.ModelProto) -> int:
 def onnx_per_node_params(model: onnx.ModelProto) -> int:
     """Trainable elements counted as elrt counts them: an initializer reached through an
     Identity node is a copy (a parameter of its own, as the exporter writes merged, untied
-    duplicates); one used directly by several nodes counts once (a tied parameter). Parameters
+    duplicates); one used by several nodes counts once per module that uses it (the module
+    path the dynamo exporter records in `pkg.torch.onnx.name_scopes`, else the node: elrt
+    unties the rest, src/onnx/untie.rs). Parameters
     are the weights and biases of Conv, Gemm and MatMul, the scales and shifts of
     BatchNormalization and LayerNormalization, and a multi-element float tensor that an Add,
     Sub or Mul applies to an activation other than the graph's input (src/ir/params.rs: a
@@ -200,15 +202,27 @@ def onnx_per_node_params(model: onnx.ModelProto) -> int:
                     idx = (k,)
         else:
             continue
+        scopes = next((p.value for p in n.metadata_props
+                       if p.key == "pkg.torch.onnx.name_scopes"), None)
+        module = _module_path(scopes) or n.name
         for i in idx:
             name = n.input[i] if i < len(n.input) else ""
-            if not name or name in seen:
+            if not name or (name, module) in seen:
                 continue
             size = _resolved_size(model, name, sizes, inits)
             if size is not None:
-                seen.add(name)
+                seen.add((name, module))
                 total += size
     return total
+
+
+def _module_path(name_scopes):
+    """The module of a node from `pkg.torch.onnx.name_scopes` (a Python list of strings): its
+    next-to-last entry, as src/onnx/untie.rs reads it."""
+    if not name_scopes:
+        return None
+    entries = name_scopes.split("'")[1::2]
+    return entries[-2] if len(entries) >= 2 and entries[-2] else None
 
 
 def _resolved_name(model, name, inits):

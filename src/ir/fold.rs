@@ -530,3 +530,74 @@ fn strided_view_to_reshape(graph: &mut Graph, facts: &Facts) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dim, ElemType, ModelMeta, ValueInfo};
+
+    /// dynamo's `as_strided` read (flatten, then gather every element in order into the
+    /// input's shape) folds away, and the graph then runs at any batch; gathered into another
+    /// shape it becomes a Reshape.
+    #[test]
+    fn strided_view_of_every_element_in_order_is_a_reshape() {
+        // (gathered shape, the op left: the input is the output here, so an Identity stays)
+        for (target, want_op) in [
+            (vec![1usize, 3, 2, 2], "Identity"),
+            (vec![1, 12], "Reshape"),
+        ] {
+            let io = |name: &str, dims: &[usize]| ValueInfo {
+                name: name.into(),
+                elem: ElemType::F32,
+                shape: Some(dims.iter().map(|&d| Dim::Fixed(d)).collect()),
+            };
+            let node = |name: &str, op: Op, inputs: &[&str], output: &str| Node {
+                name: name.into(),
+                op,
+                inputs: inputs.iter().map(|s| s.to_string()).collect(),
+                outputs: vec![output.into()],
+            };
+            let mut g = Graph {
+                name: "g".into(),
+                opset: 20,
+                inputs: vec![io("x", &[1, 3, 2, 2])],
+                outputs: vec![io("y", &target)],
+                nodes: vec![
+                    node(
+                        "flat",
+                        Op::Reshape { allowzero: false },
+                        &["x", "minus1"],
+                        "f",
+                    ),
+                    node("view", Op::Gather { axis: 0 }, &["f", "idx"], "y"),
+                ],
+                initializers: Default::default(),
+                meta: ModelMeta::default(),
+            };
+            g.initializers
+                .insert("minus1".into(), Tensor::i64_vec(&[-1]));
+            g.initializers.insert(
+                "idx".into(),
+                Tensor::i64(&target, (0..12).collect()).unwrap(),
+            );
+            let facts = simplify(
+                &mut g,
+                &[vec![5, 3, 2, 2]],
+                FoldOptions {
+                    remove_dropout: false,
+                },
+            )
+            .unwrap();
+            assert!(
+                g.nodes.iter().all(|n| !matches!(n.op, Op::Gather { .. })),
+                "{:?}",
+                g.nodes
+            );
+            let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.onnx_type()).collect();
+            assert_eq!(ops, [want_op]);
+            let mut want = target.clone();
+            want[0] = 5;
+            assert_eq!(facts[&g.outputs[0].name].shape, want);
+        }
+    }
+}

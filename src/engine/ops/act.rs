@@ -5,9 +5,11 @@
 //! HardSwish uses PyTorch's piecewise form, which is `2*alpha*x + beta` on the closed middle
 //! interval.
 
-use super::{contiguous, par_map, par_zip_map};
+use super::simd::simd_dispatch;
+use super::{contiguous, par_map, par_zip_chunks, par_zip_map};
 use crate::engine::{attr_err, shape_err, Result};
 use ndarray::{ArrayD, ArrayViewD, NdFloat};
+use std::mem::MaybeUninit;
 
 /// One elementwise activation with its attributes (ONNX names and defaults).
 /// `max(0, v)` with NaN kept, as PyTorch's and ONNX's ReLU do: `f32::max` returns the 0 for
@@ -61,9 +63,10 @@ pub enum Activation {
     /// `0.5 x (1 + erf(x / sqrt 2))`; `tanh: true` (`approximate = "tanh"`) is
     /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`. Derivatives as PyTorch's
     /// `GeluBackward`: `Phi(x) + x phi(x)`, and the tanh form's derivative term for term. Over
-    /// the branch-free [`erf`] and [`exp_nonpositive`], which vectorise: with libm's scalar
-    /// `erff` and `expf` a forward and backward of ConvNeXt-T's GELUs took several times its
-    /// LayerNorms and far more than its depthwise convolutions (`benches/layernorm.rs`).
+    /// a branch-free erf and exp of this file, which vectorise: with libm's scalar `erff` and
+    /// `expf`, forward and backward took about 60 ns a value on one thread, these about 7
+    /// (exact) and 4 (tanh) (`benches/layernorm.rs`); ConvNeXt-T runs about 275M values
+    /// through GELU per batch of 32 at 224x224.
     Gelu {
         tanh: bool,
     },
@@ -160,9 +163,9 @@ impl Activation {
             }
             // Bitwise the separate pair's `Mul(x, Sigmoid(x))` (either operand order).
             Activation::Silu => par_map(&xs, |v| v * sigmoid(v)),
-            Activation::Gelu { tanh: false } => par_map(&xs, gelu),
-            Activation::Gelu { tanh: true } => par_map(&xs, gelu_tanh),
-            Activation::Erf => par_map(&xs, erf),
+            Activation::Gelu { tanh: false } => par_erf_map(&xs, &xs, ErfMap::Gelu),
+            Activation::Gelu { tanh: true } => par_erf_map(&xs, &xs, ErfMap::GeluTanh),
+            Activation::Erf => par_erf_map(&xs, &xs, ErfMap::Erf),
             Activation::Pow { exponent } if exponent == 2.0 => par_map(&xs, |v| v * v),
             Activation::Pow { exponent } => par_map(&xs, move |v| v.powf(exponent)),
             Activation::Sqrt => par_map(&xs, f32::sqrt),
@@ -236,11 +239,9 @@ impl Activation {
                 let s = sigmoid(x);
                 g * (s + x * s * (1.0 - s))
             }),
-            Activation::Gelu { tanh: false } => par_zip_map(&xs, &gs, gelu_dx),
-            Activation::Gelu { tanh: true } => par_zip_map(&xs, &gs, gelu_tanh_dx),
-            Activation::Erf => par_zip_map(&xs, &gs, |x, g| {
-                g * (std::f32::consts::FRAC_2_SQRT_PI * exp_nonpositive(-(x * x)))
-            }),
+            Activation::Gelu { tanh: false } => par_erf_map(&xs, &gs, ErfMap::GeluGrad),
+            Activation::Gelu { tanh: true } => par_erf_map(&xs, &gs, ErfMap::GeluTanhGrad),
+            Activation::Erf => par_erf_map(&xs, &gs, ErfMap::ErfGrad),
             Activation::Pow { exponent } if exponent == 2.0 => {
                 par_zip_map(&xs, &gs, |x, g| g * (2.0 * x))
             }
@@ -299,6 +300,89 @@ fn erf_t<T: NdFloat>(v: T) -> T {
     T::from(libm::erf(v.to_f64().expect("a float converts to f64"))).expect("f64 fits any float")
 }
 
+/// The maps of GELU and Erf, forward and backward, which [`erf_map`] runs.
+#[derive(Clone, Copy, Debug)]
+enum ErfMap {
+    /// `erf(a)`.
+    Erf,
+    /// `b erf'(a)`.
+    ErfGrad,
+    /// `gelu(a)`.
+    Gelu,
+    /// `b gelu'(a)`.
+    GeluGrad,
+    /// `gelu_tanh(a)`.
+    GeluTanh,
+    /// `b gelu_tanh'(a)`.
+    GeluTanhGrad,
+}
+
+/// `map` over `a` (and `b`, the upstream gradient, for the gradients; ignored otherwise), in
+/// parallel chunks.
+fn par_erf_map(a: &[f32], b: &[f32], map: ErfMap) -> Vec<f32> {
+    // SAFETY: erf_map writes every entry of its output chunk.
+    unsafe { par_zip_chunks(a, b, |o, a, b| erf_map(o, a, b, map)) }
+}
+
+simd_dispatch! {
+    /// [`erf_map_body`] built for AVX-512 or AVX2 where the CPU has them. These maps do not go
+    /// through [`super::wide_map`]: a map of [`erf`] and an exp is over the inliner's size
+    /// threshold as a closure (or a function's `Fn::call`), and the call left in
+    /// `wide_map`'s loop kept it scalar, 20x slower (GELU backward 22 ns a value). Here each
+    /// loop calls the `inline(always)` functions directly. No FMA in any build, so every build
+    /// computes the same bits.
+    fn erf_map(o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], map: ErfMap)
+        => erf_map_body, (o, a, b, map); ["avx512f", "avx2"]
+}
+
+#[inline(always)]
+fn erf_map_body(o: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32], map: ErfMap) {
+    assert!(
+        o.len() == a.len() && a.len() == b.len(),
+        "erf_map lengths differ"
+    );
+    let n = o.len();
+    let (a, b) = (&a[..n], &b[..n]);
+    match map {
+        ErfMap::Erf => {
+            for i in 0..n {
+                o[i].write(erf(a[i]));
+            }
+        }
+        ErfMap::ErfGrad => {
+            for i in 0..n {
+                o[i].write(b[i] * erf_grad(a[i]));
+            }
+        }
+        ErfMap::Gelu => {
+            for i in 0..n {
+                o[i].write(gelu(a[i]));
+            }
+        }
+        ErfMap::GeluGrad => {
+            for i in 0..n {
+                o[i].write(b[i] * gelu_grad(a[i]));
+            }
+        }
+        ErfMap::GeluTanh => {
+            for i in 0..n {
+                o[i].write(gelu_tanh(a[i]));
+            }
+        }
+        ErfMap::GeluTanhGrad => {
+            for i in 0..n {
+                o[i].write(b[i] * gelu_tanh_grad(a[i]));
+            }
+        }
+    }
+}
+
+/// `erf'(x) = 2 / sqrt(pi) exp(-x^2)`.
+#[inline(always)]
+fn erf_grad(x: f32) -> f32 {
+    std::f32::consts::FRAC_2_SQRT_PI * exp_nonpositive(-(x * x))
+}
+
 /// `sqrt(2 / pi)`, the tanh GELU's inner scale (PyTorch's `kBeta = M_SQRT2 * M_2_SQRTPI * 0.5`).
 const GELU_BETA: f32 = std::f32::consts::SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5;
 /// The tanh GELU's cubic coefficient.
@@ -320,20 +404,6 @@ fn gelu_grad(x: f32) -> f32 {
     let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
     let pdf = exp_nonpositive(-0.5 * x * x) * ALPHA;
     cdf + x * pdf
-}
-
-/// `g * gelu'(x)`. A function rather than a closure so that it can be `inline(always)`: as a
-/// closure the inliner left the call in [`super::wide_map`]'s loop (erf and two exps are over
-/// its size threshold), which then ran scalar, 20x slower.
-#[inline(always)]
-fn gelu_dx(x: f32, g: f32) -> f32 {
-    g * gelu_grad(x)
-}
-
-/// `g * gelu_tanh'(x)`, a function for the reason of [`gelu_dx`].
-#[inline(always)]
-fn gelu_tanh_dx(x: f32, g: f32) -> f32 {
-    g * gelu_tanh_grad(x)
 }
 
 /// Tanh GELU, `0.5 x (1 + tanh(u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`, computed as
@@ -368,7 +438,7 @@ fn gelu_tanh_grad(x: f32) -> f32 {
 /// f32 rounding leaves 1.5 ulp at most against the f64 `erf` (`erf_is_within_two_ulp_of_f64`).
 /// NaN stays NaN, `erf(+-inf) = +-1`.
 #[inline(always)]
-pub(crate) fn erf(x: f32) -> f32 {
+fn erf(x: f32) -> f32 {
     const SMALL: [f32; 7] = [
         1.128_379_2,
         -0.376_126_35,
@@ -434,7 +504,7 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 /// `n` adds and subtracts 1.5 * 2^23 (no `floor` call, which would keep the loop scalar on
 /// x86-64's baseline SSE2), and `n` is read from the sum's mantissa bits.
 #[inline(always)]
-pub(crate) fn exp_nonpositive(a: f32) -> f32 {
+fn exp_nonpositive(a: f32) -> f32 {
     const LO: f32 = -87.336_55; // ln(2^-126)
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4;
@@ -820,6 +890,64 @@ mod tests {
         assert_eq!(super::erf(f32::NEG_INFINITY), -1.0);
         assert!(super::erf(f32::NAN).is_nan());
         assert_eq!(super::erf(-0.0).to_bits(), (-0.0f32).to_bits());
+    }
+
+    /// The vector builds of the GELU and Erf maps give the baseline (SSE2) build's results bit
+    /// for bit (NaN for NaN), over ordinary values, extremes, infinities, subnormals and NaN,
+    /// at lengths that leave vector remainders.
+    #[test]
+    fn erf_maps_equal_the_baseline_build_bitwise() {
+        let mut rng = crate::rng::Rng::new(18);
+        let mut a: Vec<f32> = (0..4099).map(|_| 3.0 * rng.normal()).collect();
+        let b: Vec<f32> = (0..4099).map(|_| rng.normal()).collect();
+        let special = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            f32::MIN,
+            1e-40,
+            0.9,
+            -0.9,
+            4.0,
+            -13.0,
+        ];
+        a[..special.len()].copy_from_slice(&special);
+        let maps = [
+            ErfMap::Erf,
+            ErfMap::ErfGrad,
+            ErfMap::Gelu,
+            ErfMap::GeluGrad,
+            ErfMap::GeluTanh,
+            ErfMap::GeluTanhGrad,
+        ];
+        for map in maps {
+            for len in [4099, 4096, 17, 1] {
+                let run = |wide: bool| {
+                    let mut o = vec![MaybeUninit::new(0.0f32); len];
+                    if wide {
+                        erf_map(&mut o, &a[..len], &b[..len], map);
+                    } else {
+                        erf_map_body(&mut o, &a[..len], &b[..len], map);
+                    }
+                    // SAFETY: initialised above (and every entry rewritten by the map).
+                    o.iter()
+                        .map(|v| unsafe { v.assume_init() }.to_bits())
+                        .collect::<Vec<u32>>()
+                };
+                let (wide, plain) = (run(true), run(false));
+                for (i, (p, q)) in wide.iter().zip(&plain).enumerate() {
+                    let (p, q, x) = (f32::from_bits(*p), f32::from_bits(*q), a[i]);
+                    // A NaN's sign and payload are whatever the instructions propagate.
+                    assert!(
+                        p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                        "{map:?}, len {len}, x = {x:e}: {p:e} vs {q:e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -243,6 +243,23 @@ fn wide_map_body<F: Fn(f32, f32) -> f32>(o: &mut [MaybeUninit<f32>], a: &[f32], 
 /// `out[i] = f(a[i], b[i])`, in parallel over contiguous chunks ([`wide_map`]). The output is
 /// never zero-filled: every entry is written once, by the map.
 pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    // SAFETY: wide_map writes every entry of its output chunk.
+    unsafe { par_zip_chunks(a, b, |o, a, b| wide_map(o, a, b, &f)) }
+}
+
+/// `kernel(out, a, b)` over matching chunks of [`ELEMWISE_CHUNK`] entries of a new output and
+/// of `a` and `b` (same lengths), in parallel: [`par_zip_map`] for kernels that bring their own
+/// vector builds (a map too large for the inliner to put into [`wide_map`]'s loop runs scalar
+/// there, see `act::erf_map`).
+///
+/// # Safety
+///
+/// `kernel` must write every entry of its output chunk: the output is never zero-filled.
+pub(crate) unsafe fn par_zip_chunks(
+    a: &[f32],
+    b: &[f32],
+    kernel: impl Fn(&mut [MaybeUninit<f32>], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "elementwise operands differ in length");
     let n = a.len();
     let mut out: Vec<f32> = Vec::with_capacity(n);
@@ -252,9 +269,9 @@ pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
             a.par_chunks(ELEMWISE_CHUNK)
                 .zip(b.par_chunks(ELEMWISE_CHUNK)),
         )
-        .for_each(|(o, (a, b))| wide_map(o, a, b, &f));
+        .for_each(|(o, (a, b))| kernel(o, a, b));
     // SAFETY: the chunks of `out[..n]`, `a` and `b` pair up one to one with equal lengths, and
-    // wide_map writes every entry of its output chunk.
+    // the caller's kernel writes every entry of its output chunk.
     unsafe { out.set_len(n) };
     out
 }
@@ -304,9 +321,9 @@ mod tests {
     use super::*;
 
     /// The vector builds of [`wide_map`] give the SSE2 loop's results bit for bit, on the
-    /// maps the engine sends through it (sigmoid, SiLU and its gradient, the GELU gradient's
-    /// erf and exp, a residual ReLU), over ordinary values, both signs' extremes, infinities,
-    /// subnormals and NaN, at lengths that leave vector remainders.
+    /// maps the engine sends through it (sigmoid, SiLU and its gradient, a residual ReLU), over
+    /// ordinary values, both signs' extremes, infinities, subnormals and NaN, at lengths that
+    /// leave vector remainders.
     #[test]
     fn wide_map_equals_the_plain_loop_bitwise() {
         let mut rng = crate::rng::Rng::new(5);
@@ -330,12 +347,8 @@ mod tests {
             let s = act::sigmoid(x);
             g * (s + x * s * (1.0 - s))
         };
-        let gelu_grad = |x: f32, g: f32| {
-            let e = act::erf(x * std::f32::consts::FRAC_1_SQRT_2);
-            g * (0.5 * (1.0 + e) + x * act::exp_nonpositive(-0.5 * x * x))
-        };
         type Map<'a> = &'a dyn Fn(&mut [MaybeUninit<f32>], &[f32], &[f32], bool);
-        let maps: [Map; 4] = [
+        let maps: [Map; 3] = [
             &|o, a, b, plain| {
                 let f = |x: f32, _| x * act::sigmoid(x);
                 if plain {
@@ -349,13 +362,6 @@ mod tests {
                     wide_map_body(o, a, b, &silu_grad)
                 } else {
                     wide_map(o, a, b, &silu_grad)
-                }
-            },
-            &|o, a, b, plain| {
-                if plain {
-                    wide_map_body(o, a, b, &gelu_grad)
-                } else {
-                    wide_map(o, a, b, &gelu_grad)
                 }
             },
             &|o, a, b, plain| {

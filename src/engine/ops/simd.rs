@@ -8,8 +8,9 @@
 //! its caller's target features, so the body's hot loops must sit in the body itself, not in a
 //! closure it hands to another function.
 //!
-//! Users: the MaxPool plane (`pool.rs`), batch norm's passes and reductions, layer norm's row passes, Winograd's transforms, the depthwise kernels (flat and
-//! channels-last) and the layout transposes (`conv/`). Not used by `ops::wide_map` (generic
+//! Users: the MaxPool plane (`pool.rs`), batch norm's passes and reductions, layer norm's row
+//! passes, the GELU and Erf maps (`act.rs`), Winograd's transforms, the depthwise kernels (flat
+//! and channels-last) and the layout transposes (`conv/`). Not used by `ops::wide_map` (generic
 //! over its closure, which a nested build function cannot take) nor by `conv/weight_grad.rs`
 //! (a different body per feature: AVX-512 tiles, AVX2 + FMA tiles).
 
