@@ -158,12 +158,12 @@ pub(super) fn name_generated_params(
         }
     }
     let mut renamed = 0;
-    for ni in 0..nodes.len() {
-        let Some(module) = modules.get(ni).cloned().flatten() else {
+    for (node, module) in nodes.iter_mut().zip(modules) {
+        let Some(module) = module else {
             continue;
         };
-        for (slot, role) in roles(&nodes[ni], consts, graph_inputs) {
-            let Some(name) = nodes[ni].input(slot).map(str::to_string) else {
+        for (slot, role) in roles(node, consts, graph_inputs) {
+            let Some(name) = node.input(slot).map(str::to_string) else {
                 continue;
             };
             if !generated(&name) || readers.get(&name) != Some(&1) {
@@ -173,7 +173,7 @@ pub(super) fn name_generated_params(
                 continue;
             };
             let fresh = fresh_copy(&format!("{module}.{role}"), &value, consts, taken);
-            nodes[ni].inputs[slot] = fresh;
+            node.inputs[slot] = fresh;
             renamed += 1;
         }
     }
