@@ -77,7 +77,8 @@ pub struct ExportOptions {
     pub dynamic_batch: bool,
     /// `[C, H, W]` when the file's own input shape has unknown dimensions.
     pub image_shape: Option<Vec<usize>>,
-    /// Target opset; `None` = 13, or the lowest above it that the graph's ops need.
+    /// Target opset; `None` = 13, or the source file's opset when the graph's ops need more
+    /// (LayerNormalization 17, Gelu 20).
     pub opset: Option<i64>,
     pub forms: FormsPolicy,
     /// Threads tract uses while timing forms (the deployment's thread count).

@@ -31,7 +31,7 @@ pub struct ExportOptions {
     pub dynamic_batch: bool,
     /// `[C, H, W]` when the file's own input shape leaves dimensions unknown.
     pub input_shape: Option<Vec<usize>>,
-    /// ONNX opset to write (`None`: 13, or the lowest above it the model's ops need); within
+    /// ONNX opset to write (`None`: 13, or the source file's when the model's ops need more); within
     /// [`EXPORT_OPSETS`].
     pub opset: Option<i64>,
     pub forms: FormsPolicy,
