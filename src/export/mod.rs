@@ -3,7 +3,7 @@
 //! Passes, in order: simplify for the deployment input shape (constants folded, Dropout and
 //! Identity gone), fold every BatchNormalization into the conv before it ([`fold_bn`]), put
 //! each factorized layer in its chosen form ([`forms`], [`choose`]), fix the declared input
-//! and output shapes, write at opset 13 (or the lowest the graph's ops allow), and record where
+//! and output shapes, write at opset 13 (or the source's when the graph's ops need more), and record where
 //! the file came from in `metadata_props`.
 
 pub mod choose;
