@@ -32,23 +32,7 @@ impl Fixture {
     }
 
     fn tensor(&self, key: &str) -> Option<ArrayD<f32>> {
-        let e = &self.index["tensors"][key];
-        if e.is_null() {
-            return None;
-        }
-        let shape: Vec<usize> = e["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        let off = e["offset"].as_u64().unwrap() as usize;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = self.blob[off..off + 4 * n]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Some(ArrayD::from_shape_vec(IxDyn(&shape), v).unwrap())
+        common::fixture_tensor(&self.index, &self.blob, key)
     }
 
     fn labels(&self) -> Vec<usize> {
@@ -61,15 +45,7 @@ impl Fixture {
     }
 }
 
-/// max|a - b| / max|b|.
-fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f32, |m, &v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (&x, &y)| m.max((x - y).abs()))
-        / scale
-}
+use common::rel_err as rel;
 
 /// Logits and loss of one training-mode forward, and the parameter gradients by name.
 fn step(file: &str, f: &Fixture) -> (ArrayD<f32>, f32, HashMap<String, ArrayD<f32>>) {

@@ -29,21 +29,8 @@ impl Fixture {
     }
 
     fn tensor(&self, key: &str) -> ArrayD<f32> {
-        let e = &self.index["tensors"][key];
-        assert!(!e.is_null(), "no fixture tensor '{key}'");
-        let shape: Vec<usize> = e["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        let off = e["offset"].as_u64().unwrap() as usize;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = self.blob[off..off + 4 * n]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        ArrayD::from_shape_vec(IxDyn(&shape), v).unwrap()
+        common::fixture_tensor(&self.index, &self.blob, key)
+            .unwrap_or_else(|| panic!("no fixture tensor '{key}'"))
     }
 
     fn labels(&self) -> Vec<usize> {
@@ -56,15 +43,9 @@ impl Fixture {
     }
 }
 
-/// Tensor-wise relative error max|a - b| / max|b| (elementwise is meaningless for entries at
-/// float32 noise level; see the fixture README).
+/// Tensor-wise relative error (see the fixture README).
 fn rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f32, |m, &v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (&x, &y)| m.max((x - y).abs()))
-        / scale
+    common::rel_err(a, b)
 }
 
 fn model(batch: usize) -> Model {

@@ -250,3 +250,40 @@ pub fn example_binary(name: &str) -> PathBuf {
     );
     bin
 }
+
+/// Tensor `key` of a fixture written by the parity scripts (scripts/make_parity_fixtures.py,
+/// scripts/make_convnext_fixture.py): `index` is its `index.json`, `blob` its `tensors.bin`
+/// (little-endian f32, C order, at the index's byte offset). None when the index lacks it.
+pub fn fixture_tensor(
+    index: &serde_json::Value,
+    blob: &[u8],
+    key: &str,
+) -> Option<ndarray::ArrayD<f32>> {
+    let e = &index["tensors"][key];
+    if e.is_null() {
+        return None;
+    }
+    let shape: Vec<usize> = e["shape"]
+        .as_array()?
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let off = e["offset"].as_u64()? as usize;
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = blob[off..off + 4 * n]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Some(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), v).unwrap())
+}
+
+/// Tensor-wise relative error max|a - b| / max|b| (elementwise is meaningless for entries at
+/// float32 noise level).
+pub fn rel_err(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f32, |m, &v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (&x, &y)| m.max((x - y).abs()))
+        / scale
+}
