@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes two fixtures of what PyTorch's default (dynamo) exporter makes of small untrained
+"""Writes three fixtures of what PyTorch's default (dynamo) exporter makes of small untrained
 classifiers, weights in model.onnx.data:
 
 tests/fixtures/dynamo_shared_bn/: a DenseNet-style net. The point is what that exporter does to
@@ -15,13 +15,21 @@ windows of unequal size, as VGG's 7x7 pool on a 64x64 input). The exporter write
 Transpose, a GatherND with constant indices, Where masks and means; tests/user_models.rs checks
 that elrt trains and exports them, computing what tract computes on the file itself.
 
-    python3 scripts/make_dynamo_fixtures.py [OUT_ROOT]
+tests/fixtures/dynamo_folded_bn/: a MobileNetV3-style net initialised as torchvision
+initialises its nets (zero biases). The exporter's optimiser folds each BatchNorm into its conv
+and drops every bias that is all zeros: the squeeze-excitation convs', a plain conv's and the
+classifier's. params.json lists PyTorch's parameters (name, size) and its BN modules;
+tests/user_models.rs checks that elrt restores the biases and trains with a BN exactly where
+PyTorch has one, so that its parameters are PyTorch's.
+
+    python3 scripts/make_dynamo_fixtures.py [OUT_ROOT] [--only NAME]
 
 Needs torch and onnxscript (scripts/requirements-dev.txt). Seeded; the script prints which
 initializers the first file shares and which ops the second holds.
 """
 
 import collections
+import json
 import os
 import sys
 
@@ -90,6 +98,40 @@ class UnevenPools(nn.Module):
         return self.fc(torch.cat([a, b], 1))
 
 
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, squeezed):
+        super().__init__()
+        self.fc1 = nn.Conv2d(c, squeezed, 1)
+        self.fc2 = nn.Conv2d(squeezed, c, 1)
+
+    def forward(self, x):
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(s))))
+
+
+class TinySeNet(nn.Module):
+    """Conv-BN stems and blocks (folded by the exporter), a squeeze-excitation block and a
+    plain biased conv without BN (SqueezeNet's kind), zero-initialised biases."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(16), nn.ReLU())
+        self.se = SqueezeExcite(16, 8)
+        self.block = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(24), nn.ReLU())
+        self.plain = nn.Conv2d(24, 24, 1)
+        self.fc = nn.Linear(24, classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.block(self.se(self.stem(x)))
+        x = torch.relu(self.plain(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def export(model_class, seed, size, root, name):
     """What a user types: the default exporter at batch 1, nothing else (external data is forced
     so that the fixture has the .onnx.data file that large models get). Returns the graph."""
@@ -110,10 +152,37 @@ def export_adaptive_pool(root):
         sys.exit("the exporter wrote no GatherND or Where: the fixture would test nothing")
 
 
+def export_folded_bn(root):
+    path, graph = export(TinySeNet, 2, 16, root, "dynamo_folded_bn")
+    torch.manual_seed(2)
+    model = TinySeNet()
+    params = [[n, p.numel()] for n, p in model.named_parameters()]
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with open(os.path.join(os.path.dirname(path), "params.json"), "w") as f:
+        json.dump({"params": params, "batchnorms": bns}, f)
+        f.write("\n")
+    biased = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    convs = sum(n.op_type == "Conv" for n in graph.node)
+    print(f"wrote {path}; {convs} convs, nodes with a bias operand: {biased}")
+    if biased or any(n.op_type == "BatchNormalization" for n in graph.node):
+        sys.exit("the exporter kept a bias or a BN: the fixture would test nothing")
+
+
 def main():
-    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+    args = sys.argv[1:]
+    only = None
+    if "--only" in args:
+        i = args.index("--only")
+        only = args[i + 1]
+        del args[i:i + 2]
+    root = args[0] if args else os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures")
-    export_adaptive_pool(root)
+    if only in (None, "dynamo_folded_bn"):
+        export_folded_bn(root)
+    if only in (None, "dynamo_adaptive_pool"):
+        export_adaptive_pool(root)
+    if only not in (None, "dynamo_shared_bn"):
+        return
     path, graph = export(TinyDenseNet, 0, 16, root, "dynamo_shared_bn")
     inits = {t.name for t in graph.initializer}
     uses = collections.Counter(i for n in graph.node for i in n.input if i in inits)

@@ -137,44 +137,46 @@ fn torchscript_convnext_with_erf_gelu_matches_pytorch() {
 
 /// On torchvision's own initialisation the dynamo exporter shares equal tensors (every
 /// LayerNorm scale of one width is one initializer, and the shifts share one with the Linear
-/// biases): each LayerNorm scale and shift, Linear bias and layer scale is its own parameter,
-/// under PyTorch's name.
+/// biases) and drops every conv's and the classifier's bias (all zeros): each of PyTorch's 30
+/// parameters is elrt's, under PyTorch's name and with its size: shared ones untied, dropped
+/// biases restored as zeros.
 #[test]
-fn untrained_convnext_shared_initializers_become_separate_parameters() {
+fn untrained_convnext_has_every_pytorch_parameter_by_name_and_size() {
     let f = Fixture::load();
     let m = Model::load(&dir().join("untrained.onnx"), 2).unwrap();
-    let names: HashSet<&str> = m
+    let sizes: HashMap<&str, usize> = m
         .session
         .program
         .params
         .iter()
-        .map(|p| p.name.as_str())
+        .map(|p| (p.name.as_str(), p.value.len()))
         .collect();
-    let wanted: Vec<&str> = f.index["untrained_params"]
+    let wanted: Vec<(&str, usize)> = f.index["untrained_params"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v[0].as_str().unwrap())
-        .filter(|n| {
-            n.contains(".block.2.")
-                || n.contains(".block.3.")
-                || n.contains(".block.5.")
-                || n.ends_with("layer_scale")
-                || n.starts_with("features.0.1.")
-                || n.starts_with("classifier.0.")
-        })
+        .map(|v| (v[0].as_str().unwrap(), v[1].as_u64().unwrap() as usize))
         .collect();
-    let missing: Vec<&&str> = wanted
+    assert_eq!(wanted.len(), 30);
+    let wrong: Vec<(&str, usize, Option<usize>)> = wanted
         .iter()
-        .filter(|n| {
+        .filter_map(|&(n, size)| {
             // The layer scale is read by a Mul: `<module>.scale` when untied, else its own name.
-            let alt = n.replace("layer_scale", "scale");
-            !names.contains(**n) && !names.contains(alt.as_str())
+            let got = sizes
+                .get(n)
+                .or_else(|| sizes.get(n.replace("layer_scale", "scale").as_str()))
+                .copied();
+            (got != Some(size)).then_some((n, size, got))
         })
         .collect();
     assert!(
-        missing.is_empty(),
-        "not separate parameters: {missing:?} (have {names:?})"
+        wrong.is_empty(),
+        "(PyTorch name, size, elrt's size): {wrong:?} (elrt has {sizes:?})"
+    );
+    assert_eq!(
+        sizes.values().sum::<usize>(),
+        wanted.iter().map(|w| w.1).sum::<usize>(),
+        "elrt has parameters PyTorch does not: {sizes:?}"
     );
     // A batch of two runs, and the outputs are finite.
     let mut m = m;

@@ -737,3 +737,142 @@ fn uneven_adaptive_pools_from_the_dynamo_exporter_compute_what_tract_computes_on
     ]);
     assert!(out.join("compact.onnx").exists());
 }
+
+/// A MobileNetV3-style net as the dynamo exporter writes it untrained (each BN folded into
+/// its conv, every all-zero bias dropped: the squeeze-excitation convs', a plain conv's, the
+/// classifier's; tests/fixtures/dynamo_folded_bn, made by scripts/make_dynamo_fixtures.py with
+/// PyTorch's parameter list in params.json).
+fn dynamo_folded_bn() -> (std::path::PathBuf, serde_json::Value) {
+    let dir = common::repo().join("tests/fixtures/dynamo_folded_bn");
+    let index = std::fs::read_to_string(dir.join("params.json")).unwrap();
+    (
+        dir.join("model.onnx"),
+        serde_json::from_str(&index).unwrap(),
+    )
+}
+
+/// (name, size) of each trainable parameter of a model file, as elrt's engine holds them.
+fn param_sizes(path: &Path) -> BTreeMap<String, usize> {
+    let m = Model::load(path, 2).unwrap();
+    m.session
+        .program
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.value.len()))
+        .collect()
+}
+
+#[test]
+fn zero_biases_the_dynamo_exporter_dropped_are_restored_under_pytorch_names() {
+    let (path, _) = dynamo_folded_bn();
+    let g = elrt::onnx::read_file(&path).unwrap();
+    let biases: Vec<(&str, Option<&str>)> = g
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Conv(_) | Op::Gemm(_)))
+        .map(|n| (n.inputs[1].as_str(), n.input(2)))
+        .collect();
+    assert_eq!(
+        biases,
+        [
+            ("stem.0.weight", None),
+            ("se.fc1.weight", Some("se.fc1.bias")),
+            ("se.fc2.weight", Some("se.fc2.bias")),
+            ("block.0.weight", None),
+            ("plain.weight", Some("plain.bias")),
+            ("fc.weight", Some("fc.bias")),
+        ]
+    );
+    let zeros = |name: &str| {
+        g.initializers[name]
+            .as_f32()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 0.0)
+    };
+    assert!(["se.fc1.bias", "se.fc2.bias", "plain.bias", "fc.bias"]
+        .into_iter()
+        .all(zeros));
+}
+
+/// Trained by `elrt train` as a user runs it, directly and after `elrt convert` to Tucker-2:
+/// a BatchNormalization goes back exactly where PyTorch has one (after the stem's and the
+/// block's conv, after the last factor of a factorized layer; not after the SE convs), named
+/// as PyTorch names it, so the full-rank trained file has PyTorch's parameters, by name and
+/// size.
+#[test]
+fn a_dynamo_file_trains_with_pytorchs_batchnorms_and_parameters() {
+    let (path, index) = dynamo_folded_bn();
+    let tmp = tempfile::tempdir().unwrap();
+    let train = |model: &Path, out: &Path| {
+        common::succeeds([
+            "train".as_ref(),
+            model.as_os_str(),
+            "--data".as_ref(),
+            "synthetic:16,8".as_ref(),
+            "--batch".as_ref(),
+            "4".as_ref(),
+            "--epochs".as_ref(),
+            "1".as_ref(),
+            "--max-steps".as_ref(),
+            "2".as_ref(),
+            "--quiet".as_ref(),
+            "-o".as_ref(),
+            out.as_os_str(),
+        ]);
+    };
+    let trained = tmp.path().join("trained.onnx");
+    train(&path, &trained);
+    let want: BTreeMap<String, usize> = index["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p[0].as_str().unwrap().to_string(),
+                p[1].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    assert_eq!(param_sizes(&trained), want);
+    let bn_nodes = |p: &Path| -> Vec<(String, String)> {
+        let g = elrt::onnx::read_file(p).unwrap();
+        let producers = g.producers();
+        g.nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::BatchNorm(_)))
+            .map(|n| {
+                (
+                    g.nodes[producers[n.inputs[0].as_str()]].name.clone(),
+                    n.name.clone(),
+                )
+            })
+            .collect()
+    };
+    let bns = bn_nodes(&trained);
+    let names: Vec<&str> = bns.iter().map(|(_, bn)| bn.as_str()).collect();
+    assert_eq!(names, ["stem.1", "block.1"]);
+
+    let converted = tmp.path().join("tucker2.onnx");
+    common::succeeds([
+        "convert".as_ref(),
+        path.as_os_str(),
+        "--ranks".as_ref(),
+        "ratio=0.5".as_ref(),
+        "-o".as_ref(),
+        converted.as_os_str(),
+    ]);
+    let trained2 = tmp.path().join("trained2.onnx");
+    train(&converted, &trained2);
+    let bns = bn_nodes(&trained2);
+    assert_eq!(
+        bns.iter().map(|(_, bn)| bn.as_str()).collect::<Vec<_>>(),
+        ["stem.1", "block.1"]
+    );
+    // The block's 3x3 conv is factorized: its BN follows the chain's last factor.
+    assert!(
+        bns[1].0.ends_with("/tucker2/u2"),
+        "the block's BN follows '{}'",
+        bns[1].0
+    );
+}

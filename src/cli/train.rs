@@ -73,8 +73,11 @@ pub struct TrainArgs {
     /// wrote: composed-Kaiming or orthogonal); file: keep all the file's weights.
     #[arg(long, default_value = "scratch")]
     pub init: String,
-    /// auto: insert BatchNormalization after every conv when the graph has none (eval-mode
-    /// exports with BN folded); insert: after every conv lacking one; keep: as it is.
+    /// auto: put back the BatchNormalizations an eval-mode export folded into its convs (where
+    /// PyTorch's dynamo exporter recorded them, exactly those), and in a model with no
+    /// normalization at all (folded without a record, or built without: SqueezeNet) one after
+    /// every conv layer; insert: after every conv layer lacking one; keep: the model as built.
+    /// Never between the factors of a low-rank layer; export folds them into the convs.
     #[arg(long, default_value = "auto")]
     pub bn: String,
     /// No random crop and flip.

@@ -366,6 +366,8 @@ pub fn export(
             && k != INPUT_NAME_KEY
             && k != INPUT_LAYOUT_KEY
             && k != OUTPUT_KEY
+            // A file exported untrained still carries its reader's record of folded BNs.
+            && k != crate::ir::bn_insert::BN_FOLDED_KEY
     });
     g.meta.metadata_props.extend([
         (INPUT_NAME_KEY.to_string(), input_name),

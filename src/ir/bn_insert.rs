@@ -1,10 +1,13 @@
-//! Inserts a BatchNormalization after every convolution that lacks one.
+//! Re-inserts the BatchNormalizations that an eval-mode export folded into its convs.
 //!
 //! An eval-mode PyTorch export has its BN folded into conv biases; such a graph trains badly
 //! from scratch. Re-inserting BN (and dropping the conv bias, which BN's shift makes redundant)
-//! restores the architecture as it was trained; export folds BN back in.
+//! restores the architecture as it was trained; export folds BN back in. Where the file says
+//! which convs had a BN ([`BN_FOLDED_KEY`], from the dynamo exporter's module records) exactly
+//! those get one; otherwise, in a graph with no normalization, every conv layer does (after the
+//! last factor of a factorized layer).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::ops::BatchNorm;
 use super::{Graph, Node, Op, Tensor};
@@ -43,74 +46,173 @@ impl std::fmt::Display for BnPolicy {
     }
 }
 
-/// Applies the policy; returns the number of BN nodes inserted.
-pub fn apply(graph: &mut Graph, policy: BnPolicy) -> usize {
-    // A network normalized by LayerNormalization (ConvNeXt) has its normalization already.
-    let has_bn = graph
+/// `metadata_props` key of a graph read from a file whose exporter folded BatchNorms into
+/// convs and said which (PyTorch's dynamo exporter, see `onnx::dynamo_restore`): a JSON object
+/// from each such conv's output value to the BN module's path (`{"conv2d_3": "layer1.0.bn1"}`),
+/// possibly empty. Value names survive `convert` (a factorized layer's last factor produces
+/// the layer's output value), so the record still places each BN after its layer's chain.
+/// [`apply`] consumes it.
+pub const BN_FOLDED_KEY: &str = "elrt.bn_folded";
+
+/// What [`apply`] did: how many BNs it inserted, and why there (for the user's log line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Inserted {
+    pub count: usize,
+    pub why: &'static str,
+}
+
+/// Applies the policy. `inner_factor` says whether a conv node is a low-rank factor that
+/// another factor of its layer follows: a BN never goes between the factors of one layer.
+///
+/// Under `Auto`, a graph that records where its exporter folded BatchNorms
+/// ([`BN_FOLDED_KEY`]) gets exactly those back, named as PyTorch named them. A graph with no
+/// normalization at all gets a BN after every conv layer: an eval-mode export that folded them
+/// all without saying where, or a network built without any (SqueezeNet), which trains from
+/// scratch only badly as built (PyTorch's own run of torchvision squeezenet1_0 collapses to a
+/// constant output); the export folds them into the convs, so the deployed file has the
+/// architecture it came with. A graph normalized already (BN or LayerNorm) is left alone.
+pub fn apply(
+    graph: &mut Graph,
+    policy: BnPolicy,
+    inner_factor: impl Fn(&str) -> bool,
+) -> anyhow::Result<Inserted> {
+    let folded = take_folded_record(graph)?;
+    let has_norm = graph
         .nodes
         .iter()
         .any(|n| matches!(n.op, Op::BatchNorm(_) | Op::LayerNorm(_)));
-    match policy {
-        BnPolicy::Keep => 0,
-        BnPolicy::Auto if has_bn => 0,
-        _ => insert(graph),
-    }
+    let modules = folded.clone().unwrap_or_default();
+    let every_layer = |graph: &Graph| -> Vec<String> {
+        graph
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Conv(_)) && !inner_factor(&n.name))
+            .map(|n| n.outputs[0].clone())
+            .collect()
+    };
+    let (targets, why): (Vec<String>, &'static str) = match (policy, folded) {
+        (BnPolicy::Keep, _) => return Ok(Inserted { count: 0, why: "--bn keep" }),
+        (BnPolicy::Auto, Some(record)) if !record.is_empty() => {
+            let producers = graph.producers();
+            for v in record.keys() {
+                let conv = producers.get(v.as_str()).map(|&i| &graph.nodes[i]);
+                if !conv.is_some_and(|n| matches!(n.op, Op::Conv(_))) {
+                    anyhow::bail!(
+                        "metadata '{BN_FOLDED_KEY}': value '{v}' should be a conv's output, and no conv produces it"
+                    );
+                }
+            }
+            (
+                record.into_keys().collect(),
+                "where the exporter folded them into convs (--bn auto)",
+            )
+        }
+        (BnPolicy::Auto, _) if has_norm => {
+            return Ok(Inserted {
+                count: 0,
+                why: "the model is normalized already (--bn auto)",
+            })
+        }
+        (BnPolicy::Auto, _) => (
+            every_layer(graph),
+            "after every conv layer: the model has no normalization layer (--bn auto; export folds \
+             them into the convs; --bn keep trains the model as built)",
+        ),
+        (BnPolicy::Insert, _) => (every_layer(graph), "after every conv layer lacking one (--bn insert)"),
+    };
+    Ok(Inserted {
+        count: insert(graph, &targets, &modules),
+        why,
+    })
 }
 
-fn insert(graph: &mut Graph) -> usize {
+/// Removes and parses the [`BN_FOLDED_KEY`] record.
+fn take_folded_record(graph: &mut Graph) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+    let props = &mut graph.meta.metadata_props;
+    let Some(i) = props.iter().position(|(k, _)| k == BN_FOLDED_KEY) else {
+        return Ok(None);
+    };
+    let (_, json) = props.remove(i);
+    let record = serde_json::from_str(&json).map_err(|e| {
+        anyhow::anyhow!("metadata '{BN_FOLDED_KEY}': not a JSON object of value names: {e}")
+    })?;
+    Ok(Some(record))
+}
+
+/// Inserts a BN after the conv producing each of `targets` that is not already followed by
+/// one; a BN is named after its PyTorch module where `modules` has one for the value.
+fn insert(graph: &mut Graph, targets: &[String], modules: &BTreeMap<String, String>) -> usize {
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, n) in graph.nodes.iter().enumerate() {
         for inp in &n.inputs {
             consumers.entry(inp.as_str()).or_default().push(i);
         }
     }
+    let targets: HashSet<&str> = targets.iter().map(String::as_str).collect();
     // Convs whose only consumer is already a BN keep their form.
-    let has_bn: Vec<bool> = graph
+    let wanted: Vec<bool> = graph
         .nodes
         .iter()
         .map(|n| {
-            consumers
-                .get(n.outputs[0].as_str())
-                .is_some_and(|c| c.len() == 1 && matches!(graph.nodes[c[0]].op, Op::BatchNorm(_)))
+            matches!(n.op, Op::Conv(_))
+                && targets.contains(n.outputs[0].as_str())
+                && !consumers.get(n.outputs[0].as_str()).is_some_and(|c| {
+                    c.len() == 1 && matches!(graph.nodes[c[0]].op, Op::BatchNorm(_))
+                })
         })
+        .collect();
+    let mut taken: HashSet<String> = graph
+        .initializers
+        .keys()
+        .cloned()
+        .chain(graph.nodes.iter().map(|n| n.name.clone()))
         .collect();
     let mut nodes = Vec::with_capacity(graph.nodes.len() * 2);
     let mut count = 0;
-    for (mut n, followed) in std::mem::take(&mut graph.nodes).into_iter().zip(has_bn) {
-        let Op::Conv(_) = n.op else {
+    for (mut n, wanted) in std::mem::take(&mut graph.nodes).into_iter().zip(wanted) {
+        let Some(c) = wanted
+            .then(|| graph.initializers.get(&n.inputs[1]))
+            .flatten()
+            .map(|w| w.shape()[0])
+        else {
             nodes.push(n);
             continue;
         };
         let out = n.outputs[0].clone();
-        if followed {
-            nodes.push(n);
-            continue;
-        }
-        let Some(w) = graph.initializers.get(&n.inputs[1]) else {
-            nodes.push(n);
-            continue;
-        };
-        let c = w.shape()[0];
         if n.inputs.len() > 2 {
             n.inputs.truncate(2);
         }
-        let base = format!("{}/bn", n.name);
+        // PyTorch's names (`layer1.0.bn1`, `layer1.0.bn1.weight`) where the record has the
+        // module and they are free, else `<conv>/bn` and `<conv>/bn/scale`.
+        let (base, names) = match modules.get(&out) {
+            Some(m)
+                if !taken.contains(m)
+                    && BN_ROLES
+                        .iter()
+                        .all(|(_, torch, _)| !taken.contains(&format!("{m}.{torch}"))) =>
+            {
+                (
+                    m.clone(),
+                    BN_ROLES.map(|(_, torch, _)| format!("{m}.{torch}")),
+                )
+            }
+            _ => {
+                let base = format!("{}/bn", n.name);
+                let names = BN_ROLES.map(|(elrt, _, _)| format!("{base}/{elrt}"));
+                (base, names)
+            }
+        };
         let conv_out = format!("{out}/prebn");
         n.outputs[0] = conv_out.clone();
-        let mut init = |suffix: &str, v: f32| {
-            let name = format!("{base}/{suffix}");
+        let mut inputs = vec![conv_out];
+        for (name, (_, _, v)) in names.into_iter().zip(BN_ROLES) {
             graph
                 .initializers
                 .insert(name.clone(), Tensor::f32(&[c], vec![v; c]).expect("1-D"));
-            name
-        };
-        let inputs = vec![
-            conv_out,
-            init("scale", 1.0),
-            init("bias", 0.0),
-            init("mean", 0.0),
-            init("var", 1.0),
-        ];
+            taken.insert(name.clone());
+            inputs.push(name);
+        }
+        taken.insert(base.clone());
         nodes.push(n);
         nodes.push(Node {
             name: base,
@@ -129,12 +231,20 @@ fn insert(graph: &mut Graph) -> usize {
     count
 }
 
+/// A BN's inputs after X: elrt's name suffix, PyTorch's, and the fresh value (PyTorch's
+/// defaults: scale 1, shift 0, statistics of a standard normal).
+const BN_ROLES: [(&str, &str, f32); 4] = [
+    ("scale", "weight", 1.0),
+    ("bias", "bias", 0.0),
+    ("mean", "running_mean", 0.0),
+    ("var", "running_var", 1.0),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ir::ops::{AutoPad, Conv};
     use crate::ir::{Dim, ElemType, ModelMeta, ValueInfo};
-    use std::collections::BTreeMap;
 
     fn conv_graph() -> Graph {
         let mut init = BTreeMap::new();
@@ -187,14 +297,127 @@ mod tests {
     #[test]
     fn inserts_after_conv_and_drops_bias() {
         let mut g = conv_graph();
-        assert_eq!(apply(&mut g, BnPolicy::Keep), 0);
-        assert_eq!(apply(&mut g, BnPolicy::Auto), 1);
+        assert_eq!(apply(&mut g, BnPolicy::Keep, |_| false).unwrap().count, 0);
+        assert_eq!(apply(&mut g, BnPolicy::Auto, |_| false).unwrap().count, 1);
         g.check().unwrap();
         assert!(!g.initializers.contains_key("b"), "bias should go");
         let ops: Vec<_> = g.nodes.iter().map(|n| n.op.onnx_type()).collect();
         assert_eq!(ops, ["Conv", "BatchNormalization", "Relu"]);
         // Already followed by BN: nothing more, whatever the policy.
-        assert_eq!(apply(&mut g, BnPolicy::Insert), 0);
-        assert_eq!(apply(&mut g, BnPolicy::Auto), 0);
+        assert_eq!(apply(&mut g, BnPolicy::Insert, |_| false).unwrap().count, 0);
+        assert_eq!(apply(&mut g, BnPolicy::Auto, |_| false).unwrap().count, 0);
+    }
+
+    /// The conv graph with a second conv `conv2` reading `c` (so the chain is conv -> conv2 ->
+    /// relu), as a factorized layer's `u1` -> `u2` is.
+    fn two_conv_graph(first: &str, second: &str) -> Graph {
+        let mut g = conv_graph();
+        g.nodes[0].name = first.into();
+        g.initializers.insert(
+            "w2".to_string(),
+            Tensor::f32(&[4, 4, 1, 1], vec![0.1; 16]).unwrap(),
+        );
+        let mut conv2 = g.nodes[0].clone();
+        conv2.name = second.into();
+        conv2.inputs = vec!["c".into(), "w2".into()];
+        conv2.outputs = vec!["c2".into()];
+        g.nodes[1].inputs = vec!["c2".into()];
+        g.nodes.insert(1, conv2);
+        g
+    }
+
+    #[test]
+    fn inserts_after_a_factor_chain_not_inside_it() {
+        let mut g = two_conv_graph("l/tucker2/u1", "l/tucker2/u2");
+        // What lowrank::naming::is_inner_factor says of these two (ir may not import it).
+        let inner = |n: &str| n == "l/tucker2/u1";
+        assert_eq!(apply(&mut g, BnPolicy::Auto, inner).unwrap().count, 1);
+        let ops: Vec<_> = g
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.op.onnx_type()))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                ("l/tucker2/u1", "Conv"),
+                ("l/tucker2/u2", "Conv"),
+                ("l/tucker2/u2/bn", "BatchNormalization"),
+                ("relu", "Relu")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_folded_bn_record_places_and_names_each_bn_and_is_consumed() {
+        let mut g = two_conv_graph("conv1", "conv2");
+        g.meta.metadata_props.push((
+            BN_FOLDED_KEY.to_string(),
+            r#"{"c2": "block.bn"}"#.to_string(),
+        ));
+        assert_eq!(apply(&mut g, BnPolicy::Auto, |_| false).unwrap().count, 1);
+        g.check().unwrap();
+        let ops: Vec<_> = g
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.op.onnx_type()))
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                ("conv1", "Conv"),
+                ("conv2", "Conv"),
+                ("block.bn", "BatchNormalization"),
+                ("relu", "Relu")
+            ]
+        );
+        assert_eq!(
+            g.nodes[2].inputs[1..],
+            [
+                "block.bn.weight",
+                "block.bn.bias",
+                "block.bn.running_mean",
+                "block.bn.running_var"
+            ]
+        );
+        assert!(g.meta.metadata_props.is_empty(), "the record is spent");
+        // An empty record of a graph with no normalization (SqueezeNet): one after every conv.
+        let mut g = two_conv_graph("conv1", "conv2");
+        g.meta
+            .metadata_props
+            .push((BN_FOLDED_KEY.to_string(), "{}".to_string()));
+        let done = apply(&mut g, BnPolicy::Auto, |_| false).unwrap();
+        assert_eq!(done.count, 2);
+        assert!(done.why.contains("no normalization"), "{}", done.why);
+        // An empty record of a normalized graph (a training-mode export): nothing.
+        let mut g = two_conv_graph("conv1", "conv2");
+        apply(&mut g, BnPolicy::Insert, |n| n == "conv1").unwrap();
+        g.meta
+            .metadata_props
+            .push((BN_FOLDED_KEY.to_string(), "{}".to_string()));
+        assert_eq!(apply(&mut g, BnPolicy::Auto, |_| false).unwrap().count, 0);
+        // --bn insert still puts one after every conv.
+        let mut g = two_conv_graph("conv1", "conv2");
+        g.meta
+            .metadata_props
+            .push((BN_FOLDED_KEY.to_string(), "{}".to_string()));
+        assert_eq!(apply(&mut g, BnPolicy::Insert, |_| false).unwrap().count, 2);
+    }
+
+    #[test]
+    fn a_record_naming_no_conv_output_is_an_error() {
+        let mut g = conv_graph();
+        g.meta
+            .metadata_props
+            .push((BN_FOLDED_KEY.to_string(), r#"{"r": "bn"}"#.to_string()));
+        let e = apply(&mut g, BnPolicy::Auto, |_| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'r'") && e.contains(BN_FOLDED_KEY), "{e}");
+        let mut g = conv_graph();
+        g.meta
+            .metadata_props
+            .push((BN_FOLDED_KEY.to_string(), "[1]".to_string()));
+        assert!(apply(&mut g, BnPolicy::Auto, |_| false).is_err());
     }
 }

@@ -176,8 +176,46 @@ pub fn is_factor_weight(name: &str) -> bool {
     FactorName::parse(name).is_some_and(|f| f.is_weight())
 }
 
+/// Whether a node is a factor that another factor of its layer follows (Tucker-2's `u1` and
+/// `core`, CP's `u1` and depthwise pair, SVD's `u1`, or any factor of such a factor): the
+/// layer's output is its `u2`'s. A BatchNormalization that belongs after the layer belongs
+/// after the chain, never inside it.
+pub fn is_inner_factor(node_name: &str) -> bool {
+    let Some(f) = FactorName::parse(node_name).filter(|f| f.rest.is_empty()) else {
+        return false;
+    };
+    !matches!(f.role, FactorRole::U2 | FactorRole::CoreU2) || is_inner_factor(f.layer)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn inner_factors_are_all_but_each_chains_last() {
+        for inner in [
+            "l/tucker2/u1",
+            "l/tucker2/core",
+            "l/cp/u1",
+            "l/cp/vertical",
+            "l/cp/horizontal",
+            "l/svd/u1",
+            "l/tucker2/u1_core",
+            "l/tucker2/core/tucker2/u2",
+        ] {
+            assert!(is_inner_factor(inner), "{inner}");
+        }
+        for last in [
+            "l/tucker2/u2",
+            "l/cp/u2",
+            "l/svd/u2",
+            "l/tucker2/core_u2",
+            "l/tucker2/u2/svd/u2",
+            "layer1.0.conv1",
+            "l/tucker2/u1.weight",
+        ] {
+            assert!(!is_inner_factor(last), "{last}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -1,6 +1,7 @@
 //! ONNX in and out: protobuf ([`onnx_protobuf`]) <-> [`crate::ir::Graph`].
 
 mod attrs;
+mod dynamo_restore;
 pub mod external;
 pub mod read;
 mod stochastic_depth;

@@ -11,7 +11,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use onnx_protobuf::{type_proto, Message, ModelProto, NodeProto, ValueInfoProto};
 
 use super::attrs::Attrs;
+use super::dynamo_restore::Origin;
 use super::tensor;
+use crate::ir::bn_insert::BN_FOLDED_KEY;
 use crate::ir::ops::*;
 use crate::ir::{Dim, ElemType, Graph, ModelMeta, Node, Tensor, ValueInfo};
 
@@ -151,8 +153,8 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         );
     }
     let mut nodes = Vec::with_capacity(proto_nodes.len());
-    // Each node's PyTorch module path, where the exporter recorded one (for `untie`).
-    let mut modules = Vec::with_capacity(proto_nodes.len());
+    // Where the exporter says each node came from (for `untie` and `dynamo_restore`).
+    let mut origins = Vec::with_capacity(proto_nodes.len());
     for (idx, n) in proto_nodes.iter().enumerate() {
         let name = unique_name(n, idx, &mut used_names);
         let what = || format!("node '{}' ({})", name, n.op_type);
@@ -194,12 +196,17 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
             inputs,
             outputs: n.output.clone(),
         });
-        modules.push(
+        let meta = |key: &str| {
             n.metadata_props
                 .iter()
-                .find(|p| p.key == "pkg.torch.onnx.name_scopes")
-                .and_then(|p| super::untie::module_path(&p.value)),
-        );
+                .find(|p| p.key == key)
+                .map(|p| p.value.as_str())
+        };
+        origins.push(Origin {
+            module: meta("pkg.torch.onnx.name_scopes").and_then(super::untie::module_path),
+            class: meta("pkg.torch.onnx.class_hierarchy")
+                .and_then(super::dynamo_restore::class_and_op),
+        });
     }
     let mut taken: HashSet<String> = consts
         .keys()
@@ -208,6 +215,7 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         .chain(nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
         .collect();
     let input_names: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
+    let modules: Vec<Option<String>> = origins.iter().map(|o| o.module.clone()).collect();
     super::untie::untie(&mut nodes, &mut consts, &modules, &input_names, &mut taken);
     super::untie::name_generated_params(
         &mut nodes,
@@ -217,6 +225,16 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         &mut taken,
     );
 
+    let output_names: HashSet<String> = outputs.iter().map(|o| o.name.clone()).collect();
+    let restored = super::dynamo_restore::restore(
+        &mut nodes,
+        &mut consts,
+        &origins,
+        &output_names,
+        &mut taken,
+    );
+
+    let recorded = restored.bn_folded.is_some();
     let meta = ModelMeta {
         ir_version: model.ir_version,
         producer_name: model.producer_name.clone(),
@@ -227,7 +245,10 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         metadata_props: model
             .metadata_props
             .iter()
+            // A record made now replaces one the file carries (a file elrt wrote keeps its own).
+            .filter(|p| !recorded || p.key != BN_FOLDED_KEY)
             .map(|p| (p.key.clone(), p.value.clone()))
+            .chain(restored.bn_folded)
             .collect(),
     };
     let mut graph = Graph {

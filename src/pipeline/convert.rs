@@ -157,6 +157,7 @@ pub fn convert_graph(mut g: Graph, a: &ConvertOptions) -> Result<(Graph, Convert
             || k.starts_with("elrt.normalize")
             || k.starts_with("elrt.input.")
             || k == crate::data::CLASSES_KEY
+            || k == crate::ir::bn_insert::BN_FOLDED_KEY
     });
     g.meta.metadata_props.extend([
         ("elrt.source".to_string(), a.model.display().to_string()),

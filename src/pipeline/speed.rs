@@ -84,7 +84,12 @@ pub fn speed(a: &SpeedOptions) -> Result<SpeedReport> {
 fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
     use ndarray::{ArrayD, IxDyn};
     let mut graph = crate::onnx::read_file(&a.model)?;
-    bn_insert::apply(&mut graph, BnPolicy::Auto);
+    bn_insert::apply(
+        &mut graph,
+        BnPolicy::Auto,
+        crate::lowrank::naming::is_inner_factor,
+    )
+    .with_context(|| a.model.display().to_string())?;
     let mut m = Model::from_graph(graph, a.batch).with_context(|| a.model.display().to_string())?;
     let mut r = crate::rng::Rng::new(1);
     let x = ArrayD::from_shape_fn(IxDyn(&m.input_shape), |_| r.normal());

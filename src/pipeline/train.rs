@@ -489,11 +489,12 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         );
     }
     record_data_facts(&mut graph, spec, &splits.train, chw);
-    let inserted = bn_insert::apply(&mut graph, a.bn);
-    if inserted > 0 && !quiet {
+    let inserted = bn_insert::apply(&mut graph, a.bn, crate::lowrank::naming::is_inner_factor)
+        .with_context(what)?;
+    if inserted.count > 0 && !quiet {
         eprintln!(
-            "inserted {inserted} BatchNormalization nodes (--bn {})",
-            a.bn
+            "inserted {} BatchNormalization nodes {}",
+            inserted.count, inserted.why
         );
     }
     match a.init {
