@@ -1,12 +1,22 @@
 //! Initialisation from scratch, as the ResNet recipes and PyTorch do it: Kaiming-normal
-//! (fan_out, ReLU gain) for conv weights, zero conv biases, PyTorch's Linear default for
-//! Gemm/MatMul weights and biases (uniform in ±1/sqrt(fan_in)), BN scale 1 and shift 0 with
-//! fresh running statistics (mean 0, variance 1).
+//! (fan_out, ReLU gain) for the weights of convs that a normalization follows, zero conv
+//! biases, PyTorch's Linear default for Gemm/MatMul weights and biases (uniform in
+//! ±1/sqrt(fan_in)), BN scale 1 and shift 0 with fresh running statistics (mean 0, variance 1).
+//!
+//! A conv that no BatchNorm or LayerNorm follows (SqueezeNet's, which has none; squeeze-
+//! excitation convs) gets Kaiming fan_in instead, as torchvision initialises SqueezeNet: there
+//! nothing rescales the activations, and fan_out would multiply their variance by
+//! fan_in/fan_out at every layer (16x at SqueezeNet's 512 -> 32 squeeze convs, so the logits
+//! overflowed before the first step). Of such a layer's low-rank factors only the last carries
+//! the ReLU gain, so the chain keeps its input's variance as one conv would.
 
 use anyhow::Result;
 use ndarray::ArrayD;
 
+use std::collections::HashMap;
+
 use crate::ir::{Graph, Op, Tensor};
+use crate::lowrank::naming::is_inner_factor;
 use crate::rng::Rng;
 
 /// Re-initialises every trainable tensor and BN statistic of the graph, deterministically from
@@ -26,8 +36,9 @@ pub fn init_except_factors(graph: &mut Graph, seed: u64) -> Result<()> {
 }
 
 fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Result<()> {
+    let normalized = normalized_convs(graph);
     let mut plan: Vec<(String, Init)> = Vec::new();
-    for n in &graph.nodes {
+    for (ni, n) in graph.nodes.iter().enumerate() {
         let shape_of = |i: usize| {
             n.input(i)
                 .and_then(|name| graph.initializers.get(name))
@@ -50,11 +61,15 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
             Op::Conv(_) => {
                 if let Some(s) = shape_of(1) {
                     rank_at_least(&s, 3)?;
-                    let fan_out = s[0] * s[2..].iter().product::<usize>();
-                    plan.push((
-                        n.inputs[1].clone(),
-                        Init::Normal((2.0 / fan_out as f32).sqrt()),
-                    ));
+                    let area = s[2..].iter().product::<usize>();
+                    let var = if normalized[ni] {
+                        2.0 / (s[0] * area) as f32
+                    } else if is_inner_factor(&n.name) {
+                        1.0 / (s[1] * area) as f32
+                    } else {
+                        2.0 / (s[1] * area) as f32
+                    };
+                    plan.push((n.inputs[1].clone(), Init::Normal(var.sqrt())));
                 }
                 if shape_of(2).is_some() {
                     plan.push((n.inputs[2].clone(), Init::Const(0.0)));
@@ -109,6 +124,49 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
     Ok(())
 }
 
+/// For each node, whether it is a conv whose layer's output a normalization (BatchNorm,
+/// LayerNorm) reads, directly or through layout ops (ConvNeXt's Transpose before its
+/// LayerNorm); a low-rank factor's layer output is its chain's last factor's.
+fn normalized_convs(graph: &Graph) -> Vec<bool> {
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        for v in n.inputs.iter().filter(|v| !v.is_empty()) {
+            consumers.entry(v.as_str()).or_default().push(i);
+        }
+    }
+    let only_use = |v: &str| match consumers.get(v).map(Vec::as_slice) {
+        Some(&[c]) => Some(c),
+        _ => None,
+    };
+    graph
+        .nodes
+        .iter()
+        .map(|n| {
+            if !matches!(n.op, Op::Conv(_)) {
+                return false;
+            }
+            let mut node = n;
+            // Bounded walk: each step moves to a later node of a finite graph.
+            for _ in 0..graph.nodes.len() {
+                let Some(next) = only_use(&node.outputs[0]).map(|c| &graph.nodes[c]) else {
+                    return false;
+                };
+                let carries = match next.op {
+                    Op::BatchNorm(_) | Op::LayerNorm(_) => return true,
+                    Op::Conv(_) => is_inner_factor(&node.name),
+                    Op::Transpose { .. } | Op::Reshape { .. } | Op::Identity => true,
+                    _ => false,
+                };
+                if !carries {
+                    return false;
+                }
+                node = next;
+            }
+            false
+        })
+        .collect()
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Init {
     Normal(f32),
@@ -149,5 +207,101 @@ mod tests {
             g.initializers, g2.initializers,
             "deterministic from the seed"
         );
+    }
+
+    fn std_of(g: &Graph, name: &str) -> f32 {
+        let w = g.initializers[name].as_f32().unwrap();
+        let n = w.len() as f32;
+        let mean = w.sum() / n;
+        (w.mapv(|v| (v - mean) * (v - mean)).sum() / n).sqrt()
+    }
+
+    /// x -> conv `a` (256 -> 16, 1x1) -> `next` -> ..., where `next` is a BatchNormalization or a
+    /// Relu; plus a factor chain `l/tucker2/u1` (16 -> 64) -> `l/tucker2/u2` (64 -> 64) -> Relu.
+    fn graph(next: Op) -> Graph {
+        use crate::ir::ops::{AutoPad, Conv};
+        use crate::ir::{Dim, ElemType, ModelMeta, Node, ValueInfo};
+        let conv = || {
+            Op::Conv(Conv {
+                kernel_shape: None,
+                strides: vec![],
+                pads: vec![],
+                dilations: vec![],
+                group: 1,
+                auto_pad: AutoPad::NotSet,
+            })
+        };
+        let node = |name: &str, op: Op, i: &[&str], o: &str| Node {
+            name: name.into(),
+            op,
+            inputs: i.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![o.into()],
+        };
+        let t = |shape: &[usize]| Tensor::f32(shape, vec![0.0; shape.iter().product()]).unwrap();
+        let mut initializers: std::collections::BTreeMap<String, Tensor> = [
+            ("a.weight", t(&[16, 256, 1, 1])),
+            ("u1.weight", t(&[64, 16, 1, 1])),
+            ("u2.weight", t(&[64, 64, 1, 1])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut next_inputs = vec!["y"];
+        if matches!(next, Op::BatchNorm(_)) {
+            for k in ["s", "b", "m", "v"] {
+                initializers.insert(k.to_string(), t(&[16]));
+            }
+            next_inputs.extend(["s", "b", "m", "v"]);
+        }
+        let vi = |n: &str| ValueInfo {
+            name: n.into(),
+            elem: ElemType::F32,
+            shape: Some(vec![
+                Dim::Fixed(1),
+                Dim::Fixed(256),
+                Dim::Fixed(4),
+                Dim::Fixed(4),
+            ]),
+        };
+        Graph {
+            name: "g".into(),
+            opset: 13,
+            inputs: vec![vi("x")],
+            outputs: vec![vi("r")],
+            nodes: vec![
+                node("a", conv(), &["x", "a.weight"], "y"),
+                node("next", next, &next_inputs, "z"),
+                node("l/tucker2/u1", conv(), &["z", "u1.weight"], "f1"),
+                node("l/tucker2/u2", conv(), &["f1", "u2.weight"], "f2"),
+                node("relu", Op::Relu, &["f2"], "r"),
+            ],
+            initializers,
+            meta: ModelMeta::default(),
+        }
+    }
+
+    #[test]
+    fn kaiming_fan_in_where_no_normalization_follows_with_the_gain_on_a_chains_last_factor() {
+        use crate::ir::ops::BatchNorm;
+        let close = |got: f32, want: f32| (got / want - 1.0).abs() < 0.06;
+        let mut g = graph(Op::BatchNorm(BatchNorm {
+            epsilon: 1e-5,
+            momentum: 0.9,
+            training_mode: false,
+        }));
+        init_from_scratch(&mut g, 1).unwrap();
+        // A BN follows: fan_out (16 outputs).
+        let s = std_of(&g, "a.weight");
+        assert!(close(s, (2.0f32 / 16.0).sqrt()), "{s}");
+        let mut g = graph(Op::Relu);
+        init_from_scratch(&mut g, 1).unwrap();
+        // Nothing follows but a Relu: fan_in (256 inputs).
+        let s = std_of(&g, "a.weight");
+        assert!(close(s, (2.0f32 / 256.0).sqrt()), "{s}");
+        // The chain: u1 without the ReLU gain, u2 with it, each on its fan_in.
+        let s = std_of(&g, "u1.weight");
+        assert!(close(s, (1.0f32 / 16.0).sqrt()), "{s}");
+        let s = std_of(&g, "u2.weight");
+        assert!(close(s, (2.0f32 / 64.0).sqrt()), "{s}");
     }
 }
