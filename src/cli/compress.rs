@@ -76,6 +76,12 @@ pub struct CompressArgs {
     /// No weight decay on the factor matrices under DSO (see `elrt train --orth-no-decay`).
     #[arg(long)]
     pub orth_no_decay: bool,
+    /// Where training puts BatchNormalizations (see `elrt train --bn`): auto (back where an
+    /// eval-mode export folded them; in a model with no normalization, after every conv
+    /// layer), insert (after every conv layer lacking one), keep (the model as built). The
+    /// compact file has them folded into the convs.
+    #[arg(long, default_value = "auto")]
+    pub bn: String,
     /// Weight decay on conv and linear weights (SGD, decoupled from the learning rate as
     /// torch.optim.SGD applies it).
     #[arg(long, default_value_t = 5e-4)]
@@ -154,6 +160,7 @@ impl CompressArgs {
             orth: self.orth,
             factor_init: self.factor_init.parse()?,
             orth_no_decay: self.orth_no_decay,
+            bn: self.bn.parse()?,
             wd: self.wd,
             schedule: self.schedule.parse()?,
             threads: self.threads,

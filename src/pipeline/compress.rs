@@ -142,6 +142,8 @@ pub struct CompressOptions {
     pub factor_init: FactorInit,
     /// No weight decay on the factor matrices under DSO.
     pub orth_no_decay: bool,
+    /// Where training puts BatchNormalizations back (`elrt train --bn`).
+    pub bn: BnPolicy,
     /// Weight decay on conv and linear weights.
     pub wd: f32,
     pub schedule: Schedule,
@@ -194,6 +196,7 @@ impl Default for CompressOptions {
             orth: DEFAULT_ORTH,
             factor_init: FactorInit::PerConv,
             orth_no_decay: false,
+            bn: BnPolicy::Auto,
             wd: 5e-4,
             schedule: Schedule::Cosine { min_ratio: 0.0 },
             threads: None,
@@ -265,6 +268,13 @@ struct Recipe {
     input_shape: Option<String>,
     #[serde(default)]
     keep_head: bool,
+    /// Absent in run folders written before the option existed: they used auto.
+    #[serde(default = "bn_auto", with = "text")]
+    bn: BnPolicy,
+}
+
+fn bn_auto() -> BnPolicy {
+    BnPolicy::Auto
 }
 
 impl Recipe {
@@ -312,7 +322,7 @@ impl Recipe {
             seed: self.seed,
             max_steps: self.max_steps,
             init: self.factor_init.stages().1,
-            bn: BnPolicy::Auto,
+            bn: self.bn,
             augment: true,
             normalize: self.normalize.clone(),
             orth,
@@ -655,6 +665,7 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
         orth: a.orth,
         factor_init: a.factor_init,
         orth_no_decay: a.orth_no_decay,
+        bn: a.bn,
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
@@ -1021,7 +1032,7 @@ fn lead(a: &CompressOptions) -> Result<CompressReport> {
         ));
     }
     run.say(&format!(
-        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | normalize {} | seed {}",
+        "recipe: {} {} | {} epochs, batch {}, SGD Nesterov lr {} {} wd {} | DSO rho {}{} | factors {} | normalize {} | bn {} | seed {}",
         recipe.format,
         recipe.ranks,
         epochs,
@@ -1033,6 +1044,7 @@ fn lead(a: &CompressOptions) -> Result<CompressReport> {
         if recipe.orth_no_decay { " (no wd on U1/U2)" } else { "" },
         recipe.factor_init,
         normalize,
+        recipe.bn,
         recipe.seed
     ));
     let mut stage_seconds = Vec::new();
