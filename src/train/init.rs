@@ -13,7 +13,7 @@
 use anyhow::Result;
 use ndarray::ArrayD;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::ir::{Graph, Op, Tensor};
 use crate::lowrank::naming::is_inner_factor;
@@ -124,9 +124,10 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
     Ok(())
 }
 
-/// For each node, whether it is a conv whose layer's output a normalization (BatchNorm,
-/// LayerNorm) reads, directly or through layout ops (ConvNeXt's Transpose before its
-/// LayerNorm); a low-rank factor's layer output is its chain's last factor's.
+/// For each node, whether it is a conv whose layer's output only normalizations (BatchNorm,
+/// LayerNorm) read, directly or through layout ops, Concat and pooling (ConvNeXt's Transpose
+/// before its LayerNorm, DenseNet's concatenations before each BN); a low-rank factor's layer
+/// output is its chain's last factor's.
 fn normalized_convs(graph: &Graph) -> Vec<bool> {
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, n) in graph.nodes.iter().enumerate() {
@@ -134,37 +135,52 @@ fn normalized_convs(graph: &Graph) -> Vec<bool> {
             consumers.entry(v.as_str()).or_default().push(i);
         }
     }
-    let only_use = |v: &str| match consumers.get(v).map(Vec::as_slice) {
-        Some(&[c]) => Some(c),
-        _ => None,
-    };
+    let outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let mut memo: HashMap<&str, bool> = HashMap::new();
     graph
         .nodes
         .iter()
         .map(|n| {
-            if !matches!(n.op, Op::Conv(_)) {
-                return false;
-            }
-            let mut node = n;
-            // Bounded walk: each step moves to a later node of a finite graph.
-            for _ in 0..graph.nodes.len() {
-                let Some(next) = only_use(&node.outputs[0]).map(|c| &graph.nodes[c]) else {
-                    return false;
-                };
-                let carries = match next.op {
-                    Op::BatchNorm(_) | Op::LayerNorm(_) => return true,
-                    Op::Conv(_) => is_inner_factor(&node.name),
-                    Op::Transpose { .. } | Op::Reshape { .. } | Op::Identity => true,
-                    _ => false,
-                };
-                if !carries {
-                    return false;
-                }
-                node = next;
-            }
-            false
+            matches!(n.op, Op::Conv(_)) && reaches_norm(graph, &consumers, &outputs, &mut memo, n)
         })
         .collect()
+}
+
+/// Whether every use of `node`'s output reaches a normalization (see [`normalized_convs`]).
+fn reaches_norm<'g>(
+    graph: &'g Graph,
+    consumers: &HashMap<&'g str, Vec<usize>>,
+    outputs: &HashSet<&str>,
+    memo: &mut HashMap<&'g str, bool>,
+    node: &'g crate::ir::Node,
+) -> bool {
+    let v = node.outputs[0].as_str();
+    if let Some(&r) = memo.get(v) {
+        return r;
+    }
+    // Provisional answer: a graph has no cycles, and this ends any walk that meets one.
+    memo.insert(v, false);
+    let uses = consumers.get(v).map(Vec::as_slice).unwrap_or(&[]);
+    let r = !outputs.contains(v)
+        && !uses.is_empty()
+        && uses.iter().all(|&c| {
+            let next = &graph.nodes[c];
+            match next.op {
+                Op::BatchNorm(_) | Op::LayerNorm(_) => next.inputs[0] == v,
+                Op::Conv(_) => {
+                    is_inner_factor(&node.name)
+                        && reaches_norm(graph, consumers, outputs, memo, next)
+                }
+                Op::Transpose { .. }
+                | Op::Reshape { .. }
+                | Op::Identity
+                | Op::Concat { .. }
+                | Op::Pool(_) => reaches_norm(graph, consumers, outputs, memo, next),
+                _ => false,
+            }
+        });
+    memo.insert(v, r);
+    r
 }
 
 #[derive(Clone, Copy, Debug)]
