@@ -37,14 +37,17 @@ exact error.
    Conv2d -> BatchNorm2d pair folded, as the TorchScript exporter and the dynamo exporter
    both do); train: sum(p.numel()); dynamo: the fused count less the Conv/Linear biases that
    are all zero after folding, which its graph optimiser drops (classifier biases that
-   torchvision initialises to zero: 10 elements on mobilenet_v2, for instance).
+   torchvision initialises to zero: 10 elements on mobilenet_v2, for instance). elrt restores
+   those from the exporter's module records, so its own count of a dynamo file (the inspect
+   stage) is the fused count itself.
 
 2. Stages, each an elrt command run with a timeout from inside --out (so the paths in errors
    are short); a cell is a tick or the first `error:` line
    elrt printed (else the last line of stderr, e.g. a panic), "timeout", or "skipped (export
    failed)". The cells of one model and form run in this order:
 
-     inspect   elrt inspect FILE --json: totals.params equals the PyTorch count above
+     inspect   elrt inspect FILE --json: totals.params equals the PyTorch count above (for
+               dynamo: the fused count, the zero biases restored)
      train     elrt train FILE --data synthetic:32,16 --batch 8 --epochs 5 --max-steps 20
                --optimizer adamw --lr 1e-3 --schedule constant --no-augment --threads 1:
                4 steps an epoch on 32 images, so 5 epoch points; the last epoch's train loss
@@ -368,6 +371,8 @@ def export_one(model, name: str, form: str, out_dir: str) -> dict:
                     how += f" - {zb} all-zero bias elements"
         in_file = onnx_per_node_params(om)
         rec.update(params=expected, params_how=how)
+        if form == "dynamo":
+            rec["elrt_params"] = fused_param_count(model)
         if in_file != expected:
             raise ExportFailure(f"params: PyTorch {expected:,} ({how}) != the file's "
                                 f"{in_file:,} (counted as elrt counts)")
@@ -568,11 +573,12 @@ class Cell:
         if err is None:
             rep = json.loads(r["stdout"])
             got = rep["totals"]["params"]
+            want = self.rec.get("elrt_params", self.rec["params"])
             details = {"params": got, "macs": rep["totals"].get("macs"),
                        "input_shapes": rep.get("input_shapes"),
-                       "pytorch_params": self.rec["params"]}
-            if got != self.rec["params"]:
-                err = f"params {got:,} != PyTorch's {self.rec['params']:,}"
+                       "pytorch_params": want}
+            if got != want:
+                err = f"params {got:,} != PyTorch's {want:,}"
         return self.result([r["cmd"]], err, details, r["timed_out"])
 
     def stage_train(self):
