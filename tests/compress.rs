@@ -132,10 +132,12 @@ fn compress_runs_every_stage_and_resumes() {
     // a longer run is accepted only with --allow-recipe-change.
     let e = fails_cleanly(&compress_args(
         o,
-        &["--resume", "--normalize", "imagenet", "--seed", "3"],
+        &["--resume", "--normalize", "imagenet", "--seed", "3", "--bn", "keep"],
     ));
     assert!(
-        e.contains(r#"normalize: "cifar10" -> "imagenet""#) && e.contains("seed: 0 -> 3"),
+        e.contains(r#"normalize: "cifar10" -> "imagenet""#)
+            && e.contains("seed: 0 -> 3")
+            && e.contains(r#"bn: "auto" -> "keep""#),
         "{e}"
     );
     let e = fails_cleanly(&compress_args(o, &["--resume", "--epochs", "4"]));
@@ -144,12 +146,15 @@ fn compress_runs_every_stage_and_resumes() {
         "{e}"
     );
     // Resume of a finished run: nothing retrained, report rewritten. Its run.json loses the
-    // normalisation first, as one written before the option: it loads as the default.
+    // normalisation and the BN policy first, as one written before the options: they load as
+    // the defaults.
     let manifest = out.join("run.json");
     let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     assert_eq!(m["recipe"]["normalize"], "cifar10");
+    assert_eq!(m["recipe"]["bn"], "auto");
     m["recipe"].as_object_mut().unwrap().remove("normalize");
+    m["recipe"].as_object_mut().unwrap().remove("bn");
     std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
     let before = std::fs::read(out.join("trained.onnx")).unwrap();
     let r = succeeds(compress_args(o, &["--resume", "--json"]));
