@@ -354,6 +354,49 @@ fn compress_honours_threads_and_fits_the_head_to_the_data() {
     assert!(md.contains("ant, bee, cow"), "{md}");
 }
 
+/// The report's "original" row counts the model as the user has it: MobileNetV2's linear
+/// projection conv, its BN folded, feeds the next block's 1x1 expansion directly, and the
+/// original's export keeps the two convs apart (merged, they would be one conv with more
+/// weights). original.onnx has the source's convs and its params are the report's.
+#[test]
+fn the_original_row_keeps_the_sources_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let model = common::repo().join("models/mobilenetv2.onnx");
+    let r = succeeds([
+        "compress",
+        model.to_str().unwrap(),
+        "--data",
+        "synthetic:64,32",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch",
+        "16",
+        "--forms",
+        "factorized",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        "--quiet",
+    ]);
+    let rep: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let convs = |p: &std::path::Path| {
+        elrt::onnx::read_file(p)
+            .unwrap()
+            .nodes
+            .iter()
+            .filter(|n| n.op.onnx_type() == "Conv")
+            .count()
+    };
+    let original = out.join("original.onnx");
+    assert_eq!(convs(&original), convs(&model));
+    let inspect = succeeds(["inspect", original.to_str().unwrap(), "--json"]);
+    let counted: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(rep["original"]["params"], counted["totals"]["params"], "{rep}");
+}
+
 /// tract 0.23 cannot optimise some whole-model forms once a plane is 1x1 (its axis pass fails on
 /// a merged conv's bias: "Conv: Bias should be scalar or a vector..."). ResNet-20 trained at 4x4
 /// input has 1x1 planes in its last stage, as torchvision's resnet18 at 32x32 does; the export
