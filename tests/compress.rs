@@ -132,7 +132,15 @@ fn compress_runs_every_stage_and_resumes() {
     // a longer run is accepted only with --allow-recipe-change.
     let e = fails_cleanly(&compress_args(
         o,
-        &["--resume", "--normalize", "imagenet", "--seed", "3", "--bn", "keep"],
+        &[
+            "--resume",
+            "--normalize",
+            "imagenet",
+            "--seed",
+            "3",
+            "--bn",
+            "keep",
+        ],
     ));
     assert!(
         e.contains(r#"normalize: "cifar10" -> "imagenet""#)
@@ -394,7 +402,10 @@ fn the_original_row_keeps_the_sources_layers() {
     assert_eq!(convs(&original), convs(&model));
     let inspect = succeeds(["inspect", original.to_str().unwrap(), "--json"]);
     let counted: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
-    assert_eq!(rep["original"]["params"], counted["totals"]["params"], "{rep}");
+    assert_eq!(
+        rep["original"]["params"], counted["totals"]["params"],
+        "{rep}"
+    );
 }
 
 /// tract 0.23 cannot optimise some whole-model forms once a plane is 1x1 (its axis pass fails on
