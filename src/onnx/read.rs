@@ -234,6 +234,15 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         &mut taken,
     );
 
+    // Once per process, as above: the count a user sees is PyTorch's, not the file's.
+    static NOTED_BIASES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if restored.biases > 0 && !NOTED_BIASES.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!(
+            "note: {} all-zero conv/linear biases that the dynamo exporter dropped are restored \
+             (those layers train with their bias, as in PyTorch)",
+            restored.biases
+        );
+    }
     let recorded = restored.bn_folded.is_some();
     let meta = ModelMeta {
         ir_version: model.ir_version,
