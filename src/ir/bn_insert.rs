@@ -76,12 +76,12 @@ pub fn apply(
     policy: BnPolicy,
     inner_factor: impl Fn(&str) -> bool,
 ) -> anyhow::Result<Inserted> {
+    // Absent and empty records mean the same: no BN to put back where it was.
     let folded = take_folded_record(graph)?;
     let has_norm = graph
         .nodes
         .iter()
         .any(|n| matches!(n.op, Op::BatchNorm(_) | Op::LayerNorm(_)));
-    let modules = folded.clone().unwrap_or_default();
     let every_layer = |graph: &Graph| -> Vec<String> {
         graph
             .nodes
@@ -90,11 +90,16 @@ pub fn apply(
             .map(|n| n.outputs[0].clone())
             .collect()
     };
-    let (targets, why): (Vec<String>, &'static str) = match (policy, folded) {
-        (BnPolicy::Keep, _) => return Ok(Inserted { count: 0, why: "--bn keep" }),
-        (BnPolicy::Auto, Some(record)) if !record.is_empty() => {
+    let (targets, why): (Vec<String>, &'static str) = match policy {
+        BnPolicy::Keep => {
+            return Ok(Inserted {
+                count: 0,
+                why: "--bn keep",
+            })
+        }
+        BnPolicy::Auto if !folded.is_empty() => {
             let producers = graph.producers();
-            for v in record.keys() {
+            for v in folded.keys() {
                 let conv = producers.get(v.as_str()).map(|&i| &graph.nodes[i]);
                 if !conv.is_some_and(|n| matches!(n.op, Op::Conv(_))) {
                     anyhow::bail!(
@@ -103,40 +108,40 @@ pub fn apply(
                 }
             }
             (
-                record.into_keys().collect(),
+                folded.keys().cloned().collect(),
                 "where the exporter folded them into convs (--bn auto)",
             )
         }
-        (BnPolicy::Auto, _) if has_norm => {
+        BnPolicy::Auto if has_norm => {
             return Ok(Inserted {
                 count: 0,
                 why: "the model is normalized already (--bn auto)",
             })
         }
-        (BnPolicy::Auto, _) => (
+        BnPolicy::Auto => (
             every_layer(graph),
             "after every conv layer: the model has no normalization layer (--bn auto; export folds \
              them into the convs; --bn keep trains the model as built)",
         ),
-        (BnPolicy::Insert, _) => (every_layer(graph), "after every conv layer lacking one (--bn insert)"),
+        BnPolicy::Insert => (every_layer(graph), "after every conv layer lacking one (--bn insert)"),
     };
     Ok(Inserted {
-        count: insert(graph, &targets, &modules),
+        count: insert(graph, &targets, &folded),
         why,
     })
 }
 
-/// Removes and parses the [`BN_FOLDED_KEY`] record.
-fn take_folded_record(graph: &mut Graph) -> anyhow::Result<Option<BTreeMap<String, String>>> {
+/// Removes and parses the [`BN_FOLDED_KEY`] record (empty when the graph has none).
+fn take_folded_record(graph: &mut Graph) -> anyhow::Result<BTreeMap<String, String>> {
     let props = &mut graph.meta.metadata_props;
     let Some(i) = props.iter().position(|(k, _)| k == BN_FOLDED_KEY) else {
-        return Ok(None);
+        return Ok(BTreeMap::new());
     };
     let (_, json) = props.remove(i);
     let record = serde_json::from_str(&json).map_err(|e| {
         anyhow::anyhow!("metadata '{BN_FOLDED_KEY}': not a JSON object of value names: {e}")
     })?;
-    Ok(Some(record))
+    Ok(record)
 }
 
 /// Inserts a BN after the conv producing each of `targets` that is not already followed by

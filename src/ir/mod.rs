@@ -15,3 +15,4 @@ pub mod fold;
 pub mod head;
 pub mod params;
 pub mod shape;
+pub mod uses;

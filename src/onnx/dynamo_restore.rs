@@ -16,9 +16,10 @@
 //!   where PyTorch models are built with `bias=False`. A zero bias changes no output, so the
 //!   file computes what it computed before.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use crate::ir::bn_insert::BN_FOLDED_KEY;
+use crate::ir::uses::UseWalk;
 use crate::ir::{Node, Op, Tensor};
 
 /// Where the exporter says a node came from.
@@ -88,18 +89,20 @@ pub(super) fn restore(
         serde_json::to_string(&folded).expect("a map of strings"),
     ));
 
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in nodes.iter().enumerate() {
-        for v in n.inputs.iter().filter(|v| !v.is_empty()) {
-            consumers.entry(v.as_str()).or_default().push(i);
-        }
-    }
-    let mut absorbed = Absorbed {
-        nodes,
-        consumers: &consumers,
-        graph_outputs,
-        memo: HashMap::new(),
-    };
+    // A per-channel bias is absorbed by a BatchNorm's shift when every use of the output
+    // reaches a BatchNormalization's input through ops that carry a per-channel constant
+    // through unchanged (Concat, pooling).
+    let mut absorbed = UseWalk::new(
+        &*nodes,
+        graph_outputs.iter().map(String::as_str),
+        |next: &Node, v: &str| matches!(next.op, Op::BatchNorm(_)) && next.inputs[0] == v,
+        |_: &Node, next: &Node| {
+            matches!(
+                next.op,
+                Op::Concat { .. } | Op::Pool(_) | Op::GlobalAveragePool
+            )
+        },
+    );
     // (node, bias length) of each layer to restore.
     let mut wanted: Vec<(usize, usize)> = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
@@ -119,7 +122,7 @@ pub(super) fn restore(
             _ => None,
         };
         if let Some(width) = width {
-            if !absorbed.check(&n.outputs[0]) {
+            if !absorbed.all_reach(i) {
                 wanted.push((i, width));
             }
         }
@@ -147,41 +150,6 @@ pub(super) fn restore(
     Restored {
         biases: wanted.len(),
         bn_folded,
-    }
-}
-
-/// Whether a per-channel bias added to a value would be absorbed by a BatchNorm's shift:
-/// every use reaches a BatchNormalization's input through ops that carry a per-channel
-/// constant through unchanged (Concat, pooling).
-struct Absorbed<'a> {
-    nodes: &'a [Node],
-    consumers: &'a HashMap<&'a str, Vec<usize>>,
-    graph_outputs: &'a HashSet<String>,
-    memo: HashMap<String, bool>,
-}
-
-impl Absorbed<'_> {
-    fn check(&mut self, value: &str) -> bool {
-        if let Some(&a) = self.memo.get(value) {
-            return a;
-        }
-        // Cycles cannot occur in a graph; the provisional `false` also ends any.
-        self.memo.insert(value.to_string(), false);
-        let uses = self.consumers.get(value).cloned().unwrap_or_default();
-        let a = !self.graph_outputs.contains(value)
-            && !uses.is_empty()
-            && uses.iter().all(|&c| {
-                let n = &self.nodes[c];
-                match n.op {
-                    Op::BatchNorm(_) => n.inputs[0] == value,
-                    Op::Concat { .. } | Op::Pool(_) | Op::GlobalAveragePool => {
-                        n.outputs.first().is_some_and(|o| self.check(o))
-                    }
-                    _ => false,
-                }
-            });
-        self.memo.insert(value.to_string(), a);
-        a
     }
 }
 

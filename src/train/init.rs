@@ -13,9 +13,8 @@
 use anyhow::Result;
 use ndarray::ArrayD;
 
-use std::collections::{HashMap, HashSet};
-
-use crate::ir::{Graph, Op, Tensor};
+use crate::ir::uses::UseWalk;
+use crate::ir::{Graph, Node, Op, Tensor};
 use crate::lowrank::naming::is_inner_factor;
 use crate::rng::Rng;
 
@@ -129,58 +128,25 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
 /// before its LayerNorm, DenseNet's concatenations before each BN); a low-rank factor's layer
 /// output is its chain's last factor's.
 fn normalized_convs(graph: &Graph) -> Vec<bool> {
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.nodes.iter().enumerate() {
-        for v in n.inputs.iter().filter(|v| !v.is_empty()) {
-            consumers.entry(v.as_str()).or_default().push(i);
-        }
-    }
-    let outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
-    let mut memo: HashMap<&str, bool> = HashMap::new();
-    graph
-        .nodes
-        .iter()
-        .map(|n| {
-            matches!(n.op, Op::Conv(_)) && reaches_norm(graph, &consumers, &outputs, &mut memo, n)
-        })
+    let mut walk = UseWalk::new(
+        &graph.nodes,
+        graph.outputs.iter().map(|o| o.name.as_str()),
+        |next: &Node, v: &str| {
+            matches!(next.op, Op::BatchNorm(_) | Op::LayerNorm(_)) && next.inputs[0] == v
+        },
+        |from: &Node, next: &Node| match next.op {
+            Op::Conv(_) => is_inner_factor(&from.name),
+            Op::Transpose { .. }
+            | Op::Reshape { .. }
+            | Op::Identity
+            | Op::Concat { .. }
+            | Op::Pool(_) => true,
+            _ => false,
+        },
+    );
+    (0..graph.nodes.len())
+        .map(|i| matches!(graph.nodes[i].op, Op::Conv(_)) && walk.all_reach(i))
         .collect()
-}
-
-/// Whether every use of `node`'s output reaches a normalization (see [`normalized_convs`]).
-fn reaches_norm<'g>(
-    graph: &'g Graph,
-    consumers: &HashMap<&'g str, Vec<usize>>,
-    outputs: &HashSet<&str>,
-    memo: &mut HashMap<&'g str, bool>,
-    node: &'g crate::ir::Node,
-) -> bool {
-    let v = node.outputs[0].as_str();
-    if let Some(&r) = memo.get(v) {
-        return r;
-    }
-    // Provisional answer: a graph has no cycles, and this ends any walk that meets one.
-    memo.insert(v, false);
-    let uses = consumers.get(v).map(Vec::as_slice).unwrap_or(&[]);
-    let r = !outputs.contains(v)
-        && !uses.is_empty()
-        && uses.iter().all(|&c| {
-            let next = &graph.nodes[c];
-            match next.op {
-                Op::BatchNorm(_) | Op::LayerNorm(_) => next.inputs[0] == v,
-                Op::Conv(_) => {
-                    is_inner_factor(&node.name)
-                        && reaches_norm(graph, consumers, outputs, memo, next)
-                }
-                Op::Transpose { .. }
-                | Op::Reshape { .. }
-                | Op::Identity
-                | Op::Concat { .. }
-                | Op::Pool(_) => reaches_norm(graph, consumers, outputs, memo, next),
-                _ => false,
-            }
-        });
-    memo.insert(v, r);
-    r
 }
 
 #[derive(Clone, Copy, Debug)]
