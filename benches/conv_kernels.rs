@@ -26,7 +26,9 @@
 //!   batch 64, im2col + GEMM against the direct kernel on the padded input
 //!   (`conv/weight_grad.rs`; the stem through its stride phases).
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
-//!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`).
+//!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
+//!   few-channel 3x3 layers (16 channels, Tucker-2 cores of rank 8 and 12, 32x32, batch 64),
+//!   Winograd against the direct kernel.
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -426,6 +428,35 @@ fn direct_forward(c: &mut Criterion) {
         let x = Array4::from_shape_fn([WINO_BATCH, 3, px, px], |_| next());
         let w = Array4::from_shape_fn([64, 3, 7, 7], |_| next());
         for (kernel, direct) in [("im2col", false), ("direct", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_direct_forward(direct);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+        }
+        set_direct_forward(true);
+    }
+    // Few-channel stride-1 3x3 layers (`Geom::few_channel_3x3`): ResNet-20's first stage and
+    // Tucker-2 cores of rank 8 and 12 there, direct against Winograd F(2x2) (what they ran on
+    // before the direct kernel). Ranks that are not a multiple of the register tile's rows
+    // (6 on AVX2, 8 on AVX-512) exercise its remainder tiles.
+    for (name, ch, px) in [
+        ("3x3_16ch_32px", 16, 32),
+        ("3x3_core8_32px", 8, 32),
+        ("3x3_core12_32px", 12, 32),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        for (kernel, direct) in [("winograd", false), ("direct", true)] {
             g.bench_function(format!("{name}/{kernel}"), |b| {
                 set_direct_forward(direct);
                 b.iter(|| {

@@ -239,13 +239,8 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_rows(t: &Taps, out: &mut [f32]) {
-        for_each_tile!(t.rows(), t.run, MI, NP * 16, 16, |o, p, big_o, big_p| {
-            match (big_o, big_p) {
-                (true, true) => tile::<MI, NP>(t, out, o, p),
-                (true, false) => tile::<MI, 1>(t, out, o, p),
-                (false, true) => tile::<1, NP>(t, out, o, p),
-                (false, false) => tile::<1, 1>(t, out, o, p),
-            }
+        for_each_row_tile!(t.rows(), t.run, MI, NP * 16, 16, |o, m, p, big_p| {
+            row_tiles!(m, big_p, NP, tile(t, out, o, p), [8, 7, 6, 5, 4, 3, 2, 1])
         });
     }
 
@@ -286,13 +281,8 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_rows(t: &Taps, out: &mut [f32]) {
-        for_each_tile!(t.rows(), t.run, MI, NP * 8, 8, |o, p, big_o, big_p| {
-            match (big_o, big_p) {
-                (true, true) => tile::<MI, NP>(t, out, o, p),
-                (true, false) => tile::<MI, 1>(t, out, o, p),
-                (false, true) => tile::<1, NP>(t, out, o, p),
-                (false, false) => tile::<1, 1>(t, out, o, p),
-            }
+        for_each_row_tile!(t.rows(), t.run, MI, NP * 8, 8, |o, m, p, big_p| {
+            row_tiles!(m, big_p, NP, tile(t, out, o, p), [6, 5, 4, 3, 2, 1])
         });
     }
 

@@ -53,25 +53,43 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-/// Splits `rows x cols` outputs into register tiles of `mi` rows by `span` columns, with single
-/// rows and `rem`-column steps for the remainders, and runs the body on each with `big_o` /
-/// `big_c` saying whether the tile is full in that direction (the direct kernels of
-/// `weight_grad.rs`, whose columns are taps, and `direct.rs`, whose columns are positions).
-macro_rules! for_each_tile {
-    ($rows:expr, $cols:expr, $mi:expr, $span:expr, $rem:expr, |$o:ident, $c:ident, $big_o:ident, $big_c:ident| $body:block) => {{
+/// Splits `rows x cols` outputs into register tiles of `mi` rows by `span` columns and runs the
+/// body on each, with `m` the tile's height and `big_c` whether it is full across (else a
+/// `rem`-column step): the direct kernels of `weight_grad.rs`, whose columns are taps, and
+/// `direct.rs`, whose columns are positions. The last rows (fewer than `mi`) run as one tile
+/// of their own height, not row by row: a 1-row tile has too few independent accumulators to
+/// hide the multiply-add latency (16 rows on AVX2's 6-row tiles went 6 + 6 + 1 + 1 + 1 + 1,
+/// and that forward ran 1.5x slower than with a 4-row last tile). [`row_tiles!`] turns the
+/// run-time height into the tile's constant one.
+macro_rules! for_each_row_tile {
+    ($rows:expr, $cols:expr, $mi:expr, $span:expr, $rem:expr, |$o:ident, $m:ident, $c:ident, $big_c:ident| $body:block) => {{
         let (rows, cols) = ($rows, $cols);
         let mut $o = 0;
         while $o < rows {
-            let $big_o = $o + $mi <= rows;
+            let $m = (rows - $o).min($mi);
             let mut $c = 0;
             while $c < cols {
                 let $big_c = $c + $span <= cols;
                 $body
                 $c += if $big_c { $span } else { $rem };
             }
-            $o += if $big_o { $mi } else { 1 };
+            $o += $m;
         }
     }};
+}
+
+/// Calls `$f::<M, N>(args)` for the run-time tile height `$m` (one of the listed heights) and
+/// width `$n` when `$big`, else 1.
+macro_rules! row_tiles {
+    ($m:expr, $big:expr, $n:expr, $f:ident $args:tt, [$($k:literal),*]) => {
+        match ($m, $big) {
+            $(
+                ($k, true) => $f::<$k, $n> $args,
+                ($k, false) => $f::<$k, 1> $args,
+            )*
+            _ => unreachable!("tile height above the kernel's"),
+        }
+    };
 }
 
 mod block;

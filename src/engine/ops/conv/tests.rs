@@ -1525,6 +1525,11 @@ fn direct_weight_grad_kernels_match_portable_loop() {
         (4, 4, 16, 1),
         (1, 1, 32, 2),
         (13, 27, 80, 5),
+        // Every last-tile height of the 3-row (AVX2) and 4-row (AVX-512) tiles.
+        (2, 8, 16, 2),
+        (5, 9, 32, 1),
+        (6, 12, 16, 2),
+        (16, 144, 32, 2),
     ] {
         let xstride = 64 + run;
         let offs: Vec<usize> = (0..k).map(|_| rng.below(64)).collect();
@@ -1878,6 +1883,11 @@ fn direct_forward_kernels_match_portable_loop_bitwise() {
         (1, 1, 16),
         (17, 147, 112),
         (6, 5, 32),
+        // Every last-tile height of the 6-row (AVX2) and 8-row (AVX-512) tiles.
+        (4, 9, 16),
+        (12, 18, 32),
+        (15, 9, 48),
+        (16, 144, 32),
     ] {
         let offs: Vec<usize> = (0..k).map(|_| rng.below(64)).collect();
         let x: Vec<f32> = (0..64 + run).map(|_| rng.range(-1.0, 1.0)).collect();

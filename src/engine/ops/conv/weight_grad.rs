@@ -323,13 +323,8 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn dot_tiles(r: &Runs, dw: &mut [f32]) {
-        for_each_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, j, big_o, big_j| {
-            match (big_o, big_j) {
-                (true, true) => tile::<MI, NJ>(r, dw, o, j),
-                (true, false) => tile::<MI, 1>(r, dw, o, j),
-                (false, true) => tile::<1, NJ>(r, dw, o, j),
-                (false, false) => tile::<1, 1>(r, dw, o, j),
-            }
+        for_each_row_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, m, j, big_j| {
+            row_tiles!(m, big_j, NJ, tile(r, dw, o, j), [4, 3, 2, 1])
         });
     }
 
@@ -374,13 +369,8 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_tiles(r: &Runs, dw: &mut [f32]) {
-        for_each_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, j, big_o, big_j| {
-            match (big_o, big_j) {
-                (true, true) => tile::<MI, NJ>(r, dw, o, j),
-                (true, false) => tile::<MI, 1>(r, dw, o, j),
-                (false, true) => tile::<1, NJ>(r, dw, o, j),
-                (false, false) => tile::<1, 1>(r, dw, o, j),
-            }
+        for_each_row_tile!(r.rows, r.offs.len(), MI, NJ, 1, |o, m, j, big_j| {
+            row_tiles!(m, big_j, NJ, tile(r, dw, o, j), [3, 2, 1])
         });
     }
 
