@@ -465,6 +465,12 @@ struct MaxLayout {
     /// Per tap in window order: its run's start in the buffer and its offset in the input plane
     /// from the window's origin (`ki*dh*w + kj*dw`, modulo 2^32 like the index arithmetic).
     taps: Vec<(usize, u32)>,
+    /// Where [`MaxLayout::fill`] copies each input row: `(input row, buffer offset of its row
+    /// in column phase 0)`, for the rows some tap reads.
+    row_dst: Vec<(usize, usize)>,
+    /// Per column phase: its offset from phase 0's row, its first input column, and that
+    /// column's position in the row; the divisions done once per call, not per plane row.
+    col_src: Vec<(usize, usize, usize)>,
 }
 
 impl MaxLayout {
@@ -501,12 +507,33 @@ impl MaxLayout {
                 taps.push((start, (ki * g.dh * g.w + kj * g.dw) as u32));
             }
         }
+        let nc = col_phases.len();
+        let row_dst = (0..g.h)
+            .filter_map(|iy| {
+                let r = iy + g.pt;
+                let a = r / g.sh;
+                let rs = row_phases.iter().position(|&p| p == r % g.sh)?;
+                (a < rows).then_some((iy, (rs * nc * rows + a) * stride))
+            })
+            .collect();
+        let col_src = col_phases
+            .iter()
+            .enumerate()
+            .filter_map(|(cs, &ph)| {
+                // Input columns ix with (ix + pl) % sw == ph, from the first one.
+                let ix0 = (ph + g.sw - g.pl % g.sw) % g.sw;
+                let j0 = (ix0 + g.pl) / g.sw;
+                (ix0 < g.w && j0 < stride).then_some((cs * rows * stride, ix0, j0))
+            })
+            .collect();
         Some(MaxLayout {
             row_phases,
             col_phases,
             rows,
             stride,
             taps,
+            row_dst,
+            col_src,
         })
     }
 
@@ -524,28 +551,10 @@ impl MaxLayout {
     /// positions are the same for every plane.
     #[inline(always)]
     fn fill(&self, g: &Win, xp: &[f32], buf: &mut [f32]) {
-        let nc = self.col_phases.len();
-        for (iy, row) in xp.chunks_exact(g.w).enumerate() {
-            let r = iy + g.pt;
-            let a = r / g.sh;
-            let Some(rs) = self.row_phases.iter().position(|&p| p == r % g.sh) else {
-                continue;
-            };
-            if a >= self.rows {
-                continue;
-            }
-            for (cs, &ph) in self.col_phases.iter().enumerate() {
-                // Input columns ix with (ix + pl) % sw == ph, from the first one.
-                let ix0 = (ph + g.sw - g.pl % g.sw) % g.sw;
-                if ix0 >= g.w {
-                    continue;
-                }
-                let j0 = (ix0 + g.pl) / g.sw;
-                if j0 >= self.stride {
-                    continue;
-                }
-                let dst =
-                    &mut buf[((rs * nc + cs) * self.rows + a) * self.stride..][j0..self.stride];
+        for &(iy, base) in &self.row_dst {
+            let row = &xp[iy * g.w..][..g.w];
+            for &(cs_off, ix0, j0) in &self.col_src {
+                let dst = &mut buf[base + cs_off..][j0..self.stride];
                 deinterleave(&row[ix0..], g.sw, dst);
             }
         }
@@ -596,8 +605,9 @@ fn max_plane_direct(g: &Win, xp: &[f32], yp: &mut [f32], ap: &mut [u32]) {
 #[derive(Default)]
 struct MaxScratch {
     buf: Vec<f32>,
-    best: Vec<f32>,
-    tap: Vec<u32>,
+    /// Running (value, tap) pairs, two of each: every tap reads one and writes the other.
+    best: [Vec<f32>; 2],
+    tap: [Vec<u32>; 2],
 }
 
 simd_dispatch! {
@@ -634,12 +644,36 @@ fn max_plane_body(
     }
     lay.fill(g, xp, &mut s.buf);
     let len = lay.run_len(g);
-    s.best.clear();
-    s.best.resize(len, f32::NEG_INFINITY);
-    s.tap.clear();
-    s.tap.resize(len, u32::MAX);
-    let (best, tap) = (&mut s.best[..len], &mut s.tap[..len]);
-    for &(start, off) in &lay.taps {
+    if s.best[0].len() != len {
+        // Every entry is written by the first tap before it is read.
+        for (b, t) in s.best.iter_mut().zip(&mut s.tap) {
+            b.resize(len, f32::NEG_INFINITY);
+            t.resize(len, u32::MAX);
+        }
+    }
+    // Each tap reads the running pairs from one buffer and writes them to the other: selected
+    // back in place, LLVM stores them with AVX2's masked store (`vmaskmovps`), which is slow on
+    // AMD Zen (perf: half the forward's samples on it; see benches/pool.rs).
+    let [best_a, best_b] = &mut s.best;
+    let [tap_a, tap_b] = &mut s.tap;
+    let (mut best, mut next_best) = (&mut best_a[..len], &mut best_b[..len]);
+    let (mut tap, mut next_tap) = (&mut tap_a[..len], &mut tap_b[..len]);
+    let Some(&(start0, off0)) = lay.taps.first() else {
+        // No taps (an empty kernel): every output is untaken.
+        fix_untaken(g, xp, yp, ap);
+        return;
+    };
+    // The first tap against the (-inf, none) start: taken unless -inf (padding).
+    for ((b, t), &v) in best
+        .iter_mut()
+        .zip(tap.iter_mut())
+        .zip(&s.buf[start0..][..len])
+    {
+        let take = (v > f32::NEG_INFINITY) | v.is_nan();
+        *b = v;
+        *t = if take { off0 } else { u32::MAX };
+    }
+    for &(start, off) in &lay.taps[1..] {
         let src = &s.buf[start..][..len];
         for i in 0..len {
             let (v, m, t) = (src[i], best[i], tap[i]);
@@ -647,9 +681,11 @@ fn max_plane_body(
             // strictly larger, or as the first NaN (NaN propagates). Padding is -inf, so it is
             // never taken; nor is a real -inf, which the fix-up below finds.
             let take = (v > m) | (v.is_nan() & !m.is_nan());
-            best[i] = if take { v } else { m };
-            tap[i] = if take { off } else { t };
+            next_best[i] = if take { v } else { m };
+            next_tap[i] = if take { off } else { t };
         }
+        std::mem::swap(&mut best, &mut next_best);
+        std::mem::swap(&mut tap, &mut next_tap);
     }
     let sw = g.sw as u32;
     let mut untaken = false;
