@@ -28,7 +28,9 @@
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
 //!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
 //!   few-channel 3x3 layers (16 channels, Tucker-2 cores of rank 8 and 12, 32x32, batch 64),
-//!   Winograd against the direct kernel.
+//!   Winograd against the direct kernel; and Tucker-2 pointwise factors (16 -> 8 and 8 -> 16 on
+//!   32x32, 64 -> 32 on 8x8), forward then backward, GEMM against the direct path
+//!   (`conv/pointwise.rs`).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -43,8 +45,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
-    set_depthwise_channels_last, set_direct_forward, set_direct_weight_grad, set_small_plane,
-    set_winograd, Conv2d, WinogradMode,
+    set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
+    set_small_plane, set_winograd, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -467,6 +469,36 @@ fn direct_forward(c: &mut Criterion) {
             });
         }
         set_direct_forward(true);
+    }
+    // Pointwise factors of ResNet-20's Tucker-2 form (ratio 0.5), forward then backward per
+    // call: a GEMM per image (or blocked) against the direct path (`conv/pointwise.rs`).
+    for (name, ci, co, px) in [
+        ("1x1_16to8_32px", 16, 8, 32),
+        ("1x1_8to16_32px", 8, 16, 32),
+        ("1x1_64to32_8px", 64, 32, 8),
+    ] {
+        let op = conv(1, [0; 4]);
+        let mut v = 0.0f32;
+        let mut next = move || {
+            v = (v + 0.37) % 1.0;
+            v - 0.5
+        };
+        let x = Array4::from_shape_fn([WINO_BATCH, ci, px, px], |_| next());
+        let w = Array4::from_shape_fn([co, ci, 1, 1], |_| next());
+        let dy = Array4::from_shape_fn([WINO_BATCH, co, px, px], |_| next());
+        for (kernel, direct) in [("gemm", false), ("direct", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_direct_pointwise(direct);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        let y = op.forward(x.view(), w.view(), None).unwrap();
+                        let gr = op.backward(x.view(), w.view(), dy.view(), true).unwrap();
+                        black_box((y, gr))
+                    })
+                })
+            });
+        }
+        set_direct_pointwise(true);
     }
     g.finish();
 }

@@ -64,7 +64,11 @@ impl Geom {
     /// 1.15, 8x8 0.87 -> 0.69 / 0.50 -> 0.42. Ties or losses: 24ch 32x32 8.21 -> 8.11 (batch 64
     /// 3.72 -> 3.79), 32ch 16x16 3.84 -> 3.72 / 1.99 -> 1.83, 32ch 32x32 11.9 -> 13.8, 64ch
     /// 16x16 12.6 -> 13.6. The input gradient of such a layer is the same kind of conv (see
-    /// [`Geom::direct_dx_geom`]).
+    /// [`Geom::direct_dx_geom`]). On an AVX2-only AMD EPYC (Zen kernels, batch 64, 1 thread,
+    /// criterion group `direct_forward`, after the last-tile fix of `for_each_row_tile!`):
+    /// 16ch 32x32 Winograd 8.96 -> direct 5.98 ms, rank-8 core 8.25 -> 1.60, rank-12 core 4.73
+    /// -> 3.16; 24ch 32x32 and 32ch 16x16 stayed on Winograd (19.4 -> 26.9 and a tie at
+    /// 10.9 -> 9.1 on a loaded machine).
     fn few_channel_3x3(&self) -> bool {
         let widest = self.ci.max(self.co);
         [self.sh, self.sw, self.dh, self.dw, self.kh, self.kw] == [1, 1, 1, 1, 3, 3]
@@ -176,7 +180,7 @@ impl Taps<'_> {
     }
 
     /// Every read in bounds: the vector kernels rely on it.
-    fn check(&self) {
+    pub(super) fn check(&self) {
         let xmax = self.offs.iter().max().map_or(0, |&o| o + self.run);
         assert!(
             self.run.is_multiple_of(16)
@@ -188,7 +192,7 @@ impl Taps<'_> {
 }
 
 /// Writes every output row (`out` is `[rows][run]`) on the widest vector unit the CPU has.
-fn dot_rows(t: &Taps, out: &mut [f32]) {
+pub(super) fn dot_rows(t: &Taps, out: &mut [f32]) {
     assert!(out.len() >= t.rows() * t.run);
     #[cfg(target_arch = "x86_64")]
     {

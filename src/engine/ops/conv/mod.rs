@@ -98,6 +98,7 @@ mod depthwise_cl;
 mod direct;
 mod im2col;
 mod layout;
+mod pointwise;
 mod small_plane;
 #[cfg(test)]
 mod tests;
@@ -107,6 +108,7 @@ mod winograd4;
 
 pub use depthwise_cl::set_depthwise_channels_last;
 pub use direct::set_direct_forward;
+pub use pointwise::set_direct_pointwise;
 pub use small_plane::set_small_plane;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
@@ -206,6 +208,7 @@ impl Conv2d {
     }
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
+    /// "Conv 1x1 direct" (few-channel pointwise layers as direct dot products, `pointwise.rs`),
     /// "Conv depthwise" (direct loops), "Conv winograd" (F(2x2, 3x3), `winograd.rs`; its weight
     /// gradient, direct or im2col's, is timed under the same label), "Conv winograd4"
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
@@ -227,6 +230,9 @@ impl Conv2d {
         }
         if g.direct_fwd {
             return Ok("Conv direct");
+        }
+        if g.pointwise_direct() {
+            return Ok("Conv 1x1 direct");
         }
         Ok(match (g.path, blocked) {
             (Path::Pointwise, false) => "Conv 1x1",
@@ -354,6 +360,11 @@ impl Conv2d {
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let mut y = zeros(g.n * ylen);
+        if g.pointwise_direct() && g.n > 0 {
+            g.pointwise_forward(&xs, &ws, bias.as_deref(), &mut y);
+            return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
+                .expect("output length follows from the geometry");
+        }
         if g.small_plane && !g.winograd && g.n > 0 {
             g.small_plane_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
@@ -465,6 +476,16 @@ impl Conv2d {
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         if g.small_plane && g.n > 0 {
             return Self::backward_small_plane(&g, &xs, &ws, &dys, need_dx, need_db, w.raw_dim());
+        }
+        if g.pointwise_direct() && g.n > 0 {
+            let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
+            let mut dw = vec![0.0f32; ws.len()];
+            g.pointwise_backward(&xs, &ws, &dys, need_dx.then_some(&mut dx[..]), &mut dw);
+            let mut db = vec![0.0f64; g.co];
+            if need_db {
+                g.add_bias_grad(&dys, &mut db);
+            }
+            return g.grads(need_dx.then_some(dx), dw, db, w.raw_dim());
         }
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());

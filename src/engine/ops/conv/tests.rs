@@ -2015,3 +2015,55 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
     }
     assert!(c.geom(&[9, 32, 32, 32], &[32, 32, 3, 3]).unwrap().winograd);
 }
+
+/// Few-channel pointwise layers (the 1x1 factors of low-rank convs) take the direct path
+/// (`pointwise.rs`): forward, input and weight gradients within the direct kernels' bounds
+/// against f64, the same bits on 1 and 3 threads; wide or odd-plane ones keep their GEMMs.
+#[test]
+fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
+    let c = conv(1, [1, 1], [0; 4], [1, 1]);
+    for (xs, ws) in [
+        ([9, 16, 32, 32], [8, 16, 1, 1]),
+        ([5, 8, 16, 16], [16, 8, 1, 1]),
+        ([40, 64, 8, 8], [32, 64, 1, 1]),
+        ([3, 13, 12, 12], [7, 13, 1, 1]),
+    ] {
+        let g = c.geom(&xs, &ws).unwrap();
+        assert!(g.pointwise_direct(), "{xs:?} {ws:?}");
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv 1x1 direct");
+        let mut rng = Rng::new(11);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let b = rand_array(&mut rng, ws[0], -1.0, 1.0);
+        let y = c.forward(x.view(), w.view(), Some(b.view())).unwrap();
+        let (x64, w64, b64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&b.view()));
+        let exact = c
+            .reference(x64.view(), w64.view(), Some(b64.view()))
+            .unwrap();
+        let scale = c
+            .reference(
+                x64.mapv(f64::abs).view(),
+                w64.mapv(f64::abs).view(),
+                Some(b64.mapv(f64::abs).view()),
+            )
+            .unwrap();
+        let e = scaled_error(&y, &exact, &scale);
+        assert!(e <= DIRECT_FWD_REL_TOL, "{xs:?}: forward {e:e}");
+        let [edx, edw] = direct_backward_errors(&g, 12);
+        assert!(
+            edx <= DIRECT_FWD_REL_TOL && edw <= DW_REL_TOL,
+            "{xs:?}: {edx:e} {edw:e}"
+        );
+        let dy = rand_array(&mut rng, [xs[0], ws[0], g.oh, g.ow], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    }
+    for (xs, ws) in [
+        ([4, 96, 16, 16], [32, 96, 1, 1]),
+        ([4, 16, 7, 7], [8, 16, 1, 1]),
+    ] {
+        assert!(
+            !c.geom(&xs, &ws).unwrap().pointwise_direct(),
+            "{xs:?} {ws:?}"
+        );
+    }
+}

@@ -251,7 +251,7 @@ pub(super) struct Runs<'a> {
 
 impl Runs<'_> {
     /// Every read in bounds: the vector kernels rely on it.
-    fn check(&self) {
+    pub(super) fn check(&self) {
         let last = self.images.saturating_sub(1);
         let xmax = self
             .offs
@@ -268,7 +268,7 @@ impl Runs<'_> {
 
 /// `dw[o][j] += sum_i sum_p dy(i, o)[p] * x(i, j)[p]` for every output row `o` and column-
 /// matrix row `j` (see [`Runs`]), on the widest vector unit the CPU has.
-fn dot_tiles(r: &Runs, dw: &mut [f32]) {
+pub(super) fn dot_tiles(r: &Runs, dw: &mut [f32]) {
     debug_assert_eq!(dw.len(), r.rows * r.offs.len());
     #[cfg(target_arch = "x86_64")]
     {

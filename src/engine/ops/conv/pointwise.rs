@@ -1,0 +1,153 @@
+//! Few-channel pointwise (1x1, stride 1, unpadded) convs as direct dot products on the NCHW
+//! planes, through the register tiles of `direct.rs` (forward and input gradient) and
+//! `weight_grad.rs` (weight gradient): a 1x1 conv is their `y[o][p] = sum_j w[o][j] *
+//! x[offs[j] + p]` with one tap per input channel at `offs[c] = c * h * w`, so no copy, no
+//! padding and no GEMM packing.
+//!
+//! Why: the factors of a low-rank layer are 1x1 convs with few channels on one side (ResNet-20
+//! at Tucker-2 ratio 0.5: 16 -> 8, 8 -> 16, 32 -> 16, ..., 64 -> 32), where a GEMM per image
+//! of `co x ci` by `ci x hw` spends its time packing: `Conv 1x1` was 30% of the Tucker-2 step on
+//! an AVX2 host. Every output is one f32 dot product over the input channels in order, so the
+//! results do not depend on the thread count or the batch; the weight gradient sums fixed
+//! parts of the batch (`part_len`) in part order.
+//!
+//! Measured on an AVX2-only AMD EPYC (Zen kernels), batch 64, 1 thread, forward then backward
+//! (criterion, `conv_kernels` group `direct_forward`), GEMM -> direct: 16 -> 8 on 32x32 2.77 ->
+//! 2.36 ms, 8 -> 16 on 32x32 3.60 -> 2.81, 64 -> 32 on 8x8 1.46 -> 0.80. ResNet-20 Tucker-2
+//! (ratio 0.5) training step, batch 128, old/new alternating: 1 thread 415-504 -> 360-414
+//! ms/step, its 1x1 time 154-183 -> 118-135 ms; 2 threads a tie.
+
+use super::direct::Taps;
+use super::weight_grad::{dot_tiles, Runs};
+use super::{Geom, Path, REDUCE_CHUNK};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static DISABLED: AtomicBool = AtomicBool::new(false);
+
+/// Widest side (input or output channels) this path takes.
+const MAX_CHANNELS: usize = 64;
+
+/// Turns the direct pointwise path off (`false`: such layers go back to a GEMM per image) or
+/// on; for benchmarks and tests that compare the two.
+pub fn set_direct_pointwise(on: bool) {
+    DISABLED.store(!on, Ordering::Relaxed);
+}
+
+impl Geom {
+    /// Whether this layer runs here: an ungrouped pointwise conv of at most [`MAX_CHANNELS`]
+    /// channels on either side, on planes of 64+ outputs whose size is a multiple of 16 (the
+    /// kernels' vector runs).
+    pub(super) fn pointwise_direct(&self) -> bool {
+        let hw = self.oh * self.ow;
+        self.path == Path::Pointwise
+            && self.group == 1
+            && hw >= 64
+            && hw.is_multiple_of(16)
+            && self.ci.max(self.co) <= MAX_CHANNELS
+            && !DISABLED.load(Ordering::Relaxed)
+    }
+
+    fn channel_offsets(&self, channels: usize) -> Vec<usize> {
+        let hw = self.h * self.w;
+        (0..channels).map(|c| c * hw).collect()
+    }
+
+    /// Forward: `y` (`[n, co, h, w]`, every entry written) `= conv(x, w) + bias`.
+    pub(super) fn pointwise_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let (xlen, ylen, hw) = (self.x_len(), self.y_len(), self.oh * self.ow);
+        let offs = self.channel_offsets(self.ci);
+        y.par_chunks_mut(ylen)
+            .zip(x.par_chunks(xlen))
+            .for_each(|(yi, xi)| {
+                let t = Taps {
+                    x: xi,
+                    offs: &offs,
+                    w,
+                    run: hw,
+                };
+                t.check();
+                super::direct::dot_rows(&t, yi);
+                if let Some(b) = bias {
+                    for (plane, &bv) in yi.chunks_mut(hw).zip(b) {
+                        plane.iter_mut().for_each(|v| *v += bv);
+                    }
+                }
+            });
+    }
+
+    /// Backward: `dx` (`[n, ci, h, w]`, every entry written) when given, and `dw` (`[co, ci]`,
+    /// overwritten).
+    pub(super) fn pointwise_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) {
+        let (xlen, ylen, hw) = (self.x_len(), self.y_len(), self.oh * self.ow);
+        let (ci, co) = (self.ci, self.co);
+        if let Some(dx) = dx {
+            // dx = conv(dy, w^T): a pointwise conv from co to ci channels.
+            let mut wt = vec![0.0f32; w.len()];
+            for o in 0..co {
+                for c in 0..ci {
+                    wt[c * co + o] = w[o * ci + c];
+                }
+            }
+            let offs = self.channel_offsets(co);
+            dx.par_chunks_mut(xlen)
+                .zip(dy.par_chunks(ylen))
+                .for_each(|(dxi, dyi)| {
+                    let t = Taps {
+                        x: dyi,
+                        offs: &offs,
+                        w: &wt,
+                        run: hw,
+                    };
+                    t.check();
+                    super::direct::dot_rows(&t, dxi);
+                });
+        }
+        let part = super::super::part_len(self.n);
+        let offs = self.channel_offsets(ci);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(part * xlen)
+            .zip(dy.par_chunks(part * ylen))
+            .map(|(xp, dyp)| {
+                let mut d = vec![0.0f32; co * ci];
+                let r = Runs {
+                    x: xp,
+                    dy: dyp,
+                    offs: &offs,
+                    run: hw,
+                    rows: co,
+                    images: xp.len() / xlen,
+                    xstride: xlen,
+                    dystride: ylen,
+                };
+                r.check();
+                dot_tiles(&r, &mut d);
+                d
+            })
+            .collect();
+        // Summed in part order, element by element: the same sums whatever the thread count.
+        dw.par_chunks_mut(REDUCE_CHUNK)
+            .enumerate()
+            .for_each(|(c, out)| {
+                out.fill(0.0);
+                for p in &partials {
+                    out.iter_mut()
+                        .zip(&p[c * REDUCE_CHUNK..])
+                        .for_each(|(a, b)| *a += b);
+                }
+            });
+    }
+}
