@@ -28,9 +28,9 @@
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
 //!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
 //!   few-channel 3x3 layers (16 channels, Tucker-2 cores of rank 8 and 12, 32x32, batch 64),
-//!   Winograd against the direct kernel; and Tucker-2 pointwise factors (16 -> 8 and 8 -> 16 on
-//!   32x32, 64 -> 32 on 8x8), forward then backward, GEMM against the direct path
-//!   (`conv/pointwise.rs`).
+//!   Winograd against the direct kernel; and pointwise layers the direct path takes (Tucker-2
+//!   factors 16 -> 8 and 8 -> 16 on 32x32, 64 -> 32 and 32 -> 64 on 8x8), forward then
+//!   backward, GEMM against the direct path (`conv/pointwise.rs`).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
 //!   x 16 x 16), fused (`Activation::Silu`) against the Sigmoid then Mul that exports spell it
 //!   as (with the executor's sum of the two gradient paths into `x`).
@@ -470,12 +470,13 @@ fn direct_forward(c: &mut Criterion) {
         }
         set_direct_forward(true);
     }
-    // Pointwise factors of ResNet-20's Tucker-2 form (ratio 0.5), forward then backward per
-    // call: a GEMM per image (or blocked) against the direct path (`conv/pointwise.rs`).
+    // Pointwise layers the direct path takes (`conv/pointwise.rs`), forward then backward per
+    // call: a GEMM per image (or blocked) against the direct path.
     for (name, ci, co, px) in [
         ("1x1_16to8_32px", 16, 8, 32),
         ("1x1_8to16_32px", 8, 16, 32),
         ("1x1_64to32_8px", 64, 32, 8),
+        ("1x1_32to64_8px", 32, 64, 8),
     ] {
         let op = conv(1, [0; 4]);
         let mut v = 0.0f32;

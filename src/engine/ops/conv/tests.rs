@@ -2058,7 +2058,9 @@ fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
         assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
     }
     for (xs, ws) in [
-        ([4, 96, 16, 16], [32, 96, 1, 1]),
+        ([4, 128, 16, 16], [64, 128, 1, 1]),
+        ([4, 24, 16, 16], [144, 24, 1, 1]),
+        ([4, 96, 16, 16], [24, 96, 1, 1]),
         ([4, 16, 7, 7], [8, 16, 1, 1]),
     ] {
         assert!(
