@@ -109,11 +109,7 @@ fn conv_kernels(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(4))
         .throughput(Throughput::Elements(BATCH as u64));
     for (name, op, xs, ws) in cases {
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn(xs, |_| next());
         let w = Array4::from_shape_fn(ws, |_| next());
         let y = op.forward(x.view(), w.view(), None).expect("forward");
@@ -141,11 +137,7 @@ fn conv_kernels(c: &mut Criterion) {
         .throughput(Throughput::Elements(BATCH as u64));
     for (name, ch, px) in [("3x3_256ch_4px", 256, 4), ("3x3_512ch_2px", 512, 2)] {
         let op = conv(1, [1; 4]);
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
@@ -208,11 +200,7 @@ fn conv_kernels(c: &mut Criterion) {
             pads: [k / 2; 4],
             dilations: [1, 1],
         };
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, 1, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
@@ -317,11 +305,7 @@ fn conv_kernels(c: &mut Criterion) {
         ("r18_128_64ch_32px", 64, 32),
     ] {
         let op = conv(1, [1; 4]);
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
@@ -376,11 +360,7 @@ fn weight_grad(c: &mut Criterion) {
     ] {
         let mut op = conv(1, [k / 2; 4]);
         op.strides = [s, s];
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ci, px, px], |_| next());
         let w = Array4::from_shape_fn([co, ci, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
@@ -397,6 +377,15 @@ fn weight_grad(c: &mut Criterion) {
         set_direct_weight_grad(true);
     }
     g.finish();
+}
+
+/// The benches' inputs: a deterministic sawtooth in [-0.5, 0.5), one value per call.
+fn sawtooth() -> impl FnMut() -> f32 {
+    let mut v = 0.0f32;
+    move || {
+        v = (v + 0.37) % 1.0;
+        v - 0.5
+    }
 }
 
 fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
@@ -422,11 +411,7 @@ fn direct_forward(c: &mut Criterion) {
     for (name, px) in [("r18_stem_64px", 64), ("r18_stem_128px", 128)] {
         let mut op = conv(1, [3; 4]);
         op.strides = [2, 2];
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, 3, px, px], |_| next());
         let w = Array4::from_shape_fn([64, 3, 7, 7], |_| next());
         for (kernel, direct) in [("im2col", false), ("direct", true)] {
@@ -451,11 +436,7 @@ fn direct_forward(c: &mut Criterion) {
         ("3x3_core12_32px", 12, 32),
     ] {
         let op = conv(1, [1; 4]);
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
         for (kernel, direct) in [("winograd", false), ("direct", true)] {
@@ -479,11 +460,7 @@ fn direct_forward(c: &mut Criterion) {
         ("1x1_32to64_8px", 32, 64, 8),
     ] {
         let op = conv(1, [0; 4]);
-        let mut v = 0.0f32;
-        let mut next = move || {
-            v = (v + 0.37) % 1.0;
-            v - 0.5
-        };
+        let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ci, px, px], |_| next());
         let w = Array4::from_shape_fn([co, ci, 1, 1], |_| next());
         let dy = Array4::from_shape_fn([WINO_BATCH, co, px, px], |_| next());

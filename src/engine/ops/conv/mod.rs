@@ -475,17 +475,24 @@ impl Conv2d {
         init();
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         if g.small_plane && g.n > 0 {
-            return Self::backward_small_plane(&g, &xs, &ws, &dys, need_dx, need_db, w.raw_dim());
+            return Self::backward_whole_batch(
+                &g,
+                &dys,
+                need_dx,
+                need_db,
+                w.raw_dim(),
+                |dx, dw| g.small_plane_backward(&xs, &ws, &dys, dx, dw),
+            );
         }
         if g.pointwise_direct() && g.n > 0 {
-            let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
-            let mut dw = vec![0.0f32; ws.len()];
-            g.pointwise_backward(&xs, &ws, &dys, need_dx.then_some(&mut dx[..]), &mut dw);
-            let mut db = vec![0.0f64; g.co];
-            if need_db {
-                g.add_bias_grad(&dys, &mut db);
-            }
-            return g.grads(need_dx.then_some(dx), dw, db, w.raw_dim());
+            return Self::backward_whole_batch(
+                &g,
+                &dys,
+                need_dx,
+                need_db,
+                w.raw_dim(),
+                |dx, dw| g.pointwise_backward(&xs, &ws, &dys, dx, dw),
+            );
         }
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());
@@ -623,19 +630,20 @@ impl Conv2d {
         g.grads(need_dx.then_some(dx), dw, db, w.raw_dim())
     }
 
-    /// [`Self::backward_geom`] for a small-plane layer (`small_plane.rs`).
-    fn backward_small_plane(
+    /// [`Self::backward_geom`] for kernels that take the whole batch at once (`small_plane.rs`,
+    /// `pointwise.rs`): `run` fills `dx` (zeroed, when wanted) and `dw` (zeroed); the bias
+    /// gradient is summed here.
+    fn backward_whole_batch(
         g: &Geom,
-        xs: &[f32],
-        ws: &[f32],
         dys: &[f32],
         need_dx: bool,
         need_db: bool,
         wdim: Ix4,
+        run: impl FnOnce(Option<&mut [f32]>, &mut [f32]),
     ) -> Conv2dGrads {
         let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
-        let mut dw = vec![0.0f32; ws.len()];
-        g.small_plane_backward(xs, ws, dys, need_dx.then_some(&mut dx[..]), &mut dw);
+        let mut dw = vec![0.0f32; ndarray::Dimension::size(&wdim)];
+        run(need_dx.then_some(&mut dx[..]), &mut dw);
         let mut db = vec![0.0f64; g.co];
         if need_db {
             g.add_bias_grad(dys, &mut db);

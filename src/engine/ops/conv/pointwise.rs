@@ -100,13 +100,9 @@ impl Geom {
         let (xlen, ylen, hw) = (self.x_len(), self.y_len(), self.oh * self.ow);
         let (ci, co) = (self.ci, self.co);
         if let Some(dx) = dx {
-            // dx = conv(dy, w^T): a pointwise conv from co to ci channels.
-            let mut wt = vec![0.0f32; w.len()];
-            for o in 0..co {
-                for c in 0..ci {
-                    wt[c * co + o] = w[o * ci + c];
-                }
-            }
+            // dx = conv(dy, w^T): a pointwise conv from co to ci channels (a 1x1 kernel's
+            // flip is itself, so the direct input gradient's weights are the transpose).
+            let wt = self.flipped_transposed(w);
             let offs = self.channel_offsets(co);
             dx.par_chunks_mut(xlen)
                 .zip(dy.par_chunks(ylen))
