@@ -15,7 +15,9 @@
 //!   512 on 2x2), the whole batch at once on the small-plane path (channels-last GEMMs over
 //!   the batch, `conv/small_plane.rs`) and on blocked im2col (several images per GEMM,
 //!   `conv/block.rs`), against the same images one call each (the per-image path, one GEMM
-//!   of 16 or 4 columns each);
+//!   of 16 or 4 columns each); and ResNet-18's 1x1 stride-2 shortcuts (64 -> 128 from 16x16,
+//!   256 -> 512 from 4x4) as a subsample and a pointwise conv (`conv/subsample.rs`) against
+//!   im2col;
 //! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
 //!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
@@ -46,7 +48,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
-    set_small_plane, set_winograd, Conv2d, WinogradMode,
+    set_small_plane, set_subsample_pointwise, set_winograd, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -173,6 +175,33 @@ fn conv_kernels(c: &mut Criterion) {
                 })
             })
         });
+    }
+    // ResNet-18's 1x1 stride-2 shortcuts at 64x64 input: subsample + pointwise against
+    // im2col (its small-plane and blocked variants, as the speed rule chose before).
+    for (name, ci, px) in [
+        ("1x1s2_64to128_16px", 64, 16),
+        ("1x1s2_256to512_4px", 256, 4),
+    ] {
+        let op = Conv2d {
+            strides: [2, 2],
+            ..conv(1, [0; 4])
+        };
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([BATCH, ci, px, px], |_| next());
+        let w = Array4::from_shape_fn([2 * ci, ci, 1, 1], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        for (path, on) in [("subsample", true), ("im2col", false)] {
+            g.bench_function(format!("{name}/{path}_forward_backward"), |b| {
+                set_subsample_pointwise(on);
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap());
+                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                    })
+                })
+            });
+        }
+        set_subsample_pointwise(true);
     }
     g.finish();
 

@@ -17,6 +17,8 @@
 //!
 //! Three paths, chosen from the attributes:
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
+//!   strided 1x1 convs (ResNet shortcuts) whose subsampled plane is small become a subsample
+//!   and a pointwise conv (`subsample.rs`);
 //! - depthwise (one input channel per group): direct loops, since a GEMM with an inner dimension
 //!   of `kh*kw` would be all overhead;
 //! - everything else: im2col + sgemm per group, except that ungrouped stride-1 3x3 convs with
@@ -36,7 +38,7 @@
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
-//! planes channels-last; `winograd.rs` the Winograd kernels (`winograd4.rs` F(4x4)'s
+//! planes channels-last; `subsample.rs` strided 1x1 convs; `winograd.rs` the Winograd kernels (`winograd4.rs` F(4x4)'s
 //! transforms); `weight_grad.rs` the direct weight gradient and its stride-phase layout;
 //! `direct.rs` the direct forward (and input gradient) on that layout; `depthwise.rs` the
 //! direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise kernels for small and
@@ -100,6 +102,7 @@ mod im2col;
 mod layout;
 mod pointwise;
 mod small_plane;
+mod subsample;
 #[cfg(test)]
 mod tests;
 mod weight_grad;
@@ -110,6 +113,7 @@ pub use depthwise_cl::set_depthwise_channels_last;
 pub use direct::set_direct_forward;
 pub use pointwise::set_direct_pointwise;
 pub use small_plane::set_small_plane;
+pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
 
@@ -198,6 +202,9 @@ struct Geom {
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
     small_plane: bool,
+    /// A strided 1x1 conv run as a subsample of the input and a stride-1 pointwise conv
+    /// (`subsample.rs`); none of the other paths' flags apply.
+    subsample: bool,
 }
 
 impl Conv2d {
@@ -214,11 +221,15 @@ impl Conv2d {
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward), "Conv direct" (direct dot products on the padded input, forward
-    /// and weight gradient, `direct.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
+    /// and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
+    /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
     /// time this way, since the paths differ by 10x in GFLOP/s.
     pub fn kernel_label(&self, x: &[usize], w: &[usize]) -> Result<&'static str> {
         let g = self.geom(x, w)?;
+        if g.subsample {
+            return Ok("Conv 1x1 strided");
+        }
         let blocked = g.block_images() > 1;
         match (g.winograd, g.small_plane) {
             (true, true) if g.wino_tile == 4 => return Ok("Conv winograd4+small-plane"),
@@ -311,7 +322,12 @@ impl Conv2d {
             direct_dw: false,
             direct_fwd: false,
             small_plane: false,
+            subsample: false,
         };
+        g.subsample = g.subsample_eligible() && g.subsample_pays();
+        if g.subsample {
+            return Ok(g);
+        }
         // The direct forward first: where it pays it beats Winograd too (few channels).
         g.direct_fwd = g.direct_fwd_eligible() && g.direct_fwd_pays();
         g.winograd =
@@ -356,6 +372,13 @@ impl Conv2d {
     ) -> Array4<f32> {
         let g = *g;
         init();
+        if g.subsample && g.n > 0 {
+            let inner = g.subsampled();
+            let xs = g.subsample(&contiguous(&x));
+            let xs = Array4::from_shape_vec((g.n, g.ci, g.oh, g.ow), xs)
+                .expect("subsampled length follows from the geometry");
+            return Self::forward_geom(&inner, xs.view(), w, b);
+        }
         let (xs, ws) = (contiguous(&x), contiguous(&w));
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
@@ -473,6 +496,19 @@ impl Conv2d {
     ) -> Conv2dGrads {
         let g = *g;
         init();
+        if g.subsample && g.n > 0 {
+            let inner = g.subsampled();
+            let xs = g.subsample(&contiguous(&x));
+            let xs = Array4::from_shape_vec((g.n, g.ci, g.oh, g.ow), xs)
+                .expect("subsampled length follows from the geometry");
+            let mut grads = Self::backward_geom_db(&inner, xs.view(), w, dy, need_dx, need_db);
+            grads.dx = grads.dx.map(|dxs| {
+                let dx = g.unsample(dxs.as_slice().expect("fresh gradients are contiguous"));
+                Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx)
+                    .expect("dx length follows from the geometry")
+            });
+            return grads;
+        }
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
         if g.small_plane && g.n > 0 {
             return Self::backward_whole_batch(

@@ -1450,6 +1450,7 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
         }
         let forced = Geom {
             direct_dw: true,
+            subsample: false,
             ..g
         };
         let e = dw_error(&forced, cases, rng.below(2) == 0);
@@ -1603,7 +1604,7 @@ fn small_plane_errors(
 ) -> [f64; 3] {
     let mut g = c.geom(&xs, &ws).unwrap();
     assert!(g.small_plane_eligible(), "{c:?} {xs:?} {ws:?}");
-    (g.small_plane, g.winograd, g.direct_dw) = (true, false, false);
+    (g.small_plane, g.winograd, g.direct_dw, g.subsample) = (true, false, false, false);
     let mut rng = Rng::new(seed);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -2061,4 +2062,70 @@ fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
             "{xs:?} {ws:?}"
         );
     }
+}
+
+/// Strided 1x1 convs on the subsample path (`subsample.rs`): forward against the reference,
+/// gradients against finite differences, over strides 2x2, 3x3, 2x1 and 1x2, even and odd
+/// planes, with and without bias; ResNet-18's shortcut shapes are labelled as such and give the
+/// same bits on 1 and 3 threads; padded or grouped 1x1 convs stay off it.
+#[test]
+fn strided_pointwise_convs_run_as_subsample_and_match_reference() {
+    if !subsample::auto_mode() {
+        return;
+    }
+    // (strides, input, weight): blocked inner planes (2x2 to 4x4 outputs, batch 8) and the
+    // direct inner path (8 -> 16 channels on an 8x8 output plane).
+    let cases = [
+        ([2, 2], [8, 6, 8, 8], [10, 6, 1, 1]),
+        ([2, 2], [8, 5, 7, 5], [4, 5, 1, 1]),
+        ([3, 3], [8, 4, 7, 9], [6, 4, 1, 1]),
+        ([2, 1], [8, 3, 6, 3], [5, 3, 1, 1]),
+        ([1, 2], [8, 3, 3, 6], [5, 3, 1, 1]),
+        ([2, 2], [4, 8, 16, 16], [16, 8, 1, 1]),
+    ];
+    for (i, (strides, xs, ws)) in cases.into_iter().enumerate() {
+        let c = conv(1, strides, [0; 4], [1, 1]);
+        let g = c.geom(&xs, &ws).unwrap();
+        assert!(g.subsample, "{strides:?} {xs:?} {ws:?}");
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv 1x1 strided");
+        check_against_reference(&c, xs, ws, i % 2 == 0, 40 + i as u64, assert_grad);
+    }
+    // ResNet-18's shortcuts at 64x64 input, 9 images.
+    let c = conv(1, [2, 2], [0; 4], [1, 1]);
+    for (xs, ws) in [
+        ([9, 64, 16, 16], [128, 64, 1, 1]),
+        ([9, 256, 4, 4], [512, 256, 1, 1]),
+    ] {
+        let g = c.geom(&xs, &ws).unwrap();
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv 1x1 strided");
+        let mut rng = Rng::new(5);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+        let y = Conv2d::forward_geom(&g, x.view(), w.view(), None);
+        let yr = c.reference(x.view(), w.view(), None).unwrap();
+        assert_close("shortcut forward", &y.view(), &yr.view(), 1e-5);
+    }
+    // Padding reads zeros outside the input and groups split the channels: not this path.
+    let padded = conv(1, [2, 2], [1; 4], [1, 1]);
+    assert!(
+        !padded
+            .geom(&[8, 6, 8, 8], &[10, 6, 1, 1])
+            .unwrap()
+            .subsample
+    );
+    let grouped = conv(2, [2, 2], [0; 4], [1, 1]);
+    assert!(
+        !grouped
+            .geom(&[8, 6, 8, 8], &[10, 3, 1, 1])
+            .unwrap()
+            .subsample
+    );
+    // A 16x16 subsampled plane with a GEMM per image stays on im2col (see `subsample_pays`).
+    assert!(
+        !c.geom(&[8, 64, 32, 32], &[128, 64, 1, 1])
+            .unwrap()
+            .subsample
+    );
 }
