@@ -38,11 +38,11 @@
 //!
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
-//! planes channels-last; `subsample.rs` strided 1x1 convs; `winograd.rs` the Winograd kernels (`winograd4.rs` F(4x4)'s
-//! transforms); `weight_grad.rs` the direct weight gradient and its stride-phase layout;
-//! `direct.rs` the direct forward (and input gradient) on that layout; `depthwise.rs` the
-//! direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise kernels for small and
-//! strided planes; `tests.rs` the checks against [`Conv2d::reference`] and finite differences.
+//! planes channels-last; `subsample.rs` strided 1x1 convs; `winograd.rs` the Winograd kernels
+//! (`winograd4.rs` F(4x4)'s transforms); `weight_grad.rs` the direct weight gradient and its
+//! stride-phase layout; `direct.rs` the direct forward (and input gradient) on that layout;
+//! `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise
+//! kernels for small and strided planes; `tests.rs` the checks against [`Conv2d::reference`] and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
