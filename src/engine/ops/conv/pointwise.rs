@@ -33,6 +33,16 @@ static DISABLED: AtomicBool = AtomicBool::new(false);
 /// them, EfficientNet-B0's and MobileNetV2's whole steps showed no gain within the noise.
 const MAX_CHANNELS: usize = 64;
 
+/// Multiply-adds per image (`ci * co * h * w`) from which a GEMM per image wins again: with
+/// enough channels on both sides and a large plane, packing is a small share of the GEMM and
+/// its kernel beats the direct tiles. Criterion, AVX2 Zen, batch 64, 1 thread, forward then
+/// backward, GEMM / direct: 64 -> 40 on 32x32 23.4 / 27.9 ms, 40 -> 64 21.7 / 27.1, on 16x16
+/// 5.03 / 5.77 and 4.99 / 5.75, 24 -> 32 on 32x32 8.68 / 10.9; ties at 2^19 (32 -> 16 on 32x32
+/// 7.59 / 7.90, 32 -> 64 on 16x16 5.27 / 5.47); below it direct wins (48 -> 24 on 16x16 2.51 /
+/// 2.37, 16 -> 8 on 32x32 2.30 / 1.72, 64 -> 32 on 8x8 1.15 / 0.74). ResNet-18's Tucker-2 form
+/// (64 <-> 40 factors of its first stage) is where this moves layers back to GEMM.
+const MAX_MACS_PER_IMAGE: usize = 1 << 19;
+
 /// Turns the direct pointwise path off (`false`: such layers go back to a GEMM per image) or
 /// on; for benchmarks and tests that compare the two.
 pub fn set_direct_pointwise(on: bool) {
@@ -42,7 +52,7 @@ pub fn set_direct_pointwise(on: bool) {
 impl Geom {
     /// Whether this layer runs here: an ungrouped pointwise conv of at most [`MAX_CHANNELS`]
     /// channels on either side, on planes of 64+ outputs whose size is a multiple of 16 (the
-    /// kernels' vector runs).
+    /// kernels' vector runs), with fewer than [`MAX_MACS_PER_IMAGE`] multiply-adds per image.
     pub(super) fn pointwise_direct(&self) -> bool {
         let hw = self.oh * self.ow;
         self.path == Path::Pointwise
@@ -50,6 +60,7 @@ impl Geom {
             && hw >= 64
             && hw.is_multiple_of(16)
             && self.ci.max(self.co) <= MAX_CHANNELS
+            && self.ci * self.co * hw < MAX_MACS_PER_IMAGE
             && !DISABLED.load(Ordering::Relaxed)
     }
 

@@ -2025,7 +2025,8 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
 
 /// Few-channel pointwise layers (the 1x1 factors of low-rank convs) take the direct path
 /// (`pointwise.rs`): forward, input and weight gradients within the direct kernels' bounds
-/// against f64, the same bits on 1 and 3 threads; wide or odd-plane ones keep their GEMMs.
+/// against f64, the same bits on 1 and 3 threads; wide, odd-plane or large (2^19+
+/// multiply-adds per image) ones keep their GEMMs.
 #[test]
 fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
     let c = conv(1, [1, 1], [0; 4], [1, 1]);
@@ -2056,6 +2057,9 @@ fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
         ([4, 24, 16, 16], [144, 24, 1, 1]),
         ([4, 96, 16, 16], [24, 96, 1, 1]),
         ([4, 16, 7, 7], [8, 16, 1, 1]),
+        ([4, 64, 16, 16], [40, 64, 1, 1]),
+        ([4, 40, 32, 32], [64, 40, 1, 1]),
+        ([4, 32, 32, 32], [16, 32, 1, 1]),
     ] {
         assert!(
             !c.geom(&xs, &ws).unwrap().pointwise_direct(),
