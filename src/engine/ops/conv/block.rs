@@ -21,7 +21,7 @@
 //! Measured in `benches/conv_kernels.rs` and on torchvision ResNet-18 (see the README's speed
 //! section).
 
-use super::{copy_run, mat, mat_mut, Geom, Path, REDUCE_CHUNK};
+use super::{copy_run, mat, mat_mut, Geom, Path};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -77,16 +77,8 @@ impl Geom {
             })
             .collect();
         // Summed in range order, element by element, the elements split across threads.
-        dw.par_chunks_mut(REDUCE_CHUNK)
-            .enumerate()
-            .for_each(|(c, out)| {
-                out.fill(0.0);
-                for p in &partials {
-                    out.iter_mut()
-                        .zip(&p[c * REDUCE_CHUNK..])
-                        .for_each(|(a, b)| *a += b);
-                }
-            });
+        let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
+        super::sum_parts_in_order(&parts, dw);
     }
 
     /// Images per GEMM: 1 for the per-image path.

@@ -123,6 +123,22 @@ const OP: &str = "Conv";
 /// stays in L1/L2 while the parts' slices stream past it.
 const REDUCE_CHUNK: usize = 16 * 1024;
 
+/// Overwrites `out` with the element-wise sum of `parts` (each at least `out.len()` long),
+/// added in part order with the elements split across threads in [`REDUCE_CHUNK`] ranges: the
+/// same sums as a serial loop, bit for bit, whatever the thread count, but no serial tail.
+fn sum_parts_in_order(parts: &[&[f32]], out: &mut [f32]) {
+    out.par_chunks_mut(REDUCE_CHUNK)
+        .enumerate()
+        .for_each(|(c, out)| {
+            out.fill(0.0);
+            for p in parts {
+                out.iter_mut()
+                    .zip(&p[c * REDUCE_CHUNK..])
+                    .for_each(|(a, b)| *a += b);
+            }
+        });
+}
+
 /// Attributes of a 2-D convolution. Weights `[C_out, C_in / group, kH, kW]` and bias `[C_out]` are
 /// inputs, as in ONNX, so one op value serves every layer with the same attributes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -650,15 +666,8 @@ impl Conv2d {
         if blk > 1 {
             g.weight_grad_blocked(cols_all.view(), dys_all.view(), &mut dw);
         } else {
-            dw.par_chunks_mut(REDUCE_CHUNK)
-                .enumerate()
-                .for_each(|(c, out)| {
-                    for (pdw, _) in &partials {
-                        out.iter_mut()
-                            .zip(&pdw[c * REDUCE_CHUNK..])
-                            .for_each(|(a, b)| *a += b);
-                    }
-                });
+            let parts: Vec<&[f32]> = partials.iter().map(|(pdw, _)| pdw.as_slice()).collect();
+            sum_parts_in_order(&parts, &mut dw);
         }
         for (_, pdb) in &partials {
             db.iter_mut().zip(pdb).for_each(|(a, b)| *a += b);

@@ -19,7 +19,7 @@
 
 use super::direct::Taps;
 use super::weight_grad::{dot_tiles, Runs};
-use super::{Geom, Path, REDUCE_CHUNK};
+use super::{Geom, Path};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -151,15 +151,7 @@ impl Geom {
             })
             .collect();
         // Summed in part order, element by element: the same sums whatever the thread count.
-        dw.par_chunks_mut(REDUCE_CHUNK)
-            .enumerate()
-            .for_each(|(c, out)| {
-                out.fill(0.0);
-                for p in &partials {
-                    out.iter_mut()
-                        .zip(&p[c * REDUCE_CHUNK..])
-                        .for_each(|(a, b)| *a += b);
-                }
-            });
+        let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
+        super::sum_parts_in_order(&parts, dw);
     }
 }
