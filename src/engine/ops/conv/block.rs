@@ -76,7 +76,7 @@ impl Geom {
                 part
             })
             .collect();
-        // Summed in range order, element by element, the elements split across threads.
+        // Summed in range order, so the sums do not depend on the thread count.
         let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
         super::sum_parts_in_order(&parts, dw);
     }

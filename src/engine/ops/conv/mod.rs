@@ -42,7 +42,8 @@
 //! (`winograd4.rs` F(4x4)'s transforms); `weight_grad.rs` the direct weight gradient and its
 //! stride-phase layout; `direct.rs` the direct forward (and input gradient) on that layout;
 //! `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise
-//! kernels for small and strided planes; `tests.rs` the checks against [`Conv2d::reference`] and finite differences.
+//! kernels for small and strided planes; `tests.rs` the checks against [`Conv2d::reference`]
+//! and finite differences.
 //!
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
