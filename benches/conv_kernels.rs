@@ -48,7 +48,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
-    set_small_plane, set_subsample_pointwise, set_winograd, Conv2d, WinogradMode,
+    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_weight_grad, Conv2d,
+    WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -367,7 +368,8 @@ fn conv_kernels(c: &mut Criterion) {
 
 const WINO_BATCH: usize = 64;
 
-/// The weight gradient alone, im2col + GEMM against the direct kernel (`conv/weight_grad.rs`).
+/// The weight gradient alone, im2col + GEMM against the direct kernel (`conv/weight_grad.rs`)
+/// and, on stride-1 3x3 layers, Winograd's (`conv/winograd_dw.rs`).
 fn weight_grad(c: &mut Criterion) {
     elrt::engine::tune_allocator();
     elrt::engine::init();
@@ -384,6 +386,9 @@ fn weight_grad(c: &mut Criterion) {
         ("r20_64ch_8px", 64, 64, 3, 1, 8),
         ("r18_64ch_16px", 64, 64, 3, 1, 16),
         ("r18_128ch_8px", 128, 128, 3, 1, 8),
+        // ResNet-18 at 128x128: its first two stages.
+        ("r18_64ch_32px", 64, 64, 3, 1, 32),
+        ("r18_128ch_16px", 128, 128, 3, 1, 16),
         // ResNet-18's 7x7 stride-2 stem at 64x64 (the stride-phase layout).
         ("r18_stem_64px", 3, 64, 7, 2, 64),
     ] {
@@ -393,9 +398,20 @@ fn weight_grad(c: &mut Criterion) {
         let x = Array4::from_shape_fn([WINO_BATCH, ci, px, px], |_| next());
         let w = Array4::from_shape_fn([co, ci, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
-        for (kernel, direct) in [("im2col", false), ("direct", true)] {
+        // Winograd's weight gradient only where the layer is a Winograd one (stride-1 3x3).
+        let kernels: &[(&str, bool, bool)] = if k == 3 && s == 1 {
+            &[
+                ("im2col", false, false),
+                ("direct", true, false),
+                ("winograd", true, true),
+            ]
+        } else {
+            &[("im2col", false, false), ("direct", true, false)]
+        };
+        for &(kernel, direct, wino) in kernels {
             g.bench_function(format!("{name}/{kernel}"), |b| {
                 set_direct_weight_grad(direct);
+                set_winograd_weight_grad(wino);
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         black_box(op.backward(x.view(), w.view(), dy.view(), false).unwrap())
@@ -404,6 +420,7 @@ fn weight_grad(c: &mut Criterion) {
             });
         }
         set_direct_weight_grad(true);
+        set_winograd_weight_grad(true);
     }
     g.finish();
 }

@@ -140,6 +140,7 @@ impl Geom {
                     dy: dyp,
                     offs: &offs,
                     run: hw,
+                    dyrow: hw,
                     rows: co,
                     images: xp.len() / xlen,
                     xstride: xlen,

@@ -1019,7 +1019,7 @@ fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> G
     assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
     g.winograd = true;
     g.wino_tile = tile;
-    (g.small_plane, g.direct_fwd) = (false, false);
+    (g.small_plane, g.direct_fwd, g.wino_dw) = (false, false, false);
     g
 }
 
@@ -1356,7 +1356,10 @@ fn dw_reference<T: NdFloat>(g: &Geom, x: &Array4<T>, dy: &Array4<T>) -> Array4<T
     dw
 }
 
-/// Weight-gradient error of `g`'s backward against f64, scaled per entry by `sum |dy| |x|`.
+/// Weight-gradient error of `g`'s backward against f64, scaled per entry by `sum |dy| |x|`
+/// (with `g.wino_dw`: by its largest value over the entry's kernel window, since Winograd mixes
+/// the window's taps, so a tap that only ever reads padding, exactly 0, gets its neighbours'
+/// rounding).
 fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
     let mut rng = Rng::new(seed);
     let x = rand_array(&mut rng, [g.n, g.ci, g.h, g.w], -1.0, 1.0);
@@ -1365,13 +1368,22 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
     let grads = Conv2d::backward_geom(g, x.view(), w.view(), dy.view(), need_dx);
     let (x64, dy64) = (to_f64(&x.view()), to_f64(&dy.view()));
     let exact = dw_reference(g, &x64, &dy64);
-    let scale = dw_reference(g, &x64.mapv(f64::abs), &dy64.mapv(f64::abs));
+    let mut scale = dw_reference(g, &x64.mapv(f64::abs), &dy64.mapv(f64::abs));
+    if g.wino_dw {
+        for mut oc in scale.outer_iter_mut() {
+            for mut window in oc.outer_iter_mut() {
+                let top = window.fold(0.0f64, |a, &b| a.max(b));
+                window.fill(top);
+            }
+        }
+    }
     if need_dx {
         // The input gradient is the other path's (up to summation order: a forced direct
         // weight gradient on a small-plane layer takes it per image instead of blocked).
         let plain = Conv2d::backward_geom(
             &Geom {
                 direct_dw: false,
+                wino_dw: false,
                 ..*g
             },
             x.view(),
@@ -1384,6 +1396,95 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
         assert_eq!(grads.db, plain.db);
     }
     scaled_error(&grads.dw, &exact, &scale)
+}
+
+/// The Winograd weight gradient (`winograd_dw.rs`, forced on) against f64: random geometries
+/// as for the forward (pads 0-2 on each side, planes of 1 to 13 pixels, odd and even, 1 to 70
+/// channels, batches of 1 to 9), with and without the input gradient, then ResNet-sized layers,
+/// one of them over several chunks with a shorter last one (40 images of 16x16). Error per entry
+/// within `WINO_REL_TOL` times `sum |dy| |x|`, im2col's on the same geometries for scale.
+#[test]
+fn winograd_weight_grad_matches_f64_within_bound() {
+    let mut rng = Rng::new(53);
+    let (mut worst, mut worst_im2col) = (0.0f64, 0.0f64);
+    let mut cases = 0;
+    while cases < 60 {
+        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
+        if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+            continue;
+        }
+        let n = [1, 2, 5, 9][rng.below(4)];
+        let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+        let c = conv(1, [1, 1], pads, [1, 1]);
+        let g = Geom {
+            wino_dw: true,
+            direct_dw: false,
+            ..winograd_forced(&c, [n, ci, h, w], [co, ci, 3, 3], 2)
+        };
+        let e = dw_error(&g, 500 + cases, rng.below(2) == 0);
+        assert!(
+            e <= winograd::WINO_REL_TOL,
+            "{pads:?} x [{n}, {ci}, {h}, {w}] co {co}: scaled dw error {e:e}"
+        );
+        worst = worst.max(e);
+        let plain = Geom {
+            winograd: false,
+            wino_dw: false,
+            direct_dw: false,
+            ..g
+        };
+        worst_im2col = worst_im2col.max(dw_error(&plain, 500 + cases, false));
+        cases += 1;
+    }
+    eprintln!("worst scaled dw error: winograd {worst:e}, im2col {worst_im2col:e}");
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    for (n, ch, px) in [(3, 16, 32), (40, 32, 16), (5, 64, 16), (9, 128, 8)] {
+        let g = Geom {
+            wino_dw: true,
+            direct_dw: false,
+            ..winograd_forced(&c, [n, ch, px, px], [ch, ch, 3, 3], 2)
+        };
+        let e = dw_error(&g, ch as u64, true);
+        eprintln!("{ch}ch {px}px batch {n}: winograd dw {e:e}");
+        assert!(e <= winograd::WINO_REL_TOL, "{ch}ch {px}px: {e:e}");
+    }
+}
+
+/// The Winograd weight gradient against f64 finite differences of the reference loss, on a
+/// small odd geometry with asymmetric pads, and bitwise the same on 1 and 3 threads over
+/// several chunks.
+#[test]
+fn winograd_weight_grad_matches_finite_differences_and_thread_counts() {
+    let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
+    let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
+    let g = Geom {
+        wino_dw: true,
+        direct_dw: false,
+        ..winograd_forced(&c, xs, ws, 2)
+    };
+    let mut rng = Rng::new(59);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let r = rand_array(&mut rng, [3, 3, g.oh, g.ow], -1.0, 1.0);
+    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), r.view(), false);
+    let (x64, r64) = (to_f64(&x.view()), to_f64(&r.view()));
+    let w64 = to_f64(&w.view());
+    let fdw = fd_grad(&w64, |w| {
+        dot_loss(&c.reference(x64.view(), w.view(), None).unwrap(), &r64)
+    });
+    assert_grad("dw", &grads.dw.view(), &fdw.view());
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let (xs, ws) = ([37, 32, 16, 16], [32, 32, 3, 3]);
+    let g = Geom {
+        wino_dw: true,
+        direct_dw: false,
+        ..winograd_forced(&c, xs, ws, 2)
+    };
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let dy = rand_array(&mut rng, [37, 32, 16, 16], -1.0, 1.0);
+    assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
 }
 
 /// A random window geometry for the direct kernels' f64 tests: kernels 1x1 to 7x7, dilations
@@ -1472,20 +1573,29 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
     eprintln!("worst scaled dw error: direct {worst:e}, im2col {worst_im2col:e}");
 }
 
-/// The layers the speed rule hands to the direct weight gradient (the stride-1 3x3 convs of
-/// ResNet-20 and ResNet-18 with planes of 16x16 and up, 8x8 ones below 32 channels, and
-/// ResNet-18's 7x7 stride-2 stem) are handed to it, and stay within the bound.
+/// The layers the speed rule hands to the direct weight gradient (the stride-1 3x3 convs that
+/// the direct forward runs: ResNet-20's 16 channels on 32x32, 8x8 ones below 32 channels; and
+/// ResNet-18's 7x7 stride-2 stem) are handed to it, and stay within the bound; the Winograd
+/// layers of 32 to 128 channels on 16x16 and 32x32 go to Winograd's weight gradient instead.
 #[test]
 fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     if !weight_grad::auto_mode() {
         return;
     }
-    for (ch, px) in [(16, 32), (32, 16), (16, 8), (64, 16)] {
+    for (ch, px) in [(16, 32), (16, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
         assert!(g.direct_dw, "{ch}ch {px}px");
         let e = dw_error(&g, ch as u64, true);
         assert!(e <= DW_REL_TOL, "{ch}ch {px}px: {e:e}");
+    }
+    // Winograd layers (not small-plane ones) take Winograd's weight gradient instead.
+    for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16)] {
+        let c = conv(1, [1, 1], [1; 4], [1, 1]);
+        let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
+        if winograd::auto_mode() && small_plane::auto_mode() {
+            assert!(g.wino_dw && !g.direct_dw, "{ch}ch {px}px");
+        }
     }
     // ResNet-18's 7x7 stride-2 stem too (no input gradient: its input is the data).
     let stem = conv(1, [2, 2], [3; 4], [1, 1]);
@@ -1517,7 +1627,8 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
 }
 
 /// The vector kernels of the direct weight gradient against its portable loop, on runs with
-/// remainder tiles (rows and taps not multiples of the tile) over several images.
+/// remainder tiles (rows and taps not multiples of the tile) over several images, with output
+/// rows packed and spaced.
 #[test]
 fn direct_weight_grad_kernels_match_portable_loop() {
     let mut rng = Rng::new(5);
@@ -1537,7 +1648,10 @@ fn direct_weight_grad_kernels_match_portable_loop() {
         let x: Vec<f32> = (0..images * xstride)
             .map(|_| rng.range(-1.0, 1.0))
             .collect();
-        let dy: Vec<f32> = (0..images * rows * run)
+        // Rows of `dy` apart by more than a run on odd row counts (the Winograd weight
+        // gradient's layout), packed on even ones.
+        let dyrow = if rows % 2 == 1 { run + 16 } else { run };
+        let dy: Vec<f32> = (0..images * rows * dyrow)
             .map(|_| rng.range(-1.0, 1.0))
             .collect();
         let runs = weight_grad::Runs {
@@ -1545,10 +1659,11 @@ fn direct_weight_grad_kernels_match_portable_loop() {
             dy: &dy,
             offs: &offs,
             run,
+            dyrow,
             rows,
             images,
             xstride,
-            dystride: rows * run,
+            dystride: rows * dyrow,
         };
         let mut want = vec![0.5f32; rows * k];
         weight_grad::dot_tiles_for_test(&runs, &mut want, weight_grad::Kernel::Portable);

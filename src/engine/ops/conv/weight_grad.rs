@@ -225,6 +225,7 @@ impl Geom {
                 dy: &s.dyp[grp * self.cog * l.run..],
                 offs: &s.offs,
                 run: l.run,
+                dyrow: l.run,
                 rows: self.cog,
                 images,
                 xstride,
@@ -237,12 +238,15 @@ impl Geom {
 }
 
 /// The dot products of one group over a few images: output row `o`, column-matrix row `j` and
-/// image `i` pair `dy[i * dystride + o * run ..][..run]` with `x[i * xstride + offs[j] ..][..run]`.
+/// image `i` pair `dy[i * dystride + o * dyrow ..][..run]` with `x[i * xstride + offs[j] ..][..run]`.
 pub(super) struct Runs<'a> {
     pub x: &'a [f32],
     pub dy: &'a [f32],
     pub offs: &'a [usize],
     pub run: usize,
+    /// Distance between consecutive output rows' runs in `dy`: `run` where they are packed, more
+    /// where another axis sits between them (the Winograd weight gradient's taps, `winograd_dw.rs`).
+    pub dyrow: usize,
     pub rows: usize,
     pub images: usize,
     pub xstride: usize,
@@ -258,7 +262,7 @@ impl Runs<'_> {
             .iter()
             .max()
             .map_or(0, |&o| last * self.xstride + o + self.run);
-        let dymax = last * self.dystride + self.rows * self.run;
+        let dymax = last * self.dystride + self.rows.saturating_sub(1) * self.dyrow + self.run;
         assert!(
             self.run.is_multiple_of(LANES) && xmax <= self.x.len() && dymax <= self.dy.len(),
             "weight-gradient runs out of bounds"
@@ -295,7 +299,7 @@ fn dot_tiles_scalar(r: &Runs, dw: &mut [f32]) {
         for (j, &off) in r.offs.iter().enumerate() {
             let mut acc = [0.0f32; 8];
             for i in 0..r.images {
-                let d = &r.dy[i * r.dystride + o * r.run..][..r.run];
+                let d = &r.dy[i * r.dystride + o * r.dyrow..][..r.run];
                 let xs = &r.x[i * r.xstride + off..][..r.run];
                 for (dc, xc) in d.chunks_exact(8).zip(xs.chunks_exact(8)) {
                     for l in 0..8 {
@@ -334,12 +338,12 @@ mod avx512 {
         let mut acc = [[_mm512_setzero_ps(); N]; M];
         for i in 0..r.images {
             let xp = r.x.as_ptr().add(i * r.xstride);
-            let dp = r.dy.as_ptr().add(i * r.dystride + o * r.run);
+            let dp = r.dy.as_ptr().add(i * r.dystride + o * r.dyrow);
             let xs: [*const f32; N] = std::array::from_fn(|n| xp.add(r.offs[j + n]));
             let mut p = 0;
             while p < r.run {
                 let d: [__m512; M] =
-                    std::array::from_fn(|m| _mm512_loadu_ps(dp.add(m * r.run + p)));
+                    std::array::from_fn(|m| _mm512_loadu_ps(dp.add(m * r.dyrow + p)));
                 for n in 0..N {
                     let xv = _mm512_loadu_ps(xs[n].add(p));
                     for m in 0..M {
@@ -380,12 +384,12 @@ mod avx2 {
         let mut acc = [[_mm256_setzero_ps(); N]; M];
         for i in 0..r.images {
             let xp = r.x.as_ptr().add(i * r.xstride);
-            let dp = r.dy.as_ptr().add(i * r.dystride + o * r.run);
+            let dp = r.dy.as_ptr().add(i * r.dystride + o * r.dyrow);
             let xs: [*const f32; N] = std::array::from_fn(|n| xp.add(r.offs[j + n]));
             let mut p = 0;
             while p < r.run {
                 let d: [__m256; M] =
-                    std::array::from_fn(|m| _mm256_loadu_ps(dp.add(m * r.run + p)));
+                    std::array::from_fn(|m| _mm256_loadu_ps(dp.add(m * r.dyrow + p)));
                 for n in 0..N {
                     let xv = _mm256_loadu_ps(xs[n].add(p));
                     for m in 0..M {

@@ -21,10 +21,11 @@
 //! The input gradient is the same machinery applied to `dy`: `dx` is the correlation of `dy`
 //! with the kernel rotated 180 degrees and its channel axes swapped, over `dy` padded by
 //! `2 - pad` on each side (the "full" convolution relation), so pads of at most 2 qualify.
-//! The weight gradient is not Winograd's (it is the direct kernel of `weight_grad.rs`, or
-//! im2col's): a transformed-domain version (`dU[k] = dM[k] . V[k]^T`,
-//! commit 5da356f) was slower, up to 1.9x on ResNet-20's 16-channel stage, since its GEMMs have
-//! a small `co x ci` output and a long inner dimension.
+//! The weight gradient is Winograd's too on layers that are not small-plane ones
+//! (`winograd_dw.rs`: the transformed-domain dot products on the direct weight gradient's
+//! register tiles). A first version that ran them as GEMMs (commit 5da356f) was slower, up to
+//! 1.9x on ResNet-20's 16-channel stage, since those GEMMs have a small `co x ci` output and a
+//! long inner dimension.
 //!
 //! Several images share one set of 16 GEMMs when an image has few tiles (as `block.rs` does for
 //! im2col), inside the fixed parts of the batch, so results never depend on the thread count.
@@ -254,15 +255,24 @@ fn comb3(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, 
 }
 
 impl Plane {
-    /// Input transform of one channel plane `x` (`h x w`) into `s.v`, the `[16][cin][nt]`
-    /// buffer, at channel `c`, tiles `t0..t0 + tiles()`.
+    /// Input transform of one channel plane `x` (`h x w`) into `v`: tap `k` of tile `t` goes to
+    /// `v[k * kstride + base + t]` (the forward's `[16][cin][nt]` buffer has `kstride = cin * nt`
+    /// and `base = c * nt + t0`; the weight gradient's `[cin][16][Tp]` has its own, see
+    /// `winograd_dw.rs`). Uses `s`'s row buffers, not `s.v`.
     ///
     /// Horizontal pass first: each padded row, split once into even and odd columns, becomes
     /// four rows of `tw` values (`d B` per tile), stored by row parity, so that the vertical pass
     /// (`B^T .`) reads rows `2ty, 2ty+1, 2ty+2, 2ty+3` of every tile row as four contiguous
     /// runs of `th*tw` values: 16 long, vectorisable loops per channel.
     #[inline(always)]
-    fn transform_input(&self, x: &[f32], c: usize, t0: usize, nt: usize, s: &mut WinoScratch) {
+    pub(super) fn transform_input(
+        &self,
+        x: &[f32],
+        v: &mut [f32],
+        kstride: usize,
+        base: usize,
+        s: &mut WinoScratch,
+    ) {
         let (th, tw) = (self.th(), self.tw());
         let wp = 2 * tw + 2;
         let hs = (th + 1) * tw;
@@ -293,9 +303,7 @@ impl Plane {
             comb(&mut hb[at(3)..][..tw], o0, o1, |a, b| a - b);
         }
         let tiles = th * tw;
-        let plane = self.cin * nt;
-        let base = c * nt + t0;
-        let mut kp = s.v[..16 * plane].chunks_mut(plane);
+        let mut kp = v.chunks_mut(kstride);
         let v: [&mut [f32]; 16] = std::array::from_fn(|_| kp.next().expect("16 planes"));
         for j in 0..4 {
             let (e, o) = (&hb[j * hs..][..hs], &hb[(4 + j) * hs..][..hs]);
@@ -412,11 +420,13 @@ impl Plane {
                 self.transform_input4(x, c, nt, s);
             }
         } else {
+            let mut v = std::mem::take(&mut s.v);
             for (j, xb) in x.chunks(xlen).enumerate() {
                 for (c, plane) in xb.chunks(hw).enumerate() {
-                    self.transform_input(plane, c, j * tpi, nt, s);
+                    self.transform_input(plane, &mut v, self.cin * nt, c * nt + j * tpi, s);
                 }
             }
+            s.v = v;
         }
         let (vp, mp, up) = (self.cin * nt, self.cout * nt, self.cout * self.cin);
         for k in 0..self.taps() {
