@@ -32,8 +32,9 @@
 //! transformed domain as well (`winograd_dw.rs`, 1.15-1.5x faster than the direct kernel below
 //! on 32-128 channels, 16x16 and 32x32 planes).
 //!
-//! The weight gradient of other stride-1 layers (with planes of at least about 8x8) and of large-kernel
-//! strided image stems (ResNet's 7x7) does not use im2col either: `weight_grad.rs` computes it
+//! The weight gradient of other stride-1 layers (with planes of at least about 8x8) and of
+//! large-kernel strided image stems (ResNet's 7x7) does not use im2col either: `weight_grad.rs`
+//! computes it
 //! as dot products over the padded input (split into stride phases), 1.1-3x faster than packing
 //! a column matrix that each feeds only `co` multiply-adds. Such stems, and stride-1 3x3
 //! layers of up to 16 channels (24 on small planes), run their forward (and the latter their

@@ -238,14 +238,16 @@ impl Geom {
 }
 
 /// The dot products of one group over a few images: output row `o`, column-matrix row `j` and
-/// image `i` pair `dy[i * dystride + o * dyrow ..][..run]` with `x[i * xstride + offs[j] ..][..run]`.
+/// image `i` pair `dy[i * dystride + o * dyrow ..][..run]` with
+/// `x[i * xstride + offs[j] ..][..run]`.
 pub(super) struct Runs<'a> {
     pub x: &'a [f32],
     pub dy: &'a [f32],
     pub offs: &'a [usize],
     pub run: usize,
-    /// Distance between consecutive output rows' runs in `dy`: `run` where they are packed, more
-    /// where another axis sits between them (the Winograd weight gradient's taps, `winograd_dw.rs`).
+    /// Distance between consecutive output rows' runs in `dy`: `run` where they are packed,
+    /// more where another axis sits between them (the Winograd weight gradient's taps,
+    /// `winograd_dw.rs`).
     pub dyrow: usize,
     pub rows: usize,
     pub images: usize,
