@@ -48,8 +48,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
-    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_weight_grad, Conv2d,
-    WinogradMode,
+    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_weight_grad,
+    set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -317,8 +317,8 @@ fn conv_kernels(c: &mut Criterion) {
     // Winograd F(2x2, 3x3) and F(4x4, 3x3) against im2col (their naive reference is
     // `Conv2d::reference`, checked in the unit tests) on the 3x3 layers of ResNet-18 at 64x64
     // and 128x128 and of ResNet-20, batch 64 as in `elrt speed`: forward, and backward with the
-    // input gradient (the weight gradient is the same kernel in all, so the difference is the
-    // input gradient).
+    // input gradient (the weight gradient is the same direct kernel in all, Winograd's own turned
+    // off here, so the difference is the input gradient; `weight_grad` below compares those).
     let mut g = c.benchmark_group("winograd");
     g.sampling_mode(SamplingMode::Flat)
         .sample_size(10)
@@ -339,6 +339,7 @@ fn conv_kernels(c: &mut Criterion) {
         let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        set_winograd_weight_grad(false);
         for (kernel, mode) in [
             ("im2col", WinogradMode::Never),
             ("winograd", WinogradMode::Always),
@@ -362,6 +363,42 @@ fn conv_kernels(c: &mut Criterion) {
             });
         }
         set_winograd(WinogradMode::Auto);
+        set_winograd_weight_grad(true);
+    }
+    g.finish();
+
+    // Winograd layers on 8x8 planes: their backward (input and weight gradients) on the
+    // small-plane path's batch-wide GEMMs against Winograd's input gradient and weight gradient.
+    let mut g = c.benchmark_group("winograd_small_plane_backward");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Elements(WINO_BATCH as u64));
+    for (name, ch, px, batch) in [
+        ("r18_128ch_8px", 128, 8, 64),
+        // ResNet-18 at 128x128: its third stage.
+        ("r18_256ch_8px", 256, 8, 64),
+        ("r20_64ch_8px", 64, 8, 128),
+        ("r18_64ch_8px", 64, 8, 64),
+        ("r20_32ch_8px", 32, 8, 128),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([batch, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        for (kernel, wino) in [("small-plane", false), ("winograd", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_winograd_weight_grad_small_planes(Some(wino));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                    })
+                })
+            });
+        }
+        set_winograd_weight_grad_small_planes(None);
     }
     g.finish();
 }

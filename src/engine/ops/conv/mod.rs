@@ -28,9 +28,10 @@
 //!   the measurements behind the thresholds), or F(4x4, 3x3) (4x fewer; `winograd4.rs`) on
 //!   32x32+ planes of 24+ channels, where it measured faster.
 //!
-//! Those Winograd layers (not the small-plane ones) take their weight gradient in Winograd's
-//! transformed domain as well (`winograd_dw.rs`, 1.15-1.5x faster than the direct kernel below
-//! on 32-128 channels, 16x16 and 32x32 planes).
+//! Those Winograd layers take their weight gradient in Winograd's transformed domain as well
+//! (`winograd_dw.rs`, 1.15-1.5x faster than the direct kernel below on 32-128 channels, 16x16
+//! and 32x32 planes), except small-plane ones (8x8) under 128 channels, which keep the
+//! small-plane path's backward.
 //!
 //! The weight gradient of other stride-1 layers (with planes of at least about 8x8) and of
 //! large-kernel strided image stems (ResNet's 7x7) does not use im2col either: `weight_grad.rs`
@@ -124,7 +125,7 @@ pub use small_plane::set_small_plane;
 pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
-pub use winograd_dw::set_winograd_weight_grad;
+pub use winograd_dw::{set_winograd_weight_grad, set_winograd_weight_grad_small_planes};
 
 const OP: &str = "Conv";
 
@@ -365,7 +366,9 @@ impl Conv2d {
             g.wino_tile = 4;
         }
         g.small_plane = !g.direct_fwd && g.small_plane_eligible() && g.small_plane_pays();
-        g.wino_dw = g.winograd && !g.small_plane && g.wino_dw_pays();
+        g.wino_dw = g.winograd && g.wino_dw_pays();
+        // A Winograd layer's small-plane flag only chooses its backward.
+        g.small_plane &= !g.wino_dw;
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();
         Ok(g)
     }

@@ -1576,7 +1576,8 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
 /// The layers the speed rule hands to the direct weight gradient (the stride-1 3x3 convs that
 /// the direct forward runs: ResNet-20's 16 channels on 32x32, 8x8 ones below 32 channels; and
 /// ResNet-18's 7x7 stride-2 stem) are handed to it, and stay within the bound; the Winograd
-/// layers of 32 to 128 channels on 16x16 and 32x32 go to Winograd's weight gradient instead.
+/// layers of 32 to 128 channels on 16x16 and 32x32, and of 128+ on 8x8, go to Winograd's
+/// weight gradient instead.
 #[test]
 fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     if !weight_grad::auto_mode() {
@@ -1589,13 +1590,24 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
         let e = dw_error(&g, ch as u64, true);
         assert!(e <= DW_REL_TOL, "{ch}ch {px}px: {e:e}");
     }
-    // Winograd layers (not small-plane ones) take Winograd's weight gradient instead.
-    for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16)] {
+    // Winograd layers take Winograd's weight gradient instead, small-plane ones (8x8) from 128
+    // channels (with Winograd's input gradient: no small-plane backward left).
+    for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16), (128, 8), (256, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
         if winograd::auto_mode() && small_plane::auto_mode() {
-            assert!(g.wino_dw && !g.direct_dw, "{ch}ch {px}px");
+            assert!(g.wino_dw && !g.direct_dw && !g.small_plane, "{ch}ch {px}px");
+            let label = c.kernel_label(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
+            assert!(label.starts_with("Conv winograd") && !label.ends_with("small-plane"));
         }
+    }
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let g = c.geom(&[33, 64, 8, 8], &[64, 64, 3, 3]).unwrap();
+    if winograd::auto_mode() && small_plane::auto_mode() {
+        assert!(
+            g.small_plane && !g.wino_dw,
+            "64ch 8px keeps the small-plane backward"
+        );
     }
     // ResNet-18's 7x7 stride-2 stem too (no input gradient: its input is the data).
     let stem = conv(1, [2, 2], [3; 4], [1, 1]);

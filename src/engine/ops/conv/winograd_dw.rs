@@ -301,18 +301,48 @@ impl Geom {
     }
 
     /// Whether the weight gradient of a Winograd layer runs here rather than on the direct
-    /// kernel (`weight_grad.rs`): on every one that is not a small-plane layer (those keep their
-    /// batch-wide GEMMs, `small_plane.rs`, for dx and dw alike). criterion `weight_grad`, batch
-    /// 64, rayon's default pool (2 threads), AVX-512 host, 2026-12-04, direct -> Winograd (ms):
-    /// ResNet-20's 32 channels on 16x16 4.26 -> 3.69; ResNet-18's 64 on 16x16 15.0 -> 11.3,
-    /// 64 on 32x32 (an F(4x4) forward) 55.0 -> 47.0, 128 on 16x16 56.0 -> 37.8. Before the
-    /// channel stride of [`channel_stride`] the 64-channel 16x16 case ran 13.7 ms.
+    /// kernel (`weight_grad.rs`), measured with criterion on an AVX-512 host (batch 64 unless
+    /// said, rayon's default pool of 2 threads, 2026-12-04):
+    ///
+    /// - layers that are not small-plane ones, always: group `weight_grad`, direct -> Winograd
+    ///   (ms): ResNet-20's 32 channels on 16x16 4.26 -> 3.69; ResNet-18's 64 on 16x16 15.0 ->
+    ///   11.3, 64 on 32x32 (an F(4x4) forward) 55.0 -> 47.0, 128 on 16x16 56.0 -> 37.8 (before
+    ///   the channel stride of [`channel_stride`] the 64-channel 16x16 case ran 13.7 ms);
+    /// - small-plane layers (8x8) from [`SMALL_PLANE_MIN_CHANNELS`] channels, with Winograd's
+    ///   input gradient in place of the small-plane path's backward: group
+    ///   `winograd_small_plane_backward`, small-plane -> Winograd, input and weight gradients
+    ///   (ms): 128 channels 27.0 -> 19.9, 256 channels 102 -> 87; 64 channels lost (6.3 ->
+    ///   6.6; at batch 128 11.5 -> 12.9), 32 channels too (batch 128, 3.2 -> 4.7).
     pub(super) fn wino_dw_pays(&self) -> bool {
-        MODE.load(Ordering::Relaxed) == 0
+        let small_ok = match SMALL_PLANES.load(Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => self.ci.min(self.co) >= SMALL_PLANE_MIN_CHANNELS,
+        };
+        MODE.load(Ordering::Relaxed) == 0 && (!self.small_plane || small_ok)
     }
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
+/// Small-plane Winograd layers: 0 the rule of [`Geom::wino_dw_pays`], 1 never here, 2 always.
+static SMALL_PLANES: AtomicU8 = AtomicU8::new(0);
+
+/// Fewest input and output channels for a small-plane Winograd layer (8x8 planes) to take
+/// Winograd's input and weight gradients rather than the small-plane path's backward.
+const SMALL_PLANE_MIN_CHANNELS: usize = 128;
+
+/// Benchmark override for small-plane Winograd layers' backward: `Some(true)` Winograd's input
+/// and weight gradients on every one, `Some(false)` the small-plane path on every one, `None`
+/// the speed rule.
+#[doc(hidden)]
+pub fn set_winograd_weight_grad_small_planes(mode: Option<bool>) {
+    let v = match mode {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    SMALL_PLANES.store(v, Ordering::Relaxed);
+}
 
 /// Turns the Winograd weight gradient off (`false`: Winograd layers' weight gradients on the
 /// direct kernel, as before it existed) or back on; for benchmarks and tests that compare them.
