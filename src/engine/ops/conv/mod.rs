@@ -642,13 +642,11 @@ impl Conv2d {
                 }
                 if g.wino_dw {
                     // The weight gradient comes after the parts, over the whole batch; the input
-                    // gradient, if Winograd's forward did not take it, per image.
-                    if let Some(dxp) = dxp {
-                        let mut dcol = vec![0.0f32; g.col_len()];
-                        for (dxb, dyb) in dxp.chunks_mut(xlen).zip(dyp.chunks(ylen)) {
-                            g.input_grad_image(&ws, dyb, dxb, &mut dcol);
-                        }
-                    }
+                    // gradient was Winograd's or the direct kernel's, above.
+                    debug_assert!(
+                        dxp.is_none(),
+                        "a wino_dw layer's dx is Winograd's or direct"
+                    );
                     return (Vec::new(), db);
                 }
                 if let Some((cv, dv)) = views {

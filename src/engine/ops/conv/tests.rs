@@ -1145,6 +1145,32 @@ thread_local! {
     static IM2COL_WORST: std::cell::Cell<(f64, f64)> = const { std::cell::Cell::new((0.0, 0.0)) };
 }
 
+/// A random stride-1 3x3 geometry for the Winograd tests: pads 0-2 on each side (asymmetric),
+/// planes of 1 to 13 pixels, batches of 1, 2, 5 or 9, 1 to 70 channels in and out; `None` when
+/// the padded plane is narrower than the kernel (the caller draws again).
+struct RandomWino {
+    pads: [usize; 4],
+    xs: [usize; 4],
+    ws: [usize; 4],
+}
+
+impl RandomWino {
+    fn draw(rng: &mut Rng) -> Option<Self> {
+        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
+        if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+            return None;
+        }
+        let n = [1, 2, 5, 9][rng.below(4)];
+        let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+        Some(RandomWino {
+            pads,
+            xs: [n, ci, h, w],
+            ws: [co, ci, 3, 3],
+        })
+    }
+}
+
 /// Winograd F(2x2, 3x3) and F(4x4, 3x3) against f64 over random geometries: pads 0..2 on each
 /// side (asymmetric), odd and even planes down to 1 pixel, batch 1 and several (blocks of
 /// several images with a shorter last one), 1 to 70 channels. Error per output within
@@ -1157,16 +1183,13 @@ fn winograd_matches_f64_within_bound_over_random_geometries() {
         let (mut worst_f, mut worst_b) = (0.0f64, 0.0f64);
         let mut cases = 0;
         while cases < 60 {
-            let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-            let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
-            if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+            let Some(RandomWino { pads, xs, ws }) = RandomWino::draw(&mut rng) else {
                 continue;
-            }
-            let n = [1, 2, 5, 9][rng.below(4)];
-            let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+            };
+            let ([n, ci, h, w], co) = (xs, ws[0]);
             let c = conv(1, [1, 1], pads, [1, 1]);
             let bias = rng.below(2) == 0;
-            let (f, b) = winograd_errors(&c, [n, ci, h, w], [co, ci, 3, 3], bias, cases, tile);
+            let (f, b) = winograd_errors(&c, xs, ws, bias, cases, tile);
             assert!(
                 f <= wino_tol(tile) && b <= wino_tol(tile),
                 "F({tile}) {pads:?} x [{n}, {ci}, {h}, {w}] co {co}: forward {f:e}, dx {b:e}"
@@ -1409,18 +1432,15 @@ fn winograd_weight_grad_matches_f64_within_bound() {
     let (mut worst, mut worst_im2col) = (0.0f64, 0.0f64);
     let mut cases = 0;
     while cases < 60 {
-        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let (h, w) = (1 + rng.below(13), 1 + rng.below(13));
-        if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+        let Some(RandomWino { pads, xs, ws }) = RandomWino::draw(&mut rng) else {
             continue;
-        }
-        let n = [1, 2, 5, 9][rng.below(4)];
-        let (ci, co) = (1 + rng.below(70), 1 + rng.below(70));
+        };
+        let ([n, ci, h, w], co) = (xs, ws[0]);
         let c = conv(1, [1, 1], pads, [1, 1]);
         let g = Geom {
             wino_dw: true,
             direct_dw: false,
-            ..winograd_forced(&c, [n, ci, h, w], [co, ci, 3, 3], 2)
+            ..winograd_forced(&c, xs, ws, 2)
         };
         let e = dw_error(&g, 500 + cases, rng.below(2) == 0);
         assert!(

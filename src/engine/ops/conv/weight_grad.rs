@@ -36,7 +36,7 @@
 use super::Geom;
 
 /// Floats in the widest vector any kernel here uses; runs are padded to a multiple of it.
-const LANES: usize = 16;
+pub(super) const LANES: usize = 16;
 
 /// A few images' padded input planes and output gradients, reused across the images of a part:
 /// only the interiors are rewritten, so the zero borders and slack are written once.

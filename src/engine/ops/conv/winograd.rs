@@ -163,11 +163,6 @@ impl WinoScratch {
     /// Grows the buffers to hold `images` images of `p`.
     fn reserve(&mut self, p: &Plane, images: usize) {
         let s = self;
-        let grow = |v: &mut Vec<f32>, n: usize| {
-            if v.len() < n {
-                v.resize(n, 0.0);
-            }
-        };
         let (th, tw, t, k) = (p.th(), p.tw(), p.tiles() * images, p.taps());
         grow(&mut s.v, k * p.cin * t);
         grow(&mut s.m, k * p.cout * t);
@@ -238,9 +233,16 @@ pub(super) fn transform_weights(w: &[f32], co: usize, ci: usize, flip: bool, m: 
     u
 }
 
+/// Grows `v` to at least `n` floats (scratch that keeps its largest size).
+pub(super) fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
 /// `dst[i] = f(a[i], b[i])`: one destination per loop, so that each is a plain vectorisable zip.
 #[inline(always)]
-fn comb(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+pub(super) fn comb(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     dst.iter_mut()
         .zip(a.iter().zip(b))
         .for_each(|(d, (&a, &b))| *d = f(a, b))

@@ -27,15 +27,13 @@
 //! 3x3 window (Winograd mixes the window's taps), against an f64 reference: worst 2.0e-7 over
 //! 60 random geometries.
 
-use super::weight_grad::{dot_tiles, Runs};
-use super::winograd::{with_scratch, Plane, WinoScratch};
+use super::weight_grad::{dot_tiles, Runs, LANES};
+use super::winograd::{comb, grow, with_scratch, Plane, WinoScratch};
 use super::Geom;
 use crate::engine::ops::simd::simd_dispatch;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// Floats per vector step of `dot_tiles`; runs are padded to a multiple of it.
-const LANES: usize = 16;
 /// Tiles a chunk of images aims for: long enough runs that a register tile's final horizontal
 /// sums are a small part of its work, short enough that one tap's `V` and `dM` rows
 /// (`(ci + co) * Tp` floats, 512 KiB at 64 channels) stay in L2 while its tiles pass over them.
@@ -188,14 +186,6 @@ fn dy_planes_body(
     }
 }
 
-/// `dst[i] = f(a[i], b[i])`, a plain vectorisable zip.
-#[inline(always)]
-fn comb(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
-    dst.iter_mut()
-        .zip(a.iter().zip(b))
-        .for_each(|(d, (&a, &b))| *d = f(a, b))
-}
-
 /// `G^T u G` for one transformed gradient `u` (4x4, row-major), `G` as in `winograd.rs`:
 /// the 3x3 kernel gradient.
 fn untransform(u: &[f32; 16]) -> [f32; 9] {
@@ -224,13 +214,6 @@ thread_local! {
     /// reads it has written first (the tiles, then zeros up to the run's end).
     static BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// Grows `v` to at least `n` floats.
-fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
 }
 
 impl Geom {
