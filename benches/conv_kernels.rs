@@ -549,6 +549,16 @@ fn direct_forward(c: &mut Criterion) {
         ("1x1_24to32_32px", 24, 32, 32),
         ("1x1_48to24_16px", 48, 24, 16),
         ("1x1_32to64_16px", 32, 64, 16),
+        ("1x1_16to96_32px", 16, 96, 32),
+        ("1x1_96to24_16px", 96, 24, 16),
+        ("1x1_144to24_16px", 144, 24, 16),
+        ("1x1_24to144_16px", 24, 144, 16),
+        ("1x1_192to32_8px", 192, 32, 8),
+        ("1x1_32to192_8px", 32, 192, 8),
+        ("1x1_128to72_8px", 128, 72, 8),
+        ("1x1_72to128_8px", 72, 128, 8),
+        ("1x1_256to128_8px", 256, 128, 8),
+        ("1x1_128to256_8px", 128, 256, 8),
     ] {
         let op = conv(1, [0; 4]);
         let mut next = sawtooth();
@@ -557,7 +567,7 @@ fn direct_forward(c: &mut Criterion) {
         let dy = Array4::from_shape_fn([WINO_BATCH, co, px, px], |_| next());
         for (kernel, direct) in [("gemm", false), ("direct", true)] {
             g.bench_function(format!("{name}/{kernel}"), |b| {
-                set_direct_pointwise(direct);
+                set_direct_pointwise(Some(direct));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         let y = op.forward(x.view(), w.view(), None).unwrap();
@@ -567,7 +577,7 @@ fn direct_forward(c: &mut Criterion) {
                 })
             });
         }
-        set_direct_pointwise(true);
+        set_direct_pointwise(None);
     }
     g.finish();
 }

@@ -1301,6 +1301,54 @@ mod tests {
         assert_close("forward", &y.view(), &yr.mapv(|v| v as f32).view(), 5e-6);
     }
 
+    /// Planes whose means differ by far more than their spread, around a large offset, give
+    /// the f64 reference's output and unbiased running variance (the statistics are the
+    /// batch's, not an average of per-plane or per-part ones).
+    #[test]
+    fn planes_with_different_means_combine_into_the_batch_statistics() {
+        let bn = BatchNorm2d {
+            momentum: 0.0,
+            ..BatchNorm2d::default()
+        };
+        let mut rng = Rng::new(8);
+        let (n, c, h, w) = (9, 3, 5, 7);
+        let x = Array4::from_shape_fn((n, c, h, w), |(i, ch, _, _)| {
+            50.0 + 20.0 * i as f32 - 7.0 * ch as f32 + rng.range(-0.1, 0.1)
+        });
+        let (one, zero) = (Array1::ones(c), Array1::zeros(c));
+        let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
+        let (y, _) = bn
+            .forward_train(
+                x.view(),
+                one.view(),
+                zero.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+            )
+            .unwrap();
+        let x64 = to_f64(&x.view());
+        let yr = bn
+            .reference_train(
+                x64.view(),
+                one.mapv(f64::from).view(),
+                zero.mapv(f64::from).view(),
+            )
+            .unwrap();
+        assert_close("forward", &y.view(), &yr.mapv(|v| v as f32).view(), 1e-6);
+        let m = (n * h * w) as f64;
+        for ch in 0..c {
+            let v = x64.index_axis(ndarray::Axis(1), ch);
+            let mean = v.sum() / m;
+            let var = v.mapv(|a| (a - mean) * (a - mean)).sum() / (m - 1.0);
+            assert!((f64::from(rm[ch]) - mean).abs() <= 1e-6 * mean.abs());
+            assert!(
+                (f64::from(rv[ch]) - var).abs() <= 1e-6 * var,
+                "{} {var}",
+                rv[ch]
+            );
+        }
+    }
+
     #[test]
     fn bad_shapes_are_errors() {
         let bn = BatchNorm2d::default();

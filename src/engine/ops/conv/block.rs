@@ -14,7 +14,9 @@
 //! Which layers: ungrouped im2col and pointwise convs whose plane has fewer than
 //! [`BLOCK_COLS`] outputs; depthwise and grouped convs keep their per-image paths. Im2col layers
 //! with 32 channels or more in and out leave this path for `small_plane.rs` (Winograd ones
-//! for their backward only), so what stays here is pointwise layers and narrow ones. The blocks
+//! for their backward only), and pointwise layers on planes of 64+ outputs (8x8) with at most
+//! 256 channels leave it for `pointwise.rs`'s direct kernels, so what stays here is pointwise
+//! layers on 4x4 and 2x2 planes or wider than 256 channels, and narrow im2col ones. The blocks
 //! sit inside the fixed parts of the batch ([`super::super::part_len`], widened to hold one
 //! block and capped so there are at least [`MIN_PARTS`] parts), so the summation order depends
 //! on the batch and the geometry only, never on the thread count: results stay reproducible.

@@ -2,7 +2,9 @@
 //! planes, through the register tiles of `direct.rs` (forward and input gradient) and
 //! `weight_grad.rs` (weight gradient): a 1x1 conv is their `y[o][p] = sum_j w[o][j] *
 //! x[offs[j] + p]` with one tap per input channel at `offs[c] = c * h * w`, so no copy, no
-//! padding and no GEMM packing.
+//! padding and no GEMM packing. On 8x8 to 15x16 planes (64 to 255 outputs) it also takes
+//! wide layers (up to 256 channels, MobileNets' expansions and projections, ResNet-18 Tucker-2's
+//! middle stages): there the alternative is the blocked GEMM (`block.rs`) with its copies.
 //!
 //! Why: the factors of a low-rank layer are 1x1 convs with few channels on one side (ResNet-20
 //! at Tucker-2 ratio 0.5: 16 -> 8, 8 -> 16, 32 -> 16, ..., 64 -> 32), where a GEMM per image
@@ -17,13 +19,16 @@
 //! (ratio 0.5) training step, batch 128, old/new alternating: 1 thread 415-504 -> 360-414
 //! ms/step, its 1x1 time 154-183 -> 118-135 ms; 2 threads a tie.
 
+use super::block::BLOCK_COLS;
 use super::direct::Taps;
 use super::weight_grad::{dot_tiles, Runs};
 use super::{Geom, Path};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-static DISABLED: AtomicBool = AtomicBool::new(false);
+/// 0: the speed rule; 1: never (a GEMM per image, or blocked); 2: every layer of a shape the
+/// kernels take, whatever its size (benchmarks).
+static MODE: AtomicU8 = AtomicU8::new(0);
 
 /// Widest side (input or output channels) this path takes. Criterion, AVX2 Zen, batch 64, 1
 /// thread, forward then backward, GEMM -> direct: 32 -> 64 on 8x8 1.50 -> 0.94 ms; losses
@@ -40,28 +45,59 @@ const MAX_CHANNELS: usize = 64;
 /// 5.03 / 5.77 and 4.99 / 5.75, 24 -> 32 on 32x32 8.68 / 10.9; ties at 2^19 (32 -> 16 on 32x32
 /// 7.59 / 7.90, 32 -> 64 on 16x16 5.27 / 5.47); below it direct wins (48 -> 24 on 16x16 2.51 /
 /// 2.37, 16 -> 8 on 32x32 2.30 / 1.72, 64 -> 32 on 8x8 1.15 / 0.74). ResNet-18's Tucker-2 form
-/// (64 <-> 40 factors of its first stage) is where this moves layers back to GEMM.
+/// (64 <-> 40 factors of its first stage) is where this moves layers back to GEMM. On an
+/// AVX-512 Zen 4 (criterion, batch 64, 2 threads, GEMM / direct) the large planes stay mixed,
+/// so the rule stands: 16 -> 96 on 32x32 15.0 / 16.2 ms, 24 -> 144 on 16x16 5.36 / 6.87,
+/// 144 -> 24 7.94 / 6.96, 48 -> 24 1.66 / 1.36, 16 -> 8 on 32x32 1.14 / 1.22.
 const MAX_MACS_PER_IMAGE: usize = 1 << 19;
 
-/// Turns the direct pointwise path off (`false`: such layers go back to a GEMM per image) or
-/// on; for benchmarks and tests that compare the two.
-pub fn set_direct_pointwise(on: bool) {
-    DISABLED.store(!on, Ordering::Relaxed);
+/// Widest side taken on planes of 64 to [`BLOCK_COLS`] outputs (8x8 to 15x16), whatever the
+/// multiply-adds: the alternative there is not a GEMM per image but `block.rs`'s several images
+/// per GEMM, which pays a copy in and out of the wide column matrices on top of the packing.
+/// Measured on an AVX-512 AMD EPYC (Zen 4, OpenBLAS Cooperlake), batch 64, 1 thread, per node
+/// (`elrt speed --profile-nodes`), blocked -> direct, backward / forward in ms: MobileNetV2's
+/// 192 -> 32 on 8x8 2.17 -> 1.34 / 0.96 -> 0.49, 32 -> 192 1.91 -> 1.18 / 0.92 -> 0.59;
+/// ResNet-18 Tucker-2's 128 -> 72 on 8x8 2.64 -> 1.91 / 1.12 -> 0.80; EfficientNet-B0's 240 ->
+/// 40 on 8x8 3.13 -> 1.87 / 1.16 -> 0.77. criterion `direct_forward` (`1x1_*_8px`) has the
+/// kernel pairs, up to 256 channels.
+const MAX_CHANNELS_BLOCKED_PLANES: usize = 256;
+
+/// The direct pointwise path: `Some(false)` off (such layers go back to a GEMM per image or
+/// blocked), `Some(true)` on for every layer of a shape its kernels take whatever its size,
+/// `None` the speed rule; for benchmarks and tests that compare them.
+pub fn set_direct_pointwise(mode: Option<bool>) {
+    let v = match mode {
+        None => 0,
+        Some(false) => 1,
+        Some(true) => 2,
+    };
+    MODE.store(v, Ordering::Relaxed);
 }
 
 impl Geom {
-    /// Whether this layer runs here: an ungrouped pointwise conv of at most [`MAX_CHANNELS`]
-    /// channels on either side, on planes of 64+ outputs whose size is a multiple of 16 (the
-    /// kernels' vector runs), with fewer than [`MAX_MACS_PER_IMAGE`] multiply-adds per image.
+    /// Whether this layer runs here: an ungrouped pointwise conv on planes of 64+ outputs whose
+    /// size is a multiple of 16 (the kernels' vector runs) with, on planes smaller than
+    /// [`BLOCK_COLS`], at most [`MAX_CHANNELS_BLOCKED_PLANES`] channels on either side, and on
+    /// larger ones at most [`MAX_CHANNELS`] and fewer than [`MAX_MACS_PER_IMAGE`] multiply-adds
+    /// per image.
     pub(super) fn pointwise_direct(&self) -> bool {
         let hw = self.oh * self.ow;
-        self.path == Path::Pointwise
-            && self.group == 1
-            && hw >= 64
-            && hw.is_multiple_of(16)
-            && self.ci.max(self.co) <= MAX_CHANNELS
-            && self.ci * self.co * hw < MAX_MACS_PER_IMAGE
-            && !DISABLED.load(Ordering::Relaxed)
+        let shape =
+            self.path == Path::Pointwise && self.group == 1 && hw >= 64 && hw.is_multiple_of(16);
+        let pays = || {
+            let widest = self.ci.max(self.co);
+            if hw < BLOCK_COLS {
+                widest <= MAX_CHANNELS_BLOCKED_PLANES
+            } else {
+                widest <= MAX_CHANNELS && self.ci * self.co * hw < MAX_MACS_PER_IMAGE
+            }
+        };
+        shape
+            && match MODE.load(Ordering::Relaxed) {
+                1 => false,
+                2 => true,
+                _ => pays(),
+            }
     }
 
     fn channel_offsets(&self, channels: usize) -> Vec<usize> {

@@ -2172,8 +2172,9 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
 
 /// Few-channel pointwise layers (the 1x1 factors of low-rank convs) take the direct path
 /// (`pointwise.rs`): forward, input and weight gradients within the direct kernels' bounds
-/// against f64, the same bits on 1 and 3 threads; wide, odd-plane or large (2^19+
-/// multiply-adds per image) ones keep their GEMMs.
+/// against f64, the same bits on 1 and 3 threads, on planes of 16x16 and more and on the 8x8
+/// planes (up to 256 channels) that would otherwise be blocked; wide, odd-plane, tiny-plane or
+/// large (2^19+ multiply-adds per image on a 16x16+ plane) ones keep their GEMMs.
 #[test]
 fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
     let c = conv(1, [1, 1], [0; 4], [1, 1]);
@@ -2182,6 +2183,9 @@ fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
         ([5, 8, 16, 16], [16, 8, 1, 1]),
         ([40, 64, 8, 8], [32, 64, 1, 1]),
         ([3, 13, 12, 12], [7, 13, 1, 1]),
+        ([6, 192, 8, 8], [32, 192, 1, 1]),
+        ([5, 72, 8, 8], [128, 72, 1, 1]),
+        ([3, 256, 8, 8], [128, 256, 1, 1]),
     ] {
         let g = c.geom(&xs, &ws).unwrap();
         assert!(g.pointwise_direct(), "{xs:?} {ws:?}");
@@ -2207,6 +2211,8 @@ fn pointwise_direct_path_matches_f64_and_is_thread_independent() {
         ([4, 64, 16, 16], [40, 64, 1, 1]),
         ([4, 40, 32, 32], [64, 40, 1, 1]),
         ([4, 32, 32, 32], [16, 32, 1, 1]),
+        ([4, 320, 8, 8], [64, 320, 1, 1]),
+        ([4, 64, 4, 4], [32, 64, 1, 1]),
     ] {
         assert!(
             !c.geom(&xs, &ws).unwrap().pointwise_direct(),
