@@ -229,16 +229,16 @@ impl Geom {
                     general_mat_mul(1.0, &a, &b.t(), 1.0, &mut c.view_mut().reversed_axes());
                 }
             });
-        y.par_chunks_mut(co * ohw)
-            .zip(yn.par_chunks(ohw * co))
-            .for_each(|(yi, ynn)| {
-                for (o, plane) in yi.chunks_mut(ohw).enumerate() {
-                    let bv = bias.map_or(0.0, |b| b[o]);
-                    for (p, v) in plane.iter_mut().enumerate() {
-                        *v = ynn[p * co + o] + bv;
-                    }
+        // [n][p][o] -> [n][o][p] through the 8x8 transposes (a strided gather per entry before),
+        // then the bias, which leaves every sum as it was (0.0 + v is v: no sum here is -0.0).
+        swap_inner(&yn, y, n, ohw, co);
+        if let Some(b) = bias {
+            y.par_chunks_mut(co * ohw).for_each(|yi| {
+                for (plane, &bv) in yi.chunks_mut(ohw).zip(b) {
+                    plane.iter_mut().for_each(|v| *v += bv);
                 }
             });
+        }
     }
 
     /// Backward: `dx` (`[n, ci, h, w]`, overwritten) when given, and `dw` (`[co, ci, kh, kw]`,
