@@ -35,7 +35,9 @@ static MODE: AtomicU8 = AtomicU8::new(0);
 /// 128 -> 64 on 16x16 17.6 -> 19.9, 64 -> 128 19.5 -> 21.3, 24 -> 144 11.2 -> 12.6, a tie at
 /// 256 -> 128 on 8x8 (a GEMM with many output rows packs well). Wins not taken: 96 -> 24 on
 /// 16x16 7.50 -> 6.05 and 192 -> 32 on 8x8 5.26 -> 3.03 (few outputs from many inputs): with
-/// them, EfficientNet-B0's and MobileNetV2's whole steps showed no gain within the noise.
+/// them, EfficientNet-B0's and MobileNetV2's whole steps showed no gain within the noise. Since
+/// session 16 this bound holds on planes of [`BLOCK_COLS`] outputs and more only: smaller ones
+/// follow [`MAX_CHANNELS_BLOCKED_PLANES`], measured per node rather than by whole steps.
 const MAX_CHANNELS: usize = 64;
 
 /// Multiply-adds per image (`ci * co * h * w`) from which a GEMM per image wins again: with
