@@ -13,8 +13,9 @@
 //! `no_channels_last`; batch 32, forward + backward, AVX-512 build, 2026-12-03), tiled ->
 //! channels-last: 96 channels 3x3 stride 2 on 32x32 9.5 -> 7.5 ms, 144 5x5 s2 on 16x16 6.2 ->
 //! 4.4, 240 5x5 on 8x8 7.8 -> 4.1, 480 3x3 on 4x4 2.4 -> 1.2, 672 5x5 on 4x4 5.5 -> 2.3, 672
-//! 5x5 s2 on 4x4 2.7 -> 1.3, 1152 5x5 on 2x2 3.7 -> 1.5. Stride-1 planes of 8 outputs and
-//! wider keep the flat taps (`depthwise.rs`): 144 3x3 on 16x16 ran 5.3 ms flat, 5.9 here.
+//! 5x5 s2 on 4x4 2.7 -> 1.3, 1152 5x5 on 2x2 3.7 -> 1.5. Stride-1 planes wider than 8 outputs
+//! keep the flat taps (`depthwise.rs`): 144 3x3 on 16x16 ran 5.3 ms flat, 5.9 here (8 wide came
+//! here in session 16, see [`Geom::depthwise_channels_last`]).
 //! Training step, 1 thread, batch 64 at 64x64: depthwise fwd + bwd 125 -> 85 ms on
 //! EfficientNet-B0, 32 -> 19 on MobileNet-V3-Small, 91 -> 70 on MobileNet-V2.
 //!
