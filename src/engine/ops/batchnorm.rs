@@ -1279,8 +1279,20 @@ mod tests {
         let bn = BatchNorm2d::default();
         let mut rng = Rng::new(6);
         let x = rand_array(&mut rng, [64, 2, 32, 32], 99.0, 101.0);
-        let (one, zero) = (Array1::ones(2), Array1::zeros(2));
-        let (mut rm, mut rv) = (Array1::zeros(2), Array1::ones(2));
+        let (y, yr, _, _) = unit_forward_and_reference(&bn, &x);
+        assert_close("forward", &y.view(), &yr.view(), 5e-6);
+    }
+
+    /// Training-mode forward of `x` with unit scale and zero bias, from zero running mean and
+    /// unit running variance: its output, the f64 reference's output (as f32), and the updated
+    /// running mean and variance.
+    fn unit_forward_and_reference(
+        bn: &BatchNorm2d,
+        x: &Array4<f32>,
+    ) -> (Array4<f32>, Array4<f32>, Array1<f32>, Array1<f32>) {
+        let c = x.shape()[1];
+        let (one, zero) = (Array1::ones(c), Array1::zeros(c));
+        let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
         let (y, _) = bn
             .forward_train(
                 x.view(),
@@ -1290,15 +1302,14 @@ mod tests {
                 rv.view_mut(),
             )
             .unwrap();
-        let x64 = to_f64(&x.view());
         let yr = bn
             .reference_train(
-                x64.view(),
+                to_f64(&x.view()).view(),
                 one.mapv(f64::from).view(),
                 zero.mapv(f64::from).view(),
             )
             .unwrap();
-        assert_close("forward", &y.view(), &yr.mapv(|v| v as f32).view(), 5e-6);
+        (y, yr.mapv(|v| v as f32), rm, rv)
     }
 
     /// Planes whose means differ by far more than their spread, around a large offset, give
@@ -1315,26 +1326,9 @@ mod tests {
         let x = Array4::from_shape_fn((n, c, h, w), |(i, ch, _, _)| {
             50.0 + 20.0 * i as f32 - 7.0 * ch as f32 + rng.range(-0.1, 0.1)
         });
-        let (one, zero) = (Array1::ones(c), Array1::zeros(c));
-        let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
-        let (y, _) = bn
-            .forward_train(
-                x.view(),
-                one.view(),
-                zero.view(),
-                rm.view_mut(),
-                rv.view_mut(),
-            )
-            .unwrap();
+        let (y, yr, rm, rv) = unit_forward_and_reference(&bn, &x);
+        assert_close("forward", &y.view(), &yr.view(), 1e-6);
         let x64 = to_f64(&x.view());
-        let yr = bn
-            .reference_train(
-                x64.view(),
-                one.mapv(f64::from).view(),
-                zero.mapv(f64::from).view(),
-            )
-            .unwrap();
-        assert_close("forward", &y.view(), &yr.mapv(|v| v as f32).view(), 1e-6);
         let m = (n * h * w) as f64;
         for ch in 0..c {
             let v = x64.index_axis(ndarray::Axis(1), ch);

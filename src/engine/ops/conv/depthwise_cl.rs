@@ -31,7 +31,7 @@
 //! rounding of it (`channels_last_depthwise_matches_the_tiled_path`).
 
 use super::layout::planes_to_pixels;
-use super::Geom;
+use super::{add_bias, Geom};
 use crate::engine::ops::simd::simd_dispatch;
 use crate::engine::ops::valid_range;
 use std::cell::RefCell;
@@ -245,9 +245,7 @@ impl Geom {
             }
             pixels_to_planes_copy(ohw, co, yt, yi);
             if let Some(b) = bias {
-                for (plane, &bv) in yi.chunks_exact_mut(ohw).zip(b) {
-                    plane.iter_mut().for_each(|v| *v += bv);
-                }
+                add_bias(yi, ohw, b);
             }
         }
     }

@@ -807,6 +807,45 @@ fn mat(s: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
     ArrayView2::from_shape((rows, cols), &s[..rows * cols]).expect("matrix fits its slice")
 }
 
+/// Adds `bias[c]` to every entry of channel `c`'s planes (`plane` entries each) in `y`, whole
+/// images `[.., co, plane]`: the bias pass of kernels that write their sums without it.
+fn add_bias(y: &mut [f32], plane: usize, bias: &[f32]) {
+    if plane == 0 {
+        return;
+    }
+    for (p, &bv) in y.chunks_exact_mut(plane).zip(bias.iter().cycle()) {
+        p.iter_mut().for_each(|v| *v += bv);
+    }
+}
+
+/// A benchmark override of a kernel choice: `None` leaves it to the speed rule, `Some(false)`
+/// never takes the kernel, `Some(true)` always does (where its shapes allow).
+struct Override(std::sync::atomic::AtomicU8);
+
+impl Override {
+    const fn new() -> Self {
+        Override(std::sync::atomic::AtomicU8::new(0))
+    }
+
+    fn set(&self, mode: Option<bool>) {
+        let v = match mode {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The override if one is set, else `rule()`.
+    fn decide(&self, rule: impl FnOnce() -> bool) -> bool {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => false,
+            2 => true,
+            _ => rule(),
+        }
+    }
+}
+
 fn mat_mut(s: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
     ArrayViewMut2::from_shape((rows, cols), &mut s[..rows * cols]).expect("matrix fits its slice")
 }

@@ -22,13 +22,11 @@
 use super::block::BLOCK_COLS;
 use super::direct::Taps;
 use super::weight_grad::{dot_tiles, Runs};
-use super::{Geom, Path};
+use super::{add_bias, Geom, Override, Path};
 use rayon::prelude::*;
-use std::sync::atomic::{AtomicU8, Ordering};
 
-/// 0: the speed rule; 1: never (a GEMM per image, or blocked); 2: every layer of a shape the
-/// kernels take, whatever its size (benchmarks).
-static MODE: AtomicU8 = AtomicU8::new(0);
+/// Benchmark override of [`Geom::pointwise_direct`]'s speed rule.
+static MODE: Override = Override::new();
 
 /// Widest side (input or output channels) this path takes. Criterion, AVX2 Zen, batch 64, 1
 /// thread, forward then backward, GEMM -> direct: 32 -> 64 on 8x8 1.50 -> 0.94 ms; losses
@@ -68,12 +66,7 @@ const MAX_CHANNELS_BLOCKED_PLANES: usize = 256;
 /// blocked), `Some(true)` on for every layer of a shape its kernels take whatever its size,
 /// `None` the speed rule; for benchmarks and tests that compare them.
 pub fn set_direct_pointwise(mode: Option<bool>) {
-    let v = match mode {
-        None => 0,
-        Some(false) => 1,
-        Some(true) => 2,
-    };
-    MODE.store(v, Ordering::Relaxed);
+    MODE.set(mode);
 }
 
 impl Geom {
@@ -94,12 +87,7 @@ impl Geom {
                 widest <= MAX_CHANNELS && self.ci * self.co * hw < MAX_MACS_PER_IMAGE
             }
         };
-        shape
-            && match MODE.load(Ordering::Relaxed) {
-                1 => false,
-                2 => true,
-                _ => pays(),
-            }
+        shape && MODE.decide(pays)
     }
 
     fn channel_offsets(&self, channels: usize) -> Vec<usize> {
@@ -129,9 +117,7 @@ impl Geom {
                 t.check();
                 super::direct::dot_rows(&t, yi);
                 if let Some(b) = bias {
-                    for (plane, &bv) in yi.chunks_mut(hw).zip(b) {
-                        plane.iter_mut().for_each(|v| *v += bv);
-                    }
+                    add_bias(yi, hw, b);
                 }
             });
     }

@@ -24,7 +24,7 @@
 //! whatever the thread count.
 
 use super::layout::transpose_block;
-use super::{Geom, Path};
+use super::{add_bias, Geom, Path};
 use crate::engine::ops::zeros;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
@@ -233,11 +233,8 @@ impl Geom {
         // then the bias, which leaves every sum as it was (0.0 + v is v: no sum here is -0.0).
         swap_inner(&yn, y, n, ohw, co);
         if let Some(b) = bias {
-            y.par_chunks_mut(co * ohw).for_each(|yi| {
-                for (plane, &bv) in yi.chunks_mut(ohw).zip(b) {
-                    plane.iter_mut().for_each(|v| *v += bv);
-                }
-            });
+            y.par_chunks_mut(co * ohw)
+                .for_each(|yi| add_bias(yi, ohw, b));
         }
     }
 

@@ -29,7 +29,7 @@
 
 use super::weight_grad::{dot_tiles, Runs, LANES};
 use super::winograd::{comb, grow, with_scratch, Plane, WinoScratch};
-use super::Geom;
+use super::{Geom, Override};
 use crate::engine::ops::simd::simd_dispatch;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -299,18 +299,14 @@ impl Geom {
     ///   (ms): 128 channels 27.0 -> 19.9, 256 channels 102 -> 87; 64 channels lost (6.3 ->
     ///   6.6; at batch 128 11.5 -> 12.9), 32 channels too (batch 128, 3.2 -> 4.7).
     pub(super) fn wino_dw_pays(&self) -> bool {
-        let small_ok = match SMALL_PLANES.load(Ordering::Relaxed) {
-            1 => false,
-            2 => true,
-            _ => self.ci.min(self.co) >= SMALL_PLANE_MIN_CHANNELS,
-        };
+        let small_ok = SMALL_PLANES.decide(|| self.ci.min(self.co) >= SMALL_PLANE_MIN_CHANNELS);
         MODE.load(Ordering::Relaxed) == 0 && (!self.small_plane || small_ok)
     }
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
-/// Small-plane Winograd layers: 0 the rule of [`Geom::wino_dw_pays`], 1 never here, 2 always.
-static SMALL_PLANES: AtomicU8 = AtomicU8::new(0);
+/// Small-plane Winograd layers: the override of [`Geom::wino_dw_pays`]' channel rule.
+static SMALL_PLANES: Override = Override::new();
 
 /// Fewest input and output channels for a small-plane Winograd layer (8x8 planes) to take
 /// Winograd's input and weight gradients rather than the small-plane path's backward.
@@ -321,12 +317,7 @@ const SMALL_PLANE_MIN_CHANNELS: usize = 128;
 /// the speed rule.
 #[doc(hidden)]
 pub fn set_winograd_weight_grad_small_planes(mode: Option<bool>) {
-    let v = match mode {
-        None => 0,
-        Some(false) => 1,
-        Some(true) => 2,
-    };
-    SMALL_PLANES.store(v, Ordering::Relaxed);
+    SMALL_PLANES.set(mode);
 }
 
 /// Turns the Winograd weight gradient off (`false`: Winograd layers' weight gradients on the
