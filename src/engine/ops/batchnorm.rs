@@ -6,13 +6,17 @@
 //! Reductions run over fixed parts of the batch in parallel (`part_channel_sums`: each part's
 //! channels in order, the parts' f64 sums added in part order), the elementwise passes per
 //! image in parallel; neither depends on thread scheduling, so results are reproducible.
-//! Both are built for AVX2 where the CPU has it (`simd_dispatch!` in `ops/simd.rs`; same lanes and operations,
-//! no FMA, so the same bits as the baseline SSE2 build): at four lanes their compute, not
-//! memory, bounded them (a 128x16x32x32 forward 1.35 -> 0.82 ms, backward 1.68 -> 1.12 ms; AVX-512
-//! measured no faster).
+//! Both are built for AVX2 where the CPU has it (same lanes and operations, no FMA, so the same
+//! bits as the baseline SSE2 build): at four lanes their compute, not memory, bounded them (a
+//! 128x16x32x32 forward 1.35 -> 0.82 ms, backward 1.68 -> 1.12 ms; AVX-512 measured no
+//! faster). The elementwise passes through `simd_dispatch!` (`ops/simd.rs`); the per-plane sums
+//! are `ops/plane_sums.rs`, 32 lanes in four accumulators, explicit AVX2, with a fused
+//! activation's mask applied inside the one gradient-sums pass: MobileNet-V2's BN + Clip
+//! backward per step 36-42 -> 26-29 ms at 1 thread (`elrt speed --profile`, alternating runs).
 
+use super::plane_sums::{self, Gate, PlaneSums, Pre, Scalar};
 use super::simd::simd_dispatch;
-use super::{contiguous, part_len, reduce_pairs, sum};
+use super::{contiguous, part_len};
 use crate::engine::stat_sync::StatSync;
 use crate::engine::{attr_err, shape_err, Result};
 use ndarray::{Array1, Array4, ArrayView1, ArrayView4, ArrayViewMut1, NdFloat};
@@ -174,14 +178,6 @@ fn masked_pass(
     });
 }
 
-/// `m = g` where `keep(pre-activation(x))`, else 0: the separate activation's backward.
-#[inline(always)]
-fn mask_plane(m: &mut [f32], x: &[f32], g: &[f32], f: &Coef, keep: impl Fn(f32) -> bool) {
-    for ((m, &x), &g) in m.iter_mut().zip(x).zip(g) {
-        *m = if keep(pre_activation(f, x)) { g } else { 0.0 };
-    }
-}
-
 /// `o = act(pre-activation(x))`, inlined per activation like [`masked_pass`].
 #[inline(always)]
 fn act_pass(o: &mut [MaybeUninit<f32>], x: &[f32], cf: &Coef, act: impl Fn(f32) -> f32) {
@@ -267,57 +263,62 @@ fn image_pass_body(
     }
 }
 
-simd_dispatch! {
-    /// `sum over planes of f64(sum(plane))` for one channel, built like [`image_pass`] (lane by
-    /// lane the same sums in every build, so the same bits).
-    fn channel_sum(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64
-        => channel_sum_body, (xs, c, hw, ch); ["avx2"]
+/// Runs `$body(sums, $args..)` with the [`PlaneSums`] this CPU runs: the AVX2 build where it
+/// has AVX2 (inside a function built for AVX2, so the channel's plane loop and the sums inline
+/// into one loop: called per plane, the 16-value planes of MobileNet-V2's late layers lost
+/// more to the calls than the wider sums won), else [`Scalar`] (the same lane arithmetic, so
+/// the same bits).
+macro_rules! with_plane_sums {
+    ($body:ident($($p:ident: $t:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        if let Some(l) = plane_sums::Avx2::detect() {
+            #[target_feature(enable = "avx2")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn build(l: plane_sums::Avx2, $($p: $t),*) -> $ret {
+                $body(l, $($p),*)
+            }
+            // SAFETY: an `Avx2` exists only where the CPU has AVX2.
+            return unsafe { build(l, $($p),*) };
+        }
+        $body(Scalar, $($p),*)
+    }};
+}
+
+/// `sum over planes of f64(sum(plane))` for one channel: within a plane in f32 lanes
+/// ([`PlaneSums`]), across planes in f64.
+fn channel_sum(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
+    with_plane_sums!(channel_sum_with(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64)
 }
 
 #[inline(always)]
-fn channel_sum_body(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
+fn channel_sum_with(l: impl PlaneSums, xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
+    // A loop, not a closure: a closure is not built for its caller's target features.
     let mut s = 0.0f64;
     for p in channel_planes(xs, c, hw, ch) {
-        s += f64::from(sum(p));
+        s += f64::from(l.sum(p));
     }
     s
 }
 
-simd_dispatch! {
-    /// `sum over planes of f64(sum((x - mu)^2))` for one channel, built like [`channel_sum`].
-    fn channel_dev(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64
-        => channel_dev_body, (xs, c, hw, ch, mu); ["avx2"]
+/// `sum over planes of f64(sum((x - mu)^2))` for one channel, like [`channel_sum`].
+fn channel_dev(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64 {
+    with_plane_sums!(channel_dev_with(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64)
 }
 
 #[inline(always)]
-fn channel_dev_body(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64 {
+fn channel_dev_with(l: impl PlaneSums, xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64 {
     let mut s = 0.0f64;
     for p in channel_planes(xs, c, hw, ch) {
-        s += f64::from(reduce_pairs(p, p, |x, _| (x - mu) * (x - mu)));
+        s += f64::from(l.dev(p, mu));
     }
     s
 }
 
-simd_dispatch! {
-    /// One channel's `(sum(dy), sum(dy * (x - mu)))` for [`BatchNorm2d::grad_sums`], built like
-    /// [`channel_sum`]; `masked` is an `hw` scratch plane when `fused` is a mask.
-    #[allow(clippy::too_many_arguments)]
-    fn channel_grad_sums(
-        xs: &[f32],
-        gs: &[f32],
-        c: usize,
-        hw: usize,
-        ch: usize,
-        mu: f32,
-        fused: Fused,
-        masked: &mut [f32],
-    ) -> (f64, f64) => channel_grad_sums_body, (xs, gs, c, hw, ch, mu, fused, masked);
-        ["avx2"]
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn channel_grad_sums_body(
+/// One channel's `(sum(dy), sum(dy * (x - mu)))` for [`BatchNorm2d::grad_sums`], like
+/// [`channel_sum`]. A fused activation's mask gates `dy` inside the one pass (`dy` where the
+/// gradient passes, else 0.0: exactly the separate activation's backward), so the sums are
+/// those of the separate ops, bit for bit.
+fn channel_grad_sums(
     xs: &[f32],
     gs: &[f32],
     c: usize,
@@ -325,21 +326,51 @@ fn channel_grad_sums_body(
     ch: usize,
     mu: f32,
     fused: Fused,
-    masked: &mut [f32],
 ) -> (f64, f64) {
-    let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-    // Within a plane in f32 lanes, across planes in f64.
-    for (xp, gp) in channel_planes(xs, c, hw, ch).zip(channel_planes(gs, c, hw, ch)) {
-        let gp = match fused {
-            Fused::Mask(fwd, act) => {
-                let f = &fwd[ch];
-                per_act!(act, passes, keep => mask_plane(masked, xp, gp, f, keep));
-                &masked[..]
+    with_plane_sums!(channel_grad_sums_with(
+        xs: &[f32],
+        gs: &[f32],
+        c: usize,
+        hw: usize,
+        ch: usize,
+        mu: f32,
+        fused: Fused
+    ) -> (f64, f64))
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn channel_grad_sums_with(
+    l: impl PlaneSums,
+    xs: &[f32],
+    gs: &[f32],
+    c: usize,
+    hw: usize,
+    ch: usize,
+    mu: f32,
+    fused: Fused,
+) -> (f64, f64) {
+    let gate = match fused {
+        Fused::Mask(fwd, act) => {
+            let f = &fwd[ch];
+            let pre = Pre {
+                b: f.b,
+                shift: f.shift,
+                k: f.k,
+            };
+            match act {
+                BnAct::None => Gate::All,
+                BnAct::Relu => Gate::Relu(pre),
+                BnAct::Clip { min, max } => Gate::Clip(pre, min, max),
             }
-            _ => gp,
-        };
-        sdy += f64::from(sum(gp));
-        sdyx += f64::from(reduce_pairs(gp, xp, |g, x| g * (x - mu)));
+        }
+        _ => Gate::All,
+    };
+    let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+    for (xp, gp) in channel_planes(xs, c, hw, ch).zip(channel_planes(gs, c, hw, ch)) {
+        let [a, b] = l.grad(gp, xp, mu, gate);
+        sdy += f64::from(a);
+        sdyx += f64::from(b);
     }
     (sdy, sdyx)
 }
@@ -357,20 +388,17 @@ fn sync_sums(sync: &dyn StatSync, values: &mut [f64]) -> Result<()> {
 /// whole image, and on small planes those scattered reads made the statistics passes slower
 /// than the elementwise pass that reads and writes more (perf on ResNet-18 Tucker-2 at 64x64:
 /// the gradient sums 3.1% of the step, the dx pass 2.0%).
-/// `scratch` makes one part's scratch, which `f` gets for each of the part's channels.
-fn part_channel_sums<const K: usize, S>(
+fn part_channel_sums<const K: usize>(
     n: usize,
     c: usize,
-    scratch: impl Fn() -> S + Sync,
-    f: impl Fn(&mut S, std::ops::Range<usize>, usize) -> [f64; K] + Sync,
+    f: impl Fn(std::ops::Range<usize>, usize) -> [f64; K] + Sync,
 ) -> Vec<[f64; K]> {
     let part = part_len(n);
     let partials: Vec<Vec<[f64; K]>> = (0..n.div_ceil(part))
         .into_par_iter()
         .map(|p| {
             let images = p * part..((p + 1) * part).min(n);
-            let mut s = scratch();
-            (0..c).map(|ch| f(&mut s, images.clone(), ch)).collect()
+            (0..c).map(|ch| f(images.clone(), ch)).collect()
         })
         .collect();
     (0..c)
@@ -473,12 +501,9 @@ impl BatchNorm2d {
         // With `sync`, each pass's per-channel sums are summed across processes before use, and
         // `m` becomes the global value count.
         let img = c * hw;
-        let mut sums: Vec<f64> = part_channel_sums(
-            n,
-            c,
-            || (),
-            |_, r, ch| [channel_sum(&xs[r.start * img..r.end * img], c, hw, ch)],
-        )
+        let mut sums: Vec<f64> = part_channel_sums(n, c, |r, ch| {
+            [channel_sum(&xs[r.start * img..r.end * img], c, hw, ch)]
+        })
         .into_iter()
         .map(|[s]| s)
         .collect();
@@ -491,15 +516,10 @@ impl BatchNorm2d {
             None => m,
         };
         let means: Vec<f64> = sums.iter().map(|s| s / m as f64).collect();
-        let mut stats: Vec<(f64, f64)> = part_channel_sums(
-            n,
-            c,
-            || (),
-            |_, r, ch| {
-                let xp = &xs[r.start * img..r.end * img];
-                [channel_dev(xp, c, hw, ch, means[ch] as f32)]
-            },
-        )
+        let mut stats: Vec<(f64, f64)> = part_channel_sums(n, c, |r, ch| {
+            let xp = &xs[r.start * img..r.end * img];
+            [channel_dev(xp, c, hw, ch, means[ch] as f32)]
+        })
         .into_iter()
         .zip(&means)
         .map(|([dev], &mean)| (mean, dev))
@@ -729,16 +749,12 @@ impl BatchNorm2d {
     ) -> Vec<(f64, f64)> {
         let img = c * hw;
         let n = xs.len().checked_div(img).unwrap_or(0);
-        let scratch = || match fused {
-            Fused::Mask(..) => vec![0.0f32; hw],
-            _ => Vec::new(),
-        };
-        part_channel_sums(n, c, scratch, |masked, r, ch| {
+        part_channel_sums(n, c, |r, ch| {
             let (xp, gp) = (
                 &xs[r.start * img..r.end * img],
                 &gs[r.start * img..r.end * img],
             );
-            let (sdy, sdyx) = channel_grad_sums(xp, gp, c, hw, ch, mean[ch], fused, masked);
+            let (sdy, sdyx) = channel_grad_sums(xp, gp, c, hw, ch, mean[ch], fused);
             [sdy, sdyx]
         })
         .into_iter()
@@ -921,11 +937,12 @@ mod tests {
     }
 
     /// The AVX2 builds of the passes and reductions against their baseline bodies (what a CPU
-    /// without AVX2 runs), on ragged planes (7x5: lanes plus a remainder) and every fused mode.
+    /// without AVX2 runs), on ragged planes (7x7: one 32-entry step of the wide reductions, two
+    /// 8-entry steps and a remainder) and every fused mode.
     #[test]
     fn dispatched_builds_equal_the_baseline_bodies_bitwise() {
-        let (n, c, hw) = (3, 4, 35);
-        let case = case([n, c, 7, 5], 21);
+        let (n, c, hw) = (3, 4, 49);
+        let case = case([n, c, 7, 7], 21);
         let (xs, gs) = (case.x.as_slice().unwrap(), case.r.as_slice().unwrap());
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let coef: Vec<Coef> = (0..c)
@@ -939,11 +956,11 @@ mod tests {
         for ch in 0..c {
             assert_eq!(
                 channel_sum(xs, c, hw, ch).to_bits(),
-                channel_sum_body(xs, c, hw, ch).to_bits()
+                channel_sum_with(Scalar, xs, c, hw, ch).to_bits()
             );
             assert_eq!(
                 channel_dev(xs, c, hw, ch, 0.9).to_bits(),
-                channel_dev_body(xs, c, hw, ch, 0.9).to_bits()
+                channel_dev_with(Scalar, xs, c, hw, ch, 0.9).to_bits()
             );
         }
         let acts = [BnAct::None, BnAct::Relu, BnAct::Clip { min: 0.0, max: 1.5 }];
@@ -952,9 +969,8 @@ mod tests {
         modes.extend(acts.iter().map(|&a| Fused::Mask(&coef, a)));
         for fused in modes {
             for ch in 0..c {
-                let (mut m1, mut m2) = (vec![0.0f32; hw], vec![0.0f32; hw]);
-                let a = channel_grad_sums(xs, gs, c, hw, ch, 0.9, fused, &mut m1);
-                let b = channel_grad_sums_body(xs, gs, c, hw, ch, 0.9, fused, &mut m2);
+                let a = channel_grad_sums(xs, gs, c, hw, ch, 0.9, fused);
+                let b = channel_grad_sums_with(Scalar, xs, gs, c, hw, ch, 0.9, fused);
                 assert_eq!(
                     (a.0.to_bits(), a.1.to_bits()),
                     (b.0.to_bits(), b.1.to_bits())

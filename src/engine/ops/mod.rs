@@ -24,6 +24,7 @@ pub mod conv;
 pub mod layernorm;
 pub mod linear;
 pub mod loss;
+mod plane_sums;
 pub mod pool;
 pub(crate) mod simd;
 
