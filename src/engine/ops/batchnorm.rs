@@ -230,7 +230,7 @@ const SPREAD_BELOW: usize = 8;
 
 /// Per-value coefficients of one image (each channel's repeated over its plane), so that
 /// [`spread_pass`] runs over the image as one vectorised loop. For planes under 8 values
-/// (MobileNet's and EfficientNet's 4x4 and 2x2 stages at 64x64 input) the per-channel loop of
+/// (MobileNet's and EfficientNet's 2x2 stages at 64x64 input) the per-channel loop of
 /// [`image_pass`] is a scalar loop of a few values per channel: MobileNet-V2's 1280-channel 2x2
 /// BN + Clip ran at 3.7 ns a value backward, 3x its 32x32 layers.
 struct Spread {
@@ -290,7 +290,6 @@ fn spread_pass_body(
 ) {
     let n = o.len();
     let (x, a, b, sh, k) = (&x[..n], &sp.a[..n], &sp.b[..n], &sp.shift[..n], &sp.k[..n]);
-    // Loops, not iterator closures: a closure is not built for its caller's target features.
     match (g, fused) {
         (Some(g), Fused::Mask(_, act)) => {
             let g = &g[..n];
@@ -394,7 +393,8 @@ fn channel_sum(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
 
 #[inline(always)]
 fn channel_sum_with(l: impl PlaneSums, xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
-    // A loop, not a closure: a closure is not built for its caller's target features.
+    // A loop, not `map(..).sum()`: the closure went to an out-of-line `Map::fold`, which is not
+    // built for AVX2, and the intrinsics in the sums became calls.
     let mut s = 0.0f64;
     for p in channel_planes(xs, c, hw, ch) {
         s += f64::from(l.sum(p));
