@@ -11,68 +11,108 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use elrt::engine::ops::{Activation, BatchNorm2d, BnAct};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use elrt::engine::ops::{Activation, BatchNorm2d, BatchNormSaved, BnAct};
 use elrt::rng::Rng;
 use ndarray::{Array1, Array4};
+use rayon::ThreadPool;
 
-fn bn_relu(c: &mut Criterion) {
-    let shape = [128, 16, 32, 32];
-    let mut rng = Rng::new(9);
-    // An offset mean and non-unit spread, as real activations have.
-    let x = Array4::from_shape_fn(shape, |_| -1.0 + 4.0 * rng.uniform());
-    let dy = Array4::from_shape_fn(shape, |_| -1.0 + 2.0 * rng.uniform());
-    let scale = Array1::from_shape_fn(16, |_| 0.5 + rng.uniform());
-    let bias = Array1::from_shape_fn(16, |_| rng.uniform() - 0.5);
-    let bn = BatchNorm2d::default();
-    let stats = || (Array1::<f32>::zeros(16), Array1::<f32>::ones(16));
-    let (mut rm, mut rv) = stats();
-    let (_, saved) = bn
-        .forward_train(
+/// A batch norm with random inputs and the saved statistics of one forward, ready to time.
+struct BnCase {
+    bn: BatchNorm2d,
+    x: Array4<f32>,
+    dy: Array4<f32>,
+    scale: Array1<f32>,
+    bias: Array1<f32>,
+    saved: BatchNormSaved,
+}
+
+impl BnCase {
+    fn new(bn: BatchNorm2d, shape: [usize; 4], seed: u64) -> BnCase {
+        let c = shape[1];
+        let mut rng = Rng::new(seed);
+        // An offset mean and non-unit spread, as real activations have.
+        let x = Array4::from_shape_fn(shape, |_| -1.0 + 4.0 * rng.uniform());
+        let dy = Array4::from_shape_fn(shape, |_| -1.0 + 2.0 * rng.uniform());
+        let scale = Array1::from_shape_fn(c, |_| 0.5 + rng.uniform());
+        let bias = Array1::from_shape_fn(c, |_| rng.uniform() - 0.5);
+        let (_, saved) = Self::forward(&bn, &x, &scale, &bias);
+        BnCase {
+            bn,
+            x,
+            dy,
+            scale,
+            bias,
+            saved,
+        }
+    }
+
+    /// One training-mode forward, on fresh running statistics.
+    fn forward(
+        bn: &BatchNorm2d,
+        x: &Array4<f32>,
+        scale: &Array1<f32>,
+        bias: &Array1<f32>,
+    ) -> (Array4<f32>, BatchNormSaved) {
+        let c = x.shape()[1];
+        let (mut rm, mut rv) = (Array1::<f32>::zeros(c), Array1::<f32>::ones(c));
+        bn.forward_train(
             x.view(),
             scale.view(),
             bias.view(),
             rm.view_mut(),
             rv.view_mut(),
         )
-        .expect("forward");
-    let (xd, dyd) = (x.clone().into_dyn(), dy.clone().into_dyn());
-    let mut g = c.benchmark_group("bn_relu_128x16x32x32");
-    g.sample_size(20)
-        .measurement_time(Duration::from_secs(3))
-        .throughput(Throughput::Elements(x.len() as u64));
-    for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("thread pool");
-        g.bench_function(format!("bn_train_forward_{threads}t"), |b| {
+        .expect("forward")
+    }
+
+    /// Registers `{prefix}forward_{threads}t` and `{prefix}backward_{threads}t` on `pool`.
+    fn bench(&self, g: &mut BenchmarkGroup<WallTime>, prefix: &str, pool: &ThreadPool) {
+        let threads = pool.current_num_threads();
+        g.bench_function(format!("{prefix}forward_{threads}t"), |b| {
             b.iter(|| {
-                let (mut rm, mut rv) = stats();
                 pool.install(|| {
-                    black_box(
-                        bn.forward_train(
-                            x.view(),
-                            scale.view(),
-                            bias.view(),
-                            rm.view_mut(),
-                            rv.view_mut(),
-                        )
-                        .expect("forward"),
-                    )
+                    black_box(Self::forward(&self.bn, &self.x, &self.scale, &self.bias))
                 })
             })
         });
-        g.bench_function(format!("bn_train_backward_{threads}t"), |b| {
+        g.bench_function(format!("{prefix}backward_{threads}t"), |b| {
             b.iter(|| {
                 pool.install(|| {
                     black_box(
-                        bn.backward_train(x.view(), scale.view(), &saved, dy.view())
+                        self.bn
+                            .backward_train(
+                                self.x.view(),
+                                self.scale.view(),
+                                &self.saved,
+                                self.dy.view(),
+                            )
                             .expect("backward"),
                     )
                 })
             })
         });
+    }
+}
+
+fn pool(threads: usize) -> ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool")
+}
+
+fn bn_relu(c: &mut Criterion) {
+    let case = BnCase::new(BatchNorm2d::default(), [128, 16, 32, 32], 9);
+    let (xd, dyd) = (case.x.clone().into_dyn(), case.dy.clone().into_dyn());
+    let mut g = c.benchmark_group("bn_relu_128x16x32x32");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(case.x.len() as u64));
+    for threads in [1, 2] {
+        let pool = pool(threads);
+        case.bench(&mut g, "bn_train_", &pool);
         g.bench_function(format!("relu_forward_{threads}t"), |b| {
             b.iter(|| {
                 pool.install(|| black_box(Activation::Relu.forward(xd.view()).expect("relu")))
@@ -103,56 +143,10 @@ fn bn_clip(c: &mut Criterion) {
     let mut g = c.benchmark_group("bn_clip_mobilenet_v2");
     g.sample_size(20).measurement_time(Duration::from_secs(3));
     for (ch, s) in [(96, 32), (144, 16), (384, 4)] {
-        let shape = [64, ch, s, s];
-        let mut rng = Rng::new(11);
-        let x = Array4::from_shape_fn(shape, |_| -1.0 + 4.0 * rng.uniform());
-        let dy = Array4::from_shape_fn(shape, |_| -1.0 + 2.0 * rng.uniform());
-        let scale = Array1::from_shape_fn(ch, |_| 0.5 + rng.uniform());
-        let bias = Array1::from_shape_fn(ch, |_| rng.uniform() - 0.5);
-        let stats = || (Array1::<f32>::zeros(ch), Array1::<f32>::ones(ch));
-        let (mut rm, mut rv) = stats();
-        let (_, saved) = bn
-            .forward_train(
-                x.view(),
-                scale.view(),
-                bias.view(),
-                rm.view_mut(),
-                rv.view_mut(),
-            )
-            .expect("forward");
-        g.throughput(Throughput::Elements(x.len() as u64));
+        let case = BnCase::new(bn.clone(), [64, ch, s, s], 11);
+        g.throughput(Throughput::Elements(case.x.len() as u64));
         for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("thread pool");
-            g.bench_function(format!("{ch}x{s}x{s}_forward_{threads}t"), |b| {
-                b.iter(|| {
-                    let (mut rm, mut rv) = stats();
-                    pool.install(|| {
-                        black_box(
-                            bn.forward_train(
-                                x.view(),
-                                scale.view(),
-                                bias.view(),
-                                rm.view_mut(),
-                                rv.view_mut(),
-                            )
-                            .expect("forward"),
-                        )
-                    })
-                })
-            });
-            g.bench_function(format!("{ch}x{s}x{s}_backward_{threads}t"), |b| {
-                b.iter(|| {
-                    pool.install(|| {
-                        black_box(
-                            bn.backward_train(x.view(), scale.view(), &saved, dy.view())
-                                .expect("backward"),
-                        )
-                    })
-                })
-            });
+            case.bench(&mut g, &format!("{ch}x{s}x{s}_"), &pool(threads));
         }
     }
     g.finish();

@@ -364,31 +364,38 @@ fn image_pass_body(
     }
 }
 
-/// Runs `$body(sums, $args..)` with the [`PlaneSums`] this CPU runs: the AVX2 build where it
+/// `with_plane_sums! { fn name(params..) -> Ret => body }` defines `name`, which runs
+/// `body(sums, params..)` with the [`PlaneSums`] this CPU runs: the AVX2 build where it
 /// has AVX2 (inside a function built for AVX2, so the channel's plane loop and the sums inline
 /// into one loop: called per plane, the 16-value planes of MobileNet-V2's late layers lost
 /// more to the calls than the wider sums won), else [`Scalar`] (the same lane arithmetic, so
 /// the same bits).
 macro_rules! with_plane_sums {
-    ($body:ident($($p:ident: $t:ty),*) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        if let Some(l) = plane_sums::Avx2::detect() {
-            #[target_feature(enable = "avx2")]
-            #[allow(clippy::too_many_arguments)]
-            unsafe fn build(l: plane_sums::Avx2, $($p: $t),*) -> $ret {
-                $body(l, $($p),*)
+    (
+        $(#[$attr:meta])*
+        fn $name:ident($($p:ident: $t:ty),* $(,)?) -> $ret:ty => $body:ident
+    ) => {
+        $(#[$attr])*
+        fn $name($($p: $t),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(l) = plane_sums::Avx2::detect() {
+                #[target_feature(enable = "avx2")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn build(l: plane_sums::Avx2, $($p: $t),*) -> $ret {
+                    $body(l, $($p),*)
+                }
+                // SAFETY: an `Avx2` exists only where the CPU has AVX2.
+                return unsafe { build(l, $($p),*) };
             }
-            // SAFETY: an `Avx2` exists only where the CPU has AVX2.
-            return unsafe { build(l, $($p),*) };
+            $body(Scalar, $($p),*)
         }
-        $body(Scalar, $($p),*)
-    }};
+    };
 }
 
-/// `sum over planes of f64(sum(plane))` for one channel: within a plane in f32 lanes
-/// ([`PlaneSums`]), across planes in f64.
-fn channel_sum(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 {
-    with_plane_sums!(channel_sum_with(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64)
+with_plane_sums! {
+    /// `sum over planes of f64(sum(plane))` for one channel: within a plane in f32 lanes
+    /// ([`PlaneSums`]), across planes in f64.
+    fn channel_sum(xs: &[f32], c: usize, hw: usize, ch: usize) -> f64 => channel_sum_with
 }
 
 #[inline(always)]
@@ -402,9 +409,10 @@ fn channel_sum_with(l: impl PlaneSums, xs: &[f32], c: usize, hw: usize, ch: usiz
     s
 }
 
-/// `sum over planes of f64(sum((x - mu)^2))` for one channel, like [`channel_sum`].
-fn channel_dev(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64 {
-    with_plane_sums!(channel_dev_with(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64)
+with_plane_sums! {
+    /// `sum over planes of f64(sum((x - mu)^2))` for one channel, like [`channel_sum`].
+    fn channel_dev(xs: &[f32], c: usize, hw: usize, ch: usize, mu: f32) -> f64
+        => channel_dev_with
 }
 
 #[inline(always)]
@@ -416,28 +424,20 @@ fn channel_dev_with(l: impl PlaneSums, xs: &[f32], c: usize, hw: usize, ch: usiz
     s
 }
 
-/// One channel's `(sum(dy), sum(dy * (x - mu)))` for [`BatchNorm2d::grad_sums`], like
-/// [`channel_sum`]. A fused activation's mask gates `dy` inside the one pass (`dy` where the
-/// gradient passes, else 0.0: exactly the separate activation's backward), so the sums are
-/// those of the separate ops, bit for bit.
-fn channel_grad_sums(
-    xs: &[f32],
-    gs: &[f32],
-    c: usize,
-    hw: usize,
-    ch: usize,
-    mu: f32,
-    fused: Fused,
-) -> (f64, f64) {
-    with_plane_sums!(channel_grad_sums_with(
+with_plane_sums! {
+    /// One channel's `(sum(dy), sum(dy * (x - mu)))` for [`BatchNorm2d::grad_sums`], like
+    /// [`channel_sum`]. A fused activation's mask gates `dy` inside the one pass (`dy` where the
+    /// gradient passes, else 0.0: exactly the separate activation's backward), so the sums are
+    /// those of the separate ops, bit for bit.
+    fn channel_grad_sums(
         xs: &[f32],
         gs: &[f32],
         c: usize,
         hw: usize,
         ch: usize,
         mu: f32,
-        fused: Fused
-    ) -> (f64, f64))
+        fused: Fused,
+    ) -> (f64, f64) => channel_grad_sums_with
 }
 
 #[allow(clippy::too_many_arguments)]
