@@ -18,6 +18,10 @@
 //!   of 16 or 4 columns each); and ResNet-18's 1x1 stride-2 shortcuts (64 -> 128 from 16x16,
 //!   256 -> 512 from 4x4) as a subsample and a pointwise conv (`conv/subsample.rs`) against
 //!   im2col;
+//! - group `winograd_cl`: stride-1 3x3 layers on small planes (ResNet-18's 256 and 512
+//!   channels on 4x4 at 64x64 and 128x128 input, its Tucker-2 cores of 152 channels on 4x4 and
+//!   72 on 8x8, ResNet-20's 64 channels on 8x8), the small-plane path against channels-last
+//!   Winograd F(4x4, 3x3) over the batch (`conv/winograd_cl.rs`), forward and backward apart;
 //! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
 //!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
@@ -48,8 +52,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
-    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_weight_grad,
-    set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
+    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
+    set_winograd_weight_grad, set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -149,6 +153,7 @@ fn conv_kernels(c: &mut Criterion) {
         let dys: Vec<_> = (0..BATCH).map(|i| one(&dy, i)).collect();
         g.bench_function(format!("{name}/small_plane_forward_backward"), |b| {
             set_small_plane(true);
+            set_winograd_cl(Some(false));
             b.iter(|| {
                 elrt::engine::on_pool(|| {
                     black_box(op.forward(x.view(), w.view(), None).unwrap());
@@ -204,6 +209,50 @@ fn conv_kernels(c: &mut Criterion) {
         }
         set_subsample_pointwise(true);
     }
+    set_winograd_cl(None);
+    g.finish();
+
+    // Small-plane layers the channels-last Winograd path takes (`conv/winograd_cl.rs`): the
+    // small-plane path's forward and backward against that path's (whose weight gradient is
+    // the small-plane path's). (name, batch, channels in, out, side).
+    let mut g = c.benchmark_group("winograd_cl");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for (name, n, ci, co, px) in [
+        ("3x3_256ch_4px_b64", 64, 256, 256, 4),
+        ("3x3_512ch_4px_b64", 64, 512, 512, 4),
+        ("3x3_152ch_4px_b64", 64, 152, 152, 4),
+        ("3x3_72ch_8px_b64", 64, 72, 72, 8),
+        ("3x3_64ch_8px_b128", 128, 64, 64, 8),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([n, ci, px, px], |_| next());
+        let w = Array4::from_shape_fn([co, ci, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        g.throughput(Throughput::Elements(n as u64));
+        for (path, on) in [("without_cl", false), ("winograd_cl", true)] {
+            g.bench_function(format!("{name}/{path}_forward"), |b| {
+                set_winograd_cl(Some(on));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+            g.bench_function(format!("{name}/{path}_backward"), |b| {
+                set_winograd_cl(Some(on));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                    })
+                })
+            });
+        }
+    }
+    set_winograd_cl(None);
     g.finish();
 
     // (name, channels, kernel, stride, input side): pads k/2 on every side, as torchvision's.

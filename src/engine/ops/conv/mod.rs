@@ -116,6 +116,7 @@ mod tests;
 mod weight_grad;
 mod winograd;
 mod winograd4;
+mod winograd_cl;
 mod winograd_dw;
 
 pub use depthwise_cl::set_depthwise_channels_last;
@@ -125,6 +126,7 @@ pub use small_plane::set_small_plane;
 pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
+pub use winograd_cl::set_winograd_cl;
 pub use winograd_dw::{set_winograd_weight_grad, set_winograd_weight_grad_small_planes};
 
 const OP: &str = "Conv";
@@ -231,6 +233,10 @@ struct Geom {
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
     small_plane: bool,
+    /// A small-plane layer whose forward and input gradient run as channels-last Winograd over
+    /// the whole batch (`winograd_cl.rs`, tile side `wino_tile`); its weight gradient stays the
+    /// small-plane path's.
+    wino_cl: bool,
     /// A strided 1x1 conv run as a subsample of the input and a stride-1 pointwise conv
     /// (`subsample.rs`); none of the other paths' flags apply.
     subsample: bool,
@@ -249,7 +255,8 @@ impl Conv2d {
     /// gradient, direct or im2col's, is timed under the same label), "Conv winograd4"
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
-    /// small-plane backward), "Conv direct" (direct dot products on the padded input, forward
+    /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch
+    /// for the forward and input gradient, the small-plane weight gradient, `winograd_cl.rs`), "Conv direct" (direct dot products on the padded input, forward
     /// and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
@@ -260,6 +267,13 @@ impl Conv2d {
             return Ok("Conv 1x1 strided");
         }
         let blocked = g.block_images() > 1;
+        if g.wino_cl {
+            return Ok(if g.wino_tile == 4 {
+                "Conv winograd4-cl"
+            } else {
+                "Conv winograd-cl"
+            });
+        }
         match (g.winograd, g.small_plane) {
             (true, true) if g.wino_tile == 4 => return Ok("Conv winograd4+small-plane"),
             (true, true) => return Ok("Conv winograd+small-plane"),
@@ -352,6 +366,7 @@ impl Conv2d {
             wino_dw: false,
             direct_fwd: false,
             small_plane: false,
+            wino_cl: false,
             subsample: false,
         };
         g.subsample = g.subsample_eligible() && g.subsample_pays();
@@ -370,6 +385,11 @@ impl Conv2d {
         // A Winograd layer's small-plane flag only chooses its backward.
         g.small_plane &= !g.wino_dw;
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();
+        // Small planes that Winograd fills: channels-last Winograd over the batch for the
+        // forward and input gradient, the small-plane path for the weight gradient.
+        if g.wino_cl_eligible() && g.wino_cl_pays() {
+            (g.wino_cl, g.wino_tile, g.winograd) = (true, 4, false);
+        }
         Ok(g)
     }
 
@@ -418,6 +438,11 @@ impl Conv2d {
         let mut y = zeros(g.n * ylen);
         if g.pointwise_direct() && g.n > 0 {
             g.pointwise_forward(&xs, &ws, bias.as_deref(), &mut y);
+            return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
+                .expect("output length follows from the geometry");
+        }
+        if g.wino_cl && g.n > 0 {
+            g.wino_cl_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
                 .expect("output length follows from the geometry");
         }
@@ -550,7 +575,13 @@ impl Conv2d {
                 need_dx,
                 need_db,
                 w.raw_dim(),
-                |dx, dw| g.small_plane_backward(&xs, &ws, &dys, dx, dw),
+                |dx, dw| match dx {
+                    Some(dx) if g.wino_cl => {
+                        g.wino_cl_input_grad(&ws, &dys, dx);
+                        g.small_plane_backward(&xs, &ws, &dys, None, dw);
+                    }
+                    dx => g.small_plane_backward(&xs, &ws, &dys, dx, dw),
+                },
             );
         }
         if g.pointwise_direct() && g.n > 0 {

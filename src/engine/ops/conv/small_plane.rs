@@ -94,7 +94,13 @@ fn group_of(p: usize, pixels: usize, groups: usize) -> usize {
 }
 
 /// A `rows x cols` view at `off` with row stride `ld` (unit column stride).
-fn view(a: &[f32], off: usize, rows: usize, cols: usize, ld: usize) -> ArrayView2<'_, f32> {
+pub(super) fn view(
+    a: &[f32],
+    off: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> ArrayView2<'_, f32> {
     let len = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
     ArrayView2::from_shape((rows, cols).strides((ld, 1)), &a[off..off + len])
         .expect("view fits its slice")
@@ -104,7 +110,7 @@ fn view(a: &[f32], off: usize, rows: usize, cols: usize, ld: usize) -> ArrayView
 ///
 /// # Safety
 /// The caller's tasks write disjoint elements, and `a` outlives the view.
-unsafe fn view_mut<'a>(
+pub(super) unsafe fn view_mut<'a>(
     a: *mut f32,
     off: usize,
     rows: usize,
@@ -116,14 +122,14 @@ unsafe fn view_mut<'a>(
 
 /// A raw pointer that tasks may share (they write disjoint elements).
 #[derive(Clone, Copy)]
-struct Shared(*mut f32);
+pub(super) struct Shared(pub(super) *mut f32);
 // SAFETY: only used for disjoint writes, see `view_mut`.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
     /// The pointer (a method, so that closures capture the `Send` wrapper, not its field).
-    fn ptr(self) -> *mut f32 {
+    pub(super) fn ptr(self) -> *mut f32 {
         self.0
     }
 }
@@ -192,7 +198,7 @@ impl Geom {
     /// run of taps `t0 .. t0 + len` is the strided matrix `W2[:, t0 .. t0 + len, :]`. A
     /// transpose within each output channel's row (a full tap-major transpose, `Wt[t][c][o]`,
     /// took 2-4 ms at 512 channels: its reads or writes stride across the whole tensor).
-    fn taps_outside(&self, w: &[f32]) -> Vec<f32> {
+    pub(super) fn taps_outside(&self, w: &[f32]) -> Vec<f32> {
         to_channels_last(w, self.co, self.ci, self.kh * self.kw)
     }
 
@@ -258,8 +264,8 @@ impl Geom {
         let runs = self.small_plane_runs();
         let xn = to_channels_last(x, n, ci, hw);
         let dyn_ = to_channels_last(dy, n, co, ohw);
-        let w2 = self.taps_outside(w);
         if let Some(dx) = dx {
+            let w2 = self.taps_outside(w);
             let mut dxn = zeros(n * hw * ci);
             let dp = Shared(dxn.as_mut_ptr());
             let groups = PIXEL_GROUPS.min(hw);
@@ -303,7 +309,7 @@ impl Geom {
 }
 
 /// `[n][c][q]` -> `[n][q][c]`, one `n` per task.
-fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
+pub(super) fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
     let mut out = zeros(n * c * q);
     swap_inner(a, &mut out, n, c, q);
     out
@@ -311,7 +317,7 @@ fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
 
 /// Writes `a` (`[n][c][q]`) into `out` as `[n][q][c]` (so `[n][q][c]` back to `[n][c][q]` is
 /// the same call with `c` and `q` swapped).
-fn swap_inner(a: &[f32], out: &mut [f32], n: usize, c: usize, q: usize) {
+pub(super) fn swap_inner(a: &[f32], out: &mut [f32], n: usize, c: usize, q: usize) {
     debug_assert!(a.len() == n * c * q && out.len() == a.len());
     out.par_chunks_mut(c * q)
         .zip(a.par_chunks(c * q))

@@ -3,7 +3,7 @@
 use super::*;
 use crate::engine::ops::testutil::*;
 use crate::engine::EngineError;
-use ndarray::{Array1, Array4, Axis};
+use ndarray::{Array1, Array2, Array4, Axis};
 
 fn conv(group: usize, strides: [usize; 2], pads: [usize; 4], dilations: [usize; 2]) -> Conv2d {
     Conv2d {
@@ -1019,7 +1019,7 @@ fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> G
     assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
     g.winograd = true;
     g.wino_tile = tile;
-    (g.small_plane, g.direct_fwd, g.wino_dw) = (false, false, false);
+    (g.small_plane, g.direct_fwd, g.wino_dw, g.wino_cl) = (false, false, false, false);
     g
 }
 
@@ -1246,14 +1246,19 @@ fn winograd_resnet_shapes_within_bound() {
 #[test]
 fn winograd_gradients_match_finite_differences() {
     for tile in [2, 4] {
-        winograd_gradients_match_finite_differences_at(tile);
+        winograd_gradients_match_finite_differences_at(tile, false);
     }
 }
 
-fn winograd_gradients_match_finite_differences_at(tile: usize) {
+/// `cl`: the channels-last path (`winograd_cl.rs`) instead of the plane-wise one.
+fn winograd_gradients_match_finite_differences_at(tile: usize, cl: bool) {
     let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
     let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
-    let g = winograd_forced(&c, xs, ws, tile);
+    let g = if cl {
+        winograd_cl_forced(&c, xs, ws, tile)
+    } else {
+        winograd_forced(&c, xs, ws, tile)
+    };
     let mut rng = Rng::new(43);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -1280,9 +1285,11 @@ fn winograd_gradients_match_finite_differences_at(tile: usize) {
 fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
     let (xs, ws) = ([37, 64, 8, 8], [64, 64, 3, 3]);
-    assert!(c.geom(&xs, &ws).unwrap().winograd || !winograd::auto_mode());
+    let g = c.geom(&xs, &ws).unwrap();
+    assert!(g.winograd || g.wino_cl || !winograd::auto_mode());
     if winograd::auto_mode() && small_plane::auto_mode() {
-        // 8x8 planes block images: Winograd forward, the small-plane path backward.
+        // 8x8 planes block images: Winograd forward, the small-plane path backward (under 72
+        // channels; from 72 the channels-last Winograd of `winograd_cl.rs`).
         assert_eq!(
             c.kernel_label(&xs, &ws).unwrap(),
             "Conv winograd+small-plane"
@@ -1752,6 +1759,7 @@ fn small_plane_errors(
     let mut g = c.geom(&xs, &ws).unwrap();
     assert!(g.small_plane_eligible(), "{c:?} {xs:?} {ws:?}");
     (g.small_plane, g.winograd, g.direct_dw, g.subsample) = (true, false, false, false);
+    g.wino_cl = false;
     let mut rng = Rng::new(seed);
     let x = rand_array(&mut rng, xs, -1.0, 1.0);
     let w = rand_array(&mut rng, ws, -1.0, 1.0);
@@ -1872,12 +1880,15 @@ fn small_plane_path_is_chosen_for_resnet18_late_stages_and_reproducible_across_t
             [136, 160, 3, 3],
         ),
     ];
-    for (c, xs, ws) in cases {
-        assert_eq!(
-            c.kernel_label(&xs, &ws).unwrap(),
-            "Conv small-plane",
-            "{c:?} {xs:?}"
-        );
+    for (i, (c, xs, ws)) in cases.into_iter().enumerate() {
+        // The stride-1 4x4 layer runs its forward and input gradient through `winograd_cl.rs`
+        // (tested below), its weight gradient here.
+        let want = if i == 0 {
+            "Conv winograd4-cl"
+        } else {
+            "Conv small-plane"
+        };
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), want, "{c:?} {xs:?}");
         let e = small_plane_errors(&c, xs, ws, true, 3);
         assert!(e.iter().all(|&e| e <= SMALL_PLANE_REL_TOL), "{xs:?}: {e:?}");
         let g = c.geom(&xs, &ws).unwrap();
@@ -2285,4 +2296,224 @@ fn strided_pointwise_convs_run_as_subsample_and_match_reference() {
             .unwrap()
             .subsample
     );
+}
+
+/// The geometry of `c` on the channels-last Winograd path (`winograd_cl.rs`) with output tiles
+/// of side `tile`, whatever the speed rule says; its weight gradient is the small-plane path's.
+fn winograd_cl_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> Geom {
+    let mut g = c.geom(&xs, &ws).unwrap();
+    assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
+    (g.wino_cl, g.small_plane, g.wino_tile) = (true, true, tile);
+    (g.winograd, g.wino_dw, g.direct_fwd, g.direct_dw) = (false, false, false, false);
+    g
+}
+
+/// Winograd's rounding scale per output: `sum_c max |x_c| over the output's input tile *
+/// sum |w[o][c]|` (+ `|b|`), over the `t x t` input tile (`t = m + 2`, inside the plane) of
+/// the output tile the output belongs to. Winograd forms every output of a tile from the whole
+/// transformed tile, so its rounding follows the tile's magnitudes, not only the output's own
+/// products: an output at a padded corner, one product of 5e-4 with a single input channel,
+/// came out 8e-8 off (1.5e-4 of its own `sum |w| |x|`; the plane-wise path gives the same
+/// bits). `x`: `[n, cin, h, w]`, `wsum`: `[cout, cin]` sums of `|w|` over the 3x3 taps.
+fn tile_scale(
+    x: &Array4<f64>,
+    wsum: &Array2<f64>,
+    p: &winograd::Plane,
+    b: Option<&Array1<f64>>,
+) -> Array4<f64> {
+    let (n, cin) = (x.shape()[0], x.shape()[1]);
+    let t = p.m + 2;
+    let mut out = Array4::<f64>::zeros((n, p.cout, p.oh, p.ow));
+    for i in 0..n {
+        for ty in 0..p.th() {
+            for tx in 0..p.tw() {
+                let rows = (ty * p.m) as isize - p.pt as isize;
+                let cols = (tx * p.m) as isize - p.pl as isize;
+                let cmax: Vec<f64> = (0..cin)
+                    .map(|c| {
+                        let mut m = 0.0f64;
+                        for a in 0..t as isize {
+                            for b in 0..t as isize {
+                                let (iy, ix) = (rows + a, cols + b);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < p.h && (ix as usize) < p.w
+                                {
+                                    m = m.max(x[[i, c, iy as usize, ix as usize]]);
+                                }
+                            }
+                        }
+                        m
+                    })
+                    .collect();
+                for o in 0..p.cout {
+                    let s: f64 = (0..cin).map(|c| cmax[c] * wsum[[o, c]]).sum::<f64>()
+                        + b.map_or(0.0, |b| b[o]);
+                    for oy in ty * p.m..(ty * p.m + p.m).min(p.oh) {
+                        for ox in tx * p.m..(tx * p.m + p.m).min(p.ow) {
+                            out[[i, o, oy, ox]] = s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Forward and input-gradient errors of the forced channels-last Winograd path against f64,
+/// each scaled per output by its tile's scale ([`tile_scale`]) plus its own `sum |w| |x| +
+/// |b|`; its weight and bias gradients are the small-plane path's, bit for bit.
+fn winograd_cl_errors(
+    c: &Conv2d,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    bias: bool,
+    seed: u64,
+    tile: usize,
+) -> (f64, f64) {
+    let g = winograd_cl_forced(c, xs, ws, tile);
+    let mut rng = Rng::new(seed);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
+    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
+    let y = Conv2d::forward_geom(&g, x.view(), w.view(), b.as_ref().map(|b| b.view()));
+    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true);
+    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
+    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+    let y64 = c
+        .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
+        .unwrap();
+    let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
+    let yscale = c
+        .reference(
+            abs(&x64).view(),
+            abs(&w64).view(),
+            b64abs.as_ref().map(|b| b.view()),
+        )
+        .unwrap();
+    let dx64 = dx_reference(&g, &dy64, &w64);
+    // Per-output scales of the tile each output comes from (see `tile_scale`).
+    let wsum = abs(&w64).sum_axis(Axis(3)).sum_axis(Axis(2));
+    let yscale = tile_scale(&abs(&x64), &wsum, &g.wino_forward_plane(), b64abs.as_ref()) + &yscale;
+    let dxscale = tile_scale(
+        &abs(&dy64),
+        &wsum.t().to_owned(),
+        &g.wino_backward_plane(),
+        None,
+    );
+    let small = Conv2d::backward_geom(
+        &Geom {
+            wino_cl: false,
+            ..g
+        },
+        x.view(),
+        w.view(),
+        dy.view(),
+        false,
+    );
+    assert_eq!(grads.dw, small.dw);
+    assert_eq!(grads.db, small.db);
+    (
+        scaled_error(&y, &y64, &yscale),
+        scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
+    )
+}
+
+/// The channels-last Winograd path against f64 over the Winograd tests' random geometries
+/// (pads 0-2 on each side, planes 1 to 13 pixels, 1 to 70 channels, batches 1 to 9), both tile
+/// sizes: within `WINO_REL_TOL` (F(2x2)) or `WINO4_REL_TOL` (F(4x4)) of the sum of absolute
+/// products, forward and input gradient.
+#[test]
+fn winograd_cl_matches_f64_within_bound_over_random_geometries() {
+    for tile in [2, 4] {
+        let mut rng = Rng::new(53);
+        let (mut worst_f, mut worst_b) = (0.0f64, 0.0f64);
+        let mut cases = 0;
+        while cases < 60 {
+            let Some(RandomWino { pads, xs, ws }) = RandomWino::draw(&mut rng) else {
+                continue;
+            };
+            let c = conv(1, [1, 1], pads, [1, 1]);
+            let bias = rng.below(2) == 0;
+            let (f, b) = winograd_cl_errors(&c, xs, ws, bias, cases, tile);
+            assert!(
+                f <= wino_tol(tile) && b <= wino_tol(tile),
+                "F({tile}) {pads:?} x {xs:?} co {}: forward {f:e}, dx {b:e}",
+                ws[0]
+            );
+            (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
+            cases += 1;
+        }
+        eprintln!(
+            "worst scaled error: channels-last F({tile}) forward {worst_f:e}, dx {worst_b:e}"
+        );
+    }
+}
+
+/// The layers the speed rule sends there (ResNet-18's 4x4 stages, its Tucker-2 cores, ResNet-20's
+/// 8x8 stage) and odd sizes (channels that are no multiple of the vector width, a 5x7 plane)
+/// within the same bounds.
+#[test]
+fn winograd_cl_resnet_shapes_within_bound() {
+    for tile in [2, 4] {
+        for (xs, co) in [
+            ([9, 256, 4, 4], 256),
+            ([5, 152, 4, 4], 152),
+            ([3, 64, 8, 8], 64),
+            ([4, 70, 5, 7], 67),
+        ] {
+            let c = conv(1, [1, 1], [1; 4], [1, 1]);
+            let ws = [co, xs[1], 3, 3];
+            let (f, b) = winograd_cl_errors(&c, xs, ws, true, co as u64, tile);
+            eprintln!("channels-last F({tile}) {xs:?} -> {co}: forward {f:e}, dx {b:e}");
+            assert!(
+                f <= wino_tol(tile) && b <= wino_tol(tile),
+                "F({tile}) {xs:?} -> {co}: forward {f:e}, dx {b:e}"
+            );
+        }
+    }
+}
+
+/// The channels-last path's forward, input and weight gradients against f64 finite differences
+/// of the reference loss, both tile sizes.
+#[test]
+fn winograd_cl_gradients_match_finite_differences() {
+    for tile in [2, 4] {
+        winograd_gradients_match_finite_differences_at(tile, true);
+    }
+}
+
+/// The speed rule sends stride-1 3x3 small-plane layers here (labelled so): from 64 channels
+/// on 4x4 to 7x7 planes, from 72 on 8x8 to 15x15 ones (where Winograd's plane-wise path runs
+/// otherwise); not 32-channel ones, 2x2 planes, strided layers or 8x8 planes of 128+ channels
+/// (Winograd's plane-wise path and weight gradient). And the path gives the same bits on 1 and
+/// 3 threads.
+#[test]
+fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts() {
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let label = |xs: [usize; 4], co: usize| c.kernel_label(&xs, &[co, xs[1], 3, 3]).unwrap();
+    if winograd_cl::auto_mode() && winograd::auto_mode() && small_plane::auto_mode() {
+        assert_eq!(label([9, 256, 4, 4], 256), "Conv winograd4-cl");
+        assert_eq!(label([9, 152, 4, 4], 152), "Conv winograd4-cl");
+        assert_eq!(label([9, 64, 4, 4], 64), "Conv winograd4-cl");
+        assert_eq!(label([9, 72, 8, 8], 72), "Conv winograd4-cl");
+        assert_eq!(label([9, 64, 8, 8], 64), "Conv winograd+small-plane");
+        assert_eq!(label([9, 32, 4, 4], 32), "Conv small-plane");
+        assert_eq!(label([9, 512, 2, 2], 512), "Conv small-plane");
+        // 8x8 planes of 128+ channels keep Winograd's plane-wise path and weight gradient.
+        assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd");
+        let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
+        let g = s2.geom(&[9, 256, 8, 8], &[512, 256, 3, 3]).unwrap();
+        assert!(!g.wino_cl);
+    }
+    for tile in [2, 4] {
+        let (xs, ws) = ([9, 72, 8, 8], [80, 72, 3, 3]);
+        let g = winograd_cl_forced(&c, xs, ws, tile);
+        let mut rng = Rng::new(59);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [9, 80, 8, 8], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    }
 }

@@ -584,6 +584,12 @@ impl Geom {
     }
 }
 
+/// Whether Winograd is switched off (`WinogradMode::Never`): the channels-last path
+/// (`winograd_cl.rs`) stays off too, so that `Never` times the paths without any Winograd.
+pub(super) fn switched_off() -> bool {
+    MODE.load(Ordering::Relaxed) == WinogradMode::Never as u8
+}
+
 /// Whether the thresholds decide (no benchmark override in force).
 #[cfg(test)]
 pub(super) fn auto_mode() -> bool {

@@ -1,0 +1,424 @@
+//! Winograd F(m x m, 3x3) in channels-last layout over the whole batch: the forward and input
+//! gradient of stride-1 3x3 layers on small planes (those `small_plane.rs` runs).
+//!
+//! `winograd.rs` transforms one image plane at a time, vectorised along its tiles, and runs
+//! its GEMMs on blocks of at most 8 images: on a 4x4 plane (one F(4x4) tile, four F(2x2) ones)
+//! that leaves GEMMs of 8-32 columns and transforms of 1-4 lanes, and it lost to the
+//! small-plane path there (ResNet-18's 256-channel 4x4 stage at 64x64, batch 64, 1 thread,
+//! forward 10.3 -> 12.5-21.8 ms). Here the batch is channels-last (`X[n][q][c]`, as
+//! `small_plane.rs` lays it), so a tile's transform runs along its channels (256-512 lanes on
+//! those layers), and each transformed tap is one GEMM over every tile of the batch:
+//!
+//! - weights, per call: `U[o][k][c] = (G g G^T)[k]` for each kernel `g = w[o][c]` (rotated 180
+//!   degrees for the input gradient), vectorised along `c`;
+//! - input: `V[r][k][c] = (B^T d B)[k]` for the `t x t` input tile `d` of tile row `r` (image
+//!   and tile), zeros outside the plane (`t = m + 2`);
+//! - `t * t` GEMMs `M[:, k, :] = V[:, k, :] . U[:, k, :]^T` (`tiles x cin` times `cin x cout`,
+//!   every tile of the batch as rows), one task each;
+//! - output: `y = A^T m A` per tile, clipped at the plane's edges.
+//!
+//! On a 4x4 plane with a 3x3 kernel and pad 1 the small-plane path spends 100 multiply-adds per
+//! channel pair and image (the taps inside the plane); F(2x2) spends 64, F(4x4) 36. The input
+//! gradient is the same correlation of `dy` with the rotated kernel, channel axes swapped, over
+//! `dy` padded by `2 - pad` (as in `winograd.rs`); the weight gradient stays the small-plane
+//! path's (`Geom::small_plane_backward` without `dx`).
+//!
+//! Numerics: the transforms are `winograd.rs`'s and `winograd4.rs`'s matrices in a different
+//! summation order, so the same bounds hold (`WINO_REL_TOL`, `WINO4_REL_TOL`, tested against
+//! f64). Every GEMM is one task whatever the thread count, so results do not depend on it; they
+//! do depend on the batch size (the GEMMs' row count), as the small-plane path's already do.
+
+use super::small_plane::{swap_inner, to_channels_last, view, view_mut, Shared};
+use super::winograd::Plane;
+use super::{add_bias, Geom, Override};
+use crate::engine::ops::simd::simd_dispatch;
+use crate::engine::ops::zeros;
+use ndarray::linalg::general_mat_mul;
+use rayon::prelude::*;
+
+/// F(2x2, 3x3) (Lavin & Gray 2015): `B^T`, `G`, `A^T`.
+const BT2: [[f32; 4]; 4] = [
+    [1.0, 0.0, -1.0, 0.0],
+    [0.0, 1.0, 1.0, 0.0],
+    [0.0, -1.0, 1.0, 0.0],
+    [0.0, 1.0, 0.0, -1.0],
+];
+const G2: [[f32; 3]; 4] = [
+    [1.0, 0.0, 0.0],
+    [0.5, 0.5, 0.5],
+    [0.5, -0.5, 0.5],
+    [0.0, 0.0, 1.0],
+];
+const AT2: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+
+/// F(4x4, 3x3), the points 0, 1, -1, 2, -2 and infinity (`winograd4.rs`'s matrices).
+const BT4: [[f32; 6]; 6] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
+const G4: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+const AT4: [[f32; 6]; 4] = [
+    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+    [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+    [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+    [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+];
+
+/// The three matrices of one tile size, as row slices.
+struct Mats {
+    bt: &'static [&'static [f32]],
+    g: &'static [&'static [f32]],
+    at: &'static [&'static [f32]],
+}
+
+static MATS2: Mats = Mats {
+    bt: &[&BT2[0], &BT2[1], &BT2[2], &BT2[3]],
+    g: &[&G2[0], &G2[1], &G2[2], &G2[3]],
+    at: &[&AT2[0], &AT2[1]],
+};
+static MATS4: Mats = Mats {
+    bt: &[&BT4[0], &BT4[1], &BT4[2], &BT4[3], &BT4[4], &BT4[5]],
+    g: &[&G4[0], &G4[1], &G4[2], &G4[3], &G4[4], &G4[5]],
+    at: &[&AT4[0], &AT4[1], &AT4[2], &AT4[3]],
+};
+
+fn mats(m: usize) -> &'static Mats {
+    if m == 4 {
+        &MATS4
+    } else {
+        &MATS2
+    }
+}
+
+/// `dst += a * src` along a channel run (a plain zip the compiler vectorises at the width the
+/// caller is compiled for).
+#[inline(always)]
+fn axpy(dst: &mut [f32], a: f32, src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += a * s;
+    }
+}
+
+/// The first `n` runs of `s` at `stride` apart (the rest `None`); a run is `stride` floats
+/// long but the last, which ends with `s`.
+#[inline(always)]
+fn runs<const N: usize>(s: &[f32], n: usize, stride: usize) -> [Option<&[f32]>; N] {
+    std::array::from_fn(|j| (j < n).then(|| &s[j * stride..]))
+}
+
+/// `out[i] = sum_j mat[i][j] * src[j]` for `n` runs of `len` floats (`src` and `out` hold the
+/// runs at `stride_s` / `stride_o` apart), skipping zero coefficients and absent (`None`)
+/// sources. `out` is overwritten.
+#[inline(always)]
+fn apply_rows(
+    mat: &[&[f32]],
+    src: &[Option<&[f32]>],
+    out: &mut [f32],
+    stride_o: usize,
+    len: usize,
+) {
+    for (i, row) in mat.iter().enumerate() {
+        let o = &mut out[i * stride_o..][..len];
+        o.fill(0.0);
+        for (&a, s) in row.iter().zip(src) {
+            if let (true, Some(s)) = (a != 0.0, s) {
+                axpy(o, a, &s[..len]);
+            }
+        }
+    }
+}
+
+impl Plane {
+    /// The `t x t` input tiles of one image (`x`: `[h*w][cin]`) into `v` (`[tiles][t*t][cin]`),
+    /// `tmp`: `t * t * cin` scratch.
+    #[inline(always)]
+    fn cl_input_body(&self, x: &[f32], v: &mut [f32], tmp: &mut [f32]) {
+        let (m, cin) = (self.m, self.cin);
+        let (t, mt) = (m + 2, mats(m));
+        let taps = t * t;
+        for ty in 0..self.th() {
+            for tx in 0..self.tw() {
+                let vt = &mut v[(ty * self.tw() + tx) * taps * cin..][..taps * cin];
+                // Vertical first: tmp[u][b] = sum_a BT[u][a] d[a][b], per input column b
+                // (rows and columns outside the plane are the padding's zeros).
+                for b in 0..t {
+                    let ix = (tx * m + b) as isize - self.pl as isize;
+                    let mut src: [Option<&[f32]>; 6] = [None; 6];
+                    if ix >= 0 && (ix as usize) < self.w {
+                        for (a, s) in src[..t].iter_mut().enumerate() {
+                            let iy = (ty * m + a) as isize - self.pt as isize;
+                            if iy >= 0 && (iy as usize) < self.h {
+                                *s = Some(&x[(iy as usize * self.w + ix as usize) * cin..][..cin]);
+                            }
+                        }
+                    }
+                    // tmp laid out [u][b][cin]: row u of column b at (u * t + b) * cin.
+                    apply_rows(mt.bt, &src[..t], &mut tmp[b * cin..], t * cin, cin);
+                }
+                // Then horizontal: V[u][v] = sum_b tmp[u][b] BT[v][b].
+                for u in 0..t {
+                    let rows = &tmp[u * t * cin..][..t * cin];
+                    let src = runs::<6>(rows, t, cin);
+                    apply_rows(mt.bt, &src[..t], &mut vt[u * t * cin..], cin, cin);
+                }
+            }
+        }
+    }
+
+    /// The products of one image (`mm`: `[tiles][t*t][cout]`) through `A^T m A` into its
+    /// channels-last output (`y`: `[oh*ow][cout]`, every entry written); `tmp`: `m * t * cout`.
+    #[inline(always)]
+    fn cl_output_body(&self, mm: &[f32], y: &mut [f32], tmp: &mut [f32]) {
+        let (m, cout) = (self.m, self.cout);
+        let (t, mt) = (m + 2, mats(m));
+        let taps = t * t;
+        let mut out = vec![0.0f32; m * cout];
+        for ty in 0..self.th() {
+            for tx in 0..self.tw() {
+                let mt_ = &mm[(ty * self.tw() + tx) * taps * cout..][..taps * cout];
+                // tmp[p][v] = sum_u AT[p][u] M[u][v], per column v.
+                for vv in 0..t {
+                    let src = runs::<6>(&mt_[vv * cout..], t, t * cout);
+                    apply_rows(mt.at, &src[..t], &mut tmp[vv * cout..], t * cout, cout);
+                }
+                // y[p][q] = sum_v tmp[p][v] AT[q][v], the rows inside the plane.
+                for p in 0..m {
+                    let oy = ty * m + p;
+                    if oy >= self.oh {
+                        break;
+                    }
+                    let rows = &tmp[p * t * cout..][..t * cout];
+                    let src = runs::<6>(rows, t, cout);
+                    apply_rows(mt.at, &src[..t], &mut out, cout, cout);
+                    for q in 0..m {
+                        let ox = tx * m + q;
+                        if ox >= self.ow {
+                            break;
+                        }
+                        y[(oy * self.ow + ox) * cout..][..cout]
+                            .copy_from_slice(&out[q * cout..][..cout]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The correlation of `n` channels-last images `x` (`[n][h*w][cin]`) with ONNX weights
+    /// given taps-outside (`w2`: `[co][9][ci]`), channels-last out (`[n][oh*ow][cout]`).
+    /// `flip`: the input gradient's correlation (`cin = co`, `cout = ci`, the kernel rotated);
+    /// else the forward's (`cin = ci`, `cout = co`).
+    ///
+    /// The weights are transformed one tap row `i` at a time inside the GEMM tasks, each tap's
+    /// `co x ci` matrix just before its GEMM: the whole transform (`t * t / 9` times the
+    /// weights, 9.4 MB for 256 channels under F(4x4)) written out and read back took as long
+    /// as a third of the GEMMs.
+    pub(super) fn cl_run(&self, n: usize, x: &[f32], w2: &[f32], flip: bool) -> Vec<f32> {
+        let (cin, cout, m) = (self.cin, self.cout, self.m);
+        let (co, ci) = if flip { (cin, cout) } else { (cout, cin) };
+        let t = m + 2;
+        let taps = t * t;
+        let tiles = self.tiles();
+        let rows = n * tiles;
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        let mut v = zeros(rows * taps * cin);
+        v.par_chunks_mut(tiles * taps * cin)
+            .zip(x.par_chunks(hw * cin))
+            .for_each_init(
+                || vec![0.0f32; taps * cin],
+                |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
+            );
+        let mut mm = zeros(rows * taps * cout);
+        let mp = Shared(mm.as_mut_ptr());
+        (0..t).into_par_iter().for_each(|i| {
+            let mut ti = vec![0.0f32; 3 * co * ci];
+            let mut u = vec![0.0f32; co * ci];
+            tap_row(m, flip, i, co, ci, w2, &mut ti);
+            for j in 0..t {
+                tap(m, j, co, ci, &ti, &mut u);
+                let k = i * t + j;
+                // M[:, k, :] = V[:, k, :] . W_k, W_k = U^T (forward) or U (input gradient).
+                let a = view(&v, k * cin, rows, cin, taps * cin);
+                // SAFETY: this task alone writes tap k's columns of every row.
+                let mut c = unsafe { view_mut(mp.ptr(), k * cout, rows, cout, taps * cout) };
+                let b = view(&u, 0, co, ci, ci);
+                if flip {
+                    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+                } else {
+                    general_mat_mul(1.0, &a, &b.t(), 0.0, &mut c);
+                }
+            }
+        });
+        drop(v);
+        let mut y = zeros(n * ohw * cout);
+        y.par_chunks_mut(ohw * cout)
+            .zip(mm.par_chunks(tiles * taps * cout))
+            .for_each_init(
+                || vec![0.0f32; t * m * cout],
+                |tmp, (yi, mi)| cl_output(self, mi, yi, tmp),
+            );
+        y
+    }
+}
+
+simd_dispatch! {
+    /// [`Plane::cl_input_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn cl_input(p: &Plane, x: &[f32], v: &mut [f32], tmp: &mut [f32])
+        => Plane::cl_input_body, (p, x, v, tmp); ["avx512f", "avx2"]
+}
+
+simd_dispatch! {
+    /// [`Plane::cl_output_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn cl_output(p: &Plane, mm: &[f32], y: &mut [f32], tmp: &mut [f32])
+        => Plane::cl_output_body, (p, mm, y, tmp); ["avx512f", "avx2"]
+}
+
+/// Tap row `i` of the weight transform, half done: `T[b][o][c] = sum_a G[i][a] g[a][b]` for
+/// each kernel `g = w[o][c]` (rotated 180 degrees with `flip`, the input gradient's), from the
+/// weights taps-outside (`w2`: `[co][9][ci]`) into `ti` (`[3][co][ci]`).
+#[inline(always)]
+fn tap_row_body(m: usize, flip: bool, i: usize, co: usize, ci: usize, w2: &[f32], ti: &mut [f32]) {
+    let g = &mats(m).g[i..=i];
+    for o in 0..co {
+        let wo = &w2[o * 9 * ci..][..9 * ci];
+        for b in 0..3 {
+            let src: [Option<&[f32]>; 3] = std::array::from_fn(|a| {
+                let k = if flip { 8 - (3 * a + b) } else { 3 * a + b };
+                Some(&wo[k * ci..][..ci])
+            });
+            apply_rows(g, &src, &mut ti[(b * co + o) * ci..], 0, ci);
+        }
+    }
+}
+
+/// The transformed weights of tap `(i, j)`: `U[o][c] = sum_b T[b][o][c] G[j][b]` (`ti` from
+/// [`tap_row_body`]) into `u` (`[co][ci]`).
+#[inline(always)]
+fn tap_body(m: usize, j: usize, co: usize, ci: usize, ti: &[f32], u: &mut [f32]) {
+    let g = &mats(m).g[j..=j];
+    for o in 0..co {
+        let src: [Option<&[f32]>; 3] =
+            std::array::from_fn(|b| Some(&ti[(b * co + o) * ci..][..ci]));
+        apply_rows(g, &src, &mut u[o * ci..], 0, ci);
+    }
+}
+
+simd_dispatch! {
+    /// [`tap_row_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn tap_row(m: usize, flip: bool, i: usize, co: usize, ci: usize, w2: &[f32], ti: &mut [f32])
+        => tap_row_body, (m, flip, i, co, ci, w2, ti); ["avx512f", "avx2"]
+}
+
+simd_dispatch! {
+    /// [`tap_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn tap(m: usize, j: usize, co: usize, ci: usize, ti: &[f32], u: &mut [f32])
+        => tap_body, (m, j, co, ci, ti, u); ["avx512f", "avx2"]
+}
+
+impl Geom {
+    /// Forward: `y` (`[n, co, oh, ow]`, every entry written) `= conv(x, w) + bias`.
+    pub(super) fn wino_cl_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let p = self.wino_forward_plane();
+        let (n, hw, ohw) = (self.n, self.h * self.w, self.oh * self.ow);
+        let xn = to_channels_last(x, n, self.ci, hw);
+        let yn = p.cl_run(n, &xn, &self.taps_outside(w), false);
+        swap_inner(&yn, y, n, ohw, self.co);
+        if let Some(b) = bias {
+            y.par_chunks_mut(self.co * ohw)
+                .for_each(|yi| add_bias(yi, ohw, b));
+        }
+    }
+
+    /// Input gradient: `dx` (`[n, ci, h, w]`, every entry written) from `dy`.
+    pub(super) fn wino_cl_input_grad(&self, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let p = self.wino_backward_plane();
+        let (n, hw, ohw) = (self.n, self.h * self.w, self.oh * self.ow);
+        let dyn_ = to_channels_last(dy, n, self.co, ohw);
+        let dxn = p.cl_run(n, &dyn_, &self.taps_outside(w), true);
+        swap_inner(&dxn, dx, n, hw, self.ci);
+    }
+}
+
+/// Benchmark override of [`Geom::wino_cl_pays`]: `Some(true)` every eligible layer here,
+/// `Some(false)` none, `None` the speed rule.
+static CL: Override = Override::new();
+
+/// Sets the override of which small-plane layers run here (benchmarks, A/B timing); not for
+/// library users.
+#[doc(hidden)]
+pub fn set_winograd_cl(mode: Option<bool>) {
+    CL.set(mode);
+}
+
+/// Fewest channels in and out for this path on planes under 8x8 (where the small-plane path
+/// runs the forward otherwise), see [`Geom::wino_cl_pays`].
+const CL_MIN_CHANNELS: usize = 64;
+/// Fewest channels in and out on 8x8 to 15x15 planes, where Winograd's plane-wise path runs
+/// the forward otherwise (and from 128 channels its weight gradient too: those never come
+/// here): 64 channels tied with it, 72 won a little.
+const CL_MIN_CHANNELS_WINOGRAD: usize = 72;
+/// Smallest output side: a 4x4 plane fills one F(4x4) tile; 2x2 planes cost the small-plane
+/// path only the 16 products per channel pair that Winograd would spend as well.
+const CL_MIN_SIDE: usize = 4;
+
+/// Whether the speed rule decides (no benchmark override in force).
+#[cfg(test)]
+pub(super) fn auto_mode() -> bool {
+    CL.decide(|| true) && !CL.decide(|| false)
+}
+
+impl Geom {
+    /// Whether a layer can run here: a small-plane layer (so its weight gradient has that
+    /// path's whole-batch kernel) that Winograd can take, whose planes fill a tile.
+    pub(super) fn wino_cl_eligible(&self) -> bool {
+        self.small_plane
+            && self.winograd_eligible()
+            && self.oh.min(self.ow) >= CL_MIN_SIDE
+            && self.h.min(self.w) >= CL_MIN_SIDE
+    }
+
+    /// Whether it pays over the small-plane path's forward and input gradient (or, on 8x8
+    /// to 15x15 planes, over Winograd's plane-wise forward and input gradient): from
+    /// [`CL_MIN_CHANNELS`] channels in and out, [`CL_MIN_CHANNELS_WINOGRAD`] on the larger
+    /// planes. 1 thread, AVX-512 host (Cooperlake kernels), F(4x4); first per layer in a
+    /// training step (`elrt speed --profile-nodes` on the issue-15 suite's models), small-plane
+    /// or Winograd -> here, forward / backward ms (the backward's weight gradient is the
+    /// small-plane path's either way):
+    ///
+    /// | layer (batch)                      | forward              | backward               |
+    /// |------------------------------------|----------------------|------------------------|
+    /// | resnet18@64 256ch 4x4 (64)         | 10.2-10.5 -> 5.8-5.9 | 19.8-20.3 -> 15.5-16.5 |
+    /// | resnet18_tucker2@64 152ch 4x4 (64) | 3.7-3.8 -> 2.3-2.4   | 6.6-6.7 -> 5.6-5.8     |
+    /// | resnet18_tucker2@64 72ch 8x8 (64)  | 3.2-3.5 -> 2.8-3.1   | 6.8-7.5 -> 6.4-6.7     |
+    /// | resnet20 64ch 8x8 (128), 3 runs    | 26.7-27.4 -> 24.5-28.1 (op) | 54.7-58.0 -> 53.0-57.4 (op) |
+    /// | resnet20_tucker2 32ch 8x8 (128)    | 1.9 -> 2.2-2.3       | 3.1-3.2 -> 3.6-3.7     |
+    ///
+    /// And criterion (`conv_kernels` group `winograd_cl`, the rule without this path -> this
+    /// path): 256ch 4x4 batch 64 10.4 / 20.3 -> 6.6 / 15.5; 512ch 4x4 42.6 / 80.0 -> 26.2 /
+    /// 65.1; 152ch 4x4 3.75 / 7.12 -> 2.31 / 6.20; 72ch 8x8 3.26 / 7.47 -> 3.13 / 7.00; but 64ch
+    /// 8x8 batch 128 5.43 / 12.0 -> 6.53 / 12.7. F(2x2) here lost to F(4x4) (resnet18@64's 4x4
+    /// layers forward 8.5 against 7.7 in a first version), so layers run F(4x4).
+    pub(super) fn wino_cl_pays(&self) -> bool {
+        !super::winograd::switched_off()
+            && CL.decide(|| {
+                let ch = self.ci.min(self.co);
+                ch >= CL_MIN_CHANNELS && (!self.winograd || ch >= CL_MIN_CHANNELS_WINOGRAD)
+            })
+    }
+}
