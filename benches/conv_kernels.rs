@@ -53,7 +53,8 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
     set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
-    set_winograd_weight_grad, set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
+    set_winograd_cl_weight_grad, set_winograd_weight_grad, set_winograd_weight_grad_small_planes,
+    Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -233,17 +234,26 @@ fn conv_kernels(c: &mut Criterion) {
         let w = Array4::from_shape_fn([co, ci, 3, 3], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         g.throughput(Throughput::Elements(n as u64));
-        for (path, on) in [("without_cl", false), ("winograd_cl", true)] {
-            g.bench_function(format!("{name}/{path}_forward"), |b| {
-                set_winograd_cl(Some(on));
-                b.iter(|| {
-                    elrt::engine::on_pool(|| {
-                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+        // (path, channels-last Winograd, its weight gradient too)
+        for (path, on, dw) in [
+            ("without_cl", false, false),
+            ("winograd_cl_small_plane_dw", true, false),
+            ("winograd_cl", true, true),
+        ] {
+            // The forward does not depend on where the weight gradient runs.
+            if on == dw {
+                g.bench_function(format!("{name}/{path}_forward"), |b| {
+                    set_winograd_cl(Some(on));
+                    b.iter(|| {
+                        elrt::engine::on_pool(|| {
+                            black_box(op.forward(x.view(), w.view(), None).unwrap())
+                        })
                     })
-                })
-            });
+                });
+            }
             g.bench_function(format!("{name}/{path}_backward"), |b| {
                 set_winograd_cl(Some(on));
+                set_winograd_cl_weight_grad(Some(dw));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
@@ -253,6 +263,7 @@ fn conv_kernels(c: &mut Criterion) {
         }
     }
     set_winograd_cl(None);
+    set_winograd_cl_weight_grad(None);
     g.finish();
 
     // (name, channels, kernel, stride, input side): pads k/2 on every side, as torchvision's.

@@ -13,7 +13,11 @@
 //! images in one GEMM; that doubled ResNet-18's training step at 64x64 (README, speed). From
 //! 32 channels, such layers (not pointwise) now go further: `small_plane.rs` runs the whole
 //! batch channels-last as one GEMM per output pixel and kernel row, with no multiply-adds on
-//! padding (ResNet-18 at 64x64: 501 -> 370 ms per training step, 1 thread).
+//! padding (ResNet-18 at 64x64: 501 -> 370 ms per training step, 1 thread). Among those, the
+//! stride-1 3x3 ones of 64+ channels on 4x4 to 7x7 planes (72+ on 8x8 to 15x15) run Winograd
+//! F(4x4, 3x3) channels-last over the whole batch instead, forward and both gradients
+//! (`winograd_cl.rs`: 36 multiply-adds per channel pair and 4x4 plane against 100; ResNet-18 at
+//! 64x64: 487-496 -> 447-455 ms per training step, 1 thread).
 //!
 //! Three paths, chosen from the attributes:
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
@@ -45,7 +49,8 @@
 //! Files: this one holds the op (shapes, forward, backward, the GEMM paths); `im2col.rs` the
 //! column gathers and their adjoint; `block.rs` several images per GEMM; `small_plane.rs` small
 //! planes channels-last; `subsample.rs` strided 1x1 convs; `winograd.rs` the Winograd kernels
-//! (`winograd4.rs` F(4x4)'s transforms, `winograd_dw.rs` the weight gradient); `weight_grad.rs`
+//! (`winograd4.rs` F(4x4)'s transforms, `winograd_dw.rs` the weight gradient; `winograd_cl.rs`
+//! the channels-last whole-batch form for small planes); `weight_grad.rs`
 //! the direct weight gradient and its
 //! stride-phase layout; `direct.rs` the direct forward (and input gradient) on that layout;
 //! `depthwise.rs` the direct depthwise loops; `depthwise_cl.rs` the channels-last depthwise
@@ -126,7 +131,7 @@ pub use small_plane::set_small_plane;
 pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
-pub use winograd_cl::set_winograd_cl;
+pub use winograd_cl::{set_winograd_cl, set_winograd_cl_weight_grad};
 pub use winograd_dw::{set_winograd_weight_grad, set_winograd_weight_grad_small_planes};
 
 const OP: &str = "Conv";
@@ -233,9 +238,9 @@ struct Geom {
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
     small_plane: bool,
-    /// A small-plane layer whose forward and input gradient run as channels-last Winograd over
-    /// the whole batch (`winograd_cl.rs`, tile side `wino_tile`); its weight gradient stays the
-    /// small-plane path's.
+    /// A small-plane layer run as channels-last Winograd over the whole batch (`winograd_cl.rs`,
+    /// tile side `wino_tile`): forward, input gradient and weight gradient (the last on the
+    /// small-plane path where `Geom::wino_cl_dw_pays` says no).
     wino_cl: bool,
     /// A strided 1x1 conv run as a subsample of the input and a stride-1 pointwise conv
     /// (`subsample.rs`); none of the other paths' flags apply.
@@ -255,8 +260,8 @@ impl Conv2d {
     /// gradient, direct or im2col's, is timed under the same label), "Conv winograd4"
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
-    /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch
-    /// for the forward and input gradient, the small-plane weight gradient, `winograd_cl.rs`), "Conv direct" (direct dot products on the padded input, forward
+    /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch,
+    /// `winograd_cl.rs`), "Conv direct" (direct dot products on the padded input, forward
     /// and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
@@ -385,8 +390,7 @@ impl Conv2d {
         // A Winograd layer's small-plane flag only chooses its backward.
         g.small_plane &= !g.wino_dw;
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();
-        // Small planes that Winograd fills: channels-last Winograd over the batch for the
-        // forward and input gradient, the small-plane path for the weight gradient.
+        // Small planes that Winograd fills: channels-last Winograd over the batch.
         if g.wino_cl_eligible() && g.wino_cl_pays() {
             (g.wino_cl, g.wino_tile, g.winograd) = (true, 4, false);
         }
@@ -575,12 +579,12 @@ impl Conv2d {
                 need_dx,
                 need_db,
                 w.raw_dim(),
-                |dx, dw| match dx {
-                    Some(dx) if g.wino_cl => {
-                        g.wino_cl_input_grad(&ws, &dys, dx);
-                        g.small_plane_backward(&xs, &ws, &dys, None, dw);
+                |dx, dw| {
+                    if g.wino_cl {
+                        g.wino_cl_backward(&xs, &ws, &dys, dx, dw)
+                    } else {
+                        g.small_plane_backward(&xs, &ws, &dys, dx, dw)
                     }
-                    dx => g.small_plane_backward(&xs, &ws, &dys, dx, dw),
                 },
             );
         }

@@ -1,32 +1,37 @@
-//! Winograd F(m x m, 3x3) in channels-last layout over the whole batch: the forward and input
-//! gradient of stride-1 3x3 layers on small planes (those `small_plane.rs` runs).
+//! Winograd F(m x m, 3x3) in channels-last layout over the whole batch: the forward, input
+//! gradient and weight gradient of stride-1 3x3 layers on small planes (those
+//! `small_plane.rs` would run).
 //!
 //! `winograd.rs` transforms one image plane at a time, vectorised along its tiles, and runs
 //! its GEMMs on blocks of at most 8 images: on a 4x4 plane (one F(4x4) tile, four F(2x2) ones)
 //! that leaves GEMMs of 8-32 columns and transforms of 1-4 lanes, and it lost to the
 //! small-plane path there (ResNet-18's 256-channel 4x4 stage at 64x64, batch 64, 1 thread,
 //! forward 10.3 -> 12.5-21.8 ms). Here the batch is channels-last (`X[n][q][c]`, as
-//! `small_plane.rs` lays it), so a tile's transform runs along its channels (256-512 lanes on
+//! `small_plane.rs` lays it), so a tile's transform runs along its channels (64-512 lanes on
 //! those layers), and each transformed tap is one GEMM over every tile of the batch:
 //!
-//! - weights, per call: `U[o][k][c] = (G g G^T)[k]` for each kernel `g = w[o][c]` (rotated 180
-//!   degrees for the input gradient), vectorised along `c`;
+//! - weights: `U_k[o][c] = (G g G^T)[k]` for each kernel `g = w[o][c]` (rotated 180 degrees
+//!   for the input gradient), vectorised along `c`, one tap row at a time inside the GEMM tasks;
 //! - input: `V[r][k][c] = (B^T d B)[k]` for the `t x t` input tile `d` of tile row `r` (image
 //!   and tile), zeros outside the plane (`t = m + 2`);
-//! - `t * t` GEMMs `M[:, k, :] = V[:, k, :] . U[:, k, :]^T` (`tiles x cin` times `cin x cout`,
-//!   every tile of the batch as rows), one task each;
+//! - `t * t` GEMMs `M[:, k, :] = V[:, k, :] . U_k^T` (`tiles x cin` times `cin x cout`, every
+//!   tile of the batch as rows);
 //! - output: `y = A^T m A` per tile, clipped at the plane's edges.
 //!
 //! On a 4x4 plane with a 3x3 kernel and pad 1 the small-plane path spends 100 multiply-adds per
 //! channel pair and image (the taps inside the plane); F(2x2) spends 64, F(4x4) 36. The input
 //! gradient is the same correlation of `dy` with the rotated kernel, channel axes swapped, over
-//! `dy` padded by `2 - pad` (as in `winograd.rs`); the weight gradient stays the small-plane
-//! path's (`Geom::small_plane_backward` without `dx`).
+//! `dy` padded by `2 - pad` (as in `winograd.rs`). The weight gradient is the forward's adjoint
+//! in `U`, `dU_k = dM_k^T . V_k` with `dM = A dy A^T` per tile, one GEMM per tap over the
+//! batch's tiles, then `dg = G^T dU G` ([`Plane::cl_weight_grad`]).
 //!
 //! Numerics: the transforms are `winograd.rs`'s and `winograd4.rs`'s matrices in a different
-//! summation order, so the same bounds hold (`WINO_REL_TOL`, `WINO4_REL_TOL`, tested against
-//! f64). Every GEMM is one task whatever the thread count, so results do not depend on it; they
-//! do depend on the batch size (the GEMMs' row count), as the small-plane path's already do.
+//! summation order; the tests bound the errors against f64 by `WINO_REL_TOL` (F(2x2)) or
+//! `WINO4_REL_TOL` (F(4x4)) times the magnitudes of each output's tile, and the weight
+//! gradient's by `CL_DW_TOL` times the largest `sum |dy| |x|` over each entry's kernel window.
+//! Every GEMM is one task whatever the thread count, and sums across tasks run in a fixed
+//! order, so results do not depend on the thread count; they do depend on the batch size (the
+//! GEMMs' row count), as the small-plane path's already do.
 
 use super::small_plane::{swap_inner, to_channels_last, view, view_mut, Shared};
 use super::winograd::Plane;
@@ -50,6 +55,8 @@ const G2: [[f32; 3]; 4] = [
     [0.0, 0.0, 1.0],
 ];
 const AT2: [[f32; 4]; 2] = [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]];
+/// `A` (`A^T` transposed), for the weight gradient's `dM = A dy A^T`.
+const A2: [[f32; 2]; 4] = [[1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [0.0, -1.0]];
 
 /// F(4x4, 3x3), the points 0, 1, -1, 2, -2 and infinity (`winograd4.rs`'s matrices).
 const BT4: [[f32; 6]; 6] = [
@@ -74,23 +81,34 @@ const AT4: [[f32; 6]; 4] = [
     [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
     [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
 ];
+const A4: [[f32; 4]; 6] = [
+    [1.0, 0.0, 0.0, 0.0],
+    [1.0, 1.0, 1.0, 1.0],
+    [1.0, -1.0, 1.0, -1.0],
+    [1.0, 2.0, 4.0, 8.0],
+    [1.0, -2.0, 4.0, -8.0],
+    [0.0, 0.0, 0.0, 1.0],
+];
 
 /// The three matrices of one tile size, as row slices.
 struct Mats {
     bt: &'static [&'static [f32]],
     g: &'static [&'static [f32]],
     at: &'static [&'static [f32]],
+    a: &'static [&'static [f32]],
 }
 
 static MATS2: Mats = Mats {
     bt: &[&BT2[0], &BT2[1], &BT2[2], &BT2[3]],
     g: &[&G2[0], &G2[1], &G2[2], &G2[3]],
     at: &[&AT2[0], &AT2[1]],
+    a: &[&A2[0], &A2[1], &A2[2], &A2[3]],
 };
 static MATS4: Mats = Mats {
     bt: &[&BT4[0], &BT4[1], &BT4[2], &BT4[3], &BT4[4], &BT4[5]],
     g: &[&G4[0], &G4[1], &G4[2], &G4[3], &G4[4], &G4[5]],
     at: &[&AT4[0], &AT4[1], &AT4[2], &AT4[3]],
+    a: &[&A4[0], &A4[1], &A4[2], &A4[3], &A4[4], &A4[5]],
 };
 
 fn mats(m: usize) -> &'static Mats {
@@ -174,6 +192,97 @@ impl Plane {
                 }
             }
         }
+    }
+
+    /// The output gradient's tiles of one image (`dy`: `[oh*ow][cout]`) through `A dy A^T` into
+    /// `dm` (`[tiles][t*t][cout]`), zeros outside the plane; `tmp`: `t * m * cout`.
+    #[inline(always)]
+    fn cl_dy_body(&self, dy: &[f32], dm: &mut [f32], tmp: &mut [f32]) {
+        let (m, cout) = (self.m, self.cout);
+        let (t, mt) = (m + 2, mats(m));
+        let taps = t * t;
+        for ty in 0..self.th() {
+            for tx in 0..self.tw() {
+                let dmt = &mut dm[(ty * self.tw() + tx) * taps * cout..][..taps * cout];
+                // tmp[u][q] = sum_p A[u][p] dy[p][q], per output column q.
+                for q in 0..m {
+                    let ox = tx * m + q;
+                    let mut src: [Option<&[f32]>; 4] = [None; 4];
+                    if ox < self.ow {
+                        for (p, s) in src[..m].iter_mut().enumerate() {
+                            let oy = ty * m + p;
+                            if oy < self.oh {
+                                *s = Some(&dy[(oy * self.ow + ox) * cout..][..cout]);
+                            }
+                        }
+                    }
+                    apply_rows(mt.a, &src[..m], &mut tmp[q * cout..], m * cout, cout);
+                }
+                // dM[u][v] = sum_q tmp[u][q] A[v][q].
+                for u in 0..t {
+                    let src = runs::<4>(&tmp[u * m * cout..], m, cout);
+                    apply_rows(mt.a, &src[..m], &mut dmt[u * t * cout..], cout, cout);
+                }
+            }
+        }
+    }
+
+    /// The weight gradient of the forward correlation: `dw2` (`[co][9][ci]`, taps outside,
+    /// overwritten) from channels-last `x` (`[n][h*w][cin]`) and `dy` (`[n][oh*ow][cout]`).
+    ///
+    /// The forward is `y = A^T [U ⊙ V] A` per tile, so `dU = sum over tiles of dM ⊙ V` with
+    /// `dM = A dy A^T`, and `dg = G^T dU G` (Lavin & Gray 2015): per transformed tap `k`, `dU_k
+    /// = dM_k^T . V_k`, one GEMM over every tile of the batch (`cout x tiles` times `tiles x
+    /// cin`). Each tap row `i` is one task: its `t` GEMMs and its share of `G^T dU G`'s first
+    /// pass, `P_i[b] = sum_j dU_ij G[j][b]`; the rows' shares are then summed in row order
+    /// (`dg[a][b] = sum_i G[i][a] P_i[b]`), so results do not depend on the thread count.
+    pub(super) fn cl_weight_grad(&self, n: usize, x: &[f32], dy: &[f32], dw2: &mut [f32]) {
+        let (ci, co, m) = (self.cin, self.cout, self.m);
+        let t = m + 2;
+        let taps = t * t;
+        let tiles = self.tiles();
+        let rows = n * tiles;
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        let mut v = zeros(rows * taps * ci);
+        v.par_chunks_mut(tiles * taps * ci)
+            .zip(x.par_chunks(hw * ci))
+            .for_each_init(
+                || vec![0.0f32; taps * ci],
+                |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
+            );
+        let mut dm = zeros(rows * taps * co);
+        dm.par_chunks_mut(tiles * taps * co)
+            .zip(dy.par_chunks(ohw * co))
+            .for_each_init(
+                || vec![0.0f32; t * m * co],
+                |tmp, (di, dyi)| cl_dy(self, dyi, di, tmp),
+            );
+        let plane = co * ci;
+        let mut shares = zeros(t * 3 * plane);
+        shares
+            .par_chunks_mut(3 * plane)
+            .enumerate()
+            .for_each(|(i, pi)| {
+                let mut du = vec![0.0f32; plane];
+                for j in 0..t {
+                    let k = i * t + j;
+                    let a = view(&dm, k * co, rows, co, taps * co);
+                    let b = view(&v, k * ci, rows, ci, taps * ci);
+                    general_mat_mul(
+                        1.0,
+                        &a.t(),
+                        &b,
+                        0.0,
+                        &mut ndarray::ArrayViewMut2::from_shape((co, ci), &mut du[..])
+                            .expect("dU fits its buffer"),
+                    );
+                    add_share(m, j, &du, pi);
+                }
+            });
+        drop((v, dm));
+        dw2.par_chunks_mut(9 * ci)
+            .enumerate()
+            .for_each(|(o, d)| collect_shares(m, o, co, ci, &shares, d));
     }
 
     /// The products of one image (`mm`: `[tiles][t*t][cout]`) through `A^T m A` into its
@@ -278,6 +387,53 @@ simd_dispatch! {
 }
 
 simd_dispatch! {
+    /// [`Plane::cl_dy_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn cl_dy(p: &Plane, dy: &[f32], dm: &mut [f32], tmp: &mut [f32])
+        => Plane::cl_dy_body, (p, dy, dm, tmp); ["avx512f", "avx2"]
+}
+
+/// `P[b] += G[j][b] dU` for `b` in 0..3 (`p`: `[3][co*ci]`, `du`: `[co*ci]`).
+#[inline(always)]
+fn add_share_body(m: usize, j: usize, du: &[f32], p: &mut [f32]) {
+    let g = mats(m).g[j];
+    for (b, pb) in p.chunks_exact_mut(du.len()).enumerate() {
+        if g[b] != 0.0 {
+            axpy(pb, g[b], du);
+        }
+    }
+}
+
+/// Output channel `o` of `dg[a][b] = sum_i G[i][a] P_i[b]` (`shares`: `[t][3][co][ci]`) into
+/// `d` (`[9][ci]`, overwritten), summed in row order `i`.
+#[inline(always)]
+fn collect_shares_body(m: usize, o: usize, co: usize, ci: usize, shares: &[f32], d: &mut [f32]) {
+    let (t, g) = (m + 2, mats(m).g);
+    d.fill(0.0);
+    for (i, gi) in g.iter().enumerate().take(t) {
+        for b in 0..3 {
+            let pib = &shares[((i * 3 + b) * co + o) * ci..][..ci];
+            for (a, &ga) in gi.iter().enumerate() {
+                if ga != 0.0 {
+                    axpy(&mut d[(3 * a + b) * ci..][..ci], ga, pib);
+                }
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// [`add_share_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn add_share(m: usize, j: usize, du: &[f32], p: &mut [f32])
+        => add_share_body, (m, j, du, p); ["avx512f", "avx2"]
+}
+
+simd_dispatch! {
+    /// [`collect_shares_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn collect_shares(m: usize, o: usize, co: usize, ci: usize, shares: &[f32], d: &mut [f32])
+        => collect_shares_body, (m, o, co, ci, shares, d); ["avx512f", "avx2"]
+}
+
+simd_dispatch! {
     /// [`Plane::cl_output_body`] compiled for AVX-512 / AVX2 where the CPU has them.
     fn cl_output(p: &Plane, mm: &[f32], y: &mut [f32], tmp: &mut [f32])
         => Plane::cl_output_body, (p, mm, y, tmp); ["avx512f", "avx2"]
@@ -345,14 +501,49 @@ impl Geom {
         }
     }
 
-    /// Input gradient: `dx` (`[n, ci, h, w]`, every entry written) from `dy`.
-    pub(super) fn wino_cl_input_grad(&self, w: &[f32], dy: &[f32], dx: &mut [f32]) {
-        let p = self.wino_backward_plane();
+    /// Backward: `dx` (`[n, ci, h, w]`, every entry written) when given, and `dw` (`[co, ci,
+    /// 3, 3]`, overwritten), from `dy`: the input gradient here; the weight gradient here too
+    /// where [`Geom::wino_cl_dw_pays`], else the small-plane path's.
+    pub(super) fn wino_cl_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) {
         let (n, hw, ohw) = (self.n, self.h * self.w, self.oh * self.ow);
         let dyn_ = to_channels_last(dy, n, self.co, ohw);
-        let dxn = p.cl_run(n, &dyn_, &self.taps_outside(w), true);
-        swap_inner(&dxn, dx, n, hw, self.ci);
+        if let Some(dx) = dx {
+            let p = self.wino_backward_plane();
+            let dxn = p.cl_run(n, &dyn_, &self.taps_outside(w), true);
+            swap_inner(&dxn, dx, n, hw, self.ci);
+        }
+        if !self.wino_cl_dw_pays() {
+            return self.small_plane_backward(x, w, dy, None, dw);
+        }
+        let mut p = self.wino_forward_plane();
+        p.m = CL_DW_TILE;
+        let xn = to_channels_last(x, n, self.ci, hw);
+        let mut dw2 = zeros(self.co * 9 * self.ci);
+        p.cl_weight_grad(n, &xn, &dyn_, &mut dw2);
+        // [o][t][c] -> [o][c][t].
+        swap_inner(&dw2, dw, self.co, 9, self.ci);
     }
+}
+
+/// Output tile side of the weight gradient here.
+const CL_DW_TILE: usize = 4;
+
+/// Benchmark override of [`Geom::wino_cl_dw_pays`]: `Some(true)` this path's weight gradient on
+/// every layer here, `Some(false)` the small-plane path's, `None` the speed rule.
+static CL_DW: Override = Override::new();
+
+/// Sets the override of [`Geom::wino_cl_dw_pays`] (benchmarks, A/B timing); not for library
+/// users.
+#[doc(hidden)]
+pub fn set_winograd_cl_weight_grad(mode: Option<bool>) {
+    CL_DW.set(mode);
 }
 
 /// Benchmark override of [`Geom::wino_cl_pays`]: `Some(true)` every eligible layer here,
@@ -371,7 +562,7 @@ pub fn set_winograd_cl(mode: Option<bool>) {
 const CL_MIN_CHANNELS: usize = 64;
 /// Fewest channels in and out on 8x8 to 15x15 planes, where Winograd's plane-wise path runs
 /// the forward otherwise (and from 128 channels its weight gradient too: those never come
-/// here): 64 channels tied with it, 72 won a little.
+/// here): 64 channels lost or tied in training steps, 72 won.
 const CL_MIN_CHANNELS_WINOGRAD: usize = 72;
 /// Smallest output side: a 4x4 plane fills one F(4x4) tile; 2x2 planes cost the small-plane
 /// path only the 16 products per channel pair that Winograd would spend as well.
@@ -393,27 +584,37 @@ impl Geom {
             && self.h.min(self.w) >= CL_MIN_SIDE
     }
 
-    /// Whether it pays over the small-plane path's forward and input gradient (or, on 8x8
-    /// to 15x15 planes, over Winograd's plane-wise forward and input gradient): from
-    /// [`CL_MIN_CHANNELS`] channels in and out, [`CL_MIN_CHANNELS_WINOGRAD`] on the larger
-    /// planes. 1 thread, AVX-512 host (Cooperlake kernels), F(4x4); first per layer in a
-    /// training step (`elrt speed --profile-nodes` on the issue-15 suite's models), small-plane
-    /// or Winograd -> here, forward / backward ms (the backward's weight gradient is the
-    /// small-plane path's either way):
+    /// Whether it pays over the small-plane path (or, on 8x8 to 15x15 planes, over
+    /// Winograd's plane-wise forward and input gradient with the small-plane weight gradient):
+    /// from [`CL_MIN_CHANNELS`] channels in and out, [`CL_MIN_CHANNELS_WINOGRAD`] on the larger
+    /// planes. 1 thread, AVX-512 host (Cooperlake kernels), F(4x4), criterion
+    /// (`conv_kernels` group `winograd_cl`), the rule without this path -> this path with the
+    /// small-plane weight gradient -> this path's weight gradient too, ms:
     ///
-    /// | layer (batch)                      | forward              | backward               |
-    /// |------------------------------------|----------------------|------------------------|
-    /// | resnet18@64 256ch 4x4 (64)         | 10.2-10.5 -> 5.8-5.9 | 19.8-20.3 -> 15.5-16.5 |
-    /// | resnet18_tucker2@64 152ch 4x4 (64) | 3.7-3.8 -> 2.3-2.4   | 6.6-6.7 -> 5.6-5.8     |
-    /// | resnet18_tucker2@64 72ch 8x8 (64)  | 3.2-3.5 -> 2.8-3.1   | 6.8-7.5 -> 6.4-6.7     |
-    /// | resnet20 64ch 8x8 (128), 3 runs    | 26.7-27.4 -> 24.5-28.1 (op) | 54.7-58.0 -> 53.0-57.4 (op) |
-    /// | resnet20_tucker2 32ch 8x8 (128)    | 1.9 -> 2.2-2.3       | 3.1-3.2 -> 3.6-3.7     |
+    /// | layer (batch)            | forward       | backward               |
+    /// |--------------------------|---------------|------------------------|
+    /// | 256ch 4x4 (64)           | 10.6 -> 6.07  | 19.95 -> 16.2 -> 12.7  |
+    /// | 512ch 4x4 (64)           | 41.9 -> 25.8  | 84.9 -> 62.7 -> 47-48  |
+    /// | 152ch 4x4 (64)           | 3.68 -> 2.19  | 6.96 -> 5.65 -> 4.16   |
+    /// | 72ch 8x8 (64)            | 3.15 -> 3.15  | 7.17 -> 6.96 -> 6.2-6.4|
+    /// | 64ch 8x8 (128)           | 5.39 -> 5.06  | 12.1 -> 11.4 -> 9.5    |
     ///
-    /// And criterion (`conv_kernels` group `winograd_cl`, the rule without this path -> this
-    /// path): 256ch 4x4 batch 64 10.4 / 20.3 -> 6.6 / 15.5; 512ch 4x4 42.6 / 80.0 -> 26.2 /
-    /// 65.1; 152ch 4x4 3.75 / 7.12 -> 2.31 / 6.20; 72ch 8x8 3.26 / 7.47 -> 3.13 / 7.00; but 64ch
-    /// 8x8 batch 128 5.43 / 12.0 -> 6.53 / 12.7. F(2x2) here lost to F(4x4) (resnet18@64's 4x4
-    /// layers forward 8.5 against 7.7 in a first version), so layers run F(4x4).
+    /// In training steps (`elrt speed --profile-nodes`, 1 thread, alternating builds), the
+    /// changed layers, old -> new ms per step: resnet18@64 (256ch 4x4) 89.2-90.1 -> 49.6-51.5;
+    /// resnet18_tucker2@64 (152ch 4x4, 72ch 8x8 cores) 61.1-62.6 -> 46.3-48.5, per 72ch core
+    /// forward 3.2-3.3 -> 2.9-3.1, backward 7.0-7.1 -> 5.2-6.0. But ResNet-20's 64-channel 8x8
+    /// stage (batch 128) lost its forward (25.9-26.9 -> 28.1-28.9 ms per step over its 5
+    /// layers) and its backward was noise (55.8-57.2 -> 48.0-57.0): 64 channels stay on the
+    /// plane-wise path on 8x8 planes. 32-channel 8x8 cores (ResNet-20's Tucker-2 form) lost
+    /// forward and backward (1.9 / 3.1 -> 2.2 / 3.6 ms, with the small-plane weight gradient).
+    /// F(2x2) here lost to F(4x4) (resnet18@64's 4x4 layers forward 8.5 against 7.7 in a first
+    /// version).
+    /// Whether the weight gradient runs here too (rather than on the small-plane path): on
+    /// every layer this path takes (see the table above).
+    pub(super) fn wino_cl_dw_pays(&self) -> bool {
+        CL_DW.decide(|| true)
+    }
+
     pub(super) fn wino_cl_pays(&self) -> bool {
         !super::winograd::switched_off()
             && CL.decide(|| {
