@@ -20,8 +20,10 @@
 //!   im2col;
 //! - group `winograd_cl`: stride-1 3x3 layers on small planes (ResNet-18's 256 and 512
 //!   channels on 4x4 at 64x64 and 128x128 input, its Tucker-2 cores of 152 channels on 4x4 and
-//!   72 on 8x8, ResNet-20's 64 channels on 8x8), the small-plane path against channels-last
-//!   Winograd F(4x4, 3x3) over the batch (`conv/winograd_cl.rs`), forward and backward apart;
+//!   72 on 8x8, ResNet-20's 64 channels on 8x8, ResNet-18's 128 channels on 8x8 and 16x16),
+//!   the rule without channels-last Winograd (small-plane or Winograd's plane-wise path)
+//!   against channels-last Winograd F(4x4, 3x3) over the batch (`conv/winograd_cl.rs`, with
+//!   the small-plane weight gradient and with its own), forward and backward apart;
 //! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
 //!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
@@ -227,6 +229,8 @@ fn conv_kernels(c: &mut Criterion) {
         ("3x3_152ch_4px_b64", 64, 152, 152, 4),
         ("3x3_72ch_8px_b64", 64, 72, 72, 8),
         ("3x3_64ch_8px_b128", 128, 64, 64, 8),
+        ("3x3_128ch_8px_b64", 64, 128, 128, 8),
+        ("3x3_128ch_16px_b64", 64, 128, 128, 16),
     ] {
         let op = conv(1, [1; 4]);
         let mut next = sawtooth();

@@ -14,10 +14,11 @@
 //! 32 channels, such layers (not pointwise) now go further: `small_plane.rs` runs the whole
 //! batch channels-last as one GEMM per output pixel and kernel row, with no multiply-adds on
 //! padding (ResNet-18 at 64x64: 501 -> 370 ms per training step, 1 thread). Among those, the
-//! stride-1 3x3 ones of 64+ channels on 4x4 to 7x7 planes (72+ on 8x8 to 15x15) run Winograd
-//! F(4x4, 3x3) channels-last over the whole batch instead, forward and both gradients
-//! (`winograd_cl.rs`: 36 multiply-adds per channel pair and 4x4 plane against 100; ResNet-18 at
-//! 64x64: 487-496 -> 447-455 ms per training step, 1 thread).
+//! stride-1 3x3 ones of 64+ channels on 4x4 to 7x7 planes run Winograd F(4x4, 3x3)
+//! channels-last over the whole batch instead, forward and both gradients (`winograd_cl.rs`: 36
+//! multiply-adds per channel pair and 4x4 plane against 100), and so do Winograd layers of 72+
+//! channels on 8x8 to 15x15 planes and 128+ on 16x16 (ResNet-18 at 64x64: 487-496 -> 447-455
+//! ms per training step, 1 thread, from its 4x4 layers alone).
 //!
 //! Three paths, chosen from the attributes:
 //! - pointwise (1x1, stride 1, no pads): the image itself is the column matrix, no im2col;
@@ -392,7 +393,9 @@ impl Conv2d {
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();
         // Small planes that Winograd fills: channels-last Winograd over the batch.
         if g.wino_cl_eligible() && g.wino_cl_pays() {
-            (g.wino_cl, g.wino_tile, g.winograd) = (true, 4, false);
+            // The whole-batch backward branch is the small-plane one's.
+            (g.wino_cl, g.wino_tile, g.small_plane) = (true, 4, true);
+            (g.winograd, g.wino_dw, g.direct_dw) = (false, false, false);
         }
         Ok(g)
     }

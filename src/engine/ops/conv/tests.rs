@@ -1617,15 +1617,21 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
         let e = dw_error(&g, ch as u64, true);
         assert!(e <= DW_REL_TOL, "{ch}ch {px}px: {e:e}");
     }
-    // Winograd layers take Winograd's weight gradient instead, small-plane ones (8x8) from 128
-    // channels (with Winograd's input gradient: no small-plane backward left).
+    // Winograd layers take Winograd's weight gradient instead (with Winograd's input gradient:
+    // no small-plane backward left); those of 128+ channels on 8x8 and 16x16 planes the
+    // channels-last path's (`winograd_cl.rs`).
     for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16), (128, 8), (256, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
-        if winograd::auto_mode() && small_plane::auto_mode() {
-            assert!(g.wino_dw && !g.direct_dw && !g.small_plane, "{ch}ch {px}px");
+        if winograd::auto_mode() && small_plane::auto_mode() && winograd_cl::auto_mode() {
             let label = c.kernel_label(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
             assert!(label.starts_with("Conv winograd") && !label.ends_with("small-plane"));
+            assert!(!g.direct_dw, "{ch}ch {px}px");
+            if ch >= 128 {
+                assert!(g.wino_cl, "{ch}ch {px}px");
+            } else {
+                assert!(g.wino_dw && !g.small_plane, "{ch}ch {px}px");
+            }
         }
     }
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
@@ -2501,11 +2507,10 @@ fn winograd_cl_gradients_match_finite_differences() {
     }
 }
 
-/// The speed rule sends stride-1 3x3 small-plane layers here (labelled so): from 64 channels
-/// on 4x4 to 7x7 planes, from 72 on 8x8 to 15x15 ones (where Winograd's plane-wise path runs
-/// otherwise); not 32-channel ones, 2x2 planes, strided layers or 8x8 planes of 128+ channels
-/// (Winograd's plane-wise path and weight gradient). And the path gives the same bits on 1 and
-/// 3 threads.
+/// The speed rule sends stride-1 3x3 layers here (labelled so): from 64 channels on 4x4 to 7x7
+/// planes, from 72 on 8x8 to 15x15 ones, from 128 on 16x16 (where Winograd's plane-wise path
+/// runs otherwise); not 32-channel ones, 2x2 or 32x32 planes, or strided layers. And the path
+/// gives the same bits on 1 and 3 threads.
 #[test]
 fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts() {
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
@@ -2518,8 +2523,12 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         assert_eq!(label([9, 64, 8, 8], 64), "Conv winograd+small-plane");
         assert_eq!(label([9, 32, 4, 4], 32), "Conv small-plane");
         assert_eq!(label([9, 512, 2, 2], 512), "Conv small-plane");
-        // 8x8 planes of 128+ channels keep Winograd's plane-wise path and weight gradient.
-        assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd");
+        // Winograd layers on 8x8 to 16x16 planes: from 128 channels on 16x16, and not on
+        // 32x32 planes.
+        assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd4-cl");
+        assert_eq!(label([9, 128, 16, 16], 128), "Conv winograd4-cl");
+        assert_eq!(label([9, 72, 16, 16], 72), "Conv winograd");
+        assert_eq!(label([9, 128, 32, 32], 128), "Conv winograd4");
         let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
         let g = s2.geom(&[9, 256, 8, 8], &[512, 256, 3, 3]).unwrap();
         assert!(!g.wino_cl);

@@ -561,9 +561,13 @@ pub fn set_winograd_cl(mode: Option<bool>) {
 /// runs the forward otherwise), see [`Geom::wino_cl_pays`].
 const CL_MIN_CHANNELS: usize = 64;
 /// Fewest channels in and out on 8x8 to 15x15 planes, where Winograd's plane-wise path runs
-/// the forward otherwise (and from 128 channels its weight gradient too: those never come
-/// here): 64 channels lost or tied in training steps, 72 won.
-const CL_MIN_CHANNELS_WINOGRAD: usize = 72;
+/// otherwise: 64 channels lost or tied in training steps, 72 won.
+const CL_MIN_CHANNELS_8PX: usize = 72;
+/// Fewest channels in and out on 16x16 planes: 128 won, 64 and 72 lost.
+const CL_MIN_CHANNELS_16PX: usize = 128;
+/// Largest output plane (pixels) for this path: 16x16. Its GEMMs have `n * tiles` rows, and on
+/// larger planes its transforms and buffers grow with them (32x32 layers were not timed).
+const CL_MAX_PLANE: usize = 256;
 /// Smallest output side: a 4x4 plane fills one F(4x4) tile; 2x2 planes cost the small-plane
 /// path only the 16 products per channel pair that Winograd would spend as well.
 const CL_MIN_SIDE: usize = 4;
@@ -575,21 +579,22 @@ pub(super) fn auto_mode() -> bool {
 }
 
 impl Geom {
-    /// Whether a layer can run here: a small-plane layer (so its weight gradient has that
-    /// path's whole-batch kernel) that Winograd can take, whose planes fill a tile.
+    /// Whether a layer can run here: a stride-1 3x3 layer that Winograd can take, on the
+    /// small-plane path or a Winograd one, with output planes of at most [`CL_MAX_PLANE`]
+    /// pixels that fill a tile.
     pub(super) fn wino_cl_eligible(&self) -> bool {
-        self.small_plane
+        (self.small_plane || (self.winograd && self.oh * self.ow <= CL_MAX_PLANE))
             && self.winograd_eligible()
             && self.oh.min(self.ow) >= CL_MIN_SIDE
             && self.h.min(self.w) >= CL_MIN_SIDE
     }
 
-    /// Whether it pays over the small-plane path (or, on 8x8 to 15x15 planes, over
-    /// Winograd's plane-wise forward and input gradient with the small-plane weight gradient):
-    /// from [`CL_MIN_CHANNELS`] channels in and out, [`CL_MIN_CHANNELS_WINOGRAD`] on the larger
-    /// planes. 1 thread, AVX-512 host (Cooperlake kernels), F(4x4), criterion
-    /// (`conv_kernels` group `winograd_cl`), the rule without this path -> this path with the
-    /// small-plane weight gradient -> this path's weight gradient too, ms:
+    /// Whether it pays over the small-plane path (planes under 8x8) or Winograd's plane-wise
+    /// path (with, under 128 channels on 8x8 to 15x15 planes, the small-plane weight gradient):
+    /// from [`CL_MIN_CHANNELS`] channels in and out under 8x8, [`CL_MIN_CHANNELS_8PX`] under
+    /// 16x16, [`CL_MIN_CHANNELS_16PX`] on 16x16. 1 thread, AVX-512 host (Cooperlake kernels),
+    /// F(4x4), criterion (`conv_kernels` group `winograd_cl`), the rule without this path ->
+    /// this path with the small-plane weight gradient -> this path's weight gradient too, ms:
     ///
     /// | layer (batch)            | forward       | backward               |
     /// |--------------------------|---------------|------------------------|
@@ -598,9 +603,20 @@ impl Geom {
     /// | 152ch 4x4 (64)           | 3.68 -> 2.19  | 6.96 -> 5.65 -> 4.16   |
     /// | 72ch 8x8 (64)            | 3.15 -> 3.15  | 7.17 -> 6.96 -> 6.2-6.4|
     /// | 64ch 8x8 (128)           | 5.39 -> 5.06  | 12.1 -> 11.4 -> 9.5    |
+    /// | 128ch 8x8 (64)           | 9.31 -> 7.57  | 21.3 -> 22.3 -> 14.4   |
+    /// | 128ch 16x16 (64)         | 37.2 -> 30.7  | 71.0 -> 95.6 -> 60.5   |
     ///
-    /// In training steps (`elrt speed --profile-nodes`, 1 thread, alternating builds), the
-    /// changed layers, old -> new ms per step: resnet18@64 (256ch 4x4) 89.2-90.1 -> 49.6-51.5;
+    /// Winograd layers of 128+ channels in training steps (`--profile-nodes`, 1 thread, batch
+    /// 64, per layer, plane-wise Winograd with its own weight gradient -> here): resnet18@64's
+    /// 128ch 8x8 forward 9.3-11.0 -> 6.2-7.5 ms, backward 19.0-20.3 -> 11.5-17.6;
+    /// resnet18@128's 256ch 8x8 35.3-37.2 -> 21.6-22.3 and 68.9-73.5 -> 40.3-51.6, its 128ch
+    /// 16x16 31.1-31.7 -> 29.6-30.2 and 67.8-69.4 -> 55.2-56.9; its Tucker-2 form's 152ch 8x8
+    /// cores 11.8-11.9 -> 8.7-9.2 and 28.0-30.7 -> 16.8-17.3. But 16x16 planes of fewer
+    /// channels lost: resnet18@64's 64ch 9.4-9.6 -> 12.3-14.7 forward, 19.0-19.4 -> 20.9-23.1
+    /// backward; the Tucker-2 form's 72ch cores at 128x128 11.1-11.3 -> 13.3-14.2 and 22.4-24.1
+    /// -> 26.4-28.1.
+    /// Under 128 channels, in training steps (`elrt speed --profile-nodes`, 1 thread,
+    /// alternating builds), the changed layers, old -> new ms per step: resnet18@64 (256ch 4x4) 89.2-90.1 -> 49.6-51.5;
     /// resnet18_tucker2@64 (152ch 4x4, 72ch 8x8 cores) 61.1-62.6 -> 46.3-48.5, per 72ch core
     /// forward 3.2-3.3 -> 2.9-3.1, backward 7.0-7.1 -> 5.2-6.0. But ResNet-20's 64-channel 8x8
     /// stage (batch 128) lost its forward (25.9-26.9 -> 28.1-28.9 ms per step over its 5
@@ -619,7 +635,11 @@ impl Geom {
         !super::winograd::switched_off()
             && CL.decide(|| {
                 let ch = self.ci.min(self.co);
-                ch >= CL_MIN_CHANNELS && (!self.winograd || ch >= CL_MIN_CHANNELS_WINOGRAD)
+                match self.oh * self.ow {
+                    p if p < 64 => ch >= CL_MIN_CHANNELS,
+                    p if p < CL_MAX_PLANE => ch >= CL_MIN_CHANNELS_8PX,
+                    _ => ch >= CL_MIN_CHANNELS_16PX,
+                }
             })
     }
 }
