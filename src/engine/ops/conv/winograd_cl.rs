@@ -90,7 +90,7 @@ const A4: [[f32; 4]; 6] = [
     [0.0, 0.0, 0.0, 1.0],
 ];
 
-/// The three matrices of one tile size, as row slices.
+/// The matrices of one tile size, as row slices: `B^T`, `G`, `A^T` and `A`.
 struct Mats {
     bt: &'static [&'static [f32]],
     g: &'static [&'static [f32]],
@@ -135,9 +135,9 @@ fn runs<const N: usize>(s: &[f32], n: usize, stride: usize) -> [Option<&[f32]>; 
     std::array::from_fn(|j| (j < n).then(|| &s[j * stride..]))
 }
 
-/// `out[i] = sum_j mat[i][j] * src[j]` for `n` runs of `len` floats (`src` and `out` hold the
-/// runs at `stride_s` / `stride_o` apart), skipping zero coefficients and absent (`None`)
-/// sources. `out` is overwritten.
+/// `out[i] = sum_j mat[i][j] * src[j]` over runs of `len` floats (output row `i` at `i *
+/// stride_o` in `out`), skipping zero coefficients and absent (`None`, all-zero) sources; the
+/// rows of `out` are overwritten.
 #[inline(always)]
 fn apply_rows(
     mat: &[&[f32]],
