@@ -17,6 +17,9 @@
 //! W2[:, t, :]` per tap, `dW2[:, run, :] += dY[:, p, :]^T · X[:, run, :]`. The layout changes
 //! (NCHW to channels-last and back, the weights' taps outward and back) copy each tensor once.
 //! Pointwise layers stay on their blocked GEMMs, which measured 1.3-2x faster than this.
+//! Stride-1 3x3 layers of 64+ channels on 4x4 to 7x7 planes (72+ on 8x8 and up) run channels-
+//! last Winograd over the batch instead (`winograd_cl.rs`, which borrows this file's layout
+//! helpers and, under its benchmark override, this path's weight gradient).
 //!
 //! Threads: each product is split into fixed tasks by output channel range (input channels for
 //! `dX`) and by group of output pixels (input pixels for `dX`, kernel rows for `dW`), each task
