@@ -239,9 +239,9 @@ struct Geom {
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
     small_plane: bool,
-    /// A small-plane layer run as channels-last Winograd over the whole batch (`winograd_cl.rs`,
-    /// tile side `wino_tile`): forward, input gradient and weight gradient (the last on the
-    /// small-plane path where `Geom::wino_cl_dw_pays` says no).
+    /// A layer run as channels-last Winograd over the whole batch (`winograd_cl.rs`, tile side
+    /// `wino_tile`): forward, input gradient and weight gradient (the last on the small-plane
+    /// path where `Geom::wino_cl_dw_pays` says no); its backward takes the whole batch at once.
     wino_cl: bool,
     /// A strided 1x1 conv run as a subsample of the input and a stride-1 pointwise conv
     /// (`subsample.rs`); none of the other paths' flags apply.
@@ -393,8 +393,7 @@ impl Conv2d {
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();
         // Small planes that Winograd fills: channels-last Winograd over the batch.
         if g.wino_cl_eligible() && g.wino_cl_pays() {
-            // The whole-batch backward branch is the small-plane one's.
-            (g.wino_cl, g.wino_tile, g.small_plane) = (true, 4, true);
+            (g.wino_cl, g.wino_tile) = (true, 4);
             (g.winograd, g.wino_dw, g.direct_dw) = (false, false, false);
         }
         Ok(g)
@@ -575,7 +574,7 @@ impl Conv2d {
             return grads;
         }
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
-        if g.small_plane && g.n > 0 {
+        if (g.small_plane || g.wino_cl) && g.n > 0 {
             return Self::backward_whole_batch(
                 &g,
                 &dys,

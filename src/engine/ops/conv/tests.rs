@@ -1072,6 +1072,72 @@ fn scaled_error(fast: &Array4<f32>, exact: &Array4<f64>, scale: &Array4<f64>) ->
         .fold(0.0, f64::max)
 }
 
+/// Random inputs of a forced geometry `g` (of `c` on `xs`, `ws`; a bias when `bias`), their f64
+/// copies, the f64 reference forward and its scale `sum |w| |x| + |b|`: the set-up the
+/// error tests share (drawn in one order, so each seed gives the same case).
+struct ErrorCase {
+    x: Array4<f32>,
+    w: Array4<f32>,
+    b: Option<Array1<f32>>,
+    dy: Array4<f32>,
+    x64: Array4<f64>,
+    w64: Array4<f64>,
+    dy64: Array4<f64>,
+    b64abs: Option<Array1<f64>>,
+    y64: Array4<f64>,
+    yscale: Array4<f64>,
+}
+
+impl ErrorCase {
+    fn draw(c: &Conv2d, g: &Geom, xs: [usize; 4], ws: [usize; 4], bias: bool, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
+        let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
+        let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
+        let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+        let y64 = c
+            .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
+            .unwrap();
+        let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
+        let yscale = c
+            .reference(
+                x64.mapv(f64::abs).view(),
+                w64.mapv(f64::abs).view(),
+                b64abs.as_ref().map(|b| b.view()),
+            )
+            .unwrap();
+        ErrorCase {
+            x,
+            w,
+            b,
+            dy,
+            x64,
+            w64,
+            dy64,
+            b64abs,
+            y64,
+            yscale,
+        }
+    }
+
+    /// `g`'s forward on the case.
+    fn forward(&self, g: &Geom) -> Array4<f32> {
+        Conv2d::forward_geom(
+            g,
+            self.x.view(),
+            self.w.view(),
+            self.b.as_ref().map(|b| b.view()),
+        )
+    }
+
+    /// `g`'s backward on the case (with the input gradient when `need_dx`).
+    fn backward(&self, g: &Geom, need_dx: bool) -> Conv2dGrads {
+        Conv2d::backward_geom(g, self.x.view(), self.w.view(), self.dy.view(), need_dx)
+    }
+}
+
 /// Forward and input-gradient errors of forced Winograd against f64, each scaled per output by
 /// `sum |w| |x| + |b|` (forward) or `sum |w| |dy|` (input gradient).
 fn winograd_errors(
@@ -1083,55 +1149,23 @@ fn winograd_errors(
     tile: usize,
 ) -> (f64, f64) {
     let g = winograd_forced(c, xs, ws, tile);
-    let mut rng = Rng::new(seed);
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
-    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
-    let y = Conv2d::forward_geom(&g, x.view(), w.view(), b.as_ref().map(|b| b.view()));
-    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
-    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
     let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let y64 = c
-        .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
-        .unwrap();
-    let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
-    let yscale = c
-        .reference(
-            abs(&x64).view(),
-            abs(&w64).view(),
-            b64abs.as_ref().map(|b| b.view()),
-        )
-        .unwrap();
-    let fwd = scaled_error(&y, &y64, &yscale);
-    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true);
-    let dx64 = dx_reference(&g, &dy64, &w64);
-    let dxscale = dx_reference(&g, &abs(&dy64), &abs(&w64));
+    let fwd = scaled_error(&d.forward(&g), &d.y64, &d.yscale);
+    let grads = d.backward(&g, true);
+    let dx64 = dx_reference(&g, &d.dy64, &d.w64);
+    let dxscale = dx_reference(&g, &abs(&d.dy64), &abs(&d.w64));
     let bwd = scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale);
     // The weight and bias gradients stay on im2col: the same as without Winograd.
-    let plain = Conv2d::backward_geom(
-        &Geom {
-            winograd: false,
-            ..g
-        },
-        x.view(),
-        w.view(),
-        dy.view(),
-        true,
-    );
+    let plain_g = Geom {
+        winograd: false,
+        ..g
+    };
+    let plain = d.backward(&plain_g, true);
     assert_close("dw", &grads.dw.view(), &plain.dw.view(), 1e-5);
     assert_eq!(grads.db, plain.db);
     // im2col's own errors, for scale (printed by the random-geometry test).
-    let yp = Conv2d::forward_geom(
-        &Geom {
-            winograd: false,
-            ..g
-        },
-        x.view(),
-        w.view(),
-        b.as_ref().map(|b| b.view()),
-    );
-    let fwd_plain = scaled_error(&yp, &y64, &yscale);
+    let fwd_plain = scaled_error(&d.forward(&plain_g), &d.y64, &d.yscale);
     let bwd_plain = scaled_error(plain.dx.as_ref().unwrap(), &dx64, &dxscale);
     IM2COL_WORST.with(|c| {
         let (f, b) = c.get();
@@ -1386,6 +1420,18 @@ fn dw_reference<T: NdFloat>(g: &Geom, x: &Array4<T>, dy: &Array4<T>) -> Array4<T
     dw
 }
 
+/// Each `[co, ci]` kernel window of a weight-gradient scale filled with its largest entry:
+/// Winograd's weight gradient mixes the window's taps.
+fn window_max(mut scale: Array4<f64>) -> Array4<f64> {
+    for mut oc in scale.outer_iter_mut() {
+        for mut window in oc.outer_iter_mut() {
+            let top = window.fold(0.0f64, |a, &b| a.max(b));
+            window.fill(top);
+        }
+    }
+    scale
+}
+
 /// Weight-gradient error of `g`'s backward against f64, scaled per entry by `sum |dy| |x|`
 /// (with `g.wino_dw`: by its largest value over the entry's kernel window, since Winograd mixes
 /// the window's taps, so a tap that only ever reads padding, exactly 0, gets its neighbours'
@@ -1400,12 +1446,7 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
     let exact = dw_reference(g, &x64, &dy64);
     let mut scale = dw_reference(g, &x64.mapv(f64::abs), &dy64.mapv(f64::abs));
     if g.wino_dw {
-        for mut oc in scale.outer_iter_mut() {
-            for mut window in oc.outer_iter_mut() {
-                let top = window.fold(0.0f64, |a, &b| a.max(b));
-                window.fill(top);
-            }
-        }
+        scale = window_max(scale);
     }
     if need_dx {
         // The input gradient is the other path's (up to summation order: a forced direct
@@ -1766,45 +1807,25 @@ fn small_plane_errors(
     assert!(g.small_plane_eligible(), "{c:?} {xs:?} {ws:?}");
     (g.small_plane, g.winograd, g.direct_dw, g.subsample) = (true, false, false, false);
     g.wino_cl = false;
-    let mut rng = Rng::new(seed);
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
-    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
-    let y = Conv2d::forward_geom(&g, x.view(), w.view(), b.as_ref().map(|b| b.view()));
-    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true);
-    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
-    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
     let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let y64 = c
-        .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
-        .unwrap();
-    let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
-    let yscale = c
-        .reference(
-            abs(&x64).view(),
-            abs(&w64).view(),
-            b64abs.as_ref().map(|b| b.view()),
-        )
-        .unwrap();
-    let dx64 = dx_reference_strided(&g, &dy64, &w64);
-    let dxscale = dx_reference_strided(&g, &abs(&dy64), &abs(&w64));
-    let dw64 = dw_reference(&g, &x64, &dy64);
-    let dwscale = dw_reference(&g, &abs(&x64), &abs(&dy64));
+    let y = d.forward(&g);
+    let grads = d.backward(&g, true);
+    let dx64 = dx_reference_strided(&g, &d.dy64, &d.w64);
+    let dxscale = dx_reference_strided(&g, &abs(&d.dy64), &abs(&d.w64));
+    let dw64 = dw_reference(&g, &d.x64, &d.dy64);
+    let dwscale = dw_reference(&g, &abs(&d.x64), &abs(&d.dy64));
     // The bias gradient is the same channel sum as on the other paths.
-    let plain = Conv2d::backward_geom(
+    let plain = d.backward(
         &Geom {
             small_plane: false,
             ..g
         },
-        x.view(),
-        w.view(),
-        dy.view(),
         false,
     );
     assert_eq!(grads.db, plain.db);
     [
-        scaled_error(&y, &y64, &yscale),
+        scaled_error(&y, &d.y64, &d.yscale),
         scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
         scaled_error(&grads.dw, &dw64, &dwscale),
     ]
@@ -2383,60 +2404,39 @@ fn winograd_cl_errors(
     tile: usize,
 ) -> (f64, f64, f64) {
     let g = winograd_cl_forced(c, xs, ws, tile);
-    let mut rng = Rng::new(seed);
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let b = bias.then(|| rand_array(&mut rng, ws[0], -1.0, 1.0));
-    let dy = rand_array(&mut rng, [g.n, g.co, g.oh, g.ow], -1.0, 1.0);
-    let y = Conv2d::forward_geom(&g, x.view(), w.view(), b.as_ref().map(|b| b.view()));
-    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), dy.view(), true);
-    let (x64, w64, dy64) = (to_f64(&x.view()), to_f64(&w.view()), to_f64(&dy.view()));
-    let b64 = b.as_ref().map(|b| to_f64(&b.view()));
+    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
     let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let y64 = c
-        .reference(x64.view(), w64.view(), b64.as_ref().map(|b| b.view()))
-        .unwrap();
-    let b64abs = b64.as_ref().map(|b| b.mapv(f64::abs));
-    let yscale = c
-        .reference(
-            abs(&x64).view(),
-            abs(&w64).view(),
-            b64abs.as_ref().map(|b| b.view()),
-        )
-        .unwrap();
-    let dx64 = dx_reference(&g, &dy64, &w64);
+    let y = d.forward(&g);
+    let grads = d.backward(&g, true);
+    let dx64 = dx_reference(&g, &d.dy64, &d.w64);
     // Per-output scales of the tile each output comes from (see `tile_scale`).
-    let wsum = abs(&w64).sum_axis(Axis(3)).sum_axis(Axis(2));
-    let yscale = tile_scale(&abs(&x64), &wsum, &g.wino_forward_plane(), b64abs.as_ref()) + &yscale;
+    let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
+    let yscale = tile_scale(
+        &abs(&d.x64),
+        &wsum,
+        &g.wino_forward_plane(),
+        d.b64abs.as_ref(),
+    ) + &d.yscale;
     let dxscale = tile_scale(
-        &abs(&dy64),
+        &abs(&d.dy64),
         &wsum.t().to_owned(),
         &g.wino_backward_plane(),
         None,
     );
     // The weight gradient, Winograd's too: scaled by the largest `sum |dy| |x|` over each
     // entry's kernel window, as for `winograd_dw.rs` (Winograd mixes the window's taps).
-    let dw64 = dw_reference(&g, &x64, &dy64);
-    let mut dwscale = dw_reference(&g, &abs(&x64), &abs(&dy64));
-    for mut oc in dwscale.outer_iter_mut() {
-        for mut window in oc.outer_iter_mut() {
-            let top = window.fold(0.0f64, |a, &b| a.max(b));
-            window.fill(top);
-        }
-    }
-    let small = Conv2d::backward_geom(
+    let dw64 = dw_reference(&g, &d.x64, &d.dy64);
+    let dwscale = window_max(dw_reference(&g, &abs(&d.x64), &abs(&d.dy64)));
+    let small = d.backward(
         &Geom {
             wino_cl: false,
             ..g
         },
-        x.view(),
-        w.view(),
-        dy.view(),
         false,
     );
     assert_eq!(grads.db, small.db);
     (
-        scaled_error(&y, &y64, &yscale),
+        scaled_error(&y, &d.y64, &yscale),
         scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
         scaled_error(&grads.dw, &dw64, &dwscale),
     )

@@ -28,17 +28,19 @@
 use super::copy_run;
 use super::winograd::{Plane, WinoScratch};
 
+/// F(4x4, 3x3)'s `G` (also `winograd_cl.rs`'s, rounded to f32).
+pub(super) const G: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
 /// `G g G^T` for one 3x3 kernel `g` (row-major), in f64 and rounded once, so that the 1/6 and
 /// 1/24 factors add no rounding of their own.
 pub(super) fn transform_kernel4(g: &[f32; 9]) -> [f32; 36] {
-    const G: [[f64; 3]; 6] = [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
     // t = G g (6x3)
     let mut t = [[0.0f64; 3]; 6];
     for (i, gi) in G.iter().enumerate() {
