@@ -36,6 +36,11 @@ fn forward_matches_onnxruntime() {
         let ours = m.forward(x.clone(), mode).unwrap();
         let theirs = common::ort_forward(&path, &x);
         assert_eq!(ours.shape(), theirs.shape());
+        assert!(
+            ours.iter().chain(theirs.iter()).all(|v| v.is_finite()),
+            "{}: an output that is not finite",
+            e.file
+        );
         let scale = theirs.iter().fold(0f32, |a, &b| a.max(b.abs())).max(1e-3);
         let diff = ours
             .iter()

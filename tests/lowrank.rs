@@ -154,7 +154,11 @@ fn cp_compose(
     })
 }
 
+/// `max |a - b| / max |b|`; NaN when either side holds a value that is not finite.
 fn max_rel(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    if a.iter().chain(b.iter()).any(|v| !v.is_finite()) {
+        return f32::NAN;
+    }
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
     a.iter()
         .zip(b.iter())

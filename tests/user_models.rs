@@ -108,6 +108,7 @@ fn assert_batch_independent(g: &Graph) {
         let yi = m1.forward(xi, Mode::Eval).unwrap();
         let want = yi.index_axis(Axis(0), 0);
         let got = y5.index_axis(Axis(0), i);
+        assert!(got.iter().all(|v| v.is_finite()), "image {i}: not finite");
         let d = want
             .iter()
             .zip(got.iter())

@@ -165,9 +165,13 @@ pub fn ort_forward(model: &Path, x: &ndarray::ArrayD<f32>) -> ndarray::ArrayD<f3
     ort_forward_checked(model, x, false)
 }
 
-/// `max |a - b| / max |b|`.
+/// `max |a - b| / max |b|`; NaN when either side holds a value that is not finite (`f32::max`
+/// drops a NaN, and two outputs full of NaN would compare equal).
 pub fn rel_diff(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f64 {
     assert_eq!(a.shape(), b.shape());
+    if a.iter().chain(b.iter()).any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
     let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
     let d = a
         .iter()
@@ -278,9 +282,12 @@ pub fn fixture_tensor(
 }
 
 /// Tensor-wise relative error max|a - b| / max|b| (elementwise is meaningless for entries at
-/// float32 noise level).
+/// float32 noise level). NaN when either side holds a value that is not finite, as [`rel_diff`].
 pub fn rel_err(a: &ndarray::ArrayD<f32>, b: &ndarray::ArrayD<f32>) -> f32 {
     assert_eq!(a.shape(), b.shape());
+    if a.iter().chain(b.iter()).any(|v| !v.is_finite()) {
+        return f32::NAN;
+    }
     let scale = b.iter().fold(0f32, |m, &v| m.max(v.abs())).max(1e-12);
     a.iter()
         .zip(b.iter())
