@@ -9,7 +9,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice as NdSlice};
 use rayon::prelude::*;
 
 use super::{shape_err, Result};
-use crate::engine::ops::zeros;
+use crate::engine::ops::{unzeroed, zeros};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BinOp {
@@ -160,7 +160,7 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
         BinOp::Mul => x * y,
         BinOp::Div => x / y,
     };
-    let mut out = zeros(big.len());
+    let mut out = unzeroed(big.len());
     let k = planes_per_task(plane);
     out.par_chunks_mut(k * plane)
         .zip(big.par_chunks(k * plane))
@@ -251,7 +251,7 @@ fn plane_grads(
     use crate::engine::ops::reduce_pairs;
     use rayon::prelude::*;
     let k = planes_per_task(plane);
-    let mut d_big = zeros(big.len());
+    let mut d_big = unzeroed(big.len());
     let mut d_small = vec![0.0f32; small.len()];
     d_big
         .par_chunks_mut(k * plane)

@@ -6,7 +6,7 @@
 //! divisor counts the padding but not the part of a window hanging past it.
 
 use super::simd::simd_dispatch;
-use super::{contiguous, deinterleave, window_out_len, zeros};
+use super::{contiguous, deinterleave, unzeroed, window_out_len, zeros};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
 use rayon::prelude::*;
@@ -163,7 +163,7 @@ impl MaxPool2d {
         }
         let xs = contiguous(&x);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut y = zeros(g.planes() * ohw);
+        let mut y = unzeroed(g.planes() * ohw);
         let mut arg = vec![u32::MAX; g.planes() * ohw];
         if g.planes() > 0 {
             let lay = MaxLayout::new(&g);
@@ -295,7 +295,7 @@ impl AveragePool2d {
         let g = self.win(x.shape())?;
         let xs = contiguous(&x);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
-        let mut y = zeros(g.planes() * ohw);
+        let mut y = unzeroed(g.planes() * ohw);
         if g.planes() > 0 {
             y.par_chunks_mut(ohw)
                 .zip(xs.par_chunks(hw))
@@ -421,7 +421,7 @@ impl GlobalAveragePool {
         let (h, w) = (x_shape[2], x_shape[3]);
         let inv = 1.0 / (h * w) as f32;
         let gs = contiguous(&dy);
-        let mut dx = zeros(n * c * h * w);
+        let mut dx = unzeroed(n * c * h * w);
         if n * c > 0 {
             dx.par_chunks_mut(h * w)
                 .zip(gs.par_iter())

@@ -61,7 +61,7 @@
 //! Parallelism: rayon over fixed parts of the batch (see the [`super`] module notes); BLAS is
 //! single-threaded inside (see [`crate::engine::init`]).
 
-use super::{contiguous, part_len, sum, window_out_len, zeros};
+use super::{contiguous, part_len, sum, unzeroed, window_out_len, zeros};
 use crate::engine::{attr_err, init, shape_err, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
@@ -441,7 +441,7 @@ impl Conv2d {
         let (xs, ws) = (contiguous(&x), contiguous(&w));
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
-        let mut y = zeros(g.n * ylen);
+        let mut y = unzeroed(g.n * ylen);
         if g.pointwise_direct() && g.n > 0 {
             g.pointwise_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
@@ -465,6 +465,11 @@ impl Conv2d {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
                 .for_each(|(yp, xp)| {
+                    // `y` came unzeroed: every path writes each entry of its part but the
+                    // depthwise kernels, which skip outputs whose window lies in the padding.
+                    if g.path == Path::Depthwise {
+                        yp.fill(0.0);
+                    }
                     if let Some(u) = &wino {
                         let (p, wb) = (g.wino_forward_plane(), g.wino_block_images());
                         winograd::with_scratch(&p, wb, |s| {
@@ -605,7 +610,7 @@ impl Conv2d {
         // The direct and Winograd weight gradients replace the blocked one too.
         let blk = if g.direct_dw || g.wino_dw { 1 } else { blk };
         let mut dx = if need_dx {
-            zeros(g.n * xlen)
+            unzeroed(g.n * xlen)
         } else {
             Vec::new()
         };
@@ -629,8 +634,10 @@ impl Conv2d {
         let ohw = g.oh * g.ow;
         let (mut cols_all, mut dys_all) = if blk > 1 {
             (
-                Array2::<f32>::zeros((g.k_rows(), g.n * ohw)),
-                Array2::<f32>::zeros((g.co, g.n * ohw)),
+                Array2::from_shape_vec((g.k_rows(), g.n * ohw), unzeroed(g.k_rows() * g.n * ohw))
+                    .expect("length follows from the shape"),
+                Array2::from_shape_vec((g.co, g.n * ohw), unzeroed(g.co * g.n * ohw))
+                    .expect("length follows from the shape"),
             )
         } else {
             (Array2::zeros((0, 0)), Array2::zeros((0, 0)))
@@ -655,6 +662,19 @@ impl Conv2d {
             .zip(dys.par_chunks(part * ylen))
             .map(|(((dxp, views), xp), dyp)| {
                 let mut dxp = dxp;
+                // `dx` came unzeroed: the direct and Winograd input gradients, a blocked
+                // pointwise conv's copies and the channels-last depthwise kernel write every
+                // entry of their part; the other paths add into it (col2im), so their part is
+                // zeroed here, by the task that then fills it.
+                let writes_all = direct_dx.is_some()
+                    || wino.is_some()
+                    || (views.is_some() && g.path == Path::Pointwise)
+                    || (g.path == Path::Depthwise && g.depthwise_channels_last());
+                if !writes_all {
+                    if let Some(d) = dxp.as_deref_mut() {
+                        d.fill(0.0);
+                    }
+                }
                 if let Some((gt, wt)) = &direct_dx {
                     // Taken, as for Winograd below.
                     let dxw = dxp.take().expect("direct_dx is only set when dx is wanted");
@@ -751,7 +771,7 @@ impl Conv2d {
         wdim: Ix4,
         run: impl FnOnce(Option<&mut [f32]>, &mut [f32]),
     ) -> Conv2dGrads {
-        let mut dx = zeros(if need_dx { g.n * g.x_len() } else { 0 });
+        let mut dx = unzeroed(if need_dx { g.n * g.x_len() } else { 0 });
         let mut dw = vec![0.0f32; ndarray::Dimension::size(&wdim)];
         run(need_dx.then_some(&mut dx[..]), &mut dw);
         let mut db = vec![0.0f64; g.co];

@@ -28,7 +28,7 @@
 
 use super::layout::transpose_block;
 use super::{add_bias, Geom, Path};
-use crate::engine::ops::zeros;
+use crate::engine::ops::{unzeroed, zeros};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use rayon::prelude::*;
@@ -313,7 +313,7 @@ impl Geom {
 
 /// `[n][c][q]` -> `[n][q][c]`, one `n` per task.
 pub(super) fn to_channels_last(a: &[f32], n: usize, c: usize, q: usize) -> Vec<f32> {
-    let mut out = zeros(n * c * q);
+    let mut out = unzeroed(n * c * q);
     swap_inner(a, &mut out, n, c, q);
     out
 }

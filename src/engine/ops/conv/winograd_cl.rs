@@ -37,7 +37,7 @@ use super::small_plane::{swap_inner, to_channels_last, view, view_mut, Shared};
 use super::winograd::Plane;
 use super::{add_bias, Geom, Override};
 use crate::engine::ops::simd::simd_dispatch;
-use crate::engine::ops::zeros;
+use crate::engine::ops::{unzeroed, zeros};
 use ndarray::linalg::general_mat_mul;
 use rayon::prelude::*;
 
@@ -251,14 +251,14 @@ impl Plane {
         let tiles = self.tiles();
         let rows = n * tiles;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        let mut v = zeros(rows * taps * ci);
+        let mut v = unzeroed(rows * taps * ci);
         v.par_chunks_mut(tiles * taps * ci)
             .zip(x.par_chunks(hw * ci))
             .for_each_init(
                 || vec![0.0f32; taps * ci],
                 |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
             );
-        let mut dm = zeros(rows * taps * co);
+        let mut dm = unzeroed(rows * taps * co);
         dm.par_chunks_mut(tiles * taps * co)
             .zip(dy.par_chunks(ohw * co))
             .for_each_init(
@@ -348,14 +348,14 @@ impl Plane {
         let tiles = self.tiles();
         let rows = n * tiles;
         let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
-        let mut v = zeros(rows * taps * cin);
+        let mut v = unzeroed(rows * taps * cin);
         v.par_chunks_mut(tiles * taps * cin)
             .zip(x.par_chunks(hw * cin))
             .for_each_init(
                 || vec![0.0f32; taps * cin],
                 |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
             );
-        let mut mm = zeros(rows * taps * cout);
+        let mut mm = unzeroed(rows * taps * cout);
         let mp = Shared(mm.as_mut_ptr());
         (0..t).into_par_iter().for_each(|i| {
             let mut ti = vec![0.0f32; 3 * co * ci];
@@ -377,7 +377,7 @@ impl Plane {
             }
         });
         drop(v);
-        let mut y = zeros(n * ohw * cout);
+        let mut y = unzeroed(n * ohw * cout);
         y.par_chunks_mut(ohw * cout)
             .zip(mm.par_chunks(tiles * taps * cout))
             .for_each_init(
