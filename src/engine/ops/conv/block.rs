@@ -24,6 +24,7 @@
 //! section).
 
 use super::{copy_run, mat, mat_mut, Geom, Path};
+use crate::engine::ops::unzeroed;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
@@ -112,10 +113,12 @@ impl Geom {
     pub(super) fn block_scratch(&self, forward: bool) -> BlockScratch {
         let cols = self.block_images() * self.oh * self.ow;
         let k = self.k_rows();
+        // Every entry is written before it is read: `col` by im2col, `wide` by the copies or
+        // the input-gradient GEMM (beta 0), `out` by the bias fill or the GEMM (beta 0).
         BlockScratch {
-            col: vec![0.0; self.col_len()],
-            wide: vec![0.0; k * cols],
-            out: vec![0.0; if forward { self.co * cols } else { 0 }],
+            col: unzeroed(self.col_len()),
+            wide: unzeroed(k * cols),
+            out: unzeroed(if forward { self.co * cols } else { 0 }),
         }
     }
 
