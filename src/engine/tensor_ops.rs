@@ -133,9 +133,10 @@ fn plane_of(big: &[usize], small: &[usize]) -> Option<usize> {
     (plane > 1).then_some(plane)
 }
 
-/// Planes per parallel task: about [`crate::engine::ops::ELEMWISE_CHUNK`] elements.
-fn planes_per_task(plane: usize) -> usize {
-    (crate::engine::ops::ELEMWISE_CHUNK / plane).max(1)
+/// Planes per parallel task of `total` elements: about [`crate::engine::ops::elemwise_chunk`]
+/// elements, whole planes (so each plane's sum is one task's, whatever the split).
+fn planes_per_task(plane: usize, total: usize) -> usize {
+    (crate::engine::ops::elemwise_chunk(total) / plane).max(1)
 }
 
 /// The per-plane broadcast (see [`plane_of`]) in one parallel pass, for contiguous operands;
@@ -161,7 +162,7 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
         BinOp::Div => x / y,
     };
     let mut out = unzeroed(big.len());
-    let k = planes_per_task(plane);
+    let k = planes_per_task(plane, big.len());
     out.par_chunks_mut(k * plane)
         .zip(big.par_chunks(k * plane))
         .zip(small.par_chunks(k))
@@ -250,7 +251,7 @@ fn plane_grads(
 ) -> (Vec<f32>, Vec<f32>) {
     use crate::engine::ops::reduce_pairs;
     use rayon::prelude::*;
-    let k = planes_per_task(plane);
+    let k = planes_per_task(plane, big.len());
     let mut d_big = unzeroed(big.len());
     let mut d_small = vec![0.0f32; small.len()];
     d_big
