@@ -5,6 +5,9 @@
 //! and a few integers (epoch, batch index, layer index) instead of sharing one mutable
 //! generator whose state would depend on thread timing.
 
+/// SplitMix64's state increment per draw.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 #[derive(Clone, Debug)]
 pub struct Rng {
     state: u64,
@@ -28,11 +31,33 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// The stream `n` draws further on: what this one would be after `n` calls of
+    /// [`Self::next_u64`] (SplitMix64's state moves by a constant per draw). Lets a long run of
+    /// draws be made in parallel pieces with the bits of the serial loop.
+    pub fn skipped(&self, n: u64) -> Rng {
+        Rng {
+            state: self.state.wrapping_add(n.wrapping_mul(GAMMA)),
+        }
+    }
+
+    /// `out[i] = f(i-th uniform draw)`, in parallel pieces ([`Self::skipped`]): the values of a
+    /// serial loop of [`Self::uniform`] over `out`, bit for bit. Leaves this stream where it was.
+    pub fn par_fill_uniform(&self, out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 14;
+        out.par_chunks_mut(PIECE)
+            .enumerate()
+            .for_each(|(i, piece)| {
+                let mut r = self.skipped((i * PIECE) as u64);
+                piece.iter_mut().for_each(|v| *v = f(r.uniform()));
+            });
     }
 
     /// Uniform in [0, 1).
@@ -69,6 +94,19 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_and_parallel_fill_continue_the_serial_stream() {
+        let r = Rng::derive(3, &[1, 2]);
+        let mut serial = r.clone();
+        let draws: Vec<f32> = (0..40_000).map(|_| serial.uniform()).collect();
+        let mut s = r.skipped(12_345);
+        assert_eq!(s.uniform(), draws[12_345]);
+        let mut filled = vec![0.0f32; draws.len()];
+        r.par_fill_uniform(&mut filled, |u| u * 2.0);
+        let want: Vec<f32> = draws.iter().map(|u| u * 2.0).collect();
+        assert_eq!(filled, want);
+    }
 
     #[test]
     fn moments_and_determinism() {

@@ -296,15 +296,16 @@ impl<B: Backend> Session<B> {
                 } else {
                     // The mask is drawn on the host from the keyed stream, so every backend
                     // drops the same units for the same (seed, step, node).
+                    // In parallel pieces of the keyed stream, the bits of a serial loop over the
+                    // mask (`Rng::par_fill_uniform`): drawn one by one through an n-dimensional
+                    // index it took 0.4 ms per step of MobileNet-V3 at any thread count.
                     let keep = 1.0 - ratio;
-                    let mut rng = Rng::derive(self.dropout_seed, &[self.dropout_step, i as u64]);
-                    let mask = ArrayD::from_shape_fn(be.dims(x), |_| {
-                        if rng.uniform() < keep {
-                            1.0 / keep
-                        } else {
-                            0.0
-                        }
-                    });
+                    let rng = Rng::derive(self.dropout_seed, &[self.dropout_step, i as u64]);
+                    let dims = be.dims(x);
+                    let mut mask = crate::engine::ops::unzeroed(dims.iter().product());
+                    rng.par_fill_uniform(&mut mask, |u| if u < keep { 1.0 / keep } else { 0.0 });
+                    let mask = ArrayD::from_shape_vec(ndarray::IxDyn(dims), mask)
+                        .expect("the mask has the input's length");
                     let mask = be.upload(mask);
                     (vec![be.mul(x, &mask)?], Saved::Mask(mask))
                 }
