@@ -295,10 +295,10 @@ impl<B: Backend> Session<B> {
                     one(x.clone())
                 } else {
                     // The mask is drawn on the host from the keyed stream, so every backend
-                    // drops the same units for the same (seed, step, node).
-                    // In parallel pieces of the keyed stream, the bits of a serial loop over the
-                    // mask (`Rng::par_fill_uniform`): drawn one by one through an n-dimensional
-                    // index it took 0.4 ms per step of MobileNet-V3 at any thread count.
+                    // drops the same units for the same (seed, step, node); in parallel pieces
+                    // with the bits of a serial loop (`Rng::par_fill_uniform`: drawn one by one
+                    // through an n-dimensional index it took 0.4 ms per step of MobileNet-V3 at
+                    // any thread count).
                     let keep = 1.0 - ratio;
                     let rng = Rng::derive(self.dropout_seed, &[self.dropout_step, i as u64]);
                     let dims = be.dims(x);

@@ -152,7 +152,9 @@ pub(crate) fn window_out_len(
 }
 
 /// Elements per rayon task for elementwise kernels: large enough that task overhead vanishes,
-/// small enough that two cores share a 128x16x32x32 activation evenly.
+/// small enough that two cores share a 128x16x32x32 activation evenly. The most per task of
+/// [`elemwise_chunk`]'s split, and the fixed task size of the loops that do not split by length
+/// (LayerNorm's rows, the CPU backend's update and accumulation loops).
 pub(crate) const ELEMWISE_CHUNK: usize = 1 << 15;
 
 /// Fewest elements per task of [`elemwise_chunk`]'s split.
@@ -287,7 +289,7 @@ pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
     unsafe { par_zip_chunks(a, b, |o, a, b| wide_map(o, a, b, &f)) }
 }
 
-/// `kernel(out, a, b)` over matching chunks of [`ELEMWISE_CHUNK`] entries of a new output and
+/// `kernel(out, a, b)` over matching chunks of [`elemwise_chunk`] entries of a new output and
 /// of `a` and `b` (same lengths), in parallel: [`par_zip_map`] for kernels that bring their own
 /// vector builds (a map too large for the inliner to put into [`wide_map`]'s loop runs scalar
 /// there, see `act::erf_map`).
