@@ -632,13 +632,13 @@ impl Conv2d {
         // of two batch-wide matrices, and the weight gradient is one GEMM over them afterwards
         // (`block.rs`).
         let ohw = g.oh * g.ow;
+        // Every column of both is written by its part (`backward_part_blocked`).
+        let batch_wide = |rows: usize| {
+            Array2::from_shape_vec((rows, g.n * ohw), unzeroed(rows * g.n * ohw))
+                .expect("length follows from the shape")
+        };
         let (mut cols_all, mut dys_all) = if blk > 1 {
-            (
-                Array2::from_shape_vec((g.k_rows(), g.n * ohw), unzeroed(g.k_rows() * g.n * ohw))
-                    .expect("length follows from the shape"),
-                Array2::from_shape_vec((g.co, g.n * ohw), unzeroed(g.co * g.n * ohw))
-                    .expect("length follows from the shape"),
-            )
+            (batch_wide(g.k_rows()), batch_wide(g.co))
         } else {
             (Array2::zeros((0, 0)), Array2::zeros((0, 0)))
         };
@@ -655,6 +655,14 @@ impl Conv2d {
         } else {
             part_views.resize_with(g.n.div_ceil(part), || None);
         }
+        // `dx` came unzeroed: the direct and Winograd input gradients, a blocked pointwise
+        // conv's copies and the channels-last depthwise kernel write every entry of their part;
+        // the other paths add into it (col2im), so each part is zeroed by the task that then
+        // fills it.
+        let dx_written_in_full = direct_dx.is_some()
+            || wino.is_some()
+            || (blk > 1 && g.path == Path::Pointwise)
+            || (g.path == Path::Depthwise && g.depthwise_channels_last());
         let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_parts
             .into_par_iter()
             .zip(part_views)
@@ -662,15 +670,7 @@ impl Conv2d {
             .zip(dys.par_chunks(part * ylen))
             .map(|(((dxp, views), xp), dyp)| {
                 let mut dxp = dxp;
-                // `dx` came unzeroed: the direct and Winograd input gradients, a blocked
-                // pointwise conv's copies and the channels-last depthwise kernel write every
-                // entry of their part; the other paths add into it (col2im), so their part is
-                // zeroed here, by the task that then fills it.
-                let writes_all = direct_dx.is_some()
-                    || wino.is_some()
-                    || (views.is_some() && g.path == Path::Pointwise)
-                    || (g.path == Path::Depthwise && g.depthwise_channels_last());
-                if !writes_all {
+                if !dx_written_in_full {
                     if let Some(d) = dxp.as_deref_mut() {
                         d.fill(0.0);
                     }
