@@ -572,8 +572,29 @@ def _json_from(stdout: str):
     return json.JSONDecoder().raw_decode(stdout[i:])[0]
 
 
+def cpu_times():
+    """The machine's `cpu` line of /proc/stat (jiffies: user nice system idle iowait irq softirq
+    steal ...), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(t0, t1):
+    """Percent of the machine's CPU time between two `cpu_times` that the hypervisor gave to
+    other guests (steal, the 8th field): a neighbour's load, which slows a run without showing in
+    this machine's load average."""
+    if not t0 or not t1 or len(t0) < 8 or len(t1) < 8:
+        return None
+    total = sum(t1[:8]) - sum(t0[:8])
+    return 100.0 * (t1[7] - t0[7]) / total if total > 0 else None
+
+
 def run_cmd(cmd, env=None, timeout=None):
     t0 = time.perf_counter()
+    st0 = cpu_times()
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -588,6 +609,7 @@ def run_cmd(cmd, env=None, timeout=None):
         raise RuntimeError(f"{' '.join(cmd)}: {e}; stdout: {p.stdout[-500:]!r}") from None
     rep["process_wall_s"] = wall
     rep["process_cpu_s"] = cpu
+    rep["host_steal_pct"] = steal_pct(st0, cpu_times())
     core = next((l.split(":", 1)[1].strip() for l in (p.stderr or "").splitlines()
                  if l.startswith("Core:")), None)
     if core:
@@ -992,6 +1014,8 @@ def main() -> int:
                 "elrt_peak_rss_mib": med(e, "peak_rss_mib"), "torch_peak_rss_mib": med(p, "peak_rss_mib"),
                 "torch_rss_after_import_mib": med(p, "rss_after_import_torch_mib"),
                 "torch_cpu_per_wall": med(p, "cpu_per_wall"),
+                "elrt_host_steal_pct": med(e, "host_steal_pct"),
+                "torch_host_steal_pct": med(p, "host_steal_pct"),
                 "elrt_runs": [{k: v for k, v in x.items() if k != "profile"} for x in e],
                 "torch_runs": p,
                 "errors": runs[(cid, t)]["errors"],
@@ -1185,6 +1209,11 @@ def main() -> int:
     table = markdown_table(results, machine, cores, core_name, threads)
     print("\n" + table + "\n")
     print(f"load average before {load_before}, after {load_after}; {time.time() - t_start:.0f} s")
+    steals = [x["host_steal_pct"] for r in results for x in r["elrt_runs"] + r["torch_runs"]
+              if x.get("host_steal_pct") is not None]
+    if steals:
+        print(f"host steal time per run: median {statistics.median(steals):.1f}%, "
+              f"max {max(steals):.1f}%")
     if load_before and machine["cpus_usable"] and load_before[0] > 0.5:
         print(f"note: the machine was not idle (load {load_before[0]}); figures may be noisy")
 

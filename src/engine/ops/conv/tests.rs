@@ -1328,12 +1328,14 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             c.kernel_label(&xs, &ws).unwrap(),
             "Conv winograd+small-plane"
         );
-        // 32x32 planes of 64 channels: F(4x4); 16x16 ones: F(2x2); ResNet-20's 16 channels
-        // on 32x32: the direct kernel (`direct.rs`).
+        // 32x32 and 16x16 planes of 64 channels: F(4x4); 16x16 ones of 32 channels: F(2x2);
+        // ResNet-20's 16 channels on 32x32: the direct kernel (`direct.rs`).
         let big = [37, 64, 32, 32];
         assert_eq!(c.kernel_label(&big, &ws).unwrap(), "Conv winograd4");
         let mid = [37, 64, 16, 16];
-        assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd");
+        assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd4");
+        let mid32 = ([37, 32, 16, 16], [32, 32, 3, 3]);
+        assert_eq!(c.kernel_label(&mid32.0, &mid32.1).unwrap(), "Conv winograd");
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
         assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv direct");
     }
@@ -2527,7 +2529,7 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         // 32x32 planes.
         assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd4-cl");
         assert_eq!(label([9, 128, 16, 16], 128), "Conv winograd4-cl");
-        assert_eq!(label([9, 72, 16, 16], 72), "Conv winograd");
+        assert_eq!(label([9, 72, 16, 16], 72), "Conv winograd4");
         assert_eq!(label([9, 128, 32, 32], 128), "Conv winograd4");
         let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
         let g = s2.geom(&[9, 256, 8, 8], &[512, 256, 3, 3]).unwrap();

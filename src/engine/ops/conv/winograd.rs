@@ -632,19 +632,40 @@ impl Geom {
     /// 16-channel stage is a tie (its transforms, not its GEMMs, take most of the time) and
     /// stays on F(2x2). Whole training steps, F(2x2) only -> this rule (1 thread, best of 2):
     /// resnet18_tucker2@128 1246 -> 1170 ms, resnet20_tucker2 249 -> 241 ms.
+    ///
+    /// 16x16 to 31x31 planes of [`WINO4_MIN_CHANNELS_16PX`] to 127 channels run F(4x4) too
+    /// (from 128 on 16x16 the channels-last path takes them, `winograd_cl.rs`): inside training
+    /// steps the 64-channel 16x16 layers gained where criterion's repeated calls on a warm cache
+    /// had shown a tie. `elrt speed --profile`, alternating builds, F(2x2) -> F(4x4), the
+    /// Winograd layers' ms per step (forward + backward): resnet18@64's layer1 (four 64ch
+    /// layers, batch 64) 1 thread 113-129 -> 96-119, forward 37.2-40.9 -> 29.0-32.6; 2 threads
+    /// 62-66 -> 52-54, forward 40.1-44.3 -> 35.7-37.4 (whole step 234-249 -> 221-234);
+    /// resnet18_tucker2@128's 72-channel 16x16 cores (with its F(4x4) 32x32 layers) 1 thread
+    /// 254-264 -> 234-237 (step 1152-1225 -> 1134-1160).
     pub(super) fn wino4_pays(&self) -> bool {
         match MODE.load(Ordering::Relaxed) {
             2 | 4 => false,
             3 => true,
-            _ => self.oh * self.ow >= WINO4_MIN_PLANE && self.ci.min(self.co) >= WINO4_MIN_CHANNELS,
+            _ => {
+                let (plane, ch) = (self.oh * self.ow, self.ci.min(self.co));
+                (plane >= WINO4_MIN_PLANE && ch >= WINO4_MIN_CHANNELS)
+                    || (plane >= WINO4_MIN_PLANE_16PX
+                        && (WINO4_MIN_CHANNELS_16PX..128).contains(&ch))
+            }
         }
     }
 }
 
-/// Fewest outputs per image plane for F(4x4, 3x3): 32x32.
+/// Fewest outputs per image plane for F(4x4, 3x3) from [`WINO4_MIN_CHANNELS`] channels: 32x32.
 const WINO4_MIN_PLANE: usize = 1024;
-/// Fewest channels in and out for F(4x4, 3x3).
+/// Fewest channels in and out for F(4x4, 3x3) on 32x32 planes and larger.
 const WINO4_MIN_CHANNELS: usize = 24;
+/// Fewest outputs per image plane for F(4x4, 3x3) from [`WINO4_MIN_CHANNELS_16PX`] channels:
+/// 16x16.
+const WINO4_MIN_PLANE_16PX: usize = 256;
+/// Fewest channels in and out for F(4x4, 3x3) on 16x16 to 31x31 planes (ResNet-20's 32
+/// channels on 16x16 tied and stay on F(2x2)).
+const WINO4_MIN_CHANNELS_16PX: usize = 64;
 
 /// Bound on F(4x4, 3x3)'s error per output, as [`WINO_REL_TOL`] for F(2x2, 3x3). Measured
 /// worst over the same 60 random geometries: 1.7e-5 forward, 7.5e-6 input gradient (F(2x2):
