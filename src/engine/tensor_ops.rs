@@ -310,6 +310,51 @@ pub fn add_relu_backward(
             ),
         ));
     }
+    if a.shape() == z.shape() && b.shape() == z.shape() {
+        let mut dz = dz;
+        if let (Some(zs), Some(gs)) = (z.as_slice(), dz.as_slice_mut()) {
+            let db = mask_in_place_and_copy(zs, gs);
+            let db = ArrayD::from_shape_vec(dz.raw_dim(), db).expect("same length");
+            return Ok((dz, db));
+        }
+        return add_relu_backward_masked(a, b, z, dz);
+    }
+    add_relu_backward_masked(a, b, z, dz)
+}
+
+/// Same-shape Add+Relu backward in one pass: `g` becomes the masked gradient in place (`g`
+/// where `z > 0`, else 0.0), and a copy of it comes back, the other operand's gradient. The
+/// general path below reads and writes the whole tensor three times (mask into a new buffer,
+/// then Add's copy of it); every residual connection of a ResNet runs this once per step.
+fn mask_in_place_and_copy(z: &[f32], g: &mut [f32]) -> Vec<f32> {
+    assert_eq!(z.len(), g.len(), "output and its gradient differ in length");
+    let n = z.len();
+    let chunk = crate::engine::ops::elemwise_chunk(n);
+    let mut copy: Vec<f32> = Vec::with_capacity(n);
+    copy.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .zip(g.par_chunks_mut(chunk).zip(z.par_chunks(chunk)))
+        .for_each(|(c, (g, z))| {
+            for ((c, g), &z) in c.iter_mut().zip(g.iter_mut()).zip(z) {
+                let v = if z > 0.0 { *g } else { 0.0 };
+                *g = v;
+                c.write(v);
+            }
+        });
+    // SAFETY: the chunks of `copy[..n]`, `g` and `z` pair up one to one with equal lengths, and
+    // the loop writes every entry of each chunk of `copy`.
+    unsafe { copy.set_len(n) };
+    copy
+}
+
+/// [`add_relu_backward`]'s general path (broadcast operands, non-contiguous tensors): the
+/// mask, then Add's backward.
+fn add_relu_backward_masked(
+    a: ArrayViewD<f32>,
+    b: ArrayViewD<f32>,
+    z: ArrayViewD<f32>,
+    dz: ArrayD<f32>,
+) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
     let masked = match (z.as_slice(), dz.as_slice()) {
         (Some(zs), Some(gs)) => {
             let m = crate::engine::ops::par_zip_map(zs, gs, |z, g| if z > 0.0 { g } else { 0.0 });
@@ -779,9 +824,11 @@ mod tests {
     fn add_relu_equals_add_then_relu_and_finite_differences() {
         use crate::engine::ops::Activation;
         let relu = Activation::Relu;
+        // The last shape spans several parallel chunks of the same-shape single pass.
         for (sa, sb) in [
             (vec![2, 3, 4, 5], vec![2, 3, 4, 5]),
             (vec![2, 3, 4, 4], vec![1, 3, 1, 1]),
+            (vec![3, 5, 40, 41], vec![3, 5, 40, 41]),
         ] {
             let a = rand(&sa, 5);
             let b = rand(&sb, 6);
