@@ -2,6 +2,10 @@
 //! on one thread: the shapes that dominate ResNet-20 and its Tucker-2 and CP forms.
 //!
 //!     cargo bench --bench conv_kernels [-- FILTER]
+//!     ELRT_BENCH_THREADS=2 cargo bench --bench conv_kernels [-- FILTER]
+//!
+//! Every group runs on one global pool of 1 thread unless `ELRT_BENCH_THREADS` says otherwise
+//! (`RAYON_NUM_THREADS` does not apply: the pool is built here).
 //!
 //! - `3x3_16ch_32px`: the first stage of ResNet-20 (im2col + sgemm, flat taps);
 //! - `3x3_core8_32px`: a Tucker-2 core at rank 8 in that stage;
@@ -64,12 +68,23 @@ use ndarray::Array4;
 
 const BATCH: usize = 32;
 
+/// The one global pool every group here runs on: 1 thread, or `ELRT_BENCH_THREADS` (as
+/// `benches/train_step.rs`). `conv_kernels` builds it, and criterion calls that group first
+/// even when a filter selects another, so `RAYON_NUM_THREADS` has no effect here.
+fn bench_pool() {
+    let threads = std::env::var("ELRT_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(1);
+    // Already built when a later group calls this: that pool is the one asked for.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build_global();
+}
+
 fn conv_kernels(c: &mut Criterion) {
     elrt::engine::tune_allocator();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build_global()
-        .expect("thread pool");
+    bench_pool();
     elrt::engine::init();
     let cases: [(&str, Conv2d, [usize; 4], [usize; 4]); 6] = [
         (
@@ -474,6 +489,7 @@ const WINO_BATCH: usize = 64;
 /// and, on stride-1 3x3 layers, Winograd's (`conv/winograd_dw.rs`).
 fn weight_grad(c: &mut Criterion) {
     elrt::engine::tune_allocator();
+    bench_pool();
     elrt::engine::init();
     let mut g = c.benchmark_group("weight_grad");
     g.sampling_mode(SamplingMode::Flat)
@@ -549,6 +565,7 @@ fn conv(group: usize, pads: [usize; 4]) -> Conv2d {
 /// on the stride-phase planes (`conv/direct.rs`).
 fn direct_forward(c: &mut Criterion) {
     elrt::engine::tune_allocator();
+    bench_pool();
     elrt::engine::init();
     let mut g = c.benchmark_group("direct_forward");
     g.sampling_mode(SamplingMode::Flat)

@@ -46,8 +46,8 @@ const MAX_CHANNELS: usize = 64;
 /// 7.59 / 7.90, 32 -> 64 on 16x16 5.27 / 5.47); below it direct wins (48 -> 24 on 16x16 2.51 /
 /// 2.37, 16 -> 8 on 32x32 2.30 / 1.72, 64 -> 32 on 8x8 1.15 / 0.74). ResNet-18's Tucker-2 form
 /// (64 <-> 40 factors of its first stage) is where this moves layers back to GEMM. On an
-/// AVX-512 Zen 4 (criterion, batch 64, 2 threads, GEMM / direct) the large planes stay mixed,
-/// so the rule stands: 16 -> 96 on 32x32 15.0 / 16.2 ms, 24 -> 144 on 16x16 5.36 / 6.87,
+/// AVX-512 Zen 4 (criterion, batch 64, 1 thread: the bench's pool, which this note called 2
+/// threads; GEMM / direct) the large planes stay mixed, so the rule stands: 16 -> 96 on 32x32 15.0 / 16.2 ms, 24 -> 144 on 16x16 5.36 / 6.87,
 /// 144 -> 24 7.94 / 6.96, 48 -> 24 1.66 / 1.36, 16 -> 8 on 32x32 1.14 / 1.22.
 const MAX_MACS_PER_IMAGE: usize = 1 << 19;
 

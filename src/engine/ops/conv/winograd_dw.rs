@@ -287,7 +287,8 @@ impl Geom {
 
     /// Whether the weight gradient of a Winograd layer runs here rather than on the direct
     /// kernel (`weight_grad.rs`), measured with criterion on an AVX-512 host (batch 64 unless
-    /// said, rayon's default pool of 2 threads, 2026-12-04):
+    /// said, 1 thread: the bench's pool, which an earlier note here took for rayon's default of
+    /// 2; 2026-12-04):
     ///
     /// - layers that are not small-plane ones, always: group `weight_grad`, direct -> Winograd
     ///   (ms): ResNet-20's 32 channels on 16x16 4.26 -> 3.69; ResNet-18's 64 on 16x16 15.0 ->
