@@ -35,8 +35,10 @@
 //!   and weight gradients) per call, as a training step runs them.
 //! - group `weight_grad`: the weight gradient alone (backward without the input gradient) of
 //!   the stride-1 3x3 layers of ResNet-20 and ResNet-18 and ResNet-18's 7x7 stride-2 stem at
-//!   batch 64, im2col + GEMM against the direct kernel on the padded input
-//!   (`conv/weight_grad.rs`; the stem through its stride phases).
+//!   batch 64 (and ResNet-18's 128-channel 28x28 stage at 224x224), im2col + GEMM against the
+//!   direct kernel on the padded input (`conv/weight_grad.rs`; the stem through its stride
+//!   phases) and, on the 3x3 layers, Winograd's F(2x2) and F(4x4) weight gradients
+//!   (`conv/winograd_dw.rs`, `winograd` and `winograd4`).
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
 //!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
 //!   few-channel 3x3 layers (16 channels, Tucker-2 cores of rank 8 and 12, 32x32, batch 64),
@@ -59,8 +61,8 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
     set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
-    set_winograd_cl_weight_grad, set_winograd_weight_grad, set_winograd_weight_grad_small_planes,
-    Conv2d, WinogradMode,
+    set_winograd_cl_weight_grad, set_winograd_weight_grad, set_winograd_weight_grad_f4,
+    set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -507,6 +509,8 @@ fn weight_grad(c: &mut Criterion) {
         // ResNet-18 at 128x128: its first two stages.
         ("r18_64ch_32px", 64, 64, 3, 1, 32),
         ("r18_128ch_16px", 128, 128, 3, 1, 16),
+        // ResNet-18 at 224x224: its second stage.
+        ("r18_128ch_28px", 128, 128, 3, 1, 28),
         // ResNet-18's 7x7 stride-2 stem at 64x64 (the stride-phase layout).
         ("r18_stem_64px", 3, 64, 7, 2, 64),
     ] {
@@ -517,19 +521,25 @@ fn weight_grad(c: &mut Criterion) {
         let w = Array4::from_shape_fn([co, ci, k, k], |_| next());
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         // Winograd's weight gradient only where the layer is a Winograd one (stride-1 3x3).
-        let kernels: &[(&str, bool, bool)] = if k == 3 && s == 1 {
+        // Winograd's F(2x2) and F(4x4) (`winograd` and `winograd4`) forced, whatever the rule.
+        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 {
             &[
-                ("im2col", false, false),
-                ("direct", true, false),
-                ("winograd", true, true),
+                ("im2col", false, false, None),
+                ("direct", true, false, None),
+                ("winograd", true, true, Some(false)),
+                ("winograd4", true, true, Some(true)),
             ]
         } else {
-            &[("im2col", false, false), ("direct", true, false)]
+            &[
+                ("im2col", false, false, None),
+                ("direct", true, false, None),
+            ]
         };
-        for &(kernel, direct, wino) in kernels {
+        for &(kernel, direct, wino, f4) in kernels {
             g.bench_function(format!("{name}/{kernel}"), |b| {
                 set_direct_weight_grad(direct);
                 set_winograd_weight_grad(wino);
+                set_winograd_weight_grad_f4(f4);
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         black_box(op.backward(x.view(), w.view(), dy.view(), false).unwrap())
@@ -539,6 +549,7 @@ fn weight_grad(c: &mut Criterion) {
         }
         set_direct_weight_grad(true);
         set_winograd_weight_grad(true);
+        set_winograd_weight_grad_f4(None);
     }
     g.finish();
 }

@@ -133,7 +133,9 @@ pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
 pub use winograd::{set_winograd, WinogradMode};
 pub use winograd_cl::{set_winograd_cl, set_winograd_cl_weight_grad};
-pub use winograd_dw::{set_winograd_weight_grad, set_winograd_weight_grad_small_planes};
+pub use winograd_dw::{
+    set_winograd_weight_grad, set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes,
+};
 
 const OP: &str = "Conv";
 
@@ -233,6 +235,9 @@ struct Geom {
     /// A Winograd layer whose weight gradient runs in the transformed domain too
     /// (`winograd_dw.rs`), over the whole batch after the parts' input gradients.
     wino_dw: bool,
+    /// That weight gradient's tile side: 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), whatever the
+    /// forward's `wino_tile`.
+    wino_dw_tile: usize,
     /// Whether the forward runs as direct dot products on the padded input (`direct.rs`), and
     /// so the input gradient too where `Geom::direct_dx_geom` allows (stride 1, 8+ inputs).
     direct_fwd: bool,
@@ -370,6 +375,7 @@ impl Conv2d {
             wino_tile: 2,
             direct_dw: false,
             wino_dw: false,
+            wino_dw_tile: 2,
             direct_fwd: false,
             small_plane: false,
             wino_cl: false,
@@ -388,6 +394,9 @@ impl Conv2d {
         }
         g.small_plane = !g.direct_fwd && g.small_plane_eligible() && g.small_plane_pays();
         g.wino_dw = g.winograd && g.wino_dw_pays();
+        if g.wino_dw && g.wino_dw4_pays() {
+            g.wino_dw_tile = 4;
+        }
         // A Winograd layer's small-plane flag only chooses its backward.
         g.small_plane &= !g.wino_dw;
         g.direct_dw = !g.small_plane && !g.wino_dw && g.direct_dw_eligible() && g.direct_dw_pays();

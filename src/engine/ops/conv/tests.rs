@@ -1336,6 +1336,17 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd4");
         let mid32 = ([37, 32, 16, 16], [32, 32, 3, 3]);
         assert_eq!(c.kernel_label(&mid32.0, &mid32.1).unwrap(), "Conv winograd");
+        // The weight gradient: F(4x4) from 64 channels on 32x32, from 128 on 17x17 to 31x31;
+        // F(2x2) on 16x16.
+        let dw_tile = |xs: [usize; 4]| {
+            let g = c.geom(&xs, &[xs[1], xs[1], 3, 3]).unwrap();
+            assert!(g.wino_dw, "{xs:?}");
+            g.wino_dw_tile
+        };
+        assert_eq!(dw_tile(big), 4);
+        assert_eq!(dw_tile([37, 64, 16, 16]), 2);
+        assert_eq!(dw_tile([37, 128, 28, 28]), 4);
+        assert_eq!(dw_tile([37, 64, 28, 28]), 2);
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
         assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv direct");
     }
@@ -1471,90 +1482,113 @@ fn dw_error(g: &Geom, seed: u64, need_dx: bool) -> f64 {
     scaled_error(&grads.dw, &exact, &scale)
 }
 
-/// The Winograd weight gradient (`winograd_dw.rs`, forced on) against f64: random geometries
-/// as for the forward (pads 0-2 on each side, planes of 1 to 13 pixels, odd and even, 1 to 70
-/// channels, batches of 1 to 9), with and without the input gradient, then ResNet-sized layers,
-/// one of them over several chunks with a shorter last one (40 images of 16x16). Error per entry
-/// within `WINO_REL_TOL` times `sum |dy| |x|`, im2col's on the same geometries for scale.
+/// The Winograd weight gradient (`winograd_dw.rs`, forced on) against f64, F(2x2) and F(4x4):
+/// random geometries as for the forward (pads 0-2 on each side, planes of 1 to 13 pixels, odd
+/// and even, 1 to 70 channels, batches of 1 to 9), with and without the input gradient, then
+/// ResNet-sized layers, one of them over several chunks with a shorter last one (40 images of
+/// 16x16). Error per entry within `WINO_REL_TOL` (F(2x2)) or `WINO4_DW_REL_TOL` (F(4x4)) times
+/// the largest `sum |dy| |x|` over the entry's kernel window, im2col's on the same geometries
+/// for scale.
 #[test]
 fn winograd_weight_grad_matches_f64_within_bound() {
-    let mut rng = Rng::new(53);
-    let (mut worst, mut worst_im2col) = (0.0f64, 0.0f64);
-    let mut cases = 0;
-    while cases < 60 {
-        let Some(RandomWino { pads, xs, ws }) = RandomWino::draw(&mut rng) else {
-            continue;
-        };
-        let ([n, ci, h, w], co) = (xs, ws[0]);
-        let c = conv(1, [1, 1], pads, [1, 1]);
-        let g = Geom {
-            wino_dw: true,
-            direct_dw: false,
-            ..winograd_forced(&c, xs, ws, 2)
-        };
-        let e = dw_error(&g, 500 + cases, rng.below(2) == 0);
-        assert!(
-            e <= winograd::WINO_REL_TOL,
-            "{pads:?} x [{n}, {ci}, {h}, {w}] co {co}: scaled dw error {e:e}"
+    for (tile, tol) in [
+        (2, winograd::WINO_REL_TOL),
+        (4, winograd_dw::WINO4_DW_REL_TOL),
+    ] {
+        let mut rng = Rng::new(53);
+        let (mut worst, mut worst_im2col) = (0.0f64, 0.0f64);
+        let mut cases = 0;
+        while cases < 60 {
+            let Some(RandomWino { pads, xs, ws }) = RandomWino::draw(&mut rng) else {
+                continue;
+            };
+            let ([n, ci, h, w], co) = (xs, ws[0]);
+            let c = conv(1, [1, 1], pads, [1, 1]);
+            let g = Geom {
+                wino_dw: true,
+                wino_dw_tile: tile,
+                direct_dw: false,
+                ..winograd_forced(&c, xs, ws, 2)
+            };
+            let e = dw_error(&g, 500 + cases, rng.below(2) == 0);
+            assert!(
+                e <= tol,
+                "F({tile}x{tile}) {pads:?} x [{n}, {ci}, {h}, {w}] co {co}: scaled dw error {e:e}"
+            );
+            worst = worst.max(e);
+            let plain = Geom {
+                winograd: false,
+                wino_dw: false,
+                direct_dw: false,
+                ..g
+            };
+            worst_im2col = worst_im2col.max(dw_error(&plain, 500 + cases, false));
+            cases += 1;
+        }
+        eprintln!(
+            "worst scaled dw error: winograd F({tile}x{tile}) {worst:e}, im2col {worst_im2col:e}"
         );
-        worst = worst.max(e);
-        let plain = Geom {
-            winograd: false,
-            wino_dw: false,
-            direct_dw: false,
-            ..g
-        };
-        worst_im2col = worst_im2col.max(dw_error(&plain, 500 + cases, false));
-        cases += 1;
-    }
-    eprintln!("worst scaled dw error: winograd {worst:e}, im2col {worst_im2col:e}");
-    let c = conv(1, [1, 1], [1; 4], [1, 1]);
-    for (n, ch, px) in [(3, 16, 32), (40, 32, 16), (5, 64, 16), (9, 128, 8)] {
-        let g = Geom {
-            wino_dw: true,
-            direct_dw: false,
-            ..winograd_forced(&c, [n, ch, px, px], [ch, ch, 3, 3], 2)
-        };
-        let e = dw_error(&g, ch as u64, true);
-        eprintln!("{ch}ch {px}px batch {n}: winograd dw {e:e}");
-        assert!(e <= winograd::WINO_REL_TOL, "{ch}ch {px}px: {e:e}");
+        let c = conv(1, [1, 1], [1; 4], [1, 1]);
+        for (n, ch, px) in [
+            (3, 16, 32),
+            (40, 32, 16),
+            (5, 64, 16),
+            (9, 128, 8),
+            (70, 64, 16),
+        ] {
+            let g = Geom {
+                wino_dw: true,
+                wino_dw_tile: tile,
+                direct_dw: false,
+                ..winograd_forced(&c, [n, ch, px, px], [ch, ch, 3, 3], 2)
+            };
+            let e = dw_error(&g, ch as u64, true);
+            eprintln!("F({tile}x{tile}) {ch}ch {px}px batch {n}: winograd dw {e:e}");
+            assert!(e <= tol, "F({tile}x{tile}) {ch}ch {px}px: {e:e}");
+        }
     }
 }
 
-/// The Winograd weight gradient against f64 finite differences of the reference loss, on a
-/// small odd geometry with asymmetric pads, and bitwise the same on 1 and 3 threads over
-/// several chunks.
+/// The Winograd weight gradient, F(2x2) and F(4x4), against f64 finite differences of the
+/// reference loss, on a small odd geometry with asymmetric pads, and bitwise the same on 1 and
+/// 3 threads over several chunks.
 #[test]
 fn winograd_weight_grad_matches_finite_differences_and_thread_counts() {
-    let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
-    let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
-    let g = Geom {
-        wino_dw: true,
-        direct_dw: false,
-        ..winograd_forced(&c, xs, ws, 2)
-    };
-    let mut rng = Rng::new(59);
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let r = rand_array(&mut rng, [3, 3, g.oh, g.ow], -1.0, 1.0);
-    let grads = Conv2d::backward_geom(&g, x.view(), w.view(), r.view(), false);
-    let (x64, r64) = (to_f64(&x.view()), to_f64(&r.view()));
-    let w64 = to_f64(&w.view());
-    let fdw = fd_grad(&w64, |w| {
-        dot_loss(&c.reference(x64.view(), w.view(), None).unwrap(), &r64)
-    });
-    assert_grad("dw", &grads.dw.view(), &fdw.view());
-    let c = conv(1, [1, 1], [1; 4], [1, 1]);
-    let (xs, ws) = ([37, 32, 16, 16], [32, 32, 3, 3]);
-    let g = Geom {
-        wino_dw: true,
-        direct_dw: false,
-        ..winograd_forced(&c, xs, ws, 2)
-    };
-    let x = rand_array(&mut rng, xs, -1.0, 1.0);
-    let w = rand_array(&mut rng, ws, -1.0, 1.0);
-    let dy = rand_array(&mut rng, [37, 32, 16, 16], -1.0, 1.0);
-    assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    for tile in [2, 4] {
+        let c = conv(1, [1, 1], [2, 0, 1, 2], [1, 1]);
+        let (xs, ws) = ([3, 4, 5, 4], [3, 4, 3, 3]);
+        let g = Geom {
+            wino_dw: true,
+            wino_dw_tile: tile,
+            direct_dw: false,
+            ..winograd_forced(&c, xs, ws, 2)
+        };
+        let mut rng = Rng::new(59);
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let r = rand_array(&mut rng, [3, 3, g.oh, g.ow], -1.0, 1.0);
+        let grads = Conv2d::backward_geom(&g, x.view(), w.view(), r.view(), false);
+        let (x64, r64) = (to_f64(&x.view()), to_f64(&r.view()));
+        let w64 = to_f64(&w.view());
+        let fdw = fd_grad(&w64, |w| {
+            dot_loss(&c.reference(x64.view(), w.view(), None).unwrap(), &r64)
+        });
+        assert_grad("dw", &grads.dw.view(), &fdw.view());
+        let c = conv(1, [1, 1], [1; 4], [1, 1]);
+        // F(4x4): 16 tiles an image, so 64 images a chunk; 150 make three, the last shorter.
+        let n = if tile == 4 { 150 } else { 37 };
+        let (xs, ws) = ([n, 32, 16, 16], [32, 32, 3, 3]);
+        let g = Geom {
+            wino_dw: true,
+            wino_dw_tile: tile,
+            direct_dw: false,
+            ..winograd_forced(&c, xs, ws, 2)
+        };
+        let x = rand_array(&mut rng, xs, -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let dy = rand_array(&mut rng, [n, 32, 16, 16], -1.0, 1.0);
+        assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    }
 }
 
 /// A random window geometry for the direct kernels' f64 tests: kernels 1x1 to 7x7, dilations

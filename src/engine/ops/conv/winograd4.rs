@@ -253,14 +253,49 @@ impl Plane {
     /// contiguous runs of `nt` values: long loops even on 8x8 planes (4 tiles per image).
     #[inline(always)]
     pub(super) fn transform_input4(&self, x: &[f32], c: usize, nt: usize, s: &mut WinoScratch) {
+        let plane = self.cin * nt;
+        let WinoScratch {
+            v, hrows, prow, ev, ..
+        } = s;
+        self.transform_input4_to(
+            x,
+            c,
+            nt,
+            hrows,
+            prow,
+            ev,
+            &mut v[..36 * plane],
+            plane,
+            c * nt,
+        );
+    }
+
+    /// [`Self::transform_input4`] into `out`: tap `k`'s `nt` values at `k * kstride + base`
+    /// (the forward's `[36][cin][nt]` has `kstride = cin * nt`, `base = c * nt`; the weight
+    /// gradient's per-channel `[36][tp]` blocks `kstride = tp`, `base = 0`, `winograd_dw.rs`).
+    /// `hrows`, `prow` and `ev` are the scratch rows [`WinoScratch`] holds for F(4x4).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub(super) fn transform_input4_to(
+        &self,
+        x: &[f32],
+        c: usize,
+        nt: usize,
+        hrows: &mut [f32],
+        prow: &mut [f32],
+        ev: &mut [f32],
+        out: &mut [f32],
+        kstride: usize,
+        base: usize,
+    ) {
         let (th, tw) = (self.th(), self.tw());
         let tiles = th * tw;
         let (hw, xlen) = (self.h * self.w, self.cin * self.h * self.w);
         let wp = 4 * (tw + 1);
         let (hb, prow, ph) = (
-            &mut s.hrows[..36 * nt],
-            &mut s.prow[..wp],
-            &mut s.ev[..4 * (tw + 1)],
+            &mut hrows[..36 * nt],
+            &mut prow[..wp],
+            &mut ev[..4 * (tw + 1)],
         );
         let xw = self.w.min(wp.saturating_sub(self.pl));
         // The padding columns of `prow` stay zero: each row writes only `pl..pl + xw`.
@@ -299,15 +334,11 @@ impl Plane {
                 }
             }
         }
-        let plane = self.cin * nt;
-        let hb = &s.hrows[..36 * nt];
+        let hb = &*hb;
         for i in 0..6 {
             let row = |slot: usize| &hb[(slot * 6 + i) * nt..][..nt];
             let d = [row(0), row(1), row(2), row(3), row(4), row(5)];
-            bt6(
-                d,
-                split6(&mut s.v[i * plane..36 * plane], 6 * plane, c * nt, nt),
-            );
+            bt6(d, split6(&mut out[i * kstride..], 6 * kstride, base, nt));
         }
     }
 
