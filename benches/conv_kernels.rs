@@ -41,8 +41,9 @@
 //!   (`conv/winograd_dw.rs`, `winograd` and `winograd4`).
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
 //!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
-//!   few-channel 3x3 layers (16 channels, Tucker-2 cores of rank 8 and 12, 32x32, batch 64),
-//!   Winograd against the direct kernel; and pointwise layers the direct path takes (Tucker-2
+//!   few-channel 3x3 layers (16 channels on 32x32 and 16x16, Tucker-2 cores of rank 8 and 12
+//!   on 32x32, batch 64), Winograd F(2x2) against the direct kernel and the fused F(4x4) path
+//!   (`conv/winograd_fused.rs`); and pointwise layers the direct path takes (Tucker-2
 //!   factors 16 -> 8 and 8 -> 16 on 32x32, 64 -> 32 and 32 -> 64 on 8x8), forward then
 //!   backward, GEMM against the direct path (`conv/pointwise.rs`).
 //! - group `silu`: SiLU forward then backward on an EfficientNet-B0 expanded activation (32 x 144
@@ -61,8 +62,8 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
     set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
-    set_winograd_cl_weight_grad, set_winograd_weight_grad, set_winograd_weight_grad_f4,
-    set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
+    set_winograd_cl_weight_grad, set_winograd_fused, set_winograd_weight_grad,
+    set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -604,10 +605,13 @@ fn direct_forward(c: &mut Criterion) {
     }
     // Few-channel stride-1 3x3 layers (`Geom::few_channel_3x3`): ResNet-20's first stage and
     // Tucker-2 cores of rank 8 and 12 there, direct against Winograd F(2x2) (what they ran on
-    // before the direct kernel). Ranks that are not a multiple of the register tile's rows
-    // (6 on AVX2, 8 on AVX-512) exercise its remainder tiles.
+    // before the direct kernel) and against the fused F(4x4) path (`conv/winograd_fused.rs`,
+    // forced on whatever its rule says; its products' tile is AVX-512's). Ranks that are not a
+    // multiple of the register tile's rows (6 on AVX2, 8 on AVX-512) exercise its remainder
+    // tiles.
     for (name, ch, px) in [
         ("3x3_16ch_32px", 16, 32),
+        ("3x3_16ch_16px", 16, 16),
         ("3x3_core8_32px", 8, 32),
         ("3x3_core12_32px", 12, 32),
     ] {
@@ -615,9 +619,14 @@ fn direct_forward(c: &mut Criterion) {
         let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
-        for (kernel, direct) in [("winograd", false), ("direct", true)] {
+        for (kernel, direct, fused) in [
+            ("winograd", false, false),
+            ("direct", true, false),
+            ("winograd4-fused", true, true),
+        ] {
             g.bench_function(format!("{name}/{kernel}"), |b| {
                 set_direct_forward(direct);
+                set_winograd_fused(Some(fused));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         black_box(op.forward(x.view(), w.view(), None).unwrap())
@@ -626,6 +635,7 @@ fn direct_forward(c: &mut Criterion) {
             });
         }
         set_direct_forward(true);
+        set_winograd_fused(None);
     }
     // Pointwise layers the direct path takes (`conv/pointwise.rs`), forward then backward per
     // call: a GEMM per image (or blocked) against the direct path.

@@ -124,6 +124,7 @@ mod winograd;
 mod winograd4;
 mod winograd_cl;
 mod winograd_dw;
+mod winograd_fused;
 
 pub use depthwise_cl::set_depthwise_channels_last;
 pub use direct::set_direct_forward;
@@ -136,6 +137,7 @@ pub use winograd_cl::{set_winograd_cl, set_winograd_cl_weight_grad};
 pub use winograd_dw::{
     set_winograd_weight_grad, set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes,
 };
+pub use winograd_fused::set_winograd_fused;
 
 const OP: &str = "Conv";
 
@@ -241,6 +243,10 @@ struct Geom {
     /// Whether the forward runs as direct dot products on the padded input (`direct.rs`), and
     /// so the input gradient too where `Geom::direct_dx_geom` allows (stride 1, 8+ inputs).
     direct_fwd: bool,
+    /// A direct-forward layer of at most 16 channels whose forward and input gradient run as
+    /// Winograd F(4x4, 3x3) one image at a time, all in cache (`winograd_fused.rs`); its
+    /// weight gradient stays the direct one.
+    wino_fused: bool,
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
     small_plane: bool,
@@ -267,8 +273,10 @@ impl Conv2d {
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch,
-    /// `winograd_cl.rs`), "Conv direct" (direct dot products on the padded input, forward
-    /// and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
+    /// `winograd_cl.rs`), "Conv winograd4-fused" (F(4x4, 3x3) one image at a time for layers
+    /// of at most 16 channels, forward and input gradient, `winograd_fused.rs`; the direct
+    /// weight gradient timed with it), "Conv direct" (direct dot products on the padded input,
+    /// forward and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
     /// time this way, since the paths differ by 10x in GFLOP/s.
@@ -292,6 +300,9 @@ impl Conv2d {
             (true, false) => return Ok("Conv winograd"),
             (false, true) => return Ok("Conv small-plane"),
             _ => {}
+        }
+        if g.wino_fused {
+            return Ok("Conv winograd4-fused");
         }
         if g.direct_fwd {
             return Ok("Conv direct");
@@ -377,6 +388,7 @@ impl Conv2d {
             wino_dw: false,
             wino_dw_tile: 2,
             direct_fwd: false,
+            wino_fused: false,
             small_plane: false,
             wino_cl: false,
             subsample: false,
@@ -387,6 +399,7 @@ impl Conv2d {
         }
         // The direct forward first: where it pays it beats Winograd too (few channels).
         g.direct_fwd = g.direct_fwd_eligible() && g.direct_fwd_pays();
+        g.wino_fused = g.wino_fused_eligible() && g.wino_fused_pays();
         g.winograd =
             !g.direct_fwd && g.path == Path::Im2col && g.winograd_eligible() && g.winograd_pays();
         if g.winograd && g.wino4_pays() {
@@ -470,6 +483,8 @@ impl Conv2d {
         // Transformed once per call, shared by every part of the batch.
         let wino = (g.winograd && g.n > 0)
             .then(|| winograd::transform_weights(&ws, g.co, g.ci, false, g.wino_tile));
+        let fused =
+            (g.wino_fused && g.n > 0).then(|| winograd_fused::fused_weights(g.co, g.ci, &ws));
         if g.n > 0 {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
@@ -490,6 +505,14 @@ impl Conv2d {
                     }
                     if g.path == Path::Depthwise && g.depthwise_channels_last() {
                         return g.depthwise_forward_cl(xp, &ws, bias.as_deref(), yp);
+                    }
+                    if let Some(u) = &fused {
+                        let p = g.fused_plane();
+                        let mut s = p.fused_scratch();
+                        for (yb, xb) in yp.chunks_mut(ylen).zip(xp.chunks(xlen)) {
+                            p.fused_run(xb, u, bias.as_deref(), yb, &mut s);
+                        }
+                        return;
                     }
                     if g.direct_fwd {
                         let (mut s, b) = (g.dw_scratch(), g.dw_images());
@@ -634,7 +657,14 @@ impl Conv2d {
         let direct_dx = (need_dx && g.n > 0)
             .then(|| g.direct_dx_geom())
             .flatten()
-            .map(|gt| (gt, g.flipped_transposed(&ws)));
+            .map(|gt| {
+                let wt = g.flipped_transposed(&ws);
+                // The fused Winograd path takes its own transform of the flipped weights.
+                let ut = gt
+                    .wino_fused
+                    .then(|| winograd_fused::fused_weights(gt.co, gt.ci, &wt));
+                (gt, wt, ut)
+            });
         let wino = (g.winograd && need_dx && g.n > 0)
             .then(|| winograd::transform_weights(&ws, g.co, g.ci, true, g.wino_tile));
         // Small planes: every part lays its columns and output gradients into its column range
@@ -684,12 +714,20 @@ impl Conv2d {
                         d.fill(0.0);
                     }
                 }
-                if let Some((gt, wt)) = &direct_dx {
+                if let Some((gt, wt, ut)) = &direct_dx {
                     // Taken, as for Winograd below.
                     let dxw = dxp.take().expect("direct_dx is only set when dx is wanted");
-                    let (mut s, b) = (gt.dw_scratch(), gt.dw_images());
-                    for (dxb, dyb) in dxw.chunks_mut(b * xlen).zip(dyp.chunks(b * ylen)) {
-                        gt.forward_direct(dyb, wt, None, dxb, &mut s);
+                    if let Some(u) = ut {
+                        let p = gt.fused_plane();
+                        let mut s = p.fused_scratch();
+                        for (dxb, dyb) in dxw.chunks_mut(xlen).zip(dyp.chunks(ylen)) {
+                            p.fused_run(dyb, u, None, dxb, &mut s);
+                        }
+                    } else {
+                        let (mut s, b) = (gt.dw_scratch(), gt.dw_images());
+                        for (dxb, dyb) in dxw.chunks_mut(b * xlen).zip(dyp.chunks(b * ylen)) {
+                            gt.forward_direct(dyb, wt, None, dxb, &mut s);
+                        }
                     }
                 }
                 if let Some(u) = &wino {

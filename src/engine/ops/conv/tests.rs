@@ -1348,7 +1348,7 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         assert_eq!(dw_tile([37, 128, 28, 28]), 4);
         assert_eq!(dw_tile([37, 64, 28, 28]), 2);
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
-        assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), "Conv direct");
+        assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), few_channel_label());
     }
     for tile in [2, 4] {
         let g = winograd_forced(&c, xs, ws, tile);
@@ -2001,7 +2001,7 @@ fn skipping_the_bias_gradient_changes_nothing_else() {
 fn direct_forward_error(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], seed: u64) -> f64 {
     let mut g = c.geom(&xs, &ws).unwrap();
     assert!(g.direct_fwd_eligible(), "{c:?} {xs:?} {ws:?}");
-    g.direct_fwd = true;
+    (g.direct_fwd, g.wino_fused) = (true, false);
     forward_error(c, &g, xs, ws, seed)
 }
 
@@ -2185,7 +2185,7 @@ fn direct_input_gradient_matches_f64_over_random_geometries() {
         let Ok(mut g) = c.geom(&[n, ci, h, w], &[co, ci, kh, kw]) else {
             continue;
         };
-        (g.direct_fwd, g.winograd, g.small_plane) = (true, false, false);
+        (g.direct_fwd, g.winograd, g.small_plane, g.wino_fused) = (true, false, false, false);
         // Below 8 input channels the input gradient stays on im2col.
         assert_eq!(
             g.direct_dx_geom().is_some(),
@@ -2212,8 +2212,10 @@ fn direct_input_gradient_matches_f64_over_random_geometries() {
 }
 
 /// ResNet-20's 16-channel layers and a Tucker-2 core of 8 channels take the direct kernels
-/// (forward, input and weight gradients) and stay within the bounds, the same bits on 1 and 3
-/// threads; 32-channel 32x32 layers keep Winograd.
+/// (forward, input and weight gradients; on 16x16 planes and up with 12+ channels the fused
+/// Winograd forward and input gradient where the CPU has AVX-512, the direct weight gradient
+/// still) and the direct kernels stay within the bounds, the same bits on 1 and 3 threads;
+/// 32-channel 32x32 layers keep Winograd.
 #[test]
 fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
     if !direct::auto_mode() || !weight_grad::auto_mode() || !winograd::auto_mode() {
@@ -2225,9 +2227,15 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
         ([9, 8, 16, 16], [12, 8, 3, 3]),
         ([9, 16, 8, 8], [16, 16, 3, 3]),
     ] {
-        let g = c.geom(&xs, &ws).unwrap();
+        let mut g = c.geom(&xs, &ws).unwrap();
         assert!(g.direct_fwd && g.direct_dw && !g.winograd, "{xs:?} {ws:?}");
-        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), "Conv direct");
+        let label = if xs[2] >= 16 && xs[1].min(ws[0]) >= 12 {
+            few_channel_label()
+        } else {
+            "Conv direct"
+        };
+        assert_eq!(c.kernel_label(&xs, &ws).unwrap(), label, "{xs:?} {ws:?}");
+        g.wino_fused = false;
         let e = direct_forward_error(&c, xs, ws, 5);
         assert!(e <= DIRECT_FWD_REL_TOL, "{xs:?}: forward {e:e}");
         let [edx, edw] = direct_backward_errors(&g, 6);
@@ -2578,4 +2586,186 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         let dy = rand_array(&mut rng, [9, 80, 8, 8], -1.0, 1.0);
         assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
     }
+}
+
+/// The label ResNet-20's 16-channel 32x32 layers get: the fused Winograd path where the CPU
+/// has AVX-512 (its speed rule), else the direct kernel.
+fn few_channel_label() -> &'static str {
+    if winograd_fused::Build::best() != winograd_fused::Build::Portable {
+        "Conv winograd4-fused"
+    } else {
+        "Conv direct"
+    }
+}
+
+/// Forward and input-gradient errors of the fused Winograd kernel (build `build`, called image
+/// by image on the forward's plane and on the input gradient's, with the flipped weights)
+/// against f64, each output scaled by its tile's scale plus its own `sum |w| |x| + |b|`, as
+/// the other Winograd paths' errors.
+fn winograd_fused_errors(
+    c: &Conv2d,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    bias: bool,
+    seed: u64,
+    build: winograd_fused::Build,
+) -> (f64, f64) {
+    let g = c.geom(&xs, &ws).unwrap();
+    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
+    let fp = g.fused_plane();
+    let bp = winograd::Plane {
+        m: 4,
+        ..g.wino_backward_plane()
+    };
+    let w = d.w.as_slice().unwrap();
+    let u = winograd_fused::fused_weights(g.co, g.ci, w);
+    let ut = winograd_fused::fused_weights(g.ci, g.co, &g.flipped_transposed(w));
+    let (xlen, ylen) = (g.x_len(), g.y_len());
+    let (mut y, mut dx) = (vec![f32::NAN; g.n * ylen], vec![f32::NAN; g.n * xlen]);
+    let (mut sf, mut sb) = (fp.fused_scratch(), bp.fused_scratch());
+    let b = d.b.as_ref().map(|b| b.as_slice().unwrap());
+    for (yi, xi) in y.chunks_mut(ylen).zip(d.x.as_slice().unwrap().chunks(xlen)) {
+        fp.fused_run_with(build, xi, &u, b, yi, &mut sf);
+    }
+    for (dxi, dyi) in dx
+        .chunks_mut(xlen)
+        .zip(d.dy.as_slice().unwrap().chunks(ylen))
+    {
+        bp.fused_run_with(build, dyi, &ut, None, dxi, &mut sb);
+    }
+    assert!(
+        y.iter().chain(&dx).all(|v| v.is_finite()),
+        "every entry written"
+    );
+    let y = Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y).unwrap();
+    let dx = Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx).unwrap();
+    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+    let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
+    let yscale = tile_scale(&abs(&d.x64), &wsum, &fp, d.b64abs.as_ref()) + &d.yscale;
+    let dxscale = tile_scale(&abs(&d.dy64), &wsum.t().to_owned(), &bp, None);
+    let dx64 = dx_reference(&g, &d.dy64, &d.w64);
+    (
+        scaled_error(&y, &d.y64, &yscale),
+        scaled_error(&dx, &dx64, &dxscale),
+    )
+}
+
+/// The fused Winograd kernel, every build this CPU runs, against f64 over random geometries:
+/// 1 to 16 channels in and out (lanes past them zero), planes of 1 to 21 pixels a side (part
+/// tiles, blocks of fewer than 8 tiles, rows no multiple of 16), pads 0-2 on each side
+/// (asymmetric), batches of 1-3 (the scratch reused across images): forward and input gradient
+/// within `WINO4_REL_TOL` of each output's tile scale.
+#[test]
+fn winograd_fused_matches_f64_within_bound_over_random_geometries() {
+    for build in winograd_fused::Build::available() {
+        let mut rng = Rng::new(61);
+        let (mut worst_f, mut worst_b, mut cases) = (0.0f64, 0.0f64, 0);
+        while cases < 50 {
+            let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+            let (h, w) = (1 + rng.below(21), 1 + rng.below(21));
+            if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
+                continue;
+            }
+            let (n, ci, co) = (1 + rng.below(3), 1 + rng.below(16), 1 + rng.below(16));
+            let c = conv(1, [1, 1], pads, [1, 1]);
+            let bias = rng.below(2) == 0;
+            let (xs, ws) = ([n, ci, h, w], [co, ci, 3, 3]);
+            let (f, b) = winograd_fused_errors(&c, xs, ws, bias, cases, build);
+            assert!(
+                f <= winograd::WINO4_REL_TOL && b <= winograd::WINO4_REL_TOL,
+                "{build:?} {pads:?} x {xs:?} co {co}: forward {f:e}, dx {b:e}"
+            );
+            (worst_f, worst_b) = (worst_f.max(f), worst_b.max(b));
+            cases += 1;
+        }
+        eprintln!("worst scaled error: fused F(4x4) {build:?} forward {worst_f:e}, dx {worst_b:e}");
+    }
+}
+
+/// Through the conv's forward and backward with the fused path forced on (ResNet-20's layer,
+/// a rank-12 Tucker-2 core on an odd plane, asymmetric pads): forward and input gradient
+/// within `WINO4_REL_TOL` of the tile scale, the weight and bias gradients bit for bit those
+/// of the direct path (the same kernel computes them), the same bits on 1 and 3 threads.
+#[test]
+fn winograd_fused_layers_match_f64_and_are_thread_independent() {
+    for (xs, co, pads) in [
+        ([3, 16, 32, 32], 16, [1; 4]),
+        ([2, 12, 17, 19], 14, [1; 4]),
+        ([2, 16, 20, 18], 9, [0, 2, 1, 0]),
+    ] {
+        let c = conv(1, [1, 1], pads, [1, 1]);
+        let ws = [co, xs[1], 3, 3];
+        let mut g = c.geom(&xs, &ws).unwrap();
+        (
+            g.direct_fwd,
+            g.winograd,
+            g.small_plane,
+            g.wino_cl,
+            g.wino_dw,
+        ) = (true, false, false, false, false);
+        assert!(g.wino_fused_eligible(), "{xs:?} {ws:?}");
+        g.wino_fused = true;
+        assert!(g.direct_dx_geom().is_some_and(|gt| gt.wino_fused));
+        let d = ErrorCase::draw(&c, &g, xs, ws, true, co as u64);
+        let y = d.forward(&g);
+        let grads = d.backward(&g, true);
+        let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+        let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
+        let yscale =
+            tile_scale(&abs(&d.x64), &wsum, &g.fused_plane(), d.b64abs.as_ref()) + &d.yscale;
+        let bp = winograd::Plane {
+            m: 4,
+            ..g.wino_backward_plane()
+        };
+        let dxscale = tile_scale(&abs(&d.dy64), &wsum.t().to_owned(), &bp, None);
+        let dx64 = dx_reference(&g, &d.dy64, &d.w64);
+        let (f, b) = (
+            scaled_error(&y, &d.y64, &yscale),
+            scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
+        );
+        assert!(y.iter().all(|v| v.is_finite()));
+        eprintln!("fused F(4x4) {xs:?} -> {co}: forward {f:e}, dx {b:e}");
+        assert!(
+            f <= winograd::WINO4_REL_TOL && b <= winograd::WINO4_REL_TOL,
+            "{xs:?} -> {co}: forward {f:e}, dx {b:e}"
+        );
+        let direct = d.backward(
+            &Geom {
+                wino_fused: false,
+                ..g
+            },
+            true,
+        );
+        assert_eq!(grads.dw, direct.dw);
+        assert_eq!(grads.db, direct.db);
+        assert_same_on_1_and_3_threads(&g, &d.x, &d.w, &d.dy);
+    }
+}
+
+/// The speed rule: the fused path for stride-1 3x3 layers of 12 to 16 channels on 16x16
+/// planes and up where the CPU has AVX-512 (ResNet-20's first stage), not for 8-channel
+/// layers, 8x8 planes, 17+ channels, strided layers or the 3-channel stem; and on such a layer
+/// the conv's own forward and gradients against the reference and f64 finite differences.
+#[test]
+fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
+    if !direct::auto_mode() || !winograd::auto_mode() {
+        return;
+    }
+    let c = conv(1, [1, 1], [1; 4], [1, 1]);
+    let fused = |xs: [usize; 4], co: usize| c.geom(&xs, &[co, xs[1], 3, 3]).unwrap().wino_fused;
+    let avx512 = winograd_fused::Build::best() != winograd_fused::Build::Portable;
+    assert_eq!(fused([4, 16, 32, 32], 16), avx512);
+    assert_eq!(fused([4, 12, 16, 16], 14), avx512);
+    assert!(!fused([4, 8, 32, 32], 8));
+    assert!(!fused([4, 16, 8, 8], 16));
+    assert!(!fused([4, 24, 16, 16], 24));
+    assert!(!fused([4, 3, 32, 32], 16));
+    let strided = conv(1, [2, 2], [1; 4], [1, 1]);
+    assert!(
+        !strided
+            .geom(&[4, 16, 32, 32], &[16, 16, 3, 3])
+            .unwrap()
+            .wino_fused
+    );
+    check_against_reference(&c, [1, 12, 16, 16], [12, 12, 3, 3], true, 67, assert_grad);
 }
