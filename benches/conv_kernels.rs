@@ -38,7 +38,8 @@
 //!   batch 64 (and ResNet-18's 128-channel 28x28 stage at 224x224), im2col + GEMM against the
 //!   direct kernel on the padded input (`conv/weight_grad.rs`; the stem through its stride
 //!   phases) and, on the 3x3 layers, Winograd's F(2x2) and F(4x4) weight gradients
-//!   (`conv/winograd_dw.rs`, `winograd` and `winograd4`).
+//!   (`conv/winograd_dw.rs`, `winograd` and `winograd4`), on ResNet-20's 16-channel layer
+//!   also the fused path's (`conv/winograd_fused.rs`, `winograd4-fused`).
 //! - group `direct_forward`: the forward alone of ResNet-18's 7x7 stride-2 stem at 64x64 and
 //!   128x128, batch 64, im2col + GEMM against the direct kernel (`conv/direct.rs`); and of
 //!   few-channel 3x3 layers (16 channels on 32x32 and 16x16, Tucker-2 cores of rank 8 and 12
@@ -62,8 +63,9 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
     set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
-    set_winograd_cl_weight_grad, set_winograd_fused, set_winograd_weight_grad,
-    set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
+    set_winograd_cl_weight_grad, set_winograd_fused, set_winograd_fused_weight_grad,
+    set_winograd_weight_grad, set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes,
+    Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -523,7 +525,17 @@ fn weight_grad(c: &mut Criterion) {
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         // Winograd's weight gradient only where the layer is a Winograd one (stride-1 3x3).
         // Winograd's F(2x2) and F(4x4) (`winograd` and `winograd4`) forced, whatever the rule.
-        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 {
+        // Layers of at most 16 channels: also the fused path's weight gradient
+        // (`conv/winograd_fused.rs`), forced on; the other entries have it off.
+        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 && ci.max(co) <= 16 {
+            &[
+                ("im2col", false, false, None),
+                ("direct", true, false, None),
+                ("winograd", true, true, Some(false)),
+                ("winograd4", true, true, Some(true)),
+                ("winograd4-fused", true, false, None),
+            ]
+        } else if k == 3 && s == 1 {
             &[
                 ("im2col", false, false, None),
                 ("direct", true, false, None),
@@ -541,6 +553,9 @@ fn weight_grad(c: &mut Criterion) {
                 set_direct_weight_grad(direct);
                 set_winograd_weight_grad(wino);
                 set_winograd_weight_grad_f4(f4);
+                let fused = kernel == "winograd4-fused";
+                set_winograd_fused(fused.then_some(true));
+                set_winograd_fused_weight_grad(Some(fused));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
                         black_box(op.backward(x.view(), w.view(), dy.view(), false).unwrap())
@@ -551,6 +566,8 @@ fn weight_grad(c: &mut Criterion) {
         set_direct_weight_grad(true);
         set_winograd_weight_grad(true);
         set_winograd_weight_grad_f4(None);
+        set_winograd_fused(None);
+        set_winograd_fused_weight_grad(None);
     }
     g.finish();
 }

@@ -137,7 +137,7 @@ pub use winograd_cl::{set_winograd_cl, set_winograd_cl_weight_grad};
 pub use winograd_dw::{
     set_winograd_weight_grad, set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes,
 };
-pub use winograd_fused::set_winograd_fused;
+pub use winograd_fused::{set_winograd_fused, set_winograd_fused_weight_grad};
 
 const OP: &str = "Conv";
 
@@ -243,9 +243,9 @@ struct Geom {
     /// Whether the forward runs as direct dot products on the padded input (`direct.rs`), and
     /// so the input gradient too where `Geom::direct_dx_geom` allows (stride 1, 8+ inputs).
     direct_fwd: bool,
-    /// A direct-forward layer of at most 16 channels whose forward and input gradient run as
-    /// Winograd F(4x4, 3x3) one image at a time, all in cache (`winograd_fused.rs`); its
-    /// weight gradient stays the direct one.
+    /// A direct-forward layer of at most 16 channels whose forward, input gradient and (where
+    /// `Geom::wino_fused_dw_pays`) weight gradient run as Winograd F(4x4, 3x3) one image at a
+    /// time, all in cache (`winograd_fused.rs`).
     wino_fused: bool,
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
@@ -274,8 +274,7 @@ impl Conv2d {
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch,
     /// `winograd_cl.rs`), "Conv winograd4-fused" (F(4x4, 3x3) one image at a time for layers
-    /// of at most 16 channels, forward and input gradient, `winograd_fused.rs`; the direct
-    /// weight gradient timed with it), "Conv direct" (direct dot products on the padded input,
+    /// of at most 16 channels, forward and both gradients, `winograd_fused.rs`), "Conv direct" (direct dot products on the padded input,
     /// forward and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
@@ -761,6 +760,13 @@ impl Conv2d {
                 let mut dw = vec![0.0f32; ws.len()];
                 if g.path == Path::Depthwise && g.depthwise_channels_last() {
                     g.depthwise_backward_cl(xp, &ws, dyp, dxp, &mut dw);
+                    return (dw, db);
+                }
+                if dxp.is_none() && g.wino_fused_dw_pays() {
+                    // The fused Winograd weight gradient (its input gradient came above).
+                    let p = g.fused_plane();
+                    let mut s = p.fused_scratch();
+                    p.fused_weight_grad(xp, dyp, &mut dw, &mut s);
                     return (dw, db);
                 }
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];

@@ -1,7 +1,6 @@
 //! Winograd F(4x4, 3x3) for stride-1 3x3 layers of at most 16 channels in and out (ResNet-20's
 //! first stage, low-rank Tucker-2 cores), one image at a time with every intermediate kept in
-//! cache: forward and input gradient (the weight gradient stays the direct one,
-//! `weight_grad.rs`).
+//! cache: forward, input gradient and weight gradient.
 //!
 //! Why: those layers ran on the direct kernel (`direct.rs`) at the sgemm ceiling (ResNet-20's
 //! 16ch 32x32, 84 GFLOP/s, 33% of its training step with the weight gradient), 144
@@ -21,12 +20,17 @@
 //!
 //! Transformed weights `U[k][c][o]` (36 x 16 x 16, zero-padded) are made once per call. The
 //! block of tiles stays in L1 (2 x 18 KB) and the padded image in L2, so nothing but the image
-//! and its output crosses memory.
+//! and its output crosses memory. The weight gradient runs the same way over a part of the
+//! batch: per block, `V` from the image and `dM = A dy A^T` from the channels-last output
+//! gradient, `dU_k += V_k dM_k^T` with the 16 sums of a tap in registers, and `G^T dU G` once
+//! per part ([`Plane::fused_weight_grad`]).
 //!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
-//! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths. Each output
-//! is a fixed sequence of operations on its own image: results do not depend on the thread
-//! count or the batch.
+//! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
+//! gradient within `CL_DW_TOL` of its window's `sum |dy| |x|`. Each output is a fixed sequence
+//! of operations on its own image, and a part's weight gradient sums its images in order (the
+//! parts then in part order): results do not depend on the thread count, and the forward and
+//! input gradient not on the batch either.
 
 use super::winograd::Plane;
 use super::winograd4::transform_kernel4;
@@ -42,6 +46,15 @@ const TAPS: usize = 36;
 
 /// The override of [`Geom::wino_fused_pays`].
 static FUSED: Override = Override::new();
+/// The override of [`Geom::wino_fused_dw_pays`].
+static FUSED_DW: Override = Override::new();
+
+/// Benchmark override of this path's weight gradient on the layers it runs: `Some(true)`
+/// always, `Some(false)` never (the direct weight gradient), `None` the speed rule.
+#[doc(hidden)]
+pub fn set_winograd_fused_weight_grad(mode: Option<bool>) {
+    FUSED_DW.set(mode);
+}
 
 /// Benchmark override of this path: `Some(true)` on every layer it can take, `Some(false)`
 /// never (the direct kernel runs them), `None` the speed rule.
@@ -111,6 +124,15 @@ impl Geom {
         })
     }
 
+    /// Whether a layer of this path ([`Self::wino_fused_pays`]) takes its weight gradient here
+    /// too rather than from the direct kernel (`weight_grad.rs`): criterion `weight_grad`
+    /// (batch 64, 1 thread, AVX-512), ResNet-20's 16ch 32x32 direct 3.77 -> 2.03 ms; inside
+    /// ResNet-20's training step (batch 128, 1 thread) its 16-channel layers' backward 61.4-61.8
+    /// -> 44.3-45.1 ms per step.
+    pub(super) fn wino_fused_dw_pays(&self) -> bool {
+        self.wino_fused && FUSED_DW.decide(|| true)
+    }
+
     /// The forward's plane (F(4x4) tiles) for this path.
     pub(super) fn fused_plane(&self) -> Plane {
         Plane {
@@ -151,8 +173,10 @@ pub(super) struct FusedScratch {
     v: Vec<f32>,
     /// A block's products, `[TB][36][16]`.
     m: Vec<f32>,
-    /// The channels-last output, `[4 th][4 tw][16]`.
+    /// The channels-last output (the output gradient in the weight gradient), `[4 th][4 tw][16]`.
     o: Vec<f32>,
+    /// The weight gradient's transformed sums, `[36][16][16]`.
+    du: Vec<f32>,
 }
 
 impl Plane {
@@ -163,6 +187,7 @@ impl Plane {
             v: vec![0.0; TB * TAPS * LANES],
             m: vec![0.0; TB * TAPS * LANES],
             o: vec![0.0; 16 * self.th() * self.tw() * LANES],
+            du: vec![0.0; TAPS * LANES * LANES],
         }
     }
 
@@ -229,6 +254,79 @@ impl Plane {
                 avx512::unpack(self, &s.o, y);
             },
         }
+    }
+
+    /// The weight gradient of the forward correlation over `n` images: `x` (`[n][cin][h][w]`),
+    /// `dy` (`[n][cout][oh][ow]`), `dw` (`[cout][cin][3][3]`) overwritten.
+    ///
+    /// The forward is `y = A^T [U ⊙ V] A` per tile, so `dU_k = sum over tiles of V_k dM_k^T`
+    /// with `dM = A dy A^T` (Lavin & Gray 2015): per block of tiles, the input transform as in
+    /// the forward, `dM` from the channels-last `dy`, and for each tap the `cin` sums (one
+    /// vector over the output channels each) accumulated in f32, tile by tile in order over
+    /// the images; then `dg = G^T dU G` in f64, rounded once. Summation order is fixed by the
+    /// images given, so a part's result does not depend on the thread count.
+    pub(super) fn fused_weight_grad(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        s: &mut FusedScratch,
+    ) {
+        self.fused_weight_grad_with(Build::best(), x, dy, dw, s);
+    }
+
+    /// [`Self::fused_weight_grad`] on a given build (the tests run each).
+    pub(super) fn fused_weight_grad_with(
+        &self,
+        build: Build,
+        x: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        s: &mut FusedScratch,
+    ) {
+        let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
+        assert!(
+            self.m == 4
+                && self.cin <= LANES
+                && self.cout <= LANES
+                && xlen > 0
+                && x.len().is_multiple_of(xlen)
+                && dy.len() == x.len() / xlen * ylen
+                && dw.len() == self.cout * self.cin * 9,
+            "fused Winograd weight-gradient buffers do not match the plane"
+        );
+        s.du.fill(0.0);
+        // `pack_dy` writes the plane only; the rest of whole tiles must be zeros (a forward on
+        // this scratch leaves its tiles' overhang there).
+        s.o.fill(0.0);
+        let tiles = self.tiles();
+        for (xi, dyi) in x.chunks_exact(xlen).zip(dy.chunks_exact(ylen)) {
+            match build {
+                Build::Portable => {
+                    pack(self, xi, &mut s.p);
+                    pack_dy(self, dyi, &mut s.o);
+                    for t0 in (0..tiles).step_by(TB) {
+                        let nb = TB.min(tiles - t0);
+                        input_block(self, &s.p, t0, nb, &mut s.v);
+                        dy_block(self, &s.o, t0, nb, &mut s.m);
+                        accumulate_portable(self.cin, nb, &s.v, &s.m, &mut s.du);
+                    }
+                }
+                // SAFETY: as in `fused_run_with`.
+                #[cfg(target_arch = "x86_64")]
+                Build::Avx512 => unsafe {
+                    avx512::pack(self, xi, &mut s.p);
+                    avx512::pack_dy(self, dyi, &mut s.o);
+                    for t0 in (0..tiles).step_by(TB) {
+                        let nb = TB.min(tiles - t0);
+                        avx512::input_block(self, &s.p, t0, nb, &mut s.v);
+                        avx512::dy_block(self, &s.o, t0, nb, &mut s.m);
+                        avx512::accumulate(self.cin, nb, &s.v, &s.m, &mut s.du);
+                    }
+                },
+            }
+        }
+        untransform(self.cout, self.cin, &s.du, dw);
     }
 }
 
@@ -416,6 +514,109 @@ fn products_portable(cin: usize, u: &[f32], v: &[f32], m: &mut [f32]) {
     }
 }
 
+/// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and rounded
+/// once (`du`: `[36][16][16]`).
+fn untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
+    let g = &super::winograd4::G;
+    for o in 0..cout {
+        for c in 0..cin {
+            let d = |i: usize, j: usize| f64::from(du[((6 * i + j) * LANES + c) * LANES + o]);
+            // t[i][b] = sum_j dU[i][j] G[j][b], then dg[a][b] = sum_i G[i][a] t[i][b].
+            let mut t = [[0.0f64; 3]; 6];
+            for (i, ti) in t.iter_mut().enumerate() {
+                for (b, v) in ti.iter_mut().enumerate() {
+                    *v = (0..6).map(|j| d(i, j) * g[j][b]).sum();
+                }
+            }
+            let out = &mut dw[(o * cin + c) * 9..][..9];
+            for a in 0..3 {
+                for b in 0..3 {
+                    out[3 * a + b] = (0..6).map(|i| g[i][a] * t[i][b]).sum::<f64>() as f32;
+                }
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// [`pack_dy_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) => pack_dy_body, (p, dy, dst);
+        ["avx512f", "avx2"]
+}
+
+/// `dy` (`[cout][oh][ow]`) channels-last into `dst` (`[4 th][4 tw][16]`), the lanes past
+/// `cout` and the pixels past the plane never written (zeros from [`Plane::fused_scratch`]).
+#[inline(always)]
+fn pack_dy_body(p: &Plane, dy: &[f32], dst: &mut [f32]) {
+    let wo = 4 * p.tw();
+    let ohw = p.oh * p.ow;
+    for oy in 0..p.oh {
+        let row = &mut dst[oy * wo * LANES..][..p.ow * LANES];
+        for (ox, px) in row.chunks_exact_mut(LANES).enumerate() {
+            for (o, v) in px[..p.cout].iter_mut().enumerate() {
+                *v = dy[o * ohw + oy * p.ow + ox];
+            }
+        }
+    }
+}
+
+/// `A d` for one column (or row) of four output-gradient vectors (`A`'s rows `[1 0 0 0]`,
+/// `[1 1 1 1]`, `[1 -1 1 -1]`, `[1 2 4 8]`, `[1 -2 4 -8]`, `[0 0 0 1]`).
+#[inline(always)]
+fn a4(d: [V16; 4]) -> [V16; 6] {
+    let (e, o) = (add(d[0], d[2]), add(d[1], d[3]));
+    let e4 = add_k(d[0], 4.0, d[2]);
+    let o8 = add_k(add(d[1], d[1]), 8.0, d[3]);
+    [d[0], add(e, o), sub(e, o), add(e4, o8), sub(e4, o8), d[3]]
+}
+
+simd_dispatch! {
+    /// [`dy_block_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32])
+        => dy_block_body, (p, d, t0, nb, dm); ["avx512f", "avx2"]
+}
+
+/// Tiles `t0..t0 + nb` of the channels-last output gradient `d` through `A dy A^T` into `dm`
+/// (`[TB][36][16]`).
+#[inline(always)]
+fn dy_block_body(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+    let tw = p.tw();
+    let wo = 4 * tw;
+    for t in 0..nb {
+        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+        let base = (4 * ty * wo + 4 * tx) * LANES;
+        let mut tmp = [[[0.0f32; LANES]; 4]; 6];
+        for q in 0..4 {
+            let col: [V16; 4] = std::array::from_fn(|r| load(&d[base + (r * wo + q) * LANES..]));
+            for (u, v) in a4(col).into_iter().enumerate() {
+                tmp[u][q] = v;
+            }
+        }
+        let mt = &mut dm[t * TAPS * LANES..][..TAPS * LANES];
+        for (u, row) in tmp.into_iter().enumerate() {
+            for (w, v) in a4(row).into_iter().enumerate() {
+                mt[(6 * u + w) * LANES..][..LANES].copy_from_slice(&v);
+            }
+        }
+    }
+}
+
+/// `dU[k][c] += sum over the block's first `nb` tiles of V[t][k][c] * dM[t][k]` (a vector over
+/// the output channels), tiles in order; a multiply and an add per term.
+fn accumulate_portable(cin: usize, nb: usize, v: &[f32], dm: &[f32], du: &mut [f32]) {
+    for k in 0..TAPS {
+        for c in 0..cin {
+            let acc = &mut du[(k * LANES + c) * LANES..][..LANES];
+            let mut a = load(acc);
+            for t in 0..nb {
+                let d = load(&dm[(t * TAPS + k) * LANES..]);
+                a = add_k(a, v[(t * TAPS + k) * LANES + c], d);
+            }
+            acc.copy_from_slice(&a);
+        }
+    }
+}
+
 // The kernels index their register arrays by constant bounds on purpose: the loops unroll and
 // the arrays live in registers.
 #[cfg(target_arch = "x86_64")]
@@ -467,23 +668,51 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack(p: &Plane, x: &[f32], dst: &mut [f32]) {
         let wp = 4 * p.tw() + 2;
-        let hw = p.h * p.w;
-        assert!(x.len() >= p.cin * hw && dst.len() >= (4 * p.th() + 2) * wp * LANES);
+        assert!(dst.len() >= (4 * p.th() + 2) * wp * LANES);
         assert!(p.pt + p.h <= 4 * p.th() + 2 && p.pl + p.w <= wp);
-        let (xp, dp) = (x.as_ptr(), dst.as_mut_ptr());
+        pack_into(x, p.cin, p.h, p.w, dst, wp, p.pt, p.pl);
+    }
+
+    /// [`super::pack_dy_body`] through [`transpose16`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) {
+        let wo = 4 * p.tw();
+        assert!(dst.len() >= 4 * p.th() * wo * LANES);
+        pack_into(dy, p.cout, p.oh, p.ow, dst, wo, 0, 0);
+    }
+
+    /// `src` (`[ch][h][w]`, `ch <= 16`) channels-last into `dst` (rows of `dst_w` pixels of 16
+    /// lanes), pixel `(iy, ix)` at `(iy + oy, ix + ox)`, every lane of those pixels written.
+    /// The callers check that `dst` holds those pixels.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pack_into(
+        src: &[f32],
+        ch: usize,
+        h: usize,
+        w: usize,
+        dst: &mut [f32],
+        dst_w: usize,
+        oy: usize,
+        ox: usize,
+    ) {
+        let hw = h * w;
+        assert!(ch <= LANES && src.len() >= ch * hw && ox + w <= dst_w);
+        assert!(dst.len() >= (oy + h) * dst_w * LANES);
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
         let mut r = [_mm512_setzero_ps(); 16];
-        for iy in 0..p.h {
-            for ix0 in (0..p.w).step_by(LANES) {
-                let n = LANES.min(p.w - ix0);
+        for iy in 0..h {
+            for ix0 in (0..w).step_by(LANES) {
+                let n = LANES.min(w - ix0);
                 for c in 0..LANES {
-                    r[c] = if c < p.cin {
-                        _mm512_maskz_loadu_ps(first(n), xp.add(c * hw + iy * p.w + ix0))
+                    r[c] = if c < ch {
+                        _mm512_maskz_loadu_ps(first(n), sp.add(c * hw + iy * w + ix0))
                     } else {
                         _mm512_setzero_ps()
                     };
                 }
                 transpose16(&mut r);
-                let row = dp.add(((iy + p.pt) * wp + p.pl + ix0) * LANES);
+                let row = dp.add(((iy + oy) * dst_w + ox + ix0) * LANES);
                 for j in 0..n {
                     _mm512_storeu_ps(row.add(j * LANES), r[j]);
                 }
@@ -649,6 +878,91 @@ mod avx512 {
             }
             for t in 0..TB {
                 _mm512_storeu_ps(mp.add((t * TAPS + k) * LANES), acc[t]);
+            }
+        }
+    }
+
+    /// `A d` for one column (or row) of four output-gradient vectors (`A`'s rows `[1 0 0 0]`,
+    /// `[1 1 1 1]`, `[1 -1 1 -1]`, `[1 2 4 8]`, `[1 -2 4 -8]`, `[0 0 0 1]`).
+    #[inline(always)]
+    unsafe fn a4(d: [__m512; 4]) -> [__m512; 6] {
+        let (e, o) = (_mm512_add_ps(d[0], d[2]), _mm512_add_ps(d[1], d[3]));
+        let e4 = fma_k(d[0], 4.0, d[2]);
+        let o8 = fma_k(_mm512_add_ps(d[1], d[1]), 8.0, d[3]);
+        [
+            d[0],
+            _mm512_add_ps(e, o),
+            _mm512_sub_ps(e, o),
+            _mm512_add_ps(e4, o8),
+            _mm512_sub_ps(e4, o8),
+            d[3],
+        ]
+    }
+
+    /// [`super::dy_block_body`] on vectors.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+        let tw = p.tw();
+        let wo = 4 * tw;
+        assert!(
+            nb <= TB
+                && t0 + nb <= p.tiles()
+                && dm.len() >= TB * TAPS * LANES
+                && d.len() >= 4 * p.th() * wo * LANES
+        );
+        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
+        let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
+        for t in 0..nb {
+            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            let base = src.add((4 * ty * wo + 4 * tx) * LANES);
+            for q in 0..4 {
+                let col: [__m512; 4] =
+                    std::array::from_fn(|r| _mm512_loadu_ps(base.add((r * wo + q) * LANES)));
+                let r6 = a4(col);
+                for u in 0..6 {
+                    tmp[u][q] = r6[u];
+                }
+            }
+            let mt = mp.add(t * TAPS * LANES);
+            for u in 0..6 {
+                let r6 = a4(tmp[u]);
+                for w in 0..6 {
+                    _mm512_storeu_ps(mt.add((6 * u + w) * LANES), r6[w]);
+                }
+            }
+        }
+    }
+
+    /// [`super::accumulate_portable`] with one fused multiply-add per term: per tap, the
+    /// `cin` accumulators (one per input channel, over the output lanes) stay in registers
+    /// while the block's `nb` tiles stream by.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate(cin: usize, nb: usize, v: &[f32], dm: &[f32], du: &mut [f32]) {
+        assert!(
+            cin <= LANES
+                && nb <= TB
+                && v.len() >= TB * TAPS * LANES
+                && dm.len() >= TB * TAPS * LANES
+                && du.len() >= TAPS * LANES * LANES
+        );
+        let (vp, mp, up) = (v.as_ptr(), dm.as_ptr(), du.as_mut_ptr());
+        for k in 0..TAPS {
+            let uk = up.add(k * LANES * LANES);
+            let mut acc = [_mm512_setzero_ps(); LANES];
+            for c in 0..LANES {
+                acc[c] = _mm512_loadu_ps(uk.add(c * LANES));
+            }
+            for t in 0..nb {
+                let d = _mm512_loadu_ps(mp.add((t * TAPS + k) * LANES));
+                let vt = vp.add((t * TAPS + k) * LANES);
+                for c in 0..LANES {
+                    if c < cin {
+                        acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(*vt.add(c)), d, acc[c]);
+                    }
+                }
+            }
+            for c in 0..LANES {
+                _mm512_storeu_ps(uk.add(c * LANES), acc[c]);
             }
         }
     }
