@@ -525,9 +525,9 @@ fn weight_grad(c: &mut Criterion) {
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         // Winograd's weight gradient only where the layer is a Winograd one (stride-1 3x3).
         // Winograd's F(2x2) and F(4x4) (`winograd` and `winograd4`) forced, whatever the rule.
-        // Layers of at most 16 channels: also the fused path's weight gradient
+        // Layers of at most 64 channels: also the fused path's weight gradient
         // (`conv/winograd_fused.rs`), forced on; the other entries have it off.
-        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 && ci.max(co) <= 16 {
+        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 && ci.max(co) <= 64 {
             &[
                 ("im2col", false, false, None),
                 ("direct", true, false, None),
@@ -652,6 +652,33 @@ fn direct_forward(c: &mut Criterion) {
             });
         }
         set_direct_forward(true);
+        set_winograd_fused(None);
+    }
+    // Wider stride-1 3x3 layers the fused path can take (up to 64 channels): the rule's path
+    // (Winograd F(2x2) / F(4x4) plane-wise, fused path off) against the fused path forced on,
+    // forward alone.
+    for (name, ch, px) in [
+        ("3x3_24ch_32px", 24, 32),
+        ("3x3_32ch_16px", 32, 16),
+        ("3x3_32ch_32px", 32, 32),
+        ("3x3_64ch_16px", 64, 16),
+        ("3x3_64ch_32px", 64, 32),
+        ("3x3_64ch_8px", 64, 8),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        for (kernel, fused) in [("rule", false), ("winograd4-fused", true)] {
+            g.bench_function(format!("{name}/{kernel}"), |b| {
+                set_winograd_fused(Some(fused));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+        }
         set_winograd_fused(None);
     }
     // Pointwise layers the direct path takes (`conv/pointwise.rs`), forward then backward per

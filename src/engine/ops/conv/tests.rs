@@ -1020,6 +1020,7 @@ fn winograd_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -> G
     g.winograd = true;
     g.wino_tile = tile;
     (g.small_plane, g.direct_fwd, g.wino_dw, g.wino_cl) = (false, false, false, false);
+    g.wino_fused = false;
     g
 }
 
@@ -1329,13 +1330,25 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             "Conv winograd+small-plane"
         );
         // 32x32 and 16x16 planes of 64 channels: F(4x4); 16x16 ones of 32 channels: F(2x2);
-        // ResNet-20's 16 channels on 32x32: the direct kernel (`direct.rs`).
+        // ResNet-20's 16 channels on 32x32: the direct kernel (`direct.rs`). Where the CPU has
+        // AVX-512, all of them the fused path (`winograd_fused.rs`).
+        let fused = few_channel_label() != "Conv direct";
+        let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
         let big = [37, 64, 32, 32];
-        assert_eq!(c.kernel_label(&big, &ws).unwrap(), "Conv winograd4");
+        assert_eq!(
+            c.kernel_label(&big, &ws).unwrap(),
+            or_fused("Conv winograd4")
+        );
         let mid = [37, 64, 16, 16];
-        assert_eq!(c.kernel_label(&mid, &ws).unwrap(), "Conv winograd4");
+        assert_eq!(
+            c.kernel_label(&mid, &ws).unwrap(),
+            or_fused("Conv winograd4")
+        );
         let mid32 = ([37, 32, 16, 16], [32, 32, 3, 3]);
-        assert_eq!(c.kernel_label(&mid32.0, &mid32.1).unwrap(), "Conv winograd");
+        assert_eq!(
+            c.kernel_label(&mid32.0, &mid32.1).unwrap(),
+            or_fused("Conv winograd")
+        );
         // The weight gradient: F(4x4) from 64 channels on 32x32, from 128 on 17x17 to 31x31;
         // F(2x2) on 16x16.
         let dw_tile = |xs: [usize; 4]| {
@@ -2213,9 +2226,9 @@ fn direct_input_gradient_matches_f64_over_random_geometries() {
 
 /// ResNet-20's 16-channel layers and a Tucker-2 core of 8 channels take the direct kernels
 /// (forward, input and weight gradients; on 16x16 planes and up with 12+ channels the fused
-/// Winograd forward and input gradient where the CPU has AVX-512, the direct weight gradient
-/// still) and the direct kernels stay within the bounds, the same bits on 1 and 3 threads;
-/// 32-channel 32x32 layers keep Winograd.
+/// Winograd path where the CPU has AVX-512) and the direct kernels, forced, stay within the
+/// bounds, the same bits on 1 and 3 threads;
+/// 32-channel 32x32 layers keep Winograd (the fused one where the CPU has AVX-512).
 #[test]
 fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
     if !direct::auto_mode() || !weight_grad::auto_mode() || !winograd::auto_mode() {
@@ -2249,7 +2262,8 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
         let dy = rand_array(&mut rng, [xs[0], ws[0], g.oh, g.ow], -1.0, 1.0);
         assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
     }
-    assert!(c.geom(&[9, 32, 32, 32], &[32, 32, 3, 3]).unwrap().winograd);
+    let g32 = c.geom(&[9, 32, 32, 32], &[32, 32, 3, 3]).unwrap();
+    assert!(g32.winograd || g32.wino_fused);
 }
 
 /// Few-channel pointwise layers (the 1x1 factors of low-rank convs) take the direct path
@@ -2376,6 +2390,7 @@ fn winograd_cl_forced(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], tile: usize) -
     assert!(g.winograd_eligible(), "{c:?} {xs:?} {ws:?}");
     (g.wino_cl, g.small_plane, g.wino_tile) = (true, true, tile);
     (g.winograd, g.wino_dw, g.direct_fwd, g.direct_dw) = (false, false, false, false);
+    g.wino_fused = false;
     g
 }
 
@@ -2681,7 +2696,7 @@ fn winograd_fused_matches_f64_within_bound_over_random_geometries() {
             if h + pads[0] + pads[2] < 3 || w + pads[1] + pads[3] < 3 {
                 continue;
             }
-            let (n, ci, co) = (1 + rng.below(3), 1 + rng.below(16), 1 + rng.below(16));
+            let (n, ci, co) = (1 + rng.below(3), 1 + rng.below(40), 1 + rng.below(40));
             let c = conv(1, [1, 1], pads, [1, 1]);
             let bias = rng.below(2) == 0;
             let (xs, ws) = ([n, ci, h, w], [co, ci, 3, 3]);
@@ -2710,6 +2725,8 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
         ([3, 16, 32, 32], 16, [1; 4]),
         ([2, 12, 17, 19], 14, [1; 4]),
         ([2, 16, 20, 18], 9, [0, 2, 1, 0]),
+        ([2, 32, 16, 16], 32, [1; 4]),
+        ([2, 40, 13, 18], 64, [2, 1, 0, 1]),
     ] {
         let c = conv(1, [1, 1], pads, [1, 1]);
         let ws = [co, xs[1], 3, 3];
@@ -2764,10 +2781,11 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
     }
 }
 
-/// The speed rule: the fused path for stride-1 3x3 layers of 12 to 16 channels on 16x16
-/// planes and up where the CPU has AVX-512 (ResNet-20's first stage), not for 8-channel
-/// layers, 8x8 planes, 17+ channels, strided layers or the 3-channel stem; and on such a layer
-/// the conv's own forward and gradients against the reference and f64 finite differences.
+/// The speed rule: the fused path for stride-1 3x3 layers of 12 to 64 channels on 16x16
+/// planes and up where the CPU has AVX-512 (ResNet-20's first two stages, ResNet-18's 64ch
+/// layers), not for 8-channel layers, 8x8 planes, 72+ channels, strided layers or the
+/// 3-channel stem; its weight gradient up to 16 channels; and on such a layer the conv's own
+/// forward and gradients against the reference and f64 finite differences.
 #[test]
 fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     if !direct::auto_mode() || !winograd::auto_mode() {
@@ -2778,10 +2796,17 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     let avx512 = winograd_fused::Build::best() != winograd_fused::Build::Portable;
     assert_eq!(fused([4, 16, 32, 32], 16), avx512);
     assert_eq!(fused([4, 12, 16, 16], 14), avx512);
+    assert_eq!(fused([4, 32, 16, 16], 32), avx512);
+    assert_eq!(fused([4, 64, 16, 16], 64), avx512);
+    assert_eq!(fused([4, 24, 32, 32], 40), avx512);
     assert!(!fused([4, 8, 32, 32], 8));
     assert!(!fused([4, 16, 8, 8], 16));
-    assert!(!fused([4, 24, 16, 16], 24));
+    assert!(!fused([4, 64, 8, 8], 64));
+    assert!(!fused([4, 72, 16, 16], 72));
     assert!(!fused([4, 3, 32, 32], 16));
+    // The fused weight gradient up to 16 channels; wider layers keep their Winograd one.
+    let g32 = c.geom(&[4, 32, 16, 16], &[32, 32, 3, 3]).unwrap();
+    assert!(!g32.wino_fused_dw_pays() && (g32.wino_dw || !avx512));
     let strided = conv(1, [2, 2], [1; 4], [1, 1]);
     assert!(
         !strided

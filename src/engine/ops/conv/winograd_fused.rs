@@ -1,29 +1,34 @@
-//! Winograd F(4x4, 3x3) for stride-1 3x3 layers of at most 16 channels in and out (ResNet-20's
-//! first stage, low-rank Tucker-2 cores), one image at a time with every intermediate kept in
-//! cache: forward, input gradient and weight gradient.
+//! Winograd F(4x4, 3x3) for stride-1 3x3 layers of up to 64 channels in and out on 16x16 and
+//! larger planes (ResNet-20's first two stages, ResNet-18's 64-channel layers, low-rank
+//! Tucker-2 cores), one image at a time with every intermediate kept in cache: forward, input
+//! gradient and, up to 16 channels, weight gradient.
 //!
-//! Why: those layers ran on the direct kernel (`direct.rs`) at the sgemm ceiling (ResNet-20's
-//! 16ch 32x32, 84 GFLOP/s, 33% of its training step with the weight gradient), 144
+//! Why: ResNet-20's 16-channel layers ran on the direct kernel (`direct.rs`) at the sgemm
+//! ceiling (16ch 32x32, 84 GFLOP/s, 33% of its training step with the weight gradient), 144
 //! multiply-adds per output and channel pair. F(4x4) needs 36 per 16 outputs, but the other
 //! Winograd paths lost at 16 channels: `winograd.rs` transforms plane by plane with GEMMs of
 //! 16 x 16 per tap, and `winograd_cl.rs` writes the transformed batch (2.25x the activation)
-//! out and reads it back. Here 16 channels are one vector (one AVX-512 register), so:
+//! out and reads it back. Here 16 channels are one vector (one AVX-512 register), wider layers
+//! a few vectors per pixel (`CI`, `CO`: the channels rounded up to whole vectors), so:
 //!
-//! - the image is copied channels-last into a zero-padded buffer `P[py][px][16]` (rows and
+//! - the image is copied channels-last into a zero-padded buffer `P[py][px][CI]` (rows and
 //!   columns of whole tiles, the padding's zeros around it);
-//! - per block of [`TB`] tiles: the input transform `V = B^T d B` along the 16 channel lanes,
-//!   into `[TB][36][16]`; for each of the 36 transformed taps, `M[t][k] = sum_c V[t][k][c] *
-//!   U[k][c]` (a broadcast of `V[t][k][c]` times the weight vector `U[k][c]` over the output
-//!   channels: 16 products per tile, tap and input channel); the output transform `y = A^T M A`
-//!   plus the bias into a channels-last output `O[oy][ox][16]`;
+//! - per block of [`TB`] tiles: the input transform `V = B^T d B` along the channel lanes,
+//!   into `[TB][36][CI]`; for each of the 36 transformed taps and vector of output channels,
+//!   `M[t][k] = sum_c V[t][k][c] * U[k][c]` (a broadcast of `V[t][k][c]` times the weight
+//!   vector `U[k][c]` over 16 output channels, the block's 8 accumulators in registers); the
+//!   output transform `y = A^T M A` plus the bias into a channels-last output `O[oy][ox][CO]`;
 //! - `O` is copied back to NCHW.
 //!
-//! Transformed weights `U[k][c][o]` (36 x 16 x 16, zero-padded) are made once per call. The
-//! block of tiles stays in L1 (2 x 18 KB) and the padded image in L2, so nothing but the image
-//! and its output crosses memory. The weight gradient runs the same way over a part of the
-//! batch: per block, `V` from the image and `dM = A dy A^T` from the channels-last output
-//! gradient, `dU_k += V_k dM_k^T` with the 16 sums of a tap in registers, and `G^T dU G` once
-//! per part ([`Plane::fused_weight_grad`]).
+//! Transformed weights `U[k][c][o]` (36 x CI x CO, zero-padded) are made once per call. At 16
+//! channels the block of tiles stays in L1 (2 x 18 KB) and the padded image in L2, so nothing
+//! but the image and its output crosses memory. The weight gradient runs the same way over a
+//! part of the batch: per block, `V` from the image and `dM = A dy A^T` from the channels-last
+//! output gradient, `dU_k += V_k dM_k^T` with 16 sums of a tap in registers, and `G^T dU G`
+//! once per part ([`Plane::fused_weight_grad`]). It pays only while `dU` (36 x CI x CO) stays
+//! in L1: at 64 channels it is 590 KB, read and written per block, and criterion's
+//! `weight_grad` measured it 3.2x slower than Winograd's own (`winograd_dw.rs`) on ResNet-20's
+//! 64ch 8x8 layer and 1.6x on ResNet-18's 64ch 16x16; at 32 channels a tie.
 //!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
 //! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
@@ -36,8 +41,12 @@ use super::winograd::Plane;
 use super::winograd4::transform_kernel4;
 use super::{Geom, Override};
 
-/// Channels per vector: the widest layer this path takes, in and out.
+/// Channels per vector.
 pub(super) const LANES: usize = 16;
+/// The widest layer this path takes, in and out (four vectors).
+pub(super) const MAX_CHANNELS: usize = 64;
+/// The widest layer the speed rule sends here.
+const WIDEST_BY_RULE: usize = 64;
 /// Tiles per block of products: `TB` accumulators (plus the weight vector and the broadcast)
 /// of the 32 AVX-512 registers, and 2 x 18 KB of transformed tiles that stay in L1.
 const TB: usize = 8;
@@ -95,42 +104,48 @@ impl Build {
 }
 
 impl Geom {
-    /// Whether this path can run the layer (as forward and, through `Geom::direct_dx_geom`,
-    /// input gradient): a direct-forward layer, stride 1, undilated 3x3, at most [`LANES`]
-    /// channels in and out, pads within the kernel's extent.
+    /// Whether this path can run the layer (forward, input gradient through
+    /// `Geom::direct_dx_geom`, weight gradient): stride 1, undilated 3x3, ungrouped, at most
+    /// [`MAX_CHANNELS`] channels in and out, pads within the kernel's extent.
     pub(super) fn wino_fused_eligible(&self) -> bool {
-        self.direct_fwd
-            && self.group == 1
+        self.group == 1
             && [self.kh, self.kw, self.sh, self.sw, self.dh, self.dw] == [3, 3, 1, 1, 1, 1]
-            && self.ci.max(self.co) <= LANES
+            && self.ci.max(self.co) <= MAX_CHANNELS
             && [self.pt, self.pl, self.pb, self.pr].iter().all(|&p| p <= 2)
     }
 
-    /// Whether it beats the direct kernel here: on AVX-512 (its products' tile), planes of
-    /// 16x16 and up (blocks of [`TB`] tiles filled), and 12 channels or more each way. Criterion
-    /// (`direct_forward`, forward alone, batch 64, 1 thread, AVX-512 AMD EPYC), direct ->
-    /// fused: 16ch 32x32 3.20 -> 1.83 ms, 16ch 16x16 0.91 -> 0.385, rank-12 core on 32x32 2.20
-    /// -> 1.58; lost: rank-8 core on 32x32 0.91 -> 0.98 (the transforms and layout copies per
-    /// channel stay while the products halve). Inside training steps (`elrt speed`, batch
-    /// 128, alternating builds, direct -> fused): ResNet-20 1 thread 326-335 -> 363-369 img/s,
-    /// 2 threads 599-622 -> 689-715 (its 16-channel layers' forward 44.9 -> 22.4 ms per step,
-    /// backward with the direct weight gradient 86.7 -> 67.8); resnet20_tucker2 1 thread
-    /// 538-551 -> 582.
+    /// Whether it beats the kernels the other rules choose: on AVX-512 (its products' tile),
+    /// planes of 16x16 and up (blocks of [`TB`] tiles filled), 12 to [`WIDEST_BY_RULE`]
+    /// channels each way. Criterion (`direct_forward`, forward alone, batch 64, 1 thread,
+    /// AVX-512 AMD EPYC), the rule's path -> fused: direct 16ch 32x32 3.20 -> 1.83 ms, 16ch
+    /// 16x16 0.91 -> 0.385, rank-12 core on 32x32 2.20 -> 1.58; Winograd (plane-wise F(2x2) or
+    /// F(4x4)) 24ch 32x32 6.2 -> 4.4, 32ch 16x16 2.84 -> 1.40, 32ch 32x32 8.9 -> 5.8, 64ch
+    /// 16x16 7.6 -> 5.2, 64ch 32x32 28.0 -> 21.6. Lost or near ties, left out: a rank-8 core
+    /// on 32x32 0.91 -> 0.98 (the transforms and layout copies per channel stay while the
+    /// products halve), 64ch 8x8 2.73 -> 2.47 (half-empty blocks of 4 tiles per image; the
+    /// small-plane backward those layers have stays). Inside training steps (`elrt speed`,
+    /// alternating builds): ResNet-20 (batch 128), 16-channel layers direct -> fused, 1 thread
+    /// 326-335 -> 363-369 img/s, 2 threads 599-622 -> 689-715 (those layers' forward 44.9 ->
+    /// 22.4 ms per step, backward with the direct weight gradient 86.7 -> 67.8); then its
+    /// 32-channel layers too, 1 thread 359-372 -> 334-359 ms per step; resnet18 at 64x64
+    /// (batch 64), its 64-channel 16x16 layers forward 29.8-32.2 -> 23.9-24.1 ms per step,
+    /// backward 70.7-77.3 -> 66.4-68.4.
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
             Build::best() != Build::Portable
                 && self.oh * self.ow >= 256
                 && self.ci.min(self.co) >= 12
+                && self.ci.max(self.co) <= WIDEST_BY_RULE
         })
     }
 
     /// Whether a layer of this path ([`Self::wino_fused_pays`]) takes its weight gradient here
-    /// too rather than from the direct kernel (`weight_grad.rs`): criterion `weight_grad`
-    /// (batch 64, 1 thread, AVX-512), ResNet-20's 16ch 32x32 direct 3.77 -> 2.03 ms; inside
-    /// ResNet-20's training step (batch 128, 1 thread) its 16-channel layers' backward 61.4-61.8
-    /// -> 44.3-45.1 ms per step.
+    /// too rather than from the kernel the other rules chose: up to 16 channels (see the
+    /// module doc for wider ones). Criterion `weight_grad` (batch 64, 1 thread, AVX-512),
+    /// ResNet-20's 16ch 32x32 direct 3.77 -> 2.03 ms; inside ResNet-20's training step (batch
+    /// 128, 1 thread) its 16-channel layers' backward 61.4-61.8 -> 44.3-45.1 ms per step.
     pub(super) fn wino_fused_dw_pays(&self) -> bool {
-        self.wino_fused && FUSED_DW.decide(|| true)
+        self.wino_fused && FUSED_DW.decide(|| self.ci.max(self.co) <= LANES)
     }
 
     /// The forward's plane (F(4x4) tiles) for this path.
@@ -149,45 +164,54 @@ impl Geom {
     }
 }
 
-/// `U[k][c][o] = (G w[o][c] G^T)[k]`, zero for `c >= cin` or `o >= cout`: `w` is ONNX's
-/// `[cout][cin][3][3]`.
+/// `n` channels rounded up to whole vectors: the lanes a pixel takes in this path's buffers.
+fn wide(n: usize) -> usize {
+    n.div_ceil(LANES) * LANES
+}
+
+/// `U[k][c][o] = (G w[o][c] G^T)[k]` (`[36][wide(cin)][wide(cout)]`), zero for `c >= cin` or
+/// `o >= cout`: `w` is ONNX's `[cout][cin][3][3]`.
 pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
-    assert!(cout <= LANES && cin <= LANES && w.len() == cout * cin * 9);
-    let mut u = vec![0.0f32; TAPS * LANES * LANES];
+    assert!(cout <= MAX_CHANNELS && cin <= MAX_CHANNELS && w.len() == cout * cin * 9);
+    let (ci, co) = (wide(cin), wide(cout));
+    let mut u = vec![0.0f32; TAPS * ci * co];
     for o in 0..cout {
         for c in 0..cin {
             let g: &[f32; 9] = w[(o * cin + c) * 9..][..9].try_into().expect("9 taps");
             for (k, v) in transform_kernel4(g).into_iter().enumerate() {
-                u[(k * LANES + c) * LANES + o] = v;
+                u[(k * ci + c) * co + o] = v;
             }
         }
     }
     u
 }
 
-/// One image's buffers, kept across the images of a part.
+/// One image's buffers, kept across the images of a part (`CI`, `CO`: the channels rounded
+/// up to whole vectors).
 pub(super) struct FusedScratch {
-    /// The padded channels-last input, `[4 th + 2][4 tw + 2][16]`.
+    /// The padded channels-last input, `[4 th + 2][4 tw + 2][CI]`.
     p: Vec<f32>,
-    /// A block's transformed tiles, `[TB][36][16]`.
+    /// A block's transformed tiles, `[TB][36][CI]`.
     v: Vec<f32>,
-    /// A block's products, `[TB][36][16]`.
+    /// A block's products (the transformed output gradient in the weight gradient),
+    /// `[TB][36][CO]`.
     m: Vec<f32>,
-    /// The channels-last output (the output gradient in the weight gradient), `[4 th][4 tw][16]`.
+    /// The channels-last output (the output gradient in the weight gradient), `[4 th][4 tw][CO]`.
     o: Vec<f32>,
-    /// The weight gradient's transformed sums, `[36][16][16]`.
+    /// The weight gradient's transformed sums, `[36][CI][CO]`.
     du: Vec<f32>,
 }
 
 impl Plane {
     pub(super) fn fused_scratch(&self) -> FusedScratch {
         let (hp, wp) = (4 * self.th() + 2, 4 * self.tw() + 2);
+        let (ci, co) = (wide(self.cin), wide(self.cout));
         FusedScratch {
-            p: vec![0.0; hp * wp * LANES],
-            v: vec![0.0; TB * TAPS * LANES],
-            m: vec![0.0; TB * TAPS * LANES],
-            o: vec![0.0; 16 * self.th() * self.tw() * LANES],
-            du: vec![0.0; TAPS * LANES * LANES],
+            p: vec![0.0; hp * wp * ci],
+            v: vec![0.0; TB * TAPS * ci],
+            m: vec![0.0; TB * TAPS * co],
+            o: vec![0.0; 16 * self.th() * self.tw() * co],
+            du: vec![0.0; TAPS * ci * co],
         }
     }
 
@@ -214,17 +238,20 @@ impl Plane {
         y: &mut [f32],
         s: &mut FusedScratch,
     ) {
+        let (ci, co) = (wide(self.cin), wide(self.cout));
         assert!(
             self.m == 4
-                && self.cin <= LANES
-                && self.cout <= LANES
+                && self.cin <= MAX_CHANNELS
+                && self.cout <= MAX_CHANNELS
                 && x.len() == self.cin * self.h * self.w
                 && y.len() == self.cout * self.oh * self.ow
-                && u.len() == TAPS * LANES * LANES
+                && u.len() == TAPS * ci * co
+                && s.v.len() == TB * TAPS * ci
+                && s.m.len() == TB * TAPS * co
                 && bias.is_none_or(|b| b.len() == self.cout),
             "fused Winograd buffers do not match the plane"
         );
-        let mut b = [0.0f32; LANES];
+        let mut b = vec![0.0f32; co];
         if let Some(bias) = bias {
             b[..self.cout].copy_from_slice(bias);
         }
@@ -235,20 +262,21 @@ impl Plane {
                 for t0 in (0..tiles).step_by(TB) {
                     let nb = TB.min(tiles - t0);
                     input_block(self, &s.p, t0, nb, &mut s.v);
-                    products_portable(self.cin, u, &s.v, &mut s.m);
+                    products_portable(self.cin, ci, co, u, &s.v, &mut s.m);
                     output_block(self, &s.m, t0, nb, &b, &mut s.o);
                 }
                 unpack(self, &s.o, y);
             }
             // SAFETY: `Build::Avx512` exists only where the CPU has AVX-512F; the buffers'
-            // lengths were checked above (`x`, `y`, `u`) and set by `fused_scratch` (the rest).
+            // lengths were checked above (`x`, `y`, `u`, `v`, `m`) and set by `fused_scratch`
+            // (the rest).
             #[cfg(target_arch = "x86_64")]
             Build::Avx512 => unsafe {
                 avx512::pack(self, x, &mut s.p);
                 for t0 in (0..tiles).step_by(TB) {
                     let nb = TB.min(tiles - t0);
                     avx512::input_block(self, &s.p, t0, nb, &mut s.v);
-                    avx512::products(self.cin, u, &s.v, &mut s.m);
+                    avx512::products(self.cin, ci, co, u, &s.v, &mut s.m);
                     avx512::output_block(self, &s.m, t0, nb, &b, &mut s.o);
                 }
                 avx512::unpack(self, &s.o, y);
@@ -262,7 +290,7 @@ impl Plane {
     /// The forward is `y = A^T [U ⊙ V] A` per tile, so `dU_k = sum over tiles of V_k dM_k^T`
     /// with `dM = A dy A^T` (Lavin & Gray 2015): per block of tiles, the input transform as in
     /// the forward, `dM` from the channels-last `dy`, and for each tap the `cin` sums (one
-    /// vector over the output channels each) accumulated in f32, tile by tile in order over
+    /// vector over 16 output channels each) accumulated in f32, tile by tile in order over
     /// the images; then `dg = G^T dU G` in f64, rounded once. Summation order is fixed by the
     /// images given, so a part's result does not depend on the thread count.
     pub(super) fn fused_weight_grad(
@@ -285,14 +313,18 @@ impl Plane {
         s: &mut FusedScratch,
     ) {
         let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
+        let (ci, co) = (wide(self.cin), wide(self.cout));
         assert!(
             self.m == 4
-                && self.cin <= LANES
-                && self.cout <= LANES
+                && self.cin <= MAX_CHANNELS
+                && self.cout <= MAX_CHANNELS
                 && xlen > 0
                 && x.len().is_multiple_of(xlen)
                 && dy.len() == x.len() / xlen * ylen
-                && dw.len() == self.cout * self.cin * 9,
+                && dw.len() == self.cout * self.cin * 9
+                && s.v.len() == TB * TAPS * ci
+                && s.m.len() == TB * TAPS * co
+                && s.du.len() == TAPS * ci * co,
             "fused Winograd weight-gradient buffers do not match the plane"
         );
         s.du.fill(0.0);
@@ -309,7 +341,7 @@ impl Plane {
                         let nb = TB.min(tiles - t0);
                         input_block(self, &s.p, t0, nb, &mut s.v);
                         dy_block(self, &s.o, t0, nb, &mut s.m);
-                        accumulate_portable(self.cin, nb, &s.v, &s.m, &mut s.du);
+                        accumulate_portable(self.cin, ci, co, nb, &s.v, &s.m, &mut s.du);
                     }
                 }
                 // SAFETY: as in `fused_run_with`.
@@ -321,7 +353,7 @@ impl Plane {
                         let nb = TB.min(tiles - t0);
                         avx512::input_block(self, &s.p, t0, nb, &mut s.v);
                         avx512::dy_block(self, &s.o, t0, nb, &mut s.m);
-                        avx512::accumulate(self.cin, nb, &s.v, &s.m, &mut s.du);
+                        avx512::accumulate(self.cin, ci, co, nb, &s.v, &s.m, &mut s.du);
                     }
                 },
             }
@@ -385,6 +417,16 @@ fn at6(m: [V16; 6]) -> [V16; 4] {
     ]
 }
 
+/// `A d` for one column (or row) of four output-gradient vectors (`A`'s rows `[1 0 0 0]`,
+/// `[1 1 1 1]`, `[1 -1 1 -1]`, `[1 2 4 8]`, `[1 -2 4 -8]`, `[0 0 0 1]`).
+#[inline(always)]
+fn a4(d: [V16; 4]) -> [V16; 6] {
+    let (e, o) = (add(d[0], d[2]), add(d[1], d[3]));
+    let e4 = add_k(d[0], 4.0, d[2]);
+    let o8 = add_k(add(d[1], d[1]), 8.0, d[3]);
+    [d[0], add(e, o), sub(e, o), add(e4, o8), sub(e4, o8), d[3]]
+}
+
 use crate::engine::ops::simd::simd_dispatch;
 
 simd_dispatch! {
@@ -392,19 +434,41 @@ simd_dispatch! {
     fn pack(p: &Plane, x: &[f32], dst: &mut [f32]) => pack_body, (p, x, dst); ["avx512f", "avx2"]
 }
 
-/// `x` (`[cin][h][w]`) into the padded channels-last `dst` (`[4 th + 2][4 tw + 2][16]`):
+/// `x` (`[cin][h][w]`) into the padded channels-last `dst` (`[4 th + 2][4 tw + 2][CI]`):
 /// input pixel `(iy, ix)` at `(iy + pt, ix + pl)`. The rest (the padding, the lanes past
 /// `cin`, the columns and rows past the plane that whole tiles read) is never written: zeros
 /// from [`Plane::fused_scratch`], whose buffer serves this plane only.
 #[inline(always)]
 fn pack_body(p: &Plane, x: &[f32], dst: &mut [f32]) {
-    let wp = 4 * p.tw() + 2;
+    let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
     let hw = p.h * p.w;
     for iy in 0..p.h {
-        let row = &mut dst[((iy + p.pt) * wp + p.pl) * LANES..][..p.w * LANES];
-        for (ix, px) in row.chunks_exact_mut(LANES).enumerate() {
+        let row = &mut dst[((iy + p.pt) * wp + p.pl) * ci..][..p.w * ci];
+        for (ix, px) in row.chunks_exact_mut(ci).enumerate() {
             for (c, v) in px[..p.cin].iter_mut().enumerate() {
                 *v = x[c * hw + iy * p.w + ix];
+            }
+        }
+    }
+}
+
+simd_dispatch! {
+    /// [`pack_dy_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) => pack_dy_body, (p, dy, dst);
+        ["avx512f", "avx2"]
+}
+
+/// `dy` (`[cout][oh][ow]`) channels-last into `dst` (`[4 th][4 tw][CO]`), the lanes past
+/// `cout` and the pixels past the plane never written (zeros from [`Plane::fused_scratch`]).
+#[inline(always)]
+fn pack_dy_body(p: &Plane, dy: &[f32], dst: &mut [f32]) {
+    let (wo, co) = (4 * p.tw(), wide(p.cout));
+    let ohw = p.oh * p.ow;
+    for oy in 0..p.oh {
+        let row = &mut dst[oy * wo * co..][..p.ow * co];
+        for (ox, px) in row.chunks_exact_mut(co).enumerate() {
+            for (o, v) in px[..p.cout].iter_mut().enumerate() {
+                *v = dy[o * ohw + oy * p.ow + ox];
             }
         }
     }
@@ -417,26 +481,62 @@ simd_dispatch! {
 }
 
 /// Tiles `t0..t0 + nb` (row-major over the plane's tiles) of the padded input `pp` through
-/// `B^T d B` into `v` (`[TB][36][16]`, the first `nb` tiles written).
+/// `B^T d B` into `v` (`[TB][36][CI]`, the first `nb` tiles written), a vector of channels at
+/// a time.
 #[inline(always)]
 fn input_block_body(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-    let (tw, wp) = (p.tw(), 4 * p.tw() + 2);
+    let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
     for t in 0..nb {
         let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-        let base = (4 * ty * wp + 4 * tx) * LANES;
-        // Columns first: tmp[u][b] = sum_a BT[u][a] d[a][b].
-        let mut tmp = [[[0.0f32; LANES]; 6]; 6];
-        for b in 0..6 {
-            let d: [V16; 6] = std::array::from_fn(|a| load(&pp[base + (a * wp + b) * LANES..]));
-            for (u, r) in bt6(d).into_iter().enumerate() {
-                tmp[u][b] = r;
+        for j in (0..ci).step_by(LANES) {
+            let base = (4 * ty * wp + 4 * tx) * ci + j;
+            // Columns first: tmp[u][b] = sum_a BT[u][a] d[a][b].
+            let mut tmp = [[[0.0f32; LANES]; 6]; 6];
+            for b in 0..6 {
+                let d: [V16; 6] = std::array::from_fn(|a| load(&pp[base + (a * wp + b) * ci..]));
+                for (u, r) in bt6(d).into_iter().enumerate() {
+                    tmp[u][b] = r;
+                }
+            }
+            // Then rows: V[u][w] = sum_b tmp[u][b] BT[w][b].
+            let vt = &mut v[t * TAPS * ci..][..TAPS * ci];
+            for (u, row) in tmp.into_iter().enumerate() {
+                for (w, r) in bt6(row).into_iter().enumerate() {
+                    vt[(6 * u + w) * ci + j..][..LANES].copy_from_slice(&r);
+                }
             }
         }
-        // Then rows: V[u][w] = sum_b tmp[u][b] BT[w][b].
-        let vt = &mut v[t * TAPS * LANES..][..TAPS * LANES];
-        for (u, row) in tmp.into_iter().enumerate() {
-            for (w, r) in bt6(row).into_iter().enumerate() {
-                vt[(6 * u + w) * LANES..][..LANES].copy_from_slice(&r);
+    }
+}
+
+simd_dispatch! {
+    /// [`dy_block_body`] compiled for AVX-512 / AVX2 where the CPU has them.
+    fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32])
+        => dy_block_body, (p, d, t0, nb, dm); ["avx512f", "avx2"]
+}
+
+/// Tiles `t0..t0 + nb` of the channels-last output gradient `d` through `A dy A^T` into `dm`
+/// (`[TB][36][CO]`).
+#[inline(always)]
+fn dy_block_body(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+    let (tw, co) = (p.tw(), wide(p.cout));
+    let wo = 4 * tw;
+    for t in 0..nb {
+        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+        for j in (0..co).step_by(LANES) {
+            let base = (4 * ty * wo + 4 * tx) * co + j;
+            let mut tmp = [[[0.0f32; LANES]; 4]; 6];
+            for q in 0..4 {
+                let col: [V16; 4] = std::array::from_fn(|r| load(&d[base + (r * wo + q) * co..]));
+                for (u, v) in a4(col).into_iter().enumerate() {
+                    tmp[u][q] = v;
+                }
+            }
+            let mt = &mut dm[t * TAPS * co..][..TAPS * co];
+            for (u, row) in tmp.into_iter().enumerate() {
+                for (w, v) in a4(row).into_iter().enumerate() {
+                    mt[(6 * u + w) * co + j..][..LANES].copy_from_slice(&v);
+                }
             }
         }
     }
@@ -444,32 +544,35 @@ fn input_block_body(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) 
 
 simd_dispatch! {
     /// [`output_block_body`] compiled for AVX-512 / AVX2 where the CPU has them.
-    fn output_block(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &V16, o: &mut [f32])
+    fn output_block(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &[f32], o: &mut [f32])
         => output_block_body, (p, m, t0, nb, bias, o); ["avx512f", "avx2"]
 }
 
-/// The products of tiles `t0..t0 + nb` (`m`: `[TB][36][16]`) through `A^T M A`, plus `bias`,
-/// into the channels-last output `o` (`[4 th][4 tw][16]`).
+/// The products of tiles `t0..t0 + nb` (`m`: `[TB][36][CO]`) through `A^T M A`, plus `bias`
+/// (`CO` lanes), into the channels-last output `o` (`[4 th][4 tw][CO]`).
 #[inline(always)]
-fn output_block_body(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &V16, o: &mut [f32]) {
-    let tw = p.tw();
+fn output_block_body(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &[f32], o: &mut [f32]) {
+    let (tw, co) = (p.tw(), wide(p.cout));
     let wo = 4 * tw;
     for t in 0..nb {
         let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-        let mt = &m[t * TAPS * LANES..][..TAPS * LANES];
-        // Columns first: tmp[r][w] = sum_u AT[r][u] M[u][w].
-        let mut tmp = [[[0.0f32; LANES]; 6]; 4];
-        for w in 0..6 {
-            let col: [V16; 6] = std::array::from_fn(|u| load(&mt[(6 * u + w) * LANES..]));
-            for (r, val) in at6(col).into_iter().enumerate() {
-                tmp[r][w] = val;
+        let mt = &m[t * TAPS * co..][..TAPS * co];
+        for j in (0..co).step_by(LANES) {
+            let bj = load(&bias[j..]);
+            // Columns first: tmp[r][w] = sum_u AT[r][u] M[u][w].
+            let mut tmp = [[[0.0f32; LANES]; 6]; 4];
+            for w in 0..6 {
+                let col: [V16; 6] = std::array::from_fn(|u| load(&mt[(6 * u + w) * co + j..]));
+                for (r, val) in at6(col).into_iter().enumerate() {
+                    tmp[r][w] = val;
+                }
             }
-        }
-        // Then rows: y[r][q] = sum_w tmp[r][w] AT[q][w], plus the bias.
-        for (r, row) in tmp.into_iter().enumerate() {
-            let out = &mut o[((4 * ty + r) * wo + 4 * tx) * LANES..][..4 * LANES];
-            for (q, val) in at6(row).into_iter().enumerate() {
-                out[q * LANES..][..LANES].copy_from_slice(&add(val, *bias));
+            // Then rows: y[r][q] = sum_w tmp[r][w] AT[q][w], plus the bias.
+            for (r, row) in tmp.into_iter().enumerate() {
+                let out = &mut o[((4 * ty + r) * wo + 4 * tx) * co..][..4 * co];
+                for (q, val) in at6(row).into_iter().enumerate() {
+                    out[q * co + j..][..LANES].copy_from_slice(&add(val, bj));
+                }
             }
         }
     }
@@ -484,11 +587,11 @@ simd_dispatch! {
 /// whole tiles.
 #[inline(always)]
 fn unpack_body(p: &Plane, o: &[f32], y: &mut [f32]) {
-    let wo = 4 * p.tw();
+    let (wo, co) = (4 * p.tw(), wide(p.cout));
     let ohw = p.oh * p.ow;
     for oy in 0..p.oh {
-        let row = &o[oy * wo * LANES..][..p.ow * LANES];
-        for (ox, px) in row.chunks_exact(LANES).enumerate() {
+        let row = &o[oy * wo * co..][..p.ow * co];
+        for (ox, px) in row.chunks_exact(co).enumerate() {
             for (c, &v) in px[..p.cout].iter().enumerate() {
                 y[c * ohw + oy * p.ow + ox] = v;
             }
@@ -496,31 +599,59 @@ fn unpack_body(p: &Plane, o: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `M[t][k] = sum_c V[t][k][c] * U[k][c]` for every tile slot of the block (`v`, `m`:
-/// `[TB][36][16]`, `u`: `[36][16][16]`), `c` over the first `cin` lanes; a multiply and an
-/// add per term (the AVX-512 tile fuses them).
-fn products_portable(cin: usize, u: &[f32], v: &[f32], m: &mut [f32]) {
+/// `M[t][k][j..j + 16] = sum_c V[t][k][c] * U[k][c][j..j + 16]` for every tile slot of the
+/// block (`v`: `[TB][36][ci]`, `m`: `[TB][36][co]`, `u`: `[36][ci][co]`; `ci`, `co` the
+/// padded widths), `c` over the first `cin` lanes; a multiply and an add per term (the
+/// AVX-512 tile fuses them).
+fn products_portable(cin: usize, ci: usize, co: usize, u: &[f32], v: &[f32], m: &mut [f32]) {
     for k in 0..TAPS {
-        let uk = &u[k * LANES * LANES..][..LANES * LANES];
-        for t in 0..TB {
-            let vt = &v[(t * TAPS + k) * LANES..][..LANES];
-            let mut acc = [0.0f32; LANES];
-            for c in 0..cin {
-                let uc = load(&uk[c * LANES..]);
-                acc = add_k(acc, vt[c], uc);
+        for j in (0..co).step_by(LANES) {
+            for t in 0..TB {
+                let vt = &v[(t * TAPS + k) * ci..][..ci];
+                let mut acc = [0.0f32; LANES];
+                for c in 0..cin {
+                    acc = add_k(acc, vt[c], load(&u[(k * ci + c) * co + j..]));
+                }
+                m[(t * TAPS + k) * co + j..][..LANES].copy_from_slice(&acc);
             }
-            m[(t * TAPS + k) * LANES..][..LANES].copy_from_slice(&acc);
+        }
+    }
+}
+
+/// `dU[k][c][j..j + 16] += sum over the block's first nb tiles of V[t][k][c] * dM[t][k][j..j +
+/// 16]`, tiles in order; a multiply and an add per term.
+fn accumulate_portable(
+    cin: usize,
+    ci: usize,
+    co: usize,
+    nb: usize,
+    v: &[f32],
+    dm: &[f32],
+    du: &mut [f32],
+) {
+    for k in 0..TAPS {
+        for c in 0..cin {
+            for j in (0..co).step_by(LANES) {
+                let acc = &mut du[(k * ci + c) * co + j..][..LANES];
+                let mut a = load(acc);
+                for t in 0..nb {
+                    let d = load(&dm[(t * TAPS + k) * co + j..]);
+                    a = add_k(a, v[(t * TAPS + k) * ci + c], d);
+                }
+                acc.copy_from_slice(&a);
+            }
         }
     }
 }
 
 /// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and rounded
-/// once (`du`: `[36][16][16]`).
+/// once (`du`: `[36][CI][CO]`).
 fn untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
     let g = &super::winograd4::G;
+    let (ci, co) = (wide(cin), wide(cout));
     for o in 0..cout {
         for c in 0..cin {
-            let d = |i: usize, j: usize| f64::from(du[((6 * i + j) * LANES + c) * LANES + o]);
+            let d = |i: usize, j: usize| f64::from(du[((6 * i + j) * ci + c) * co + o]);
             // t[i][b] = sum_j dU[i][j] G[j][b], then dg[a][b] = sum_i G[i][a] t[i][b].
             let mut t = [[0.0f64; 3]; 6];
             for (i, ti) in t.iter_mut().enumerate() {
@@ -538,91 +669,12 @@ fn untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
     }
 }
 
-simd_dispatch! {
-    /// [`pack_dy_body`] compiled for AVX-512 / AVX2 where the CPU has them.
-    fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) => pack_dy_body, (p, dy, dst);
-        ["avx512f", "avx2"]
-}
-
-/// `dy` (`[cout][oh][ow]`) channels-last into `dst` (`[4 th][4 tw][16]`), the lanes past
-/// `cout` and the pixels past the plane never written (zeros from [`Plane::fused_scratch`]).
-#[inline(always)]
-fn pack_dy_body(p: &Plane, dy: &[f32], dst: &mut [f32]) {
-    let wo = 4 * p.tw();
-    let ohw = p.oh * p.ow;
-    for oy in 0..p.oh {
-        let row = &mut dst[oy * wo * LANES..][..p.ow * LANES];
-        for (ox, px) in row.chunks_exact_mut(LANES).enumerate() {
-            for (o, v) in px[..p.cout].iter_mut().enumerate() {
-                *v = dy[o * ohw + oy * p.ow + ox];
-            }
-        }
-    }
-}
-
-/// `A d` for one column (or row) of four output-gradient vectors (`A`'s rows `[1 0 0 0]`,
-/// `[1 1 1 1]`, `[1 -1 1 -1]`, `[1 2 4 8]`, `[1 -2 4 -8]`, `[0 0 0 1]`).
-#[inline(always)]
-fn a4(d: [V16; 4]) -> [V16; 6] {
-    let (e, o) = (add(d[0], d[2]), add(d[1], d[3]));
-    let e4 = add_k(d[0], 4.0, d[2]);
-    let o8 = add_k(add(d[1], d[1]), 8.0, d[3]);
-    [d[0], add(e, o), sub(e, o), add(e4, o8), sub(e4, o8), d[3]]
-}
-
-simd_dispatch! {
-    /// [`dy_block_body`] compiled for AVX-512 / AVX2 where the CPU has them.
-    fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32])
-        => dy_block_body, (p, d, t0, nb, dm); ["avx512f", "avx2"]
-}
-
-/// Tiles `t0..t0 + nb` of the channels-last output gradient `d` through `A dy A^T` into `dm`
-/// (`[TB][36][16]`).
-#[inline(always)]
-fn dy_block_body(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
-    let tw = p.tw();
-    let wo = 4 * tw;
-    for t in 0..nb {
-        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-        let base = (4 * ty * wo + 4 * tx) * LANES;
-        let mut tmp = [[[0.0f32; LANES]; 4]; 6];
-        for q in 0..4 {
-            let col: [V16; 4] = std::array::from_fn(|r| load(&d[base + (r * wo + q) * LANES..]));
-            for (u, v) in a4(col).into_iter().enumerate() {
-                tmp[u][q] = v;
-            }
-        }
-        let mt = &mut dm[t * TAPS * LANES..][..TAPS * LANES];
-        for (u, row) in tmp.into_iter().enumerate() {
-            for (w, v) in a4(row).into_iter().enumerate() {
-                mt[(6 * u + w) * LANES..][..LANES].copy_from_slice(&v);
-            }
-        }
-    }
-}
-
-/// `dU[k][c] += sum over the block's first `nb` tiles of V[t][k][c] * dM[t][k]` (a vector over
-/// the output channels), tiles in order; a multiply and an add per term.
-fn accumulate_portable(cin: usize, nb: usize, v: &[f32], dm: &[f32], du: &mut [f32]) {
-    for k in 0..TAPS {
-        for c in 0..cin {
-            let acc = &mut du[(k * LANES + c) * LANES..][..LANES];
-            let mut a = load(acc);
-            for t in 0..nb {
-                let d = load(&dm[(t * TAPS + k) * LANES..]);
-                a = add_k(a, v[(t * TAPS + k) * LANES + c], d);
-            }
-            acc.copy_from_slice(&a);
-        }
-    }
-}
-
 // The kernels index their register arrays by constant bounds on purpose: the loops unroll and
 // the arrays live in registers.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{Plane, LANES, TAPS, TB};
+    use super::{wide, Plane, LANES, TAPS, TB};
     use std::arch::x86_64::*;
 
     /// The first `n` (at most 16) lanes.
@@ -663,12 +715,12 @@ mod avx512 {
         }
     }
 
-    /// [`super::pack_body`], 16 pixels of a row at a time through [`transpose16`] (which
-    /// writes every lane, zeros past `cin`).
+    /// [`super::pack_body`], 16 pixels by 16 channels at a time through [`transpose16`]
+    /// (which writes every lane, zeros past `cin`).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack(p: &Plane, x: &[f32], dst: &mut [f32]) {
         let wp = 4 * p.tw() + 2;
-        assert!(dst.len() >= (4 * p.th() + 2) * wp * LANES);
+        assert!(dst.len() >= (4 * p.th() + 2) * wp * wide(p.cin));
         assert!(p.pt + p.h <= 4 * p.th() + 2 && p.pl + p.w <= wp);
         pack_into(x, p.cin, p.h, p.w, dst, wp, p.pt, p.pl);
     }
@@ -677,13 +729,12 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) {
         let wo = 4 * p.tw();
-        assert!(dst.len() >= 4 * p.th() * wo * LANES);
+        assert!(dst.len() >= 4 * p.th() * wo * wide(p.cout));
         pack_into(dy, p.cout, p.oh, p.ow, dst, wo, 0, 0);
     }
 
-    /// `src` (`[ch][h][w]`, `ch <= 16`) channels-last into `dst` (rows of `dst_w` pixels of 16
+    /// `src` (`[ch][h][w]`) channels-last into `dst` (rows of `dst_w` pixels of `wide(ch)`
     /// lanes), pixel `(iy, ix)` at `(iy + oy, ix + ox)`, every lane of those pixels written.
-    /// The callers check that `dst` holds those pixels.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     unsafe fn pack_into(
@@ -696,25 +747,27 @@ mod avx512 {
         oy: usize,
         ox: usize,
     ) {
-        let hw = h * w;
-        assert!(ch <= LANES && src.len() >= ch * hw && ox + w <= dst_w);
-        assert!(dst.len() >= (oy + h) * dst_w * LANES);
+        let (hw, cw) = (h * w, wide(ch));
+        assert!(src.len() >= ch * hw && ox + w <= dst_w);
+        assert!(dst.len() >= (oy + h) * dst_w * cw);
         let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
         let mut r = [_mm512_setzero_ps(); 16];
         for iy in 0..h {
             for ix0 in (0..w).step_by(LANES) {
                 let n = LANES.min(w - ix0);
-                for c in 0..LANES {
-                    r[c] = if c < ch {
-                        _mm512_maskz_loadu_ps(first(n), sp.add(c * hw + iy * w + ix0))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                }
-                transpose16(&mut r);
-                let row = dp.add(((iy + oy) * dst_w + ox + ix0) * LANES);
-                for j in 0..n {
-                    _mm512_storeu_ps(row.add(j * LANES), r[j]);
+                for j in (0..cw).step_by(LANES) {
+                    for c in 0..LANES {
+                        r[c] = if j + c < ch {
+                            _mm512_maskz_loadu_ps(first(n), sp.add((j + c) * hw + iy * w + ix0))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                    }
+                    transpose16(&mut r);
+                    let row = dp.add(((iy + oy) * dst_w + ox + ix0) * cw + j);
+                    for q in 0..n {
+                        _mm512_storeu_ps(row.add(q * cw), r[q]);
+                    }
                 }
             }
         }
@@ -723,24 +776,30 @@ mod avx512 {
     /// [`super::unpack_body`] through [`transpose16`].
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32]) {
-        let wo = 4 * p.tw();
+        let (wo, co) = (4 * p.tw(), wide(p.cout));
         let ohw = p.oh * p.ow;
-        assert!(o.len() >= 4 * p.th() * wo * LANES && y.len() >= p.cout * ohw);
+        assert!(o.len() >= 4 * p.th() * wo * co && y.len() >= p.cout * ohw);
         let (op, yp) = (o.as_ptr(), y.as_mut_ptr());
         let mut r = [_mm512_setzero_ps(); 16];
         for oy in 0..p.oh {
             for ox0 in (0..p.ow).step_by(LANES) {
                 let n = LANES.min(p.ow - ox0);
-                for j in 0..LANES {
-                    r[j] = if j < n {
-                        _mm512_loadu_ps(op.add((oy * wo + ox0 + j) * LANES))
-                    } else {
-                        _mm512_setzero_ps()
-                    };
-                }
-                transpose16(&mut r);
-                for c in 0..p.cout {
-                    _mm512_mask_storeu_ps(yp.add(c * ohw + oy * p.ow + ox0), first(n), r[c]);
+                for j in (0..co).step_by(LANES) {
+                    for q in 0..LANES {
+                        r[q] = if q < n {
+                            _mm512_loadu_ps(op.add((oy * wo + ox0 + q) * co + j))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                    }
+                    transpose16(&mut r);
+                    for c in 0..LANES.min(p.cout.saturating_sub(j)) {
+                        _mm512_mask_storeu_ps(
+                            yp.add((j + c) * ohw + oy * p.ow + ox0),
+                            first(n),
+                            r[c],
+                        );
+                    }
                 }
             }
         }
@@ -780,110 +839,7 @@ mod avx512 {
         ]
     }
 
-    /// [`super::input_block_body`] on vectors.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-        let (tw, wp) = (p.tw(), 4 * p.tw() + 2);
-        assert!(
-            nb <= TB
-                && t0 + nb <= p.tiles()
-                && v.len() >= TB * TAPS * LANES
-                && pp.len() >= (4 * p.th() + 2) * wp * LANES
-        );
-        let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 6]; 6];
-        for t in 0..nb {
-            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-            let base = src.add((4 * ty * wp + 4 * tx) * LANES);
-            for b in 0..6 {
-                let d: [__m512; 6] =
-                    std::array::from_fn(|a| _mm512_loadu_ps(base.add((a * wp + b) * LANES)));
-                let r = bt6(d);
-                for u in 0..6 {
-                    tmp[u][b] = r[u];
-                }
-            }
-            let vt = vp.add(t * TAPS * LANES);
-            for u in 0..6 {
-                let r = bt6(tmp[u]);
-                for w in 0..6 {
-                    _mm512_storeu_ps(vt.add((6 * u + w) * LANES), r[w]);
-                }
-            }
-        }
-    }
-
-    /// [`super::output_block_body`] on vectors.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_block(
-        p: &Plane,
-        m: &[f32],
-        t0: usize,
-        nb: usize,
-        bias: &[f32; LANES],
-        o: &mut [f32],
-    ) {
-        let tw = p.tw();
-        let wo = 4 * tw;
-        assert!(
-            nb <= TB
-                && t0 + nb <= p.tiles()
-                && m.len() >= TB * TAPS * LANES
-                && o.len() >= 4 * p.th() * wo * LANES
-        );
-        let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
-        let bv = _mm512_loadu_ps(bias.as_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 6]; 4];
-        for t in 0..nb {
-            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-            let mt = mp.add(t * TAPS * LANES);
-            for w in 0..6 {
-                let col: [__m512; 6] =
-                    std::array::from_fn(|u| _mm512_loadu_ps(mt.add((6 * u + w) * LANES)));
-                let r = at6(col);
-                for i in 0..4 {
-                    tmp[i][w] = r[i];
-                }
-            }
-            for i in 0..4 {
-                let out = op.add(((4 * ty + i) * wo + 4 * tx) * LANES);
-                let r = at6(tmp[i]);
-                for q in 0..4 {
-                    _mm512_storeu_ps(out.add(q * LANES), _mm512_add_ps(r[q], bv));
-                }
-            }
-        }
-    }
-
-    /// [`super::products_portable`] with one fused multiply-add per term: per tap, the
-    /// [`TB`] tiles' accumulators stay in registers while the `cin` weight vectors stream by.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn products(cin: usize, u: &[f32], v: &[f32], m: &mut [f32]) {
-        assert!(
-            cin <= LANES
-                && u.len() >= TAPS * LANES * LANES
-                && v.len() >= TB * TAPS * LANES
-                && m.len() >= TB * TAPS * LANES
-        );
-        let (up, vp, mp) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
-        for k in 0..TAPS {
-            let uk = up.add(k * LANES * LANES);
-            let mut acc = [_mm512_setzero_ps(); TB];
-            for c in 0..cin {
-                let uc = _mm512_loadu_ps(uk.add(c * LANES));
-                for t in 0..TB {
-                    let vb = _mm512_set1_ps(*vp.add((t * TAPS + k) * LANES + c));
-                    acc[t] = _mm512_fmadd_ps(vb, uc, acc[t]);
-                }
-            }
-            for t in 0..TB {
-                _mm512_storeu_ps(mp.add((t * TAPS + k) * LANES), acc[t]);
-            }
-        }
-    }
-
-    /// `A d` for one column (or row) of four output-gradient vectors (`A`'s rows `[1 0 0 0]`,
-    /// `[1 1 1 1]`, `[1 -1 1 -1]`, `[1 2 4 8]`, `[1 -2 4 -8]`, `[0 0 0 1]`).
+    /// [`super::a4`] on vectors.
     #[inline(always)]
     unsafe fn a4(d: [__m512; 4]) -> [__m512; 6] {
         let (e, o) = (_mm512_add_ps(d[0], d[2]), _mm512_add_ps(d[1], d[3]));
@@ -899,70 +855,202 @@ mod avx512 {
         ]
     }
 
-    /// [`super::dy_block_body`] on vectors.
+    /// [`super::input_block_body`] on vectors.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
-        let tw = p.tw();
-        let wo = 4 * tw;
+    pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
+        let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
         assert!(
             nb <= TB
                 && t0 + nb <= p.tiles()
-                && dm.len() >= TB * TAPS * LANES
-                && d.len() >= 4 * p.th() * wo * LANES
+                && v.len() >= TB * TAPS * ci
+                && pp.len() >= (4 * p.th() + 2) * wp * ci
         );
-        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
+        let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
+        let mut tmp = [[_mm512_setzero_ps(); 6]; 6];
         for t in 0..nb {
             let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
-            let base = src.add((4 * ty * wo + 4 * tx) * LANES);
-            for q in 0..4 {
-                let col: [__m512; 4] =
-                    std::array::from_fn(|r| _mm512_loadu_ps(base.add((r * wo + q) * LANES)));
-                let r6 = a4(col);
-                for u in 0..6 {
-                    tmp[u][q] = r6[u];
+            for j in (0..ci).step_by(LANES) {
+                let base = src.add((4 * ty * wp + 4 * tx) * ci + j);
+                for b in 0..6 {
+                    let d: [__m512; 6] =
+                        std::array::from_fn(|a| _mm512_loadu_ps(base.add((a * wp + b) * ci)));
+                    let r = bt6(d);
+                    for u in 0..6 {
+                        tmp[u][b] = r[u];
+                    }
                 }
-            }
-            let mt = mp.add(t * TAPS * LANES);
-            for u in 0..6 {
-                let r6 = a4(tmp[u]);
-                for w in 0..6 {
-                    _mm512_storeu_ps(mt.add((6 * u + w) * LANES), r6[w]);
+                let vt = vp.add(t * TAPS * ci + j);
+                for u in 0..6 {
+                    let r = bt6(tmp[u]);
+                    for w in 0..6 {
+                        _mm512_storeu_ps(vt.add((6 * u + w) * ci), r[w]);
+                    }
                 }
             }
         }
     }
 
-    /// [`super::accumulate_portable`] with one fused multiply-add per term: per tap, the
-    /// `cin` accumulators (one per input channel, over the output lanes) stay in registers
-    /// while the block's `nb` tiles stream by.
+    /// [`super::dy_block_body`] on vectors.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn accumulate(cin: usize, nb: usize, v: &[f32], dm: &[f32], du: &mut [f32]) {
+    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+        let (tw, co) = (p.tw(), wide(p.cout));
+        let wo = 4 * tw;
         assert!(
-            cin <= LANES
-                && nb <= TB
-                && v.len() >= TB * TAPS * LANES
-                && dm.len() >= TB * TAPS * LANES
-                && du.len() >= TAPS * LANES * LANES
+            nb <= TB
+                && t0 + nb <= p.tiles()
+                && dm.len() >= TB * TAPS * co
+                && d.len() >= 4 * p.th() * wo * co
         );
-        let (vp, mp, up) = (v.as_ptr(), dm.as_ptr(), du.as_mut_ptr());
-        for k in 0..TAPS {
-            let uk = up.add(k * LANES * LANES);
-            let mut acc = [_mm512_setzero_ps(); LANES];
-            for c in 0..LANES {
-                acc[c] = _mm512_loadu_ps(uk.add(c * LANES));
-            }
-            for t in 0..nb {
-                let d = _mm512_loadu_ps(mp.add((t * TAPS + k) * LANES));
-                let vt = vp.add((t * TAPS + k) * LANES);
-                for c in 0..LANES {
-                    if c < cin {
-                        acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(*vt.add(c)), d, acc[c]);
+        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
+        let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
+        for t in 0..nb {
+            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            for j in (0..co).step_by(LANES) {
+                let base = src.add((4 * ty * wo + 4 * tx) * co + j);
+                for q in 0..4 {
+                    let col: [__m512; 4] =
+                        std::array::from_fn(|r| _mm512_loadu_ps(base.add((r * wo + q) * co)));
+                    let r6 = a4(col);
+                    for u in 0..6 {
+                        tmp[u][q] = r6[u];
+                    }
+                }
+                let mt = mp.add(t * TAPS * co + j);
+                for u in 0..6 {
+                    let r6 = a4(tmp[u]);
+                    for w in 0..6 {
+                        _mm512_storeu_ps(mt.add((6 * u + w) * co), r6[w]);
                     }
                 }
             }
-            for c in 0..LANES {
-                _mm512_storeu_ps(uk.add(c * LANES), acc[c]);
+        }
+    }
+
+    /// [`super::output_block_body`] on vectors.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn output_block(
+        p: &Plane,
+        m: &[f32],
+        t0: usize,
+        nb: usize,
+        bias: &[f32],
+        o: &mut [f32],
+    ) {
+        let (tw, co) = (p.tw(), wide(p.cout));
+        let wo = 4 * tw;
+        assert!(
+            nb <= TB
+                && t0 + nb <= p.tiles()
+                && m.len() >= TB * TAPS * co
+                && bias.len() >= co
+                && o.len() >= 4 * p.th() * wo * co
+        );
+        let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
+        let mut tmp = [[_mm512_setzero_ps(); 6]; 4];
+        for t in 0..nb {
+            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            for j in (0..co).step_by(LANES) {
+                let bv = _mm512_loadu_ps(bias.as_ptr().add(j));
+                let mt = mp.add(t * TAPS * co + j);
+                for w in 0..6 {
+                    let col: [__m512; 6] =
+                        std::array::from_fn(|u| _mm512_loadu_ps(mt.add((6 * u + w) * co)));
+                    let r = at6(col);
+                    for i in 0..4 {
+                        tmp[i][w] = r[i];
+                    }
+                }
+                for i in 0..4 {
+                    let out = op.add(((4 * ty + i) * wo + 4 * tx) * co + j);
+                    let r = at6(tmp[i]);
+                    for q in 0..4 {
+                        _mm512_storeu_ps(out.add(q * co), _mm512_add_ps(r[q], bv));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::products_portable`] with one fused multiply-add per term: per tap and vector
+    /// of output channels, the [`TB`] tiles' accumulators stay in registers while the `cin`
+    /// weight vectors stream by.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn products(
+        cin: usize,
+        ci: usize,
+        co: usize,
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+    ) {
+        assert!(
+            cin <= ci
+                && u.len() >= TAPS * ci * co
+                && v.len() >= TB * TAPS * ci
+                && m.len() >= TB * TAPS * co
+        );
+        let (up, vp, mp) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+        for k in 0..TAPS {
+            for j in (0..co).step_by(LANES) {
+                let uk = up.add(k * ci * co + j);
+                let mut acc = [_mm512_setzero_ps(); TB];
+                for c in 0..cin {
+                    let uc = _mm512_loadu_ps(uk.add(c * co));
+                    for t in 0..TB {
+                        let vb = _mm512_set1_ps(*vp.add((t * TAPS + k) * ci + c));
+                        acc[t] = _mm512_fmadd_ps(vb, uc, acc[t]);
+                    }
+                }
+                for t in 0..TB {
+                    _mm512_storeu_ps(mp.add((t * TAPS + k) * co + j), acc[t]);
+                }
+            }
+        }
+    }
+
+    /// [`super::accumulate_portable`] with one fused multiply-add per term: per tap and pair
+    /// of 16-channel groups, the 16 input channels' sums (each a vector over 16 output
+    /// channels) stay in registers while the block's `nb` tiles stream by.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn accumulate(
+        cin: usize,
+        ci: usize,
+        co: usize,
+        nb: usize,
+        v: &[f32],
+        dm: &[f32],
+        du: &mut [f32],
+    ) {
+        assert!(
+            cin <= ci
+                && nb <= TB
+                && v.len() >= TB * TAPS * ci
+                && dm.len() >= TB * TAPS * co
+                && du.len() >= TAPS * ci * co
+        );
+        let (vp, mp, up) = (v.as_ptr(), dm.as_ptr(), du.as_mut_ptr());
+        for k in 0..TAPS {
+            for jc in (0..cin).step_by(LANES) {
+                let nc = LANES.min(cin - jc);
+                for jo in (0..co).step_by(LANES) {
+                    let uk = up.add((k * ci + jc) * co + jo);
+                    let mut acc = [_mm512_setzero_ps(); LANES];
+                    for c in 0..LANES {
+                        acc[c] = _mm512_loadu_ps(uk.add(c * co));
+                    }
+                    for t in 0..nb {
+                        let d = _mm512_loadu_ps(mp.add((t * TAPS + k) * co + jo));
+                        let vt = vp.add((t * TAPS + k) * ci + jc);
+                        for c in 0..LANES {
+                            if c < nc {
+                                acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(*vt.add(c)), d, acc[c]);
+                            }
+                        }
+                    }
+                    for c in 0..LANES {
+                        _mm512_storeu_ps(uk.add(c * co), acc[c]);
+                    }
+                }
             }
         }
     }
