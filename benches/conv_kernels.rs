@@ -625,22 +625,32 @@ fn direct_forward(c: &mut Criterion) {
     // before the direct kernel) and against the fused F(4x4) path (`conv/winograd_fused.rs`,
     // forced on whatever its rule says; its products' tile is AVX-512's). Ranks that are not a
     // multiple of the register tile's rows (6 on AVX2, 8 on AVX-512) exercise its remainder
-    // tiles.
-    for (name, ch, px) in [
-        ("3x3_16ch_32px", 16, 32),
-        ("3x3_16ch_16px", 16, 16),
-        ("3x3_core8_32px", 8, 32),
-        ("3x3_core12_32px", 12, 32),
+    // tiles. Then wider layers the fused path can take (up to 64 channels): the rule's path
+    // (Winograd F(2x2) / F(4x4) plane-wise, the fused path off) against the fused path.
+    // Kernels: (label, direct forward allowed, fused path forced on).
+    let few: &[(&str, bool, bool)] = &[
+        ("winograd", false, false),
+        ("direct", true, false),
+        ("winograd4-fused", true, true),
+    ];
+    let wider: &[(&str, bool, bool)] = &[("rule", true, false), ("winograd4-fused", true, true)];
+    for (name, ch, px, kernels) in [
+        ("3x3_16ch_32px", 16, 32, few),
+        ("3x3_16ch_16px", 16, 16, few),
+        ("3x3_core8_32px", 8, 32, few),
+        ("3x3_core12_32px", 12, 32, few),
+        ("3x3_24ch_32px", 24, 32, wider),
+        ("3x3_32ch_16px", 32, 16, wider),
+        ("3x3_32ch_32px", 32, 32, wider),
+        ("3x3_64ch_16px", 64, 16, wider),
+        ("3x3_64ch_32px", 64, 32, wider),
+        ("3x3_64ch_8px", 64, 8, wider),
     ] {
         let op = conv(1, [1; 4]);
         let mut next = sawtooth();
         let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
         let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
-        for (kernel, direct, fused) in [
-            ("winograd", false, false),
-            ("direct", true, false),
-            ("winograd4-fused", true, true),
-        ] {
+        for &(kernel, direct, fused) in kernels {
             g.bench_function(format!("{name}/{kernel}"), |b| {
                 set_direct_forward(direct);
                 set_winograd_fused(Some(fused));
@@ -652,33 +662,6 @@ fn direct_forward(c: &mut Criterion) {
             });
         }
         set_direct_forward(true);
-        set_winograd_fused(None);
-    }
-    // Wider stride-1 3x3 layers the fused path can take (up to 64 channels): the rule's path
-    // (Winograd F(2x2) / F(4x4) plane-wise, fused path off) against the fused path forced on,
-    // forward alone.
-    for (name, ch, px) in [
-        ("3x3_24ch_32px", 24, 32),
-        ("3x3_32ch_16px", 32, 16),
-        ("3x3_32ch_32px", 32, 32),
-        ("3x3_64ch_16px", 64, 16),
-        ("3x3_64ch_32px", 64, 32),
-        ("3x3_64ch_8px", 64, 8),
-    ] {
-        let op = conv(1, [1; 4]);
-        let mut next = sawtooth();
-        let x = Array4::from_shape_fn([WINO_BATCH, ch, px, px], |_| next());
-        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
-        for (kernel, fused) in [("rule", false), ("winograd4-fused", true)] {
-            g.bench_function(format!("{name}/{kernel}"), |b| {
-                set_winograd_fused(Some(fused));
-                b.iter(|| {
-                    elrt::engine::on_pool(|| {
-                        black_box(op.forward(x.view(), w.view(), None).unwrap())
-                    })
-                })
-            });
-        }
         set_winograd_fused(None);
     }
     // Pointwise layers the direct path takes (`conv/pointwise.rs`), forward then backward per

@@ -2613,6 +2613,35 @@ fn few_channel_label() -> &'static str {
     }
 }
 
+/// Errors of the fused path's forward `y`, input gradient `dx` and weight gradient `dw` on case
+/// `d` of geometry `g` against f64: each output scaled by its F(4x4) tile's scale plus its own
+/// `sum |w| |x| + |b|`, each weight-gradient entry by the largest `sum |dy| |x|` over its
+/// kernel window, as the other Winograd paths' errors.
+fn fused_scaled_errors(
+    g: &Geom,
+    d: &ErrorCase,
+    y: &Array4<f32>,
+    dx: &Array4<f32>,
+    dw: &Array4<f32>,
+) -> (f64, f64, f64) {
+    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
+    let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
+    let bp = winograd::Plane {
+        m: 4,
+        ..g.wino_backward_plane()
+    };
+    let yscale = tile_scale(&abs(&d.x64), &wsum, &g.fused_plane(), d.b64abs.as_ref()) + &d.yscale;
+    let dxscale = tile_scale(&abs(&d.dy64), &wsum.t().to_owned(), &bp, None);
+    let dx64 = dx_reference(g, &d.dy64, &d.w64);
+    let dw64 = dw_reference(g, &d.x64, &d.dy64);
+    let dwscale = window_max(dw_reference(g, &abs(&d.x64), &abs(&d.dy64)));
+    (
+        scaled_error(y, &d.y64, &yscale),
+        scaled_error(dx, &dx64, &dxscale),
+        scaled_error(dw, &dw64, &dwscale),
+    )
+}
+
 /// Forward, input-gradient and weight-gradient errors of the fused Winograd kernels (build
 /// `build`; the forward called image by image on the forward's plane and on the input
 /// gradient's with the flipped weights, the weight gradient over the batch on the forward's
@@ -2656,11 +2685,6 @@ fn winograd_fused_errors(
     );
     let y = Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y).unwrap();
     let dx = Array4::from_shape_vec((g.n, g.ci, g.h, g.w), dx).unwrap();
-    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
-    let yscale = tile_scale(&abs(&d.x64), &wsum, &fp, d.b64abs.as_ref()) + &d.yscale;
-    let dxscale = tile_scale(&abs(&d.dy64), &wsum.t().to_owned(), &bp, None);
-    let dx64 = dx_reference(&g, &d.dy64, &d.w64);
     let mut dw = vec![f32::NAN; d.w.len()];
     fp.fused_weight_grad_with(
         build,
@@ -2671,13 +2695,7 @@ fn winograd_fused_errors(
     );
     assert!(dw.iter().all(|v| v.is_finite()), "every entry written");
     let dw = Array4::from_shape_vec(d.w.raw_dim(), dw).unwrap();
-    let dw64 = dw_reference(&g, &d.x64, &d.dy64);
-    let dwscale = window_max(dw_reference(&g, &abs(&d.x64), &abs(&d.dy64)));
-    (
-        scaled_error(&y, &d.y64, &yscale),
-        scaled_error(&dx, &dx64, &dxscale),
-        scaled_error(&dw, &dw64, &dwscale),
-    )
+    fused_scaled_errors(&g, &d, &y, &dx, &dw)
 }
 
 /// The fused Winograd kernel, every build this CPU runs, against f64 over random geometries:
@@ -2744,29 +2762,13 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
         let d = ErrorCase::draw(&c, &g, xs, ws, true, co as u64);
         let y = d.forward(&g);
         let grads = d.backward(&g, true);
-        let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-        let wsum = abs(&d.w64).sum_axis(Axis(3)).sum_axis(Axis(2));
-        let yscale =
-            tile_scale(&abs(&d.x64), &wsum, &g.fused_plane(), d.b64abs.as_ref()) + &d.yscale;
-        let bp = winograd::Plane {
-            m: 4,
-            ..g.wino_backward_plane()
-        };
-        let dxscale = tile_scale(&abs(&d.dy64), &wsum.t().to_owned(), &bp, None);
-        let dx64 = dx_reference(&g, &d.dy64, &d.w64);
-        let (f, b) = (
-            scaled_error(&y, &d.y64, &yscale),
-            scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
-        );
+        let (f, b, e) = fused_scaled_errors(&g, &d, &y, grads.dx.as_ref().unwrap(), &grads.dw);
         assert!(y.iter().all(|v| v.is_finite()));
         eprintln!("fused F(4x4) {xs:?} -> {co}: forward {f:e}, dx {b:e}");
         assert!(
             f <= winograd::WINO4_REL_TOL && b <= winograd::WINO4_REL_TOL,
             "{xs:?} -> {co}: forward {f:e}, dx {b:e}"
         );
-        let dw64 = dw_reference(&g, &d.x64, &d.dy64);
-        let dwscale = window_max(dw_reference(&g, &abs(&d.x64), &abs(&d.dy64)));
-        let e = scaled_error(&grads.dw, &dw64, &dwscale);
         eprintln!("fused F(4x4) {xs:?} -> {co}: dw {e:e}");
         assert!(e <= CL_DW_TOL, "{xs:?} -> {co}: dw {e:e}");
         let direct = d.backward(

@@ -105,13 +105,11 @@ impl Build {
 
 impl Geom {
     /// Whether this path can run the layer (forward, input gradient through
-    /// `Geom::direct_dx_geom`, weight gradient): stride 1, undilated 3x3, ungrouped, at most
-    /// [`MAX_CHANNELS`] channels in and out, pads within the kernel's extent.
+    /// `Geom::direct_dx_geom`, weight gradient): one Winograd can take
+    /// (`Geom::winograd_eligible`: ungrouped, undilated stride-1 3x3, pads of at most 2), of at
+    /// most [`MAX_CHANNELS`] channels in and out.
     pub(super) fn wino_fused_eligible(&self) -> bool {
-        self.group == 1
-            && [self.kh, self.kw, self.sh, self.sw, self.dh, self.dw] == [3, 3, 1, 1, 1, 1]
-            && self.ci.max(self.co) <= MAX_CHANNELS
-            && [self.pt, self.pl, self.pb, self.pr].iter().all(|&p| p <= 2)
+        self.winograd_eligible() && self.ci.max(self.co) <= MAX_CHANNELS
     }
 
     /// Whether it beats the kernels the other rules choose: on AVX-512 (its products' tile),
@@ -151,15 +149,8 @@ impl Geom {
     /// The forward's plane (F(4x4) tiles) for this path.
     pub(super) fn fused_plane(&self) -> Plane {
         Plane {
-            cin: self.ci,
-            cout: self.co,
-            h: self.h,
-            w: self.w,
-            oh: self.oh,
-            ow: self.ow,
-            pt: self.pt,
-            pl: self.pl,
             m: 4,
+            ..self.wino_forward_plane()
         }
     }
 }
@@ -198,7 +189,8 @@ pub(super) struct FusedScratch {
     m: Vec<f32>,
     /// The channels-last output (the output gradient in the weight gradient), `[4 th][4 tw][CO]`.
     o: Vec<f32>,
-    /// The weight gradient's transformed sums, `[36][CI][CO]`.
+    /// The weight gradient's transformed sums, `[36][CI][CO]` (allocated by the weight
+    /// gradient only: 590 KB at 64 channels, which a forward has no use for).
     du: Vec<f32>,
 }
 
@@ -211,7 +203,7 @@ impl Plane {
             v: vec![0.0; TB * TAPS * ci],
             m: vec![0.0; TB * TAPS * co],
             o: vec![0.0; 16 * self.th() * self.tw() * co],
-            du: vec![0.0; TAPS * ci * co],
+            du: Vec::new(),
         }
     }
 
@@ -323,11 +315,11 @@ impl Plane {
                 && dy.len() == x.len() / xlen * ylen
                 && dw.len() == self.cout * self.cin * 9
                 && s.v.len() == TB * TAPS * ci
-                && s.m.len() == TB * TAPS * co
-                && s.du.len() == TAPS * ci * co,
+                && s.m.len() == TB * TAPS * co,
             "fused Winograd weight-gradient buffers do not match the plane"
         );
-        s.du.fill(0.0);
+        s.du.clear();
+        s.du.resize(TAPS * ci * co, 0.0);
         // `pack_dy` writes the plane only; the rest of whole tiles must be zeros (a forward on
         // this scratch leaves its tiles' overhang there).
         s.o.fill(0.0);
