@@ -645,6 +645,10 @@ fn direct_forward(c: &mut Criterion) {
         ("3x3_64ch_16px", 64, 16, wider),
         ("3x3_64ch_32px", 64, 32, wider),
         ("3x3_64ch_8px", 64, 8, wider),
+        ("3x3_16ch_8px", 16, 8, few),
+        ("3x3_32ch_8px", 32, 8, wider),
+        ("3x3_32ch_4px", 32, 4, wider),
+        ("3x3_64ch_4px", 64, 4, wider),
     ] {
         let op = conv(1, [1; 4]);
         let mut next = sawtooth();

@@ -426,9 +426,10 @@ impl Conv2d {
             (g.wino_fused, g.direct_fwd) = (true, true);
             (g.winograd, g.small_plane) = (false, false);
             if g.wino_fused_dw_pays() {
-                g.wino_dw = false;
+                (g.wino_dw, g.direct_dw) = (false, false);
+            } else {
+                g.direct_dw = !g.wino_dw;
             }
-            g.direct_dw = !g.wino_dw;
         }
         Ok(g)
     }
@@ -521,7 +522,8 @@ impl Conv2d {
                     if let Some(u) = &fused {
                         let p = g.fused_plane();
                         let mut s = p.fused_scratch();
-                        for (yb, xb) in yp.chunks_mut(ylen).zip(xp.chunks(xlen)) {
+                        let b = s.images();
+                        for (yb, xb) in yp.chunks_mut(b * ylen).zip(xp.chunks(b * xlen)) {
                             p.fused_run(xb, u, bias.as_deref(), yb, &mut s);
                         }
                         return;
@@ -651,8 +653,12 @@ impl Conv2d {
         }
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let (part, blk) = (g.part_images(), g.block_images());
-        // The direct and Winograd weight gradients replace the blocked one too.
-        let blk = if g.direct_dw || g.wino_dw { 1 } else { blk };
+        // The direct, Winograd and fused weight gradients replace the blocked one too.
+        let blk = if g.direct_dw || g.wino_dw || g.wino_fused_dw_pays() {
+            1
+        } else {
+            blk
+        };
         let mut dx = if need_dx {
             unzeroed(g.n * xlen)
         } else {
@@ -710,6 +716,11 @@ impl Conv2d {
         // conv's copies and the channels-last depthwise kernel write every entry of their part;
         // the other paths add into it (col2im), so each part is zeroed by the task that then
         // fills it.
+        // The fused Winograd weight gradient where its rule says and the input gradient (if
+        // wanted) comes from the direct or Winograd branches: its parts return their
+        // transformed sums (`[36][CI][CO]`) in place of a weight gradient.
+        let fused_dw =
+            g.wino_fused_dw_pays() && (!need_dx || direct_dx.is_some() || wino.is_some());
         let dx_written_in_full = direct_dx.is_some()
             || wino.is_some()
             || (blk > 1 && g.path == Path::Pointwise)
@@ -732,7 +743,8 @@ impl Conv2d {
                     if let Some(u) = ut {
                         let p = gt.fused_plane();
                         let mut s = p.fused_scratch();
-                        for (dxb, dyb) in dxw.chunks_mut(xlen).zip(dyp.chunks(ylen)) {
+                        let b = s.images();
+                        for (dxb, dyb) in dxw.chunks_mut(b * xlen).zip(dyp.chunks(b * ylen)) {
                             p.fused_run(dyb, u, None, dxb, &mut s);
                         }
                     } else {
@@ -775,12 +787,14 @@ impl Conv2d {
                     g.depthwise_backward_cl(xp, &ws, dyp, dxp, &mut dw);
                     return (dw, db);
                 }
-                if dxp.is_none() && g.wino_fused_dw_pays() {
-                    // The fused Winograd weight gradient (its input gradient came above).
+                if fused_dw {
+                    // The fused Winograd weight gradient's transformed sums (its input
+                    // gradient came above), untransformed once after the parts.
                     let p = g.fused_plane();
                     let mut s = p.fused_scratch();
-                    p.fused_weight_grad(xp, dyp, &mut dw, &mut s);
-                    return (dw, db);
+                    let mut du = unzeroed(p.fused_sums_len());
+                    p.fused_weight_grad_sums(xp, dyp, &mut du, &mut s);
+                    return (du, db);
                 }
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
                 if g.direct_dw {
@@ -814,6 +828,11 @@ impl Conv2d {
         // conv of ResNet-18, whose step at two threads would otherwise wait on one core).
         if g.wino_dw && g.n > 0 {
             g.weight_grad_winograd(&xs, &dys, &mut dw);
+        } else if fused_dw && g.n > 0 {
+            let parts: Vec<&[f32]> = partials.iter().map(|(du, _)| du.as_slice()).collect();
+            let mut du = unzeroed(g.fused_plane().fused_sums_len());
+            sum_parts_in_order(&parts, &mut du);
+            winograd_fused::fused_untransform(g.co, g.ci, &du, &mut dw);
         } else if blk > 1 {
             g.weight_grad_blocked(cols_all.view(), dys_all.view(), &mut dw);
         } else {

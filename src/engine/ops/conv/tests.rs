@@ -1319,7 +1319,8 @@ fn winograd_gradients_match_finite_differences_at(tile: usize, cl: bool) {
 #[test]
 fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
-    let (xs, ws) = ([37, 64, 8, 8], [64, 64, 3, 3]);
+    // 68 channels: past the fused path's 64 (`winograd_fused.rs`, which takes 64 on AVX-512).
+    let (xs, ws) = ([37, 68, 8, 8], [68, 68, 3, 3]);
     let g = c.geom(&xs, &ws).unwrap();
     assert!(g.winograd || g.wino_cl || !winograd::auto_mode());
     if winograd::auto_mode() && small_plane::auto_mode() {
@@ -1334,14 +1335,13 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         // AVX-512, all of them the fused path (`winograd_fused.rs`).
         let fused = few_channel_label() != "Conv direct";
         let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
-        let big = [37, 64, 32, 32];
+        let w64 = [64, 64, 3, 3];
         assert_eq!(
-            c.kernel_label(&big, &ws).unwrap(),
+            c.kernel_label(&[37, 64, 32, 32], &w64).unwrap(),
             or_fused("Conv winograd4")
         );
-        let mid = [37, 64, 16, 16];
         assert_eq!(
-            c.kernel_label(&mid, &ws).unwrap(),
+            c.kernel_label(&[37, 64, 16, 16], &w64).unwrap(),
             or_fused("Conv winograd4")
         );
         let mid32 = ([37, 32, 16, 16], [32, 32, 3, 3]);
@@ -1350,16 +1350,21 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             or_fused("Conv winograd")
         );
         // The weight gradient: F(4x4) from 64 channels on 32x32, from 128 on 17x17 to 31x31;
-        // F(2x2) on 16x16.
+        // F(2x2) on 16x16. Where the CPU has AVX-512, the fused path's up to 64 channels.
         let dw_tile = |xs: [usize; 4]| {
             let g = c.geom(&xs, &[xs[1], xs[1], 3, 3]).unwrap();
+            if fused && xs[1] <= 64 {
+                assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{xs:?}");
+                return 0;
+            }
             assert!(g.wino_dw, "{xs:?}");
             g.wino_dw_tile
         };
-        assert_eq!(dw_tile(big), 4);
-        assert_eq!(dw_tile([37, 64, 16, 16]), 2);
+        let or_none = |tile| if fused { 0 } else { tile };
+        assert_eq!(dw_tile([37, 64, 32, 32]), or_none(4));
+        assert_eq!(dw_tile([37, 64, 16, 16]), or_none(2));
         assert_eq!(dw_tile([37, 128, 28, 28]), 4);
-        assert_eq!(dw_tile([37, 64, 28, 28]), 2);
+        assert_eq!(dw_tile([37, 64, 28, 28]), or_none(2));
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
         assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), few_channel_label());
     }
@@ -1368,7 +1373,7 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         let mut rng = Rng::new(47);
         let x = rand_array(&mut rng, xs, -1.0, 1.0);
         let w = rand_array(&mut rng, ws, -1.0, 1.0);
-        let dy = rand_array(&mut rng, [37, 64, 8, 8], -1.0, 1.0);
+        let dy = rand_array(&mut rng, [37, 68, 8, 8], -1.0, 1.0);
         assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
     }
 }
@@ -1408,6 +1413,46 @@ fn winograd_results_do_not_depend_on_the_batch_size() {
         let first = |a: &Array4<f32>| a.slice(ndarray::s![0..16, .., .., ..]).to_owned();
         assert_eq!(first(&y32), y16, "F({tile}) {ch}ch {px}px forward");
         assert_eq!(first(&dx32), dx16, "F({tile}) {ch}ch {px}px dx");
+    }
+}
+
+/// The fused Winograd path's forward and input gradient give an image the same bits whatever
+/// images share its blocks of tiles (8x8 planes: two per block; 12x12: eight; 5x5 inputs
+/// with pads of 2, 7x7 outputs: two) and whatever the batch: each image of a batch of 7 (odd:
+/// a part ends in a group short of images) against the first 3 alone.
+#[test]
+fn winograd_fused_results_do_not_depend_on_the_images_around_one() {
+    for (ch, px, pad) in [(16, 8, 1), (40, 12, 1), (24, 5, 2)] {
+        let c = conv(1, [1, 1], [pad; 4], [1, 1]);
+        let ws = [ch, ch, 3, 3];
+        let mut rng = Rng::new(4);
+        let x = rand_array(&mut rng, [7, ch, px, px], -1.0, 1.0);
+        let w = rand_array(&mut rng, ws, -1.0, 1.0);
+        let side = px + 2 * pad - 2;
+        let dy = rand_array(&mut rng, [7, ch, side, side], -1.0, 1.0);
+        let run = |n: usize| {
+            let mut g = c.geom(&[n, ch, px, px], &ws).unwrap();
+            (
+                g.direct_fwd,
+                g.winograd,
+                g.small_plane,
+                g.wino_cl,
+                g.wino_dw,
+            ) = (true, false, false, false, false);
+            g.wino_fused = true;
+            let xn = x.slice(ndarray::s![0..n, .., .., ..]);
+            let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
+            let y = Conv2d::forward_geom(&g, xn, w.view(), None);
+            let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
+                .dx
+                .unwrap();
+            (y, dx)
+        };
+        let (y7, dx7) = run(7);
+        let (y3, dx3) = run(3);
+        let first = |a: &Array4<f32>| a.slice(ndarray::s![0..3, .., .., ..]).to_owned();
+        assert_eq!(first(&y7), y3, "{ch}ch {px}px forward");
+        assert_eq!(first(&dx7), dx3, "{ch}ch {px}px dx");
     }
 }
 
@@ -1691,25 +1736,37 @@ fn direct_weight_grad_matches_f64_over_random_geometries() {
 }
 
 /// The layers the speed rule hands to the direct weight gradient (the stride-1 3x3 convs that
-/// the direct forward runs: ResNet-20's 16 channels on 32x32, 8x8 ones below 32 channels; and
-/// ResNet-18's 7x7 stride-2 stem) are handed to it, and stay within the bound; the Winograd
-/// layers of 32 to 128 channels on 16x16 and 32x32, and of 128+ on 8x8, go to Winograd's
-/// weight gradient instead.
+/// the direct forward runs: ResNet-20's 16 channels on 32x32, 8x8 ones below 32 channels,
+/// rank-8 cores; and ResNet-18's 7x7 stride-2 stem) are handed to it, but for those the fused
+/// path takes on AVX-512 (12 to 64 channels), and the direct one stays within the bound on
+/// them; the Winograd layers of 32 to 128 channels on 16x16 and 32x32, and of 128+ on 8x8, go
+/// to Winograd's weight gradient instead (the fused one on AVX-512 up to 64 channels).
 #[test]
 fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     if !weight_grad::auto_mode() {
         return;
     }
-    for (ch, px) in [(16, 32), (16, 8)] {
+    let avx512 = winograd_fused::Build::best() != winograd_fused::Build::Portable;
+    for (ch, px) in [(16, 32), (16, 8), (8, 32)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
-        assert!(g.direct_dw, "{ch}ch {px}px");
-        let e = dw_error(&g, ch as u64, true);
+        let fused = g.wino_fused_dw_pays();
+        if winograd::auto_mode() && direct::auto_mode() {
+            assert_eq!(fused, avx512 && ch >= 12, "{ch}ch {px}px");
+        }
+        assert!(g.direct_dw != fused, "{ch}ch {px}px");
+        let direct = Geom {
+            wino_fused: false,
+            direct_dw: true,
+            ..g
+        };
+        let e = dw_error(&direct, ch as u64, true);
         assert!(e <= DW_REL_TOL, "{ch}ch {px}px: {e:e}");
     }
     // Winograd layers take Winograd's weight gradient instead (with Winograd's input gradient:
     // no small-plane backward left); those of 128+ channels on 8x8 and 16x16 planes the
-    // channels-last path's (`winograd_cl.rs`).
+    // channels-last path's (`winograd_cl.rs`); on AVX-512 those of up to 64 channels the
+    // fused path's.
     for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16), (128, 8), (256, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
@@ -1719,6 +1776,8 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
             assert!(!g.direct_dw, "{ch}ch {px}px");
             if ch >= 128 {
                 assert!(g.wino_cl, "{ch}ch {px}px");
+            } else if avx512 {
+                assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{ch}ch {px}px");
             } else {
                 assert!(g.wino_dw && !g.small_plane, "{ch}ch {px}px");
             }
@@ -1728,8 +1787,8 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     let g = c.geom(&[33, 64, 8, 8], &[64, 64, 3, 3]).unwrap();
     if winograd::auto_mode() && small_plane::auto_mode() {
         assert!(
-            g.small_plane && !g.wino_dw,
-            "64ch 8px keeps the small-plane backward"
+            (g.small_plane || (avx512 && g.wino_fused_dw_pays())) && !g.wino_dw,
+            "64ch 8px keeps the small-plane backward (the fused path on AVX-512)"
         );
     }
     // ResNet-18's 7x7 stride-2 stem too (no input gradient: its input is the data).
@@ -2241,8 +2300,13 @@ fn direct_kernels_are_chosen_for_few_channel_3x3_layers() {
         ([9, 16, 8, 8], [16, 16, 3, 3]),
     ] {
         let mut g = c.geom(&xs, &ws).unwrap();
-        assert!(g.direct_fwd && g.direct_dw && !g.winograd, "{xs:?} {ws:?}");
-        let label = if xs[2] >= 16 && xs[1].min(ws[0]) >= 12 {
+        // The direct forward, and the direct weight gradient unless the fused path takes it.
+        let fused_dw = g.wino_fused_dw_pays();
+        assert!(
+            g.direct_fwd && g.direct_dw != fused_dw && !g.winograd,
+            "{xs:?} {ws:?}"
+        );
+        let label = if xs[2] >= 8 && xs[1].min(ws[0]) >= 12 {
             few_channel_label()
         } else {
             "Conv direct"
@@ -2579,7 +2643,16 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         assert_eq!(label([9, 152, 4, 4], 152), "Conv winograd4-cl");
         assert_eq!(label([9, 64, 4, 4], 64), "Conv winograd4-cl");
         assert_eq!(label([9, 72, 8, 8], 72), "Conv winograd4-cl");
-        assert_eq!(label([9, 64, 8, 8], 64), "Conv winograd+small-plane");
+        // 64 channels on 8x8: the fused path on AVX-512 (`winograd_fused.rs`).
+        assert_eq!(
+            label([9, 64, 8, 8], 64),
+            if winograd_fused::Build::best() != winograd_fused::Build::Portable {
+                "Conv winograd4-fused"
+            } else {
+                "Conv winograd+small-plane"
+            }
+        );
+        assert_eq!(label([9, 68, 8, 8], 68), "Conv winograd+small-plane");
         assert_eq!(label([9, 32, 4, 4], 32), "Conv small-plane");
         assert_eq!(label([9, 512, 2, 2], 512), "Conv small-plane");
         // Winograd layers on 8x8 to 16x16 planes: from 128 channels on 16x16, and not on
@@ -2670,12 +2743,16 @@ fn winograd_fused_errors(
     let (mut y, mut dx) = (vec![f32::NAN; g.n * ylen], vec![f32::NAN; g.n * xlen]);
     let (mut sf, mut sb) = (fp.fused_scratch(), bp.fused_scratch());
     let b = d.b.as_ref().map(|b| b.as_slice().unwrap());
-    for (yi, xi) in y.chunks_mut(ylen).zip(d.x.as_slice().unwrap().chunks(xlen)) {
+    let (gf, gb) = (sf.images(), sb.images());
+    for (yi, xi) in y
+        .chunks_mut(gf * ylen)
+        .zip(d.x.as_slice().unwrap().chunks(gf * xlen))
+    {
         fp.fused_run_with(build, xi, &u, b, yi, &mut sf);
     }
     for (dxi, dyi) in dx
-        .chunks_mut(xlen)
-        .zip(d.dy.as_slice().unwrap().chunks(ylen))
+        .chunks_mut(gb * xlen)
+        .zip(d.dy.as_slice().unwrap().chunks(gb * ylen))
     {
         bp.fused_run_with(build, dyi, &ut, None, dxi, &mut sb);
     }
@@ -2785,9 +2862,10 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
 
 /// The speed rule: the fused path for stride-1 3x3 layers of 12 to 64 channels on 16x16
 /// planes and up where the CPU has AVX-512 (ResNet-20's first two stages, ResNet-18's 64ch
-/// layers), not for 8-channel layers, 8x8 planes, 72+ channels, strided layers or the
-/// 3-channel stem; its weight gradient up to 16 channels; and on such a layer the conv's own
-/// forward and gradients against the reference and f64 finite differences.
+/// layers) and 8x8 ones (their last stage), not for 8-channel layers, 4x4 planes, 72+
+/// channels, strided layers or the 3-channel stem; its weight gradient on every layer it
+/// takes; and on such a layer the conv's own forward and gradients against the reference and
+/// f64 finite differences, on 16x16 and on 8x8 (whose tiles two images share per block).
 #[test]
 fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     if !direct::auto_mode() || !winograd::auto_mode() {
@@ -2802,13 +2880,17 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     assert_eq!(fused([4, 64, 16, 16], 64), avx512);
     assert_eq!(fused([4, 24, 32, 32], 40), avx512);
     assert!(!fused([4, 8, 32, 32], 8));
-    assert!(!fused([4, 16, 8, 8], 16));
-    assert!(!fused([4, 64, 8, 8], 64));
+    assert_eq!(fused([4, 16, 8, 8], 16), avx512);
+    assert_eq!(fused([4, 64, 8, 8], 64), avx512);
+    assert!(!fused([4, 64, 4, 4], 64));
     assert!(!fused([4, 72, 16, 16], 72));
     assert!(!fused([4, 3, 32, 32], 16));
-    // The fused weight gradient up to 16 channels; wider layers keep their Winograd one.
-    let g32 = c.geom(&[4, 32, 16, 16], &[32, 32, 3, 3]).unwrap();
-    assert!(!g32.wino_fused_dw_pays() && (g32.wino_dw || !avx512));
+    // The fused weight gradient on every layer the path takes.
+    for (ch, px) in [(16, 32), (32, 16), (64, 8)] {
+        let g = c.geom(&[4, ch, px, px], &[ch, ch, 3, 3]).unwrap();
+        assert_eq!(g.wino_fused_dw_pays(), avx512, "{ch}ch {px}px");
+        assert!(!g.wino_dw || !avx512);
+    }
     let strided = conv(1, [2, 2], [1; 4], [1, 1]);
     assert!(
         !strided
@@ -2817,4 +2899,5 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
             .wino_fused
     );
     check_against_reference(&c, [1, 12, 16, 16], [12, 12, 3, 3], true, 67, assert_grad);
+    check_against_reference(&c, [3, 12, 8, 8], [14, 12, 3, 3], true, 68, assert_grad);
 }

@@ -1,7 +1,7 @@
-//! Winograd F(4x4, 3x3) for stride-1 3x3 layers of up to 64 channels in and out on 16x16 and
-//! larger planes (ResNet-20's first two stages, ResNet-18's 64-channel layers, low-rank
-//! Tucker-2 cores), one image at a time with every intermediate kept in cache: forward, input
-//! gradient and, up to 16 channels, weight gradient.
+//! Winograd F(4x4, 3x3) for stride-1 3x3 layers of up to 64 channels in and out on 8x8 and
+//! larger planes (ResNet-20, ResNet-18's 64-channel layers, low-rank Tucker-2 cores), one
+//! image (on small planes a few, see [`Plane::fused_images`]) at a time with every
+//! intermediate kept in cache: forward, input gradient and weight gradient.
 //!
 //! Why: ResNet-20's 16-channel layers ran on the direct kernel (`direct.rs`) at the sgemm
 //! ceiling (16ch 32x32, 84 GFLOP/s, 33% of its training step with the weight gradient), 144
@@ -12,7 +12,7 @@
 //! a few vectors per pixel (`CI`, `CO`: the channels rounded up to whole vectors), so:
 //!
 //! - the image is copied channels-last into a zero-padded buffer `P[py][px][CI]` (rows and
-//!   columns of whole tiles, the padding's zeros around it);
+//!   columns of whole tiles, the padding's zeros around it; a slot per image of the group);
 //! - per block of [`TB`] tiles: the input transform `V = B^T d B` along the channel lanes,
 //!   into `[TB][36][CI]`; for each of the 36 transformed taps and vector of output channels,
 //!   `M[t][k] = sum_c V[t][k][c] * U[k][c]` (a broadcast of `V[t][k][c]` times the weight
@@ -23,19 +23,22 @@
 //! Transformed weights `U[k][c][o]` (36 x CI x CO, zero-padded) are made once per call. At 16
 //! channels the block of tiles stays in L1 (2 x 18 KB) and the padded image in L2, so nothing
 //! but the image and its output crosses memory. The weight gradient runs the same way over a
-//! part of the batch: per block, `V` from the image and `dM = A dy A^T` from the channels-last
-//! output gradient, `dU_k += V_k dM_k^T` with 16 sums of a tap in registers, and `G^T dU G`
-//! once per part ([`Plane::fused_weight_grad`]). It pays only while `dU` (36 x CI x CO) stays
-//! in L1: at 64 channels it is 590 KB, read and written per block, and criterion's
-//! `weight_grad` measured it 3.2x slower than Winograd's own (`winograd_dw.rs`) on ResNet-20's
-//! 64ch 8x8 layer and 1.6x on ResNet-18's 64ch 16x16; at 32 channels a tie.
+//! part of the batch: per sweep of [`DW_SWEEP`] tiles, `V` from the images and `dM = A dy A^T`
+//! from the channels-last output gradients, `dU_k += V_k dM_k^T` with 16 sums of a tap in
+//! registers ([`Plane::fused_weight_grad_sums`]); the parts' `dU` (36 x CI x CO) are summed
+//! in part order and `G^T dU G` taken once per call ([`fused_untransform`]). Taken per part
+//! and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had cost 3x the
+//! sums themselves and made this weight gradient lose from 32 channels; plane by plane and
+//! once, criterion `weight_grad` (batch 64, 1 thread) went 9.4 -> 1.8 ms on ResNet-20's 64ch
+//! 8x8 layer (its small-plane one: 4.4) and 15.0 -> 6.4 on ResNet-18's 64ch 16x16 (Winograd's
+//! own, `winograd_dw.rs`: 9.9), 3.2 -> 1.7 on 32ch 16x16 (Winograd's: 2.9).
 //!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
 //! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
 //! gradient within `CL_DW_TOL` of its window's `sum |dy| |x|`. Each output is a fixed sequence
-//! of operations on its own image, and a part's weight gradient sums its images in order (the
-//! parts then in part order): results do not depend on the thread count, and the forward and
-//! input gradient not on the batch either.
+//! of operations on its own image (whichever images share its blocks), and a part's weight
+//! gradient sums its images' tiles in order (the parts then in part order): results do not
+//! depend on the thread count, and the forward and input gradient not on the batch either.
 
 use super::winograd::Plane;
 use super::winograd4::transform_kernel4;
@@ -50,6 +53,11 @@ const WIDEST_BY_RULE: usize = 64;
 /// Tiles per block of products: `TB` accumulators (plus the weight vector and the broadcast)
 /// of the 32 AVX-512 registers, and 2 x 18 KB of transformed tiles that stay in L1.
 const TB: usize = 8;
+/// Tiles per pass of the weight gradient over its sums `dU` (36 x CI x CO): two blocks.
+/// Criterion `weight_grad` (batch 64, 1 thread, AVX-512), 1 -> 2 -> 4 blocks, ms: 16ch 32x32
+/// 2.13 -> 2.01 -> 1.90, 32ch 16x16 1.66 -> 1.49 -> 1.49, 64ch 8x8 1.83 -> 1.76 -> 1.97, 64ch
+/// 16x16 6.37 -> 5.30 -> 5.79.
+const DW_SWEEP: usize = 2 * TB;
 /// Transformed taps per F(4x4, 3x3) tile.
 const TAPS: usize = 36;
 
@@ -113,37 +121,44 @@ impl Geom {
     }
 
     /// Whether it beats the kernels the other rules choose: on AVX-512 (its products' tile),
-    /// planes of 16x16 and up (blocks of [`TB`] tiles filled), 12 to [`WIDEST_BY_RULE`]
-    /// channels each way. Criterion (`direct_forward`, forward alone, batch 64, 1 thread,
+    /// planes of 8x8 and up (4x4 ones tied: 32ch 0.21 -> 0.22 ms, 64ch 0.66 -> 0.70, against
+    /// small-plane / channels-last Winograd), 12 to [`WIDEST_BY_RULE`] channels each way. Criterion (`direct_forward`, forward alone, batch 64, 1 thread,
     /// AVX-512 AMD EPYC), the rule's path -> fused: direct 16ch 32x32 3.20 -> 1.83 ms, 16ch
     /// 16x16 0.91 -> 0.385, rank-12 core on 32x32 2.20 -> 1.58; Winograd (plane-wise F(2x2) or
     /// F(4x4)) 24ch 32x32 6.2 -> 4.4, 32ch 16x16 2.84 -> 1.40, 32ch 32x32 8.9 -> 5.8, 64ch
     /// 16x16 7.6 -> 5.2, 64ch 32x32 28.0 -> 21.6. Lost or near ties, left out: a rank-8 core
     /// on 32x32 0.91 -> 0.98 (the transforms and layout copies per channel stay while the
-    /// products halve), 64ch 8x8 2.73 -> 2.47 (half-empty blocks of 4 tiles per image; the
-    /// small-plane backward those layers have stays). Inside training steps (`elrt speed`,
+    /// products halve). 8x8 planes (4 tiles each) first ran half-empty blocks (64ch 2.73 ->
+    /// 2.47); with two images per block ([`Plane::fused_images`]) 64ch 8x8 2.73 -> 1.54, 32ch
+    /// 0.99 -> 0.44, 16ch (direct) 0.33 -> 0.16. Inside training steps (`elrt speed`,
     /// alternating builds): ResNet-20 (batch 128), 16-channel layers direct -> fused, 1 thread
     /// 326-335 -> 363-369 img/s, 2 threads 599-622 -> 689-715 (those layers' forward 44.9 ->
     /// 22.4 ms per step, backward with the direct weight gradient 86.7 -> 67.8); then its
     /// 32-channel layers too, 1 thread 359-372 -> 334-359 ms per step; resnet18 at 64x64
     /// (batch 64), its 64-channel 16x16 layers forward 29.8-32.2 -> 23.9-24.1 ms per step,
-    /// backward 70.7-77.3 -> 66.4-68.4.
+    /// backward 70.7-77.3 -> 66.4-68.4. Then 8x8 planes with the weight gradient of every
+    /// width (below): ResNet-20's 64-channel stage forward 5.5 -> 2.85 ms per layer, 1 thread
+    /// 296-315 -> 250-268 ms per step, 2 threads 159-213 -> 136-149.
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
             Build::best() != Build::Portable
-                && self.oh * self.ow >= 256
+                && self.oh * self.ow >= 64
                 && self.ci.min(self.co) >= 12
                 && self.ci.max(self.co) <= WIDEST_BY_RULE
         })
     }
 
     /// Whether a layer of this path ([`Self::wino_fused_pays`]) takes its weight gradient here
-    /// too rather than from the kernel the other rules chose: up to 16 channels (see the
-    /// module doc for wider ones). Criterion `weight_grad` (batch 64, 1 thread, AVX-512),
-    /// ResNet-20's 16ch 32x32 direct 3.77 -> 2.03 ms; inside ResNet-20's training step (batch
-    /// 128, 1 thread) its 16-channel layers' backward 61.4-61.8 -> 44.3-45.1 ms per step.
+    /// too rather than from the kernel the other rules chose: always. Criterion `weight_grad`
+    /// (batch 64, 1 thread, AVX-512), ResNet-20's 16ch 32x32 direct 3.77 -> 2.03 ms; inside
+    /// ResNet-20's training step (batch 128, 1 thread) its 16-channel layers' backward
+    /// 61.4-61.8 -> 44.3-45.1 ms per step. Wider layers once the untransform ran once per call
+    /// (module doc): 32ch 16x16 Winograd 2.90 -> 1.49, 64ch 16x16 9.86 -> 5.30, 64ch 8x8
+    /// small-plane 4.4 -> 1.76; in training steps (1 thread, alternating builds) resnet18@64's
+    /// 64-channel layers' backward 54.9-55.7 -> 43.2-44.3 ms per step, resnet18@128's 215-218
+    /// -> 195-201, resnet18_tucker2@128's fused cores 104-107 -> 98-101.
     pub(super) fn wino_fused_dw_pays(&self) -> bool {
-        self.wino_fused && FUSED_DW.decide(|| self.ci.max(self.co) <= LANES)
+        self.wino_fused && FUSED_DW.decide(|| true)
     }
 
     /// The forward's plane (F(4x4) tiles) for this path.
@@ -152,6 +167,15 @@ impl Geom {
             m: 4,
             ..self.wino_forward_plane()
         }
+    }
+}
+
+/// The greatest common divisor.
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -177,38 +201,78 @@ pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
     u
 }
 
-/// One image's buffers, kept across the images of a part (`CI`, `CO`: the channels rounded
-/// up to whole vectors).
+/// One group's buffers ([`Plane::fused_images`] images), kept across the groups of a part
+/// (`CI`, `CO`: the channels rounded up to whole vectors).
 pub(super) struct FusedScratch {
-    /// The padded channels-last input, `[4 th + 2][4 tw + 2][CI]`.
+    /// Images per group: the slots of `p` and `o`.
+    images: usize,
+    /// The padded channels-last inputs, `[images][4 th + 2][4 tw + 2][CI]`.
     p: Vec<f32>,
     /// A block's transformed tiles, `[TB][36][CI]`.
     v: Vec<f32>,
     /// A block's products (the transformed output gradient in the weight gradient),
     /// `[TB][36][CO]`.
     m: Vec<f32>,
-    /// The channels-last output (the output gradient in the weight gradient), `[4 th][4 tw][CO]`.
+    /// The channels-last outputs (output gradients in the weight gradient),
+    /// `[images][4 th][4 tw][CO]`.
     o: Vec<f32>,
-    /// The weight gradient's transformed sums, `[36][CI][CO]` (allocated by the weight
-    /// gradient only: 590 KB at 64 channels, which a forward has no use for).
-    du: Vec<f32>,
+}
+
+impl FusedScratch {
+    /// Images per group: the most [`Plane::fused_run`] takes per call, and how many the
+    /// weight gradient takes per block sweep.
+    pub(super) fn images(&self) -> usize {
+        self.images
+    }
 }
 
 impl Plane {
-    pub(super) fn fused_scratch(&self) -> FusedScratch {
-        let (hp, wp) = (4 * self.th() + 2, 4 * self.tw() + 2);
-        let (ci, co) = (wide(self.cin), wide(self.cout));
-        FusedScratch {
-            p: vec![0.0; hp * wp * ci],
-            v: vec![0.0; TB * TAPS * ci],
-            m: vec![0.0; TB * TAPS * co],
-            o: vec![0.0; 16 * self.th() * self.tw() * co],
-            du: Vec::new(),
+    /// Images whose tiles share blocks of products: 1 where a plane has at least `2 TB` tiles,
+    /// else the fewest that fill whole blocks (8x8 planes, 4 tiles each: 2 images; 12x12, 9
+    /// tiles: 8), so that small planes do not run half-empty blocks. Tiles run in order
+    /// image by image, whatever the grouping: outputs do not depend on it.
+    pub(super) fn fused_images(&self) -> usize {
+        let tiles = self.tiles().max(1);
+        if tiles >= 2 * TB {
+            1
+        } else {
+            TB / gcd(tiles, TB)
         }
     }
 
-    /// The correlation of one image `x` (`[cin][h][w]`) with the transformed weights `u`
-    /// ([`fused_weights`]) plus `bias`, into `y` (`[cout][oh][ow]`, every entry written).
+    /// Images per group in the weight gradient: enough to fill a sweep (at most 8).
+    fn fused_dw_images(&self) -> usize {
+        let (tiles, sweep) = (self.tiles().max(1), DW_SWEEP);
+        if tiles >= 2 * sweep {
+            1
+        } else {
+            (sweep / gcd(tiles, sweep)).min(8)
+        }
+    }
+
+    /// Floats per image slot of the padded input and of the channels-last output.
+    fn fused_slots(&self) -> (usize, usize) {
+        let (hp, wp) = (4 * self.th() + 2, 4 * self.tw() + 2);
+        let (ci, co) = (wide(self.cin), wide(self.cout));
+        (hp * wp * ci, 16 * self.th() * self.tw() * co)
+    }
+
+    pub(super) fn fused_scratch(&self) -> FusedScratch {
+        let (ci, co) = (wide(self.cin), wide(self.cout));
+        let images = self.fused_images();
+        let (ps, os) = self.fused_slots();
+        FusedScratch {
+            images,
+            p: vec![0.0; images * ps],
+            v: vec![0.0; TB * TAPS * ci],
+            m: vec![0.0; TB * TAPS * co],
+            o: vec![0.0; images * os],
+        }
+    }
+
+    /// The correlation of up to [`FusedScratch::images`] images `x` (`[n][cin][h][w]`) with
+    /// the transformed weights `u` ([`fused_weights`]) plus `bias`, into `y`
+    /// (`[n][cout][oh][ow]`, every entry written).
     pub(super) fn fused_run(
         &self,
         x: &[f32],
@@ -231,15 +295,21 @@ impl Plane {
         s: &mut FusedScratch,
     ) {
         let (ci, co) = (wide(self.cin), wide(self.cout));
+        let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
+        let images = x.len() / xlen.max(1);
+        let (ps, os) = self.fused_slots();
         assert!(
             self.m == 4
                 && self.cin <= MAX_CHANNELS
                 && self.cout <= MAX_CHANNELS
-                && x.len() == self.cin * self.h * self.w
-                && y.len() == self.cout * self.oh * self.ow
+                && (1..=s.images).contains(&images)
+                && x.len() == images * xlen
+                && y.len() == images * ylen
+                && s.p.len() >= s.images * ps
+                && s.o.len() >= s.images * os
                 && u.len() == TAPS * ci * co
-                && s.v.len() == TB * TAPS * ci
-                && s.m.len() == TB * TAPS * co
+                && s.v.len() >= TB * TAPS * ci
+                && s.m.len() >= TB * TAPS * co
                 && bias.is_none_or(|b| b.len() == self.cout),
             "fused Winograd buffers do not match the plane"
         );
@@ -247,55 +317,47 @@ impl Plane {
         if let Some(bias) = bias {
             b[..self.cout].copy_from_slice(bias);
         }
-        let tiles = self.tiles();
+        // Tiles numbered image by image over the group.
+        let tiles = images * self.tiles();
         match build {
             Build::Portable => {
-                pack(self, x, &mut s.p);
+                for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
+                    pack(self, xi, pi);
+                }
                 for t0 in (0..tiles).step_by(TB) {
                     let nb = TB.min(tiles - t0);
                     input_block(self, &s.p, t0, nb, &mut s.v);
                     products_portable(self.cin, ci, co, u, &s.v, &mut s.m);
                     output_block(self, &s.m, t0, nb, &b, &mut s.o);
                 }
-                unpack(self, &s.o, y);
+                for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
+                    unpack(self, oi, yi);
+                }
             }
             // SAFETY: `Build::Avx512` exists only where the CPU has AVX-512F; the buffers'
-            // lengths were checked above (`x`, `y`, `u`, `v`, `m`) and set by `fused_scratch`
-            // (the rest).
+            // lengths were checked above (`x`, `y`, `u`, `v`, `m`, `p`, `o`).
             #[cfg(target_arch = "x86_64")]
             Build::Avx512 => unsafe {
-                avx512::pack(self, x, &mut s.p);
+                for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
+                    avx512::pack(self, xi, pi);
+                }
                 for t0 in (0..tiles).step_by(TB) {
                     let nb = TB.min(tiles - t0);
                     avx512::input_block(self, &s.p, t0, nb, &mut s.v);
                     avx512::products(self.cin, ci, co, u, &s.v, &mut s.m);
                     avx512::output_block(self, &s.m, t0, nb, &b, &mut s.o);
                 }
-                avx512::unpack(self, &s.o, y);
+                for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
+                    avx512::unpack(self, oi, yi);
+                }
             },
         }
     }
 
     /// The weight gradient of the forward correlation over `n` images: `x` (`[n][cin][h][w]`),
-    /// `dy` (`[n][cout][oh][ow]`), `dw` (`[cout][cin][3][3]`) overwritten.
-    ///
-    /// The forward is `y = A^T [U ⊙ V] A` per tile, so `dU_k = sum over tiles of V_k dM_k^T`
-    /// with `dM = A dy A^T` (Lavin & Gray 2015): per block of tiles, the input transform as in
-    /// the forward, `dM` from the channels-last `dy`, and for each tap the `cin` sums (one
-    /// vector over 16 output channels each) accumulated in f32, tile by tile in order over
-    /// the images; then `dg = G^T dU G` in f64, rounded once. Summation order is fixed by the
-    /// images given, so a part's result does not depend on the thread count.
-    pub(super) fn fused_weight_grad(
-        &self,
-        x: &[f32],
-        dy: &[f32],
-        dw: &mut [f32],
-        s: &mut FusedScratch,
-    ) {
-        self.fused_weight_grad_with(Build::best(), x, dy, dw, s);
-    }
-
-    /// [`Self::fused_weight_grad`] on a given build (the tests run each).
+    /// `dy` (`[n][cout][oh][ow]`), `dw` (`[cout][cin][3][3]`) overwritten: the transformed
+    /// sums of [`Self::fused_weight_grad_sums`], then [`fused_untransform`].
+    #[cfg(test)]
     pub(super) fn fused_weight_grad_with(
         &self,
         build: Build,
@@ -304,8 +366,49 @@ impl Plane {
         dw: &mut [f32],
         s: &mut FusedScratch,
     ) {
+        let mut du = vec![f32::NAN; self.fused_sums_len()];
+        self.fused_weight_grad_sums_with(build, x, dy, &mut du, s);
+        fused_untransform(self.cout, self.cin, &du, dw);
+    }
+
+    /// Floats of the weight gradient's transformed sums `dU` (`[36][CI][CO]`).
+    pub(super) fn fused_sums_len(&self) -> usize {
+        TAPS * wide(self.cin) * wide(self.cout)
+    }
+
+    /// The weight gradient's transformed sums over `n` images: `x` (`[n][cin][h][w]`), `dy`
+    /// (`[n][cout][oh][ow]`), `du` ([`Self::fused_sums_len`]) overwritten.
+    ///
+    /// The forward is `y = A^T [U ⊙ V] A` per tile, so `dU_k = sum over tiles of V_k dM_k^T`
+    /// with `dM = A dy A^T` (Lavin & Gray 2015): per block of tiles, the input transform as in
+    /// the forward, `dM` from the channels-last `dy`, and for each tap the `cin` sums (one
+    /// vector over 16 output channels each) accumulated in f32, tile by tile in order over
+    /// the images. Summation order is fixed by the images given, so a part's sums do not
+    /// depend on the thread count; the caller sums the parts' in part order and takes
+    /// `dg = G^T dU G` once ([`fused_untransform`]): per part, that untransform cost as much
+    /// as the sums on 64 channels (ResNet-20's 8x8 layers, 16 parts at batch 64).
+    pub(super) fn fused_weight_grad_sums(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        du: &mut [f32],
+        s: &mut FusedScratch,
+    ) {
+        self.fused_weight_grad_sums_with(Build::best(), x, dy, du, s);
+    }
+
+    /// [`Self::fused_weight_grad_sums`] on a given build (the tests run each).
+    pub(super) fn fused_weight_grad_sums_with(
+        &self,
+        build: Build,
+        x: &[f32],
+        dy: &[f32],
+        du: &mut [f32],
+        s: &mut FusedScratch,
+    ) {
         let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
         let (ci, co) = (wide(self.cin), wide(self.cout));
+        let (ps, os) = self.fused_slots();
         assert!(
             self.m == 4
                 && self.cin <= MAX_CHANNELS
@@ -313,44 +416,64 @@ impl Plane {
                 && xlen > 0
                 && x.len().is_multiple_of(xlen)
                 && dy.len() == x.len() / xlen * ylen
-                && dw.len() == self.cout * self.cin * 9
-                && s.v.len() == TB * TAPS * ci
-                && s.m.len() == TB * TAPS * co,
+                && s.p.len() >= s.images * ps
+                && s.o.len() >= s.images * os
+                && s.v.len() >= TB * TAPS * ci
+                && s.m.len() >= TB * TAPS * co
+                && du.len() == TAPS * ci * co,
             "fused Winograd weight-gradient buffers do not match the plane"
         );
-        s.du.clear();
-        s.du.resize(TAPS * ci * co, 0.0);
+        let (sweep, g) = (DW_SWEEP, self.fused_dw_images());
+        du.fill(0.0);
+        // A sweep's transformed tiles; more image slots than a forward's (their padding zeros
+        // as `fused_scratch` left them: `pack` writes the plane only).
+        s.v.resize(sweep * TAPS * ci, 0.0);
+        s.m.resize(sweep * TAPS * co, 0.0);
+        s.p.resize(g.max(s.images) * ps, 0.0);
+        s.o.resize(g.max(s.images) * os, 0.0);
         // `pack_dy` writes the plane only; the rest of whole tiles must be zeros (a forward on
         // this scratch leaves its tiles' overhang there).
         s.o.fill(0.0);
-        let tiles = self.tiles();
-        for (xi, dyi) in x.chunks_exact(xlen).zip(dy.chunks_exact(ylen)) {
+        // A group of images at a time, their tiles in order, in sweeps of `sweep` tiles that
+        // each pass over `dU` once: the sums run tile by tile over the images whatever the
+        // group or sweep.
+        for (xg, dyg) in x.chunks(g * xlen).zip(dy.chunks(g * ylen)) {
+            let tiles = xg.len() / xlen * self.tiles();
+            let inputs = xg.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps));
+            let grads = dyg.chunks_exact(ylen).zip(s.o.chunks_exact_mut(os));
             match build {
                 Build::Portable => {
-                    pack(self, xi, &mut s.p);
-                    pack_dy(self, dyi, &mut s.o);
-                    for t0 in (0..tiles).step_by(TB) {
-                        let nb = TB.min(tiles - t0);
-                        input_block(self, &s.p, t0, nb, &mut s.v);
-                        dy_block(self, &s.o, t0, nb, &mut s.m);
-                        accumulate_portable(self.cin, ci, co, nb, &s.v, &s.m, &mut s.du);
+                    inputs.for_each(|(xi, pi)| pack(self, xi, pi));
+                    grads.for_each(|(di, oi)| pack_dy(self, di, oi));
+                    for t0 in (0..tiles).step_by(sweep) {
+                        let ns = sweep.min(tiles - t0);
+                        for b0 in (0..ns).step_by(TB) {
+                            let nb = TB.min(ns - b0);
+                            input_block(self, &s.p, t0 + b0, nb, &mut s.v[b0 * TAPS * ci..]);
+                            dy_block(self, &s.o, t0 + b0, nb, &mut s.m[b0 * TAPS * co..]);
+                        }
+                        accumulate_portable(self.cin, ci, co, ns, &s.v, &s.m, du);
                     }
                 }
                 // SAFETY: as in `fused_run_with`.
                 #[cfg(target_arch = "x86_64")]
                 Build::Avx512 => unsafe {
-                    avx512::pack(self, xi, &mut s.p);
-                    avx512::pack_dy(self, dyi, &mut s.o);
-                    for t0 in (0..tiles).step_by(TB) {
-                        let nb = TB.min(tiles - t0);
-                        avx512::input_block(self, &s.p, t0, nb, &mut s.v);
-                        avx512::dy_block(self, &s.o, t0, nb, &mut s.m);
-                        avx512::accumulate(self.cin, ci, co, nb, &s.v, &s.m, &mut s.du);
+                    inputs.for_each(|(xi, pi)| avx512::pack(self, xi, pi));
+                    grads.for_each(|(di, oi)| avx512::pack_dy(self, di, oi));
+                    for t0 in (0..tiles).step_by(sweep) {
+                        let ns = sweep.min(tiles - t0);
+                        for b0 in (0..ns).step_by(TB) {
+                            let nb = TB.min(ns - b0);
+                            let v = &mut s.v[b0 * TAPS * ci..];
+                            avx512::input_block(self, &s.p, t0 + b0, nb, v);
+                            let m = &mut s.m[b0 * TAPS * co..];
+                            avx512::dy_block(self, &s.o, t0 + b0, nb, m);
+                        }
+                        avx512::accumulate(self.cin, ci, co, ns, &s.v, &s.m, du);
                     }
                 },
             }
         }
-        untransform(self.cout, self.cin, &s.du, dw);
     }
 }
 
@@ -472,16 +595,19 @@ simd_dispatch! {
         => input_block_body, (p, pp, t0, nb, v); ["avx512f", "avx2"]
 }
 
-/// Tiles `t0..t0 + nb` (row-major over the plane's tiles) of the padded input `pp` through
+/// Tiles `t0..t0 + nb` (numbered image by image over the group's slots in `pp`, row-major
+/// within an image) of the padded inputs `pp` through
 /// `B^T d B` into `v` (`[TB][36][CI]`, the first `nb` tiles written), a vector of channels at
 /// a time.
 #[inline(always)]
 fn input_block_body(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
     let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
+    let (ps, tiles) = (p.fused_slots().0, p.tiles());
     for t in 0..nb {
-        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+        let (ty, tx) = (tt / tw, tt % tw);
         for j in (0..ci).step_by(LANES) {
-            let base = (4 * ty * wp + 4 * tx) * ci + j;
+            let base = i * ps + (4 * ty * wp + 4 * tx) * ci + j;
             // Columns first: tmp[u][b] = sum_a BT[u][a] d[a][b].
             let mut tmp = [[[0.0f32; LANES]; 6]; 6];
             for b in 0..6 {
@@ -507,16 +633,19 @@ simd_dispatch! {
         => dy_block_body, (p, d, t0, nb, dm); ["avx512f", "avx2"]
 }
 
-/// Tiles `t0..t0 + nb` of the channels-last output gradient `d` through `A dy A^T` into `dm`
+/// Tiles `t0..t0 + nb` (numbered as in [`input_block_body`]) of the channels-last output
+/// gradients `d` through `A dy A^T` into `dm`
 /// (`[TB][36][CO]`).
 #[inline(always)]
 fn dy_block_body(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
     let (tw, co) = (p.tw(), wide(p.cout));
     let wo = 4 * tw;
+    let (os, tiles) = (p.fused_slots().1, p.tiles());
     for t in 0..nb {
-        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+        let (ty, tx) = (tt / tw, tt % tw);
         for j in (0..co).step_by(LANES) {
-            let base = (4 * ty * wo + 4 * tx) * co + j;
+            let base = i * os + (4 * ty * wo + 4 * tx) * co + j;
             let mut tmp = [[[0.0f32; LANES]; 4]; 6];
             for q in 0..4 {
                 let col: [V16; 4] = std::array::from_fn(|r| load(&d[base + (r * wo + q) * co..]));
@@ -540,14 +669,18 @@ simd_dispatch! {
         => output_block_body, (p, m, t0, nb, bias, o); ["avx512f", "avx2"]
 }
 
-/// The products of tiles `t0..t0 + nb` (`m`: `[TB][36][CO]`) through `A^T M A`, plus `bias`
-/// (`CO` lanes), into the channels-last output `o` (`[4 th][4 tw][CO]`).
+/// The products of tiles `t0..t0 + nb` (numbered as in [`input_block_body`]; `m`:
+/// `[TB][36][CO]`) through `A^T M A`, plus `bias` (`CO` lanes), into the channels-last
+/// outputs `o` (`[images][4 th][4 tw][CO]`).
 #[inline(always)]
 fn output_block_body(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &[f32], o: &mut [f32]) {
     let (tw, co) = (p.tw(), wide(p.cout));
     let wo = 4 * tw;
+    let (os, tiles) = (p.fused_slots().1, p.tiles());
     for t in 0..nb {
-        let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+        let (ty, tx) = (tt / tw, tt % tw);
+        let o = &mut o[i * os..][..os];
         let mt = &m[t * TAPS * co..][..TAPS * co];
         for j in (0..co).step_by(LANES) {
             let bj = load(&bias[j..]);
@@ -636,25 +769,47 @@ fn accumulate_portable(
     }
 }
 
-/// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and rounded
-/// once (`du`: `[36][CI][CO]`).
-fn untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
+simd_dispatch! {
+    /// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and
+    /// rounded once (`du`: `[36][CI][CO]`): [`untransform_body`] compiled for AVX-512 / AVX2
+    /// where the CPU has them (its plane loops vectorise; Rust contracts no multiply-add, so
+    /// every build gives the same bits).
+    pub(super) fn fused_untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32])
+        => untransform_body, (cout, cin, du, dw); ["avx512f", "avx2"]
+}
+
+#[inline(always)]
+fn untransform_body(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
     let g = &super::winograd4::G;
-    let (ci, co) = (wide(cin), wide(cout));
-    for o in 0..cout {
-        for c in 0..cin {
-            let d = |i: usize, j: usize| f64::from(du[((6 * i + j) * ci + c) * co + o]);
-            // t[i][b] = sum_j dU[i][j] G[j][b], then dg[a][b] = sum_i G[i][a] t[i][b].
-            let mut t = [[0.0f64; 3]; 6];
-            for (i, ti) in t.iter_mut().enumerate() {
-                for (b, v) in ti.iter_mut().enumerate() {
-                    *v = (0..6).map(|j| d(i, j) * g[j][b]).sum();
+    let plane = wide(cin) * wide(cout);
+    let co = wide(cout);
+    // Plane by plane over `(c, o)`, `dU` read in its own order (entry by entry, a pair's 36
+    // taps lie a plane apart: 16 KB at 64 channels, a cache miss each): t[i][b] = sum_j
+    // dU[i][j] G[j][b], then dg[a][b] = sum_i G[i][a] t[i][b], each sum in index order.
+    let mut t = vec![0.0f64; 18 * plane];
+    for (i, ti) in t.chunks_exact_mut(3 * plane).enumerate() {
+        for (b, tb) in ti.chunks_exact_mut(plane).enumerate() {
+            for (j, gj) in g.iter().enumerate() {
+                let dj = &du[(6 * i + j) * plane..][..plane];
+                for (v, &d) in tb.iter_mut().zip(dj) {
+                    *v += f64::from(d) * gj[b];
                 }
             }
-            let out = &mut dw[(o * cin + c) * 9..][..9];
-            for a in 0..3 {
-                for b in 0..3 {
-                    out[3 * a + b] = (0..6).map(|i| g[i][a] * t[i][b]).sum::<f64>() as f32;
+        }
+    }
+    let mut r = vec![0.0f64; plane];
+    for a in 0..3 {
+        for b in 0..3 {
+            r.fill(0.0);
+            for (i, gi) in g.iter().enumerate() {
+                let tib = &t[(3 * i + b) * plane..][..plane];
+                for (v, &x) in r.iter_mut().zip(tib) {
+                    *v += gi[a] * x;
+                }
+            }
+            for c in 0..cin {
+                for o in 0..cout {
+                    dw[(o * cin + c) * 9 + 3 * a + b] = r[c * co + o] as f32;
                 }
             }
         }
@@ -851,18 +1006,17 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
         let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
+        let (ps, tiles) = (p.fused_slots().0, p.tiles());
         assert!(
-            nb <= TB
-                && t0 + nb <= p.tiles()
-                && v.len() >= TB * TAPS * ci
-                && pp.len() >= (4 * p.th() + 2) * wp * ci
+            nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
         );
         let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 6]; 6];
         for t in 0..nb {
-            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+            let (ty, tx) = (tt / tw, tt % tw);
             for j in (0..ci).step_by(LANES) {
-                let base = src.add((4 * ty * wp + 4 * tx) * ci + j);
+                let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
                 for b in 0..6 {
                     let d: [__m512; 6] =
                         std::array::from_fn(|a| _mm512_loadu_ps(base.add((a * wp + b) * ci)));
@@ -887,18 +1041,17 @@ mod avx512 {
     pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
         let (tw, co) = (p.tw(), wide(p.cout));
         let wo = 4 * tw;
+        let (os, tiles) = (p.fused_slots().1, p.tiles());
         assert!(
-            nb <= TB
-                && t0 + nb <= p.tiles()
-                && dm.len() >= TB * TAPS * co
-                && d.len() >= 4 * p.th() * wo * co
+            nb <= TB && dm.len() >= nb * TAPS * co && d.len() >= (t0 + nb).div_ceil(tiles) * os
         );
         let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
         for t in 0..nb {
-            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+            let (ty, tx) = (tt / tw, tt % tw);
             for j in (0..co).step_by(LANES) {
-                let base = src.add((4 * ty * wo + 4 * tx) * co + j);
+                let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
                 for q in 0..4 {
                     let col: [__m512; 4] =
                         std::array::from_fn(|r| _mm512_loadu_ps(base.add((r * wo + q) * co)));
@@ -930,17 +1083,19 @@ mod avx512 {
     ) {
         let (tw, co) = (p.tw(), wide(p.cout));
         let wo = 4 * tw;
+        let (os, tiles) = (p.fused_slots().1, p.tiles());
         assert!(
             nb <= TB
-                && t0 + nb <= p.tiles()
                 && m.len() >= TB * TAPS * co
                 && bias.len() >= co
-                && o.len() >= 4 * p.th() * wo * co
+                && o.len() >= (t0 + nb).div_ceil(tiles) * os
         );
         let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 6]; 4];
         for t in 0..nb {
-            let (ty, tx) = ((t0 + t) / tw, (t0 + t) % tw);
+            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
+            let (ty, tx) = (tt / tw, tt % tw);
+            let op = op.add(i * os);
             for j in (0..co).step_by(LANES) {
                 let bv = _mm512_loadu_ps(bias.as_ptr().add(j));
                 let mt = mp.add(t * TAPS * co + j);
@@ -1015,9 +1170,8 @@ mod avx512 {
     ) {
         assert!(
             cin <= ci
-                && nb <= TB
-                && v.len() >= TB * TAPS * ci
-                && dm.len() >= TB * TAPS * co
+                && v.len() >= nb * TAPS * ci
+                && dm.len() >= nb * TAPS * co
                 && du.len() >= TAPS * ci * co
         );
         let (vp, mp, up) = (v.as_ptr(), dm.as_ptr(), du.as_mut_ptr());
