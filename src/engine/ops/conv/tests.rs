@@ -1416,6 +1416,37 @@ fn winograd_results_do_not_depend_on_the_batch_size() {
     }
 }
 
+/// The fused path's transformed weights, made plane by plane, equal the per-kernel transform
+/// of `winograd4.rs` (the same f64 sums in the same order) at every tap, and are zero in the
+/// lanes past the channels.
+#[test]
+fn fused_weights_equal_the_per_kernel_transform() {
+    let mut rng = Rng::new(9);
+    for (cout, cin) in [(16, 16), (7, 40), (64, 33)] {
+        let w = rand_array(&mut rng, [cout, cin, 3, 3], -1.0, 1.0);
+        let u = winograd_fused::fused_weights(cout, cin, w.as_slice().unwrap());
+        let (ci, co) = (cin.div_ceil(16) * 16, cout.div_ceil(16) * 16);
+        assert_eq!(u.len(), 36 * ci * co);
+        for k in 0..36 {
+            for c in 0..ci {
+                for o in 0..co {
+                    let want = if c < cin && o < cout {
+                        let g: [f32; 9] = std::array::from_fn(|t| w[[o, c, t / 3, t % 3]]);
+                        winograd4::transform_kernel4(&g)[k]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(
+                        u[(k * ci + c) * co + o],
+                        want,
+                        "{cout}x{cin} tap {k} c {c} o {o}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The fused Winograd path's forward and input gradient give an image the same bits whatever
 /// images share its blocks of tiles (8x8 planes: two per block; 12x12: eight; 5x5 inputs
 /// with pads of 2, 7x7 outputs: two) and whatever the batch: each image of a batch of 7 (odd:

@@ -41,7 +41,6 @@
 //! depend on the thread count, and the forward and input gradient not on the batch either.
 
 use super::winograd::Plane;
-use super::winograd4::transform_kernel4;
 use super::{Geom, Override};
 
 /// Channels per vector.
@@ -184,17 +183,59 @@ fn wide(n: usize) -> usize {
     n.div_ceil(LANES) * LANES
 }
 
-/// `U[k][c][o] = (G w[o][c] G^T)[k]` (`[36][wide(cin)][wide(cout)]`), zero for `c >= cin` or
-/// `o >= cout`: `w` is ONNX's `[cout][cin][3][3]`.
-pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
+simd_dispatch! {
+    /// `U[k][c][o] = (G w[o][c] G^T)[k]` (`[36][wide(cin)][wide(cout)]`), zero for `c >= cin`
+    /// or `o >= cout`: `w` is ONNX's `[cout][cin][3][3]`. [`fused_weights_body`] compiled for
+    /// AVX-512 / AVX2 where the CPU has them.
+    pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32>
+        => fused_weights_body, (cout, cin, w); ["avx512f", "avx2"]
+}
+
+/// Plane by plane over `(c, o)`, in f64, each entry's sums in `transform_kernel4`'s order
+/// (`t = G g`, then `t G^T`), rounded once: one pair at a time wrote its 36 taps a plane apart
+/// (16 KB at 64 channels), and this runs serially before every forward and input gradient.
+#[inline(always)]
+fn fused_weights_body(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
     assert!(cout <= MAX_CHANNELS && cin <= MAX_CHANNELS && w.len() == cout * cin * 9);
+    let g = &super::winograd4::G;
     let (ci, co) = (wide(cin), wide(cout));
-    let mut u = vec![0.0f32; TAPS * ci * co];
+    let plane = ci * co;
+    // The kernel's taps as planes: wp[a][b][c][o] = w[o][c][a][b].
+    let mut wp = vec![0.0f64; 9 * plane];
     for o in 0..cout {
         for c in 0..cin {
-            let g: &[f32; 9] = w[(o * cin + c) * 9..][..9].try_into().expect("9 taps");
-            for (k, v) in transform_kernel4(g).into_iter().enumerate() {
-                u[(k * ci + c) * co + o] = v;
+            for (ab, &v) in w[(o * cin + c) * 9..][..9].iter().enumerate() {
+                wp[ab * plane + c * co + o] = f64::from(v);
+            }
+        }
+    }
+    // t[i][j] = sum_k G[i][k] wp[k][j].
+    let mut t = vec![0.0f64; 18 * plane];
+    for (i, gi) in g.iter().enumerate() {
+        for j in 0..3 {
+            let tij = &mut t[(3 * i + j) * plane..][..plane];
+            for (k, &gik) in gi.iter().enumerate() {
+                let wk = &wp[(3 * k + j) * plane..][..plane];
+                for (v, &x) in tij.iter_mut().zip(wk) {
+                    *v += gik * x;
+                }
+            }
+        }
+    }
+    // U[6 i + j] = sum_k t[i][k] G[j][k].
+    let mut u = vec![0.0f32; TAPS * plane];
+    let mut acc = vec![0.0f64; plane];
+    for i in 0..6 {
+        for (j, gj) in g.iter().enumerate() {
+            acc.fill(0.0);
+            for (k, &gjk) in gj.iter().enumerate() {
+                let tik = &t[(3 * i + k) * plane..][..plane];
+                for (v, &x) in acc.iter_mut().zip(tik) {
+                    *v += x * gjk;
+                }
+            }
+            for (d, &v) in u[(6 * i + j) * plane..][..plane].iter_mut().zip(&acc) {
+                *d = v as f32;
             }
         }
     }
