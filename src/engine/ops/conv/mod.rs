@@ -274,9 +274,9 @@ impl Conv2d {
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch,
-    /// `winograd_cl.rs`), "Conv winograd4-fused" (F(4x4, 3x3) one image at a time for layers
-    /// of at most 64 channels, forward and input gradient, up to 16 channels the weight
-    /// gradient too, `winograd_fused.rs`), "Conv direct" (direct dot products on the padded input,
+    /// `winograd_cl.rs`), "Conv winograd4-fused" (F(4x4, 3x3) one image, or on small planes a
+    /// few, at a time for layers of at most 64 channels: forward, input and weight gradients,
+    /// `winograd_fused.rs`), "Conv direct" (direct dot products on the padded input,
     /// forward and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv

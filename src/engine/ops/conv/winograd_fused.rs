@@ -29,9 +29,10 @@
 //! in part order and `G^T dU G` taken once per call ([`fused_untransform`]). Taken per part
 //! and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had cost 3x the
 //! sums themselves and made this weight gradient lose from 32 channels; plane by plane and
-//! once, criterion `weight_grad` (batch 64, 1 thread) went 9.4 -> 1.8 ms on ResNet-20's 64ch
-//! 8x8 layer (its small-plane one: 4.4) and 15.0 -> 6.4 on ResNet-18's 64ch 16x16 (Winograd's
-//! own, `winograd_dw.rs`: 9.9), 3.2 -> 1.7 on 32ch 16x16 (Winograd's: 2.9).
+//! once (and with 16-tile sweeps), criterion `weight_grad` (batch 64, 1 thread) went 9.4 ->
+//! 1.76 ms on ResNet-20's 64ch 8x8 layer (its small-plane one: 4.4) and 15.0 -> 5.3 on
+//! ResNet-18's 64ch 16x16 (Winograd's own, `winograd_dw.rs`: 9.9), 3.2 -> 1.49 on 32ch 16x16
+//! (Winograd's: 2.9).
 //!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
 //! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
@@ -121,7 +122,8 @@ impl Geom {
 
     /// Whether it beats the kernels the other rules choose: on AVX-512 (its products' tile),
     /// planes of 8x8 and up (4x4 ones tied: 32ch 0.21 -> 0.22 ms, 64ch 0.66 -> 0.70, against
-    /// small-plane / channels-last Winograd), 12 to [`WIDEST_BY_RULE`] channels each way. Criterion (`direct_forward`, forward alone, batch 64, 1 thread,
+    /// small-plane / channels-last Winograd), 12 to [`WIDEST_BY_RULE`] channels each way.
+    /// Criterion (`direct_forward`, forward alone, batch 64, 1 thread,
     /// AVX-512 AMD EPYC), the rule's path -> fused: direct 16ch 32x32 3.20 -> 1.83 ms, 16ch
     /// 16x16 0.91 -> 0.385, rank-12 core on 32x32 2.20 -> 1.58; Winograd (plane-wise F(2x2) or
     /// F(4x4)) 24ch 32x32 6.2 -> 4.4, 32ch 16x16 2.84 -> 1.40, 32ch 32x32 8.9 -> 5.8, 64ch
@@ -260,8 +262,8 @@ pub(super) struct FusedScratch {
 }
 
 impl FusedScratch {
-    /// Images per group: the most [`Plane::fused_run`] takes per call, and how many the
-    /// weight gradient takes per block sweep.
+    /// Images per group: the most [`Plane::fused_run`] takes per call (the weight gradient
+    /// groups its own, `Plane::fused_dw_images`, growing the slots to fit).
     pub(super) fn images(&self) -> usize {
         self.images
     }
