@@ -712,15 +712,15 @@ impl Conv2d {
         } else {
             part_views.resize_with(g.n.div_ceil(part), || None);
         }
+        // The fused Winograd weight gradient where its rule says and the input gradient (if
+        // wanted) comes from the direct branch (a fused layer's, unless it has under 8 input
+        // channels): its parts return their transformed sums (`[36][CI][CO]`) in place of a
+        // weight gradient.
+        let fused_dw = g.wino_fused_dw_pays() && (!need_dx || direct_dx.is_some());
         // `dx` came unzeroed: the direct and Winograd input gradients, a blocked pointwise
         // conv's copies and the channels-last depthwise kernel write every entry of their part;
         // the other paths add into it (col2im), so each part is zeroed by the task that then
         // fills it.
-        // The fused Winograd weight gradient where its rule says and the input gradient (if
-        // wanted) comes from the direct or Winograd branches: its parts return their
-        // transformed sums (`[36][CI][CO]`) in place of a weight gradient.
-        let fused_dw =
-            g.wino_fused_dw_pays() && (!need_dx || direct_dx.is_some() || wino.is_some());
         let dx_written_in_full = direct_dx.is_some()
             || wino.is_some()
             || (blk > 1 && g.path == Path::Pointwise)
@@ -782,11 +782,6 @@ impl Conv2d {
                     g.backward_part_blocked(xp, &ws, dyp, dxp, cv, dv, &mut s);
                     return (Vec::new(), db);
                 }
-                let mut dw = vec![0.0f32; ws.len()];
-                if g.path == Path::Depthwise && g.depthwise_channels_last() {
-                    g.depthwise_backward_cl(xp, &ws, dyp, dxp, &mut dw);
-                    return (dw, db);
-                }
                 if fused_dw {
                     // The fused Winograd weight gradient's transformed sums (its input
                     // gradient came above), untransformed once after the parts.
@@ -795,6 +790,11 @@ impl Conv2d {
                     let mut du = unzeroed(p.fused_sums_len());
                     p.fused_weight_grad_sums(xp, dyp, &mut du, &mut s);
                     return (du, db);
+                }
+                let mut dw = vec![0.0f32; ws.len()];
+                if g.path == Path::Depthwise && g.depthwise_channels_last() {
+                    g.depthwise_backward_cl(xp, &ws, dyp, dxp, &mut dw);
+                    return (dw, db);
                 }
                 let mut dcol = vec![0.0f32; if dxp.is_some() { g.col_len() } else { 0 }];
                 if g.direct_dw {

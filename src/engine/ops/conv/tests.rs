@@ -1398,22 +1398,36 @@ fn winograd_results_do_not_depend_on_the_batch_size() {
         let x = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
         let w = rand_array(&mut rng, ws, -1.0, 1.0);
         let dy = rand_array(&mut rng, [32, ch, px, px], -1.0, 1.0);
-        let run = |n: usize| {
-            let g = winograd_forced(&c, [n, ch, px, px], ws, tile);
-            let xn = x.slice(ndarray::s![0..n, .., .., ..]);
-            let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
-            let y = Conv2d::forward_geom(&g, xn, w.view(), None);
-            let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
-                .dx
-                .unwrap();
-            (y, dx)
-        };
-        let (y32, dx32) = run(32);
-        let (y16, dx16) = run(16);
-        let first = |a: &Array4<f32>| a.slice(ndarray::s![0..16, .., .., ..]).to_owned();
-        assert_eq!(first(&y32), y16, "F({tile}) {ch}ch {px}px forward");
-        assert_eq!(first(&dx32), dx16, "F({tile}) {ch}ch {px}px dx");
+        let geom = |n: usize| winograd_forced(&c, [n, ch, px, px], ws, tile);
+        assert_first_images_match_alone(geom, &x, &w, &dy, 16, &format!("F({tile}) {ch}ch {px}px"));
     }
+}
+
+/// The forward and input gradient through `geom(n)` of the first `small` images of `x` and
+/// `dy` give, bit for bit, the first `small` images' results of the whole batch's.
+fn assert_first_images_match_alone(
+    geom: impl Fn(usize) -> Geom,
+    x: &Array4<f32>,
+    w: &Array4<f32>,
+    dy: &Array4<f32>,
+    small: usize,
+    what: &str,
+) {
+    let run = |n: usize| {
+        let g = geom(n);
+        let xn = x.slice(ndarray::s![0..n, .., .., ..]);
+        let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
+        let y = Conv2d::forward_geom(&g, xn, w.view(), None);
+        let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
+            .dx
+            .unwrap();
+        (y, dx)
+    };
+    let (y_all, dx_all) = run(x.shape()[0]);
+    let (y, dx) = run(small);
+    let first = |a: &Array4<f32>| a.slice(ndarray::s![0..small, .., .., ..]).to_owned();
+    assert_eq!(first(&y_all), y, "{what} forward");
+    assert_eq!(first(&dx_all), dx, "{what} dx");
 }
 
 /// The fused path's transformed weights, made plane by plane, equal the per-kernel transform
@@ -1461,7 +1475,7 @@ fn winograd_fused_results_do_not_depend_on_the_images_around_one() {
         let w = rand_array(&mut rng, ws, -1.0, 1.0);
         let side = px + 2 * pad - 2;
         let dy = rand_array(&mut rng, [7, ch, side, side], -1.0, 1.0);
-        let run = |n: usize| {
+        let geom = |n: usize| {
             let mut g = c.geom(&[n, ch, px, px], &ws).unwrap();
             (
                 g.direct_fwd,
@@ -1471,19 +1485,9 @@ fn winograd_fused_results_do_not_depend_on_the_images_around_one() {
                 g.wino_dw,
             ) = (true, false, false, false, false);
             g.wino_fused = true;
-            let xn = x.slice(ndarray::s![0..n, .., .., ..]);
-            let dyn_ = dy.slice(ndarray::s![0..n, .., .., ..]);
-            let y = Conv2d::forward_geom(&g, xn, w.view(), None);
-            let dx = Conv2d::backward_geom(&g, xn, w.view(), dyn_, true)
-                .dx
-                .unwrap();
-            (y, dx)
+            g
         };
-        let (y7, dx7) = run(7);
-        let (y3, dx3) = run(3);
-        let first = |a: &Array4<f32>| a.slice(ndarray::s![0..3, .., .., ..]).to_owned();
-        assert_eq!(first(&y7), y3, "{ch}ch {px}px forward");
-        assert_eq!(first(&dx7), dx3, "{ch}ch {px}px dx");
+        assert_first_images_match_alone(geom, &x, &w, &dy, 3, &format!("{ch}ch {px}px"));
     }
 }
 

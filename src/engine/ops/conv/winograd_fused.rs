@@ -275,22 +275,32 @@ impl Plane {
     /// tiles: 8), so that small planes do not run half-empty blocks. Tiles run in order
     /// image by image, whatever the grouping: outputs do not depend on it.
     pub(super) fn fused_images(&self) -> usize {
-        let tiles = self.tiles().max(1);
-        if tiles >= 2 * TB {
-            1
-        } else {
-            TB / gcd(tiles, TB)
-        }
+        self.images_to_fill(TB)
     }
 
     /// Images per group in the weight gradient: enough to fill a sweep (at most 8).
     fn fused_dw_images(&self) -> usize {
-        let (tiles, sweep) = (self.tiles().max(1), DW_SWEEP);
-        if tiles >= 2 * sweep {
+        self.images_to_fill(DW_SWEEP).min(8)
+    }
+
+    /// 1 where the plane has at least two passes of `pass` tiles, else the fewest images
+    /// whose tiles fill whole passes.
+    fn images_to_fill(&self, pass: usize) -> usize {
+        let tiles = self.tiles().max(1);
+        if tiles >= 2 * pass {
             1
         } else {
-            (sweep / gcd(tiles, sweep)).min(8)
+            pass / gcd(tiles, pass)
         }
+    }
+
+    /// Tile `t` of a group (numbered image by image, row-major within an image): its image
+    /// slot and its tile row and column.
+    #[inline(always)]
+    fn fused_tile(&self, t: usize) -> (usize, usize, usize) {
+        let (tiles, tw) = (self.tiles(), self.tw());
+        let (i, tt) = (t / tiles, t % tiles);
+        (i, tt / tw, tt % tw)
     }
 
     /// Floats per image slot of the padded input and of the channels-last output.
@@ -644,11 +654,10 @@ simd_dispatch! {
 /// a time.
 #[inline(always)]
 fn input_block_body(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-    let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
-    let (ps, tiles) = (p.fused_slots().0, p.tiles());
+    let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
+    let ps = p.fused_slots().0;
     for t in 0..nb {
-        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-        let (ty, tx) = (tt / tw, tt % tw);
+        let (i, ty, tx) = p.fused_tile(t0 + t);
         for j in (0..ci).step_by(LANES) {
             let base = i * ps + (4 * ty * wp + 4 * tx) * ci + j;
             // Columns first: tmp[u][b] = sum_a BT[u][a] d[a][b].
@@ -683,10 +692,9 @@ simd_dispatch! {
 fn dy_block_body(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
     let (tw, co) = (p.tw(), wide(p.cout));
     let wo = 4 * tw;
-    let (os, tiles) = (p.fused_slots().1, p.tiles());
+    let os = p.fused_slots().1;
     for t in 0..nb {
-        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-        let (ty, tx) = (tt / tw, tt % tw);
+        let (i, ty, tx) = p.fused_tile(t0 + t);
         for j in (0..co).step_by(LANES) {
             let base = i * os + (4 * ty * wo + 4 * tx) * co + j;
             let mut tmp = [[[0.0f32; LANES]; 4]; 6];
@@ -719,10 +727,9 @@ simd_dispatch! {
 fn output_block_body(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &[f32], o: &mut [f32]) {
     let (tw, co) = (p.tw(), wide(p.cout));
     let wo = 4 * tw;
-    let (os, tiles) = (p.fused_slots().1, p.tiles());
+    let os = p.fused_slots().1;
     for t in 0..nb {
-        let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-        let (ty, tx) = (tt / tw, tt % tw);
+        let (i, ty, tx) = p.fused_tile(t0 + t);
         let o = &mut o[i * os..][..os];
         let mt = &m[t * TAPS * co..][..TAPS * co];
         for j in (0..co).step_by(LANES) {
@@ -1048,7 +1055,7 @@ mod avx512 {
     /// [`super::input_block_body`] on vectors.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-        let (tw, wp, ci) = (p.tw(), 4 * p.tw() + 2, wide(p.cin));
+        let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
         let (ps, tiles) = (p.fused_slots().0, p.tiles());
         assert!(
             nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
@@ -1056,8 +1063,7 @@ mod avx512 {
         let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 6]; 6];
         for t in 0..nb {
-            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-            let (ty, tx) = (tt / tw, tt % tw);
+            let (i, ty, tx) = p.fused_tile(t0 + t);
             for j in (0..ci).step_by(LANES) {
                 let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
                 for b in 0..6 {
@@ -1091,8 +1097,7 @@ mod avx512 {
         let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
         for t in 0..nb {
-            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-            let (ty, tx) = (tt / tw, tt % tw);
+            let (i, ty, tx) = p.fused_tile(t0 + t);
             for j in (0..co).step_by(LANES) {
                 let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
                 for q in 0..4 {
@@ -1136,8 +1141,7 @@ mod avx512 {
         let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
         let mut tmp = [[_mm512_setzero_ps(); 6]; 4];
         for t in 0..nb {
-            let (i, tt) = ((t0 + t) / tiles, (t0 + t) % tiles);
-            let (ty, tx) = (tt / tw, tt % tw);
+            let (i, ty, tx) = p.fused_tile(t0 + t);
             let op = op.add(i * os);
             for j in (0..co).step_by(LANES) {
                 let bv = _mm512_loadu_ps(bias.as_ptr().add(j));
