@@ -525,14 +525,17 @@ fn weight_grad(c: &mut Criterion) {
         let dy = op.forward(x.view(), w.view(), None).expect("forward");
         // Winograd's weight gradient only where the layer is a Winograd one (stride-1 3x3).
         // Winograd's F(2x2) and F(4x4) (`winograd` and `winograd4`) forced, whatever the rule.
-        // Layers of at most 64 channels: also the fused path's weight gradient
-        // (`conv/winograd_fused.rs`), forced on; the other entries have it off.
-        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 && ci.max(co) <= 64 {
+        // Layers of at most 128 channels: also the fused path's weight gradient
+        // (`conv/winograd_fused.rs`), forced on, and the rule's choice without it (the
+        // channels-last Winograd's on 128 channels); the other entries have it off.
+        let kernels: &[(&str, bool, bool, Option<bool>)] = if k == 3 && s == 1 && ci.max(co) <= 128
+        {
             &[
                 ("im2col", false, false, None),
                 ("direct", true, false, None),
                 ("winograd", true, true, Some(false)),
                 ("winograd4", true, true, Some(true)),
+                ("rule", true, true, None),
                 ("winograd4-fused", true, false, None),
             ]
         } else if k == 3 && s == 1 {
@@ -554,7 +557,7 @@ fn weight_grad(c: &mut Criterion) {
                 set_winograd_weight_grad(wino);
                 set_winograd_weight_grad_f4(f4);
                 let fused = kernel == "winograd4-fused";
-                set_winograd_fused(fused.then_some(true));
+                set_winograd_fused(Some(fused));
                 set_winograd_fused_weight_grad(Some(fused));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
@@ -649,6 +652,11 @@ fn direct_forward(c: &mut Criterion) {
         ("3x3_32ch_8px", 32, 8, wider),
         ("3x3_32ch_4px", 32, 4, wider),
         ("3x3_64ch_4px", 64, 4, wider),
+        // ResNet-18's 128-channel stage at 64x64 and 128x128 inputs, its 256-channel one at
+        // 128x128 (past the rule's widest: the fused path forced).
+        ("3x3_128ch_8px", 128, 8, wider),
+        ("3x3_128ch_16px", 128, 16, wider),
+        ("3x3_256ch_8px", 256, 8, wider),
     ] {
         let op = conv(1, [1; 4]);
         let mut next = sawtooth();

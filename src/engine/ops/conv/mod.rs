@@ -422,8 +422,8 @@ impl Conv2d {
         // ask for it first), its input gradient through `Geom::direct_dx_geom`.
         // Its weight gradient where `Geom::wino_fused_dw_pays`, else the Winograd one the
         // layer had, else the direct one.
-        if !g.wino_cl && g.wino_fused_eligible() && g.wino_fused_pays() {
-            (g.wino_fused, g.direct_fwd) = (true, true);
+        if g.wino_fused_eligible() && g.wino_fused_pays() {
+            (g.wino_fused, g.direct_fwd, g.wino_cl) = (true, true, false);
             (g.winograd, g.small_plane) = (false, false);
             if g.wino_fused_dw_pays() {
                 (g.wino_dw, g.direct_dw) = (false, false);
@@ -783,13 +783,9 @@ impl Conv2d {
                     return (Vec::new(), db);
                 }
                 if fused_dw {
-                    // The fused Winograd weight gradient's transformed sums (its input
-                    // gradient came above), untransformed once after the parts.
-                    let p = g.fused_plane();
-                    let mut s = p.fused_scratch();
-                    let mut du = unzeroed(p.fused_sums_len());
-                    p.fused_weight_grad_sums(xp, dyp, &mut du, &mut s);
-                    return (du, db);
+                    // The fused Winograd weight gradient comes after the parts, in parts of
+                    // its own (`Geom::fused_dw_part`); the input gradient came above.
+                    return (Vec::new(), db);
                 }
                 let mut dw = vec![0.0f32; ws.len()];
                 if g.path == Path::Depthwise && g.depthwise_channels_last() {
@@ -829,10 +825,7 @@ impl Conv2d {
         if g.wino_dw && g.n > 0 {
             g.weight_grad_winograd(&xs, &dys, &mut dw);
         } else if fused_dw && g.n > 0 {
-            let parts: Vec<&[f32]> = partials.iter().map(|(du, _)| du.as_slice()).collect();
-            let mut du = unzeroed(g.fused_plane().fused_sums_len());
-            sum_parts_in_order(&parts, &mut du);
-            winograd_fused::fused_untransform(g.co, g.ci, &du, &mut dw);
+            g.weight_grad_fused(&xs, &dys, &mut dw);
         } else if blk > 1 {
             g.weight_grad_blocked(cols_all.view(), dys_all.view(), &mut dw);
         } else {

@@ -1319,9 +1319,9 @@ fn winograd_gradients_match_finite_differences_at(tile: usize, cl: bool) {
 #[test]
 fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
-    // 68 channels: past the fused path's 64 (`winograd_fused.rs`, which takes 64 on AVX-512).
     let (xs, ws) = ([37, 68, 8, 8], [68, 68, 3, 3]);
     let g = c.geom(&xs, &ws).unwrap();
+    // 68 channels: past the fused path's 64 on 8x8 planes (`winograd_fused.rs`, on AVX-512).
     assert!(g.winograd || g.wino_cl || !winograd::auto_mode());
     if winograd::auto_mode() && small_plane::auto_mode() {
         // 8x8 planes block images: Winograd forward, the small-plane path backward (under 72
@@ -1332,7 +1332,7 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         );
         // 32x32 and 16x16 planes of 64 channels: F(4x4); 16x16 ones of 32 channels: F(2x2);
         // ResNet-20's 16 channels on 32x32: the direct kernel (`direct.rs`). Where the CPU has
-        // AVX-512, all of them the fused path (`winograd_fused.rs`).
+        // AVX-512, all of them the fused path (up to 128 channels from 16x16).
         let fused = few_channel_label() != "Conv direct";
         let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
         let w64 = [64, 64, 3, 3];
@@ -1350,10 +1350,10 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             or_fused("Conv winograd")
         );
         // The weight gradient: F(4x4) from 64 channels on 32x32, from 128 on 17x17 to 31x31;
-        // F(2x2) on 16x16. Where the CPU has AVX-512, the fused path's up to 64 channels.
+        // F(2x2) on 16x16. Where the CPU has AVX-512, the fused path's up to 128 channels.
         let dw_tile = |xs: [usize; 4]| {
             let g = c.geom(&xs, &[xs[1], xs[1], 3, 3]).unwrap();
-            if fused && xs[1] <= 64 {
+            if fused && xs[1] <= 128 {
                 assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{xs:?}");
                 return 0;
             }
@@ -1363,7 +1363,8 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         let or_none = |tile| if fused { 0 } else { tile };
         assert_eq!(dw_tile([37, 64, 32, 32]), or_none(4));
         assert_eq!(dw_tile([37, 64, 16, 16]), or_none(2));
-        assert_eq!(dw_tile([37, 128, 28, 28]), 4);
+        assert_eq!(dw_tile([37, 128, 28, 28]), or_none(4));
+        assert_eq!(dw_tile([37, 136, 28, 28]), 4);
         assert_eq!(dw_tile([37, 64, 28, 28]), or_none(2));
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
         assert_eq!(c.kernel_label(&r20.0, &r20.1).unwrap(), few_channel_label());
@@ -1800,7 +1801,7 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     }
     // Winograd layers take Winograd's weight gradient instead (with Winograd's input gradient:
     // no small-plane backward left); those of 128+ channels on 8x8 and 16x16 planes the
-    // channels-last path's (`winograd_cl.rs`); on AVX-512 those of up to 64 channels the
+    // channels-last path's (`winograd_cl.rs`); on AVX-512 those of up to 128 channels the
     // fused path's.
     for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16), (128, 8), (256, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
@@ -1809,7 +1810,7 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
             let label = c.kernel_label(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
             assert!(label.starts_with("Conv winograd") && !label.ends_with("small-plane"));
             assert!(!g.direct_dw, "{ch}ch {px}px");
-            if ch >= 128 {
+            if ch > 128 || (ch == 128 && (px < 16 || !avx512)) {
                 assert!(g.wino_cl, "{ch}ch {px}px");
             } else if avx512 {
                 assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{ch}ch {px}px");
@@ -2677,15 +2678,14 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         assert_eq!(label([9, 256, 4, 4], 256), "Conv winograd4-cl");
         assert_eq!(label([9, 152, 4, 4], 152), "Conv winograd4-cl");
         assert_eq!(label([9, 64, 4, 4], 64), "Conv winograd4-cl");
+        // On AVX-512 the fused path (`winograd_fused.rs`): up to 64 channels on 8x8 planes and
+        // up, up to 128 from 16x16.
+        let fused = winograd_fused::Build::best() != winograd_fused::Build::Portable;
+        let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
         assert_eq!(label([9, 72, 8, 8], 72), "Conv winograd4-cl");
-        // 64 channels on 8x8: the fused path on AVX-512 (`winograd_fused.rs`).
         assert_eq!(
             label([9, 64, 8, 8], 64),
-            if winograd_fused::Build::best() != winograd_fused::Build::Portable {
-                "Conv winograd4-fused"
-            } else {
-                "Conv winograd+small-plane"
-            }
+            or_fused("Conv winograd+small-plane")
         );
         assert_eq!(label([9, 68, 8, 8], 68), "Conv winograd+small-plane");
         assert_eq!(label([9, 32, 4, 4], 32), "Conv small-plane");
@@ -2693,9 +2693,11 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         // Winograd layers on 8x8 to 16x16 planes: from 128 channels on 16x16, and not on
         // 32x32 planes.
         assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd4-cl");
-        assert_eq!(label([9, 128, 16, 16], 128), "Conv winograd4-cl");
-        assert_eq!(label([9, 72, 16, 16], 72), "Conv winograd4");
-        assert_eq!(label([9, 128, 32, 32], 128), "Conv winograd4");
+        assert_eq!(label([9, 128, 16, 16], 128), or_fused("Conv winograd4-cl"));
+        assert_eq!(label([9, 256, 16, 16], 256), "Conv winograd4-cl");
+        assert_eq!(label([9, 72, 16, 16], 72), or_fused("Conv winograd4"));
+        assert_eq!(label([9, 128, 32, 32], 128), or_fused("Conv winograd4"));
+        assert_eq!(label([9, 136, 32, 32], 136), "Conv winograd4");
         let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
         let g = s2.geom(&[9, 256, 8, 8], &[512, 256, 3, 3]).unwrap();
         assert!(!g.wino_cl);
@@ -2846,7 +2848,8 @@ fn winograd_fused_matches_f64_within_bound_over_random_geometries() {
 }
 
 /// Through the conv's forward and backward with the fused path forced on (ResNet-20's layer,
-/// a rank-12 Tucker-2 core on an odd plane, asymmetric pads): forward and input gradient
+/// a rank-12 Tucker-2 core on an odd plane, asymmetric pads, ResNet-18's 128-channel width):
+/// forward and input gradient
 /// within `WINO4_REL_TOL` of the tile scale, the weight gradient within `CL_DW_TOL`, the bias
 /// gradient bit for bit the direct path's, the same bits on 1 and 3 threads.
 #[test]
@@ -2857,6 +2860,10 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
         ([2, 16, 20, 18], 9, [0, 2, 1, 0]),
         ([2, 32, 16, 16], 32, [1; 4]),
         ([2, 40, 13, 18], 64, [2, 1, 0, 1]),
+        // Wider than four vectors (the rule takes up to eight), and a batch whose weight
+        // gradient runs in two parts (16 images of 4 tiles each, `Geom::fused_dw_part`).
+        ([2, 72, 9, 7], 80, [1; 4]),
+        ([20, 128, 8, 8], 120, [1; 4]),
     ] {
         let c = conv(1, [1, 1], pads, [1, 1]);
         let ws = [co, xs[1], 3, 3];
@@ -2895,10 +2902,10 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
     }
 }
 
-/// The speed rule: the fused path for stride-1 3x3 layers of 12 to 64 channels on 16x16
+/// The speed rule: the fused path for stride-1 3x3 layers of 12 to 128 channels on 16x16
 /// planes and up where the CPU has AVX-512 (ResNet-20's first two stages, ResNet-18's 64ch
-/// layers) and 8x8 ones (their last stage), not for 8-channel layers, 4x4 planes, 72+
-/// channels, strided layers or the 3-channel stem; its weight gradient on every layer it
+/// and 128ch layers) and 8x8 ones (their last stage), not for 8-channel layers, 4x4 planes,
+/// 129+ channels, strided layers or the 3-channel stem; its weight gradient on every layer it
 /// takes; and on such a layer the conv's own forward and gradients against the reference and
 /// f64 finite differences, on 16x16 and on 8x8 (whose tiles two images share per block).
 #[test]
@@ -2918,10 +2925,15 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     assert_eq!(fused([4, 16, 8, 8], 16), avx512);
     assert_eq!(fused([4, 64, 8, 8], 64), avx512);
     assert!(!fused([4, 64, 4, 4], 64));
-    assert!(!fused([4, 72, 16, 16], 72));
+    assert_eq!(fused([4, 72, 16, 16], 72), avx512);
+    assert!(!fused([4, 128, 8, 8], 128));
+    assert!(!fused([4, 72, 15, 15], 72));
+    assert_eq!(fused([4, 128, 16, 16], 128), avx512);
+    assert!(!fused([4, 128, 4, 4], 128));
+    assert!(!fused([4, 256, 8, 8], 256));
     assert!(!fused([4, 3, 32, 32], 16));
     // The fused weight gradient on every layer the path takes.
-    for (ch, px) in [(16, 32), (32, 16), (64, 8)] {
+    for (ch, px) in [(16, 32), (32, 16), (64, 8), (128, 16)] {
         let g = c.geom(&[4, ch, px, px], &[ch, ch, 3, 3]).unwrap();
         assert_eq!(g.wino_fused_dw_pays(), avx512, "{ch}ch {px}px");
         assert!(!g.wino_dw || !avx512);

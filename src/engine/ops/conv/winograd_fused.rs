@@ -43,13 +43,17 @@
 
 use super::winograd::Plane;
 use super::{Geom, Override};
+use crate::engine::ops::unzeroed;
+use rayon::prelude::*;
 
 /// Channels per vector.
 pub(super) const LANES: usize = 16;
-/// The widest layer this path takes, in and out (four vectors).
-pub(super) const MAX_CHANNELS: usize = 64;
-/// The widest layer the speed rule sends here.
-const WIDEST_BY_RULE: usize = 64;
+/// The widest layer this path takes, in and out (16 vectors; benchmarks force it there).
+pub(super) const MAX_CHANNELS: usize = 256;
+/// The widest layer the speed rule sends here (8 vectors).
+const WIDEST_BY_RULE: usize = 128;
+/// Fewest output pixels of a layer wider than 64 channels that the speed rule sends here.
+const WIDE_MIN_PIXELS: usize = 256;
 /// Tiles per block of products: `TB` accumulators (plus the weight vector and the broadcast)
 /// of the 32 AVX-512 registers, and 2 x 18 KB of transformed tiles that stay in L1.
 const TB: usize = 8;
@@ -58,6 +62,10 @@ const TB: usize = 8;
 /// 2.13 -> 2.01 -> 1.90, 32ch 16x16 1.66 -> 1.49 -> 1.49, 64ch 8x8 1.83 -> 1.76 -> 1.97, 64ch
 /// 16x16 6.37 -> 5.30 -> 5.79.
 const DW_SWEEP: usize = 2 * TB;
+/// Fewest tiles per part of the weight gradient ([`Geom::fused_dw_part`]). ResNet-18 at 64x64
+/// (batch 64, 1 thread, `elrt speed --profile-nodes`), its 128-channel 8x8 layers' backward
+/// with 16 / 4 / 2 parts (16 / 64 / 128 tiles): 14.9-15.1 / 10.2-11.2 / 10.2-10.3 ms.
+const DW_PART_TILES: usize = 64;
 /// Transformed taps per F(4x4, 3x3) tile.
 const TAPS: usize = 36;
 
@@ -140,12 +148,25 @@ impl Geom {
     /// backward 70.7-77.3 -> 66.4-68.4. Then 8x8 planes with the weight gradient of every
     /// width (below): ResNet-20's 64-channel stage forward 5.5 -> 2.85 ms per layer, 1 thread
     /// 296-315 -> 250-268 ms per step, 2 threads 159-213 -> 136-149.
+    ///
+    /// Wider than 64 channels (up to [`WIDEST_BY_RULE`]), against the channels-last Winograd
+    /// (`winograd_cl.rs`), only on planes of [`WIDE_MIN_PIXELS`] and up: there the
+    /// transformed weights (36 x CI x CO, 2.4 MB at 128 channels) no longer fit in L2 and
+    /// every block of 8 tiles streams them from L3, which two threads share. Criterion
+    /// (batch 64, 1 thread), forward / weight gradient: 128ch 16x16 29.1 -> 16.5 / 31.1 ->
+    /// 26.3 ms, 128ch 8x8 7.2 -> 4.9 / 8.6 -> 7.3, 256ch 8x8 forward 22.0 -> 22.4. In training
+    /// steps (`elrt speed --profile-nodes`, 3 alternating rounds), ResNet-18's 128-channel
+    /// stage at 128x128 (16x16 planes) 249-267 -> 183-185 ms per step at 1 thread, 123-125 ->
+    /// 94-99 at 2; at 64x64 (8x8 planes) 58-63 -> 52-55 at 1 thread but 28.6-29.2 -> 29.4-30.1
+    /// at 2, so 8x8 planes stay with 64 channels at most.
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
+            let (pixels, widest) = (self.oh * self.ow, self.ci.max(self.co));
             Build::best() != Build::Portable
-                && self.oh * self.ow >= 64
+                && pixels >= 64
                 && self.ci.min(self.co) >= 12
-                && self.ci.max(self.co) <= WIDEST_BY_RULE
+                && widest <= WIDEST_BY_RULE
+                && (widest <= 64 || pixels >= WIDE_MIN_PIXELS)
         })
     }
 
@@ -160,6 +181,40 @@ impl Geom {
     /// -> 195-201, resnet18_tucker2@128's fused cores 104-107 -> 98-101.
     pub(super) fn wino_fused_dw_pays(&self) -> bool {
         self.wino_fused && FUSED_DW.decide(|| true)
+    }
+
+    /// Images per part of the fused weight gradient: the batch's fixed parts
+    /// ([`part_len`](super::super::part_len)), widened to at least [`DW_PART_TILES`] tiles.
+    /// Each part zeroes, fills and hands over its own sums `dU` (36 x CI x CO), which then
+    /// are added in part order: with four tiles per image (8x8 planes) and 128 channels that
+    /// was 9 MB of traffic per part for 19 MFLOP of sums.
+    pub(super) fn fused_dw_part(&self) -> usize {
+        let tiles = self.fused_plane().tiles().max(1);
+        super::super::part_len(self.n).max(DW_PART_TILES.div_ceil(tiles))
+    }
+
+    /// The weight gradient over the whole batch (`x` `[n][ci][h][w]`, `dy` `[n][co][oh][ow]`,
+    /// `dw` `[co][ci][3][3]` overwritten): each part's transformed sums
+    /// ([`Plane::fused_weight_grad_sums`]) in parallel, added in part order, untransformed once
+    /// ([`fused_untransform`]). The parts follow the batch and the geometry only, so the sums
+    /// do not depend on the thread count.
+    pub(super) fn weight_grad_fused(&self, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+        let (xlen, ylen) = (self.x_len(), self.y_len());
+        let (p, part) = (self.fused_plane(), self.fused_dw_part());
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(part * xlen)
+            .zip(dy.par_chunks(part * ylen))
+            .map(|(xp, dyp)| {
+                let mut s = p.fused_scratch();
+                let mut du = unzeroed(p.fused_sums_len());
+                p.fused_weight_grad_sums(xp, dyp, &mut du, &mut s);
+                du
+            })
+            .collect();
+        let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
+        let mut du = unzeroed(p.fused_sums_len());
+        super::sum_parts_in_order(&parts, &mut du);
+        fused_untransform(self.co, self.ci, &du, dw);
     }
 
     /// The forward's plane (F(4x4) tiles) for this path.
