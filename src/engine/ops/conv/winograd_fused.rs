@@ -1,5 +1,6 @@
 //! Winograd F(4x4, 3x3) for stride-1 3x3 layers of up to 64 channels in and out on 8x8 and
-//! larger planes (ResNet-20, ResNet-18's 64-channel layers, low-rank Tucker-2 cores), one
+//! larger planes, up to 128 on 16x16 and larger (ResNet-20, ResNet-18's 64-channel layers and
+//! its 128-channel ones from 128x128 inputs, low-rank Tucker-2 cores), one
 //! image (on small planes a few, see [`Plane::fused_images`]) at a time with every
 //! intermediate kept in cache: forward, input gradient and weight gradient.
 //!
@@ -26,7 +27,9 @@
 //! part of the batch: per sweep of [`DW_SWEEP`] tiles, `V` from the images and `dM = A dy A^T`
 //! from the channels-last output gradients, `dU_k += V_k dM_k^T` with 16 sums of a tap in
 //! registers ([`Plane::fused_weight_grad_sums`]); the parts' `dU` (36 x CI x CO) are summed
-//! in part order and `G^T dU G` taken once per call ([`fused_untransform`]). Taken per part
+//! in part order and `G^T dU G` taken once per call ([`fused_untransform`]). Its parts
+//! hold at least [`DW_PART_TILES`] tiles ([`Geom::weight_grad_fused`]), after the input
+//! gradient's. Taken per part
 //! and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had cost 3x the
 //! sums themselves and made this weight gradient lose from 32 channels; plane by plane and
 //! once (and with 16-tile sweeps), criterion `weight_grad` (batch 64, 1 thread) went 9.4 ->
