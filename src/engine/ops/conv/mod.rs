@@ -128,7 +128,7 @@ mod winograd_fused;
 
 pub use depthwise_cl::set_depthwise_channels_last;
 pub use direct::set_direct_forward;
-pub use pointwise::set_direct_pointwise;
+pub use pointwise::{set_direct_pointwise, set_pointwise_one_pixel};
 pub use small_plane::set_small_plane;
 pub use subsample::set_subsample_pointwise;
 pub use weight_grad::set_direct_weight_grad;
@@ -308,6 +308,9 @@ impl Conv2d {
         if g.direct_fwd {
             return Ok("Conv direct");
         }
+        if g.pointwise_one_pixel() {
+            return Ok("Conv 1x1 gemm");
+        }
         if g.pointwise_direct() {
             return Ok("Conv 1x1 direct");
         }
@@ -477,6 +480,11 @@ impl Conv2d {
         let bias = b.map(|b| b.to_vec());
         let (xlen, ylen) = (g.x_len(), g.y_len());
         let mut y = unzeroed(g.n * ylen);
+        if g.pointwise_one_pixel() && g.n > 0 {
+            g.one_pixel_forward(&xs, &ws, bias.as_deref(), &mut y);
+            return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
+                .expect("output length follows from the geometry");
+        }
         if g.pointwise_direct() && g.n > 0 {
             g.pointwise_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
@@ -639,6 +647,16 @@ impl Conv2d {
                         g.small_plane_backward(&xs, &ws, &dys, dx, dw)
                     }
                 },
+            );
+        }
+        if g.pointwise_one_pixel() && g.n > 0 {
+            return Self::backward_whole_batch(
+                &g,
+                &dys,
+                need_dx,
+                need_db,
+                w.raw_dim(),
+                |dx, dw| g.one_pixel_backward(&xs, &ws, &dys, dx, dw),
             );
         }
         if g.pointwise_direct() && g.n > 0 {

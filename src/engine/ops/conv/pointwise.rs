@@ -23,6 +23,8 @@ use super::block::BLOCK_COLS;
 use super::direct::Taps;
 use super::weight_grad::{dot_tiles, Runs};
 use super::{add_bias, Geom, Override, Path};
+use crate::engine::ops::linear::Gemm;
+use ndarray::ArrayView1;
 use rayon::prelude::*;
 
 /// Benchmark override of [`Geom::pointwise_direct`]'s speed rule.
@@ -178,5 +180,82 @@ impl Geom {
         // Summed in part order, element by element: the same sums whatever the thread count.
         let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
         super::sum_parts_in_order(&parts, dw);
+    }
+}
+
+/// Benchmark override of [`Geom::pointwise_one_pixel`].
+static ONE_PIXEL: Override = Override::new();
+
+/// The one-pixel pointwise path ([`Geom::pointwise_one_pixel`]): `Some(false)` off (such
+/// layers go back to the blocked GEMMs of `block.rs`), `Some(true)` or `None` on; for
+/// benchmarks and tests that compare them.
+pub fn set_pointwise_one_pixel(mode: Option<bool>) {
+    ONE_PIXEL.set(mode);
+}
+
+impl Geom {
+    /// Whether this layer is an ungrouped pointwise conv on 1x1 planes: squeeze-excitation's
+    /// two convs after the global pool (MobileNet-V3, EfficientNet), a classifier written as a
+    /// conv. Its input and output are the matrices `[n, ci]` and `[n, co]`, so the layer is a
+    /// `Gemm` (`linear.rs`: `y = x w^T + b`, its products split in fixed ranges across threads)
+    /// with no copy at all. The blocked path (`block.rs`) laid 16 images' pixels side by side
+    /// one value at a time and ran GEMMs of 16 columns: about 30 GFLOP/s, against 75-85 for
+    /// the blocked convs of 16+ pixels.
+    pub(super) fn pointwise_one_pixel(&self) -> bool {
+        self.path == Path::Pointwise
+            && self.group == 1
+            && self.h * self.w == 1
+            && ONE_PIXEL.decide(|| true)
+    }
+
+    /// Forward of a one-pixel layer: `y` (`[n, co]`, every entry written) `= x w^T + bias`.
+    pub(super) fn one_pixel_forward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        y: &mut [f32],
+    ) {
+        let gemm = Gemm {
+            trans_b: true,
+            ..Gemm::default()
+        };
+        let b = bias.map(|b| ArrayView1::from(b).into_dyn());
+        let out = gemm
+            .forward(
+                super::mat(x, self.n, self.ci),
+                super::mat(w, self.co, self.ci),
+                b,
+            )
+            .expect("a one-pixel conv's shapes make a valid Gemm");
+        y.copy_from_slice(out.as_slice().expect("a fresh Gemm output is contiguous"));
+    }
+
+    /// Backward of a one-pixel layer: `dx` (`[n, ci]`, every entry written) `= dy w` when
+    /// given, and `dw` (`[co, ci]`, overwritten) `= dy^T x`.
+    pub(super) fn one_pixel_backward(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) {
+        let gemm = Gemm {
+            trans_b: true,
+            ..Gemm::default()
+        };
+        let g = gemm
+            .backward(
+                super::mat(x, self.n, self.ci),
+                super::mat(w, self.co, self.ci),
+                None,
+                super::mat(dy, self.n, self.co),
+            )
+            .expect("a one-pixel conv's shapes make a valid Gemm");
+        if let Some(dx) = dx {
+            dx.copy_from_slice(g.da.as_slice().expect("fresh gradients are contiguous"));
+        }
+        dw.copy_from_slice(g.db.as_slice().expect("fresh gradients are contiguous"));
     }
 }

@@ -2948,3 +2948,45 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     check_against_reference(&c, [1, 12, 16, 16], [12, 12, 3, 3], true, 67, assert_grad);
     check_against_reference(&c, [3, 12, 8, 8], [14, 12, 3, 3], true, 68, assert_grad);
 }
+
+/// Pointwise convs on 1x1 planes (squeeze-excitation's, after the global pool) run as one
+/// Gemm over the batch (`pointwise.rs`, labelled "Conv 1x1 gemm"), with and without bias,
+/// against the reference and f64 finite differences, the same bits on 1 and 3 threads, and
+/// the values of the blocked GEMMs they replace within 1e-5.
+#[test]
+fn one_pixel_pointwise_convs_run_as_a_gemm_and_match_the_reference() {
+    let c = conv(1, [1, 1], [0; 4], [1, 1]);
+    assert_eq!(
+        c.kernel_label(&[64, 576, 1, 1], &[144, 576, 1, 1]).unwrap(),
+        "Conv 1x1 gemm"
+    );
+    assert_ne!(
+        c.kernel_label(&[64, 576, 2, 2], &[144, 576, 1, 1]).unwrap(),
+        "Conv 1x1 gemm"
+    );
+    check_against_reference(&c, [5, 24, 1, 1], [16, 24, 1, 1], true, 71, assert_grad);
+    check_against_reference(&c, [3, 7, 1, 1], [9, 7, 1, 1], false, 72, assert_grad);
+    // Wide enough that the Gemm splits its products across threads.
+    let (xs, ws) = ([200, 576, 1, 1], [144, 576, 1, 1]);
+    let g = c.geom(&xs, &ws).unwrap();
+    assert!(g.pointwise_one_pixel());
+    let mut rng = Rng::new(73);
+    let x = rand_array(&mut rng, xs, -1.0, 1.0);
+    let w = rand_array(&mut rng, ws, -1.0, 1.0);
+    let dy = rand_array(&mut rng, [200, 144, 1, 1], -1.0, 1.0);
+    assert_same_on_1_and_3_threads(&g, &x, &w, &dy);
+    let gemm = c.forward(x.view(), w.view(), None).unwrap();
+    let grads = c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+    set_pointwise_one_pixel(Some(false));
+    let blocked = c.forward(x.view(), w.view(), None).unwrap();
+    let bgrads = c.backward(x.view(), w.view(), dy.view(), true).unwrap();
+    set_pointwise_one_pixel(None);
+    assert_close("forward", &gemm.view(), &blocked.view(), 1e-5);
+    assert_close(
+        "dx",
+        &grads.dx.unwrap().view(),
+        &bgrads.dx.unwrap().view(),
+        1e-5,
+    );
+    assert_close("dw", &grads.dw.view(), &bgrads.dw.view(), 1e-5);
+}
