@@ -269,6 +269,7 @@ impl Conv2d {
 
     /// Which kernel runs this conv, as a profile label: "Conv 1x1" (one GEMM per image),
     /// "Conv 1x1 direct" (few-channel pointwise layers as direct dot products, `pointwise.rs`),
+    /// "Conv 1x1 gemm" (pointwise layers on 1x1 planes as one Gemm over the batch, the same),
     /// "Conv depthwise" (direct loops), "Conv winograd" (F(2x2, 3x3), `winograd.rs`; its weight
     /// gradient, direct or im2col's, is timed under the same label), "Conv winograd4"
     /// (F(4x4, 3x3), `winograd4.rs`), "Conv small-plane" (small planes as
