@@ -243,10 +243,10 @@ struct Geom {
     /// Whether the forward runs as direct dot products on the padded input (`direct.rs`), and
     /// so the input gradient too where `Geom::direct_dx_geom` allows (stride 1, 8+ inputs).
     direct_fwd: bool,
-    /// A stride-1 3x3 layer of at most 64 channels (128 on 16x16+ planes) whose forward, input gradient and (where
-    /// `Geom::wino_fused_dw_pays`) weight gradient run as Winograd F(4x4, 3x3) one image at a
-    /// time, all in cache (`winograd_fused.rs`); it runs through the direct path's branches
-    /// (`direct_fwd` set too).
+    /// A stride-1 3x3 layer of at most 64 channels (128 on 16x16+ planes) whose forward, input
+    /// gradient and (where `Geom::wino_fused_dw_pays`) weight gradient run as Winograd F(4x4,
+    /// 3x3) one image at a time, all in cache (`winograd_fused.rs`); it runs through the direct
+    /// path's branches (`direct_fwd` set too).
     wino_fused: bool,
     /// A small output plane run as channels-last GEMMs over the whole batch (`small_plane.rs`): its
     /// backward always, its forward unless Winograd runs it.
@@ -276,8 +276,8 @@ impl Conv2d {
     /// channels-last GEMMs over the batch, `small_plane.rs`), "Conv winograd+small-plane" (Winograd forward,
     /// small-plane backward), "Conv winograd4-cl" (F(4x4, 3x3) channels-last over the batch,
     /// `winograd_cl.rs`), "Conv winograd4-fused" (F(4x4, 3x3) one image, or on small planes a
-    /// few, at a time for layers of at most 64 channels, 128 on 16x16+ planes: forward, input and weight gradients,
-    /// `winograd_fused.rs`), "Conv direct" (direct dot products on the padded input,
+    /// few, at a time for layers of at most 64 channels, 128 on 16x16+ planes: forward, input
+    /// and weight gradients, `winograd_fused.rs`), "Conv direct" (direct dot products on the padded input,
     /// forward and weight gradient, `direct.rs`), "Conv 1x1 strided" (a subsample, then a pointwise path,
     /// `subsample.rs`) or "Conv im2col" (im2col + GEMM), with " blocked" when
     /// small output planes put several images in one GEMM (`block.rs`). `elrt speed --profile` splits conv
@@ -422,8 +422,9 @@ impl Conv2d {
             (g.wino_cl, g.wino_tile) = (true, 4);
             (g.winograd, g.wino_dw, g.direct_dw) = (false, false, false);
         }
-        // Layers the fused Winograd path takes run through the direct path's branches (which
-        // ask for it first), its input gradient through `Geom::direct_dx_geom`.
+        // Layers the fused Winograd path takes (ahead of the channels-last Winograd where both
+        // could) run through the direct path's branches (which ask for it first), its input
+        // gradient through `Geom::direct_dx_geom`.
         // Its weight gradient where `Geom::wino_fused_dw_pays`, else the Winograd one the
         // layer had, else the direct one.
         if g.wino_fused_eligible() && g.wino_fused_pays() {
