@@ -480,13 +480,14 @@ impl Conv2d {
         }
         let (xs, ws) = (contiguous(&x), contiguous(&w));
         let bias = b.map(|b| b.to_vec());
-        let (xlen, ylen) = (g.x_len(), g.y_len());
-        let mut y = unzeroed(g.n * ylen);
         if g.pointwise_one_pixel() && g.n > 0 {
-            g.one_pixel_forward(&xs, &ws, bias.as_deref(), &mut y);
+            // The Gemm's own output buffer.
+            let y = g.one_pixel_forward(&xs, &ws, bias.as_deref());
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
                 .expect("output length follows from the geometry");
         }
+        let (xlen, ylen) = (g.x_len(), g.y_len());
+        let mut y = unzeroed(g.n * ylen);
         if g.pointwise_direct() && g.n > 0 {
             g.pointwise_forward(&xs, &ws, bias.as_deref(), &mut y);
             return Array4::from_shape_vec((g.n, g.co, g.oh, g.ow), y)
@@ -651,24 +652,20 @@ impl Conv2d {
                 },
             );
         }
-        if g.pointwise_one_pixel() && g.n > 0 {
+        if (g.pointwise_one_pixel() || g.pointwise_direct()) && g.n > 0 {
             return Self::backward_whole_batch(
                 &g,
                 &dys,
                 need_dx,
                 need_db,
                 w.raw_dim(),
-                |dx, dw| g.one_pixel_backward(&xs, &ws, &dys, dx, dw),
-            );
-        }
-        if g.pointwise_direct() && g.n > 0 {
-            return Self::backward_whole_batch(
-                &g,
-                &dys,
-                need_dx,
-                need_db,
-                w.raw_dim(),
-                |dx, dw| g.pointwise_backward(&xs, &ws, &dys, dx, dw),
+                |dx, dw| {
+                    if g.pointwise_one_pixel() {
+                        g.one_pixel_backward(&xs, &ws, &dys, dx, dw)
+                    } else {
+                        g.pointwise_backward(&xs, &ws, &dys, dx, dw)
+                    }
+                },
             );
         }
         let (xlen, ylen) = (g.x_len(), g.y_len());

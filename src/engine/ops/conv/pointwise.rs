@@ -186,6 +186,14 @@ impl Geom {
 /// Benchmark override of [`Geom::pointwise_one_pixel`].
 static ONE_PIXEL: Override = Override::new();
 
+/// A one-pixel layer as a Gemm: `y = x w^T + b`, the weight `[co, ci]` transposed.
+const ONE_PIXEL_GEMM: Gemm = Gemm {
+    alpha: 1.0,
+    beta: 1.0,
+    trans_a: false,
+    trans_b: true,
+};
+
 /// The one-pixel pointwise path ([`Geom::pointwise_one_pixel`]): `Some(false)` off (such
 /// layers go back to the blocked GEMMs of `block.rs`), `Some(true)` or `None` on; for
 /// benchmarks and tests that compare them.
@@ -208,27 +216,22 @@ impl Geom {
             && ONE_PIXEL.decide(|| true)
     }
 
-    /// Forward of a one-pixel layer: `y` (`[n, co]`, every entry written) `= x w^T + bias`.
-    pub(super) fn one_pixel_forward(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-        y: &mut [f32],
-    ) {
-        let gemm = Gemm {
-            trans_b: true,
-            ..Gemm::default()
-        };
+    /// Forward of a one-pixel layer: `x w^T + bias` (`[n, co]`), the Gemm's own buffer.
+    pub(super) fn one_pixel_forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
         let b = bias.map(|b| ArrayView1::from(b).into_dyn());
-        let out = gemm
+        let (y, offset) = ONE_PIXEL_GEMM
             .forward(
                 super::mat(x, self.n, self.ci),
                 super::mat(w, self.co, self.ci),
                 b,
             )
-            .expect("a one-pixel conv's shapes make a valid Gemm");
-        y.copy_from_slice(out.as_slice().expect("a fresh Gemm output is contiguous"));
+            .expect("a one-pixel conv's shapes make a valid Gemm")
+            .into_raw_vec_and_offset();
+        debug_assert!(
+            offset.unwrap_or(0) == 0,
+            "a fresh Gemm output starts its buffer"
+        );
+        y
     }
 
     /// Backward of a one-pixel layer: `dx` (`[n, ci]`, every entry written) `= dy w` when
@@ -241,11 +244,7 @@ impl Geom {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
-        let gemm = Gemm {
-            trans_b: true,
-            ..Gemm::default()
-        };
-        let g = gemm
+        let g = ONE_PIXEL_GEMM
             .backward(
                 super::mat(x, self.n, self.ci),
                 super::mat(w, self.co, self.ci),

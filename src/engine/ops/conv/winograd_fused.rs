@@ -27,12 +27,11 @@
 //! part of the batch: per sweep of [`DW_SWEEP`] tiles, `V` from the images and `dM = A dy A^T`
 //! from the channels-last output gradients, `dU_k += V_k dM_k^T` with 16 sums of a tap in
 //! registers ([`Plane::fused_weight_grad_sums`]); the parts' `dU` (36 x CI x CO) are summed
-//! in part order and `G^T dU G` taken once per call ([`fused_untransform`]). Its parts
-//! hold at least [`DW_PART_TILES`] tiles ([`Geom::weight_grad_fused`]), after the input
-//! gradient's. Taken per part
-//! and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had cost 3x the
-//! sums themselves and made this weight gradient lose from 32 channels; plane by plane and
-//! once (and with 16-tile sweeps), criterion `weight_grad` (batch 64, 1 thread) went 9.4 ->
+//! in part order and `G^T dU G` taken once per call ([`fused_untransform`]); its parts, of at
+//! least [`DW_PART_TILES`] tiles, run after the input gradient's ([`Geom::weight_grad_fused`]).
+//! Taken per part and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had
+//! cost 3x the sums themselves and made this weight gradient lose from 32 channels; plane by
+//! plane and once (and with 16-tile sweeps), criterion `weight_grad` (batch 64, 1 thread) went 9.4 ->
 //! 1.76 ms on ResNet-20's 64ch 8x8 layer (its small-plane one: 4.4) and 15.0 -> 5.3 on
 //! ResNet-18's 64ch 16x16 (Winograd's own, `winograd_dw.rs`: 9.9), 3.2 -> 1.49 on 32ch 16x16
 //! (Winograd's: 2.9).
@@ -55,7 +54,10 @@ pub(super) const LANES: usize = 16;
 pub(super) const MAX_CHANNELS: usize = 256;
 /// The widest layer the speed rule sends here (8 vectors).
 const WIDEST_BY_RULE: usize = 128;
-/// Fewest output pixels of a layer wider than 64 channels that the speed rule sends here.
+/// The widest layer the speed rule sends here on planes under [`WIDE_MIN_PIXELS`] (4 vectors).
+const WIDEST_ON_SMALL_PLANES: usize = 64;
+/// Fewest output pixels of a layer wider than [`WIDEST_ON_SMALL_PLANES`] that the speed rule
+/// sends here.
 const WIDE_MIN_PIXELS: usize = 256;
 /// Tiles per block of products: `TB` accumulators (plus the weight vector and the broadcast)
 /// of the 32 AVX-512 registers, and 2 x 18 KB of transformed tiles that stay in L1.
@@ -169,7 +171,7 @@ impl Geom {
                 && pixels >= 64
                 && self.ci.min(self.co) >= 12
                 && widest <= WIDEST_BY_RULE
-                && (widest <= 64 || pixels >= WIDE_MIN_PIXELS)
+                && (widest <= WIDEST_ON_SMALL_PLANES || pixels >= WIDE_MIN_PIXELS)
         })
     }
 
@@ -191,7 +193,7 @@ impl Geom {
     /// Each part zeroes, fills and hands over its own sums `dU` (36 x CI x CO), which then
     /// are added in part order: with four tiles per image (8x8 planes) and 128 channels that
     /// was 9 MB of traffic per part for 19 MFLOP of sums.
-    pub(super) fn fused_dw_part(&self) -> usize {
+    fn fused_dw_part(&self) -> usize {
         let tiles = self.fused_plane().tiles().max(1);
         super::super::part_len(self.n).max(DW_PART_TILES.div_ceil(tiles))
     }
