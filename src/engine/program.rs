@@ -464,6 +464,10 @@ impl Program {
 /// the step's own pass. Results are bitwise those of the separate steps (the batchnorm and
 /// tensor_ops tests check it). Conv-BN-ReLU is the first half of every ResNet block and the
 /// stem; Add-ReLU ends every block; Conv-BN-ReLU6 (Clip 0..6) is every MobileNet-V2 layer.
+/// The smooth gates [`fuse_gates`] made (SiLU, HardSwish as HardSigmoid times x) and ONNX
+/// HardSwish fold into a BatchNormalization too (EfficientNet's and MobileNet-V3's Conv-BN-gate
+/// layers): the gate's input is not written or kept, and backward scales `dy` in one pass over
+/// `x` and `dy` before the batch norm's own passes.
 fn fuse_act(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
     let readers = readers_of(&steps);
     // Per step: the activation it absorbs (its outputs, name and kind); and the steps absorbed.
@@ -485,6 +489,11 @@ fn fuse_act(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             let act = match steps[j].kernel {
                 Kernel::Act(Activation::Relu) => BnAct::Relu,
                 Kernel::Act(Activation::Clip { min, max }) if bn => BnAct::Clip { min, max },
+                Kernel::Act(Activation::Silu) if bn => BnAct::Silu,
+                Kernel::Act(Activation::HardSigmoidMul { alpha, beta }) if bn => {
+                    BnAct::HardSigmoidMul { alpha, beta }
+                }
+                Kernel::Act(Activation::HardSwish) if bn => BnAct::HardSwish,
                 _ => continue,
             };
             absorbed[j] = true;
@@ -505,6 +514,10 @@ fn fuse_act(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
                     op.act = act;
                     s.profile_key = match act {
                         BnAct::Clip { .. } => "BatchNormalization+Clip",
+                        BnAct::Silu => "BatchNormalization+SiLU",
+                        BnAct::HardSigmoidMul { .. } | BnAct::HardSwish => {
+                            "BatchNormalization+HardSwish"
+                        }
                         _ => "BatchNormalization+Relu",
                     };
                 }
@@ -978,6 +991,59 @@ mod tests {
         let tail = vec![step("bn", bn(), &[0], 1), step("relu", relu(), &[1], 2)];
         assert_eq!(fuse_act(tail.clone(), 1).len(), 2);
         assert_eq!(fuse_act(tail, 2).len(), 1);
+    }
+
+    /// SiLU and HardSwish (the gate fusion's or ONNX's own) fold into a BatchNormalization that
+    /// only they read, and not into an Add; a gate after a BN read twice stays.
+    #[test]
+    fn smooth_gates_fuse_into_their_sole_batch_norm() {
+        let hsm = Activation::HardSigmoidMul {
+            alpha: 1.0 / 6.0,
+            beta: 0.5,
+        };
+        let steps = vec![
+            step("bn1", bn(), &[0], 1),
+            step("silu", Kernel::Act(Activation::Silu), &[1], 2),
+            step("bn2", bn(), &[2], 3),
+            step("hsm", Kernel::Act(hsm), &[3], 4),
+            step("bn3", bn(), &[4], 5),
+            step("hswish", Kernel::Act(Activation::HardSwish), &[5], 6),
+            // An Add before a gate keeps it; so does a BN whose output is also read elsewhere.
+            step("add", Kernel::Binary(BinOp::Add), &[6, 6], 7),
+            step("silu2", Kernel::Act(Activation::Silu), &[7], 8),
+            step("bn4", bn(), &[8], 9),
+            step("silu3", Kernel::Act(Activation::Silu), &[9], 10),
+            step("mul", Kernel::Binary(BinOp::Mul), &[9, 10], 11),
+        ];
+        let fused = fuse_act(steps, 11);
+        let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["bn1", "bn2", "bn3", "add", "silu2", "bn4", "silu3", "mul"]
+        );
+        let acts: Vec<(BnAct, &str)> = fused[..3]
+            .iter()
+            .map(|s| match &s.kernel {
+                Kernel::BatchNorm { op, .. } => (op.act, s.profile_key),
+                _ => panic!("{} is not a batch norm", s.name),
+            })
+            .collect();
+        assert_eq!(
+            acts,
+            [
+                (BnAct::Silu, "BatchNormalization+SiLU"),
+                (
+                    BnAct::HardSigmoidMul {
+                        alpha: 1.0 / 6.0,
+                        beta: 0.5
+                    },
+                    "BatchNormalization+HardSwish"
+                ),
+                (BnAct::HardSwish, "BatchNormalization+HardSwish"),
+            ]
+        );
+        assert_eq!(fused[0].outputs, [2]);
+        assert_eq!(fused[2].absorbed.as_deref(), Some("hswish"));
     }
 
     /// `Mul(x, Sigmoid(x))` becomes one SiLU step in either operand order, but not when the

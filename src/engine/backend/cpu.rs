@@ -215,7 +215,12 @@ impl Backend for CpuBackend {
         dy: ArrayD<f32>,
         sync: Option<&dyn StatSync>,
     ) -> Result<BnGrads<ArrayD<f32>>> {
-        let g = op.backward_train_synced(view4(x)?, view1(scale)?, saved, view4(&dy)?, sync)?;
+        // `dy` is taken: batch norm writes `dx` into its buffer.
+        let shape = dy.shape().to_vec();
+        let dy = dy
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| anyhow!("expected a rank-4 tensor, got {shape:?}"))?;
+        let g = op.backward_train_synced(view4(x)?, view1(scale)?, saved, dy, sync)?;
         Ok(BnGrads {
             dx: g.dx.into_dyn(),
             dscale: g.dscale.into_dyn(),

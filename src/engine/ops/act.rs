@@ -24,6 +24,65 @@ pub fn relu(v: f32) -> f32 {
     }
 }
 
+/// The smooth gates' values and gradients, one value at a time: every caller (the ops here
+/// and their fusions into BatchNorm) calls these, so that fused and separate ops compute the
+/// same f32 operations, bit for bit.
+pub(crate) mod gate {
+    use super::sigmoid;
+
+    /// SiLU, `x * sigmoid(x)`: the separate pair's `Mul(x, Sigmoid(x))`, bitwise.
+    #[inline(always)]
+    pub(crate) fn silu(v: f32) -> f32 {
+        v * sigmoid(v)
+    }
+
+    /// `dy * d/dx (x s(x)) = dy * (s + x s (1 - s))`. The separate pair sums `g s` (the Mul's
+    /// gradient) and `g x s (1 - s)` (through the Sigmoid) in the executor; here it is one
+    /// expression, so results differ from the pair's by rounding only.
+    #[inline(always)]
+    pub(crate) fn silu_grad(x: f32, g: f32) -> f32 {
+        let s = sigmoid(x);
+        g * (s + x * s * (1.0 - s))
+    }
+
+    /// `x * HardSigmoid(x)`: the pair's `Mul(x, HardSigmoid(x))` (either operand order).
+    #[inline(always)]
+    pub(crate) fn hard_sigmoid_mul(v: f32, alpha: f32, beta: f32) -> f32 {
+        v * (alpha * v + beta).clamp(0.0, 1.0)
+    }
+
+    /// The Mul's gradient into `x` (`g h`) plus the HardSigmoid's (`alpha (g x)` strictly
+    /// inside its linear part, else 0), summed as the executor sums the two paths.
+    #[inline(always)]
+    pub(crate) fn hard_sigmoid_mul_grad(x: f32, g: f32, alpha: f32, beta: f32) -> f32 {
+        let h = alpha * x + beta;
+        let through_gate = if h > 0.0 && h < 1.0 {
+            alpha * (g * x)
+        } else {
+            0.0
+        };
+        g * h.clamp(0.0, 1.0) + through_gate
+    }
+
+    /// ONNX HardSwish, `x * max(0, min(1, x / 6 + 1/2))`.
+    #[inline(always)]
+    pub(crate) fn hard_swish(v: f32) -> f32 {
+        v * (v / 6.0 + 0.5).clamp(0.0, 1.0)
+    }
+
+    /// PyTorch's piecewise HardSwish gradient.
+    #[inline(always)]
+    pub(crate) fn hard_swish_grad(x: f32, g: f32) -> f32 {
+        if x < -3.0 {
+            0.0
+        } else if x <= 3.0 {
+            g * (x / 3.0 + 0.5)
+        } else {
+            g
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     Relu,
@@ -156,13 +215,11 @@ impl Activation {
             Activation::HardSigmoid { alpha, beta } => {
                 par_map(&xs, move |v| (alpha * v + beta).clamp(0.0, 1.0))
             }
-            Activation::HardSwish => par_map(&xs, |v| v * (v / 6.0 + 0.5).clamp(0.0, 1.0)),
-            // Bitwise the pair's `Mul(x, HardSigmoid(x))` (either operand order).
+            Activation::HardSwish => par_map(&xs, gate::hard_swish),
             Activation::HardSigmoidMul { alpha, beta } => {
-                par_map(&xs, move |v| v * (alpha * v + beta).clamp(0.0, 1.0))
+                par_map(&xs, move |v| gate::hard_sigmoid_mul(v, alpha, beta))
             }
-            // Bitwise the separate pair's `Mul(x, Sigmoid(x))` (either operand order).
-            Activation::Silu => par_map(&xs, |v| v * sigmoid(v)),
+            Activation::Silu => par_map(&xs, gate::silu),
             Activation::Gelu { tanh: false } => par_erf_map(&xs, &xs, ErfMap::Gelu),
             Activation::Gelu { tanh: true } => par_erf_map(&xs, &xs, ErfMap::GeluTanh),
             Activation::Erf => par_erf_map(&xs, &xs, ErfMap::Erf),
@@ -212,33 +269,11 @@ impl Activation {
                     0.0
                 }
             }),
-            Activation::HardSwish => par_zip_map(&xs, &gs, |x, g| {
-                if x < -3.0 {
-                    0.0
-                } else if x <= 3.0 {
-                    g * (x / 3.0 + 0.5)
-                } else {
-                    g
-                }
-            }),
-            // The Mul's gradient into `x` (`g h`) plus the HardSigmoid's (`alpha (g x)` strictly
-            // inside its linear part, else 0), summed as the executor sums the two paths.
+            Activation::HardSwish => par_zip_map(&xs, &gs, gate::hard_swish_grad),
             Activation::HardSigmoidMul { alpha, beta } => par_zip_map(&xs, &gs, move |x, g| {
-                let h = alpha * x + beta;
-                let through_gate = if h > 0.0 && h < 1.0 {
-                    alpha * (g * x)
-                } else {
-                    0.0
-                };
-                g * h.clamp(0.0, 1.0) + through_gate
+                gate::hard_sigmoid_mul_grad(x, g, alpha, beta)
             }),
-            // d/dx x s(x) = s + x s (1 - s). The separate pair sums `g s` (the Mul's gradient)
-            // and `g x s (1 - s)` (through the Sigmoid) in the executor; here it is one
-            // expression, so results differ from the pair's by rounding only.
-            Activation::Silu => par_zip_map(&xs, &gs, |x, g| {
-                let s = sigmoid(x);
-                g * (s + x * s * (1.0 - s))
-            }),
+            Activation::Silu => par_zip_map(&xs, &gs, gate::silu_grad),
             Activation::Gelu { tanh: false } => par_erf_map(&xs, &gs, ErfMap::GeluGrad),
             Activation::Gelu { tanh: true } => par_erf_map(&xs, &gs, ErfMap::GeluTanhGrad),
             Activation::Erf => par_erf_map(&xs, &gs, ErfMap::ErfGrad),
