@@ -2,7 +2,8 @@
 //! backward through the batch statistics) and ReLU (forward and backward) on a ResNet-20
 //! stage-1 activation, 128x16x32x32, at 1 and 2 threads; and BatchNormalization with its fused
 //! Clip (ReLU6) on three MobileNet-V2 activations at 64x64 input, batch 64 (expansion 96 on
-//! 32x32, 144 on 16x16, 384 on 4x4): planes from 1024 values down to 16.
+//! 32x32, 144 on 16x16, 384 on 4x4): planes from 1024 values down to 16; and BatchNormalization
+//! with its fused SiLU against the separate ops on three EfficientNet-B0 activations.
 //!
 //!     cargo bench --bench bn_relu [-- FILTER]
 //!
@@ -12,7 +13,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
+};
 use elrt::engine::ops::{Activation, BatchNorm2d, BatchNormSaved, BnAct};
 use elrt::rng::Rng;
 use ndarray::{Array1, Array4};
@@ -77,21 +80,28 @@ impl BnCase {
                 })
             })
         });
+        // The engine hands backward its own `dy` and gets `dx` back in that buffer: each
+        // iteration gets a fresh copy, made outside the timing.
         g.bench_function(format!("{prefix}backward_{threads}t"), |b| {
-            b.iter(|| {
-                pool.install(|| {
-                    black_box(
-                        self.bn
-                            .backward_train(
-                                self.x.view(),
-                                self.scale.view(),
-                                &self.saved,
-                                self.dy.view(),
-                            )
-                            .expect("backward"),
-                    )
-                })
-            })
+            b.iter_batched(
+                || self.dy.clone(),
+                |dy| {
+                    pool.install(|| {
+                        black_box(
+                            self.bn
+                                .backward_train_synced(
+                                    self.x.view(),
+                                    self.scale.view(),
+                                    &self.saved,
+                                    dy,
+                                    None,
+                                )
+                                .expect("backward"),
+                        )
+                    })
+                },
+                BatchSize::LargeInput,
+            )
         });
     }
 }
@@ -152,5 +162,57 @@ fn bn_clip(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bn_relu, bn_clip);
+/// BatchNormalization with its fused SiLU (EfficientNet-B0's pair, fused by the program)
+/// against the two ops run separately (BN, then `Activation::Silu`; backward in reverse), on
+/// three EfficientNet-B0 activations at 64x64 input, batch 64: planes of 1024, 64 and 4 values.
+fn bn_silu(c: &mut Criterion) {
+    let fused = BatchNorm2d {
+        act: BnAct::Silu,
+        ..BatchNorm2d::default()
+    };
+    let mut g = c.benchmark_group("bn_silu_efficientnet_b0");
+    g.sample_size(20).measurement_time(Duration::from_secs(3));
+    let pool = pool(1);
+    for (ch, s) in [(96, 32), (240, 8), (1152, 2)] {
+        let case = BnCase::new(fused.clone(), [64, ch, s, s], 12);
+        g.throughput(Throughput::Elements(case.x.len() as u64));
+        case.bench(&mut g, &format!("{ch}x{s}x{s}_fused_"), &pool);
+        let plain = BatchNorm2d::default();
+        let (t, saved) = BnCase::forward(&plain, &case.x, &case.scale, &case.bias);
+        let t = t.into_dyn();
+        g.bench_function(format!("{ch}x{s}x{s}_separate_forward_1t"), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let (t, _) = BnCase::forward(&plain, &case.x, &case.scale, &case.bias);
+                    black_box(Activation::Silu.forward(t.into_dyn().view()).expect("silu"))
+                })
+            })
+        });
+        g.bench_function(format!("{ch}x{s}x{s}_separate_backward_1t"), |b| {
+            b.iter(|| {
+                pool.install(|| {
+                    let dt = Activation::Silu
+                        .backward(t.view(), case.dy.view().into_dyn())
+                        .expect("silu backward")
+                        .into_dimensionality()
+                        .expect("rank 4");
+                    black_box(
+                        plain
+                            .backward_train_synced(
+                                case.x.view(),
+                                case.scale.view(),
+                                &saved,
+                                dt,
+                                None,
+                            )
+                            .expect("backward"),
+                    )
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bn_relu, bn_clip, bn_silu);
 criterion_main!(benches);
