@@ -13,6 +13,12 @@
 //! are `ops/plane_sums.rs`, 32 lanes in four accumulators, explicit AVX2, with a fused
 //! activation's mask applied inside the one gradient-sums pass: MobileNet-V2's BN + Clip
 //! backward per step 36-42 -> 26-29 ms at 1 thread (`elrt speed --profile`, alternating runs).
+//! The forward passes are also built for AVX-512, for the smooth gates' `exp`.
+//!
+//! Backward writes `dx` into the buffer of the `dy` it is given (`grad_pass_in_place`), and a
+//! fused smooth gate (SiLU, HardSwish: [`BnAct`]) turns `dy` into the gradient at its input in
+//! the same buffer first: these passes are memory-bound on the large activations, and a new
+//! output tensor costs a read of every line before it is written.
 
 use super::act::gate;
 use super::plane_sums::{self, Gate, PlaneSums, Pre, Scalar};
@@ -974,7 +980,7 @@ impl BatchNorm2d {
     /// differentiates were global; `dscale` and `dbias` stay this process's own sums, which the
     /// gradient all-reduce then combines like every other parameter's gradient (as PyTorch's
     /// `SyncBatchNorm`). `None` is [`Self::backward_train`], bit for bit. `dx` is computed in
-    /// `dy`'s buffer (see [`grad_pass_in_place`]).
+    /// `dy`'s buffer (see `grad_pass_in_place`).
     pub fn backward_train_synced(
         &self,
         x: ArrayView4<f32>,
