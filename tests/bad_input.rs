@@ -452,6 +452,14 @@ fn unchecked_flags_and_values_are_refused_by_name() {
         (vec!["train", m, "--lr", "-0.1", "-o", o], "--lr"),
         (vec!["train", m, "--max-steps", "0", "-o", o], "--max-steps"),
         (
+            vec!["train", m, "--bn-momentum", "1.5", "-o", o],
+            "--bn-momentum 1.5",
+        ),
+        (
+            vec!["compress", m, "--bn-momentum", "0", "--out", o],
+            "--bn-momentum 0",
+        ),
+        (
             vec!["inspect", m, "--input-shape", "1,3,x,32"],
             "'x' is not a dimension",
         ),

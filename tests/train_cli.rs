@@ -474,3 +474,53 @@ fn a_resumed_run_lists_each_epoch_once() {
     succeeds(&again);
     assert_eq!(epochs(&metrics), [1, 2]);
 }
+
+/// Every BatchNormalization's momentum in `path` (ONNX's convention, the old value's weight).
+fn bn_momenta(path: &Path) -> Vec<f32> {
+    elrt::onnx::read_file(path)
+        .unwrap()
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            elrt::ir::Op::BatchNorm(b) => Some(b.momentum),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A model whose BatchNormalizations keep PyTorch momentum 0.01 gets a `note:` naming
+/// `--bn-momentum` in a short run (its running statistics would lag the weights), under
+/// `--quiet` too; `--bn-momentum 0.1` trains every BN with 0.1 (ONNX 0.9 in the written file)
+/// and no note.
+#[test]
+fn slow_batch_norm_momentum_is_noted_and_set_by_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = elrt::onnx::read_file(&common::repo().join("models/resnet20.onnx")).unwrap();
+    for n in &mut g.nodes {
+        if let elrt::ir::Op::BatchNorm(b) = &mut n.op {
+            b.momentum = 0.99;
+        }
+    }
+    let slow = tmp.path().join("slow_bn.onnx");
+    elrt::onnx::write_file(&g, &slow).unwrap();
+    let out = tmp.path().join("t.onnx");
+    let run = |extra: &[&str]| {
+        let mut args = train_args(&out, &["--data", "synthetic:256,64", "--epochs", "1"]);
+        args[1] = slow.to_str().unwrap().to_string();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        String::from_utf8_lossy(&succeeds(&args).stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("note: ") && err.contains("--bn-momentum 0.1") && err.contains("0.99"),
+        "{err}"
+    );
+    assert!(bn_momenta(&out).iter().all(|&m| (m - 0.99).abs() < 1e-6));
+    let err = run(&["--bn-momentum", "0.1"]);
+    assert!(!err.contains("--bn-momentum"), "{err}");
+    let m = bn_momenta(&out);
+    assert!(
+        !m.is_empty() && m.iter().all(|&m| (m - 0.9).abs() < 1e-6),
+        "{m:?}"
+    );
+}

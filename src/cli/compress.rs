@@ -82,6 +82,10 @@ pub struct CompressArgs {
     /// compact file has them folded into the convs.
     #[arg(long, default_value = "auto")]
     pub bn: String,
+    /// Momentum of every BatchNormalization's running statistics while training, PyTorch's
+    /// convention (see `elrt train --bn-momentum`): by default each keeps the model's own.
+    #[arg(long, value_name = "M")]
+    pub bn_momentum: Option<f32>,
     /// Weight decay on conv and linear weights (SGD, decoupled from the learning rate as
     /// torch.optim.SGD applies it).
     #[arg(long, default_value_t = 5e-4)]
@@ -161,6 +165,10 @@ impl CompressArgs {
             factor_init: self.factor_init.parse()?,
             orth_no_decay: self.orth_no_decay,
             bn: self.bn.parse()?,
+            bn_momentum: self
+                .bn_momentum
+                .map(elrt::ir::bn_insert::check_momentum)
+                .transpose()?,
             wd: self.wd,
             schedule: self.schedule.parse()?,
             threads: self.threads,

@@ -80,6 +80,13 @@ pub struct TrainArgs {
     /// Never between the factors of a low-rank layer; export folds them into the convs.
     #[arg(long, default_value = "auto")]
     pub bn: String,
+    /// Momentum of every BatchNormalization's running statistics while training, PyTorch's
+    /// convention (the new batch's weight; 0.1 is PyTorch's default): by default each keeps the
+    /// model's own. A model exported with its BNs may carry a long-run value (MobileNet-V3's
+    /// 0.01 averages over about 100 steps) whose statistics lag a short run's weights; the log
+    /// says so when that is the case.
+    #[arg(long, value_name = "M")]
+    pub bn_momentum: Option<f32>,
     /// No random crop and flip.
     #[arg(long)]
     pub no_augment: bool,
@@ -149,6 +156,10 @@ impl TrainArgs {
             max_steps: self.max_steps,
             init: self.init.parse()?,
             bn: self.bn.parse()?,
+            bn_momentum: self
+                .bn_momentum
+                .map(elrt::ir::bn_insert::check_momentum)
+                .transpose()?,
             augment: !self.no_augment,
             normalize: self.normalize.clone(),
             orth: self.orth,

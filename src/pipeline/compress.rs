@@ -144,6 +144,9 @@ pub struct CompressOptions {
     pub orth_no_decay: bool,
     /// Where training puts BatchNormalizations back (`elrt train --bn`).
     pub bn: BnPolicy,
+    /// Every BatchNormalization's running-statistics momentum while training (`elrt train
+    /// --bn-momentum`; `None`: the model's own).
+    pub bn_momentum: Option<f32>,
     /// Weight decay on conv and linear weights.
     pub wd: f32,
     pub schedule: Schedule,
@@ -197,6 +200,7 @@ impl Default for CompressOptions {
             factor_init: FactorInit::PerConv,
             orth_no_decay: false,
             bn: BnPolicy::Auto,
+            bn_momentum: None,
             wd: 5e-4,
             schedule: Schedule::Cosine { min_ratio: 0.0 },
             threads: None,
@@ -271,6 +275,9 @@ struct Recipe {
     /// Absent in run folders written before the option existed: they used auto.
     #[serde(default = "bn_auto", with = "text")]
     bn: BnPolicy,
+    /// Absent in run folders written before the option existed: they kept the model's own.
+    #[serde(default)]
+    bn_momentum: Option<f32>,
 }
 
 fn bn_auto() -> BnPolicy {
@@ -323,6 +330,7 @@ impl Recipe {
             max_steps: self.max_steps,
             init: self.factor_init.stages().1,
             bn: self.bn,
+            bn_momentum: self.bn_momentum,
             augment: true,
             normalize: self.normalize.clone(),
             orth,
@@ -666,6 +674,7 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
         factor_init: a.factor_init,
         orth_no_decay: a.orth_no_decay,
         bn: a.bn,
+        bn_momentum: a.bn_momentum,
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
@@ -1044,7 +1053,10 @@ fn lead(a: &CompressOptions) -> Result<CompressReport> {
         if recipe.orth_no_decay { " (no wd on U1/U2)" } else { "" },
         recipe.factor_init,
         normalize,
-        recipe.bn,
+        match recipe.bn_momentum {
+            Some(m) => format!("{}, momentum {m}", recipe.bn),
+            None => recipe.bn.to_string(),
+        },
         recipe.seed
     ));
     let mut stage_seconds = Vec::new();

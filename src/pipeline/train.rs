@@ -113,6 +113,9 @@ pub struct TrainOptions {
     pub max_steps: Option<u64>,
     pub init: TrainInit,
     pub bn: BnPolicy,
+    /// Every BatchNormalization's running-statistics momentum while training, PyTorch's
+    /// convention (`None`: each keeps the model's own).
+    pub bn_momentum: Option<f32>,
     /// Random crop and flip.
     pub augment: bool,
     /// Input normalisation (`None`: what the model file records, else the default for its
@@ -161,6 +164,7 @@ impl Default for TrainOptions {
             max_steps: None,
             init: TrainInit::Scratch,
             bn: BnPolicy::Auto,
+            bn_momentum: None,
             augment: true,
             normalize: None,
             orth: 0.0,
@@ -496,6 +500,18 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             "inserted {} BatchNormalization nodes {}",
             inserted.count, inserted.why
         );
+    }
+    if let Some(m) = a.bn_momentum {
+        bn_insert::set_momentum(&mut graph, m)?;
+    }
+    // The optimiser steps of the whole run, for the running statistics' note.
+    let steps = (a.epochs * (splits.train.len() / a.batch.max(1)).max(1) as u64)
+        .min(a.max_steps.unwrap_or(u64::MAX));
+    // A note (shown under --quiet too, as every `note:`), unless the momentum was chosen.
+    if let Some(note) =
+        bn_insert::momentum_note(&graph, steps).filter(|_| writer && a.bn_momentum.is_none())
+    {
+        eprintln!("{note}");
     }
     match a.init {
         TrainInit::Scratch => crate::train::init::init_from_scratch(&mut graph, a.seed)?,
