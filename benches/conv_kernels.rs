@@ -626,7 +626,8 @@ fn direct_forward(c: &mut Criterion) {
     // Few-channel stride-1 3x3 layers (`Geom::few_channel_3x3`): ResNet-20's first stage and
     // Tucker-2 cores of rank 8 and 12 there, direct against Winograd F(2x2) (what they ran on
     // before the direct kernel) and against the fused F(4x4) path (`conv/winograd_fused.rs`,
-    // forced on whatever its rule says; its products' tile is AVX-512's). Ranks that are not a
+    // forced on whatever its rule says; its products' tile is AVX-512's or, on AVX2 CPUs,
+    // AVX2's). Ranks that are not a
     // multiple of the register tile's rows (6 on AVX2, 8 on AVX-512) exercise its remainder
     // tiles. Then wider layers the fused path can take (up to 64 channels): the rule's path
     // (Winograd F(2x2) / F(4x4) plane-wise, the fused path off) against the fused path.

@@ -78,8 +78,7 @@ fn has_avx() -> bool {
 }
 
 /// One 8x8 block: pixels `p0 .. p0 + 8` of the eight `rows` into `out`'s rows `0..8` (stride
-/// `co`) at columns `c0 .. c0 + 8`. Eight loads, the textbook unpack / shuffle / lane-permute
-/// network, eight stores; the compiler kept the portable version scalar (64 single-float
+/// `co`) at columns `c0 .. c0 + 8`. Eight loads, [`transpose8`], eight stores; the compiler kept the portable version scalar (64 single-float
 /// moves through the stack).
 ///
 /// # Safety
@@ -91,6 +90,24 @@ unsafe fn transpose8x8_avx(rows: &[&[f32]; 8], p0: usize, out: &mut [f32], co: u
     use std::arch::x86_64::*;
     assert!(rows.iter().all(|r| r.len() >= p0 + 8) && out.len() >= 7 * co + c0 + 8);
     let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(rows[i].as_ptr().add(p0)));
+    let cols = transpose8(r);
+    for (j, v) in cols.into_iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(j * co + c0), v);
+    }
+}
+
+/// Eight vectors of eight lanes transposed: lane `j` of `r[i]` is lane `i` of the result's
+/// `j`th (the textbook unpack / shuffle / lane-permute network, 24 shuffles).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(super) unsafe fn transpose8(
+    r: [std::arch::x86_64::__m256; 8],
+) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);
@@ -107,7 +124,7 @@ unsafe fn transpose8x8_avx(rows: &[&[f32]; 8], p0: usize, out: &mut [f32], co: u
     let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
     let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
     let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let cols = [
+    [
         _mm256_permute2f128_ps::<0x20>(s0, s4),
         _mm256_permute2f128_ps::<0x20>(s1, s5),
         _mm256_permute2f128_ps::<0x20>(s2, s6),
@@ -116,10 +133,7 @@ unsafe fn transpose8x8_avx(rows: &[&[f32]; 8], p0: usize, out: &mut [f32], co: u
         _mm256_permute2f128_ps::<0x31>(s1, s5),
         _mm256_permute2f128_ps::<0x31>(s2, s6),
         _mm256_permute2f128_ps::<0x31>(s3, s7),
-    ];
-    for (j, v) in cols.into_iter().enumerate() {
-        _mm256_storeu_ps(out.as_mut_ptr().add(j * co + c0), v);
-    }
+    ]
 }
 
 simd_dispatch! {

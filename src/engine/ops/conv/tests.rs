@@ -1332,7 +1332,8 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
         );
         // 32x32 and 16x16 planes of 64 channels: F(4x4); 16x16 ones of 32 channels: F(2x2);
         // ResNet-20's 16 channels on 32x32: the direct kernel (`direct.rs`). Where the CPU has
-        // AVX-512, all of them the fused path (up to 128 channels from 16x16).
+        // AVX2 + FMA or AVX-512, all of them the fused path (up to 64 or 128 channels from
+        // 16x16, `fused_widest`).
         let fused = few_channel_label() != "Conv direct";
         let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
         let w64 = [64, 64, 3, 3];
@@ -1350,10 +1351,10 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             or_fused("Conv winograd")
         );
         // The weight gradient: F(4x4) from 64 channels on 32x32, from 128 on 17x17 to 31x31;
-        // F(2x2) on 16x16. Where the CPU has AVX-512, the fused path's up to 128 channels.
+        // F(2x2) on 16x16. Where the fused path takes the layer, its own.
         let dw_tile = |xs: [usize; 4]| {
             let g = c.geom(&xs, &[xs[1], xs[1], 3, 3]).unwrap();
-            if fused && xs[1] <= 128 {
+            if fused && xs[1] <= fused_widest() {
                 assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{xs:?}");
                 return 0;
             }
@@ -1361,9 +1362,10 @@ fn winograd_is_chosen_labelled_and_reproducible_across_thread_counts() {
             g.wino_dw_tile
         };
         let or_none = |tile| if fused { 0 } else { tile };
+        let or_none_wide = |tile| if fused_widest() >= 128 { 0 } else { tile };
         assert_eq!(dw_tile([37, 64, 32, 32]), or_none(4));
         assert_eq!(dw_tile([37, 64, 16, 16]), or_none(2));
-        assert_eq!(dw_tile([37, 128, 28, 28]), or_none(4));
+        assert_eq!(dw_tile([37, 128, 28, 28]), or_none_wide(4));
         assert_eq!(dw_tile([37, 136, 28, 28]), 4);
         assert_eq!(dw_tile([37, 64, 28, 28]), or_none(2));
         let r20 = ([37, 16, 32, 32], [16, 16, 3, 3]);
@@ -1782,13 +1784,13 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     if !weight_grad::auto_mode() {
         return;
     }
-    let avx512 = winograd_fused::Build::best() != winograd_fused::Build::Portable;
+    let simd = winograd_fused::Build::best() != winograd_fused::Build::Portable;
     for (ch, px) in [(16, 32), (16, 8), (8, 32)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
         let fused = g.wino_fused_dw_pays();
         if winograd::auto_mode() && direct::auto_mode() {
-            assert_eq!(fused, avx512 && ch >= 12, "{ch}ch {px}px");
+            assert_eq!(fused, simd && ch >= 12, "{ch}ch {px}px");
         }
         assert!(g.direct_dw != fused, "{ch}ch {px}px");
         let direct = Geom {
@@ -1801,8 +1803,8 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     }
     // Winograd layers take Winograd's weight gradient instead (with Winograd's input gradient:
     // no small-plane backward left); those of 128+ channels on 8x8 and 16x16 planes the
-    // channels-last path's (`winograd_cl.rs`); on AVX-512 those of up to 128 channels the
-    // fused path's.
+    // channels-last path's (`winograd_cl.rs`); where the CPU has AVX2 + FMA or AVX-512 those
+    // of up to 64 or 128 channels (`fused_widest`) the fused path's.
     for (ch, px) in [(32, 16), (64, 16), (64, 32), (128, 16), (128, 8), (256, 8)] {
         let c = conv(1, [1, 1], [1; 4], [1, 1]);
         let g = c.geom(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
@@ -1810,9 +1812,9 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
             let label = c.kernel_label(&[33, ch, px, px], &[ch, ch, 3, 3]).unwrap();
             assert!(label.starts_with("Conv winograd") && !label.ends_with("small-plane"));
             assert!(!g.direct_dw, "{ch}ch {px}px");
-            if ch > 128 || (ch == 128 && (px < 16 || !avx512)) {
+            if ch > 128 || (ch == 128 && (px < 16 || fused_widest() < 128)) {
                 assert!(g.wino_cl, "{ch}ch {px}px");
-            } else if avx512 {
+            } else if simd {
                 assert!(g.wino_fused_dw_pays() && !g.wino_dw, "{ch}ch {px}px");
             } else {
                 assert!(g.wino_dw && !g.small_plane, "{ch}ch {px}px");
@@ -1823,8 +1825,8 @@ fn direct_weight_grad_is_chosen_for_resnet_layers_and_within_bound() {
     let g = c.geom(&[33, 64, 8, 8], &[64, 64, 3, 3]).unwrap();
     if winograd::auto_mode() && small_plane::auto_mode() {
         assert!(
-            (g.small_plane || (avx512 && g.wino_fused_dw_pays())) && !g.wino_dw,
-            "64ch 8px keeps the small-plane backward (the fused path on AVX-512)"
+            (g.small_plane || (simd && g.wino_fused_dw_pays())) && !g.wino_dw,
+            "64ch 8px keeps the small-plane backward (the fused path with AVX2 or AVX-512)"
         );
     }
     // ResNet-18's 7x7 stride-2 stem too (no input gradient: its input is the data).
@@ -2678,10 +2680,12 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         assert_eq!(label([9, 256, 4, 4], 256), "Conv winograd4-cl");
         assert_eq!(label([9, 152, 4, 4], 152), "Conv winograd4-cl");
         assert_eq!(label([9, 64, 4, 4], 64), "Conv winograd4-cl");
-        // On AVX-512 the fused path (`winograd_fused.rs`): up to 64 channels on 8x8 planes and
-        // up, up to 128 from 16x16.
+        // Where the CPU has AVX2 + FMA or AVX-512 the fused path (`winograd_fused.rs`): up to
+        // 64 channels on 8x8 planes and up, with AVX-512 up to 128 from 16x16.
         let fused = winograd_fused::Build::best() != winograd_fused::Build::Portable;
         let or_fused = |label| if fused { "Conv winograd4-fused" } else { label };
+        let wide = fused_widest() >= 128;
+        let or_wide_fused = |label| if wide { "Conv winograd4-fused" } else { label };
         assert_eq!(label([9, 72, 8, 8], 72), "Conv winograd4-cl");
         assert_eq!(
             label([9, 64, 8, 8], 64),
@@ -2693,10 +2697,16 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
         // Winograd layers on 8x8 to 16x16 planes: from 128 channels on 16x16, and not on
         // 32x32 planes.
         assert_eq!(label([9, 128, 8, 8], 128), "Conv winograd4-cl");
-        assert_eq!(label([9, 128, 16, 16], 128), or_fused("Conv winograd4-cl"));
+        assert_eq!(
+            label([9, 128, 16, 16], 128),
+            or_wide_fused("Conv winograd4-cl")
+        );
         assert_eq!(label([9, 256, 16, 16], 256), "Conv winograd4-cl");
-        assert_eq!(label([9, 72, 16, 16], 72), or_fused("Conv winograd4"));
-        assert_eq!(label([9, 128, 32, 32], 128), or_fused("Conv winograd4"));
+        assert_eq!(label([9, 72, 16, 16], 72), or_wide_fused("Conv winograd4"));
+        assert_eq!(
+            label([9, 128, 32, 32], 128),
+            or_wide_fused("Conv winograd4")
+        );
         assert_eq!(label([9, 136, 32, 32], 136), "Conv winograd4");
         let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
         let g = s2.geom(&[9, 256, 8, 8], &[512, 256, 3, 3]).unwrap();
@@ -2713,8 +2723,15 @@ fn winograd_cl_is_chosen_for_small_planes_and_reproducible_across_thread_counts(
     }
 }
 
+/// The widest layer the fused path's speed rule takes on this CPU's build (0 without one).
+fn fused_widest() -> usize {
+    winograd_fused::Build::best()
+        .rule_channels()
+        .map_or(0, |(_, most)| most)
+}
+
 /// The label ResNet-20's 16-channel 32x32 layers get: the fused Winograd path where the CPU
-/// has AVX-512 (its speed rule), else the direct kernel.
+/// has AVX2 + FMA or AVX-512 (its speed rule), else the direct kernel.
 fn few_channel_label() -> &'static str {
     if winograd_fused::Build::best() != winograd_fused::Build::Portable {
         "Conv winograd4-fused"
@@ -2904,9 +2921,9 @@ fn winograd_fused_layers_match_f64_and_are_thread_independent() {
 
 /// The speed rule: the fused path for stride-1 3x3 layers of 12 to 128 channels on 16x16
 /// planes and up where the CPU has AVX-512 (ResNet-20's first two stages, ResNet-18's 64ch
-/// and 128ch layers) and 8x8 ones (their last stage), not for 8-channel layers, 4x4 planes,
-/// 129+ channels, strided layers or the 3-channel stem; its weight gradient on every layer it
-/// takes; and on such a layer the conv's own forward and gradients against the reference and
+/// and 128ch layers), of 16 to 64 where it has AVX2 + FMA, and 8x8 ones (their last stage),
+/// not for 8-channel layers, 4x4 planes, 129+ channels, strided layers or the 3-channel stem;
+/// its weight gradient on every layer it takes; and on such a layer the conv's own forward and gradients against the reference and
 /// f64 finite differences, on 16x16 and on 8x8 (whose tiles two images share per block).
 #[test]
 fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
@@ -2915,15 +2932,16 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     }
     let c = conv(1, [1, 1], [1; 4], [1, 1]);
     let fused = |xs: [usize; 4], co: usize| c.geom(&xs, &[co, xs[1], 3, 3]).unwrap().wino_fused;
-    let avx512 = winograd_fused::Build::best() != winograd_fused::Build::Portable;
-    assert_eq!(fused([4, 16, 32, 32], 16), avx512);
+    let simd = winograd_fused::Build::best() != winograd_fused::Build::Portable;
+    let avx512 = simd && fused_widest() == 128;
+    assert_eq!(fused([4, 16, 32, 32], 16), simd);
     assert_eq!(fused([4, 12, 16, 16], 14), avx512);
-    assert_eq!(fused([4, 32, 16, 16], 32), avx512);
-    assert_eq!(fused([4, 64, 16, 16], 64), avx512);
-    assert_eq!(fused([4, 24, 32, 32], 40), avx512);
+    assert_eq!(fused([4, 32, 16, 16], 32), simd);
+    assert_eq!(fused([4, 64, 16, 16], 64), simd);
+    assert_eq!(fused([4, 24, 32, 32], 40), simd);
     assert!(!fused([4, 8, 32, 32], 8));
-    assert_eq!(fused([4, 16, 8, 8], 16), avx512);
-    assert_eq!(fused([4, 64, 8, 8], 64), avx512);
+    assert_eq!(fused([4, 16, 8, 8], 16), simd);
+    assert_eq!(fused([4, 64, 8, 8], 64), simd);
     assert!(!fused([4, 64, 4, 4], 64));
     assert_eq!(fused([4, 72, 16, 16], 72), avx512);
     assert!(!fused([4, 128, 8, 8], 128));
@@ -2935,8 +2953,9 @@ fn winograd_fused_is_chosen_by_the_rule_and_matches_finite_differences() {
     // The fused weight gradient on every layer the path takes.
     for (ch, px) in [(16, 32), (32, 16), (64, 8), (128, 16)] {
         let g = c.geom(&[4, ch, px, px], &[ch, ch, 3, 3]).unwrap();
-        assert_eq!(g.wino_fused_dw_pays(), avx512, "{ch}ch {px}px");
-        assert!(!g.wino_dw || !avx512);
+        let taken = simd && ch <= fused_widest();
+        assert_eq!(g.wino_fused_dw_pays(), taken, "{ch}ch {px}px");
+        assert!(!g.wino_dw || !taken);
     }
     let strided = conv(1, [2, 2], [1; 4], [1, 1]);
     assert!(

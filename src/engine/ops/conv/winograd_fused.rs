@@ -36,6 +36,13 @@
 //! ResNet-18's 64ch 16x16 (Winograd's own, `winograd_dw.rs`: 9.9), 3.2 -> 1.49 on 32ch 16x16
 //! (Winograd's: 2.9).
 //!
+//! Builds ([`Build`]): AVX-512 runs every pass in its intrinsics; AVX2 + FMA runs the products
+//! and weight-gradient sums on tiles of half the AVX-512 ones (16 registers of 8 lanes) and
+//! the layout copies through 8x8 transposes, the transforms as plain Rust compiled for AVX2;
+//! the portable build is the reference the tests hold the others to. Without the AVX2 build
+//! this path was off on AVX2 CPUs (ResNet-20's training step there: 483-536 -> 347-349 ms with
+//! it, batch 128, 1 thread; see [`Geom::wino_fused_pays`]).
+//!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
 //! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
 //! gradient within `CL_DW_TOL` of its window's `sum |dy| |x|`. Each output is a fixed sequence
@@ -93,11 +100,15 @@ pub fn set_winograd_fused(mode: Option<bool>) {
     FUSED.set(mode);
 }
 
-/// Which build of the kernels runs: the products' AVX-512 tile, or plain Rust (the transforms
-/// compiled for AVX-512 / AVX2 where the CPU has them in both).
+/// Which build of the kernels runs: the AVX-512 one (every pass in AVX-512 intrinsics), the
+/// AVX2 one (the products' and sums' tiles in AVX2 + FMA intrinsics, the transforms' plain
+/// Rust compiled for AVX2), or plain Rust (the transforms compiled for AVX-512 / AVX2 where
+/// the CPU has them).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Build {
     Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -106,10 +117,27 @@ impl Build {
     /// The fastest build this CPU runs.
     pub(super) fn best() -> Build {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Build::Avx512;
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Build::Avx512;
+            }
+            if avx2_fma() {
+                return Build::Avx2;
+            }
         }
         Build::Portable
+    }
+
+    /// The fewest and most channels (each way) of the layers [`Geom::wino_fused_pays`] sends
+    /// here on this build, if any (its doc has the measurements).
+    pub(super) fn rule_channels(self) -> Option<(usize, usize)> {
+        match self {
+            Build::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Build::Avx2 => Some((16, WIDEST_ON_SMALL_PLANES)),
+            #[cfg(target_arch = "x86_64")]
+            Build::Avx512 => Some((12, WIDEST_BY_RULE)),
+        }
     }
 
     /// Every build this CPU runs (the tests compare them).
@@ -117,10 +145,97 @@ impl Build {
     pub(super) fn available() -> Vec<Build> {
         let mut v = vec![Build::Portable];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            v.push(Build::Avx512);
+        {
+            if avx2_fma() {
+                v.push(Build::Avx2);
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                v.push(Build::Avx512);
+            }
         }
         v
+    }
+}
+
+/// Whether the CPU has AVX2 and FMA (the AVX2 build's tiles need both).
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// [`pack`] on `build`'s transposes (the AVX-512 build runs its own passes, not these).
+fn pack_on(build: Build, p: &Plane, x: &[f32], dst: &mut [f32]) {
+    match build {
+        // SAFETY: `Build::Avx2` exists only where the CPU has AVX2 and FMA; the pass checks
+        // the buffers' lengths itself.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::pack(p, x, dst) },
+        _ => pack(p, x, dst),
+    }
+}
+
+/// [`pack_dy`] on `build`'s transposes.
+fn pack_dy_on(build: Build, p: &Plane, dy: &[f32], dst: &mut [f32]) {
+    match build {
+        // SAFETY: as in `pack_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::pack_dy(p, dy, dst) },
+        _ => pack_dy(p, dy, dst),
+    }
+}
+
+/// [`unpack`] on `build`'s transposes.
+fn unpack_on(build: Build, p: &Plane, o: &[f32], y: &mut [f32]) {
+    match build {
+        // SAFETY: as in `pack_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::unpack(p, o, y) },
+        _ => unpack(p, o, y),
+    }
+}
+
+/// The products of a block ([`products_portable`]) on `build`'s tile.
+fn products_on(
+    build: Build,
+    cin: usize,
+    ci: usize,
+    co: usize,
+    u: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+) {
+    match build {
+        // SAFETY: `Build::Avx2` exists only where the CPU has AVX2 and FMA; the tile checks
+        // the buffers' lengths itself.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::products(cin, ci, co, u, v, m) },
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::products(cin, ci, co, u, v, m) },
+        Build::Portable => products_portable(cin, ci, co, u, v, m),
+    }
+}
+
+/// A sweep's weight-gradient sums ([`accumulate_portable`]) on `build`'s tile.
+#[allow(clippy::too_many_arguments)]
+fn accumulate_on(
+    build: Build,
+    cin: usize,
+    ci: usize,
+    co: usize,
+    nb: usize,
+    v: &[f32],
+    dm: &[f32],
+    du: &mut [f32],
+) {
+    match build {
+        // SAFETY: as in `products_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::accumulate(cin, ci, co, nb, v, dm, du) },
+        // SAFETY: as in `products_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::accumulate(cin, ci, co, nb, v, dm, du) },
+        Build::Portable => accumulate_portable(cin, ci, co, nb, v, dm, du),
     }
 }
 
@@ -164,13 +279,30 @@ impl Geom {
     /// stage at 128x128 (16x16 planes) 249-267 -> 183-185 ms per step at 1 thread, 123-125 ->
     /// 94-99 at 2; at 64x64 (8x8 planes) 58-63 -> 52-55 at 1 thread but 28.6-29.2 -> 29.4-30.1
     /// at 2, so 8x8 planes stay with 64 channels at most.
+    ///
+    /// On AVX2 (its build's tiles hold half the sums, [`avx2`]) the same, but 16 to
+    /// [`WIDEST_ON_SMALL_PLANES`] channels each way: criterion forward (batch 64, 1 thread,
+    /// AVX2 AMD EPYC), the rule's path -> fused: direct 16ch 32x32 4.65 -> 4.43 ms, rank-12
+    /// core on 32x32 2.21 -> 2.86 (so left out), Winograd 32ch 16x16 5.44 -> 2.95, 32ch 32x32
+    /// 12.3-15.2 -> 8.4-8.8, 64ch 16x16 9.74 -> 7.56, 64ch 8x8 4.05 -> 2.09, 24ch 32x32
+    /// 8.1-9.1 -> 7.3-11.6 (noisy), 64ch 32x32 31.9 -> 33.0; criterion `weight_grad` 16ch
+    /// 32x32 4.21 -> 3.49, 32ch 16x16 3.68 -> 2.30, 64ch 8x8 4.75 -> 2.34, 64ch 16x16 12.2 ->
+    /// 9.6. 128 channels on 16x16 left out: forward 31.0 -> 25.1 but weight gradient 28.0 ->
+    /// 36.3 (the AVX2 tile passes over the 2.4 MB of sums four input channels at a time), and
+    /// resnet18@128's 128-channel layers' backward 53-57 -> 60-64 ms per layer (with the
+    /// direct weight gradient instead, 85). In training steps (`elrt speed`, alternating
+    /// builds, AVX2 EPYC): ResNet-20 (batch 128) 1 thread 483-536 -> 347-349 ms per step, 2
+    /// threads 255-289 -> 195; its Tucker-2 form 274-278 -> 250-258; resnet18@64 475-485 ->
+    /// 442-450; resnet18_tucker2@64 358-362 -> 338-345.
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
             let (pixels, widest) = (self.oh * self.ow, self.ci.max(self.co));
-            Build::best() != Build::Portable
-                && pixels >= 64
-                && self.ci.min(self.co) >= 12
-                && widest <= WIDEST_BY_RULE
+            let Some((fewest, most)) = Build::best().rule_channels() else {
+                return false;
+            };
+            pixels >= 64
+                && self.ci.min(self.co) >= fewest
+                && widest <= most
                 && (widest <= WIDEST_ON_SMALL_PLANES || pixels >= WIDE_MIN_PIXELS)
         })
     }
@@ -432,25 +564,11 @@ impl Plane {
         }
         // Tiles numbered image by image over the group.
         let tiles = images * self.tiles();
-        match build {
-            Build::Portable => {
-                for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
-                    pack(self, xi, pi);
-                }
-                for t0 in (0..tiles).step_by(TB) {
-                    let nb = TB.min(tiles - t0);
-                    input_block(self, &s.p, t0, nb, &mut s.v);
-                    products_portable(self.cin, ci, co, u, &s.v, &mut s.m);
-                    output_block(self, &s.m, t0, nb, &b, &mut s.o);
-                }
-                for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
-                    unpack(self, oi, yi);
-                }
-            }
-            // SAFETY: `Build::Avx512` exists only where the CPU has AVX-512F; the buffers'
-            // lengths were checked above (`x`, `y`, `u`, `v`, `m`, `p`, `o`).
-            #[cfg(target_arch = "x86_64")]
-            Build::Avx512 => unsafe {
+        // SAFETY: `Build::Avx512` exists only where the CPU has AVX-512F; the buffers' lengths
+        // were checked above (`x`, `y`, `u`, `v`, `m`, `p`, `o`).
+        #[cfg(target_arch = "x86_64")]
+        if build == Build::Avx512 {
+            unsafe {
                 for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
                     avx512::pack(self, xi, pi);
                 }
@@ -463,7 +581,20 @@ impl Plane {
                 for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
                     avx512::unpack(self, oi, yi);
                 }
-            },
+            }
+            return;
+        }
+        for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
+            pack_on(build, self, xi, pi);
+        }
+        for t0 in (0..tiles).step_by(TB) {
+            let nb = TB.min(tiles - t0);
+            input_block(self, &s.p, t0, nb, &mut s.v);
+            products_on(build, self.cin, ci, co, u, &s.v, &mut s.m);
+            output_block(self, &s.m, t0, nb, &b, &mut s.o);
+        }
+        for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
+            unpack_on(build, self, oi, yi);
         }
     }
 
@@ -555,19 +686,6 @@ impl Plane {
             let inputs = xg.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps));
             let grads = dyg.chunks_exact(ylen).zip(s.o.chunks_exact_mut(os));
             match build {
-                Build::Portable => {
-                    inputs.for_each(|(xi, pi)| pack(self, xi, pi));
-                    grads.for_each(|(di, oi)| pack_dy(self, di, oi));
-                    for t0 in (0..tiles).step_by(sweep) {
-                        let ns = sweep.min(tiles - t0);
-                        for b0 in (0..ns).step_by(TB) {
-                            let nb = TB.min(ns - b0);
-                            input_block(self, &s.p, t0 + b0, nb, &mut s.v[b0 * TAPS * ci..]);
-                            dy_block(self, &s.o, t0 + b0, nb, &mut s.m[b0 * TAPS * co..]);
-                        }
-                        accumulate_portable(self.cin, ci, co, ns, &s.v, &s.m, du);
-                    }
-                }
                 // SAFETY: as in `fused_run_with`.
                 #[cfg(target_arch = "x86_64")]
                 Build::Avx512 => unsafe {
@@ -585,6 +703,19 @@ impl Plane {
                         avx512::accumulate(self.cin, ci, co, ns, &s.v, &s.m, du);
                     }
                 },
+                _ => {
+                    inputs.for_each(|(xi, pi)| pack_on(build, self, xi, pi));
+                    grads.for_each(|(di, oi)| pack_dy_on(build, self, di, oi));
+                    for t0 in (0..tiles).step_by(sweep) {
+                        let ns = sweep.min(tiles - t0);
+                        for b0 in (0..ns).step_by(TB) {
+                            let nb = TB.min(ns - b0);
+                            input_block(self, &s.p, t0 + b0, nb, &mut s.v[b0 * TAPS * ci..]);
+                            dy_block(self, &s.o, t0 + b0, nb, &mut s.m[b0 * TAPS * co..]);
+                        }
+                        accumulate_on(build, self.cin, ci, co, ns, &s.v, &s.m, du);
+                    }
+                }
             }
         }
     }
@@ -1302,6 +1433,215 @@ mod avx512 {
                     }
                     for c in 0..LANES {
                         _mm512_storeu_ps(uk.add(c * co), acc[c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The AVX2 build's tiles: [`products_portable`] and [`accumulate_portable`] with one fused
+/// multiply-add per term, in the AVX-512 tiles' order (so the same bits as theirs). AVX2 has
+/// 16 registers of 8 lanes, so a 16-lane vector is two of them and a tile holds half the
+/// AVX-512 one's sums: 4 tiles (products) or 4 input channels (sums) by 16 output lanes, 8
+/// accumulators, two FMA pipes times a 4-cycle latency.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
+mod avx2 {
+    use super::super::layout::transpose8;
+    use super::{wide, Plane, LANES, TAPS, TB};
+    use std::arch::x86_64::*;
+
+    /// Tiles (products) or input channels (sums) per register tile.
+    const ROWS: usize = 4;
+
+    /// A mask of the first `n` (at most 8) lanes for `_mm256_mask{load,store}_ps`.
+    #[inline(always)]
+    unsafe fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// [`super::pack_body`] through 8x8 transposes (the plain loop gathers one float at a
+    /// time: 15% of ResNet-20's training step on an AVX2 EPYC, with `unpack` another 20%).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack(p: &Plane, x: &[f32], dst: &mut [f32]) {
+        let wp = 4 * p.tw() + 2;
+        assert!(dst.len() >= (4 * p.th() + 2) * wp * wide(p.cin));
+        assert!(p.pt + p.h <= 4 * p.th() + 2 && p.pl + p.w <= wp);
+        pack_into(x, p.cin, p.h, p.w, dst, wp, p.pt, p.pl);
+    }
+
+    /// [`super::pack_dy_body`] through 8x8 transposes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack_dy(p: &Plane, dy: &[f32], dst: &mut [f32]) {
+        let wo = 4 * p.tw();
+        assert!(dst.len() >= 4 * p.th() * wo * wide(p.cout));
+        pack_into(dy, p.cout, p.oh, p.ow, dst, wo, 0, 0);
+    }
+
+    /// `src` (`[ch][h][w]`) channels-last into `dst` (rows of `dst_w` pixels of `wide(ch)`
+    /// lanes), pixel `(iy, ix)` at `(iy + oy, ix + ox)`, every lane of those pixels written.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pack_into(
+        src: &[f32],
+        ch: usize,
+        h: usize,
+        w: usize,
+        dst: &mut [f32],
+        dst_w: usize,
+        oy: usize,
+        ox: usize,
+    ) {
+        let (hw, cw) = (h * w, wide(ch));
+        assert!(src.len() >= ch * hw && ox + w <= dst_w);
+        assert!(dst.len() >= (oy + h) * dst_w * cw);
+        let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+        let mut r = [_mm256_setzero_ps(); 8];
+        for iy in 0..h {
+            for ix0 in (0..w).step_by(8) {
+                let n = 8.min(w - ix0);
+                let mask = first(n);
+                for j in (0..cw).step_by(8) {
+                    for c in 0..8 {
+                        r[c] = if j + c < ch {
+                            _mm256_maskload_ps(sp.add((j + c) * hw + iy * w + ix0), mask)
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                    }
+                    let t = transpose8(r);
+                    let row = dp.add(((iy + oy) * dst_w + ox + ix0) * cw + j);
+                    for q in 0..n {
+                        _mm256_storeu_ps(row.add(q * cw), t[q]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::unpack_body`] through 8x8 transposes.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32]) {
+        let (wo, co) = (4 * p.tw(), wide(p.cout));
+        let ohw = p.oh * p.ow;
+        assert!(o.len() >= 4 * p.th() * wo * co && y.len() >= p.cout * ohw);
+        let (op, yp) = (o.as_ptr(), y.as_mut_ptr());
+        let mut r = [_mm256_setzero_ps(); 8];
+        for oy in 0..p.oh {
+            for ox0 in (0..p.ow).step_by(8) {
+                let n = 8.min(p.ow - ox0);
+                let mask = first(n);
+                for j in (0..p.cout).step_by(8) {
+                    for q in 0..8 {
+                        r[q] = if q < n {
+                            _mm256_loadu_ps(op.add((oy * wo + ox0 + q) * co + j))
+                        } else {
+                            _mm256_setzero_ps()
+                        };
+                    }
+                    let t = transpose8(r);
+                    for c in 0..8.min(p.cout - j) {
+                        _mm256_maskstore_ps(yp.add((j + c) * ohw + oy * p.ow + ox0), mask, t[c]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::products_portable`]: per tap and vector of 16 output channels, the block's
+    /// [`TB`] tiles in groups of [`ROWS`], whose 2 x `ROWS` accumulators stay in registers while
+    /// the `cin` weight vectors stream by.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn products(
+        cin: usize,
+        ci: usize,
+        co: usize,
+        u: &[f32],
+        v: &[f32],
+        m: &mut [f32],
+    ) {
+        assert!(
+            cin <= ci
+                && u.len() >= TAPS * ci * co
+                && v.len() >= TB * TAPS * ci
+                && m.len() >= TB * TAPS * co
+                && co.is_multiple_of(LANES)
+        );
+        let (up, vp, mp) = (u.as_ptr(), v.as_ptr(), m.as_mut_ptr());
+        for k in 0..TAPS {
+            for j in (0..co).step_by(LANES) {
+                let uk = up.add(k * ci * co + j);
+                for t0 in (0..TB).step_by(ROWS) {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+                    for c in 0..cin {
+                        let u0 = _mm256_loadu_ps(uk.add(c * co));
+                        let u1 = _mm256_loadu_ps(uk.add(c * co + 8));
+                        for t in 0..ROWS {
+                            let vb = _mm256_broadcast_ss(&*vp.add(((t0 + t) * TAPS + k) * ci + c));
+                            acc[t][0] = _mm256_fmadd_ps(vb, u0, acc[t][0]);
+                            acc[t][1] = _mm256_fmadd_ps(vb, u1, acc[t][1]);
+                        }
+                    }
+                    for t in 0..ROWS {
+                        let dst = mp.add(((t0 + t) * TAPS + k) * co + j);
+                        _mm256_storeu_ps(dst, acc[t][0]);
+                        _mm256_storeu_ps(dst.add(8), acc[t][1]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::accumulate_portable`]: per tap, vector of 16 output channels and group of
+    /// [`ROWS`] input channels, those channels' sums (each two registers over the 16 output
+    /// channels) stay in registers while the sweep's `nb` tiles stream by.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn accumulate(
+        cin: usize,
+        ci: usize,
+        co: usize,
+        nb: usize,
+        v: &[f32],
+        dm: &[f32],
+        du: &mut [f32],
+    ) {
+        assert!(
+            cin <= ci
+                && v.len() >= nb * TAPS * ci
+                && dm.len() >= nb * TAPS * co
+                && du.len() >= TAPS * ci * co
+                && co.is_multiple_of(LANES)
+        );
+        let (vp, mp, up) = (v.as_ptr(), dm.as_ptr(), du.as_mut_ptr());
+        for k in 0..TAPS {
+            for c0 in (0..cin).step_by(ROWS) {
+                let nc = ROWS.min(cin - c0);
+                for jo in (0..co).step_by(LANES) {
+                    let uk = up.add((k * ci + c0) * co + jo);
+                    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+                    for c in 0..nc {
+                        acc[c][0] = _mm256_loadu_ps(uk.add(c * co));
+                        acc[c][1] = _mm256_loadu_ps(uk.add(c * co + 8));
+                    }
+                    for t in 0..nb {
+                        let d = mp.add((t * TAPS + k) * co + jo);
+                        let (d0, d1) = (_mm256_loadu_ps(d), _mm256_loadu_ps(d.add(8)));
+                        let vt = vp.add((t * TAPS + k) * ci + c0);
+                        for c in 0..ROWS {
+                            if c < nc {
+                                let vb = _mm256_broadcast_ss(&*vt.add(c));
+                                acc[c][0] = _mm256_fmadd_ps(vb, d0, acc[c][0]);
+                                acc[c][1] = _mm256_fmadd_ps(vb, d1, acc[c][1]);
+                            }
+                        }
+                    }
+                    for c in 0..nc {
+                        _mm256_storeu_ps(uk.add(c * co), acc[c][0]);
+                        _mm256_storeu_ps(uk.add(c * co + 8), acc[c][1]);
                     }
                 }
             }
