@@ -36,12 +36,14 @@
 //! ResNet-18's 64ch 16x16 (Winograd's own, `winograd_dw.rs`: 9.9), 3.2 -> 1.49 on 32ch 16x16
 //! (Winograd's: 2.9).
 //!
-//! Builds ([`Build`]): AVX-512 runs every pass in its intrinsics; AVX2 + FMA runs the products
-//! and weight-gradient sums on tiles of half the AVX-512 ones (16 registers of 8 lanes) and
-//! the layout copies through 8x8 transposes, the transforms as plain Rust compiled for AVX2;
-//! the portable build is the reference the tests hold the others to. Without the AVX2 build
-//! this path was off on AVX2 CPUs (ResNet-20's training step there: 483-536 -> 347-349 ms with
-//! it, batch 128, 1 thread; see [`Geom::wino_fused_pays`]).
+//! Builds ([`Build`]): AVX-512 runs every pass in its intrinsics; AVX2 + FMA too, its
+//! products and weight-gradient sums on tiles of half the AVX-512 ones (16 registers of 8
+//! lanes), its transforms on 8-lane vectors and its layout copies through 8x8 transposes; the
+//! portable build is the reference the tests hold the others to. Without the AVX2 build this
+//! path was off on AVX2 CPUs. ResNet-20's training step on an AVX2 EPYC (batch 128, 1 thread):
+//! 483-536 ms with the other kernels, 347-349 with the AVX2 tiles and transposes (the
+//! transforms still plain Rust), 301-328 with the transforms in intrinsics too (see
+//! [`Geom::wino_fused_pays`] for which layers).
 //!
 //! Numerics: F(4x4)'s transforms (`winograd4.rs`'s matrices in this file's summation order),
 //! within `WINO4_REL_TOL` of each output's tile scale as the other F(4x4) paths, the weight
@@ -191,6 +193,45 @@ fn unpack_on(build: Build, p: &Plane, o: &[f32], y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::unpack(p, o, y) },
         _ => unpack(p, o, y),
+    }
+}
+
+/// [`input_block`] on `build`'s vectors.
+fn input_block_on(build: Build, p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
+    match build {
+        // SAFETY: as in `pack_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::input_block(p, pp, t0, nb, v) },
+        _ => input_block(p, pp, t0, nb, v),
+    }
+}
+
+/// [`dy_block`] on `build`'s vectors.
+fn dy_block_on(build: Build, p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+    match build {
+        // SAFETY: as in `pack_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::dy_block(p, d, t0, nb, dm) },
+        _ => dy_block(p, d, t0, nb, dm),
+    }
+}
+
+/// [`output_block`] on `build`'s vectors.
+#[allow(clippy::too_many_arguments)]
+fn output_block_on(
+    build: Build,
+    p: &Plane,
+    m: &[f32],
+    t0: usize,
+    nb: usize,
+    bias: &[f32],
+    o: &mut [f32],
+) {
+    match build {
+        // SAFETY: as in `pack_on`.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => unsafe { avx2::output_block(p, m, t0, nb, bias, o) },
+        _ => output_block(p, m, t0, nb, bias, o),
     }
 }
 
@@ -589,9 +630,9 @@ impl Plane {
         }
         for t0 in (0..tiles).step_by(TB) {
             let nb = TB.min(tiles - t0);
-            input_block(self, &s.p, t0, nb, &mut s.v);
+            input_block_on(build, self, &s.p, t0, nb, &mut s.v);
             products_on(build, self.cin, ci, co, u, &s.v, &mut s.m);
-            output_block(self, &s.m, t0, nb, &b, &mut s.o);
+            output_block_on(build, self, &s.m, t0, nb, &b, &mut s.o);
         }
         for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
             unpack_on(build, self, oi, yi);
@@ -710,8 +751,10 @@ impl Plane {
                         let ns = sweep.min(tiles - t0);
                         for b0 in (0..ns).step_by(TB) {
                             let nb = TB.min(ns - b0);
-                            input_block(self, &s.p, t0 + b0, nb, &mut s.v[b0 * TAPS * ci..]);
-                            dy_block(self, &s.o, t0 + b0, nb, &mut s.m[b0 * TAPS * co..]);
+                            let v = &mut s.v[b0 * TAPS * ci..];
+                            input_block_on(build, self, &s.p, t0 + b0, nb, v);
+                            let m = &mut s.m[b0 * TAPS * co..];
+                            dy_block_on(build, self, &s.o, t0 + b0, nb, m);
                         }
                         accumulate_on(build, self.cin, ci, co, ns, &s.v, &s.m, du);
                     }
@@ -1507,10 +1550,13 @@ mod avx2 {
                 let mask = first(n);
                 for j in (0..cw).step_by(8) {
                     for c in 0..8 {
-                        r[c] = if j + c < ch {
-                            _mm256_maskload_ps(sp.add((j + c) * hw + iy * w + ix0), mask)
-                        } else {
+                        let at = sp.add((j + c) * hw + iy * w + ix0);
+                        r[c] = if j + c >= ch {
                             _mm256_setzero_ps()
+                        } else if n == 8 {
+                            _mm256_loadu_ps(at)
+                        } else {
+                            _mm256_maskload_ps(at, mask)
                         };
                     }
                     let t = transpose8(r);
@@ -1544,8 +1590,179 @@ mod avx2 {
                         };
                     }
                     let t = transpose8(r);
+                    // Masked stores only for a row's last pixels: AMD runs them as
+                    // microcode, many times slower than a plain store.
                     for c in 0..8.min(p.cout - j) {
-                        _mm256_maskstore_ps(yp.add((j + c) * ohw + oy * p.ow + ox0), mask, t[c]);
+                        let at = yp.add((j + c) * ohw + oy * p.ow + ox0);
+                        if n == 8 {
+                            _mm256_storeu_ps(at, t[c]);
+                        } else {
+                            _mm256_maskstore_ps(at, mask, t[c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `a + k * b`.
+    #[inline(always)]
+    unsafe fn fma_k(a: __m256, k: f32, b: __m256) -> __m256 {
+        _mm256_fmadd_ps(_mm256_set1_ps(k), b, a)
+    }
+
+    /// [`super::bt6`] on 8-lane vectors.
+    #[inline(always)]
+    unsafe fn bt6(d: [__m256; 6]) -> [__m256; 6] {
+        let d4_d2 = _mm256_sub_ps(d[4], d[2]);
+        let d3_d1 = _mm256_sub_ps(d[3], d[1]);
+        [
+            fma_k(fma_k(d[4], 4.0, d[0]), -5.0, d[2]),
+            fma_k(_mm256_add_ps(d[3], d[4]), -4.0, _mm256_add_ps(d[1], d[2])),
+            fma_k(_mm256_sub_ps(d[4], d[3]), 4.0, _mm256_sub_ps(d[1], d[2])),
+            fma_k(d4_d2, 2.0, d3_d1),
+            fma_k(d4_d2, -2.0, d3_d1),
+            fma_k(fma_k(d[5], 4.0, d[1]), -5.0, d[3]),
+        ]
+    }
+
+    /// [`super::at6`] on 8-lane vectors.
+    #[inline(always)]
+    unsafe fn at6(m: [__m256; 6]) -> [__m256; 4] {
+        let (a, b) = (_mm256_add_ps(m[1], m[2]), _mm256_sub_ps(m[1], m[2]));
+        let (c, e) = (_mm256_add_ps(m[3], m[4]), _mm256_sub_ps(m[3], m[4]));
+        [
+            _mm256_add_ps(_mm256_add_ps(m[0], a), c),
+            fma_k(b, 2.0, e),
+            fma_k(a, 4.0, c),
+            _mm256_add_ps(fma_k(b, 8.0, e), m[5]),
+        ]
+    }
+
+    /// [`super::a4`] on 8-lane vectors.
+    #[inline(always)]
+    unsafe fn a4(d: [__m256; 4]) -> [__m256; 6] {
+        let (e, o) = (_mm256_add_ps(d[0], d[2]), _mm256_add_ps(d[1], d[3]));
+        let e4 = fma_k(d[0], 4.0, d[2]);
+        let o8 = fma_k(_mm256_add_ps(d[1], d[1]), 8.0, d[3]);
+        [
+            d[0],
+            _mm256_add_ps(e, o),
+            _mm256_sub_ps(e, o),
+            _mm256_add_ps(e4, o8),
+            _mm256_sub_ps(e4, o8),
+            d[3],
+        ]
+    }
+
+    /// [`super::input_block_body`] on 8-lane vectors with fused multiply-adds (the plain
+    /// loop's zeroed 2.3 KB temporary per tile and vector took a memset each).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
+        let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
+        let (ps, tiles) = (p.fused_slots().0, p.tiles());
+        assert!(
+            nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
+        );
+        let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
+        let mut tmp = [[_mm256_setzero_ps(); 6]; 6];
+        for t in 0..nb {
+            let (i, ty, tx) = p.fused_tile(t0 + t);
+            for j in (0..ci).step_by(8) {
+                let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
+                for b in 0..6 {
+                    let d: [__m256; 6] =
+                        std::array::from_fn(|a| _mm256_loadu_ps(base.add((a * wp + b) * ci)));
+                    let r = bt6(d);
+                    for u in 0..6 {
+                        tmp[u][b] = r[u];
+                    }
+                }
+                let vt = vp.add(t * TAPS * ci + j);
+                for u in 0..6 {
+                    let r = bt6(tmp[u]);
+                    for w in 0..6 {
+                        _mm256_storeu_ps(vt.add((6 * u + w) * ci), r[w]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::dy_block_body`] on 8-lane vectors with fused multiply-adds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+        let (tw, co) = (p.tw(), wide(p.cout));
+        let wo = 4 * tw;
+        let (os, tiles) = (p.fused_slots().1, p.tiles());
+        assert!(
+            nb <= TB && dm.len() >= nb * TAPS * co && d.len() >= (t0 + nb).div_ceil(tiles) * os
+        );
+        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
+        let mut tmp = [[_mm256_setzero_ps(); 4]; 6];
+        for t in 0..nb {
+            let (i, ty, tx) = p.fused_tile(t0 + t);
+            for j in (0..co).step_by(8) {
+                let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
+                for q in 0..4 {
+                    let col: [__m256; 4] =
+                        std::array::from_fn(|r| _mm256_loadu_ps(base.add((r * wo + q) * co)));
+                    let r6 = a4(col);
+                    for u in 0..6 {
+                        tmp[u][q] = r6[u];
+                    }
+                }
+                let mt = mp.add(t * TAPS * co + j);
+                for u in 0..6 {
+                    let r6 = a4(tmp[u]);
+                    for w in 0..6 {
+                        _mm256_storeu_ps(mt.add((6 * u + w) * co), r6[w]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`super::output_block_body`] on 8-lane vectors with fused multiply-adds.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn output_block(
+        p: &Plane,
+        m: &[f32],
+        t0: usize,
+        nb: usize,
+        bias: &[f32],
+        o: &mut [f32],
+    ) {
+        let (tw, co) = (p.tw(), wide(p.cout));
+        let wo = 4 * tw;
+        let (os, tiles) = (p.fused_slots().1, p.tiles());
+        assert!(
+            nb <= TB
+                && m.len() >= TB * TAPS * co
+                && bias.len() >= co
+                && o.len() >= (t0 + nb).div_ceil(tiles) * os
+        );
+        let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
+        let mut tmp = [[_mm256_setzero_ps(); 6]; 4];
+        for t in 0..nb {
+            let (i, ty, tx) = p.fused_tile(t0 + t);
+            let op = op.add(i * os);
+            for j in (0..co).step_by(8) {
+                let bv = _mm256_loadu_ps(bias.as_ptr().add(j));
+                let mt = mp.add(t * TAPS * co + j);
+                for w in 0..6 {
+                    let col: [__m256; 6] =
+                        std::array::from_fn(|u| _mm256_loadu_ps(mt.add((6 * u + w) * co)));
+                    let r = at6(col);
+                    for i in 0..4 {
+                        tmp[i][w] = r[i];
+                    }
+                }
+                for i in 0..4 {
+                    let out = op.add(((4 * ty + i) * wo + 4 * tx) * co + j);
+                    let r = at6(tmp[i]);
+                    for q in 0..4 {
+                        _mm256_storeu_ps(out.add(q * co), _mm256_add_ps(r[q], bv));
                     }
                 }
             }
