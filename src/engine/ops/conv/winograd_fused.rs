@@ -1100,6 +1100,189 @@ fn untransform_body(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
     }
 }
 
+/// The F(4x4) transforms on one instruction set's vectors, for the module that invokes it
+/// (`avx512`, `avx2`): `fma_k`, `bt6`, `at6` and `a4` on vectors, and `input_block`, `dy_block`
+/// and `output_block`, the plain bodies' passes a vector of `lanes` channels at a time with
+/// fused multiply-adds. One text for both builds (the AVX2 one once ran the plain bodies, whose
+/// zeroed 2.3 KB temporary per tile and vector took a `memset` each: 5% of ResNet-20's step).
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_transforms {
+    (
+        vec: $v:ty, feature: $feat:literal, lanes: $lanes:expr,
+        loadu: $loadu:ident, storeu: $storeu:ident, add: $add:ident, sub: $sub:ident,
+        fmadd: $fmadd:ident, set1: $set1:ident, zero: $zero:ident $(,)?
+    ) => {
+        /// `a + k * b`.
+        #[inline(always)]
+        unsafe fn fma_k(a: $v, k: f32, b: $v) -> $v {
+            $fmadd($set1(k), b, a)
+        }
+
+        /// [`super::bt6`] on vectors.
+        #[inline(always)]
+        unsafe fn bt6(d: [$v; 6]) -> [$v; 6] {
+            let d4_d2 = $sub(d[4], d[2]);
+            let d3_d1 = $sub(d[3], d[1]);
+            [
+                fma_k(fma_k(d[4], 4.0, d[0]), -5.0, d[2]),
+                fma_k($add(d[3], d[4]), -4.0, $add(d[1], d[2])),
+                fma_k($sub(d[4], d[3]), 4.0, $sub(d[1], d[2])),
+                fma_k(d4_d2, 2.0, d3_d1),
+                fma_k(d4_d2, -2.0, d3_d1),
+                fma_k(fma_k(d[5], 4.0, d[1]), -5.0, d[3]),
+            ]
+        }
+
+        /// [`super::at6`] on vectors.
+        #[inline(always)]
+        unsafe fn at6(m: [$v; 6]) -> [$v; 4] {
+            let (a, b) = ($add(m[1], m[2]), $sub(m[1], m[2]));
+            let (c, e) = ($add(m[3], m[4]), $sub(m[3], m[4]));
+            [
+                $add($add(m[0], a), c),
+                fma_k(b, 2.0, e),
+                fma_k(a, 4.0, c),
+                $add(fma_k(b, 8.0, e), m[5]),
+            ]
+        }
+
+        /// [`super::a4`] on vectors.
+        #[inline(always)]
+        unsafe fn a4(d: [$v; 4]) -> [$v; 6] {
+            let (e, o) = ($add(d[0], d[2]), $add(d[1], d[3]));
+            let e4 = fma_k(d[0], 4.0, d[2]);
+            let o8 = fma_k($add(d[1], d[1]), 8.0, d[3]);
+            [
+                d[0],
+                $add(e, o),
+                $sub(e, o),
+                $add(e4, o8),
+                $sub(e4, o8),
+                d[3],
+            ]
+        }
+
+        /// [`super::input_block_body`] on vectors.
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn input_block(
+            p: &Plane,
+            pp: &[f32],
+            t0: usize,
+            nb: usize,
+            v: &mut [f32],
+        ) {
+            let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
+            let (ps, tiles) = (p.fused_slots().0, p.tiles());
+            assert!(
+                nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
+            );
+            let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
+            let mut tmp = [[$zero(); 6]; 6];
+            for t in 0..nb {
+                let (i, ty, tx) = p.fused_tile(t0 + t);
+                for j in (0..ci).step_by($lanes) {
+                    let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
+                    for b in 0..6 {
+                        let d: [$v; 6] =
+                            std::array::from_fn(|a| $loadu(base.add((a * wp + b) * ci)));
+                        let r = bt6(d);
+                        for u in 0..6 {
+                            tmp[u][b] = r[u];
+                        }
+                    }
+                    let vt = vp.add(t * TAPS * ci + j);
+                    for u in 0..6 {
+                        let r = bt6(tmp[u]);
+                        for w in 0..6 {
+                            $storeu(vt.add((6 * u + w) * ci), r[w]);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// [`super::dy_block_body`] on vectors.
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
+            let (tw, co) = (p.tw(), wide(p.cout));
+            let wo = 4 * tw;
+            let (os, tiles) = (p.fused_slots().1, p.tiles());
+            assert!(
+                nb <= TB && dm.len() >= nb * TAPS * co && d.len() >= (t0 + nb).div_ceil(tiles) * os
+            );
+            let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
+            let mut tmp = [[$zero(); 4]; 6];
+            for t in 0..nb {
+                let (i, ty, tx) = p.fused_tile(t0 + t);
+                for j in (0..co).step_by($lanes) {
+                    let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
+                    for q in 0..4 {
+                        let col: [$v; 4] =
+                            std::array::from_fn(|r| $loadu(base.add((r * wo + q) * co)));
+                        let r6 = a4(col);
+                        for u in 0..6 {
+                            tmp[u][q] = r6[u];
+                        }
+                    }
+                    let mt = mp.add(t * TAPS * co + j);
+                    for u in 0..6 {
+                        let r6 = a4(tmp[u]);
+                        for w in 0..6 {
+                            $storeu(mt.add((6 * u + w) * co), r6[w]);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// [`super::output_block_body`] on vectors.
+        #[target_feature(enable = $feat)]
+        pub(super) unsafe fn output_block(
+            p: &Plane,
+            m: &[f32],
+            t0: usize,
+            nb: usize,
+            bias: &[f32],
+            o: &mut [f32],
+        ) {
+            let (tw, co) = (p.tw(), wide(p.cout));
+            let wo = 4 * tw;
+            let (os, tiles) = (p.fused_slots().1, p.tiles());
+            assert!(
+                nb <= TB
+                    && m.len() >= TB * TAPS * co
+                    && bias.len() >= co
+                    && o.len() >= (t0 + nb).div_ceil(tiles) * os
+            );
+            let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
+            let mut tmp = [[$zero(); 6]; 4];
+            for t in 0..nb {
+                let (i, ty, tx) = p.fused_tile(t0 + t);
+                let op = op.add(i * os);
+                for j in (0..co).step_by($lanes) {
+                    let bv = $loadu(bias.as_ptr().add(j));
+                    let mt = mp.add(t * TAPS * co + j);
+                    for w in 0..6 {
+                        let col: [$v; 6] =
+                            std::array::from_fn(|u| $loadu(mt.add((6 * u + w) * co)));
+                        let r = at6(col);
+                        for i in 0..4 {
+                            tmp[i][w] = r[i];
+                        }
+                    }
+                    for i in 0..4 {
+                        let out = op.add(((4 * ty + i) * wo + 4 * tx) * co + j);
+                        let r = at6(tmp[i]);
+                        for q in 0..4 {
+                            $storeu(out.add(q * co), $add(r[q], bv));
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
 // The kernels index their register arrays by constant bounds on purpose: the loops unroll and
 // the arrays live in registers.
 #[cfg(target_arch = "x86_64")]
@@ -1236,167 +1419,11 @@ mod avx512 {
         }
     }
 
-    /// `a + k * b`.
-    #[inline(always)]
-    unsafe fn fma_k(a: __m512, k: f32, b: __m512) -> __m512 {
-        _mm512_fmadd_ps(_mm512_set1_ps(k), b, a)
-    }
-
-    /// [`super::bt6`] on vectors.
-    #[inline(always)]
-    unsafe fn bt6(d: [__m512; 6]) -> [__m512; 6] {
-        let d4_d2 = _mm512_sub_ps(d[4], d[2]);
-        let d3_d1 = _mm512_sub_ps(d[3], d[1]);
-        [
-            fma_k(fma_k(d[4], 4.0, d[0]), -5.0, d[2]),
-            fma_k(_mm512_add_ps(d[3], d[4]), -4.0, _mm512_add_ps(d[1], d[2])),
-            fma_k(_mm512_sub_ps(d[4], d[3]), 4.0, _mm512_sub_ps(d[1], d[2])),
-            fma_k(d4_d2, 2.0, d3_d1),
-            fma_k(d4_d2, -2.0, d3_d1),
-            fma_k(fma_k(d[5], 4.0, d[1]), -5.0, d[3]),
-        ]
-    }
-
-    /// [`super::at6`] on vectors.
-    #[inline(always)]
-    unsafe fn at6(m: [__m512; 6]) -> [__m512; 4] {
-        let (a, b) = (_mm512_add_ps(m[1], m[2]), _mm512_sub_ps(m[1], m[2]));
-        let (c, e) = (_mm512_add_ps(m[3], m[4]), _mm512_sub_ps(m[3], m[4]));
-        [
-            _mm512_add_ps(_mm512_add_ps(m[0], a), c),
-            fma_k(b, 2.0, e),
-            fma_k(a, 4.0, c),
-            _mm512_add_ps(fma_k(b, 8.0, e), m[5]),
-        ]
-    }
-
-    /// [`super::a4`] on vectors.
-    #[inline(always)]
-    unsafe fn a4(d: [__m512; 4]) -> [__m512; 6] {
-        let (e, o) = (_mm512_add_ps(d[0], d[2]), _mm512_add_ps(d[1], d[3]));
-        let e4 = fma_k(d[0], 4.0, d[2]);
-        let o8 = fma_k(_mm512_add_ps(d[1], d[1]), 8.0, d[3]);
-        [
-            d[0],
-            _mm512_add_ps(e, o),
-            _mm512_sub_ps(e, o),
-            _mm512_add_ps(e4, o8),
-            _mm512_sub_ps(e4, o8),
-            d[3],
-        ]
-    }
-
-    /// [`super::input_block_body`] on vectors.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-        let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
-        let (ps, tiles) = (p.fused_slots().0, p.tiles());
-        assert!(
-            nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
-        );
-        let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 6]; 6];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            for j in (0..ci).step_by(LANES) {
-                let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
-                for b in 0..6 {
-                    let d: [__m512; 6] =
-                        std::array::from_fn(|a| _mm512_loadu_ps(base.add((a * wp + b) * ci)));
-                    let r = bt6(d);
-                    for u in 0..6 {
-                        tmp[u][b] = r[u];
-                    }
-                }
-                let vt = vp.add(t * TAPS * ci + j);
-                for u in 0..6 {
-                    let r = bt6(tmp[u]);
-                    for w in 0..6 {
-                        _mm512_storeu_ps(vt.add((6 * u + w) * ci), r[w]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`super::dy_block_body`] on vectors.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
-        let (tw, co) = (p.tw(), wide(p.cout));
-        let wo = 4 * tw;
-        let (os, tiles) = (p.fused_slots().1, p.tiles());
-        assert!(
-            nb <= TB && dm.len() >= nb * TAPS * co && d.len() >= (t0 + nb).div_ceil(tiles) * os
-        );
-        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 4]; 6];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            for j in (0..co).step_by(LANES) {
-                let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
-                for q in 0..4 {
-                    let col: [__m512; 4] =
-                        std::array::from_fn(|r| _mm512_loadu_ps(base.add((r * wo + q) * co)));
-                    let r6 = a4(col);
-                    for u in 0..6 {
-                        tmp[u][q] = r6[u];
-                    }
-                }
-                let mt = mp.add(t * TAPS * co + j);
-                for u in 0..6 {
-                    let r6 = a4(tmp[u]);
-                    for w in 0..6 {
-                        _mm512_storeu_ps(mt.add((6 * u + w) * co), r6[w]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`super::output_block_body`] on vectors.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn output_block(
-        p: &Plane,
-        m: &[f32],
-        t0: usize,
-        nb: usize,
-        bias: &[f32],
-        o: &mut [f32],
-    ) {
-        let (tw, co) = (p.tw(), wide(p.cout));
-        let wo = 4 * tw;
-        let (os, tiles) = (p.fused_slots().1, p.tiles());
-        assert!(
-            nb <= TB
-                && m.len() >= TB * TAPS * co
-                && bias.len() >= co
-                && o.len() >= (t0 + nb).div_ceil(tiles) * os
-        );
-        let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
-        let mut tmp = [[_mm512_setzero_ps(); 6]; 4];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            let op = op.add(i * os);
-            for j in (0..co).step_by(LANES) {
-                let bv = _mm512_loadu_ps(bias.as_ptr().add(j));
-                let mt = mp.add(t * TAPS * co + j);
-                for w in 0..6 {
-                    let col: [__m512; 6] =
-                        std::array::from_fn(|u| _mm512_loadu_ps(mt.add((6 * u + w) * co)));
-                    let r = at6(col);
-                    for i in 0..4 {
-                        tmp[i][w] = r[i];
-                    }
-                }
-                for i in 0..4 {
-                    let out = op.add(((4 * ty + i) * wo + 4 * tx) * co + j);
-                    let r = at6(tmp[i]);
-                    for q in 0..4 {
-                        _mm512_storeu_ps(out.add(q * co), _mm512_add_ps(r[q], bv));
-                    }
-                }
-            }
-        }
+    vector_transforms! {
+        vec: __m512, feature: "avx512f", lanes: LANES,
+        loadu: _mm512_loadu_ps, storeu: _mm512_storeu_ps, add: _mm512_add_ps,
+        sub: _mm512_sub_ps, fmadd: _mm512_fmadd_ps, set1: _mm512_set1_ps,
+        zero: _mm512_setzero_ps,
     }
 
     /// [`super::products_portable`] with one fused multiply-add per term: per tap and vector
@@ -1605,168 +1632,11 @@ mod avx2 {
         }
     }
 
-    /// `a + k * b`.
-    #[inline(always)]
-    unsafe fn fma_k(a: __m256, k: f32, b: __m256) -> __m256 {
-        _mm256_fmadd_ps(_mm256_set1_ps(k), b, a)
-    }
-
-    /// [`super::bt6`] on 8-lane vectors.
-    #[inline(always)]
-    unsafe fn bt6(d: [__m256; 6]) -> [__m256; 6] {
-        let d4_d2 = _mm256_sub_ps(d[4], d[2]);
-        let d3_d1 = _mm256_sub_ps(d[3], d[1]);
-        [
-            fma_k(fma_k(d[4], 4.0, d[0]), -5.0, d[2]),
-            fma_k(_mm256_add_ps(d[3], d[4]), -4.0, _mm256_add_ps(d[1], d[2])),
-            fma_k(_mm256_sub_ps(d[4], d[3]), 4.0, _mm256_sub_ps(d[1], d[2])),
-            fma_k(d4_d2, 2.0, d3_d1),
-            fma_k(d4_d2, -2.0, d3_d1),
-            fma_k(fma_k(d[5], 4.0, d[1]), -5.0, d[3]),
-        ]
-    }
-
-    /// [`super::at6`] on 8-lane vectors.
-    #[inline(always)]
-    unsafe fn at6(m: [__m256; 6]) -> [__m256; 4] {
-        let (a, b) = (_mm256_add_ps(m[1], m[2]), _mm256_sub_ps(m[1], m[2]));
-        let (c, e) = (_mm256_add_ps(m[3], m[4]), _mm256_sub_ps(m[3], m[4]));
-        [
-            _mm256_add_ps(_mm256_add_ps(m[0], a), c),
-            fma_k(b, 2.0, e),
-            fma_k(a, 4.0, c),
-            _mm256_add_ps(fma_k(b, 8.0, e), m[5]),
-        ]
-    }
-
-    /// [`super::a4`] on 8-lane vectors.
-    #[inline(always)]
-    unsafe fn a4(d: [__m256; 4]) -> [__m256; 6] {
-        let (e, o) = (_mm256_add_ps(d[0], d[2]), _mm256_add_ps(d[1], d[3]));
-        let e4 = fma_k(d[0], 4.0, d[2]);
-        let o8 = fma_k(_mm256_add_ps(d[1], d[1]), 8.0, d[3]);
-        [
-            d[0],
-            _mm256_add_ps(e, o),
-            _mm256_sub_ps(e, o),
-            _mm256_add_ps(e4, o8),
-            _mm256_sub_ps(e4, o8),
-            d[3],
-        ]
-    }
-
-    /// [`super::input_block_body`] on 8-lane vectors with fused multiply-adds (the plain
-    /// loop's zeroed 2.3 KB temporary per tile and vector took a memset each).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn input_block(p: &Plane, pp: &[f32], t0: usize, nb: usize, v: &mut [f32]) {
-        let (wp, ci) = (4 * p.tw() + 2, wide(p.cin));
-        let (ps, tiles) = (p.fused_slots().0, p.tiles());
-        assert!(
-            nb <= TB && v.len() >= nb * TAPS * ci && pp.len() >= (t0 + nb).div_ceil(tiles) * ps
-        );
-        let (src, vp) = (pp.as_ptr(), v.as_mut_ptr());
-        let mut tmp = [[_mm256_setzero_ps(); 6]; 6];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            for j in (0..ci).step_by(8) {
-                let base = src.add(i * ps + (4 * ty * wp + 4 * tx) * ci + j);
-                for b in 0..6 {
-                    let d: [__m256; 6] =
-                        std::array::from_fn(|a| _mm256_loadu_ps(base.add((a * wp + b) * ci)));
-                    let r = bt6(d);
-                    for u in 0..6 {
-                        tmp[u][b] = r[u];
-                    }
-                }
-                let vt = vp.add(t * TAPS * ci + j);
-                for u in 0..6 {
-                    let r = bt6(tmp[u]);
-                    for w in 0..6 {
-                        _mm256_storeu_ps(vt.add((6 * u + w) * ci), r[w]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`super::dy_block_body`] on 8-lane vectors with fused multiply-adds.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dy_block(p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mut [f32]) {
-        let (tw, co) = (p.tw(), wide(p.cout));
-        let wo = 4 * tw;
-        let (os, tiles) = (p.fused_slots().1, p.tiles());
-        assert!(
-            nb <= TB && dm.len() >= nb * TAPS * co && d.len() >= (t0 + nb).div_ceil(tiles) * os
-        );
-        let (src, mp) = (d.as_ptr(), dm.as_mut_ptr());
-        let mut tmp = [[_mm256_setzero_ps(); 4]; 6];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            for j in (0..co).step_by(8) {
-                let base = src.add(i * os + (4 * ty * wo + 4 * tx) * co + j);
-                for q in 0..4 {
-                    let col: [__m256; 4] =
-                        std::array::from_fn(|r| _mm256_loadu_ps(base.add((r * wo + q) * co)));
-                    let r6 = a4(col);
-                    for u in 0..6 {
-                        tmp[u][q] = r6[u];
-                    }
-                }
-                let mt = mp.add(t * TAPS * co + j);
-                for u in 0..6 {
-                    let r6 = a4(tmp[u]);
-                    for w in 0..6 {
-                        _mm256_storeu_ps(mt.add((6 * u + w) * co), r6[w]);
-                    }
-                }
-            }
-        }
-    }
-
-    /// [`super::output_block_body`] on 8-lane vectors with fused multiply-adds.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn output_block(
-        p: &Plane,
-        m: &[f32],
-        t0: usize,
-        nb: usize,
-        bias: &[f32],
-        o: &mut [f32],
-    ) {
-        let (tw, co) = (p.tw(), wide(p.cout));
-        let wo = 4 * tw;
-        let (os, tiles) = (p.fused_slots().1, p.tiles());
-        assert!(
-            nb <= TB
-                && m.len() >= TB * TAPS * co
-                && bias.len() >= co
-                && o.len() >= (t0 + nb).div_ceil(tiles) * os
-        );
-        let (mp, op) = (m.as_ptr(), o.as_mut_ptr());
-        let mut tmp = [[_mm256_setzero_ps(); 6]; 4];
-        for t in 0..nb {
-            let (i, ty, tx) = p.fused_tile(t0 + t);
-            let op = op.add(i * os);
-            for j in (0..co).step_by(8) {
-                let bv = _mm256_loadu_ps(bias.as_ptr().add(j));
-                let mt = mp.add(t * TAPS * co + j);
-                for w in 0..6 {
-                    let col: [__m256; 6] =
-                        std::array::from_fn(|u| _mm256_loadu_ps(mt.add((6 * u + w) * co)));
-                    let r = at6(col);
-                    for i in 0..4 {
-                        tmp[i][w] = r[i];
-                    }
-                }
-                for i in 0..4 {
-                    let out = op.add(((4 * ty + i) * wo + 4 * tx) * co + j);
-                    let r = at6(tmp[i]);
-                    for q in 0..4 {
-                        _mm256_storeu_ps(out.add(q * co), _mm256_add_ps(r[q], bv));
-                    }
-                }
-            }
-        }
+    vector_transforms! {
+        vec: __m256, feature: "avx2,fma", lanes: 8,
+        loadu: _mm256_loadu_ps, storeu: _mm256_storeu_ps, add: _mm256_add_ps,
+        sub: _mm256_sub_ps, fmadd: _mm256_fmadd_ps, set1: _mm256_set1_ps,
+        zero: _mm256_setzero_ps,
     }
 
     /// [`super::products_portable`]: per tap and vector of 16 output channels, the block's
