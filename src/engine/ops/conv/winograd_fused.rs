@@ -136,7 +136,7 @@ impl Build {
         match self {
             Build::Portable => None,
             #[cfg(target_arch = "x86_64")]
-            Build::Avx2 => Some((16, WIDEST_ON_SMALL_PLANES)),
+            Build::Avx2 => Some((16, WIDEST_BY_RULE)),
             #[cfg(target_arch = "x86_64")]
             Build::Avx512 => Some((12, WIDEST_BY_RULE)),
         }
@@ -321,20 +321,23 @@ impl Geom {
     /// 94-99 at 2; at 64x64 (8x8 planes) 58-63 -> 52-55 at 1 thread but 28.6-29.2 -> 29.4-30.1
     /// at 2, so 8x8 planes stay with 64 channels at most.
     ///
-    /// On AVX2 (its build's tiles hold half the sums, [`avx2`]) the same, but 16 to
-    /// [`WIDEST_ON_SMALL_PLANES`] channels each way: criterion forward (batch 64, 1 thread,
-    /// AVX2 AMD EPYC), the rule's path -> fused: direct 16ch 32x32 4.65 -> 4.43 ms, rank-12
-    /// core on 32x32 2.21 -> 2.86 (so left out), Winograd 32ch 16x16 5.44 -> 2.95, 32ch 32x32
-    /// 12.3-15.2 -> 8.4-8.8, 64ch 16x16 9.74 -> 7.56, 64ch 8x8 4.05 -> 2.09, 24ch 32x32
-    /// 8.1-9.1 -> 7.3-11.6 (noisy), 64ch 32x32 31.9 -> 33.0; criterion `weight_grad` 16ch
-    /// 32x32 4.21 -> 3.49, 32ch 16x16 3.68 -> 2.30, 64ch 8x8 4.75 -> 2.34, 64ch 16x16 12.2 ->
-    /// 9.6. 128 channels on 16x16 left out: forward 31.0 -> 25.1 but weight gradient 28.0 ->
-    /// 36.3 (the AVX2 tile passes over the 2.4 MB of sums four input channels at a time), and
-    /// resnet18@128's 128-channel layers' backward 53-57 -> 60-64 ms per layer (with the
-    /// direct weight gradient instead, 85). In training steps (`elrt speed`, alternating
+    /// On AVX2 (its build's tiles hold half the sums, [`avx2`]) the same, but from 16 channels
+    /// each way: criterion forward (batch 64, 1 thread, AVX2 AMD EPYC, the transforms still
+    /// plain Rust), the rule's path -> fused: direct 16ch 32x32 4.65 -> 4.43 ms, rank-12 core
+    /// on 32x32 2.21 -> 2.86 (so left out), Winograd 32ch 16x16 5.44 -> 2.95, 32ch 32x32
+    /// 12.3-15.2 -> 8.4-8.8, 64ch 16x16 9.74 -> 7.56, 64ch 8x8 4.05 -> 2.09, 128ch 16x16 31.0
+    /// -> 25.1, 24ch 32x32 8.1-9.1 -> 7.3-11.6 (noisy), 64ch 32x32 31.9 -> 33.0; criterion
+    /// `weight_grad` 16ch 32x32 4.21 -> 3.49, 32ch 16x16 3.68 -> 2.30, 64ch 8x8 4.75 -> 2.34,
+    /// 64ch 16x16 12.2 -> 9.6, but 128ch 16x16 28.0 -> 36.3 (the AVX2 tile passes over the 2.4
+    /// MB of sums four input channels at a time). In training steps (`elrt speed`, alternating
     /// builds, AVX2 EPYC): ResNet-20 (batch 128) 1 thread 483-536 -> 347-349 ms per step, 2
     /// threads 255-289 -> 195; its Tucker-2 form 274-278 -> 250-258; resnet18@64 475-485 ->
-    /// 442-450; resnet18_tucker2@64 358-362 -> 338-345.
+    /// 442-450; resnet18_tucker2@64 358-362 -> 338-345. 65-128 channels (on 16x16 planes and
+    /// up, as on AVX-512) only once the transforms ran on FMA vectors: with the plain ones
+    /// resnet18@128's 128-channel layers' backward went 53-57 -> 60-64 ms per layer; with
+    /// them (`--profile-nodes`, 1 thread, three alternating pairs) those three layers 268-283
+    /// -> 257, the step 1715-1802 -> 1609-1679 ms, 2 threads a tie (971-995 / 930-1037), and
+    /// resnet18_tucker2@128 (its 72-channel 32x32 cores) a tie (1316-1340 / 1301-1368).
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
             let (pixels, widest) = (self.oh * self.ow, self.ci.max(self.co));
