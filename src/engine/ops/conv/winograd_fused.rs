@@ -165,14 +165,17 @@ fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// [`pack`] on `build`'s transposes (the AVX-512 build runs its own passes, not these).
+/// [`pack`] on `build`'s transposes.
 fn pack_on(build: Build, p: &Plane, x: &[f32], dst: &mut [f32]) {
     match build {
-        // SAFETY: `Build::Avx2` exists only where the CPU has AVX2 and FMA; the pass checks
-        // the buffers' lengths itself.
+        // SAFETY: `Build::Avx2` exists only where the CPU has AVX2 and FMA (`Build::Avx512`
+        // where it has AVX-512F); each pass checks the buffers' lengths itself.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::pack(p, x, dst) },
-        _ => pack(p, x, dst),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::pack(p, x, dst) },
+        Build::Portable => pack(p, x, dst),
     }
 }
 
@@ -182,7 +185,10 @@ fn pack_dy_on(build: Build, p: &Plane, dy: &[f32], dst: &mut [f32]) {
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::pack_dy(p, dy, dst) },
-        _ => pack_dy(p, dy, dst),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::pack_dy(p, dy, dst) },
+        Build::Portable => pack_dy(p, dy, dst),
     }
 }
 
@@ -192,7 +198,10 @@ fn unpack_on(build: Build, p: &Plane, o: &[f32], y: &mut [f32]) {
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::unpack(p, o, y) },
-        _ => unpack(p, o, y),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::unpack(p, o, y) },
+        Build::Portable => unpack(p, o, y),
     }
 }
 
@@ -202,7 +211,10 @@ fn input_block_on(build: Build, p: &Plane, pp: &[f32], t0: usize, nb: usize, v: 
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::input_block(p, pp, t0, nb, v) },
-        _ => input_block(p, pp, t0, nb, v),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::input_block(p, pp, t0, nb, v) },
+        Build::Portable => input_block(p, pp, t0, nb, v),
     }
 }
 
@@ -212,7 +224,10 @@ fn dy_block_on(build: Build, p: &Plane, d: &[f32], t0: usize, nb: usize, dm: &mu
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::dy_block(p, d, t0, nb, dm) },
-        _ => dy_block(p, d, t0, nb, dm),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::dy_block(p, d, t0, nb, dm) },
+        Build::Portable => dy_block(p, d, t0, nb, dm),
     }
 }
 
@@ -231,7 +246,10 @@ fn output_block_on(
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
         Build::Avx2 => unsafe { avx2::output_block(p, m, t0, nb, bias, o) },
-        _ => output_block(p, m, t0, nb, bias, o),
+        // SAFETY: as above, for AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => unsafe { avx512::output_block(p, m, t0, nb, bias, o) },
+        Build::Portable => output_block(p, m, t0, nb, bias, o),
     }
 }
 
@@ -608,26 +626,6 @@ impl Plane {
         }
         // Tiles numbered image by image over the group.
         let tiles = images * self.tiles();
-        // SAFETY: `Build::Avx512` exists only where the CPU has AVX-512F; the buffers' lengths
-        // were checked above (`x`, `y`, `u`, `v`, `m`, `p`, `o`).
-        #[cfg(target_arch = "x86_64")]
-        if build == Build::Avx512 {
-            unsafe {
-                for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
-                    avx512::pack(self, xi, pi);
-                }
-                for t0 in (0..tiles).step_by(TB) {
-                    let nb = TB.min(tiles - t0);
-                    avx512::input_block(self, &s.p, t0, nb, &mut s.v);
-                    avx512::products(self.cin, ci, co, u, &s.v, &mut s.m);
-                    avx512::output_block(self, &s.m, t0, nb, &b, &mut s.o);
-                }
-                for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
-                    avx512::unpack(self, oi, yi);
-                }
-            }
-            return;
-        }
         for (xi, pi) in x.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps)) {
             pack_on(build, self, xi, pi);
         }
@@ -729,39 +727,18 @@ impl Plane {
             let tiles = xg.len() / xlen * self.tiles();
             let inputs = xg.chunks_exact(xlen).zip(s.p.chunks_exact_mut(ps));
             let grads = dyg.chunks_exact(ylen).zip(s.o.chunks_exact_mut(os));
-            match build {
-                // SAFETY: as in `fused_run_with`.
-                #[cfg(target_arch = "x86_64")]
-                Build::Avx512 => unsafe {
-                    inputs.for_each(|(xi, pi)| avx512::pack(self, xi, pi));
-                    grads.for_each(|(di, oi)| avx512::pack_dy(self, di, oi));
-                    for t0 in (0..tiles).step_by(sweep) {
-                        let ns = sweep.min(tiles - t0);
-                        for b0 in (0..ns).step_by(TB) {
-                            let nb = TB.min(ns - b0);
-                            let v = &mut s.v[b0 * TAPS * ci..];
-                            avx512::input_block(self, &s.p, t0 + b0, nb, v);
-                            let m = &mut s.m[b0 * TAPS * co..];
-                            avx512::dy_block(self, &s.o, t0 + b0, nb, m);
-                        }
-                        avx512::accumulate(self.cin, ci, co, ns, &s.v, &s.m, du);
-                    }
-                },
-                _ => {
-                    inputs.for_each(|(xi, pi)| pack_on(build, self, xi, pi));
-                    grads.for_each(|(di, oi)| pack_dy_on(build, self, di, oi));
-                    for t0 in (0..tiles).step_by(sweep) {
-                        let ns = sweep.min(tiles - t0);
-                        for b0 in (0..ns).step_by(TB) {
-                            let nb = TB.min(ns - b0);
-                            let v = &mut s.v[b0 * TAPS * ci..];
-                            input_block_on(build, self, &s.p, t0 + b0, nb, v);
-                            let m = &mut s.m[b0 * TAPS * co..];
-                            dy_block_on(build, self, &s.o, t0 + b0, nb, m);
-                        }
-                        accumulate_on(build, self.cin, ci, co, ns, &s.v, &s.m, du);
-                    }
+            inputs.for_each(|(xi, pi)| pack_on(build, self, xi, pi));
+            grads.for_each(|(di, oi)| pack_dy_on(build, self, di, oi));
+            for t0 in (0..tiles).step_by(sweep) {
+                let ns = sweep.min(tiles - t0);
+                for b0 in (0..ns).step_by(TB) {
+                    let nb = TB.min(ns - b0);
+                    let v = &mut s.v[b0 * TAPS * ci..];
+                    input_block_on(build, self, &s.p, t0 + b0, nb, v);
+                    let m = &mut s.m[b0 * TAPS * co..];
+                    dy_block_on(build, self, &s.o, t0 + b0, nb, m);
                 }
+                accumulate_on(build, self.cin, ci, co, ns, &s.v, &s.m, du);
             }
         }
     }
