@@ -6,7 +6,9 @@
 //!
 //! Threads: ELRT_BENCH_THREADS (default: every available core); the engine runs rayon over the
 //! batch with single-threaded OpenBLAS. Criterion reports the time per step and the throughput
-//! in images per second ("elem/s"). A small flat sample keeps the run to about a minute.
+//! in images per second ("elem/s"). A small flat sample keeps the run to about a minute. With
+//! two or more threads a second case runs the step with the idle workers sleeping between
+//! parallel loops (`engine::awake` off).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -58,6 +60,16 @@ fn train_step(c: &mut Criterion) {
         // Inside the pool, as `elrt train` runs its steps (see engine::on_pool).
         b.iter(|| black_box(elrt::engine::on_pool(&mut step)))
     });
+    if threads > 1 {
+        // The same step with idle workers sleeping between parallel loops, as rayon has them
+        // do: what `engine::awake` saves.
+        elrt::engine::awake::set_keep_awake(Some(false));
+        g.bench_function(
+            format!("resnet20_b{BATCH}_t{threads}_workers_sleeping"),
+            |b| b.iter(|| black_box(elrt::engine::on_pool(&mut step))),
+        );
+        elrt::engine::awake::set_keep_awake(None);
+    }
     g.finish();
 }
 

@@ -111,8 +111,14 @@ impl<B: Backend> Session<B> {
         )
     }
 
-    /// Runs the network on a batch `[N, C, H, W]`, returning the logits `[N, K]`.
+    /// Runs the network on a batch `[N, C, H, W]`, returning the logits `[N, K]`. The pool's
+    /// other workers spin between the ops' parallel loops instead of sleeping
+    /// ([`super::awake`]), as in [`Self::backward`].
     pub fn forward(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        super::awake::keep_awake(|| self.forward_awake(x, mode))
+    }
+
+    fn forward_awake(&mut self, x: ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
         self.values.iter_mut().for_each(|v| *v = None);
         self.saved.clear();
         self.values[self.program.input_slot] = Some(self.backend.upload(x));
@@ -316,6 +322,10 @@ impl<B: Backend> Session<B> {
     /// Backward from `dlogits`; parameter gradients are overwritten (not accumulated across
     /// calls). Must follow a `Train` forward.
     pub fn backward(&mut self, dlogits: ArrayD<f32>) -> Result<()> {
+        super::awake::keep_awake(|| self.backward_awake(dlogits))
+    }
+
+    fn backward_awake(&mut self, dlogits: ArrayD<f32>) -> Result<()> {
         if self.saved.len() != self.program.steps.len() {
             bail!("backward needs a training-mode forward first");
         }

@@ -101,6 +101,15 @@ impl<B: Backend> TrainStep<B> {
         images: ArrayD<f32>,
         labels: &[usize],
     ) -> Result<StepStats> {
+        crate::engine::awake::keep_awake(|| self.gradients_awake(model, images, labels))
+    }
+
+    fn gradients_awake(
+        &mut self,
+        model: &mut Model<B>,
+        images: ArrayD<f32>,
+        labels: &[usize],
+    ) -> Result<StepStats> {
         // The loss runs on the host: the logits and their gradient are N x K.
         let logits = model.forward(images, Mode::Train)?;
         let l2 = logits.view().into_dimensionality::<Ix2>()?;
@@ -138,10 +147,12 @@ impl<B: Backend> TrainStep<B> {
         opt: &mut Optimizer<B::Tensor>,
         lr: f32,
     ) -> Result<StepStats> {
-        let stats = self.gradients(model, images, labels)?;
-        let session = &mut model.session;
-        opt.step_program_on(&session.backend, lr, &mut session.program)?;
-        Ok(stats)
+        crate::engine::awake::keep_awake(|| {
+            let stats = self.gradients(model, images, labels)?;
+            let session = &mut model.session;
+            opt.step_program_on(&session.backend, lr, &mut session.program)?;
+            Ok(stats)
+        })
     }
 }
 
