@@ -62,7 +62,8 @@ pub struct CompressArgs {
     #[arg(long)]
     pub batch: Option<usize>,
     /// Base learning rate, SGD with Nesterov momentum 0.9 (default: 0.1 on real data at batch
-    /// 128, 0.05 on the synthetic set, whose small training split wants smaller steps).
+    /// 128, 0.05 on the synthetic set at batch 64, whose small training split wants smaller
+    /// steps; a smaller --batch scales it down in proportion, e.g. 0.025 at batch 32 on real data)
     #[arg(long)]
     pub lr: Option<f32>,
     /// Double soft orthogonality strength rho (0: off).

@@ -23,7 +23,8 @@ pub struct TrainArgs {
     /// Images per optimiser step (the training split must hold at least one batch).
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    /// Base learning rate (default 0.1 for SGD, 1e-3 for AdamW).
+    /// Base learning rate (default: 0.1 for SGD at batch 128 and above, scaled down in
+    /// proportion for a smaller --batch, e.g. 0.025 at 32; 1e-3 for AdamW).
     #[arg(long)]
     pub lr: Option<f32>,
     /// sgd | adamw

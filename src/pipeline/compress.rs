@@ -22,7 +22,7 @@ use crate::inspect::group_digits;
 use crate::ir::bn_insert::BnPolicy;
 use crate::lowrank::rank::RankPolicy;
 use crate::lowrank::{Format, InitMode};
-use crate::train::schedule::Schedule;
+use crate::train::schedule::{default_sgd_lr, Schedule};
 use crate::util::write_atomic;
 
 /// DSO strength used when `--orth` is not given: the best of the README's rho sweep (Tucker-2
@@ -134,8 +134,9 @@ pub struct CompressOptions {
     pub epochs: Option<u64>,
     /// Batch size (`None`: 128 on real data, 64 on the synthetic set).
     pub batch: Option<usize>,
-    /// Base learning rate, SGD with Nesterov momentum 0.9 (`None`: 0.1 on real data, 0.05 on
-    /// the synthetic set).
+    /// Base learning rate, SGD with Nesterov momentum 0.9 (`None`: 0.1 on real data at batch
+    /// 128, 0.05 on the synthetic set at batch 64, each scaled down linearly for a smaller batch:
+    /// [`crate::train::schedule::default_sgd_lr`]).
     pub lr: Option<f32>,
     /// Double soft orthogonality strength rho (0: off).
     pub orth: f32,
@@ -592,10 +593,15 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
     let synthetic = matches!(spec, DataSpec::Synthetic(_));
     let epochs = a.epochs.unwrap_or(if synthetic { 4 } else { 30 });
     let batch = a.batch.unwrap_or(if synthetic { 64 } else { 128 });
-    let lr = positive_finite("--lr", a.lr.unwrap_or(if synthetic { 0.05 } else { 0.1 }))?;
     if batch == 0 {
         bail!("--batch must be at least 1");
     }
+    // The recipe's rates at its default batches, linearly less for a smaller --batch.
+    let (base_lr, base_batch) = if synthetic { (0.05, 64) } else { (0.1, 128) };
+    let lr = positive_finite(
+        "--lr",
+        a.lr.unwrap_or(default_sgd_lr(base_lr, base_batch, batch)),
+    )?;
     if epochs == 0 {
         bail!("--epochs must be at least 1");
     }

@@ -86,7 +86,8 @@ pub struct TrainOptions {
     pub epochs: u64,
     /// Images per optimiser step.
     pub batch: usize,
-    /// Base learning rate (`None`: 0.1 for SGD, 1e-3 for AdamW).
+    /// Base learning rate (`None`: 0.1 for SGD at batch 128 and above, linearly less below,
+    /// [`crate::train::schedule::default_sgd_lr`]; 1e-3 for AdamW).
     pub lr: Option<f32>,
     pub optimizer: Optim,
     /// SGD momentum.
@@ -566,7 +567,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
                 momentum: a.momentum,
                 nesterov: a.nesterov,
             },
-            a.lr.unwrap_or(0.1),
+            a.lr.unwrap_or(crate::train::schedule::default_sgd_lr(0.1, 128, a.batch)),
             a.wd.unwrap_or(5e-4),
         ),
         Optim::AdamW => (

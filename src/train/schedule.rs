@@ -56,6 +56,17 @@ impl std::fmt::Display for Schedule {
     }
 }
 
+/// The default SGD learning rate for `batch` images per step: `base`, the rate the recipe was
+/// tuned with at `reference` images, scaled down linearly for smaller batches (the linear
+/// scaling rule of Goyal et al. 2017: a step of half the images gets half the rate) and left at
+/// `base` for larger ones (scaling up needs a warm-up the default recipe does not have). A user's
+/// own small `--batch` at the full rate blew up: torchvision regnet_x_400mf, batch 32, lr 0.1
+/// reached a train loss of 17.8 in its first epoch and NaN in its fourth; at 0.025, 2.9 and no
+/// divergence.
+pub fn default_sgd_lr(base: f32, reference: usize, batch: usize) -> f32 {
+    base * batch.min(reference) as f32 / reference as f32
+}
+
 /// The learning rate at optimiser step `step` (0-based) of `total`, with `warmup` steps of
 /// linear warm-up from 0 (the schedule itself runs over the remaining steps).
 pub fn lr_at(base: f32, schedule: &Schedule, step: u64, total: u64, warmup: u64) -> f32 {
@@ -109,5 +120,15 @@ mod tests {
         assert!((lr_at(0.1, &o, 30, 100, 0) - 0.1).abs() < 1e-6);
         assert!(lr_at(0.1, &o, 100, 100, 0) < 1e-4);
         assert!(Schedule::parse("linear").is_err());
+    }
+
+    /// The recipe's rate at its own batch and above, linearly less below it.
+    #[test]
+    fn default_rate_scales_down_with_the_batch_only() {
+        assert_eq!(default_sgd_lr(0.1, 128, 128), 0.1);
+        assert_eq!(default_sgd_lr(0.1, 128, 512), 0.1);
+        assert!((default_sgd_lr(0.1, 128, 32) - 0.025).abs() < 1e-9);
+        assert!((default_sgd_lr(0.05, 64, 16) - 0.0125).abs() < 1e-9);
+        assert!((default_sgd_lr(0.1, 128, 1) - 0.1 / 128.0).abs() < 1e-9);
     }
 }
