@@ -3,7 +3,7 @@
 
     python3 scripts/bench_train.py [--elrt PATH] [--build] [--models a,b] [--sizes 64]
                                    [--threads 1,2] [--rounds 3] [--steps N] [--batch B]
-                                   [--out docs/bench/train_speed.json]
+                                   [--ceiling] [--out docs/bench/train_speed.json]
 
 The suite (issue 15), each case at every thread count of --threads (default 1 and 2):
 
@@ -19,6 +19,11 @@ The suite (issue 15), each case at every thread count of --threads (default 1 an
 Users' models outside the suite, only when --models names them (EXTRA): densenet121 (64x64,
 batch 32), googlenet, shufflenet_v2_x1_0 and squeezenet1_1 (64x64, batch 64), the concat-heavy
 nets, and convnext_tiny (64x64, batch 32: LayerNorm, GELU, per-pixel Linear layers).
+
+--ceiling adds the host's own scaling ceiling per row: after each case's elrt run at 2 threads,
+two 1-thread elrt processes of the same step start together, and their summed img/s over the
+1-thread img/s ("host 2x1T/1T") is what the two cores give work that shares nothing (no barrier,
+no shared heap or queues). elrt's 2T/1T below it is the engine's to win; at it, the host's.
 
 --models and --sizes pick a subset (e.g. `--models resnet20,resnet20_tucker2` is the quick
 ResNet-20 pair); --batch and --steps override the per-case values (steps: 10 for ResNet-20,
@@ -640,6 +645,32 @@ def run_elrt(elrt, path, batch, threads, steps, timeout, core="env"):
     return rep
 
 
+def run_elrt_side_by_side(elrt, path, batch, n, steps, timeout, core="env"):
+    """`n` one-thread `elrt speed` processes started together (--ceiling): their summed img/s
+    over one process's alone is what `n` cores give work that shares nothing (no barrier, no
+    shared heap or queues), the host's own ceiling for an n-thread run of the same step."""
+    cmd = [elrt, "speed", path, "--batch", str(batch), "--threads", "1", "--steps", str(steps),
+           "--json"]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=openblas_env(core)) for _ in range(n)]
+    each = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            if p.returncode != 0:
+                tail = (err or out or "(no output)").strip().splitlines()[-5:]
+                raise RuntimeError(f"exit {p.returncode}: {' '.join(cmd)}\n    "
+                                   + "\n    ".join(tail))
+            each.append(_json_from(out)["img_per_s"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return {"img_per_s": sum(each), "img_per_s_each": each, "processes": n,
+            "process_wall_s": time.perf_counter() - t0}
+
+
 def run_torch(name, size, ranks_file, batch, threads, steps, warmup, timeout):
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -813,11 +844,15 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
     heads = "".join(f" elrt img/s, {t}T | PyTorch img/s, {t}T | ratio, {t}T |" for t in threads)
     scale = (" elrt 2T/1T | elrt 2T/1T, paired | PyTorch 2T/1T |"
              if 1 in threads and 2 in threads else "")
+    ceiling = scale and any(r.get("host_ceiling_scaling") for r in results)
+    if ceiling:
+        scale += " host 2x1T/1T |"
     extra = "".join(f" ratio, {t}T, OpenBLAS {core_name[c]} |" for c in cores[1:] for t in threads)
     n_extra = len(cores[1:]) * len(threads)
     out = [f"| model | input | batch |{heads}{scale} elrt peak MiB | PyTorch peak MiB |{extra}",
            "|---|---:|---:|" + "---:|---:|---:|" * len(threads)
-           + ("---:|---:|---:|" if scale else "") + "---:|---:|" + "---:|" * n_extra]
+           + ("---:|---:|---:|" if scale else "") + ("---:|" if ceiling else "")
+           + "---:|---:|" + "---:|" * n_extra]
 
     def f(v, spec):
         return "-" if v is None else format(v, spec)
@@ -836,6 +871,8 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
             cells += (f" {f(r2.get('elrt_scaling'), '.2f')} |"
                       f" {f(r2.get('elrt_scaling_paired'), '.2f')} |"
                       f" {f(r2.get('torch_scaling'), '.2f')} |")
+            if ceiling:
+                cells += f" {f(r2.get('host_ceiling_scaling'), '.2f')} |"
         mem = max((r["elrt_peak_rss_mib"] or 0 for r in rows.values()), default=None)
         tmem = max((r["torch_peak_rss_mib"] or 0 for r in rows.values()), default=None)
         more = "".join(
@@ -851,7 +888,10 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
                f"{machine['torch']} ({machine['torch_cpu_capability']}). Median of the rounds; "
                f"ratio = elrt / PyTorch img/s (bold: at least 1.0); 2T/1T = img/s at 2 threads "
                f"over 1 thread (of the medians; paired: the median of each round's own ratio); "
-               f"peak = the larger of the thread counts' medians.")
+               f"peak = the larger of the thread counts' medians."
+               + (" host 2x1T/1T: two 1-thread elrt processes at once, their summed img/s over "
+                  "the 1-thread img/s (--ceiling): what the host gives work that shares nothing."
+                  if ceiling else ""))
     return "\n".join(out)
 
 
@@ -886,6 +926,11 @@ def main() -> int:
     ap.add_argument("--onnx-dir", default=None,
                     help="keep the exported ONNX files here (default: a temporary folder)")
     ap.add_argument("--no-sgemm", action="store_true", help="skip the sgemm measurement")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also run, after each case's elrt run at the largest thread count T, "
+                         "T one-thread elrt processes at once: their summed img/s over the "
+                         "1-thread img/s is the host's ceiling for elrt's T-thread scaling "
+                         "(column 'host 2x1T/1T')")
     ap.add_argument("--openblas-cores", default=None,
                     help="comma-separated OpenBLAS kernel choices for elrt: env (as the "
                          "environment says), auto (OPENBLAS_CORETYPE removed), or a core name; "
@@ -959,7 +1004,8 @@ def main() -> int:
 
     # Interleaved runs; "elrt" holds the first core's runs, "elrt_cores" every core's.
     keys = [(case_id(n, s), t) for n, s, _, _ in cases for t in threads]
-    runs = {k: {"elrt": [], "torch": [], "errors": [], "elrt_cores": {c: [] for c in cores}}
+    runs = {k: {"elrt": [], "torch": [], "errors": [], "elrt_cores": {c: [] for c in cores},
+                "ceiling": []}
             for k in keys}
     if args.order == "case-first":
         schedule = [(t, c) for c in cases for t in threads]
@@ -997,6 +1043,20 @@ def main() -> int:
                 print(f"  round {r + 1}/{args.rounds} T={t} {cid:<24} {label:<20} "
                       f"{rep['img_per_s']:8.1f} img/s  {rep['peak_rss_mib']:7.1f} MiB"
                       + (f"  ({rep['warning']})" if "warning" in rep else ""), flush=True)
+            if args.ceiling and t == max(threads) and t > 1:
+                try:
+                    rep = run_elrt_side_by_side(elrt, f["onnx"], batch, t, steps, args.timeout,
+                                                cores[0])
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    msg = f"ceiling {cid} {t}x1T round {r + 1}: {e}"
+                    print("  ERROR " + msg, file=sys.stderr, flush=True)
+                    runs[(cid, t)]["errors"].append(msg)
+                    continue
+                rep["round"] = r + 1
+                runs[(cid, t)]["ceiling"].append(rep)
+                print(f"  round {r + 1}/{args.rounds} T={t} {cid:<24} {f'elrt {t}x1T at once':<20} "
+                      f"{rep['img_per_s']:8.1f} img/s  "
+                      f"({' + '.join(f'{v:.1f}' for v in rep['img_per_s_each'])})", flush=True)
 
     # Summaries.
     def med(reps, key):
@@ -1021,6 +1081,8 @@ def main() -> int:
                 "elrt_runs": [{k: v for k, v in x.items() if k != "profile"} for x in e],
                 "torch_runs": p,
                 "errors": runs[(cid, t)]["errors"],
+                "ceiling_runs": runs[(cid, t)]["ceiling"],
+                "elrt_side_by_side_img_per_s": med(runs[(cid, t)]["ceiling"], "img_per_s"),
             }
             row["elrt_by_openblas_core"] = {}
             for c in cores:
@@ -1061,6 +1123,9 @@ def main() -> int:
                 pairs = [x["img_per_s"] / ones[x["round"]] for x in r[f"{side}_runs"]
                          if x.get("round") in ones and ones[x["round"]]]
             r[f"{side}_scaling_paired"] = statistics.median(pairs) if pairs else None
+        # The host's ceiling (--ceiling): T one-thread processes at once over one alone.
+        a, b = r["elrt_side_by_side_img_per_s"], base and base["elrt_img_per_s"]
+        r["host_ceiling_scaling"] = a / b if a and b and r["threads"] != 1 else None
 
     # sgemm and conv GEMM rate: measured before and after the training runs (the best of the
     # two is the reference, so that a busy moment does not lower it).
