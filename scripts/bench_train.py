@@ -1011,6 +1011,19 @@ def main() -> int:
         schedule = [(t, c) for c in cases for t in threads]
     else:
         schedule = [(t, c) for t in threads for c in cases]
+    def attempt(key, what, r, call):
+        """One measurement of round `r`: its report with the round set, or None after printing
+        and recording the error under `key`."""
+        try:
+            rep = call()
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            msg = f"{what} round {r + 1}: {e}"
+            print("  ERROR " + msg, file=sys.stderr, flush=True)
+            runs[key]["errors"].append(msg)
+            return None
+        rep["round"] = r + 1
+        return rep
+
     for r in range(args.rounds):
         for t, (name, size, batch, steps) in schedule:
             cid = case_id(name, size)
@@ -1018,20 +1031,17 @@ def main() -> int:
             elrt_sides = [f"elrt:{c}" for c in cores]
             order = elrt_sides + ["torch"] if r % 2 == 0 else ["torch"] + elrt_sides[::-1]
             for side in order:
-                try:
-                    if side.startswith("elrt:"):
-                        core = side.split(":", 1)[1]
-                        rep = run_elrt(elrt, f["onnx"], batch, t, steps, args.timeout, core)
+                if side.startswith("elrt:"):
+                    core = side.split(":", 1)[1]
+                    rep = attempt((cid, t), f"{side} {cid} T={t}", r, lambda: run_elrt(
+                        elrt, f["onnx"], batch, t, steps, args.timeout, core))
+                    if rep:
                         rep["openblas_cores_entry"] = core
-                    else:
-                        rep = run_torch(name, size, f["ranks_file"], batch, t, steps,
-                                        args.warmup, args.timeout)
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    msg = f"{side} {cid} T={t} round {r + 1}: {e}"
-                    print("  ERROR " + msg, file=sys.stderr, flush=True)
-                    runs[(cid, t)]["errors"].append(msg)
+                else:
+                    rep = attempt((cid, t), f"{side} {cid} T={t}", r, lambda: run_torch(
+                        name, size, f["ranks_file"], batch, t, steps, args.warmup, args.timeout))
+                if rep is None:
                     continue
-                rep["round"] = r + 1
                 if side.startswith("elrt:"):
                     runs[(cid, t)]["elrt_cores"][core].append(rep)
                     if core == cores[0]:
@@ -1044,15 +1054,10 @@ def main() -> int:
                       f"{rep['img_per_s']:8.1f} img/s  {rep['peak_rss_mib']:7.1f} MiB"
                       + (f"  ({rep['warning']})" if "warning" in rep else ""), flush=True)
             if args.ceiling and t == max(threads) and t > 1:
-                try:
-                    rep = run_elrt_side_by_side(elrt, f["onnx"], batch, t, steps, args.timeout,
-                                                cores[0])
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    msg = f"ceiling {cid} {t}x1T round {r + 1}: {e}"
-                    print("  ERROR " + msg, file=sys.stderr, flush=True)
-                    runs[(cid, t)]["errors"].append(msg)
+                rep = attempt((cid, t), f"ceiling {cid} {t}x1T", r, lambda: run_elrt_side_by_side(
+                    elrt, f["onnx"], batch, t, steps, args.timeout, cores[0]))
+                if rep is None:
                     continue
-                rep["round"] = r + 1
                 runs[(cid, t)]["ceiling"].append(rep)
                 print(f"  round {r + 1}/{args.rounds} T={t} {cid:<24} {f'elrt {t}x1T at once':<20} "
                       f"{rep['img_per_s']:8.1f} img/s  "
