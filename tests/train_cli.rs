@@ -349,6 +349,10 @@ fn speed_reports_throughput_profile_and_blas_core() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["batch"], 4);
         assert_eq!(v["threads"], 1);
+        assert!(
+            v.get("worker_idle_pct").is_none(),
+            "one thread has no other: {v}"
+        );
         assert!(v["img_per_s"].as_f64().unwrap() > 0.0, "{v}");
         assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0, "{v}");
         assert!(!v["blas_core"].as_str().unwrap().is_empty(), "{v}");
@@ -372,6 +376,52 @@ fn speed_reports_throughput_profile_and_blas_core() {
         assert!(
             !ops.iter().any(|o| o.starts_with("Relu ")),
             "unfused ReLU in {ops:?}"
+        );
+    }
+}
+
+/// `elrt speed --json --profile` at 2 threads: the other thread's idle share of the timed
+/// steps (a percentage), and per op its idle ms, each no more than the op's own time.
+#[test]
+fn speed_at_two_threads_reports_the_other_threads_idle_time() {
+    let model = common::repo().join("models/resnet20.onnx");
+    let out = elrt()
+        .args([
+            "speed",
+            model.to_str().unwrap(),
+            "--batch",
+            "8",
+            "--steps",
+            "2",
+            "--threads",
+            "2",
+            "--json",
+            "--profile",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"], 2);
+    let pct = v["worker_idle_pct"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&pct), "{v}");
+    let idle = v["profile_idle"].as_array().unwrap();
+    assert!(!idle.is_empty(), "{v}");
+    for row in idle {
+        let (op, dir, ms) = (&row[0], &row[1], row[2].as_f64().unwrap());
+        let own = v["profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| &r[0] == op && &r[1] == dir)
+            .unwrap_or_else(|| panic!("{op} {dir} has an idle row but no profile row"));
+        assert!(
+            ms >= 0.0 && ms <= own[2].as_f64().unwrap() * 1.01 + 0.01,
+            "{row:?} {own:?}"
         );
     }
 }

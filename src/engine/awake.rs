@@ -19,7 +19,7 @@
 //! [`super::ops::part_len`], not by which thread runs a part).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 thread_local! {
     /// This thread is running a spinner, or the closure of [`keep_awake`] (whose thread must
@@ -109,17 +109,31 @@ pub fn set_keep_awake(mode: Option<bool>) {
 }
 
 /// A spinner: takes rayon jobs until `stop`. Returns at once on a thread already occupied (the
-/// closure's own, or one whose spinner picked up this one while taking jobs).
+/// closure's own, or one whose spinner picked up this one while taking jobs). The stretches in
+/// which it finds no work are counted ([`idle_time`]).
 fn spin(stop: &AtomicBool, spinning: &AtomicUsize) {
     if OCCUPIED.with(|o| o.replace(true)) {
         return;
     }
     spinning.fetch_add(1, Ordering::SeqCst);
+    let slot = rayon::current_thread_index().and_then(|i| IDLE_SINCE.get(i));
     let mut idle = 0u32;
+    // Start of the current stretch without work (ns on [`clock_ns`]), 0 while working.
+    let mut since = 0u64;
     while !stop.load(Ordering::Acquire) {
+        let now = clock_ns();
         match rayon::yield_now() {
-            Some(rayon::Yield::Executed) => idle = 0,
+            Some(rayon::Yield::Executed) => {
+                idle = 0;
+                end_idle(slot, &mut since, now);
+            }
             _ => {
+                if since == 0 {
+                    since = now;
+                    if let Some(s) = slot {
+                        s.store(since, Ordering::SeqCst);
+                    }
+                }
                 idle += 1;
                 if idle.is_multiple_of(LOOKS_PER_YIELD) {
                     std::thread::yield_now();
@@ -129,8 +143,56 @@ fn spin(stop: &AtomicBool, spinning: &AtomicUsize) {
             }
         }
     }
+    end_idle(slot, &mut since, clock_ns());
     spinning.fetch_sub(1, Ordering::SeqCst);
     OCCUPIED.with(|o| o.set(false));
+}
+
+/// Idle time of finished stretches, ns, summed over the workers.
+static IDLE_NS: AtomicU64 = AtomicU64::new(0);
+/// Per worker (by rayon index, the first 64): the start of its current stretch without work,
+/// 0 if none, so that [`idle_time`] counts stretches still running.
+static IDLE_SINCE: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+/// Ends a stretch without work that began at `since` (none if 0) at `now`.
+fn end_idle(slot: Option<&AtomicU64>, since: &mut u64, now: u64) {
+    if *since != 0 {
+        // The slot first, then the sum, and [`idle_time`] reads the sum first: a reading in
+        // between counts the stretch at most once (later readings are never smaller).
+        if let Some(s) = slot {
+            s.store(0, Ordering::SeqCst);
+        }
+        IDLE_NS.fetch_add(now.saturating_sub(*since), Ordering::SeqCst);
+        *since = 0;
+    }
+}
+
+/// Nanoseconds since the first call (at least 1, so that 0 can mean "not idle").
+fn clock_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+        + 1
+}
+
+/// The time the spinners have spent finding no work since the process started, summed over
+/// the workers (a running stretch up to now): the compute threads' idle time inside training
+/// steps, less the calling thread's own waits. The difference of two readings, over the wall
+/// time between them times the other workers' count, is the share of their time that a
+/// stretch of the step left them idle (`elrt speed --profile` reports it per op).
+pub fn idle_time() -> std::time::Duration {
+    let done = IDLE_NS.load(Ordering::SeqCst);
+    let now = clock_ns();
+    let running: u64 = IDLE_SINCE
+        .iter()
+        .map(|s| match s.load(Ordering::SeqCst) {
+            0 => 0,
+            t => now.saturating_sub(t),
+        })
+        .sum();
+    std::time::Duration::from_nanos(done + running)
 }
 
 #[cfg(test)]
@@ -195,6 +257,29 @@ mod tests {
         }
         let s: u64 = p.install(|| (0..1000u64).into_par_iter().sum());
         assert_eq!(s, 499_500);
+    }
+
+    /// A serial stretch inside the closure counts as the other worker's idle time, about its
+    /// length (never more than the wall time it spans), and readings never go down. The
+    /// counter is process-wide, so other tests' spinners may add to it: only bounds that hold
+    /// whatever they add are checked from below, and the upper bound uses this test's own
+    /// 2-thread pool plus the slack of every other test's pool (at most 4 threads).
+    #[test]
+    fn a_serial_stretch_counts_as_the_other_workers_idle_time() {
+        let p = pool(2);
+        let (idle, wall) = p.install(|| {
+            let (t0, i0) = (std::time::Instant::now(), idle_time());
+            keep_awake(|| std::thread::sleep(std::time::Duration::from_millis(200)));
+            (idle_time().saturating_sub(i0), t0.elapsed())
+        });
+        assert!(idle >= std::time::Duration::from_millis(150), "{idle:?}");
+        assert!(idle <= wall * 8, "{idle:?} over {wall:?}");
+        let mut last = idle_time();
+        for _ in 0..1000 {
+            let now = idle_time();
+            assert!(now >= last, "{now:?} < {last:?}");
+            last = now;
+        }
     }
 
     /// A panic inside the closure reaches the caller and leaves the thread usable.

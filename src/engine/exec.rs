@@ -44,9 +44,10 @@ pub struct Session<B: Backend = CpuBackend> {
     /// same masks as an uninterrupted one; the trainer sets the step before each forward.
     pub dropout_seed: u64,
     pub dropout_step: u64,
-    /// Seconds spent in each program step, `[forward, backward]`, when profiling is on (set it
-    /// to a vector as long as the program's steps; `elrt speed --profile` sums it by kernel).
-    pub profile: Option<Vec<[f64; 2]>>,
+    /// Seconds spent in each program step, `[forward, backward]`, then the other workers' idle
+    /// seconds in them ([`super::awake::idle_time`]), when profiling is on (set it to a vector
+    /// as long as the program's steps; `elrt speed --profile` sums it by kernel).
+    pub profile: Option<Vec<[f64; 4]>>,
     /// `--sync-bn`: training-mode BN sums its per-channel statistics through this (over the
     /// processes of a data-parallel run); `None`, the default, keeps them local.
     pub stat_sync: Option<std::sync::Arc<dyn super::stat_sync::StatSync>>,
@@ -123,7 +124,7 @@ impl<B: Backend> Session<B> {
         self.saved.clear();
         self.values[self.program.input_slot] = Some(self.backend.upload(x));
         for i in 0..self.program.steps.len() {
-            let t0 = std::time::Instant::now();
+            let (t0, idle0) = (std::time::Instant::now(), super::awake::idle_time());
             let (outs, saved) = self.run_step(i, mode).with_context(|| {
                 format!(
                     "node '{}' ({})",
@@ -132,6 +133,9 @@ impl<B: Backend> Session<B> {
             })?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
                 t[0] += t0.elapsed().as_secs_f64();
+                t[2] += super::awake::idle_time()
+                    .saturating_sub(idle0)
+                    .as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (slot, v) in step.outputs.iter().zip(outs) {
@@ -341,12 +345,15 @@ impl<B: Backend> Session<B> {
             if dys.iter().all(Option::is_none) {
                 continue;
             }
-            let t0 = std::time::Instant::now();
+            let (t0, idle0) = (std::time::Instant::now(), super::awake::idle_time());
             let din = self
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
                 t[1] += t0.elapsed().as_secs_f64();
+                t[3] += super::awake::idle_time()
+                    .saturating_sub(idle0)
+                    .as_secs_f64();
             }
             let step = &self.program.steps[i];
             for (src, g) in step.inputs.iter().zip(din) {

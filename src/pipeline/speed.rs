@@ -58,6 +58,16 @@ pub struct SpeedReport {
     /// With `profile_nodes`: (node, op, forward | backward, ms per step), slowest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<(String, String, String, f64)>,
+    /// At two or more threads: the share of the other compute threads' time (all but the one
+    /// that runs the step's serial code) spent idle, waiting for work, over the timed steps.
+    /// What two threads lose against twice one thread's speed is mostly this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_idle_pct: Option<f64>,
+    /// With `profile` at two or more threads: (op, forward | backward, the other workers' idle
+    /// ms per step inside it), most idle first (the idle time between ops is in
+    /// `worker_idle_pct` only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile_idle: Vec<(String, String, f64)>,
 }
 
 /// Peak resident set size of this process in MiB, from /proc (Linux).
@@ -99,28 +109,38 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
     let mut train_step = crate::train::step::TrainStep::new(&m.session.program, 0.0, 0.0);
     let mut step =
         |m: &mut Model| -> Result<()> { train_step.gradients(m, x.clone(), &labels).map(|_| ()) };
-    let total = crate::engine::on_pool(|| -> Result<f64> {
+    let total = crate::engine::on_pool(|| -> Result<(f64, f64)> {
         step(&mut m)?;
         if a.profile || a.profile_nodes {
-            m.session.profile = Some(vec![[0.0; 2]; m.session.program.steps.len()]);
+            m.session.profile = Some(vec![[0.0; 4]; m.session.program.steps.len()]);
         }
-        let t0 = std::time::Instant::now();
+        let (t0, idle0) = (std::time::Instant::now(), crate::engine::awake::idle_time());
         for _ in 0..a.steps {
             step(&mut m)?;
         }
-        Ok(t0.elapsed().as_secs_f64())
+        Ok((
+            t0.elapsed().as_secs_f64(),
+            crate::engine::awake::idle_time()
+                .saturating_sub(idle0)
+                .as_secs_f64(),
+        ))
     })?;
+    let (total, idle) = total;
+    let alive = crate::engine::compute_threads_alive();
+    let others = alive.saturating_sub(1);
     let times = m.session.profile.take().unwrap_or_default();
     let per_step = |s: f64| 1e3 * s / a.steps as f64;
     let dirs = ["forward", "backward"];
     let mut by_op = std::collections::BTreeMap::<(&str, usize), f64>::new();
+    let mut idle_by_op = std::collections::BTreeMap::<(&str, usize), f64>::new();
     let mut nodes = Vec::new();
     for (step, t) in m.session.program.steps.iter().zip(&times) {
-        for (d, &secs) in t.iter().enumerate() {
+        for (d, &secs) in t[..2].iter().enumerate() {
             if secs == 0.0 {
                 continue;
             }
             *by_op.entry((step.profile_key, d)).or_default() += secs;
+            *idle_by_op.entry((step.profile_key, d)).or_default() += t[2 + d];
             if a.profile_nodes {
                 let node = step.name.clone();
                 nodes.push((
@@ -138,11 +158,20 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         .collect();
     profile.sort_by(|x, y| y.2.total_cmp(&x.2));
     nodes.sort_by(|x, y| y.3.total_cmp(&x.3));
+    let mut profile_idle: Vec<(String, String, f64)> = if others > 0 {
+        idle_by_op
+            .into_iter()
+            .map(|((op, d), s)| (op.to_string(), dirs[d].to_string(), per_step(s)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    profile_idle.sort_by(|x, y| y.2.total_cmp(&x.2));
     let (blas_core, blas_core_pinned) = crate::engine::blas_core();
     Ok(SpeedReport {
         model: a.model.display().to_string(),
         batch: a.batch,
-        threads: crate::engine::compute_threads_alive(),
+        threads: alive,
         steps: a.steps,
         ms_per_step: 1e3 * total / a.steps as f64,
         img_per_s: (a.batch * a.steps) as f64 / total,
@@ -151,6 +180,8 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         blas_core_pinned,
         profile,
         nodes,
+        worker_idle_pct: (others > 0).then(|| 100.0 * idle / (others as f64 * total)),
+        profile_idle,
     })
 }
 
@@ -172,11 +203,25 @@ impl SpeedReport {
                 ""
             }
         );
+        if let Some(p) = rep.worker_idle_pct {
+            out += &format!(
+                "  the other {} compute thread(s) idle {p:.1}% of the time\n",
+                rep.threads.saturating_sub(1)
+            );
+        }
         for (op, dir, ms) in &rep.profile {
             out += &format!(
-                "  {op:<26} {dir:<8} {ms:>8.1} ms/step {:>5.1}%\n",
+                "  {op:<26} {dir:<8} {ms:>8.1} ms/step {:>5.1}%",
                 100.0 * ms / rep.ms_per_step
             );
+            let idle = rep
+                .profile_idle
+                .iter()
+                .find(|(o, d, _)| o == op && d == dir);
+            if let Some((_, _, idle)) = idle {
+                out += &format!("  (others idle {idle:.1} ms)");
+            }
+            out += "\n";
         }
         if !rep.nodes.is_empty() {
             out += "per node:\n";
