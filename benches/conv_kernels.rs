@@ -280,7 +280,9 @@ fn conv_kernels(c: &mut Criterion) {
                 set_winograd_cl_weight_grad(Some(dw));
                 b.iter(|| {
                     elrt::engine::on_pool(|| {
-                        black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                        elrt::engine::awake::keep_awake(|| {
+                            black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                        })
                     })
                 })
             });

@@ -842,7 +842,7 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
     for r in results:
         by_case.setdefault(r["case"], {})[r["threads"]] = r
     heads = "".join(f" elrt img/s, {t}T | PyTorch img/s, {t}T | ratio, {t}T |" for t in threads)
-    scale = (" elrt 2T/1T | elrt 2T/1T, paired | PyTorch 2T/1T |"
+    scale = (" elrt 2T/1T | elrt 2T/1T, paired | elrt 2T idle % | PyTorch 2T/1T |"
              if 1 in threads and 2 in threads else "")
     ceiling = scale and any(r.get("host_ceiling_scaling") for r in results)
     if ceiling:
@@ -851,7 +851,7 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
     n_extra = len(cores[1:]) * len(threads)
     out = [f"| model | input | batch |{heads}{scale} elrt peak MiB | PyTorch peak MiB |{extra}",
            "|---|---:|---:|" + "---:|---:|---:|" * len(threads)
-           + ("---:|---:|---:|" if scale else "") + ("---:|" if ceiling else "")
+           + ("---:|---:|---:|---:|" if scale else "") + ("---:|" if ceiling else "")
            + "---:|---:|" + "---:|" * n_extra]
 
     def f(v, spec):
@@ -870,6 +870,7 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
             r2 = rows.get(2, {})
             cells += (f" {f(r2.get('elrt_scaling'), '.2f')} |"
                       f" {f(r2.get('elrt_scaling_paired'), '.2f')} |"
+                      f" {f(r2.get('elrt_worker_idle_pct'), '.1f')} |"
                       f" {f(r2.get('torch_scaling'), '.2f')} |")
             if ceiling:
                 cells += f" {f(r2.get('host_ceiling_scaling'), '.2f')} |"
@@ -888,7 +889,9 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
                f"{machine['torch']} ({machine['torch_cpu_capability']}). Median of the rounds; "
                f"ratio = elrt / PyTorch img/s (bold: at least 1.0); 2T/1T = img/s at 2 threads "
                f"over 1 thread (of the medians; paired: the median of each round's own ratio); "
-               f"peak = the larger of the thread counts' medians."
+               f"peak = the larger of the thread counts' medians; 2T idle % = the share of the "
+               f"second compute thread's time in which it found no work (`elrt speed`'s "
+               f"worker_idle_pct)."
                + (" host 2x1T/1T: two 1-thread elrt processes at once, their summed img/s over "
                   "the 1-thread img/s (--ceiling): what the host gives work that shares nothing."
                   if ceiling else ""))
@@ -1079,6 +1082,10 @@ def main() -> int:
                 "elrt_img_per_s": med(e, "img_per_s"), "torch_img_per_s": med(p, "img_per_s"),
                 "elrt_ms_per_step": med(e, "ms_per_step"), "torch_ms_per_step": med(p, "ms_per_step"),
                 "elrt_peak_rss_mib": med(e, "peak_rss_mib"), "torch_peak_rss_mib": med(p, "peak_rss_mib"),
+                # At 2+ threads: the share of the other compute threads' time they found no
+                # work (`elrt speed`'s worker_idle_pct): the engine's own part of what 2T/1T
+                # misses.
+                "elrt_worker_idle_pct": med(e, "worker_idle_pct"),
                 "torch_rss_after_import_mib": med(p, "rss_after_import_torch_mib"),
                 "torch_cpu_per_wall": med(p, "cpu_per_wall"),
                 "elrt_host_steal_pct": med(e, "host_steal_pct"),
