@@ -1433,6 +1433,42 @@ fn assert_first_images_match_alone(
     assert_eq!(first(&dx_all), dx, "{what} dx");
 }
 
+/// The fused path's weight transform and weight-gradient untransform, whose tap rows and
+/// output channels run in parallel, give the same bits on 1, 2 and 3 threads.
+#[test]
+fn fused_weight_transforms_do_not_depend_on_the_thread_count() {
+    let mut rng = Rng::new(12);
+    for (cout, cin) in [(16, 16), (40, 7), (64, 33), (128, 128)] {
+        let w = rand_array(&mut rng, [cout, cin, 3, 3], -1.0, 1.0);
+        let du_len = 36 * cin.div_ceil(16) * 16 * cout.div_ceil(16) * 16;
+        let du: Vec<f32> = (0..du_len).map(|_| rng.range(-1.0, 1.0)).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let u = winograd_fused::fused_weights(cout, cin, w.as_slice().unwrap());
+                let mut dw = vec![f32::NAN; cout * cin * 9];
+                winograd_fused::fused_untransform(cout, cin, &du, &mut dw);
+                (u, dw)
+            })
+        };
+        let (u1, dw1) = run(1);
+        assert!(dw1.iter().all(|v| v.is_finite()), "every entry written");
+        for threads in [2, 3] {
+            let (u, dw) = run(threads);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&u), bits(&u1), "{cout}x{cin} U at {threads} threads");
+            assert_eq!(
+                bits(&dw),
+                bits(&dw1),
+                "{cout}x{cin} dw at {threads} threads"
+            );
+        }
+    }
+}
+
 /// The fused path's transformed weights, made plane by plane, equal the per-kernel transform
 /// of `winograd4.rs` (the same f64 sums in the same order) at every tap, and are zero in the
 /// lanes past the channels.

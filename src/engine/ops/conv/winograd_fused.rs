@@ -439,63 +439,72 @@ fn wide(n: usize) -> usize {
     n.div_ceil(LANES) * LANES
 }
 
-simd_dispatch! {
-    /// `U[k][c][o] = (G w[o][c] G^T)[k]` (`[36][wide(cin)][wide(cout)]`), zero for `c >= cin`
-    /// or `o >= cout`: `w` is ONNX's `[cout][cin][3][3]`. [`fused_weights_body`] compiled for
-    /// AVX-512 / AVX2 where the CPU has them.
-    pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32>
-        => fused_weights_body, (cout, cin, w); ["avx512f", "avx2"]
-}
-
-/// Plane by plane over `(c, o)`, in f64, each entry's sums in `transform_kernel4`'s order
-/// (`t = G g`, then `t G^T`), rounded once: one pair at a time wrote its 36 taps a plane apart
-/// (16 KB at 64 channels), and this runs serially before every forward and input gradient.
-#[inline(always)]
-fn fused_weights_body(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
+/// `U[k][c][o] = (G w[o][c] G^T)[k]` (`[36][wide(cin)][wide(cout)]`), zero for `c >= cin` or
+/// `o >= cout`: `w` is ONNX's `[cout][cin][3][3]`.
+///
+/// Plane by plane over `(c, o)`, in f64, each entry's sums in `transform_kernel4`'s order (`t =
+/// G g`, then `t G^T`), rounded once: one pair at a time wrote its 36 taps a plane apart (16 KB
+/// at 64 channels). It runs before every forward and input gradient, so its six tap rows run in
+/// parallel ([`fused_weights_row`]; serial, it left the other threads idle for most of the
+/// fused path's idle time: resnet18 at 64x64, batch 64, 2 threads). Each entry is the same
+/// sequence of operations whatever the thread count.
+pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
     assert!(cout <= MAX_CHANNELS && cin <= MAX_CHANNELS && w.len() == cout * cin * 9);
-    let g = &super::winograd4::G;
     let (ci, co) = (wide(cin), wide(cout));
     let plane = ci * co;
-    // The kernel's taps as planes: wp[a][b][c][o] = w[o][c][a][b].
+    // The kernel's taps as planes: wp[a][b][c][o] = w[o][c][a][b], zero past the channels.
     let mut wp = vec![0.0f64; 9 * plane];
-    for o in 0..cout {
-        for c in 0..cin {
-            for (ab, &v) in w[(o * cin + c) * 9..][..9].iter().enumerate() {
-                wp[ab * plane + c * co + o] = f64::from(v);
+    wp.par_chunks_mut(plane).enumerate().for_each(|(ab, p)| {
+        for o in 0..cout {
+            for c in 0..cin {
+                p[c * co + o] = f64::from(w[(o * cin + c) * 9 + ab]);
             }
         }
-    }
-    // t[i][j] = sum_k G[i][k] wp[k][j].
-    let mut t = vec![0.0f64; 18 * plane];
-    for (i, gi) in g.iter().enumerate() {
-        for j in 0..3 {
-            let tij = &mut t[(3 * i + j) * plane..][..plane];
-            for (k, &gik) in gi.iter().enumerate() {
-                let wk = &wp[(3 * k + j) * plane..][..plane];
-                for (v, &x) in tij.iter_mut().zip(wk) {
-                    *v += gik * x;
-                }
-            }
-        }
-    }
-    // U[6 i + j] = sum_k t[i][k] G[j][k].
-    let mut u = vec![0.0f32; TAPS * plane];
-    let mut acc = vec![0.0f64; plane];
-    for i in 0..6 {
-        for (j, gj) in g.iter().enumerate() {
-            acc.fill(0.0);
-            for (k, &gjk) in gj.iter().enumerate() {
-                let tik = &t[(3 * i + k) * plane..][..plane];
-                for (v, &x) in acc.iter_mut().zip(tik) {
-                    *v += x * gjk;
-                }
-            }
-            for (d, &v) in u[(6 * i + j) * plane..][..plane].iter_mut().zip(&acc) {
-                *d = v as f32;
-            }
-        }
-    }
+    });
+    let mut u = unzeroed(TAPS * plane);
+    u.par_chunks_mut(6 * plane)
+        .enumerate()
+        .for_each(|(i, ui)| fused_weights_row(i, plane, &wp, ui));
     u
+}
+
+simd_dispatch! {
+    /// Tap row `i` of [`fused_weights`] (`ui`: `U[6 i .. 6 i + 6]`, every entry written) from
+    /// the taps as planes `wp`: [`fused_weights_row_body`] compiled for AVX-512 / AVX2 where
+    /// the CPU has them (its plane loops vectorise; Rust contracts no multiply-add, so every
+    /// build gives the same bits).
+    fn fused_weights_row(i: usize, plane: usize, wp: &[f64], ui: &mut [f32])
+        => fused_weights_row_body, (i, plane, wp, ui); ["avx512f", "avx2"]
+}
+
+#[inline(always)]
+fn fused_weights_row_body(i: usize, plane: usize, wp: &[f64], ui: &mut [f32]) {
+    let g = &super::winograd4::G;
+    // t[j] = sum_k G[i][k] wp[k][j].
+    let mut t = vec![0.0f64; 3 * plane];
+    for j in 0..3 {
+        let tj = &mut t[j * plane..][..plane];
+        for (k, &gik) in g[i].iter().enumerate() {
+            let wk = &wp[(3 * k + j) * plane..][..plane];
+            for (v, &x) in tj.iter_mut().zip(wk) {
+                *v += gik * x;
+            }
+        }
+    }
+    // U[6 i + j] = sum_k t[k] G[j][k].
+    let mut acc = vec![0.0f64; plane];
+    for (j, gj) in g.iter().enumerate() {
+        acc.fill(0.0);
+        for (k, &gjk) in gj.iter().enumerate() {
+            let tk = &t[k * plane..][..plane];
+            for (v, &x) in acc.iter_mut().zip(tk) {
+                *v += x * gjk;
+            }
+        }
+        for (d, &v) in ui[j * plane..][..plane].iter_mut().zip(&acc) {
+            *d = v as f32;
+        }
+    }
 }
 
 /// One group's buffers ([`Plane::fused_images`] images), kept across the groups of a part
@@ -1033,47 +1042,80 @@ fn accumulate_portable(
     }
 }
 
+/// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and rounded
+/// once (`du`: `[36][CI][CO]`).
+///
+/// Plane by plane over `(c, o)`, `dU` read in its own order (entry by entry, a pair's 36 taps
+/// lie a plane apart: 16 KB at 64 channels, a cache miss each): `t[i][b] = sum_j dU[i][j]
+/// G[j][b]`, six tap rows in parallel ([`untransform_row`]), then `dg[a][b] = sum_i G[i][a]
+/// t[i][b]` per block of output channels in parallel ([`untransform_out`]), each sum in index
+/// order, so each entry is the same sequence of operations whatever the thread count. Serial,
+/// it ran once per fused layer's backward with the other threads idle.
+pub(super) fn fused_untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
+    let plane = wide(cin) * wide(cout);
+    let mut t = vec![0.0f64; 18 * plane];
+    t.par_chunks_mut(3 * plane)
+        .enumerate()
+        .for_each(|(i, ti)| untransform_row(i, plane, du, ti));
+    dw.par_chunks_mut(UNTRANSFORM_OUTS * cin * 9)
+        .enumerate()
+        .for_each(|(b, d)| untransform_out(b * UNTRANSFORM_OUTS, cout, cin, &t, d));
+}
+
+/// Output channels per task of [`untransform_out`]: its reads of `t` run along the output
+/// channels, so a task's channels share cache lines.
+const UNTRANSFORM_OUTS: usize = 16;
+
 simd_dispatch! {
-    /// `dw[o][c]` (`[cout][cin][3][3]`, overwritten) `= G^T dU[..][c][o] G`, in f64 and
-    /// rounded once (`du`: `[36][CI][CO]`): [`untransform_body`] compiled for AVX-512 / AVX2
-    /// where the CPU has them (its plane loops vectorise; Rust contracts no multiply-add, so
-    /// every build gives the same bits).
-    pub(super) fn fused_untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f32])
-        => untransform_body, (cout, cin, du, dw); ["avx512f", "avx2"]
+    /// Row `i` of `t` (`ti`: `t[i][0..3]`, accumulated into zeros) from `du`:
+    /// [`untransform_row_body`] compiled for AVX-512 / AVX2 where the CPU has them (its plane
+    /// loops vectorise; Rust contracts no multiply-add, so every build gives the same bits).
+    fn untransform_row(i: usize, plane: usize, du: &[f32], ti: &mut [f64])
+        => untransform_row_body, (i, plane, du, ti); ["avx512f", "avx2"]
 }
 
 #[inline(always)]
-fn untransform_body(cout: usize, cin: usize, du: &[f32], dw: &mut [f32]) {
+fn untransform_row_body(i: usize, plane: usize, du: &[f32], ti: &mut [f64]) {
     let g = &super::winograd4::G;
-    let plane = wide(cin) * wide(cout);
-    let co = wide(cout);
-    // Plane by plane over `(c, o)`, `dU` read in its own order (entry by entry, a pair's 36
-    // taps lie a plane apart: 16 KB at 64 channels, a cache miss each): t[i][b] = sum_j
-    // dU[i][j] G[j][b], then dg[a][b] = sum_i G[i][a] t[i][b], each sum in index order.
-    let mut t = vec![0.0f64; 18 * plane];
-    for (i, ti) in t.chunks_exact_mut(3 * plane).enumerate() {
-        for (b, tb) in ti.chunks_exact_mut(plane).enumerate() {
-            for (j, gj) in g.iter().enumerate() {
-                let dj = &du[(6 * i + j) * plane..][..plane];
-                for (v, &d) in tb.iter_mut().zip(dj) {
-                    *v += f64::from(d) * gj[b];
-                }
+    for (b, tb) in ti.chunks_exact_mut(plane).enumerate() {
+        for (j, gj) in g.iter().enumerate() {
+            let dj = &du[(6 * i + j) * plane..][..plane];
+            for (v, &d) in tb.iter_mut().zip(dj) {
+                *v += f64::from(d) * gj[b];
             }
         }
     }
-    let mut r = vec![0.0f64; plane];
-    for a in 0..3 {
-        for b in 0..3 {
-            r.fill(0.0);
-            for (i, gi) in g.iter().enumerate() {
-                let tib = &t[(3 * i + b) * plane..][..plane];
-                for (v, &x) in r.iter_mut().zip(tib) {
-                    *v += gi[a] * x;
+}
+
+simd_dispatch! {
+    /// Output channels `o0..` of `dg[a][b] = sum_i G[i][a] t[i][b]` into `d` (`[outs][cin][3]
+    /// [3]`, overwritten), each sum from zero in `i` order: [`untransform_out_body`] compiled
+    /// for AVX-512 / AVX2 where the CPU has them.
+    fn untransform_out(o0: usize, cout: usize, cin: usize, t: &[f64], d: &mut [f32])
+        => untransform_out_body, (o0, cout, cin, t, d); ["avx512f", "avx2"]
+}
+
+#[inline(always)]
+fn untransform_out_body(o0: usize, cout: usize, cin: usize, t: &[f64], d: &mut [f32]) {
+    let g = &super::winograd4::G;
+    let co = wide(cout);
+    let plane = wide(cin) * co;
+    let outs = d.len() / (cin * 9);
+    let mut r = [0.0f64; UNTRANSFORM_OUTS];
+    for c in 0..cin {
+        for a in 0..3 {
+            for b in 0..3 {
+                // Along the block's output channels, which lie side by side in `t`.
+                let r = &mut r[..outs];
+                r.fill(0.0);
+                for (i, gi) in g.iter().enumerate() {
+                    let ti = &t[(3 * i + b) * plane + c * co + o0..][..outs];
+                    for (v, &x) in r.iter_mut().zip(ti) {
+                        *v += gi[a] * x;
+                    }
                 }
-            }
-            for c in 0..cin {
-                for o in 0..cout {
-                    dw[(o * cin + c) * 9 + 3 * a + b] = r[c * co + o] as f32;
+                for (k, &v) in r.iter().enumerate() {
+                    d[(k * cin + c) * 9 + 3 * a + b] = v as f32;
                 }
             }
         }
