@@ -144,7 +144,6 @@ fn planes_per_task(plane: usize, total: usize) -> usize {
 /// equal to it. The general path copies the broadcast operand first and runs on one thread:
 /// EfficientNet-B0's squeeze-excitation Muls took 8% of its training step through it.
 fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<ArrayD<f32>> {
-    use rayon::prelude::*;
     let (xs, ys) = (a.as_slice()?, b.as_slice()?);
     let (big_is_a, plane) = match plane_of(a.shape(), b.shape()) {
         Some(p) => (true, p),
@@ -155,12 +154,31 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
     } else {
         (ys, xs, b.raw_dim())
     };
-    let f = move |x: f32, y: f32| match op {
-        BinOp::Add => x + y,
-        BinOp::Sub => x - y,
-        BinOp::Mul => x * y,
-        BinOp::Div => x / y,
+    // One instance of `plane_map` per rule (`x` the big operand's element, `s` the plane's
+    // value), so that the rule inlines into a plain loop: with the op matched per element
+    // inside the loop, whether it vectorised was up to the optimiser's unswitching, and
+    // MobileNet-V3-Small's squeeze-excitation Mul forward ran 0.8 or 1.8 ms a step (1 thread)
+    // depending on code elsewhere in the build.
+    let out = match (op, big_is_a) {
+        (BinOp::Add, true) => plane_map(big, small, plane, |x, s| x + s),
+        (BinOp::Add, false) => plane_map(big, small, plane, |x, s| s + x),
+        (BinOp::Sub, true) => plane_map(big, small, plane, |x, s| x - s),
+        (BinOp::Sub, false) => plane_map(big, small, plane, |x, s| s - x),
+        (BinOp::Mul, true) => plane_map(big, small, plane, |x, s| x * s),
+        (BinOp::Mul, false) => plane_map(big, small, plane, |x, s| s * x),
+        (BinOp::Div, true) => plane_map(big, small, plane, |x, s| x / s),
+        (BinOp::Div, false) => plane_map(big, small, plane, |x, s| s / x),
     };
+    Some(ArrayD::from_shape_vec(shape, out).expect("same length"))
+}
+
+/// `out[i] = f(big[i], small[i / plane])` in parallel over whole planes.
+fn plane_map(
+    big: &[f32],
+    small: &[f32],
+    plane: usize,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Vec<f32> {
     let mut out = unzeroed(big.len());
     let k = planes_per_task(plane, big.len());
     out.par_chunks_mut(k * plane)
@@ -168,14 +186,10 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
         .zip(small.par_chunks(k))
         .for_each(|((o, g), s)| {
             for ((o, g), &s) in o.chunks_mut(plane).zip(g.chunks(plane)).zip(s) {
-                if big_is_a {
-                    o.iter_mut().zip(g).for_each(|(o, &g)| *o = f(g, s));
-                } else {
-                    o.iter_mut().zip(g).for_each(|(o, &g)| *o = f(s, g));
-                }
+                o.iter_mut().zip(g).for_each(|(o, &g)| *o = f(g, s));
             }
         });
-    Some(ArrayD::from_shape_vec(shape, out).expect("same length"))
+    out
 }
 
 /// Gradients of [`plane_forward`]'s cases: the big operand's elementwise, the small one's one
