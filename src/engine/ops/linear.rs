@@ -192,18 +192,25 @@ impl Gemm {
         // Not zeroed (a serial memset of the weight-sized `dB`, 2.4 MB for MobileNet-V3's
         // 576 -> 1024 classifier layer, with the other threads idle): the products overwrite
         // every entry.
-        let mut da = uninit2(a.dim());
-        if self.trans_a {
-            par_mat_mul(self.alpha, &bp, &dy.t(), &mut da);
-        } else {
-            par_mat_mul(self.alpha, &dy, &bp.t(), &mut da);
-        }
-        let mut db = uninit2(b.dim());
-        if self.trans_b {
-            par_mat_mul(self.alpha, &dy.t(), &ap, &mut db);
-        } else {
-            par_mat_mul(self.alpha, &ap.t(), &dy, &mut db);
-        }
+        let (mut da, mut db) = (uninit2(a.dim()), uninit2(b.dim()));
+        // Side by side: squeeze-excitation's products are too small to split, and one after
+        // the other they left the other threads idle (the same products either way).
+        rayon::join(
+            || {
+                if self.trans_a {
+                    par_mat_mul(self.alpha, &bp, &dy.t(), &mut da);
+                } else {
+                    par_mat_mul(self.alpha, &dy, &bp.t(), &mut da);
+                }
+            },
+            || {
+                if self.trans_b {
+                    par_mat_mul(self.alpha, &dy.t(), &ap, &mut db);
+                } else {
+                    par_mat_mul(self.alpha, &ap.t(), &dy, &mut db);
+                }
+            },
+        );
         let dc = match c_shape {
             None => None,
             Some(cs) => {
