@@ -385,26 +385,18 @@ fn speed_reports_throughput_profile_and_blas_core() {
 #[test]
 fn speed_at_two_threads_reports_the_other_threads_idle_time() {
     let model = common::repo().join("models/resnet20.onnx");
-    let out = elrt()
-        .args([
-            "speed",
-            model.to_str().unwrap(),
-            "--batch",
-            "8",
-            "--steps",
-            "2",
-            "--threads",
-            "2",
-            "--json",
-            "--profile",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeeds([
+        "speed",
+        model.to_str().unwrap(),
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+        "--profile",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["threads"], 2);
     let pct = v["worker_idle_pct"].as_f64().unwrap();

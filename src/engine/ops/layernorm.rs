@@ -684,11 +684,7 @@ mod tests {
         let (x, s, b) = inputs(&mut rng, &shape, 3, 0.1);
         let dy = rand_array(&mut rng, IxDyn(&shape), -1.0, 1.0);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let (y, saved) = ln.forward(x.view(), s.view(), Some(b.view())).unwrap();
                 let g = ln.backward(x.view(), s.view(), &saved, dy.view()).unwrap();
                 let bits = |a: &ArrayD<f32>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();

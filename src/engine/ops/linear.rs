@@ -374,11 +374,7 @@ mod tests {
                 let b = rand_array(&mut rng, if tb { (n, k) } else { (k, n) }, -1.0, 1.0);
                 let dy = rand_array(&mut rng, (m, n), -1.0, 1.0);
                 let run = |threads: usize| {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
-                    pool.install(|| {
+                    on_threads(threads, || {
                         let y = g.forward(a.view(), b.view(), None).unwrap();
                         let gr = g.backward(a.view(), b.view(), None, dy.view()).unwrap();
                         (y, gr.da, gr.db)

@@ -3,6 +3,16 @@
 
 use ndarray::{Array, ArrayView, Dimension, IntoDimension};
 
+/// Runs `f` on a fresh rayon pool of `threads` threads (for the thread-count-independence
+/// tests: the same bits on 1 thread and on several).
+pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
 /// SplitMix64: tiny, seeded, good enough to make test tensors.
 pub struct Rng(u64);
 

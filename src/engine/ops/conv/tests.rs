@@ -354,11 +354,9 @@ fn backward_is_bitwise_reproducible_across_thread_counts() {
     let w = rand_array(&mut rng, [16, 8, 3, 3], -1.0, 1.0);
     let dy = rand_array(&mut rng, [37, 16, 8, 8], -1.0, 1.0);
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| c.backward(x.view(), w.view(), dy.view(), true).unwrap())
+        on_threads(threads, || {
+            c.backward(x.view(), w.view(), dy.view(), true).unwrap()
+        })
     };
     let (a, b) = (run(1), run(3));
     assert_eq!(a.dw, b.dw);
@@ -994,11 +992,7 @@ mod properties {
 /// Forward and backward of `g` give the same bits on a pool of 1 thread and of 3.
 fn assert_same_on_1_and_3_threads(g: &Geom, x: &Array4<f32>, w: &Array4<f32>, dy: &Array4<f32>) {
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             (
                 Conv2d::forward_geom(g, x.view(), w.view(), None),
                 Conv2d::backward_geom(g, x.view(), w.view(), dy.view(), true),
@@ -1443,11 +1437,7 @@ fn fused_weight_transforms_do_not_depend_on_the_thread_count() {
         let du_len = 36 * cin.div_ceil(16) * 16 * cout.div_ceil(16) * 16;
         let du: Vec<f32> = (0..du_len).map(|_| rng.range(-1.0, 1.0)).collect();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let u = winograd_fused::fused_weights(cout, cin, w.as_slice().unwrap());
                 let mut dw = vec![f32::NAN; cout * cin * 9];
                 winograd_fused::fused_untransform(cout, cin, &du, &mut dw);
