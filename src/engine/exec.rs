@@ -124,7 +124,9 @@ impl<B: Backend> Session<B> {
         self.saved.clear();
         self.values[self.program.input_slot] = Some(self.backend.upload(x));
         for i in 0..self.program.steps.len() {
-            let (t0, idle0) = (std::time::Instant::now(), super::awake::idle_time());
+            // The idle clock's reading (64 atomics) only when profiling.
+            let idle0 = self.profile.is_some().then(super::awake::idle_time);
+            let t0 = std::time::Instant::now();
             let (outs, saved) = self.run_step(i, mode).with_context(|| {
                 format!(
                     "node '{}' ({})",
@@ -133,6 +135,7 @@ impl<B: Backend> Session<B> {
             })?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
                 t[0] += t0.elapsed().as_secs_f64();
+                let idle0 = idle0.unwrap_or_default();
                 t[2] += super::awake::idle_time()
                     .saturating_sub(idle0)
                     .as_secs_f64();
@@ -345,12 +348,15 @@ impl<B: Backend> Session<B> {
             if dys.iter().all(Option::is_none) {
                 continue;
             }
-            let (t0, idle0) = (std::time::Instant::now(), super::awake::idle_time());
+            // The idle clock's reading (64 atomics) only when profiling.
+            let idle0 = self.profile.is_some().then(super::awake::idle_time);
+            let t0 = std::time::Instant::now();
             let din = self
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
                 t[1] += t0.elapsed().as_secs_f64();
+                let idle0 = idle0.unwrap_or_default();
                 t[3] += super::awake::idle_time()
                     .saturating_sub(idle0)
                     .as_secs_f64();

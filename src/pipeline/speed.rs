@@ -109,7 +109,7 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
     let mut train_step = crate::train::step::TrainStep::new(&m.session.program, 0.0, 0.0);
     let mut step =
         |m: &mut Model| -> Result<()> { train_step.gradients(m, x.clone(), &labels).map(|_| ()) };
-    let total = crate::engine::on_pool(|| -> Result<(f64, f64)> {
+    let (total, idle) = crate::engine::on_pool(|| -> Result<(f64, f64)> {
         step(&mut m)?;
         if a.profile || a.profile_nodes {
             m.session.profile = Some(vec![[0.0; 4]; m.session.program.steps.len()]);
@@ -125,7 +125,6 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
                 .as_secs_f64(),
         ))
     })?;
-    let (total, idle) = total;
     let alive = crate::engine::compute_threads_alive();
     let others = alive.saturating_sub(1);
     let times = m.session.profile.take().unwrap_or_default();
