@@ -116,24 +116,28 @@ fn spin(stop: &AtomicBool, spinning: &AtomicUsize) {
         return;
     }
     spinning.fetch_add(1, Ordering::SeqCst);
-    let slot = rayon::current_thread_index().and_then(|i| IDLE_SINCE.get(i));
+    let counter = rayon::current_thread_index()
+        .and_then(|i| IDLE_NS.get(i))
+        .unwrap_or(&IDLE_NS[IDLE_NS.len() - 1]);
     let mut idle = 0u32;
-    // Start of the current stretch without work (ns on [`clock_ns`]), 0 while working.
-    let mut since = 0u64;
+    // The time up to which this stretch without work is counted (ns on [`clock_ns`]), 0 while
+    // working.
+    let mut counted = 0u64;
     while !stop.load(Ordering::Acquire) {
+        // Each look first counts the time since the last one, if that last one found nothing:
+        // the look that then executes a job has counted up to its own start, and the job's
+        // time is never counted, however long it runs.
         let now = clock_ns();
+        if counted != 0 {
+            counter.fetch_add(now - counted, Ordering::Relaxed);
+        }
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => {
                 idle = 0;
-                end_idle(slot, &mut since, now);
+                counted = 0;
             }
             _ => {
-                if since == 0 {
-                    since = now;
-                    if let Some(s) = slot {
-                        s.store(since, Ordering::SeqCst);
-                    }
-                }
+                counted = now;
                 idle += 1;
                 if idle.is_multiple_of(LOOKS_PER_YIELD) {
                     std::thread::yield_now();
@@ -143,29 +147,17 @@ fn spin(stop: &AtomicBool, spinning: &AtomicUsize) {
             }
         }
     }
-    end_idle(slot, &mut since, clock_ns());
+    if counted != 0 {
+        counter.fetch_add(clock_ns() - counted, Ordering::Relaxed);
+    }
     spinning.fetch_sub(1, Ordering::SeqCst);
     OCCUPIED.with(|o| o.set(false));
 }
 
-/// Idle time of finished stretches, ns, summed over the workers.
-static IDLE_NS: AtomicU64 = AtomicU64::new(0);
-/// Per worker (by rayon index, the first 64): the start of its current stretch without work,
-/// 0 if none, so that [`idle_time`] counts stretches still running.
-static IDLE_SINCE: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
-
-/// Ends a stretch without work that began at `since` (none if 0) at `now`.
-fn end_idle(slot: Option<&AtomicU64>, since: &mut u64, now: u64) {
-    if *since != 0 {
-        // The slot first, then the sum, and [`idle_time`] reads the sum first: a reading in
-        // between counts the stretch at most once (later readings are never smaller).
-        if let Some(s) = slot {
-            s.store(0, Ordering::SeqCst);
-        }
-        IDLE_NS.fetch_add(now.saturating_sub(*since), Ordering::SeqCst);
-        *since = 0;
-    }
-}
+/// Idle time, ns, per worker by rayon index (the last one shared by the workers past it),
+/// added to look by look: one counter per worker keeps the additions off each other's cache
+/// lines, and counters that only grow make readings that never decrease.
+static IDLE_NS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 
 /// Nanoseconds since the first call (at least 1, so that 0 can mean "not idle").
 fn clock_ns() -> u64 {
@@ -178,21 +170,13 @@ fn clock_ns() -> u64 {
 }
 
 /// The time the spinners have spent finding no work since the process started, summed over
-/// the workers (a running stretch up to now): the compute threads' idle time inside training
-/// steps, less the calling thread's own waits. The difference of two readings, over the wall
-/// time between them times the other workers' count, is the share of their time that a
-/// stretch of the step left them idle (`elrt speed --profile` reports it per op).
+/// the workers, up to each one's latest look (a few microseconds at most behind): the compute
+/// threads' idle time inside training steps, less the calling thread's own waits. Readings
+/// never decrease. The difference of two readings, over the wall time between them times the
+/// other workers' count, is the share of their time that a stretch of the step left them idle
+/// (`elrt speed --profile` reports it per op).
 pub fn idle_time() -> std::time::Duration {
-    let done = IDLE_NS.load(Ordering::SeqCst);
-    let now = clock_ns();
-    let running: u64 = IDLE_SINCE
-        .iter()
-        .map(|s| match s.load(Ordering::SeqCst) {
-            0 => 0,
-            t => now.saturating_sub(t),
-        })
-        .sum();
-    std::time::Duration::from_nanos(done + running)
+    std::time::Duration::from_nanos(IDLE_NS.iter().map(|c| c.load(Ordering::Relaxed)).sum())
 }
 
 #[cfg(test)]
@@ -280,6 +264,38 @@ mod tests {
             assert!(now >= last, "{now:?} < {last:?}");
             last = now;
         }
+    }
+
+    /// Readings taken while a spinner runs jobs never decrease: a job's time is not counted
+    /// as idle while it runs and then taken back. Serial stretches (the spinner idle) alternate
+    /// with two-way joins whose second half the spinner runs for 10 ms, while a thread outside
+    /// the pool reads the counter continuously.
+    #[test]
+    fn readings_taken_while_a_spinner_runs_a_job_never_decrease() {
+        let stop = AtomicBool::new(false);
+        let drops = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let (mut last, mut drops) = (idle_time(), 0);
+                while !stop.load(Ordering::Acquire) {
+                    let now = idle_time();
+                    drops += usize::from(now < last);
+                    last = now;
+                }
+                drops
+            });
+            let nap = |ms| std::thread::sleep(std::time::Duration::from_millis(ms));
+            pool(2).install(|| {
+                keep_awake(|| {
+                    for _ in 0..10 {
+                        nap(5);
+                        rayon::join(|| nap(10), || nap(10));
+                    }
+                })
+            });
+            stop.store(true, Ordering::Release);
+            sampler.join().unwrap()
+        });
+        assert_eq!(drops, 0);
     }
 
     /// A panic inside the closure reaches the caller and leaves the thread usable.
