@@ -134,11 +134,9 @@ impl<B: Backend> Session<B> {
                 )
             })?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
-                t[0] += t0.elapsed().as_secs_f64();
-                let idle0 = idle0.unwrap_or_default();
-                t[2] += super::awake::idle_time()
-                    .saturating_sub(idle0)
-                    .as_secs_f64();
+                let wall = t0.elapsed().as_secs_f64();
+                t[0] += wall;
+                t[2] += idle_within(idle0.unwrap_or_default(), wall);
             }
             let step = &self.program.steps[i];
             for (slot, v) in step.outputs.iter().zip(outs) {
@@ -355,11 +353,9 @@ impl<B: Backend> Session<B> {
                 .step_backward(i, dys)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
-                t[1] += t0.elapsed().as_secs_f64();
-                let idle0 = idle0.unwrap_or_default();
-                t[3] += super::awake::idle_time()
-                    .saturating_sub(idle0)
-                    .as_secs_f64();
+                let wall = t0.elapsed().as_secs_f64();
+                t[1] += wall;
+                t[3] += idle_within(idle0.unwrap_or_default(), wall);
             }
             let step = &self.program.steps[i];
             for (src, g) in step.inputs.iter().zip(din) {
@@ -540,4 +536,14 @@ fn gather_lists(dims: &[usize], axis: usize, list: &[usize]) -> Vec<Vec<usize>> 
             }
         })
         .collect()
+}
+
+/// The other workers' idle time (s) since the reading `idle0`, over a stretch of `wall`
+/// seconds, at most `wall` per other worker: a spinner counts each gap between two of its
+/// looks at the later one, so a gap that began before the stretch (a spinner descheduled by
+/// the OS, on a host with more busy threads than cores) would otherwise count in full.
+fn idle_within(idle0: std::time::Duration, wall: f64) -> f64 {
+    let others = rayon::current_num_threads().saturating_sub(1) as f64;
+    let idle = super::awake::idle_time().saturating_sub(idle0).as_secs_f64();
+    idle.min(wall * others)
 }
