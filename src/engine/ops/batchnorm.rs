@@ -771,6 +771,100 @@ fn merge_parts<const K: usize>(partials: &[Vec<[f64; K]>], c: usize) -> Vec<[f64
         .collect()
 }
 
+/// Values per channel block of [`batch_moments`]'s parts (32 KiB of f32, L1's size).
+const MOMENT_BLOCK: usize = 8192;
+
+/// Per-channel batch mean and biased variance (f64) of NCHW `xs`, and the value count, for a
+/// training-mode forward.
+struct Moments {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    count: usize,
+}
+
+/// [`Moments`] of `xs` in one parallel pass: each fixed part of the batch ([`part_len`] images)
+/// takes, channel by channel, its sum and then its squared deviations from its own mean while
+/// that channel's planes of the part are still in cache; the parts then merge in part order
+/// (Chan et al.: `M2 = sum of (M2_p + n_p (mean_p - mean)^2)`, every term non-negative, so no
+/// cancellation for activations with a large mean). Two passes over the whole batch (sums, then
+/// deviations from the batch mean) read `x` from memory twice, and with the output pass a
+/// training-mode BN forward read its input three times: these layers are memory-bound.
+///
+/// `sync` sums the parts' totals across processes (`--sync-bn`): first the sums and the value
+/// count, then each process's `M2` around the global mean (itself the merge above), so the
+/// statistics are those of every process's batch together.
+fn batch_moments(
+    xs: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    sync: Option<&dyn StatSync>,
+) -> Result<Moments> {
+    let img = c * hw;
+    let part = part_len(n);
+    // Per part and channel: (sum, M2 around the part's own mean, that mean).
+    let partials: Vec<Vec<[f64; 3]>> = (0..n.div_ceil(part))
+        .into_par_iter()
+        .map(|p| {
+            let images = p * part..((p + 1) * part).min(n);
+            let xp = &xs[images.start * img..images.end * img];
+            let cnt = (images.len() * hw) as f64;
+            // Channels in blocks of about L1's size of the part's values: each block's sums,
+            // then its deviations. One channel at a time, small planes (a 2x2 plane's 16 values
+            // over four images) left each deviation pass waiting on its own sum and division.
+            let block = (MOMENT_BLOCK / (images.len() * hw)).max(1);
+            let mut out = vec![[0.0f64; 3]; c];
+            for (b, ob) in out.chunks_mut(block).enumerate() {
+                let ch0 = b * block;
+                for (j, o) in ob.iter_mut().enumerate() {
+                    o[0] = channel_sum(xp, c, hw, ch0 + j);
+                }
+                for (j, o) in ob.iter_mut().enumerate() {
+                    let mu = o[0] / cnt;
+                    o[2] = mu;
+                    // Deviations from mu rounded to f32 (the lanes' arithmetic), corrected:
+                    // sum (x - mu)^2 = sum (x - mu32)^2 - cnt (mu - mu32)^2.
+                    let mu32 = mu as f32;
+                    let shift = mu - f64::from(mu32);
+                    let dev = channel_dev(xp, c, hw, ch0 + j, mu32);
+                    o[1] = (dev - cnt * shift * shift).max(0.0);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut sums: Vec<f64> = (0..c)
+        .map(|ch| partials.iter().map(|pt| pt[ch][0]).sum())
+        .collect();
+    let count = match sync {
+        Some(s) => {
+            sums.push((n * hw) as f64);
+            sync_sums(s, &mut sums)?;
+            sums.pop().expect("count pushed") as usize
+        }
+        None => n * hw,
+    };
+    let mean: Vec<f64> = sums.iter().map(|s| s / count as f64).collect();
+    let mut m2: Vec<f64> = (0..c)
+        .map(|ch| {
+            partials
+                .iter()
+                .enumerate()
+                .map(|(p, pt)| {
+                    let cnt = (part.min(n - p * part) * hw) as f64;
+                    let d = pt[ch][2] - mean[ch];
+                    pt[ch][1] + cnt * d * d
+                })
+                .sum()
+        })
+        .collect();
+    if let Some(s) = sync {
+        sync_sums(s, &mut m2)?;
+    }
+    let var = m2.iter().map(|v| (v / count as f64).max(0.0)).collect();
+    Ok(Moments { mean, var, count })
+}
+
 /// The `hw`-long planes of channel `ch` in an NCHW slice, image by image.
 fn channel_planes(xs: &[f32], c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &[f32]> {
     xs.chunks_exact(c * hw)
@@ -855,45 +949,9 @@ impl BatchNorm2d {
             ));
         }
         let xs = contiguous(&x);
-        // Two passes (mean, then squared deviations): one pass with E[x^2] - mean^2 would
-        // cancel catastrophically for activations with a large mean.
-        // With `sync`, each pass's per-channel sums are summed across processes before use, and
-        // `m` becomes the global value count.
-        let img = c * hw;
-        let mut sums: Vec<f64> = part_channel_sums(n, c, |r, ch| {
-            [channel_sum(&xs[r.start * img..r.end * img], c, hw, ch)]
-        })
-        .into_iter()
-        .map(|[s]| s)
-        .collect();
-        let m = match sync {
-            Some(s) => {
-                sums.push(m as f64);
-                sync_sums(s, &mut sums)?;
-                sums.pop().expect("count pushed") as usize
-            }
-            None => m,
-        };
-        let means: Vec<f64> = sums.iter().map(|s| s / m as f64).collect();
-        let mut stats: Vec<(f64, f64)> = part_channel_sums(n, c, |r, ch| {
-            let xp = &xs[r.start * img..r.end * img];
-            [channel_dev(xp, c, hw, ch, means[ch] as f32)]
-        })
-        .into_iter()
-        .zip(&means)
-        .map(|([dev], &mean)| (mean, dev))
-        .collect();
-        if let Some(s) = sync {
-            let mut devs: Vec<f64> = stats.iter().map(|st| st.1).collect();
-            sync_sums(s, &mut devs)?;
-            stats.iter_mut().zip(devs).for_each(|(st, d)| st.1 = d);
-        }
-        for st in &mut stats {
-            let (mean, dev) = *st;
-            // Correct for mu being mean rounded to f32: sum (x - mean)^2 = dev - M*(mean - mu)^2.
-            let shift = mean - f64::from(mean as f32);
-            st.1 = (dev / m as f64 - shift * shift).max(0.0);
-        }
+        let stats = batch_moments(&xs, n, c, hw, sync)?;
+        let m = stats.count;
+        let stats: Vec<(f64, f64)> = stats.mean.into_iter().zip(stats.var).collect();
         let eps = f64::from(self.epsilon);
         let inv_std: Vec<f64> = stats
             .iter()
@@ -1848,6 +1906,21 @@ mod tests {
         let x = rand_array(&mut rng, [64, 2, 32, 32], 99.0, 101.0);
         let (y, yr, _, _) = unit_forward_and_reference(&bn, &x);
         assert_close("forward", &y.view(), &yr.view(), 5e-6);
+    }
+
+    /// Parts whose channels split into several blocks of the statistics pass (3 channels of
+    /// 48x48 planes per block here, 6 channels) give the f64 reference's output: every channel
+    /// of every block is summed, and around its own part's mean.
+    #[test]
+    fn statistics_over_several_channel_blocks_match_the_reference() {
+        let bn = BatchNorm2d::default();
+        let mut rng = Rng::new(10);
+        let x = Array4::from_shape_fn((8, 6, 48, 48), |(i, ch, _, _)| {
+            10.0 * ch as f32 + i as f32 + rng.range(-1.0, 1.0)
+        });
+        assert!(MOMENT_BLOCK / (part_len(8) * 48 * 48) < 6);
+        let (y, yr, _, _) = unit_forward_and_reference(&bn, &x);
+        assert_close("forward", &y.view(), &yr.view(), 1e-5);
     }
 
     /// Training-mode forward of `x` with unit scale and zero bias, from zero running mean and
