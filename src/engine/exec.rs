@@ -544,6 +544,8 @@ fn gather_lists(dims: &[usize], axis: usize, list: &[usize]) -> Vec<Vec<usize>> 
 /// the OS, on a host with more busy threads than cores) would otherwise count in full.
 fn idle_within(idle0: std::time::Duration, wall: f64) -> f64 {
     let others = rayon::current_num_threads().saturating_sub(1) as f64;
-    let idle = super::awake::idle_time().saturating_sub(idle0).as_secs_f64();
+    let idle = super::awake::idle_time()
+        .saturating_sub(idle0)
+        .as_secs_f64();
     idle.min(wall * others)
 }

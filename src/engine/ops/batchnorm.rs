@@ -663,7 +663,7 @@ simd_dispatch! {
         => spread_gate_grad_body, (g, x, sp, act); ["avx512f", "avx2"]
 }
 
-/// One image of [`gate_grad_in_place`] with per-value forward coefficients (in the
+/// One image of [`gate_grad_sums_in_place`] with per-value forward coefficients (in the
 /// [`Spread`]'s `b`, `shift`, `k`): value by value the f32 operations of
 /// [`image_gate_grad_body`] (the same bits), in one loop over the image.
 #[inline(always)]
@@ -694,7 +694,7 @@ simd_dispatch! {
         => image_gate_grad_body, (gi, xi, hw, fwd, act); ["avx512f", "avx2"]
 }
 
-/// One image of [`gate_grad_in_place`], channel by channel (a loop per gate kind, so that
+/// One image of [`gate_grad_sums_in_place`], channel by channel (a loop per gate kind, so that
 /// none holds a branch on the kind per value).
 #[inline(always)]
 fn image_gate_grad_body(gi: &mut [f32], xi: &[f32], hw: usize, fwd: &[Coef], act: BnAct) {
