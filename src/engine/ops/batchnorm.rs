@@ -610,17 +610,26 @@ fn gate_grad_sums_in_place(
     // EfficientNet-B0's BN + SiLU backward took 90 ms a step at 1 thread against 52 for the
     // separate ops.
     let spread = (hw < GATE_SPREAD_BELOW).then(|| Spread::new(fwd, Fused::None, hw));
+    // Planes under SMALL_PLANE_MOMENTS values: the sums per value, as `grad_sums` takes them.
+    let small = (hw < SMALL_PLANE_MOMENTS).then(|| spread_mean(mean, hw));
     let partials: Vec<Vec<[f64; 2]>> = gs
         .par_chunks_mut(part)
         .zip(xs.par_chunks(part))
         .map(|(gp, xp)| {
             let mut acc = vec![[0.0f64; 2]; c];
+            let mut per_value = vec![[0.0f64; 2]; if small.is_some() { img } else { 0 }];
             for (gi, xi) in gp.chunks_exact_mut(img).zip(xp.chunks_exact(img)) {
                 match &spread {
                     Some(sp) => spread_gate_grad(gi, xi, sp, act),
                     None => image_gate_grad(gi, xi, hw, fwd, act),
                 }
-                image_grad_sums(xi, gi, hw, mean, &mut acc);
+                match &small {
+                    Some(mu) => add_grad_values(&mut per_value, xi, gi, mu),
+                    None => image_grad_sums(xi, gi, hw, mean, &mut acc),
+                }
+            }
+            if small.is_some() {
+                acc = channel_totals(&per_value, hw);
             }
             acc
         })
@@ -728,6 +737,57 @@ fn standard_layout(a: Array4<f32>) -> Array4<f32> {
     }
 }
 
+/// [`BatchNorm2d::grad_sums`] for planes under [`SMALL_PLANE_MOMENTS`] values: per fixed part
+/// of the batch, per-value f64 sums ([`add_grad_values`]) of `dy` (masked by a fused
+/// activation: `dy` where it passes at the rebuilt pre-activation, else 0.0, as the separate
+/// op's backward gives), then channel totals, merged in part order. Plane by plane (a call
+/// per 2x2 plane) these sums were, like the forward's, several times the `dx` pass.
+fn small_plane_grad_sums(
+    xs: &[f32],
+    gs: &[f32],
+    c: usize,
+    hw: usize,
+    mean: ArrayView1<f32>,
+    fused: Fused,
+) -> Vec<[f64; 2]> {
+    let img = c * hw;
+    let n = xs.len() / img;
+    let part = part_len(n) * img;
+    let mu = spread_mean(&mean.to_vec(), hw);
+    let mask = match fused {
+        Fused::Mask(fwd, act) => Some((Spread::new(fwd, Fused::None, hw), act)),
+        _ => None,
+    };
+    let partials: Vec<Vec<[f64; 2]>> = gs
+        .par_chunks(part)
+        .zip(xs.par_chunks(part))
+        .map(|(gp, xp)| {
+            let mut per_value = vec![[0.0f64; 2]; img];
+            let mut masked = vec![0.0f32; if mask.is_some() { img } else { 0 }];
+            for (gi, xi) in gp.chunks_exact(img).zip(xp.chunks_exact(img)) {
+                match &mask {
+                    Some((sp, act)) => {
+                        let (b, sh, k) = (&sp.b[..img], &sp.shift[..img], &sp.k[..img]);
+                        let (xi, gi, m) = (&xi[..img], &gi[..img], &mut masked[..img]);
+                        // `dy` or +0.0 by a bit mask, without a branch per value.
+                        per_act!(*act, passes, keep => {
+                            for i in 0..img {
+                                let pre = b[i] * (xi[i] - sh[i]) + k[i];
+                                let bits = u32::from(keep(pre)).wrapping_neg();
+                                m[i] = f32::from_bits(gi[i].to_bits() & bits);
+                            }
+                        });
+                        add_grad_values(&mut per_value, xi, m, &mu);
+                    }
+                    None => add_grad_values(&mut per_value, xi, gi, &mu),
+                }
+            }
+            channel_totals(&per_value, hw)
+        })
+        .collect();
+    merge_parts(&partials, c)
+}
+
 /// Sums `values` across processes through `sync`, as an engine error.
 fn sync_sums(sync: &dyn StatSync, values: &mut [f64]) -> Result<()> {
     sync.sum(values)
@@ -809,6 +869,39 @@ fn small_plane_moments(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3
         o[1] = acc[ch * hw..(ch + 1) * hw].iter().sum();
     }
     out
+}
+
+/// `mean` (one per channel) repeated over each channel's `hw` values, in f64.
+fn spread_mean(mean: &[f32], hw: usize) -> Vec<f64> {
+    mean.iter()
+        .flat_map(|&m| std::iter::repeat_n(f64::from(m), hw))
+        .collect()
+}
+
+/// Adds one image's `(g, g * (x - mean))` per value, in f64, to `acc` (the gradient sums of
+/// planes under [`SMALL_PLANE_MOMENTS`] values, like [`small_plane_moments`]; `mu`: the
+/// channels' means spread per value, [`spread_mean`]).
+fn add_grad_values(acc: &mut [[f64; 2]], x: &[f32], g: &[f32], mu: &[f64]) {
+    acc.iter_mut()
+        .zip(x)
+        .zip(g)
+        .zip(mu)
+        .for_each(|(((a, &x), &g), &m)| {
+            let g = f64::from(g);
+            a[0] += g;
+            a[1] += g * (f64::from(x) - m);
+        });
+}
+
+/// Each channel's total of per-value sums (`hw` values per channel, in order).
+fn channel_totals(per_value: &[[f64; 2]], hw: usize) -> Vec<[f64; 2]> {
+    per_value
+        .chunks_exact(hw)
+        .map(|p| {
+            p.iter()
+                .fold([0.0f64; 2], |t, v| [t[0] + v[0], t[1] + v[1]])
+        })
+        .collect()
 }
 
 /// Values per channel block of [`batch_moments`]'s parts (32 KiB of f32, L1's size).
@@ -1230,6 +1323,13 @@ impl BatchNorm2d {
     ) -> Vec<(f64, f64)> {
         let img = c * hw;
         let n = xs.len().checked_div(img).unwrap_or(0);
+        if hw < SMALL_PLANE_MOMENTS && n > 0 {
+            return small_plane_grad_sums(xs, gs, c, hw, mean, fused)
+                .into_iter()
+                .zip(inv_std)
+                .map(|([sdy, sdyx], &is)| (sdy, sdyx * f64::from(is)))
+                .collect();
+        }
         part_channel_sums(n, c, |r, ch| {
             let (xp, gp) = (
                 &xs[r.start * img..r.end * img],
@@ -1398,6 +1498,7 @@ mod tests {
     #[test]
     fn train_forward_and_backward() {
         check_train([3, 4, 5, 7], 1);
+        check_train([4, 3, 2, 2], 4);
     }
 
     /// A Clip whose bounds both cut BN outputs of the test cases (about N(bias, scale)).
@@ -1424,6 +1525,7 @@ mod tests {
                 ..BatchNorm2d::default()
             };
             check_train_with(bn.clone(), [3, 4, 5, 7], 11);
+            check_train_with(bn.clone(), [4, 3, 2, 2], 16);
             check_train_with(bn, [5, 3, 1, 1], 12);
         }
     }
@@ -1632,6 +1734,7 @@ mod tests {
             };
             check_train_with(bn.clone(), [3, 4, 5, 7], 13);
             check_train_with(bn.clone(), [2, 3, 9, 8], 14);
+            check_train_with(bn.clone(), [4, 3, 2, 2], 17);
             check_train_with(bn, [5, 3, 1, 1], 15);
         }
     }
@@ -1646,7 +1749,12 @@ mod tests {
             BnAct::Clip { min, .. } => min,
             _ => 0.0,
         };
-        for (shape, seed) in [([4, 6, 5, 7], 21), ([2, 3, 8, 8], 22), ([6, 2, 1, 1], 23)] {
+        for (shape, seed) in [
+            ([4, 6, 5, 7], 21),
+            ([2, 3, 8, 8], 22),
+            ([5, 4, 2, 2], 24),
+            ([6, 2, 1, 1], 23),
+        ] {
             let t = case(shape, seed);
             let (y, saved, rm, rv) = t.train(plain);
             let z = op.forward(y.view().into_dyn()).unwrap();
