@@ -1087,16 +1087,16 @@ impl BatchNorm2d {
         let xs = contiguous(&x);
         let stats = batch_moments(&xs, n, c, hw, sync)?;
         let m = stats.count;
-        let stats: Vec<(f64, f64)> = stats.mean.into_iter().zip(stats.var).collect();
         let eps = f64::from(self.epsilon);
         let inv_std: Vec<f64> = stats
+            .var
             .iter()
-            .map(|&(_, var)| 1.0 / (var + eps).sqrt())
+            .map(|var| 1.0 / (var + eps).sqrt())
             .collect();
         let coef: Vec<Coef> = (0..c)
             .map(|ch| Coef {
                 b: (f64::from(scale[ch]) * inv_std[ch]) as f32,
-                shift: stats[ch].0 as f32,
+                shift: stats.mean[ch] as f32,
                 k: bias[ch],
                 ..Coef::default()
             })
@@ -1106,13 +1106,13 @@ impl BatchNorm2d {
         let mom = f64::from(self.momentum);
         let unbias = m as f64 / (m - 1) as f64;
         for ch in 0..c {
-            let (mean, var) = stats[ch];
+            let (mean, var) = (stats.mean[ch], stats.var[ch]);
             running_mean[ch] = (mom * f64::from(running_mean[ch]) + (1.0 - mom) * mean) as f32;
             running_var[ch] =
                 (mom * f64::from(running_var[ch]) + (1.0 - mom) * var * unbias) as f32;
         }
         let saved = BatchNormSaved {
-            mean: stats.iter().map(|s| s.0 as f32).collect(),
+            mean: stats.mean.iter().map(|&v| v as f32).collect(),
             inv_std: inv_std.iter().map(|&v| v as f32).collect(),
             act_coef: (self.act != BnAct::None).then_some(coef),
         };
@@ -1323,25 +1323,22 @@ impl BatchNorm2d {
     ) -> Vec<(f64, f64)> {
         let img = c * hw;
         let n = xs.len().checked_div(img).unwrap_or(0);
-        if hw < SMALL_PLANE_MOMENTS && n > 0 {
-            return small_plane_grad_sums(xs, gs, c, hw, mean, fused)
-                .into_iter()
-                .zip(inv_std)
-                .map(|([sdy, sdyx], &is)| (sdy, sdyx * f64::from(is)))
-                .collect();
-        }
-        part_channel_sums(n, c, |r, ch| {
-            let (xp, gp) = (
-                &xs[r.start * img..r.end * img],
-                &gs[r.start * img..r.end * img],
-            );
-            let (sdy, sdyx) = channel_grad_sums(xp, gp, c, hw, ch, mean[ch], fused);
-            [sdy, sdyx]
-        })
-        .into_iter()
-        .zip(inv_std)
-        .map(|([sdy, sdyx], &is)| (sdy, sdyx * f64::from(is)))
-        .collect()
+        let sums = if hw < SMALL_PLANE_MOMENTS && n > 0 {
+            small_plane_grad_sums(xs, gs, c, hw, mean, fused)
+        } else {
+            part_channel_sums(n, c, |r, ch| {
+                let (xp, gp) = (
+                    &xs[r.start * img..r.end * img],
+                    &gs[r.start * img..r.end * img],
+                );
+                let (sdy, sdyx) = channel_grad_sums(xp, gp, c, hw, ch, mean[ch], fused);
+                [sdy, sdyx]
+            })
+        };
+        sums.into_iter()
+            .zip(inv_std)
+            .map(|([sdy, sdyx], &is)| (sdy, sdyx * f64::from(is)))
+            .collect()
     }
 
     /// Training-mode forward from the definition (two-pass mean and variance). Test oracle only.
