@@ -38,58 +38,69 @@ fn main() {
                 .num_threads(t)
                 .build()
                 .unwrap();
-            let (f, b, idf, idb) = pool.install(|| {
+            let (fwd, bwd) = pool.install(|| {
                 elrt::engine::awake::keep_awake(|| {
                     let (mut rm, mut rv) = (Array1::<f32>::zeros(ch), Array1::<f32>::ones(ch));
-                    let reps = 40;
-                    let mut tf = 1e9f64;
-                    let mut tb = 1e9f64;
-                    let mut idf = 0.0;
-                    let mut idb = 0.0;
-                    for _ in 0..reps {
-                        let i0 = elrt::engine::awake::idle_time();
-                        let t0 = Instant::now();
-                        let (y, saved) = bn
-                            .forward_train(
+                    let (mut fwd, mut bwd) = (Best::default(), Best::default());
+                    for _ in 0..40 {
+                        let (y, saved) = fwd.time(|| {
+                            bn.forward_train(
                                 x.view(),
                                 scale.view(),
                                 bias.view(),
                                 rm.view_mut(),
                                 rv.view_mut(),
                             )
-                            .unwrap();
-                        let el = t0.elapsed().as_secs_f64();
-                        let i1 = elrt::engine::awake::idle_time();
-                        if el < tf {
-                            tf = el;
-                            idf = i1.saturating_sub(i0).as_secs_f64();
-                        }
+                            .unwrap()
+                        });
                         std::hint::black_box(&y);
                         let d = dy.clone();
-                        let i0 = elrt::engine::awake::idle_time();
-                        let t0 = Instant::now();
-                        let g = bn
-                            .backward_train_synced(x.view(), scale.view(), &saved, d, None)
-                            .unwrap();
-                        let el = t0.elapsed().as_secs_f64();
-                        let i1 = elrt::engine::awake::idle_time();
-                        if el < tb {
-                            tb = el;
-                            idb = i1.saturating_sub(i0).as_secs_f64();
-                        }
+                        let g = bwd.time(|| {
+                            bn.backward_train_synced(x.view(), scale.view(), &saved, d, None)
+                                .unwrap()
+                        });
                         std::hint::black_box(&g);
                     }
-                    (tf, tb, idf, idb)
+                    (fwd, bwd)
                 })
             });
             line += &format!(
                 "  {t}T fwd {:.3} ms (idle {:.3}) bwd {:.3} ms (idle {:.3})",
-                f * 1e3,
-                idf * 1e3,
-                b * 1e3,
-                idb * 1e3
+                fwd.ms, fwd.idle_ms, bwd.ms, bwd.idle_ms
             );
         }
         println!("{line}");
+    }
+}
+
+/// The fastest call so far and the other thread's idle time in it, ms.
+struct Best {
+    ms: f64,
+    idle_ms: f64,
+}
+
+impl Default for Best {
+    fn default() -> Self {
+        Best {
+            ms: f64::INFINITY,
+            idle_ms: 0.0,
+        }
+    }
+}
+
+impl Best {
+    /// Runs `f`, keeping its time and idle time if it is the fastest call so far.
+    fn time<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let (i0, t0) = (elrt::engine::awake::idle_time(), Instant::now());
+        let r = f();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if ms < self.ms {
+            self.ms = ms;
+            self.idle_ms = elrt::engine::awake::idle_time()
+                .saturating_sub(i0)
+                .as_secs_f64()
+                * 1e3;
+        }
+        r
     }
 }
