@@ -34,8 +34,21 @@ use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Channels per task (a fixed split, independent of the thread count).
+/// Most channels per task (a fixed split, independent of the thread count).
 const CHANNEL_CHUNK: usize = 128;
+
+/// Channels per task for `channels`: the fewest tasks of at most [`CHANNEL_CHUNK`], of even
+/// size (rounded up to 16 rows, the GEMM kernels' block). Plain chunks of 128 split ResNet-18
+/// Tucker-2's 152 channels 128 : 24 and its 304 channels 128 : 128 : 48, and with four pixel
+/// groups per chunk two threads got unequal halves (those layers' forward at 1.5-1.6x the
+/// one-thread speed on two).
+fn channel_chunk(channels: usize) -> usize {
+    let tasks = channels.div_ceil(CHANNEL_CHUNK).max(1);
+    channels
+        .div_ceil(tasks)
+        .next_multiple_of(16)
+        .min(CHANNEL_CHUNK)
+}
 
 static DISABLED: AtomicBool = AtomicBool::new(false);
 
@@ -74,7 +87,7 @@ fn chunks(total: usize, chunk: usize) -> Vec<(usize, usize)> {
 /// 128 channels made 3 tasks, and two threads split them 2 : 1 (ResNet-20's 64-channel 8x8
 /// stage: its backward at 1.65x the one-thread speed on two, the step's worst op).
 fn dw_chunk(co: usize) -> usize {
-    CHANNEL_CHUNK.min(co.div_ceil(2)).max(1)
+    channel_chunk(co).min(co.div_ceil(2)).max(1)
 }
 
 /// Pixel groups per product: tasks are (channel range, group of output pixels, input pixels or
@@ -226,7 +239,7 @@ impl Geom {
         let mut yn = zeros(n * ohw * co);
         let yp = Shared(yn.as_mut_ptr());
         let groups = PIXEL_GROUPS.min(ohw);
-        tasks(co, CHANNEL_CHUNK, groups)
+        tasks(co, channel_chunk(co), groups)
             .into_par_iter()
             .for_each(|((o0, no), grp)| {
                 for r in runs.iter().filter(|r| group_of(r.p, ohw, groups) == grp) {
@@ -272,7 +285,7 @@ impl Geom {
             let mut dxn = zeros(n * hw * ci);
             let dp = Shared(dxn.as_mut_ptr());
             let groups = PIXEL_GROUPS.min(hw);
-            tasks(ci, CHANNEL_CHUNK, groups)
+            tasks(ci, channel_chunk(ci), groups)
                 .into_par_iter()
                 .for_each(|((c0, nc), grp)| {
                     for r in &runs {
