@@ -267,6 +267,7 @@ fn channel_pass(xs: &[f32], c: usize, hw: usize, coef: &[Coef], fused: Fused) ->
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(img)
         .zip(xs.par_chunks(img))
+        .with_max_len(1)
         .for_each(|(oi, xi)| match &spread {
             Some(sp) => spread_pass(oi, xi, sp, fused),
             None => image_pass(oi, xi, hw, coef, fused),
@@ -301,6 +302,7 @@ fn grad_pass_in_place(
     let spread = (hw < SPREAD_BELOW).then(|| Spread::new(coef, fused, hw));
     gs.par_chunks_mut(img)
         .zip(xs.par_chunks(img))
+        .with_max_len(1)
         .for_each(|(gi, xi)| match &spread {
             Some(sp) => spread_grad(gi, xi, sp, fused),
             None => image_grad(gi, xi, hw, coef, fused),
@@ -615,6 +617,7 @@ fn gate_grad_sums_in_place(
     let partials: Vec<Vec<[f64; 2]>> = gs
         .par_chunks_mut(part)
         .zip(xs.par_chunks(part))
+        .with_max_len(1)
         .map(|(gp, xp)| {
             let mut acc = vec![[0.0f64; 2]; c];
             let mut per_value = vec![[0.0f64; 2]; if small.is_some() { img } else { 0 }];
@@ -761,6 +764,7 @@ fn small_plane_grad_sums(
     let partials: Vec<Vec<[f64; 2]>> = gs
         .par_chunks(part)
         .zip(xs.par_chunks(part))
+        .with_max_len(1)
         .map(|(gp, xp)| {
             let mut per_value = vec![[0.0f64; 2]; img];
             let mut masked = vec![0.0f32; if mask.is_some() { img } else { 0 }];
@@ -809,6 +813,7 @@ fn part_channel_sums<const K: usize>(
     let part = part_len(n);
     let partials: Vec<Vec<[f64; K]>> = (0..n.div_ceil(part))
         .into_par_iter()
+        .with_max_len(1)
         .map(|p| {
             let images = p * part..((p + 1) * part).min(n);
             (0..c).map(|ch| f(images.clone(), ch)).collect()
@@ -938,6 +943,7 @@ fn batch_moments(
     // Per part and channel: (sum, M2 around the part's own mean, that mean).
     let partials: Vec<Vec<[f64; 3]>> = (0..n.div_ceil(part))
         .into_par_iter()
+        .with_max_len(1)
         .map(|p| {
             let images = p * part..((p + 1) * part).min(n);
             let xp = &xs[images.start * img..images.end * img];

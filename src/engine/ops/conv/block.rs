@@ -66,6 +66,7 @@ impl Geom {
         let chunk = len.div_ceil(DW_SPLIT).max(1);
         let partials: Vec<Vec<f32>> = (0..len.div_ceil(chunk))
             .into_par_iter()
+            .with_max_len(1)
             .map(|i| {
                 let r = i * chunk..((i + 1) * chunk).min(len);
                 let mut part = vec![0.0f32; self.co * k];

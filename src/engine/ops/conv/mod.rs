@@ -512,6 +512,7 @@ impl Conv2d {
         if g.n > 0 {
             y.par_chunks_mut(part * ylen)
                 .zip(xs.par_chunks(part * xlen))
+                .with_max_len(1)
                 .for_each(|(yp, xp)| {
                     // `y` came unzeroed: every path writes each entry of its part but the
                     // depthwise kernels, which skip outputs whose window lies in the padding.
@@ -747,6 +748,7 @@ impl Conv2d {
             .zip(part_views)
             .zip(xs.par_chunks(part * xlen))
             .zip(dys.par_chunks(part * ylen))
+            .with_max_len(1)
             .map(|(((dxp, views), xp), dyp)| {
                 let mut dxp = dxp;
                 if !dx_written_in_full {

@@ -109,6 +109,7 @@ impl Geom {
         let offs = self.channel_offsets(self.ci);
         y.par_chunks_mut(ylen)
             .zip(x.par_chunks(xlen))
+            .with_max_len(1)
             .for_each(|(yi, xi)| {
                 let t = Taps {
                     x: xi,
@@ -143,6 +144,7 @@ impl Geom {
             let offs = self.channel_offsets(co);
             dx.par_chunks_mut(xlen)
                 .zip(dy.par_chunks(ylen))
+                .with_max_len(1)
                 .for_each(|(dxi, dyi)| {
                     let t = Taps {
                         x: dyi,
@@ -159,6 +161,7 @@ impl Geom {
         let partials: Vec<Vec<f32>> = x
             .par_chunks(part * xlen)
             .zip(dy.par_chunks(part * ylen))
+            .with_max_len(1)
             .map(|(xp, dyp)| {
                 let mut d = vec![0.0f32; co * ci];
                 let r = Runs {

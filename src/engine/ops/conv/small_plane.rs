@@ -241,6 +241,7 @@ impl Geom {
         let groups = PIXEL_GROUPS.min(ohw);
         tasks(co, channel_chunk(co), groups)
             .into_par_iter()
+            .with_max_len(1)
             .for_each(|((o0, no), grp)| {
                 for r in runs.iter().filter(|r| group_of(r.p, ohw, groups) == grp) {
                     // Y[:, p, o0..]^T += W2[o0.., t0..t0+len, :] . X[:, q0..q0+len, :]^T
@@ -287,6 +288,7 @@ impl Geom {
             let groups = PIXEL_GROUPS.min(hw);
             tasks(ci, channel_chunk(ci), groups)
                 .into_par_iter()
+                .with_max_len(1)
                 .for_each(|((c0, nc), grp)| {
                     for r in &runs {
                         let g = view(&dyn_, r.p * co, n, co, ohw * co);
@@ -310,6 +312,7 @@ impl Geom {
         let wp = Shared(dw2.as_mut_ptr());
         tasks(co, dw_chunk(co), self.kh)
             .into_par_iter()
+            .with_max_len(1)
             .for_each(|((o0, no), a)| {
                 for o in o0..o0 + no {
                     // SAFETY: this task alone writes output channels o0..o0+no, kernel row a.

@@ -78,6 +78,7 @@ impl Geom {
         let mut xs = vec![0.0f32; self.n * self.ci * ohw];
         xs.par_chunks_mut(self.ci * ohw)
             .zip(x.par_chunks(self.ci * hw))
+            .with_max_len(1)
             .for_each(|(dst, src)| {
                 for (d, s) in dst.chunks_mut(ohw).zip(src.chunks(hw)) {
                     for (drow, oy) in d.chunks_mut(self.ow).zip(0..) {
@@ -98,6 +99,7 @@ impl Geom {
         let mut dx = super::zeros(self.n * self.ci * hw);
         dx.par_chunks_mut(self.ci * hw)
             .zip(dxs.par_chunks(self.ci * ohw))
+            .with_max_len(1)
             .for_each(|(dst, src)| {
                 for (d, s) in dst.chunks_mut(hw).zip(src.chunks(ohw)) {
                     for (srow, oy) in s.chunks(self.ow).zip(0..) {

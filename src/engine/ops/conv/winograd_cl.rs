@@ -254,6 +254,7 @@ impl Plane {
         let mut v = unzeroed(rows * taps * ci);
         v.par_chunks_mut(tiles * taps * ci)
             .zip(x.par_chunks(hw * ci))
+            .with_max_len(1)
             .for_each_init(
                 || vec![0.0f32; taps * ci],
                 |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
@@ -261,6 +262,7 @@ impl Plane {
         let mut dm = unzeroed(rows * taps * co);
         dm.par_chunks_mut(tiles * taps * co)
             .zip(dy.par_chunks(ohw * co))
+            .with_max_len(1)
             .for_each_init(
                 || vec![0.0f32; t * m * co],
                 |tmp, (di, dyi)| cl_dy(self, dyi, di, tmp),
@@ -270,6 +272,7 @@ impl Plane {
         shares
             .par_chunks_mut(3 * plane)
             .enumerate()
+            .with_max_len(1)
             .for_each(|(i, pi)| {
                 let mut du = vec![0.0f32; plane];
                 for j in 0..t {
@@ -351,6 +354,7 @@ impl Plane {
         let mut v = unzeroed(rows * taps * cin);
         v.par_chunks_mut(tiles * taps * cin)
             .zip(x.par_chunks(hw * cin))
+            .with_max_len(1)
             .for_each_init(
                 || vec![0.0f32; taps * cin],
                 |tmp, (vi, xi)| cl_input(self, xi, vi, tmp),
@@ -380,6 +384,7 @@ impl Plane {
         let mut y = unzeroed(n * ohw * cout);
         y.par_chunks_mut(ohw * cout)
             .zip(mm.par_chunks(tiles * taps * cout))
+            .with_max_len(1)
             .for_each_init(
                 || vec![0.0f32; t * m * cout],
                 |tmp, (yi, mi)| cl_output(self, mi, yi, tmp),
@@ -505,6 +510,7 @@ impl Geom {
         swap_inner(&yn, y, n, ohw, self.co);
         if let Some(b) = bias {
             y.par_chunks_mut(self.co * ohw)
+                .with_max_len(1)
                 .for_each(|yi| add_bias(yi, ohw, b));
         }
     }

@@ -403,6 +403,7 @@ impl Geom {
         let partials: Vec<Vec<f32>> = x
             .par_chunks(part * xlen)
             .zip(dy.par_chunks(part * ylen))
+            .with_max_len(1)
             .map(|(xp, dyp)| {
                 let mut s = p.fused_scratch();
                 let mut du = unzeroed(p.fused_sums_len());
@@ -464,6 +465,7 @@ pub(super) fn fused_weights(cout: usize, cin: usize, w: &[f32]) -> Vec<f32> {
     let mut u = unzeroed(TAPS * plane);
     u.par_chunks_mut(6 * plane)
         .enumerate()
+        .with_max_len(1)
         .for_each(|(i, ui)| fused_weights_row(i, plane, &wp, ui));
     u
 }
@@ -1056,9 +1058,11 @@ pub(super) fn fused_untransform(cout: usize, cin: usize, du: &[f32], dw: &mut [f
     let mut t = vec![0.0f64; 18 * plane];
     t.par_chunks_mut(3 * plane)
         .enumerate()
+        .with_max_len(1)
         .for_each(|(i, ti)| untransform_row(i, plane, du, ti));
     dw.par_chunks_mut(UNTRANSFORM_OUTS * cin * 9)
         .enumerate()
+        .with_max_len(1)
         .for_each(|(b, d)| untransform_out(b * UNTRANSFORM_OUTS, cout, cin, &t, d));
 }
 
