@@ -358,8 +358,9 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// started it, so a thread slowed by the host (or a costlier leaf) left the other with nothing
 /// to steal for up to a quarter of the loop. Split to single items, the other thread takes over
 /// the rest: the second thread idle less in each of 11 alternating pairs, MobileNet-V2's median
-/// 9.8% -> 5.8% of a step, ResNet-18 Tucker-2's 8.4% -> 6.1% (session 29). Not on per-plane or
-/// per-row loops (thousands of items): MaxPool's per-plane loop went 3.0-3.6 -> 9.3-10.5 ms a step so.
+/// 9.8% -> 5.8% of a step, ResNet-18 Tucker-2's 8.4% -> 6.1% (session 29). Not on per-plane,
+/// per-row or other cheap per-item loops (a bias add per image, thousands of planes): MaxPool's
+/// per-plane loop went 3.0-3.6 -> 9.3-10.5 ms a step so.
 pub(crate) fn part_len(n: usize) -> usize {
     const MAX_PARTS: usize = 16;
     n.div_ceil(MAX_PARTS).max(1)

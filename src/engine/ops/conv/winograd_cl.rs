@@ -510,7 +510,6 @@ impl Geom {
         swap_inner(&yn, y, n, ohw, self.co);
         if let Some(b) = bias {
             y.par_chunks_mut(self.co * ohw)
-                .with_max_len(1)
                 .for_each(|yi| add_bias(yi, ohw, b));
         }
     }
