@@ -8,6 +8,7 @@
 //! docs/results.md.
 
 use elrt::engine::ops::conv::Conv2d;
+use elrt::rng::Rng;
 use ndarray::Array4;
 use std::time::Instant;
 
@@ -32,9 +33,9 @@ fn main() {
             pads: [1; 4],
             dilations: [1, 1],
         };
-        let mut next = sawtooth();
-        let x = Array4::from_shape_fn([n, ci, side, side], |_| next());
-        let w = Array4::from_shape_fn([co, ci, 3, 3], |_| next() * 0.1);
+        let mut rng = Rng::new(3);
+        let x = Array4::from_shape_fn([n, ci, side, side], |_| 2.0 * rng.uniform() - 1.0);
+        let w = Array4::from_shape_fn([co, ci, 3, 3], |_| 0.2 * rng.uniform() - 0.1);
         let mut line = format!("{name}:");
         for t in [1, 2] {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -88,14 +89,5 @@ impl Calls {
             v[v.len() / 2]
         };
         (mid(&self.ms), mid(&self.idle_ms))
-    }
-}
-
-/// Deterministic inputs in [-1, 1).
-fn sawtooth() -> impl FnMut() -> f32 {
-    let mut i = 0u32;
-    move || {
-        i = i.wrapping_add(1);
-        ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
     }
 }
