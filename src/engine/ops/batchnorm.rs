@@ -329,10 +329,15 @@ struct Spread {
 
 impl Spread {
     fn new(coef: &[Coef], fused: Fused, hw: usize) -> Spread {
+        // Filled channel by channel into a sized buffer: collected from `flat_map(repeat_n)`,
+        // whose length the iterator does not know, these four arrays were a serial 14 us of a
+        // 576-channel 2x2 forward (the other thread idle through it).
         let spread = |f: &dyn Fn(&Coef) -> f32, cs: &[Coef]| -> Vec<f32> {
-            cs.iter()
-                .flat_map(|c| std::iter::repeat_n(f(c), hw))
-                .collect()
+            let mut v = vec![0.0f32; cs.len() * hw];
+            v.chunks_exact_mut(hw)
+                .zip(cs)
+                .for_each(|(p, c)| p.fill(f(c)));
+            v
         };
         let fwd = match fused {
             Fused::Mask(fwd, _) => [
@@ -620,19 +625,19 @@ fn gate_grad_sums_in_place(
         .with_max_len(1)
         .map(|(gp, xp)| {
             let mut acc = vec![[0.0f64; 2]; c];
-            let mut per_value = vec![[0.0f64; 2]; if small.is_some() { img } else { 0 }];
+            let mut per_value = GradValues::new(if small.is_some() { img } else { 0 });
             for (gi, xi) in gp.chunks_exact_mut(img).zip(xp.chunks_exact(img)) {
                 match &spread {
                     Some(sp) => spread_gate_grad(gi, xi, sp, act),
                     None => image_gate_grad(gi, xi, hw, fwd, act),
                 }
                 match &small {
-                    Some(mu) => add_grad_values(&mut per_value, xi, gi, mu),
+                    Some(mu) => per_value.add(xi, gi, mu),
                     None => image_grad_sums(xi, gi, hw, mean, &mut acc),
                 }
             }
             if small.is_some() {
-                acc = channel_totals(&per_value, hw);
+                acc = per_value.channel_totals(hw);
             }
             acc
         })
@@ -741,7 +746,7 @@ fn standard_layout(a: Array4<f32>) -> Array4<f32> {
 }
 
 /// [`BatchNorm2d::grad_sums`] for planes under [`SMALL_PLANE_MOMENTS`] values: per fixed part
-/// of the batch, per-value f64 sums ([`add_grad_values`]) of `dy` (masked by a fused
+/// of the batch, per-value f64 sums ([`GradValues`]) of `dy` (masked by a fused
 /// activation: `dy` where it passes at the rebuilt pre-activation, else 0.0, as the separate
 /// op's backward gives), then channel totals, merged in part order. Plane by plane (a call
 /// per 2x2 plane) these sums were, like the forward's, several times the `dx` pass.
@@ -766,7 +771,7 @@ fn small_plane_grad_sums(
         .zip(xs.par_chunks(part))
         .with_max_len(1)
         .map(|(gp, xp)| {
-            let mut per_value = vec![[0.0f64; 2]; img];
+            let mut per_value = GradValues::new(img);
             let mut masked = vec![0.0f32; if mask.is_some() { img } else { 0 }];
             for (gi, xi) in gp.chunks_exact(img).zip(xp.chunks_exact(img)) {
                 match &mask {
@@ -781,12 +786,12 @@ fn small_plane_grad_sums(
                                 m[i] = f32::from_bits(gi[i].to_bits() & bits);
                             }
                         });
-                        add_grad_values(&mut per_value, xi, m, &mu);
+                        per_value.add(xi, m, &mu);
                     }
-                    None => add_grad_values(&mut per_value, xi, gi, &mu),
+                    None => per_value.add(xi, gi, &mu),
                 }
             }
-            channel_totals(&per_value, hw)
+            per_value.channel_totals(hw)
         })
         .collect();
     merge_parts(&partials, c)
@@ -825,15 +830,14 @@ fn part_channel_sums<const K: usize>(
 /// Each channel's sums of the parts' `partials` (one `[f64; K]` per channel each), added in
 /// part order.
 fn merge_parts<const K: usize>(partials: &[Vec<[f64; K]>], c: usize) -> Vec<[f64; K]> {
-    (0..c)
-        .map(|ch| {
-            let mut total = [0.0f64; K];
-            for p in partials {
-                total.iter_mut().zip(&p[ch]).for_each(|(t, v)| *t += v);
-            }
-            total
-        })
-        .collect()
+    // Parts in the outer loop, as `batch_moments`' merge (independent adds in flight).
+    let mut totals = vec![[0.0f64; K]; c];
+    for p in partials {
+        totals.iter_mut().zip(p).for_each(|(t, v)| {
+            t.iter_mut().zip(v).for_each(|(t, v)| *t += v);
+        });
+    }
+    totals
 }
 
 /// Planes with fewer values than this take [`small_plane_moments`]. 4x4 planes (two AVX2
@@ -841,13 +845,24 @@ fn merge_parts<const K: usize>(partials: &[Vec<[f64; K]>], c: usize) -> Vec<[f64
 /// channels, batch 64) and MobileNet-V3-Small's 2-thread step slower with it.
 const SMALL_PLANE_MOMENTS: usize = 8;
 
-/// One part's `(sum, M2 around the part's mean, that mean)` per channel for planes under
-/// [`SMALL_PLANE_MOMENTS`] values, as per-value f64 accumulators over the part's images (one
-/// vector loop over each whole image, then `hw` adds per channel). Plane by plane, a 2x2
-/// plane's four values were a call and a horizontal sum each: MobileNet-V3-Small's 576-channel
-/// 2x2 BN + HardSwish spent 170-186 us of its 2-thread forward in its statistics against 50 in
-/// the output pass. In f64 throughout, so the deviations need no correction for a rounded mean.
-fn small_plane_moments(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3]> {
+simd_dispatch! {
+    /// One part's `(sum, M2 around the part's mean, that mean)` per channel for planes under
+    /// [`SMALL_PLANE_MOMENTS`] values, as per-value f64 accumulators over the part's images (one
+    /// vector loop over each whole image, then `hw` adds per channel). Plane by plane, a 2x2
+    /// plane's four values were a call and a horizontal sum each: MobileNet-V3-Small's 576-channel
+    /// 2x2 BN + HardSwish spent 170-186 us of its 2-thread forward in its statistics against 50 in
+    /// the output pass. In f64 throughout, so the deviations need no correction for a rounded mean.
+    ///
+    /// Built for AVX2 where the CPU has it: the baseline build's f64 loops are SSE2, two values
+    /// an instruction, and were half of the 576-channel 2x2 BN + HardSwish forward at one thread
+    /// (perf). Per-value adds and multiplies without fused multiply-add: every build the same bits.
+    fn small_plane_moments(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3]>
+        => small_plane_moments_body, (xp, c, hw, cnt); ["avx2"]
+}
+
+/// [`small_plane_moments`]' loops (the baseline build on CPUs without AVX2).
+#[inline(always)]
+fn small_plane_moments_body(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3]> {
     let len = c * hw;
     let mut acc = vec![0.0f64; len];
     for xi in xp.chunks_exact(len) {
@@ -855,14 +870,14 @@ fn small_plane_moments(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3
             .zip(xi)
             .for_each(|(a, &v)| *a += f64::from(v));
     }
-    let mut out = vec![[0.0f64; 3]; c];
+    let sums: Vec<f64> = acc.chunks_exact(hw).map(|p| p.iter().sum()).collect();
+    // The divisions in a loop of their own (vector divides), not one between each sum and
+    // the fill of its mean.
+    let means: Vec<f64> = sums.iter().map(|s| s / cnt).collect();
     let mut mu = vec![0.0f64; len];
-    for (ch, o) in out.iter_mut().enumerate() {
-        let r = ch * hw..(ch + 1) * hw;
-        o[0] = acc[r.clone()].iter().sum();
-        o[2] = o[0] / cnt;
-        mu[r].fill(o[2]);
-    }
+    mu.chunks_exact_mut(hw)
+        .zip(&means)
+        .for_each(|(p, &m)| p.fill(m));
     acc.fill(0.0);
     for xi in xp.chunks_exact(len) {
         acc.iter_mut().zip(xi).zip(&mu).for_each(|((a, &v), &m)| {
@@ -870,43 +885,76 @@ fn small_plane_moments(xp: &[f32], c: usize, hw: usize, cnt: f64) -> Vec<[f64; 3
             *a += d * d;
         });
     }
-    for (ch, o) in out.iter_mut().enumerate() {
-        o[1] = acc[ch * hw..(ch + 1) * hw].iter().sum();
-    }
-    out
+    acc.chunks_exact(hw)
+        .zip(sums.iter().zip(&means))
+        .map(|(p, (&s, &m))| [s, p.iter().sum(), m])
+        .collect()
 }
 
 /// `mean` (one per channel) repeated over each channel's `hw` values, in f64.
 fn spread_mean(mean: &[f32], hw: usize) -> Vec<f64> {
-    mean.iter()
-        .flat_map(|&m| std::iter::repeat_n(f64::from(m), hw))
-        .collect()
+    let mut v = vec![0.0f64; mean.len() * hw];
+    v.chunks_exact_mut(hw)
+        .zip(mean)
+        .for_each(|(p, &m)| p.fill(f64::from(m)));
+    v
 }
 
-/// Adds one image's `(g, g * (x - mean))` per value, in f64, to `acc` (the gradient sums of
-/// planes under [`SMALL_PLANE_MOMENTS`] values, like [`small_plane_moments`]; `mu`: the
-/// channels' means spread per value, [`spread_mean`]).
-fn add_grad_values(acc: &mut [[f64; 2]], x: &[f32], g: &[f32], mu: &[f64]) {
-    acc.iter_mut()
-        .zip(x)
-        .zip(g)
-        .zip(mu)
-        .for_each(|(((a, &x), &g), &m)| {
-            let g = f64::from(g);
-            a[0] += g;
-            a[1] += g * (f64::from(x) - m);
-        });
+/// Per-value f64 gradient sums `(sum g, sum g * (x - mean))` over a part's images, for planes
+/// under [`SMALL_PLANE_MOMENTS`] values (like [`small_plane_moments`]): one vector loop over
+/// each image, then `hw` adds per channel. Two arrays, not one of pairs: interleaved, the AVX2
+/// build spent its time shuffling lanes between the pairs.
+struct GradValues {
+    g: Vec<f64>,
+    gx: Vec<f64>,
 }
 
-/// Each channel's total of per-value sums (`hw` values per channel, in order).
-fn channel_totals(per_value: &[[f64; 2]], hw: usize) -> Vec<[f64; 2]> {
-    per_value
-        .chunks_exact(hw)
-        .map(|p| {
-            p.iter()
-                .fold([0.0f64; 2], |t, v| [t[0] + v[0], t[1] + v[1]])
-        })
-        .collect()
+impl GradValues {
+    /// Zero sums for images of `len` values.
+    fn new(len: usize) -> GradValues {
+        GradValues {
+            g: vec![0.0; len],
+            gx: vec![0.0; len],
+        }
+    }
+
+    /// Adds one image's `g` and `g * (x - mu)` per value (`mu`: the channels' means spread per
+    /// value, [`spread_mean`]).
+    fn add(&mut self, x: &[f32], g: &[f32], mu: &[f64]) {
+        add_grad_values(&mut self.g, &mut self.gx, x, g, mu)
+    }
+
+    /// Each channel's totals (`hw` values per channel, added in order).
+    fn channel_totals(&self, hw: usize) -> Vec<[f64; 2]> {
+        self.g
+            .chunks_exact(hw)
+            .zip(self.gx.chunks_exact(hw))
+            .map(|(g, gx)| {
+                let total = |v: &[f64]| v.iter().fold(0.0, |t, &x| t + x);
+                [total(g), total(gx)]
+            })
+            .collect()
+    }
+}
+
+simd_dispatch! {
+    /// [`add_grad_values_body`], built for AVX2 where the CPU has it: the baseline build's f64
+    /// loop is SSE2, two values an instruction (as [`small_plane_moments`]). Per-value adds and
+    /// multiplies without fused multiply-add: every build the same bits.
+    fn add_grad_values(sg: &mut [f64], sgx: &mut [f64], x: &[f32], g: &[f32], mu: &[f64])
+        => add_grad_values_body, (sg, sgx, x, g, mu); ["avx2"]
+}
+
+/// [`GradValues::add`]'s loop (the baseline build on CPUs without AVX2).
+#[inline(always)]
+fn add_grad_values_body(sg: &mut [f64], sgx: &mut [f64], x: &[f32], g: &[f32], mu: &[f64]) {
+    let n = sg.len();
+    let (sgx, x, g, mu) = (&mut sgx[..n], &x[..n], &g[..n], &mu[..n]);
+    for i in 0..n {
+        let gv = f64::from(g[i]);
+        sg[i] += gv;
+        sgx[i] += gv * (f64::from(x[i]) - mu[i]);
+    }
 }
 
 /// Values per channel block of [`batch_moments`]'s parts (32 KiB of f32, L1's size).
@@ -975,9 +1023,14 @@ fn batch_moments(
             out
         })
         .collect();
-    let mut sums: Vec<f64> = (0..c)
-        .map(|ch| partials.iter().map(|pt| pt[ch][0]).sum())
-        .collect();
+    // The parts' terms added channel by channel in part order (the bits of a per-channel
+    // `sum()`, which starts at -0.0), parts in the outer loop: per channel, a chain of dependent
+    // adds over 16 parts was a serial section of 20-40 us at 576-1152 channels, the other
+    // thread idle through it.
+    let mut sums = vec![-0.0f64; c];
+    for pt in &partials {
+        sums.iter_mut().zip(pt).for_each(|(s, v)| *s += v[0]);
+    }
     let count = match sync {
         Some(s) => {
             sums.push((n * hw) as f64);
@@ -987,19 +1040,14 @@ fn batch_moments(
         None => n * hw,
     };
     let mean: Vec<f64> = sums.iter().map(|s| s / count as f64).collect();
-    let mut m2: Vec<f64> = (0..c)
-        .map(|ch| {
-            partials
-                .iter()
-                .enumerate()
-                .map(|(p, pt)| {
-                    let cnt = (part.min(n - p * part) * hw) as f64;
-                    let d = pt[ch][2] - mean[ch];
-                    pt[ch][1] + cnt * d * d
-                })
-                .sum()
-        })
-        .collect();
+    let mut m2 = vec![-0.0f64; c];
+    for (p, pt) in partials.iter().enumerate() {
+        let cnt = (part.min(n - p * part) * hw) as f64;
+        m2.iter_mut().zip(pt).zip(&mean).for_each(|((m, v), &mu)| {
+            let d = v[2] - mu;
+            *m += v[1] + cnt * d * d;
+        });
+    }
     if let Some(s) = sync {
         sync_sums(s, &mut m2)?;
     }
@@ -1535,7 +1583,8 @@ mod tests {
 
     /// The AVX2 builds of the passes and reductions against their baseline bodies (what a CPU
     /// without AVX2 runs), on ragged planes (7x7: one 32-entry step of the wide reductions, two
-    /// 8-entry steps and a remainder) and every fused mode.
+    /// 8-entry steps and a remainder) and every fused mode, and the small-plane statistics on
+    /// 2x2 and 1x3 planes.
     #[test]
     fn dispatched_builds_equal_the_baseline_bodies_bitwise() {
         let (n, c, hw) = (3, 4, 49);
@@ -1591,6 +1640,26 @@ mod tests {
                 image_grad_body(&mut g2, x, hw, &coef, fused);
                 assert_eq!(bits(&g1), bits(&g2));
             }
+        }
+        // The small-plane statistics (2x2 and 1x3 planes over the three images).
+        for hw in [4, 3] {
+            let len = (xs.len() / (c * hw)) * c * hw;
+            let (xp, gp) = (&xs[..len], &gs[..len]);
+            let to_bits =
+                |v: &[[f64; 3]]| -> Vec<u64> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+            assert_eq!(
+                to_bits(&small_plane_moments(xp, c, hw, 7.0)),
+                to_bits(&small_plane_moments_body(xp, c, hw, 7.0))
+            );
+            let mu: Vec<f64> = (0..c * hw).map(|i| 0.1 * i as f64 - 0.3).collect();
+            let (mut a, mut b) = (GradValues::new(c * hw), GradValues::new(c * hw));
+            for (xi, gi) in xp.chunks_exact(c * hw).zip(gp.chunks_exact(c * hw)) {
+                a.add(xi, gi, &mu);
+                add_grad_values_body(&mut b.g, &mut b.gx, xi, gi, &mu);
+            }
+            let f64_bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(f64_bits(&a.g), f64_bits(&b.g));
+            assert_eq!(f64_bits(&a.gx), f64_bits(&b.gx));
         }
         for act in SMOOTH {
             let zero = MaybeUninit::new(0.0f32);
