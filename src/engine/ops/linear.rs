@@ -9,7 +9,9 @@
 use super::contiguous;
 use crate::engine::{init, shape_err, Result};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, Array2, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, IxDyn, NdFloat};
+use ndarray::{
+    s, Array2, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Ix2, IxDyn, NdFloat,
+};
 use rayon::prelude::*;
 
 const OP: &str = "Gemm";
@@ -20,19 +22,43 @@ const OP: &str = "Gemm";
 const SPLIT: usize = 128;
 /// Fewest multiply-adds for a split: below this the product is one call.
 const MIN_SPLIT_MACS: usize = 1 << 20;
+/// Narrowest range of a split product: a product whose output is under twice this on both
+/// sides is one call.
+const MIN_SPLIT_LEN: usize = 16;
 
-/// `c = alpha * a . b` (every entry of `c` overwritten, zeros for an empty inner dimension), in
-/// fixed ranges of columns of `c` ([`split_width`]) in parallel, or of rows when `c` has more
-/// rows than columns.
-fn par_mat_mul(alpha: f32, a: &ArrayView2<f32>, b: &ArrayView2<f32>, c: &mut Array2<f32>) {
+/// `c = alpha * a . b (+ beta * addend)` (every entry of `c` overwritten, zeros for an empty
+/// inner dimension), in fixed ranges of columns of `c` ([`split_bounds`]) in parallel, or of
+/// rows when `c` has more rows than columns. The addend (`C` broadcast to `c`'s shape) is added
+/// range by range after each range's product: added after the whole product, it was a serial
+/// pass over the output with the other threads idle (squeeze-excitation's biases).
+fn par_mat_mul(
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    c: &mut ArrayViewMut2<f32>,
+    addend: Option<(f32, ArrayView2<f32>)>,
+) {
     let ((m, k), n) = (a.dim(), b.ncols());
-    if k == 0 {
-        // An empty sum: callers hand `c` unzeroed, and no product may be left to clear it.
-        c.fill(0.0);
-        return;
-    }
-    if m * n * k < MIN_SPLIT_MACS || m.max(n) <= SPLIT {
-        general_mat_mul(alpha, a, b, 0.0, c);
+    let product = |a: &ArrayView2<f32>, b: &ArrayView2<f32>, c: &mut ArrayViewMut2<f32>| {
+        if k == 0 {
+            // An empty sum: callers hand `c` unzeroed, and no product may be left to clear it.
+            c.fill(0.0);
+        } else {
+            general_mat_mul(alpha, a, b, 0.0, c);
+        }
+    };
+    let add = |c: &mut ArrayViewMut2<f32>, r: Option<(Axis, std::ops::Range<usize>)>| {
+        if let Some((beta, cb)) = &addend {
+            let cb = match r {
+                Some((axis, r)) => cb.slice_axis(axis, r.into()),
+                None => cb.view(),
+            };
+            c.zip_mut_with(&cb, |y, &v| *y += beta * v);
+        }
+    };
+    if k == 0 || m * n * k < MIN_SPLIT_MACS || m.max(n) < 2 * MIN_SPLIT_LEN {
+        product(a, b, c);
+        add(c, None);
         return;
     }
     let by_cols = n >= m;
@@ -50,20 +76,25 @@ fn par_mat_mul(alpha: f32, a: &ArrayView2<f32>, b: &ArrayView2<f32>, c: &mut Arr
         .with_max_len(1)
         .for_each(|(r, mut part)| {
             if by_cols {
-                general_mat_mul(alpha, a, &b.slice(s![.., r]), 0.0, &mut part);
+                product(a, &b.slice(s![.., r.clone()]), &mut part);
             } else {
-                general_mat_mul(alpha, &a.slice(s![r, ..]), b, 0.0, &mut part);
+                product(&a.slice(s![r.clone(), ..]), b, &mut part);
             }
+            add(&mut part, Some((axis, r)));
         });
 }
 
-/// Bounds of the column (or row) ranges of a split product of `len`: an even number of ranges
-/// of at most [`SPLIT`], their bounds on multiples of 16 (the kernels' block) but the last. In
-/// plain chunks of 128, MobileNet-V3-Small's 576-wide squeeze-excitation products split
-/// 4 x 128 + 64, and the fifth task ran alone (a fixed width rounded to 16 would still leave an
-/// odd count for many widths, 769-896 among them).
+/// Bounds of the column (or row) ranges of a split product of `len` (at least
+/// `2 * MIN_SPLIT_LEN`): an even number of ranges of at most [`SPLIT`], their bounds on
+/// multiples of 16 (the kernels' block) but the last. In plain chunks of 128,
+/// MobileNet-V3-Small's 576-wide squeeze-excitation products split 4 x 128 + 64, and the fifth
+/// task ran alone (a fixed width rounded to 16 would still leave an odd count for many widths,
+/// 769-896 among them).
 fn split_bounds(len: usize) -> Vec<usize> {
-    let tasks = len.div_ceil(SPLIT).max(1);
+    // At least two: EfficientNet-B0's squeeze-excitation reductions ([64, 1152] x [1152, 48]
+    // at batch 64) have no side over 128, and as one call each their forward ran no faster on
+    // two threads than on one (1.8 ms a step both).
+    let tasks = len.div_ceil(SPLIT).max(2);
     let tasks = tasks + tasks % 2;
     let mut bounds: Vec<usize> = (0..tasks)
         .map(|i| (i * len / tasks).next_multiple_of(16).min(len))
@@ -172,20 +203,25 @@ impl Gemm {
         init();
         // Not zeroed: the product overwrites every entry (beta 0).
         let mut y = uninit2((m, n));
+        let cs = c.as_ref().map(contiguous);
+        let c2 = match (&c, &cs) {
+            (Some(c), Some(cs)) => {
+                let shape = Self::c_as_2d(c.shape(), m, n)?;
+                Some(ArrayView2::from_shape(shape, cs).expect("C's elements fill its 2-D shape"))
+            }
+            _ => None,
+        };
+        let addend = c2.as_ref().map(|c2| {
+            let cb = c2.broadcast((m, n)).expect("checked by c_as_2d");
+            (self.beta, cb)
+        });
         par_mat_mul(
             self.alpha,
             &Self::op_view(a, self.trans_a),
             &Self::op_view(b, self.trans_b),
-            &mut y,
+            &mut y.view_mut(),
+            addend,
         );
-        if let Some(c) = c {
-            let cs = contiguous(&c);
-            let c2 = Self::c_as_2d(c.shape(), m, n)?;
-            let c2 = ArrayView2::from_shape(c2, &cs).expect("C's elements fill its 2-D shape");
-            let cb = c2.broadcast((m, n)).expect("checked by c_as_2d");
-            let beta = self.beta;
-            y.zip_mut_with(&cb, |y, &c| *y += beta * c);
-        }
         Ok(y)
     }
 
@@ -208,35 +244,11 @@ impl Gemm {
                 ),
             ));
         }
-        init();
-        let (ap, bp) = (
-            Self::op_view(a, self.trans_a),
-            Self::op_view(b, self.trans_b),
-        );
-        // d(A') = alpha * dY * B'^T, and dA is its transpose when transA is set; computing the
-        // transposed product directly keeps dA in standard layout.
         // Not zeroed (a serial memset of the weight-sized `dB`, 2.4 MB for MobileNet-V3's
         // 576 -> 1024 classifier layer, with the other threads idle): the products overwrite
         // every entry.
         let (mut da, mut db) = (uninit2(a.dim()), uninit2(b.dim()));
-        // Side by side: squeeze-excitation's products are too small to split, and one after
-        // the other they left the other threads idle (the same products either way).
-        rayon::join(
-            || {
-                if self.trans_a {
-                    par_mat_mul(self.alpha, &bp, &dy.t(), &mut da);
-                } else {
-                    par_mat_mul(self.alpha, &dy, &bp.t(), &mut da);
-                }
-            },
-            || {
-                if self.trans_b {
-                    par_mat_mul(self.alpha, &dy.t(), &ap, &mut db);
-                } else {
-                    par_mat_mul(self.alpha, &ap.t(), &dy, &mut db);
-                }
-            },
-        );
+        self.grad_products(a, b, dy, Some(da.view_mut()), db.view_mut());
         let dc = match c_shape {
             None => None,
             Some(cs) => {
@@ -255,6 +267,75 @@ impl Gemm {
             }
         };
         Ok(GemmGrads { da, db, dc })
+    }
+
+    /// [`Self::backward`] without `C`, into the caller's buffers: `da` (when given) and `db`,
+    /// shaped as `a` and `b`, every entry overwritten. A conv on one-pixel planes (squeeze-
+    /// excitation) takes its gradients so: copied out of fresh buffers, they were a serial
+    /// pass over the weight gradient after the products, the other threads idle.
+    pub fn backward_into(
+        &self,
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        dy: ArrayView2<f32>,
+        da: Option<ArrayViewMut2<f32>>,
+        db: ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        let [m, n] = self.output_shape(a.shape(), b.shape(), None)?;
+        if dy.shape() != [m, n] {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "output gradient has shape {:?}, expected [{m}, {n}]",
+                    dy.shape()
+                ),
+            ));
+        }
+        if da.as_ref().is_some_and(|d| d.dim() != a.dim()) || db.dim() != b.dim() {
+            return Err(shape_err(
+                OP,
+                "gradient buffers must have the shapes of A and B".to_string(),
+            ));
+        }
+        self.grad_products(a, b, dy, da, db);
+        Ok(())
+    }
+
+    /// `dA` (when wanted) and `dB`, shapes checked by the caller.
+    fn grad_products(
+        &self,
+        a: ArrayView2<f32>,
+        b: ArrayView2<f32>,
+        dy: ArrayView2<f32>,
+        da: Option<ArrayViewMut2<f32>>,
+        mut db: ArrayViewMut2<f32>,
+    ) {
+        init();
+        let (ap, bp) = (
+            Self::op_view(a, self.trans_a),
+            Self::op_view(b, self.trans_b),
+        );
+        // d(A') = alpha * dY * B'^T, and dA is its transpose when transA is set; computing the
+        // transposed product directly keeps dA in standard layout.
+        // Side by side: squeeze-excitation's products are too small to split, and one after
+        // the other they left the other threads idle (the same products either way).
+        rayon::join(
+            || {
+                let Some(mut da) = da else { return };
+                if self.trans_a {
+                    par_mat_mul(self.alpha, &bp, &dy.t(), &mut da, None);
+                } else {
+                    par_mat_mul(self.alpha, &dy, &bp.t(), &mut da, None);
+                }
+            },
+            || {
+                if self.trans_b {
+                    par_mat_mul(self.alpha, &dy.t(), &ap, &mut db, None);
+                } else {
+                    par_mat_mul(self.alpha, &ap.t(), &dy, &mut db, None);
+                }
+            },
+        );
     }
 
     /// Triple loop from the definition. Test oracle only.
@@ -392,16 +473,22 @@ mod tests {
     /// 1 and 3 threads.
     #[test]
     fn split_products_match_f64_and_do_not_depend_on_threads() {
-        for (m, k, n) in [(64, 160, 300), (300, 160, 64)] {
+        // Wide, tall, and a squeeze-excitation reduction (no side over SPLIT: two row ranges).
+        for (m, k, n) in [(64, 160, 300), (300, 160, 64), (64, 1152, 48)] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let g = gemm(0.5, 1.0, ta, tb);
+                let g = gemm(0.5, 0.7, ta, tb);
                 let mut rng = Rng::new(3);
                 let a = rand_array(&mut rng, if ta { (k, m) } else { (m, k) }, -1.0, 1.0);
                 let b = rand_array(&mut rng, if tb { (n, k) } else { (k, n) }, -1.0, 1.0);
                 let dy = rand_array(&mut rng, (m, n), -1.0, 1.0);
+                // C, added range by range: a bias row, or a column when B is transposed.
+                let c_shape = if tb { (m, 1) } else { (1, n) };
+                let c = rand_array(&mut rng, c_shape, -1.0, 1.0);
                 let run = |threads: usize| {
                     on_threads(threads, || {
-                        let y = g.forward(a.view(), b.view(), None).unwrap();
+                        let y = g
+                            .forward(a.view(), b.view(), Some(c.view().into_dyn()))
+                            .unwrap();
                         let gr = g.backward(a.view(), b.view(), None, dy.view()).unwrap();
                         (y, gr.da, gr.db)
                     })
@@ -411,7 +498,7 @@ mod tests {
                 let (a64, b64, dy64) = (to_f64(&a.view()), to_f64(&b.view()), to_f64(&dy.view()));
                 let ap = if ta { a64.t().to_owned() } else { a64.clone() };
                 let bp = if tb { b64.t().to_owned() } else { b64.clone() };
-                let y64 = ap.dot(&bp) * 0.5;
+                let y64 = ap.dot(&bp) * 0.5 + to_f64(&c.view()) * 0.7;
                 let dap = dy64.dot(&bp.t()) * 0.5;
                 let dbp = ap.t().dot(&dy64) * 0.5;
                 let da64 = if ta { dap.t().to_owned() } else { dap };
@@ -441,10 +528,10 @@ mod tests {
     }
 
     /// An even number of ranges of at most [`SPLIT`], on multiples of 16 but the last,
-    /// covering the product, for every width from one past [`SPLIT`] to 20,000.
+    /// covering the product, for every width from `2 * MIN_SPLIT_LEN` to 20,000.
     #[test]
     fn split_ranges_are_even_in_count_and_cover_the_product() {
-        for len in SPLIT + 1..20_000 {
+        for len in 2 * MIN_SPLIT_LEN..20_000 {
             let b = split_bounds(len);
             let tasks = b.len() - 1;
             assert_eq!((b[0], b[tasks]), (0, len), "{len}: {b:?}");

@@ -24,7 +24,7 @@ use super::direct::Taps;
 use super::weight_grad::{dot_tiles, Runs};
 use super::{add_bias, Geom, Override, Path};
 use crate::engine::ops::linear::Gemm;
-use ndarray::ArrayView1;
+use ndarray::{ArrayView1, ArrayViewMut2};
 use rayon::prelude::*;
 
 /// Benchmark override of [`Geom::pointwise_direct`]'s speed rule.
@@ -186,6 +186,11 @@ impl Geom {
     }
 }
 
+/// `v` as a `rows x cols` matrix (row-major) to write into.
+fn mat_mut(v: &mut [f32], rows: usize, cols: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((rows, cols), v).expect("a one-pixel conv's buffer shape")
+}
+
 /// Benchmark override of [`Geom::pointwise_one_pixel`].
 static ONE_PIXEL: Override = Override::new();
 
@@ -247,17 +252,14 @@ impl Geom {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
-        let g = ONE_PIXEL_GEMM
-            .backward(
+        ONE_PIXEL_GEMM
+            .backward_into(
                 super::mat(x, self.n, self.ci),
                 super::mat(w, self.co, self.ci),
-                None,
                 super::mat(dy, self.n, self.co),
+                dx.map(|d| mat_mut(d, self.n, self.ci)),
+                mat_mut(dw, self.co, self.ci),
             )
             .expect("a one-pixel conv's shapes make a valid Gemm");
-        if let Some(dx) = dx {
-            dx.copy_from_slice(g.da.as_slice().expect("fresh gradients are contiguous"));
-        }
-        dw.copy_from_slice(g.db.as_slice().expect("fresh gradients are contiguous"));
     }
 }
