@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes three fixtures of what PyTorch's default (dynamo) exporter makes of small untrained
+"""Writes four fixtures of what PyTorch's default (dynamo) exporter makes of small untrained
 classifiers, weights in model.onnx.data:
 
 tests/fixtures/dynamo_shared_bn/: a DenseNet-style net. The point is what that exporter does to
@@ -21,6 +21,10 @@ and drops every bias that is all zeros: the squeeze-excitation convs', a plain c
 classifier's. params.json lists PyTorch's parameters (name, size) and its BN modules;
 tests/user_models.rs checks that elrt restores the biases and trains with a BN exactly where
 PyTorch has one, so that its parameters are PyTorch's.
+
+tests/fixtures/dynamo_prelu_elu/: PReLU (per channel and one shared slope), ELU (alpha 0.8)
+and LeakyReLU; tests/user_models.rs checks that elrt computes what tract computes on the file
+and that a short compress trains the slopes and exports PRelu and Elu.
 
     python3 scripts/make_dynamo_fixtures.py [OUT_ROOT] [--only NAME]
 
@@ -132,6 +136,28 @@ class TinySeNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class PReluElu(nn.Module):
+    """Activations with a trained slope or an exponential: PReLU per channel and shared (one
+    value), ELU with a non-default alpha, LeakyReLU."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.PReLU(8, init=0.2)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.act2 = nn.ELU(alpha=0.8)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.act3 = nn.PReLU(init=0.1)
+        self.act4 = nn.LeakyReLU(0.05)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.act2(self.c2(self.act1(self.bn1(self.c1(x)))))
+        x = self.act4(self.act3(self.c3(x)) + x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 def export(model_class, seed, size, root, name):
     """What a user types: the default exporter at batch 1, nothing else (external data is forced
     so that the fixture has the .onnx.data file that large models get). Returns the graph."""
@@ -168,6 +194,14 @@ def export_folded_bn(root):
         sys.exit("the exporter kept a bias or a BN: the fixture would test nothing")
 
 
+def export_prelu_elu(root):
+    path, graph = export(PReluElu, 3, 12, root, "dynamo_prelu_elu")
+    ops = sorted({n.op_type for n in graph.node})
+    print(f"wrote {path}; ops: {ops}")
+    if "PRelu" not in ops or "Elu" not in ops:
+        sys.exit("the exporter wrote no PRelu or Elu: the fixture would test nothing")
+
+
 def main():
     args = sys.argv[1:]
     only = None
@@ -181,6 +215,8 @@ def main():
         export_folded_bn(root)
     if only in (None, "dynamo_adaptive_pool"):
         export_adaptive_pool(root)
+    if only in (None, "dynamo_prelu_elu"):
+        export_prelu_elu(root)
     if only not in (None, "dynamo_shared_bn"):
         return
     path, graph = export(TinyDenseNet, 0, 16, root, "dynamo_shared_bn")

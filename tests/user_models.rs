@@ -739,6 +739,62 @@ fn uneven_adaptive_pools_from_the_dynamo_exporter_compute_what_tract_computes_on
     assert!(out.join("compact.onnx").exists());
 }
 
+/// PReLU (a slope per channel and one shared), ELU (alpha 0.8) and LeakyReLU as the dynamo
+/// exporter writes them (tests/fixtures/dynamo_prelu_elu, made by
+/// scripts/make_dynamo_fixtures.py): the engine's forward is tract's on the file itself, and a
+/// short compress trains the slopes as parameters and exports PRelu and Elu.
+#[test]
+fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train() {
+    let path = common::repo().join("tests/fixtures/dynamo_prelu_elu/model.onnx");
+    let mut m = Model::load(&path, 5).unwrap();
+    let ops: Vec<&str> = m.graph.nodes.iter().map(|n| n.op.onnx_type()).collect();
+    assert!(ops.contains(&"PRelu") && ops.contains(&"Elu"), "{ops:?}");
+    let mut r = Rng::new(4);
+    let x = ArrayD::from_shape_fn(IxDyn(&[3, 3, 12, 12]), |_| r.normal());
+    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+    let bytes = elrt::onnx::read::self_contained_bytes(&path).unwrap();
+    let mut tract = elrt::runtime::TractModel::from_bytes(&bytes, &[1, 3, 12, 12], 1).unwrap();
+    for (i, image) in x.outer_iter().enumerate() {
+        let theirs = tract.run(&image.insert_axis(Axis(0)).to_owned()).unwrap();
+        let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+        let d = common::rel_diff(&mine, &theirs);
+        assert!(d < 1e-5, "image {i}: {d}");
+    }
+    let slopes = |g: &Graph| -> Vec<Vec<f32>> {
+        g.nodes
+            .iter()
+            .filter(|n| n.op == Op::PRelu)
+            .map(|n| g.initializers[&n.inputs[1]].to_f32s())
+            .collect()
+    };
+    let before = slopes(&elrt::onnx::read::read_file(&path).unwrap());
+    assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [8, 1]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    common::succeeds([
+        "compress",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--ranks",
+        "ratio=0.5",
+        "--quiet",
+    ]);
+    let compact = elrt::onnx::read::read_file(&out.join("compact.onnx")).unwrap();
+    let ops: Vec<&str> = compact.nodes.iter().map(|n| n.op.onnx_type()).collect();
+    assert!(ops.contains(&"PRelu") && ops.contains(&"Elu"), "{ops:?}");
+    let after = slopes(&compact);
+    assert_eq!(after.len(), 2);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a.len(), b.len());
+        assert!(a != b, "a PReLU slope did not train: {b:?} -> {a:?}");
+    }
+}
+
 /// A MobileNetV3-style net as the dynamo exporter writes it untrained (each BN folded into
 /// its conv, every all-zero bias dropped: the squeeze-excitation convs', a plain conv's, the
 /// classifier's; tests/fixtures/dynamo_folded_bn, made by scripts/make_dynamo_fixtures.py with

@@ -678,6 +678,7 @@ fn kernel_for(
             max: c.max.unwrap_or(f32::INFINITY),
         }),
         Op::LeakyRelu { alpha } => Kernel::Act(Activation::LeakyRelu { alpha: *alpha }),
+        Op::Elu { alpha } => Kernel::Act(Activation::Elu { alpha: *alpha }),
         Op::Sigmoid => Kernel::Act(Activation::Sigmoid),
         Op::HardSigmoid { alpha, beta } => Kernel::Act(Activation::HardSigmoid {
             alpha: *alpha,
@@ -703,6 +704,7 @@ fn kernel_for(
         Op::Add => Kernel::Binary(BinOp::Add),
         Op::Sub => Kernel::Binary(BinOp::Sub),
         Op::Mul => Kernel::Binary(BinOp::Mul),
+        Op::PRelu => Kernel::Binary(BinOp::PRelu),
         Op::Div => Kernel::Binary(BinOp::Div),
         Op::Concat { axis } => Kernel::Concat {
             axis: norm_axis(*axis, x.len())?,

@@ -17,6 +17,29 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// ONNX `PRelu`: the first operand where positive, else its product with the second (the
+    /// slope, which broadcasts to the first).
+    PRelu,
+}
+
+/// PRelu's forward: `x` where positive, else `s * x`.
+#[inline(always)]
+fn prelu(x: f32, s: f32) -> f32 {
+    if x > 0.0 {
+        x
+    } else {
+        s * x
+    }
+}
+
+/// PRelu's gradients at `x` (slope `s`, output gradient `g`): `(d x, d s)`.
+#[inline(always)]
+fn prelu_grads(g: f32, x: f32, s: f32) -> (f32, f32) {
+    if x > 0.0 {
+        (g, 0.0)
+    } else {
+        (g * s, g * x)
+    }
 }
 
 /// Sums `g` down to `shape` over the axes that broadcasting expanded.
@@ -45,6 +68,7 @@ pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Resu
             BinOp::Sub => crate::engine::ops::par_zip_map(xs, ys, |x, y| x - y),
             BinOp::Mul => crate::engine::ops::par_zip_map(xs, ys, |x, y| x * y),
             BinOp::Div => crate::engine::ops::par_zip_map(xs, ys, |x, y| x / y),
+            BinOp::PRelu => crate::engine::ops::par_zip_map(xs, ys, prelu),
         };
         return Ok(ArrayD::from_shape_vec(IxDyn(&shape), out).expect("same length"));
     }
@@ -60,6 +84,7 @@ pub fn binary_forward(op: BinOp, a: ArrayViewD<f32>, b: ArrayViewD<f32>) -> Resu
             BinOp::Sub => *o - y,
             BinOp::Mul => *o * y,
             BinOp::Div => *o / y,
+            BinOp::PRelu => prelu(*o, y),
         }
     });
     Ok(out)
@@ -93,6 +118,16 @@ pub fn binary_backward(
                 .and(&av)
                 .and(&bv)
                 .for_each(|g, &x, &y| *g = -*g * x / (y * y));
+            (da, db)
+        }
+        BinOp::PRelu => {
+            let mut da = dy;
+            let mut db = ArrayD::zeros(da.raw_dim());
+            ndarray::Zip::from(&mut da)
+                .and(&mut db)
+                .and(&av)
+                .and(&bv)
+                .for_each(|ga, gb, &x, &s| (*ga, *gb) = prelu_grads(*ga, x, s));
             (da, db)
         }
     };
@@ -168,6 +203,10 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
         (BinOp::Mul, false) => plane_map(big, small, plane, |x, s| s * x),
         (BinOp::Div, true) => plane_map(big, small, plane, |x, s| x / s),
         (BinOp::Div, false) => plane_map(big, small, plane, |x, s| s / x),
+        (BinOp::PRelu, true) => plane_map(big, small, plane, prelu),
+        // The slope bigger than the input: not a valid PRelu (the general path's broadcast
+        // of the input refuses it).
+        (BinOp::PRelu, false) => return None,
     };
     Some(ArrayD::from_shape_vec(shape, out).expect("same length"))
 }
@@ -240,6 +279,15 @@ fn plane_backward(
             |g, x, s| -g * s / (x * x),
             |g, x, _| g / x,
         ),
+        (BinOp::PRelu, true) => plane_grads(
+            gs,
+            big,
+            small,
+            plane,
+            |g, x, s| prelu_grads(g, x, s).0,
+            |g, x, s| prelu_grads(g, x, s).1,
+        ),
+        (BinOp::PRelu, false) => return Err(dy),
     };
     let d_big = ArrayD::from_shape_vec(dy.raw_dim(), d_big).expect("same length");
     let small_shape = if big_is_a { b.raw_dim() } else { a.raw_dim() };
@@ -826,6 +874,7 @@ mod tests {
                 BinOp::Sub => &a - &b,
                 BinOp::Mul => &a * &b,
                 BinOp::Div => &a / &b,
+                BinOp::PRelu => unreachable!("not in the list"),
             };
             assert_eq!(fast, want, "{op:?}");
             assert_eq!(general, want, "{op:?}");
@@ -907,6 +956,42 @@ mod tests {
                 check_grad(a, &|x| binary_forward(op, x.view(), b.view()).unwrap(), &da);
                 check_grad(b, &|x| binary_forward(op, a.view(), x.view()).unwrap(), &db);
             }
+        }
+    }
+
+    /// PRelu (`BinOp::PRelu`) on each path the executor can take: slopes of the input's
+    /// shape, per plane (`[N, C, 1, 1]`), per channel as PyTorch exports `nn.PReLU(C)`
+    /// (`[C, 1, 1]`, the general broadcast) and one shared value (`[1]`): the forward equals
+    /// the definition bit for bit, the gradients of both operands match finite differences
+    /// (inputs kept 0.05 or more from the kink, farther than the difference step of 1e-2).
+    #[test]
+    fn prelu_forward_is_the_definition_and_gradients_match_finite_differences() {
+        let shape = [2, 3, 4, 5];
+        // Inputs at least 0.05 from 0, so a central difference never crosses the kink.
+        let x = rand(&shape, 21).mapv(|v| if v.abs() < 0.05 { v + 0.1 } else { v });
+        for slope_shape in [vec![2, 3, 4, 5], vec![2, 3, 1, 1], vec![3, 1, 1], vec![1]] {
+            let s = rand(&slope_shape, 22).mapv(|v| 0.25 * v + 0.1);
+            let y = binary_forward(BinOp::PRelu, x.view(), s.view()).unwrap();
+            assert_eq!(y.shape(), &shape);
+            let sb = s.broadcast(IxDyn(&shape)).unwrap();
+            for ((&yv, &xv), &sv) in y.iter().zip(&x).zip(sb.iter()) {
+                let want = if xv > 0.0 { xv } else { sv * xv };
+                assert_eq!(yv.to_bits(), want.to_bits(), "{slope_shape:?}");
+            }
+            assert!(x.iter().any(|&v| v < 0.0) && x.iter().any(|&v| v > 0.0));
+            let w = weights_for(&y);
+            let (dx, ds) = binary_backward(BinOp::PRelu, x.view(), s.view(), w.clone());
+            assert_eq!(ds.shape(), &slope_shape[..]);
+            check_grad(
+                &x,
+                &|v| binary_forward(BinOp::PRelu, v.view(), s.view()).unwrap(),
+                &dx,
+            );
+            check_grad(
+                &s,
+                &|v| binary_forward(BinOp::PRelu, x.view(), v.view()).unwrap(),
+                &ds,
+            );
         }
     }
 

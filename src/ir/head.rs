@@ -145,6 +145,7 @@ pub fn resize(
             | Op::Sigmoid
             | Op::Clip(_)
             | Op::LeakyRelu { .. }
+            | Op::Elu { .. }
             | Op::HardSigmoid { .. }
             | Op::HardSwish
             | Op::Flatten { .. }

@@ -173,6 +173,13 @@ pub enum Op {
     LeakyRelu {
         alpha: f32,
     },
+    /// `x` where positive, else `slope * x`; the slope (input 1, broadcast to `x`: one value
+    /// or one per channel, `[C, 1, 1]`) is a trained parameter, PyTorch's `nn.PReLU`.
+    PRelu,
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (ONNX default alpha 1, PyTorch's `nn.ELU`).
+    Elu {
+        alpha: f32,
+    },
     Sigmoid,
     HardSigmoid {
         alpha: f32,
@@ -279,6 +286,8 @@ impl Op {
             Op::Relu => "Relu",
             Op::Clip(_) => "Clip",
             Op::LeakyRelu { .. } => "LeakyRelu",
+            Op::PRelu => "PRelu",
+            Op::Elu { .. } => "Elu",
             Op::Sigmoid => "Sigmoid",
             Op::HardSigmoid { .. } => "HardSigmoid",
             Op::HardSwish => "HardSwish",
@@ -333,6 +342,7 @@ impl Op {
             Op::BatchNorm(_) | Op::LayerNorm(_) => &[1, 2],
             Op::Gemm(_) => &[1, 2],
             Op::MatMul => &[0, 1],
+            Op::PRelu => &[1],
             _ => &[],
         }
     }

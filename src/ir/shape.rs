@@ -440,6 +440,7 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         Op::Relu
         | Op::Clip(_)
         | Op::LeakyRelu { .. }
+        | Op::Elu { .. }
         | Op::Sigmoid
         | Op::HardSigmoid { .. }
         | Op::HardSwish
@@ -488,6 +489,18 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
                 (Some(a), Some(b)) => vec![Fact::known(binary(&node.op, a, b)?, x.elem)],
                 _ => vec![Fact::of(shape, x.elem)],
             }
+        }
+        Op::PRelu => {
+            // Unidirectional: the slope broadcasts to `x`, the output is `x`'s shape.
+            let slope = need(ins, 1)?;
+            if broadcast(&x.shape, &slope.shape)? != x.shape {
+                bail!(
+                    "slope of shape {:?} does not broadcast to the input's {:?}",
+                    slope.shape,
+                    x.shape
+                );
+            }
+            same()
         }
         Op::Concat { axis } => {
             let facts: Vec<&Fact> = ins.iter().flatten().copied().collect();

@@ -507,6 +507,16 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
             },
             ins.first(1),
         ),
+        "Elu" => (
+            Op::Elu {
+                alpha: a.float_or("alpha", 1.0)?,
+            },
+            ins.first(1),
+        ),
+        "PRelu" => {
+            ins.need(2)?;
+            (Op::PRelu, ins.first(2))
+        }
         "HardSigmoid" => (
             Op::HardSigmoid {
                 alpha: a.float_or("alpha", 0.2)?,

@@ -122,6 +122,7 @@ fn check_opset(n: &Node, opset: i64) -> Result<()> {
         Op::Gelu { .. } => need(20, "Gelu")?,
         Op::LayerNorm(_) => need(17, "LayerNormalization")?,
         Op::Erf => need(9, "Erf")?,
+        Op::PRelu => need(7, "PRelu with a broadcast slope")?,
         Op::Pool(p) => {
             if p.ceil_mode {
                 need(10, "ceil_mode")?;
@@ -278,7 +279,7 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
                 }
             }
         }
-        Op::LeakyRelu { alpha } => a.push(make::float("alpha", *alpha)),
+        Op::LeakyRelu { alpha } | Op::Elu { alpha } => a.push(make::float("alpha", *alpha)),
         Op::Gelu { tanh } => {
             if *tanh {
                 a.push(make::string("approximate", "tanh"));
@@ -428,6 +429,7 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         Op::ConstantOfShape { value } => a.push(make::tensor("value", value)),
         Op::Softmax { axis, .. } | Op::LogSoftmax { axis, .. } => a.push(make::int("axis", *axis)),
         Op::Relu
+        | Op::PRelu
         | Op::Sigmoid
         | Op::HardSwish
         | Op::Erf

@@ -95,6 +95,12 @@ pub enum Activation {
     LeakyRelu {
         alpha: f32,
     },
+    /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (ONNX `Elu`, default alpha 1); derivative
+    /// `alpha * exp(x)` below 0, as PyTorch's `EluBackward` (`exp_m1`, so small negative
+    /// inputs keep their digits).
+    Elu {
+        alpha: f32,
+    },
     Sigmoid,
     /// `max(0, min(1, alpha * x + beta))` (ONNX defaults 0.2, 0.5; PyTorch's is 1/6, 0.5).
     HardSigmoid {
@@ -148,6 +154,7 @@ impl Activation {
             Activation::Relu => "Relu",
             Activation::Clip { .. } => "Clip",
             Activation::LeakyRelu { .. } => "LeakyRelu",
+            Activation::Elu { .. } => "Elu",
             Activation::Sigmoid => "Sigmoid",
             Activation::HardSigmoid { .. } => "HardSigmoid",
             Activation::HardSwish => "HardSwish",
@@ -166,10 +173,12 @@ impl Activation {
             Activation::Clip { min, max } if min.is_nan() || max.is_nan() || min > max => Err(
                 attr_err(self.name(), format!("min {min} must not exceed max {max}")),
             ),
-            Activation::LeakyRelu { alpha } if !alpha.is_finite() => Err(attr_err(
-                self.name(),
-                format!("alpha {alpha} must be finite"),
-            )),
+            Activation::LeakyRelu { alpha } | Activation::Elu { alpha } if !alpha.is_finite() => {
+                Err(attr_err(
+                    self.name(),
+                    format!("alpha {alpha} must be finite"),
+                ))
+            }
             Activation::HardSigmoid { alpha, beta }
             | Activation::HardSigmoidMul { alpha, beta }
                 if !alpha.is_finite() || !beta.is_finite() =>
@@ -210,6 +219,9 @@ impl Activation {
             }
             Activation::LeakyRelu { alpha } => {
                 par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v })
+            }
+            Activation::Elu { alpha } => {
+                par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v.exp_m1() })
             }
             Activation::Sigmoid => par_map(&xs, sigmoid),
             Activation::HardSigmoid { alpha, beta } => {
@@ -257,6 +269,19 @@ impl Activation {
             Activation::LeakyRelu { alpha } => {
                 par_zip_map(&xs, &gs, move |x, g| if x > 0.0 { g } else { alpha * g })
             }
+            Activation::Elu { alpha } => {
+                par_zip_map(
+                    &xs,
+                    &gs,
+                    move |x, g| {
+                        if x > 0.0 {
+                            g
+                        } else {
+                            g * (alpha * x.exp())
+                        }
+                    },
+                )
+            }
             Activation::Sigmoid => par_zip_map(&xs, &gs, |x, g| {
                 let s = sigmoid(x);
                 g * s * (1.0 - s)
@@ -302,6 +327,13 @@ impl Activation {
                 }
             }),
             Activation::LeakyRelu { alpha } => x.mapv(|v| if v > zero { v } else { c(alpha) * v }),
+            Activation::Elu { alpha } => x.mapv(|v| {
+                if v > zero {
+                    v
+                } else {
+                    c(alpha) * (v.exp() - one)
+                }
+            }),
             Activation::Sigmoid => x.mapv(|v| one / (one + (-v).exp())),
             Activation::HardSigmoid { alpha, beta } => x.mapv(|v| clamp01(c(alpha) * v + c(beta))),
             Activation::HardSwish => x.mapv(|v| v * clamp01(v / c(6.0) + c(0.5))),
@@ -635,6 +667,12 @@ mod tests {
     #[test]
     fn leaky_relu() {
         check(Activation::LeakyRelu { alpha: 0.1 }, &[0.0], 4);
+    }
+
+    #[test]
+    fn elu() {
+        check(Activation::Elu { alpha: 1.0 }, &[0.0], 14);
+        check(Activation::Elu { alpha: 0.7 }, &[0.0], 15);
     }
 
     #[test]
