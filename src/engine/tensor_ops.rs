@@ -204,8 +204,8 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
         (BinOp::Div, true) => plane_map(big, small, plane, |x, s| x / s),
         (BinOp::Div, false) => plane_map(big, small, plane, |x, s| s / x),
         (BinOp::PRelu, true) => plane_map(big, small, plane, prelu),
-        // The slope bigger than the input: not a valid PRelu (the general path's broadcast
-        // of the input refuses it).
+        // The slope bigger than the input: not a valid PRelu (the shape rule of `ir::shape`
+        // refuses such a graph before it runs).
         (BinOp::PRelu, false) => return None,
     };
     Some(ArrayD::from_shape_vec(shape, out).expect("same length"))

@@ -317,8 +317,9 @@ impl Gemm {
         );
         // d(A') = alpha * dY * B'^T, and dA is its transpose when transA is set; computing the
         // transposed product directly keeps dA in standard layout.
-        // Side by side: squeeze-excitation's products are too small to split, and one after
-        // the other they left the other threads idle (the same products either way).
+        // Side by side: products under MIN_SPLIT_MACS (most squeeze-excitation ones) are one
+        // call each, and one after the other they left the other threads idle (the same
+        // products either way).
         rayon::join(
             || {
                 let Some(mut da) = da else { return };
