@@ -691,6 +691,23 @@ fn bn_statistics_the_dynamo_exporter_shared_survive_training_and_export() {
     }
 }
 
+/// The engine's eval forward of `x` (a batch) equals, image by image within 1e-5 relative,
+/// what tract computes on the ONNX file at `path` itself (batch 1).
+fn engine_matches_tract_on_the_file(m: &mut Model, path: &Path, x: ArrayD<f32>) {
+    let shape: Vec<usize> = std::iter::once(1)
+        .chain(x.shape()[1..].iter().copied())
+        .collect();
+    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+    let bytes = elrt::onnx::read::self_contained_bytes(path).unwrap();
+    let mut tract = elrt::runtime::TractModel::from_bytes(&bytes, &shape, 1).unwrap();
+    for (i, image) in x.outer_iter().enumerate() {
+        let theirs = tract.run(&image.insert_axis(Axis(0)).to_owned()).unwrap();
+        let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+        let d = common::rel_diff(&mine, &theirs);
+        assert!(d < 1e-5, "image {i}: {d}");
+    }
+}
+
 /// Adaptive average pools whose output does not divide the input (3x3 to 6x6 and to 5x5), as
 /// the dynamo exporter writes them: Transpose, GatherND, Where masks, means
 /// (tests/fixtures/dynamo_adaptive_pool, made by scripts/make_dynamo_fixtures.py).
@@ -705,19 +722,8 @@ fn uneven_adaptive_pools_from_the_dynamo_exporter_compute_what_tract_computes_on
     );
     let mut r = Rng::new(9);
     let x = ArrayD::from_shape_fn(IxDyn(&[3, 3, 12, 12]), |_| r.normal());
-    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
     // tract reads GatherND and Where itself: the file as exported (batch 1) is the judge.
-    let bytes = elrt::onnx::read::self_contained_bytes(&path).unwrap();
-    let mut tract = elrt::runtime::TractModel::from_bytes(&bytes, &[1, 3, 12, 12], 1).unwrap();
-    for (i, image) in x.outer_iter().enumerate() {
-        let theirs = tract.run(&image.insert_axis(Axis(0)).to_owned()).unwrap();
-        let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
-        assert!(
-            common::rel_diff(&mine, &theirs) < 1e-5,
-            "image {i}: {}",
-            common::rel_diff(&mine, &theirs)
-        );
-    }
+    engine_matches_tract_on_the_file(&mut m, &path, x);
     // Gradients flow through the rewritten pools: a short compress trains, exports and
     // validates the compact file in tract against the engine.
     let tmp = tempfile::tempdir().unwrap();
@@ -751,15 +757,7 @@ fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train(
     assert!(ops.contains(&"PRelu") && ops.contains(&"Elu"), "{ops:?}");
     let mut r = Rng::new(4);
     let x = ArrayD::from_shape_fn(IxDyn(&[3, 3, 12, 12]), |_| r.normal());
-    let ours = m.forward(x.clone(), Mode::Eval).unwrap();
-    let bytes = elrt::onnx::read::self_contained_bytes(&path).unwrap();
-    let mut tract = elrt::runtime::TractModel::from_bytes(&bytes, &[1, 3, 12, 12], 1).unwrap();
-    for (i, image) in x.outer_iter().enumerate() {
-        let theirs = tract.run(&image.insert_axis(Axis(0)).to_owned()).unwrap();
-        let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
-        let d = common::rel_diff(&mine, &theirs);
-        assert!(d < 1e-5, "image {i}: {d}");
-    }
+    engine_matches_tract_on_the_file(&mut m, &path, x);
     let slopes = |g: &Graph| -> Vec<Vec<f32>> {
         g.nodes
             .iter()

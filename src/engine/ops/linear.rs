@@ -235,15 +235,7 @@ impl Gemm {
         dy: ArrayView2<f32>,
     ) -> Result<GemmGrads> {
         let [m, n] = self.output_shape(a.shape(), b.shape(), c_shape)?;
-        if dy.shape() != [m, n] {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "output gradient has shape {:?}, expected [{m}, {n}]",
-                    dy.shape()
-                ),
-            ));
-        }
+        Self::check_dy(&dy, m, n)?;
         // Not zeroed (a serial memset of the weight-sized `dB`, 2.4 MB for MobileNet-V3's
         // 576 -> 1024 classifier layer, with the other threads idle): the products overwrite
         // every entry.
@@ -269,6 +261,20 @@ impl Gemm {
         Ok(GemmGrads { da, db, dc })
     }
 
+    /// The output gradient must have the output's shape `[m, n]`.
+    fn check_dy(dy: &ArrayView2<f32>, m: usize, n: usize) -> Result<()> {
+        if dy.shape() != [m, n] {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "output gradient has shape {:?}, expected [{m}, {n}]",
+                    dy.shape()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// [`Self::backward`] without `C`, into the caller's buffers: `da` (when given) and `db`,
     /// shaped as `a` and `b`, every entry overwritten. A conv on one-pixel planes (squeeze-
     /// excitation) takes its gradients so: copied out of fresh buffers, they were a serial
@@ -282,15 +288,7 @@ impl Gemm {
         db: ArrayViewMut2<f32>,
     ) -> Result<()> {
         let [m, n] = self.output_shape(a.shape(), b.shape(), None)?;
-        if dy.shape() != [m, n] {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "output gradient has shape {:?}, expected [{m}, {n}]",
-                    dy.shape()
-                ),
-            ));
-        }
+        Self::check_dy(&dy, m, n)?;
         if da.as_ref().is_some_and(|d| d.dim() != a.dim()) || db.dim() != b.dim() {
             return Err(shape_err(
                 OP,
