@@ -9,6 +9,7 @@
 pub mod choose;
 pub mod fold_bn;
 pub mod forms;
+pub mod rank_align;
 pub mod validate;
 
 use std::str::FromStr;
@@ -214,7 +215,10 @@ pub fn export(
     let dynamic_batch = opts.batch_for(&g).1;
     refacts(&mut g, &shape)?;
     let fold = fold_bn::fold_batchnorm(&mut g)?;
-    let facts = refacts(&mut g, &shape)?;
+    let mut facts = refacts(&mut g, &shape)?;
+    if rank_align::align_constant_ranks(&mut g, &facts) > 0 {
+        facts = refacts(&mut g, &shape)?;
+    }
     let chains = find_chains(&g);
     let mut layers = Vec::new();
     let mut whole = std::collections::BTreeMap::new();
