@@ -26,6 +26,13 @@ tests/fixtures/dynamo_prelu_elu/: PReLU (per channel and one shared slope), ELU 
 and LeakyReLU; tests/user_models.rs checks that elrt computes what tract computes on the file
 and that a short compress trains the slopes and exports PRelu and Elu.
 
+tests/fixtures/dynamo_group_norm/: GroupNorm (two, 4 groups each) and an affine InstanceNorm2d,
+with PyTorch's parameter list in params.json; tests/user_models.rs checks that elrt computes
+what tract computes on the file, holds PyTorch's parameters (the instance norms that GroupNorm
+exports as keep their constant ones and zeros frozen) and trains and exports them.
+tests/fixtures/dynamo_group_norm_opset21/: the same net exported at opset 21, where the
+exporter writes GroupNormalization; the same checks, and the compact file keeps the op.
+
     python3 scripts/make_dynamo_fixtures.py [OUT_ROOT] [--only NAME]
 
 Needs torch and onnxscript (scripts/requirements-dev.txt). Seeded; the script prints which
@@ -158,15 +165,41 @@ class PReluElu(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def export(model_class, seed, size, root, name):
+class GroupInstance(nn.Module):
+    """GroupNorm (two of 4 groups: the exporter shares their constant ones and zeros) and an
+    affine InstanceNorm2d, their weights and biases drawn away from ones and zeros so that the
+    affine is visible in the outputs."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.gn2 = nn.GroupNorm(4, 16)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.inorm = nn.InstanceNorm2d(16, affine=True)
+        self.fc = nn.Linear(16, classes)
+        for m in (self.gn1, self.gn2, self.inorm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn1(self.c1(x)))
+        x = nn.functional.silu(self.gn2(self.c2(x)))
+        x = torch.relu(self.inorm(self.c3(x)) + x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def export(model_class, seed, size, root, name, opset=None):
     """What a user types: the default exporter at batch 1, nothing else (external data is forced
-    so that the fixture has the .onnx.data file that large models get). Returns the graph."""
+    so that the fixture has the .onnx.data file that large models get; `opset` where a user asks
+    for one). Returns the graph."""
     out = os.path.join(root, name)
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
     path = os.path.join(out, "model.onnx")
     torch.onnx.export(model_class().eval(), (torch.randn(1, 3, size, size),), path, dynamo=True,
-                      external_data=True)
+                      external_data=True, opset_version=opset)
     return path, onnx.load(path, load_external_data=False).graph
 
 
@@ -202,6 +235,21 @@ def export_prelu_elu(root):
         sys.exit("the exporter wrote no PRelu or Elu: the fixture would test nothing")
 
 
+def export_group_norm(root, name, opset, want):
+    """`want`: (op type, count) the file must hold, or the fixture would test nothing."""
+    path, graph = export(GroupInstance, 5, 12, root, name, opset)
+    torch.manual_seed(5)
+    model = GroupInstance()
+    params = [[n, p.numel()] for n, p in model.named_parameters()]
+    with open(os.path.join(os.path.dirname(path), "params.json"), "w") as f:
+        json.dump({"params": params}, f)
+        f.write("\n")
+    ops = collections.Counter(n.op_type for n in graph.node)
+    print(f"wrote {path}; ops: {dict(ops)}")
+    if ops[want[0]] != want[1]:
+        sys.exit(f"the exporter did not write {want[1]} {want[0]}: the fixture would test nothing")
+
+
 def main():
     args = sys.argv[1:]
     only = None
@@ -217,6 +265,10 @@ def main():
         export_adaptive_pool(root)
     if only in (None, "dynamo_prelu_elu"):
         export_prelu_elu(root)
+    if only in (None, "dynamo_group_norm"):
+        export_group_norm(root, "dynamo_group_norm", None, ("InstanceNormalization", 3))
+    if only in (None, "dynamo_group_norm_opset21"):
+        export_group_norm(root, "dynamo_group_norm_opset21", 21, ("GroupNormalization", 2))
     if only not in (None, "dynamo_shared_bn"):
         return
     path, graph = export(TinyDenseNet, 0, 16, root, "dynamo_shared_bn")

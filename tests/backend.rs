@@ -13,7 +13,7 @@ use anyhow::Result;
 use elrt::engine::backend::{Backend, BnGrads, ConvGrads, CpuBackend, GemmGrads, LnGrads, Update};
 use elrt::engine::model::Model;
 use elrt::engine::ops::{
-    Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, LayerNorm,
+    Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, GroupNorm, LayerNorm,
     LayerNormSaved, MaxPool2d, MaxPoolSaved,
 };
 use elrt::engine::stat_sync::StatSync;
@@ -185,6 +185,33 @@ impl Backend for Counted {
     ) -> Result<LnGrads<Dev>> {
         self.k();
         let g = C.layer_norm_backward(op, &x.0, &scale.0, saved, dy.0)?;
+        Ok(LnGrads {
+            dx: Dev(g.dx),
+            dscale: Dev(g.dscale),
+            dbias: Dev(g.dbias),
+        })
+    }
+    fn group_norm_forward(
+        &self,
+        op: &GroupNorm,
+        x: &Dev,
+        scale: &Dev,
+        bias: &Dev,
+    ) -> Result<(Dev, LayerNormSaved)> {
+        self.k();
+        let (y, s) = C.group_norm_forward(op, &x.0, &scale.0, &bias.0)?;
+        Ok((Dev(y), s))
+    }
+    fn group_norm_backward(
+        &self,
+        op: &GroupNorm,
+        x: &Dev,
+        scale: &Dev,
+        saved: &LayerNormSaved,
+        dy: Dev,
+    ) -> Result<LnGrads<Dev>> {
+        self.k();
+        let g = C.group_norm_backward(op, &x.0, &scale.0, saved, dy.0)?;
         Ok(LnGrads {
             dx: Dev(g.dx),
             dscale: Dev(g.dscale),

@@ -793,6 +793,150 @@ fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train(
     }
 }
 
+/// A GroupNorm / InstanceNorm fixture as the dynamo exporter writes it (made by
+/// scripts/make_dynamo_fixtures.py with PyTorch's parameter list in params.json): the engine's
+/// forward is tract's on the file, the trainable parameters are PyTorch's in number and sizes,
+/// and a short compress trains every norm's affine (leaving frozen constants as they were),
+/// writes the per-channel operands at the activation's rank (`export::rank_align`) and keeps
+/// the norm ops; onnxruntime runs the compact file as the engine does. Returns the compact
+/// graph.
+fn group_norm_fixture_trains_with_pytorchs_parameters(fixture: &str) -> Graph {
+    let dir = common::repo().join("tests/fixtures").join(fixture);
+    let path = dir.join("model.onnx");
+    let mut m = Model::load(&path, 4).unwrap();
+    let mut r = Rng::new(6);
+    let x = ArrayD::from_shape_fn(IxDyn(&[3, 3, 12, 12]), |_| r.normal());
+    engine_matches_tract_on_the_file(&mut m, &path, x);
+
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    let mut theirs: Vec<usize> = index["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[1].as_u64().unwrap() as usize)
+        .collect();
+    let mut ours: Vec<usize> = param_sizes(&path).into_values().collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    assert_eq!(ours, theirs, "parameter sizes, elrt vs PyTorch");
+
+    let is_norm = |n: &Node| matches!(n.op, Op::InstanceNorm { .. } | Op::GroupNorm { .. });
+    // (name, values) of each norm's scale and bias.
+    let norm_affine = |g: &Graph| -> Vec<(String, Vec<f32>)> {
+        g.nodes
+            .iter()
+            .filter(|n| is_norm(n))
+            .flat_map(|n| n.inputs[1..].to_vec())
+            .map(|v| (v.clone(), g.initializers[&v].to_f32s()))
+            .collect()
+    };
+    // Operands of each Mul by a parameter (more than one value).
+    let scales = |g: &Graph| -> Vec<Tensor> {
+        g.nodes
+            .iter()
+            .filter(|n| n.op == Op::Mul)
+            .filter_map(|n| n.inputs.iter().find_map(|v| g.initializers.get(v)))
+            .filter(|t| t.len() > 1)
+            .cloned()
+            .collect()
+    };
+    let source = elrt::onnx::read::read_file(&path).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    common::succeeds([
+        "compress",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "4",
+        "--ranks",
+        "ratio=0.5",
+        "--quiet",
+    ]);
+    let compact_path = out.join("compact.onnx");
+    let compact = elrt::onnx::read::read_file(&compact_path).unwrap();
+    let norm_ops = |g: &Graph| -> Vec<&'static str> {
+        g.nodes
+            .iter()
+            .filter(|n| is_norm(n))
+            .map(|n| n.op.onnx_type())
+            .collect()
+    };
+    assert_eq!(norm_ops(&compact), norm_ops(&source));
+    let (before, after) = (norm_affine(&source), norm_affine(&compact));
+    assert_eq!(before.len(), 6);
+    assert_eq!(after.len(), 6);
+    for ((name, b), (_, a)) in before.iter().zip(&after) {
+        if name.ends_with(".const") {
+            assert_eq!(a, b, "GroupNorm's frozen {name} changed");
+        } else {
+            assert!(a != b, "{name} did not train");
+        }
+    }
+    let (before, after) = (scales(&source), scales(&compact));
+    assert_eq!(before.len(), after.len());
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.shape().len(), 3, "the exporter's [C, 1, 1]");
+        assert_eq!(
+            a.shape(),
+            [&[1][..], b.shape()].concat(),
+            "written at rank 4"
+        );
+        assert!(
+            a.to_f32s() != b.to_f32s(),
+            "a GroupNorm weight did not train"
+        );
+    }
+    if common::require_python(&["onnx", "onnxruntime"]) {
+        let mut m = Model::load(&compact_path, 10).unwrap();
+        let mut r = Rng::new(7);
+        let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 12, 12]), |_| r.normal());
+        let ours = m.forward(x.clone(), Mode::Eval).unwrap();
+        for (i, image) in x.outer_iter().enumerate() {
+            let image = image.insert_axis(Axis(0)).to_owned();
+            let theirs = common::ort_forward_checked(&compact_path, &image, true);
+            let mine = ours.index_axis(Axis(0), i).insert_axis(Axis(0)).to_owned();
+            let d = common::rel_diff(&mine, &theirs);
+            assert!(d < 1e-5, "compact, onnxruntime vs engine, image {i}: {d}");
+        }
+    }
+    compact
+}
+
+/// GroupNorm as the dynamo exporter writes it at its default opset (Reshape, an
+/// InstanceNormalization of the groups with constant ones and zeros shared by both
+/// GroupNorms, Reshape, Mul, Add) and an affine InstanceNorm2d
+/// (tests/fixtures/dynamo_group_norm).
+#[test]
+fn group_and_instance_norm_from_the_dynamo_exporter_compute_what_tract_computes_with_pytorchs_parameters(
+) {
+    let compact = group_norm_fixture_trains_with_pytorchs_parameters("dynamo_group_norm");
+    let frozen = compact
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::InstanceNorm { .. }) && n.inputs[1].ends_with(".const"))
+        .count();
+    assert_eq!(frozen, 2, "GroupNorm's two instance norms");
+}
+
+/// GroupNormalization as the dynamo exporter writes it at opset 21
+/// (tests/fixtures/dynamo_group_norm_opset21); the compact file is written at opset 21.
+#[test]
+fn group_normalization_at_opset_21_computes_what_tract_computes_with_pytorchs_parameters() {
+    let compact = group_norm_fixture_trains_with_pytorchs_parameters("dynamo_group_norm_opset21");
+    assert!(compact.opset >= 21, "opset {}", compact.opset);
+    let groups = compact
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::GroupNorm { groups: 4, .. }))
+        .count();
+    assert_eq!(groups, 2);
+}
+
 /// A MobileNetV3-style net as the dynamo exporter writes it untrained (each BN folded into
 /// its conv, every all-zero bias dropped: the squeeze-excitation convs', a plain conv's, the
 /// classifier's; tests/fixtures/dynamo_folded_bn, made by scripts/make_dynamo_fixtures.py with

@@ -233,6 +233,12 @@ impl<B: Backend> Session<B> {
                 let (y, saved) = be.layer_norm_forward(op, x, scale, bias)?;
                 (vec![y], Saved::Ln(saved))
             }
+            Kernel::GroupNorm(op) => {
+                let scale = get(step.inputs[1])?;
+                let bias = get(step.inputs[2])?;
+                let (y, saved) = be.group_norm_forward(op, x, scale, bias)?;
+                (vec![y], Saved::Ln(saved))
+            }
             Kernel::Binary(op) => one(be.binary_forward(*op, x, get(step.inputs[1])?)?),
             Kernel::AddRelu => one(be.add_relu_forward(x, get(step.inputs[1])?)?),
             Kernel::Concat { axis } => {
@@ -421,6 +427,11 @@ impl<B: Backend> Session<B> {
                 let g = be.layer_norm_backward(op, x, scale, saved, dy()?)?;
                 vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
             }
+            (Kernel::GroupNorm(op), Saved::Ln(saved)) => {
+                let scale = self.get(step.inputs[1])?;
+                let g = be.group_norm_backward(op, x, scale, saved, dy()?)?;
+                vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
+            }
             (Kernel::Binary(op), _) => {
                 let y = self.get(step.inputs[1])?;
                 let (da, db) = be.binary_backward(*op, x, y, dy()?)?;
@@ -517,7 +528,10 @@ impl<B: Backend> Session<B> {
             }
             (Kernel::Dropout { .. }, Saved::Mask(mask)) => vec![Some(be.mul(&dy()?, mask)?)],
             (Kernel::Dropout { .. }, _) => vec![Some(dy()?)],
-            (Kernel::BatchNorm { .. }, _) | (Kernel::LayerNorm(_), _) | (Kernel::MaxPool(_), _) => {
+            (Kernel::BatchNorm { .. }, _)
+            | (Kernel::LayerNorm(_), _)
+            | (Kernel::GroupNorm(_), _)
+            | (Kernel::MaxPool(_), _) => {
                 bail!("forward did not keep what backward needs")
             }
         })

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ndarray::ArrayD;
 
 use super::ops::{
-    Activation, AveragePool2d, BatchNorm2d, BnAct, Conv2d, Gemm, LayerNorm, MaxPool2d,
+    Activation, AveragePool2d, BatchNorm2d, BnAct, Conv2d, Gemm, GroupNorm, LayerNorm, MaxPool2d,
 };
 use super::tensor_ops::BinOp;
 use crate::ir::ops::{AutoPad, PoolKind, Slice};
@@ -36,6 +36,7 @@ pub enum Kernel {
     /// Over the axes from `axis` on; inputs x, scale, bias (a zero constant when the file has
     /// none).
     LayerNorm(LayerNorm),
+    GroupNorm(GroupNorm),
     Binary(BinOp),
     /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
     /// the program's Relu fusion pass: `max(0, a + b)`, with backward masking by the output.
@@ -701,6 +702,14 @@ fn kernel_for(
                 axis,
             })
         }
+        Op::InstanceNorm { epsilon } => Kernel::GroupNorm(GroupNorm {
+            epsilon: *epsilon,
+            groups: None,
+        }),
+        Op::GroupNorm { epsilon, groups } => Kernel::GroupNorm(GroupNorm {
+            epsilon: *epsilon,
+            groups: Some(*groups),
+        }),
         Op::Add => Kernel::Binary(BinOp::Add),
         Op::Sub => Kernel::Binary(BinOp::Sub),
         Op::Mul => Kernel::Binary(BinOp::Mul),

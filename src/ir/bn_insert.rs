@@ -70,7 +70,8 @@ pub struct Inserted {
 /// all without saying where, or a network built without any (SqueezeNet), which trains from
 /// scratch only badly as built (PyTorch's own run of torchvision squeezenet1_0 collapses to a
 /// constant output); the export folds them into the convs, so the deployed file has the
-/// architecture it came with. A graph normalized already (BN or LayerNorm) is left alone.
+/// architecture it came with. A graph normalized already (BN, LayerNorm or InstanceNorm, GroupNorm's export) is left
+/// alone.
 pub fn apply(
     graph: &mut Graph,
     policy: BnPolicy,
@@ -78,10 +79,12 @@ pub fn apply(
 ) -> anyhow::Result<Inserted> {
     // Absent and empty records mean the same: no BN to put back where it was.
     let folded = take_folded_record(graph)?;
-    let has_norm = graph
-        .nodes
-        .iter()
-        .any(|n| matches!(n.op, Op::BatchNorm(_) | Op::LayerNorm(_)));
+    let has_norm = graph.nodes.iter().any(|n| {
+        matches!(
+            n.op,
+            Op::BatchNorm(_) | Op::LayerNorm(_) | Op::InstanceNorm { .. } | Op::GroupNorm { .. }
+        )
+    });
     let every_layer = |graph: &Graph| -> Vec<String> {
         graph
             .nodes

@@ -193,6 +193,19 @@ pub enum Op {
     /// The error function; TorchScript exports spell GELU as `x * 0.5 * (1 + Erf(x / sqrt 2))`.
     Erf,
     LayerNorm(LayerNorm),
+    /// InstanceNormalization (opset 6): each `(n, c)` plane of `[N, C, D1, ..]` normalized by
+    /// its own statistics, then scaled and shifted per channel by inputs 1 and 2 (`[C]`,
+    /// trainable unless frozen: GroupNorm's exports give it constant ones and zeros).
+    InstanceNorm {
+        epsilon: f32,
+    },
+    /// GroupNormalization (opset 21; PyTorch's `nn.GroupNorm` from opset 21 on): the channels
+    /// of `[N, C, D1, ..]` in `groups` groups, each `(n, group)` normalized by its own
+    /// statistics, then scaled and shifted per channel by inputs 1 and 2 (`[C]`, trainable).
+    GroupNorm {
+        epsilon: f32,
+        groups: usize,
+    },
     /// `x ^ exponent`, the exponent a constant scalar (input 1 in the file): exporters below
     /// opset 17 spell LayerNormalization's variance with `Pow(x - mean, 2)`.
     Pow {
@@ -294,6 +307,8 @@ impl Op {
             Op::Gelu { .. } => "Gelu",
             Op::Erf => "Erf",
             Op::LayerNorm(_) => "LayerNormalization",
+            Op::InstanceNorm { .. } => "InstanceNormalization",
+            Op::GroupNorm { .. } => "GroupNormalization",
             Op::Pow { .. } => "Pow",
             Op::Sqrt => "Sqrt",
             Op::Add => "Add",
@@ -340,6 +355,7 @@ impl Op {
         match self {
             Op::Conv(_) => &[1, 2],
             Op::BatchNorm(_) | Op::LayerNorm(_) => &[1, 2],
+            Op::InstanceNorm { .. } | Op::GroupNorm { .. } => &[1, 2],
             Op::Gemm(_) => &[1, 2],
             Op::MatMul => &[0, 1],
             Op::PRelu => &[1],

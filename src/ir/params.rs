@@ -8,8 +8,9 @@
 //! `[C, 1, 1]` parameter) as a Mul. Left out are single numbers (the constants of a decomposed
 //! GELU, `x * 0.5`) and a tensor applied straight to the graph's input (a normalization of the
 //! image by a fixed mean and deviation, which is preprocessing, not a layer), and a tensor whose
-//! name ends in [`FROZEN_SUFFIX`]: the masks elrt's own rewrites make, and the frozen copy of
-//! a parameter that some op reads as a plain operand (`onnx::untie`). The name travels with
+//! name ends in [`FROZEN_SUFFIX`]: the masks elrt's own rewrites make, the frozen copy of
+//! a parameter that some op reads as a plain operand (`onnx::untie`), and the constant scale
+//! and shift of the instance norm that a GroupNorm exports as (`onnx::group_norm`). The name travels with
 //! the exported file, so reading it again keeps them frozen.
 
 /// The name suffix of an elementwise constant that is never trained.
@@ -39,6 +40,14 @@ pub fn param_slots<'a>(
                 _ => Vec::new(),
             }
         }
+        // GroupNorm's constant ones and zeros (`onnx::group_norm`).
+        Op::InstanceNorm { .. } | Op::GroupNorm { .. } => node
+            .op
+            .param_inputs()
+            .iter()
+            .copied()
+            .filter(|&s| node.input(s).is_some_and(|n| !n.ends_with(FROZEN_SUFFIX)))
+            .collect(),
         _ => node.op.param_inputs().to_vec(),
     }
 }

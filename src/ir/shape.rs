@@ -482,6 +482,36 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
             }
             same()
         }
+        Op::InstanceNorm { .. } | Op::GroupNorm { .. } => {
+            if x.shape.len() < 3 {
+                bail!(
+                    "input shape {:?} needs rank 3 or more ([N, C, D1, ..])",
+                    x.shape
+                );
+            }
+            if let Op::GroupNorm { groups, .. } = node.op {
+                if groups == 0 || !x.shape[1].is_multiple_of(groups) {
+                    bail!(
+                        "num_groups {groups} does not divide the {} channels of input shape {:?}",
+                        x.shape[1],
+                        x.shape
+                    );
+                }
+            }
+            for (i, what) in [(1, "scale"), (2, "bias")] {
+                let f = need(ins, i)?;
+                let n: usize = f.shape.iter().product();
+                if f.shape.len() != 1 || n != x.shape[1] {
+                    bail!(
+                        "{what} shape {:?} is not [C] for the {} channels of input shape {:?}",
+                        f.shape,
+                        x.shape[1],
+                        x.shape
+                    );
+                }
+            }
+            same()
+        }
         Op::Add | Op::Sub | Op::Mul | Op::Div => {
             let y = need(ins, 1)?;
             let shape = broadcast(&x.shape, &y.shape)?;

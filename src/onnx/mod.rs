@@ -3,6 +3,7 @@
 mod attrs;
 mod dynamo_restore;
 pub mod external;
+mod group_norm;
 pub mod read;
 mod stochastic_depth;
 mod tensor;

@@ -216,6 +216,7 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         .collect();
     let input_names: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
     let modules: Vec<Option<String>> = origins.iter().map(|o| o.module.clone()).collect();
+    super::group_norm::freeze_group_norm_affine(&mut nodes, &mut consts, &input_names, &mut taken);
     super::untie::untie(&mut nodes, &mut consts, &modules, &input_names, &mut taken);
     super::untie::name_generated_params(
         &mut nodes,
@@ -499,6 +500,35 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
                 axis: a.int_or("axis", -1)?,
                 epsilon: a.float_or("epsilon", 1e-5)?,
             });
+            (op, ins.first(3))
+        }
+        "InstanceNormalization" => {
+            ins.need(3)?;
+            let op = Op::InstanceNorm {
+                epsilon: a.float_or("epsilon", 1e-5)?,
+            };
+            (op, ins.first(3))
+        }
+        "GroupNormalization" => {
+            ins.need(3)?;
+            if opset < 21 {
+                bail!(
+                    "GroupNormalization before opset 21 (one scale and bias per group, a form \
+                     ONNX deprecated and PyTorch does not write) is not supported; export at \
+                     opset 21 or later, or at 20 or earlier (InstanceNormalization)"
+                );
+            }
+            if a.int_or("stash_type", 1)? != 1 {
+                bail!("GroupNormalization with stash_type other than 1 (float32) is not supported");
+            }
+            let groups = a.int_or("num_groups", 0)?;
+            if groups < 1 {
+                bail!("GroupNormalization needs attribute num_groups >= 1, has {groups}");
+            }
+            let op = Op::GroupNorm {
+                epsilon: a.float_or("epsilon", 1e-5)?,
+                groups: groups as usize,
+            };
             (op, ins.first(3))
         }
         "LeakyRelu" => (

@@ -121,6 +121,7 @@ fn check_opset(n: &Node, opset: i64) -> Result<()> {
         Op::HardSwish => need(14, "HardSwish")?,
         Op::Gelu { .. } => need(20, "Gelu")?,
         Op::LayerNorm(_) => need(17, "LayerNormalization")?,
+        Op::GroupNorm { .. } => need(21, "GroupNormalization with a scale per channel")?,
         Op::Erf => need(9, "Erf")?,
         Op::PRelu => need(7, "PRelu with a broadcast slope")?,
         Op::Pool(p) => {
@@ -290,6 +291,11 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
                 "exponent",
                 Tensor::f32(&[], vec![*exponent]).expect("scalar"),
             );
+        }
+        Op::InstanceNorm { epsilon } => a.push(make::float("epsilon", *epsilon)),
+        Op::GroupNorm { epsilon, groups } => {
+            a.push(make::float("epsilon", *epsilon));
+            a.push(make::int("num_groups", *groups as i64));
         }
         Op::LayerNorm(l) => {
             a.push(make::int("axis", l.axis));

@@ -124,7 +124,7 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
 }
 
 /// For each node, whether it is a conv whose layer's output only normalizations (BatchNorm,
-/// LayerNorm) read, directly or through layout ops, Concat and pooling (ConvNeXt's Transpose
+/// LayerNorm, InstanceNorm) read, directly or through layout ops, Concat and pooling (ConvNeXt's Transpose
 /// before its LayerNorm, DenseNet's concatenations before each BN); a low-rank factor's layer
 /// output is its chain's last factor's.
 fn normalized_convs(graph: &Graph) -> Vec<bool> {
@@ -132,7 +132,13 @@ fn normalized_convs(graph: &Graph) -> Vec<bool> {
         &graph.nodes,
         graph.outputs.iter().map(|o| o.name.as_str()),
         |next: &Node, v: &str| {
-            matches!(next.op, Op::BatchNorm(_) | Op::LayerNorm(_)) && next.inputs[0] == v
+            matches!(
+                next.op,
+                Op::BatchNorm(_)
+                    | Op::LayerNorm(_)
+                    | Op::InstanceNorm { .. }
+                    | Op::GroupNorm { .. }
+            ) && next.inputs[0] == v
         },
         |from: &Node, next: &Node| match next.op {
             Op::Conv(_) => is_inner_factor(&from.name),

@@ -9,7 +9,7 @@ use ndarray::{ArrayD, ArrayView1, ArrayView2, ArrayView4, Ix1, Ix2, Ix4, Zip};
 use super::{Backend, BnGrads, ConvGrads, GemmGrads, LnGrads, Update};
 use crate::engine::ops::{
     Activation, AveragePool2d, BatchNorm2d, BatchNormSaved, Conv2d, Gemm, GlobalAveragePool,
-    LayerNorm, LayerNormSaved, MaxPool2d, MaxPoolSaved,
+    GroupNorm, LayerNorm, LayerNormSaved, MaxPool2d, MaxPoolSaved,
 };
 use crate::engine::stat_sync::StatSync;
 use crate::engine::tensor_ops as t;
@@ -241,6 +241,32 @@ impl Backend for CpuBackend {
     fn layer_norm_backward(
         &self,
         op: &LayerNorm,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        saved: &LayerNormSaved,
+        dy: ArrayD<f32>,
+    ) -> Result<LnGrads<ArrayD<f32>>> {
+        let g = op.backward(x.view(), scale.view(), saved, dy.view())?;
+        Ok(LnGrads {
+            dx: g.dx,
+            dscale: g.dscale,
+            dbias: g.dbias,
+        })
+    }
+
+    fn group_norm_forward(
+        &self,
+        op: &GroupNorm,
+        x: &ArrayD<f32>,
+        scale: &ArrayD<f32>,
+        bias: &ArrayD<f32>,
+    ) -> Result<(ArrayD<f32>, LayerNormSaved)> {
+        Ok(op.forward(x.view(), scale.view(), bias.view())?)
+    }
+
+    fn group_norm_backward(
+        &self,
+        op: &GroupNorm,
         x: &ArrayD<f32>,
         scale: &ArrayD<f32>,
         saved: &LayerNormSaved,

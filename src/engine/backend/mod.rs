@@ -26,7 +26,9 @@ pub mod cpu;
 use anyhow::Result;
 use ndarray::ArrayD;
 
-use super::ops::{Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, LayerNorm, MaxPool2d};
+use super::ops::{
+    Activation, AveragePool2d, BatchNorm2d, Conv2d, Gemm, GroupNorm, LayerNorm, MaxPool2d,
+};
 use super::stat_sync::StatSync;
 use crate::engine::tensor_ops::BinOp;
 
@@ -217,6 +219,27 @@ pub trait Backend: Send + Sync {
     fn layer_norm_backward(
         &self,
         op: &LayerNorm,
+        x: &Self::Tensor,
+        scale: &Self::Tensor,
+        saved: &Self::LnSaved,
+        dy: Self::Tensor,
+    ) -> Result<LnGrads<Self::Tensor>>;
+
+    /// Group normalisation of `[N, C, ..]`: each `(n, group)` normalised, then scaled and
+    /// shifted per channel by `scale` and `bias` (`[C]`); ONNX `GroupNormalization` (opset 21)
+    /// and `InstanceNormalization` (a group per channel; GroupNorm's older exports run it on
+    /// `[N, G, ..]`). Keeps each group's statistics as layer norm keeps its rows'.
+    fn group_norm_forward(
+        &self,
+        op: &GroupNorm,
+        x: &Self::Tensor,
+        scale: &Self::Tensor,
+        bias: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::LnSaved)>;
+    /// Gradients of [`Self::group_norm_forward`]; `dscale` and `dbias` in the scale's shape.
+    fn group_norm_backward(
+        &self,
+        op: &GroupNorm,
         x: &Self::Tensor,
         scale: &Self::Tensor,
         saved: &Self::LnSaved,

@@ -28,7 +28,7 @@ const OP: &str = "LayerNormalization";
 
 /// Values per f32 partial sum of the row statistics; blocks are summed in f64. A row of up to
 /// this many values (every channels-last LayerNorm) is one block.
-const STAT_BLOCK: usize = 4096;
+pub(super) const STAT_BLOCK: usize = 4096;
 
 /// Attributes of a layer norm.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -276,7 +276,7 @@ fn rows_per_task(d: usize) -> usize {
 /// the deviations from an f32 mean near the values are exact, so the corrected mean is off by
 /// its own final rounding only.
 #[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+pub(super) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f64;
     let mut s = 0.0f64;
     for block in x.chunks(STAT_BLOCK) {

@@ -21,6 +21,7 @@
 pub mod act;
 pub mod batchnorm;
 pub mod conv;
+pub mod groupnorm;
 pub mod layernorm;
 pub mod linear;
 pub mod loss;
@@ -34,6 +35,7 @@ pub(crate) mod testutil;
 pub use act::Activation;
 pub use batchnorm::{BatchNorm2d, BatchNormGrads, BatchNormSaved, BnAct};
 pub use conv::{Conv2d, Conv2dGrads};
+pub use groupnorm::GroupNorm;
 pub use layernorm::{LayerNorm, LayerNormGrads, LayerNormSaved};
 pub use linear::{Gemm, GemmGrads};
 pub use loss::{top1_correct, topk_correct, SoftmaxCrossEntropy};
