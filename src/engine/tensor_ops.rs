@@ -153,19 +153,42 @@ fn par_clone(x: &ArrayD<f32>) -> ArrayD<f32> {
     ArrayD::from_shape_vec(x.raw_dim(), out).expect("same length")
 }
 
-/// When `small`'s shape is `big`'s leading axes followed by 1s (`[N, C, 1, 1]` against
-/// `[N, C, H, W]`, squeeze-excitation's per-channel scale), the number of elements of `big`
-/// that share one element of `small` (a plane).
-fn plane_of(big: &[usize], small: &[usize]) -> Option<usize> {
-    if big.len() != small.len() || big == small {
+/// How `small` broadcasts onto `big` plane by plane: `(reps, plane)` when `small`'s shape,
+/// with 1s prepended to `big`'s rank, is 1s, then `big`'s axes, then 1s: `plane` elements of
+/// `big` share one element of `small`, and `small` repeats `reps` times along `big`.
+/// `[N, C, 1, 1]` against `[N, C, H, W]` (squeeze-excitation's per-image scale) is `(1, H W)`;
+/// `[C, 1, 1]` or `[1, C, 1, 1]` (GroupNorm's weight and bias as PyTorch exports them, a
+/// PReLU slope, a layer scale) is `(N, H W)`.
+fn plane_of(big: &[usize], small: &[usize]) -> Option<(usize, usize)> {
+    if small.len() > big.len() || big == small {
         return None;
     }
-    let k = small.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
-    if big[..k] != small[..k] {
+    let full: Vec<usize> = std::iter::repeat_n(1, big.len() - small.len())
+        .chain(small.iter().copied())
+        .collect();
+    let k = full.iter().rposition(|&d| d != 1).map_or(0, |i| i + 1);
+    let j = full.iter().position(|&d| d != 1).unwrap_or(k);
+    if big[j..k] != full[j..k] {
         return None;
     }
+    let reps: usize = big[..j].iter().product();
     let plane: usize = big[k..].iter().product();
-    (plane > 1).then_some(plane)
+    (plane > 1).then_some((reps, plane))
+}
+
+/// `small` repeated `reps` times (borrowed when once), so that a repeated operand runs the
+/// per-plane loops of one that is not.
+fn repeated(small: &[f32], reps: usize) -> std::borrow::Cow<'_, [f32]> {
+    if reps == 1 {
+        std::borrow::Cow::Borrowed(small)
+    } else {
+        std::borrow::Cow::Owned(
+            std::iter::repeat_n(small, reps)
+                .flatten()
+                .copied()
+                .collect(),
+        )
+    }
 }
 
 /// Planes per parallel task of `total` elements: about [`crate::engine::ops::elemwise_chunk`]
@@ -180,7 +203,7 @@ fn planes_per_task(plane: usize, total: usize) -> usize {
 /// EfficientNet-B0's squeeze-excitation Muls took 8% of its training step through it.
 fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<ArrayD<f32>> {
     let (xs, ys) = (a.as_slice()?, b.as_slice()?);
-    let (big_is_a, plane) = match plane_of(a.shape(), b.shape()) {
+    let (big_is_a, (reps, plane)) = match plane_of(a.shape(), b.shape()) {
         Some(p) => (true, p),
         None => (false, plane_of(b.shape(), a.shape())?),
     };
@@ -189,6 +212,7 @@ fn plane_forward(op: BinOp, a: &ArrayViewD<f32>, b: &ArrayViewD<f32>) -> Option<
     } else {
         (ys, xs, b.raw_dim())
     };
+    let small = &*repeated(small, reps);
     // One instance of `plane_map` per rule (`x` the big operand's element, `s` the plane's
     // value), so that the rule inlines into a plain loop: with the op matched per element
     // inside the loop, whether it vectorised was up to the optimiser's unswitching, and
@@ -242,7 +266,7 @@ fn plane_backward(
     let (Some(xs), Some(ys), Some(gs)) = (a.as_slice(), b.as_slice(), dy.as_slice()) else {
         return Err(dy);
     };
-    let (big_is_a, plane) = match (
+    let (big_is_a, (reps, plane)) = match (
         plane_of(a.shape(), b.shape()),
         plane_of(b.shape(), a.shape()),
     ) {
@@ -254,6 +278,8 @@ fn plane_backward(
     if gs.len() != big.len() {
         return Err(dy);
     }
+    let m = small.len();
+    let small = &*repeated(small, reps);
     // d(big) elementwise and d(small) per plane, as functions of (dy, big, small); each pair
     // of rules is its own instance of `plane_grads`, so the rules inline into its loops.
     let (d_big, d_small) = match (op, big_is_a) {
@@ -290,6 +316,16 @@ fn plane_backward(
         (BinOp::PRelu, false) => return Err(dy),
     };
     let d_big = ArrayD::from_shape_vec(dy.raw_dim(), d_big).expect("same length");
+    // A repeated operand's gradient: its repetitions' sums added in order (reproducible).
+    let d_small = if reps == 1 {
+        d_small
+    } else {
+        let mut sum = d_small[..m].to_vec();
+        for rep in d_small[m..].chunks_exact(m) {
+            sum.iter_mut().zip(rep).for_each(|(s, &v)| *s += v);
+        }
+        sum
+    };
     let small_shape = if big_is_a { b.raw_dim() } else { a.raw_dim() };
     let d_small = ArrayD::from_shape_vec(small_shape, d_small).expect("one per plane");
     Ok(if big_is_a {
@@ -921,19 +957,31 @@ mod tests {
         assert!(add_relu_backward(a.view(), b.view(), z.view(), rand(&[2, 3], 1)).is_err());
     }
 
-    /// Per-plane broadcasts (`[N, C, 1, 1]` with `[N, C, H, W]`, either side) take the
-    /// parallel path: forward bitwise equal to the general path (fed a non-contiguous copy),
+    /// Per-plane broadcasts (`[N, C, 1, 1]` with `[N, C, H, W]`, either side, and per-channel
+    /// `[C, 1, 1]` / `[1, C, 1, 1]` repeated over the images) take the parallel path:
+    /// forward bitwise equal to the general path (fed a non-contiguous copy),
     /// gradients equal to it within summation order and to finite differences.
     #[test]
     fn per_plane_broadcast_matches_general_path_and_finite_differences() {
         let big = rand(&[2, 3, 4, 5], 11);
         let small = rand(&[2, 3, 1, 1], 12).mapv(|v| v + 2.0);
-        assert_eq!(plane_of(&[2, 3, 4, 5], &[2, 3, 1, 1]), Some(20));
-        assert_eq!(plane_of(&[2, 3, 4, 5], &[1, 3, 1, 1]), None);
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[2, 3, 1, 1]), Some((1, 20)));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[1, 3, 1, 1]), Some((2, 20)));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[3, 1, 1]), Some((2, 20)));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[3, 4, 1]), Some((2, 5)));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[2, 1, 1, 1]), Some((1, 60)));
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[2, 1, 4, 1]), None);
+        assert_eq!(plane_of(&[2, 3, 4, 5], &[1, 1, 1, 5]), None);
+        assert_eq!(plane_of(&[3, 1, 1], &[2, 3, 4, 5]), None);
+        let per_channel = rand(&[3, 1, 1], 13).mapv(|v| v + 2.0);
+        let per_channel4 = rand(&[1, 3, 1, 1], 14).mapv(|v| v + 2.0);
         for op in [BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div] {
             for (a, b) in [
                 (&big, &small),
                 (&small.mapv(|v| v - 1.0), &big.mapv(|v| v + 3.0)),
+                (&big, &per_channel),
+                (&per_channel, &big.mapv(|v| v + 3.0)),
+                (&big, &per_channel4),
             ] {
                 assert!(plane_forward(op, &a.view(), &b.view()).is_some());
                 let y = binary_forward(op, a.view(), b.view()).unwrap();
