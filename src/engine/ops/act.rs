@@ -96,8 +96,8 @@ pub enum Activation {
         alpha: f32,
     },
     /// `x` for `x > 0`, else `alpha * (exp(x) - 1)` (ONNX `Elu`, default alpha 1); derivative
-    /// `alpha * exp(x)` below 0, as PyTorch's `EluBackward` (`exp_m1`, so small negative
-    /// inputs keep their digits).
+    /// `alpha * exp(x)` below 0, as PyTorch's `EluBackward` (an `exp_m1`, so small negative
+    /// inputs keep their digits: [`elu`]).
     Elu {
         alpha: f32,
     },
@@ -220,9 +220,7 @@ impl Activation {
             Activation::LeakyRelu { alpha } => {
                 par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v })
             }
-            Activation::Elu { alpha } => {
-                par_map(&xs, move |v| if v > 0.0 { v } else { alpha * v.exp_m1() })
-            }
+            Activation::Elu { alpha } => par_map(&xs, move |v| elu(v, alpha)),
             Activation::Sigmoid => par_map(&xs, sigmoid),
             Activation::HardSigmoid { alpha, beta } => {
                 par_map(&xs, move |v| (alpha * v + beta).clamp(0.0, 1.0))
@@ -270,17 +268,14 @@ impl Activation {
                 par_zip_map(&xs, &gs, move |x, g| if x > 0.0 { g } else { alpha * g })
             }
             Activation::Elu { alpha } => {
-                par_zip_map(
-                    &xs,
-                    &gs,
-                    move |x, g| {
-                        if x > 0.0 {
-                            g
-                        } else {
-                            g * (alpha * x.exp())
-                        }
-                    },
-                )
+                par_zip_map(&xs, &gs, move |x, g| {
+                    if x > 0.0 {
+                        g
+                    } else {
+                        // NaN for NaN; above 0 the value is computed and not used.
+                        g * (alpha * exp_nonpositive(x))
+                    }
+                })
             }
             Activation::Sigmoid => par_zip_map(&xs, &gs, |x, g| {
                 let s = sigmoid(x);
@@ -560,6 +555,52 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
         x
     } else {
         s
+    }
+}
+
+/// ELU, `x` above 0, else `alpha (e^x - 1)`, branch-free over [`exp_m1_nonpositive`] so that the
+/// loops over a tensor vectorise: with libm's scalar `expm1` ELU forward took 21% of a user
+/// CNN's training step (6 ms of 28 at 2 threads, batch 32). NaN stays NaN.
+#[inline(always)]
+pub(crate) fn elu(x: f32, alpha: f32) -> f32 {
+    let e = alpha * exp_m1_nonpositive(x.min(0.0));
+    if x > 0.0 || x.is_nan() {
+        x
+    } else {
+        e
+    }
+}
+
+/// `e^a - 1` for `a <= 0` on [`exp_nonpositive`]'s reduction `a = n ln2 + r`: for `n = 0`
+/// (`|a| < ln2 / 2`) the polynomial without its leading 1, so that small inputs keep their
+/// digits (`e^a - 1` computed as such loses them all below 1e-4); otherwise `e^a - 1`, which
+/// is at most -0.29 there and loses nothing. -1 below `ln(2^-126)`. Within 2 ulp of f64's
+/// `exp_m1` (`exp_m1_is_within_two_ulp_of_f64`).
+#[inline(always)]
+fn exp_m1_nonpositive(a: f32) -> f32 {
+    const LO: f32 = -87.336_55; // ln(2^-126)
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let ac = if a < LO { LO } else { a };
+    let t = ac * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = ac - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let small = p * r * r + r;
+    let large = (small + 1.0) * f32::from_bits(((ni + 127) as u32) << 23) - 1.0;
+    if a < LO {
+        -1.0
+    } else if ni == 0 {
+        small
+    } else {
+        large
     }
 }
 
@@ -911,6 +952,32 @@ mod tests {
 
     /// The vectorisable logistic against f64 over a dense sweep of [-100, 100], the
     /// flush-to-zero edge and both infinities: within 2 ulp (or both below f32's normal range).
+    /// The vectorisable `e^a - 1` against f64 over a dense sweep of [-100, 0], tiny inputs
+    /// (where `e^a - 1` in f32 would keep no digit) and the edges: within 2 ulp.
+    #[test]
+    fn exp_m1_is_within_two_ulp_of_f64() {
+        let mut worst = 0.0f64;
+        let sweep = (0..=1_000_000).map(|i| -100.0 + i as f32 * 1e-4);
+        let tiny = (1..=300).map(|i| -(10f32).powf(-(i as f32) / 10.0));
+        let edges = [-87.34f32, -87.33, -88.0, -0.0, 0.0, -0.346, -0.347, -1e-38];
+        for x in sweep.chain(tiny).chain(edges) {
+            let want = (x as f64).exp_m1();
+            let got = super::exp_m1_nonpositive(x) as f64;
+            let ulp = ((want as f32).abs() as f64 * f32::EPSILON as f64).max(1e-45);
+            let e = (got - want).abs() / ulp;
+            worst = worst.max(e);
+            assert!(
+                e <= 2.0,
+                "exp_m1({x}) = {got}, f64 says {want} ({e:.2} ulp)"
+            );
+        }
+        assert!(worst > 0.0);
+        assert_eq!(super::exp_m1_nonpositive(f32::NEG_INFINITY), -1.0);
+        assert!(super::exp_m1_nonpositive(f32::NAN).is_nan());
+        assert!(super::elu(f32::NAN, 1.0).is_nan());
+        assert_eq!(super::elu(f32::INFINITY, 1.0), f32::INFINITY);
+    }
+
     #[test]
     fn sigmoid_is_within_two_ulp_of_f64() {
         let mut worst = 0.0f64;
