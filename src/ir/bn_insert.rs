@@ -70,8 +70,8 @@ pub struct Inserted {
 /// all without saying where, or a network built without any (SqueezeNet), which trains from
 /// scratch only badly as built (PyTorch's own run of torchvision squeezenet1_0 collapses to a
 /// constant output); the export folds them into the convs, so the deployed file has the
-/// architecture it came with. A graph normalized already (BN, LayerNorm or InstanceNorm, GroupNorm's export) is left
-/// alone.
+/// architecture it came with. A graph normalized already (BN, LayerNorm, InstanceNorm or
+/// GroupNorm) is left alone.
 pub fn apply(
     graph: &mut Graph,
     policy: BnPolicy,

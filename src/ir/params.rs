@@ -8,10 +8,10 @@
 //! `[C, 1, 1]` parameter) as a Mul. Left out are single numbers (the constants of a decomposed
 //! GELU, `x * 0.5`) and a tensor applied straight to the graph's input (a normalization of the
 //! image by a fixed mean and deviation, which is preprocessing, not a layer), and a tensor whose
-//! name ends in [`FROZEN_SUFFIX`]: the masks elrt's own rewrites make, the frozen copy of
-//! a parameter that some op reads as a plain operand (`onnx::untie`), and the constant scale
-//! and shift of the instance norm that a GroupNorm exports as (`onnx::group_norm`). The name travels with
-//! the exported file, so reading it again keeps them frozen.
+//! name ends in [`FROZEN_SUFFIX`]: the masks elrt's own rewrites make, the frozen copy of a
+//! parameter that some op reads as a plain operand (`onnx::untie`), and the constant scale and
+//! shift of the instance norm that a GroupNorm exports as (`onnx::group_norm`). The name
+//! travels with the exported file, so reading it again keeps them frozen.
 
 /// The name suffix of an elementwise constant that is never trained.
 pub const FROZEN_SUFFIX: &str = ".const";

@@ -124,9 +124,10 @@ fn init_except(graph: &mut Graph, seed: u64, keep: impl Fn(&str) -> bool) -> Res
 }
 
 /// For each node, whether it is a conv whose layer's output only normalizations (BatchNorm,
-/// LayerNorm, InstanceNorm) read, directly or through layout ops, Concat and pooling (ConvNeXt's Transpose
-/// before its LayerNorm, DenseNet's concatenations before each BN); a low-rank factor's layer
-/// output is its chain's last factor's.
+/// LayerNorm, InstanceNorm, GroupNorm) read, directly or through layout ops, Concat and pooling
+/// (ConvNeXt's Transpose before its LayerNorm, GroupNorm's Reshape before its InstanceNorm,
+/// DenseNet's concatenations before each BN); a low-rank factor's layer output is its chain's
+/// last factor's.
 fn normalized_convs(graph: &Graph) -> Vec<bool> {
     let mut walk = UseWalk::new(
         &graph.nodes,

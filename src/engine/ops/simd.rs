@@ -8,12 +8,13 @@
 //! its caller's target features, so the body's hot loops must sit in the body itself, not in a
 //! closure it hands to another function.
 //!
-//! Users: the MaxPool plane (`pool.rs`), batch norm's elementwise passes, layer norm's row
-//! passes, the GELU and Erf maps (`act.rs`), Winograd's transforms, the depthwise kernels (flat
-//! and channels-last) and the layout transposes (`conv/`). Not used by `ops::wide_map` (generic
-//! over its closure, which a nested build function cannot take) nor by `conv/weight_grad.rs`
-//! (a different body per feature: AVX-512 tiles, AVX2 + FMA tiles) nor by batch norm's plane
-//! sums (`plane_sums.rs`: explicit AVX2 intrinsics beside a scalar build of the same lanes).
+//! Users: the MaxPool plane (`pool.rs`), batch norm's elementwise passes, layer norm's and
+//! group norm's row passes, the GELU and Erf maps (`act.rs`), Winograd's transforms, the
+//! depthwise kernels (flat and channels-last) and the layout transposes (`conv/`). Not used
+//! by `ops::wide_map` (generic over its closure, which a nested build function cannot take)
+//! nor by `conv/weight_grad.rs` (a different body per feature: AVX-512 tiles, AVX2 + FMA
+//! tiles) nor by batch norm's plane sums (`plane_sums.rs`: explicit AVX2 intrinsics beside a
+//! scalar build of the same lanes).
 
 /// `simd_dispatch! { [attrs] vis fn name(params..) [-> Ret] => body, (args..); ["avx512f", "avx2"] }`
 /// defines `name`, which runs `body(args..)` built for the first listed feature the CPU has,
