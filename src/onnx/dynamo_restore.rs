@@ -11,10 +11,14 @@
 //!   how torchvision initialises many (every ConvNeXt and SqueezeNet conv, the SE convs and
 //!   classifiers of MobileNet and EfficientNet, DenseNet's classifier). Read as written, such
 //!   a layer would train without its bias. A zero bias is restored on a Conv or Gemm that the
-//!   exporter attributes to a convolution or linear op, unless a BatchNorm's shift absorbs it
-//!   (every use of the output reaches a BatchNormalization through Concat and pooling only),
-//!   where PyTorch models are built with `bias=False`. A zero bias changes no output, so the
-//!   file computes what it computed before.
+//!   exporter attributes to a convolution or linear op, unless a normalization follows (every
+//!   use of the output reaches a BatchNormalization, an InstanceNormalization, a
+//!   GroupNormalization or GroupNorm's `Reshape` before its InstanceNormalization, through
+//!   Concat and pooling only), where PyTorch models are built with `bias=False`: a BN's or an
+//!   instance norm's shift absorbs a bias; a GroupNorm's does not exactly (channels of one group
+//!   share a mean), but a conv before one is built without (a user's GroupNorm ResNet got 672
+//!   parameters PyTorch does not have). A zero bias changes no output, so the file computes
+//!   what it computed before.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -89,13 +93,33 @@ pub(super) fn restore(
         serde_json::to_string(&folded).expect("a map of strings"),
     ));
 
-    // A per-channel bias is absorbed by a BatchNorm's shift when every use of the output
-    // reaches a BatchNormalization's input through ops that carry a per-channel constant
-    // through unchanged (Concat, pooling).
+    // A conv needs no bias when every use of the output reaches a normalization's input
+    // through ops that carry a per-channel constant through unchanged (Concat, pooling); a
+    // Reshape that only an InstanceNormalization reads is GroupNorm's (`onnx::group_norm`).
+    let group_norm_reshapes: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Reshape { .. }))
+        .filter(|r| {
+            let mut readers = nodes
+                .iter()
+                .filter(|n| n.inputs.iter().any(|i| *i == r.outputs[0]))
+                .peekable();
+            readers.peek().is_some()
+                && readers
+                    .all(|n| matches!(n.op, Op::InstanceNorm { .. }) && n.inputs[0] == r.outputs[0])
+        })
+        .map(|r| r.name.as_str())
+        .collect();
     let mut absorbed = UseWalk::new(
         &*nodes,
         graph_outputs.iter().map(String::as_str),
-        |next: &Node, v: &str| matches!(next.op, Op::BatchNorm(_)) && next.inputs[0] == v,
+        |next: &Node, v: &str| {
+            next.inputs[0] == v
+                && (matches!(
+                    next.op,
+                    Op::BatchNorm(_) | Op::InstanceNorm { .. } | Op::GroupNorm { .. }
+                ) || group_norm_reshapes.contains(next.name.as_str()))
+        },
         |_: &Node, next: &Node| {
             matches!(
                 next.op,
@@ -305,6 +329,74 @@ mod tests {
             .unwrap()
             .iter()
             .all(|&v| v == 0.0));
+    }
+
+    /// Convs without a bias before an InstanceNormalization, a GroupNormalization and
+    /// GroupNorm's Reshape -> InstanceNormalization keep none; one before a Reshape that
+    /// something else reads gets its zero bias back.
+    #[test]
+    fn no_bias_is_restored_before_instance_and_group_norms() {
+        let t = |shape: &[usize]| Tensor::f32(shape, vec![0.5; shape.iter().product()]).unwrap();
+        let mut consts: BTreeMap<String, Tensor> = [
+            ("w", t(&[4, 4, 1, 1])),
+            ("s", t(&[4])),
+            ("g", t(&[2])),
+            ("shape", Tensor::i64_vec(&[1, 2, -1])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let node = |name: &str, op: Op, inputs: &[&str], out: &str| Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.into()],
+        };
+        let reshape = || Op::Reshape { allowzero: false };
+        let mut nodes = vec![
+            conv("c0", "x", "w", "y0"),
+            node(
+                "in",
+                Op::InstanceNorm { epsilon: 1e-5 },
+                &["y0", "s", "s"],
+                "n0",
+            ),
+            conv("c1", "n0", "w", "y1"),
+            node(
+                "gn",
+                Op::GroupNorm {
+                    epsilon: 1e-5,
+                    groups: 2,
+                },
+                &["y1", "s", "s"],
+                "n1",
+            ),
+            conv("c2", "n1", "w", "y2"),
+            node("r", reshape(), &["y2", "shape"], "r2"),
+            node(
+                "in2",
+                Op::InstanceNorm { epsilon: 1e-5 },
+                &["r2", "g", "g"],
+                "n2",
+            ),
+            conv("c3", "n2", "w", "y3"),
+            node("flat", reshape(), &["y3", "shape"], "logits"),
+        ];
+        let origins: Vec<Origin> = nodes
+            .iter()
+            .map(|n| match n.op {
+                Op::Conv(_) => origin(&n.name, CONV2D, "aten.conv2d.default"),
+                _ => Origin::default(),
+            })
+            .collect();
+        let outputs: HashSet<String> = ["logits".to_string()].into();
+        let mut taken: HashSet<String> = consts.keys().cloned().collect();
+        let r = restore(&mut nodes, &mut consts, &origins, &outputs, &mut taken);
+        assert_eq!(r.biases, 1);
+        for i in [0, 2, 4] {
+            assert_eq!(nodes[i].inputs.len(), 2, "{}", nodes[i].name);
+        }
+        assert_eq!(nodes[7].inputs[2], "c3.bias");
     }
 
     #[test]
