@@ -119,6 +119,8 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
     }
 
     let mut consts: BTreeMap<String, Tensor> = BTreeMap::new();
+    // Values of Constant nodes (TorchScript's way to write an op's fixed operand).
+    let mut constant_nodes: HashSet<String> = HashSet::new();
     for t in &g.initializer {
         let v = tensor::from_proto(t).with_context(|| format!("initializer '{}'", t.name))?;
         consts.insert(t.name.clone(), v);
@@ -173,6 +175,7 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
                 .first()
                 .ok_or_else(|| anyhow!("{}: has no output", what()))?;
             consts.insert(out.clone(), v);
+            constant_nodes.insert(out.clone());
             continue;
         }
         if n.op_type == "Identity" {
@@ -216,7 +219,13 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         .collect();
     let input_names: HashSet<String> = inputs.iter().map(|i| i.name.clone()).collect();
     let modules: Vec<Option<String>> = origins.iter().map(|o| o.module.clone()).collect();
-    super::group_norm::freeze_group_norm_affine(&mut nodes, &mut consts, &input_names, &mut taken);
+    super::group_norm::freeze_constant_affine(
+        &mut nodes,
+        &mut consts,
+        &constant_nodes,
+        &input_names,
+        &mut taken,
+    );
     super::untie::untie(&mut nodes, &mut consts, &modules, &input_names, &mut taken);
     super::untie::name_generated_params(
         &mut nodes,
