@@ -36,6 +36,9 @@ pub enum Kernel {
     /// Over the axes from `axis` on; inputs x, scale, bias (a zero constant when the file has
     /// none).
     LayerNorm(LayerNorm),
+    /// Each (image, group of channels) normalised, then scaled and shifted per channel:
+    /// GroupNormalization, and InstanceNormalization as a group per channel; inputs x, scale,
+    /// bias (`[C]`).
     GroupNorm(GroupNorm),
     Binary(BinOp),
     /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
