@@ -481,7 +481,10 @@ impl<B: Backend> Session<B> {
             (Kernel::ReduceMean { axes, .. }, _) => {
                 vec![Some(be.reduce_mean_backward(be.dims(x), axes, dy()?)?)]
             }
-            (Kernel::Reshape { .. }, _) => vec![Some(be.reshape(&dy()?, be.dims(x))?)],
+            (Kernel::Reshape { .. }, _) => {
+                let dims = be.dims(x).to_vec();
+                vec![Some(be.reshape_owned(dy()?, &dims)?)]
+            }
             (Kernel::Transpose { perm }, _) => {
                 let inv = super::tensor_ops::inverse_perm(perm);
                 vec![Some(be.transpose(&dy()?, &inv)?)]

@@ -776,8 +776,17 @@ pub fn inverse_perm(perm: &[usize]) -> Vec<usize> {
 }
 
 pub fn reshape(x: ArrayViewD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+    // The copy in parallel chunks: GroupNorm's exports reshape whole activations twice a
+    // layer, and a one-thread `to_vec` left the other thread idle (0.8 ms of a 28 ms step).
     let data: Vec<f32> = match x.as_slice() {
-        Some(s) => s.to_vec(),
+        // SAFETY: the kernel writes every entry of its output chunk.
+        Some(s) => unsafe {
+            crate::engine::ops::par_zip_chunks(s, s, |o, a, _| {
+                for (o, &a) in o.iter_mut().zip(a) {
+                    o.write(a);
+                }
+            })
+        },
         None => to_standard(x.view()).into_raw_vec_and_offset().0,
     };
     ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
@@ -786,6 +795,17 @@ pub fn reshape(x: ArrayViewD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
             format!("cannot reshape {:?} to {shape:?}", x.shape()),
         )
     })
+}
+
+/// [`reshape`] of an array the caller gives up: the same buffer under the new shape when it is
+/// in standard layout (a Reshape's backward hands its output gradient on this way, no copy).
+pub fn reshape_owned(x: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+    if !x.is_standard_layout() {
+        return reshape(x.view(), shape);
+    }
+    let from = x.shape().to_vec();
+    x.into_shape_with_order(IxDyn(shape))
+        .map_err(|_| shape_err("Reshape", format!("cannot reshape {from:?} to {shape:?}")))
 }
 
 /// Mean over `axes` (sorted, unique), keeping them as size-1 axes.
@@ -1041,6 +1061,29 @@ mod tests {
                 &ds,
             );
         }
+    }
+
+    /// The owned reshape gives the copying one's result (standard and transposed inputs) and
+    /// the same one-line error for a size that does not fit.
+    #[test]
+    fn owned_reshape_equals_the_copying_one() {
+        let x = rand(&[2, 6, 5], 31);
+        for input in [
+            x.clone(),
+            x.t().to_owned(),
+            x.t().to_owned().reversed_axes(),
+        ] {
+            let want = reshape(input.view(), &[2, 3, 10]).unwrap();
+            assert_eq!(reshape_owned(input.clone(), &[2, 3, 10]).unwrap(), want);
+        }
+        let bad = reshape_owned(x.t().to_owned().reversed_axes(), &[7, 9]).unwrap_err();
+        assert!(bad.to_string().contains("cannot reshape"), "{bad}");
+        let bad = reshape_owned(x, &[7, 9]).unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("cannot reshape [2, 6, 5] to [7, 9]"),
+            "{bad}"
+        );
     }
 
     #[test]

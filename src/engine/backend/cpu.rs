@@ -377,6 +377,10 @@ impl Backend for CpuBackend {
         Ok(t::reshape(x.view(), shape)?)
     }
 
+    fn reshape_owned(&self, x: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+        Ok(t::reshape_owned(x, shape)?)
+    }
+
     fn transpose(&self, x: &ArrayD<f32>, perm: &[usize]) -> Result<ArrayD<f32>> {
         Ok(t::transpose(x.view(), perm))
     }

@@ -313,6 +313,11 @@ pub trait Backend: Send + Sync {
 
     /// The same elements in row-major order under a new shape of the same size.
     fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    /// [`Self::reshape`] of a tensor the caller gives up (a Reshape's backward), so that a
+    /// backend can keep the storage instead of copying it.
+    fn reshape_owned(&self, x: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        self.reshape(&x, shape)
+    }
     fn transpose(&self, x: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
     fn concat(&self, axis: usize, xs: &[&Self::Tensor]) -> Result<Self::Tensor>;
     fn split(&self, axis: usize, sizes: &[usize], x: &Self::Tensor) -> Result<Vec<Self::Tensor>>;
