@@ -578,44 +578,43 @@ pub(crate) fn elu(x: f32, alpha: f32) -> f32 {
 /// `exp_m1` (`exp_m1_is_within_two_ulp_of_f64`).
 #[inline(always)]
 fn exp_m1_nonpositive(a: f32) -> f32 {
-    const LO: f32 = -87.336_55; // ln(2^-126)
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let ac = if a < LO { LO } else { a };
-    let t = ac * std::f32::consts::LOG2_E + MAGIC;
-    let n = t - MAGIC;
-    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let r = ac - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let small = p * r * r + r;
-    let large = (small + 1.0) * f32::from_bits(((ni + 127) as u32) << 23) - 1.0;
-    if a < LO {
+    let (em1_r, scale, n) = exp_reduced(a);
+    if a < EXP_LO {
         -1.0
-    } else if ni == 0 {
-        small
+    } else if n == 0 {
+        em1_r
     } else {
-        large
+        (em1_r + 1.0) * scale - 1.0
     }
 }
 
 /// `e^a` for `a <= 0` (NaN for NaN is the caller's business), flushed to 0 where the result
-/// would be subnormal (`a < -87.34`). Cephes' `expf`: `a = n ln2 + r` with `|r| <= ln2 / 2`, a
-/// degree-6 polynomial for `e^r`, and `2^n` put straight into the exponent bits. Rounding to
-/// `n` adds and subtracts 1.5 * 2^23 (no `floor` call, which would keep the loop scalar on
-/// x86-64's baseline SSE2), and `n` is read from the sum's mantissa bits.
+/// would be subnormal (`a < -87.34`): `(e^r - 1 + 1) 2^n` from [`exp_reduced`].
 #[inline(always)]
 fn exp_nonpositive(a: f32) -> f32 {
-    const LO: f32 = -87.336_55; // ln(2^-126)
+    let (em1_r, scale, _) = exp_reduced(a);
+    let v = (em1_r + 1.0) * scale;
+    if a < EXP_LO {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// `ln(2^-126)`: below it `e^a` is subnormal, and [`exp_reduced`] clamps to it.
+const EXP_LO: f32 = -87.336_55;
+
+/// Cephes' `expf` reduction of `a` (clamped to [`EXP_LO`]): `a = n ln2 + r` with
+/// `|r| <= ln2 / 2`; returns `(e^r - 1, 2^n, n)`, `e^r - 1` as `p(r) r^2 + r` with a degree-5
+/// `p`, and `2^n` put straight into the exponent bits. Rounding to `n` adds and subtracts
+/// 1.5 * 2^23 (no `floor` call, which would keep the loop scalar on x86-64's baseline SSE2),
+/// and `n` is read from the sum's mantissa bits. Branch-free, so loops over it vectorise.
+#[inline(always)]
+fn exp_reduced(a: f32) -> (f32, f32, i32) {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let ac = if a < LO { LO } else { a };
+    let ac = if a < EXP_LO { EXP_LO } else { a };
     let t = ac * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC;
     let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
@@ -626,13 +625,7 @@ fn exp_nonpositive(a: f32) -> f32 {
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    let v = y * f32::from_bits(((ni + 127) as u32) << 23);
-    if a < LO {
-        0.0
-    } else {
-        v
-    }
+    (p * r * r + r, f32::from_bits(((ni + 127) as u32) << 23), ni)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! lanes, f64 across blocks, as the statistics) and over the batch in f64 in image order, so
 //! every result is independent of the thread count and reproducible run to run.
 
-use super::layernorm::{row_stats, LayerNormGrads, LayerNormSaved, STAT_BLOCK};
+use super::layernorm::{check_backward, row_stats, LayerNormGrads, LayerNormSaved, STAT_BLOCK};
 use super::simd::simd_dispatch;
 use super::{contiguous, ELEMWISE_CHUNK};
 use crate::engine::{attr_err, shape_err, Result};
@@ -165,27 +165,7 @@ impl GroupNorm {
         let op = self.name();
         let geo = self.geometry(x.shape(), scale.len(), scale.len())?;
         let (rows, d, k) = (geo.rows, geo.per_group * geo.plane, geo.per_group);
-        if dy.shape() != x.shape() {
-            return Err(shape_err(
-                op,
-                format!(
-                    "output gradient shape {:?} differs from input shape {:?}",
-                    dy.shape(),
-                    x.shape()
-                ),
-            ));
-        }
-        if saved.mean.len() != rows || saved.inv_std.len() != rows {
-            return Err(shape_err(
-                op,
-                format!(
-                    "saved statistics for {} / {} rows, input {:?} has {rows}",
-                    saved.mean.len(),
-                    saved.inv_std.len(),
-                    x.shape()
-                ),
-            ));
-        }
+        check_backward(op, x.shape(), dy.shape(), saved, rows)?;
         let (xs, gs, ss) = (contiguous(&x), contiguous(&dy), contiguous(&scale));
         let seg_scale: Vec<f32> = (0..rows * k).map(|i| ss[i % geo.channels]).collect();
         let n = rows * d;

@@ -168,27 +168,7 @@ impl LayerNorm {
         dy: ArrayViewD<f32>,
     ) -> Result<LayerNormGrads> {
         let (rows, d) = self.geometry(x.shape(), scale.len(), None)?;
-        if dy.shape() != x.shape() {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "output gradient shape {:?} differs from input shape {:?}",
-                    dy.shape(),
-                    x.shape()
-                ),
-            ));
-        }
-        if saved.mean.len() != rows || saved.inv_std.len() != rows {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "saved statistics for {} / {} rows, input {:?} has {rows}",
-                    saved.mean.len(),
-                    saved.inv_std.len(),
-                    x.shape()
-                ),
-            ));
-        }
+        check_backward(OP, x.shape(), dy.shape(), saved, rows)?;
         let (xs, gs, ss) = (contiguous(&x), contiguous(&dy), contiguous(&scale));
         let n = rows * d;
         let part = part_len(rows);
@@ -262,6 +242,34 @@ impl LayerNorm {
         }
         ArrayD::from_shape_vec(IxDyn(x.shape()), y).expect("output has the input's length")
     }
+}
+
+/// A norm's backward inputs against its forward: `dy` shaped as `x`, statistics for each of
+/// the `rows` rows (layer norm's and group norm's, which share [`LayerNormSaved`]).
+pub(super) fn check_backward(
+    op: &'static str,
+    x: &[usize],
+    dy: &[usize],
+    saved: &LayerNormSaved,
+    rows: usize,
+) -> Result<()> {
+    if dy != x {
+        return Err(shape_err(
+            op,
+            format!("output gradient shape {dy:?} differs from input shape {x:?}"),
+        ));
+    }
+    if saved.mean.len() != rows || saved.inv_std.len() != rows {
+        return Err(shape_err(
+            op,
+            format!(
+                "saved statistics for {} / {} rows, input {x:?} has {rows}",
+                saved.mean.len(),
+                saved.inv_std.len(),
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Rows per parallel task of forward: about [`ELEMWISE_CHUNK`] values, at least one row.
