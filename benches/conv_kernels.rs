@@ -59,7 +59,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
     set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
     set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
@@ -728,4 +728,11 @@ fn direct_forward(c: &mut Criterion) {
 }
 
 criterion_group!(benches, conv_kernels, weight_grad, direct_forward);
-criterion_main!(benches);
+// criterion_main!, with the binary's OpenBLAS kernel check first: on a CPU newer than the
+// OpenBLAS build the sgemm-backed kernels would otherwise be timed on its generic SSE3 kernels
+// (src/engine/blas_kernels.rs).
+fn main() {
+    elrt::engine::blas_kernels::reexec_if_generic();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

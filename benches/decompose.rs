@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use elrt::lowrank::decompose::{cp_als_with, hooi, hosvd, CpInit};
 use elrt::rng::Rng;
 use ndarray::Array4;
@@ -33,4 +33,11 @@ fn decompose(c: &mut Criterion) {
 }
 
 criterion_group!(benches, decompose);
-criterion_main!(benches);
+// criterion_main!, with the binary's OpenBLAS kernel check first: on a CPU newer than the
+// OpenBLAS build the sgemm-backed kernels would otherwise be timed on its generic SSE3 kernels
+// (src/engine/blas_kernels.rs).
+fn main() {
+    elrt::engine::blas_kernels::reexec_if_generic();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -14,7 +14,7 @@ use std::hint::black_box;
 use std::path::Path;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
+use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use elrt::engine::model::Model;
 use elrt::train::step::TrainStep;
 use ndarray::{ArrayD, IxDyn};
@@ -74,4 +74,11 @@ fn train_step(c: &mut Criterion) {
 }
 
 criterion_group!(benches, train_step);
-criterion_main!(benches);
+// criterion_main!, with the binary's OpenBLAS kernel check first: on a CPU newer than the
+// OpenBLAS build the sgemm-backed kernels would otherwise be timed on its generic SSE3 kernels
+// (src/engine/blas_kernels.rs).
+fn main() {
+    elrt::engine::blas_kernels::reexec_if_generic();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -13,6 +13,7 @@ use ndarray::Array4;
 use std::time::Instant;
 
 fn main() {
+    elrt::engine::blas_kernels::reexec_if_generic();
     elrt::engine::tune_allocator();
     elrt::engine::init();
     let n: usize = std::env::args()

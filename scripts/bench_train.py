@@ -81,8 +81,10 @@ OpenBLAS. Each in a fresh process with OPENBLAS_NUM_THREADS=1.
 OpenBLAS kernels: OpenBLAS picks its kernels for the CPU at load time unless OPENBLAS_CORETYPE
 says otherwise (some environments pin an older kernel set, e.g. Haswell's AVX2 on an AVX-512
 CPU). `--openblas-cores auto,env` runs elrt (and the sgemm reference) once per entry: `env` is
-the environment as it is, `auto` removes OPENBLAS_CORETYPE, any other entry sets it (SkylakeX,
-Haswell, ...). The first entry fills the main columns; the core OpenBLAS reports is recorded.
+the environment as it is, `auto` removes OPENBLAS_CORETYPE (elrt then runs OpenBLAS's own
+pick, or, on a CPU newer than the OpenBLAS build, which gets generic SSE3 kernels, the widest set
+the CPU runs: src/engine/blas_kernels.rs), any other entry sets it (SkylakeX, Haswell, Prescott
+for what elrt ran before it replaced generic kernels, ...). The first entry fills the main columns; the core OpenBLAS reports is recorded.
 By default `auto` fills them (what a machine without the variable runs), with `env` beside it
 when the environment sets OPENBLAS_CORETYPE: on this workplace's 2-core AMD EPYC it pins Haswell
 (AVX2) where OpenBLAS would pick Cooperlake (AVX-512), and resnet18 at 64x64 trains 1.45-1.8x
@@ -617,7 +619,9 @@ def run_cmd(cmd, env=None, timeout=None):
     rep["process_wall_s"] = wall
     rep["process_cpu_s"] = cpu
     rep["host_steal_pct"] = steal_pct(st0, cpu_times())
-    core = next((l.split(":", 1)[1].strip() for l in (p.stderr or "").splitlines()
+    # The last one: elrt restarts itself when OpenBLAS picked generic kernels for a CPU it does
+    # not know (src/engine/blas_kernels.rs), and each load prints its own.
+    core = next((l.split(":", 1)[1].strip() for l in reversed((p.stderr or "").splitlines())
                  if l.startswith("Core:")), None)
     if core:
         rep["openblas_core"] = core
@@ -685,9 +689,23 @@ def run_torch(name, size, ranks_file, batch, threads, steps, warmup, timeout):
     return rep
 
 
-def measure_sgemm(blas_lib, timeout, core="env"):
-    """The sgemm worker in a fresh process with every BLAS at one thread."""
-    env = openblas_env(core)
+def elrt_kernel_pick(elrt, onnx, timeout):
+    """The OpenBLAS kernel set elrt runs with OPENBLAS_CORETYPE removed, and the one OpenBLAS
+    picked by itself when elrt replaced it (a CPU newer than the OpenBLAS build gets generic
+    kernels, and elrt restarts itself with wider ones: src/engine/blas_kernels.rs)."""
+    try:
+        rep = run_cmd([elrt, "speed", onnx, "--batch", "1", "--steps", "1", "--threads", "1",
+                       "--json"], env=openblas_env("auto"), timeout=timeout)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"  ERROR elrt kernel pick: {e}", file=sys.stderr)
+        return None, None
+    return rep.get("blas_core"), rep.get("blas_core_replaced")
+
+
+def measure_sgemm(blas_lib, timeout, core="env", auto_pick=None):
+    """The sgemm worker in a fresh process with every BLAS at one thread. `auto_pick`: the set
+    elrt runs under `auto` when it replaced OpenBLAS's own (timed instead of OpenBLAS's)."""
+    env = openblas_env(auto_pick if core == "auto" and auto_pick else core)
     env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, os.path.abspath(__file__), "--sgemm-worker", "--n", str(SGEMM_N)]
     if blas_lib:
@@ -1002,8 +1020,14 @@ def main() -> int:
           f"{machine['torch']} ({machine['torch_blas']}); elrt OpenBLAS "
           f"{machine['elrt_openblas'].get('config', '?')}; load {load_before}", flush=True)
 
-    sgemm_before = None if args.no_sgemm else {c: measure_sgemm(blas_lib, args.timeout, c)
-                                                for c in cores}
+    pick, replaced = elrt_kernel_pick(elrt, next(iter(facts.values()))["onnx"], args.timeout)
+    machine["elrt_openblas_pick"] = {"core": pick, "replaced": replaced}
+    auto_pick = pick if replaced else None
+    if replaced:
+        print(f"elrt's OpenBLAS kernels: {pick} (OpenBLAS by itself picks {replaced} on this CPU;"
+              f" elrt replaces it)", flush=True)
+    sgemm_before = None if args.no_sgemm else {
+        c: measure_sgemm(blas_lib, args.timeout, c, auto_pick) for c in cores}
 
     # Interleaved runs; "elrt" holds the first core's runs, "elrt_cores" every core's.
     keys = [(case_id(n, s), t) for n, s, _, _ in cases for t in threads]
@@ -1144,7 +1168,8 @@ def main() -> int:
     ref_rate, ref_name = None, None
     if sgemm_before is not None:
         # The main entries ("before", "after", "*_gflops_best") are the first core's.
-        by_core = {c: {"before": sgemm_before[c], "after": measure_sgemm(blas_lib, args.timeout, c)}
+        by_core = {c: {"before": sgemm_before[c],
+                       "after": measure_sgemm(blas_lib, args.timeout, c, auto_pick)}
                    for c in cores}
         for c, sg in by_core.items():
             for key in ("system_openblas", "numpy"):

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Before anything else: this may replace the process with one that runs OpenBLAS's kernels
+    // for this CPU instead of its generic ones.
+    elrt::engine::blas_kernels::reexec_if_generic();
     elrt::engine::tune_allocator();
     let cli = match cli::try_parse_from(std::env::args_os()) {
         Ok(c) => c,

@@ -357,6 +357,20 @@ fn speed_reports_throughput_profile_and_blas_core() {
         assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0, "{v}");
         assert!(!v["blas_core"].as_str().unwrap().is_empty(), "{v}");
         assert_eq!(v["blas_core_pinned"], pinned, "{v}");
+        let core = v["blas_core"].as_str().unwrap();
+        if pinned {
+            // The user's choice wins over elrt's restart.
+            assert_eq!(core, "Haswell", "{v}");
+            assert!(v.get("blas_core_replaced").is_none(), "{v}");
+        } else {
+            // Never OpenBLAS's generic kernels on a CPU that runs wider ones (a CPU newer than
+            // the OpenBLAS build gets them by itself: elrt restarts with OPENBLAS_CORETYPE).
+            use elrt::engine::blas_kernels::{kernel_width, CpuFeatures, Width};
+            if CpuFeatures::detect().avx2_fma {
+                let w = kernel_width(core);
+                assert!(w.is_none() || w >= Some(Width::Avx2), "{v}");
+            }
+        }
         let ops: Vec<String> = v["profile"]
             .as_array()
             .unwrap()

@@ -17,6 +17,7 @@
 
 pub mod awake;
 pub mod backend;
+pub mod blas_kernels;
 pub mod exec;
 pub mod model;
 pub mod ops;
@@ -74,7 +75,7 @@ extern "C" {
 }
 
 /// The kernel set OpenBLAS chose for this CPU (e.g. "Cooperlake", "Haswell"), and whether the
-/// environment pinned it with `OPENBLAS_CORETYPE`.
+/// user's environment pinned it with `OPENBLAS_CORETYPE`.
 ///
 /// Reported by `elrt speed` because it moves training speed more than most code changes: on the
 /// AVX-512 machine of the README, single-thread sgemm runs at about 240 GFLOP/s with the
@@ -93,7 +94,20 @@ pub fn blas_core() -> (String, bool) {
                 .to_string()
         }
     };
-    (name, std::env::var_os("OPENBLAS_CORETYPE").is_some())
+    // Set by elrt's own restart (blas_kernels) is not a user's pin.
+    let pinned =
+        std::env::var_os("OPENBLAS_CORETYPE").is_some() && blas_kernels::replaced_pick().is_none();
+    (name, pinned)
+}
+
+/// How the kernel set in use came to be, for the reports' OpenBLAS line: "" (OpenBLAS's own
+/// pick), " (set by OPENBLAS_CORETYPE)", or what elrt replaced ([`blas_kernels`]).
+pub fn blas_core_origin(pinned: bool) -> String {
+    match blas_kernels::replaced_pick() {
+        Some(own) => format!(" (chosen by elrt: OpenBLAS took this CPU for {own})"),
+        None if pinned => " (set by OPENBLAS_CORETYPE)".to_string(),
+        None => String::new(),
+    }
 }
 
 static INIT: Once = Once::new();

@@ -52,6 +52,10 @@ pub struct SpeedReport {
     /// OpenBLAS's kernel set ([`crate::engine::blas_core`]) and whether OPENBLAS_CORETYPE set it.
     pub blas_core: String,
     pub blas_core_pinned: bool,
+    /// The kernel set OpenBLAS picked by itself when elrt replaced it with one as wide as the
+    /// CPU ([`crate::engine::blas_kernels`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blas_core_replaced: Option<String>,
     /// (op, forward | backward, ms per step), slowest first; an op is the op type, or for a
     /// conv the kernel that runs it.
     pub profile: Vec<(String, String, f64)>,
@@ -177,6 +181,7 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         peak_rss_mib: peak_rss_mib(),
         blas_core,
         blas_core_pinned,
+        blas_core_replaced: crate::engine::blas_kernels::replaced_pick(),
         profile,
         nodes,
         worker_idle_pct: (others > 0).then(|| 100.0 * idle / (others as f64 * total)),
@@ -196,11 +201,7 @@ impl SpeedReport {
             rep.img_per_s,
             rep.peak_rss_mib,
             rep.blas_core,
-            if rep.blas_core_pinned {
-                " (set by OPENBLAS_CORETYPE)"
-            } else {
-                ""
-            }
+            crate::engine::blas_core_origin(rep.blas_core_pinned)
         );
         if let Some(p) = rep.worker_idle_pct {
             out += &format!(

@@ -555,11 +555,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             None => a.batch.to_string(),
         },
         core,
-        if pinned {
-            " (set by OPENBLAS_CORETYPE)"
-        } else {
-            ""
-        }
+        crate::engine::blas_core_origin(pinned)
     ));
     let (optimizer, lr, wd) = match a.optimizer {
         Optim::Sgd => (
