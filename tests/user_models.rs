@@ -748,7 +748,9 @@ fn uneven_adaptive_pools_from_the_dynamo_exporter_compute_what_tract_computes_on
 /// PReLU (a slope per channel and one shared), ELU (alpha 0.8) and LeakyReLU as the dynamo
 /// exporter writes them (tests/fixtures/dynamo_prelu_elu, made by
 /// scripts/make_dynamo_fixtures.py): the engine's forward is tract's on the file itself, and a
-/// short compress trains the slopes as parameters and exports PRelu and Elu.
+/// short compress trains the slopes as parameters and writes each PRelu as Relu + Sub + Mul + Add
+/// with its trained slope as the Mul's operand, and the Elu with an Exp (`export::act_split`);
+/// read back, the file has its PRelu (slopes trainable) and Elu nodes again.
 #[test]
 fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train() {
     let path = common::repo().join("tests/fixtures/dynamo_prelu_elu/model.onnx");
@@ -765,8 +767,15 @@ fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train(
             .map(|n| g.initializers[&n.inputs[1]].to_f32s())
             .collect()
     };
-    let before = slopes(&elrt::onnx::read::read_file(&path).unwrap());
+    let source = elrt::onnx::read::read_file(&path).unwrap();
+    let before = slopes(&source);
     assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [8, 1]);
+    let slope_names: Vec<&String> = source
+        .nodes
+        .iter()
+        .filter(|n| n.op == Op::PRelu)
+        .map(|n| &n.inputs[1])
+        .collect();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     common::succeeds([
@@ -782,11 +791,46 @@ fn prelu_and_elu_from_the_dynamo_exporter_compute_what_tract_computes_and_train(
         "ratio=0.5",
         "--quiet",
     ]);
+    // The file: no PRelu; each slope read by exactly one Mul, whose other operand is a Sub.
+    let bytes = std::fs::read(out.join("compact.onnx")).unwrap();
+    let file = ModelProto::parse_from_bytes(&bytes).unwrap().graph.unwrap();
+    let ops: Vec<&str> = file.node.iter().map(|n| n.op_type.as_str()).collect();
+    assert!(
+        !ops.contains(&"PRelu") && !ops.contains(&"Elu") && ops.contains(&"Exp"),
+        "{ops:?}"
+    );
+    for name in &slope_names {
+        let readers: Vec<_> = file
+            .node
+            .iter()
+            .filter(|n| n.input.contains(name))
+            .collect();
+        assert_eq!(readers.len(), 1, "{name}");
+        assert_eq!(readers[0].op_type, "Mul", "{name}");
+        let sub = file
+            .node
+            .iter()
+            .find(|n| n.output[0] == readers[0].input[0]);
+        assert_eq!(sub.unwrap().op_type, "Sub", "{name}");
+    }
+    // Read back (for more training): PRelu again, with the trained slopes as its parameters.
     let compact = elrt::onnx::read::read_file(&out.join("compact.onnx")).unwrap();
-    let ops: Vec<&str> = compact.nodes.iter().map(|n| n.op.onnx_type()).collect();
-    assert!(ops.contains(&"PRelu") && ops.contains(&"Elu"), "{ops:?}");
+    let elus: Vec<&Op> = (compact.nodes.iter())
+        .map(|n| &n.op)
+        .filter(|op| matches!(op, Op::Elu { .. }))
+        .collect();
+    assert_eq!(elus, [&Op::Elu { alpha: 0.8 }], "the ELU reads back whole");
+    assert!(!compact.nodes.iter().any(|n| n.op == Op::Exp));
     let after = slopes(&compact);
     assert_eq!(after.len(), 2);
+    let trainable = param_sizes(&out.join("compact.onnx"));
+    for (name, b) in slope_names.iter().zip(&before) {
+        assert_eq!(
+            trainable.get(*name),
+            Some(&b.len()),
+            "{name} trains: {trainable:?}"
+        );
+    }
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(a.len(), b.len());
         assert!(a != b, "a PReLU slope did not train: {b:?} -> {a:?}");

@@ -695,6 +695,7 @@ fn kernel_for(
             exponent: *exponent,
         }),
         Op::Sqrt => Kernel::Act(Activation::Sqrt),
+        Op::Exp => Kernel::Act(Activation::Exp),
         Op::LayerNorm(l) => {
             let axis = norm_axis(l.axis, x.len())?;
             if axis == 0 {

@@ -6,6 +6,7 @@
 //! and output shapes, write at opset 13 (or the source's when the graph's ops need more), and record where
 //! the file came from in `metadata_props`.
 
+pub mod act_split;
 pub mod choose;
 pub mod fold_bn;
 pub mod forms;
@@ -118,6 +119,10 @@ pub struct ExportReport {
     pub opset: i64,
     pub bn_folded: usize,
     pub bn_kept: Vec<String>,
+    /// PRelu nodes written as Relu + Sub + Mul + Add ([`act_split`]).
+    pub prelu_split: usize,
+    /// Elu nodes written as Relu + Sub + Exp + Mul + Sub + Add ([`act_split`]).
+    pub elu_split: usize,
     pub forms_policy: FormsPolicy,
     pub layers: Vec<LayerForm>,
     /// With `--forms fastest`: whole-model medians (ms) of the candidates compared.
@@ -215,6 +220,8 @@ pub fn export(
     let dynamic_batch = opts.batch_for(&g).1;
     refacts(&mut g, &shape)?;
     let fold = fold_bn::fold_batchnorm(&mut g)?;
+    let prelu_split = act_split::split_prelu(&mut g);
+    let elu_split = act_split::split_elu(&mut g);
     let mut facts = refacts(&mut g, &shape)?;
     if rank_align::align_constant_ranks(&mut g, &facts) > 0 {
         facts = refacts(&mut g, &shape)?;
@@ -401,6 +408,8 @@ pub fn export(
         opset: g.opset,
         bn_folded: fold.folded,
         bn_kept: fold.kept,
+        prelu_split,
+        elu_split,
         forms_policy: opts.forms,
         layers,
         whole_model_p50_ms: whole,

@@ -213,6 +213,9 @@ pub enum Op {
     },
     /// Elementwise square root (the same decomposition's standard deviation).
     Sqrt,
+    /// Elementwise `e^x` (an ELU written out as `Relu(x) + alpha (Exp(x - Relu(x)) - 1)`, as
+    /// elrt's export writes it: `export::elu_split`).
+    Exp,
     Add,
     Sub,
     Mul,
@@ -311,6 +314,7 @@ impl Op {
             Op::GroupNorm { .. } => "GroupNormalization",
             Op::Pow { .. } => "Pow",
             Op::Sqrt => "Sqrt",
+            Op::Exp => "Exp",
             Op::Add => "Add",
             Op::Sub => "Sub",
             Op::Mul => "Mul",

@@ -460,6 +460,13 @@ fn infer_node(node: &Node, ins: &[Option<&Fact>]) -> Result<Vec<Fact>> {
             }
             None => same(),
         },
+        Op::Exp => match &x.value {
+            Some(t) => {
+                let v: Vec<f32> = t.to_f32s().iter().map(|v| v.exp()).collect();
+                vec![Fact::known(Tensor::f32(&x.shape, v)?, x.elem)]
+            }
+            None => same(),
+        },
         Op::LayerNorm(l) => {
             let axis = norm_axis(l.axis, x.shape.len())?;
             let normalized = &x.shape[axis..];

@@ -1,5 +1,6 @@
 //! ONNX in and out: protobuf ([`onnx_protobuf`]) <-> [`crate::ir::Graph`].
 
+pub(crate) mod act_fuse;
 mod attrs;
 mod dynamo_restore;
 pub mod external;

@@ -279,6 +279,7 @@ pub fn read_model(model: &ModelProto) -> Result<Graph> {
         initializers: consts,
         meta,
     };
+    super::act_fuse::fuse_split_activations(&mut graph);
     // Constants absorbed into ops (and unused ones) are dropped; check() then catches
     // references to values that nothing defines, such as a missing initializer.
     graph.prune();
@@ -476,6 +477,7 @@ fn parse_node(n: &NodeProto, opset: i64, lookup: &ConstLookup) -> Result<(Op, Ve
         "HardSwish" => (Op::HardSwish, ins.first(1)),
         "Erf" => (Op::Erf, ins.first(1)),
         "Sqrt" => (Op::Sqrt, ins.first(1)),
+        "Exp" => (Op::Exp, ins.first(1)),
         "Pow" => {
             ins.need(2)?;
             let exponent = match ins.constant(1, "Y")? {

@@ -440,6 +440,7 @@ fn node_proto(n: &Node, opset: i64, extra: &mut Vec<(String, Tensor)>) -> NodePr
         | Op::HardSwish
         | Op::Erf
         | Op::Sqrt
+        | Op::Exp
         | Op::Add
         | Op::Sub
         | Op::Mul

@@ -290,7 +290,7 @@ impl ExportSummary {
         let s = self;
         let e = &s.export;
         let mut out = format!(
-            "wrote {}: input {:?}{}, opset {}, {} BN folded{}, forms {}\n",
+            "wrote {}: input {:?}{}, opset {}, {} BN folded{}{}, forms {}\n",
             s.output,
             e.input_shape,
             if e.dynamic_batch {
@@ -305,6 +305,14 @@ impl ExportSummary {
             } else {
                 format!(" ({} kept)", e.bn_kept.len())
             },
+            [
+                (e.prelu_split, "PRelu as Relu + Mul"),
+                (e.elu_split, "Elu as Relu + Exp")
+            ]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!(", {n} {what}"))
+            .collect::<String>(),
             forms_summary(&e.layers)
         );
         if !e.whole_model_p50_ms.is_empty() {

@@ -146,6 +146,9 @@ pub enum Activation {
     },
     /// Square root (ONNX `Sqrt`); derivative `0.5 / sqrt(x)`.
     Sqrt,
+    /// `e^x` (ONNX `Exp`); derivative `e^x`. libm's `expf` per value: it appears in the graph
+    /// only where a file spells an activation out (an exported ELU reads back fused).
+    Exp,
 }
 
 impl Activation {
@@ -164,6 +167,7 @@ impl Activation {
             Activation::Erf => "Erf",
             Activation::Pow { .. } => "Pow",
             Activation::Sqrt => "Sqrt",
+            Activation::Exp => "Exp",
         }
     }
 
@@ -236,6 +240,7 @@ impl Activation {
             Activation::Pow { exponent: 2.0 } => par_map(&xs, |v| v * v),
             Activation::Pow { exponent } => par_map(&xs, move |v| v.powf(exponent)),
             Activation::Sqrt => par_map(&xs, f32::sqrt),
+            Activation::Exp => par_map(&xs, f32::exp),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), y)
             .expect("elementwise output has the input's length"))
@@ -302,6 +307,7 @@ impl Activation {
                 g * (exponent * x.powf(exponent - 1.0))
             }),
             Activation::Sqrt => par_zip_map(&xs, &gs, |x, g| g * (0.5 / x.sqrt())),
+            Activation::Exp => par_zip_map(&xs, &gs, |x, g| g * x.exp()),
         };
         Ok(ArrayD::from_shape_vec(x.raw_dim(), dx)
             .expect("elementwise gradient has the input's length"))
@@ -351,6 +357,7 @@ impl Activation {
             Activation::Erf => x.mapv(erf_t),
             Activation::Pow { exponent } => x.mapv(|v| v.powf(c(exponent))),
             Activation::Sqrt => x.mapv(|v| v.sqrt()),
+            Activation::Exp => x.mapv(|v| v.exp()),
         }
     }
 }
@@ -732,6 +739,11 @@ mod tests {
     #[test]
     fn erf() {
         check(Activation::Erf, &[], 17);
+    }
+
+    #[test]
+    fn exp() {
+        check(Activation::Exp, &[], 21);
     }
 
     #[test]
