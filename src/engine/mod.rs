@@ -101,9 +101,10 @@ pub fn blas_core() -> (String, bool) {
 }
 
 /// How the kernel set in use came to be, for the reports' OpenBLAS line: "" (OpenBLAS's own
-/// pick), " (set by OPENBLAS_CORETYPE)", or what elrt replaced ([`blas_kernels`]).
-pub fn blas_core_origin(pinned: bool) -> String {
-    match blas_kernels::replaced_pick() {
+/// pick), " (set by OPENBLAS_CORETYPE)", or the set elrt replaced (`replaced`, from
+/// [`blas_kernels::replaced_pick`]).
+pub fn blas_core_origin(pinned: bool, replaced: Option<&str>) -> String {
+    match replaced {
         Some(own) => format!(" (chosen by elrt: OpenBLAS took this CPU for {own})"),
         None if pinned => " (set by OPENBLAS_CORETYPE)".to_string(),
         None => String::new(),

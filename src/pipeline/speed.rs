@@ -201,7 +201,10 @@ impl SpeedReport {
             rep.img_per_s,
             rep.peak_rss_mib,
             rep.blas_core,
-            crate::engine::blas_core_origin(rep.blas_core_pinned)
+            crate::engine::blas_core_origin(
+                rep.blas_core_pinned,
+                rep.blas_core_replaced.as_deref()
+            )
         );
         if let Some(p) = rep.worker_idle_pct {
             out += &format!(

@@ -555,7 +555,10 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             None => a.batch.to_string(),
         },
         core,
-        crate::engine::blas_core_origin(pinned)
+        crate::engine::blas_core_origin(
+            pinned,
+            crate::engine::blas_kernels::replaced_pick().as_deref()
+        )
     ));
     let (optimizer, lr, wd) = match a.optimizer {
         Optim::Sgd => (
