@@ -23,100 +23,100 @@
 
 use crate::ir::params::FROZEN_SUFFIX;
 use crate::ir::{Graph, Node, Op, Tensor};
-use std::collections::HashSet;
 
-/// Names not yet used in the graph.
-struct Fresh(HashSet<String>);
-
-impl Fresh {
-    fn of(g: &Graph) -> Self {
-        Fresh(
-            g.nodes
-                .iter()
-                .flat_map(|n| n.outputs.iter().chain(&n.inputs).cloned())
-                .chain(g.initializers.keys().cloned())
-                .chain(g.inputs.iter().map(|v| v.name.clone()))
-                .collect(),
-        )
-    }
-
-    fn name(&mut self, base: &str, suffix: &str) -> String {
-        let mut name = format!("{base}{suffix}");
-        let mut k = 1;
-        while self.0.contains(&name) {
-            name = format!("{base}{suffix}_{k}");
-            k += 1;
+/// Rewrites every PRelu and Elu node (module docs) in place; returns how many of each. An Elu
+/// gets its alpha as a scalar constant (named with [`FROZEN_SUFFIX`]: never a parameter).
+pub fn split_activations(g: &mut Graph) -> (usize, usize) {
+    let mut counts = (0, 0);
+    let mut k = 0;
+    while k < g.nodes.len() {
+        let replacement = match g.nodes[k].op {
+            Op::PRelu => split_prelu_node(g, k).inspect(|_| counts.0 += 1),
+            Op::Elu { alpha } => split_elu_node(g, k, alpha).inspect(|_| counts.1 += 1),
+            _ => None,
+        };
+        match replacement {
+            Some(nodes) => {
+                let len = nodes.len();
+                g.nodes.splice(k..k + 1, nodes);
+                k += len;
+            }
+            None => k += 1,
         }
-        self.0.insert(name.clone());
-        name
+    }
+    counts
+}
+
+/// The nodes of one output each that replace a node, named after it. New values are named
+/// after the node's output `y` with distinct suffixes, by [`Graph::fresh_value_name`] (which
+/// sees the replacements already spliced in).
+struct Writer<'a> {
+    g: &'a Graph,
+    name: String,
+    y: String,
+    nodes: Vec<Node>,
+}
+
+impl Writer<'_> {
+    /// Appends `op(inputs)` writing `out`; returns `out`.
+    fn push(&mut self, suffix: &str, op: Op, inputs: &[&str], out: String) -> String {
+        self.nodes.push(Node {
+            name: format!("{}{suffix}", self.name),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![out.clone()],
+        });
+        out
+    }
+
+    /// Appends `op(inputs)` writing a new value; returns its name.
+    fn push_new(&mut self, suffix: &str, op: Op, inputs: &[&str]) -> String {
+        let out = self.g.fresh_value_name(&format!("{}{suffix}", self.y));
+        self.push(suffix, op, inputs, out)
     }
 }
 
-fn node(name: String, op: Op, inputs: &[&String], out: &str) -> Node {
-    Node {
-        name,
-        op,
-        inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        outputs: vec![out.to_string()],
-    }
+/// `Relu(x) + slope * (x - Relu(x))` for the PRelu at `k`.
+fn split_prelu_node(g: &Graph, k: usize) -> Option<Vec<Node>> {
+    let n = &g.nodes[k];
+    let ([x, slope], [y]) = (n.inputs.as_slice(), n.outputs.as_slice()) else {
+        return None;
+    };
+    let mut w = Writer {
+        g,
+        name: n.name.clone(),
+        y: y.clone(),
+        nodes: Vec::with_capacity(4),
+    };
+    let pos = w.push_new(".relu", Op::Relu, &[x]);
+    let neg = w.push_new(".neg", Op::Sub, &[x, &pos]);
+    let scaled = w.push_new(".scale", Op::Mul, &[&neg, slope]);
+    w.push(".add", Op::Add, &[&pos, &scaled], y.clone());
+    Some(w.nodes)
 }
 
-/// Rewrites every PRelu node (module docs); returns how many.
-pub fn split_prelu(g: &mut Graph) -> usize {
-    let mut fresh = Fresh::of(g);
-    let mut count = 0;
-    let mut nodes = Vec::with_capacity(g.nodes.len());
-    for n in std::mem::take(&mut g.nodes) {
-        let (Op::PRelu, [x, slope], [y]) = (&n.op, n.inputs.as_slice(), n.outputs.as_slice())
-        else {
-            nodes.push(n);
-            continue;
-        };
-        let pos = fresh.name(y, ".relu");
-        let neg = fresh.name(y, ".neg");
-        let scaled = fresh.name(y, ".neg_scaled");
-        let at = |suffix: &str| format!("{}{suffix}", n.name);
-        nodes.push(node(at(".relu"), Op::Relu, &[x], &pos));
-        nodes.push(node(at(".neg"), Op::Sub, &[x, &pos], &neg));
-        nodes.push(node(at(".scale"), Op::Mul, &[&neg, slope], &scaled));
-        nodes.push(node(at(".add"), Op::Add, &[&pos, &scaled], y));
-        count += 1;
-    }
-    g.nodes = nodes;
-    count
-}
-
-/// Rewrites every Elu node (module docs); returns how many. Each gets its alpha as a scalar
-/// constant (named with [`FROZEN_SUFFIX`]: never a parameter).
-pub fn split_elu(g: &mut Graph) -> usize {
-    let mut fresh = Fresh::of(g);
-    let mut count = 0;
-    let mut nodes = Vec::with_capacity(g.nodes.len());
-    for n in std::mem::take(&mut g.nodes) {
-        let (Op::Elu { alpha }, [x], [y]) = (&n.op, n.inputs.as_slice(), n.outputs.as_slice())
-        else {
-            nodes.push(n);
-            continue;
-        };
-        let a = fresh.name(y, &format!(".alpha{FROZEN_SUFFIX}"));
-        let scalar = Tensor::f32(&[], vec![*alpha]).expect("one value for a scalar");
-        g.initializers.insert(a.clone(), scalar);
-        let pos = fresh.name(y, ".relu");
-        let neg = fresh.name(y, ".neg");
-        let exp = fresh.name(y, ".exp");
-        let scaled = fresh.name(y, ".exp_scaled");
-        let shifted = fresh.name(y, ".neg_part");
-        let at = |suffix: &str| format!("{}{suffix}", n.name);
-        nodes.push(node(at(".relu"), Op::Relu, &[x], &pos));
-        nodes.push(node(at(".neg"), Op::Sub, &[x, &pos], &neg));
-        nodes.push(node(at(".exp"), Op::Exp, &[&neg], &exp));
-        nodes.push(node(at(".scale"), Op::Mul, &[&exp, &a], &scaled));
-        nodes.push(node(at(".shift"), Op::Sub, &[&scaled, &a], &shifted));
-        nodes.push(node(at(".add"), Op::Add, &[&pos, &shifted], y));
-        count += 1;
-    }
-    g.nodes = nodes;
-    count
+/// `Relu(x) + (alpha * Exp(x - Relu(x)) - alpha)` for the Elu at `k`; adds the alpha constant.
+fn split_elu_node(g: &mut Graph, k: usize, alpha: f32) -> Option<Vec<Node>> {
+    let ([x], [y]) = (g.nodes[k].inputs.as_slice(), g.nodes[k].outputs.as_slice()) else {
+        return None;
+    };
+    let (x, y) = (x.clone(), y.clone());
+    let a = g.fresh_value_name(&format!("{y}.alpha{FROZEN_SUFFIX}"));
+    let scalar = Tensor::f32(&[], vec![alpha]).expect("one value for a scalar");
+    g.initializers.insert(a.clone(), scalar);
+    let mut w = Writer {
+        g,
+        name: g.nodes[k].name.clone(),
+        y: y.clone(),
+        nodes: Vec::with_capacity(6),
+    };
+    let pos = w.push_new(".relu", Op::Relu, &[&x]);
+    let neg = w.push_new(".neg", Op::Sub, &[&x, &pos]);
+    let exp = w.push_new(".exp", Op::Exp, &[&neg]);
+    let scaled = w.push_new(".scale", Op::Mul, &[&exp, &a]);
+    let shifted = w.push_new(".shift", Op::Sub, &[&scaled, &a]);
+    w.push(".add", Op::Add, &[&pos, &shifted], y);
+    Some(w.nodes)
 }
 
 #[cfg(test)]
@@ -197,7 +197,7 @@ mod tests {
         ] {
             let g = prelu_graph(&shape, slope);
             let mut split = g.clone();
-            assert_eq!(split_prelu(&mut split), 1);
+            assert_eq!(split_activations(&mut split), (1, 0));
             let ops: Vec<&Op> = split.nodes.iter().map(|n| &n.op).collect();
             assert_eq!(
                 ops,
@@ -227,7 +227,7 @@ mod tests {
             g.nodes[0].inputs.truncate(1);
             g.initializers.clear();
             let mut split = g.clone();
-            assert_eq!(split_elu(&mut split), 1);
+            assert_eq!(split_activations(&mut split), (0, 1));
             let ops: Vec<&Op> = split.nodes.iter().map(|n| &n.op).collect();
             assert_eq!(
                 ops,
@@ -265,7 +265,7 @@ mod tests {
         g.nodes[0].inputs.truncate(1);
         let before = format!("{:?}", g.nodes);
         assert!(!before.contains("PRelu"));
-        assert_eq!(split_prelu(&mut g), 0);
+        assert_eq!(split_activations(&mut g), (0, 0));
         assert_eq!(format!("{:?}", g.nodes), before);
     }
 
@@ -291,7 +291,7 @@ mod tests {
             .initializers
             .insert("s1".into(), Tensor::f32(&[1], vec![0.25]).unwrap());
         let mut g = original.clone();
-        assert_eq!((split_prelu(&mut g), split_elu(&mut g)), (2, 2));
+        assert_eq!(split_activations(&mut g), (2, 2));
         assert_eq!(g.nodes.len(), 2 * 4 + 2 * 6 + 1);
         assert_eq!(
             crate::onnx::act_fuse::fuse_split_activations(&mut g),

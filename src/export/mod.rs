@@ -220,8 +220,7 @@ pub fn export(
     let dynamic_batch = opts.batch_for(&g).1;
     refacts(&mut g, &shape)?;
     let fold = fold_bn::fold_batchnorm(&mut g)?;
-    let prelu_split = act_split::split_prelu(&mut g);
-    let elu_split = act_split::split_elu(&mut g);
+    let (prelu_split, elu_split) = act_split::split_activations(&mut g);
     let mut facts = refacts(&mut g, &shape)?;
     if rank_align::align_constant_ranks(&mut g, &facts) > 0 {
         facts = refacts(&mut g, &shape)?;
