@@ -213,8 +213,8 @@ pub enum Op {
     },
     /// Elementwise square root (the same decomposition's standard deviation).
     Sqrt,
-    /// Elementwise `e^x` (an ELU written out as `Relu(x) + alpha (Exp(x - Relu(x)) - 1)`, as
-    /// elrt's export writes it: `export::elu_split`).
+    /// Elementwise `e^x` (an ELU written out as `Relu(x) + (alpha Exp(x - Relu(x)) - alpha)`, as
+    /// elrt's export writes it: `export::act_split`).
     Exp,
     Add,
     Sub,
