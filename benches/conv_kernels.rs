@@ -28,6 +28,9 @@
 //!   the rule without channels-last Winograd (small-plane or Winograd's plane-wise path)
 //!   against channels-last Winograd F(4x4, 3x3) over the batch (`conv/winograd_cl.rs`, with
 //!   the small-plane weight gradient and with its own), forward and backward apart;
+//! - group `strided`: stride-2 3x3 layers (ResNet-20's, ResNet-18's 64 -> 128 and 128 -> 256,
+//!   a Tucker-2 core's 72 -> 152), the channels-last column blocks (`conv/cols_cl.rs`) against
+//!   the path the speed rule took before them (im2col or small-plane), forward and backward;
 //! - group `winograd`: the 3x3 layers of ResNet-18 at 64x64 and ResNet-20 at batch 64, im2col
 //!   against Winograd F(2x2, 3x3) (`conv/winograd.rs`), forward and backward;
 //! - group `depthwise`: EfficientNet-B0's depthwise convs at 64x64 input (3x3 and 5x5, stride
@@ -61,11 +64,11 @@ use std::time::Duration;
 
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use elrt::engine::ops::conv::{
-    set_depthwise_channels_last, set_direct_forward, set_direct_pointwise, set_direct_weight_grad,
-    set_small_plane, set_subsample_pointwise, set_winograd, set_winograd_cl,
-    set_winograd_cl_weight_grad, set_winograd_fused, set_winograd_fused_weight_grad,
-    set_winograd_weight_grad, set_winograd_weight_grad_f4, set_winograd_weight_grad_small_planes,
-    Conv2d, WinogradMode,
+    set_cols_channels_last, set_depthwise_channels_last, set_direct_forward, set_direct_pointwise,
+    set_direct_weight_grad, set_small_plane, set_subsample_pointwise, set_winograd,
+    set_winograd_cl, set_winograd_cl_weight_grad, set_winograd_fused,
+    set_winograd_fused_weight_grad, set_winograd_weight_grad, set_winograd_weight_grad_f4,
+    set_winograd_weight_grad_small_planes, Conv2d, WinogradMode,
 };
 use elrt::engine::ops::Activation;
 use elrt::engine::tensor_ops::{binary_backward, binary_forward, BinOp};
@@ -290,6 +293,55 @@ fn conv_kernels(c: &mut Criterion) {
     }
     set_winograd_cl(None);
     set_winograd_cl_weight_grad(None);
+    g.finish();
+
+    // Stride-2 3x3 layers (ResNet-20's at batch 128, ResNet-18's and a Tucker-2 core's at
+    // batch 64): the channels-last column blocks (`conv/cols_cl.rs`) against the path the
+    // rule took before (im2col, or small-plane on planes under 16x16), forward and backward
+    // (with the input gradient) apart. (name, batch, channels in, out, input side).
+    let mut g = c.benchmark_group("strided");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for (name, n, ci, co, px) in [
+        ("3x3s2_16to32_32px_b128", 128, 16, 32, 32),
+        ("3x3s2_32to64_16px_b128", 128, 32, 64, 16),
+        ("3x3s2_64to128_32px_b64", 64, 64, 128, 32),
+        ("3x3s2_128to256_16px_b64", 64, 128, 256, 16),
+        ("3x3s2_72to152_8px_b64", 64, 72, 152, 8),
+    ] {
+        let op = Conv2d {
+            strides: [2, 2],
+            ..conv(1, [1; 4])
+        };
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([n, ci, px, px], |_| next());
+        let w = Array4::from_shape_fn([co, ci, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        g.throughput(Throughput::Elements(n as u64));
+        for (path, on) in [("previous", false), ("cols_cl", true)] {
+            g.bench_function(format!("{name}/{path}_forward"), |b| {
+                set_cols_channels_last(Some(on));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        black_box(op.forward(x.view(), w.view(), None).unwrap())
+                    })
+                })
+            });
+            g.bench_function(format!("{name}/{path}_backward"), |b| {
+                set_cols_channels_last(Some(on));
+                b.iter(|| {
+                    elrt::engine::on_pool(|| {
+                        elrt::engine::awake::keep_awake(|| {
+                            black_box(op.backward(x.view(), w.view(), dy.view(), true).unwrap())
+                        })
+                    })
+                })
+            });
+        }
+    }
+    set_cols_channels_last(None);
     g.finish();
 
     // (name, channels, kernel, stride, input side): pads k/2 on every side, as torchvision's.

@@ -183,7 +183,13 @@ fn two_ranks_equal_one_process_without_bn() {
 }
 
 /// With --sync-bn, two ranks at batch 16 reach one process's weights and BN running statistics
-/// at batch 32 (ResNet-20 with BN) within 2e-5 relative after one step (1.8e-6 measured). With
+/// at batch 32 (ResNet-20 with BN) within 5e-5 relative after one step (1.8e-6 measured with
+/// its stride-2 layers on im2col and small-plane, 2.1e-5 on the channels-last column blocks of
+/// `conv/cols_cl.rs`, whose forward and input gradient of a rank's images are the same bits as
+/// in one process and whose weight gradients over two halves sum to the whole batch's closer
+/// than those paths': test `cols_cl_results_do_not_depend_on_the_images_around_one`; the
+/// other bits change where BN's division by a small batch deviation amplifies the ranks'
+/// reduction order). With
 /// each rank's own BN statistics (the default, as PyTorch's DDP) they do not: each rank
 /// normalises with 16 images, which is another model (docs/mpi.md gives the size of the
 /// difference; 5e-3 here); the test shows that --sync-bn is what closes it. One step: the
@@ -215,7 +221,7 @@ fn sync_bn_two_ranks_equal_one_process_and_local_bn_does_not() {
     eprintln!(
         "BN: max relative difference to 1 process at batch 32: --sync-bn {sync:e}, local BN {local:e}"
     );
-    assert!(sync <= 2e-5, "{sync}");
+    assert!(sync <= 5e-5, "{sync}");
     assert!(local > 100.0 * sync.max(1e-7), "{local} vs {sync}");
 }
 

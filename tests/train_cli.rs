@@ -379,11 +379,12 @@ fn speed_reports_throughput_profile_and_blas_core() {
             .iter()
             .map(|e| format!("{} {}", e[0].as_str().unwrap(), e[1].as_str().unwrap()))
             .collect();
-        // Convs are filed by the kernel that runs them; the stem's BN + ReLU and every
-        // residual Add + ReLU run fused (src/engine/program.rs, fuse_relu).
+        // Convs are filed by the kernel that runs them (the stride-2 3x3 layers on the
+        // channels-last column blocks); the stem's BN + ReLU and every residual Add + ReLU run
+        // fused (src/engine/program.rs, fuse_relu).
         for want in [
-            "Conv im2col forward",
-            "Conv im2col backward",
+            "Conv im2col-cl forward",
+            "Conv im2col-cl backward",
             "BatchNormalization+Relu backward",
             "Add+Relu forward",
         ] {

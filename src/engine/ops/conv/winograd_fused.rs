@@ -63,6 +63,9 @@ pub(super) const LANES: usize = 16;
 pub(super) const MAX_CHANNELS: usize = 256;
 /// The widest layer the speed rule sends here (8 vectors).
 const WIDEST_BY_RULE: usize = 128;
+/// The widest on Intel CPUs of the layers the channels-last Winograd takes (see
+/// [`Geom::wino_fused_pays`]).
+pub(super) const WIDEST_ON_INTEL: usize = 96;
 /// The widest layer the speed rule sends here on planes under [`WIDE_MIN_PIXELS`] (4 vectors).
 const WIDEST_ON_SMALL_PLANES: usize = 64;
 /// Fewest output pixels of a layer wider than [`WIDEST_ON_SMALL_PLANES`] that the speed rule
@@ -163,6 +166,22 @@ impl Build {
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether the CPU is an Intel one (`cpuid` vendor "GenuineIntel"), whose caches the speed rule
+/// treats apart ([`Geom::wino_fused_pays`]).
+pub(super) fn intel_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *INTEL.get_or_init(|| {
+            let r = std::arch::x86_64::__cpuid(0);
+            // The vendor string is EBX, EDX, ECX: "Genu", "ineI", "ntel".
+            (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// [`pack`] on `build`'s transposes.
@@ -356,11 +375,28 @@ impl Geom {
     /// them (`--profile-nodes`, 1 thread, three alternating pairs) those three layers 268-283
     /// -> 257, the step 1715-1802 -> 1609-1679 ms, 2 threads a tie (971-995 / 930-1037), and
     /// resnet18_tucker2@128 (its 72-channel 32x32 cores) a tie (1316-1340 / 1301-1368).
+    ///
+    /// On Intel the other way round for the widest: on a Xeon with AVX-512 (family 6 model
+    /// 207, 2 MB L2, a mesh L3; Cooperlake kernels), 128ch 16x16 (batch 64, median of 20
+    /// calls, forward / backward with the input gradient, fused -> channels-last Winograd)
+    /// 20.6 / 47.5 -> 17.2 / 30.5 ms at 1 thread, 10.9 / 22.2 -> 8.2 / 16.1 at 2, where the
+    /// AMD EPYC had the fused path 1.8x faster; 96ch 16x16 (which the channels-last path does
+    /// not take) 9.8 / 22.9 -> 11.4 / 21.7, a tie; 64ch 16x16 3.5 / 7.7 -> 6.1 / 12.0 and 64ch
+    /// 8x8 1.9 / 4.4 -> 2.9 / 5.7 stay fused. So on Intel CPUs the layers wider than
+    /// [`WIDEST_ON_INTEL`] that the channels-last path takes stay there (resnet18@128's
+    /// 128-channel stage; its training step in `cols_cl.rs`'s doc).
     pub(super) fn wino_fused_pays(&self) -> bool {
         FUSED.decide(|| {
             let (pixels, widest) = (self.oh * self.ow, self.ci.max(self.co));
             let Some((fewest, most)) = Build::best().rule_channels() else {
                 return false;
+            };
+            // On Intel, the layers above `WIDEST_ON_INTEL` that the channels-last Winograd
+            // took stay there.
+            let most = if intel_cpu() && self.wino_cl {
+                most.min(WIDEST_ON_INTEL)
+            } else {
+                most
             };
             pixels >= 64
                 && self.ci.min(self.co) >= fewest
