@@ -53,10 +53,12 @@ const BLOCK_FLOATS: usize = 256 * 1024;
 /// Fewest rows per block (unless the batch has fewer): each block's GEMM packs the whole
 /// weight matrix again, and its weight gradient reads and writes the whole `K x co` sum.
 /// Capped at a part (4 images at batch 64) instead, 128 -> 256 from 8x8 ran its backward in
-/// 11.7 ms against 9.2 (1 thread), 72 -> 152 from 8x8 in 3.9 against 3.4.
+/// 11.7 ms against 9.2 (1 thread), 72 -> 152 from 8x8 in 3.9 against 3.4; ResNet-20's 32 ->
+/// 64 from 16x16 (batch 128) went the other way at 2 threads, 4.1-5.0 against 6.4-6.6 (a loss
+/// left: its blocks of 14 images make 10 parts where the cap made 16).
 const MIN_ROWS: usize = 512;
-/// Most column values per block of several images (16 MB: a layer of thousands of input
-/// channels, which the speed rule does not send here, under the benchmark override).
+/// Most column values per block of several images (16 MB; only layers of thousands of input
+/// channels reach it, and only the benchmark override sends those here).
 const MAX_BLOCK_FLOATS: usize = 4 << 20;
 
 /// The most weights (`K * co`) of a layer the speed rule sends here: a 128 -> 256 3x3 layer's.
