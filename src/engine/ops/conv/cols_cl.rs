@@ -354,6 +354,24 @@ impl Geom {
     }
 }
 
+/// Calls `f(at, src, len)` for every run of the column rows of `images` padded images: `len`
+/// values at `at` in the columns (rows of `cl_k()`) that are the `len` values at `src` in the
+/// padded images, in row order.
+#[inline(always)]
+fn for_each_run(g: &Geom, images: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let (hp, wp) = g.cl_padded();
+    let (k, img_len) = (g.cl_k(), hp * wp * g.ci);
+    let mut r = 0;
+    for i in 0..images {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                g.cl_runs(oy, ox, |at, src, len| f(r * k + at, i * img_len + src, len));
+                r += 1;
+            }
+        }
+    }
+}
+
 simd_dispatch! {
     /// [`Geom::cl_cols`], compiled for AVX-512 / AVX2 where the CPU has them.
     fn cols_fill(g: &Geom, xp: &[f32], images: usize, col: &mut [f32])
@@ -362,21 +380,9 @@ simd_dispatch! {
 
 #[inline(always)]
 fn cols_fill_body(g: &Geom, xp: &[f32], images: usize, col: &mut [f32]) {
-    let (hp, wp) = g.cl_padded();
-    let (k, img_len) = (g.cl_k(), hp * wp * g.ci);
-    let mut r = 0;
-    for i in 0..images {
-        let img = &xp[i * img_len..][..img_len];
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                let row = &mut col[r * k..][..k];
-                g.cl_runs(oy, ox, |at, src, len| {
-                    copy_run(&mut row[at..at + len], &img[src..src + len]);
-                });
-                r += 1;
-            }
-        }
-    }
+    for_each_run(g, images, |at, src, len| {
+        copy_run(&mut col[at..at + len], &xp[src..src + len]);
+    });
 }
 
 simd_dispatch! {
@@ -387,22 +393,10 @@ simd_dispatch! {
 
 #[inline(always)]
 fn cols_add_back_body(g: &Geom, dcol: &[f32], images: usize, dxp: &mut [f32]) {
-    let (hp, wp) = g.cl_padded();
-    let (k, img_len) = (g.cl_k(), hp * wp * g.ci);
-    let mut r = 0;
-    for i in 0..images {
-        let img = &mut dxp[i * img_len..][..img_len];
-        for oy in 0..g.oh {
-            for ox in 0..g.ow {
-                let row = &dcol[r * k..][..k];
-                g.cl_runs(oy, ox, |at, dst, len| {
-                    img[dst..dst + len]
-                        .iter_mut()
-                        .zip(&row[at..at + len])
-                        .for_each(|(d, s)| *d += s);
-                });
-                r += 1;
-            }
-        }
-    }
+    for_each_run(g, images, |at, dst, len| {
+        dxp[dst..dst + len]
+            .iter_mut()
+            .zip(&dcol[at..at + len])
+            .for_each(|(d, s)| *d += s);
+    });
 }

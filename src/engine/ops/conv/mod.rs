@@ -662,17 +662,7 @@ impl Conv2d {
             return grads;
         }
         let (xs, ws, dys) = (contiguous(&x), contiguous(&w), contiguous(&dy));
-        if g.cols_cl && g.n > 0 {
-            return Self::backward_whole_batch(
-                &g,
-                &dys,
-                need_dx,
-                need_db,
-                w.raw_dim(),
-                |dx, dw| g.cols_cl_backward(&xs, &ws, &dys, dx, dw),
-            );
-        }
-        if (g.small_plane || g.wino_cl) && g.n > 0 {
+        if (g.small_plane || g.wino_cl || g.cols_cl) && g.n > 0 {
             return Self::backward_whole_batch(
                 &g,
                 &dys,
@@ -680,7 +670,9 @@ impl Conv2d {
                 need_db,
                 w.raw_dim(),
                 |dx, dw| {
-                    if g.wino_cl {
+                    if g.cols_cl {
+                        g.cols_cl_backward(&xs, &ws, &dys, dx, dw)
+                    } else if g.wino_cl {
                         g.wino_cl_backward(&xs, &ws, &dys, dx, dw)
                     } else {
                         g.small_plane_backward(&xs, &ws, &dys, dx, dw)

@@ -1966,8 +1966,7 @@ fn dx_reference_strided<T: NdFloat>(g: &Geom, dy: &Array4<T>, w: &Array4<T>) -> 
     dx
 }
 
-/// Scaled errors of the small-plane path (forced on) against f64: forward, input and weight
-/// gradients, each per entry relative to its sum of absolute products.
+/// Scaled errors of the small-plane path (forced on) against f64 ([`forced_path_errors`]).
 fn small_plane_errors(
     c: &Conv2d,
     xs: [usize; 4],
@@ -1979,23 +1978,36 @@ fn small_plane_errors(
     assert!(g.small_plane_eligible(), "{c:?} {xs:?} {ws:?}");
     (g.small_plane, g.winograd, g.direct_dw, g.subsample) = (true, false, false, false);
     g.wino_cl = false;
-    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
+    let plain = Geom {
+        small_plane: false,
+        ..g
+    };
+    forced_path_errors(c, &g, &plain, xs, ws, bias, seed)
+}
+
+/// Scaled errors of `g` (a path the caller forced on) against f64: forward, input and weight
+/// gradients, each per entry relative to its sum of absolute products; the bias gradient equal
+/// to `plain`'s (the geometry without that path), the weight gradient the same bits without
+/// the input gradient.
+fn forced_path_errors(
+    c: &Conv2d,
+    g: &Geom,
+    plain: &Geom,
+    xs: [usize; 4],
+    ws: [usize; 4],
+    bias: bool,
+    seed: u64,
+) -> [f64; 3] {
+    let d = ErrorCase::draw(c, g, xs, ws, bias, seed);
     let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let y = d.forward(&g);
-    let grads = d.backward(&g, true);
-    let dx64 = dx_reference_strided(&g, &d.dy64, &d.w64);
-    let dxscale = dx_reference_strided(&g, &abs(&d.dy64), &abs(&d.w64));
-    let dw64 = dw_reference(&g, &d.x64, &d.dy64);
-    let dwscale = dw_reference(&g, &abs(&d.x64), &abs(&d.dy64));
-    // The bias gradient is the same channel sum as on the other paths.
-    let plain = d.backward(
-        &Geom {
-            small_plane: false,
-            ..g
-        },
-        false,
-    );
-    assert_eq!(grads.db, plain.db);
+    let y = d.forward(g);
+    let grads = d.backward(g, true);
+    let dx64 = dx_reference_strided(g, &d.dy64, &d.w64);
+    let dxscale = dx_reference_strided(g, &abs(&d.dy64), &abs(&d.w64));
+    let dw64 = dw_reference(g, &d.x64, &d.dy64);
+    let dwscale = dw_reference(g, &abs(&d.x64), &abs(&d.dy64));
+    assert_eq!(grads.db, d.backward(plain, false).db);
+    assert_eq!(d.backward(g, false).dw, grads.dw);
     [
         scaled_error(&y, &d.y64, &d.yscale),
         scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
@@ -2003,9 +2015,53 @@ fn small_plane_errors(
     ]
 }
 
+/// The error bound's random geometries: `want` convolutions (kernels 1x1 to 4x4, strides 1 to
+/// `max_stride`, dilations 1-2, asymmetric pads 0-2, sides 1 to `max_side`, a batch of
+/// `batches`, channels from `channels(rng, case)`) that `keep` accepts, each through
+/// `errors`, within `SMALL_PLANE_REL_TOL`; returns the worst errors.
+fn random_geometry_errors(
+    seed: u64,
+    want: u64,
+    (max_stride, max_side, batches): (usize, usize, &[usize]),
+    channels: impl Fn(&mut Rng, u64) -> (usize, usize),
+    keep: impl Fn(&Geom) -> bool,
+    errors: impl Fn(&Conv2d, [usize; 4], [usize; 4], bool, u64) -> [f64; 3],
+) -> [f64; 3] {
+    let mut rng = Rng::new(seed);
+    let mut worst = [0.0f64; 3];
+    let mut cases = 0;
+    while cases < want {
+        let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
+        let strides = [1 + rng.below(max_stride), 1 + rng.below(max_stride)];
+        let dil = [1 + rng.below(2), 1 + rng.below(2)];
+        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
+        let (h, w) = (1 + rng.below(max_side), 1 + rng.below(max_side));
+        let n = batches[rng.below(batches.len())];
+        let (ci, co) = channels(&mut rng, cases);
+        let c = conv(1, strides, pads, dil);
+        let Ok(g) = c.geom(&[n, ci, h, w], &[co, ci, kh, kw]) else {
+            continue;
+        };
+        if !keep(&g) {
+            continue;
+        }
+        let (xs, ws) = ([n, ci, h, w], [co, ci, kh, kw]);
+        let e = errors(&c, xs, ws, rng.below(2) == 0, cases);
+        assert!(
+            e.iter().all(|&e| e <= SMALL_PLANE_REL_TOL),
+            "{c:?} {xs:?} -> {co} k{kh}x{kw}: forward, dx, dw errors {e:?}"
+        );
+        for (w, e) in worst.iter_mut().zip(e) {
+            *w = w.max(e);
+        }
+        cases += 1;
+    }
+    worst
+}
+
 /// Bound on the small-plane path's errors per entry, relative to the sum of absolute products:
 /// plain f32 GEMM sums. Measured worst over the random geometries below: 1.9e-7 forward,
-/// 1.7e-7 for either gradient.
+/// 1.7e-7 for either gradient (on an Intel AVX-512 host: 1.7e-7, 1.7e-7, 2.3e-7).
 const SMALL_PLANE_REL_TOL: f64 = 1e-6;
 
 /// The small-plane path (`small_plane.rs`, forced on) against f64 over random small-plane geometries:
@@ -2014,44 +2070,20 @@ const SMALL_PLANE_REL_TOL: f64 = 1e-6;
 /// 128, so 130-channel cases below cover a short last task).
 #[test]
 fn small_plane_path_matches_f64_over_random_geometries() {
-    let mut rng = Rng::new(91);
-    let mut worst = [0.0f64; 3];
-    let mut cases = 0;
-    while cases < 60 {
-        let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
-        let strides = [1 + rng.below(2), 1 + rng.below(2)];
-        let dil = [1 + rng.below(2), 1 + rng.below(2)];
-        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let (h, w) = (1 + rng.below(7), 1 + rng.below(7));
-        let n = [2, 5, 40][rng.below(3)];
-        let (ci, co) = if cases % 10 == 0 {
-            (130, 3 + rng.below(5))
-        } else {
-            (1 + rng.below(40), 1 + rng.below(40))
-        };
-        let c = conv(1, strides, pads, dil);
-        let Ok(g) = c.geom(&[n, ci, h, w], &[co, ci, kh, kw]) else {
-            continue;
-        };
-        if !g.small_plane_eligible() {
-            continue;
-        }
-        let e = small_plane_errors(
-            &c,
-            [n, ci, h, w],
-            [co, ci, kh, kw],
-            rng.below(2) == 0,
-            cases,
-        );
-        assert!(
-            e.iter().all(|&e| e <= SMALL_PLANE_REL_TOL),
-            "{c:?} [{n}, {ci}, {h}, {w}] -> {co} k{kh}x{kw}: forward, dx, dw errors {e:?}"
-        );
-        for (w, e) in worst.iter_mut().zip(e) {
-            *w = w.max(e);
-        }
-        cases += 1;
-    }
+    let worst = random_geometry_errors(
+        91,
+        60,
+        (2, 7, &[2, 5, 40]),
+        |rng, case| {
+            if case % 10 == 0 {
+                (130, 3 + rng.below(5))
+            } else {
+                (1 + rng.below(40), 1 + rng.below(40))
+            }
+        },
+        Geom::small_plane_eligible,
+        small_plane_errors,
+    );
     eprintln!("worst scaled small-plane errors: forward, dx, dw {worst:?}");
 }
 
@@ -3063,38 +3095,19 @@ fn one_pixel_pointwise_convs_run_as_a_gemm_and_match_the_reference() {
     assert_close("dw", &grads.dw.view(), &bgrads.dw.view(), 1e-5);
 }
 
-/// Scaled errors of the channels-last column path (`cols_cl.rs`, forced on) against f64:
-/// forward, input and weight gradients, each per entry relative to its sum of absolute
-/// products; the bias gradient equal to the per-image path's.
+/// Scaled errors of the channels-last column path (`cols_cl.rs`, forced on) against f64
+/// ([`forced_path_errors`], the bias gradient against the per-image path's).
 fn cols_cl_errors(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], bias: bool, seed: u64) -> [f64; 3] {
     let mut g = c.geom(&xs, &ws).unwrap();
     assert!(g.cols_cl_eligible(), "{c:?} {xs:?} {ws:?}");
     g.cols_cl = true;
     (g.small_plane, g.winograd, g.direct_dw, g.direct_fwd) = (false, false, false, false);
     (g.wino_cl, g.wino_dw, g.wino_fused, g.subsample) = (false, false, false, false);
-    let d = ErrorCase::draw(c, &g, xs, ws, bias, seed);
-    let abs = |a: &Array4<f64>| a.mapv(f64::abs);
-    let y = d.forward(&g);
-    let grads = d.backward(&g, true);
-    let dx64 = dx_reference_strided(&g, &d.dy64, &d.w64);
-    let dxscale = dx_reference_strided(&g, &abs(&d.dy64), &abs(&d.w64));
-    let dw64 = dw_reference(&g, &d.x64, &d.dy64);
-    let dwscale = dw_reference(&g, &abs(&d.x64), &abs(&d.dy64));
-    let plain = d.backward(
-        &Geom {
-            cols_cl: false,
-            ..g
-        },
-        false,
-    );
-    assert_eq!(grads.db, plain.db);
-    // Without the input gradient the weight gradient is the same bits.
-    assert_eq!(d.backward(&g, false).dw, grads.dw);
-    [
-        scaled_error(&y, &d.y64, &d.yscale),
-        scaled_error(grads.dx.as_ref().unwrap(), &dx64, &dxscale),
-        scaled_error(&grads.dw, &dw64, &dwscale),
-    ]
+    let plain = Geom {
+        cols_cl: false,
+        ..g
+    };
+    forced_path_errors(c, &g, &plain, xs, ws, bias, seed)
 }
 
 /// The channels-last column path (forced on) against f64 over random geometries: kernels 1x1
@@ -3103,37 +3116,14 @@ fn cols_cl_errors(c: &Conv2d, xs: [usize; 4], ws: [usize; 4], bias: bool, seed: 
 /// Measured worst: 1.95e-7 forward, 1.87e-7 input gradient, 2.06e-7 weight gradient.
 #[test]
 fn cols_cl_path_matches_f64_over_random_geometries() {
-    let mut rng = Rng::new(93);
-    let mut worst = [0.0f64; 3];
-    let mut cases = 0;
-    while cases < 60 {
-        let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
-        let strides = [1 + rng.below(3), 1 + rng.below(3)];
-        let dil = [1 + rng.below(2), 1 + rng.below(2)];
-        let pads = [rng.below(3), rng.below(3), rng.below(3), rng.below(3)];
-        let (h, w) = (1 + rng.below(12), 1 + rng.below(12));
-        let n = [1, 3, 20][rng.below(3)];
-        let (ci, co) = (1 + rng.below(40), 1 + rng.below(40));
-        let c = conv(1, strides, pads, dil);
-        if c.geom(&[n, ci, h, w], &[co, ci, kh, kw]).is_err() {
-            continue;
-        }
-        let e = cols_cl_errors(
-            &c,
-            [n, ci, h, w],
-            [co, ci, kh, kw],
-            rng.below(2) == 0,
-            cases,
-        );
-        assert!(
-            e.iter().all(|&e| e <= SMALL_PLANE_REL_TOL),
-            "{c:?} [{n}, {ci}, {h}, {w}] -> {co} k{kh}x{kw}: forward, dx, dw errors {e:?}"
-        );
-        for (w, e) in worst.iter_mut().zip(e) {
-            *w = w.max(e);
-        }
-        cases += 1;
-    }
+    let worst = random_geometry_errors(
+        93,
+        60,
+        (3, 12, &[1, 3, 20]),
+        |rng, _| (1 + rng.below(40), 1 + rng.below(40)),
+        |_| true,
+        cols_cl_errors,
+    );
     eprintln!("worst scaled channels-last column errors: forward, dx, dw {worst:?}");
 }
 
