@@ -42,6 +42,7 @@
 //! gradients are summed in part order: results do not depend on the thread count.
 
 use super::layout::transpose_block;
+use super::small_plane::swap_inner;
 use super::{add_bias, copy_run, mat, mat_mut, sum_parts_in_order, Geom, Override, Path};
 use crate::engine::ops::simd::simd_dispatch;
 use crate::engine::ops::{part_len, unzeroed};
@@ -154,17 +155,12 @@ impl Geom {
         }
     }
 
-    /// `W2[(a, b, c)][o] = w[o][c][a][b]`: the GEMM's `K x co` weight matrix.
+    /// `W2[(a, b, c)][o] = w[o][c][a][b]`: the GEMM's `K x co` weight matrix, the
+    /// small-plane path's taps-outside layout (`[o][t][c]`) transposed.
     fn cl_weights(&self, w: &[f32]) -> Vec<f32> {
-        let (kk, ci, co) = (self.kh * self.kw, self.ci, self.co);
-        let mut w2 = unzeroed(kk * ci * co);
-        for o in 0..co {
-            for c in 0..ci {
-                for t in 0..kk {
-                    w2[(t * ci + c) * co + o] = w[(o * ci + c) * kk + t];
-                }
-            }
-        }
+        let (k, co) = (self.cl_k(), self.co);
+        let mut w2 = unzeroed(k * co);
+        transpose_block(k, co, &self.taps_outside(w), &mut w2);
         w2
     }
 
@@ -342,15 +338,10 @@ impl Geom {
         let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
         let mut dw2 = unzeroed(k * co);
         sum_parts_in_order(&parts, &mut dw2);
-        // [t][c][o] -> [o][c][t].
-        let kk = self.kh * self.kw;
-        for o in 0..co {
-            for c in 0..ci {
-                for t in 0..kk {
-                    dw[(o * ci + c) * kk + t] = dw2[(t * ci + c) * co + o];
-                }
-            }
-        }
+        // [t][c][o] -> [o][t][c] -> [o][c][t].
+        let mut dw_taps = unzeroed(k * co);
+        transpose_block(co, k, &dw2, &mut dw_taps);
+        swap_inner(&dw_taps, dw, co, self.kh * self.kw, ci);
     }
 }
 

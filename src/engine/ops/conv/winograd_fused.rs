@@ -1468,7 +1468,8 @@ mod avx512 {
         // Staging rows padded to whole vectors plus one, so that the channels' rows do not
         // start at the same offset modulo 4 KB.
         let sw = p.ow.div_ceil(LANES) * LANES + LANES;
-        let mut stage = vec![0.0f32; LANES * ROWS * sw];
+        // Every value copied out was written by a transpose first.
+        let mut stage = super::unzeroed(LANES * ROWS * sw);
         let (op, yp, sp) = (o.as_ptr(), y.as_mut_ptr(), stage.as_mut_ptr());
         let mut r = [_mm512_setzero_ps(); 16];
         for oy0 in (0..p.oh).step_by(ROWS) {
