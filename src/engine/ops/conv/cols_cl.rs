@@ -54,9 +54,12 @@ const BLOCK_FLOATS: usize = 256 * 1024;
 /// Fewest rows per block (unless the batch has fewer): each block's GEMM packs the whole
 /// weight matrix again, and its weight gradient reads and writes the whole `K x co` sum.
 /// Capped at a part (4 images at batch 64) instead, 128 -> 256 from 8x8 ran its backward in
-/// 11.7 ms against 9.2 (1 thread), 72 -> 152 from 8x8 in 3.9 against 3.4; ResNet-20's 32 ->
-/// 64 from 16x16 (batch 128) went the other way at 2 threads, 4.1-5.0 against 6.4-6.6 (a loss
-/// left: its blocks of 14 images make 10 parts where the cap made 16).
+/// 11.7 ms against 9.2 (1 thread), 72 -> 152 from 8x8 in 3.9 against 3.4 (parts of 64 rows
+/// there). Where a part has this many rows it is the cap ([`Geom::cl_part_and_block`]):
+/// ResNet-20 (batch 128), its two strided layers in a training step (`elrt speed
+/// --profile-nodes`, blocks of 7 and 14 images in 10 parts -> 4 and 8 in 16), backward 9.71 /
+/// 6.93 -> 9.28 / 6.30 ms at 1 thread, 5.53 / 3.71 -> 4.76 / 3.21 at 2, forward 3.25 / 1.96 ->
+/// 2.47 / 1.57 at 2; the step at 2 threads 867-976 -> 932-1000 img/s (three alternating pairs).
 const MIN_ROWS: usize = 512;
 /// Most column values per block of several images (16 MB; only layers of thousands of input
 /// channels reach it, and only the benchmark override sends those here).
@@ -124,22 +127,33 @@ impl Geom {
         (self.h + self.pt + self.pb, self.w + self.pl + self.pr)
     }
 
-    /// Images per block: about [`BLOCK_FLOATS`] column values, but at least [`MIN_ROWS`]
-    /// rows unless that passes [`MAX_BLOCK_FLOATS`]; at least one image, at most the batch.
-    fn cl_block_images(&self) -> usize {
+    /// Images per part (the fixed ranges of the batch that run in parallel and sum their
+    /// weight gradients in order) and per block. Blocks hold about [`BLOCK_FLOATS`] column
+    /// values but at least [`MIN_ROWS`] rows unless that passes [`MAX_BLOCK_FLOATS`] (at least
+    /// one image, at most the batch). Where a part ([`part_len`]) has [`MIN_ROWS`] rows, the
+    /// parts stay [`part_len`] and their blocks split them evenly; else a part is [`part_len`]
+    /// rounded up to whole blocks. Rounded up, ResNet-20's layers (batch 128: blocks of 7 and 14
+    /// images against parts of 8) made 10 parts, 5 : 4 and a sliver at two threads.
+    pub(super) fn cl_part_and_block(&self) -> (usize, usize) {
         let ohw = (self.oh * self.ow).max(1);
         let per_image = (ohw * self.cl_k()).max(1);
-        (BLOCK_FLOATS / per_image)
-            .max(MIN_ROWS.div_ceil(ohw))
+        let min_images = MIN_ROWS.div_ceil(ohw);
+        let b = (BLOCK_FLOATS / per_image)
+            .max(min_images)
             .min(MAX_BLOCK_FLOATS / per_image)
-            .clamp(1, self.n.max(1))
+            .clamp(1, self.n.max(1));
+        let p = part_len(self.n);
+        if p >= min_images {
+            let even = p.div_ceil(p.div_ceil(b));
+            (p, even.max(min_images).min(p))
+        } else {
+            (p.div_ceil(b) * b, b)
+        }
     }
 
-    /// Images per part (the fixed ranges of the batch that run in parallel and sum their
-    /// weight gradients in order): [`part_len`] rounded up to whole blocks.
-    fn cl_part_images(&self) -> usize {
-        let b = self.cl_block_images();
-        part_len(self.n).div_ceil(b) * b
+    /// Images per block ([`Self::cl_part_and_block`]).
+    fn cl_block_images(&self) -> usize {
+        self.cl_part_and_block().1
     }
 
     fn cl_scratch(&self) -> Scratch {
@@ -223,7 +237,7 @@ impl Geom {
         let (ohw, k, co) = (self.oh * self.ow, self.cl_k(), self.co);
         let w2 = self.cl_weights(w);
         let w2v = mat(&w2, k, co);
-        let (part, blk) = (self.cl_part_images(), self.cl_block_images());
+        let (part, blk) = self.cl_part_and_block();
         y.par_chunks_mut(part * ylen)
             .zip(x.par_chunks(part * xlen))
             .with_max_len(1)
@@ -267,7 +281,7 @@ impl Geom {
         let (hp, wp) = self.cl_padded();
         let w2 = self.cl_weights(w);
         let w2v = mat(&w2, k, co);
-        let (part, blk) = (self.cl_part_images(), self.cl_block_images());
+        let (part, blk) = self.cl_part_and_block();
         let parts = self.n.div_ceil(part);
         let mut dx_parts: Vec<Option<&mut [f32]>> = match dx {
             Some(d) => d.chunks_mut(part * xlen).map(Some).collect(),

@@ -3226,3 +3226,26 @@ fn cols_cl_results_do_not_depend_on_the_images_around_one() {
         assert!(e <= 2e-7, "{xs:?}: weight gradient of the halves {e:e}");
     }
 }
+
+/// cols_cl's parts are the batch's fixed parts wherever a part holds its fewest rows, with
+/// blocks splitting them evenly (ResNet-20's strided layers at batch 128: 16 parts, not 10),
+/// and parts rounded up to whole blocks of 512+ rows elsewhere (4x4 planes at batch 64).
+#[test]
+fn cols_cl_parts_follow_the_batch_parts_where_they_hold_enough_rows() {
+    let s2 = conv(1, [2, 2], [1; 4], [1, 1]);
+    for (xs, ws, want) in [
+        // 256 output pixels: parts of 8 images, blocks of 4 (7 fit in 1 MB of columns).
+        ([128, 16, 32, 32], [32, 16, 3, 3], (8, 4)),
+        // 64 output pixels: a part of 8 images is 512 rows, one block.
+        ([128, 32, 16, 16], [64, 32, 3, 3], (8, 8)),
+        // 16 output pixels (parts of 4 images, 64 rows): blocks of 32 images, one part each.
+        ([64, 72, 8, 8], [152, 72, 3, 3], (32, 32)),
+        // 64 output pixels at batch 64 (parts of 4): blocks of 8.
+        ([64, 128, 16, 16], [256, 128, 3, 3], (8, 8)),
+        // A batch smaller than a block: one part and block of it all.
+        ([3, 16, 32, 32], [32, 16, 3, 3], (3, 3)),
+    ] {
+        let g = s2.geom(&xs, &ws).unwrap();
+        assert_eq!(g.cl_part_and_block(), want, "{xs:?} {ws:?}");
+    }
+}
