@@ -216,6 +216,21 @@ pub(crate) fn unzeroed(n: usize) -> Vec<f32> {
     v
 }
 
+/// [`unzeroed`] for indices (MaxPool's argmax, every entry written by its forward): under
+/// `cfg(test)` each entry is `u32::MAX - 1`, an index past any plane, so a read before the
+/// write panics in the backward's indexing instead of routing a gradient.
+#[allow(clippy::uninit_vec)]
+pub(crate) fn unzeroed_indices(n: usize) -> Vec<u32> {
+    if cfg!(test) {
+        return vec![u32::MAX - 1; n];
+    }
+    let mut v: Vec<u32> = Vec::with_capacity(n);
+    // SAFETY: as in `unzeroed`: within the capacity, every entry written before it is read,
+    // and u32 has no invalid bit patterns.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `out[i] = f(x[i])`, in parallel over contiguous chunks, each compiled for the widest vectors
 /// the CPU has ([`wide_map`]).
 pub(crate) fn par_map(x: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {

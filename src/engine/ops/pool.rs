@@ -6,7 +6,7 @@
 //! divisor counts the padding but not the part of a window hanging past it.
 
 use super::simd::simd_dispatch;
-use super::{contiguous, deinterleave, unzeroed, window_out_len, zeros};
+use super::{contiguous, deinterleave, unzeroed, unzeroed_indices, window_out_len, zeros};
 use crate::engine::{shape_err, Result};
 use ndarray::{Array4, ArrayView4, NdFloat};
 use rayon::prelude::*;
@@ -164,7 +164,9 @@ impl MaxPool2d {
         let xs = contiguous(&x);
         let (hw, ohw) = (g.h * g.w, g.oh * g.ow);
         let mut y = unzeroed(g.planes() * ohw);
-        let mut arg = vec![u32::MAX; g.planes() * ohw];
+        // Every entry is written by `max_plane` or `max_plane_direct` (a 4 MB serial fill of
+        // ResNet-18's stem pooling at batch 64, while the planes run in parallel).
+        let mut arg = unzeroed_indices(g.planes() * ohw);
         if g.planes() > 0 {
             let lay = MaxLayout::new(&g);
             y.par_chunks_mut(ohw)
@@ -676,7 +678,7 @@ simd_dispatch! {
         yp: &mut [f32],
         ap: &mut [u32],
         s: &mut MaxScratch,
-    ) => max_plane_body, (g, lay, xp, yp, ap, s); ["avx2"]
+    ) => max_plane_body, (g, lay, xp, yp, ap, s); ["avx512f", "avx2"]
 }
 
 #[inline(always)]
