@@ -81,8 +81,18 @@ const TB: usize = 8;
 const DW_SWEEP: usize = 2 * TB;
 /// Fewest tiles per part of the weight gradient ([`Geom::fused_dw_part`]). ResNet-18 at 64x64
 /// (batch 64, 1 thread, `elrt speed --profile-nodes`), its 128-channel 8x8 layers' backward
-/// with 16 / 4 / 2 parts (16 / 64 / 128 tiles): 14.9-15.1 / 10.2-11.2 / 10.2-10.3 ms.
-const DW_PART_TILES: usize = 64;
+/// with 16 / 4 / 2 parts (16 / 64 / 128 tiles): 14.9-15.1 / 10.2-11.2 / 10.2-10.3 ms. From 64
+/// to 128 tiles (Intel Xeon, AVX-512; each part's sums `dU` are 590 KB at 64 channels, zeroed,
+/// filled and read back once more by the ordered sum): the fused layers' backward in training
+/// steps at 2 threads (best / median of 6 alternating runs on a noisy host), resnet18@64 (its
+/// 64-channel 16x16 layers, 16 -> 8 parts) 20.4 / 23.0 -> 19.4 / 20.4 ms, resnet18_tucker2@64
+/// (best of 5) 11.2 -> 10.6 ms; ResNet-20 (its 64-channel 8x8 layers, 8 -> 4 parts) a tie
+/// within the noise (best of 5 and of 4: 58.3 -> 55.2, then 54.0 -> 56.6 ms); at 1 thread
+/// resnet18@64 a tie (33.8-38.6 against 34.3-36.5 ms).
+const DW_PART_TILES: usize = 128;
+/// Fewest parts of the weight gradient (so that [`DW_PART_TILES`] leaves work for 4 threads
+/// on small planes: 8x8 at batch 64 would otherwise be 2 parts).
+const DW_MIN_PARTS: usize = 4;
 /// Transformed taps per F(4x4, 3x3) tile.
 const TAPS: usize = 36;
 
@@ -419,13 +429,19 @@ impl Geom {
     }
 
     /// Images per part of the fused weight gradient: the batch's fixed parts
-    /// ([`part_len`](super::super::part_len)), widened to at least [`DW_PART_TILES`] tiles.
+    /// ([`part_len`](super::super::part_len)), widened to at least [`DW_PART_TILES`] tiles
+    /// unless that leaves fewer than [`DW_MIN_PARTS`] parts.
     /// Each part zeroes, fills and hands over its own sums `dU` (36 x CI x CO), which then
     /// are added in part order: with four tiles per image (8x8 planes) and 128 channels that
     /// was 9 MB of traffic per part for 19 MFLOP of sums.
     fn fused_dw_part(&self) -> usize {
         let tiles = self.fused_plane().tiles().max(1);
-        super::super::part_len(self.n).max(DW_PART_TILES.div_ceil(tiles))
+        let part = super::super::part_len(self.n);
+        part.max(
+            DW_PART_TILES
+                .div_ceil(tiles)
+                .min(self.n.div_ceil(DW_MIN_PARTS)),
+        )
     }
 
     /// The weight gradient over the whole batch (`x` `[n][ci][h][w]`, `dy` `[n][co][oh][ow]`,
