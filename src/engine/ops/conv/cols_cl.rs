@@ -37,6 +37,14 @@
 //! thread 51.5-53.7 -> 53.2-55.4; ResNet-20 2 threads 939-952 -> 960-970; resnet18_tucker2@128 2
 //! threads 132-133 -> 135-136; resnet18@64, resnet18_tucker2@64 and ResNet-20's Tucker-2 form ties.
 //!
+//! Other kernels of user CNNs (session 34, same host, 1 thread, forward / backward with the input
+//! gradient, the previous path -> this one): 5x5 stride 2 pad 2, 48 -> 96 from 32x32 (batch 32),
+//! im2col 15.8-16.2 / 35.2-36.4 -> 14.1-14.6 / 28.8-29.5 ms; 16 -> 32 from 64x64 (batch 64),
+//! im2col 24.2-24.5 / 54.7-54.8 -> 19.2-20.4 / 38.0-40.5; 4x4 stride 2 pad 2, 32 -> 64 from 32x32
+//! (batch 32), im2col 6.1-6.2 / 13.6-13.8 -> 5.1-5.3 / 10.5-10.9; 3x3 stride 2, 96 -> 128 from
+//! 16x16 (batch 32), small-plane 5.1-5.5 / 7.6-7.9 -> 3.6-3.7 / 7.3-7.6. Under 16 input channels
+//! (an RGB stem, 3 -> 32 3x3 stride 2 from 64x64) it loses, 1.5 / 4.0 -> 2.7-3.0 / 6.2-6.7.
+//!
 //! Numerics: each output is one GEMM dot product of `K` terms; the blocks and parts (fixed ranges
 //! of the batch, see [`super::part_len`]) follow from the shapes alone and the parts' weight
 //! gradients are summed in part order: results do not depend on the thread count.
