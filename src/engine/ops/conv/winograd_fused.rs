@@ -28,7 +28,8 @@
 //! from the channels-last output gradients, `dU_k += V_k dM_k^T` with 16 sums of a tap in
 //! registers ([`Plane::fused_weight_grad_sums`]); the parts' `dU` (36 x CI x CO) are summed
 //! in part order and `G^T dU G` taken once per call ([`fused_untransform`]); its parts, of at
-//! least [`DW_PART_TILES`] tiles, run after the input gradient's ([`Geom::weight_grad_fused`]).
+//! least [`DW_PART_TILES`] tiles, are the backward's parts, each task the part's input gradient
+//! and then its sums ([`Geom::fused_dw_part_sums`], [`Geom::fused_dw_from_parts`]).
 //! Taken per part and pair `(o, c)` (36 loads 16 KB apart at 64 channels), that last step had
 //! cost 3x the sums themselves and made this weight gradient lose from 32 channels; plane by
 //! plane and once (and with 16-tile sweeps), criterion `weight_grad` (batch 64, 1 thread) went 9.4 ->
@@ -434,7 +435,7 @@ impl Geom {
     /// Each part zeroes, fills and hands over its own sums `dU` (36 x CI x CO), which then
     /// are added in part order: with four tiles per image (8x8 planes) and 128 channels that
     /// was 9 MB of traffic per part for 19 MFLOP of sums.
-    fn fused_dw_part(&self) -> usize {
+    pub(super) fn fused_dw_part(&self) -> usize {
         let tiles = self.fused_plane().tiles().max(1);
         let part = super::super::part_len(self.n);
         part.max(
@@ -444,28 +445,25 @@ impl Geom {
         )
     }
 
-    /// The weight gradient over the whole batch (`x` `[n][ci][h][w]`, `dy` `[n][co][oh][ow]`,
-    /// `dw` `[co][ci][3][3]` overwritten): each part's transformed sums
-    /// ([`Plane::fused_weight_grad_sums`]) in parallel, added in part order, untransformed once
-    /// ([`fused_untransform`]). The parts follow the batch and the geometry only, so the sums
-    /// do not depend on the thread count.
-    pub(super) fn weight_grad_fused(&self, x: &[f32], dy: &[f32], dw: &mut [f32]) {
-        let (xlen, ylen) = (self.x_len(), self.y_len());
-        let (p, part) = (self.fused_plane(), self.fused_dw_part());
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(part * xlen)
-            .zip(dy.par_chunks(part * ylen))
-            .with_max_len(1)
-            .map(|(xp, dyp)| {
-                let mut s = p.fused_scratch();
-                let mut du = unzeroed(p.fused_sums_len());
-                p.fused_weight_grad_sums(xp, dyp, &mut du, &mut s);
-                du
-            })
-            .collect();
-        let parts: Vec<&[f32]> = partials.iter().map(Vec::as_slice).collect();
+    /// One part's transformed weight-gradient sums `dU` (`[36][CI][CO]`,
+    /// [`Plane::fused_weight_grad_sums`]) over its images `x` (`[n][ci][h][w]`) and `dy`
+    /// (`[n][co][oh][ow]`), the part being one of [`Self::fused_dw_part`]'s. The backward runs
+    /// it in the same task as the part's input gradient, so the part's `dy` is still in cache
+    /// and the two passes share one parallel loop.
+    pub(super) fn fused_dw_part_sums(&self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        let p = self.fused_plane();
+        let mut s = p.fused_scratch();
         let mut du = unzeroed(p.fused_sums_len());
-        super::sum_parts_in_order(&parts, &mut du);
+        p.fused_weight_grad_sums(x, dy, &mut du, &mut s);
+        du
+    }
+
+    /// The weight gradient `dw` (`[co][ci][3][3]`, overwritten) from the parts' sums in part
+    /// order, untransformed once ([`fused_untransform`]). The parts follow the batch and the
+    /// geometry only, so the result does not depend on the thread count.
+    pub(super) fn fused_dw_from_parts(&self, parts: &[&[f32]], dw: &mut [f32]) {
+        let mut du = unzeroed(self.fused_plane().fused_sums_len());
+        super::sum_parts_in_order(parts, &mut du);
         fused_untransform(self.co, self.ci, &du, dw);
     }
 
