@@ -203,30 +203,32 @@ pub(crate) fn zeros(n: usize) -> Vec<f32> {
 /// every entry is NaN instead: a kernel that accumulates into its output (and so needs
 /// [`zeros`]) fails its tests (against references, bitwise across thread counts) rather than
 /// passing on memory that happened to be zero. Dropping the vector reads nothing.
-#[allow(clippy::uninit_vec)]
 pub(crate) fn unzeroed(n: usize) -> Vec<f32> {
-    if cfg!(test) {
-        return vec![f32::NAN; n];
-    }
-    let mut v: Vec<f32> = Vec::with_capacity(n);
-    // SAFETY: `n` is within the capacity. The entries are uninitialised until the caller's
-    // kernel writes them, which it does for every entry before any is read (the contract
-    // above, checked under `cfg(test)` by the NaN fill); f32 has no invalid bit patterns.
-    unsafe { v.set_len(n) };
-    v
+    // SAFETY: f32 has no invalid bit patterns; the contract above is the callers'.
+    unsafe { uninit_or(n, f32::NAN) }
 }
 
 /// [`unzeroed`] for indices (MaxPool's argmax, every entry written by its forward): under
 /// `cfg(test)` each entry is `u32::MAX - 1`, an index past any plane, so a read before the
 /// write panics in the backward's indexing instead of routing a gradient.
-#[allow(clippy::uninit_vec)]
 pub(crate) fn unzeroed_indices(n: usize) -> Vec<u32> {
+    // SAFETY: u32 has no invalid bit patterns; the contract above is the callers'.
+    unsafe { uninit_or(n, u32::MAX - 1) }
+}
+
+/// `n` entries left uninitialised, or `test_fill` under `cfg(test)` (see [`unzeroed`]).
+///
+/// # Safety
+/// `T` must have no invalid bit patterns, and the caller must write every entry before
+/// reading it.
+#[allow(clippy::uninit_vec)]
+unsafe fn uninit_or<T: Copy>(n: usize, test_fill: T) -> Vec<T> {
     if cfg!(test) {
-        return vec![u32::MAX - 1; n];
+        return vec![test_fill; n];
     }
-    let mut v: Vec<u32> = Vec::with_capacity(n);
-    // SAFETY: as in `unzeroed`: within the capacity, every entry written before it is read,
-    // and u32 has no invalid bit patterns.
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: `n` is within the capacity; the entries are uninitialised until the caller
+    // writes them, which this function's contract requires before any read.
     unsafe { v.set_len(n) };
     v
 }

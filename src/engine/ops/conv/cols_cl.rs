@@ -159,13 +159,8 @@ impl Geom {
         }
     }
 
-    /// Images per block ([`Self::cl_part_and_block`]).
-    fn cl_block_images(&self) -> usize {
-        self.cl_part_and_block().1
-    }
-
-    fn cl_scratch(&self) -> Scratch {
-        let b = self.cl_block_images();
+    /// Scratch for blocks of up to `b` images.
+    fn cl_scratch(&self, b: usize) -> Scratch {
         let (hp, wp) = self.cl_padded();
         let ohw = self.oh * self.ow;
         Scratch {
@@ -250,7 +245,7 @@ impl Geom {
             .zip(x.par_chunks(part * xlen))
             .with_max_len(1)
             .for_each(|(yp, xp)| {
-                let mut s = self.cl_scratch();
+                let mut s = self.cl_scratch(blk);
                 for (yb, xb) in yp.chunks_mut(blk * ylen).zip(xp.chunks(blk * xlen)) {
                     let images = xb.len() / xlen;
                     let rows = images * ohw;
@@ -301,7 +296,7 @@ impl Geom {
             .zip(dy.par_chunks(part * ylen))
             .with_max_len(1)
             .map(|((dxp, xp), dyp)| {
-                let mut s = self.cl_scratch();
+                let mut s = self.cl_scratch(blk);
                 let mut dcol = if dxp.is_some() {
                     unzeroed(blk * ohw * k)
                 } else {
