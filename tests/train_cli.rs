@@ -380,19 +380,21 @@ fn speed_reports_throughput_profile_and_blas_core() {
             .map(|e| format!("{} {}", e[0].as_str().unwrap(), e[1].as_str().unwrap()))
             .collect();
         // Convs are filed by the kernel that runs them (the stride-2 3x3 layers on the
-        // channels-last column blocks); the stem's BN + ReLU and every residual Add + ReLU run
-        // fused (src/engine/program.rs, fuse_relu).
+        // channels-last column blocks); the stem's BN + ReLU runs fused, and every residual
+        // Add + ReLU joined to the batch norm before it (src/engine/program.rs, fuse_act and
+        // fuse_residual).
         for want in [
             "Conv im2col-cl forward",
             "Conv im2col-cl backward",
             "BatchNormalization+Relu backward",
-            "Add+Relu forward",
+            "BatchNormalization+Add+Relu forward",
         ] {
             assert!(ops.iter().any(|o| o == want), "{want} missing from {ops:?}");
         }
         assert!(
-            !ops.iter().any(|o| o.starts_with("Relu ")),
-            "unfused ReLU in {ops:?}"
+            !ops.iter()
+                .any(|o| o.starts_with("Relu ") || o.starts_with("Add+Relu ")),
+            "unfused ReLU or Add in {ops:?}"
         );
     }
 }

@@ -11,6 +11,7 @@ use ndarray::ArrayD;
 
 use super::backend::{Backend, CpuBackend};
 use super::program::{Kernel, Param, Program, Src};
+use crate::engine::tensor_ops::BinOp;
 use crate::rng::Rng;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,15 +209,7 @@ impl<B: Backend> Session<B> {
                 let scale = get(step.inputs[1])?;
                 let bias = get(step.inputs[2])?;
                 if mode == Mode::Train {
-                    let (m, v) = (*mean, *var);
-                    let (lo, hi) = program.state.split_at_mut(m.max(v));
-                    let (rm, rv) = if m < v {
-                        (&mut lo[m].1, &mut hi[0].1)
-                    } else if m > v {
-                        (&mut hi[0].1, &mut lo[v].1)
-                    } else {
-                        bail!("the running mean and variance are one tensor");
-                    };
+                    let (rm, rv) = running_stats(&mut program.state, *mean, *var)?;
                     let sync = self.stat_sync.as_deref();
                     let (y, saved) = be.bn_forward_train(op, x, scale, bias, rm, rv, sync)?;
                     (vec![y], Saved::Bn(saved))
@@ -224,6 +217,32 @@ impl<B: Backend> Session<B> {
                     let rm = &program.state[*mean].1;
                     let rv = &program.state[*var].1;
                     one(be.bn_forward_eval(op, x, scale, bias, rm, rv)?)
+                }
+            }
+            Kernel::BatchNormAdd {
+                op,
+                mean,
+                var,
+                relu,
+            } => {
+                let scale = get(step.inputs[1])?;
+                let bias = get(step.inputs[2])?;
+                let r = get(step.inputs[3])?;
+                if mode == Mode::Train {
+                    let (rm, rv) = running_stats(&mut program.state, *mean, *var)?;
+                    let sync = self.stat_sync.as_deref();
+                    let (z, saved) =
+                        be.bn_add_forward_train(op, x, r, *relu, scale, bias, rm, rv, sync)?;
+                    (vec![z], Saved::Bn(saved))
+                } else {
+                    let rm = &program.state[*mean].1;
+                    let rv = &program.state[*var].1;
+                    let y = be.bn_forward_eval(op, x, scale, bias, rm, rv)?;
+                    one(if *relu {
+                        be.add_relu_forward(&y, r)?
+                    } else {
+                        be.binary_forward(BinOp::Add, &y, r)?
+                    })
                 }
             }
             Kernel::Act(a) => one(be.act_forward(a, x)?),
@@ -421,6 +440,22 @@ impl<B: Backend> Session<B> {
                 let g = be.bn_backward_train(op, x, scale, saved, dy()?, sync)?;
                 vec![Some(g.dx), Some(g.dscale), Some(g.dbias)]
             }
+            (Kernel::BatchNormAdd { op, relu, .. }, Saved::Bn(saved)) => {
+                // The join's backward, then the batch norm's on its gradient: the separate
+                // steps' calls. The batch norm's output (not kept) has `x`'s shape, all the
+                // Add's backward reads of it.
+                let scale = self.get(step.inputs[1])?;
+                let r = self.get(step.inputs[3])?;
+                let (g, dr) = if *relu {
+                    let z = self.get(Src::Slot(step.outputs[0]))?;
+                    be.add_relu_backward(x, r, z, dy()?)?
+                } else {
+                    be.binary_backward(BinOp::Add, x, r, dy()?)?
+                };
+                let sync = self.stat_sync.as_deref();
+                let g = be.bn_backward_train(op, x, scale, saved, g, sync)?;
+                vec![Some(g.dx), Some(g.dscale), Some(g.dbias), Some(dr)]
+            }
             (Kernel::Act(a), _) => vec![Some(be.act_backward(a, x, dy()?)?)],
             (Kernel::LayerNorm(op), Saved::Ln(saved)) => {
                 let scale = self.get(step.inputs[1])?;
@@ -532,6 +567,7 @@ impl<B: Backend> Session<B> {
             (Kernel::Dropout { .. }, Saved::Mask(mask)) => vec![Some(be.mul(&dy()?, mask)?)],
             (Kernel::Dropout { .. }, _) => vec![Some(dy()?)],
             (Kernel::BatchNorm { .. }, _)
+            | (Kernel::BatchNormAdd { .. }, _)
             | (Kernel::LayerNorm(_), _)
             | (Kernel::GroupNorm(_), _)
             | (Kernel::MaxPool(_), _) => {
@@ -539,6 +575,23 @@ impl<B: Backend> Session<B> {
             }
         })
     }
+}
+
+/// The running mean and variance (state `mean` and `var`), both mutable.
+fn running_stats<T>(
+    state: &mut [(String, T)],
+    mean: usize,
+    var: usize,
+) -> Result<(&mut T, &mut T)> {
+    let (m, v) = (mean, var);
+    let (lo, hi) = state.split_at_mut(m.max(v));
+    Ok(if m < v {
+        (&mut lo[m].1, &mut hi[0].1)
+    } else if m > v {
+        (&mut hi[0].1, &mut lo[v].1)
+    } else {
+        bail!("the running mean and variance are one tensor");
+    })
 }
 
 /// The per-axis index lists of a Gather along `axis`: `list` there, every index elsewhere.

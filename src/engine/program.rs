@@ -44,6 +44,15 @@ pub enum Kernel {
     /// An Add and the Relu that is the only reader of its sum (a residual join), fused by
     /// the program's Relu fusion pass: `max(0, a + b)`, with backward masking by the output.
     AddRelu,
+    /// A batch norm whose output only an Add (or Add + Relu) reads, joined to it by
+    /// [`fuse_residual`]: `bn(x) + r`, through a ReLU where `relu`. Inputs x, scale, bias, r;
+    /// `mean` and `var` as in [`Kernel::BatchNorm`].
+    BatchNormAdd {
+        op: BatchNorm2d,
+        mean: usize,
+        var: usize,
+        relu: bool,
+    },
     Concat {
         axis: usize,
     },
@@ -435,7 +444,10 @@ impl Program {
             output_slot = id;
         }
         let file_output_tail = facts[&graph.outputs[0].name].shape[1..].to_vec();
-        let steps = fuse_act(fuse_gates(steps, output_slot), output_slot);
+        let steps = fuse_residual(
+            fuse_act(fuse_gates(steps, output_slot), output_slot),
+            output_slot,
+        );
         Ok(Program {
             steps,
             n_slots: slots.len(),
@@ -535,6 +547,88 @@ fn fuse_act(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
             s
         })
         .collect()
+}
+
+/// Joins each batch norm (without an activation of its own) whose output has one reader, an
+/// Add or Add + Relu (after [`fuse_act`]), to that join: one [`Kernel::BatchNormAdd`] step where
+/// the Add was, reading the batch norm's inputs and the Add's other operand. The batch norm's
+/// output was written, read back by the Add and kept until backward: every ResNet block ends in
+/// BN, Add, ReLU, and every MobileNet-V2 and EfficientNet residual block in BN, Add. The Add's
+/// place is after both operands exist, and nothing else read the batch norm's output, so
+/// moving the batch norm there changes no other step's inputs. Outputs and gradients are
+/// bitwise the separate steps' (the program tests compare them).
+fn fuse_residual(steps: Vec<Step>, output_slot: usize) -> Vec<Step> {
+    let readers = readers_of(&steps);
+    // Per Add step: the batch norm step it absorbs and which of its operands that is.
+    let mut join: Vec<Option<(usize, usize)>> = vec![None; steps.len()];
+    let mut gone = vec![false; steps.len()];
+    for (i, s) in steps.iter().enumerate() {
+        let Kernel::BatchNorm { op, .. } = &s.kernel else {
+            continue;
+        };
+        if op.act != BnAct::None || s.outputs.len() != 1 {
+            continue;
+        }
+        let y = s.outputs[0];
+        let Some(&[j]) = readers.get(&y).map(Vec::as_slice) else {
+            continue;
+        };
+        let a = &steps[j];
+        if y == output_slot {
+            continue;
+        }
+        if !matches!(a.kernel, Kernel::AddRelu | Kernel::Binary(BinOp::Add)) || a.inputs.len() != 2
+        {
+            continue;
+        }
+        let side = usize::from(a.inputs[1] == Src::Slot(y));
+        if a.inputs[1 - side] == Src::Slot(y) || join[j].is_some() {
+            continue;
+        }
+        join[j] = Some((i, side));
+        gone[i] = true;
+    }
+    let mut bns: HashMap<usize, Step> = HashMap::new();
+    let mut out = Vec::with_capacity(steps.len());
+    for (i, s) in steps.into_iter().enumerate() {
+        if gone[i] {
+            bns.insert(i, s);
+            continue;
+        }
+        let Some((b, side)) = join[i] else {
+            out.push(s);
+            continue;
+        };
+        let bn = bns
+            .remove(&b)
+            .expect("a batch norm runs before the Add that reads it");
+        let Kernel::BatchNorm { op, mean, var } = bn.kernel else {
+            unreachable!("only batch norms are joined");
+        };
+        let relu = matches!(s.kernel, Kernel::AddRelu);
+        let mut inputs = bn.inputs;
+        inputs.truncate(3);
+        inputs.push(s.inputs[1 - side]);
+        out.push(Step {
+            name: bn.name,
+            op_type: bn.op_type,
+            profile_key: if relu {
+                "BatchNormalization+Add+Relu"
+            } else {
+                "BatchNormalization+Add"
+            },
+            absorbed: Some(s.absorbed.unwrap_or(s.name)),
+            kernel: Kernel::BatchNormAdd {
+                op,
+                mean,
+                var,
+                relu,
+            },
+            inputs,
+            outputs: s.outputs,
+        });
+    }
+    out
 }
 
 /// Slot readers: for each slot, the steps reading it, once per input that names it.
@@ -940,6 +1034,79 @@ mod tests {
             op: BatchNorm2d::default(),
             mean: 0,
             var: 0,
+        }
+    }
+
+    /// A batch norm joins the Add (or Add + Relu) that alone reads its output, taking the Add's
+    /// place, outputs and other operand (either side); not one with an activation, one read
+    /// elsewhere too, one whose output is the program's, or an Add of one value with itself.
+    #[test]
+    fn batch_norms_join_only_the_add_that_alone_reads_them() {
+        let relu = || Kernel::Act(Activation::Relu);
+        let add = || Kernel::Binary(BinOp::Add);
+        let steps = vec![
+            step("conv", relu(), &[0], 1),
+            step("bn1", bn(), &[1], 2),
+            // bn1's Add is second in the list, its other operand first.
+            step("other", relu(), &[0], 3),
+            step("add1", add(), &[3, 2], 4),
+            step("relu1", relu(), &[4], 5),
+            // bn2's output is read twice: not joined.
+            step("bn2", bn(), &[5], 6),
+            step("use2", relu(), &[6], 7),
+            step("add2", add(), &[6, 5], 8),
+            // bn3 joins a plain Add (no ReLU after it), as the left operand.
+            step("bn3", bn(), &[8], 9),
+            step("add3", add(), &[9, 8], 10),
+            // bn4 carries a ReLU of its own (after fuse_act): not joined.
+            step("bn4", bn(), &[10], 11),
+            step("relu4", relu(), &[11], 12),
+            step("add4", add(), &[12, 10], 13),
+            // bn5 added to itself: not joined.
+            step("bn5", bn(), &[13], 14),
+            step("add5", add(), &[14, 14], 15),
+            // The program's output is never joined away.
+            step("bn6", bn(), &[15], 16),
+            step("add6", add(), &[16, 15], 17),
+        ];
+        let fused = fuse_residual(fuse_act(steps, 16), 16);
+        let names: Vec<&str> = fused.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "conv", "other", "bn1", "bn2", "use2", "add2", "bn3", "bn4", "add4", "bn5", "add5",
+                "bn6", "add6"
+            ]
+        );
+        let join = |i: usize| match &fused[i].kernel {
+            Kernel::BatchNormAdd { relu, .. } => *relu,
+            k => panic!("{} is {k:?}", fused[i].name),
+        };
+        assert!(join(2));
+        assert_eq!(
+            (
+                fused[2].inputs.as_slice(),
+                fused[2].outputs.as_slice(),
+                fused[2].absorbed.as_deref(),
+                fused[2].profile_key
+            ),
+            (
+                &[Src::Slot(1), Src::Slot(3)][..],
+                &[5][..],
+                Some("relu1"),
+                "BatchNormalization+Add+Relu"
+            )
+        );
+        assert!(!join(6));
+        assert_eq!(fused[6].inputs, [Src::Slot(8), Src::Slot(8)]);
+        assert_eq!(fused[6].outputs, [10]);
+        assert_eq!(fused[6].absorbed.as_deref(), Some("add3"));
+        for i in [3, 7, 9, 11] {
+            assert!(
+                matches!(fused[i].kernel, Kernel::BatchNorm { .. }),
+                "{}",
+                fused[i].name
+            );
         }
     }
 

@@ -214,7 +214,7 @@ impl SpeedReport {
         }
         for (op, dir, ms) in &rep.profile {
             out += &format!(
-                "  {op:<26} {dir:<8} {ms:>8.1} ms/step {:>5.1}%",
+                "  {op:<27} {dir:<8} {ms:>8.1} ms/step {:>5.1}%",
                 100.0 * ms / rep.ms_per_step
             );
             let idle = rep
@@ -231,7 +231,7 @@ impl SpeedReport {
         }
         for (node, op, dir, ms) in &rep.nodes {
             out += &format!(
-                "  {node:<40} {op:<26} {dir:<8} {ms:>8.2} ms/step {:>5.1}%\n",
+                "  {node:<40} {op:<27} {dir:<8} {ms:>8.2} ms/step {:>5.1}%\n",
                 100.0 * ms / rep.ms_per_step
             );
         }

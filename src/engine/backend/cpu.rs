@@ -186,6 +186,42 @@ impl Backend for CpuBackend {
         Ok((y.into_dyn(), saved))
     }
 
+    fn bn_add_forward_train(
+        &self,
+        op: &BatchNorm2d,
+        x: &ArrayD<f32>,
+        r: &ArrayD<f32>,
+        relu: bool,
+        scale: &ArrayD<f32>,
+        bias: &ArrayD<f32>,
+        running_mean: &mut ArrayD<f32>,
+        running_var: &mut ArrayD<f32>,
+        sync: Option<&dyn StatSync>,
+    ) -> Result<(ArrayD<f32>, BatchNormSaved)> {
+        // One pass where the join needs no broadcast; else the two ops.
+        if r.shape() != x.shape() {
+            let (y, saved) =
+                self.bn_forward_train(op, x, scale, bias, running_mean, running_var, sync)?;
+            let z = if relu {
+                self.add_relu_forward(&y, r)?
+            } else {
+                self.binary_forward(BinOp::Add, &y, r)?
+            };
+            return Ok((z, saved));
+        }
+        let (z, saved) = op.forward_train_add_synced(
+            view4(x)?,
+            view4(r)?,
+            relu,
+            view1(scale)?,
+            view1(bias)?,
+            running_mean.view_mut().into_dimensionality::<Ix1>()?,
+            running_var.view_mut().into_dimensionality::<Ix1>()?,
+            sync,
+        )?;
+        Ok((z.into_dyn(), saved))
+    }
+
     fn bn_forward_eval(
         &self,
         op: &BatchNorm2d,

@@ -184,6 +184,32 @@ pub trait Backend: Send + Sync {
         running_var: &mut Self::Tensor,
         sync: Option<&dyn StatSync>,
     ) -> Result<(Self::Tensor, Self::BnSaved)>;
+    /// [`Self::bn_forward_train`] joined to a residual: `bn(x) + r`, through a ReLU where
+    /// `relu` (a block's end). This default runs the two ops; a backend may fuse them (the
+    /// CPU does, in one pass) but must give the same values. Backward is the Add's (or Add +
+    /// Relu's) and then [`Self::bn_backward_train`].
+    #[allow(clippy::too_many_arguments)]
+    fn bn_add_forward_train(
+        &self,
+        op: &BatchNorm2d,
+        x: &Self::Tensor,
+        r: &Self::Tensor,
+        relu: bool,
+        scale: &Self::Tensor,
+        bias: &Self::Tensor,
+        running_mean: &mut Self::Tensor,
+        running_var: &mut Self::Tensor,
+        sync: Option<&dyn StatSync>,
+    ) -> Result<(Self::Tensor, Self::BnSaved)> {
+        let (y, saved) =
+            self.bn_forward_train(op, x, scale, bias, running_mean, running_var, sync)?;
+        let z = if relu {
+            self.add_relu_forward(&y, r)?
+        } else {
+            self.binary_forward(BinOp::Add, &y, r)?
+        };
+        Ok((z, saved))
+    }
     fn bn_forward_eval(
         &self,
         op: &BatchNorm2d,

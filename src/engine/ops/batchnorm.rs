@@ -224,6 +224,10 @@ enum Fused<'a> {
     None,
     Act(BnAct),
     Mask(&'a [Coef], BnAct),
+    /// (Forward) a residual join after the normalisation: `out = bn(x) + r`, through a ReLU
+    /// where the flag says so. [`channel_pass`] takes the whole batch's `r` and hands each
+    /// image its own.
+    Add(&'a [f32], bool),
 }
 
 /// `g = a * g' + b * (x - shift) + k` in place, `g'` = `g` where `keep(pre-activation)`, else
@@ -244,8 +248,36 @@ fn act_pass(o: &mut [MaybeUninit<f32>], x: &[f32], cf: &Coef, act: impl Fn(f32) 
     });
 }
 
-/// Forward: `coef` (and a fused activation) over NCHW data into a new tensor, images in
-/// parallel.
+/// `o = bn(x) + r`, through a ReLU if `relu`: value by value the f32 operations of the
+/// separate BatchNormalization (its `act_pass` without activation) and then the Add or the
+/// Add and Relu on its output (`tensor_ops::add_relu_forward`; f32 addition commutes, so the
+/// operands' order in the file does not matter), so the same bits.
+#[inline(always)]
+fn add_pass(o: &mut [MaybeUninit<f32>], x: &[f32], r: &[f32], cf: &Coef, relu: bool) {
+    let r = &r[..o.len()];
+    if relu {
+        act_pass_add(o, x, r, cf, super::act::relu);
+    } else {
+        act_pass_add(o, x, r, cf, |v| v);
+    }
+}
+
+/// The loop of [`add_pass`], monomorphic in its activation so that it vectorises.
+#[inline(always)]
+fn act_pass_add(
+    o: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    r: &[f32],
+    cf: &Coef,
+    act: impl Fn(f32) -> f32,
+) {
+    o.iter_mut().zip(x).zip(r).for_each(|((o, &x), &r)| {
+        o.write(act(pre_activation(cf, x) + r));
+    });
+}
+
+/// Forward: `coef` (and a fused activation or residual join) over NCHW data into a new tensor,
+/// images in parallel.
 fn channel_pass(xs: &[f32], c: usize, hw: usize, coef: &[Coef], fused: Fused) -> Vec<f32> {
     let n = xs.len();
     let img = c * hw;
@@ -262,15 +294,25 @@ fn channel_pass(xs: &[f32], c: usize, hw: usize, coef: &[Coef], fused: Fused) ->
         Fused::Act(act) if !act.masks() && act != BnAct::None => GATE_SPREAD_BELOW,
         _ => SPREAD_BELOW,
     };
+    if let Fused::Add(r, _) = fused {
+        assert_eq!(r.len(), n, "the residual has the input's length");
+    }
     let spread = (hw < below).then(|| Spread::new(coef, fused, hw));
     let mut out: Vec<f32> = Vec::with_capacity(n);
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(img)
         .zip(xs.par_chunks(img))
+        .enumerate()
         .with_max_len(1)
-        .for_each(|(oi, xi)| match &spread {
-            Some(sp) => spread_pass(oi, xi, sp, fused),
-            None => image_pass(oi, xi, hw, coef, fused),
+        .for_each(|(i, (oi, xi))| {
+            let fused = match fused {
+                Fused::Add(r, relu) => Fused::Add(&r[i * img..(i + 1) * img], relu),
+                f => f,
+            };
+            match &spread {
+                Some(sp) => spread_pass(oi, xi, sp, fused),
+                None => image_pass(oi, xi, hw, coef, fused),
+            }
         });
     // SAFETY: the chunks cover `out[..n]` image by image, and `image_pass` and `spread_pass`
     // write each image's `c` planes of `hw` entries in full.
@@ -379,6 +421,18 @@ fn spread_pass_body(o: &mut [MaybeUninit<f32>], x: &[f32], sp: &Spread, fused: F
                 o[i].write(f(b[i] * (x[i] - sh[i]) + k[i]));
             }
         }),
+        Fused::Add(r, true) => {
+            let r = &r[..n];
+            for i in 0..n {
+                o[i].write(super::act::relu(b[i] * (x[i] - sh[i]) + k[i] + r[i]));
+            }
+        }
+        Fused::Add(r, false) => {
+            let r = &r[..n];
+            for i in 0..n {
+                o[i].write(b[i] * (x[i] - sh[i]) + k[i] + r[i]);
+            }
+        }
         _ => {
             for i in 0..n {
                 o[i].write(b[i] * (x[i] - sh[i]) + k[i]);
@@ -444,6 +498,7 @@ fn image_pass_body(
         let (o, x) = (&mut oi[r.clone()], &xi[r]);
         match fused {
             Fused::Act(act) => per_act!(act, apply, f => act_pass(o, x, cf, f)),
+            Fused::Add(r, relu) => add_pass(o, x, &r[ch * hw..(ch + 1) * hw], cf, relu),
             _ => act_pass(o, x, cf, |v| v),
         }
     }
@@ -1115,9 +1170,66 @@ impl BatchNorm2d {
         x: ArrayView4<f32>,
         scale: ArrayView1<f32>,
         bias: ArrayView1<f32>,
+        running_mean: ArrayViewMut1<f32>,
+        running_var: ArrayViewMut1<f32>,
+        sync: Option<&dyn StatSync>,
+    ) -> Result<(Array4<f32>, BatchNormSaved)> {
+        let fused = self.fwd_fused();
+        self.forward_train_fused(x, scale, bias, running_mean, running_var, sync, fused)
+    }
+
+    /// [`Self::forward_train_synced`] followed by a residual join: `act(bn(x) + r)`, `act` a
+    /// ReLU where `relu` (ResNet's blocks end in BN, Add, ReLU; MobileNet-V2's and
+    /// EfficientNet's in BN, Add), in the normalising pass itself: the batch norm's output is
+    /// neither written nor read back by the Add, nor kept until backward. Bitwise the separate
+    /// ops' output (see `add_pass`). The batch norm carries no activation of its own here, and
+    /// `r` has `x`'s shape. Backward is the separate ops' (the Add's, then
+    /// [`Self::backward_train_synced`] on its gradient): the same bits there too.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_train_add_synced(
+        &self,
+        x: ArrayView4<f32>,
+        r: ArrayView4<f32>,
+        relu: bool,
+        scale: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
+        running_mean: ArrayViewMut1<f32>,
+        running_var: ArrayViewMut1<f32>,
+        sync: Option<&dyn StatSync>,
+    ) -> Result<(Array4<f32>, BatchNormSaved)> {
+        if self.act != BnAct::None {
+            return Err(attr_err(
+                OP,
+                "a batch norm joined to a residual carries no activation of its own",
+            ));
+        }
+        if r.shape() != x.shape() {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "the residual {:?} joined to the output differs from the input {:?}",
+                    r.shape(),
+                    x.shape()
+                ),
+            ));
+        }
+        let rs = contiguous(&r);
+        let fused = Fused::Add(&rs, relu);
+        self.forward_train_fused(x, scale, bias, running_mean, running_var, sync, fused)
+    }
+
+    /// The training forward with its output pass `fused` (the op's activation, or a residual
+    /// join).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_train_fused(
+        &self,
+        x: ArrayView4<f32>,
+        scale: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
         mut running_mean: ArrayViewMut1<f32>,
         mut running_var: ArrayViewMut1<f32>,
         sync: Option<&dyn StatSync>,
+        fused: Fused,
     ) -> Result<(Array4<f32>, BatchNormSaved)> {
         let [n, c, h, w] = self.output_shape(
             x.shape(),
@@ -1155,7 +1267,7 @@ impl BatchNorm2d {
                 ..Coef::default()
             })
             .collect();
-        let y = channel_pass(&xs, c, hw, &coef, self.fwd_fused());
+        let y = channel_pass(&xs, c, hw, &coef, fused);
 
         let mom = f64::from(self.momentum);
         let unbias = m as f64 / (m - 1) as f64;
@@ -1877,6 +1989,85 @@ mod tests {
         assert!(fused
             .backward_train(t.x.view(), t.scale.view(), &saved, t.r.view())
             .is_err());
+    }
+
+    /// The residual join fused into the batch norm's pass gives bitwise the output of the
+    /// batch norm followed by the separate Add (or Add + Relu), with the residual as either
+    /// operand, and the same running statistics and saved statistics; on planes of 8 values
+    /// or more (per channel) and under 8 (one loop over the image), with and without the ReLU.
+    /// A batch norm with its own activation, or a residual of another shape, is refused.
+    #[test]
+    fn residual_join_equals_batch_norm_then_add_bitwise() {
+        use crate::engine::tensor_ops::{add_relu_forward, binary_forward, BinOp};
+        let bn = BatchNorm2d::default();
+        for (shape, seed) in [([4, 6, 5, 7], 31), ([3, 5, 2, 2], 32), ([2, 3, 8, 8], 33)] {
+            let t = case(shape, seed);
+            let (y, saved, rm, rv) = t.train(&bn);
+            for relu in [false, true] {
+                let c = shape[1];
+                let (mut rmf, mut rvf) = (Array1::zeros(c), Array1::ones(c));
+                let (z, saved_f) = bn
+                    .forward_train_add_synced(
+                        t.x.view(),
+                        t.r.view(),
+                        relu,
+                        t.scale.view(),
+                        t.bias.view(),
+                        rmf.view_mut(),
+                        rvf.view_mut(),
+                        None,
+                    )
+                    .unwrap();
+                let (yd, rd) = (y.view().into_dyn(), t.r.view().into_dyn());
+                for (a, b) in [(yd.clone(), rd.clone()), (rd.clone(), yd.clone())] {
+                    let separate = if relu {
+                        add_relu_forward(a, b).unwrap()
+                    } else {
+                        binary_forward(BinOp::Add, a, b).unwrap()
+                    };
+                    assert_eq!(
+                        z.view()
+                            .into_dyn()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>(),
+                        separate.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{shape:?} relu {relu}"
+                    );
+                }
+                assert_eq!((&rmf, &rvf), (&rm, &rv), "running statistics");
+                assert_eq!(saved_f.mean, saved.mean);
+                assert_eq!(saved_f.inv_std, saved.inv_std);
+                // The ReLU really cut something, and the join really added.
+                if relu {
+                    assert!(z.iter().any(|&v| v == 0.0) && z.iter().any(|&v| v > 0.0));
+                }
+                assert!(z.iter().zip(y.iter()).filter(|(a, b)| a != b).count() > z.len() / 2);
+            }
+        }
+        let t = case([2, 3, 4, 4], 34);
+        let with_act = BatchNorm2d {
+            act: BnAct::Relu,
+            ..BatchNorm2d::default()
+        };
+        let join = |bn: &BatchNorm2d, r: ArrayView4<f32>| {
+            let (mut rm, mut rv) = (Array1::zeros(3), Array1::ones(3));
+            bn.forward_train_add_synced(
+                t.x.view(),
+                r,
+                true,
+                t.scale.view(),
+                t.bias.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+                None,
+            )
+            .map(|_| ())
+        };
+        assert!(join(&with_act, t.r.view()).is_err());
+        let other = Array4::<f32>::zeros((2, 3, 4, 2));
+        let err = join(&bn, other.view()).unwrap_err();
+        assert!(err.to_string().contains("residual"), "{err}");
     }
 
     /// Sums vectors across the threads that share it: each caller adds its vector, waits for
