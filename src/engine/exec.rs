@@ -374,8 +374,15 @@ impl<B: Backend> Session<B> {
             // The idle clock's reading (64 atomics) only when profiling.
             let idle0 = self.profile.is_some().then(super::awake::idle_time);
             let t0 = std::time::Instant::now();
+            // A conv's input gradient is added to what the input's other readers gave it
+            // inside the conv's backward (`Backend::conv_backward_adding`), not in a pass of
+            // its own below.
+            let acc = match (&step.kernel, step.inputs[0]) {
+                (Kernel::Conv(_), Src::Slot(k)) if k != self.program.input_slot => grads[k].take(),
+                _ => None,
+            };
             let din = self
-                .step_backward(i, dys)
+                .step_backward(i, dys, acc)
                 .with_context(|| format!("backward of node '{}' ({})", step.name, step.op_type))?;
             if let Some(t) = self.profile.as_mut().and_then(|p| p.get_mut(i)) {
                 let wall = t0.elapsed().as_secs_f64();
@@ -405,6 +412,7 @@ impl<B: Backend> Session<B> {
         &self,
         i: usize,
         mut dys: Vec<Option<B::Tensor>>,
+        acc: Option<B::Tensor>,
     ) -> Result<Vec<Option<B::Tensor>>> {
         let be = &self.backend;
         let step = &self.program.steps[i];
@@ -427,7 +435,10 @@ impl<B: Backend> Session<B> {
                 // The bias gradient (a pass over dy) only for a conv with a bias: the convs
                 // before a BatchNormalization have none.
                 let has_bias = step.inputs.len() > 2;
-                let g = be.conv_backward(op, x, w, dy()?, needs_dx, has_bias)?;
+                let g = match acc {
+                    Some(acc) => be.conv_backward_adding(op, x, w, dy()?, acc, has_bias)?,
+                    None => be.conv_backward(op, x, w, dy()?, needs_dx, has_bias)?,
+                };
                 let mut out = vec![g.dx, Some(g.dw)];
                 if has_bias {
                     out.push(Some(g.db));

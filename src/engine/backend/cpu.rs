@@ -137,6 +137,24 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn conv_backward_adding(
+        &self,
+        op: &Conv2d,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        dy: ArrayD<f32>,
+        acc: ArrayD<f32>,
+        needs_db: bool,
+    ) -> Result<ConvGrads<ArrayD<f32>>> {
+        let acc = acc.into_dimensionality::<Ix4>()?;
+        let g = op.backward_adding(view4(x)?, view4(w)?, view4(&dy)?, acc, needs_db)?;
+        Ok(ConvGrads {
+            dx: g.dx.map(|d| d.into_dyn()),
+            dw: g.dw.into_dyn(),
+            db: g.db.into_dyn(),
+        })
+    }
+
     fn gemm_forward(
         &self,
         op: &Gemm,

@@ -152,6 +152,28 @@ pub trait Backend: Send + Sync {
         needs_dx: bool,
         needs_db: bool,
     ) -> Result<ConvGrads<Self::Tensor>>;
+    /// [`Self::conv_backward`] whose input gradient is added to `acc`, the gradient the
+    /// input's other readers already gave it (`dx = acc + the conv's own`, as
+    /// [`Self::add_assign`] would make it). This default runs the two; the CPU adds inside
+    /// the kernels that can (a residual block's first conv: no separate pass over both).
+    fn conv_backward_adding(
+        &self,
+        op: &Conv2d,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: Self::Tensor,
+        acc: Self::Tensor,
+        needs_db: bool,
+    ) -> Result<ConvGrads<Self::Tensor>> {
+        let mut g = self.conv_backward(op, x, w, dy, true, needs_db)?;
+        let dx =
+            g.dx.take()
+                .ok_or_else(|| anyhow::anyhow!("conv backward gave no input gradient"))?;
+        let mut acc = acc;
+        self.add_assign(&mut acc, &dx)?;
+        g.dx = Some(acc);
+        Ok(g)
+    }
     fn gemm_forward(
         &self,
         op: &Gemm,

@@ -192,6 +192,30 @@ impl Default for Conv2d {
     }
 }
 
+/// `acc[i] += g[i]`, in parallel chunks (the engine's gradient accumulation, bit for bit).
+fn add_into(acc: &mut [f32], g: &[f32]) {
+    assert_eq!(acc.len(), g.len(), "gradients of one tensor");
+    let chunk = super::elemwise_chunk(acc.len());
+    acc.par_chunks_mut(chunk)
+        .zip(g.par_chunks(chunk))
+        .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g));
+}
+
+/// An array's values in standard (row-major) order, moved out without a copy when it is laid
+/// out that way from the start of its buffer.
+fn standard_vec(a: Array4<f32>) -> Vec<f32> {
+    if !a.is_standard_layout() {
+        return a.iter().copied().collect();
+    }
+    let n = a.len();
+    let (v, off) = a.into_raw_vec_and_offset();
+    match off {
+        Some(0) | None if v.len() == n => v,
+        Some(o) => v[o..o + n].to_vec(),
+        None => Vec::new(),
+    }
+}
+
 /// Gradients of a convolution with respect to its inputs.
 #[derive(Clone, Debug)]
 pub struct Conv2dGrads {
@@ -625,6 +649,58 @@ impl Conv2d {
         Ok(Self::backward_geom_db(&g, x, w, dy, need_dx, need_db))
     }
 
+    /// [`Self::backward_with`] with the input gradient added to `acc`, the gradient the
+    /// input's other readers already gave it (a residual block's input: its Add's gradient,
+    /// then its first conv's): `dx = acc + this layer's input gradient`, each entry the one f32
+    /// add a separate accumulation would do, so the same bits. The fused Winograd path adds
+    /// as it copies its result out (`Plane::fused_run_adding`): the separate pass read both
+    /// tensors and wrote one, and the layer's own input gradient was a fresh tensor besides.
+    /// Other paths add after. `acc` has `x`'s shape.
+    pub fn backward_adding(
+        &self,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        acc: Array4<f32>,
+        need_db: bool,
+    ) -> Result<Conv2dGrads> {
+        if acc.shape() != x.shape() {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "the input gradient to add to has shape {:?}, the input {:?}",
+                    acc.shape(),
+                    x.shape()
+                ),
+            ));
+        }
+        let g = self.geom(x.shape(), w.shape())?;
+        let want = [g.n, g.co, g.oh, g.ow];
+        if dy.shape() != want {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "output gradient has shape {:?}, expected {want:?}",
+                    dy.shape()
+                ),
+            ));
+        }
+        let mut acc = Some(standard_vec(acc));
+        let mut grads = Self::backward_geom_inner(&g, x, w, dy, true, need_db, &mut acc);
+        if let Some(mut a) = acc {
+            let dx = grads.dx.take().expect("the input gradient was asked for");
+            add_into(
+                &mut a,
+                dx.as_slice().expect("fresh gradients are contiguous"),
+            );
+            grads.dx = Some(
+                Array4::from_shape_vec((g.n, g.ci, g.h, g.w), a)
+                    .expect("acc has the input's shape"),
+            );
+        }
+        Ok(grads)
+    }
+
     /// [`Self::backward`] on a validated geometry (tests force a path through it).
     #[cfg(test)]
     fn backward_geom(
@@ -645,6 +721,21 @@ impl Conv2d {
         dy: ArrayView4<f32>,
         need_dx: bool,
         need_db: bool,
+    ) -> Conv2dGrads {
+        Self::backward_geom_inner(g, x, w, dy, need_dx, need_db, &mut None)
+    }
+
+    /// [`Self::backward_geom_db`]; where the fused Winograd path makes the input gradient and
+    /// `acc` holds a gradient to add it to, it takes `acc` and adds into it
+    /// ([`Self::backward_adding`]), else leaves `acc` as it was.
+    fn backward_geom_inner(
+        g: &Geom,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+        need_dx: bool,
+        need_db: bool,
+        acc: &mut Option<Vec<f32>>,
     ) -> Conv2dGrads {
         let g = *g;
         init();
@@ -730,7 +821,12 @@ impl Conv2d {
         // -> 89.6 / 92.4).
         let fused_dw = g.wino_fused_dw_pays() && (!need_dx || direct_dx.is_some());
         let part = if fused_dw { g.fused_dw_part() } else { part };
-        let mut dx = if need_dx {
+        // The fused input gradient adds into `acc` where given.
+        let fused_dx = direct_dx.as_ref().is_some_and(|(_, _, ut)| ut.is_some());
+        let adding = need_dx && fused_dx && acc.as_ref().is_some_and(|a| a.len() == g.n * xlen);
+        let mut dx = if adding {
+            acc.take().expect("checked above")
+        } else if need_dx {
             unzeroed(g.n * xlen)
         } else {
             Vec::new()
@@ -798,7 +894,11 @@ impl Conv2d {
                         let mut s = p.fused_scratch();
                         let b = s.images();
                         for (dxb, dyb) in dxw.chunks_mut(b * xlen).zip(dyp.chunks(b * ylen)) {
-                            p.fused_run(dyb, u, None, dxb, &mut s);
+                            if adding {
+                                p.fused_run_adding(dyb, u, dxb, &mut s);
+                            } else {
+                                p.fused_run(dyb, u, None, dxb, &mut s);
+                            }
                         }
                     } else {
                         let (mut s, b) = (gt.dw_scratch(), gt.dw_images());

@@ -223,15 +223,15 @@ fn pack_dy_on(build: Build, p: &Plane, dy: &[f32], dst: &mut [f32]) {
 }
 
 /// [`unpack`] on `build`'s transposes.
-fn unpack_on(build: Build, p: &Plane, o: &[f32], y: &mut [f32]) {
+fn unpack_on(build: Build, p: &Plane, o: &[f32], y: &mut [f32], add: bool) {
     match build {
         // SAFETY: as in `pack_on`.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx2 => unsafe { avx2::unpack(p, o, y) },
+        Build::Avx2 => unsafe { avx2::unpack(p, o, y, add) },
         // SAFETY: as above, for AVX-512F.
         #[cfg(target_arch = "x86_64")]
-        Build::Avx512 => unsafe { avx512::unpack(p, o, y) },
-        Build::Portable => unpack(p, o, y),
+        Build::Avx512 => unsafe { avx512::unpack(p, o, y, add) },
+        Build::Portable => unpack(p, o, y, add),
     }
 }
 
@@ -649,10 +649,26 @@ impl Plane {
         y: &mut [f32],
         s: &mut FusedScratch,
     ) {
-        self.fused_run_with(Build::best(), x, u, bias, y, s);
+        self.fused_run_with(Build::best(), x, u, bias, y, s, false);
     }
 
-    /// [`Self::fused_run`] on a given build (the tests run each).
+    /// [`Self::fused_run`] added to what `y` holds (`y + result`, each entry one f32 add):
+    /// the input gradient of a layer whose input has other readers, added to the gradient
+    /// they gave as it is copied out, where a separate pass read both tensors and wrote one
+    /// (`Conv2d::backward_adding`).
+    pub(super) fn fused_run_adding(
+        &self,
+        x: &[f32],
+        u: &[f32],
+        y: &mut [f32],
+        s: &mut FusedScratch,
+    ) {
+        self.fused_run_with(Build::best(), x, u, None, y, s, true);
+    }
+
+    /// [`Self::fused_run`] on a given build (the tests run each); `add`: as
+    /// [`Self::fused_run_adding`].
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn fused_run_with(
         &self,
         build: Build,
@@ -661,6 +677,7 @@ impl Plane {
         bias: Option<&[f32]>,
         y: &mut [f32],
         s: &mut FusedScratch,
+        add: bool,
     ) {
         let (ci, co) = (wide(self.cin), wide(self.cout));
         let (xlen, ylen) = (self.cin * self.h * self.w, self.cout * self.oh * self.ow);
@@ -697,7 +714,7 @@ impl Plane {
             output_block_on(build, self, &s.m, t0, nb, &b, &mut s.o);
         }
         for (yi, oi) in y.chunks_exact_mut(ylen).zip(s.o.chunks_exact(os)) {
-            unpack_on(build, self, oi, yi);
+            unpack_on(build, self, oi, yi, add);
         }
     }
 
@@ -1030,20 +1047,22 @@ fn output_block_body(p: &Plane, m: &[f32], t0: usize, nb: usize, bias: &[f32], o
 
 simd_dispatch! {
     /// [`unpack_body`] compiled for AVX-512 / AVX2 where the CPU has them.
-    fn unpack(p: &Plane, o: &[f32], y: &mut [f32]) => unpack_body, (p, o, y); ["avx512f", "avx2"]
+    fn unpack(p: &Plane, o: &[f32], y: &mut [f32], add: bool)
+        => unpack_body, (p, o, y, add); ["avx512f", "avx2"]
 }
 
 /// The channels-last output `o` back to NCHW `y` (`[cout][oh][ow]`), the plane's part of the
-/// whole tiles.
+/// whole tiles; with `add`, each entry added to what `y` holds (`y + o`).
 #[inline(always)]
-fn unpack_body(p: &Plane, o: &[f32], y: &mut [f32]) {
+fn unpack_body(p: &Plane, o: &[f32], y: &mut [f32], add: bool) {
     let (wo, co) = (4 * p.tw(), wide(p.cout));
     let ohw = p.oh * p.ow;
     for oy in 0..p.oh {
         let row = &o[oy * wo * co..][..p.ow * co];
         for (ox, px) in row.chunks_exact(co).enumerate() {
             for (c, &v) in px[..p.cout].iter().enumerate() {
-                y[c * ohw + oy * p.ow + ox] = v;
+                let d = &mut y[c * ohw + oy * p.ow + ox];
+                *d = if add { *d + v } else { v };
             }
         }
     }
@@ -1474,7 +1493,7 @@ mod avx512 {
     /// ties. ResNet-20's training step (batch 128, 1 thread, four pairs) 525-531 -> 527-537
     /// img/s; resnet18@128 at 2 threads 92.5-93.7 -> 95.1-98.4.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32], add: bool) {
         const ROWS: usize = 4;
         let (wo, co) = (4 * p.tw(), wide(p.cout));
         let ohw = p.oh * p.ow;
@@ -1513,12 +1532,20 @@ mod avx512 {
                         let d = dst.add(dr * p.ow);
                         let mut x0 = 0;
                         while x0 + LANES <= p.ow {
-                            _mm512_storeu_ps(d.add(x0), _mm512_loadu_ps(src.add(x0)));
+                            let mut v = _mm512_loadu_ps(src.add(x0));
+                            if add {
+                                v = _mm512_add_ps(_mm512_loadu_ps(d.add(x0)), v);
+                            }
+                            _mm512_storeu_ps(d.add(x0), v);
                             x0 += LANES;
                         }
                         if x0 < p.ow {
                             let m = first(p.ow - x0);
-                            _mm512_mask_storeu_ps(d.add(x0), m, _mm512_loadu_ps(src.add(x0)));
+                            let mut v = _mm512_loadu_ps(src.add(x0));
+                            if add {
+                                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, d.add(x0)), v);
+                            }
+                            _mm512_mask_storeu_ps(d.add(x0), m, v);
                         }
                     }
                 }
@@ -1705,7 +1732,7 @@ mod avx2 {
 
     /// [`super::unpack_body`] through 8x8 transposes.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn unpack(p: &Plane, o: &[f32], y: &mut [f32], add: bool) {
         let (wo, co) = (4 * p.tw(), wide(p.cout));
         let ohw = p.oh * p.ow;
         assert!(o.len() >= 4 * p.th() * wo * co && y.len() >= p.cout * ohw);
@@ -1729,9 +1756,19 @@ mod avx2 {
                     for c in 0..8.min(p.cout - j) {
                         let at = yp.add((j + c) * ohw + oy * p.ow + ox0);
                         if n == 8 {
-                            _mm256_storeu_ps(at, t[c]);
+                            let v = if add {
+                                _mm256_add_ps(_mm256_loadu_ps(at), t[c])
+                            } else {
+                                t[c]
+                            };
+                            _mm256_storeu_ps(at, v);
                         } else {
-                            _mm256_maskstore_ps(at, mask, t[c]);
+                            let v = if add {
+                                _mm256_add_ps(_mm256_maskload_ps(at, mask), t[c])
+                            } else {
+                                t[c]
+                            };
+                            _mm256_maskstore_ps(at, mask, v);
                         }
                     }
                 }
