@@ -511,8 +511,10 @@ fn streamed_training_resumes_exactly_and_eval_sees_its_crops() {
 /// Peak resident memory of `elrt train` on a folder whose decoded images take about 150 MB,
 /// with a 4 MB cache, against the same run on the synthetic set (same model, image count and
 /// batch, all in memory): streaming may add the cache, the batches in flight and the decode
-/// buffers of two workers, not the folder. A cache that ignored its budget, or a loader that
-/// kept decoded images, would add up to the folder's 150 MB.
+/// buffers of two workers (which the binary's allocator, mimalloc, keeps for reuse a while
+/// after they are freed: 48-56 MiB added in all, under 40 with glibc's malloc), not the folder.
+/// A cache that ignored its budget, or a loader that kept decoded images, would add up to the
+/// folder's 150 MB: the bound is half of that.
 #[test]
 fn streamed_folder_peak_memory_stays_bounded() {
     let f = fixture();
@@ -545,7 +547,7 @@ fn streamed_folder_peak_memory_stays_bounded() {
         "peak RSS: streamed {streamed:.1} MiB (folder {decoded_mb:.0} MiB decoded, cache {cache_mb} MiB), synthetic in memory {memory:.1} MiB"
     );
     assert!(
-        streamed - memory < 40.0,
+        streamed - memory < decoded_mb / 2.0,
         "streaming added {:.1} MiB to the peak (the folder decodes to {decoded_mb:.0} MiB)",
         streamed - memory
     );
