@@ -238,11 +238,7 @@ impl<B: Backend> Session<B> {
                     let rm = &program.state[*mean].1;
                     let rv = &program.state[*var].1;
                     let y = be.bn_forward_eval(op, x, scale, bias, rm, rv)?;
-                    one(if *relu {
-                        be.add_relu_forward(&y, r)?
-                    } else {
-                        be.binary_forward(BinOp::Add, &y, r)?
-                    })
+                    one(be.residual_join(&y, r, *relu)?)
                 }
             }
             Kernel::Act(a) => one(be.act_forward(a, x)?),

@@ -130,11 +130,7 @@ impl Backend for CpuBackend {
         needs_db: bool,
     ) -> Result<ConvGrads<ArrayD<f32>>> {
         let g = op.backward_with(view4(x)?, view4(w)?, view4(&dy)?, needs_dx, needs_db)?;
-        Ok(ConvGrads {
-            dx: g.dx.map(|d| d.into_dyn()),
-            dw: g.dw.into_dyn(),
-            db: g.db.into_dyn(),
-        })
+        Ok(conv_grads(g))
     }
 
     fn conv_backward_adding(
@@ -148,11 +144,7 @@ impl Backend for CpuBackend {
     ) -> Result<ConvGrads<ArrayD<f32>>> {
         let acc = acc.into_dimensionality::<Ix4>()?;
         let g = op.backward_adding(view4(x)?, view4(w)?, view4(&dy)?, acc, needs_db)?;
-        Ok(ConvGrads {
-            dx: g.dx.map(|d| d.into_dyn()),
-            dw: g.dw.into_dyn(),
-            db: g.db.into_dyn(),
-        })
+        Ok(conv_grads(g))
     }
 
     fn gemm_forward(
@@ -220,12 +212,7 @@ impl Backend for CpuBackend {
         if r.shape() != x.shape() {
             let (y, saved) =
                 self.bn_forward_train(op, x, scale, bias, running_mean, running_var, sync)?;
-            let z = if relu {
-                self.add_relu_forward(&y, r)?
-            } else {
-                self.binary_forward(BinOp::Add, &y, r)?
-            };
-            return Ok((z, saved));
+            return Ok((self.residual_join(&y, r, relu)?, saved));
         }
         let (z, saved) = op.forward_train_add_synced(
             view4(x)?,
@@ -546,6 +533,15 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+}
+
+/// A conv's gradients as the backend's dynamic-rank tensors.
+fn conv_grads(g: crate::engine::ops::Conv2dGrads) -> ConvGrads<ArrayD<f32>> {
+    ConvGrads {
+        dx: g.dx.map(|d| d.into_dyn()),
+        dw: g.dw.into_dyn(),
+        db: g.db.into_dyn(),
     }
 }
 

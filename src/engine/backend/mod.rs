@@ -225,12 +225,21 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Self::Tensor, Self::BnSaved)> {
         let (y, saved) =
             self.bn_forward_train(op, x, scale, bias, running_mean, running_var, sync)?;
-        let z = if relu {
-            self.add_relu_forward(&y, r)?
+        Ok((self.residual_join(&y, r, relu)?, saved))
+    }
+    /// `y + r`, through a ReLU where `relu`: the join [`Self::bn_add_forward_train`] runs
+    /// after a separate batch norm (and eval mode always).
+    fn residual_join(
+        &self,
+        y: &Self::Tensor,
+        r: &Self::Tensor,
+        relu: bool,
+    ) -> Result<Self::Tensor> {
+        if relu {
+            self.add_relu_forward(y, r)
         } else {
-            self.binary_forward(BinOp::Add, &y, r)?
-        };
-        Ok((z, saved))
+            self.binary_forward(BinOp::Add, y, r)
+        }
     }
     fn bn_forward_eval(
         &self,

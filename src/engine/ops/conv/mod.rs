@@ -209,10 +209,11 @@ fn standard_vec(a: Array4<f32>) -> Vec<f32> {
     }
     let n = a.len();
     let (v, off) = a.into_raw_vec_and_offset();
-    match off {
-        Some(0) | None if v.len() == n => v,
-        Some(o) => v[o..o + n].to_vec(),
-        None => Vec::new(),
+    let o = off.unwrap_or(0);
+    if o == 0 && v.len() == n {
+        v
+    } else {
+        v[o..o + n].to_vec()
     }
 }
 
@@ -635,6 +636,17 @@ impl Conv2d {
         need_dx: bool,
         need_db: bool,
     ) -> Result<Conv2dGrads> {
+        let g = self.backward_geom_of(x, w, dy)?;
+        Ok(Self::backward_geom_db(&g, x, w, dy, need_dx, need_db))
+    }
+
+    /// The geometry of a backward call, `dy` checked against it.
+    fn backward_geom_of(
+        &self,
+        x: ArrayView4<f32>,
+        w: ArrayView4<f32>,
+        dy: ArrayView4<f32>,
+    ) -> Result<Geom> {
         let g = self.geom(x.shape(), w.shape())?;
         let want = [g.n, g.co, g.oh, g.ow];
         if dy.shape() != want {
@@ -646,7 +658,7 @@ impl Conv2d {
                 ),
             ));
         }
-        Ok(Self::backward_geom_db(&g, x, w, dy, need_dx, need_db))
+        Ok(g)
     }
 
     /// [`Self::backward_with`] with the input gradient added to `acc`, the gradient the
@@ -674,17 +686,7 @@ impl Conv2d {
                 ),
             ));
         }
-        let g = self.geom(x.shape(), w.shape())?;
-        let want = [g.n, g.co, g.oh, g.ow];
-        if dy.shape() != want {
-            return Err(shape_err(
-                OP,
-                format!(
-                    "output gradient has shape {:?}, expected {want:?}",
-                    dy.shape()
-                ),
-            ));
-        }
+        let g = self.backward_geom_of(x, w, dy)?;
         let mut acc = Some(standard_vec(acc));
         let mut grads = Self::backward_geom_inner(&g, x, w, dy, true, need_db, &mut acc);
         if let Some(mut a) = acc {
