@@ -3,7 +3,9 @@
 //! stage-1 activation, 128x16x32x32, at 1 and 2 threads; and BatchNormalization with its fused
 //! Clip (ReLU6) on three MobileNet-V2 activations at 64x64 input, batch 64 (expansion 96 on
 //! 32x32, 144 on 16x16, 384 on 4x4): planes from 1024 values down to 16; and BatchNormalization
-//! with its fused SiLU against the separate ops on three EfficientNet-B0 activations.
+//! with its fused SiLU against the separate ops on three EfficientNet-B0 activations; and a
+//! residual block's end, BatchNormalization joined to its Add + ReLU (the program's
+//! `BatchNormAdd` step) against the two ops run separately.
 //!
 //!     cargo bench --bench bn_relu [-- FILTER]
 //!
@@ -17,6 +19,7 @@ use criterion::{
     criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput,
 };
 use elrt::engine::ops::{Activation, BatchNorm2d, BatchNormSaved, BnAct};
+use elrt::engine::tensor_ops::add_relu_forward;
 use elrt::rng::Rng;
 use ndarray::{Array1, Array4};
 use rayon::ThreadPool;
@@ -214,5 +217,58 @@ fn bn_silu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bn_relu, bn_clip, bn_silu);
+/// A residual block's end: BatchNormalization joined to the Add + ReLU after it
+/// (`forward_train_add_synced`, one output pass) against BN's forward and then
+/// `tensor_ops::add_relu_forward` (the separate ops, the join's reference: the same bits, tested
+/// in `residual_join_equals_batch_norm_then_add_bitwise`), on ResNet-20's stage-1 activation
+/// (batch 128) and resnet18's 64-channel stage at 64x64 input (batch 64), 1 and 2 threads.
+fn bn_add(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bn_add_relu");
+    g.sample_size(20).measurement_time(Duration::from_secs(3));
+    let bn = BatchNorm2d::default();
+    for shape in [[128, 16, 32, 32], [64, 64, 16, 16]] {
+        let case = BnCase::new(bn.clone(), shape, 13);
+        let r = case.dy.clone();
+        let name = format!("{}x{}x{}", shape[1], shape[2], shape[3]);
+        g.throughput(Throughput::Elements(case.x.len() as u64));
+        for threads in [1, 2] {
+            let pool = pool(threads);
+            g.bench_function(format!("{name}_joined_forward_{threads}t"), |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        let c = shape[1];
+                        let (mut rm, mut rv) = (Array1::<f32>::zeros(c), Array1::<f32>::ones(c));
+                        black_box(
+                            bn.forward_train_add_synced(
+                                case.x.view(),
+                                r.view(),
+                                true,
+                                case.scale.view(),
+                                case.bias.view(),
+                                rm.view_mut(),
+                                rv.view_mut(),
+                                None,
+                            )
+                            .expect("joined forward"),
+                        )
+                    })
+                })
+            });
+            g.bench_function(format!("{name}_separate_forward_{threads}t"), |b| {
+                b.iter(|| {
+                    pool.install(|| {
+                        let (y, _) = BnCase::forward(&bn, &case.x, &case.scale, &case.bias);
+                        black_box(
+                            add_relu_forward(y.view().into_dyn(), r.view().into_dyn())
+                                .expect("add relu"),
+                        )
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bn_relu, bn_clip, bn_silu, bn_add);
 criterion_main!(benches);

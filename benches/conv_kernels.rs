@@ -56,6 +56,13 @@
 //!   In the same group, HardSwish as opset-13 exports spell it: `Activation::HardSigmoidMul`
 //!   against HardSigmoid then Mul (MobileNet-V3).
 //!
+//! - group `backward_adding`: the backward of a residual block's first conv (ResNet-20's
+//!   16 channels on 32x32 at batch 128, its 64 channels on 8x8, resnet18's 64 on 16x16 at batch
+//!   64) whose input already holds the join's gradient: `Conv2d::backward_adding` (the fused
+//!   Winograd path adds as it copies out) against `backward` and then the separate `acc +=
+//!   dx` pass the executor ran before (the same bits, tested in
+//!   `backward_adding_gives_the_held_gradient_plus_the_input_gradient_bitwise`).
+//!
 //! Criterion reports time per call and images per second. Compare kernels before and after a
 //! change with `--save-baseline` / `--baseline`.
 
@@ -779,7 +786,69 @@ fn direct_forward(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, conv_kernels, weight_grad, direct_forward);
+/// A residual block's first conv: its input gradient added inside the conv against a separate
+/// accumulation pass after it.
+fn backward_adding(c: &mut Criterion) {
+    let mut g = c.benchmark_group("backward_adding");
+    g.sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for (name, ch, px, batch) in [
+        ("r20_16ch_32px", 16, 32, 128),
+        ("r20_64ch_8px", 64, 8, 128),
+        ("r18_64ch_16px", 64, 16, 64),
+    ] {
+        let op = conv(1, [1; 4]);
+        let mut next = sawtooth();
+        let x = Array4::from_shape_fn([batch, ch, px, px], |_| next());
+        let w = Array4::from_shape_fn([ch, ch, 3, 3], |_| next());
+        let dy = op.forward(x.view(), w.view(), None).expect("forward");
+        let held = Array4::from_shape_fn([batch, ch, px, px], |_| next());
+        g.throughput(Throughput::Elements(batch as u64));
+        g.bench_function(format!("{name}/adding"), |b| {
+            b.iter_batched(
+                || held.clone(),
+                |acc| {
+                    elrt::engine::on_pool(|| {
+                        black_box(
+                            op.backward_adding(x.view(), w.view(), dy.view(), acc, false)
+                                .unwrap(),
+                        )
+                    })
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+        g.bench_function(format!("{name}/then_add"), |b| {
+            b.iter_batched(
+                || held.clone(),
+                |mut acc| {
+                    elrt::engine::on_pool(|| {
+                        let grads = op
+                            .backward_with(x.view(), w.view(), dy.view(), true, false)
+                            .unwrap();
+                        let dx = grads.dx.expect("input gradient");
+                        ndarray::Zip::from(&mut acc)
+                            .and(&dx)
+                            .par_for_each(|a, &d| *a += d);
+                        black_box((acc, grads.dw))
+                    })
+                },
+                criterion::BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    conv_kernels,
+    weight_grad,
+    direct_forward,
+    backward_adding
+);
 // criterion_main!, with the binary's OpenBLAS kernel check first: on a CPU newer than the
 // OpenBLAS build the sgemm-backed kernels would otherwise be timed on its generic SSE3 kernels
 // (src/engine/blas_kernels.rs).
