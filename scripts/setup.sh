@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 pkg-config --exists openblas 2>/dev/null || [ -e /usr/lib/x86_64-linux-gnu/libopenblas.so ] || need_apt+=(libopenblas-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# A C compiler: the linker Rust calls, and mimalloc (the binary's allocator) is C built by cc.
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
 command -v mpicc >/dev/null || need_apt+=(libopenmpi-dev openmpi-bin)
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
