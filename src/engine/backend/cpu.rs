@@ -96,6 +96,10 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, acc: &mut ArrayD<f32>, g: &ArrayD<f32>) -> Result<()> {
         same_shape("gradient accumulation", acc, g)?;
+        if let (Some(a), Some(g)) = (acc.as_slice_mut(), g.as_slice()) {
+            crate::engine::ops::par_add_assign(a, g);
+            return Ok(());
+        }
         Zip::from(acc)
             .and(g)
             .into_par_iter()

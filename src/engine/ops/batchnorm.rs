@@ -1580,6 +1580,9 @@ mod tests {
         r: Array4<f32>,
     }
 
+    /// A training forward's output, saved statistics and updated running mean and variance.
+    type Trained = (Array4<f32>, BatchNormSaved, Array1<f32>, Array1<f32>);
+
     fn case(shape: [usize; 4], seed: u64) -> Case {
         let mut rng = Rng::new(seed);
         // An offset mean and non-unit spread, as real activations have.
@@ -1611,6 +1614,28 @@ mod tests {
                 )
                 .unwrap();
             (y, saved, rm, rv)
+        }
+
+        /// [`Self::train`] with the residual join (`forward_train_add_synced`) to `r`.
+        fn train_joined(
+            &self,
+            bn: &BatchNorm2d,
+            r: ArrayView4<f32>,
+            relu: bool,
+        ) -> Result<Trained> {
+            let c = self.x.shape()[1];
+            let (mut rm, mut rv) = (Array1::zeros(c), Array1::ones(c));
+            let (z, saved) = bn.forward_train_add_synced(
+                self.x.view(),
+                r,
+                relu,
+                self.scale.view(),
+                self.bias.view(),
+                rm.view_mut(),
+                rv.view_mut(),
+                None,
+            )?;
+            Ok((z, saved, rm, rv))
         }
     }
 
@@ -2004,20 +2029,7 @@ mod tests {
             let t = case(shape, seed);
             let (y, saved, rm, rv) = t.train(&bn);
             for relu in [false, true] {
-                let c = shape[1];
-                let (mut rmf, mut rvf) = (Array1::zeros(c), Array1::ones(c));
-                let (z, saved_f) = bn
-                    .forward_train_add_synced(
-                        t.x.view(),
-                        t.r.view(),
-                        relu,
-                        t.scale.view(),
-                        t.bias.view(),
-                        rmf.view_mut(),
-                        rvf.view_mut(),
-                        None,
-                    )
-                    .unwrap();
+                let (z, saved_f, rmf, rvf) = t.train_joined(&bn, t.r.view(), relu).unwrap();
                 let (yd, rd) = (y.view().into_dyn(), t.r.view().into_dyn());
                 for (a, b) in [(yd.clone(), rd.clone()), (rd.clone(), yd.clone())] {
                     let separate = if relu {
@@ -2050,20 +2062,7 @@ mod tests {
             act: BnAct::Relu,
             ..BatchNorm2d::default()
         };
-        let join = |bn: &BatchNorm2d, r: ArrayView4<f32>| {
-            let (mut rm, mut rv) = (Array1::zeros(3), Array1::ones(3));
-            bn.forward_train_add_synced(
-                t.x.view(),
-                r,
-                true,
-                t.scale.view(),
-                t.bias.view(),
-                rm.view_mut(),
-                rv.view_mut(),
-                None,
-            )
-            .map(|_| ())
-        };
+        let join = |bn: &BatchNorm2d, r: ArrayView4<f32>| t.train_joined(bn, r, true).map(|_| ());
         assert!(join(&with_act, t.r.view()).is_err());
         let other = Array4::<f32>::zeros((2, 3, 4, 2));
         let err = join(&bn, other.view()).unwrap_err();

@@ -308,6 +308,17 @@ pub(crate) fn par_zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sy
     unsafe { par_zip_chunks(a, b, |o, a, b| wide_map(o, a, b, &f)) }
 }
 
+/// `acc[i] += g[i]` (same lengths), in parallel over chunks of [`elemwise_chunk`] entries: the
+/// engine's gradient accumulation (`CpuBackend::add_assign`, and a conv's input gradient added
+/// to the one its input already holds, `Conv2d::backward_adding`).
+pub(crate) fn par_add_assign(acc: &mut [f32], g: &[f32]) {
+    assert_eq!(acc.len(), g.len(), "gradients of one tensor");
+    let chunk = elemwise_chunk(acc.len());
+    acc.par_chunks_mut(chunk)
+        .zip(g.par_chunks(chunk))
+        .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g));
+}
+
 /// `kernel(out, a, b)` over matching chunks of [`elemwise_chunk`] entries of a new output and
 /// of `a` and `b` (same lengths), in parallel: [`par_zip_map`] for kernels that bring their own
 /// vector builds (a map too large for the inliner to put into [`wide_map`]'s loop runs scalar

@@ -192,15 +192,6 @@ impl Default for Conv2d {
     }
 }
 
-/// `acc[i] += g[i]`, in parallel chunks (the engine's gradient accumulation, bit for bit).
-fn add_into(acc: &mut [f32], g: &[f32]) {
-    assert_eq!(acc.len(), g.len(), "gradients of one tensor");
-    let chunk = super::elemwise_chunk(acc.len());
-    acc.par_chunks_mut(chunk)
-        .zip(g.par_chunks(chunk))
-        .for_each(|(a, g)| a.iter_mut().zip(g).for_each(|(a, &g)| *a += g));
-}
-
 /// An array's values in standard (row-major) order, moved out without a copy when it is laid
 /// out that way from the start of its buffer.
 fn standard_vec(a: Array4<f32>) -> Vec<f32> {
@@ -691,7 +682,7 @@ impl Conv2d {
         let mut grads = Self::backward_geom_inner(&g, x, w, dy, true, need_db, &mut acc);
         if let Some(mut a) = acc {
             let dx = grads.dx.take().expect("the input gradient was asked for");
-            add_into(
+            super::par_add_assign(
                 &mut a,
                 dx.as_slice().expect("fresh gradients are contiguous"),
             );
