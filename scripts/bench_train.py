@@ -90,6 +90,13 @@ when the environment sets OPENBLAS_CORETYPE: on this workplace's 2-core AMD EPYC
 (AVX2) where OpenBLAS would pick Cooperlake (AVX-512), and resnet18 at 64x64 trains 1.45-1.8x
 faster with the latter (2026-12-02).
 
+Instruction set: `--max-isa avx2` (or sse2) caps both sides at that vector width, to time on an
+AVX-512 machine what an AVX2 one gets: elrt through ELRT_MAX_ISA (its kernels and the OpenBLAS
+kernel set it asks for: src/engine/isa.rs), PyTorch through ATEN_CPU_CAPABILITY (its own
+kernels), ONEDNN_MAX_CPU_ISA (oneDNN's convolutions) and MKL_ENABLE_INSTRUCTIONS (MKL's GEMMs).
+Each worker reports the capability it ran with. It is not an AVX2 machine: caches, clocks and
+the vendor (which some of elrt's speed rules read) stay this machine's.
+
 Output: a table on stdout, the top entries of elrt's profile at 1 thread, and --out (JSON) with
 every figure, the raw runs, and the machine (CPU model, cores, torch and BLAS versions, load
 average before and after). Needs torch, torchvision, onnx, onnxruntime, numpy, and a release
@@ -316,6 +323,15 @@ def conv_macs(model, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
 # Workers (fresh processes)
 
 
+# What `--max-isa` sets, for elrt and for PyTorch's three libraries.
+MAX_ISA_ENV = {
+    "avx2": {"ELRT_MAX_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "sse2": {"ELRT_MAX_ISA": "sse2", "ATEN_CPU_CAPABILITY": "default",
+             "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
 def torch_worker(args) -> int:
     import torch
 
@@ -364,6 +380,7 @@ def torch_worker(args) -> int:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "rss_after_import_torch_mib": rss_import,
         "onnx_stubbed": getattr(sys.modules.get("onnx"), "__file__", None) == STUB_FILE,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }))
     return 0
 
@@ -814,6 +831,10 @@ def machine_facts(elrt, blas_lib) -> dict:
         "torch_blas": torch_blas,
         "torch_onednn": dnnl,
         "torch_cpu_capability": capability,
+        "max_isa": os.environ.get("ELRT_MAX_ISA") or None,
+        "max_isa_env": {k: os.environ[k] for k in ("ELRT_MAX_ISA", "ATEN_CPU_CAPABILITY",
+                                                   "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+                        if os.environ.get(k)},
         "torch_mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "numpy": np.__version__,
         "elrt_openblas": openblas_info(blas_lib),
@@ -904,7 +925,11 @@ def markdown_table(results, machine, cores, core_name, threads) -> str:
     out.append(f"{machine['cpu_model']}, {machine['cpus_usable']} usable CPUs "
                f"({', '.join(machine['cpu_flags_avx'][:6])}); elrt's OpenBLAS "
                f"{blas.get('config', '?')}, kernels {core_name[cores[0]]}; PyTorch "
-               f"{machine['torch']} ({machine['torch_cpu_capability']}). Median of the rounds; "
+               f"{machine['torch']} ({machine['torch_cpu_capability']})"
+               + (f"; both capped at {machine['max_isa']} (--max-isa: "
+                  + ", ".join(f"{k}={v}" for k, v in machine["max_isa_env"].items()) + ")"
+                  if machine.get("max_isa") else "")
+               + ". Median of the rounds; "
                f"ratio = elrt / PyTorch img/s (bold: at least 1.0); 2T/1T = img/s at 2 threads "
                f"over 1 thread (of the medians; paired: the median of each round's own ratio); "
                f"peak = the larger of the thread counts' medians; 2T idle % = the share of the "
@@ -958,6 +983,9 @@ def main() -> int:
                          "the first fills the main columns (default: auto, then env too when "
                          "OPENBLAS_CORETYPE is set)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
+    ap.add_argument("--max-isa", choices=sorted(MAX_ISA_ENV), default=None,
+                    help="cap elrt and PyTorch at this instruction set (ELRT_MAX_ISA; "
+                         "ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)")
     # internal: worker modes
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--sgemm-worker", action="store_true", help=argparse.SUPPRESS)
@@ -969,6 +997,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.max_isa:
+        # Before torch is imported here, and inherited by every worker and elrt process.
+        os.environ.update(MAX_ISA_ENV[args.max_isa])
     if args.torch_worker:
         args.threads = int(args.threads)
         return torch_worker(args)

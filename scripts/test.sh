@@ -17,3 +17,12 @@ fi
 features=()
 command -v mpicc >/dev/null && features=(--features mpi)
 cargo test --release ${features[@]+"${features[@]}"} "$@"
+# The engine's unit tests again with the vector instructions capped (ELRT_MAX_ISA,
+# src/engine/isa.rs): on an AVX-512 machine the AVX2 builds and the SSE2 baseline then run
+# through the speed rules' own choices too, each against the naive references. Whole runs only.
+if [ $# -eq 0 ]; then
+  for isa in avx2 sse2; do
+    echo "test: engine unit tests under ELRT_MAX_ISA=$isa" >&2
+    ELRT_MAX_ISA=$isa cargo test --release ${features[@]+"${features[@]}"} --lib
+  done
+fi

@@ -26,6 +26,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A cap on the instruction set that does not parse is refused before anything runs.
+    if let Err(e) = elrt::engine::isa::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     // Before anything else: this may replace the process with one that runs OpenBLAS's kernels
     // for this CPU instead of its generic ones.
     elrt::engine::blas_kernels::reexec_if_generic();

@@ -9,7 +9,10 @@
 //! `main` runs, so the binary checks first thing ([`reexec_if_generic`]) and, when OpenBLAS fell
 //! back to a set narrower than the CPU's instructions, starts itself again with the variable set.
 //! A user's own `OPENBLAS_CORETYPE` always wins, and a name this table does not know (a newer
-//! OpenBLAS's) is left alone.
+//! OpenBLAS's) is left alone. Under `ELRT_MAX_ISA` ([`super::isa`]) the set asked for stays
+//! within the cap, narrower than OpenBLAS's own pick where need be.
+
+use super::isa::Isa;
 
 /// Set in the environment of the restarted process: the kernel set OpenBLAS picked by itself,
 /// so that reports can say that elrt chose the one in use, and why.
@@ -74,15 +77,23 @@ impl CpuFeatures {
     }
 }
 
-/// The kernel set to ask for when OpenBLAS picked `own_pick` on a CPU with `cpu`: `None` when its
-/// own pick is as wide as the CPU allows, or is a name this table does not know.
-pub fn replacement(own_pick: &str, cpu: CpuFeatures) -> Option<&'static str> {
+/// The kernel set to ask for when OpenBLAS picked `own_pick` on a CPU with `cpu`, under the
+/// engine's instruction-set cap `cap` ([`super::isa`]): the widest set the CPU runs within the
+/// cap when OpenBLAS's pick is narrower, a set within the cap when its pick is wider (only a cap
+/// does that), else `None`, as for a name this table does not know.
+pub fn replacement(own_pick: &str, cpu: CpuFeatures, cap: Option<Isa>) -> Option<&'static str> {
     let have = kernel_width(own_pick)?;
-    let (name, width) = if cpu.avx512_bf16 {
+    let cap = cap.unwrap_or(Isa::Avx512);
+    match cap {
+        Isa::Avx2 if have > Width::Avx2 => return Some("Haswell"),
+        Isa::Sse2 if have > Width::Sse => return Some("Prescott"),
+        _ => {}
+    }
+    let (name, width) = if cpu.avx512_bf16 && cap >= Isa::Avx512 {
         ("Cooperlake", Width::Avx512)
-    } else if cpu.avx512 {
+    } else if cpu.avx512 && cap >= Isa::Avx512 {
         ("SkylakeX", Width::Avx512)
-    } else if cpu.avx2_fma {
+    } else if cpu.avx2_fma && cap >= Isa::Avx2 {
         ("Haswell", Width::Avx2)
     } else {
         return None;
@@ -99,7 +110,7 @@ pub fn reexec_if_generic() {
         return;
     }
     let (own, _) = super::blas_core();
-    let Some(want) = replacement(&own, CpuFeatures::detect()) else {
+    let Some(want) = replacement(&own, CpuFeatures::detect(), super::isa::cap()) else {
         return;
     };
     #[cfg(unix)]
@@ -161,29 +172,59 @@ mod tests {
         avx512_bf16: true,
     };
 
+    /// Without a cap.
+    fn replacement_any(own: &str, cpu: CpuFeatures) -> Option<&'static str> {
+        replacement(own, cpu, None)
+    }
+
+    #[test]
+    fn a_cap_asks_for_kernels_within_it_and_never_wider_than_the_cpu() {
+        let avx2 = Some(Isa::Avx2);
+        assert_eq!(
+            replacement("Cooperlake", AVX512_BF16, avx2),
+            Some("Haswell")
+        );
+        assert_eq!(replacement("SkylakeX", AVX512, avx2), Some("Haswell"));
+        assert_eq!(replacement("Prescott", AVX512_BF16, avx2), Some("Haswell"));
+        assert_eq!(replacement("Haswell", AVX512, avx2), None);
+        assert_eq!(replacement("Zen", AVX2, avx2), None);
+        let sse2 = Some(Isa::Sse2);
+        assert_eq!(replacement("SkylakeX", AVX512, sse2), Some("Prescott"));
+        assert_eq!(replacement("Sandybridge", AVX2, sse2), Some("Prescott"));
+        assert_eq!(replacement("Prescott", AVX512, sse2), None);
+        // A cap at or above the CPU changes nothing.
+        let avx512 = Some(Isa::Avx512);
+        assert_eq!(
+            replacement("Prescott", AVX512_BF16, avx512),
+            Some("Cooperlake")
+        );
+        assert_eq!(replacement("Nehalem", AVX2, avx512), Some("Haswell"));
+        assert_eq!(replacement("GraniteRapids", AVX512_BF16, avx2), None);
+    }
+
     #[test]
     fn generic_kernels_on_a_wider_cpu_are_replaced_by_the_widest_it_runs() {
-        assert_eq!(replacement("Prescott", AVX512_BF16), Some("Cooperlake"));
-        assert_eq!(replacement("Prescott", AVX512), Some("SkylakeX"));
-        assert_eq!(replacement("Nehalem", AVX2), Some("Haswell"));
-        assert_eq!(replacement("Sandybridge", AVX2), Some("Haswell"));
-        assert_eq!(replacement("Haswell", AVX512), Some("SkylakeX"));
+        assert_eq!(replacement_any("Prescott", AVX512_BF16), Some("Cooperlake"));
+        assert_eq!(replacement_any("Prescott", AVX512), Some("SkylakeX"));
+        assert_eq!(replacement_any("Nehalem", AVX2), Some("Haswell"));
+        assert_eq!(replacement_any("Sandybridge", AVX2), Some("Haswell"));
+        assert_eq!(replacement_any("Haswell", AVX512), Some("SkylakeX"));
     }
 
     #[test]
     fn kernels_as_wide_as_the_cpu_or_unknown_names_are_kept() {
-        assert_eq!(replacement("Cooperlake", AVX512_BF16), None);
-        assert_eq!(replacement("SkylakeX", AVX512_BF16), None);
-        assert_eq!(replacement("Zen", AVX2), None);
-        assert_eq!(replacement("Haswell", AVX2), None);
+        assert_eq!(replacement_any("Cooperlake", AVX512_BF16), None);
+        assert_eq!(replacement_any("SkylakeX", AVX512_BF16), None);
+        assert_eq!(replacement_any("Zen", AVX2), None);
+        assert_eq!(replacement_any("Haswell", AVX2), None);
         // A newer OpenBLAS's name for a newer CPU: its own business.
-        assert_eq!(replacement("GraniteRapids", AVX512_BF16), None);
+        assert_eq!(replacement_any("GraniteRapids", AVX512_BF16), None);
         // Nothing wider to offer.
         let sse = CpuFeatures {
             avx2_fma: false,
             avx512: false,
             avx512_bf16: false,
         };
-        assert_eq!(replacement("Prescott", sse), None);
+        assert_eq!(replacement_any("Prescott", sse), None);
     }
 }

@@ -19,6 +19,7 @@ pub mod awake;
 pub mod backend;
 pub mod blas_kernels;
 pub mod exec;
+pub mod isa;
 pub mod model;
 pub mod ops;
 pub mod program;
@@ -105,9 +106,26 @@ pub fn blas_core() -> (String, bool) {
 /// [`blas_kernels::replaced_pick`]).
 pub fn blas_core_origin(pinned: bool, replaced: Option<&str>) -> String {
     match replaced {
-        Some(own) => format!(" (chosen by elrt: OpenBLAS took this CPU for {own})"),
+        Some(own) => match isa::cap() {
+            Some(cap) => format!(
+                " (chosen by elrt within {}={}: OpenBLAS picked {own})",
+                isa::VAR,
+                cap.name()
+            ),
+            None => format!(" (chosen by elrt: OpenBLAS took this CPU for {own})"),
+        },
         None if pinned => " (set by OPENBLAS_CORETYPE)".to_string(),
         None => String::new(),
+    }
+}
+
+/// The engine's vector width for the reports' lines: "vectors avx512", with
+/// " (ELRT_MAX_ISA=avx2)" when a cap is set ([`isa`]).
+pub fn vectors_line() -> String {
+    let used = isa::in_use().name();
+    match isa::cap() {
+        Some(cap) => format!("vectors {used} ({}={})", isa::VAR, cap.name()),
+        None => format!("vectors {used}"),
     }
 }
 

@@ -56,6 +56,12 @@ pub struct SpeedReport {
     /// CPU ([`crate::engine::blas_kernels`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blas_core_replaced: Option<String>,
+    /// The widest vector instructions the engine's kernels run here ([`crate::engine::isa`]):
+    /// avx512, avx2 or sse2.
+    pub isa: String,
+    /// `ELRT_MAX_ISA`'s cap, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isa_cap: Option<String>,
     /// (op, forward | backward, ms per step), slowest first; an op is the op type, or for a
     /// conv the kernel that runs it.
     pub profile: Vec<(String, String, f64)>,
@@ -182,6 +188,8 @@ fn speed_on_pool(a: &SpeedOptions) -> Result<SpeedReport> {
         blas_core,
         blas_core_pinned,
         blas_core_replaced: crate::engine::blas_kernels::replaced_pick(),
+        isa: crate::engine::isa::in_use().name().to_string(),
+        isa_cap: crate::engine::isa::cap().map(|c| c.name().to_string()),
         profile,
         nodes,
         worker_idle_pct: (others > 0).then(|| 100.0 * idle / (others as f64 * total)),
@@ -193,7 +201,7 @@ impl SpeedReport {
     pub fn to_text(&self) -> String {
         let rep = self;
         let mut out = format!(
-            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}\n",
+            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}, vectors {}{}\n",
             rep.model,
             rep.batch,
             rep.threads,
@@ -204,7 +212,12 @@ impl SpeedReport {
             crate::engine::blas_core_origin(
                 rep.blas_core_pinned,
                 rep.blas_core_replaced.as_deref()
-            )
+            ),
+            rep.isa,
+            rep.isa_cap
+                .as_ref()
+                .map(|c| format!(" ({}={c})", crate::engine::isa::VAR))
+                .unwrap_or_default()
         );
         if let Some(p) = rep.worker_idle_pct {
             out += &format!(

@@ -537,7 +537,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         say(plan.clone());
     }
     say(format!(
-        "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}",
+        "{}: {} train / {} test images, {} classes, normalisation {}; {} threads, batch {}; OpenBLAS {}{}, {}",
         data,
         splits.train.len(),
         splits.test.len(),
@@ -558,7 +558,8 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         crate::engine::blas_core_origin(
             pinned,
             crate::engine::blas_kernels::replaced_pick().as_deref()
-        )
+        ),
+        crate::engine::vectors_line()
     ));
     let (optimizer, lr, wd) = match a.optimizer {
         Optim::Sgd => (

@@ -258,11 +258,11 @@ pub(crate) fn wide_map<F: Fn(f32, f32) -> f32>(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::engine::isa::cpu_has!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
             return unsafe { wide_map_avx512(o, a, b, f) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if crate::engine::isa::cpu_has!("avx2") {
             // SAFETY: the CPU supports AVX2, checked just above.
             return unsafe { wide_map_avx2(o, a, b, f) };
         }

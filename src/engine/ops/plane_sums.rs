@@ -144,7 +144,7 @@ pub(super) struct Avx2(());
 #[cfg(target_arch = "x86_64")]
 impl Avx2 {
     pub(super) fn detect() -> Option<Avx2> {
-        std::arch::is_x86_feature_detected!("avx2").then_some(Avx2(()))
+        crate::engine::isa::cpu_has!("avx2").then_some(Avx2(()))
     }
 }
 

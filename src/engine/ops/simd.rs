@@ -42,7 +42,7 @@ macro_rules! simd_dispatch {
             #[cfg(target_arch = "x86_64")]
             {
                 $(
-                    if std::arch::is_x86_feature_detected!($feat) {
+                    if $crate::engine::isa::cpu_has!($feat) {
                         #[target_feature(enable = $feat)]
                         #[allow(clippy::unused_unit)]
                         unsafe fn build $params -> $ret {

@@ -30,10 +30,11 @@ pub fn set_direct_forward(on: bool) {
     DISABLED.store(!on, Ordering::Relaxed);
 }
 
-/// Whether the speed rule decides (no override in force).
+/// Whether the speed rule decides (no override in force) and may choose the direct forward
+/// (on this CPU, under `ELRT_MAX_ISA`: [`crate::engine::isa::fast_fma`]).
 #[cfg(test)]
 pub(super) fn auto_mode() -> bool {
-    !DISABLED.load(Ordering::Relaxed)
+    !DISABLED.load(Ordering::Relaxed) && crate::engine::isa::fast_fma()
 }
 
 impl Geom {
@@ -51,8 +52,12 @@ impl Geom {
     /// 16 -> 32 stride-2 (5.1 -> 5.3, 2 threads 3.3 -> 3.2) and ResNet-18's 64 -> 128 stride-2
     /// on 32x32 (19.7 -> 21.2 / 10.9 -> 10.7), ties within noise; ResNet-20's 3 -> 16 3x3
     /// stride-1 stem 1.16 -> 1.07 / 0.72 -> 0.59, a gain of 0.1 ms left for a later rule.
+    /// Never without a hardware FMA ([`crate::engine::isa::fast_fma`]): the portable build's
+    /// FMAs are then library calls.
     pub(super) fn direct_fwd_pays(&self) -> bool {
-        (self.large_kernel_stem() || self.few_channel_3x3()) && !DISABLED.load(Ordering::Relaxed)
+        (self.large_kernel_stem() || self.few_channel_3x3())
+            && crate::engine::isa::fast_fma()
+            && !DISABLED.load(Ordering::Relaxed)
     }
 
     /// A stride-1, undilated 3x3 conv with at most 16 channels in and out (24 on planes up to
@@ -196,14 +201,13 @@ pub(super) fn dot_rows(t: &Taps, out: &mut [f32]) {
     assert!(out.len() >= t.rows() * t.run);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::engine::isa::cpu_has!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked); `Taps::check` and the assert above bound
             // every read and write.
             unsafe { avx512::dot_rows(t, out) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
             // SAFETY: as above, for AVX2 and FMA.
             unsafe { avx2::dot_rows(t, out) };
             return;

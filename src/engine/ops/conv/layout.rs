@@ -69,7 +69,7 @@ fn planes_to_pixels_with<'a>(
 fn has_avx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx")
+        crate::engine::isa::cpu_has!("avx")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

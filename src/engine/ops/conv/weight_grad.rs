@@ -278,13 +278,12 @@ pub(super) fn dot_tiles(r: &Runs, dw: &mut [f32]) {
     debug_assert_eq!(dw.len(), r.rows * r.offs.len());
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if crate::engine::isa::cpu_has!("avx512f") {
             // SAFETY: the CPU has AVX-512F (checked); `Runs::check` bounds every read.
             unsafe { avx512::dot_tiles(r, dw) };
             return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
             // SAFETY: as above, for AVX2 and FMA.
             unsafe { avx2::dot_tiles(r, dw) };
             return;
@@ -449,12 +448,10 @@ impl Kernel {
         let mut k = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
                 k.push(Kernel::Avx2);
             }
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::engine::isa::cpu_has!("avx512f") {
                 k.push(Kernel::Avx512);
             }
         }

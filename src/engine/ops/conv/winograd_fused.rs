@@ -134,7 +134,7 @@ impl Build {
     pub(super) fn best() -> Build {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::engine::isa::cpu_has!("avx512f") {
                 return Build::Avx512;
             }
             if avx2_fma() {
@@ -165,7 +165,7 @@ impl Build {
             if avx2_fma() {
                 v.push(Build::Avx2);
             }
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if crate::engine::isa::cpu_has!("avx512f") {
                 v.push(Build::Avx512);
             }
         }
@@ -176,7 +176,7 @@ impl Build {
 /// Whether the CPU has AVX2 and FMA (the AVX2 build's tiles need both).
 #[cfg(target_arch = "x86_64")]
 fn avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma")
 }
 
 /// Whether the CPU is an Intel one (`cpuid` vendor "GenuineIntel"), whose caches the speed rule
