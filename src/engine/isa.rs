@@ -117,6 +117,13 @@ pub fn allows(feature: &str) -> bool {
     cap().is_none_or(|c| Isa::of_feature(feature) <= c)
 }
 
+/// Whether the CPU has AVX2 and FMA and the cap allows them: what the AVX2 builds of the conv
+/// kernels (their tiles are FMA intrinsics) need. x86-64 only.
+#[cfg(target_arch = "x86_64")]
+pub fn avx2_fma() -> bool {
+    cpu_has!("avx2") && cpu_has!("fma")
+}
+
 /// The widest level the engine's kernels run on this CPU under the cap (reports print it).
 pub fn in_use() -> Isa {
     #[cfg(target_arch = "x86_64")]
@@ -124,7 +131,7 @@ pub fn in_use() -> Isa {
         if cpu_has!("avx512f") {
             return Isa::Avx512;
         }
-        if cpu_has!("avx2") && cpu_has!("fma") {
+        if avx2_fma() {
             return Isa::Avx2;
         }
     }

@@ -207,7 +207,7 @@ pub(super) fn dot_rows(t: &Taps, out: &mut [f32]) {
             unsafe { avx512::dot_rows(t, out) };
             return;
         }
-        if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
+        if crate::engine::isa::avx2_fma() {
             // SAFETY: as above, for AVX2 and FMA.
             unsafe { avx2::dot_rows(t, out) };
             return;

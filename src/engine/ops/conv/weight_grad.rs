@@ -283,7 +283,7 @@ pub(super) fn dot_tiles(r: &Runs, dw: &mut [f32]) {
             unsafe { avx512::dot_tiles(r, dw) };
             return;
         }
-        if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
+        if crate::engine::isa::avx2_fma() {
             // SAFETY: as above, for AVX2 and FMA.
             unsafe { avx2::dot_tiles(r, dw) };
             return;
@@ -448,7 +448,7 @@ impl Kernel {
         let mut k = Vec::new();
         #[cfg(target_arch = "x86_64")]
         {
-            if crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma") {
+            if crate::engine::isa::avx2_fma() {
                 k.push(Kernel::Avx2);
             }
             if crate::engine::isa::cpu_has!("avx512f") {

@@ -137,7 +137,7 @@ impl Build {
             if crate::engine::isa::cpu_has!("avx512f") {
                 return Build::Avx512;
             }
-            if avx2_fma() {
+            if crate::engine::isa::avx2_fma() {
                 return Build::Avx2;
             }
         }
@@ -162,7 +162,7 @@ impl Build {
         let mut v = vec![Build::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if avx2_fma() {
+            if crate::engine::isa::avx2_fma() {
                 v.push(Build::Avx2);
             }
             if crate::engine::isa::cpu_has!("avx512f") {
@@ -171,12 +171,6 @@ impl Build {
         }
         v
     }
-}
-
-/// Whether the CPU has AVX2 and FMA (the AVX2 build's tiles need both).
-#[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
-    crate::engine::isa::cpu_has!("avx2") && crate::engine::isa::cpu_has!("fma")
 }
 
 /// Whether the CPU is an Intel one (`cpuid` vendor "GenuineIntel"), whose caches the speed rule
