@@ -87,6 +87,10 @@ pub struct CompressArgs {
     /// convention (see `elrt train --bn-momentum`): by default each keeps the model's own.
     #[arg(long, value_name = "M")]
     pub bn_momentum: Option<f32>,
+    /// Training images over which every evaluation first recomputes the BatchNormalizations'
+    /// running statistics from the current weights (see `elrt train --bn-recalibrate`; 0: off).
+    #[arg(long, value_name = "N", default_value_t = elrt::train::precise_bn::DEFAULT_IMAGES)]
+    pub bn_recalibrate: usize,
     /// Weight decay on conv and linear weights (SGD, decoupled from the learning rate as
     /// torch.optim.SGD applies it).
     #[arg(long, default_value_t = 5e-4)]
@@ -170,6 +174,7 @@ impl CompressArgs {
                 .bn_momentum
                 .map(elrt::ir::bn_insert::check_momentum)
                 .transpose()?,
+            bn_recalibrate: self.bn_recalibrate,
             wd: self.wd,
             schedule: self.schedule.parse()?,
             threads: self.threads,

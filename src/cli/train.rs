@@ -88,6 +88,13 @@ pub struct TrainArgs {
     /// says so when that is the case.
     #[arg(long, value_name = "M")]
     pub bn_momentum: Option<f32>,
+    /// Before every evaluation (each epoch's test line, the checkpoint, the output file), the
+    /// BatchNormalizations' running statistics are recomputed from the current weights over
+    /// this many training images (augmented as in training): running averages over a short run still
+    /// carry its first steps' activations, which can sit orders of magnitude off. 0 keeps the
+    /// running averages as training left them.
+    #[arg(long, value_name = "N", default_value_t = elrt::train::precise_bn::DEFAULT_IMAGES)]
+    pub bn_recalibrate: usize,
     /// No random crop and flip.
     #[arg(long)]
     pub no_augment: bool,
@@ -161,6 +168,7 @@ impl TrainArgs {
                 .bn_momentum
                 .map(elrt::ir::bn_insert::check_momentum)
                 .transpose()?,
+            bn_recalibrate: self.bn_recalibrate,
             augment: !self.no_augment,
             normalize: self.normalize.clone(),
             orth: self.orth,

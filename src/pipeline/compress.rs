@@ -148,6 +148,9 @@ pub struct CompressOptions {
     /// Every BatchNormalization's running-statistics momentum while training (`elrt train
     /// --bn-momentum`; `None`: the model's own).
     pub bn_momentum: Option<f32>,
+    /// Training images over which each evaluation first recomputes the batch norms' running
+    /// statistics (`elrt train --bn-recalibrate`; 0: off).
+    pub bn_recalibrate: usize,
     /// Weight decay on conv and linear weights.
     pub wd: f32,
     pub schedule: Schedule,
@@ -202,6 +205,7 @@ impl Default for CompressOptions {
             orth_no_decay: false,
             bn: BnPolicy::Auto,
             bn_momentum: None,
+            bn_recalibrate: crate::train::precise_bn::DEFAULT_IMAGES,
             wd: 5e-4,
             schedule: Schedule::Cosine { min_ratio: 0.0 },
             threads: None,
@@ -279,6 +283,14 @@ struct Recipe {
     /// Absent in run folders written before the option existed: they kept the model's own.
     #[serde(default)]
     bn_momentum: Option<f32>,
+    /// Absent in run folders written before the option existed: the default, which changes
+    /// only the running statistics, never the weights.
+    #[serde(default = "bn_recalibrate_default")]
+    bn_recalibrate: usize,
+}
+
+fn bn_recalibrate_default() -> usize {
+    crate::train::precise_bn::DEFAULT_IMAGES
 }
 
 fn bn_auto() -> BnPolicy {
@@ -332,6 +344,7 @@ impl Recipe {
             init: self.factor_init.stages().1,
             bn: self.bn,
             bn_momentum: self.bn_momentum,
+            bn_recalibrate: self.bn_recalibrate,
             augment: true,
             normalize: self.normalize.clone(),
             orth,
@@ -681,6 +694,7 @@ fn plan(a: &CompressOptions) -> Result<Plan> {
         orth_no_decay: a.orth_no_decay,
         bn: a.bn,
         bn_momentum: a.bn_momentum,
+        bn_recalibrate: a.bn_recalibrate,
         wd: a.wd,
         schedule: a.schedule.clone(),
         seed: a.seed,
@@ -1062,6 +1076,9 @@ fn lead(a: &CompressOptions) -> Result<CompressReport> {
         match recipe.bn_momentum {
             Some(m) => format!("{}, momentum {m}", recipe.bn),
             None => recipe.bn.to_string(),
+        } + &match recipe.bn_recalibrate {
+            0 => String::new(),
+            n => format!(", stats over {n} images"),
         },
         recipe.seed
     ));

@@ -117,6 +117,10 @@ pub struct TrainOptions {
     /// Every BatchNormalization's running-statistics momentum while training, PyTorch's
     /// convention (`None`: each keeps the model's own).
     pub bn_momentum: Option<f32>,
+    /// Training images over which every evaluation first recomputes the batch norms' running
+    /// statistics from the current weights (0: the training's running averages as they are;
+    /// [`crate::train::precise_bn`]).
+    pub bn_recalibrate: usize,
     /// Random crop and flip.
     pub augment: bool,
     /// Input normalisation (`None`: what the model file records, else the default for its
@@ -166,6 +170,7 @@ impl Default for TrainOptions {
             init: TrainInit::Scratch,
             bn: BnPolicy::Auto,
             bn_momentum: None,
+            bn_recalibrate: crate::train::precise_bn::DEFAULT_IMAGES,
             augment: true,
             normalize: None,
             orth: 0.0,
@@ -596,6 +601,7 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
         max_steps: a.max_steps,
         workers: a.workers,
         augment: a.augment,
+        bn_recalibrate: a.bn_recalibrate,
         orth: a.orth,
         orth_no_decay: a.orth_no_decay,
         normalize: Some(normalize),

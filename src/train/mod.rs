@@ -5,6 +5,7 @@ pub mod dso;
 pub mod init;
 pub mod optim;
 pub mod parallel;
+pub mod precise_bn;
 pub mod progress;
 pub mod resume;
 pub mod run;

@@ -15,7 +15,7 @@ use crate::data::NormSpec;
 pub const CHANGEABLE: &[&str] = &["epochs", "max_steps"];
 
 /// Fields that do not change what is computed.
-const IGNORED: &[&str] = &["workers"];
+const IGNORED: &[&str] = &["workers", "bn_recalibrate"];
 
 /// Refuses to resume a run trained with `was` (a checkpoint's config, as JSON) under `now`,
 /// listing the differences. `channels` fills in the normalisation of checkpoints written

@@ -61,6 +61,12 @@ pub struct TrainConfig {
     /// written when false, so in-memory runs' checkpoints read as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub data_streamed: bool,
+    /// `--bn-recalibrate`: before every evaluation, the batch norms' running statistics are
+    /// recomputed from the current weights over this many training images
+    /// ([`super::precise_bn`]); 0 keeps the training's running averages. Not part of what the
+    /// weights learn, so a resume may change it ([`super::resume`]).
+    #[serde(default)]
+    pub bn_recalibrate: usize,
     /// `--allow-recipe-change`: a resume may change `epochs` and `max_steps`
     /// ([`super::resume`]). Not part of the recipe, so not saved.
     #[serde(skip)]
@@ -511,6 +517,18 @@ impl Trainer<'_> {
                 sum_epoch(par.as_ref(), &before, seen, loss_sum, correct)?;
             let epoch_s = before.epoch_s + t0.elapsed().as_secs_f64();
             let end_t0 = Instant::now();
+            super::precise_bn::recalibrate(
+                self.model,
+                loader.source().clone(),
+                self.cfg.batch,
+                self.cfg.bn_recalibrate,
+                self.cfg.augment,
+                self.cfg.workers,
+                self.cfg.seed,
+                normalize.clone(),
+                par.as_ref(),
+            )
+            .context("recomputing the batch norms' statistics (--bn-recalibrate)")?;
             let eval = evaluate_on(
                 self.model,
                 (*test).clone(),
@@ -776,6 +794,7 @@ mod tests {
             orth_no_decay: false,
             normalize: None,
             data_streamed: false,
+            bn_recalibrate: 0,
             allow_recipe_change: false,
         }
     }
