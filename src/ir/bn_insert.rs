@@ -287,7 +287,8 @@ pub fn momentum_note(graph: &Graph, steps: u64) -> Option<String> {
             "note: {} BatchNormalization nodes update their running statistics with momentum as \
              low as {:.3} (PyTorch's convention; the file says {slowest}), an average over about \
              {:.0} steps, and this run has {steps}: evaluation would normalise with statistics \
-             that lag the weights. --bn-momentum 0.1 (PyTorch's default) makes them follow",
+             that lag the weights. --bn-momentum 0.1 (PyTorch's default) makes them follow, and \
+             --bn-recalibrate (on by default) recomputes them before each evaluation",
             slow.len(),
             1.0 - slowest,
             window.min(1e9),

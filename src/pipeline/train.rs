@@ -513,10 +513,10 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
     // The optimiser steps of the whole run, for the running statistics' note.
     let steps = (a.epochs * (splits.train.len() / a.batch.max(1)).max(1) as u64)
         .min(a.max_steps.unwrap_or(u64::MAX));
-    // A note (shown under --quiet too, as every `note:`), unless the momentum was chosen.
-    if let Some(note) =
-        bn_insert::momentum_note(&graph, steps).filter(|_| writer && a.bn_momentum.is_none())
-    {
+    // A note (shown under --quiet too, as every `note:`), unless the momentum was chosen or
+    // evaluation recomputes the statistics anyway (`--bn-recalibrate`).
+    let noted = writer && a.bn_momentum.is_none() && a.bn_recalibrate == 0;
+    if let Some(note) = bn_insert::momentum_note(&graph, steps).filter(|_| noted) {
         eprintln!("{note}");
     }
     match a.init {
