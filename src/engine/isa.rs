@@ -89,25 +89,24 @@ impl Isa {
     }
 }
 
-/// The cap from `ELRT_MAX_ISA`, read once: `None` when unset or empty. A value that does not
-/// parse counts as no cap here; the binary refuses it first thing ([`check_env`]).
+/// `ELRT_MAX_ISA` as set: `None` when unset or empty, an error line when it does not parse.
+fn from_env() -> Result<Option<Isa>, String> {
+    match std::env::var(VAR) {
+        Ok(v) if !v.trim().is_empty() => Isa::parse(&v).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The cap from `ELRT_MAX_ISA`, read once. A value that does not parse counts as no cap here;
+/// the binary refuses it first thing ([`check_env`]).
 pub fn cap() -> Option<Isa> {
     static CAP: OnceLock<Option<Isa>> = OnceLock::new();
-    *CAP.get_or_init(|| {
-        let v = std::env::var(VAR).ok()?;
-        if v.trim().is_empty() {
-            return None;
-        }
-        Isa::parse(&v).ok()
-    })
+    *CAP.get_or_init(|| from_env().ok().flatten())
 }
 
 /// An error line when `ELRT_MAX_ISA` holds a value that does not parse.
 pub fn check_env() -> Result<(), String> {
-    match std::env::var(VAR) {
-        Ok(v) if !v.trim().is_empty() => Isa::parse(&v).map(|_| ()),
-        _ => Ok(()),
-    }
+    from_env().map(|_| ())
 }
 
 /// Whether the cap lets kernels use instructions of `feature`'s level (the CPU is asked

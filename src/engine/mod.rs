@@ -120,11 +120,10 @@ pub fn blas_core_origin(pinned: bool, replaced: Option<&str>) -> String {
 }
 
 /// The engine's vector width for the reports' lines: "vectors avx512", with
-/// " (ELRT_MAX_ISA=avx2)" when a cap is set ([`isa`]).
-pub fn vectors_line() -> String {
-    let used = isa::in_use().name();
-    match isa::cap() {
-        Some(cap) => format!("vectors {used} ({}={})", isa::VAR, cap.name()),
+/// " (ELRT_MAX_ISA=avx2)" when a cap is set ([`isa`]); `speed` passes its report's fields.
+pub fn vectors_line(used: &str, cap: Option<&str>) -> String {
+    match cap {
+        Some(cap) => format!("vectors {used} ({}={cap})", isa::VAR),
         None => format!("vectors {used}"),
     }
 }

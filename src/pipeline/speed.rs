@@ -201,7 +201,7 @@ impl SpeedReport {
     pub fn to_text(&self) -> String {
         let rep = self;
         let mut out = format!(
-            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}, vectors {}{}\n",
+            "{}: batch {}, {} threads: {:.1} ms/step, {:.0} img/s, peak RSS {:.0} MiB, OpenBLAS {}{}, {}\n",
             rep.model,
             rep.batch,
             rep.threads,
@@ -213,11 +213,7 @@ impl SpeedReport {
                 rep.blas_core_pinned,
                 rep.blas_core_replaced.as_deref()
             ),
-            rep.isa,
-            rep.isa_cap
-                .as_ref()
-                .map(|c| format!(" ({}={c})", crate::engine::isa::VAR))
-                .unwrap_or_default()
+            crate::engine::vectors_line(&rep.isa, rep.isa_cap.as_deref())
         );
         if let Some(p) = rep.worker_idle_pct {
             out += &format!(

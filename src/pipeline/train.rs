@@ -564,7 +564,10 @@ fn train_on_pool(a: &TrainOptions, threads: usize) -> Result<TrainReport> {
             pinned,
             crate::engine::blas_kernels::replaced_pick().as_deref()
         ),
-        crate::engine::vectors_line()
+        crate::engine::vectors_line(
+            crate::engine::isa::in_use().name(),
+            crate::engine::isa::cap().map(|c| c.name())
+        )
     ));
     let (optimizer, lr, wd) = match a.optimizer {
         Optim::Sgd => (

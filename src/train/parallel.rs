@@ -148,6 +148,45 @@ impl StatSync for SumStats {
     }
 }
 
+impl DataParallel {
+    /// Hands every rank rank 0's BN running statistics (the others add zeros), alone, as each
+    /// step's [`AllReduceGrads`] does in its last call: after a per-rank recalibration
+    /// ([`super::precise_bn`]) the ranks hold one model again.
+    pub fn share_rank0_state(&self, program: &mut Program) -> Result<()> {
+        let mut buf = Vec::new();
+        push_rank0_state(&mut buf, program, self.rank() == 0);
+        self.comm.sum_f32(&mut buf)?;
+        take_state(&buf, program);
+        Ok(())
+    }
+}
+
+/// Appends `program`'s BN running statistics to `buf` on rank 0, as many zeros elsewhere: a sum
+/// over the ranks then gives every rank rank 0's.
+fn push_rank0_state(buf: &mut Vec<f32>, program: &Program, rank0: bool) {
+    for (_, s) in &program.state {
+        if rank0 {
+            buf.extend(s.iter().copied());
+        } else {
+            buf.extend(std::iter::repeat_n(0.0, s.len()));
+        }
+    }
+}
+
+/// Sets `program`'s BN running statistics from the start of `buf` (as [`push_rank0_state`]
+/// laid them out); returns the number of values read.
+fn take_state(buf: &[f32], program: &mut Program) -> usize {
+    let mut at = 0;
+    for (_, s) in &mut program.state {
+        let k = s.len();
+        for (v, &t) in s.iter_mut().zip(&buf[at..at + k]) {
+            *v = t;
+        }
+        at += k;
+    }
+    at
+}
+
 /// FNV-1a over bytes: the start fingerprint ranks compare.
 pub fn fingerprint(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -287,13 +326,7 @@ impl GradHook for AllReduceGrads {
             }
             let last = end == n;
             if last {
-                for (_, s) in &program.state {
-                    if rank0 {
-                        self.buf.extend(s.iter().copied());
-                    } else {
-                        self.buf.extend(std::iter::repeat_n(0.0, s.len()));
-                    }
-                }
+                push_rank0_state(&mut self.buf, program, rank0);
                 let ask = self.stop_asked.load(Ordering::SeqCst);
                 self.buf.push(if ask { 1.0 } else { 0.0 });
             }
@@ -307,13 +340,7 @@ impl GradHook for AllReduceGrads {
                 at += k;
             }
             if last {
-                for (_, s) in &mut program.state {
-                    let k = s.len();
-                    for (v, &t) in s.iter_mut().zip(&self.buf[at..at + k]) {
-                        *v = t;
-                    }
-                    at += k;
-                }
+                at += take_state(&self.buf[at..], program);
                 self.stop_agreed.store(self.buf[at] > 0.0, Ordering::SeqCst);
                 break;
             }

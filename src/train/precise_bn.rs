@@ -26,8 +26,7 @@
 use anyhow::Result;
 
 use super::parallel::DataParallel;
-use crate::data::{Loader, LoaderConfig, Normalize, Source};
-use crate::engine::backend::Backend;
+use crate::data::Loader;
 use crate::engine::exec::Mode;
 use crate::engine::model::Model;
 use crate::engine::program::Kernel;
@@ -41,39 +40,26 @@ pub const DEFAULT_IMAGES: usize = 1024;
 const ORDER_EPOCH: u64 = 1 << 40;
 
 /// Recomputes every BatchNormalization's running statistics from `model`'s current weights over
-/// up to `images` training images (whole batches of `batch`, at least one; augmented as in
-/// training when `augment`), as the module doc says. Returns the number of images used (0 when the model has no BN or `images` is 0).
-/// Under data parallelism each rank takes its rows of every batch (with `--sync-bn` the
-/// statistics are then those of the whole batches, as in training).
-#[allow(clippy::too_many_arguments)]
+/// up to `images` images of the training loader `train` (whole batches, at least one: the
+/// training's batches, augmentation and shard included, in the order of an epoch of their own),
+/// as the module doc says. Returns the number of images used (0 when the model has no BN or
+/// `images` is 0). Under data parallelism each rank takes its rows of every batch (with
+/// `--sync-bn` the statistics are then those of the whole batches, as in training), and every
+/// rank then holds rank 0's statistics, as after each step.
 pub fn recalibrate(
     model: &mut Model,
-    train: Source,
-    batch: usize,
+    train: &Loader,
     images: usize,
-    augment: bool,
-    workers: usize,
-    seed: u64,
-    normalize: Option<Normalize>,
     parallel: Option<&DataParallel>,
 ) -> Result<usize> {
-    let has_bn = model.session.program.steps.iter().any(|s| {
-        matches!(
-            s.kernel,
-            Kernel::BatchNorm { .. } | Kernel::BatchNormAdd { .. }
-        )
-    });
-    if images == 0 || !has_bn {
+    let saved = momenta(model);
+    if images == 0 || saved.is_empty() {
         return Ok(0);
     }
-    let cfg = loader_config(&train, batch, augment, workers, seed, normalize, parallel);
-    let loader = Loader::new(train, cfg)?;
-    let batches = images.div_ceil(batch).max(1);
-    let saved = momenta(model);
-    let mut epoch = loader.epoch(ORDER_EPOCH);
-    let mut done = 0usize;
-    let result = (|| -> Result<usize> {
-        let mut used = 0usize;
+    let batches = images.div_ceil(train.config().batch).max(1);
+    let mut epoch = train.epoch(ORDER_EPOCH);
+    let mut run = || -> Result<usize> {
+        let (mut done, mut used) = (0usize, 0usize);
         while done < batches {
             let Some(b) = epoch.next_batch()? else {
                 break;
@@ -86,69 +72,22 @@ pub fn recalibrate(
             done += 1;
         }
         Ok(used)
-    })();
+    };
+    let result = run();
     let mut it = saved.into_iter();
     set_momenta(model, |_| it.next().expect("one momentum per batch norm"));
     let used = result?;
     match parallel {
         Some(p) => {
-            rank0_statistics(model, p)?;
+            p.share_rank0_state(&mut model.session.program)?;
             Ok(used * p.size())
         }
         None => Ok(used),
     }
 }
 
-/// Hands every rank rank 0's running statistics (the others add zeros), as each training step
-/// does ([`super::parallel::AllReduceGrads`]): without `--sync-bn` each rank recalibrated on its
-/// own rows, and the ranks must hold one model.
-fn rank0_statistics(model: &mut Model, p: &DataParallel) -> Result<()> {
-    let state = &mut model.session.program.state;
-    let rank0 = p.rank() == 0;
-    let mut buf: Vec<f32> = Vec::new();
-    for (_, s) in state.iter() {
-        if rank0 {
-            buf.extend(s.iter().copied());
-        } else {
-            buf.extend(std::iter::repeat_n(0.0, s.len()));
-        }
-    }
-    p.comm.sum_f32(&mut buf)?;
-    let mut at = 0;
-    for (_, s) in state.iter_mut() {
-        let k = s.len();
-        s.iter_mut()
-            .zip(&buf[at..at + k])
-            .for_each(|(v, &t)| *v = t);
-        at += k;
-    }
-    Ok(())
-}
-
-/// The recalibration's batches: the training's (augmentation included, as the running
-/// averages it replaces saw them), whole batches, in an order of their own.
-fn loader_config(
-    train: &Source,
-    batch: usize,
-    augment: bool,
-    workers: usize,
-    seed: u64,
-    normalize: Option<Normalize>,
-    parallel: Option<&DataParallel>,
-) -> LoaderConfig {
-    let mut cfg = LoaderConfig::train(batch, seed);
-    if !augment {
-        cfg.augment = None;
-    }
-    cfg.workers = workers;
-    cfg.normalize = normalize;
-    cfg.drop_last = train.len() >= batch;
-    cfg.shard = parallel.map(|p| (p.rank(), p.size()));
-    cfg
-}
-
 /// Every batch norm's momentum, in program order.
-fn momenta<B: Backend>(model: &Model<B>) -> Vec<f32> {
+fn momenta(model: &Model) -> Vec<f32> {
     let mut v = Vec::new();
     for s in &model.session.program.steps {
         if let Kernel::BatchNorm { op, .. } | Kernel::BatchNormAdd { op, .. } = &s.kernel {
@@ -160,7 +99,7 @@ fn momenta<B: Backend>(model: &Model<B>) -> Vec<f32> {
 
 /// Sets every batch norm's momentum (ONNX's convention: the old value's weight) to `f(old)`,
 /// in program order.
-fn set_momenta<B: Backend>(model: &mut Model<B>, mut f: impl FnMut(f32) -> f32) {
+fn set_momenta(model: &mut Model, mut f: impl FnMut(f32) -> f32) {
     for s in &mut model.session.program.steps {
         if let Kernel::BatchNorm { op, .. } | Kernel::BatchNormAdd { op, .. } = &mut s.kernel {
             op.momentum = f(op.momentum);
@@ -171,7 +110,7 @@ fn set_momenta<B: Backend>(model: &mut Model<B>, mut f: impl FnMut(f32) -> f32) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::Dataset;
+    use crate::data::{Dataset, Source};
     use ndarray::Axis;
 
     fn resnet20(batch: usize) -> Model {
@@ -190,6 +129,14 @@ mod tests {
         Dataset::new("random", [3, 32, 32], pixels, labels, names)
             .unwrap()
             .into()
+    }
+
+    /// A training loader over `n` random images, batches of `batch` (augmented, no workers).
+    fn loader(n: usize, batch: usize, seed: u64) -> Loader {
+        let mut cfg = crate::data::LoaderConfig::train(batch, seed);
+        cfg.workers = 0;
+        cfg.drop_last = true;
+        Loader::new(data(n), cfg).unwrap()
     }
 
     /// The running statistics (mean, var) of the first batch norm.
@@ -223,18 +170,13 @@ mod tests {
         for (_, t) in m.session.program.state.iter_mut() {
             t.fill(1e4);
         }
-        let src = data(24);
-        let used = recalibrate(&mut m, src.clone(), batch, 16, true, 0, 3, None, None).unwrap();
+        let train = loader(24, batch, 3);
+        let used = recalibrate(&mut m, &train, 16, None).unwrap();
         assert_eq!(used, 16);
         assert_eq!(momenta(&m), before);
         let (rm, rv) = first_bn_stats(&m);
         // The same two batches, in the recalibration's order, through the first conv.
-        let loader = Loader::new(
-            src.clone(),
-            loader_config(&src, batch, true, 0, 3, None, None),
-        )
-        .unwrap();
-        let mut epoch = loader.epoch(ORDER_EPOCH);
+        let mut epoch = train.epoch(ORDER_EPOCH);
         let c = rm.len();
         let (mut mean, mut var) = (vec![0f64; c], vec![0f64; c]);
         for _ in 0..2 {
@@ -264,20 +206,17 @@ mod tests {
     #[test]
     fn recalibration_forgets_the_running_statistics_it_started_from() {
         let batch = 8;
-        let src = data(16);
+        let train = loader(16, batch, 1);
         let mut a = resnet20(batch);
         let mut b = resnet20(batch);
         for (_, t) in b.session.program.state.iter_mut() {
             t.fill(-3.0);
         }
         let untouched = first_bn_stats(&b);
-        assert_eq!(
-            recalibrate(&mut b, src.clone(), batch, 0, true, 0, 1, None, None).unwrap(),
-            0
-        );
+        assert_eq!(recalibrate(&mut b, &train, 0, None).unwrap(), 0);
         assert_eq!(first_bn_stats(&b), untouched);
-        recalibrate(&mut a, src.clone(), batch, 16, true, 0, 1, None, None).unwrap();
-        recalibrate(&mut b, src, batch, 16, true, 0, 1, None, None).unwrap();
+        recalibrate(&mut a, &train, 16, None).unwrap();
+        recalibrate(&mut b, &train, 16, None).unwrap();
         for ((_, x), (_, y)) in a.session.program.state.iter().zip(&b.session.program.state) {
             assert_eq!(x, y);
         }

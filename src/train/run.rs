@@ -519,13 +519,8 @@ impl Trainer<'_> {
             let end_t0 = Instant::now();
             super::precise_bn::recalibrate(
                 self.model,
-                loader.source().clone(),
-                self.cfg.batch,
+                loader,
                 self.cfg.bn_recalibrate,
-                self.cfg.augment,
-                self.cfg.workers,
-                self.cfg.seed,
-                normalize.clone(),
                 par.as_ref(),
             )
             .context("recomputing the batch norms' statistics (--bn-recalibrate)")?;
